@@ -1,0 +1,170 @@
+//! Choosing the underlay interface the way flanneld does: -iface (name or address, first match wins),
+//! else -iface-regex (matched against names and addresses), else the interface of the default route.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use regex::Regex;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+use crate::Error;
+
+/// The chosen underlay: where peers send this host's traffic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExternalInterface {
+    pub name: String,
+    pub index: u32,
+    /// The interface's own IPv4 address (the source of encapsulated traffic).
+    pub iface_addr: Ipv4Addr,
+    /// The address peers use to reach this host: -public-ip, else `iface_addr`.
+    pub public_ip: Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// The -iface, -iface-regex and -public-ip flags.
+#[derive(Debug, Clone, Default)]
+pub struct InterfaceSelector {
+    pub ifaces: Vec<String>,
+    pub regexes: Vec<Regex>,
+    pub public_ip: Option<Ipv4Addr>,
+}
+
+struct Link {
+    name: String,
+    index: u32,
+    mtu: u32,
+    addrs: Vec<Ipv4Addr>,
+}
+
+impl InterfaceSelector {
+    /// Finds the interface in the current network namespace.
+    pub async fn select(&self) -> Result<ExternalInterface, Error> {
+        let handle = crate::netlink::connect()?;
+        let links = list_links(&handle).await?;
+        let (link, addr) = self.choose(&links, &handle).await?;
+        Ok(ExternalInterface {
+            name: link.name.clone(),
+            index: link.index,
+            iface_addr: addr,
+            public_ip: self.public_ip.unwrap_or(addr),
+            mtu: link.mtu,
+        })
+    }
+
+    async fn choose<'a>(
+        &self,
+        links: &'a [Link],
+        handle: &Handle,
+    ) -> Result<(&'a Link, Ipv4Addr), Error> {
+        for want in &self.ifaces {
+            if let Ok(ip) = want.parse::<Ipv4Addr>() {
+                if let Some(l) = links.iter().find(|l| l.addrs.contains(&ip)) {
+                    return Ok((l, ip));
+                }
+            } else if let Some(l) = links.iter().find(|l| &l.name == want) {
+                return Ok((l, first_addr(l)?));
+            }
+        }
+        if !self.ifaces.is_empty() {
+            return Err(Error::NoInterface(format!("-iface {}", self.ifaces.join(","))));
+        }
+        for re in &self.regexes {
+            for l in links {
+                if re.is_match(&l.name) {
+                    if let Ok(a) = first_addr(l) {
+                        return Ok((l, a));
+                    }
+                }
+                if let Some(a) = l.addrs.iter().find(|a| re.is_match(&a.to_string())) {
+                    return Ok((l, *a));
+                }
+            }
+        }
+        if !self.regexes.is_empty() {
+            let pats: Vec<&str> = self.regexes.iter().map(Regex::as_str).collect();
+            return Err(Error::NoInterface(format!("-iface-regex {}", pats.join(","))));
+        }
+        let index = default_route_link(handle).await?;
+        let l = links
+            .iter()
+            .find(|l| l.index == index)
+            .ok_or_else(|| Error::NoInterface("the default route".into()))?;
+        Ok((l, first_addr(l)?))
+    }
+}
+
+fn first_addr(l: &Link) -> Result<Ipv4Addr, Error> {
+    l.addrs.first().copied().ok_or_else(|| Error::NoAddress {
+        name: l.name.clone(),
+    })
+}
+
+async fn list_links(handle: &Handle) -> Result<Vec<Link>, Error> {
+    let msgs: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(Error::netlink("list links"))?;
+    let mut links: Vec<Link> = msgs
+        .iter()
+        .map(|m| Link {
+            index: m.header.index,
+            name: m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default(),
+            mtu: m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::Mtu(n) => Some(*n),
+                    _ => None,
+                })
+                .unwrap_or(1500),
+            addrs: Vec::new(),
+        })
+        .collect();
+    let mut addrs = handle.address().get().execute();
+    while let Some(m) = addrs.try_next().await.map_err(Error::netlink("list addresses"))? {
+        let Some(link) = links.iter_mut().find(|l| l.index == m.header.index) else {
+            continue;
+        };
+        for a in &m.attributes {
+            if let AddressAttribute::Local(IpAddr::V4(ip)) = a {
+                link.addrs.push(*ip);
+            }
+        }
+    }
+    Ok(links)
+}
+
+/// The output interface of the IPv4 default route in the main table.
+async fn default_route_link(handle: &Handle) -> Result<u32, Error> {
+    let req = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    let routes: Vec<RouteMessage> = handle
+        .route()
+        .get(req)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(Error::netlink("list routes"))?;
+    routes
+        .iter()
+        .filter(|r| r.header.destination_prefix_length == 0)
+        .find_map(|r| {
+            r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            })
+        })
+        .ok_or_else(|| Error::NoInterface("the default route (there is none)".into()))
+}

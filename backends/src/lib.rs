@@ -1,0 +1,122 @@
+//! weft's data planes. A backend is told "this is my lease, these are my peers" and makes the kernel
+//! agree; it knows nothing of etcd. Backends reconcile declaratively: `reconcile` is given the whole
+//! desired peer set each time, so a restart, a missed event and a stale leftover are the same case.
+
+mod alloc;
+mod error;
+pub mod iface;
+mod lease;
+mod netlink;
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde_json::Value;
+
+pub use error::{Error, ErrorList};
+pub use iface::{ExternalInterface, InterfaceSelector};
+pub use lease::Lease;
+
+/// The backend options of the network config (`Backend` object), keys matched case-insensitively as
+/// flannel's Go decoder does.
+#[derive(Debug, Clone, Default)]
+pub struct BackendConfig(serde_json::Map<String, Value>);
+
+impl BackendConfig {
+    pub fn new(map: serde_json::Map<String, Value>) -> Self {
+        Self(map)
+    }
+
+    /// The value of `key`, whatever its case in the config.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v)
+    }
+
+    /// `Type`, defaulting to `udp` like flannel when absent.
+    pub fn type_name(&self) -> String {
+        self.get("Type")
+            .and_then(Value::as_str)
+            .unwrap_or("udp")
+            .to_ascii_lowercase()
+    }
+}
+
+/// What every backend needs to know about the cluster network and this host, fixed for its life.
+#[derive(Debug, Clone)]
+pub struct Network {
+    /// The whole cluster network (`Network` in the config).
+    pub network: Ipv4Net,
+    /// The underlay interface chosen by -iface/-iface-regex/default route.
+    pub external: ExternalInterface,
+}
+
+/// One data plane. An enum rather than a trait object: the set is closed and the methods are async.
+pub enum Backend {
+    Alloc(alloc::Alloc),
+}
+
+impl Backend {
+    /// Builds the backend the config names. Fails on an unknown type or invalid options.
+    pub fn new(config: &BackendConfig, net: Network) -> Result<Self, Error> {
+        match config.type_name().as_str() {
+            "alloc" => Ok(Self::Alloc(alloc::Alloc::new(net))),
+            other => Err(Error::UnknownBackend(other.to_string())),
+        }
+    }
+
+    /// The `BackendType` this backend writes into leases and accepts from peers.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::Alloc(_) => "alloc",
+        }
+    }
+
+    /// Prepares what must exist before this host's lease is written (vxlan: the device and its VTEP
+    /// MAC) and returns the `BackendData` to publish. `previous` is this host's earlier lease, if
+    /// any, so stable identities (the VTEP MAC) can be kept.
+    pub async fn prepare(&mut self, previous: Option<&Lease>) -> Result<Option<Value>, Error> {
+        match self {
+            Self::Alloc(b) => b.prepare(previous).await,
+        }
+    }
+
+    /// The MTU containers must use (FLANNEL_MTU).
+    pub fn mtu(&self) -> u32 {
+        match self {
+            Self::Alloc(b) => b.mtu(),
+        }
+    }
+
+    /// Configures host state that depends on this host's own lease (device address, local routes).
+    /// Called once the lease is held, and again whenever it changes.
+    pub async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
+        match self {
+            Self::Alloc(b) => b.configure(own).await,
+        }
+    }
+
+    /// Makes the kernel match exactly `peers` (other hosts' leases): adds what is missing, fixes what
+    /// differs, removes what this backend owns that no peer wants. One bad peer does not stop the
+    /// others: every failure is reported together.
+    pub async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), ErrorList> {
+        match self {
+            Self::Alloc(b) => b.reconcile(peers).await,
+        }
+    }
+
+    /// Resolves when the kernel state this backend owns may have drifted (a device or route removed
+    /// behind weftd's back) and a reconcile is due. Never resolves for backends with nothing to watch.
+    pub async fn drifted(&mut self) {
+        match self {
+            Self::Alloc(_) => std::future::pending().await,
+        }
+    }
+}
+
+/// The lease's first host address: the address of the bridge (docker0, cni0) and FLANNEL_SUBNET.
+pub fn gateway_address(subnet: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()).saturating_add(1))
+}
