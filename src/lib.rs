@@ -1,0 +1,15 @@
+//! weft's control plane: network config, etcd leases, the files Docker and CNI read, the agent loop.
+
+pub mod agent;
+pub mod config;
+pub mod ctl;
+pub mod daemon_json;
+pub mod docker_opts;
+pub mod flags;
+pub mod fsutil;
+pub mod health;
+pub mod lease;
+pub mod notify;
+pub mod policy;
+pub mod store;
+pub mod subnet_env;

@@ -1,1 +1,58 @@
-fn main(){}
+//! weftd: the per-host agent. Parses flags, sets up logging, runs the agent until a signal.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+use weft::flags::DaemonArgs;
+
+fn main() -> ExitCode {
+    let args = DaemonArgs::from_env();
+    if args.version {
+        println!("weftd {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    // -v raises weft's own verbosity; libraries (gRPC, HTTP/2) stay at warn unless WEFT_LOG says.
+    let level = match args.verbosity {
+        0..=3 => "warn,weft=info,weft_backends=info",
+        4..=5 => "warn,weft=debug,weft_backends=debug",
+        _ => "warn,weft=trace,weft_backends=trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(t), Ok(i)) => (t, i),
+            _ => {
+                error!("cannot install signal handlers");
+                return ExitCode::FAILURE;
+            }
+        };
+        tokio::select! {
+            r = weft::agent::run(args) => match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => { error!("{e:#}"); ExitCode::FAILURE }
+            },
+            _ = term.recv() => { info!("SIGTERM: exiting; lease and kernel state kept"); ExitCode::SUCCESS }
+            _ = int.recv() => { info!("SIGINT: exiting; lease and kernel state kept"); ExitCode::SUCCESS }
+        }
+    })
+}

@@ -1,0 +1,576 @@
+//! The agent loop. Data flows one way: etcd events → desired state (own lease + peers) → a
+//! reconcile pass → the kernel. Every path (start, missed events, compaction, a lost lease) ends in
+//! the same place: a fresh desired state handed whole to the backend.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use etcd_client::{EventType, WatchStream};
+use ipnet::Ipv4Net;
+use tokio::time::{interval, sleep, Instant, MissedTickBehavior};
+use tracing::{debug, error, info, warn};
+use weft_backends::{Backend, ExternalInterface, InterfaceSelector, Network};
+
+use crate::config::NetworkConfig;
+use crate::flags::DaemonArgs;
+use crate::health::{self, Readiness};
+use crate::lease::{Lease, LeaseAttrs};
+use crate::policy::{self, Choice};
+use crate::store::{BadLease, Store};
+use crate::subnet_env::{self, SubnetEnv};
+use crate::{daemon_json, notify};
+
+/// How often the kernel is checked against the desired state even when nothing happened.
+const RESYNC: Duration = Duration::from_secs(30);
+/// Longest pause between retries of a failing etcd call.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Runs weftd until the future is dropped (on a signal). Returns only on fatal errors.
+pub async fn run(args: DaemonArgs) -> Result<()> {
+    if args.kube_subnet_mgr {
+        bail!("-kube-subnet-mgr is not supported: weft stores leases in etcd only");
+    }
+    if args.public_ipv6.is_some() {
+        bail!("-public-ipv6 is not supported yet: weft leases IPv4 subnets only");
+    }
+    if let Some(path) = args.daemon_json() {
+        daemon_json::check(path)?;
+    }
+    let selector = InterfaceSelector {
+        ifaces: args.iface.clone(),
+        regexes: args
+            .iface_regex
+            .iter()
+            .map(|r| regex::Regex::new(r).with_context(|| format!("-iface-regex {r:?}")))
+            .collect::<Result<_>>()?,
+        public_ip: args.public_ip,
+    };
+    let external = selector.select().await.context("choose the interface")?;
+    info!(iface = %external.name, addr = %external.iface_addr, public_ip = %external.public_ip,
+          mtu = external.mtu, "using interface");
+
+    let ready = Readiness::default();
+    if args.healthz_port != 0 {
+        health::serve((args.healthz_ip, args.healthz_port).into(), ready.clone()).await?;
+    }
+    let store = retry("connect to etcd", || Store::connect(&args.etcd)).await;
+    let mut agent = Agent {
+        args,
+        store,
+        external,
+        ready,
+        notified: false,
+        warned: HashSet::new(),
+    };
+    let mut config = agent.wait_for_config().await;
+    loop {
+        match agent.run_network(&config).await? {
+            Exit::ConfigChanged(next) => {
+                info!(network = %next.network, "network config changed; leasing again");
+                config = next;
+            }
+            Exit::BadConfig => config = agent.wait_for_config().await,
+        }
+    }
+}
+
+enum Exit {
+    ConfigChanged(NetworkConfig),
+    /// The config is valid JSON but the backend cannot be built from it.
+    BadConfig,
+}
+
+struct Agent {
+    args: DaemonArgs,
+    store: Store,
+    external: ExternalInterface,
+    ready: Readiness,
+    notified: bool,
+    /// Garbage leases already warned about (key and revision), so each is logged once.
+    warned: HashSet<(String, String)>,
+}
+
+/// What weftd is reconciling towards under one network config.
+struct State {
+    config: NetworkConfig,
+    backend: Backend,
+    own: Lease,
+    peers: BTreeMap<Ipv4Net, Lease>,
+    /// Next revision to watch from.
+    watch_from: i64,
+    last_errors: String,
+}
+
+impl Agent {
+    /// Reads `<prefix>/config` until it holds a valid config, watching the key between tries.
+    async fn wait_for_config(&mut self) -> NetworkConfig {
+        let key = self.store.config_key();
+        let mut last = String::new();
+        loop {
+            let (text, rev) = retry("read the network config", || self.store.get_config()).await;
+            let problem = match text.as_deref().map(NetworkConfig::parse) {
+                Some(Ok(c)) => return c,
+                Some(Err(e)) => format!("invalid network config at {key}: {e}"),
+                None => format!("no network config at {key}; waiting for one"),
+            };
+            if problem != last {
+                error!("{problem}");
+                notify::status(&problem);
+                last = problem;
+            }
+            self.wait_for_change(rev + 1, |k, _| k == key).await;
+        }
+    }
+
+    /// Blocks until an event under the prefix matches `pred`, or a minute passes.
+    async fn wait_for_change(&self, from: i64, pred: impl Fn(&str, EventType) -> bool) {
+        let wait = async {
+            let mut stream = match self.store.watch(from).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("{e:#}");
+                    sleep(MAX_BACKOFF).await;
+                    return;
+                }
+            };
+            while let Ok(Some(resp)) = stream.message().await {
+                if resp.canceled() || resp.compact_revision() > 0 {
+                    return;
+                }
+                for ev in resp.events() {
+                    if let Some(kv) = ev.kv() {
+                        if pred(&String::from_utf8_lossy(kv.key()), ev.event_type()) {
+                            return;
+                        }
+                    }
+                }
+            }
+            sleep(Duration::from_secs(1)).await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(60), wait).await;
+    }
+
+    async fn run_network(&mut self, config: &NetworkConfig) -> Result<Exit> {
+        let net = Network {
+            network: config.network,
+            external: self.external.clone(),
+        };
+        let mut backend = match Backend::new(&config.backend, net) {
+            Ok(b) => b,
+            Err(e) => {
+                error!(
+                    "invalid network config at {}: Backend: {e}",
+                    self.store.config_key()
+                );
+                return Ok(Exit::BadConfig);
+            }
+        };
+        let hint = subnet_env::previous_subnet(&self.args.subnet_file);
+        let own = self.acquire(config, &mut backend, hint).await?;
+        let mut state = State {
+            config: config.clone(),
+            backend,
+            own,
+            peers: BTreeMap::new(),
+            watch_from: 0,
+            last_errors: String::new(),
+        };
+        self.publish(&mut state, hint).await?;
+        if !self.resync(&mut state).await {
+            self.reacquire(&mut state).await?;
+        }
+        self.main_loop(state).await
+    }
+
+    /// Leases a subnet: ours if etcd has one for this PublicIP, else `hint` if free, else any free
+    /// one. Losing a race to another host just means trying again with a fresh listing.
+    async fn acquire(
+        &mut self,
+        config: &NetworkConfig,
+        backend: &mut Backend,
+        hint: Option<Ipv4Net>,
+    ) -> Result<Lease> {
+        let me = self.external.public_ip;
+        let listing = retry("list leases", || self.store.list()).await;
+        let previous = listing
+            .leases
+            .iter()
+            .find(|l| l.attrs.public_ip == me)
+            .map(Lease::to_backend);
+        let backend_data = backend
+            .prepare(previous.as_ref())
+            .await
+            .context("prepare the backend")?;
+        let attrs = LeaseAttrs {
+            public_ip: me,
+            public_ipv6: None,
+            backend_type: backend.type_name().to_string(),
+            backend_data,
+        };
+        let ttl = self.args.subnet_lease_ttl;
+        let mut listing = Some(listing);
+        let mut full_logged = false;
+        loop {
+            let listing = match listing.take() {
+                Some(l) => l,
+                None => retry("list leases", || self.store.list()).await,
+            };
+            self.warn_bad(&listing.bad);
+            let choice = policy::choose(config, &listing.leases, me, hint, |n| fastrand::u64(0..n));
+            let taken = match choice {
+                Ok(Choice::Ours(old)) => self.store.take_over(&old, &attrs, ttl).await,
+                Ok(Choice::Free(subnet)) => self.store.create(subnet, &attrs, ttl).await,
+                Err(full) => {
+                    if !full_logged {
+                        error!("{full}; waiting for a lease to expire");
+                        notify::status(&full.to_string());
+                        full_logged = true;
+                    }
+                    self.ready.set(false);
+                    let prefix = self.store.subnets_prefix();
+                    self.wait_for_change(listing.revision + 1, |k, t| {
+                        k.starts_with(&prefix) && t == EventType::Delete
+                    })
+                    .await;
+                    continue;
+                }
+            };
+            match taken {
+                Ok(Some(lease)) => {
+                    let kind = if lease.is_reservation() {
+                        "reservation"
+                    } else {
+                        "lease"
+                    };
+                    info!(subnet = %lease.subnet, public_ip = %me, "acquired {kind}");
+                    return Ok(lease);
+                }
+                Ok(None) => info!("lost a race for a subnet to another host; trying another"),
+                Err(e) => {
+                    warn!("{e:#}");
+                    sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Applies the own lease: backend configuration, subnet.env, daemon.json, readiness.
+    async fn publish(&mut self, state: &mut State, previous: Option<Ipv4Net>) -> Result<()> {
+        let own = state.own.to_backend();
+        state
+            .backend
+            .configure(&own)
+            .await
+            .with_context(|| format!("configure the backend for {}", own.subnet))?;
+        let env = SubnetEnv {
+            network: state.config.network,
+            subnet: state.own.subnet,
+            mtu: state.backend.mtu(),
+            ip_masq: self.args.ip_masq,
+        };
+        env.write(&self.args.subnet_file)
+            .with_context(|| format!("write {}", self.args.subnet_file.display()))?;
+        if let Some(path) = self.args.daemon_json() {
+            let replaced = daemon_json::update(path, &env.gateway(), env.mtu)?;
+            for r in replaced {
+                warn!(file = %path.display(), "replaced {} {} with {}", r.key, r.old, r.new);
+            }
+        }
+        if let Some(old) = previous.filter(|p| *p != state.own.subnet) {
+            warn!(old = %old, new = %state.own.subnet,
+                  "this host's subnet changed: restart Docker (and pods) to pick up the new bip");
+        }
+        self.ready.set(true);
+        let status = format!("leased {} on {}", state.own.subnet, state.config.network);
+        if !self.notified {
+            notify::ready(&status);
+            self.notified = true;
+        } else {
+            notify::status(&status);
+        }
+        Ok(())
+    }
+
+    async fn main_loop(&mut self, mut state: State) -> Result<Exit> {
+        let mut resync = interval(RESYNC);
+        resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut watchdog =
+            interval(notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
+        let renew_every = renew_interval(
+            self.args.subnet_lease_ttl,
+            self.args.subnet_lease_renew_margin,
+        );
+        let mut renew_at = Instant::now() + renew_every;
+        let mut stream: Option<WatchStream> = None;
+        let mut watch_error = String::new();
+        loop {
+            if stream.is_none() {
+                match self.store.watch(state.watch_from).await {
+                    Ok(s) => {
+                        if !watch_error.is_empty() {
+                            info!("etcd watch re-established");
+                            watch_error.clear();
+                        }
+                        stream = Some(s);
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        if msg != watch_error {
+                            warn!("etcd watch broken: {msg}; reconnecting");
+                            watch_error = msg;
+                        }
+                        sleep(Duration::from_secs(2)).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(s) = stream.as_mut() else { continue };
+            tokio::select! {
+                msg = s.message() => match msg {
+                    Ok(Some(resp)) if resp.canceled() || resp.compact_revision() > 0 => {
+                        info!(compacted = resp.compact_revision(), "watch fell behind etcd compaction; listing again");
+                        stream = None;
+                        if !self.resync(&mut state).await {
+                            self.reacquire(&mut state).await?;
+                        }
+                    }
+                    Ok(Some(resp)) => {
+                        if let Some(exit) = self.apply_events(&mut state, resp.events()).await? {
+                            return Ok(exit);
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        warn!("etcd watch broken: stream ended; reconnecting");
+                        watch_error = "stream ended".into();
+                        stream = None;
+                        sleep(Duration::from_secs(1)).await;
+                    }
+                },
+                _ = tokio::time::sleep_until(renew_at), if !state.own.is_reservation() => {
+                    renew_at = Instant::now() + match self.store.keep_alive(state.own.etcd_lease).await {
+                        Ok(true) => { debug!(subnet = %state.own.subnet, "lease renewed"); renew_every }
+                        Ok(false) => {
+                            warn!(subnet = %state.own.subnet, "lease expired; leasing again");
+                            self.reacquire(&mut state).await?;
+                            stream = None;
+                            renew_every
+                        }
+                        Err(e) => { warn!("renew lease {}: {e:#}", state.own.subnet); Duration::from_secs(2).min(renew_every) }
+                    };
+                }
+                _ = resync.tick() => self.reconcile(&mut state).await,
+                _ = state.backend.drifted() => self.reconcile(&mut state).await,
+                _ = watchdog.tick() => notify::watchdog(),
+            }
+        }
+    }
+
+    /// Folds watch events into the desired state, then reconciles once for the whole batch.
+    async fn apply_events(
+        &mut self,
+        state: &mut State,
+        events: &[etcd_client::Event],
+    ) -> Result<Option<Exit>> {
+        let config_key = self.store.config_key();
+        let prefix = self.store.subnets_prefix();
+        let mut lost = false;
+        for ev in events {
+            let Some(kv) = ev.kv() else { continue };
+            state.watch_from = state.watch_from.max(kv.mod_revision() + 1);
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if key == config_key {
+                if ev.event_type() == EventType::Delete {
+                    warn!("network config {key} was deleted; keeping the current one");
+                    continue;
+                }
+                match NetworkConfig::parse(&String::from_utf8_lossy(kv.value())) {
+                    Ok(c) if c == state.config => {}
+                    Ok(c) => return Ok(Some(Exit::ConfigChanged(c))),
+                    Err(e) => {
+                        error!("invalid network config at {key}: {e}; keeping the current one")
+                    }
+                }
+                continue;
+            }
+            if !key.starts_with(&prefix) {
+                continue;
+            }
+            let is_own = key == self.store.lease_key(state.own.subnet);
+            match ev.event_type() {
+                EventType::Delete if is_own => lost = true,
+                EventType::Delete => {
+                    if let Some(gone) = crate::lease::parse_subnet_key(&key[prefix.len()..])
+                        .and_then(|s| state.peers.remove(&s))
+                    {
+                        info!(subnet = %gone.subnet, public_ip = %gone.attrs.public_ip, "peer removed");
+                    }
+                }
+                EventType::Put => match self.store.decode(kv) {
+                    Ok(l) if is_own => {
+                        if l.attrs.public_ip != self.external.public_ip {
+                            lost = true;
+                        } else {
+                            state.own = l;
+                        }
+                    }
+                    Ok(l) => {
+                        if state.peers.get(&l.subnet).map(|p| &p.attrs) != Some(&l.attrs) {
+                            info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer added or changed");
+                        }
+                        state.peers.insert(l.subnet, l);
+                    }
+                    Err(bad) => {
+                        if let Some(s) = crate::lease::parse_subnet_key(&key[prefix.len()..]) {
+                            state.peers.remove(&s);
+                        }
+                        self.warn_bad(std::slice::from_ref(&bad));
+                    }
+                },
+            }
+        }
+        if lost {
+            warn!(subnet = %state.own.subnet, "this host's lease was deleted or taken over; leasing again");
+            self.reacquire(state).await?;
+        }
+        self.reconcile(state).await;
+        Ok(None)
+    }
+
+    /// Re-leases after our key vanished (expiry, an operator's delete): the same subnet if free.
+    async fn reacquire(&mut self, state: &mut State) -> Result<()> {
+        loop {
+            let previous = state.own.subnet;
+            state.own = self
+                .acquire(&state.config, &mut state.backend, Some(previous))
+                .await?;
+            self.publish(state, Some(previous)).await?;
+            if self.resync(state).await {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Lists everything again and rebuilds the desired state from scratch (start, compaction).
+    /// Returns whether this host's lease is still in etcd.
+    async fn resync(&mut self, state: &mut State) -> bool {
+        let listing = retry("list leases", || self.store.list()).await;
+        self.warn_bad(&listing.bad);
+        state.watch_from = listing.revision + 1;
+        let me = self.external.public_ip;
+        let own_subnet = state.own.subnet;
+        let mut own_present = false;
+        let before = std::mem::take(&mut state.peers);
+        state.peers = listing
+            .leases
+            .into_iter()
+            .filter(|l| {
+                if l.subnet == own_subnet && l.attrs.public_ip == me {
+                    own_present = true;
+                    state.own = l.clone();
+                    false
+                } else {
+                    l.attrs.public_ip != me
+                }
+            })
+            .map(|l| (l.subnet, l))
+            .collect();
+        for (subnet, l) in &before {
+            if !state.peers.contains_key(subnet) {
+                info!(subnet = %subnet, public_ip = %l.attrs.public_ip, "peer removed");
+            }
+        }
+        for (subnet, l) in &state.peers {
+            if before.get(subnet).map(|p| &p.attrs) != Some(&l.attrs) {
+                info!(subnet = %subnet, public_ip = %l.attrs.public_ip, "peer added or changed");
+            }
+        }
+        if !own_present {
+            warn!(subnet = %own_subnet, "this host's lease is missing from etcd");
+        }
+        info!(
+            peers = state.peers.len(),
+            revision = listing.revision,
+            "lease listing loaded"
+        );
+        self.reconcile(state).await;
+        own_present
+    }
+
+    async fn reconcile(&mut self, state: &mut State) {
+        let peers: Vec<weft_backends::Lease> =
+            state.peers.values().map(Lease::to_backend).collect();
+        let errors = match state.backend.reconcile(&peers).await {
+            Ok(()) => String::new(),
+            Err(list) => list.to_string(),
+        };
+        if errors != state.last_errors {
+            if errors.is_empty() {
+                info!("kernel state matches all {} peers", peers.len());
+            } else {
+                warn!("reconcile: {errors}");
+            }
+            state.last_errors = errors;
+        }
+    }
+
+    fn warn_bad(&mut self, bad: &[BadLease]) {
+        for b in bad {
+            if self.warned.insert((b.key.clone(), b.reason.clone())) {
+                warn!("skipping unreadable lease {}: {}", b.key, b.reason);
+            }
+        }
+    }
+}
+
+/// When to renew: `margin` minutes before expiry as flannel does, or at a third of the TTL when
+/// the margin does not fit inside it.
+pub fn renew_interval(ttl: Duration, margin_minutes: u64) -> Duration {
+    let margin = Duration::from_secs(margin_minutes * 60);
+    if margin < ttl {
+        ttl - margin
+    } else {
+        ttl / 3
+    }
+}
+
+/// Retries an etcd call until it succeeds, backing off, logging each failure once per change.
+async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut delay = Duration::from_millis(250);
+    let mut last = String::new();
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                let msg = format!("{what}: {e:#}");
+                if msg != last {
+                    warn!("{msg}; retrying");
+                    last = msg;
+                }
+                sleep(delay).await;
+                delay = (delay * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_happens_margin_before_expiry_or_at_a_third() {
+        assert_eq!(
+            renew_interval(Duration::from_secs(86400), 60),
+            Duration::from_secs(82800)
+        );
+        assert_eq!(
+            renew_interval(Duration::from_secs(6), 60),
+            Duration::from_secs(2)
+        );
+    }
+}

@@ -1,0 +1,285 @@
+//! The cluster network config stored at `<prefix>/config`, with flannel's defaults and validation.
+//! Keys are matched case-insensitively, as flannel's Go decoder does ("VNI" and "vni" both occur).
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde_json::{Map, Value};
+use weft_backends::BackendConfig;
+
+/// A problem with the network config, naming the key at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    pub key: &'static str,
+    pub problem: String,
+}
+
+fn err(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key,
+        problem: problem.into(),
+    }
+}
+
+/// A validated network config.
+#[derive(Debug, Clone)]
+pub struct NetworkConfig {
+    pub network: Ipv4Net,
+    pub subnet_len: u8,
+    pub subnet_min: Ipv4Addr,
+    pub subnet_max: Ipv4Addr,
+    pub backend: BackendConfig,
+}
+
+impl PartialEq for NetworkConfig {
+    fn eq(&self, o: &Self) -> bool {
+        self.network == o.network
+            && self.subnet_len == o.subnet_len
+            && self.subnet_min == o.subnet_min
+            && self.subnet_max == o.subnet_max
+            && self.backend.as_map() == o.backend.as_map()
+    }
+}
+
+fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_null())
+}
+
+fn string_field<'a>(
+    obj: &'a Map<String, Value>,
+    key: &'static str,
+) -> Result<Option<&'a str>, ConfigError> {
+    match field(obj, key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(err(key, format!("expected a string, found {v}"))),
+    }
+}
+
+fn addr_field(
+    obj: &Map<String, Value>,
+    key: &'static str,
+) -> Result<Option<Ipv4Addr>, ConfigError> {
+    string_field(obj, key)?
+        .map(|s| {
+            s.parse()
+                .map_err(|_| err(key, format!("{s:?} is not an IPv4 address")))
+        })
+        .transpose()
+}
+
+impl NetworkConfig {
+    /// Parses and validates the JSON text of `<prefix>/config`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| err("config", format!("not valid JSON: {e}")))?;
+        let Value::Object(obj) = value else {
+            return Err(err("config", "expected a JSON object"));
+        };
+
+        if field(&obj, "EnableIPv4").and_then(Value::as_bool) == Some(false) {
+            return Err(err("EnableIPv4", "IPv6-only networks are not supported"));
+        }
+        if field(&obj, "EnableIPv6").and_then(Value::as_bool) == Some(true) {
+            return Err(err(
+                "EnableIPv6",
+                "dual-stack networks are not supported yet",
+            ));
+        }
+
+        let network = string_field(&obj, "Network")?
+            .ok_or_else(|| err("Network", "missing (e.g. \"10.244.0.0/16\")"))?;
+        let network: Ipv4Net = network
+            .parse()
+            .map_err(|_| err("Network", format!("{network:?} is not an IPv4 CIDR")))?;
+        // Go's ParseCIDR masks host bits; so does flannel, so we do too.
+        let network = network.trunc();
+        if network.prefix_len() > 28 {
+            return Err(err(
+                "Network",
+                format!("{network} is too small: the prefix must be /28 or shorter"),
+            ));
+        }
+
+        let subnet_len = match field(&obj, "SubnetLen") {
+            None => {
+                if network.prefix_len() <= 22 {
+                    24
+                } else {
+                    network.prefix_len() + 2
+                }
+            }
+            Some(v) => {
+                let n = v
+                    .as_u64()
+                    .ok_or_else(|| err("SubnetLen", format!("expected a number, found {v}")))?;
+                if n > 30 {
+                    return Err(err("SubnetLen", format!("{n} is more than 30")));
+                }
+                n as u8
+            }
+        };
+        if subnet_len < network.prefix_len() + 2 {
+            return Err(err(
+                "SubnetLen",
+                format!(
+                    "{subnet_len} leaves room for fewer than 4 subnets in {network} \
+                     (it must be at least {})",
+                    network.prefix_len() + 2
+                ),
+            ));
+        }
+
+        let step = 1u32 << (32 - subnet_len);
+        let first = u32::from(network.network());
+        let last = u32::from(network.broadcast()) - (step - 1);
+        let subnet_min = addr_field(&obj, "SubnetMin")?.unwrap_or(Ipv4Addr::from(first + step));
+        let subnet_max = addr_field(&obj, "SubnetMax")?.unwrap_or(Ipv4Addr::from(last));
+        for (key, addr) in [("SubnetMin", subnet_min), ("SubnetMax", subnet_max)] {
+            if !network.contains(&addr) {
+                return Err(err(key, format!("{addr} is not inside Network {network}")));
+            }
+            if u32::from(addr) % step != 0 {
+                return Err(err(
+                    key,
+                    format!("{addr} is not on a /{subnet_len} boundary (SubnetLen)"),
+                ));
+            }
+        }
+        if subnet_min > subnet_max {
+            return Err(err(
+                "SubnetMin",
+                format!("{subnet_min} is above SubnetMax {subnet_max}"),
+            ));
+        }
+
+        let backend = match field(&obj, "Backend") {
+            None => Map::new(),
+            Some(Value::Object(m)) => m.clone(),
+            Some(v) => return Err(err("Backend", format!("expected an object, found {v}"))),
+        };
+        if let Some(t) = field(&backend, "Type") {
+            if !t.is_string() {
+                return Err(err(
+                    "Backend",
+                    format!("Type: expected a string, found {t}"),
+                ));
+            }
+        }
+
+        Ok(Self {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+            backend: BackendConfig::new(backend),
+        })
+    }
+
+    /// How many subnets [SubnetMin, SubnetMax] holds.
+    pub fn subnet_count(&self) -> u64 {
+        let step = 1u64 << (32 - self.subnet_len);
+        (u64::from(u32::from(self.subnet_max)) - u64::from(u32::from(self.subnet_min))) / step + 1
+    }
+
+    /// The `i`-th subnet of [SubnetMin, SubnetMax].
+    pub fn nth_subnet(&self, i: u64) -> Ipv4Net {
+        let step = 1u64 << (32 - self.subnet_len);
+        let addr = u64::from(u32::from(self.subnet_min)) + i * step;
+        // In range by construction: i < subnet_count().
+        Ipv4Net::new(Ipv4Addr::from(addr as u32), self.subnet_len).unwrap_or(self.network)
+    }
+
+    /// Whether `subnet` is one this config hands out.
+    pub fn allows(&self, subnet: Ipv4Net) -> bool {
+        subnet.prefix_len() == self.subnet_len
+            && subnet.network() == subnet.addr()
+            && subnet.addr() >= self.subnet_min
+            && subnet.addr() <= self.subnet_max
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<NetworkConfig, ConfigError> {
+        NetworkConfig::parse(s)
+    }
+
+    #[test]
+    fn defaults_follow_flannel() {
+        let c = parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min, "10.244.1.0".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(c.subnet_max, "10.244.255.0".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(c.backend.type_name(), "udp");
+        assert_eq!(c.subnet_count(), 255);
+
+        let small = parse(r#"{"Network":"10.10.0.0/26"}"#).unwrap();
+        assert_eq!(small.subnet_len, 28);
+        assert_eq!(small.subnet_min, "10.10.0.16".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(small.subnet_max, "10.10.0.48".parse::<Ipv4Addr>().unwrap());
+    }
+
+    #[test]
+    fn keys_are_case_insensitive() {
+        let c =
+            parse(r#"{"network":"10.1.0.0/16","subnetlen":26,"backend":{"type":"vxlan","vni":4}}"#)
+                .unwrap();
+        assert_eq!(c.subnet_len, 26);
+        assert_eq!(c.backend.type_name(), "vxlan");
+        assert_eq!(c.backend.get("VNI"), Some(&Value::from(4)));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("{", "config"),
+            ("[]", "config"),
+            (r#"{}"#, "Network"),
+            (r#"{"Network":"banana"}"#, "Network"),
+            (r#"{"Network":"10.0.0.0/29"}"#, "Network"),
+            (r#"{"Network":"10.0.0.0/16","SubnetLen":31}"#, "SubnetLen"),
+            (r#"{"Network":"10.0.0.0/16","SubnetLen":17}"#, "SubnetLen"),
+            (r#"{"Network":"10.0.0.0/16","SubnetLen":"24"}"#, "SubnetLen"),
+            (
+                r#"{"Network":"10.0.0.0/16","SubnetMin":"10.1.0.0"}"#,
+                "SubnetMin",
+            ),
+            (
+                r#"{"Network":"10.0.0.0/16","SubnetMax":"10.0.3.7"}"#,
+                "SubnetMax",
+            ),
+            (
+                r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.9.0","SubnetMax":"10.0.3.0"}"#,
+                "SubnetMin",
+            ),
+            (r#"{"Network":"10.0.0.0/16","Backend":"vxlan"}"#, "Backend"),
+            (
+                r#"{"Network":"10.0.0.0/16","EnableIPv6":true}"#,
+                "EnableIPv6",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = parse(text).expect_err(text);
+            assert_eq!(e.key, key, "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn subnets_enumerate_min_to_max() {
+        let c = parse(r#"{"Network":"10.10.0.0/22","SubnetLen":24}"#).unwrap();
+        let all: Vec<String> = (0..c.subnet_count())
+            .map(|i| c.nth_subnet(i).to_string())
+            .collect();
+        assert_eq!(all, ["10.10.1.0/24", "10.10.2.0/24", "10.10.3.0/24"]);
+        assert!(c.allows("10.10.2.0/24".parse().unwrap()));
+        assert!(!c.allows("10.10.0.0/24".parse().unwrap()));
+        assert!(!c.allows("10.10.2.0/25".parse().unwrap()));
+    }
+}

@@ -1,0 +1,284 @@
+//! Command-line flags. weftd takes flanneld's flags as flanneld does: one or two dashes, `-flag=v`
+//! or `-flag v`, and each from `FLANNELD_<FLAG>` in the environment.
+
+use std::ffi::OsString;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{Args, Parser};
+
+/// Go's flag package takes `-name` as well as `--name`: rewrite the single-dash long form so clap
+/// sees `--name`. Single-letter flags (`-f`, `-v`) and lone `-` are left alone.
+pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut seen_double_dash = false;
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            if i == 0 || seen_double_dash {
+                return a;
+            }
+            let Some(s) = a.to_str() else { return a };
+            if s == "--" {
+                seen_double_dash = true;
+                return a;
+            }
+            let name = s.strip_prefix('-').unwrap_or("");
+            let bare = name.split('=').next().unwrap_or("");
+            if !name.starts_with('-')
+                && bare.len() > 1
+                && bare.starts_with(|c: char| c.is_ascii_alphabetic())
+            {
+                OsString::from(format!("-{s}"))
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
+/// Parses a Go-style duration: `24h`, `90m`, `1h30m`, `45s`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration (use e.g. 24h, 90m, 30s)");
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(bad)?;
+        let n: f64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let secs = match &rest[..unit_len] {
+            "ms" => n / 1000.0,
+            "s" => n,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            _ => return Err(bad()),
+        };
+        total += Duration::from_secs_f64(secs);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+/// How to reach etcd; the same for weftd and weftctl.
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// Comma-separated etcd endpoints.
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// The etcd prefix holding `config` and `subnets/`.
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PREFIX",
+        default_value = "/coreos.com/network"
+    )]
+    pub etcd_prefix: String,
+    /// TLS client key file.
+    #[arg(long, env = "FLANNELD_ETCD_KEYFILE", value_name = "FILE")]
+    pub etcd_keyfile: Option<PathBuf>,
+    /// TLS client certificate file.
+    #[arg(long, env = "FLANNELD_ETCD_CERTFILE", value_name = "FILE")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// TLS CA file.
+    #[arg(long, env = "FLANNELD_ETCD_CAFILE", value_name = "FILE")]
+    pub etcd_cafile: Option<PathBuf>,
+    /// etcd user name.
+    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    /// etcd password.
+    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+}
+
+impl EtcdArgs {
+    /// The prefix without a trailing slash, so `{prefix}/config` is always one slash.
+    pub fn prefix(&self) -> &str {
+        self.etcd_prefix.trim_end_matches('/')
+    }
+}
+
+/// weftd: flanneld's flags, plus weft's own.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "weftd",
+    disable_version_flag = true,
+    about = "weft agent: leases a subnet for this host from etcd and routes between hosts"
+)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Interface (name or IPv4 address) for inter-host traffic; repeatable, first match wins.
+    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
+    pub iface: Vec<String>,
+    /// Regex matched against interface names and addresses; repeatable.
+    #[arg(long, env = "FLANNELD_IFACE_REGEX")]
+    pub iface_regex: Vec<String>,
+    /// The address other hosts use to reach this one (default: the interface's address).
+    #[arg(long, env = "FLANNELD_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+    /// Where to write the lease's environment for CNI and Docker.
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
+    pub subnet_file: PathBuf,
+    /// Renew the lease this many minutes before it expires.
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60)]
+    pub subnet_lease_renew_margin: u64,
+    /// Lifetime of a lease in etcd (weft; flannel fixes it at 24h).
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub subnet_lease_ttl: Duration,
+    /// Masquerade traffic leaving the network.
+    #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub ip_masq: bool,
+    /// Don't use --random-fully in the MASQUERADE rules.
+    #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub ip_masq_fully_random_disable: bool,
+    /// Seconds between checks of the firewall rules.
+    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5)]
+    pub iptables_resync: u64,
+    /// Add FORWARD accept rules for the network.
+    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, require_equals = true,
+          default_value = "true", default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub iptables_forward_rules: bool,
+    /// Address for /healthz and /readyz.
+    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
+    pub healthz_ip: Ipv4Addr,
+    /// Port for /healthz and /readyz (0: off).
+    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
+    pub healthz_port: u16,
+    /// Docker's daemon.json to write `bip` and `mtu` into ("" turns it off).
+    #[arg(
+        long,
+        env = "FLANNELD_DOCKER_DAEMON_JSON",
+        default_value = "/etc/docker/daemon.json"
+    )]
+    pub docker_daemon_json: String,
+    /// Use the Kubernetes API instead of etcd (not supported by weft).
+    #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub kube_subnet_mgr: bool,
+    /// IPv6 public address (not supported by weft yet).
+    #[arg(long, env = "FLANNELD_PUBLIC_IPV6")]
+    pub public_ipv6: Option<String>,
+    /// Log verbosity as flanneld's -v: 0-3 info, 4+ debug, 6+ trace.
+    #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
+    pub verbosity: u8,
+    /// Print the version and exit.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub version: bool,
+}
+
+impl DaemonArgs {
+    /// Parses from the process's arguments and environment.
+    pub fn from_env() -> Self {
+        Self::parse_from(normalize_args(std::env::args_os()))
+    }
+
+    /// `None` when daemon.json handling is turned off.
+    pub fn daemon_json(&self) -> Option<&std::path::Path> {
+        (!self.docker_daemon_json.is_empty())
+            .then(|| std::path::Path::new(&self.docker_daemon_json))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<DaemonArgs, clap::Error> {
+        let argv = std::iter::once("weftd")
+            .chain(args.iter().copied())
+            .map(OsString::from);
+        DaemonArgs::try_parse_from(normalize_args(argv))
+    }
+
+    #[test]
+    fn one_or_two_dashes_with_or_without_equals() {
+        let a = parse(&[
+            "-etcd-endpoints=http://10.0.0.1:2379",
+            "--etcd-prefix",
+            "/p",
+            "-iface",
+            "eth1",
+            "--iface=10.0.0.9",
+            "-ip-masq",
+            "-subnet-lease-ttl=90m",
+            "-public-ip",
+            "1.2.3.4",
+        ])
+        .unwrap();
+        assert_eq!(a.etcd.etcd_endpoints, ["http://10.0.0.1:2379"]);
+        assert_eq!(a.etcd.prefix(), "/p");
+        assert_eq!(a.iface, ["eth1", "10.0.0.9"]);
+        assert!(a.ip_masq);
+        assert_eq!(a.subnet_lease_ttl, Duration::from_secs(5400));
+        assert_eq!(a.public_ip, Some("1.2.3.4".parse().unwrap()));
+    }
+
+    #[test]
+    fn defaults_are_flanneds() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(
+            a.etcd.etcd_endpoints,
+            ["http://127.0.0.1:4001", "http://127.0.0.1:2379"]
+        );
+        assert_eq!(a.etcd.prefix(), "/coreos.com/network");
+        assert_eq!(a.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
+        assert_eq!(a.subnet_lease_renew_margin, 60);
+        assert_eq!(a.subnet_lease_ttl, Duration::from_secs(24 * 3600));
+        assert!(!a.ip_masq);
+        assert!(a.iptables_forward_rules);
+        assert_eq!(a.healthz_port, 0);
+        assert_eq!(
+            a.daemon_json(),
+            Some(std::path::Path::new("/etc/docker/daemon.json"))
+        );
+        assert_eq!(
+            parse(&["--docker-daemon-json="]).unwrap().daemon_json(),
+            None
+        );
+    }
+
+    #[test]
+    fn booleans_take_an_explicit_value() {
+        assert!(!parse(&["-ip-masq=false"]).unwrap().ip_masq);
+        assert!(
+            !parse(&["-iptables-forward-rules=false"])
+                .unwrap()
+                .iptables_forward_rules
+        );
+    }
+
+    #[test]
+    fn unknown_flags_are_errors() {
+        let e = parse(&["-no-such-flag=1"]).unwrap_err();
+        assert!(e.to_string().contains("--no-such-flag"), "{e}");
+    }
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("10").is_err());
+    }
+}

@@ -1,0 +1,60 @@
+//! `/healthz` (200 while running) and `/readyz` (200 once the lease is held and the files are
+//! written, 503 before), as flanneld serves them when -healthz-port is set.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::debug;
+
+/// Shared readiness, flipped by the agent.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Binds now (so a bad address fails at start) and serves in the background.
+pub async fn serve(addr: SocketAddr, ready: Readiness) -> Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listen for health checks on {addr}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let n = sock.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let path = req.split_whitespace().nth(1).unwrap_or("");
+                let (status, body) = match path {
+                    "/healthz" => ("200 OK", "ok\n"),
+                    "/readyz" if ready.get() => ("200 OK", "ok\n"),
+                    "/readyz" => ("503 Service Unavailable", "not ready\n"),
+                    _ => ("404 Not Found", "not found\n"),
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                if let Err(e) = sock.write_all(resp.as_bytes()).await {
+                    debug!(error = %e, "health check client went away");
+                }
+            });
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! Leases as flannel stores them: key `<prefix>/subnets/10.244.52.0-24`, value
+//! `{"PublicIP":"…","PublicIPv6":null,"BackendType":"…","BackendData":{…}}`.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The JSON value of a lease key. Field order and omissions are flannel's (v0.28), so that
+/// flanneld nodes read what weft writes and the other way round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseAttrs {
+    #[serde(rename = "PublicIP")]
+    pub public_ip: Ipv4Addr,
+    #[serde(rename = "PublicIPv6", default)]
+    pub public_ipv6: Option<String>,
+    #[serde(
+        rename = "BackendType",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub backend_type: String,
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backend_data: Option<Value>,
+}
+
+impl LeaseAttrs {
+    pub fn to_json(&self) -> String {
+        // Serializing plain strings and JSON values cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parses a lease value, case-insensitively like flannel's decoder.
+    pub fn parse(text: &[u8]) -> Result<Self, String> {
+        let v: Value = serde_json::from_slice(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let Value::Object(obj) = v else {
+            return Err("not a JSON object".into());
+        };
+        let get = |key: &str| {
+            obj.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v)
+                .filter(|v| !v.is_null())
+        };
+        let public_ip = match get("PublicIP") {
+            Some(Value::String(s)) => s
+                .parse()
+                .map_err(|_| format!("PublicIP {s:?} is not an IPv4 address"))?,
+            Some(v) => return Err(format!("PublicIP: expected a string, found {v}")),
+            None => return Err("PublicIP is missing".into()),
+        };
+        let backend_type = match get("BackendType") {
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => return Err(format!("BackendType: expected a string, found {v}")),
+            None => String::new(),
+        };
+        Ok(Self {
+            public_ip,
+            public_ipv6: get("PublicIPv6").and_then(Value::as_str).map(str::to_owned),
+            backend_type,
+            backend_data: get("BackendData").cloned(),
+        })
+    }
+}
+
+/// The key name of a subnet under `<prefix>/subnets/`: `10.244.52.0-24`.
+pub fn subnet_key(subnet: Ipv4Net) -> String {
+    format!("{}-{}", subnet.addr(), subnet.prefix_len())
+}
+
+/// Parses a key name made by [`subnet_key`] (a dual-stack suffix `&fc00::-64` is ignored).
+pub fn parse_subnet_key(name: &str) -> Option<Ipv4Net> {
+    let v4 = name.split('&').next()?;
+    let (addr, len) = v4.rsplit_once('-')?;
+    let net = Ipv4Net::new(addr.parse().ok()?, len.parse().ok()?).ok()?;
+    (net.trunc() == net).then_some(net)
+}
+
+/// A lease read from etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub subnet: Ipv4Net,
+    pub attrs: LeaseAttrs,
+    /// The etcd lease the key is attached to; 0 for a reservation, which never expires.
+    pub etcd_lease: i64,
+    pub mod_revision: i64,
+}
+
+impl Lease {
+    pub fn is_reservation(&self) -> bool {
+        self.etcd_lease == 0
+    }
+
+    /// What the data plane needs of it.
+    pub fn to_backend(&self) -> weft_backends::Lease {
+        weft_backends::Lease {
+            subnet: self.subnet,
+            public_ip: self.attrs.public_ip,
+            backend_type: self.attrs.backend_type.clone(),
+            backend_data: self.attrs.backend_data.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_byte_for_byte_flannels() {
+        let a = LeaseAttrs {
+            public_ip: "192.168.64.3".parse().unwrap(),
+            public_ipv6: None,
+            backend_type: "vxlan".into(),
+            backend_data: Some(serde_json::json!({"VNI":1,"VtepMAC":"c6:2b:1e:55:0d:7a"})),
+        };
+        assert_eq!(
+            a.to_json(),
+            r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:2b:1e:55:0d:7a"}}"#
+        );
+        assert_eq!(LeaseAttrs::parse(a.to_json().as_bytes()).unwrap(), a);
+
+        let bare = LeaseAttrs {
+            public_ip: "10.0.0.1".parse().unwrap(),
+            public_ipv6: None,
+            backend_type: String::new(),
+            backend_data: None,
+        };
+        assert_eq!(
+            bare.to_json(),
+            r#"{"PublicIP":"10.0.0.1","PublicIPv6":null}"#
+        );
+    }
+
+    #[test]
+    fn parse_accepts_flannel_variants_and_rejects_garbage() {
+        assert_eq!(
+            LeaseAttrs::parse(br#"{"publicip":"10.0.0.1","backendtype":"udp"}"#)
+                .unwrap()
+                .backend_type,
+            "udp"
+        );
+        for bad in [
+            &b"nope"[..],
+            b"[]",
+            b"{}",
+            br#"{"PublicIP":"300.1.1.1"}"#,
+            br#"{"PublicIP":7}"#,
+        ] {
+            assert!(LeaseAttrs::parse(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn subnet_keys_round_trip() {
+        let n: Ipv4Net = "10.244.52.0/24".parse().unwrap();
+        assert_eq!(subnet_key(n), "10.244.52.0-24");
+        assert_eq!(parse_subnet_key("10.244.52.0-24"), Some(n));
+        assert_eq!(parse_subnet_key("10.244.52.0-24&fc00::-64"), Some(n));
+        for bad in [
+            "10.244.52.1-24",
+            "garbage",
+            "10.244.52.0-33",
+            "10.244.52.0",
+            "-24",
+        ] {
+            assert_eq!(parse_subnet_key(bad), None, "{bad}");
+        }
+    }
+}

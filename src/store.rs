@@ -1,0 +1,312 @@
+//! The etcd side of leases: flannel's keys under one prefix, nothing else. Policy (which subnet to
+//! take) lives in `policy`; this module only reads and writes.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
+};
+use ipnet::Ipv4Net;
+use tracing::warn;
+
+use crate::flags::EtcdArgs;
+use crate::lease::{parse_subnet_key, subnet_key, Lease, LeaseAttrs};
+
+/// A lease key or value that cannot be read: skipped, with the reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadLease {
+    pub key: String,
+    pub reason: String,
+}
+
+/// All leases at one etcd revision.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    pub leases: Vec<Lease>,
+    pub bad: Vec<BadLease>,
+    pub revision: i64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    prefix: String,
+}
+
+impl Store {
+    /// Connects to etcd with the TLS and auth settings of `args`.
+    pub async fn connect(args: &EtcdArgs) -> Result<Self> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(15))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let (Some(user), Some(pass)) = (&args.etcd_username, &args.etcd_password) {
+            opts = opts.with_user(user, pass);
+        }
+        if args.etcd_cafile.is_some() || args.etcd_certfile.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &args.etcd_cafile {
+                let pem = std::fs::read(ca).with_context(|| format!("read {}", ca.display()))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            if let (Some(cert), Some(key)) = (&args.etcd_certfile, &args.etcd_keyfile) {
+                let c = std::fs::read(cert).with_context(|| format!("read {}", cert.display()))?;
+                let k = std::fs::read(key).with_context(|| format!("read {}", key.display()))?;
+                tls = tls.identity(Identity::from_pem(c, k));
+            }
+            opts = opts.with_tls(tls);
+        }
+        let endpoints = &args.etcd_endpoints;
+        let client = Client::connect(endpoints, Some(opts))
+            .await
+            .with_context(|| format!("connect to etcd at {}", endpoints.join(",")))?;
+        Ok(Self {
+            client,
+            prefix: args.prefix().to_string(),
+        })
+    }
+
+    pub fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    pub fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    pub fn lease_key(&self, subnet: Ipv4Net) -> String {
+        format!("{}{}", self.subnets_prefix(), subnet_key(subnet))
+    }
+
+    /// The config text and the revision it was read at (`None` when the key is absent).
+    pub async fn get_config(&self) -> Result<(Option<String>, i64)> {
+        let key = self.config_key();
+        let resp = self
+            .client
+            .clone()
+            .get(key.as_str(), None)
+            .await
+            .with_context(|| format!("get {key}"))?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        let text = resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+        Ok((text, rev))
+    }
+
+    pub async fn put_config(&self, text: &str) -> Result<()> {
+        let key = self.config_key();
+        self.client
+            .clone()
+            .put(key.as_str(), text, None)
+            .await
+            .with_context(|| format!("put {key}"))?;
+        Ok(())
+    }
+
+    /// Every lease under `subnets/`, garbage set aside.
+    pub async fn list(&self) -> Result<Listing> {
+        let prefix = self.subnets_prefix();
+        let resp = self
+            .client
+            .clone()
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .with_context(|| format!("list {prefix}"))?;
+        let mut listing = Listing {
+            revision: resp.header().map_or(0, |h| h.revision()),
+            ..Listing::default()
+        };
+        for kv in resp.kvs() {
+            match self.decode(kv) {
+                Ok(l) => listing.leases.push(l),
+                Err(b) => listing.bad.push(b),
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Reads one key/value of `subnets/` as a lease.
+    pub fn decode(&self, kv: &KeyValue) -> Result<Lease, BadLease> {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let bad = |reason: String| BadLease {
+            key: key.clone(),
+            reason,
+        };
+        let name = key
+            .strip_prefix(&self.subnets_prefix())
+            .ok_or_else(|| bad("outside the subnets prefix".into()))?;
+        let subnet = parse_subnet_key(name)
+            .ok_or_else(|| bad(format!("key {name:?} is not a subnet like 10.244.52.0-24")))?;
+        let attrs = LeaseAttrs::parse(kv.value()).map_err(bad)?;
+        Ok(Lease {
+            subnet,
+            attrs,
+            etcd_lease: kv.lease(),
+            mod_revision: kv.mod_revision(),
+        })
+    }
+
+    /// Creates `subnet` for us if nobody holds it. `Ok(None)`: someone else got there first.
+    pub async fn create(
+        &self,
+        subnet: Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>> {
+        let key = self.lease_key(subnet);
+        let id = self.grant(ttl).await?;
+        let txn = Txn::new()
+            .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                attrs.to_json(),
+                Some(PutOptions::new().with_lease(id)),
+            )]);
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .with_context(|| format!("create {key}"))?;
+        if !resp.succeeded() {
+            self.revoke(id).await;
+            return Ok(None);
+        }
+        Ok(Some(Lease {
+            subnet,
+            attrs: attrs.clone(),
+            etcd_lease: id,
+            mod_revision: resp.header().map_or(0, |h| h.revision()),
+        }))
+    }
+
+    /// Takes over `old` (our own earlier lease) with fresh attributes: a new etcd lease, or none for
+    /// a reservation, which stays one. `Ok(None)`: the key changed under us since it was read.
+    pub async fn take_over(
+        &self,
+        old: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>> {
+        let key = self.lease_key(old.subnet);
+        if old.is_reservation() && old.attrs == *attrs {
+            return Ok(Some(old.clone()));
+        }
+        let id = if old.is_reservation() {
+            0
+        } else {
+            self.grant(ttl).await?
+        };
+        let put_opts = (id != 0).then(|| PutOptions::new().with_lease(id));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                old.mod_revision,
+            )])
+            .and_then([TxnOp::put(key.as_str(), attrs.to_json(), put_opts)]);
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .with_context(|| format!("update {key}"))?;
+        if !resp.succeeded() {
+            if id != 0 {
+                self.revoke(id).await;
+            }
+            return Ok(None);
+        }
+        if !old.is_reservation() {
+            // The key now lives on the new etcd lease; the old one holds nothing of ours.
+            self.revoke(old.etcd_lease).await;
+        }
+        Ok(Some(Lease {
+            subnet: old.subnet,
+            attrs: attrs.clone(),
+            etcd_lease: id,
+            mod_revision: resp.header().map_or(0, |h| h.revision()),
+        }))
+    }
+
+    /// Refreshes an etcd lease to its full TTL. `Ok(false)`: it has already expired.
+    pub async fn keep_alive(&self, id: i64) -> Result<bool> {
+        let (mut keeper, mut stream) = self
+            .client
+            .clone()
+            .lease_keep_alive(id)
+            .await
+            .context("open lease keep-alive")?;
+        keeper.keep_alive().await.context("send lease keep-alive")?;
+        let resp = stream
+            .message()
+            .await
+            .context("read lease keep-alive")?
+            .context("lease keep-alive stream closed")?;
+        Ok(resp.ttl() > 0)
+    }
+
+    /// Seconds an etcd lease has left (`None`: expired or unknown).
+    pub async fn time_to_live(&self, id: i64) -> Result<Option<i64>> {
+        let resp = self
+            .client
+            .clone()
+            .lease_time_to_live(id, None)
+            .await
+            .context("lease time-to-live")?;
+        Ok((resp.ttl() > 0).then_some(resp.ttl()))
+    }
+
+    /// Watches everything under the prefix (config and subnets) from `revision`.
+    pub async fn watch(&self, revision: i64) -> Result<WatchStream> {
+        let key = format!("{}/", self.prefix);
+        self.client
+            .clone()
+            .watch(
+                key.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision),
+                ),
+            )
+            .await
+            .with_context(|| format!("watch {key}"))
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        self.client
+            .clone()
+            .delete(key, None)
+            .await
+            .with_context(|| format!("delete {key}"))?;
+        Ok(())
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<i64> {
+        let secs = ttl.as_secs().max(1) as i64;
+        let resp = self
+            .client
+            .clone()
+            .lease_grant(secs, None)
+            .await
+            .context("grant etcd lease")?;
+        Ok(resp.id())
+    }
+
+    /// Best effort: an unrevoked lease expires on its own.
+    async fn revoke(&self, id: i64) {
+        if let Err(e) = self.client.clone().lease_revoke(id).await {
+            warn!(lease = id, error = %e, "could not revoke etcd lease; it will expire");
+        }
+    }
+
+    /// The raw client, for tests and tools that need more than leases.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+}

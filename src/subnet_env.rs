@@ -1,0 +1,114 @@
+//! `/run/flannel/subnet.env`, in flannel's exact format: the flannel CNI plugin and
+//! mk-docker-opts.sh users read it, and weftd reads it back at start as a hint.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Result;
+use ipnet::Ipv4Net;
+
+use crate::fsutil;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubnetEnv {
+    pub network: Ipv4Net,
+    pub subnet: Ipv4Net,
+    pub mtu: u32,
+    pub ip_masq: bool,
+}
+
+impl SubnetEnv {
+    /// FLANNEL_SUBNET: the lease's first host address with the lease's prefix length.
+    pub fn gateway(&self) -> String {
+        format!(
+            "{}/{}",
+            weft_backends::gateway_address(self.subnet),
+            self.subnet.prefix_len()
+        )
+    }
+
+    pub fn render(&self) -> String {
+        format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+            self.network,
+            self.gateway(),
+            self.mtu,
+            self.ip_masq
+        )
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        fsutil::write_atomic(path, self.render().as_bytes(), 0o644)
+    }
+}
+
+/// Parses `KEY=value` lines as a shell would source them (quotes stripped, comments skipped).
+pub fn parse_vars(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix("export ").unwrap_or(l).split_once('='))
+        .map(|(k, v)| {
+            let v = v.trim();
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(v);
+            (k.trim().to_string(), v.to_string())
+        })
+        .collect()
+}
+
+/// The subnet a previous run wrote, if the file exists and names one.
+pub fn previous_subnet(path: &Path) -> Option<Ipv4Net> {
+    let text = fsutil::read_optional(path).ok()??;
+    let vars = parse_vars(&text);
+    let gw: Ipv4Net = vars.get("FLANNEL_SUBNET")?.parse().ok()?;
+    Some(gw.trunc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_flannels_format() {
+        let env = SubnetEnv {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.52.0/24".parse().unwrap(),
+            mtu: 1450,
+            ip_masq: false,
+        };
+        assert_eq!(
+            env.render(),
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.52.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+        );
+    }
+
+    #[test]
+    fn reads_back_the_previous_subnet() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/flannel/subnet.env");
+        assert_eq!(previous_subnet(&path), None);
+        let env = SubnetEnv {
+            network: "10.5.0.0/16".parse().unwrap(),
+            subnet: "10.5.7.0/24".parse().unwrap(),
+            mtu: 1500,
+            ip_masq: true,
+        };
+        env.write(&path).unwrap();
+        assert_eq!(previous_subnet(&path), Some("10.5.7.0/24".parse().unwrap()));
+        let mode = std::fs::metadata(&path).unwrap().permissions();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.mode() & 0o777, 0o644);
+    }
+
+    #[test]
+    fn parses_shell_style_vars() {
+        let v = parse_vars("# c\nA=1\nexport B=\"two\"\nC='3'\n\n");
+        assert_eq!(v["A"], "1");
+        assert_eq!(v["B"], "two");
+        assert_eq!(v["C"], "3");
+    }
+}

@@ -1,0 +1,153 @@
+//! What weftd writes for CNI and Docker: subnet.env, daemon.json, sd_notify, docker-opts.
+
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use crate::harness::{wait_for, Etcd, WeftdSpec};
+
+const T: Duration = Duration::from_secs(30);
+
+fn setup() -> (Etcd, tempfile::TempDir) {
+    let etcd = Etcd::start();
+    // One possible subnet, so the expected bytes are known.
+    etcd.put(
+        "/f/config",
+        r#"{"Network":"10.70.0.0/16","SubnetMin":"10.70.52.0","SubnetMax":"10.70.52.0","Backend":{"Type":"alloc"}}"#,
+    );
+    (etcd, tempfile::tempdir().expect("tmp"))
+}
+
+fn spec(etcd: &Etcd, dir: &tempfile::TempDir) -> WeftdSpec {
+    WeftdSpec::new(etcd, "/f", Ipv4Addr::new(10, 99, 0, 1), dir.path())
+}
+
+/// The MTU of loopback, which the alloc backend passes through.
+fn lo_mtu() -> u32 {
+    std::fs::read_to_string("/sys/class/net/lo/mtu")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .expect("lo mtu")
+}
+
+#[test]
+fn subnet_env_is_byte_for_byte_flannels_format_and_mode_0644() {
+    let (etcd, dir) = setup();
+    let a = spec(&etcd, &dir).arg("-ip-masq").start();
+    a.wait_subnet(T);
+    let expected = format!(
+        "FLANNEL_NETWORK=10.70.0.0/16\nFLANNEL_SUBNET=10.70.52.1/24\nFLANNEL_MTU={}\nFLANNEL_IPMASQ=true\n",
+        lo_mtu()
+    );
+    assert_eq!(a.subnet_env().expect("subnet.env"), expected);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(a.subnet_env_path())
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644);
+}
+
+#[test]
+fn daemon_json_gets_bip_and_mtu_and_keeps_the_operators_keys() {
+    let (etcd, dir) = setup();
+    let operator = r#"{
+  "registry-mirrors": ["https://mirror.gcr.io"],
+  "hosts": ["unix:///var/run/docker.sock", "tcp://0.0.0.0:2375"],
+  "insecure-registries": ["registry.local:5000"]
+}
+"#;
+    std::fs::write(dir.path().join("daemon.json"), operator).expect("write");
+    let a = spec(&etcd, &dir).start();
+    a.wait_subnet(T);
+    let text = wait_for("daemon.json", T, || {
+        std::fs::read_to_string(a.daemon_json_path())
+            .ok()
+            .filter(|t| t.contains("bip"))
+    });
+    let expected = operator.replace(
+        "[\"registry.local:5000\"]\n}",
+        &format!(
+            "[\"registry.local:5000\"],\n  \"bip\": \"10.70.52.1/24\",\n  \"mtu\": {}\n}}",
+            lo_mtu()
+        ),
+    );
+    assert_eq!(text, expected);
+}
+
+#[test]
+fn an_invalid_daemon_json_is_never_overwritten_and_weftd_exits_nonzero() {
+    let (etcd, dir) = setup();
+    let broken = "{\"bip\": \"172.17.0.1/16\",, }\n";
+    std::fs::write(dir.path().join("daemon.json"), broken).expect("write");
+    let mut a = spec(&etcd, &dir).start();
+    let status = a.wait_exit(T);
+    assert!(!status.success());
+    let log = a.log();
+    assert!(log.contains("daemon.json cannot be parsed"), "{log}");
+    assert!(
+        log.contains("at line 1 column"),
+        "the parse error is named: {log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("daemon.json")).expect("read"),
+        broken
+    );
+    assert!(etcd.list("/f/subnets/").is_empty(), "no lease taken");
+}
+
+#[test]
+fn ready_is_signalled_only_after_subnet_env_is_written() {
+    let (etcd, dir) = setup();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let a = spec(&etcd, &dir)
+        .env("NOTIFY_SOCKET", sock_path.display().to_string())
+        .env("WATCHDOG_USEC", "400000")
+        .start();
+    let env_path = a.subnet_env_path();
+    let json_path = a.daemon_json_path();
+    let mut buf = [0u8; 4096];
+    let mut ready_seen = false;
+    let mut watchdogs = 0;
+    wait_for("READY=1 and then WATCHDOG=1 three times", T, || {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.lines().any(|l| l == "READY=1") {
+                assert!(env_path.exists(), "READY=1 before subnet.env was written");
+                assert!(json_path.exists(), "READY=1 before daemon.json was written");
+                ready_seen = true;
+            }
+            if msg.lines().any(|l| l == "WATCHDOG=1") && ready_seen {
+                watchdogs += 1;
+            }
+        }
+        (ready_seen && watchdogs >= 3).then_some(())
+    });
+}
+
+#[test]
+fn docker_opts_matches_mk_docker_opts_byte_for_byte() {
+    let (etcd, dir) = setup();
+    let a = spec(&etcd, &dir).start();
+    a.wait_subnet(T);
+    let out = dir.path().join("docker_opts.env");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_weftctl"))
+        .args(["docker-opts", "-f"])
+        .arg(a.subnet_env_path())
+        .arg("-d")
+        .arg(&out)
+        .env_remove("DOCKER_OPTS")
+        .status()
+        .expect("weftctl");
+    assert!(status.success());
+    let mtu = lo_mtu();
+    assert_eq!(
+        std::fs::read_to_string(&out).expect("read"),
+        format!(
+            "DOCKER_OPT_BIP=\"--bip=10.70.52.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\nDOCKER_OPT_MTU=\"--mtu={mtu}\"\nDOCKER_OPTS=\" --bip=10.70.52.1/24 --ip-masq=true --mtu={mtu}\"\n"
+        )
+    );
+}

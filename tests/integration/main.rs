@@ -1,0 +1,9 @@
+//! weft's integration tests: real etcd, real weftd and weftctl processes. Kernel data planes are
+//! tested in the backends crate and in `datapath` (root only).
+
+mod harness;
+
+mod config;
+mod files;
+mod leases;
+mod watch;
