@@ -10,6 +10,7 @@ use etcd_client::{EventType, WatchStream};
 use ipnet::Ipv4Net;
 use tokio::time::{interval, sleep, Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
+use weft_backends::firewall::Firewall;
 use weft_backends::{Backend, ExternalInterface, InterfaceSelector, Network};
 
 use crate::config::NetworkConfig;
@@ -302,6 +303,9 @@ impl Agent {
             self.args.subnet_lease_renew_margin,
         );
         let mut renew_at = Instant::now() + renew_every;
+        let mut firewall_tick = interval(Duration::from_secs(self.args.iptables_resync.max(1)));
+        firewall_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut firewall_error = String::new();
         let mut stream: Option<WatchStream> = None;
         let mut watch_error = String::new();
         loop {
@@ -362,6 +366,16 @@ impl Agent {
                 _ = resync.tick() => self.reconcile(&mut state).await,
                 _ = state.backend.drifted() => self.reconcile(&mut state).await,
                 _ = watchdog.tick() => notify::watchdog(),
+                _ = firewall_tick.tick(), if self.args.ip_masq || self.args.iptables_forward_rules => {
+                    let msg = match self.firewall(&state).sync().await {
+                        Ok(_) => String::new(),
+                        Err(e) => e.to_string(),
+                    };
+                    if msg != firewall_error {
+                        if msg.is_empty() { info!("firewall rules in place"); } else { warn!("firewall rules: {msg}"); }
+                        firewall_error = msg;
+                    }
+                }
             }
         }
     }
@@ -511,6 +525,17 @@ impl Agent {
                 warn!("reconcile: {errors}");
             }
             state.last_errors = errors;
+        }
+    }
+
+    /// flannel's masquerade and forward rules for the current lease.
+    fn firewall(&self, state: &State) -> Firewall {
+        Firewall {
+            network: state.config.network,
+            subnet: state.own.subnet,
+            masquerade: self.args.ip_masq,
+            forward: self.args.iptables_forward_rules,
+            fully_random: !self.args.ip_masq_fully_random_disable,
         }
     }
 

@@ -1,4 +1,6 @@
 //! weft's control plane: network config, etcd leases, the files Docker and CNI read, the agent loop.
+// Tests may unwrap: a panic there is the failure report.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod agent;
 pub mod config;

@@ -26,6 +26,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{context}: {reason}")]
+    Firewall { context: String, reason: String },
     #[error("{0}")]
     Other(String),
 }

@@ -69,7 +69,10 @@ impl InterfaceSelector {
             }
         }
         if !self.ifaces.is_empty() {
-            return Err(Error::NoInterface(format!("-iface {}", self.ifaces.join(","))));
+            return Err(Error::NoInterface(format!(
+                "-iface {}",
+                self.ifaces.join(",")
+            )));
         }
         for re in &self.regexes {
             for l in links {
@@ -85,7 +88,10 @@ impl InterfaceSelector {
         }
         if !self.regexes.is_empty() {
             let pats: Vec<&str> = self.regexes.iter().map(Regex::as_str).collect();
-            return Err(Error::NoInterface(format!("-iface-regex {}", pats.join(","))));
+            return Err(Error::NoInterface(format!(
+                "-iface-regex {}",
+                pats.join(",")
+            )));
         }
         let index = default_route_link(handle).await?;
         let l = links
@@ -134,7 +140,11 @@ async fn list_links(handle: &Handle) -> Result<Vec<Link>, Error> {
         })
         .collect();
     let mut addrs = handle.address().get().execute();
-    while let Some(m) = addrs.try_next().await.map_err(Error::netlink("list addresses"))? {
+    while let Some(m) = addrs
+        .try_next()
+        .await
+        .map_err(Error::netlink("list addresses"))?
+    {
         let Some(link) = links.iter_mut().find(|l| l.index == m.header.index) else {
             continue;
         };

@@ -1,12 +1,24 @@
 //! weft's data planes. A backend is told "this is my lease, these are my peers" and makes the kernel
 //! agree; it knows nothing of etcd. Backends reconcile declaratively: `reconcile` is given the whole
 //! desired peer set each time, so a restart, a missed event and a stale leftover are the same case.
+//!
+//! Layout: `vxlan/` and `host_gw` are the data planes; `routes` (owned routes, shared by both),
+//! `neigh` (vxlan neighbours and FDB) and `watch` (drift events) are what they are built from;
+//! `firewall` holds flannel's masquerade/forward rules, applied by the agent.
 
 mod alloc;
 mod error;
+pub mod firewall;
+mod host_gw;
 pub mod iface;
 mod lease;
+pub mod mac;
+mod neigh;
 mod netlink;
+mod peer;
+mod routes;
+mod vxlan;
+mod watch;
 
 use std::net::Ipv4Addr;
 
@@ -16,6 +28,7 @@ use serde_json::Value;
 pub use error::{Error, ErrorList};
 pub use iface::{ExternalInterface, InterfaceSelector};
 pub use lease::Lease;
+pub use routes::RTPROT_WEFT;
 
 /// The backend options of the network config (`Backend` object), keys matched case-insensitively as
 /// flannel's Go decoder does.
@@ -25,6 +38,11 @@ pub struct BackendConfig(serde_json::Map<String, Value>);
 impl BackendConfig {
     pub fn new(map: serde_json::Map<String, Value>) -> Self {
         Self(map)
+    }
+
+    /// The options as written in the config.
+    pub fn as_map(&self) -> &serde_json::Map<String, Value> {
+        &self.0
     }
 
     /// The value of `key`, whatever its case in the config.
@@ -56,6 +74,8 @@ pub struct Network {
 /// One data plane. An enum rather than a trait object: the set is closed and the methods are async.
 pub enum Backend {
     Alloc(alloc::Alloc),
+    Vxlan(vxlan::Vxlan),
+    HostGw(host_gw::HostGw),
 }
 
 impl Backend {
@@ -63,6 +83,8 @@ impl Backend {
     pub fn new(config: &BackendConfig, net: Network) -> Result<Self, Error> {
         match config.type_name().as_str() {
             "alloc" => Ok(Self::Alloc(alloc::Alloc::new(net))),
+            vxlan::TYPE => Ok(Self::Vxlan(vxlan::Vxlan::new(config, net)?)),
+            host_gw::TYPE => Ok(Self::HostGw(host_gw::HostGw::new(net))),
             other => Err(Error::UnknownBackend(other.to_string())),
         }
     }
@@ -71,6 +93,8 @@ impl Backend {
     pub fn type_name(&self) -> &'static str {
         match self {
             Self::Alloc(_) => "alloc",
+            Self::Vxlan(_) => vxlan::TYPE,
+            Self::HostGw(_) => host_gw::TYPE,
         }
     }
 
@@ -80,6 +104,8 @@ impl Backend {
     pub async fn prepare(&mut self, previous: Option<&Lease>) -> Result<Option<Value>, Error> {
         match self {
             Self::Alloc(b) => b.prepare(previous).await,
+            Self::Vxlan(b) => b.prepare(previous).await,
+            Self::HostGw(b) => b.prepare(previous).await,
         }
     }
 
@@ -87,6 +113,8 @@ impl Backend {
     pub fn mtu(&self) -> u32 {
         match self {
             Self::Alloc(b) => b.mtu(),
+            Self::Vxlan(b) => b.mtu(),
+            Self::HostGw(b) => b.mtu(),
         }
     }
 
@@ -95,6 +123,8 @@ impl Backend {
     pub async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
         match self {
             Self::Alloc(b) => b.configure(own).await,
+            Self::Vxlan(b) => b.configure(own).await,
+            Self::HostGw(b) => b.configure(own).await,
         }
     }
 
@@ -104,6 +134,8 @@ impl Backend {
     pub async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), ErrorList> {
         match self {
             Self::Alloc(b) => b.reconcile(peers).await,
+            Self::Vxlan(b) => b.reconcile(peers).await,
+            Self::HostGw(b) => b.reconcile(peers).await,
         }
     }
 
@@ -112,6 +144,8 @@ impl Backend {
     pub async fn drifted(&mut self) {
         match self {
             Self::Alloc(_) => std::future::pending().await,
+            Self::Vxlan(b) => b.drifted().await,
+            Self::HostGw(b) => b.drifted().await,
         }
     }
 }
@@ -119,4 +153,14 @@ impl Backend {
 /// The lease's first host address: the address of the bridge (docker0, cni0) and FLANNEL_SUBNET.
 pub fn gateway_address(subnet: Ipv4Net) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(subnet.network()).saturating_add(1))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The agent drives the backend from spawned tasks.
+    #[test]
+    fn backend_is_send() {
+        fn send<T: Send>() {}
+        send::<super::Backend>();
+    }
 }

@@ -1,12 +1,98 @@
-//! One place that opens rtnetlink connections.
+//! One place that opens rtnetlink connections and sends requests the rtnetlink crate has no
+//! builder for.
 
+use futures::StreamExt;
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST};
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::Handle;
 
 use crate::Error;
 
 /// Opens a route-netlink socket in the current network namespace and drives it on the runtime.
 pub fn connect() -> Result<Handle, Error> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(Error::io("open netlink socket"))?;
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(Error::io("open netlink socket"))?;
     tokio::spawn(conn);
     Ok(handle)
+}
+
+/// Sends one request with `flags` (plus REQUEST|ACK) and waits for the kernel's answer.
+pub async fn request(
+    handle: &Handle,
+    msg: RouteNetlinkMessage,
+    flags: u16,
+) -> Result<(), rtnetlink::Error> {
+    let mut req = NetlinkMessage::from(msg);
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+    tracing::trace!(?req, "netlink request");
+    let mut resp = handle.clone().request(req)?;
+    while let Some(m) = resp.next().await {
+        if let NetlinkPayload::Error(e) = m.payload {
+            if e.code.is_some() {
+                return Err(rtnetlink::Error::NetlinkError(e));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The errno of a kernel rejection (positive, as in libc), if that is what `e` is.
+pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// True when the kernel said the object is already gone (deleting it again is success).
+pub fn is_gone(e: &rtnetlink::Error) -> bool {
+    matches!(errno(e), Some(libc::ESRCH | libc::ENOENT | libc::ENODEV))
+}
+
+/// A backend's netlink sockets, opened lazily: `Backend::new` may run outside the runtime that
+/// must drive them.
+#[derive(Default)]
+pub struct Conn {
+    handle: Option<Handle>,
+    watch: Option<crate::watch::DriftWatch>,
+}
+
+impl Conn {
+    /// The request socket.
+    pub fn handle(&mut self) -> Result<Handle, Error> {
+        match &self.handle {
+            Some(h) => Ok(h.clone()),
+            None => {
+                let h = connect()?;
+                self.handle = Some(h.clone());
+                Ok(h)
+            }
+        }
+    }
+
+    /// Starts listening for drift, so events between now and the first `drifted` are kept.
+    pub fn subscribe(&mut self) -> Result<(), Error> {
+        if self.watch.is_none() {
+            self.watch = Some(crate::watch::DriftWatch::open()?);
+        }
+        Ok(())
+    }
+
+    /// Resolves when something `owned` was changed behind weft's back.
+    pub async fn drifted(&mut self, owned: &crate::watch::Owned) {
+        if let Err(e) = self.subscribe() {
+            tracing::warn!(error = %e, "cannot watch for drift; relying on periodic reconcile");
+        }
+        match &mut self.watch {
+            Some(w) => w.drifted(owned).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Forgets queued events (the echoes of a reconcile's own changes).
+    pub fn settle(&mut self) {
+        if let Some(w) = &mut self.watch {
+            w.discard_pending();
+        }
+    }
 }

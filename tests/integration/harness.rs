@@ -274,7 +274,28 @@ impl WeftdSpec {
                 cmd.arg(format!("-{name}={value}"));
             }
         }
-        cmd.args(&self.args)
+        // These agents share the test machine's network namespace: keep its firewall untouched,
+        // even under -ip-masq, by shadowing the iptables commands with ones that refuse.
+        let shim = self.dir.join("no-firewall");
+        std::fs::create_dir_all(&shim).expect("shim dir");
+        for tool in ["iptables-save", "iptables-restore"] {
+            let path = shim.join(tool);
+            std::fs::write(
+                &path,
+                "#!/bin/sh\necho \"iptables is disabled in this test\" >&2\nexit 1\n",
+            )
+            .expect("write shim");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let path = format!(
+            "{}:{}",
+            shim.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        cmd.env("PATH", path)
+            .arg("-iptables-forward-rules=false")
+            .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("WEFT_LOG", "warn,weft=debug,weft_backends=debug")
             .stdout(Stdio::null())

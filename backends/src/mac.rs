@@ -1,0 +1,103 @@
+//! Ethernet addresses as flannel writes them in leases (`"VtepMAC":"aa:bb:cc:dd:ee:ff"`).
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+/// A 48-bit Ethernet address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// A locally administered unicast MAC derived only from `public_ip` and `vni`, so a host that
+    /// lost both its device and its lease still comes back with the VTEP MAC its peers know.
+    /// FNV-1a is spelled out here because std's hasher may change between Rust releases.
+    pub fn stable(public_ip: Ipv4Addr, vni: u32) -> Self {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in b"weft-vtep"
+            .iter()
+            .chain(public_ip.octets().iter())
+            .chain(vni.to_be_bytes().iter())
+        {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let b = h.to_be_bytes();
+        // Clear the multicast bit, set the locally-administered bit.
+        Self([(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]])
+    }
+
+    /// Whether peers can use this as a VTEP address: neither all-zero nor multicast.
+    pub fn is_unicast(&self) -> bool {
+        self.0 != [0; 6] && self.0[0] & 0x01 == 0
+    }
+
+    /// From a netlink link-layer address attribute, if it is six bytes long.
+    pub fn from_slice(b: &[u8]) -> Option<Self> {
+        <[u8; 6]>::try_from(b).ok().map(Self)
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+/// The text was not six colon-separated hex octets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid MAC address {0:?}")]
+pub struct ParseMacError(String);
+
+impl FromStr for Mac {
+    type Err = ParseMacError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseMacError(s.to_string());
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for o in &mut out {
+            let p = parts.next().ok_or_else(err)?;
+            if p.len() != 2 {
+                return Err(err());
+            }
+            *o = u8::from_str_radix(p, 16).map_err(|_| err())?;
+        }
+        if parts.next().is_some() {
+            return Err(err());
+        }
+        Ok(Self(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_flannel_form() {
+        let m: Mac = "C6:2b:1e:55:0d:7a".parse().expect("valid");
+        assert_eq!(m.to_string(), "c6:2b:1e:55:0d:7a");
+        for bad in [
+            "",
+            "c6:2b:1e:55:0d",
+            "c6:2b:1e:55:0d:7a:00",
+            "c6:2b:1e:55:0d:7",
+            "zz:2b:1e:55:0d:7a",
+        ] {
+            assert!(bad.parse::<Mac>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn stable_mac_is_local_unicast_and_deterministic() {
+        let ip = Ipv4Addr::new(192, 168, 64, 3);
+        let a = Mac::stable(ip, 1);
+        assert_eq!(a, Mac::stable(ip, 1));
+        assert_ne!(a, Mac::stable(ip, 2));
+        assert_ne!(a, Mac::stable(Ipv4Addr::new(192, 168, 64, 4), 1));
+        assert!(a.is_unicast());
+        assert_eq!(a.0[0] & 0x03, 0x02);
+    }
+}

@@ -1,0 +1,138 @@
+//! The vxlan options of the network config, with flannel's names and defaults.
+
+use serde_json::Value;
+
+use crate::{BackendConfig, Error};
+
+/// Linux's default vxlan UDP port, which flannel relies on by not setting one.
+pub const KERNEL_DEFAULT_PORT: u16 = 8472;
+
+/// vxlan's overhead on IPv4: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
+pub const OVERHEAD: u32 = 50;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanConfig {
+    pub vni: u32,
+    /// 0 = the kernel's default (8472).
+    pub port: u16,
+    pub gbp: bool,
+    pub learning: bool,
+    pub direct_routing: bool,
+    /// 0 = underlay MTU − 50.
+    pub mtu: u32,
+}
+
+impl VxlanConfig {
+    pub fn parse(c: &BackendConfig) -> Result<Self, Error> {
+        let cfg = Self {
+            vni: uint(c, "VNI", 1, 0x00ff_ffff)? as u32,
+            port: uint(c, "Port", 0, u64::from(u16::MAX))? as u16,
+            gbp: boolean(c, "GBP")?,
+            learning: boolean(c, "Learning")?,
+            direct_routing: boolean(c, "DirectRouting")?,
+            mtu: uint(c, "MTU", 0, 65535)? as u32,
+        };
+        if cfg.device_name().len() > 15 {
+            return Err(invalid(
+                "VNI",
+                "device name flannel.<VNI> would exceed 15 characters",
+            ));
+        }
+        Ok(cfg)
+    }
+
+    /// flannel's device name, `flannel.<VNI>`.
+    pub fn device_name(&self) -> String {
+        format!("flannel.{}", self.vni)
+    }
+
+    /// The UDP port the device really uses.
+    pub fn effective_port(&self) -> u16 {
+        if self.port == 0 {
+            KERNEL_DEFAULT_PORT
+        } else {
+            self.port
+        }
+    }
+}
+
+fn invalid(option: &str, reason: &str) -> Error {
+    Error::InvalidOption {
+        option: option.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn uint(c: &BackendConfig, key: &str, default: u64, max: u64) -> Result<u64, Error> {
+    match c.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n <= max)
+            .ok_or_else(|| invalid(key, &format!("want an integer from 0 to {max}, got {v}"))),
+    }
+}
+
+fn boolean(c: &BackendConfig, key: &str) -> Result<bool, Error> {
+    match c.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| invalid(key, &format!("want true or false, got {v}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(v: Value) -> BackendConfig {
+        match v {
+            Value::Object(m) => BackendConfig::new(m),
+            _ => BackendConfig::default(),
+        }
+    }
+
+    #[test]
+    fn defaults_match_flannel() {
+        let c = VxlanConfig::parse(&cfg(serde_json::json!({"Type": "vxlan"}))).expect("valid");
+        assert_eq!(
+            c,
+            VxlanConfig {
+                vni: 1,
+                port: 0,
+                gbp: false,
+                learning: false,
+                direct_routing: false,
+                mtu: 0
+            }
+        );
+        assert_eq!(c.device_name(), "flannel.1");
+        assert_eq!(c.effective_port(), 8472);
+    }
+
+    #[test]
+    fn keys_are_case_insensitive() {
+        let c = VxlanConfig::parse(&cfg(serde_json::json!(
+            {"type": "vxlan", "vni": 4096, "port": 4789, "directrouting": true, "Mtu": 1400}
+        )))
+        .expect("valid");
+        assert_eq!(
+            (c.vni, c.port, c.direct_routing, c.mtu),
+            (4096, 4789, true, 1400)
+        );
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for bad in [
+            serde_json::json!({"VNI": "1"}),
+            serde_json::json!({"VNI": 16777216}),
+            serde_json::json!({"Port": 70000}),
+            serde_json::json!({"DirectRouting": "yes"}),
+            serde_json::json!({"VNI": -1}),
+        ] {
+            assert!(VxlanConfig::parse(&cfg(bad.clone())).is_err(), "{bad}");
+        }
+    }
+}

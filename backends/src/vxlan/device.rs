@@ -1,0 +1,215 @@
+//! The `flannel.<VNI>` device: created with exactly the attributes flanneld sets (VNI, underlay
+//! device, local address, port if configured, learning, GBP), so the kernel's defaults for
+//! checksums, offloads and GRO are the same as under flanneld. A device with other settings is
+//! replaced; one with the right settings is kept, with its MAC.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use rtnetlink::{Handle, LinkUnspec, LinkVxlan};
+use tracing::{debug, info, warn};
+
+use super::config::VxlanConfig;
+use crate::mac::Mac;
+use crate::{netlink, Error, ExternalInterface};
+
+/// What the kernel says about an existing device of our name.
+#[derive(Debug)]
+pub struct Existing {
+    pub index: u32,
+    pub mac: Option<Mac>,
+    pub mtu: Option<u32>,
+    pub up: bool,
+    /// Whether it is a vxlan device with the settings we would create.
+    pub compatible: bool,
+}
+
+/// The device weft wants.
+pub struct Spec<'a> {
+    pub name: String,
+    pub cfg: &'a VxlanConfig,
+    pub ext: &'a ExternalInterface,
+    pub mac: Mac,
+    pub mtu: u32,
+}
+
+/// Looks the device up by name.
+pub async fn find(
+    handle: &Handle,
+    name: &str,
+    cfg: &VxlanConfig,
+    ext: &ExternalInterface,
+) -> Result<Option<Existing>, Error> {
+    let mut req = handle.link().get().match_name(name).execute();
+    let msg = match req.try_next().await {
+        Ok(m) => m,
+        Err(e) if netlink::errno(&e) == Some(libc::ENODEV) => None,
+        Err(e) => {
+            return Err(Error::Netlink {
+                context: format!("look up {name}"),
+                source: e,
+            })
+        }
+    };
+    Ok(msg.map(|m| describe(&m, cfg, ext)))
+}
+
+fn describe(m: &LinkMessage, cfg: &VxlanConfig, ext: &ExternalInterface) -> Existing {
+    let mut e = Existing {
+        index: m.header.index,
+        mac: None,
+        mtu: None,
+        up: m.header.flags.contains(LinkFlags::Up),
+        compatible: false,
+    };
+    let mut vxlan: Option<&[InfoVxlan]> = None;
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::Address(b) => e.mac = Mac::from_slice(b),
+            LinkAttribute::Mtu(n) => e.mtu = Some(*n),
+            LinkAttribute::LinkInfo(infos) => {
+                let is_vxlan = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)));
+                for i in infos {
+                    if let (true, LinkInfo::Data(InfoData::Vxlan(d))) = (is_vxlan, i) {
+                        vxlan = Some(d);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(d) = vxlan {
+        let has = |want: &InfoVxlan| d.contains(want);
+        e.compatible = has(&InfoVxlan::Id(cfg.vni))
+            && has(&InfoVxlan::Link(ext.index))
+            && has(&InfoVxlan::Local(ext.iface_addr))
+            && has(&InfoVxlan::Port(cfg.effective_port()))
+            && has(&InfoVxlan::Learning(cfg.learning))
+            && d.iter().any(|i| matches!(i, InfoVxlan::Gbp)) == cfg.gbp
+            && !d
+                .iter()
+                .any(|i| matches!(i, InfoVxlan::CollectMetadata(true)));
+    }
+    e
+}
+
+/// Makes the device exist, with `spec`'s settings, MAC and MTU, and up. Returns its index.
+pub async fn ensure(handle: &Handle, spec: &Spec<'_>) -> Result<u32, Error> {
+    let ctx = |what: &str| format!("{what} {}", spec.name);
+    match find(handle, &spec.name, spec.cfg, spec.ext).await? {
+        Some(e) if e.compatible => {
+            let mut set = LinkUnspec::new_with_index(e.index);
+            let mut changed = false;
+            if e.mac != Some(spec.mac) {
+                set = set.address(spec.mac.0.to_vec());
+                changed = true;
+            }
+            if e.mtu != Some(spec.mtu) {
+                set = set.mtu(spec.mtu);
+                changed = true;
+            }
+            if !e.up {
+                set = set.up();
+                changed = true;
+            }
+            if changed {
+                debug!(device = %spec.name, "updating MAC/MTU/state");
+                handle
+                    .link()
+                    .set(set.build())
+                    .execute()
+                    .await
+                    .map_err(Error::netlink(ctx("update")))?;
+            }
+            Ok(e.index)
+        }
+        Some(e) => {
+            warn!(device = %spec.name, "existing device has other vxlan settings; replacing it");
+            handle
+                .link()
+                .del(e.index)
+                .execute()
+                .await
+                .map_err(Error::netlink(ctx("delete incompatible")))?;
+            create(handle, spec).await
+        }
+        None => create(handle, spec).await,
+    }
+}
+
+async fn create(handle: &Handle, spec: &Spec<'_>) -> Result<u32, Error> {
+    let mut b = LinkVxlan::new(&spec.name, spec.cfg.vni)
+        .dev(spec.ext.index)
+        .local(spec.ext.iface_addr)
+        .learning(spec.cfg.learning);
+    if spec.cfg.port != 0 {
+        b = b.port(spec.cfg.port);
+    }
+    if spec.cfg.gbp {
+        b = b.gbp();
+    }
+    let msg = b.mtu(spec.mtu).address(spec.mac.0.to_vec()).up().build();
+    handle
+        .link()
+        .add(msg)
+        .execute()
+        .await
+        .map_err(Error::netlink(format!("create {}", spec.name)))?;
+    info!(device = %spec.name, vni = spec.cfg.vni, mac = %spec.mac, mtu = spec.mtu, "vxlan device created");
+    find(handle, &spec.name, spec.cfg, spec.ext)
+        .await?
+        .map(|e| e.index)
+        .ok_or_else(|| Error::Other(format!("{} vanished right after creation", spec.name)))
+}
+
+/// Makes `addr`/32 the device's only IPv4 address (flannel gives it the lease's network address).
+pub async fn ensure_address(
+    handle: &Handle,
+    index: u32,
+    name: &str,
+    addr: Ipv4Addr,
+) -> Result<(), Error> {
+    let msgs: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(Error::netlink(format!("list addresses of {name}")))?;
+    let mut have = false;
+    for m in msgs {
+        let local = m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+            _ => None,
+        });
+        let Some(local) = local else { continue };
+        if local == addr && m.header.prefix_len == 32 {
+            have = true;
+            continue;
+        }
+        info!(device = name, address = %local, "removing stale address");
+        handle
+            .address()
+            .del(m)
+            .execute()
+            .await
+            .map_err(Error::netlink(format!("delete {local} from {name}")))?;
+    }
+    if !have {
+        handle
+            .address()
+            .add(index, IpAddr::V4(addr), 32)
+            .execute()
+            .await
+            .map_err(Error::netlink(format!("add {addr}/32 to {name}")))?;
+        info!(device = name, address = %addr, "address set");
+    }
+    Ok(())
+}
