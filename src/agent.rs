@@ -100,7 +100,8 @@ struct State {
     peers: BTreeMap<Ipv4Net, Lease>,
     /// Next revision to watch from.
     watch_from: i64,
-    last_errors: String,
+    /// The last reconcile's outcome, so only changes are logged.
+    last_outcome: String,
 }
 
 impl Agent {
@@ -175,7 +176,7 @@ impl Agent {
             own,
             peers: BTreeMap::new(),
             watch_from: 0,
-            last_errors: String::new(),
+            last_outcome: String::new(),
         };
         self.publish(&mut state, hint).await?;
         if !self.resync(&mut state).await {
@@ -305,7 +306,7 @@ impl Agent {
         let mut renew_at = Instant::now() + renew_every;
         let mut firewall_tick = interval(Duration::from_secs(self.args.iptables_resync.max(1)));
         firewall_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut firewall_error = String::new();
+        let mut firewall_error = "not synced yet".to_string();
         let mut stream: Option<WatchStream> = None;
         let mut watch_error = String::new();
         loop {
@@ -514,17 +515,17 @@ impl Agent {
     async fn reconcile(&mut self, state: &mut State) {
         let peers: Vec<weft_backends::Lease> =
             state.peers.values().map(Lease::to_backend).collect();
-        let errors = match state.backend.reconcile(&peers).await {
-            Ok(()) => String::new(),
-            Err(list) => list.to_string(),
+        let outcome = match state.backend.reconcile(&peers).await {
+            Ok(()) => format!("kernel state matches all {} peers", peers.len()),
+            Err(list) => format!("reconcile: {list}"),
         };
-        if errors != state.last_errors {
-            if errors.is_empty() {
-                info!("kernel state matches all {} peers", peers.len());
+        if outcome != state.last_outcome {
+            if outcome.starts_with("reconcile:") {
+                warn!("{outcome}");
             } else {
-                warn!("reconcile: {errors}");
+                info!("{outcome}");
             }
-            state.last_errors = errors;
+            state.last_outcome = outcome;
         }
     }
 

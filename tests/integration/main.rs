@@ -4,6 +4,8 @@
 mod harness;
 
 mod config;
+mod datapath;
 mod files;
 mod leases;
+mod netns;
 mod watch;
