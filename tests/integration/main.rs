@@ -6,6 +6,8 @@ mod harness;
 mod config;
 mod datapath;
 mod files;
+mod health;
+mod iface;
 mod leases;
 mod netns;
 mod watch;
