@@ -43,7 +43,8 @@ impl Store {
             .with_timeout(Duration::from_secs(15))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         if let (Some(user), Some(pass)) = (&args.etcd_username, &args.etcd_password) {
-            opts = opts.with_user(user, pass);
+            // etcd's auth tokens expire when idle (5 min by default); weftd idles for hours.
+            opts = opts.with_user(user, pass).with_auto_token_refresh(true);
         }
         if args.etcd_cafile.is_some() || args.etcd_certfile.is_some() {
             let mut tls = TlsOptions::new();

@@ -216,8 +216,13 @@ pub struct WeftdSpec {
 
 impl WeftdSpec {
     pub fn new(etcd: &Etcd, prefix: &str, public_ip: Ipv4Addr, dir: &Path) -> Self {
+        Self::new_raw(&etcd.endpoint, prefix, public_ip, dir)
+    }
+
+    /// For an etcd the harness did not start (TLS, proxies).
+    pub fn new_raw(endpoint: &str, prefix: &str, public_ip: Ipv4Addr, dir: &Path) -> Self {
         WeftdSpec {
-            endpoint: etcd.endpoint.clone(),
+            endpoint: endpoint.to_string(),
             prefix: prefix.into(),
             public_ip,
             dir: dir.to_path_buf(),
@@ -394,9 +399,16 @@ impl Drop for Weftd {
 
 /// Runs weftctl against `etcd` and returns its output.
 pub fn weftctl(etcd: &Etcd, prefix: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let ep = format!("-etcd-endpoints={}", etcd.endpoint);
+    let pf = format!("-etcd-prefix={prefix}");
+    let mut all = vec![ep.as_str(), pf.as_str()];
+    all.extend_from_slice(args);
+    weftctl_with(&all, stdin)
+}
+
+/// Runs weftctl with exactly `args`.
+pub fn weftctl_with(args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_weftctl"))
-        .arg(format!("-etcd-endpoints={}", etcd.endpoint))
-        .arg(format!("-etcd-prefix={prefix}"))
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

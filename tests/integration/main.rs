@@ -5,6 +5,7 @@ mod harness;
 
 mod config;
 mod datapath;
+mod etcd_security;
 mod files;
 mod health;
 mod iface;

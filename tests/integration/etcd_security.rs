@@ -1,0 +1,231 @@
+//! weftd and weftctl reach an etcd that demands TLS client certificates, and one that demands a
+//! user name and password (-etcd-cafile/-certfile/-keyfile, -etcd-username/-password).
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::{free_port, wait_for, weftctl_with, Etcd, WeftdSpec};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate.
+fn make_pki(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=weft-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ],
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .expect("ext");
+    for name in ["server", "client"] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+                "-out",
+                &format!("{name}.crt"),
+            ],
+        );
+    }
+}
+
+#[test]
+fn tls_client_certificates_are_used() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = dir.path();
+    make_pki(pki);
+    let port = free_port();
+    let peer = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let p = |f: &str| pki.join(f).display().to_string();
+    let mut etcd = Command::new("etcd")
+        .args([
+            "--name",
+            "tls",
+            "--data-dir",
+            &p("data"),
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+            "--initial-cluster",
+            &format!("tls=http://127.0.0.1:{peer}"),
+        ])
+        .args([
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+        ])
+        .args([
+            "--cert-file",
+            &p("server.crt"),
+            "--key-file",
+            &p("server.key"),
+        ])
+        .args([
+            "--trusted-ca-file",
+            &p("ca.crt"),
+            "--client-cert-auth",
+            "--log-level",
+            "error",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd");
+    let tls = [
+        format!("-etcd-endpoints={url}"),
+        format!("-etcd-cafile={}", p("ca.crt")),
+        format!("-etcd-certfile={}", p("client.crt")),
+        format!("-etcd-keyfile={}", p("client.key")),
+    ];
+    let tls_args: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let config = r#"{"Network":"10.92.0.0/16","Backend":{"Type":"alloc"}}"#;
+    wait_for("weftctl over TLS", Duration::from_secs(20), || {
+        let mut args = tls_args.clone();
+        args.extend(["config", "set", "-"]);
+        weftctl_with(&args, Some(config))
+            .status
+            .success()
+            .then_some(())
+    });
+    // Without a client certificate etcd refuses.
+    let plain = weftctl_with(&[&tls[0], &tls[1], "config", "get"], None);
+    assert!(
+        !plain.status.success(),
+        "etcd must demand the client certificate"
+    );
+
+    let mut spec = WeftdSpec::new_raw(
+        &url,
+        "/coreos.com/network",
+        Ipv4Addr::new(10, 99, 0, 1),
+        &pki.join("host"),
+    );
+    for a in &tls[1..] {
+        spec = spec.arg(a.as_str());
+    }
+    let a = spec.start();
+    assert!(a.wait_subnet(Duration::from_secs(30)).starts_with("10.92."));
+    drop(a);
+    let _ = etcd.kill();
+    let _ = etcd.wait();
+}
+
+#[test]
+fn user_name_and_password_are_used() {
+    let etcd = Etcd::start();
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "add", "weft:s3cret"],
+        &["role", "add", "weft"],
+        &[
+            "role",
+            "grant-permission",
+            "weft",
+            "--prefix=true",
+            "readwrite",
+            "/coreos.com/network/",
+        ],
+        &["user", "grant-role", "weft", "weft"],
+        &["auth", "enable"],
+    ] {
+        let out = etcd.ctl(args);
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ep = format!("-etcd-endpoints={}", etcd.endpoint);
+    let config = r#"{"Network":"10.93.0.0/16","Backend":{"Type":"alloc"}}"#;
+    let denied = weftctl_with(&[&ep, "config", "set", "-"], Some(config));
+    assert!(!denied.status.success(), "anonymous writes are refused");
+    let ok = weftctl_with(
+        &[
+            &ep,
+            "-etcd-username=weft",
+            "-etcd-password=s3cret",
+            "config",
+            "set",
+            "-",
+        ],
+        Some(config),
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = WeftdSpec::new(
+        &etcd,
+        "/coreos.com/network",
+        Ipv4Addr::new(10, 99, 0, 1),
+        dir.path(),
+    )
+    .env("FLANNELD_ETCD_USERNAME", "weft")
+    .env("FLANNELD_ETCD_PASSWORD", "s3cret")
+    .start();
+    assert!(a.wait_subnet(Duration::from_secs(30)).starts_with("10.93."));
+}
