@@ -7,8 +7,8 @@ use futures::TryStreamExt;
 use regex::Regex;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::packet_route::route::RouteAttribute;
+use rtnetlink::Handle;
 
 use crate::Error;
 
@@ -159,15 +159,8 @@ async fn list_links(handle: &Handle) -> Result<Vec<Link>, Error> {
 
 /// The output interface of the IPv4 default route in the main table.
 async fn default_route_link(handle: &Handle) -> Result<u32, Error> {
-    let req = RouteMessageBuilder::<Ipv4Addr>::new().build();
-    let routes: Vec<RouteMessage> = handle
-        .route()
-        .get(req)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(Error::netlink("list routes"))?;
-    routes
+    crate::routes::list_main(handle)
+        .await?
         .iter()
         .filter(|r| r.header.destination_prefix_length == 0)
         .find_map(|r| {

@@ -157,7 +157,7 @@ async fn delete(handle: &Handle, r: &Installed) -> Result<(), rtnetlink::Error> 
 }
 
 /// All IPv4 routes of the main table.
-async fn list_main(handle: &Handle) -> Result<Vec<RouteMessage>, Error> {
+pub(crate) async fn list_main(handle: &Handle) -> Result<Vec<RouteMessage>, Error> {
     let req = RouteMessageBuilder::<Ipv4Addr>::new().build();
     let all: Vec<RouteMessage> = handle
         .route()
