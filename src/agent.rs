@@ -501,7 +501,7 @@ impl Agent {
             }
         }
         if !own_present {
-            warn!(subnet = %own_subnet, "this host's lease is missing from etcd");
+            warn!(subnet = %own_subnet, "this host's lease is missing from etcd; leasing again");
         }
         info!(
             peers = state.peers.len(),

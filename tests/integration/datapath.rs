@@ -203,6 +203,22 @@ fn restart_keeps_subnet_and_vtep_mac_with_no_duplicates_and_no_outage_for_others
 }
 
 #[test]
+fn a_vxlan_device_deleted_behind_weftds_back_is_recreated_and_reprogrammed() {
+    if !require_root("a_vxlan_device_deleted_behind_weftds_back_is_recreated_and_reprogrammed") {
+        return;
+    }
+    let t = three_hosts(VXLAN, &[]);
+    t.assert_full_mesh(&[0, 1, 2]);
+    let before = (owned_routes(&t, 0), neighbours(&t, 0), fdb(&t, 0));
+    ns_run(&t.hosts[0].ns, &["ip", "link", "del", "flannel.1"]);
+    wait_for("flannel.1 to be reprogrammed", T, || {
+        ((owned_routes(&t, 0), neighbours(&t, 0), fdb(&t, 0)) == before).then_some(())
+    });
+    t.assert_full_mesh(&[0, 1, 2]);
+    t.hosts[0].assert_running();
+}
+
+#[test]
 fn a_peer_deleted_while_weftd_was_down_is_cleaned_up_at_start() {
     if !require_root("a_peer_deleted_while_weftd_was_down_is_cleaned_up_at_start") {
         return;

@@ -187,3 +187,27 @@ fn lease_value_is_flannels_json() {
         r#"{"PublicIP":"10.99.0.7","PublicIPv6":null,"BackendType":"alloc"}"#
     );
 }
+
+#[test]
+fn an_etcd_outage_longer_than_the_ttl_ends_with_the_same_subnet_leased_again() {
+    let (etcd, dir) = setup(r#"{"Network":"10.58.0.0/16","Backend":{"Type":"alloc"}}"#);
+    let proxy = crate::harness::Proxy::start(etcd.port);
+    let mut spec = agent(&etcd, &dir, 1).arg("--subnet-lease-ttl=2s");
+    spec.endpoint = proxy.endpoint();
+    let a = spec.start();
+    let s = a.wait_subnet(T);
+    let key = format!("/weft/subnets/{}", s.replace('/', "-"));
+
+    proxy.cut();
+    wait_for("the lease to expire during the outage", T, || {
+        etcd.get(&key).is_none().then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    a.assert_running();
+    proxy.restore();
+
+    wait_for("the lease to be taken again", T, || etcd.get(&key));
+    a.wait_log("leasing again", T);
+    assert_eq!(a.wait_subnet(T), s, "same subnet after the outage");
+    a.assert_running();
+}
