@@ -150,7 +150,7 @@ impl Agent {
             }
             sleep(Duration::from_secs(1)).await;
         };
-        let _ = tokio::time::timeout(Duration::from_secs(60), wait).await;
+        let _ = with_watchdog(tokio::time::timeout(Duration::from_secs(60), wait)).await;
     }
 
     async fn run_network(&mut self, config: &NetworkConfig) -> Result<Exit> {
@@ -308,31 +308,30 @@ impl Agent {
         firewall_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut firewall_error = "not synced yet".to_string();
         let mut stream: Option<WatchStream> = None;
+        let mut rewatch_at = Instant::now();
         let mut watch_error = String::new();
         loop {
-            if stream.is_none() {
-                match self.store.watch(state.watch_from).await {
-                    Ok(s) => {
-                        if !watch_error.is_empty() {
-                            info!("etcd watch re-established");
-                            watch_error.clear();
+            tokio::select! {
+                _ = tokio::time::sleep_until(rewatch_at), if stream.is_none() => {
+                    match self.store.watch(state.watch_from).await {
+                        Ok(s) => {
+                            if !watch_error.is_empty() {
+                                info!("etcd watch re-established");
+                                watch_error.clear();
+                            }
+                            stream = Some(s);
                         }
-                        stream = Some(s);
-                    }
-                    Err(e) => {
-                        let msg = format!("{e:#}");
-                        if msg != watch_error {
-                            warn!("etcd watch broken: {msg}; reconnecting");
-                            watch_error = msg;
+                        Err(e) => {
+                            let msg = format!("{e:#}");
+                            if msg != watch_error {
+                                warn!("etcd watch broken: {msg}; reconnecting");
+                                watch_error = msg;
+                            }
+                            rewatch_at = Instant::now() + Duration::from_secs(2);
                         }
-                        sleep(Duration::from_secs(2)).await;
-                        continue;
                     }
                 }
-            }
-            let Some(s) = stream.as_mut() else { continue };
-            tokio::select! {
-                msg = s.message() => match msg {
+                msg = next_message(&mut stream) => match msg {
                     Ok(Some(resp)) if resp.canceled() || resp.compact_revision() > 0 => {
                         info!(compacted = resp.compact_revision(), "watch fell behind etcd compaction; listing again");
                         stream = None;
@@ -349,7 +348,7 @@ impl Agent {
                         warn!("etcd watch broken: stream ended; reconnecting");
                         watch_error = "stream ended".into();
                         stream = None;
-                        sleep(Duration::from_secs(1)).await;
+                        rewatch_at = Instant::now() + Duration::from_secs(1);
                     }
                 },
                 _ = tokio::time::sleep_until(renew_at), if !state.own.is_reservation() => {
@@ -549,6 +548,31 @@ impl Agent {
     }
 }
 
+/// The next watch response, or never while there is no stream.
+async fn next_message(
+    stream: &mut Option<WatchStream>,
+) -> Result<Option<etcd_client::WatchResponse>, etcd_client::Error> {
+    match stream {
+        Some(s) => s.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs `f`, telling systemd's watchdog that weftd is alive (retrying, waiting) meanwhile.
+async fn with_watchdog<T>(f: impl std::future::Future<Output = T>) -> T {
+    let Some(every) = notify::watchdog_interval() else {
+        return f.await;
+    };
+    tokio::pin!(f);
+    let mut tick = interval(every);
+    loop {
+        tokio::select! {
+            v = &mut f => return v,
+            _ = tick.tick() => notify::watchdog(),
+        }
+    }
+}
+
 /// When to renew: `margin` minutes before expiry as flannel does, or at a third of the TTL when
 /// the margin does not fit inside it.
 pub fn renew_interval(ttl: Duration, margin_minutes: u64) -> Duration {
@@ -566,22 +590,25 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    let mut delay = Duration::from_millis(250);
-    let mut last = String::new();
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) => {
-                let msg = format!("{what}: {e:#}");
-                if msg != last {
-                    warn!("{msg}; retrying");
-                    last = msg;
+    with_watchdog(async {
+        let mut delay = Duration::from_millis(250);
+        let mut last = String::new();
+        loop {
+            match f().await {
+                Ok(v) => return v,
+                Err(e) => {
+                    let msg = format!("{what}: {e:#}");
+                    if msg != last {
+                        warn!("{msg}; retrying");
+                        last = msg;
+                    }
+                    sleep(delay).await;
+                    delay = (delay * 2).min(MAX_BACKOFF);
                 }
-                sleep(delay).await;
-                delay = (delay * 2).min(MAX_BACKOFF);
             }
         }
-    }
+    })
+    .await
 }
 
 #[cfg(test)]

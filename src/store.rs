@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use std::future::Future;
+
+use anyhow::{anyhow, Context, Result};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
     PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
@@ -27,6 +29,24 @@ pub struct Listing {
     pub leases: Vec<Lease>,
     pub bad: Vec<BadLease>,
     pub revision: i64,
+}
+
+/// Longest any single etcd call may take. The client's own timeout does not cover waiting for a
+/// broken connection to come back, and a hung call must not stall the agent loop.
+const RPC_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Bounds an etcd call in time and names it in the error.
+async fn rpc<T, E>(
+    what: impl FnOnce() -> String,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match tokio::time::timeout(RPC_TIMEOUT, fut).await {
+        Ok(r) => r.with_context(what),
+        Err(_) => Err(anyhow!("no answer within {RPC_TIMEOUT:?}")).with_context(what),
+    }
 }
 
 #[derive(Clone)]
@@ -60,9 +80,11 @@ impl Store {
             opts = opts.with_tls(tls);
         }
         let endpoints = &args.etcd_endpoints;
-        let client = Client::connect(endpoints, Some(opts))
-            .await
-            .with_context(|| format!("connect to etcd at {}", endpoints.join(",")))?;
+        let client = rpc(
+            || format!("connect to etcd at {}", endpoints.join(",")),
+            Client::connect(endpoints, Some(opts)),
+        )
+        .await?;
         Ok(Self {
             client,
             prefix: args.prefix().to_string(),
@@ -84,12 +106,11 @@ impl Store {
     /// The config text and the revision it was read at (`None` when the key is absent).
     pub async fn get_config(&self) -> Result<(Option<String>, i64)> {
         let key = self.config_key();
-        let resp = self
-            .client
-            .clone()
-            .get(key.as_str(), None)
-            .await
-            .with_context(|| format!("get {key}"))?;
+        let resp = rpc(
+            || format!("get {key}"),
+            self.client.clone().get(key.as_str(), None),
+        )
+        .await?;
         let rev = resp.header().map_or(0, |h| h.revision());
         let text = resp
             .kvs()
@@ -100,23 +121,24 @@ impl Store {
 
     pub async fn put_config(&self, text: &str) -> Result<()> {
         let key = self.config_key();
-        self.client
-            .clone()
-            .put(key.as_str(), text, None)
-            .await
-            .with_context(|| format!("put {key}"))?;
+        rpc(
+            || format!("put {key}"),
+            self.client.clone().put(key.as_str(), text, None),
+        )
+        .await?;
         Ok(())
     }
 
     /// Every lease under `subnets/`, garbage set aside.
     pub async fn list(&self) -> Result<Listing> {
         let prefix = self.subnets_prefix();
-        let resp = self
-            .client
-            .clone()
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .with_context(|| format!("list {prefix}"))?;
+        let resp = rpc(
+            || format!("list {prefix}"),
+            self.client
+                .clone()
+                .get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
         let mut listing = Listing {
             revision: resp.header().map_or(0, |h| h.revision()),
             ..Listing::default()
@@ -167,12 +189,7 @@ impl Store {
                 attrs.to_json(),
                 Some(PutOptions::new().with_lease(id)),
             )]);
-        let resp = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .with_context(|| format!("create {key}"))?;
+        let resp = rpc(|| format!("create {key}"), self.client.clone().txn(txn)).await?;
         if !resp.succeeded() {
             self.revoke(id).await;
             return Ok(None);
@@ -210,12 +227,7 @@ impl Store {
                 old.mod_revision,
             )])
             .and_then([TxnOp::put(key.as_str(), attrs.to_json(), put_opts)]);
-        let resp = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .with_context(|| format!("update {key}"))?;
+        let resp = rpc(|| format!("update {key}"), self.client.clone().txn(txn)).await?;
         if !resp.succeeded() {
             if id != 0 {
                 self.revoke(id).await;
@@ -236,78 +248,73 @@ impl Store {
 
     /// Refreshes an etcd lease to its full TTL. `Ok(false)`: it has already expired.
     pub async fn keep_alive(&self, id: i64) -> Result<bool> {
-        let (mut keeper, mut stream) = self
-            .client
-            .clone()
-            .lease_keep_alive(id)
-            .await
-            .context("open lease keep-alive")?;
-        keeper.keep_alive().await.context("send lease keep-alive")?;
-        let resp = stream
-            .message()
-            .await
-            .context("read lease keep-alive")?
+        let (mut keeper, mut stream) = rpc(
+            || "open lease keep-alive".to_string(),
+            self.client.clone().lease_keep_alive(id),
+        )
+        .await?;
+        rpc(|| "send lease keep-alive".to_string(), keeper.keep_alive()).await?;
+        let resp = rpc(|| "read lease keep-alive".to_string(), stream.message())
+            .await?
             .context("lease keep-alive stream closed")?;
         Ok(resp.ttl() > 0)
     }
 
     /// Seconds an etcd lease has left (`None`: expired or unknown).
     pub async fn time_to_live(&self, id: i64) -> Result<Option<i64>> {
-        let resp = self
-            .client
-            .clone()
-            .lease_time_to_live(id, None)
-            .await
-            .context("lease time-to-live")?;
+        let resp = rpc(
+            || "lease time-to-live".to_string(),
+            self.client.clone().lease_time_to_live(id, None),
+        )
+        .await?;
         Ok((resp.ttl() > 0).then_some(resp.ttl()))
     }
 
     /// Watches everything under the prefix (config and subnets) from `revision`.
     pub async fn watch(&self, revision: i64) -> Result<WatchStream> {
         let key = format!("{}/", self.prefix);
-        self.client
-            .clone()
-            .watch(
+        rpc(
+            || format!("watch {key}"),
+            self.client.clone().watch(
                 key.as_str(),
                 Some(
                     WatchOptions::new()
                         .with_prefix()
                         .with_start_revision(revision),
                 ),
-            )
-            .await
-            .with_context(|| format!("watch {key}"))
+            ),
+        )
+        .await
     }
 
     pub async fn delete(&self, key: &str) -> Result<()> {
-        self.client
-            .clone()
-            .delete(key, None)
-            .await
-            .with_context(|| format!("delete {key}"))?;
+        rpc(
+            || format!("delete {key}"),
+            self.client.clone().delete(key, None),
+        )
+        .await?;
         Ok(())
     }
 
     async fn grant(&self, ttl: Duration) -> Result<i64> {
         let secs = ttl.as_secs().max(1) as i64;
-        let resp = self
-            .client
-            .clone()
-            .lease_grant(secs, None)
-            .await
-            .context("grant etcd lease")?;
+        let resp = rpc(
+            || "grant etcd lease".to_string(),
+            self.client.clone().lease_grant(secs, None),
+        )
+        .await?;
         Ok(resp.id())
     }
 
     /// Best effort: an unrevoked lease expires on its own.
     async fn revoke(&self, id: i64) {
-        if let Err(e) = self.client.clone().lease_revoke(id).await {
-            warn!(lease = id, error = %e, "could not revoke etcd lease; it will expire");
+        let mut client = self.client.clone();
+        let revoke = rpc(
+            || format!("revoke etcd lease {id}"),
+            client.lease_revoke(id),
+        );
+        if let Err(e) = revoke.await {
+            warn!("{e:#}; it will expire on its own");
         }
-    }
-
-    /// The raw client, for tests and tools that need more than leases.
-    pub fn client(&self) -> Client {
-        self.client.clone()
     }
 }

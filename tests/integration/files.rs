@@ -151,3 +151,52 @@ fn docker_opts_matches_mk_docker_opts_byte_for_byte() {
         )
     );
 }
+
+/// Counts WATCHDOG=1 messages arriving on `sock` during `window`.
+fn watchdogs_during(sock: &UnixDatagram, window: Duration) -> usize {
+    let end = std::time::Instant::now() + window;
+    let mut buf = [0u8; 4096];
+    let mut n = 0;
+    while std::time::Instant::now() < end {
+        if let Ok(len) = sock.recv(&mut buf) {
+            n += String::from_utf8_lossy(&buf[..len])
+                .lines()
+                .filter(|l| *l == "WATCHDOG=1")
+                .count();
+        }
+    }
+    n
+}
+
+#[test]
+fn the_watchdog_is_fed_while_etcd_is_unreachable() {
+    let (etcd, dir) = setup();
+    let proxy = crate::harness::Proxy::start(etcd.port);
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let mut s = spec(&etcd, &dir)
+        .env("NOTIFY_SOCKET", sock_path.display().to_string())
+        .env("WATCHDOG_USEC", "400000");
+    s.endpoint = proxy.endpoint();
+
+    // Unreachable from the start: retrying, not ready, but alive.
+    proxy.cut();
+    let a = s.start();
+    assert!(
+        watchdogs_during(&sock, Duration::from_secs(2)) >= 3,
+        "no watchdog while retrying at start"
+    );
+    assert!(a.subnet_env().is_none());
+
+    proxy.restore();
+    a.wait_subnet(T);
+    // Cut off after READY: the main loop keeps feeding the watchdog.
+    proxy.cut();
+    assert!(
+        watchdogs_during(&sock, Duration::from_secs(2)) >= 3,
+        "no watchdog during an outage"
+    );
+    a.assert_running();
+}
