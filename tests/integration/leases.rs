@@ -170,7 +170,7 @@ fn a_deleted_lease_is_acquired_again_without_exiting() {
     etcd.del(&key);
     wait_for("the lease to come back", T, || etcd.get(&key));
     a.assert_running();
-    a.wait_log("was deleted or taken over", T);
+    a.wait_log("leasing again", T);
     assert_eq!(a.wait_subnet(T), s, "same subnet when free");
 }
 
