@@ -4,7 +4,8 @@
 set -euo pipefail
 
 PACKAGES=(etcd-server etcd-client protobuf-compiler iproute2 iptables nftables iperf3
-          iputils-ping bridge-utils ca-certificates curl gcc libc6-dev pkg-config)
+          iputils-ping bridge-utils ca-certificates curl gcc libc6-dev pkg-config
+          docker.io busybox-static debootstrap systemd)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

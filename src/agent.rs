@@ -276,7 +276,7 @@ impl Agent {
         if let Some(path) = self.args.daemon_json() {
             let replaced = daemon_json::update(path, &env.gateway(), env.mtu)?;
             for r in replaced {
-                warn!(file = %path.display(), "replaced {} {} with {}", r.key, r.old, r.new);
+                warn!(file = %path.display(), "replaced {} {} with {}; restart Docker to pick it up", r.key, r.old, r.new);
             }
         }
         if let Some(old) = previous.filter(|p| *p != state.own.subnet) {

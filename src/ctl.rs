@@ -53,6 +53,9 @@ pub enum Command {
         #[arg(short = 'm')]
         no_ip_masq: bool,
     },
+    /// This host's lease, subnet.env, daemon.json and docker0, and whether they agree (exit 1 if
+    /// not, e.g. when Docker must be restarted to pick up a new bip).
+    Status(crate::status::StatusArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,6 +68,7 @@ pub enum ConfigCommand {
 
 pub async fn run(args: CtlArgs) -> Result<()> {
     match args.command {
+        Command::Status(status) => crate::status::run(&args.etcd, &status).await,
         Command::DockerOpts {
             env_file,
             out,

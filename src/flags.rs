@@ -38,6 +38,18 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
         .collect()
 }
 
+/// flanneld ignores an empty `FLANNELD_*` variable; so do we, instead of parsing "" as a value
+/// (an empty endpoint list, an empty prefix). Call before any thread starts.
+pub fn drop_empty_flanneld_env() {
+    let empty: Vec<_> = std::env::vars_os()
+        .filter(|(k, v)| v.is_empty() && k.to_str().is_some_and(|k| k.starts_with("FLANNELD_")))
+        .map(|(k, _)| k)
+        .collect();
+    for k in empty {
+        std::env::remove_var(k);
+    }
+}
+
 /// Parses a Go-style duration: `24h`, `90m`, `1h30m`, `45s`, `500ms`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration (use e.g. 24h, 90m, 30s)");
@@ -189,6 +201,7 @@ pub struct DaemonArgs {
 impl DaemonArgs {
     /// Parses from the process's arguments and environment.
     pub fn from_env() -> Self {
+        drop_empty_flanneld_env();
         Self::parse_from(normalize_args(std::env::args_os()))
     }
 

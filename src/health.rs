@@ -24,6 +24,27 @@ impl Readiness {
     }
 }
 
+/// Reads a request up to the end of its headers (small, and within a second), so the response
+/// never races a request still arriving: closing with unread input would reset the connection.
+async fn read_head(sock: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut buf = Vec::with_capacity(512);
+    let read = async {
+        let mut chunk = [0u8; 512];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+            let n = sock.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Some(())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(1), read)
+        .await
+        .ok()??;
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
 /// Binds now (so a bad address fails at start) and serves in the background.
 pub async fn serve(addr: SocketAddr, ready: Readiness) -> Result<()> {
     let listener = TcpListener::bind(addr)
@@ -36,9 +57,9 @@ pub async fn serve(addr: SocketAddr, ready: Readiness) -> Result<()> {
             };
             let ready = ready.clone();
             tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let n = sock.read(&mut buf).await.unwrap_or(0);
-                let req = String::from_utf8_lossy(&buf[..n]);
+                let Some(req) = read_head(&mut sock).await else {
+                    return;
+                };
                 let path = req.split_whitespace().nth(1).unwrap_or("");
                 let (status, body) = match path {
                     "/healthz" => ("200 OK", "ok\n"),

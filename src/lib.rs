@@ -13,5 +13,6 @@ pub mod health;
 pub mod lease;
 pub mod notify;
 pub mod policy;
+pub mod status;
 pub mod store;
 pub mod subnet_env;

@@ -70,7 +70,11 @@ on_exit() {
   topo_restore_output
   topo_log "cleaning up"
   topo_cleanup
-  ((rc == 0)) || printf 'benchmark FAILED (exit %d)\n' "$rc" >&2
+  case $rc in
+    0) ;;
+    130 | 143) echo "benchmark interrupted" >&2 ;;
+    *) printf 'benchmark FAILED (exit %d)\n' "$rc" >&2 ;;
+  esac
   exit "$rc"
 }
 

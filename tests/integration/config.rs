@@ -106,3 +106,28 @@ fn unknown_flags_are_rejected_with_their_name() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("weftd "));
 }
+
+#[test]
+fn an_empty_flanneld_variable_counts_as_unset() {
+    let etcd = Etcd::start();
+    etcd.put(
+        "/coreos.com/network/subnets/10.63.4.0-24",
+        r#"{"PublicIP":"10.98.0.4","PublicIPv6":null}"#,
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weftctl"))
+        .arg("leases")
+        .env("FLANNELD_ETCD_ENDPOINTS", &etcd.endpoint)
+        .env("FLANNELD_ETCD_PREFIX", "")
+        .env("FLANNELD_ETCD_USERNAME", "")
+        .output()
+        .expect("weftctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("10.63.4.0/24"),
+        "default prefix used"
+    );
+}

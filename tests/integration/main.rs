@@ -5,10 +5,13 @@ mod harness;
 
 mod config;
 mod datapath;
+mod docker;
+mod dockerd;
 mod etcd_security;
 mod files;
 mod health;
 mod iface;
 mod leases;
 mod netns;
+mod systemd;
 mod watch;

@@ -1,0 +1,388 @@
+# shellcheck shell=bash
+# A multi-host weft lab on one machine, built from network namespaces. Sourced by deploy/demo.sh and
+# tests/bench/datapath.sh so both use the same topology:
+#
+#   <P>sw   "switch": bridge br0 (TOPO_UNDERLAY.1/24), etcd listening on that address
+#   <P>hN   host N: eth0 on br0 (TOPO_UNDERLAY.(10+N)/24, default route via the switch so weftd's
+#           interface selection picks eth0), bridge cni0, weftd
+#   <P>cN   container N: eth0, its peer veth0 on hN's cni0
+#
+# Every process, namespace and file it creates is recorded (arrays and $TOPO_DIR/{pids,netns}),
+# and topo_cleanup removes exactly those: nothing outside the namespaces is touched or contacted.
+# Callers set `set -euo pipefail`; the functions return non-zero with a message on failure.
+
+TOPO_PREFIX=""          # namespace name prefix, unique per run
+TOPO_DIR=""             # temp dir: logs, per-host subnet.env/daemon.json, etcd data, records
+TOPO_BIN_DIR=""         # where weftd and weftctl are
+TOPO_UNDERLAY="${TOPO_UNDERLAY:-10.99.0}"       # underlay /24, first three octets
+TOPO_NETWORK="${TOPO_NETWORK:-10.244.0.0/16}"   # the flannel Network
+TOPO_ETCD_PREFIX="${TOPO_ETCD_PREFIX:-/coreos.com/network}"
+TOPO_ETCD=""            # etcd client URL, valid inside the namespaces
+TOPO_PIDS=()            # processes we started, in start order
+TOPO_NETNS=()           # namespaces we created, in creation order
+TOPO_KEEP=0             # 1: topo_cleanup leaves everything in place
+
+topo_log() { printf '==> %s\n' "$*" >&2; }
+topo_warn() { printf 'warning: %s\n' "$*" >&2; }
+topo_die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Runs a command that could hang under a time limit. --foreground keeps it in our process group,
+# so Ctrl-C reaches it at once instead of after the limit.
+topo_t() {
+  local secs=$1; shift
+  timeout --foreground -k 5 "$secs" "$@"
+}
+
+# Runs a command that takes a while (ping, iperf3) in the background and waits for it. A trapped
+# Ctrl-C interrupts `wait` at once; a foreground program that catches SIGINT itself (ping, iperf3)
+# would instead exit normally and bash would carry on with the next command.
+TOPO_FG_PID=""
+topo_run() {
+  local secs=$1 rc=0; shift
+  timeout -k 5 "$secs" "$@" 8>&- 9>&- &
+  TOPO_FG_PID=$!
+  wait "$TOPO_FG_PID" || rc=$?
+  TOPO_FG_PID=""
+  return "$rc"
+}
+
+# `ip netns exec` with a time limit.
+topo_nsexec() {
+  local ns=$1 secs=$2; shift 2
+  topo_t "$secs" ip netns exec "$ns" "$@"
+}
+
+topo_restore_output() { exec 1>&8 2>&9; }
+
+topo_require_root() {
+  [[ $(id -u) -eq 0 ]] || topo_die "must run as root (network namespaces): sudo bash $0"
+}
+
+# Chooses the prefix and creates the temp dir. Names stay short: wd + up to 5 pid digits + h1.
+topo_init() {
+  local tag=${1:-wd}
+  TOPO_PREFIX="${tag}$(($$ % 100000))"
+  TOPO_DIR=$(mktemp -d "/tmp/weft-${TOPO_PREFIX}.XXXXXX")
+  # Keep the caller's stdout/stderr on fds 8/9: a trap can fire while a function's output is
+  # redirected (bash redirects its own fds for `func >/dev/null`), and the exit handler calls
+  # topo_restore_output so its messages are not lost.
+  exec 8>&1 9>&2
+  : >"$TOPO_DIR/pids"
+  : >"$TOPO_DIR/netns"
+  TOPO_ETCD="http://${TOPO_UNDERLAY}.1:2379"
+  topo_log "lab prefix ${TOPO_PREFIX}, files in ${TOPO_DIR}"
+}
+
+# Finds weftd and weftctl: $WEFT_BIN_DIR if set, else builds the repo's release binaries.
+topo_find_bins() {
+  local repo=$1
+  if [[ -n ${WEFT_BIN_DIR:-} ]]; then
+    TOPO_BIN_DIR=$WEFT_BIN_DIR
+  else
+    topo_log "building release binaries (cargo build --release)"
+    (cd "$repo" && topo_t 3600 cargo build --release --locked -p weft) ||
+      topo_die "cargo build failed"
+    TOPO_BIN_DIR="${CARGO_TARGET_DIR:-$repo/target}/release"
+  fi
+  local b
+  for b in weftd weftctl; do
+    [[ -x $TOPO_BIN_DIR/$b ]] || topo_die "$TOPO_BIN_DIR/$b not found (WEFT_BIN_DIR=${WEFT_BIN_DIR:-unset})"
+  done
+}
+
+topo_ns() { printf '%s%s' "$TOPO_PREFIX" "$1"; }
+
+topo_ns_add() {
+  local ns=$1
+  topo_t 10 ip netns add "$ns"
+  TOPO_NETNS+=("$ns")
+  printf '%s\n' "$ns" >>"$TOPO_DIR/netns"
+  topo_t 10 ip -n "$ns" link set lo up
+}
+
+# Starts `cmd...` in the background with output to $log; sets TOPO_SPAWNED to its PID.
+# setsid (which does not fork here) keeps Ctrl-C away from daemons, so they stop only when
+# topo_cleanup stops them, in order; `ip netns exec` execs too, so the PID is the daemon's own.
+topo_spawn() {
+  local log=$1; shift
+  setsid "$@" >"$log" 2>&1 </dev/null 8>&- 9>&- &
+  TOPO_SPAWNED=$!
+  TOPO_PIDS+=("$TOPO_SPAWNED")
+  printf '%s %s\n' "$TOPO_SPAWNED" "$*" >>"$TOPO_DIR/pids"
+}
+
+topo_alive() { kill -0 "$1" 2>/dev/null; }
+
+# Stops one of our processes: SIGTERM, then SIGKILL after 5 s.
+topo_stop_pid() {
+  local pid=$1 i
+  topo_alive "$pid" || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for ((i = 0; i < 50; i++)); do
+    topo_alive "$pid" || break
+    sleep 0.1
+  done
+  if topo_alive "$pid"; then
+    topo_warn "pid $pid ignored SIGTERM; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+# Stops one of our processes and forgets it, so cleanup never signals a reused PID.
+topo_stop_tracked() {
+  local pid=$1 p keep=()
+  topo_stop_pid "$pid"
+  for p in "${TOPO_PIDS[@]}"; do
+    [[ $p == "$pid" ]] || keep+=("$p")
+  done
+  TOPO_PIDS=("${keep[@]}")
+  sed -i "/^$pid /d" "$TOPO_DIR/pids"
+}
+
+topo_switch() {
+  local sw
+  sw=$(topo_ns sw)
+  topo_ns_add "$sw"
+  topo_t 10 ip -n "$sw" link add br0 type bridge
+  topo_t 10 ip -n "$sw" addr add "${TOPO_UNDERLAY}.1/24" dev br0
+  topo_t 10 ip -n "$sw" link set br0 up
+}
+
+# Host N and its container. The container is wired later (topo_wire_container), once the host's
+# lease says which addresses it gets.
+topo_host() {
+  local n=$1 mtu=${2:-1500} h c sw
+  h=$(topo_ns "h$n"); c=$(topo_ns "c$n"); sw=$(topo_ns sw)
+  topo_ns_add "$h"
+  topo_ns_add "$c"
+  topo_t 10 ip -n "$h" link add eth0 mtu "$mtu" type veth peer name "h$n" netns "$sw"
+  topo_t 10 ip -n "$sw" link set "h$n" mtu "$mtu" master br0 up
+  topo_t 10 ip -n "$h" addr add "$(topo_underlay_ip "$n")/24" dev eth0
+  topo_t 10 ip -n "$h" link set eth0 up
+  topo_t 10 ip -n "$h" route add default via "${TOPO_UNDERLAY}.1"
+  topo_nsexec "$h" 10 sysctl -qw net.ipv4.ip_forward=1
+  topo_t 10 ip -n "$h" link add cni0 type bridge
+  topo_t 10 ip -n "$h" link set cni0 up
+  topo_t 10 ip -n "$h" link add veth0 type veth peer name eth0 netns "$c"
+  topo_t 10 ip -n "$h" link set veth0 master cni0 up
+  topo_t 10 ip -n "$c" link set eth0 up
+}
+
+topo_underlay_ip() { printf '%s.%d' "$TOPO_UNDERLAY" "$((10 + $1))"; }
+
+# Deletes host N and its container (their processes must be stopped first).
+topo_host_del() {
+  local n=$1 ns keep=()
+  # Namespaces are torn down asynchronously by the kernel: delete the veth pairs now, so a host of
+  # the same number can be built again right away (its switch port would still exist otherwise).
+  topo_t 10 ip -n "$(topo_ns sw)" link del "h$n" 2>/dev/null || true
+  topo_t 10 ip -n "$(topo_ns "h$n")" link del veth0 2>/dev/null || true
+  for ns in "$(topo_ns "c$n")" "$(topo_ns "h$n")"; do
+    topo_t 10 ip netns del "$ns" 2>/dev/null || topo_warn "could not delete namespace $ns"
+  done
+  for ns in "${TOPO_NETNS[@]}"; do
+    [[ $ns == "$(topo_ns "c$n")" || $ns == "$(topo_ns "h$n")" ]] || keep+=("$ns")
+  done
+  TOPO_NETNS=("${keep[@]}")
+  printf '%s\n' "${TOPO_NETNS[@]}" >"$TOPO_DIR/netns"
+  rm -rf "${TOPO_DIR:?}/h$n"
+}
+
+# etcd inside the switch namespace, on the switch's address (and the namespace's own loopback for
+# peers); data in the temp dir.
+topo_etcd() {
+  local sw i
+  sw=$(topo_ns sw)
+  mkdir -p "$TOPO_DIR/etcd"
+  command -v etcd >/dev/null || topo_die "etcd not installed (apt-get install etcd-server)"
+  topo_spawn "$TOPO_DIR/etcd.log" ip netns exec "$sw" etcd \
+    --name weft-lab --data-dir "$TOPO_DIR/etcd/data" \
+    --listen-client-urls "$TOPO_ETCD" --advertise-client-urls "$TOPO_ETCD" \
+    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+    --initial-cluster weft-lab=http://127.0.0.1:2380
+  TOPO_ETCD_PID=$TOPO_SPAWNED
+  for ((i = 0; i < 100; i++)); do
+    topo_alive "$TOPO_ETCD_PID" || { tail -20 "$TOPO_DIR/etcd.log" >&2; topo_die "etcd exited"; }
+    if ETCDCTL_API=3 timeout --foreground -k 2 5 ip netns exec "$sw" etcdctl \
+      --endpoints "$TOPO_ETCD" endpoint health >/dev/null 2>&1; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  tail -20 "$TOPO_DIR/etcd.log" >&2
+  topo_die "etcd did not become healthy in 20 s"
+}
+
+# weftctl against the lab's etcd, run from the switch namespace (the only route to etcd).
+topo_ctl() {
+  topo_nsexec "$(topo_ns sw)" 30 "$TOPO_BIN_DIR/weftctl" \
+    --etcd-endpoints "$TOPO_ETCD" --etcd-prefix "$TOPO_ETCD_PREFIX" "$@"
+}
+
+# Stores a network config for `backend` (vxlan, host-gw, …).
+topo_set_config() {
+  local backend=$1
+  printf '{"Network": "%s", "Backend": {"Type": "%s"}}\n' "$TOPO_NETWORK" "$backend" |
+    topo_ctl config set -
+}
+
+# Starts weftd in host N; extra flags are passed through. Files go to $TOPO_DIR/hN/.
+topo_weftd() {
+  local n=$1; shift
+  local d="$TOPO_DIR/h$n"
+  mkdir -p "$d"
+  topo_spawn "$d/weftd.log" ip netns exec "$(topo_ns "h$n")" "$TOPO_BIN_DIR/weftd" \
+    -etcd-endpoints="$TOPO_ETCD" -etcd-prefix="$TOPO_ETCD_PREFIX" \
+    -subnet-file="$d/subnet.env" --docker-daemon-json="$d/daemon.json" "$@"
+  printf '%s\n' "$TOPO_SPAWNED" >"$d/weftd.pid"
+}
+
+topo_weftd_pid() { cat "$TOPO_DIR/h$1/weftd.pid"; }
+
+# Waits until host N's weftd has written subnet.env (its lease and backend are up).
+topo_wait_subnet() {
+  local n=$1 secs=${2:-30} d pid i
+  d="$TOPO_DIR/h$n"
+  pid=$(topo_weftd_pid "$n")
+  for ((i = 0; i < secs * 10; i++)); do
+    [[ -s $d/subnet.env ]] && return 0
+    if ! topo_alive "$pid"; then
+      tail -20 "$d/weftd.log" >&2
+      topo_die "weftd on host $n exited before writing subnet.env (log: $d/weftd.log)"
+    fi
+    sleep 0.1
+  done
+  tail -20 "$d/weftd.log" >&2
+  topo_die "host $n: no subnet.env after ${secs}s (log: $d/weftd.log)"
+}
+
+# One variable of host N's subnet.env (parsed, not sourced: it is data).
+topo_env() {
+  local n=$1 var=$2 v
+  v=$(sed -n "s/^${var}=//p" "$TOPO_DIR/h$n/subnet.env")
+  [[ -n $v ]] || topo_die "host $n: $var missing from subnet.env"
+  printf '%s' "$v"
+}
+
+topo_ip2int() {
+  local a b c d
+  IFS=. read -r a b c d <<<"$1"
+  printf '%d' "$(((a << 24) | (b << 16) | (c << 8) | d))"
+}
+
+topo_int2ip() {
+  local i=$1
+  printf '%d.%d.%d.%d' $(((i >> 24) & 255)) $(((i >> 16) & 255)) $(((i >> 8) & 255)) $((i & 255))
+}
+
+# "10.244.52.1/24" -> "10.244.52.0/24"
+topo_cidr_network() {
+  local ip=${1%/*} len=${1#*/} mask
+  mask=$(((0xffffffff << (32 - len)) & 0xffffffff))
+  printf '%s/%s' "$(topo_int2ip $(($(topo_ip2int "$ip") & mask)))" "$len"
+}
+
+# Host N's lease, e.g. 10.244.52.0/24.
+topo_subnet() { topo_cidr_network "$(topo_env "$1" FLANNEL_SUBNET)"; }
+
+topo_container_ip() { cat "$TOPO_DIR/h$1/container_ip"; }
+
+# Does what the flannel CNI plugin's bridge delegate does: cni0 gets FLANNEL_SUBNET, the container
+# the next address, MTU FLANNEL_MTU on both veth ends, default route via cni0.
+topo_wire_container() {
+  local n=$1 h c gw len mtu cip
+  h=$(topo_ns "h$n"); c=$(topo_ns "c$n")
+  gw=$(topo_env "$n" FLANNEL_SUBNET)
+  mtu=$(topo_env "$n" FLANNEL_MTU)
+  len=${gw#*/}; gw=${gw%/*}
+  cip=$(topo_int2ip $(($(topo_ip2int "$gw") + 1)))
+  topo_t 10 ip -n "$h" addr replace "$gw/$len" dev cni0
+  topo_t 10 ip -n "$h" link set veth0 mtu "$mtu"
+  topo_t 10 ip -n "$c" link set eth0 mtu "$mtu"
+  topo_t 10 ip -n "$c" addr replace "$cip/$len" dev eth0
+  topo_t 10 ip -n "$c" route replace default via "$gw"
+  printf '%s\n' "$cip" >"$TOPO_DIR/h$n/container_ip"
+}
+
+# Waits until every listed host has a route to every other listed host's subnet (the hosts have
+# seen each other's leases), so the first packets are not lost to a race with the watch.
+topo_wait_routes() {
+  local secs=$1; shift
+  local hosts=("$@") n m missing i
+  for ((i = 0; i < secs * 10; i++)); do
+    missing=""
+    for n in "${hosts[@]}"; do
+      for m in "${hosts[@]}"; do
+        [[ $n == "$m" ]] && continue
+        if [[ -z $(topo_t 10 ip -n "$(topo_ns "h$n")" route show exact "$(topo_subnet "$m")") ]]; then
+          missing+=" h$n->h$m"
+        fi
+      done
+    done
+    [[ -z $missing ]] && return 0
+    sleep 0.1
+  done
+  topo_die "routes still missing after ${secs}s:$missing (logs: $TOPO_DIR/h*/weftd.log)"
+}
+
+# Builds switch, etcd and hosts 1..count with the given backend, starts weftd everywhere, waits
+# for every lease and wires the containers. Extra args go to weftd.
+topo_cluster_up() {
+  local count=$1 backend=$2; shift 2
+  local n hosts=()
+  for ((n = 1; n <= count; n++)); do
+    topo_host "$n"
+    hosts+=("$n")
+  done
+  topo_set_config "$backend" >&2
+  for n in "${hosts[@]}"; do topo_weftd "$n" "$@"; done
+  for n in "${hosts[@]}"; do
+    topo_wait_subnet "$n" 60
+    topo_wire_container "$n"
+  done
+  topo_wait_routes 30 "${hosts[@]}"
+}
+
+# Removes everything this run created: our processes, our namespaces, the temp dir.
+topo_cleanup() {
+  local i pid ns
+  set +e
+  if ((TOPO_KEEP)); then
+    return 0
+  fi
+  [[ -n $TOPO_FG_PID ]] && topo_stop_pid "$TOPO_FG_PID"
+  for ((i = ${#TOPO_PIDS[@]} - 1; i >= 0; i--)); do
+    topo_stop_pid "${TOPO_PIDS[i]}"
+  done
+  # Containers and hosts before the switch; a namespace only disappears once empty anyway.
+  for ((i = ${#TOPO_NETNS[@]} - 1; i >= 0; i--)); do
+    ns=${TOPO_NETNS[i]}
+    if [[ -e /run/netns/$ns ]]; then
+      timeout 10 ip netns del "$ns" || topo_warn "could not delete namespace $ns"
+    fi
+  done
+  if [[ -n $TOPO_DIR && -d $TOPO_DIR ]]; then
+    rm -rf "${TOPO_DIR:?}"
+  fi
+  TOPO_PIDS=(); TOPO_NETNS=()
+}
+
+# Cleans up a lab left running with --keep, from its records. A PID is only signalled if it still
+# runs one of the programs the lab started (the number could have been reused).
+topo_cleanup_dir() {
+  local dir=$1 pid ns
+  [[ -f $dir/pids && -f $dir/netns ]] || topo_die "$dir is not a weft lab directory"
+  TOPO_DIR=$dir
+  while read -r pid _; do
+    [[ -n $pid ]] || continue
+    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' </proc/"$pid"/cmdline | grep -qE '(weftd|etcd|iperf3)'; then
+      TOPO_PIDS+=("$pid")
+    fi
+  done <"$dir/pids"
+  while read -r ns; do
+    [[ -n $ns ]] && TOPO_NETNS+=("$ns")
+  done <"$dir/netns"
+  # They are not our children any more: wait by polling, not with `wait`.
+  topo_cleanup
+}
