@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::{free_port, wait_for, weftctl_with, Etcd, WeftdSpec};
+use crate::harness::{etcd_args, free_port, wait_for, weftctl_with, Etcd, WeftdSpec};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -94,40 +94,16 @@ fn tls_client_certificates_are_used() {
     let peer = free_port();
     let url = format!("https://127.0.0.1:{port}");
     let p = |f: &str| pki.join(f).display().to_string();
+    let peer_url = format!("http://127.0.0.1:{peer}");
     let mut etcd = Command::new("etcd")
-        .args([
-            "--name",
-            "tls",
-            "--data-dir",
-            &p("data"),
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-            "--initial-cluster",
-            &format!("tls=http://127.0.0.1:{peer}"),
-        ])
-        .args([
-            "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-        ])
+        .args(etcd_args("tls", &pki.join("data"), &url, &peer_url))
         .args([
             "--cert-file",
             &p("server.crt"),
             "--key-file",
             &p("server.key"),
         ])
-        .args([
-            "--trusted-ca-file",
-            &p("ca.crt"),
-            "--client-cert-auth",
-            "--log-level",
-            "error",
-        ])
+        .args(["--trusted-ca-file", &p("ca.crt"), "--client-cert-auth"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -33,6 +33,31 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
+/// The flags of a one-member etcd cluster: name, data dir, client and peer URLs, quiet logs.
+pub fn etcd_args(name: &str, data_dir: &Path, client_url: &str, peer_url: &str) -> Vec<String> {
+    [
+        "--name",
+        name,
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--listen-client-urls",
+        client_url,
+        "--advertise-client-urls",
+        client_url,
+        "--listen-peer-urls",
+        peer_url,
+        "--initial-advertise-peer-urls",
+        peer_url,
+        "--initial-cluster",
+        &format!("{name}={peer_url}"),
+        "--log-level",
+        "error",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
 /// A private etcd server.
 pub struct Etcd {
     child: Child,
@@ -50,22 +75,12 @@ impl Etcd {
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
         let child = Command::new("etcd")
-            .args(["--name", "weft-test", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
+            .args(etcd_args(
+                "weft-test",
+                &dir.path().join("data"),
                 &client_url,
-                "--advertise-client-urls",
-                &client_url,
-            ])
-            .args([
-                "--listen-peer-urls",
                 &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-            ])
-            .args(["--initial-cluster", &format!("weft-test={peer_url}")])
-            .args(["--log-level", "error"])
+            ))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

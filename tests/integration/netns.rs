@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::harness::wait_for;
+use crate::harness::{etcd_args, wait_for};
 
 /// The switch's address: etcd listens here, and it stands for "outside the cluster network".
 pub const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 1);
@@ -271,34 +271,8 @@ impl Topology {
         let peer = format!("http://{SWITCH_IP}:2380");
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("log");
         let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.switch,
-                "etcd",
-                "--name",
-                "sw",
-                "--data-dir",
-            ])
-            .arg(self.dir.path().join("etcd"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args([
-                "--initial-cluster",
-                &format!("sw={peer}"),
-                "--log-level",
-                "error",
-            ])
+            .args(["netns", "exec", &self.switch, "etcd"])
+            .args(etcd_args("sw", &self.dir.path().join("etcd"), &url, &peer))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

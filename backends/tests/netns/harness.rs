@@ -626,3 +626,23 @@ pub fn udp_send(ns: &Netns, to: SocketAddr) {
     .join()
     .expect("sender");
 }
+
+/// `n` hosts on one L2 segment (192.168.100.0/24), each up with `config` and holding its lease.
+pub fn lab(n: u8, config: Value) -> (Lab, Vec<Lease>) {
+    let mut lab = Lab::new();
+    for i in 1..=n {
+        lab.add_host(i, &format!("192.168.100.{i}/24"), 1500);
+    }
+    let leases = lab.hosts.iter().map(|h| h.up(config.clone())).collect();
+    (lab, leases)
+}
+
+/// Every lease but host `me`'s: what `me` is told its peers are.
+pub fn others(leases: &[Lease], me: usize) -> Vec<Lease> {
+    leases
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != me)
+        .map(|(_, l)| l.clone())
+        .collect()
+}

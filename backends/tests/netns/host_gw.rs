@@ -3,28 +3,10 @@
 use serde_json::{json, Value};
 use weft_backends::Lease;
 
-use crate::harness::{must, root_or_skip, Lab};
+use crate::harness::{lab, must, others, root_or_skip};
 
 fn host_gw() -> Value {
     json!({"Type": "host-gw"})
-}
-
-fn lab(n: u8) -> (Lab, Vec<Lease>) {
-    let mut lab = Lab::new();
-    for i in 1..=n {
-        lab.add_host(i, &format!("192.168.100.{i}/24"), 1500);
-    }
-    let leases = lab.hosts.iter().map(|h| h.up(host_gw())).collect();
-    (lab, leases)
-}
-
-fn others(leases: &[Lease], me: usize) -> Vec<Lease> {
-    leases
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != me)
-        .map(|(_, l)| l.clone())
-        .collect()
 }
 
 #[test]
@@ -32,7 +14,7 @@ fn three_hosts_every_container_reaches_every_other() {
     if !root_or_skip("host_gw::three_hosts_every_container_reaches_every_other") {
         return;
     }
-    let (lab, leases) = lab(3);
+    let (lab, leases) = lab(3, host_gw());
     assert_eq!(
         leases[0].backend_data, None,
         "flannel's host-gw publishes no BackendData"
@@ -90,7 +72,7 @@ fn peer_not_on_a_connected_network_is_an_error_and_others_still_work() {
     if !root_or_skip("host_gw::peer_not_on_a_connected_network_is_an_error_and_others_still_work") {
         return;
     }
-    let (lab, leases) = lab(2);
+    let (lab, leases) = lab(2, host_gw());
     let far = Lease {
         subnet: "10.244.4.0/24".parse().expect("subnet"),
         public_ip: "192.168.200.4".parse().expect("ip"),
@@ -120,7 +102,7 @@ fn routes_left_by_flanneld_are_taken_over_and_stale_owned_routes_removed() {
     ) {
         return;
     }
-    let (lab, leases) = lab(2);
+    let (lab, leases) = lab(2, host_gw());
     let h1 = &lab.hosts[0];
     // flanneld's route for a live peer (proto boot), a stale weft route for a peer that left
     // while weftd was down, and the administrator's route.

@@ -3,7 +3,7 @@
 use serde_json::{json, Value};
 use weft_backends::Lease;
 
-use crate::harness::{must, root_or_skip, Lab};
+use crate::harness::{lab, must, others, root_or_skip, Lab};
 
 const DEV: &str = "flannel.1";
 
@@ -12,24 +12,6 @@ fn vxlan() -> Value {
 }
 
 /// A lab of `n` vxlan hosts on 192.168.100.0/24, all up; returns their leases.
-fn lab(n: u8, config: Value) -> (Lab, Vec<Lease>) {
-    let mut lab = Lab::new();
-    for i in 1..=n {
-        lab.add_host(i, &format!("192.168.100.{i}/24"), 1500);
-    }
-    let leases = lab.hosts.iter().map(|h| h.up(config.clone())).collect();
-    (lab, leases)
-}
-
-fn others(leases: &[Lease], me: usize) -> Vec<Lease> {
-    leases
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != me)
-        .map(|(_, l)| l.clone())
-        .collect()
-}
-
 fn vtep(l: &Lease) -> String {
     l.backend_data
         .as_ref()
