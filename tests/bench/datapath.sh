@@ -25,7 +25,7 @@ source "$REPO/deploy/lib/topology.sh"
 
 DURATION=5
 ROUNDS=3
-MODES=(underlay host-gw vxlan vxlan-manual)
+MODES=(underlay host-gw host-gw-manual vxlan vxlan-manual)
 PORT=5201
 
 usage() {
@@ -46,7 +46,7 @@ done
 [[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -ge 1 ]] || topo_die "--rounds wants a positive number"
 for m in "${MODES[@]}"; do
   case $m in
-    underlay | host-gw | vxlan | vxlan-manual | vxlan-masq) ;;
+    underlay | host-gw | host-gw-manual | vxlan | vxlan-manual | vxlan-masq) ;;
     *) topo_die "unknown mode $m" ;;
   esac
 done
@@ -115,6 +115,23 @@ manual_vxlan() {
   done
 }
 
+# host-gw by hand: the same containers and one plain route per peer, no weftd. weft's host-gw is
+# held against this, since "underlay" is host to host and skips the container hops.
+manual_host_gw() {
+  local n m h
+  for n in 1 2; do
+    mkdir -p "$TOPO_DIR/h$n"
+    printf 'FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=10.244.%d.1/24\nFLANNEL_MTU=1500\nFLANNEL_IPMASQ=false\n' \
+      "$TOPO_NETWORK" "$n" >"$TOPO_DIR/h$n/subnet.env"
+  done
+  for n in 1 2; do
+    m=$((3 - n))
+    h=$(topo_ns "h$n")
+    topo_t 10 ip -n "$h" route add "10.244.$m.0/24" via "$(topo_underlay_ip "$m")" dev eth0
+    topo_wire_container "$n"
+  done
+}
+
 mode_up() {
   local mode=$1 round=$2
   # A fresh etcd prefix per mode and round: no lease of an earlier mode is ever seen again.
@@ -131,6 +148,9 @@ mode_up() {
     vxlan-manual)
       topo_host 1; topo_host 2
       manual_vxlan ;;
+    host-gw-manual)
+      topo_host 1; topo_host 2
+      manual_host_gw ;;
   esac
   if [[ $mode != underlay ]]; then
     SRC=$(topo_ns c1); DST=$(topo_ns c2); DST_IP=$(topo_container_ip 2)
@@ -253,7 +273,7 @@ echo "at the end: $load_end."
 echo
 echo "| mode | TCP 1 stream Mbit/s | TCP 4 streams Mbit/s | UDP 64 B kpps delivered | UDP loss % | ping avg µs | TCP1 / underlay | TCP4 / underlay | UDP pps / underlay | latency / underlay |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
-for mode in underlay host-gw vxlan vxlan-manual vxlan-masq; do
+for mode in underlay host-gw host-gw-manual vxlan vxlan-manual vxlan-masq; do
   has "$mode" || continue
   printf '| %s | %s (%s) | %s (%s) | %s (%s) | %s | %s | %s | %s | %s | %s |\n' "$mode" \
     "$(fmt "$(med "$mode" tcp1)" %.0f)" "$(spread <<<"${RES["$mode,tcp1"]}")" \
@@ -267,6 +287,12 @@ for mode in underlay host-gw vxlan vxlan-manual vxlan-masq; do
     "$(ratio "$(med "$mode" lat_us)" "$(med underlay lat_us)")"
 done
 echo
+if has host-gw && has host-gw-manual; then
+  echo "weft's host-gw against hand-written routes: TCP1 $(ratio "$(med host-gw tcp1)" "$(med host-gw-manual tcp1)"),"\
+    "TCP4 $(ratio "$(med host-gw tcp4)" "$(med host-gw-manual tcp4)"),"\
+    "UDP pps $(ratio "$(med host-gw udp_kpps)" "$(med host-gw-manual udp_kpps)"),"\
+    "latency $(ratio "$(med host-gw lat_us)" "$(med host-gw-manual lat_us)")."
+fi
 if has vxlan && has vxlan-manual; then
   echo "weft's vxlan against the hand-made device: TCP1 $(ratio "$(med vxlan tcp1)" "$(med vxlan-manual tcp1)"),"\
     "TCP4 $(ratio "$(med vxlan tcp4)" "$(med vxlan-manual tcp4)"),"\
@@ -279,14 +305,14 @@ if has vxlan-masq && has vxlan; then
 fi
 echo
 echo "TCP retransmits (1 stream, per round):"
-for mode in underlay host-gw vxlan vxlan-manual vxlan-masq; do
+for mode in underlay host-gw host-gw-manual vxlan vxlan-manual vxlan-masq; do
   has "$mode" && echo "- $mode:${RES["$mode,retr1"]}"
 done
 echo
 echo "Every round (Mbit/s, Mbit/s, kpps, µs):"
 echo
 echo '```'
-for mode in underlay host-gw vxlan vxlan-manual vxlan-masq; do
+for mode in underlay host-gw host-gw-manual vxlan vxlan-manual vxlan-masq; do
   has "$mode" || continue
   printf '%-13s tcp1:%s | tcp4:%s | udp:%s | lat:%s\n' "$mode" \
     "$(for v in ${RES["$mode,tcp1"]}; do printf ' %.0f' "$v"; done)" \
