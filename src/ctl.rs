@@ -131,7 +131,9 @@ pub async fn run(args: CtlArgs) -> Result<()> {
         }
         Command::Leases => {
             let store = Store::connect(&args.etcd).await?;
-            let listing = store.list().await?;
+            let mut listing = store.list().await?;
+            // etcd orders keys as text (10.244.157.0 before 10.244.80.0); people read addresses.
+            listing.leases.sort_by_key(|l| l.subnet);
             let mut rows = vec![[
                 "SUBNET".to_string(),
                 "PUBLIC-IP".into(),

@@ -90,6 +90,8 @@ fn weftctl_leases_lists_subnets_ips_backends_and_expiry() {
         "/w/subnets/10.80.31.0-24",
         r#"{"PublicIP":"10.98.0.31","PublicIPv6":null}"#,
     );
+    // Listed in address order, not etcd's text order ("10.80.30" < "10.80.4").
+    etcd.put("/w/subnets/10.80.4.0-24", &peer(4));
     let out = weftctl(&etcd, "/w", &["leases"], None);
     assert!(
         out.status.success(),
@@ -99,11 +101,12 @@ fn weftctl_leases_lists_subnets_ips_backends_and_expiry() {
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "SUBNET         PUBLIC-IP   BACKEND  EXPIRES-IN");
+    assert_eq!(lines[1], "10.80.4.0/24   10.98.0.4   alloc    reserved");
     assert!(
-        lines[1].starts_with("10.80.30.0/24  10.98.0.30  alloc    59m")
-            || lines[1] == "10.80.30.0/24  10.98.0.30  alloc    1h0m0s",
+        lines[2].starts_with("10.80.30.0/24  10.98.0.30  alloc    59m")
+            || lines[2] == "10.80.30.0/24  10.98.0.30  alloc    1h0m0s",
         "{}",
-        lines[1]
+        lines[2]
     );
-    assert_eq!(lines[2], "10.80.31.0/24  10.98.0.31  -        reserved");
+    assert_eq!(lines[3], "10.80.31.0/24  10.98.0.31  -        reserved");
 }
