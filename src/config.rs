@@ -272,6 +272,19 @@ mod tests {
     }
 
     #[test]
+    fn extreme_networks_compute_without_overflow() {
+        let all = parse(r#"{"Network":"0.0.0.0/0"}"#).unwrap();
+        assert_eq!(all.subnet_count(), (1 << 24) - 1);
+        assert_eq!(all.nth_subnet((1 << 24) - 2).to_string(), "255.255.255.0/24");
+        let top = parse(r#"{"Network":"255.255.255.240/28"}"#).unwrap();
+        assert_eq!(top.subnet_len, 30);
+        assert_eq!(top.subnet_count(), 3);
+        assert_eq!(top.nth_subnet(2).to_string(), "255.255.255.252/30");
+        let many = parse(r#"{"Network":"10.0.0.0/8","SubnetLen":30}"#).unwrap();
+        assert_eq!(many.subnet_count(), (1 << 22) - 1);
+    }
+
+    #[test]
     fn subnets_enumerate_min_to_max() {
         let c = parse(r#"{"Network":"10.10.0.0/22","SubnetLen":24}"#).unwrap();
         let all: Vec<String> = (0..c.subnet_count())

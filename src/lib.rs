@@ -11,6 +11,8 @@ pub mod flags;
 pub mod fsutil;
 pub mod health;
 pub mod lease;
+#[cfg(test)]
+mod mutation_tests;
 pub mod notify;
 pub mod policy;
 pub mod status;
