@@ -275,7 +275,10 @@ mod tests {
     fn extreme_networks_compute_without_overflow() {
         let all = parse(r#"{"Network":"0.0.0.0/0"}"#).unwrap();
         assert_eq!(all.subnet_count(), (1 << 24) - 1);
-        assert_eq!(all.nth_subnet((1 << 24) - 2).to_string(), "255.255.255.0/24");
+        assert_eq!(
+            all.nth_subnet((1 << 24) - 2).to_string(),
+            "255.255.255.0/24"
+        );
         let top = parse(r#"{"Network":"255.255.255.240/28"}"#).unwrap();
         assert_eq!(top.subnet_len, 30);
         assert_eq!(top.subnet_count(), 3);
