@@ -287,15 +287,6 @@ impl Store {
         .await
     }
 
-    pub async fn delete(&self, key: &str) -> Result<()> {
-        rpc(
-            || format!("delete {key}"),
-            self.client.clone().delete(key, None),
-        )
-        .await?;
-        Ok(())
-    }
-
     async fn grant(&self, ttl: Duration) -> Result<i64> {
         let secs = ttl.as_secs().max(1) as i64;
         let resp = rpc(
