@@ -407,16 +407,15 @@ impl Agent {
                 }
                 continue;
             }
-            if !key.starts_with(&prefix) {
+            let Some(name) = key.strip_prefix(&prefix) else {
                 continue;
-            }
+            };
+            let subnet = crate::lease::parse_subnet_key(name);
             let is_own = key == self.store.lease_key(state.own.subnet);
             match ev.event_type() {
                 EventType::Delete if is_own => lost = true,
                 EventType::Delete => {
-                    if let Some(gone) = crate::lease::parse_subnet_key(&key[prefix.len()..])
-                        .and_then(|s| state.peers.remove(&s))
-                    {
+                    if let Some(gone) = subnet.and_then(|s| state.peers.remove(&s)) {
                         info!(subnet = %gone.subnet, public_ip = %gone.attrs.public_ip, "peer removed");
                     }
                 }
@@ -435,7 +434,7 @@ impl Agent {
                         state.peers.insert(l.subnet, l);
                     }
                     Err(bad) => {
-                        if let Some(s) = crate::lease::parse_subnet_key(&key[prefix.len()..]) {
+                        if let Some(s) = subnet {
                             state.peers.remove(&s);
                         }
                         self.warn_bad(std::slice::from_ref(&bad));

@@ -64,19 +64,17 @@ pub fn merge(text: &str, bip: &str, mtu: u32) -> Result<Option<(String, Vec<Repl
     }
 
     if !missing.is_empty() {
-        let (indent, newline) = match members.last() {
-            Some(last) => (indent_before(source, last_key_start(source, last)), true),
-            None => ("  ".to_string(), true),
-        };
+        // New members go on their own lines, indented like the last existing one.
+        let indent = members.last().map_or_else(
+            || "  ".to_string(),
+            |last| indent_before(source, last_key_start(source, last)),
+        );
         let mut ins = String::new();
         for (key, value) in &missing {
             if !ins.is_empty() || !members.is_empty() {
                 ins.push(',');
             }
-            if newline {
-                ins.push('\n');
-            }
-            ins.push_str(&format!("{indent}\"{key}\": {value}"));
+            ins.push_str(&format!("\n{indent}\"{key}\": {value}"));
         }
         match members.last() {
             Some(last) => edits.push((last.value.end..last.value.end, ins)),
