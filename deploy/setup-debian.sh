@@ -1,11 +1,28 @@
 #!/usr/bin/env bash
-# Installs what weft needs to build, test and demo on a fresh Debian (bookworm or later), as root.
-# Safe to run again: installs only what is missing.
+# Installs what weft needs to build, test, demo and benchmark on a fresh Debian (bookworm or
+# later), as root. Safe to run again: installs only what is missing. tests/fresh-machine.sh proves
+# in CI that this list is complete, on a debootstrap --variant=minbase root.
 set -euo pipefail
 
-PACKAGES=(etcd-server etcd-client protobuf-compiler iproute2 iptables nftables iperf3
-          iputils-ping bridge-utils ca-certificates curl gcc libc6-dev pkg-config
-          docker.io busybox-static debootstrap systemd)
+# A minbase root has only Essential and Priority: required packages (coreutils, util-linux for
+# nsenter/setsid, mount, tar, sed, grep, findutils, mawk, apt). Everything else is listed here.
+PACKAGES=(
+  # Build: the C toolchain for the linker and ring; protoc and the well-known .proto files
+  # (google/protobuf/*.proto) that etcd-client's build imports; curl and CAs for rustup.
+  gcc libc6-dev protobuf-compiler libprotobuf-dev curl ca-certificates
+  # The lab: ip/bridge/ss (ip netns), sysctl, ping, kmod so the kernel can load vxlan, veth,
+  # bridge and netfilter modules on demand, flannel's iptables (nft and legacy alternatives),
+  # etcd and etcdctl, openssl for the TLS test certificates.
+  iproute2 procps iputils-ping kmod iptables nftables etcd-server etcd-client openssl
+  # Docker tests: dockerd (its Depends bring containerd, runc and tini), busybox for the image,
+  # and apparmor: bookworm's dockerd refuses to start containers when the kernel has AppArmor on
+  # (Debian's default) and apparmor_parser is missing.
+  docker.io apparmor busybox-static
+  # systemd test and install.sh: a debootstrapped root, systemctl.
+  debootstrap systemd
+  # Benchmarks: iperf3, openvpn (the udp comparison), python3 (free ports), jq, ethtool.
+  iperf3 openvpn python3 jq ethtool
+)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use tokio::time::{interval, sleep, Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 use weft_backends::firewall::Firewall;
-use weft_backends::{Backend, ExternalInterface, InterfaceSelector, Network};
+use weft_backends::{Backend, Event, ExternalInterface, InterfaceSelector, Network};
 
 use crate::config::NetworkConfig;
 use crate::flags::DaemonArgs;
@@ -27,8 +27,9 @@ const RESYNC: Duration = Duration::from_secs(30);
 /// Longest pause between retries of a failing etcd call.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Runs weftd until the future is dropped (on a signal). Returns only on fatal errors.
-pub async fn run(args: DaemonArgs) -> Result<()> {
+/// Runs weftd until the future is dropped (on a signal; dropping stops the data plane's workers,
+/// and the kernel state it leaves is in `health.kept()`). Returns only on fatal errors.
+pub async fn run(args: DaemonArgs, ready: Readiness) -> Result<()> {
     if args.kube_subnet_mgr {
         bail!("-kube-subnet-mgr is not supported: weft stores leases in etcd only");
     }
@@ -51,7 +52,6 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     info!(iface = %external.name, addr = %external.iface_addr, public_ip = %external.public_ip,
           mtu = external.mtu, "using interface");
 
-    let ready = Readiness::default();
     if args.healthz_port != 0 {
         health::serve((args.healthz_ip, args.healthz_port).into(), ready.clone()).await?;
     }
@@ -153,12 +153,15 @@ impl Agent {
         let _ = with_watchdog(tokio::time::timeout(Duration::from_secs(60), wait)).await;
     }
 
-    async fn run_network(&mut self, config: &NetworkConfig) -> Result<Exit> {
-        let net = Network {
+    fn network(&self, config: &NetworkConfig) -> Network {
+        Network {
             network: config.network,
             external: self.external.clone(),
-        };
-        let mut backend = match Backend::new(&config.backend, net) {
+        }
+    }
+
+    async fn run_network(&mut self, config: &NetworkConfig) -> Result<Exit> {
+        let mut backend = match Backend::new(&config.backend, self.network(config)) {
             Ok(b) => b,
             Err(e) => {
                 error!(
@@ -168,6 +171,7 @@ impl Agent {
                 return Ok(Exit::BadConfig);
             }
         };
+        self.ready.set_kept(backend.survives_restart());
         let hint = subnet_env::previous_subnet(&self.args.subnet_file);
         let own = self.acquire(config, &mut backend, hint).await?;
         let mut state = State {
@@ -364,7 +368,16 @@ impl Agent {
                     };
                 }
                 _ = resync.tick() => self.reconcile(&mut state).await,
-                _ = state.backend.drifted() => self.reconcile(&mut state).await,
+                ev = state.backend.event() => match ev {
+                    Event::Drift => self.reconcile(&mut state).await,
+                    Event::Failed(why) => {
+                        error!("data plane failed: {why}; rebuilding it");
+                        self.ready.set_failed(true);
+                        self.rebuild(&mut state).await;
+                        self.ready.set_failed(false);
+                        info!("data plane rebuilt");
+                    }
+                },
                 _ = watchdog.tick() => notify::watchdog(),
                 _ = firewall_tick.tick(), if self.args.ip_masq || self.args.iptables_forward_rules => {
                     let msg = match self.firewall(&state).sync().await {
@@ -448,6 +461,48 @@ impl Agent {
         }
         self.reconcile(state).await;
         Ok(None)
+    }
+
+    /// Replaces a failed data plane with a new one of the same config and makes it match the
+    /// desired state, retrying with backoff (and feeding the watchdog) until it works. The old
+    /// one is stopped first: its TUN queues and sockets must be free for the new one.
+    async fn rebuild(&mut self, state: &mut State) {
+        let net = self.network(&state.config);
+        let fresh = match Backend::new(&state.config.backend, net) {
+            Ok(b) => b,
+            // It was built from this config before; nothing else can be done but keep the old.
+            Err(e) => return error!("rebuild the data plane: {e}"),
+        };
+        std::mem::replace(&mut state.backend, fresh)
+            .shutdown()
+            .await;
+        let own = state.own.to_backend();
+        let previous = Some(&own);
+        with_watchdog(async {
+            let mut delay = Duration::from_millis(250);
+            let mut last = String::new();
+            loop {
+                let r = async {
+                    state.backend.prepare(previous).await?;
+                    state.backend.configure(&own).await
+                };
+                match r.await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        let msg = format!("rebuild the data plane: {e}");
+                        if msg != last {
+                            warn!("{msg}; retrying");
+                            last = msg;
+                        }
+                        sleep(delay).await;
+                        delay = (delay * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+        })
+        .await;
+        state.last_outcome.clear();
+        self.reconcile(state).await;
     }
 
     /// Re-leases after our key vanished (expiry, an operator's delete): the same subnet if free.

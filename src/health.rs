@@ -1,5 +1,6 @@
-//! `/healthz` (200 while running) and `/readyz` (200 once the lease is held and the files are
-//! written, 503 before), as flanneld serves them when -healthz-port is set.
+//! `/healthz` (200 while running, 503 while the data plane has failed and is being rebuilt) and
+//! `/readyz` (200 once the lease is held and the files are written, 503 before), as flanneld
+//! serves them when -healthz-port is set.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,17 +11,42 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::debug;
 
-/// Shared readiness, flipped by the agent.
+/// Shared readiness and health, flipped by the agent.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    ready: Arc<AtomicBool>,
+    /// Set while the data plane has failed (a udp worker died) until it is rebuilt.
+    failed: Arc<AtomicBool>,
+    /// What the current data plane leaves in the kernel when weftd exits.
+    kept: Arc<std::sync::Mutex<&'static str>>,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+        self.ready.store(ready, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn set_failed(&self, failed: bool) {
+        self.failed.store(failed, Ordering::Relaxed);
+    }
+
+    pub fn healthy(&self) -> bool {
+        !self.failed.load(Ordering::Relaxed)
+    }
+
+    pub fn set_kept(&self, kept: &'static str) {
+        if let Ok(mut k) = self.kept.lock() {
+            *k = kept;
+        }
+    }
+
+    /// For weftd's exit line: what stays in the kernel ("" before a backend was built).
+    pub fn kept(&self) -> &'static str {
+        self.kept.lock().map(|k| *k).unwrap_or("")
     }
 }
 
@@ -62,7 +88,8 @@ pub async fn serve(addr: SocketAddr, ready: Readiness) -> Result<()> {
                 };
                 let path = req.split_whitespace().nth(1).unwrap_or("");
                 let (status, body) = match path {
-                    "/healthz" => ("200 OK", "ok\n"),
+                    "/healthz" if ready.healthy() => ("200 OK", "ok\n"),
+                    "/healthz" => ("503 Service Unavailable", "data plane failed; rebuilding\n"),
                     "/readyz" if ready.get() => ("200 OK", "ok\n"),
                     "/readyz" => ("503 Service Unavailable", "not ready\n"),
                     _ => ("404 Not Found", "not found\n"),

@@ -4,7 +4,7 @@ use std::fmt;
 /// failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("unknown backend type {0:?} (known: alloc, vxlan, host-gw)")]
+    #[error("unknown backend type {0:?} (known: udp, vxlan, host-gw, alloc)")]
     UnknownBackend(String),
     #[error("invalid backend option {option}: {reason}")]
     InvalidOption { option: String, reason: String },

@@ -2,9 +2,14 @@
 //! agree; it knows nothing of etcd. Backends reconcile declaratively: `reconcile` is given the whole
 //! desired peer set each time, so a restart, a missed event and a stale leftover are the same case.
 //!
-//! Layout: `vxlan/` and `host_gw` are the data planes; `routes` (owned routes, shared by both),
-//! `neigh` (vxlan neighbours and FDB) and `watch` (drift events) are what they are built from;
-//! `firewall` holds flannel's masquerade/forward rules, applied by the agent.
+//! Two kinds of data plane: vxlan and host-gw program the kernel, which forwards; udp forwards in
+//! userspace, with worker threads that own a TUN device and sockets. Both kinds report through
+//! `event` (drift of owned kernel state, or a data plane that cannot go on), stop through
+//! `shutdown`, and say what they leave in the kernel for the next weftd (`survives_restart`).
+//!
+//! Layout: `vxlan/`, `host_gw` and `udp/` are the data planes; `routes` (owned routes, shared by
+//! all), `neigh` (vxlan neighbours and FDB) and `watch` (drift events) are what they are built
+//! from; `firewall` holds flannel's masquerade/forward rules, applied by the agent.
 
 mod alloc;
 mod error;
@@ -17,6 +22,7 @@ mod neigh;
 mod netlink;
 mod peer;
 mod routes;
+pub mod udp;
 mod vxlan;
 mod watch;
 
@@ -71,11 +77,23 @@ pub struct Network {
     pub external: ExternalInterface,
 }
 
+/// What a running backend reports to the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Owned kernel state may have drifted (a device, address or route removed behind weftd's
+    /// back): reconcile now.
+    Drift,
+    /// The data plane cannot go on (a udp worker died, with why): log it, report unhealthy, and
+    /// build the backend again.
+    Failed(String),
+}
+
 /// One data plane. An enum rather than a trait object: the set is closed and the methods are async.
 pub enum Backend {
     Alloc(alloc::Alloc),
     Vxlan(vxlan::Vxlan),
     HostGw(host_gw::HostGw),
+    Udp(udp::Udp),
 }
 
 impl Backend {
@@ -85,6 +103,7 @@ impl Backend {
             "alloc" => Ok(Self::Alloc(alloc::Alloc::new(net))),
             vxlan::TYPE => Ok(Self::Vxlan(vxlan::Vxlan::new(config, net)?)),
             host_gw::TYPE => Ok(Self::HostGw(host_gw::HostGw::new(net))),
+            udp::TYPE => Ok(Self::Udp(udp::Udp::new(config, net)?)),
             other => Err(Error::UnknownBackend(other.to_string())),
         }
     }
@@ -95,6 +114,7 @@ impl Backend {
             Self::Alloc(_) => "alloc",
             Self::Vxlan(_) => vxlan::TYPE,
             Self::HostGw(_) => host_gw::TYPE,
+            Self::Udp(_) => udp::TYPE,
         }
     }
 
@@ -106,6 +126,7 @@ impl Backend {
             Self::Alloc(b) => b.prepare(previous).await,
             Self::Vxlan(b) => b.prepare(previous).await,
             Self::HostGw(b) => b.prepare(previous).await,
+            Self::Udp(b) => b.prepare(previous).await,
         }
     }
 
@@ -115,6 +136,7 @@ impl Backend {
             Self::Alloc(b) => b.mtu(),
             Self::Vxlan(b) => b.mtu(),
             Self::HostGw(b) => b.mtu(),
+            Self::Udp(b) => b.mtu(),
         }
     }
 
@@ -125,6 +147,7 @@ impl Backend {
             Self::Alloc(b) => b.configure(own).await,
             Self::Vxlan(b) => b.configure(own).await,
             Self::HostGw(b) => b.configure(own).await,
+            Self::Udp(b) => b.configure(own).await,
         }
     }
 
@@ -136,16 +159,64 @@ impl Backend {
             Self::Alloc(b) => b.reconcile(peers).await,
             Self::Vxlan(b) => b.reconcile(peers).await,
             Self::HostGw(b) => b.reconcile(peers).await,
+            Self::Udp(b) => b.reconcile(peers).await,
         }
     }
 
-    /// Resolves when the kernel state this backend owns may have drifted (a device or route removed
-    /// behind weftd's back) and a reconcile is due. Never resolves for backends with nothing to watch.
-    pub async fn drifted(&mut self) {
+    /// Resolves at the next thing the agent must act on: drift of the kernel state this backend
+    /// owns (reconcile), or a data plane that failed (rebuild the backend). Never resolves for
+    /// backends with nothing to watch. Cancel-safe: the agent polls it in a `select!` loop.
+    pub async fn event(&mut self) -> Event {
         match self {
             Self::Alloc(_) => std::future::pending().await,
-            Self::Vxlan(b) => b.drifted().await,
-            Self::HostGw(b) => b.drifted().await,
+            Self::Vxlan(b) => {
+                b.drifted().await;
+                Event::Drift
+            }
+            Self::HostGw(b) => {
+                b.drifted().await;
+                Event::Drift
+            }
+            Self::Udp(b) => b.event().await,
+        }
+    }
+
+    /// Resolves at the next event of any kind (for callers that only need to know something
+    /// happened); `event` says what.
+    pub async fn drifted(&mut self) {
+        let _ = self.event().await;
+    }
+
+    /// Stops what runs in weftd itself (udp: its workers, joined) before weftd exits or the
+    /// backend is rebuilt. Kernel state stays: see `survives_restart`.
+    pub async fn shutdown(self) {
+        match self {
+            Self::Alloc(_) | Self::Vxlan(_) | Self::HostGw(_) => {}
+            Self::Udp(b) => b.shutdown().await,
+        }
+    }
+
+    /// What stays in the kernel when weftd exits, for its exit log line.
+    pub fn survives_restart(&self) -> &'static str {
+        match self {
+            Self::Alloc(_) => "nothing (alloc has no data path)",
+            Self::Vxlan(_) => {
+                "the vxlan device with its address, neighbours, FDB entries and routes; the \
+                 kernel keeps forwarding"
+            }
+            Self::HostGw(_) => "the routes to the peers; the kernel keeps forwarding",
+            Self::Udp(_) => {
+                "flannel0 (a persistent TUN device) with its address and route; packets are \
+                 dropped until the next weftd reopens it"
+            }
+        }
+    }
+
+    /// The udp data plane's counters (packets, bytes, drops by reason); None for the others.
+    pub fn udp_stats(&self) -> Option<udp::Stats> {
+        match self {
+            Self::Udp(b) => Some(b.stats()),
+            _ => None,
         }
     }
 }

@@ -27,10 +27,13 @@ use crate::{netlink, Error, ErrorList};
 /// kernel's and iproute2's lists; 0x57 is ASCII 'W'.
 pub const RTPROT_WEFT: u8 = 0x57;
 
-/// One desired route `dst via gateway dev <oif> [onlink]` in the main table.
+/// One desired route `dst via gateway dev <oif> [onlink]` in the main table, or `dst dev <oif>`
+/// (a device route, as udp's route into flannel0) when `gateway` is unspecified (0.0.0.0).
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
     pub dst: Ipv4Net,
+    /// 0.0.0.0 = no gateway. A sentinel rather than an Option so that the host-gw and vxlan
+    /// routes keep their shape.
     pub gateway: Ipv4Addr,
     pub oif: u32,
     /// Interface name, for messages only.
@@ -41,9 +44,25 @@ pub struct RouteSpec {
 }
 
 impl RouteSpec {
+    /// `dst dev <oif>`: everything for `dst` goes into the device, with no next hop.
+    pub fn device(dst: Ipv4Net, oif: u32, dev: &str) -> Self {
+        Self {
+            dst,
+            gateway: Ipv4Addr::UNSPECIFIED,
+            oif,
+            dev: dev.to_string(),
+            onlink: false,
+        }
+    }
+
+    /// The next hop, None for a device route.
+    fn via(&self) -> Option<Ipv4Addr> {
+        Some(self.gateway).filter(|g| !g.is_unspecified())
+    }
+
     fn same_as(&self, r: &Installed) -> bool {
         r.dst == self.dst
-            && r.gateway == Some(self.gateway)
+            && r.gateway == self.via()
             && r.oif == Some(self.oif)
             && r.onlink == self.onlink
             && r.priority == 0
@@ -53,7 +72,10 @@ impl RouteSpec {
 
 impl fmt::Display for RouteSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} via {} dev {}", self.dst, self.gateway, self.dev)?;
+        match self.via() {
+            Some(g) => write!(f, "{} via {g} dev {}", self.dst, self.dev)?,
+            None => write!(f, "{} dev {}", self.dst, self.dev)?,
+        }
         if self.onlink {
             f.write_str(" onlink")?;
         }
@@ -130,9 +152,12 @@ pub async fn reconcile(handle: &Handle, desired: &[RouteSpec]) -> ErrorList {
 async fn add(handle: &Handle, r: &RouteSpec) -> Result<(), rtnetlink::Error> {
     let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(r.dst.network(), r.dst.prefix_len())
-        .gateway(r.gateway)
         .output_interface(r.oif)
         .protocol(RouteProtocol::Other(RTPROT_WEFT));
+    // A device route keeps universe scope, as flannel's udp backend creates it.
+    if let Some(g) = r.via() {
+        b = b.gateway(g);
+    }
     if r.onlink {
         b = b.onlink();
     }

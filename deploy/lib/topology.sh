@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# A multi-host weft lab on one machine, built from network namespaces. Sourced by deploy/demo.sh and
-# tests/bench/datapath.sh so both use the same topology:
+# A multi-host weft lab on one machine, built from network namespaces. The one shell lab: sourced by
+# deploy/demo.sh, tests/bench/datapath.sh and tests/bench/control-plane.sh, so all use one topology:
 #
 #   <P>sw   "switch": bridge br0 (TOPO_UNDERLAY.1/24), etcd listening on that address
 #   <P>hN   host N: eth0 on br0 (TOPO_UNDERLAY.(10+N)/24, default route via the switch so weftd's
@@ -9,6 +9,8 @@
 #
 # Every process, namespace and file it creates is recorded (arrays and $TOPO_DIR/{pids,netns}),
 # and topo_cleanup removes exactly those: nothing outside the namespaces is touched or contacted.
+# Every external command that could hang runs under a time limit and every wait is bounded; the
+# daemons (topo_spawn) are the exception, and topo_cleanup stops them by PID.
 # Callers set `set -euo pipefail`; the functions return non-zero with a message on failure.
 
 TOPO_PREFIX=""          # namespace name prefix, unique per run
@@ -53,6 +55,27 @@ topo_nsexec() {
 }
 
 topo_restore_output() { exec 1>&8 2>&9; }
+
+# Wall clock in milliseconds, without a fork (bash 5's EPOCHREALTIME).
+topo_now_ms() {
+  local t=${EPOCHREALTIME/[.,]/}
+  printf '%d' "$((t / 1000))"
+}
+
+# Polls `cmd...` until it succeeds, every ${TOPO_POLL:-0.1} s, for at most `secs` seconds; then
+# fails naming `what`.
+topo_wait_until() {
+  local secs=$1 what=$2 deadline
+  shift 2
+  deadline=$(($(topo_now_ms) + secs * 1000))
+  until "$@"; do
+    if (($(topo_now_ms) > deadline)); then
+      topo_warn "timed out after ${secs}s waiting for $what"
+      return 1
+    fi
+    sleep "${TOPO_POLL:-0.1}"
+  done
+}
 
 topo_require_root() {
   [[ $(id -u) -eq 0 ]] || topo_die "must run as root (network namespaces): sudo bash $0"
@@ -125,19 +148,38 @@ topo_stop_pid() {
   if topo_alive "$pid"; then
     topo_warn "pid $pid ignored SIGTERM; killing it"
     kill -KILL "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+      topo_alive "$pid" || break
+      sleep 0.1
+    done
   fi
-  wait "$pid" 2>/dev/null || true
+  # Only reaps: the process is gone (or stuck in the kernel, where waiting would not help).
+  topo_alive "$pid" || wait "$pid" 2>/dev/null || true
 }
 
-# Stops one of our processes and forgets it, so cleanup never signals a reused PID.
+# Stops some of our processes together (SIGTERM to all, then SIGKILL to those left after 5 s) and
+# forgets them, so cleanup never signals a reused PID.
 topo_stop_tracked() {
-  local pid=$1 p keep=()
-  topo_stop_pid "$pid"
+  local pids=("$@") p i left keep=()
+  declare -A gone=()
+  for p in "${pids[@]}"; do
+    gone[$p]=1
+    topo_alive "$p" && kill -TERM "$p" 2>/dev/null
+  done
+  for ((i = 0; i < 50; i++)); do
+    left=()
+    for p in "${pids[@]}"; do topo_alive "$p" && left+=("$p"); done
+    ((${#left[@]})) || break
+    sleep 0.1
+  done
+  for p in "${pids[@]}"; do topo_stop_pid "$p"; done
   for p in "${TOPO_PIDS[@]}"; do
-    [[ $p == "$pid" ]] || keep+=("$p")
+    [[ -n ${gone[$p]:-} ]] || keep+=("$p")
   done
   TOPO_PIDS=("${keep[@]}")
-  sed -i "/^$pid /d" "$TOPO_DIR/pids"
+  awk 'NR == FNR { gone[$1] = 1; next } !($1 in gone)' <(printf '%s\n' "${pids[@]}") \
+    "$TOPO_DIR/pids" >"$TOPO_DIR/pids.new"
+  mv "$TOPO_DIR/pids.new" "$TOPO_DIR/pids"
 }
 
 topo_switch() {
@@ -190,9 +232,10 @@ topo_host_del() {
 }
 
 # etcd inside the switch namespace, on the switch's address (and the namespace's own loopback for
-# peers); data in the temp dir.
+# peers); data in the temp dir. Extra args go to etcd (e.g. --log-level warn).
+# shellcheck disable=SC2120 # the arguments are optional
 topo_etcd() {
-  local sw i
+  local sw
   sw=$(topo_ns sw)
   mkdir -p "$TOPO_DIR/etcd"
   command -v etcd >/dev/null || topo_die "etcd not installed (apt-get install etcd-server)"
@@ -200,18 +243,23 @@ topo_etcd() {
     --name weft-lab --data-dir "$TOPO_DIR/etcd/data" \
     --listen-client-urls "$TOPO_ETCD" --advertise-client-urls "$TOPO_ETCD" \
     --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
-    --initial-cluster weft-lab=http://127.0.0.1:2380
+    --initial-cluster weft-lab=http://127.0.0.1:2380 "$@"
   TOPO_ETCD_PID=$TOPO_SPAWNED
-  for ((i = 0; i < 100; i++)); do
-    topo_alive "$TOPO_ETCD_PID" || { tail -20 "$TOPO_DIR/etcd.log" >&2; topo_die "etcd exited"; }
-    if ETCDCTL_API=3 timeout --foreground -k 2 5 ip netns exec "$sw" etcdctl \
-      --endpoints "$TOPO_ETCD" endpoint health >/dev/null 2>&1; then
-      return 0
-    fi
-    sleep 0.2
-  done
-  tail -20 "$TOPO_DIR/etcd.log" >&2
-  topo_die "etcd did not become healthy in 20 s"
+  if ! TOPO_POLL=0.2 topo_wait_until 20 "etcd to become healthy" topo_etcd_healthy; then
+    tail -20 "$TOPO_DIR/etcd.log" >&2
+    topo_die "etcd did not become healthy in 20 s (log: $TOPO_DIR/etcd.log)"
+  fi
+}
+
+topo_etcd_healthy() {
+  topo_alive "$TOPO_ETCD_PID" || { tail -20 "$TOPO_DIR/etcd.log" >&2; topo_die "etcd exited"; }
+  topo_etcdctl 5 endpoint health >/dev/null 2>&1
+}
+
+# etcdctl (v3 API) against the lab's etcd, from the switch namespace, under a limit of `secs`.
+topo_etcdctl() {
+  local secs=$1; shift
+  ETCDCTL_API=3 topo_nsexec "$(topo_ns sw)" "$secs" etcdctl --endpoints "$TOPO_ETCD" "$@"
 }
 
 # weftctl against the lab's etcd, run from the switch namespace (the only route to etcd).
@@ -220,11 +268,12 @@ topo_ctl() {
     --etcd-endpoints "$TOPO_ETCD" --etcd-prefix "$TOPO_ETCD_PREFIX" "$@"
 }
 
-# Stores a network config for `backend` (vxlan, host-gw, …).
+# Stores a network config for `backend`: a type name (vxlan, host-gw, udp, …) or a whole Backend
+# object in JSON (`{"Type": "udp", …}`) for backend options.
 topo_set_config() {
   local backend=$1
-  printf '{"Network": "%s", "Backend": {"Type": "%s"}}\n' "$TOPO_NETWORK" "$backend" |
-    topo_ctl config set -
+  [[ $backend == "{"* ]] || backend=$(printf '{"Type": "%s"}' "$backend")
+  printf '{"Network": "%s", "Backend": %s}\n' "$TOPO_NETWORK" "$backend" | topo_ctl config set -
 }
 
 # Starts weftd in host N; extra flags are passed through. Files go to $TOPO_DIR/hN/.
@@ -326,8 +375,8 @@ topo_wait_routes() {
   topo_die "routes still missing after ${secs}s:$missing (logs: $TOPO_DIR/h*/weftd.log)"
 }
 
-# Builds switch, etcd and hosts 1..count with the given backend, starts weftd everywhere, waits
-# for every lease and wires the containers. Extra args go to weftd.
+# Builds hosts 1..count (switch and etcd must be up) with the given backend (as topo_set_config),
+# starts weftd everywhere, waits for every lease and wires the containers. Extra args go to weftd.
 topo_cluster_up() {
   local count=$1 backend=$2; shift 2
   local n hosts=()
@@ -341,7 +390,36 @@ topo_cluster_up() {
     topo_wait_subnet "$n" 60
     topo_wire_container "$n"
   done
-  topo_wait_routes 30 "${hosts[@]}"
+  if [[ $(topo_backend_type "$backend") == udp ]]; then
+    # udp routes the whole network into flannel0 and keeps its peers in userspace: the kernel
+    # shows no per-peer state to wait for, so callers probe with traffic (a ping with retries).
+    topo_wait_network_route 30 flannel0 "${hosts[@]}"
+  else
+    topo_wait_routes 30 "${hosts[@]}"
+  fi
+}
+
+# The backend type of a topo_set_config argument: the name itself, or the object's "Type".
+topo_backend_type() {
+  if [[ $1 == "{"* ]]; then
+    sed -nE 's/.*"[Tt]ype"[[:space:]]*:[[:space:]]*"([^"]*)".*/\1/p' <<<"$1"
+  else
+    printf '%s' "$1"
+  fi
+}
+
+# Waits until every listed host routes the whole network into `dev`.
+topo_wait_network_route() {
+  local secs=$1 dev=$2; shift 2
+  local n
+  for n in "$@"; do
+    topo_wait_until "$secs" "host $n's route for $TOPO_NETWORK into $dev" topo_has_route "$n" "$dev" ||
+      topo_die "host $n: no route for $TOPO_NETWORK into $dev (log: $TOPO_DIR/h$n/weftd.log)"
+  done
+}
+
+topo_has_route() {
+  [[ -n $(topo_t 10 ip -n "$(topo_ns "h$1")" route show exact "$TOPO_NETWORK" dev "$2" 2>/dev/null) ]]
 }
 
 # Removes everything this run created: our processes, our namespaces, the temp dir.
@@ -376,7 +454,7 @@ topo_cleanup_dir() {
   TOPO_DIR=$dir
   while read -r pid _; do
     [[ -n $pid ]] || continue
-    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' </proc/"$pid"/cmdline | grep -qE '(weftd|etcd|iperf3)'; then
+    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' </proc/"$pid"/cmdline | grep -qE '(weftd|etcd|iperf3|openvpn)'; then
       TOPO_PIDS+=("$pid")
     fi
   done <"$dir/pids"

@@ -7,6 +7,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 use weft::flags::DaemonArgs;
+use weft::health::Readiness;
 
 fn main() -> ExitCode {
     let args = DaemonArgs::from_env();
@@ -51,13 +52,20 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tokio::select! {
-            r = weft::agent::run(args) => match r {
+        let health = Readiness::default();
+        // Leaving the select drops the agent, which stops the data plane's workers (joined).
+        let signal = tokio::select! {
+            r = weft::agent::run(args, health.clone()) => return match r {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => { error!("{e:#}"); ExitCode::FAILURE }
             },
-            _ = term.recv() => { info!("SIGTERM: exiting; lease and kernel state kept"); ExitCode::SUCCESS }
-            _ = int.recv() => { info!("SIGINT: exiting; lease and kernel state kept"); ExitCode::SUCCESS }
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        match health.kept() {
+            "" => info!("{signal}: exiting"),
+            kept => info!("{signal}: exiting; lease kept, and in the kernel: {kept}"),
         }
+        ExitCode::SUCCESS
     })
 }

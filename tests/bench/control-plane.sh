@@ -1,105 +1,116 @@
 #!/usr/bin/env bash
-# Control-plane benchmark: N weftd agents start at once against one etcd on loopback.
+# Control-plane benchmark: N weftd agents start at once against one etcd (the lab of
+# deploy/lib/topology.sh: etcd in the switch namespace, the agents in host 1's namespace).
 # Measures, for each N: time until every agent holds a lease (subnet.env written), time until a
 # new peer lease reaches every agent (watch fan-out), and each agent's resident memory.
 #
 #   sudo bash tests/bench/control-plane.sh [--sizes "10 50 200"]
 #
-# The agents use the alloc backend on loopback with distinct -public-ip values, no daemon.json and
-# no firewall rules: only leasing and watching are measured. Nothing is asserted; it prints a table.
+# The agents use the alloc backend on host 1's eth0 with distinct -public-ip values, no daemon.json
+# and no firewall rules: only leasing and watching are measured. Nothing is asserted; progress goes
+# to stderr and a Markdown table to stdout.
 set -euo pipefail
 
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# shellcheck source=deploy/lib/topology.sh
+source "$REPO/deploy/lib/topology.sh"
+
 SIZES=(10 50 200)
 while (($#)); do
   case $1 in
     --sizes) read -r -a SIZES <<<"${2:?}"; shift 2 ;;
+    -h | --help) sed -n '2,11s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) echo "usage: $0 [--sizes \"10 50 200\"]" >&2; exit 2 ;;
   esac
 done
+for n in "${SIZES[@]}"; do
+  # 250 public addresses per /24 below 10.255.0.0/16, and the agents' leases must fit in 10/8.
+  [[ $n =~ ^[0-9]+$ && $n -ge 1 && $n -le 10000 ]] || topo_die "--sizes wants numbers from 1 to 10000"
+done
 
+topo_require_root
+# shellcheck source=deploy/setup-debian.sh
 source "$REPO/deploy/setup-debian.sh"
-export PATH="$HOME/.cargo/bin:$PATH"
-if [[ -z ${WEFT_BIN_DIR:-} ]]; then
-  (cd "$REPO" && cargo build --release -q)
-  WEFT_BIN_DIR="${CARGO_TARGET_DIR:-$REPO/target}/release"
-fi
-WEFTD=$WEFT_BIN_DIR/weftd
-WEFTCTL=$WEFT_BIN_DIR/weftctl
+topo_find_bins "$REPO"
 
-WORK=$(mktemp -d /tmp/weft-cpbench.XXXXXX)
-PIDS=()
-cleanup() {
-  local p
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-now_ms() { date +%s%3N; }
-
-# Polls the check function $2 until it succeeds, at most 120 s; $1 names it in the error.
-wait_until() {
-  local what=$1 check=$2 deadline=$(($(now_ms) + 120000))
-  until $check; do
-    if (($(now_ms) > deadline)); then echo "timed out waiting for $what" >&2; return 1; fi
-    sleep 0.02
-  done
+on_exit() {
+  local rc=$?
+  trap - EXIT INT TERM
+  topo_restore_output
+  topo_log "cleaning up"
+  topo_cleanup
+  case $rc in
+    0) ;;
+    130 | 143) echo "benchmark interrupted" >&2 ;;
+    *) printf 'benchmark FAILED (exit %d)\n' "$rc" >&2 ;;
+  esac
+  exit "$rc"
 }
 
-PORT=$(free_port)
-PEER=$(free_port)
-EP="http://127.0.0.1:$PORT"
-etcd --name bench --data-dir "$WORK/etcd" --listen-client-urls "$EP" --advertise-client-urls "$EP" \
-  --listen-peer-urls "http://127.0.0.1:$PEER" --initial-advertise-peer-urls "http://127.0.0.1:$PEER" \
-  --initial-cluster "bench=http://127.0.0.1:$PEER" --log-level error >"$WORK/etcd.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do ETCDCTL_API=3 etcdctl --endpoints "$EP" endpoint health >/dev/null 2>&1 && break; sleep 0.1; done
+topo_init wcp
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+topo_switch
+topo_etcd --log-level error
+topo_host 1
+H1=$(topo_ns h1)
+
+# Fine-grained polling: the timings below are only as precise as the poll interval.
+export TOPO_POLL=0.02
+WORK=""
+N=0
+all_leased() { [[ $(find "$WORK" -name subnet.env | wc -l) -eq $N ]]; }
+all_saw() { [[ $(grep -l "subnet=10.254.254.0/24" "$WORK"/a*/log 2>/dev/null | wc -l) -eq $N ]]; }
+kib_to_mib() { printf '%d.%d' "$(($1 / 1024))" "$(($1 % 1024 * 10 / 1024))"; }
 
 rows=()
-for n in "${SIZES[@]}"; do
-  prefix="/bench/$n"
-  echo '{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"alloc"}}' |
-    "$WEFTCTL" -etcd-endpoints="$EP" -etcd-prefix="$prefix" config set - >/dev/null
+for N in "${SIZES[@]}"; do
+  topo_log "$N agents"
+  # A fresh etcd prefix per size: no lease of a smaller run is ever seen again.
+  TOPO_ETCD_PREFIX="/bench/$N"
+  WORK="$TOPO_DIR/n$N"
+  echo '{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"alloc"}}' | topo_ctl config set - >/dev/null
   agents=()
-  start=$(now_ms)
-  for i in $(seq "$n"); do
-    d="$WORK/$n/a$i"
+  start=$(topo_now_ms)
+  for ((i = 1; i <= N; i++)); do
+    d="$WORK/a$i"
     mkdir -p "$d"
-    WEFT_LOG="warn,weft=info" "$WEFTD" -etcd-endpoints="$EP" -etcd-prefix="$prefix" -iface=127.0.0.1 \
+    topo_spawn "$d/log" ip netns exec "$H1" env WEFT_LOG="warn,weft=info" "$TOPO_BIN_DIR/weftd" \
+      -etcd-endpoints="$TOPO_ETCD" -etcd-prefix="$TOPO_ETCD_PREFIX" -iface=eth0 \
       -public-ip="10.255.$((i / 250)).$((i % 250 + 1))" -subnet-file="$d/subnet.env" \
-      --docker-daemon-json= -iptables-forward-rules=false 2>"$d/log" &
-    agents+=($!)
-    PIDS+=($!)
+      --docker-daemon-json= -iptables-forward-rules=false
+    agents+=("$TOPO_SPAWNED")
   done
-  all_leased() { [[ $(find "$WORK/$n" -name subnet.env | wc -l) -eq $n ]]; }
-  wait_until "$n leases" all_leased
-  leased_ms=$(($(now_ms) - start))
+  topo_wait_until 120 "$N leases (logs: $WORK/a*/log)" all_leased
+  leased_ms=$(($(topo_now_ms) - start))
 
   # Fan-out: one new peer lease, until every agent has logged it.
   sleep 1
-  start=$(now_ms)
-  ETCDCTL_API=3 etcdctl --endpoints "$EP" put "$prefix/subnets/10.254.254.0-24" \
+  start=$(topo_now_ms)
+  topo_etcdctl 10 put "$TOPO_ETCD_PREFIX/subnets/10.254.254.0-24" \
     '{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendType":"alloc"}' >/dev/null
-  all_saw() { [[ $(grep -l "subnet=10.254.254.0/24" "$WORK/$n"/a*/log 2>/dev/null | wc -l) -eq $n ]]; }
-  wait_until "the new peer on $n agents" all_saw
-  fanout_ms=$(($(now_ms) - start))
+  topo_wait_until 120 "the new peer on $N agents" all_saw
+  fanout_ms=$(($(topo_now_ms) - start))
 
-  rss=$(for p in "${agents[@]}"; do awk '/VmRSS/ {print $2}' "/proc/$p/status"; done | sort -n)
-  rss_med=$(sed -n "$(((n + 1) / 2))p" <<<"$rss")
+  rss=""
+  for p in "${agents[@]}"; do
+    topo_alive "$p" || topo_die "an agent (pid $p) exited early; logs: $WORK/a*/log"
+    rss+="$(awk '/^VmRSS/ {print $2}' "/proc/$p/status")"$'\n'
+  done
+  rss=$(sed '/^$/d' <<<"$rss" | sort -n)
+  rss_med=$(sed -n "$(((N + 1) / 2))p" <<<"$rss")
   rss_max=$(tail -1 <<<"$rss")
-  rows+=("| $n | $leased_ms | $fanout_ms | $((rss_med / 1024)).$((rss_med % 1024 * 10 / 1024)) | $((rss_max / 1024)).$((rss_max % 1024 * 10 / 1024)) |")
-  for p in "${agents[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${agents[@]}"; do wait "$p" 2>/dev/null || true; done
+  rows+=("| $N | $leased_ms | $fanout_ms | $(kib_to_mib "$rss_med") | $(kib_to_mib "$rss_max") |")
+  topo_log "$N agents: all leased after $leased_ms ms, new peer seen by all after $fanout_ms ms"
+  topo_stop_tracked "${agents[@]}"
 done
 
 echo "## Control-plane benchmark"
 echo
 echo "\`sudo bash tests/bench/control-plane.sh --sizes \"${SIZES[*]}\"\`"
 echo
-echo "Machine: $(nproc) CPUs, $(uname -r), $(etcd --version | head -1); weftd $(stat -c %s "$WEFTD") bytes (release)."
+echo "Machine: $(nproc) CPUs, $(uname -r), $(etcd --version | head -1); weftd $(stat -c %s "$TOPO_BIN_DIR/weftd") bytes (release)."
 echo "All agents and etcd share the machine's cores, so large N measures CPU contention too."
 echo
 echo "| agents | all leased (ms) | new peer seen by all (ms) | RSS median (MiB) | RSS max (MiB) |"

@@ -3,17 +3,26 @@
 # and ping in several modes in one run, so every ratio compares numbers taken on the same machine
 # at the same time:
 #
-#   underlay      host to host over eth0/bridge, no weft (the baseline)
-#   host-gw       container to container, weftd with the host-gw backend
-#   vxlan         container to container, weftd with the vxlan backend
-#   vxlan-manual  container to container over a flannel.1 made by hand with `ip link add … type
-#                 vxlan` and flannel's settings (VNI 1, dstport 8472, local, nolearning, MTU −50),
-#                 hand-written neighbour/FDB/route entries, no weftd: what weft's vxlan must match
-#   vxlan-masq    (opt-in) as vxlan, but weftd also runs -ip-masq and its FORWARD rules, to show
-#                 what the firewall rules cost
+#   underlay       host to host over eth0/bridge, no tunnel (the baseline)
+#   vxlan          container to container, weftd with the vxlan backend (the kernel's VXLAN)
+#   vxlan-manual   container to container over a flannel.1 made by hand with `ip link add … type
+#                  vxlan` and flannel's settings (VNI 1, dstport 8472, local, nolearning, MTU −50),
+#                  hand-written neighbour/FDB/route entries, no weftd: what weft's vxlan must match
+#   udp            container to container, weftd with the udp backend (userspace, TUN flannel0,
+#                  UDP 8285), its offloads on (the default)
+#   udp-nooffload  as udp with `"Offload": false`: one packet per system call, as flannel's udp
+#   openvpn        container to container through OpenVPN 2.6 in peer-to-peer UDP TUN mode, no
+#                  cipher and no auth, MTU as udp's: the fair stand-in for flannel's C udp backend
+#   host-gw, host-gw-manual   (opt-in) weftd's host-gw, and the same routes written by hand
+#   vxlan-masq     (opt-in) as vxlan, but weftd also runs -ip-masq and its FORWARD rules, to show
+#                  what the firewall rules cost
 #
 #   sudo bash tests/bench/datapath.sh [--duration SECS] [--rounds N] [--modes "m1 m2 …"]
 #
+# Per mode: iperf3 TCP with 1 and 4 streams, UDP with 64-byte datagrams at unlimited rate, 200
+# pings 10 ms apart (average and 99th percentile), and CPU seconds per GB during the TCP 1-stream
+# test: of the path (iperf3 client and server, tunnel daemons, ksoftirqd), of the whole machine
+# (/proc/stat), and of the tunnel daemons alone.
 # Each round runs every mode once, in a rotated order so that slow drift of the machine does not
 # always hit the same mode; the table shows the median over rounds. Progress goes to stderr, the
 # Markdown report to stdout. Timings are reported, never asserted.
@@ -25,11 +34,14 @@ source "$REPO/deploy/lib/topology.sh"
 
 DURATION=5
 ROUNDS=3
-MODES=(underlay host-gw host-gw-manual vxlan vxlan-manual)
+MODES=(underlay vxlan vxlan-manual udp udp-nooffload openvpn)
+ALL_MODES=(underlay host-gw host-gw-manual vxlan vxlan-manual vxlan-masq udp udp-nooffload openvpn)
 PORT=5201
+PINGS=200
 
 usage() {
-  sed -n '2,22s/^# \{0,1\}//p' "$0"
+  # The comment at the top of this file.
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
   exit "${1:-0}"
 }
 
@@ -45,10 +57,7 @@ done
 [[ $DURATION =~ ^[0-9]+$ && $DURATION -ge 1 ]] || topo_die "--duration wants whole seconds"
 [[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -ge 1 ]] || topo_die "--rounds wants a positive number"
 for m in "${MODES[@]}"; do
-  case $m in
-    underlay | host-gw | host-gw-manual | vxlan | vxlan-manual | vxlan-masq) ;;
-    *) topo_die "unknown mode $m" ;;
-  esac
+  [[ " ${ALL_MODES[*]} " == *" $m "* ]] || topo_die "unknown mode $m (modes: ${ALL_MODES[*]})"
 done
 
 topo_require_root
@@ -56,7 +65,9 @@ topo_require_root
 # Packages: the project's set, plus what only the benchmark needs.
 # shellcheck source=deploy/setup-debian.sh
 source "$REPO/deploy/setup-debian.sh"
-for tool in ethtool jq; do
+tools=(ethtool jq)
+[[ " ${MODES[*]} " == *" openvpn "* ]] && tools+=(openvpn)
+for tool in "${tools[@]}"; do
   if ! command -v "$tool" >/dev/null; then
     topo_log "installing $tool"
     DEBIAN_FRONTEND=noninteractive topo_t 600 apt-get install -y -qq --no-install-recommends "$tool" >/dev/null
@@ -87,17 +98,25 @@ topo_etcd
 
 declare -A RES=()   # "<mode>,<metric>" -> space-separated values, one per round
 SRC="" DST="" DST_IP="" SERVER_PID=""
+TUNNEL_PIDS=()      # the userspace tunnel daemons of the current mode (weftd udp, openvpn)
+CLK_TCK=$(getconf CLK_TCK)
 
 # --- bringing each mode up and down -------------------------------------------------------------
 
-# flannel's vxlan set-up by hand, on hosts 1 and 2, with leases 10.244.<n>.0/24. A fake subnet.env
-# lets topo_wire_container treat the containers exactly as in the weftd modes.
+# The subnet.env a weftd would have written for lease 10.244.<n>.0/24: lets topo_wire_container
+# treat the containers of the hand-made modes exactly as in the weftd modes.
+fake_subnet_env() {
+  local n=$1 mtu=$2
+  mkdir -p "$TOPO_DIR/h$n"
+  printf 'FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=10.244.%d.1/24\nFLANNEL_MTU=%d\nFLANNEL_IPMASQ=false\n' \
+    "$TOPO_NETWORK" "$n" "$mtu" >"$TOPO_DIR/h$n/subnet.env"
+}
+
+# flannel's vxlan set-up by hand, on hosts 1 and 2, with leases 10.244.<n>.0/24.
 manual_vxlan() {
   local n m h mtu=1450
   for n in 1 2; do
-    mkdir -p "$TOPO_DIR/h$n"
-    printf 'FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=10.244.%d.1/24\nFLANNEL_MTU=%d\nFLANNEL_IPMASQ=false\n' \
-      "$TOPO_NETWORK" "$n" "$mtu" >"$TOPO_DIR/h$n/subnet.env"
+    fake_subnet_env "$n" "$mtu"
     h=$(topo_ns "h$n")
     topo_t 10 ip -n "$h" link add flannel.1 type vxlan id 1 dev eth0 local "$(topo_underlay_ip "$n")" \
       dstport 8472 nolearning
@@ -119,11 +138,7 @@ manual_vxlan() {
 # held against this, since "underlay" is host to host and skips the container hops.
 manual_host_gw() {
   local n m h
-  for n in 1 2; do
-    mkdir -p "$TOPO_DIR/h$n"
-    printf 'FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=10.244.%d.1/24\nFLANNEL_MTU=1500\nFLANNEL_IPMASQ=false\n' \
-      "$TOPO_NETWORK" "$n" >"$TOPO_DIR/h$n/subnet.env"
-  done
+  for n in 1 2; do fake_subnet_env "$n" 1500; done
   for n in 1 2; do
     m=$((3 - n))
     h=$(topo_ns "h$n")
@@ -132,10 +147,50 @@ manual_host_gw() {
   done
 }
 
+# OpenVPN between hosts 1 and 2: peer-to-peer (no --secret, no TLS), UDP 1194 on the underlay, a
+# TUN device tun0 with static addresses 10.8.0.<n>, and the peer's container subnet routed into it.
+# No cipher and no auth, so no packet gets a header or a tag: the outer packet is the inner one
+# plus IP and UDP, as with flannel's udp, and the TUN MTU is udp's (underlay − 28). Tuned as far as
+# OpenVPN allows, so that ratios against it are not flattered: --fast-io (write UDP without
+# waiting for poll, its own advice for Linux), socket buffers as deep as weft udp's (4 MiB; the
+# 208 KiB default loses packets and halved its TCP rate here) and a TUN queue of 1000.
+openvpn_p2p() {
+  local n m h mtu=1472
+  for n in 1 2; do
+    fake_subnet_env "$n" "$mtu"
+    m=$((3 - n))
+    h=$(topo_ns "h$n")
+    topo_spawn "$TOPO_DIR/h$n/openvpn.log" ip netns exec "$h" openvpn \
+      --dev tun0 --dev-type tun --proto udp --disable-dco \
+      --local "$(topo_underlay_ip "$n")" --lport 1194 --remote "$(topo_underlay_ip "$m")" --rport 1194 \
+      --ifconfig "10.8.0.$n" "10.8.0.$m" --tun-mtu "$mtu" --mssfix 0 \
+      --cipher none --auth none --fast-io --sndbuf 4194304 --rcvbuf 4194304 --txqueuelen 1000 \
+      --verb 3
+    TUNNEL_PIDS+=("$TOPO_SPAWNED")
+  done
+  for n in 1 2; do
+    h=$(topo_ns "h$n")
+    if ! topo_wait_until 20 "tun0 on host $n" tun0_up "$h"; then
+      tail -20 "$TOPO_DIR/h$n/openvpn.log" >&2
+      topo_die "openvpn on host $n did not bring tun0 up (log: $TOPO_DIR/h$n/openvpn.log)"
+    fi
+  done
+  for n in 1 2; do
+    m=$((3 - n))
+    topo_t 10 ip -n "$(topo_ns "h$n")" route add "10.244.$m.0/24" dev tun0
+    topo_wire_container "$n"
+  done
+}
+
+tun0_up() {
+  [[ $(topo_t 10 ip -n "$1" -j addr show dev tun0 2>/dev/null | jq -r '.[0].addr_info | length') -gt 0 ]]
+}
+
 mode_up() {
-  local mode=$1 round=$2
+  local mode=$1 round=$2 n
   # A fresh etcd prefix per mode and round: no lease of an earlier mode is ever seen again.
   TOPO_ETCD_PREFIX="/weft-bench/$mode/$round"
+  TUNNEL_PIDS=()
   case $mode in
     underlay)
       topo_host 1; topo_host 2
@@ -145,38 +200,54 @@ mode_up() {
       topo_cluster_up 2 "$mode" -iptables-forward-rules=false ;;
     vxlan-masq)
       topo_cluster_up 2 vxlan -ip-masq ;;
+    udp)
+      topo_cluster_up 2 udp -iptables-forward-rules=false ;;
+    udp-nooffload)
+      topo_cluster_up 2 '{"Type": "udp", "Offload": false}' -iptables-forward-rules=false ;;
     vxlan-manual)
       topo_host 1; topo_host 2
       manual_vxlan ;;
     host-gw-manual)
       topo_host 1; topo_host 2
       manual_host_gw ;;
+    openvpn)
+      topo_host 1; topo_host 2
+      openvpn_p2p ;;
   esac
+  if [[ $mode == udp* ]]; then
+    for n in 1 2; do TUNNEL_PIDS+=("$(topo_weftd_pid "$n")"); done
+  fi
   if [[ $mode != underlay ]]; then
     SRC=$(topo_ns c1); DST=$(topo_ns c2); DST_IP=$(topo_container_ip 2)
   fi
   topo_spawn "$TOPO_DIR/iperf3-$mode.log" ip netns exec "$DST" iperf3 -s -B "$DST_IP" -p "$PORT"
   SERVER_PID=$TOPO_SPAWNED
-  local i
-  for ((i = 0; i < 100; i++)); do
-    [[ -n $(topo_nsexec "$DST" 5 ss -Hltn "sport = :$PORT") ]] && break
-    topo_alive "$SERVER_PID" || topo_die "iperf3 server exited: $(cat "$TOPO_DIR/iperf3-$mode.log")"
-    sleep 0.1
-  done
-  # Resolve neighbours and warm caches before anything is timed.
-  topo_run 20 ip netns exec "$SRC" ping -c 3 -i 0.1 -W 2 -q "$DST_IP" >/dev/null ||
+  if ! topo_wait_until 10 "the iperf3 server" iperf3_listening; then
+    topo_die "iperf3 server not listening: $(cat "$TOPO_DIR/iperf3-$mode.log")"
+  fi
+  # Resolve neighbours and warm caches before anything is timed; a userspace tunnel may need a
+  # moment after its device is up, so allow a few tries.
+  if ! topo_wait_until 20 "$SRC to reach $DST_IP" \
+    topo_run 5 ip netns exec "$SRC" ping -c 3 -i 0.1 -W 1 -q "$DST_IP" >/dev/null; then
     topo_die "$mode: $SRC cannot reach $DST_IP"
+  fi
+}
+
+iperf3_listening() {
+  topo_alive "$SERVER_PID" || topo_die "iperf3 server exited: $(cat "$TOPO_DIR"/iperf3-*.log)"
+  [[ -n $(topo_nsexec "$DST" 5 ss -Hltn "sport = :$PORT") ]]
 }
 
 mode_down() {
-  local n
-  topo_stop_tracked "$SERVER_PID"
+  local pids=("$SERVER_PID") n
   for n in 1 2; do
-    if [[ -f $TOPO_DIR/h$n/weftd.pid ]]; then
-      topo_stop_tracked "$(topo_weftd_pid "$n")"
-    fi
+    [[ -f $TOPO_DIR/h$n/weftd.pid ]] && pids+=("$(topo_weftd_pid "$n")")
   done
-  # weftd keeps kernel state on exit; deleting the namespaces removes it with everything else.
+  [[ $mode == openvpn ]] && pids+=("${TUNNEL_PIDS[@]}")
+  topo_stop_tracked "${pids[@]}"
+  TUNNEL_PIDS=()
+  # weftd keeps kernel state on exit (udp keeps flannel0); deleting the namespaces removes it
+  # with everything else.
   topo_host_del 1
   topo_host_del 2
 }
@@ -185,40 +256,104 @@ mode_down() {
 
 add() { RES["$1,$2"]="${RES["$1,$2"]:-} $3"; }
 
-iperf() {
-  topo_run $((DURATION + 30)) ip netns exec "$SRC" iperf3 -c "$DST_IP" -p "$PORT" -t "$DURATION" -J "$@"
+# Busy CPU time of the whole machine so far, in ticks: user+nice+system+irq+softirq of /proc/stat
+# (guest time is already inside user).
+machine_busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
+
+# utime+stime (all threads) of the given processes so far, in ticks; 0 for none.
+procs_busy() {
+  local p t=0 stat fields
+  for p in "$@"; do
+    stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+    # The fields after the command name (which may contain spaces), from field 3 (state) on.
+    read -r -a fields <<<"${stat##*) }"
+    t=$((t + fields[11] + fields[12]))
+  done
+  printf '%d' "$t"
 }
 
+# CPU time (user+sys, seconds) of the children this shell has reaped so far: bash's `times`,
+# i.e. getrusage(RUSAGE_CHILDREN), which includes grandchildren their parents reaped.
+children_cpu() {
+  times | awk 'NR == 2 {
+    n = split($0, f, " "); t = 0
+    for (i = 1; i <= n; i++) { split(f[i], ms, /[ms]/); t += ms[1] * 60 + ms[2] }
+    print t }'
+}
+
+IPERF_OUT=""
+iperf() {
+  IPERF_OUT=$(topo_run $((DURATION + 30)) ip netns exec "$SRC" iperf3 -c "$DST_IP" -p "$PORT" \
+    -t "$DURATION" -J "$@") || return 1
+}
+
+# `seconds` of CPU per GB of `bytes`.
+per_gb() {
+  awk -v t="$1" -v b="$2" 'BEGIN { if (b <= 0) print "nan"; else print t / (b / 1e9) }'
+}
+ticks() { awk -v t="$1" -v hz="$CLK_TCK" 'BEGIN { print t / hz }'; }
+
 measure() {
-  local mode=$1 j
+  local mode=$1 j m0 m1 p0 p1 c0 c1 t0 t1 bytes softirqd path_s
+  # Background: what the rest of the machine burns while we stand still, for the CPU figures.
+  m0=$(machine_busy); sleep 1; m1=$(machine_busy)
+  add "$mode" bg_cores "$(ticks $((m1 - m0)))"
+
   topo_log "$mode: TCP, 1 stream"
-  j=$(iperf) || topo_die "$mode: iperf3 TCP failed: $(jq -r '.error // empty' <<<"$j")"
+  # Everything on the path: the iperf3 client (a child of this shell), the server, the tunnel
+  # daemons, and the kernel's softirq threads (with tick-based accounting, softirq work done on
+  # top of a task is charged to that task).
+  mapfile -t softirqd < <(pgrep '^ksoftirqd/' || true)
+  m0=$(machine_busy); c0=$(children_cpu)
+  p0=$(procs_busy "$SERVER_PID" "${TUNNEL_PIDS[@]}" "${softirqd[@]}")
+  t0=$(procs_busy "${TUNNEL_PIDS[@]}")
+  iperf || topo_die "$mode: iperf3 TCP failed: $(jq -r '.error // empty' <<<"$IPERF_OUT")"
+  m1=$(machine_busy); c1=$(children_cpu)
+  p1=$(procs_busy "$SERVER_PID" "${TUNNEL_PIDS[@]}" "${softirqd[@]}")
+  t1=$(procs_busy "${TUNNEL_PIDS[@]}")
+  j=$IPERF_OUT
+  bytes=$(jq '.end.sum_received.bytes' <<<"$j")
   add "$mode" tcp1 "$(jq '.end.sum_received.bits_per_second / 1e6' <<<"$j")"
   add "$mode" retr1 "$(jq '.end.sum_sent.retransmits // 0' <<<"$j")"
+  add "$mode" cpu_gb "$(per_gb "$(ticks $((m1 - m0)))" "$bytes")"
+  path_s=$(awk -v c0="$c0" -v c1="$c1" -v p=$((p1 - p0)) -v hz="$CLK_TCK" 'BEGIN { print c1 - c0 + p / hz }')
+  add "$mode" path_cpu_gb "$(per_gb "$path_s" "$bytes")"
+  if ((${#TUNNEL_PIDS[@]})); then
+    add "$mode" tun_cpu_gb "$(per_gb "$(ticks $((t1 - t0)))" "$bytes")"
+  fi
+
   topo_log "$mode: TCP, 4 streams"
-  j=$(iperf -P 4) || topo_die "$mode: iperf3 TCP -P 4 failed: $(jq -r '.error // empty' <<<"$j")"
-  add "$mode" tcp4 "$(jq '.end.sum_received.bits_per_second / 1e6' <<<"$j")"
+  iperf -P 4 || topo_die "$mode: iperf3 TCP -P 4 failed: $(jq -r '.error // empty' <<<"$IPERF_OUT")"
+  add "$mode" tcp4 "$(jq '.end.sum_received.bits_per_second / 1e6' <<<"$IPERF_OUT")"
+
   topo_log "$mode: UDP, 64-byte datagrams, unlimited rate"
-  j=$(iperf -u -l 64 -b 0) || topo_die "$mode: iperf3 UDP failed: $(jq -r '.error // empty' <<<"$j")"
+  iperf -u -l 64 -b 0 || topo_die "$mode: iperf3 UDP failed: $(jq -r '.error // empty' <<<"$IPERF_OUT")"
   # Datagrams that arrived, per second, and the share lost on the way (as the server saw it).
+  j=$IPERF_OUT
   add "$mode" udp_kpps "$(jq '(.end.sum.packets - .end.sum.lost_packets) / .end.sum.seconds / 1e3' <<<"$j")"
   add "$mode" udp_loss "$(jq '.end.sum.lost_percent' <<<"$j")"
-  topo_log "$mode: ping latency"
-  local out avg
-  out=$(topo_run 30 ip netns exec "$SRC" ping -c 50 -i 0.02 -q "$DST_IP") || topo_die "$mode: ping failed"
-  avg=$(sed -n 's|^rtt [^=]*= [0-9.]*/\([0-9.]*\)/.*|\1|p' <<<"$out")
-  [[ -n $avg ]] || topo_die "$mode: no rtt in ping output: $out"
-  add "$mode" lat_us "$(awk -v a="$avg" 'BEGIN { print a * 1000 }')"
+
+  topo_log "$mode: ping latency ($PINGS pings, 10 ms apart)"
+  local out rtts n
+  out=$(topo_run 60 ip netns exec "$SRC" ping -c "$PINGS" -i 0.01 -W 1 "$DST_IP") || true
+  rtts=$(sed -n 's/.* time=\([0-9.]*\) ms.*/\1/p' <<<"$out" | sort -g)
+  n=$(grep -c . <<<"$rtts") || true
+  ((n >= PINGS / 2)) || topo_die "$mode: only $n of $PINGS pings answered"
+  add "$mode" ping_lost "$((PINGS - n))"
+  add "$mode" lat_us "$(awk '{ s += $1 } END { print s / NR * 1000 }' <<<"$rtts")"
+  # Nearest rank: the smallest RTT that at least 99% of the answers do not exceed.
+  add "$mode" lat99_us "$(sed -n "$(((n * 99 + 99) / 100))p" <<<"$rtts" | awk '{ print $1 * 1000 }')"
 }
 
 # Device settings that decide performance: MTU and offloads of every device on the path, and the
 # vxlan device's own attributes. Saved per mode (first round) for the comparison below.
+DEVICES=(eth0 cni0 veth0 flannel.1 flannel0 tun0)
 snapshot() {
   local mode=$1 d="$TOPO_DIR/snap-$1" n dev ns
   [[ -d $d ]] && return 0
   mkdir -p "$d"
   for n in 1 2; do
-    for dev in eth0 cni0 veth0 flannel.1; do
+    for dev in "${DEVICES[@]}"; do
       ns=$(topo_ns "h$n")
       topo_t 10 ip -n "$ns" link show "$dev" >/dev/null 2>&1 || continue
       topo_t 10 ip -n "$ns" -o link show "$dev" | sed -n 's/.* mtu \([0-9]*\).*/\1/p' >"$d/h$n-$dev.mtu"
@@ -253,109 +388,167 @@ done
 # --- the report ---------------------------------------------------------------------------------
 
 median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-spread() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{ v[NR] = $1 } END { printf "%.0f–%.0f", v[1], v[NR] }'; }
+spread() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk -v f="$1" '{ v[NR] = $1 } END { if (NR) printf "(" f "–" f ")", v[1], v[NR] }'; }
 med() { median <<<"${RES["$1,$2"]:-}"; }
 has() { [[ -n ${RES["$1,tcp1"]:-} ]]; }
 fmt() { awk -v v="$1" -v f="$2" 'BEGIN { if (v == "nan") print "–"; else printf f, v }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan" || b == 0) print "–"; else printf "%.0f%%", 100 * a / b }'; }
+# a / b as a factor ("0.52×", "7.1×").
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan" || b == 0) print "–"; else if (a / b >= 10) printf "%.0f×", a / b; else printf "%.2g×", a / b }'; }
+# Median with the range over rounds in brackets.
+cell() { printf '%s %s' "$(fmt "$(med "$1" "$2")" "$3")" "$(spread "$3" <<<"${RES["$1,$2"]:-}")"; }
+
+present=()
+for mode in "${ALL_MODES[@]}"; do has "$mode" && present+=("$mode"); done
 
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+bg=$(for mode in "${present[@]}"; do printf '%s ' "${RES["$mode,bg_cores"]}"; done | median)
 echo "## Data-path benchmark"
 echo
 echo "\`sudo bash tests/bench/datapath.sh --duration $DURATION --rounds $ROUNDS --modes \"${MODES[*]}\"\`"
 echo
-echo "Machine: $(nproc) CPUs ($cpu), kernel $(uname -r), $(iperf3 --version | head -1 | cut -d' ' -f1-2);"
-echo "hosts are network namespaces on one machine joined by veth pairs and a Linux bridge, so every"
-echo "number is bounded by CPU, not by a wire. Median of $ROUNDS rounds (range in brackets); ratios are"
-echo "of medians, against the underlay measured in the same run. Load average at start: $LOAD_START,"
-echo "at the end: $load_end."
+echo "Machine: $(nproc) CPUs ($cpu), kernel $(uname -r), $(iperf3 --version | head -1 | cut -d' ' -f1-2)$(
+  [[ " ${present[*]} " == *" openvpn "* ]] && printf ', %s' "$(openvpn --version | head -1 | cut -d' ' -f1-2)")."
+echo "Hosts are network namespaces on one machine joined by veth pairs and a Linux bridge, so every"
+echo "number is bounded by CPU, not by a wire. Median of $ROUNDS rounds (range in brackets). Load"
+echo "average at start: $LOAD_START, at the end: $load_end; CPU busy outside the benchmark, measured"
+echo "for 1 s before each mode's tests: median $(fmt "$bg" %.2f) cores. net.core.rmem_max/wmem_max:"
+echo "$(cat /proc/sys/net/core/rmem_max)/$(cat /proc/sys/net/core/wmem_max) (they cap OpenVPN's socket buffers; weftd forces its own)."
 echo
-echo "| mode | TCP 1 stream Mbit/s | TCP 4 streams Mbit/s | UDP 64 B kpps delivered | UDP loss % | ping avg µs | TCP1 / underlay | TCP4 / underlay | UDP pps / underlay | latency / underlay |"
+echo "| mode | TCP 1 stream Mbit/s | TCP 4 streams Mbit/s | UDP 64 B kpps delivered | UDP loss % | ping avg µs | ping p99 µs | CPU s/GB (path) | CPU s/GB (machine) | CPU s/GB (tunnel daemons) |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
-for mode in underlay host-gw host-gw-manual vxlan vxlan-manual vxlan-masq; do
-  has "$mode" || continue
-  printf '| %s | %s (%s) | %s (%s) | %s (%s) | %s | %s | %s | %s | %s | %s |\n' "$mode" \
-    "$(fmt "$(med "$mode" tcp1)" %.0f)" "$(spread <<<"${RES["$mode,tcp1"]}")" \
-    "$(fmt "$(med "$mode" tcp4)" %.0f)" "$(spread <<<"${RES["$mode,tcp4"]}")" \
-    "$(fmt "$(med "$mode" udp_kpps)" %.0f)" "$(spread <<<"${RES["$mode,udp_kpps"]}")" \
-    "$(fmt "$(med "$mode" udp_loss)" %.1f)" \
-    "$(fmt "$(med "$mode" lat_us)" %.0f)" \
-    "$(ratio "$(med "$mode" tcp1)" "$(med underlay tcp1)")" \
-    "$(ratio "$(med "$mode" tcp4)" "$(med underlay tcp4)")" \
-    "$(ratio "$(med "$mode" udp_kpps)" "$(med underlay udp_kpps)")" \
-    "$(ratio "$(med "$mode" lat_us)" "$(med underlay lat_us)")"
+for mode in "${present[@]}"; do
+  tun="–"
+  [[ -n ${RES["$mode,tun_cpu_gb"]:-} ]] && tun=$(cell "$mode" tun_cpu_gb %.2f)
+  printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$mode" \
+    "$(cell "$mode" tcp1 %.0f)" "$(cell "$mode" tcp4 %.0f)" "$(cell "$mode" udp_kpps %.0f)" \
+    "$(fmt "$(med "$mode" udp_loss)" %.1f)" "$(cell "$mode" lat_us %.0f)" "$(cell "$mode" lat99_us %.0f)" \
+    "$(cell "$mode" path_cpu_gb %.2f)" "$(cell "$mode" cpu_gb %.2f)" "$tun"
 done
-echo
+
+# One table of ratios of medians against a reference mode measured in the same run. Throughput:
+# higher is better; latency and CPU per GB: lower is better.
+ratio_table() {
+  local ref=$1 what=$2 mode
+  has "$ref" || return 0
+  echo
+  echo "Against $what (\`$ref\`), same run:"
+  echo
+  echo "| mode | TCP 1 stream | TCP 4 streams | UDP 64 B pps | ping avg | ping p99 | CPU s/GB (path) |"
+  echo "|---|---|---|---|---|---|---|"
+  for mode in "${present[@]}"; do
+    [[ $mode == "$ref" ]] && continue
+    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$mode" \
+      "$(ratio "$(med "$mode" tcp1)" "$(med "$ref" tcp1)")" \
+      "$(ratio "$(med "$mode" tcp4)" "$(med "$ref" tcp4)")" \
+      "$(ratio "$(med "$mode" udp_kpps)" "$(med "$ref" udp_kpps)")" \
+      "$(ratio "$(med "$mode" lat_us)" "$(med "$ref" lat_us)")" \
+      "$(ratio "$(med "$mode" lat99_us)" "$(med "$ref" lat99_us)")" \
+      "$(ratio "$(med "$mode" path_cpu_gb)" "$(med "$ref" path_cpu_gb)")"
+  done
+}
+VXLAN_REF=vxlan
+has vxlan || VXLAN_REF=vxlan-manual
+ratio_table "$VXLAN_REF" "kernel VXLAN"
+ratio_table openvpn "OpenVPN"
+ratio_table underlay "the underlay (host to host, no tunnel)"
+
+# The goals of issue 8, for weft's udp with offloads.
+goal() {
+  local what=$1 expr=$2
+  if awk "BEGIN { exit !($expr) }"; then echo "- $what: **met**"; else echo "- $what: **missed**"; fi
+}
+if has udp; then
+  u1=$(med udp tcp1) up=$(med udp udp_kpps) ul=$(med udp lat_us)
+  echo
+  echo "Goals for \`udp\` (issue 8):"
+  echo
+  if has "$VXLAN_REF"; then
+    v1=$(med "$VXLAN_REF" tcp1) vl=$(med "$VXLAN_REF" lat_us)
+    goal "TCP 1 stream ≥ 50% of kernel VXLAN ($(ratio "$u1" "$v1"))" "$u1 >= 0.5 * $v1"
+    goal "stretch: TCP 1 stream ≥ 80% of kernel VXLAN" "$u1 >= 0.8 * $v1"
+    goal "ping avg within 2× of kernel VXLAN's ($(ratio "$ul" "$vl"))" "$ul <= 2 * $vl"
+  fi
+  if has openvpn; then
+    o1=$(med openvpn tcp1) op=$(med openvpn udp_kpps)
+    goal "TCP 1 stream ≥ 10× OpenVPN ($(ratio "$u1" "$o1"))" "$u1 >= 10 * $o1"
+    goal "UDP 64 B packet rate ≥ 2× OpenVPN ($(ratio "$up" "$op"))" "$up >= 2 * $op"
+  fi
+fi
+
 if has host-gw && has host-gw-manual; then
+  echo
   echo "weft's host-gw against hand-written routes: TCP1 $(ratio "$(med host-gw tcp1)" "$(med host-gw-manual tcp1)"),"\
     "TCP4 $(ratio "$(med host-gw tcp4)" "$(med host-gw-manual tcp4)"),"\
     "UDP pps $(ratio "$(med host-gw udp_kpps)" "$(med host-gw-manual udp_kpps)"),"\
     "latency $(ratio "$(med host-gw lat_us)" "$(med host-gw-manual lat_us)")."
 fi
 if has vxlan && has vxlan-manual; then
+  echo
   echo "weft's vxlan against the hand-made device: TCP1 $(ratio "$(med vxlan tcp1)" "$(med vxlan-manual tcp1)"),"\
     "TCP4 $(ratio "$(med vxlan tcp4)" "$(med vxlan-manual tcp4)"),"\
     "UDP pps $(ratio "$(med vxlan udp_kpps)" "$(med vxlan-manual udp_kpps)"),"\
-    "latency $(ratio "$(med vxlan lat_us)" "$(med vxlan-manual lat_us)") (goal: throughput ≥ 95%)."
+    "latency $(ratio "$(med vxlan lat_us)" "$(med vxlan-manual lat_us)") (goal: throughput ≥ 0.95×)."
 fi
 if has vxlan-masq && has vxlan; then
+  echo
   echo "Firewall rules (-ip-masq + FORWARD rules) against none: TCP1 $(ratio "$(med vxlan-masq tcp1)" "$(med vxlan tcp1)"),"\
     "TCP4 $(ratio "$(med vxlan-masq tcp4)" "$(med vxlan tcp4)"), UDP pps $(ratio "$(med vxlan-masq udp_kpps)" "$(med vxlan udp_kpps)")."
 fi
 echo
-echo "TCP retransmits (1 stream, per round):"
-for mode in underlay host-gw host-gw-manual vxlan vxlan-manual vxlan-masq; do
-  has "$mode" && echo "- $mode:${RES["$mode,retr1"]}"
+echo "TCP retransmits (1 stream, per round); pings unanswered (of $PINGS, per round):"
+echo
+for mode in "${present[@]}"; do
+  echo "- $mode: retransmits${RES["$mode,retr1"]}; unanswered${RES["$mode,ping_lost"]}"
 done
 echo
-echo "Every round (Mbit/s, Mbit/s, kpps, µs):"
+echo "Every round (TCP Mbit/s, UDP kpps, ping avg µs, CPU s/GB of the path):"
 echo
 echo '```'
-for mode in underlay host-gw host-gw-manual vxlan vxlan-manual vxlan-masq; do
-  has "$mode" || continue
-  printf '%-13s tcp1:%s | tcp4:%s | udp:%s | lat:%s\n' "$mode" \
+for mode in "${present[@]}"; do
+  printf '%-14s tcp1:%s | tcp4:%s | udp:%s | lat:%s | cpu:%s\n' "$mode" \
     "$(for v in ${RES["$mode,tcp1"]}; do printf ' %.0f' "$v"; done)" \
     "$(for v in ${RES["$mode,tcp4"]}; do printf ' %.0f' "$v"; done)" \
     "$(for v in ${RES["$mode,udp_kpps"]}; do printf ' %.0f' "$v"; done)" \
-    "$(for v in ${RES["$mode,lat_us"]}; do printf ' %.0f' "$v"; done)"
+    "$(for v in ${RES["$mode,lat_us"]}; do printf ' %.0f' "$v"; done)" \
+    "$(for v in ${RES["$mode,path_cpu_gb"]}; do printf ' %.2f' "$v"; done)"
 done
 echo '```'
 
 echo
 echo "### Devices: MTU and offloads (host 1 and its container)"
 echo
-echo "MTUs: underlay eth0, the host's veth0 and cni0, the container's eth0, flannel.1."
+echo "MTUs: underlay eth0, the host's veth0 and cni0, the container's eth0, the tunnel device."
 echo
 echo '```'
-for mode in "${MODES[@]}"; do
+for mode in "${present[@]}"; do
   d="$TOPO_DIR/snap-$mode"
   line=""
-  for b in h1-eth0 h1-veth0 h1-cni0 c1-eth0 h1-flannel.1; do
+  for b in h1-eth0 h1-veth0 h1-cni0 c1-eth0 h1-flannel.1 h1-flannel0 h1-tun0; do
     [[ -f $d/$b.mtu ]] && line+=" ${b/c1-eth0/container-eth0}=$(cat "$d/$b.mtu")"
   done
-  printf '%-13s%s\n' "$mode" "${line//h1-/}"
+  printf '%-14s%s\n' "$mode" "${line//h1-/}"
 done
 echo
 # The offloads that matter for forwarding and tunnelling; a device shown once is the same in
 # every mode.
-keys='^(tx-checksumming|scatter-gather|tcp-segmentation-offload|generic-segmentation-offload|generic-receive-offload|tx-udp_tnl-segmentation|tx-udp_tnl-csum-segmentation|rx-udp-gro-forwarding|rx-gro-list):'
+keys='^(tx-checksumming|scatter-gather|tcp-segmentation-offload|generic-segmentation-offload|generic-receive-offload|tx-udp_tnl-segmentation|tx-udp_tnl-csum-segmentation|tx-udp-segmentation|rx-udp-gro-forwarding|rx-gro-list):'
 brief() { grep -E "$keys" "$1" | sed -E 's/ \[fixed\]//; s/-offload//; s/-segmentation/-seg/; s/: /=/' | tr '\n' ' '; }
-for b in h1-eth0 h1-veth0 h1-cni0 c1-eth0 h1-flannel.1; do
+for b in h1-eth0 h1-veth0 h1-cni0 c1-eth0 h1-flannel.1 h1-flannel0 h1-tun0; do
   first="" differs=0
-  for mode in "${MODES[@]}"; do
+  for mode in "${present[@]}"; do
     f="$TOPO_DIR/snap-$mode/$b.ethtool"
     [[ -f $f ]] || continue
     if [[ -z $first ]]; then first=$f; elif ! cmp -s "$first" "$f"; then differs=1; fi
   done
   [[ -n $first ]] || continue
   if ((differs)); then
-    for mode in "${MODES[@]}"; do
+    for mode in "${present[@]}"; do
       f="$TOPO_DIR/snap-$mode/$b.ethtool"
-      [[ -f $f ]] && printf '%-16s %-13s %s\n' "${b/c1-eth0/container-eth0}" "$mode" "$(brief "$f")"
+      [[ -f $f ]] && printf '%-16s %-14s %s\n' "${b/c1-eth0/container-eth0}" "$mode" "$(brief "$f")"
     done
   else
-    printf '%-16s %-13s %s\n' "${b/c1-eth0/container-eth0}" "(all modes)" "$(brief "$first")"
+    printf '%-16s %-14s %s\n' "${b/c1-eth0/container-eth0}" "(all modes)" "$(brief "$first")"
   fi
 done
 echo '```'

@@ -5,6 +5,11 @@ use std::time::Duration;
 
 use crate::harness::{weftctl, Etcd, WeftdSpec};
 
+/// A short-lived command under the lab's time limit.
+fn run(cmd: &mut std::process::Command) -> std::process::Output {
+    weft_lab::cmd::output(cmd, Duration::from_secs(30))
+}
+
 const T: Duration = Duration::from_secs(30);
 
 #[test]
@@ -93,16 +98,11 @@ fn weftctl_config_set_validates_and_get_prints() {
 
 #[test]
 fn unknown_flags_are_rejected_with_their_name() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weftd"))
-        .arg("-etcd-endpointz=http://127.0.0.1:1")
-        .output()
-        .expect("run weftd");
+    let out = run(std::process::Command::new(env!("CARGO_BIN_EXE_weftd"))
+        .arg("-etcd-endpointz=http://127.0.0.1:1"));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--etcd-endpointz"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weftd"))
-        .arg("-version")
-        .output()
-        .expect("run");
+    let out = run(std::process::Command::new(env!("CARGO_BIN_EXE_weftd")).arg("-version"));
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("weftd "));
 }
@@ -114,13 +114,11 @@ fn an_empty_flanneld_variable_counts_as_unset() {
         "/coreos.com/network/subnets/10.63.4.0-24",
         r#"{"PublicIP":"10.98.0.4","PublicIPv6":null}"#,
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weftctl"))
+    let out = run(std::process::Command::new(env!("CARGO_BIN_EXE_weftctl"))
         .arg("leases")
         .env("FLANNELD_ETCD_ENDPOINTS", &etcd.endpoint)
         .env("FLANNELD_ETCD_PREFIX", "")
-        .env("FLANNELD_ETCD_USERNAME", "")
-        .output()
-        .expect("weftctl");
+        .env("FLANNELD_ETCD_USERNAME", ""));
     assert!(
         out.status.success(),
         "{}",

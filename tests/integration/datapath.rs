@@ -5,7 +5,11 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::harness::wait_for;
-use crate::netns::{ip_json, ns_run, require_root, udp_source_seen, Topology, PREFIX, SWITCH_IP};
+use weft_lab::flannel;
+use weft_lab::json::rows;
+use weft_lab::probe::source_seen;
+
+use crate::netns::{require_root, Topology, PREFIX, SWITCH_IP};
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.245.0.0/16","Backend":{"Type":"host-gw"}}"#;
@@ -23,45 +27,19 @@ fn three_hosts(config: &str, extra: &[&str]) -> Topology {
     t
 }
 
-/// One sorted line per entry of an `ip -j`/`bridge -j` dump, made of the named fields.
-fn rows(v: &serde_json::Value, fields: &[&str]) -> Vec<String> {
-    let mut r: Vec<String> = v
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| fields.iter().all(|f| e[*f].is_string()))
-        .map(|e| {
-            let parts: Vec<&str> = fields
-                .iter()
-                .map(|f| e[*f].as_str().unwrap_or(""))
-                .collect();
-            parts.join(" ")
-        })
-        .collect();
-    r.sort();
-    r
-}
-
 /// weft-owned (protocol 87) routes on host `i`, as "dst gateway dev".
 fn owned_routes(t: &Topology, i: usize) -> Vec<String> {
-    let v = ip_json(&t.hosts[i].ns, &["route", "show", "proto", "87"]);
+    let v = t.hosts[i].ns.ip_json("route show proto 87");
     rows(&v, &["dst", "gateway", "dev"])
 }
 
 fn neighbours(t: &Topology, i: usize) -> Vec<String> {
-    let v = ip_json(
-        &t.hosts[i].ns,
-        &["neigh", "show", "dev", "flannel.1", "nud", "permanent"],
-    );
+    let v = t.hosts[i].ns.ip_json("neigh show dev flannel.1 nud permanent");
     rows(&v, &["dst", "lladdr"])
 }
 
 fn fdb(t: &Topology, i: usize) -> Vec<String> {
-    let out = ns_run(
-        &t.hosts[i].ns,
-        &["bridge", "-j", "fdb", "show", "dev", "flannel.1"],
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let v = serde_json::Value::Array(t.hosts[i].ns.fdb("flannel.1"));
     rows(&v, &["mac", "dst"])
 }
 
@@ -104,7 +82,7 @@ fn host_gw_three_hosts_every_container_reaches_every_other() {
         let routes = owned_routes(&t, i);
         assert_eq!(routes.len(), 2);
         for (j, h) in t.hosts.iter().enumerate().filter(|(j, _)| *j != i) {
-            let want = format!("{} {} eth0", t.hosts[j].wait_subnet(), h.addr);
+            let want = format!("{} {} eth0", t.hosts[j].wait_subnet(), h.addr());
             assert!(routes.contains(&want), "{want} missing from {routes:?}");
         }
     }
@@ -158,18 +136,14 @@ fn restart_keeps_subnet_and_vtep_mac_with_no_duplicates_and_no_outage_for_others
     let peer_view = neighbours(&t, 1);
 
     // Continuous traffic between the other two hosts while host 0 restarts.
-    let (c1, ip2) = (
-        t.hosts[1].container.clone(),
-        t.hosts[2].container_ip().to_string(),
-    );
-    let pinger = std::thread::spawn(move || {
-        std::process::Command::new("ip")
-            .args([
-                "netns", "exec", &c1, "ping", "-q", "-c", "40", "-i", "0.1", "-W", "1", &ip2,
-            ])
-            .output()
-            .expect("ping")
-    });
+    let ip2 = t.hosts[2].container_ip().to_string();
+    let pinger = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.hosts[1].container.name])
+        .args(["ping", "-q", "-c", "40", "-i", "0.1", "-W", "1", &ip2])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping");
     t.hosts[0].stop();
     t.start(0, &[]);
     assert_eq!(t.hosts[0].wait_subnet(), subnet);
@@ -180,7 +154,7 @@ fn restart_keeps_subnet_and_vtep_mac_with_no_duplicates_and_no_outage_for_others
             .nth(1)
             .map(|_| ())
     });
-    let out = pinger.join().expect("pinger");
+    let out = pinger.wait_with_output().expect("pinger");
     assert!(
         out.status.success(),
         "traffic between other hosts was cut: {}",
@@ -210,7 +184,7 @@ fn a_vxlan_device_deleted_behind_weftds_back_is_recreated_and_reprogrammed() {
     let t = three_hosts(VXLAN, &[]);
     t.assert_full_mesh(&[0, 1, 2]);
     let before = (owned_routes(&t, 0), neighbours(&t, 0), fdb(&t, 0));
-    ns_run(&t.hosts[0].ns, &["ip", "link", "del", "flannel.1"]);
+    t.hosts[0].ns.ip("link del flannel.1");
     wait_for("flannel.1 to be reprogrammed", T, || {
         ((owned_routes(&t, 0), neighbours(&t, 0), fdb(&t, 0)) == before).then_some(())
     });
@@ -260,125 +234,23 @@ fn a_hand_made_flannel_node_and_a_weft_node_reach_each_other() {
     t.start(0, &[]);
     t.wire_container(0);
     let weft_subnet = t.hosts[0].wait_subnet();
-    let weft_net = weft_subnet.network().to_string();
     let weft_mac = lease_json(&t, 0)["BackendData"]["VtepMAC"]
         .as_str()
         .expect("mac")
         .to_string();
 
     // Host 1 is "flanneld": its lease in flannel's exact JSON, its device, FDB and routes by hand.
-    let (ns, addr) = (t.hosts[1].ns.clone(), t.hosts[1].addr.to_string());
     let flannel_mac = "c6:2b:1e:55:0d:7a";
-    let lease = format!(
-        r#"{{"PublicIP":"{addr}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{flannel_mac}"}}}}"#
+    let flannel_subnet: ipnet::Ipv4Net = "10.244.200.0/24".parse().expect("subnet");
+    let h1 = &t.hosts[1];
+    t.etcd().put_leased(
+        &flannel::lease_key(PREFIX, flannel_subnet),
+        &flannel::vxlan_lease(h1.addr(), flannel_mac),
+        600,
     );
-    let grant = t.etcdctl(&["lease", "grant", "600"]);
-    let id = grant
-        .split_whitespace()
-        .nth(1)
-        .expect("lease id")
-        .to_string();
-    t.etcdctl(&[
-        "put",
-        "--lease",
-        &id,
-        &format!("{PREFIX}/subnets/10.244.200.0-24"),
-        &lease,
-    ]);
-    for cmd in [
-        vec![
-            "ip",
-            "link",
-            "add",
-            "flannel.1",
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "local",
-            &addr,
-            "dev",
-            "eth0",
-            "dstport",
-            "8472",
-            "nolearning",
-        ],
-        vec![
-            "ip",
-            "link",
-            "set",
-            "flannel.1",
-            "address",
-            flannel_mac,
-            "mtu",
-            "1450",
-            "up",
-        ],
-        vec!["ip", "addr", "add", "10.244.200.0/32", "dev", "flannel.1"],
-        vec![
-            "ip",
-            "neigh",
-            "replace",
-            &weft_net,
-            "lladdr",
-            &weft_mac,
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ],
-        vec![
-            "bridge",
-            "fdb",
-            "append",
-            &weft_mac,
-            "dev",
-            "flannel.1",
-            "dst",
-            "10.199.0.11",
-        ],
-    ] {
-        ns_run(&ns, &cmd);
-    }
-    let route = weft_subnet.to_string();
-    ns_run(
-        &ns,
-        &[
-            "ip",
-            "route",
-            "add",
-            &route,
-            "via",
-            &weft_net,
-            "dev",
-            "flannel.1",
-            "onlink",
-        ],
-    );
-    let c = t.hosts[1].container.clone();
-    ns_run(
-        &ns,
-        &["ip", "link", "add", "cni0", "mtu", "1450", "type", "bridge"],
-    );
-    ns_run(
-        &ns,
-        &["ip", "addr", "add", "10.244.200.1/24", "dev", "cni0"],
-    );
-    ns_run(&ns, &["ip", "link", "set", "cni0", "up"]);
-    ns_run(
-        &ns,
-        &[
-            "ip", "link", "add", "vc", "mtu", "1450", "type", "veth", "peer", "name", "eth0",
-            "mtu", "1450", "netns", &c,
-        ],
-    );
-    ns_run(&ns, &["ip", "link", "set", "vc", "master", "cni0", "up"]);
-    ns_run(&c, &["ip", "addr", "add", "10.244.200.2/24", "dev", "eth0"]);
-    ns_run(&c, &["ip", "link", "set", "eth0", "up"]);
-    ns_run(
-        &c,
-        &["ip", "route", "add", "default", "via", "10.244.200.1"],
-    );
+    flannel::vxlan_device(&h1.ns, h1.addr(), flannel_mac, flannel_subnet, 1450);
+    flannel::vxlan_peer(&h1.ns, weft_subnet, &weft_mac, t.hosts[0].addr());
+    h1.wire_container(flannel_subnet, Some(1450));
 
     let flannel_container: Ipv4Addr = "10.244.200.2".parse().expect("ip");
     wait_for(
@@ -409,10 +281,9 @@ fn an_underlay_mtu_of_9000_gives_flannel_mtu_8950() {
     t.assert_full_mesh(&[0, 1]);
     // A full-size packet crosses without fragmentation: 8950 - 28 bytes of IP and ICMP header.
     let to = t.hosts[1].container_ip().to_string();
-    ns_run(
-        &t.hosts[0].container,
-        &["ping", "-c1", "-W2", "-M", "do", "-s", "8922", &to],
-    );
+    t.hosts[0]
+        .container
+        .must(&["ping", "-c1", "-W2", "-M", "do", "-s", "8922", &to]);
 }
 
 #[test]
@@ -428,13 +299,13 @@ fn ip_masq_hides_containers_from_outside_but_not_from_each_other() {
             .contains("firewall rules in place")
             .then_some(())
     });
-    let outside = udp_source_seen(&t.hosts[0].container, &t.switch, SWITCH_IP);
+    let outside = source_seen(&t.hosts[0].container, &t.switch, SWITCH_IP);
     assert_eq!(
         outside,
-        Some(t.hosts[0].addr),
+        Some(t.hosts[0].addr()),
         "leaving the network: the host's address"
     );
-    let inside = udp_source_seen(
+    let inside = source_seen(
         &t.hosts[0].container,
         &t.hosts[1].container,
         t.hosts[1].container_ip(),

@@ -9,12 +9,15 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::dockerd::{require_docker, Dockerd};
+use weft_lab::dockerd::{require_docker, Dockerd};
+use weft_lab::Netns;
+
 use crate::harness::{wait_for, weftctl, Etcd, WeftdSpec};
-use crate::netns::{ip_json, Topology, SWITCH_IP};
+use crate::netns::{Topology, SWITCH_IP};
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.245.0.0/16","Backend":{"Type":"host-gw"}}"#;
+const UDP: &str = r#"{"Network":"10.247.0.0/16","Backend":{"Type":"udp"}}"#;
 const T: Duration = Duration::from_secs(30);
 
 /// An operator's daemon.json: the keys weftd must leave alone. "hosts" names the test's socket,
@@ -32,8 +35,8 @@ fn operator_daemon_json(d: &Dockerd) -> String {
 }
 
 /// docker0's IPv4 address with prefix length in `ns`, if it has one.
-fn docker0(ns: &str) -> Option<String> {
-    let v = ip_json(ns, &["addr", "show", "dev", "docker0"]);
+fn docker0(ns: &Netns) -> Option<String> {
+    let v = ns.ip_json("addr show dev docker0");
     v.as_array()?.first()?["addr_info"]
         .as_array()?
         .iter()
@@ -51,17 +54,17 @@ fn wait_daemon_json(path: &Path, bip: &str) -> String {
 }
 
 /// `weftctl status` run inside host `ns` (so docker0 is that host's) against the switch's etcd.
-fn status_in(ns: &str, dir: &Path) -> Output {
-    Command::new("ip")
-        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_weftctl")])
-        .arg(format!("-etcd-endpoints=http://{SWITCH_IP}:2379"))
-        .arg("status")
-        .arg("-f")
-        .arg(dir.join("subnet.env"))
-        .arg("--docker-daemon-json")
-        .arg(dir.join("daemon.json"))
-        .output()
-        .expect("weftctl status")
+fn status_in(ns: &Netns, dir: &Path) -> Output {
+    weft_lab::cmd::output(
+        ns.command(env!("CARGO_BIN_EXE_weftctl"))
+            .arg(format!("-etcd-endpoints=http://{SWITCH_IP}:2379"))
+            .arg("status")
+            .arg("-f")
+            .arg(dir.join("subnet.env"))
+            .arg("--docker-daemon-json")
+            .arg(dir.join("daemon.json")),
+        Duration::from_secs(30),
+    )
 }
 
 fn text(o: &Output) -> String {
@@ -163,6 +166,14 @@ fn docker_vxlan_two_hosts_bip_from_lease_and_containers_ping_across() {
 }
 
 #[test]
+fn docker_udp_two_hosts_bip_from_lease_and_containers_ping_across() {
+    if !require_docker("docker_udp_two_hosts_bip_from_lease_and_containers_ping_across") {
+        return;
+    }
+    two_hosts_with_docker(UDP, "1472");
+}
+
+#[test]
 fn docker_host_gw_two_hosts_bip_from_lease_and_containers_ping_across() {
     if !require_docker("docker_host_gw_two_hosts_bip_from_lease_and_containers_ping_across") {
         return;
@@ -171,7 +182,7 @@ fn docker_host_gw_two_hosts_bip_from_lease_and_containers_ping_across() {
 }
 
 /// docker0's address and a container's eth0 MTU under `d`.
-fn docker_network_of(d: &Dockerd, ns: &str) -> (String, String) {
+fn docker_network_of(d: &Dockerd, ns: &Netns) -> (String, String) {
     d.import_busybox();
     d.run_busybox("probe");
     (
@@ -201,14 +212,15 @@ fn docker_opts_flags_give_the_same_docker0_as_daemon_json() {
     assert_eq!(from_json, (bip.clone(), "1450".to_string()));
 
     // The flags route: a daemon.json without bip/mtu, and mk-docker-opts.sh's DOCKER_OPTS.
-    crate::netns::ns_run(&h.ns, &["ip", "link", "del", "docker0"]);
-    let out = Command::new(env!("CARGO_BIN_EXE_weftctl"))
-        .args(["docker-opts", "-f"])
-        .arg(h.dir.join("subnet.env"))
-        .args(["-d", "-", "-c"])
-        .env_remove("DOCKER_OPTS")
-        .output()
-        .expect("weftctl docker-opts");
+    h.ns.ip("link del docker0");
+    let out = weft_lab::cmd::output(
+        Command::new(env!("CARGO_BIN_EXE_weftctl"))
+            .args(["docker-opts", "-f"])
+            .arg(h.dir.join("subnet.env"))
+            .args(["-d", "-", "-c"])
+            .env_remove("DOCKER_OPTS"),
+        T,
+    );
     assert!(out.status.success(), "{}", text(&out));
     let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let opts = line

@@ -9,11 +9,10 @@ use std::time::Duration;
 use crate::harness::{etcd_args, free_port, wait_for, weftctl_with, Etcd, WeftdSpec};
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl");
+    let out = weft_lab::cmd::output(
+        Command::new("openssl").current_dir(dir).args(args),
+        std::time::Duration::from_secs(30),
+    );
     assert!(
         out.status.success(),
         "openssl {args:?}: {}",

@@ -134,15 +134,16 @@ fn docker_opts_matches_mk_docker_opts_byte_for_byte() {
     let a = spec(&etcd, &dir).start();
     a.wait_subnet(T);
     let out = dir.path().join("docker_opts.env");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_weftctl"))
-        .args(["docker-opts", "-f"])
-        .arg(a.subnet_env_path())
-        .arg("-d")
-        .arg(&out)
-        .env_remove("DOCKER_OPTS")
-        .status()
-        .expect("weftctl");
-    assert!(status.success());
+    let run = weft_lab::cmd::output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_weftctl"))
+            .args(["docker-opts", "-f"])
+            .arg(a.subnet_env_path())
+            .arg("-d")
+            .arg(&out)
+            .env_remove("DOCKER_OPTS"),
+        T,
+    );
+    assert!(run.status.success());
     let mtu = lo_mtu();
     assert_eq!(
         std::fs::read_to_string(&out).expect("read"),

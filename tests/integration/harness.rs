@@ -1,8 +1,10 @@
-//! Test harness: a real etcd on random loopback ports, real weftd/weftctl processes, and a TCP
-//! proxy that can cut the agents off from etcd. Everything is killed and removed in Drop.
+//! Test harness: real weftd/weftctl processes (on this machine's loopback, or inside a lab host's
+//! namespace), and a TCP proxy that can cut the agents off from etcd. etcd and the simulated hosts
+//! come from the shared lab crate (`weft-lab`). Everything is killed and removed in Drop.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::AtomicU32;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,203 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tempfile::TempDir;
 
-/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
-}
-
-/// The flags of a one-member etcd cluster: name, data dir, client and peer URLs, quiet logs.
-pub fn etcd_args(name: &str, data_dir: &Path, client_url: &str, peer_url: &str) -> Vec<String> {
-    [
-        "--name",
-        name,
-        "--data-dir",
-        &data_dir.display().to_string(),
-        "--listen-client-urls",
-        client_url,
-        "--advertise-client-urls",
-        client_url,
-        "--listen-peer-urls",
-        peer_url,
-        "--initial-advertise-peer-urls",
-        peer_url,
-        "--initial-cluster",
-        &format!("{name}={peer_url}"),
-        "--log-level",
-        "error",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect()
-}
-
-/// A private etcd server.
-pub struct Etcd {
-    child: Child,
-    pub endpoint: String,
-    pub port: u16,
-    _dir: TempDir,
-}
-
-impl Etcd {
-    pub fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let peer = free_port();
-        let client_url = format!("http://127.0.0.1:{port}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
-        let child = Command::new("etcd")
-            .args(etcd_args(
-                "weft-test",
-                &dir.path().join("data"),
-                &client_url,
-                &peer_url,
-            ))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start etcd (apt-get install etcd-server)");
-        let etcd = Etcd {
-            child,
-            endpoint: client_url,
-            port,
-            _dir: dir,
-        };
-        wait_for("etcd to answer", Duration::from_secs(20), || {
-            etcd.ctl(&["endpoint", "health"])
-                .status
-                .success()
-                .then_some(())
-        });
-        etcd
-    }
-
-    /// Runs etcdctl against this server.
-    pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.endpoint, "--command-timeout=5s"])
-            .args(args)
-            .output()
-            .expect("run etcdctl")
-    }
-
-    pub fn put(&self, key: &str, value: &str) {
-        let out = self.ctl(&["put", key, value]);
-        assert!(
-            out.status.success(),
-            "etcdctl put {key}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Puts with a fresh etcd lease of `ttl` seconds, as an agent would.
-    pub fn put_leased(&self, key: &str, value: &str, ttl: u64) {
-        let out = self.ctl(&["lease", "grant", &ttl.to_string()]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let id = text.split_whitespace().nth(1).expect("lease id");
-        let out = self.ctl(&["put", "--lease", id, key, value]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    pub fn get(&self, key: &str) -> Option<String> {
-        let out = self.ctl(&["get", "--print-value-only", key]);
-        let v = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
-        (!v.is_empty()).then_some(v)
-    }
-
-    /// `(key, value, lease id)` of everything under `prefix`.
-    pub fn list(&self, prefix: &str) -> Vec<(String, String, i64)> {
-        let out = self.ctl(&["get", "--prefix", prefix, "-w", "json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("etcdctl json");
-        let b64 = |s: &serde_json::Value| {
-            let s = s.as_str().unwrap_or("");
-            String::from_utf8(base64_decode(s)).expect("utf8")
-        };
-        v["kvs"]
-            .as_array()
-            .map(|kvs| {
-                kvs.iter()
-                    .map(|kv| {
-                        (
-                            b64(&kv["key"]),
-                            b64(&kv["value"]),
-                            kv["lease"].as_i64().unwrap_or(0),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    pub fn del(&self, key: &str) {
-        assert!(self.ctl(&["del", key]).status.success());
-    }
-
-    pub fn revision(&self) -> i64 {
-        let out = self.ctl(&["get", "/", "-w", "json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        v["header"]["revision"].as_i64().expect("revision")
-    }
-
-    pub fn compact(&self) {
-        let rev = self.revision();
-        let out = self.ctl(&["compact", &rev.to_string(), "--physical"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in s.bytes().filter(|c| *c != b'=') {
-        let Some(v) = T.iter().position(|t| *t == c) else {
-            continue;
-        };
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    out
-}
+pub use weft_lab::etcd::etcd_args;
+pub use weft_lab::wait::{free_port, wait_for};
+pub use weft_lab::Etcd;
 
 /// One weftd process with its own files.
 pub struct Weftd {
@@ -223,10 +32,18 @@ pub struct WeftdSpec {
     pub dir: PathBuf,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
-    /// `-iface` value; loopback by default so no root is needed for the alloc backend.
-    pub iface: String,
+    /// `-iface` value; loopback by default so no root is needed for the alloc backend. None:
+    /// weftd chooses (the default route's interface).
+    pub iface: Option<String>,
+    /// `-public-ip`; None: the interface's address.
+    pub public_ip_flag: bool,
     /// Pass the settings as FLANNELD_* variables instead of flags.
     pub via_env: bool,
+    /// Run inside this network namespace (a simulated host) with its real firewall; None: on
+    /// this machine, with iptables shadowed so its firewall is never touched.
+    pub netns: Option<String>,
+    /// Append the log here; None: a new file in `dir`.
+    pub log: Option<PathBuf>,
 }
 
 impl WeftdSpec {
@@ -243,9 +60,23 @@ impl WeftdSpec {
             dir: dir.to_path_buf(),
             args: Vec::new(),
             env: Vec::new(),
-            iface: "127.0.0.1".into(),
+            iface: Some("127.0.0.1".into()),
+            public_ip_flag: true,
             via_env: false,
+            netns: None,
+            log: None,
         }
+    }
+
+    /// weftd on a simulated host: in its namespace, interface and address of weftd's own choice,
+    /// its firewall real, one log across restarts.
+    pub fn on_host(endpoint: &str, prefix: &str, ns: &str, dir: &Path) -> Self {
+        let mut spec = Self::new_raw(endpoint, prefix, Ipv4Addr::UNSPECIFIED, dir);
+        spec.iface = None;
+        spec.public_ip_flag = false;
+        spec.netns = Some(ns.to_string());
+        spec.log = Some(dir.join("weftd.log"));
+        spec
     }
 
     pub fn arg(mut self, a: impl Into<String>) -> Self {
@@ -260,21 +91,32 @@ impl WeftdSpec {
 
     pub fn start(self) -> Weftd {
         std::fs::create_dir_all(&self.dir).expect("agent dir");
-        let log = self
-            .dir
-            .join(format!("weftd-{}.log", Instant::now().elapsed().as_nanos()));
-        let logf = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_weftd"));
+        static STARTS: AtomicU32 = AtomicU32::new(0);
+        let log = self.log.clone().unwrap_or_else(|| {
+            let n = STARTS.fetch_add(1, Ordering::Relaxed);
+            self.dir.join(format!("weftd-{n}.log"))
+        });
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_weftd")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_weftd")),
+        };
         for (k, _) in std::env::vars() {
             if k.starts_with("FLANNELD_") || k == "NOTIFY_SOCKET" {
                 cmd.env_remove(k);
             }
         }
-        let settings = [
+        let mut settings = vec![
             ("etcd-endpoints", self.endpoint.clone()),
             ("etcd-prefix", self.prefix.clone()),
-            ("iface", self.iface.clone()),
-            ("public-ip", self.public_ip.to_string()),
             (
                 "subnet-file",
                 self.dir.join("subnet.env").display().to_string(),
@@ -284,6 +126,12 @@ impl WeftdSpec {
                 self.dir.join("daemon.json").display().to_string(),
             ),
         ];
+        if let Some(iface) = &self.iface {
+            settings.push(("iface", iface.clone()));
+        }
+        if self.public_ip_flag {
+            settings.push(("public-ip", self.public_ip.to_string()));
+        }
         for (name, value) in settings {
             if self.via_env {
                 cmd.env(
@@ -294,30 +142,34 @@ impl WeftdSpec {
                 cmd.arg(format!("-{name}={value}"));
             }
         }
-        // These agents share the test machine's network namespace: keep its firewall untouched,
-        // even under -ip-masq, by shadowing the iptables commands with ones that refuse.
-        let shim = self.dir.join("no-firewall");
-        std::fs::create_dir_all(&shim).expect("shim dir");
-        for tool in ["iptables-save", "iptables-restore"] {
-            let path = shim.join(tool);
-            std::fs::write(
-                &path,
-                "#!/bin/sh\necho \"iptables is disabled in this test\" >&2\nexit 1\n",
-            )
-            .expect("write shim");
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        if self.netns.is_none() {
+            // These agents share the test machine's network namespace: keep its firewall
+            // untouched, even under -ip-masq, by shadowing the iptables commands with ones that
+            // refuse.
+            let shim = self.dir.join("no-firewall");
+            std::fs::create_dir_all(&shim).expect("shim dir");
+            for tool in ["iptables-save", "iptables-restore"] {
+                let path = shim.join(tool);
+                std::fs::write(
+                    &path,
+                    "#!/bin/sh\necho \"iptables is disabled in this test\" >&2\nexit 1\n",
+                )
+                .expect("write shim");
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                    .expect("chmod");
+            }
+            let path = format!(
+                "{}:{}",
+                shim.display(),
+                std::env::var("PATH").unwrap_or_default()
+            );
+            cmd.env("PATH", path).arg("-iptables-forward-rules=false");
         }
-        let path = format!(
-            "{}:{}",
-            shim.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        cmd.env("PATH", path)
-            .arg("-iptables-forward-rules=false")
-            .args(&self.args)
+        cmd.args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("WEFT_LOG", "warn,weft=debug,weft_backends=debug")
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf);
         let child = cmd.spawn().expect("spawn weftd");
@@ -423,23 +275,11 @@ pub fn weftctl(etcd: &Etcd, prefix: &str, args: &[&str], stdin: Option<&str>) ->
 
 /// Runs weftctl with exactly `args`.
 pub fn weftctl_with(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weftctl"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn weftctl");
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write stdin");
-    }
-    drop(child.stdin.take());
-    child.wait_with_output().expect("weftctl output")
+    weft_lab::cmd::output_with_input(
+        Command::new(env!("CARGO_BIN_EXE_weftctl")).args(args),
+        stdin.map(str::as_bytes),
+        Duration::from_secs(60),
+    )
 }
 
 /// A TCP proxy in front of etcd whose link can be cut and restored.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::harness::wait_for;
-use crate::netns::{ns_run, require_root, Topology, PREFIX};
+use crate::netns::{require_root, Topology, PREFIX};
 
 /// The PublicIP in the only lease in etcd, once there is one.
 fn leased_public_ip(t: &Topology) -> String {
@@ -36,15 +36,13 @@ fn the_interface_is_chosen_like_flanneld_chooses_it() {
     let mut t = Topology::new(1, 1500);
     t.set_config(r#"{"Network":"10.91.0.0/16","Backend":{"Type":"alloc"}}"#);
     // A second interface that is not on the default route.
-    let ns = t.hosts[0].ns.clone();
-    ns_run(
-        &t.switch,
-        &[
-            "ip", "link", "add", "x0", "type", "veth", "peer", "name", "eth1", "netns", &ns,
-        ],
-    );
-    ns_run(&ns, &["ip", "addr", "add", "172.31.9.5/24", "dev", "eth1"]);
-    ns_run(&ns, &["ip", "link", "set", "eth1", "up"]);
+    let ns = &t.hosts[0].ns;
+    t.switch.ip(&format!(
+        "link add x0 type veth peer name eth1 netns {}",
+        ns.name
+    ));
+    ns.ip("addr add 172.31.9.5/24 dev eth1");
+    ns.ip("link set eth1 up");
 
     assert_eq!(
         run_with(&mut t, &[]),

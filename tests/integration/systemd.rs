@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::dockerd::{docker_cli, require_docker, tail, Dockerd};
+use weft_lab::cmd::tail;
+use weft_lab::dockerd::{docker_cli, require_docker, Dockerd};
+use weft_lab::Netns;
+
 use crate::harness::wait_for;
-use crate::netns::run;
 
 /// Bump to rebuild the cached rootfs (e.g. when the package list changes).
 const ROOTFS_KEY: &str = "bookworm-minbase-systemd-1";
@@ -59,13 +61,13 @@ fn systemd_rootfs() -> PathBuf {
     );
     // Downloaded packages are a third of the size and of no use in the image.
     let r = root.display().to_string();
-    run(&[
+    weft_lab::must(&[
         "sh",
         "-c",
         &format!("rm -rf {r}/var/cache/apt/archives/*.deb {r}/var/lib/apt/lists/*"),
     ]);
     let part = work.path().join("rootfs.tar");
-    run(&[
+    weft_lab::must(&[
         "tar",
         "--numeric-owner",
         "-C",
@@ -81,24 +83,23 @@ fn systemd_rootfs() -> PathBuf {
 /// A booted systemd container on a private dockerd in a private network namespace.
 struct SystemdHost {
     docker: Dockerd,
-    ns: String,
+    ns: Netns,
     name: String,
 }
 
 impl SystemdHost {
     fn boot() -> Self {
         let tar = systemd_rootfs();
-        let ns = format!("wsy{}", std::process::id() % 100_000);
-        run(&["ip", "netns", "add", &ns]);
+        let ns = Netns::new(format!("{}sy", weft_lab::netns::unique_prefix()));
         let mut host = SystemdHost {
             docker: Dockerd::new(),
-            ns: ns.clone(),
+            ns,
             name: "weft-systemd".into(),
         };
         let config = host.docker.dir().join("daemon.json");
         std::fs::write(&config, "{}\n").expect("daemon.json");
         host.docker.start(
-            &ns,
+            &host.ns,
             &config,
             true,
             &["--bridge=none".into(), "--iptables=false".into()],
@@ -125,6 +126,11 @@ impl SystemdHost {
             "none",
             "--cap-add",
             "SYS_ADMIN",
+            // For the udp backend: flannel0 is a TUN device, configured through netlink.
+            "--cap-add",
+            "NET_ADMIN",
+            "--device",
+            "/dev/net/tun",
             "--security-opt",
             "seccomp=unconfined",
             "--tmpfs",
@@ -254,14 +260,15 @@ impl SystemdHost {
 
 impl Drop for SystemdHost {
     fn drop(&mut self) {
+        // The namespace goes with `ns`, after dockerd is stopped.
         self.docker.stop();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
 }
 
 fn which(tool: &str) -> String {
-    let out = run(&["sh", "-c", &format!("command -v {tool}")]);
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let p = weft_lab::must(&["sh", "-c", &format!("command -v {tool}")])
+        .trim()
+        .to_string();
     std::fs::canonicalize(&p)
         .map(|p| p.display().to_string())
         .unwrap_or(p)
@@ -444,6 +451,28 @@ fn systemd_unit_installs_notifies_orders_docker_honours_sysconfig_and_uninstalls
         status.contains("status: consistent") && status.contains("exit=0"),
         "{status}"
     );
+
+    // The classic flannel set-up: the flanneld sysconfig names etcd, and the network config has
+    // no Backend at all, which means udp. weftd becomes active with flannel0 up.
+    h.sh_ok("rm /etc/sysconfig/weftd");
+    h.write(
+        "/etc/sysconfig/flanneld",
+        &format!(
+            "FLANNEL_ETCD_ENDPOINTS=\"{ETCD}\"\nFLANNEL_ETCD_PREFIX=\"{PREFIX}\"\nFLANNEL_OPTIONS=\"-iface=lo -public-ip=10.1.2.5 -iptables-forward-rules=false\"\n"
+        ),
+    );
+    h.etcdctl(&format!(
+        "put {PREFIX}/config '{{\"Network\":\"10.73.0.0/16\"}}'"
+    ));
+    h.sh_ok("systemctl restart weftd.service");
+    assert_eq!(h.active("weftd.service"), "active", "{}", h.journal());
+    let env = h.sh_ok("cat /run/flannel/subnet.env");
+    assert!(env.contains("FLANNEL_NETWORK=10.73.0.0/16"), "{env}");
+    h.sh_ok("test -d /sys/class/net/flannel0");
+    let lease = h.etcdctl(&format!(
+        "get --prefix {PREFIX}/subnets/10.73 --print-value-only"
+    ));
+    assert!(lease.contains("\"BackendType\":\"udp\""), "{lease}");
 
     // Uninstall: weftd stopped, and no unit, drop-in or binary left.
     h.sh_ok("/weft-src/deploy/install.sh --uninstall");

@@ -3,4 +3,5 @@
 mod firewall;
 mod harness;
 mod host_gw;
+mod udp;
 mod vxlan;

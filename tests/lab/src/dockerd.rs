@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::netns::require_root;
+use crate::cmd::tail;
+use crate::netns::Netns;
+use crate::skip::require_tools;
 
 /// The docker CLI that matches Debian's dockerd.
 pub fn docker_cli() -> &'static str {
@@ -21,31 +23,10 @@ pub fn docker_cli() -> &'static str {
     }
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-/// Root and dockerd are needed; as `require_root`, skip visibly outside CI and fail under CI=true.
+/// Root, dockerd and what the busybox image is made from are needed: skip visibly outside CI,
+/// fail under CI=true.
 pub fn require_docker(test: &str) -> bool {
-    if !require_root(test) {
-        return false;
-    }
-    let missing: Vec<&str> = ["dockerd", "nsenter", "busybox", "tar"]
-        .into_iter()
-        .filter(|t| !have(t))
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs {missing:?} (deploy/setup-debian.sh installs them) and CI=true");
-    }
-    eprintln!("SKIPPED {test}: {missing:?} not installed (deploy/setup-debian.sh installs them)");
-    false
+    require_tools(test, &["dockerd", "nsenter", "busybox", "tar"])
 }
 
 pub const BUSYBOX_IMAGE: &str = "weft-busybox:test";
@@ -56,7 +37,12 @@ pub struct Dockerd {
     /// The API socket: `unix://` + this.
     pub sock: PathBuf,
     log: PathBuf,
-    ns: String,
+}
+
+impl Default for Dockerd {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Dockerd {
@@ -75,7 +61,6 @@ impl Dockerd {
             dir,
             sock,
             log,
-            ns: String::new(),
         }
     }
 
@@ -89,9 +74,8 @@ impl Dockerd {
 
     /// Starts dockerd in network namespace `ns` with `--config-file config`. `host_flag`: pass
     /// `-H unix://…` (leave it out when daemon.json has "hosts": dockerd refuses both).
-    pub fn start(&mut self, ns: &str, config: &Path, host_flag: bool, extra: &[String]) {
+    pub fn start(&mut self, ns: &Netns, config: &Path, host_flag: bool, extra: &[String]) {
         assert!(self.child.is_none(), "dockerd already runs");
-        self.ns = ns.to_string();
         let d = self.dir.path();
         let logf = std::fs::OpenOptions::new()
             .create(true)
@@ -99,7 +83,7 @@ impl Dockerd {
             .open(&self.log)
             .expect("dockerd log");
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/var/run/netns/{ns}"))
+        cmd.arg(format!("--net={}", ns.path()))
             .arg("dockerd")
             .arg("--data-root")
             .arg(d.join("data"))
@@ -175,21 +159,19 @@ impl Dockerd {
         let root = self.dir.path().join("busybox-root");
         let bin = root.join("bin");
         std::fs::create_dir_all(&bin).expect("rootfs");
-        let busybox = String::from_utf8_lossy(
-            &Command::new("sh")
-                .args(["-c", "command -v busybox"])
-                .output()
-                .expect("which busybox")
-                .stdout,
-        )
-        .trim()
-        .to_string();
+        let busybox = std::env::var_os("PATH")
+            .and_then(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("busybox"))
+                    .find(|b| b.is_file())
+            })
+            .expect("busybox on PATH");
         std::fs::copy(&busybox, bin.join("busybox")).expect("copy busybox");
         for applet in ["sh", "ping", "ip", "cat", "sleep", "ls"] {
             std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("symlink");
         }
         let tar = self.dir.path().join("busybox.tar");
-        crate::netns::run(&[
+        crate::cmd::must(&[
             "tar",
             "-C",
             &root.display().to_string(),
@@ -281,9 +263,4 @@ impl Drop for Dockerd {
             let _ = Command::new("umount").args(["-l", &m]).output();
         }
     }
-}
-
-pub fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

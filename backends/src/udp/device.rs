@@ -1,0 +1,361 @@
+//! `flannel0`: a persistent, multi-queue TUN device (IFF_TUN|IFF_NO_PI, as flannel's, plus
+//! IFF_MULTI_QUEUE and, with offloads, IFF_VNET_HDR).
+//!
+//! Persistent (TUNSETPERSIST) so that the device, its address and its route outlive weftd: while
+//! no process has a queue open the kernel drops what is routed into it, and traffic resumes the
+//! moment a new weftd attaches again. An existing flannel0 is reopened only if it is a TUN with
+//! the same framing and multi-queue flag and nobody holds it; anything else is reported, never
+//! deleted.
+//!
+//! tun-rs does the ioctls, the virtio-net header and the TSO/USO split and GRO coalescing. It
+//! opens in the calling thread's network namespace (the queues are opened here, before the
+//! workers start) and reopens an existing device by name; a mismatch comes back from TUNSETIFF as
+//! a bare EINVAL, which is why the device is described through netlink first.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use rtnetlink::packet_core::Nla;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoTun, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use rtnetlink::{Handle, LinkUnspec};
+use tracing::{debug, info, warn};
+use tun_rs::{DeviceBuilder, SyncDevice};
+
+use crate::{netlink, Error};
+
+/// flannel's device name.
+pub const NAME: &str = "flannel0";
+
+// IFLA_TUN_* (linux/if_link.h) and IFF_* (linux/if_tun.h): the netlink crate leaves tun
+// attributes raw.
+const IFLA_TUN_TYPE: u16 = 3;
+const IFLA_TUN_PI: u16 = 4;
+const IFLA_TUN_MULTI_QUEUE: u16 = 7;
+const IFLA_TUN_NUM_QUEUES: u16 = 8;
+const IFF_TUN: u8 = 1;
+
+/// What the kernel says about an existing link named flannel0.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Existing {
+    pub index: u32,
+    pub mtu: Option<u32>,
+    pub up: bool,
+    /// Why weft cannot attach to it, if it cannot.
+    pub unusable: Option<String>,
+}
+
+/// The open device: one queue per worker.
+pub struct Tun {
+    pub queues: Vec<SyncDevice>,
+    pub index: u32,
+    /// Whether the queues carry a virtio-net header (TSO/GSO offloads on).
+    pub vnet_hdr: bool,
+}
+
+/// Looks flannel0 up.
+pub async fn find(handle: &Handle) -> Result<Option<Existing>, Error> {
+    let mut req = handle.link().get().match_name(NAME.to_string()).execute();
+    match req.try_next().await {
+        Ok(m) => Ok(m.map(|m| describe(&m))),
+        Err(e) if netlink::errno(&e) == Some(libc::ENODEV) => Ok(None),
+        Err(source) => Err(Error::Netlink {
+            context: format!("look up {NAME}"),
+            source,
+        }),
+    }
+}
+
+fn describe(m: &LinkMessage) -> Existing {
+    let mut e = Existing {
+        index: m.header.index,
+        mtu: None,
+        up: m.header.flags.contains(LinkFlags::Up),
+        unusable: None,
+    };
+    let mut kind = None;
+    let mut tun: Option<&[InfoTun]> = None;
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::Mtu(n) => e.mtu = Some(*n),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    match i {
+                        LinkInfo::Kind(k) => kind = Some(k.clone()),
+                        LinkInfo::Data(InfoData::Tun(d)) => tun = Some(d),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    e.unusable = match (kind, tun) {
+        (Some(InfoKind::Tun), Some(attrs)) => tun_problem(attrs),
+        (Some(InfoKind::Tun), None) => Some("is a TUN device the kernel did not describe".into()),
+        (Some(k), _) => Some(format!("is a {k} device, not a TUN device")),
+        (None, _) => Some("is a device of unknown kind, not a TUN device".into()),
+    };
+    e
+}
+
+/// Why a TUN device cannot be attached to as weft's flannel0, if it cannot.
+fn tun_problem(attrs: &[InfoTun]) -> Option<String> {
+    let byte = |kind: u16| -> Option<u32> {
+        attrs.iter().find(|a| a.kind() == kind).and_then(|a| {
+            let mut buf = [0u8; 4];
+            let n = a.value_len();
+            let v = buf.get_mut(..n)?;
+            a.emit_value(v);
+            Some(match n {
+                1 => u32::from(buf[0]),
+                4 => u32::from_ne_bytes(buf),
+                _ => return None,
+            })
+        })
+    };
+    if byte(IFLA_TUN_TYPE) != Some(u32::from(IFF_TUN)) {
+        return Some("is a TAP device, not a TUN device".into());
+    }
+    if byte(IFLA_TUN_PI) != Some(0) {
+        return Some("carries packet information (made without IFF_NO_PI)".into());
+    }
+    if byte(IFLA_TUN_MULTI_QUEUE) != Some(1) {
+        return Some(
+            "is a single-queue TUN device (flanneld's or `ip tuntap`'s); weft needs a multi-queue \
+             one"
+            .into(),
+        );
+    }
+    match byte(IFLA_TUN_NUM_QUEUES) {
+        Some(0) | None => None,
+        Some(n) => Some(format!(
+            "is held open by another process ({n} queues attached): is another weftd or flanneld \
+             running?"
+        )),
+    }
+}
+
+/// Opens flannel0 (creating it if missing) with `queues` queues, persistent. With `offload`,
+/// asks for TSO/USO; a kernel that refuses gets a device without them.
+pub async fn open(handle: &Handle, queues: usize, offload: bool) -> Result<Tun, Error> {
+    if let Some(e) = find(handle).await? {
+        if let Some(why) = e.unusable {
+            return Err(Error::Other(format!(
+                "{NAME} already exists and {why}; weft leaves it alone: remove it \
+                 (`ip link del {NAME}`) or stop what owns it"
+            )));
+        }
+        debug!(
+            device = NAME,
+            index = e.index,
+            "reopening the existing device"
+        );
+    }
+    let first = match open_queue(offload) {
+        Ok(d) => d,
+        Err(e) if offload => {
+            warn!(device = NAME, error = %e, "the kernel refused TUN offloads; running without them");
+            open_queue(false)?
+        }
+        Err(e) => return Err(e),
+    };
+    first
+        .persist()
+        .map_err(Error::io(format!("make {NAME} persistent")))?;
+    let vnet_hdr = first.tcp_gso();
+    let mut all = Vec::with_capacity(queues);
+    for i in 1..queues.max(1) {
+        let q = first
+            .try_clone()
+            .map_err(Error::io(format!("open queue {i} of {NAME}")))?;
+        all.push(q);
+    }
+    all.insert(0, first);
+    for q in &all {
+        q.set_nonblocking(true)
+            .map_err(Error::io(format!("make {NAME} non-blocking")))?;
+    }
+    let index = find(handle)
+        .await?
+        .map(|e| e.index)
+        .ok_or_else(|| Error::Other(format!("{NAME} vanished right after it was opened")))?;
+    info!(
+        device = NAME,
+        queues = all.len(),
+        offload = vnet_hdr,
+        "TUN device open"
+    );
+    Ok(Tun {
+        queues: all,
+        index,
+        vnet_hdr,
+    })
+}
+
+fn open_queue(offload: bool) -> Result<SyncDevice, Error> {
+    DeviceBuilder::new()
+        .name(NAME)
+        .multi_queue(true)
+        .offload(offload)
+        .packet_information(false)
+        // Link state, MTU and address are set through netlink, like every other device weft owns.
+        .inherit_enable_state()
+        .build_sync()
+        .map_err(Error::io(format!(
+            "open TUN device {NAME} (multi-queue{})",
+            if offload { ", offloads" } else { "" }
+        )))
+}
+
+/// Sets flannel0's MTU and brings it up, touching only what differs.
+pub async fn ensure_link(handle: &Handle, mtu: u32) -> Result<u32, Error> {
+    let e = find(handle)
+        .await?
+        .ok_or_else(|| Error::Other(format!("{NAME} does not exist")))?;
+    let mut set = LinkUnspec::new_with_index(e.index);
+    let mut changed = false;
+    if e.mtu != Some(mtu) {
+        set = set.mtu(mtu);
+        changed = true;
+    }
+    if !e.up {
+        set = set.up();
+        changed = true;
+    }
+    if changed {
+        handle
+            .link()
+            .set(set.build())
+            .execute()
+            .await
+            .map_err(Error::netlink(format!("set {NAME} up with MTU {mtu}")))?;
+        debug!(device = NAME, mtu, "link set up");
+    }
+    Ok(e.index)
+}
+
+/// flannel0's sysctls (`/proc/sys/net` is the calling thread's network namespace), each written
+/// only when it differs:
+/// - `accept_local` 1: the ICMP errors the codec writes back come from flannel0's own address,
+///   and Linux drops them as martians otherwise. Safe because `ingress` never lets a peer's
+///   packet in with a source in this host's lease.
+/// - `disable_ipv6` 1: the data plane is IPv4-only; without it the kernel sends router
+///   solicitations and MLD reports into the device, only to be dropped.
+pub fn ensure_sysctls() -> Result<(), Error> {
+    set_sysctl(&format!("/proc/sys/net/ipv4/conf/{NAME}/accept_local"), true)?;
+    // No IPv6 in this kernel: nothing to turn off.
+    set_sysctl(&format!("/proc/sys/net/ipv6/conf/{NAME}/disable_ipv6"), false)
+}
+
+fn set_sysctl(path: &str, required: bool) -> Result<(), Error> {
+    let now = match std::fs::read_to_string(path) {
+        Ok(v) => v,
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("read {path}"))(e)),
+    };
+    if now.trim() != "1" {
+        std::fs::write(path, "1").map_err(Error::io(format!("write 1 to {path}")))?;
+        debug!(path, "sysctl set");
+    }
+    Ok(())
+}
+
+/// Makes `addr`/32 flannel0's only IPv4 address (flannel gives it the lease's network address).
+pub async fn ensure_address(handle: &Handle, index: u32, addr: Ipv4Addr) -> Result<(), Error> {
+    let msgs: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(Error::netlink(format!("list addresses of {NAME}")))?;
+    let mut have = false;
+    for m in msgs {
+        let local = m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+            _ => None,
+        });
+        let Some(local) = local else { continue };
+        if local == addr && m.header.prefix_len == 32 {
+            have = true;
+            continue;
+        }
+        info!(device = NAME, address = %local, "removing stale address");
+        handle
+            .address()
+            .del(m)
+            .execute()
+            .await
+            .map_err(Error::netlink(format!("delete {local} from {NAME}")))?;
+    }
+    if !have {
+        handle
+            .address()
+            .add(index, IpAddr::V4(addr), 32)
+            .execute()
+            .await
+            .map_err(Error::netlink(format!("add {addr}/32 to {NAME}")))?;
+        info!(device = NAME, address = %addr, "address set");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtnetlink::packet_core::DefaultNla;
+
+    fn attrs(kv: &[(u16, &[u8])]) -> Vec<InfoTun> {
+        kv.iter()
+            .map(|(k, v)| InfoTun::Other(DefaultNla::new(*k, v.to_vec())))
+            .collect()
+    }
+
+    #[test]
+    fn a_free_multi_queue_tun_is_usable() {
+        let a = attrs(&[
+            (IFLA_TUN_TYPE, &[1]),
+            (IFLA_TUN_PI, &[0]),
+            (IFLA_TUN_MULTI_QUEUE, &[1]),
+            (IFLA_TUN_NUM_QUEUES, &0u32.to_ne_bytes()),
+        ]);
+        assert_eq!(tun_problem(&a), None);
+    }
+
+    #[test]
+    fn other_tun_devices_are_reported() {
+        type Attrs<'a> = &'a [(u16, &'a [u8])];
+        let cases: [(Attrs, &str); 4] = [
+            (&[(IFLA_TUN_TYPE, &[2])], "TAP"),
+            (
+                &[(IFLA_TUN_TYPE, &[1]), (IFLA_TUN_PI, &[1])],
+                "packet information",
+            ),
+            (
+                &[
+                    (IFLA_TUN_TYPE, &[1]),
+                    (IFLA_TUN_PI, &[0]),
+                    (IFLA_TUN_MULTI_QUEUE, &[0]),
+                ],
+                "single-queue",
+            ),
+            (
+                &[
+                    (IFLA_TUN_TYPE, &[1]),
+                    (IFLA_TUN_PI, &[0]),
+                    (IFLA_TUN_MULTI_QUEUE, &[1]),
+                    (IFLA_TUN_NUM_QUEUES, &2u32.to_ne_bytes()),
+                ],
+                "2 queues attached",
+            ),
+        ];
+        for (a, want) in cases {
+            let why = tun_problem(&attrs(a)).expect("unusable");
+            assert!(why.contains(want), "{why} lacks {want}");
+        }
+    }
+}

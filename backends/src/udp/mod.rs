@@ -1,0 +1,339 @@
+//! `udp`: flannel's default data plane, in userspace. A TUN device `flannel0` carries this host's
+//! traffic for the cluster network; each inner IPv4 packet travels alone in one UDP datagram
+//! (port 8285) to the peer that holds the destination's subnet.
+//!
+//! Split as boringtun is: `codec` decides what to do with one packet and does no I/O; `worker`
+//! owns the descriptors and moves batches; `device` and `socket` open them; this module is the
+//! control side (the `Backend` methods), which swaps the peer table the workers read.
+
+pub mod codec;
+mod config;
+mod device;
+mod socket;
+mod worker;
+
+use std::net::SocketAddrV4;
+use std::os::unix::net::UnixStream;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use ipnet::Ipv4Net;
+use serde_json::Value;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tracing::{debug, info};
+
+pub use codec::{Counters, DropReason};
+pub use config::UdpConfig;
+
+use crate::netlink::Conn;
+use crate::routes::{self, RouteSpec};
+use crate::watch::Owned;
+use crate::{peer, BackendConfig, Error, ErrorList, Event, Lease, Network};
+use codec::{PeerTable, SharedCounters};
+use worker::{Shared, Worker};
+
+pub const TYPE: &str = "udp";
+
+/// What the udp data plane has done so far, summed over its workers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Packets and bytes each way, drops by reason, ICMP errors sent.
+    pub counters: Counters,
+    /// TUN reads whose offload metadata could not be split (not packets the codec saw).
+    pub tun_read_errors: u64,
+    pub workers: usize,
+    /// TUN offloads (virtio-net header: TSO/USO super-packets, GRO writes) in use.
+    pub tun_offload: bool,
+    /// UDP GSO still in use on every socket (the kernel may have refused it).
+    pub udp_gso: bool,
+    pub udp_gro: bool,
+}
+
+pub struct Udp {
+    net: Network,
+    cfg: UdpConfig,
+    own: Option<Lease>,
+    /// The peers of the last reconcile, for a table rebuilt when the workers restart.
+    peers: Vec<(Ipv4Net, SocketAddrV4)>,
+    conn: Conn,
+    running: Option<Running>,
+    failed_tx: UnboundedSender<String>,
+    failed: UnboundedReceiver<String>,
+}
+
+/// The open device and the workers moving its packets.
+struct Running {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    /// Written once to wake every worker out of poll for shutdown.
+    wake: UnixStream,
+    /// flannel0's index when its queues were opened: another index means it was recreated.
+    index: u32,
+    tun_offload: bool,
+    udp_gro: bool,
+}
+
+impl Udp {
+    pub fn new(config: &BackendConfig, net: Network) -> Result<Self, Error> {
+        let cfg = UdpConfig::parse(config, net.external.mtu)?;
+        let (failed_tx, failed) = unbounded_channel();
+        Ok(Self {
+            net,
+            cfg,
+            own: None,
+            peers: Vec::new(),
+            conn: Conn::default(),
+            running: None,
+            failed_tx,
+            failed,
+        })
+    }
+
+    pub async fn prepare(&mut self, _previous: Option<&Lease>) -> Result<Option<Value>, Error> {
+        self.conn.subscribe()?;
+        // flannel's udp publishes no BackendData.
+        Ok(None)
+    }
+
+    pub fn mtu(&self) -> u32 {
+        self.cfg.mtu
+    }
+
+    pub async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
+        self.own = Some(own.clone());
+        let index = self.ensure_device().await?;
+        self.publish_table();
+        let errs = self.ensure_route(index).await;
+        self.conn.settle();
+        match errs.0.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    pub async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), ErrorList> {
+        if self.own.is_none() {
+            return Err(Error::Other(
+                "udp: reconcile before this host's lease is configured".into(),
+            )
+            .into());
+        }
+        let mut errs = ErrorList::default();
+        let index = self.ensure_device().await?;
+        let mut desired = Vec::new();
+        // flannel's udp writes no BackendType, so "" is a flannel udp node.
+        for p in peers
+            .iter()
+            .filter(|p| p.backend_type.is_empty() || peer::same_type(p, TYPE))
+        {
+            if let Err(e) = peer::check(&self.net, self.own.as_ref(), p) {
+                errs.push(e);
+                continue;
+            }
+            if let Some((_, other)) = desired
+                .iter()
+                .find(|(n, _): &&(Ipv4Net, _)| n.contains(&p.subnet) || p.subnet.contains(n))
+            {
+                errs.push(Error::BadPeer {
+                    subnet: p.subnet.to_string(),
+                    reason: format!("overlaps the subnet of peer {other}"),
+                });
+                continue;
+            }
+            desired.push((p.subnet, SocketAddrV4::new(p.public_ip, self.cfg.port)));
+        }
+        if desired != self.peers {
+            debug!(peers = desired.len(), "peer table changed");
+        }
+        self.peers = desired;
+        self.publish_table();
+        errs.0.extend(self.ensure_route(index).await.0);
+        self.conn.settle();
+        errs.into_result()
+    }
+
+    /// A worker failed, or flannel0 (its link state, address or route) changed behind weft's back.
+    pub async fn event(&mut self) -> Event {
+        let owned = Owned {
+            device: Some(device::NAME.to_string()),
+            index: self.running.as_ref().map(|r| r.index),
+        };
+        tokio::select! {
+            Some(why) = self.failed.recv() => Event::Failed(why),
+            () = self.conn.drifted(&owned) => Event::Drift,
+        }
+    }
+
+    /// Stops the workers and closes the queues; flannel0 stays, with its address and route.
+    pub async fn shutdown(mut self) {
+        self.stop_workers();
+    }
+
+    /// What the workers have counted.
+    pub fn stats(&self) -> Stats {
+        let Some(r) = &self.running else {
+            return Stats::default();
+        };
+        Stats {
+            counters: SharedCounters::sum(r.shared.counters.iter()),
+            tun_read_errors: r
+                .shared
+                .tun_read_errors
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .sum(),
+            workers: r.threads.len(),
+            tun_offload: r.tun_offload,
+            udp_gso: r.shared.gso.iter().all(|g| g.load(Ordering::Relaxed)),
+            udp_gro: r.udp_gro,
+        }
+    }
+
+    /// The table the workers read, from the current lease and peers.
+    fn publish_table(&self) {
+        let (Some(own), Some(r)) = (&self.own, &self.running) else {
+            return;
+        };
+        let table = PeerTable::new(self.net.network, own.subnet, self.peers.iter().copied());
+        r.shared.table.store(Arc::new(table));
+    }
+
+    /// flannel0 up with its MTU and address, and workers attached to it: opened (or reopened
+    /// after it was deleted, or after a worker died) as needed. Returns its index.
+    async fn ensure_device(&mut self) -> Result<u32, Error> {
+        let handle = self.conn.handle()?;
+        let existing = device::find(&handle).await?;
+        let healthy = match (&self.running, &existing) {
+            (Some(r), Some(e)) => r.index == e.index && r.threads.iter().all(|t| !t.is_finished()),
+            _ => false,
+        };
+        if !healthy {
+            if self.running.is_some() {
+                info!(
+                    device = device::NAME,
+                    "device recreated or a worker stopped; restarting the workers"
+                );
+            }
+            self.stop_workers();
+            self.start_workers(&handle).await?;
+        }
+        // Before the link goes up, so IPv6 never starts on it.
+        device::ensure_sysctls()?;
+        let index = device::ensure_link(&handle, self.cfg.mtu).await?;
+        if let Some(own) = &self.own {
+            device::ensure_address(&handle, index, own.subnet.network()).await?;
+        }
+        Ok(index)
+    }
+
+    async fn start_workers(&mut self, handle: &rtnetlink::Handle) -> Result<(), Error> {
+        let Some(own) = &self.own else {
+            return Err(Error::Other("udp: no lease configured".into()));
+        };
+        let n = workers();
+        let tun = device::open(handle, n, self.cfg.offload).await?;
+        let mut sockets = Vec::with_capacity(n);
+        for _ in 0..tun.queues.len() {
+            sockets.push(socket::Socket::bind(self.cfg.port, self.cfg.offload)?);
+        }
+        let udp_gro = sockets.iter().all(socket::Socket::gro);
+        let (wake, wake_rx) =
+            UnixStream::pair().map_err(Error::io("create the wake-up socket pair"))?;
+        let table = PeerTable::new(self.net.network, own.subnet, self.peers.iter().copied());
+        let shared = Arc::new(Shared::new(table, tun.queues.len()));
+        let mut threads = Vec::with_capacity(n);
+        let mtu = self.cfg.mtu as usize;
+        for (id, (queue, sock)) in tun.queues.into_iter().zip(sockets).enumerate() {
+            let rx = wake_rx
+                .try_clone()
+                .map_err(Error::io("clone the wake-up socket"))?;
+            let w = Worker::new(id, queue, tun.vnet_hdr, mtu, sock, rx, shared.clone());
+            let failed = self.failed_tx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("weft-udp-{id}"))
+                .spawn(move || run_worker(id, w, &failed))
+                .map_err(Error::io("start a udp worker thread"))?;
+            threads.push(t);
+        }
+        info!(
+            device = device::NAME,
+            workers = threads.len(),
+            tun_offload = tun.vnet_hdr,
+            udp_gro,
+            port = self.cfg.port,
+            mtu,
+            "udp data plane running"
+        );
+        self.running = Some(Running {
+            shared,
+            threads,
+            wake,
+            index: tun.index,
+            tun_offload: tun.vnet_hdr,
+            udp_gro,
+        });
+        Ok(())
+    }
+
+    fn stop_workers(&mut self) {
+        let Some(mut r) = self.running.take() else {
+            return;
+        };
+        r.shared.stop.store(true, Ordering::Relaxed);
+        let _ = std::io::Write::write_all(&mut r.wake, &[1]);
+        for t in r.threads {
+            // A worker that panicked has already reported it.
+            let _ = t.join();
+        }
+        debug!(device = device::NAME, "udp workers stopped");
+    }
+
+    /// The one owned route: the whole cluster network into flannel0.
+    async fn ensure_route(&mut self, index: u32) -> ErrorList {
+        let handle = match self.conn.handle() {
+            Ok(h) => h,
+            Err(e) => return e.into(),
+        };
+        let want = [RouteSpec::device(self.net.network, index, device::NAME)];
+        routes::reconcile(&handle, &want).await
+    }
+}
+
+impl Drop for Udp {
+    /// weftd exiting: the workers stop and close their queues; flannel0 (persistent) keeps its
+    /// address and route, so traffic resumes when the next weftd attaches.
+    fn drop(&mut self) {
+        self.stop_workers();
+    }
+}
+
+/// One worker per core: the kernel spreads flows over the TUN queues and peers over the sockets.
+fn workers() -> usize {
+    std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(1)
+        .clamp(1, 16)
+}
+
+/// Runs a worker; its failure (an error or a panic) goes to `event()`.
+fn run_worker(id: usize, mut w: Worker, failed: &UnboundedSender<String>) {
+    let result = catch_unwind(AssertUnwindSafe(|| w.run()));
+    let why = match result {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            format!("panicked: {msg}")
+        }
+    };
+    let why = format!("udp worker {id}: {why}");
+    // The agent logs the event; this line is for the thread's own context.
+    debug!("{why}");
+    let _ = failed.send(why);
+}

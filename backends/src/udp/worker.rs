@@ -1,0 +1,486 @@
+//! The I/O loop: one plain thread per TUN queue, each with its own UDP socket, polling both (and
+//! a wake-up socket for shutdown). Buffers are allocated once per worker; per packet there is no
+//! allocation, no lock and no system call of its own: the peer table is read through an
+//! `ArcSwap` snapshot once per batch, counters are plain integers published once per batch.
+//!
+//! TUN → peers: with offloads, one read returns a TCP/UDP super-packet of up to 64 KB that tun-rs
+//! splits into MTU-sized IP packets, written side by side into `tx`, one slot of `stride`
+//! (= MTU) bytes each. Full-sized segments therefore already lie back to back, which is exactly
+//! what a UDP GSO send wants: consecutive packets for the same peer of the same size (the last
+//! may be shorter) go out in one sendmsg, and the kernel cuts them into one datagram each, so a
+//! flannel peer still sees one IP packet per datagram. Shorter packets are moved together first.
+//!
+//! Peers → TUN: recvmmsg with UDP GRO hands over runs of datagrams in one buffer; each is
+//! checked by the codec and copied behind a virtio-net header into its own buffer, and tun-rs
+//! coalesces TCP/UDP flows (GRO) so one write carries up to 64 KB.
+
+use std::io::{self, IoSliceMut};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use quinn_udp::RecvMeta;
+use tracing::warn;
+use tun_rs::{GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+
+use super::codec::{
+    self, Counters, DropReason, Egress, IcmpRateLimiter, PeerTable, SharedCounters,
+};
+use super::socket::{Socket, MAX_PAYLOAD};
+
+/// Packet slots for one TUN batch. A 64 KB super-packet of full-sized segments needs 45 at MTU
+/// 1472; more slots let several small packets (ACKs) share one batch.
+const TX_SLOTS: usize = 256;
+/// Slots one TUN read may fill: tun-rs fails a split that does not fit (a 64 KB super-packet of
+/// segments of ≥ 512 bytes always does).
+const READ_SLOTS: usize = 128;
+/// recvmmsg batch.
+const RX_MSGS: usize = 16;
+/// One receive buffer: a whole GRO run (or the largest datagram).
+const RX_BUF: usize = 1 << 16;
+/// Packets per TUN write batch (tun-rs coalesces within it).
+const TUN_BATCH: usize = 64;
+/// How long a send may wait for room in a full socket buffer before its packets are dropped.
+const SEND_WAIT: Duration = Duration::from_millis(100);
+/// ICMP errors a second, host-wide.
+const ICMP_PER_SEC: u32 = 1000;
+/// At most one warning per worker in this interval about failing sends.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// What the workers share with `Udp`.
+pub struct Shared {
+    pub table: ArcSwap<PeerTable>,
+    pub stop: AtomicBool,
+    /// One slot per worker.
+    pub counters: Box<[SharedCounters]>,
+    /// TUN reads that failed for a reason other than "nothing to read" (malformed offload
+    /// metadata), per worker; not packets the codec saw, so not among the drop reasons.
+    pub tun_read_errors: Box<[AtomicU64]>,
+    /// Whether each worker's socket still uses UDP GSO.
+    pub gso: Box<[AtomicBool]>,
+}
+
+impl Shared {
+    pub fn new(table: PeerTable, workers: usize) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(table),
+            stop: AtomicBool::new(false),
+            counters: (0..workers).map(|_| SharedCounters::default()).collect(),
+            tun_read_errors: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            gso: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+}
+
+pub struct Worker {
+    id: usize,
+    tun: SyncDevice,
+    /// Length of the virtio-net header in front of every TUN packet (0 without offloads).
+    hdr: usize,
+    sock: Socket,
+    wake: UnixStream,
+    shared: Arc<Shared>,
+    counters: Counters,
+    tun_read_errors: u64,
+    icmp: IcmpRateLimiter,
+    started: Instant,
+    last_warn: Option<Instant>,
+    /// TUN reads: the raw super-packet with its virtio-net header.
+    raw: Vec<u8>,
+    /// TUN reads, split: `TX_SLOTS` slots of `stride` bytes.
+    tx: Vec<u8>,
+    stride: usize,
+    sizes: Vec<usize>,
+    /// An ICMP error for the TUN, behind a zeroed virtio-net header.
+    reply: Vec<u8>,
+    rx: Vec<u8>,
+    meta: Vec<RecvMeta>,
+    /// Packets for the TUN, each behind a virtio-net header; grown by GRO to up to 64 KB.
+    out: Vec<Vec<u8>>,
+    gro: GROTable,
+}
+
+impl Worker {
+    pub fn new(
+        id: usize,
+        tun: SyncDevice,
+        vnet_hdr: bool,
+        mtu: usize,
+        sock: Socket,
+        wake: UnixStream,
+        shared: Arc<Shared>,
+    ) -> Self {
+        // Linux's host-wide ICMP error rate (net.ipv4.icmp_msgs_per_sec), shared by the workers.
+        let workers = shared.counters.len().max(1) as u32;
+        let icmp_per_sec = ICMP_PER_SEC / workers;
+        let hdr = if vnet_hdr { VIRTIO_NET_HDR_LEN } else { 0 };
+        Self {
+            id,
+            tun,
+            hdr,
+            sock,
+            wake,
+            shared,
+            counters: Counters::default(),
+            tun_read_errors: 0,
+            icmp: IcmpRateLimiter::new(icmp_per_sec, 50),
+            started: Instant::now(),
+            last_warn: None,
+            raw: vec![0; VIRTIO_NET_HDR_LEN + 65535],
+            tx: vec![0; TX_SLOTS * mtu],
+            stride: mtu,
+            sizes: vec![0; TX_SLOTS],
+            reply: vec![0; hdr + codec::REPLY_LEN],
+            rx: vec![0; RX_MSGS * RX_BUF],
+            meta: vec![RecvMeta::default(); RX_MSGS],
+            out: (0..TUN_BATCH)
+                .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65535))
+                .collect(),
+            gro: GROTable::new(),
+        }
+    }
+
+    /// Runs until told to stop. Err: the data plane cannot go on (the TUN queue is gone).
+    pub fn run(&mut self) -> Result<(), String> {
+        self.publish();
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let sent = self.tun_to_peers()?;
+            let received = self.peers_to_tun()?;
+            self.publish();
+            if !sent && !received {
+                self.wait()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn publish(&self) {
+        if let Some(slot) = self.shared.counters.get(self.id) {
+            slot.publish(&self.counters);
+        }
+        if let Some(slot) = self.shared.tun_read_errors.get(self.id) {
+            slot.store(self.tun_read_errors, Ordering::Relaxed);
+        }
+        if let Some(slot) = self.shared.gso.get(self.id) {
+            slot.store(self.sock.gso(), Ordering::Relaxed);
+        }
+    }
+
+    /// Sleeps until the TUN queue or the socket has something, or shutdown.
+    fn wait(&self) -> Result<(), String> {
+        let mut fds = [
+            PollFd::new(self.tun.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.sock.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        if fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLNVAL))
+        {
+            return Err("the TUN queue reports an error (device deleted?)".into());
+        }
+        Ok(())
+    }
+
+    /// One batch from the TUN to the peers. Returns whether anything was read.
+    fn tun_to_peers(&mut self) -> Result<bool, String> {
+        let stride = self.stride;
+        let mut filled = 0;
+        while TX_SLOTS - filled >= READ_SLOTS {
+            let area = self.tx.get_mut(filled * stride..).unwrap_or_default();
+            let mut chunks = area.chunks_exact_mut(stride);
+            let mut slots: [&mut [u8]; READ_SLOTS] =
+                std::array::from_fn(|_| chunks.next().unwrap_or_default());
+            let sizes = &mut self.sizes[filled..filled + READ_SLOTS];
+            match self.tun.recv_multiple(&mut self.raw, &mut slots, sizes, 0) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_gone(&e) => return Err(format!("read from the TUN: {e}")),
+                // The packet was consumed but could not be split: its offload metadata was bad.
+                Err(_) => self.tun_read_errors += 1,
+            }
+            // Without offloads a read is one packet: read on to fill a GSO batch.
+            if self.hdr != 0 && filled > 0 {
+                break;
+            }
+        }
+        if filled == 0 {
+            return Ok(false);
+        }
+        self.forward(filled)?;
+        Ok(true)
+    }
+
+    /// Runs the codec over the `n` packets in `tx` and sends them, grouped into GSO runs.
+    fn forward(&mut self, n: usize) -> Result<(), String> {
+        let table = self.shared.table.load();
+        let mut run: Option<Run> = None;
+        for i in 0..n {
+            let at = i * self.stride;
+            let len = self.sizes[i].min(self.stride);
+            let Some(pkt) = self.tx.get_mut(at..at + len) else {
+                continue;
+            };
+            let reply = self.reply.get_mut(self.hdr..).unwrap_or_default();
+            let verdict = codec::egress(&table, pkt, reply);
+            self.counters.record_egress(&verdict, len, reply);
+            match verdict {
+                Egress::Send(to) => {
+                    if let Some(r) = &mut run {
+                        if r.takes(to, len, self.sock.max_segments(r.seg)) {
+                            let dst = r.start + r.len;
+                            if dst != at {
+                                self.tx.copy_within(at..at + len, dst);
+                            }
+                            r.add(len);
+                            continue;
+                        }
+                        let done = *r;
+                        self.send_run(done);
+                    }
+                    run = Some(Run::new(to, at, len));
+                }
+                Egress::Reply(m) => self.reply_to_tun(m)?,
+                Egress::Drop(_) => {}
+            }
+        }
+        if let Some(r) = run {
+            self.send_run(r);
+        }
+        Ok(())
+    }
+
+    fn reply_to_tun(&mut self, len: usize) -> Result<(), String> {
+        let now = self.started.elapsed().as_nanos() as u64;
+        if !self.icmp.allow(now) {
+            self.counters.icmp_rate_limited += 1;
+            return Ok(());
+        }
+        let Some(buf) = self.reply.get(..self.hdr + len) else {
+            return Ok(());
+        };
+        // The header stays all zero: no GSO, checksum complete.
+        match self.tun.send(buf) {
+            Ok(_) => self.counters.icmp_sent += 1,
+            Err(e) if is_gone(&e) => return Err(format!("write to the TUN: {e}")),
+            Err(_) => self.counters.count_drop(DropReason::TunWriteFailed),
+        }
+        Ok(())
+    }
+
+    /// Sends one run; failures are counted, never fatal.
+    fn send_run(&mut self, r: Run) {
+        let Some(contents) = self.tx.get(r.start..r.start + r.len) else {
+            return;
+        };
+        let seg = (r.count > 1).then_some(r.seg);
+        let mut result = send_waiting(&self.sock, &self.wake, r.to, contents, seg);
+        if let (Err(e), Some(seg)) = (&result, seg) {
+            // quinn-udp has turned GSO off if the kernel refused it: resend one by one.
+            if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) {
+                result = Ok(());
+                for c in contents.chunks(seg) {
+                    if let Err(e) = send_waiting(&self.sock, &self.wake, r.to, c, None) {
+                        result = Err(e);
+                    }
+                }
+            }
+        }
+        if let Err(e) = result {
+            // The codec counted these as sent; they are drops.
+            self.counters.tx_packets = self.counters.tx_packets.saturating_sub(r.count as u64);
+            self.counters.tx_bytes = self.counters.tx_bytes.saturating_sub(r.len as u64);
+            for _ in 0..r.count {
+                self.counters.count_drop(DropReason::SendFailed);
+            }
+            self.warn_send(&e, r.to);
+        }
+    }
+
+    fn warn_send(&mut self, e: &io::Error, to: SocketAddrV4) {
+        if self.last_warn.is_some_and(|t| t.elapsed() < WARN_EVERY) {
+            return;
+        }
+        self.last_warn = Some(Instant::now());
+        warn!(worker = self.id, peer = %to, error = %e,
+              dropped_so_far = self.counters.drop_count(DropReason::SendFailed),
+              "UDP send failing; packets dropped (next report in a minute at the earliest)");
+    }
+
+    /// One batch from the peers to the TUN. Returns whether anything was received.
+    fn peers_to_tun(&mut self) -> Result<bool, String> {
+        let n = {
+            let mut chunks = self.rx.chunks_exact_mut(RX_BUF);
+            let mut bufs: [IoSliceMut<'_>; RX_MSGS] =
+                std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+            match self.sock.recv(&mut bufs, &mut self.meta) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                // ICMP errors about earlier sends, ENOBUFS, …: transient.
+                Err(_) => return Ok(true),
+            }
+        };
+        let table = self.shared.table.load();
+        let mut queued = 0;
+        for i in 0..n.min(RX_MSGS) {
+            let m = self.meta[i];
+            let from = match m.addr {
+                SocketAddr::V4(a) => Some(a),
+                SocketAddr::V6(a) => a
+                    .ip()
+                    .to_ipv4_mapped()
+                    .map(|ip| SocketAddrV4::new(ip, a.port())),
+            };
+            let start = i * RX_BUF;
+            let Some(data) = self.rx.get(start..start + m.len.min(RX_BUF)) else {
+                continue;
+            };
+            let stride = if m.stride == 0 { data.len() } else { m.stride };
+            // An empty datagram is still one (malformed) packet to count.
+            let empty: &[&[u8]] = if data.is_empty() { &[&[]] } else { &[] };
+            for pkt in data.chunks(stride.max(1)).chain(empty.iter().copied()) {
+                let verdict = match from {
+                    Some(from) => codec::ingress(&table, from, pkt),
+                    None => Err(DropReason::UnknownSender),
+                };
+                self.counters.record_ingress(verdict, pkt.len());
+                if verdict.is_err() {
+                    continue;
+                }
+                let buf = &mut self.out[queued];
+                buf.clear();
+                buf.resize(self.hdr, 0);
+                buf.extend_from_slice(pkt);
+                queued += 1;
+                if queued == TUN_BATCH {
+                    let out = &mut self.out[..queued];
+                    write_tun(&self.tun, &mut self.gro, out, self.hdr, &mut self.counters)?;
+                    queued = 0;
+                }
+            }
+        }
+        if queued > 0 {
+            let out = &mut self.out[..queued];
+            write_tun(&self.tun, &mut self.gro, out, self.hdr, &mut self.counters)?;
+        }
+        Ok(true)
+    }
+}
+
+/// Writes `out` to the TUN, coalesced where tun-rs can; `hdr` bytes of each are the virtio-net
+/// header.
+fn write_tun(
+    tun: &SyncDevice,
+    gro: &mut GROTable,
+    out: &mut [Vec<u8>],
+    hdr: usize,
+    counters: &mut Counters,
+) -> Result<(), String> {
+    match tun.send_multiple(gro, out, hdr) {
+        Ok(_) => Ok(()),
+        Err(e) if is_gone(&e) => Err(format!("write to the TUN: {e}")),
+        Err(e) => {
+            // An OS error hit one write (the others went through); anything else refused the
+            // whole batch.
+            let lost = if e.raw_os_error().is_some() {
+                1
+            } else {
+                out.len()
+            };
+            counters.rx_packets = counters.rx_packets.saturating_sub(lost as u64);
+            for _ in 0..lost {
+                counters.count_drop(DropReason::TunWriteFailed);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Consecutive packets for one peer of `seg` bytes each but the last: one GSO send.
+#[derive(Clone, Copy)]
+struct Run {
+    to: SocketAddrV4,
+    /// Byte offset in `tx`.
+    start: usize,
+    seg: usize,
+    len: usize,
+    count: usize,
+    /// A shorter packet ended it.
+    closed: bool,
+}
+
+impl Run {
+    fn new(to: SocketAddrV4, start: usize, len: usize) -> Self {
+        Self {
+            to,
+            start,
+            seg: len,
+            len,
+            count: 1,
+            closed: false,
+        }
+    }
+
+    fn takes(&self, to: SocketAddrV4, len: usize, max_segments: usize) -> bool {
+        to == self.to
+            && !self.closed
+            && len <= self.seg
+            && self.count < max_segments
+            && self.len + len <= MAX_PAYLOAD
+    }
+
+    fn add(&mut self, len: usize) {
+        self.len += len;
+        self.count += 1;
+        self.closed = len < self.seg;
+    }
+}
+
+/// Sends, waiting a little for room when the socket buffer is full.
+fn send_waiting(
+    sock: &Socket,
+    wake: &UnixStream,
+    to: SocketAddrV4,
+    contents: &[u8],
+    seg: Option<usize>,
+) -> io::Result<()> {
+    let deadline = Instant::now() + SEND_WAIT;
+    loop {
+        match sock.send(to, contents, seg) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(e);
+                }
+                let mut fds = [
+                    PollFd::new(sock.as_fd(), PollFlags::POLLOUT),
+                    PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+                ];
+                let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+                let _ = poll(&mut fds, PollTimeout::from(ms));
+                if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                    return Err(e);
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The TUN queue is detached: the device was deleted or its queue disabled.
+fn is_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADFD | libc::EBADF | libc::ENODEV | libc::ENXIO)
+    )
+}

@@ -1,0 +1,297 @@
+//! Debian's etcd as a private server: one member on random loopback ports, or a cluster of one or
+//! more members inside a lab's switch namespace. Members are killed by PID in `Drop`.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::cmd;
+use crate::netns::Netns;
+use crate::wait::{free_port, wait_for};
+
+/// The flags of one member of a static cluster (`cluster` is etcd's `--initial-cluster`).
+pub fn member_args(
+    name: &str,
+    data_dir: &Path,
+    client_url: &str,
+    peer_url: &str,
+    cluster: &str,
+) -> Vec<String> {
+    [
+        "--name",
+        name,
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--listen-client-urls",
+        client_url,
+        "--advertise-client-urls",
+        client_url,
+        "--listen-peer-urls",
+        peer_url,
+        "--initial-advertise-peer-urls",
+        peer_url,
+        "--initial-cluster",
+        cluster,
+        "--log-level",
+        "error",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
+/// The flags of a one-member cluster.
+pub fn etcd_args(name: &str, data_dir: &Path, client_url: &str, peer_url: &str) -> Vec<String> {
+    member_args(
+        name,
+        data_dir,
+        client_url,
+        peer_url,
+        &format!("{name}={peer_url}"),
+    )
+}
+
+struct Member {
+    child: Option<Child>,
+    cmd: Vec<String>,
+    client_url: String,
+}
+
+/// A private etcd.
+pub struct Etcd {
+    members: Vec<Member>,
+    /// Client URLs, comma-separated, as `-etcd-endpoints` takes them.
+    pub endpoint: String,
+    /// The first member's client port.
+    pub port: u16,
+    /// The namespace etcdctl must run in (None: this one).
+    ns: Option<String>,
+    dir: TempDir,
+}
+
+impl Etcd {
+    /// One member on random loopback ports; no root needed.
+    pub fn start() -> Self {
+        let port = free_port();
+        let client = format!("http://127.0.0.1:{port}");
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        Self::launch(None, vec![("weft-test".into(), client, peer)], port)
+    }
+
+    /// A cluster with one member per address in `ips` (which must be on `ns`'s interfaces),
+    /// clients on port 2379.
+    pub fn start_in(ns: &Netns, ips: &[Ipv4Addr]) -> Self {
+        let members = ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| {
+                (
+                    format!("m{i}"),
+                    format!("http://{ip}:2379"),
+                    format!("http://{ip}:2380"),
+                )
+            })
+            .collect();
+        Self::launch(Some(ns.name.clone()), members, 2379)
+    }
+
+    fn launch(ns: Option<String>, spec: Vec<(String, String, String)>, port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("etcd dir");
+        let cluster = spec
+            .iter()
+            .map(|(n, _, p)| format!("{n}={p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut etcd = Etcd {
+            members: Vec::new(),
+            endpoint: spec
+                .iter()
+                .map(|(_, c, _)| c.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            port,
+            ns,
+            dir,
+        };
+        for (name, client, peer) in &spec {
+            let mut argv = Vec::new();
+            if let Some(ns) = &etcd.ns {
+                argv.extend(["ip".to_string(), "netns".into(), "exec".into(), ns.clone()]);
+            }
+            argv.push("etcd".into());
+            argv.extend(member_args(
+                name,
+                &etcd.dir.path().join(name),
+                client,
+                peer,
+                &cluster,
+            ));
+            etcd.members.push(Member {
+                child: None,
+                cmd: argv,
+                client_url: client.clone(),
+            });
+        }
+        for i in 0..etcd.members.len() {
+            etcd.start_member(i);
+        }
+        wait_for("etcd to answer", Duration::from_secs(30), || {
+            etcd.ctl(&["endpoint", "health"])
+                .status
+                .success()
+                .then_some(())
+        });
+        etcd
+    }
+
+    /// (Re)starts member `i` with its data dir as it was: an outage ends.
+    pub fn start_member(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        assert!(m.child.is_none(), "etcd member {i} already runs");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("etcd{i}.log")))
+            .expect("etcd log");
+        let child = Command::new(&m.cmd[0])
+            .args(&m.cmd[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd (apt-get install etcd-server)");
+        m.child = Some(child);
+    }
+
+    /// Kills member `i` (SIGKILL, by PID): a crashed or partitioned member.
+    pub fn kill_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Client URL of member `i`.
+    pub fn member_url(&self, i: usize) -> &str {
+        &self.members[i].client_url
+    }
+
+    /// Runs etcdctl against the cluster (in its namespace), under a time limit.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        let mut c = match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcdctl"]);
+                c
+            }
+            None => Command::new("etcdctl"),
+        };
+        c.env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoint, "--command-timeout=5s"])
+            .args(args);
+        cmd::output(&mut c, Duration::from_secs(20))
+    }
+
+    /// etcdctl that must succeed; stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        self.ctl_ok(&["put", key, value]);
+    }
+
+    /// Grants an etcd lease of `ttl` seconds; its id.
+    pub fn grant(&self, ttl: u64) -> String {
+        let text = self.ctl_ok(&["lease", "grant", &ttl.to_string()]);
+        text.split_whitespace()
+            .nth(1)
+            .expect("lease id in etcdctl output")
+            .to_string()
+    }
+
+    /// Puts with a fresh etcd lease of `ttl` seconds, as an agent would.
+    pub fn put_leased(&self, key: &str, value: &str, ttl: u64) {
+        let id = self.grant(ttl);
+        self.ctl_ok(&["put", "--lease", &id, key, value]);
+    }
+
+    pub fn get(&self, key: &str) -> Option<String> {
+        let out = self.ctl(&["get", "--print-value-only", key]);
+        let v = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+        (!v.is_empty()).then_some(v)
+    }
+
+    /// `(key, value, lease id)` of everything under `prefix`.
+    pub fn list(&self, prefix: &str) -> Vec<(String, String, i64)> {
+        let out = self.ctl(&["get", "--prefix", prefix, "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("etcdctl json");
+        let b64 = |s: &serde_json::Value| {
+            String::from_utf8(base64_decode(s.as_str().unwrap_or(""))).expect("utf8")
+        };
+        v["kvs"]
+            .as_array()
+            .map(|kvs| {
+                kvs.iter()
+                    .map(|kv| {
+                        (
+                            b64(&kv["key"]),
+                            b64(&kv["value"]),
+                            kv["lease"].as_i64().unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn del(&self, key: &str) {
+        self.ctl_ok(&["del", key]);
+    }
+
+    pub fn revision(&self) -> i64 {
+        let out = self.ctl(&["get", "/", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        v["header"]["revision"].as_i64().expect("revision")
+    }
+
+    pub fn compact(&self) {
+        let rev = self.revision();
+        self.ctl_ok(&["compact", &rev.to_string(), "--physical"]);
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill_member(i);
+        }
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let Some(v) = T.iter().position(|t| *t == c) else {
+            continue;
+        };
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}

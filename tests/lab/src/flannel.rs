@@ -1,0 +1,145 @@
+//! A flannel node built by hand, exactly as flanneld would leave it: the reference weft must
+//! interoperate with. Lease values are flannel's bytes; kernel state is made with `ip`/`bridge`
+//! the way flannel's backends program it (see ../shared/reference/flannel-compat.md).
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::netns::Netns;
+
+/// The etcd key of a lease: `<prefix>/subnets/10.244.52.0-24`.
+pub fn lease_key(prefix: &str, subnet: Ipv4Net) -> String {
+    format!(
+        "{prefix}/subnets/{}-{}",
+        subnet.network(),
+        subnet.prefix_len()
+    )
+}
+
+/// flanneld's vxlan lease value (VNI 1).
+pub fn vxlan_lease(public_ip: Ipv4Addr, vtep_mac: &str) -> String {
+    format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep_mac}"}}}}"#
+    )
+}
+
+/// flanneld's udp lease value: its udp backend writes only PublicIP (no BackendType).
+pub fn udp_lease(public_ip: Ipv4Addr) -> String {
+    format!(r#"{{"PublicIP":"{public_ip}"}}"#)
+}
+
+/// flannel's `flannel.1` on `eth0`: VNI 1, port 8472, no learning, the lease's network
+/// address/32, MTU `mtu`, VTEP MAC `mac`.
+pub fn vxlan_device(ns: &Netns, local: Ipv4Addr, mac: &str, subnet: Ipv4Net, mtu: u32) {
+    ns.ip(&format!(
+        "link add flannel.1 type vxlan id 1 local {local} dev eth0 dstport 8472 nolearning"
+    ));
+    ns.ip(&format!("link set flannel.1 address {mac} mtu {mtu} up"));
+    ns.ip(&format!("addr add {}/32 dev flannel.1", subnet.network()));
+}
+
+/// What flannel's vxlan programs for one peer, in its order: permanent neighbour (peer network
+/// address → VTEP MAC), FDB entry (MAC → PublicIP), onlink route to the peer subnet.
+pub fn vxlan_peer(ns: &Netns, subnet: Ipv4Net, mac: &str, public_ip: Ipv4Addr) {
+    let net = subnet.network();
+    ns.ip(&format!(
+        "neigh replace {net} lladdr {mac} dev flannel.1 nud permanent"
+    ));
+    crate::cmd::must(&[
+        "bridge",
+        "-n",
+        &ns.name,
+        "fdb",
+        "append",
+        mac,
+        "dev",
+        "flannel.1",
+        "dst",
+        &public_ip.to_string(),
+    ]);
+    ns.ip(&format!("route add {subnet} via {net} dev flannel.1 onlink"));
+}
+
+/// One IPv4/UDP packet with correct checksums: what flannel's udp backend puts, alone and with no
+/// header of its own, into each datagram to port 8285.
+pub fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let udp_len = 8 + payload.len();
+    let total = 20 + udp_len;
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[6] = 0x40; // DF
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(&[&p[..20]]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&dport.to_be_bytes());
+    p[24..26].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    let mut pseudo = [0u8; 12];
+    pseudo[..4].copy_from_slice(&src.octets());
+    pseudo[4..8].copy_from_slice(&dst.octets());
+    pseudo[9] = 17;
+    pseudo[10..12].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    let c = match checksum(&[&pseudo, &p[20..]]) {
+        0 => 0xffff,
+        c => c,
+    };
+    p[26..28].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// The Internet checksum over the concatenation of `parts` (each of even length but the last).
+pub fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum = 0u32;
+    for part in parts {
+        let mut chunks = part.chunks_exact(2);
+        for c in &mut chunks {
+            sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+        }
+        if let [last] = chunks.remainder() {
+            sum += u32::from(*last) << 8;
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_built_packet_checksums_to_zero_in_both_headers() {
+        let (s, d) = (Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 2, 2));
+        let p = ipv4_udp(s, d, 1000, 2000, b"hello");
+        assert_eq!(checksum(&[&p[..20]]), 0);
+        let mut pseudo = [0u8; 12];
+        pseudo[..4].copy_from_slice(&s.octets());
+        pseudo[4..8].copy_from_slice(&d.octets());
+        pseudo[9] = 17;
+        pseudo[10..12].copy_from_slice(&13u16.to_be_bytes());
+        assert_eq!(checksum(&[&pseudo, &p[20..]]), 0);
+    }
+
+    #[test]
+    fn lease_values_are_flannels_bytes() {
+        let ip = Ipv4Addr::new(192, 168, 64, 3);
+        assert_eq!(
+            vxlan_lease(ip, "c6:2b:1e:55:0d:7a"),
+            r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:2b:1e:55:0d:7a"}}"#
+        );
+        assert_eq!(udp_lease(ip), r#"{"PublicIP":"192.168.64.3"}"#);
+        let subnet = "10.244.52.0/24".parse().expect("net");
+        assert_eq!(
+            lease_key("/coreos.com/network", subnet),
+            "/coreos.com/network/subnets/10.244.52.0-24"
+        );
+    }
+}

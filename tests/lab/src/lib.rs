@@ -1,0 +1,48 @@
+//! weft's one test lab, shared by the control-plane and the data-plane test suites.
+//!
+//! A lab is a "switch" network namespace with a bridge (and, when asked, etcd on it), simulated
+//! hosts plugged into the bridge by veth pairs, each with a "container" namespace behind a `cni0`
+//! bridge, and outsiders (machines on the switch that are not in the cluster). Names that the
+//! machine sees (namespaces, temp dirs) carry a unique per-lab prefix; interface names live inside
+//! private namespaces, so fixed names (eth0, cni0) are safe. Everything a lab made is removed in
+//! `Drop`, also when a test panics; processes are ended by the PID the lab started them with.
+//! Every external command runs under a time limit.
+//!
+//! The shell side (demo, benchmarks) has its own library: `deploy/lib/topology.sh`.
+
+pub mod cmd;
+pub mod dockerd;
+pub mod etcd;
+pub mod flannel;
+pub mod json;
+pub mod netns;
+pub mod probe;
+pub mod skip;
+pub mod topology;
+pub mod wait;
+
+pub use cmd::{must, sh};
+pub use etcd::Etcd;
+pub use netns::Netns;
+pub use skip::{require_root, require_tools};
+pub use topology::{Host, Lab, SWITCH_IP};
+pub use wait::wait_for;
+
+/// Lets a suite's own host or lab type (the lab's plus the suite's state: an agent thread, a
+/// weftd process) be used as the lab's: `weft_lab::extends!(Host => lab: weft_lab::Host);`.
+#[macro_export]
+macro_rules! extends {
+    ($outer:ty => $field:ident: $inner:ty) => {
+        impl ::std::ops::Deref for $outer {
+            type Target = $inner;
+            fn deref(&self) -> &$inner {
+                &self.$field
+            }
+        }
+        impl ::std::ops::DerefMut for $outer {
+            fn deref_mut(&mut self) -> &mut $inner {
+                &mut self.$field
+            }
+        }
+    };
+}

@@ -1,0 +1,244 @@
+//! The simulated cluster: a switch namespace with bridge `br0`, hosts plugged into it by veth
+//! (`eth0` inside the host), each host with a container namespace behind `cni0`, and outsiders.
+//!
+//! Default addressing (`Lab::with_hosts`): the switch is 10.199.0.1/24 and runs etcd; host `i` is
+//! 10.199.0.(11+i)/24 with a default route via the switch. Tests that need other underlays
+//! (several L2 segments, MTU 9000) call `add_host` with their own.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use tempfile::TempDir;
+
+use crate::etcd::Etcd;
+use crate::netns::{unique_prefix, Netns};
+
+/// The switch's address: etcd listens here, and it stands for "outside the cluster network".
+pub const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 1);
+
+/// The first host address of a lease: the bridge's (docker0, cni0) and FLANNEL_SUBNET's.
+pub fn gateway(subnet: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + 1)
+}
+
+/// The address the lab gives a host's container: the lease's second host address.
+pub fn container_ip(subnet: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + 2)
+}
+
+/// One simulated host.
+pub struct Host {
+    pub ns: Netns,
+    pub container: Netns,
+    /// The underlay address and prefix on `eth0`.
+    pub underlay: Ipv4Net,
+    /// A private directory (subnet.env, daemon.json, logs).
+    pub dir: PathBuf,
+}
+
+impl Host {
+    /// The host's underlay address.
+    pub fn addr(&self) -> Ipv4Addr {
+        self.underlay.addr()
+    }
+
+    /// Puts the container behind `cni0` with the second address of `subnet`, as Docker or the
+    /// CNI bridge plugin would; `mtu` for the bridge and the veth (None: the kernel's default).
+    /// Replaces an earlier wiring, so a new lease can be wired again.
+    pub fn wire_container(&self, subnet: Ipv4Net, mtu: Option<u32>) {
+        let gw = gateway(subnet);
+        let len = subnet.prefix_len();
+        let mtu = mtu.map(|m| format!("mtu {m}")).unwrap_or_default();
+        let _ = self.ns.try_ip("link del cni0");
+        let _ = self.container.try_ip("link del eth0");
+        self.ns.ip(&format!("link add cni0 {mtu} type bridge"));
+        self.ns.ip(&format!("addr add {gw}/{len} dev cni0"));
+        self.ns.ip("link set cni0 up");
+        self.ns.ip(&format!(
+            "link add vc {mtu} type veth peer name eth0 {mtu} netns {}",
+            self.container.name
+        ));
+        self.ns.ip("link set vc master cni0 up");
+        self.container
+            .ip(&format!("addr add {}/{len} dev eth0", container_ip(subnet)));
+        self.container.ip("link set eth0 up");
+        self.container.ip(&format!("route add default via {gw}"));
+    }
+
+    /// Whether one ping from this host's container reaches `to`.
+    pub fn ping(&self, to: Ipv4Addr) -> bool {
+        self.container
+            .exec(&["ping", "-c1", "-W1", &to.to_string()])
+            .0
+    }
+
+    /// Cuts this host off from `ips` (etcd) while it still reaches every other host: a /32
+    /// blackhole beats the connected route.
+    pub fn cut_off(&self, ips: &[Ipv4Addr]) {
+        for ip in ips {
+            self.ns.ip(&format!("route replace blackhole {ip}/32"));
+        }
+    }
+
+    /// Ends a [`Host::cut_off`].
+    pub fn reconnect(&self, ips: &[Ipv4Addr]) {
+        for ip in ips {
+            let _ = self.ns.try_ip(&format!("route del blackhole {ip}/32"));
+        }
+    }
+}
+
+/// A switch, its hosts and outsiders, and optionally etcd on the switch.
+pub struct Lab {
+    pub prefix: String,
+    pub hosts: Vec<Host>,
+    pub outsiders: Vec<Netns>,
+    /// Dropped before the namespaces (field order): etcd runs inside the switch.
+    pub etcd: Option<Etcd>,
+    pub switch: Netns,
+    pub dir: TempDir,
+    /// Hosts made so far, for unique port names.
+    made: std::cell::Cell<usize>,
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Lab {
+    /// A switch with bridge `br0` (address [`SWITCH_IP`]/24) and nothing on it.
+    pub fn new() -> Self {
+        let prefix = unique_prefix();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-"))
+            .tempdir()
+            .expect("lab dir");
+        let switch = Netns::new(format!("{prefix}sw"));
+        switch.ip("link add br0 type bridge");
+        switch.ip(&format!("addr add {SWITCH_IP}/24 dev br0"));
+        switch.ip("link set br0 up");
+        Self {
+            prefix,
+            hosts: Vec::new(),
+            outsiders: Vec::new(),
+            etcd: None,
+            switch,
+            dir,
+            made: Default::default(),
+        }
+    }
+
+    /// `n` hosts at 10.199.0.(11+i)/24 with underlay MTU `mtu`, routed via the switch, and a
+    /// one-member etcd on the switch.
+    pub fn with_hosts(n: usize, mtu: u32) -> Self {
+        let mut lab = Self::new();
+        lab.switch.ip(&format!("link set br0 mtu {mtu}"));
+        for i in 0..n {
+            let addr = Ipv4Addr::new(10, 199, 0, 11 + i as u8);
+            lab.add_host(&format!("{addr}/24"), mtu);
+            lab.hosts[i]
+                .ns
+                .ip(&format!("route add default via {SWITCH_IP}"));
+        }
+        lab.start_etcd(1);
+        lab
+    }
+
+    /// Adds a host with `underlay` (CIDR) on `eth0` and forwarding on; its container is wired
+    /// later with [`Host::wire_container`].
+    pub fn add_host(&mut self, underlay: &str, mtu: u32) -> &Host {
+        let h = self.new_host(underlay, mtu);
+        self.hosts.push(h);
+        self.hosts.last().expect("just pushed")
+    }
+
+    /// Makes a host as [`Lab::add_host`] does but hands it to the caller, for suites that keep
+    /// hosts in their own wrapper (its namespaces are still removed when it is dropped).
+    pub fn new_host(&self, underlay: &str, mtu: u32) -> Host {
+        let i = self.made.get();
+        self.made.set(i + 1);
+        let ns = Netns::new(format!("{}h{i}", self.prefix));
+        let container = Netns::new(format!("{}c{i}", self.prefix));
+        self.plug(&ns, &format!("p{i}"), underlay, mtu);
+        ns.must(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let dir = self.dir.path().join(&ns.name);
+        std::fs::create_dir_all(&dir).expect("host dir");
+        Host {
+            ns,
+            container,
+            underlay: underlay.parse().expect("underlay CIDR"),
+            dir,
+        }
+    }
+
+    /// A machine outside the cluster on the switch, with `addr` (CIDR) on eth0.
+    pub fn add_outsider(&mut self, addr: &str) -> &Netns {
+        let k = self.outsiders.len();
+        let ns = Netns::new(format!("{}o{k}", self.prefix));
+        self.plug(&ns, &format!("o{k}"), addr, 1500);
+        self.outsiders.push(ns);
+        &self.outsiders[k]
+    }
+
+    fn plug(&self, ns: &Netns, port: &str, addr: &str, mtu: u32) {
+        ns.ip(&format!(
+            "link add eth0 mtu {mtu} type veth peer name {port} netns {}",
+            self.switch.name
+        ));
+        self.switch
+            .ip(&format!("link set {port} mtu {mtu} master br0 up"));
+        ns.ip(&format!("addr add {addr} dev eth0"));
+        ns.ip("link set eth0 up");
+    }
+
+    /// etcd on the switch with `members` members (10.199.0.1, .2, …), replacing any before.
+    pub fn start_etcd(&mut self, members: usize) -> &Etcd {
+        self.etcd = None;
+        let ips: Vec<Ipv4Addr> = (0..members)
+            .map(|k| Ipv4Addr::new(10, 199, 0, 1 + k as u8))
+            .collect();
+        for ip in &ips[1..] {
+            self.switch.ip(&format!("addr replace {ip}/24 dev br0"));
+        }
+        self.etcd = Some(Etcd::start_in(&self.switch, &ips));
+        self.etcd()
+    }
+
+    pub fn etcd(&self) -> &Etcd {
+        self.etcd.as_ref().expect("the lab has no etcd")
+    }
+
+    pub fn etcd_mut(&mut self) -> &mut Etcd {
+        self.etcd.as_mut().expect("the lab has no etcd")
+    }
+
+    /// The etcd members' addresses, for `-etcd-endpoints` and [`Host::cut_off`].
+    pub fn etcd_ips(&self) -> Vec<Ipv4Addr> {
+        self.etcd()
+            .endpoint
+            .split(',')
+            .filter_map(|u| u.trim_start_matches("http://").split(':').next())
+            .filter_map(|ip| ip.parse().ok())
+            .collect()
+    }
+}
+
+/// Whether a TCP server at `ip:port` answers from inside `ns` within `limit`.
+pub fn wait_port(ns: &Netns, ip: Ipv4Addr, port: u16, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        let ok = ns.run_in(|| {
+            std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_millis(200))
+                .is_ok()
+        });
+        if ok {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
