@@ -89,6 +89,7 @@ phase_end() {
   PHASE=""
 }
 
+RUNNING=""      # the timeout(1) of the command running now; it passes signals on
 WORK=""         # the fresh root and the logs
 ROOT=""
 BUILD_DIR=""    # a cached root being built
@@ -135,16 +136,34 @@ teardown() {
   rm -rf --one-file-system "$dir"
 }
 
+# Stops the command run_limited is waiting for (debootstrap runs outside the root).
+stop_running() {
+  local i
+  [[ -n $RUNNING ]] || return 0
+  kill -TERM "$RUNNING" 2>/dev/null
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$RUNNING" 2>/dev/null || break
+    sleep 0.1
+  done
+  # timeout(1) leads its own process group: that is the command and all its children.
+  kill -KILL -- "-$RUNNING" 2>/dev/null
+  wait "$RUNNING" 2>/dev/null
+  RUNNING=""
+}
+
 on_exit() {
   local rc=$?
   trap - EXIT INT TERM
   set +e
   phase_end
+  stop_running
   teardown "$WORK" || rc=1
   teardown "$BUILD_DIR" || rc=1
   TIMINGS+=("total $((SECONDS - START)) s")
   say "timings: $(printf '%s, ' "${TIMINGS[@]}" | sed 's/, $//')"
-  if ((rc == 0)); then
+  if ((rc == 130 || rc == 143)); then
+    say "interrupted"
+  elif ((rc == 0)); then
     say "OK: deploy/setup-debian.sh sets up a fresh $SUITE root that builds the workspace"
   fi
   exit "$rc"
@@ -153,23 +172,27 @@ trap on_exit EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Runs `secs cmd...` in the background and waits, so a signal reaches the trap at once.
+# Runs `cmd...` under a time limit with its output to `log`, in the background so that a signal
+# reaches the trap at once. Only the command is redirected: a trap that fires during `wait` must
+# not inherit the log as its stderr.
 run_limited() {
-  local secs=$1 rc=0; shift
-  timeout -k 10 "$secs" "$@" &
-  wait $! || rc=$?
+  local secs=$1 log=$2 rc=0; shift 2
+  timeout -k 10 "$secs" "$@" >"$log" 2>&1 &
+  RUNNING=$!
+  wait "$RUNNING" || rc=$?
+  RUNNING=""
   return "$rc"
 }
 
 # Runs a bash script as root in the fresh root with a clean environment; output to log $1.
 in_root() {
   local log=$1 secs=$2 script=$3
-  run_limited "$secs" chroot "$ROOT" /usr/bin/env -i \
+  run_limited "$secs" "$log" chroot "$ROOT" /usr/bin/env -i \
     HOME=/root LANG=C.UTF-8 TERM=dumb DEBIAN_FRONTEND=noninteractive \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/opt/rust/bin \
     SSL_CERT_FILE=/opt/weft-network/ca.crt CARGO_HTTP_CAINFO=/opt/weft-network/ca.crt \
     CARGO_HOME=/root/.cargo CARGO_TERM_COLOR=never \
-    /bin/bash -euo pipefail -c "$script" >"$log" 2>&1
+    /bin/bash -euo pipefail -c "$script"
 }
 
 fail_with_log() {
@@ -206,8 +229,8 @@ else
   # half-written tarball under the final name.
   BUILD_DIR=$(mktemp -d "$CACHE_DIR/build-XXXXXX")
   say "building $TARBALL with debootstrap from $MIRROR (once per machine)"
-  run_limited 900 debootstrap --variant=minbase "$SUITE" "$BUILD_DIR/root" "$MIRROR" \
-    >"$BUILD_DIR/debootstrap.log" 2>&1 ||
+  run_limited 900 "$BUILD_DIR/debootstrap.log" \
+    debootstrap --variant=minbase "$SUITE" "$BUILD_DIR/root" "$MIRROR" ||
     fail_with_log "$BUILD_DIR/debootstrap.log" "debootstrap from $MIRROR (set WEFT_DEBIAN_MIRROR to another mirror)"
   # The machine's own: a fresh machine has no downloaded packages, and lists come from set-up.
   rm -rf "$BUILD_DIR"/root/var/cache/apt/archives/*.deb "$BUILD_DIR"/root/var/lib/apt/lists/* \

@@ -45,7 +45,10 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async {
-        let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(t), Ok(i)) => (t, i),
             _ => {
                 error!("cannot install signal handlers");

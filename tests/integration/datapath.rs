@@ -34,7 +34,9 @@ fn owned_routes(t: &Topology, i: usize) -> Vec<String> {
 }
 
 fn neighbours(t: &Topology, i: usize) -> Vec<String> {
-    let v = t.hosts[i].ns.ip_json("neigh show dev flannel.1 nud permanent");
+    let v = t.hosts[i]
+        .ns
+        .ip_json("neigh show dev flannel.1 nud permanent");
     rows(&v, &["dst", "lladdr"])
 }
 

@@ -12,6 +12,6 @@ mod health;
 mod iface;
 mod leases;
 mod netns;
-mod udp;
 mod systemd;
+mod udp;
 mod watch;

@@ -53,7 +53,16 @@ fn flannel0(t: &Topology, i: usize) -> (u64, Vec<String>, Vec<String>) {
 fn ping_series(t: &Topology, from: usize, to: &str, count: u32, interval: &str) -> String {
     let secs = Duration::from_secs(u64::from(count) / 5 + 20);
     let (_, out, err) = t.hosts[from].container.exec_for(
-        &["ping", "-c", &count.to_string(), "-i", interval, "-W", "1", to],
+        &[
+            "ping",
+            "-c",
+            &count.to_string(),
+            "-i",
+            interval,
+            "-W",
+            "1",
+            to,
+        ],
         secs,
     );
     format!("{out}{err}")
@@ -70,7 +79,10 @@ fn udp_three_hosts_reach_each_other_and_peers_come_and_go() {
         let subnet = t.hosts[i].wait_subnet();
         let lease = lease_json(&t, i);
         assert_eq!(lease["BackendType"], "udp");
-        assert!(lease.get("BackendData").is_none(), "no BackendData: {lease}");
+        assert!(
+            lease.get("BackendData").is_none(),
+            "no BackendData: {lease}"
+        );
         assert_eq!(t.hosts[i].env_var("FLANNEL_MTU").as_deref(), Some("1472"));
         assert_eq!(
             flannel0(&t, i),
@@ -157,10 +169,17 @@ fn a_restart_keeps_flannel0_and_loses_only_the_packets_of_the_gap() {
         "udp restart: {lost} of 200 pings (20 ms apart) lost; SIGTERM to peers programmed again \
          took {restart:?}"
     );
-    assert_eq!(index(&t), before, "the same flannel0 is reopened, not recreated");
+    assert_eq!(
+        index(&t),
+        before,
+        "the same flannel0 is reopened, not recreated"
+    );
     // Every ping but those sent while no weftd ran got through.
     let gap = u32::try_from(restart.as_millis() / 20).unwrap_or(u32::MAX) + 2;
-    assert!(lost <= gap, "{lost} lost, more than the restart gap of {gap} allows:\n{text}");
+    assert!(
+        lost <= gap,
+        "{lost} lost, more than the restart gap of {gap} allows:\n{text}"
+    );
     t.assert_full_mesh(&[0, 1]);
 }
 

@@ -23,6 +23,8 @@ mod ipv4;
 mod table;
 
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod tests;

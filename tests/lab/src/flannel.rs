@@ -58,7 +58,9 @@ pub fn vxlan_peer(ns: &Netns, subnet: Ipv4Net, mac: &str, public_ip: Ipv4Addr) {
         "dst",
         &public_ip.to_string(),
     ]);
-    ns.ip(&format!("route add {subnet} via {net} dev flannel.1 onlink"));
+    ns.ip(&format!(
+        "route add {subnet} via {net} dev flannel.1 onlink"
+    ));
 }
 
 /// One IPv4/UDP packet with correct checksums: what flannel's udp backend puts, alone and with no

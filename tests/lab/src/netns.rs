@@ -32,7 +32,10 @@ fn sweep_stale() {
     let Ok(dir) = std::fs::read_dir("/run/netns") else {
         return;
     };
-    for name in dir.flatten().filter_map(|e| e.file_name().into_string().ok()) {
+    for name in dir
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+    {
         let Some(rest) = name.strip_prefix(TAG) else {
             continue;
         };
@@ -212,10 +215,5 @@ pub fn enter(name: &str) {
     let f = File::open(format!("/run/netns/{name}")).expect("open netns");
     // SAFETY: setns on this thread only, with a namespace fd held open for the call.
     let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(
-        rc,
-        0,
-        "setns {name}: {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "setns {name}: {}", std::io::Error::last_os_error());
 }
