@@ -479,8 +479,7 @@ impl Agent {
         let own = state.own.to_backend();
         let previous = Some(&own);
         with_watchdog(async {
-            let mut delay = Duration::from_millis(250);
-            let mut last = String::new();
+            let mut backoff = Backoff::new("rebuild the data plane");
             loop {
                 let r = async {
                     state.backend.prepare(previous).await?;
@@ -488,15 +487,7 @@ impl Agent {
                 };
                 match r.await {
                     Ok(()) => break,
-                    Err(e) => {
-                        let msg = format!("rebuild the data plane: {e}");
-                        if msg != last {
-                            warn!("{msg}; retrying");
-                            last = msg;
-                        }
-                        sleep(delay).await;
-                        delay = (delay * 2).min(MAX_BACKOFF);
-                    }
+                    Err(e) => backoff.failed(&e).await,
                 }
             }
         })
@@ -645,24 +636,43 @@ where
     Fut: std::future::Future<Output = Result<T>>,
 {
     with_watchdog(async {
-        let mut delay = Duration::from_millis(250);
-        let mut last = String::new();
+        let mut backoff = Backoff::new(what);
         loop {
             match f().await {
                 Ok(v) => return v,
-                Err(e) => {
-                    let msg = format!("{what}: {e:#}");
-                    if msg != last {
-                        warn!("{msg}; retrying");
-                        last = msg;
-                    }
-                    sleep(delay).await;
-                    delay = (delay * 2).min(MAX_BACKOFF);
-                }
+                Err(e) => backoff.failed(&format!("{e:#}")).await,
             }
         }
     })
     .await
+}
+
+/// Waits between retries of `what`, doubling up to [`MAX_BACKOFF`], and logs a failure only when
+/// it differs from the one before (no line repeated in a loop).
+struct Backoff<'a> {
+    what: &'a str,
+    delay: Duration,
+    last: String,
+}
+
+impl<'a> Backoff<'a> {
+    fn new(what: &'a str) -> Self {
+        Self {
+            what,
+            delay: Duration::from_millis(250),
+            last: String::new(),
+        }
+    }
+
+    async fn failed(&mut self, e: &dyn std::fmt::Display) {
+        let msg = format!("{}: {e}", self.what);
+        if msg != self.last {
+            warn!("{msg}; retrying");
+            self.last = msg;
+        }
+        sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(MAX_BACKOFF);
+    }
 }
 
 #[cfg(test)]
