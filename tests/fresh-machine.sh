@@ -276,10 +276,10 @@ phase "commands"
 in_root "$WORK/logs/commands.log" 60 "for c in ${COMMANDS[*]}; do command -v \$c >/dev/null || echo \$c; done
   [ -s /etc/ssl/certs/ca-certificates.crt ] || echo /etc/ssl/certs/ca-certificates.crt" ||
   fail_with_log "$WORK/logs/commands.log" "could not run the command check in the fresh root"
-missing=$(cat "$WORK/logs/commands.log")
+missing=$(paste -sd' ' "$WORK/logs/commands.log")
 if [[ -n $missing ]]; then
-  say "missing after set-up: $(tr '\n' ' ' <<<"$missing")"
-  FAILED+=("commands the tests, demo or benchmarks use are missing after set-up: $(tr '\n' ' ' <<<"$missing")")
+  say "missing after set-up: $missing"
+  FAILED+=("commands the tests, demo or benchmarks use are missing after set-up: $missing")
 fi
 
 phase "build"

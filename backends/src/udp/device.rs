@@ -42,6 +42,7 @@ const IFF_TUN: u8 = 1;
 pub struct Existing {
     pub index: u32,
     pub mtu: Option<u32>,
+    pub gso_max_segs: Option<u32>,
     pub up: bool,
     /// Why weft cannot attach to it, if it cannot.
     pub unusable: Option<String>,
@@ -72,6 +73,7 @@ fn describe(m: &LinkMessage) -> Existing {
     let mut e = Existing {
         index: m.header.index,
         mtu: None,
+        gso_max_segs: None,
         up: m.header.flags.contains(LinkFlags::Up),
         unusable: None,
     };
@@ -80,6 +82,7 @@ fn describe(m: &LinkMessage) -> Existing {
     for a in &m.attributes {
         match a {
             LinkAttribute::Mtu(n) => e.mtu = Some(*n),
+            LinkAttribute::GsoMaxSegs(n) => e.gso_max_segs = Some(*n),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     match i {
@@ -210,13 +213,20 @@ fn open_queue(offload: bool) -> Result<SyncDevice, Error> {
         )))
 }
 
-/// Sets flannel0's MTU and brings it up, touching only what differs.
-pub async fn ensure_link(handle: &Handle, mtu: u32) -> Result<u32, Error> {
+/// Sets flannel0's MTU and its largest super-packet (`max_segs` segments: the kernel splits
+/// bigger ones before the TUN, so a read always fits the worker's slots), and brings it up,
+/// touching only what differs.
+pub async fn ensure_link(handle: &Handle, mtu: u32, max_segs: u32) -> Result<u32, Error> {
     let e = find(handle)
         .await?
         .ok_or_else(|| Error::Other(format!("{NAME} does not exist")))?;
     let mut set = LinkUnspec::new_with_index(e.index);
     let mut changed = false;
+    let mut extra = Vec::new();
+    if e.gso_max_segs != Some(max_segs) {
+        extra.push(LinkAttribute::GsoMaxSegs(max_segs));
+        changed = true;
+    }
     if e.mtu != Some(mtu) {
         set = set.mtu(mtu);
         changed = true;
@@ -226,12 +236,16 @@ pub async fn ensure_link(handle: &Handle, mtu: u32) -> Result<u32, Error> {
         changed = true;
     }
     if changed {
+        let mut msg = set.build();
+        msg.attributes.extend(extra);
         handle
             .link()
-            .set(set.build())
+            .set(msg)
             .execute()
             .await
-            .map_err(Error::netlink(format!("set {NAME} up with MTU {mtu}")))?;
+            .map_err(Error::netlink(format!(
+                "set {NAME} up with MTU {mtu}, GSO at most {max_segs} segments"
+            )))?;
         debug!(device = NAME, mtu, "link set up");
     }
     Ok(e.index)
@@ -245,9 +259,15 @@ pub async fn ensure_link(handle: &Handle, mtu: u32) -> Result<u32, Error> {
 /// - `disable_ipv6` 1: the data plane is IPv4-only; without it the kernel sends router
 ///   solicitations and MLD reports into the device, only to be dropped.
 pub fn ensure_sysctls() -> Result<(), Error> {
-    set_sysctl(&format!("/proc/sys/net/ipv4/conf/{NAME}/accept_local"), true)?;
+    set_sysctl(
+        &format!("/proc/sys/net/ipv4/conf/{NAME}/accept_local"),
+        true,
+    )?;
     // No IPv6 in this kernel: nothing to turn off.
-    set_sysctl(&format!("/proc/sys/net/ipv6/conf/{NAME}/disable_ipv6"), false)
+    set_sysctl(
+        &format!("/proc/sys/net/ipv6/conf/{NAME}/disable_ipv6"),
+        false,
+    )
 }
 
 fn set_sysctl(path: &str, required: bool) -> Result<(), Error> {

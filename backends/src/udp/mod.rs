@@ -9,6 +9,7 @@
 pub mod codec;
 mod config;
 mod device;
+mod gro;
 mod socket;
 mod worker;
 
@@ -122,7 +123,7 @@ impl Udp {
         }
         let mut errs = ErrorList::default();
         let index = self.ensure_device().await?;
-        let mut desired = Vec::new();
+        let mut desired: Vec<(Ipv4Net, SocketAddrV4)> = Vec::new();
         // flannel's udp writes no BackendType, so "" is a flannel udp node.
         for p in peers
             .iter()
@@ -132,20 +133,24 @@ impl Udp {
                 errs.push(e);
                 continue;
             }
-            if let Some((_, other)) = desired
+            if let Some((n, other)) = desired
                 .iter()
-                .find(|(n, _): &&(Ipv4Net, _)| n.contains(&p.subnet) || p.subnet.contains(n))
+                .find(|(n, _)| n.contains(&p.subnet) || p.subnet.contains(n))
             {
                 errs.push(Error::BadPeer {
                     subnet: p.subnet.to_string(),
-                    reason: format!("overlaps the subnet of peer {other}"),
+                    reason: format!("overlaps {n} of the peer at {}", other.ip()),
                 });
                 continue;
             }
             desired.push((p.subnet, SocketAddrV4::new(p.public_ip, self.cfg.port)));
         }
-        if desired != self.peers {
-            debug!(peers = desired.len(), "peer table changed");
+        // The agent logs peers coming and going; the table itself is only worth a debug line.
+        for (n, at) in desired.iter().filter(|d| !self.peers.contains(d)) {
+            debug!(subnet = %n, endpoint = %at, "peer in the udp table");
+        }
+        for (n, at) in self.peers.iter().filter(|d| !desired.contains(d)) {
+            debug!(subnet = %n, endpoint = %at, "peer out of the udp table");
         }
         self.peers = desired;
         self.publish_table();
@@ -221,7 +226,7 @@ impl Udp {
         }
         // Before the link goes up, so IPv6 never starts on it.
         device::ensure_sysctls()?;
-        let index = device::ensure_link(&handle, self.cfg.mtu).await?;
+        let index = device::ensure_link(&handle, self.cfg.mtu, worker::READ_SLOTS as u32).await?;
         if let Some(own) = &self.own {
             device::ensure_address(&handle, index, own.subnet.network()).await?;
         }

@@ -1,7 +1,7 @@
 //! The I/O loop: one plain thread per TUN queue, each with its own UDP socket, polling both (and
 //! a wake-up socket for shutdown). Buffers are allocated once per worker; per packet there is no
-//! allocation, no lock and no system call of its own: the peer table is read through an
-//! `ArcSwap` snapshot once per batch, counters are plain integers published once per batch.
+//! allocation and no lock: the peer table is read through an `ArcSwap` snapshot once per batch,
+//! counters are plain integers published once per batch.
 //!
 //! TUN → peers: with offloads, one read returns a TCP/UDP super-packet of up to 64 KB that tun-rs
 //! splits into MTU-sized IP packets, written side by side into `tx`, one slot of `stride`
@@ -11,10 +11,11 @@
 //! flannel peer still sees one IP packet per datagram. Shorter packets are moved together first.
 //!
 //! Peers → TUN: recvmmsg with UDP GRO hands over runs of datagrams in one buffer; each is
-//! checked by the codec and copied behind a virtio-net header into its own buffer, and tun-rs
-//! coalesces TCP/UDP flows (GRO) so one write carries up to 64 KB.
+//! checked by the codec where it lies, consecutive TCP segments of one flow are merged into one
+//! super-packet (`gro`), and that goes to the TUN behind its virtio-net header in one writev of
+//! up to 64 KB. Anything else is written as it lies; without offloads, one write per packet.
 
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -26,25 +27,24 @@ use arc_swap::ArcSwap;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use quinn_udp::RecvMeta;
 use tracing::warn;
-use tun_rs::{GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::codec::{
     self, Counters, DropReason, Egress, IcmpRateLimiter, PeerTable, SharedCounters,
 };
+use super::gro::{Coalescer, HDR_LEN};
 use super::socket::{Socket, MAX_PAYLOAD};
 
 /// Packet slots for one TUN batch. A 64 KB super-packet of full-sized segments needs 45 at MTU
 /// 1472; more slots let several small packets (ACKs) share one batch.
 const TX_SLOTS: usize = 256;
-/// Slots one TUN read may fill: tun-rs fails a split that does not fit (a 64 KB super-packet of
-/// segments of ≥ 512 bytes always does).
-const READ_SLOTS: usize = 128;
+/// Slots one TUN read may fill: tun-rs fails a split that does not fit, so flannel0's
+/// gso_max_segs is set to this (a sender with a tiny MSS gets its super-packets cut smaller).
+pub const READ_SLOTS: usize = 128;
 /// recvmmsg batch.
 const RX_MSGS: usize = 16;
 /// One receive buffer: a whole GRO run (or the largest datagram).
 const RX_BUF: usize = 1 << 16;
-/// Packets per TUN write batch (tun-rs coalesces within it).
-const TUN_BATCH: usize = 64;
 /// How long a send may wait for room in a full socket buffer before its packets are dropped.
 const SEND_WAIT: Duration = Duration::from_millis(100);
 /// ICMP errors a second, host-wide.
@@ -100,9 +100,8 @@ pub struct Worker {
     reply: Vec<u8>,
     rx: Vec<u8>,
     meta: Vec<RecvMeta>,
-    /// Packets for the TUN, each behind a virtio-net header; grown by GRO to up to 64 KB.
-    out: Vec<Vec<u8>>,
-    gro: GROTable,
+    /// Merges TCP segments for the TUN (with offloads).
+    gro: Coalescer,
 }
 
 impl Worker {
@@ -138,10 +137,7 @@ impl Worker {
             reply: vec![0; hdr + codec::REPLY_LEN],
             rx: vec![0; RX_MSGS * RX_BUF],
             meta: vec![RecvMeta::default(); RX_MSGS],
-            out: (0..TUN_BATCH)
-                .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65535))
-                .collect(),
-            gro: GROTable::new(),
+            gro: Coalescer::new(),
         }
     }
 
@@ -331,7 +327,22 @@ impl Worker {
             }
         };
         let table = self.shared.table.load();
-        let mut queued = 0;
+        let vnet = self.hdr != 0;
+        let tun = &self.tun;
+        // Write failures are counted after the batch; the writer only notes them.
+        let (mut lost, mut gone) = (0u64, None);
+        let mut write = |hdr: &[u8; HDR_LEN], pkt: &[u8], n: usize| {
+            let r = if vnet {
+                tun.send_vectored(&[IoSlice::new(hdr), IoSlice::new(pkt)])
+            } else {
+                tun.send(pkt)
+            };
+            match r {
+                Ok(_) => {}
+                Err(e) if is_gone(&e) => gone = Some(format!("write to the TUN: {e}")),
+                Err(_) => lost += n as u64,
+            }
+        };
         for i in 0..n.min(RX_MSGS) {
             let m = self.meta[i];
             let from = match m.addr {
@@ -357,52 +368,23 @@ impl Worker {
                 if verdict.is_err() {
                     continue;
                 }
-                let buf = &mut self.out[queued];
-                buf.clear();
-                buf.resize(self.hdr, 0);
-                buf.extend_from_slice(pkt);
-                queued += 1;
-                if queued == TUN_BATCH {
-                    let out = &mut self.out[..queued];
-                    write_tun(&self.tun, &mut self.gro, out, self.hdr, &mut self.counters)?;
-                    queued = 0;
+                if vnet {
+                    self.gro.add(pkt, &mut write);
+                } else {
+                    write(&[0; HDR_LEN], pkt, 1);
                 }
             }
         }
-        if queued > 0 {
-            let out = &mut self.out[..queued];
-            write_tun(&self.tun, &mut self.gro, out, self.hdr, &mut self.counters)?;
+        self.gro.flush(&mut write);
+        if let Some(why) = gone {
+            return Err(why);
+        }
+        // The codec counted these as received; they are drops.
+        self.counters.rx_packets = self.counters.rx_packets.saturating_sub(lost);
+        for _ in 0..lost {
+            self.counters.count_drop(DropReason::TunWriteFailed);
         }
         Ok(true)
-    }
-}
-
-/// Writes `out` to the TUN, coalesced where tun-rs can; `hdr` bytes of each are the virtio-net
-/// header.
-fn write_tun(
-    tun: &SyncDevice,
-    gro: &mut GROTable,
-    out: &mut [Vec<u8>],
-    hdr: usize,
-    counters: &mut Counters,
-) -> Result<(), String> {
-    match tun.send_multiple(gro, out, hdr) {
-        Ok(_) => Ok(()),
-        Err(e) if is_gone(&e) => Err(format!("write to the TUN: {e}")),
-        Err(e) => {
-            // An OS error hit one write (the others went through); anything else refused the
-            // whole batch.
-            let lost = if e.raw_os_error().is_some() {
-                1
-            } else {
-                out.len()
-            };
-            counters.rx_packets = counters.rx_packets.saturating_sub(lost as u64);
-            for _ in 0..lost {
-                counters.count_drop(DropReason::TunWriteFailed);
-            }
-            Ok(())
-        }
     }
 }
 

@@ -136,15 +136,11 @@ fn udp_checksum(p: &[u8]) -> u16 {
     checksum(&[&pseudo, &udp])
 }
 
-/// Listens on `port` in `ns` and returns what arrives (payload, source) within `limit`.
-fn collect_udp(
-    ns: &Netns,
-    port: u16,
-    limit: Duration,
-) -> (
-    mpsc::Receiver<()>,
-    std::thread::JoinHandle<Vec<(Vec<u8>, SocketAddr)>>,
-) {
+type Datagrams = Vec<(Vec<u8>, SocketAddr)>;
+
+/// Listens on `port` in `ns` (listening when this returns); the handle gives what arrived
+/// (payload, source) within `limit`.
+fn collect_udp(ns: &Netns, port: u16, limit: Duration) -> std::thread::JoinHandle<Datagrams> {
     let (ready_tx, ready) = mpsc::channel();
     let t = spawn_in(ns, move || {
         let sock = UdpSocket::bind(("0.0.0.0", port)).expect("bind listener");
@@ -161,7 +157,8 @@ fn collect_udp(
         }
         got
     });
-    (ready, t)
+    ready.recv().expect("listener ready");
+    t
 }
 
 #[test]
@@ -188,6 +185,8 @@ fn three_hosts_on_the_classic_config_reach_each_other_through_flannel0() {
     assert_eq!(info["multi_queue"], true, "{link}");
     assert_eq!(info["persist"], true, "{link}");
     assert_eq!(link["mtu"], 1472);
+    // Super-packets of at most 128 segments: what one worker read splits into.
+    assert_eq!(link["gso_max_segs"], 128);
     assert!(
         link["flags"]
             .as_array()
@@ -575,8 +574,7 @@ fn forged_datagrams_are_dropped_and_counted() {
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
     let c1 = h1.container_ip();
     let target = SocketAddrV4::new(h1.ip(), PORT);
-    let (ready, listener) = collect_udp(&h1.container, 9999, Duration::from_secs(2));
-    ready.recv().expect("listener");
+    let listener = collect_udp(&h1.container, 9999, Duration::from_secs(2));
 
     let good = |src: Ipv4Addr, dst: Ipv4Addr| ipv4_udp(src, dst, 9999, b"forged");
     let mut ipv6 = good(Ipv4Addr::new(10, 244, 2, 2), c1);
@@ -659,8 +657,7 @@ fn flannel_datagrams_are_understood_and_weft_sends_single_ip_packets() {
     let h1_ip = h1.ip();
 
     // flannel → weft: one raw IP packet in a datagram from port 8285 reaches the container.
-    let (ready, listener) = collect_udp(&h1.container, 9999, Duration::from_secs(2));
-    ready.recv().expect("listener");
+    let listener = collect_udp(&h1.container, 9999, Duration::from_secs(2));
     let pkt = ipv4_udp(c2, c1, 9999, b"from flannel");
     in_ns(&h2.ns, move || {
         let sock = UdpSocket::bind(("0.0.0.0", PORT)).expect("bind 8285");
@@ -673,8 +670,7 @@ fn flannel_datagrams_are_understood_and_weft_sends_single_ip_packets() {
 
     // weft → flannel: every datagram is exactly one IPv4 packet with correct checksums, also
     // when the container sends a UDP GSO batch (split from one TUN super-packet).
-    let (ready, capture) = collect_udp(&h2.ns, PORT, Duration::from_secs(2));
-    ready.recv().expect("capture");
+    let capture = collect_udp(&h2.ns, PORT, Duration::from_secs(2));
     in_ns(&h1.container, move || {
         let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
         sock.send_to(b"single", (c2, 9999)).expect("send");
@@ -735,6 +731,28 @@ fn no_peer_for_a_destination_answers_icmp_net_unreachable() {
     );
     assert_eq!(s.counters.icmp_sent, 1, "{s:?}");
     assert_eq!(s.counters.drop_count(DropReason::NoRoute), 1, "{s:?}");
+}
+
+#[test]
+fn mtu_is_underlay_minus_28_or_lower_as_configured() {
+    if !root_or_skip("udp::mtu_is_underlay_minus_28_or_lower_as_configured") {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.add_host(1, "192.168.100.1/24", 9000);
+    let h = &lab.hosts[0];
+    h.up(udp());
+    assert_eq!(h.mtu(), 8972);
+    assert_eq!(h.ns.link(DEV).expect("device")["mtu"], 8972);
+
+    h.up(json!({"Type": "udp", "MTU": 1400}));
+    assert_eq!(h.mtu(), 1400);
+    assert_eq!(h.ns.link(DEV).expect("device")["mtu"], 1400);
+
+    let e = h
+        .try_start(json!({"Type": "udp", "MTU": 8973}))
+        .expect_err("above underlay − 28");
+    assert!(e.contains("MTU") && e.contains("8972"), "{e}");
 }
 
 #[test]
@@ -808,52 +826,4 @@ fn drift_of_flannel0_is_reported_and_repaired() {
         assert!(h1.reaches(&lab.hosts[1]), "after {change}");
         assert_eq!(h1.ns.weft_routes().len(), 1, "after {change}");
     }
-}
-
-#[test]
-#[ignore]
-fn zz_measure_throughput() {
-    let secs = std::env::var("WEFT_SECS").unwrap_or("5".into());
-    let mut rows = Vec::new();
-    for (name, cfg) in [
-        ("vxlan", json!({"Type": "vxlan"})),
-        ("udp offload", json!({"Type": "udp"})),
-        ("udp no offload", json!({"Type": "udp", "Offload": false})),
-    ] {
-        if std::env::var("WEFT_ONLY").is_ok_and(|o| o != name) {
-            continue;
-        }
-        let (lab, leases) = lab(2, cfg);
-        reconcile_all(&lab, &leases);
-        let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
-        let mut server = h2.container.spawn(&["iperf3", "-s", "-1"]);
-        std::thread::sleep(Duration::from_millis(500));
-        let ip = h2.container_ip().to_string();
-        let perf = std::env::var("WEFT_PERF").ok().map(|f| {
-            std::process::Command::new("perf")
-                .args(["record", "-a", "-g", "-o", &f, "--", "sleep", "4"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("perf")
-        });
-        let (ok, out, err) = h1.container.exec_for(
-            &["iperf3", "-c", &ip, "-t", &secs, "-J"],
-            Duration::from_secs(60),
-        );
-        let _ = server.kill();
-        let _ = server.wait();
-        if let Some(mut p) = perf {
-            let _ = p.wait();
-        }
-        assert!(ok, "{err}");
-        let v: Value = serde_json::from_str(&out).expect("json");
-        let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
-        let retr = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
-        rows.push(format!("{name:16} {:6.2} Gbit/s  retransmits {retr}", bps / 1e9));
-        if name.starts_with("udp") {
-            rows.push(format!("    {:?}", stats(h1)));
-        }
-    }
-    let _ = writeln!(std::io::stderr(), "{}", rows.join("\n"));
 }
