@@ -20,7 +20,7 @@
 # root is the fresh root, unmounts in reverse order and removes the work dir, also on failure.
 #
 # Environment: WEFT_DEBIAN_MIRROR (default http://deb.debian.org/debian), WEFT_CACHE_DIR
-# (default /var/cache/weft), TMPDIR (where the root and its build go; default /var/tmp; ~3 GB).
+# (default /var/cache/weft), TMPDIR (the root and its build, ~3.5 GB at most; default /var/tmp).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
