@@ -64,7 +64,7 @@ impl HostGw {
             }
             desired.push(RouteSpec {
                 dst: p.subnet,
-                gateway: p.public_ip,
+                gateway: Some(p.public_ip),
                 oif: ext.index,
                 dev: ext.name.clone(),
                 onlink: false,

@@ -181,12 +181,6 @@ impl Backend {
         }
     }
 
-    /// Resolves at the next event of any kind (for callers that only need to know something
-    /// happened); `event` says what.
-    pub async fn drifted(&mut self) {
-        let _ = self.event().await;
-    }
-
     /// Stops what runs in weftd itself (udp: its workers, joined) before weftd exits or the
     /// backend is rebuilt. Kernel state stays: see `survives_restart`.
     pub async fn shutdown(self) {

@@ -1,10 +1,15 @@
 //! One place that opens rtnetlink connections and sends requests the rtnetlink crate has no
 //! builder for.
 
-use futures::StreamExt;
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::{StreamExt, TryStreamExt};
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::Handle;
+
+use tracing::info;
 
 use crate::Error;
 
@@ -95,4 +100,51 @@ impl Conn {
             w.discard_pending();
         }
     }
+}
+
+/// Makes `addr`/32 the only IPv4 address of device `index` (`name` for messages): flannel gives
+/// its vxlan and udp devices the lease's network address.
+pub async fn ensure_address(
+    handle: &Handle,
+    index: u32,
+    name: &str,
+    addr: Ipv4Addr,
+) -> Result<(), Error> {
+    let msgs: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(Error::netlink(format!("list addresses of {name}")))?;
+    let mut have = false;
+    for m in msgs {
+        let local = m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+            _ => None,
+        });
+        let Some(local) = local else { continue };
+        if local == addr && m.header.prefix_len == 32 {
+            have = true;
+            continue;
+        }
+        info!(device = name, address = %local, "removing stale address");
+        handle
+            .address()
+            .del(m)
+            .execute()
+            .await
+            .map_err(Error::netlink(format!("delete {local} from {name}")))?;
+    }
+    if !have {
+        handle
+            .address()
+            .add(index, IpAddr::V4(addr), 32)
+            .execute()
+            .await
+            .map_err(Error::netlink(format!("add {addr}/32 to {name}")))?;
+        info!(device = name, address = %addr, "address set");
+    }
+    Ok(())
 }

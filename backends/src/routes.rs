@@ -28,13 +28,11 @@ use crate::{netlink, Error, ErrorList};
 pub const RTPROT_WEFT: u8 = 0x57;
 
 /// One desired route `dst via gateway dev <oif> [onlink]` in the main table, or `dst dev <oif>`
-/// (a device route, as udp's route into flannel0) when `gateway` is unspecified (0.0.0.0).
+/// (a device route, as udp's route into flannel0) when there is no gateway.
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
     pub dst: Ipv4Net,
-    /// 0.0.0.0 = no gateway. A sentinel rather than an Option so that the host-gw and vxlan
-    /// routes keep their shape.
-    pub gateway: Ipv4Addr,
+    pub gateway: Option<Ipv4Addr>,
     pub oif: u32,
     /// Interface name, for messages only.
     pub dev: String,
@@ -48,21 +46,16 @@ impl RouteSpec {
     pub fn device(dst: Ipv4Net, oif: u32, dev: &str) -> Self {
         Self {
             dst,
-            gateway: Ipv4Addr::UNSPECIFIED,
+            gateway: None,
             oif,
             dev: dev.to_string(),
             onlink: false,
         }
     }
 
-    /// The next hop, None for a device route.
-    fn via(&self) -> Option<Ipv4Addr> {
-        Some(self.gateway).filter(|g| !g.is_unspecified())
-    }
-
     fn same_as(&self, r: &Installed) -> bool {
         r.dst == self.dst
-            && r.gateway == self.via()
+            && r.gateway == self.gateway
             && r.oif == Some(self.oif)
             && r.onlink == self.onlink
             && r.priority == 0
@@ -72,7 +65,7 @@ impl RouteSpec {
 
 impl fmt::Display for RouteSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.via() {
+        match self.gateway {
             Some(g) => write!(f, "{} via {g} dev {}", self.dst, self.dev)?,
             None => write!(f, "{} dev {}", self.dst, self.dev)?,
         }
@@ -155,7 +148,7 @@ async fn add(handle: &Handle, r: &RouteSpec) -> Result<(), rtnetlink::Error> {
         .output_interface(r.oif)
         .protocol(RouteProtocol::Other(RTPROT_WEFT));
     // A device route keeps universe scope, as flannel's udp backend creates it.
-    if let Some(g) = r.via() {
+    if let Some(g) = r.gateway {
         b = b.gateway(g);
     }
     if r.onlink {

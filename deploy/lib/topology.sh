@@ -464,3 +464,25 @@ topo_cleanup_dir() {
   # They are not our children any more: wait by polling, not with `wait`.
   topo_cleanup
 }
+
+# The benchmarks' exit: output restored, everything removed, and how the run ended said once,
+# also on failure or Ctrl-C.
+topo_bench_on_exit() {
+  local rc=$?
+  trap - EXIT INT TERM
+  topo_restore_output
+  topo_log "cleaning up"
+  topo_cleanup
+  case $rc in
+    0) ;;
+    130 | 143) echo "benchmark interrupted" >&2 ;;
+    *) printf 'benchmark FAILED (exit %d)\n' "$rc" >&2 ;;
+  esac
+  exit "$rc"
+}
+
+topo_bench_traps() {
+  trap topo_bench_on_exit EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}

@@ -75,24 +75,8 @@ for tool in "${tools[@]}"; do
 done
 topo_find_bins "$REPO"
 
-on_exit() {
-  local rc=$?
-  trap - EXIT INT TERM
-  topo_restore_output
-  topo_log "cleaning up"
-  topo_cleanup
-  case $rc in
-    0) ;;
-    130 | 143) echo "benchmark interrupted" >&2 ;;
-    *) printf 'benchmark FAILED (exit %d)\n' "$rc" >&2 ;;
-  esac
-  exit "$rc"
-}
-
 topo_init wdb
-trap on_exit EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+topo_bench_traps
 topo_switch
 topo_etcd
 

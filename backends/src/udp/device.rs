@@ -12,11 +12,8 @@
 //! workers start) and reopens an existing device by name; a mismatch comes back from TUNSETIFF as
 //! a bare EINVAL, which is why the device is described through netlink first.
 
-use std::net::{IpAddr, Ipv4Addr};
-
 use futures::TryStreamExt;
 use rtnetlink::packet_core::Nla;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoTun, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -279,47 +276,6 @@ fn set_sysctl(path: &str, required: bool) -> Result<(), Error> {
     if now.trim() != "1" {
         std::fs::write(path, "1").map_err(Error::io(format!("write 1 to {path}")))?;
         debug!(path, "sysctl set");
-    }
-    Ok(())
-}
-
-/// Makes `addr`/32 flannel0's only IPv4 address (flannel gives it the lease's network address).
-pub async fn ensure_address(handle: &Handle, index: u32, addr: Ipv4Addr) -> Result<(), Error> {
-    let msgs: Vec<AddressMessage> = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(Error::netlink(format!("list addresses of {NAME}")))?;
-    let mut have = false;
-    for m in msgs {
-        let local = m.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
-            _ => None,
-        });
-        let Some(local) = local else { continue };
-        if local == addr && m.header.prefix_len == 32 {
-            have = true;
-            continue;
-        }
-        info!(device = NAME, address = %local, "removing stale address");
-        handle
-            .address()
-            .del(m)
-            .execute()
-            .await
-            .map_err(Error::netlink(format!("delete {local} from {NAME}")))?;
-    }
-    if !have {
-        handle
-            .address()
-            .add(index, IpAddr::V4(addr), 32)
-            .execute()
-            .await
-            .map_err(Error::netlink(format!("add {addr}/32 to {NAME}")))?;
-        info!(device = NAME, address = %addr, "address set");
     }
     Ok(())
 }

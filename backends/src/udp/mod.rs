@@ -28,7 +28,7 @@ use tracing::{debug, info};
 pub use codec::{Counters, DropReason};
 pub use config::UdpConfig;
 
-use crate::netlink::Conn;
+use crate::netlink::{self, Conn};
 use crate::routes::{self, RouteSpec};
 use crate::watch::Owned;
 use crate::{peer, BackendConfig, Error, ErrorList, Event, Lease, Network};
@@ -228,7 +228,7 @@ impl Udp {
         device::ensure_sysctls()?;
         let index = device::ensure_link(&handle, self.cfg.mtu, worker::READ_SLOTS as u32).await?;
         if let Some(own) = &self.own {
-            device::ensure_address(&handle, index, own.subnet.network()).await?;
+            netlink::ensure_address(&handle, index, device::NAME, own.subnet.network()).await?;
         }
         Ok(index)
     }

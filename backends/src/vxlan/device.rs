@@ -3,10 +3,7 @@
 //! checksums, offloads and GRO are the same as under flanneld. A device with other settings is
 //! replaced; one with the right settings is kept, with its MAC.
 
-use std::net::{IpAddr, Ipv4Addr};
-
 use futures::TryStreamExt;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -166,50 +163,4 @@ async fn create(handle: &Handle, spec: &Spec<'_>) -> Result<u32, Error> {
         .await?
         .map(|e| e.index)
         .ok_or_else(|| Error::Other(format!("{} vanished right after creation", spec.name)))
-}
-
-/// Makes `addr`/32 the device's only IPv4 address (flannel gives it the lease's network address).
-pub async fn ensure_address(
-    handle: &Handle,
-    index: u32,
-    name: &str,
-    addr: Ipv4Addr,
-) -> Result<(), Error> {
-    let msgs: Vec<AddressMessage> = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(Error::netlink(format!("list addresses of {name}")))?;
-    let mut have = false;
-    for m in msgs {
-        let local = m.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
-            _ => None,
-        });
-        let Some(local) = local else { continue };
-        if local == addr && m.header.prefix_len == 32 {
-            have = true;
-            continue;
-        }
-        info!(device = name, address = %local, "removing stale address");
-        handle
-            .address()
-            .del(m)
-            .execute()
-            .await
-            .map_err(Error::netlink(format!("delete {local} from {name}")))?;
-    }
-    if !have {
-        handle
-            .address()
-            .add(index, IpAddr::V4(addr), 32)
-            .execute()
-            .await
-            .map_err(Error::netlink(format!("add {addr}/32 to {name}")))?;
-        info!(device = name, address = %addr, "address set");
-    }
-    Ok(())
 }

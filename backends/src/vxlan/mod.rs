@@ -19,7 +19,7 @@ pub use config::VxlanConfig;
 
 use crate::mac::Mac;
 use crate::neigh::{self, Entry, Table};
-use crate::netlink::Conn;
+use crate::netlink::{self, Conn};
 use crate::routes::{self, RouteSpec};
 use crate::watch::Owned;
 use crate::{peer, BackendConfig, Error, ErrorList, Lease, Network};
@@ -74,7 +74,7 @@ impl Vxlan {
         self.own = Some(own.clone());
         let index = self.ensure_device().await?;
         let handle = self.conn.handle()?;
-        device::ensure_address(&handle, index, &self.name, own.subnet.network()).await
+        netlink::ensure_address(&handle, index, &self.name, own.subnet.network()).await
     }
 
     pub async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), ErrorList> {
@@ -84,7 +84,7 @@ impl Vxlan {
         let mut errs = ErrorList::default();
         if let Some(own) = &self.own {
             if let Err(e) =
-                device::ensure_address(&handle, index, &self.name, own.subnet.network()).await
+                netlink::ensure_address(&handle, index, &self.name, own.subnet.network()).await
             {
                 errs.push(e);
             }
@@ -108,7 +108,7 @@ impl Vxlan {
                 debug!(subnet = %p.subnet, "direct route (DirectRouting)");
                 routes.push(RouteSpec {
                     dst: p.subnet,
-                    gateway: p.public_ip,
+                    gateway: Some(p.public_ip),
                     oif: ext.index,
                     dev: ext.name.clone(),
                     onlink: false,
@@ -138,7 +138,7 @@ impl Vxlan {
             });
             routes.push(RouteSpec {
                 dst: p.subnet,
-                gateway,
+                gateway: Some(gateway),
                 oif: index,
                 dev: self.name.clone(),
                 onlink: true,

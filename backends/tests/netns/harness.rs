@@ -248,6 +248,19 @@ impl Host {
         })
     }
 
+    /// A reconcile against the same `peers` again changes nothing: `snapshot` (a kernel dump)
+    /// reads the same before and after, and the kernel emits no change notification.
+    pub fn assert_reconcile_is_a_no_op(&self, peers: &[Lease], snapshot: impl Fn() -> Value) {
+        let before = snapshot();
+        let (result, events) = self.reconcile_watching(peers);
+        result.expect("reconcile");
+        assert_eq!(before, snapshot());
+        assert!(
+            events.is_empty(),
+            "second reconcile changed the kernel: {events:#?}"
+        );
+    }
+
     pub fn mtu(&self) -> u32 {
         self.agent
             .with_backend(|b| Box::pin(async move { b.mtu() }))
@@ -283,6 +296,24 @@ pub struct Lab {
 weft_lab::extends!(Lab => lab: weft_lab::Lab);
 
 impl Lab {
+    /// Tells every host that all the others are its peers.
+    pub fn reconcile_all(&self, leases: &[Lease]) {
+        for (i, h) in self.hosts.iter().enumerate() {
+            h.reconcile(&others(leases, i)).expect("reconcile");
+        }
+    }
+
+    /// Every host's container reaches every other's.
+    pub fn assert_full_mesh(&self) {
+        for a in &self.hosts {
+            for b in &self.hosts {
+                if a.n != b.n {
+                    assert!(a.reaches(b), "c{} -> c{}", a.n, b.n);
+                }
+            }
+        }
+    }
+
     pub fn new() -> Self {
         Self {
             hosts: Vec::new(),

@@ -1,6 +1,5 @@
 //! udp backend: flannel's TUN device, wire format and peer checks, forwarding in weft's workers.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,29 +10,15 @@ use serde_json::{json, Value};
 use weft_backends::udp::{DropReason, Stats};
 use weft_backends::{Event, Lease};
 
-use crate::harness::{lab, must, others, root_or_skip, Host, Lab, Netns};
+use weft_lab::flannel::{self, checksum, udp_checksum};
+
+use crate::harness::{enter, lab, must, others, root_or_skip, Host, Lab, Netns};
 
 const DEV: &str = "flannel0";
 const PORT: u16 = 8285;
 
 fn udp() -> Value {
     json!({"Type": "udp"})
-}
-
-fn reconcile_all(lab: &Lab, leases: &[Lease]) {
-    for (i, h) in lab.hosts.iter().enumerate() {
-        h.reconcile(&others(leases, i)).expect("reconcile");
-    }
-}
-
-fn all_reach_all(lab: &Lab) {
-    for a in &lab.hosts {
-        for b in &lab.hosts {
-            if a.n != b.n {
-                assert!(a.reaches(b), "c{} -> c{}", a.n, b.n);
-            }
-        }
-    }
 }
 
 /// The workers' counters once they have settled: workers publish after each batch, so the
@@ -55,17 +40,7 @@ fn stats(h: &Host) -> Stats {
     last
 }
 
-/// Runs `f` on a thread inside `ns` (network namespaces are per thread).
-fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let name = ns.name.clone();
-    std::thread::spawn(move || {
-        enter(&name);
-        f()
-    })
-    .join()
-    .expect("thread in namespace")
-}
-
+/// Starts `f` on a thread inside `ns`, for servers and senders that run alongside the test.
 fn spawn_in<T: Send + 'static>(
     ns: &Netns,
     f: impl FnOnce() -> T + Send + 'static,
@@ -77,63 +52,9 @@ fn spawn_in<T: Send + 'static>(
     })
 }
 
-fn enter(ns: &str) {
-    let f = File::open(format!("/run/netns/{ns}")).expect("open netns");
-    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-}
-
-/// The Internet checksum over `parts` laid end to end (each part even-length but the last).
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    for p in parts {
-        for w in p.chunks(2) {
-            let v = if w.len() == 2 {
-                u16::from_be_bytes([w[0], w[1]])
-            } else {
-                u16::from_be_bytes([w[0], 0])
-            };
-            sum += u32::from(v);
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// A raw IPv4/UDP packet with correct checksums, as a container would send it.
+/// A container's IPv4/UDP packet (source port 40000) with correct checksums.
 fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let total = 28 + payload.len();
-    let mut p = vec![0u8; total];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[6] = 0x40;
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&dst.octets());
-    let c = checksum(&[&p[..20]]);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p[20..22].copy_from_slice(&40000u16.to_be_bytes());
-    p[22..24].copy_from_slice(&dport.to_be_bytes());
-    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    p[28..].copy_from_slice(payload);
-    let c = udp_checksum(&p);
-    p[26..28].copy_from_slice(&c.to_be_bytes());
-    p
-}
-
-/// The UDP checksum of an IPv4/UDP packet (with its checksum field zeroed: 0 when it is right).
-fn udp_checksum(p: &[u8]) -> u16 {
-    let udp_len = (p.len() - 20) as u16;
-    let mut pseudo = Vec::with_capacity(12);
-    pseudo.extend_from_slice(&p[12..20]);
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&udp_len.to_be_bytes());
-    let mut udp = p[20..].to_vec();
-    udp[6] = 0;
-    udp[7] = 0;
-    checksum(&[&pseudo, &udp])
+    flannel::ipv4_udp(src, dst, 40000, dport, payload)
 }
 
 type Datagrams = Vec<(Vec<u8>, SocketAddr)>;
@@ -173,7 +94,7 @@ fn three_hosts_on_the_classic_config_reach_each_other_through_flannel0() {
         leases[0].backend_data, None,
         "flannel's udp publishes no BackendData"
     );
-    reconcile_all(&lab, &leases);
+    lab.reconcile_all(&leases);
 
     let h1 = &lab.hosts[0];
     assert_eq!(h1.mtu(), 1472, "underlay 1500 − 28");
@@ -213,7 +134,7 @@ fn three_hosts_on_the_classic_config_reach_each_other_through_flannel0() {
     // Universe scope, as flannel's udp backend adds it (`ip -j` leaves the default out).
     assert!(r.get("scope").is_none(), "{r}");
 
-    all_reach_all(&lab);
+    lab.assert_full_mesh();
     let s = stats(h1);
     assert_eq!(
         s.workers,
@@ -234,7 +155,7 @@ fn peers_removed_and_added_by_reconcile() {
         return;
     }
     let (lab, leases) = lab(3, udp());
-    reconcile_all(&lab, &leases);
+    lab.reconcile_all(&leases);
     let (h1, h2, h3) = (&lab.hosts[0], &lab.hosts[1], &lab.hosts[2]);
 
     // Host 3 leaves host 1's view: nothing flows between them, in either direction.
@@ -253,7 +174,7 @@ fn peers_removed_and_added_by_reconcile() {
 
     // And comes back.
     h1.reconcile(&others(&leases, 0)).expect("reconcile");
-    all_reach_all(&lab);
+    lab.assert_full_mesh();
 }
 
 #[test]
@@ -262,18 +183,11 @@ fn second_reconcile_changes_nothing() {
         return;
     }
     let (lab, leases) = lab(3, udp());
-    reconcile_all(&lab, &leases);
+    lab.reconcile_all(&leases);
     let h1 = &lab.hosts[0];
     h1.reconcile(&others(&leases, 0)).expect("reconcile");
 
-    let before = h1.ns.kernel_dump(DEV);
-    let (result, events) = h1.reconcile_watching(&others(&leases, 0));
-    result.expect("reconcile");
-    assert_eq!(before, h1.ns.kernel_dump(DEV));
-    assert!(
-        events.is_empty(),
-        "second reconcile changed the kernel: {events:#?}"
-    );
+    h1.assert_reconcile_is_a_no_op(&others(&leases, 0), || h1.ns.kernel_dump(DEV));
 }
 
 #[test]
@@ -320,7 +234,7 @@ fn weftd_exit_keeps_flannel0_and_a_new_backend_resumes_traffic() {
         return;
     }
     let (lab, leases) = lab(2, udp());
-    reconcile_all(&lab, &leases);
+    lab.reconcile_all(&leases);
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
     assert!(h1.reaches(h2));
     let before = configured(&h1.ns);
@@ -461,7 +375,7 @@ fn bulk_tcp_arrives_intact_with_offloads_on_and_off() {
     }
     for offload in [true, false] {
         let (lab, leases) = lab(2, json!({"Type": "udp", "Offload": offload}));
-        reconcile_all(&lab, &leases);
+        lab.reconcile_all(&leases);
         let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
         let s = stats(h1);
         assert_eq!(s.tun_offload, offload, "{s:?}");
@@ -568,7 +482,7 @@ fn forged_datagrams_are_dropped_and_counted() {
         return;
     }
     let (mut lab, leases) = lab(2, udp());
-    reconcile_all(&lab, &leases);
+    lab.reconcile_all(&leases);
     let outsider = lab.add_outsider("192.168.100.99/24");
     let outsider_name = outsider.name.clone();
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
@@ -610,7 +524,7 @@ fn forged_datagrams_are_dropped_and_counted() {
     ];
     let before = stats(h1).counters;
     let expected: Vec<DropReason> = from_host2.iter().map(|(_, r)| *r).collect();
-    in_ns(&h2.ns, move || {
+    h2.ns.run_in(move || {
         let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
         for (d, _) in &from_host2 {
             sock.send_to(d, target).expect("send");
@@ -648,7 +562,7 @@ fn flannel_datagrams_are_understood_and_weft_sends_single_ip_packets() {
         return;
     }
     let (lab, leases) = lab(2, udp());
-    reconcile_all(&lab, &leases);
+    lab.reconcile_all(&leases);
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
     // Host 2 becomes a hand-made flannel node: weft stops there, freeing port 8285.
     h2.stop();
@@ -659,7 +573,7 @@ fn flannel_datagrams_are_understood_and_weft_sends_single_ip_packets() {
     // flannel → weft: one raw IP packet in a datagram from port 8285 reaches the container.
     let listener = collect_udp(&h1.container, 9999, Duration::from_secs(2));
     let pkt = ipv4_udp(c2, c1, 9999, b"from flannel");
-    in_ns(&h2.ns, move || {
+    h2.ns.run_in(move || {
         let sock = UdpSocket::bind(("0.0.0.0", PORT)).expect("bind 8285");
         sock.send_to(&pkt, (h1_ip, PORT)).expect("send");
     });
@@ -671,7 +585,7 @@ fn flannel_datagrams_are_understood_and_weft_sends_single_ip_packets() {
     // weft → flannel: every datagram is exactly one IPv4 packet with correct checksums, also
     // when the container sends a UDP GSO batch (split from one TUN super-packet).
     let capture = collect_udp(&h2.ns, PORT, Duration::from_secs(2));
-    in_ns(&h1.container, move || {
+    h1.container.run_in(move || {
         let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
         sock.send_to(b"single", (c2, 9999)).expect("send");
         nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::UdpGsoSegment, &1000)
@@ -709,9 +623,9 @@ fn no_peer_for_a_destination_answers_icmp_net_unreachable() {
         return;
     }
     let (lab, leases) = lab(2, udp());
-    reconcile_all(&lab, &leases);
+    lab.reconcile_all(&leases);
     let h1 = &lab.hosts[0];
-    let err = in_ns(&h1.container, || {
+    let err = h1.container.run_in(|| {
         let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
         sock.connect((Ipv4Addr::new(10, 244, 9, 9), 9))
             .expect("connect");
@@ -794,7 +708,7 @@ fn drift_of_flannel0_is_reported_and_repaired() {
         return;
     }
     let (lab, leases) = lab(2, udp());
-    reconcile_all(&lab, &leases);
+    lab.reconcile_all(&leases);
     let h1 = &lab.hosts[0];
     for change in [
         "link set flannel0 down",

@@ -20,19 +20,13 @@ fn vtep(l: &Lease) -> String {
         .to_string()
 }
 
-fn reconcile_all(lab: &Lab, leases: &[Lease]) {
-    for (i, h) in lab.hosts.iter().enumerate() {
-        h.reconcile(&others(leases, i)).expect("reconcile");
-    }
-}
-
 #[test]
 fn three_hosts_every_container_reaches_every_other() {
     if !root_or_skip("vxlan::three_hosts_every_container_reaches_every_other") {
         return;
     }
     let (lab, leases) = lab(3, vxlan());
-    reconcile_all(&lab, &leases);
+    lab.reconcile_all(&leases);
 
     // The published BackendData, byte for byte as flannel writes it.
     let data = serde_json::to_string(&leases[0].backend_data).expect("json");
@@ -90,13 +84,7 @@ fn three_hosts_every_container_reaches_every_other() {
     assert_eq!(h1.neighbours(DEV).len(), 2);
     assert_eq!(h1.fdb(DEV).len(), 2);
 
-    for a in &lab.hosts {
-        for b in &lab.hosts {
-            if a.n != b.n {
-                assert!(a.reaches(b), "c{} -> c{}", a.n, b.n);
-            }
-        }
-    }
+    lab.assert_full_mesh();
 }
 
 #[test]
@@ -105,7 +93,7 @@ fn removing_a_peer_removes_its_route_neighbour_and_fdb_entry() {
         return;
     }
     let (lab, leases) = lab(3, vxlan());
-    reconcile_all(&lab, &leases);
+    lab.reconcile_all(&leases);
     let h1 = &lab.hosts[0];
     h1.reconcile(&[leases[1].clone()]).expect("reconcile");
 
@@ -127,7 +115,7 @@ fn second_reconcile_changes_nothing() {
         return;
     }
     let (lab, leases) = lab(3, vxlan());
-    reconcile_all(&lab, &leases);
+    lab.reconcile_all(&leases);
     let h1 = &lab.hosts[0];
     // The watch sees real changes (so an empty one below means something).
     let (result, events) = h1.reconcile_watching(&[leases[1].clone()]);
@@ -138,14 +126,7 @@ fn second_reconcile_changes_nothing() {
     );
     h1.reconcile(&others(&leases, 0)).expect("reconcile");
 
-    let before = h1.ns.kernel_dump(DEV);
-    let (result, events) = h1.reconcile_watching(&others(&leases, 0));
-    result.expect("reconcile");
-    assert_eq!(before, h1.ns.kernel_dump(DEV));
-    assert!(
-        events.is_empty(),
-        "second reconcile changed the kernel: {events:#?}"
-    );
+    h1.assert_reconcile_is_a_no_op(&others(&leases, 0), || h1.ns.kernel_dump(DEV));
 }
 
 #[test]
@@ -154,7 +135,7 @@ fn restart_keeps_the_vtep_mac_and_drops_peers_gone_while_down() {
         return;
     }
     let (lab, leases) = lab(3, vxlan());
-    reconcile_all(&lab, &leases);
+    lab.reconcile_all(&leases);
     let h1 = &lab.hosts[0];
     h1.stop();
     // State weft does not own, which must survive.
@@ -194,20 +175,20 @@ fn deleted_device_is_noticed_and_recreated_with_everything_on_it() {
         return;
     }
     let (lab, leases) = lab(2, vxlan());
-    reconcile_all(&lab, &leases);
+    lab.reconcile_all(&leases);
     let h1 = &lab.hosts[0];
     let ns = h1.ns.name.clone();
     let noticed = h1.agent.with_backend(move |b| {
         Box::pin(async move {
             must(&["ip", "-n", &ns, "link", "del", DEV]);
-            tokio::time::timeout(std::time::Duration::from_secs(5), b.drifted())
+            tokio::time::timeout(std::time::Duration::from_secs(5), b.event())
                 .await
                 .is_ok()
         })
     });
     assert!(
         noticed,
-        "drifted() did not resolve after the device was deleted"
+        "event() did not resolve after the device was deleted"
     );
     assert!(h1.ns.link(DEV).is_none());
 
@@ -369,7 +350,7 @@ fn direct_routing_uses_plain_routes_for_peers_on_the_same_network() {
     }
     let cfg = json!({"Type": "vxlan", "DirectRouting": true});
     let leases: Vec<Lease> = lab.hosts.iter().map(|h| h.up(cfg.clone())).collect();
-    reconcile_all(&lab, &leases);
+    lab.reconcile_all(&leases);
 
     let h1 = &lab.hosts[0];
     let direct = h1.ns.route("10.244.2.0/24").expect("route to host 2");
@@ -384,11 +365,5 @@ fn direct_routing_uses_plain_routes_for_peers_on_the_same_network() {
     );
     assert_eq!(h1.ns.neighbours(DEV).len(), 1);
     assert_eq!(h1.ns.fdb(DEV).len(), 1);
-    for a in &lab.hosts {
-        for b in &lab.hosts {
-            if a.n != b.n {
-                assert!(a.reaches(b), "c{} -> c{}", a.n, b.n);
-            }
-        }
-    }
+    lab.assert_full_mesh();
 }

@@ -66,8 +66,7 @@ pub fn vxlan_peer(ns: &Netns, subnet: Ipv4Net, mac: &str, public_ip: Ipv4Addr) {
 /// One IPv4/UDP packet with correct checksums: what flannel's udp backend puts, alone and with no
 /// header of its own, into each datagram to port 8285.
 pub fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let udp_len = 8 + payload.len();
-    let total = 20 + udp_len;
+    let total = 28 + payload.len();
     let mut p = vec![0u8; total];
     p[0] = 0x45;
     p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
@@ -80,19 +79,27 @@ pub fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &
     p[10..12].copy_from_slice(&c.to_be_bytes());
     p[20..22].copy_from_slice(&sport.to_be_bytes());
     p[22..24].copy_from_slice(&dport.to_be_bytes());
-    p[24..26].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
     p[28..].copy_from_slice(payload);
-    let mut pseudo = [0u8; 12];
-    pseudo[..4].copy_from_slice(&src.octets());
-    pseudo[4..8].copy_from_slice(&dst.octets());
-    pseudo[9] = 17;
-    pseudo[10..12].copy_from_slice(&(udp_len as u16).to_be_bytes());
-    let c = match checksum(&[&pseudo, &p[20..]]) {
-        0 => 0xffff,
-        c => c,
-    };
+    let c = udp_checksum(&p);
     p[26..28].copy_from_slice(&c.to_be_bytes());
     p
+}
+
+/// The UDP checksum an IPv4/UDP packet (no IP options) should carry, whatever its checksum field
+/// holds now: to build packets and to check the ones weft sends.
+pub fn udp_checksum(p: &[u8]) -> u16 {
+    let udp_len = (p.len() - 20) as u16;
+    let mut pseudo = [0u8; 12];
+    pseudo[..8].copy_from_slice(&p[12..20]);
+    pseudo[9] = 17;
+    pseudo[10..12].copy_from_slice(&udp_len.to_be_bytes());
+    let mut head = [0u8; 8];
+    head[..6].copy_from_slice(&p[20..26]);
+    match checksum(&[&pseudo, &head, &p[28..]]) {
+        0 => 0xffff,
+        c => c,
+    }
 }
 
 /// The Internet checksum over the concatenation of `parts` (each of even length but the last).
@@ -122,6 +129,7 @@ mod tests {
         let (s, d) = (Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 2, 2));
         let p = ipv4_udp(s, d, 1000, 2000, b"hello");
         assert_eq!(checksum(&[&p[..20]]), 0);
+        assert_eq!(udp_checksum(&p), u16::from_be_bytes([p[26], p[27]]));
         let mut pseudo = [0u8; 12];
         pseudo[..4].copy_from_slice(&s.octets());
         pseudo[4..8].copy_from_slice(&d.octets());
