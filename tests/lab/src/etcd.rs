@@ -57,7 +57,6 @@ pub fn etcd_args(name: &str, data_dir: &Path, client_url: &str, peer_url: &str) 
 struct Member {
     child: Option<Child>,
     cmd: Vec<String>,
-    client_url: String,
 }
 
 /// A private etcd.
@@ -132,7 +131,6 @@ impl Etcd {
             etcd.members.push(Member {
                 child: None,
                 cmd: argv,
-                client_url: client.clone(),
             });
         }
         for i in 0..etcd.members.len() {
@@ -172,11 +170,6 @@ impl Etcd {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-
-    /// Client URL of member `i`.
-    pub fn member_url(&self, i: usize) -> &str {
-        &self.members[i].client_url
     }
 
     /// Runs etcdctl against the cluster (in its namespace), under a time limit.
