@@ -2,7 +2,8 @@
 //! reconcile pass → the kernel. Every path (start, missed events, compaction, a lost lease) ends in
 //! the same place: a fresh desired state handed whole to the backend.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -13,10 +14,11 @@ use tracing::{debug, error, info, warn};
 use weft_backends::firewall::Firewall;
 use weft_backends::{Backend, Event, ExternalInterface, InterfaceSelector, Network};
 
-use crate::config::NetworkConfig;
+use crate::config::{InvalidConfig, NetworkConfig};
 use crate::flags::DaemonArgs;
 use crate::health::{self, Readiness};
 use crate::lease::{Lease, LeaseAttrs};
+use crate::peers::{Change, Diff, Own, Peer, PeerSet, Reason};
 use crate::policy::{self, Choice};
 use crate::store::{BadLease, Store};
 use crate::subnet_env::{self, SubnetEnv};
@@ -24,6 +26,8 @@ use crate::{daemon_json, notify};
 
 /// How often the kernel is checked against the desired state even when nothing happened.
 const RESYNC: Duration = Duration::from_secs(30);
+/// A batch with more peer changes than this logs each at debug rather than info.
+const LOUD_BATCH: usize = 20;
 /// Longest pause between retries of a failing etcd call.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -35,9 +39,6 @@ pub async fn run(args: DaemonArgs, ready: Readiness) -> Result<()> {
     }
     if args.public_ipv6.is_some() {
         bail!("-public-ipv6 is not supported yet: weft leases IPv4 subnets only");
-    }
-    if let Some(path) = args.daemon_json() {
-        daemon_json::check(path)?;
     }
     let selector = InterfaceSelector {
         ifaces: args.iface.clone(),
@@ -97,23 +98,40 @@ struct State {
     config: NetworkConfig,
     backend: Backend,
     own: Lease,
-    peers: BTreeMap<Ipv4Net, Lease>,
+    /// Every lease stored under `subnets/`, and the peers accepted from them.
+    peers: PeerSet,
     /// Next revision to watch from.
     watch_from: i64,
+    /// The revision of the last full listing: watch events up to it are already in `peers`.
+    listed_at: i64,
+    /// When this host's addresses were last read (a peer may not use one as its PublicIP).
+    addrs_read: Instant,
     /// The last reconcile's outcome, so only changes are logged.
     last_outcome: String,
 }
 
 impl Agent {
-    /// Reads `<prefix>/config` until it holds a valid config, watching the key between tries.
+    /// Reads `<prefix>/config` until it holds a config this host can run, watching the key
+    /// between tries. Everything that would stop the backend from being built is checked here
+    /// (the backend options too, against this host's underlay), so a bad config is logged once
+    /// and waited on, never retried in a loop.
     async fn wait_for_config(&mut self) -> NetworkConfig {
         let key = self.store.config_key();
         let mut last = String::new();
         loop {
             let (text, rev) = retry("read the network config", || self.store.get_config()).await;
-            let problem = match text.as_deref().map(NetworkConfig::parse) {
+            let checked = text.as_deref().map(|t| {
+                let c = NetworkConfig::parse_at(t, &key)?;
+                c.check_on_host(self.external.mtu)
+                    .map_err(|error| InvalidConfig {
+                        at: key.clone(),
+                        error,
+                    })?;
+                Ok::<_, InvalidConfig>(c)
+            });
+            let problem = match checked {
                 Some(Ok(c)) => return c,
-                Some(Err(e)) => format!("invalid network config at {key}: {e}"),
+                Some(Err(e)) => e.to_string(),
                 None => format!("no network config at {key}; waiting for one"),
             };
             if problem != last {
@@ -177,9 +195,11 @@ impl Agent {
         let mut state = State {
             config: config.clone(),
             backend,
+            peers: self.peer_set(config, &own),
             own,
-            peers: BTreeMap::new(),
             watch_from: 0,
+            listed_at: 0,
+            addrs_read: Instant::now(),
             last_outcome: String::new(),
         };
         self.publish(&mut state, hint).await?;
@@ -217,13 +237,37 @@ impl Agent {
         let ttl = self.args.subnet_lease_ttl;
         let mut listing = Some(listing);
         let mut full_logged = false;
+        let mut misfits_logged = HashSet::new();
+        let prefix = self.store.subnets_prefix();
         loop {
             let listing = match listing.take() {
                 Some(l) => l,
                 None => retry("list leases", || self.store.list()).await,
             };
             self.warn_bad(&listing.bad);
-            let choice = policy::choose(config, &listing.leases, me, hint, |n| fastrand::u64(0..n));
+            for l in policy::misfits(config, &listing.leases, me) {
+                if misfits_logged.insert(l.subnet) {
+                    let until = if l.is_reservation() {
+                        "an operator removes it"
+                    } else {
+                        "it expires"
+                    };
+                    warn!(subnet = %l.subnet, public_ip = %me,
+                          "not reusing this host's earlier lease: the network config wants /{} subnets in {}..{}; it stays taken until {until}",
+                          config.subnet_len, config.subnet_min, config.subnet_max);
+                }
+            }
+            // A key whose value is garbage still blocks creating that key, and may be routed
+            // by hosts that read it differently: its subnet is taken too.
+            let unreadable: Vec<Ipv4Net> = listing
+                .bad
+                .iter()
+                .filter_map(|b| b.key.strip_prefix(&prefix))
+                .filter_map(crate::lease::parse_subnet_key)
+                .collect();
+            let choice = policy::choose(config, &listing.leases, &unreadable, me, hint, |n| {
+                fastrand::u64(0..n)
+            });
             let taken = match choice {
                 Ok(Choice::Ours(old)) => self.store.take_over(&old, &attrs, ttl).await,
                 Ok(Choice::Free(subnet)) => self.store.create(subnet, &attrs, ttl).await,
@@ -234,7 +278,6 @@ impl Agent {
                         full_logged = true;
                     }
                     self.ready.set(false);
-                    let prefix = self.store.subnets_prefix();
                     self.wait_for_change(listing.revision + 1, |k, t| {
                         k.starts_with(&prefix) && t == EventType::Delete
                     })
@@ -277,11 +320,10 @@ impl Agent {
         };
         env.write(&self.args.subnet_file)
             .with_context(|| format!("write {}", self.args.subnet_file.display()))?;
+        // Never fails: a daemon.json weftd cannot merge is reported (log, /readyz) and retried,
+        // and must not cost the lease or the data path.
         if let Some(path) = self.args.daemon_json() {
-            let replaced = daemon_json::update(path, &env.gateway(), env.mtu)?;
-            for r in replaced {
-                warn!(file = %path.display(), "replaced {} {} with {}; restart Docker to pick it up", r.key, r.old, r.new);
-            }
+            daemon_json::publish(path, &env.gateway(), env.mtu, &self.ready);
         }
         if let Some(old) = previous.filter(|p| *p != state.own.subnet) {
             warn!(old = %old, new = %state.own.subnet,
@@ -401,7 +443,7 @@ impl Agent {
     ) -> Result<Option<Exit>> {
         let config_key = self.store.config_key();
         let prefix = self.store.subnets_prefix();
-        let mut lost = false;
+        let mut changes = Vec::new();
         for ev in events {
             let Some(kv) = ev.kv() else { continue };
             state.watch_from = state.watch_from.max(kv.mod_revision() + 1);
@@ -420,42 +462,24 @@ impl Agent {
                 }
                 continue;
             }
-            let Some(name) = key.strip_prefix(&prefix) else {
+            // Events up to the last listing are in it already (a stream can outlive a relisting).
+            if !key.starts_with(&prefix) || kv.mod_revision() <= state.listed_at {
                 continue;
-            };
-            let subnet = crate::lease::parse_subnet_key(name);
-            let is_own = key == self.store.lease_key(state.own.subnet);
-            match ev.event_type() {
-                EventType::Delete if is_own => lost = true,
-                EventType::Delete => {
-                    if let Some(gone) = subnet.and_then(|s| state.peers.remove(&s)) {
-                        info!(subnet = %gone.subnet, public_ip = %gone.attrs.public_ip, "peer removed");
-                    }
-                }
-                EventType::Put => match self.store.decode(kv) {
-                    Ok(l) if is_own => {
-                        if l.attrs.public_ip != self.external.public_ip {
-                            lost = true;
-                        } else {
-                            state.own = l;
-                        }
-                    }
-                    Ok(l) => {
-                        if state.peers.get(&l.subnet).map(|p| &p.attrs) != Some(&l.attrs) {
-                            info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer added or changed");
-                        }
-                        state.peers.insert(l.subnet, l);
-                    }
-                    Err(bad) => {
-                        if let Some(s) = subnet {
-                            state.peers.remove(&s);
-                        }
-                        self.warn_bad(std::slice::from_ref(&bad));
-                    }
-                },
             }
+            changes.push(match ev.event_type() {
+                EventType::Delete => Change::Delete(key),
+                EventType::Put => Change::Put(self.store.decode(kv)),
+            });
         }
-        if lost {
+        let own_key = self.store.lease_key(state.own.subnet);
+        let own_touched = changes.iter().any(|c| c.key() == own_key);
+        let mut batch = state.peers.batch();
+        for c in changes {
+            batch.apply(c);
+        }
+        let diff = batch.finish();
+        self.log_diff(state.peers.len(), &diff);
+        if own_touched && !self.own_still_held(state) {
             warn!(subnet = %state.own.subnet, "this host's lease was deleted or taken over; leasing again");
             self.reacquire(state).await?;
         }
@@ -510,42 +534,26 @@ impl Agent {
         }
     }
 
-    /// Lists everything again and rebuilds the desired state from scratch (start, compaction).
-    /// Returns whether this host's lease is still in etcd.
+    /// Lists everything again and makes the peer set that of the listing (start, compaction,
+    /// a new lease). Returns whether this host's lease is still in etcd.
     async fn resync(&mut self, state: &mut State) -> bool {
         let listing = retry("list leases", || self.store.list()).await;
-        self.warn_bad(&listing.bad);
         state.watch_from = listing.revision + 1;
-        let me = self.external.public_ip;
-        let own_subnet = state.own.subnet;
-        let mut own_present = false;
-        let before = std::mem::take(&mut state.peers);
-        state.peers = listing
-            .leases
-            .into_iter()
-            .filter(|l| {
-                if l.subnet == own_subnet && l.attrs.public_ip == me {
-                    own_present = true;
-                    state.own = l.clone();
-                    false
-                } else {
-                    l.attrs.public_ip != me
-                }
-            })
-            .map(|l| (l.subnet, l))
-            .collect();
-        for (subnet, l) in &before {
-            if !state.peers.contains_key(subnet) {
-                info!(subnet = %subnet, public_ip = %l.attrs.public_ip, "peer removed");
-            }
+        state.listed_at = listing.revision;
+        let addrs = self.local_addrs().await;
+        state.addrs_read = Instant::now();
+        let own = self.own_view(&state.own);
+        let mut batch = state.peers.batch();
+        batch.set_own(own);
+        if let Some(a) = addrs {
+            batch.set_local_addrs(a);
         }
-        for (subnet, l) in &state.peers {
-            if before.get(subnet).map(|p| &p.attrs) != Some(&l.attrs) {
-                info!(subnet = %subnet, public_ip = %l.attrs.public_ip, "peer added or changed");
-            }
-        }
+        batch.replace_all(listing.records);
+        let diff = batch.finish();
+        self.log_diff(state.peers.len(), &diff);
+        let own_present = self.own_still_held(state);
         if !own_present {
-            warn!(subnet = %own_subnet, "this host's lease is missing from etcd; leasing again");
+            warn!(subnet = %state.own.subnet, "this host's lease is missing from etcd or no longer its own; leasing again");
         }
         info!(
             peers = state.peers.len(),
@@ -556,9 +564,103 @@ impl Agent {
         own_present
     }
 
+    /// Whether this host's key still holds this host's lease (not deleted, taken over or
+    /// overwritten), refreshing `state.own` (and what peers are judged against) from etcd's.
+    fn own_still_held(&mut self, state: &mut State) -> bool {
+        let key = self.store.lease_key(state.own.subnet);
+        match state.peers.get(&key).map(|r| &r.value) {
+            Some(Ok(l)) if l.attrs.public_ip == self.external.public_ip => state.own = l.clone(),
+            _ => return false,
+        }
+        let own = self.own_view(&state.own);
+        if own != *state.peers.own() {
+            let mut batch = state.peers.batch();
+            batch.set_own(own);
+            let diff = batch.finish();
+            self.log_diff(state.peers.len(), &diff);
+        }
+        true
+    }
+
+    /// What judging peers needs of this host's lease.
+    fn own_view(&self, own: &Lease) -> Own {
+        Own {
+            key: self.store.lease_key(own.subnet),
+            subnet: own.subnet,
+            vtep_mac: weft_backends::mac::vtep_mac(own.attrs.backend_data.as_ref()).ok(),
+        }
+    }
+
+    /// An empty peer set for `config`, judged against `own` and the addresses known so far.
+    fn peer_set(&self, config: &NetworkConfig, own: &Lease) -> PeerSet {
+        let known = [self.external.public_ip, self.external.iface_addr].into();
+        PeerSet::new(config.network, config.subnet_len, self.own_view(own), known)
+    }
+
+    /// Every IPv4 address of this host, the PublicIP included; `None` when netlink fails (the
+    /// addresses known before stay in force).
+    async fn local_addrs(&self) -> Option<HashSet<Ipv4Addr>> {
+        match weft_backends::iface::local_ipv4_addrs().await {
+            Ok(mut addrs) => {
+                addrs.extend([self.external.public_ip, self.external.iface_addr]);
+                Some(addrs)
+            }
+            Err(e) => {
+                warn!("read this host's addresses: {e}; keeping the ones read before");
+                None
+            }
+        }
+    }
+
+    /// Logs what a batch did to the peer set: a lease newly rejected at warn, once per key and
+    /// reason; each peer added, changed or removed at info (debug in a batch of more than
+    /// [`LOUD_BATCH`] changes); and a summary of the batch at info.
+    fn log_diff(&mut self, peers: usize, diff: &Diff) {
+        let loud = diff.peer_changes() <= LOUD_BATCH;
+        for p in diff.added.iter().chain(&diff.changed) {
+            peer_line(loud, "peer added or changed", p);
+        }
+        for p in &diff.removed {
+            peer_line(loud, "peer removed", p);
+        }
+        for r in &diff.rejected {
+            let reason = r.reason.to_string();
+            if !self.warned.insert((r.key.clone(), reason.clone())) {
+                continue;
+            }
+            match (&r.reason, &r.holder) {
+                (Reason::Unreadable(_), _) => {
+                    warn!("skipping unreadable lease {}: {reason}", r.key)
+                }
+                (_, Some(holder)) => warn!("rejecting peer lease {}: {reason} ({holder})", r.key),
+                (_, None) => warn!("rejecting peer lease {}: {reason}", r.key),
+            }
+        }
+        if !diff.is_empty() {
+            info!(
+                added = diff.added.len(),
+                changed = diff.changed.len(),
+                removed = diff.removed.len(),
+                rejected = diff.rejected.len(),
+                peers,
+                "peer set updated"
+            );
+        }
+    }
+
     async fn reconcile(&mut self, state: &mut State) {
+        // Addresses come and go without an event weft watches: read them again now and then.
+        if state.addrs_read.elapsed() >= RESYNC / 2 {
+            state.addrs_read = Instant::now();
+            if let Some(addrs) = self.local_addrs().await {
+                let mut batch = state.peers.batch();
+                batch.set_local_addrs(addrs);
+                let diff = batch.finish();
+                self.log_diff(state.peers.len(), &diff);
+            }
+        }
         let peers: Vec<weft_backends::Lease> =
-            state.peers.values().map(Lease::to_backend).collect();
+            state.peers.peers().map(|(_, l)| l.to_backend()).collect();
         let outcome = match state.backend.reconcile(&peers).await {
             Ok(()) => format!("kernel state matches all {} peers", peers.len()),
             Err(list) => format!("reconcile: {list}"),
@@ -590,6 +692,16 @@ impl Agent {
                 warn!("skipping unreadable lease {}: {}", b.key, b.reason);
             }
         }
+    }
+}
+
+/// One peer's line in the log, at info or (in a large batch) debug.
+fn peer_line(loud: bool, what: &str, p: &Peer) {
+    let (subnet, public_ip, key) = (p.lease.subnet, p.lease.attrs.public_ip, &p.key);
+    if loud {
+        info!(%subnet, %public_ip, %key, "{what}");
+    } else {
+        debug!(%subnet, %public_ip, %key, "{what}");
     }
 }
 

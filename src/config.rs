@@ -1,9 +1,16 @@
 //! The cluster network config stored at `<prefix>/config`, with flannel's defaults and validation.
-//! Keys are matched case-insensitively, as flannel's Go decoder does ("VNI" and "vni" both occur).
+//! Keys are matched case-insensitively, as flannel's Go decoder does ("VNI" and "vni" both occur),
+//! and when several spellings of one key occur the last one wins, as in Go.
+//!
+//! This is the one place a config is judged, backend options included: weftd waits on what it
+//! refuses (rather than failing to build the backend again and again), and `weftctl config set`
+//! refuses the same, with the same message.
 
+use std::fmt;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 use weft_backends::BackendConfig;
 
@@ -21,6 +28,21 @@ fn err(key: &'static str, problem: impl Into<String>) -> ConfigError {
         problem: problem.into(),
     }
 }
+
+/// A refused config and where it is stored: the one wording weftd logs and weftctl prints.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid network config at {at}: {error}")]
+pub struct InvalidConfig {
+    /// The etcd key, `<prefix>/config`.
+    pub at: String,
+    pub error: ConfigError,
+}
+
+/// The shortest Network prefix accepted. flannel refuses only 0.0.0.0/0 (to its decoder the same as
+/// no Network at all); weft also refuses anything wider than 10.0.0.0/8, the largest private
+/// range: such a Network necessarily spans public addresses, and the FORWARD accept and masquerade
+/// rules written for it would then cover a large part of the internet.
+pub const MIN_NETWORK_PREFIX: u8 = 8;
 
 /// A validated network config.
 #[derive(Debug, Clone)]
@@ -42,6 +64,75 @@ impl PartialEq for NetworkConfig {
     }
 }
 
+/// JSON decoded the way Go's encoding/json fills a struct: in every object, keys that differ only
+/// in ASCII case are one key, and the last occurrence wins (exact duplicates included, which
+/// `serde_json::Value` would collapse keeping the first position). A `null` never overrides an
+/// earlier value: Go leaves a field untouched on null. Hand-written because no crate decodes JSON
+/// with Go's field matching.
+struct GoJson(Value);
+
+impl<'de> Deserialize<'de> for GoJson {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(GoJsonVisitor)
+    }
+}
+
+struct GoJsonVisitor;
+
+impl<'de> Visitor<'de> for GoJsonVisitor {
+    type Value = GoJson;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<GoJson, E> {
+        Ok(GoJson(Value::Bool(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<GoJson, E> {
+        Ok(GoJson(Value::from(v)))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<GoJson, E> {
+        Ok(GoJson(Value::from(v)))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<GoJson, E> {
+        Ok(GoJson(Value::from(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<GoJson, E> {
+        Ok(GoJson(Value::String(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<GoJson, E> {
+        Ok(GoJson(Value::String(v)))
+    }
+    fn visit_unit<E>(self) -> Result<GoJson, E> {
+        Ok(GoJson(Value::Null))
+    }
+    fn visit_none<E>(self) -> Result<GoJson, E> {
+        Ok(GoJson(Value::Null))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<GoJson, A::Error> {
+        let mut items = Vec::new();
+        while let Some(GoJson(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(GoJson(Value::Array(items)))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<GoJson, A::Error> {
+        let mut obj = Map::new();
+        while let Some((k, GoJson(v))) = map.next_entry::<String, GoJson>()? {
+            let earlier = obj.keys().find(|e| e.eq_ignore_ascii_case(&k)).cloned();
+            if let Some(e) = earlier {
+                if v.is_null() {
+                    continue;
+                }
+                obj.shift_remove(&e);
+            }
+            obj.insert(k, v);
+        }
+        Ok(GoJson(Value::Object(obj)))
+    }
+}
+
+/// The value of `key` in an object folded by [`GoJson`] (one spelling per key), `null` as absent.
 fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(key))
@@ -75,7 +166,7 @@ fn addr_field(
 impl NetworkConfig {
     /// Parses and validates the JSON text of `<prefix>/config`.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let value: Value = serde_json::from_str(text)
+        let GoJson(value) = serde_json::from_str(text)
             .map_err(|e| err("config", format!("not valid JSON: {e}")))?;
         let Value::Object(obj) = value else {
             return Err(err("config", "expected a JSON object"));
@@ -98,6 +189,16 @@ impl NetworkConfig {
             .map_err(|_| err("Network", format!("{network:?} is not an IPv4 CIDR")))?;
         // Go's ParseCIDR masks host bits; so does flannel, so we do too.
         let network = network.trunc();
+        if network.prefix_len() < MIN_NETWORK_PREFIX {
+            return Err(err(
+                "Network",
+                format!(
+                    "{network} is too large: the prefix must be /{MIN_NETWORK_PREFIX} or longer \
+                     (a wider network spans public addresses, and the forward and masquerade \
+                     rules would cover them)"
+                ),
+            ));
+        }
         if network.prefix_len() > 28 {
             return Err(err(
                 "Network",
@@ -171,13 +272,31 @@ impl NetworkConfig {
             }
         }
 
+        let backend = BackendConfig::new(backend);
+        weft_backends::validate(&backend, None).map_err(|e| err("Backend", e.to_string()))?;
+
         Ok(Self {
             network,
             subnet_len,
             subnet_min,
             subnet_max,
-            backend: BackendConfig::new(backend),
+            backend,
         })
+    }
+
+    /// [`parse`](Self::parse), with the error worded as weftd logs it and weftctl prints it.
+    pub fn parse_at(text: &str, key: &str) -> Result<Self, InvalidConfig> {
+        Self::parse(text).map_err(|error| InvalidConfig {
+            at: key.to_string(),
+            error,
+        })
+    }
+
+    /// What only this host can judge: the backend options against its underlay MTU (udp's `MTU`
+    /// must fit inside it). After this, building the backend cannot fail on the config.
+    pub fn check_on_host(&self, underlay_mtu: u32) -> Result<(), ConfigError> {
+        weft_backends::validate(&self.backend, Some(underlay_mtu))
+            .map_err(|e| err("Backend", e.to_string()))
     }
 
     /// How many subnets [SubnetMin, SubnetMax] holds.
@@ -273,11 +392,11 @@ mod tests {
 
     #[test]
     fn extreme_networks_compute_without_overflow() {
-        let all = parse(r#"{"Network":"0.0.0.0/0"}"#).unwrap();
-        assert_eq!(all.subnet_count(), (1 << 24) - 1);
+        let widest = parse(r#"{"Network":"10.0.0.0/8"}"#).unwrap();
+        assert_eq!(widest.subnet_count(), (1 << 16) - 1);
         assert_eq!(
-            all.nth_subnet((1 << 24) - 2).to_string(),
-            "255.255.255.0/24"
+            widest.nth_subnet((1 << 16) - 2).to_string(),
+            "10.255.255.0/24"
         );
         let top = parse(r#"{"Network":"255.255.255.240/28"}"#).unwrap();
         assert_eq!(top.subnet_len, 30);
@@ -285,6 +404,100 @@ mod tests {
         assert_eq!(top.nth_subnet(2).to_string(), "255.255.255.252/30");
         let many = parse(r#"{"Network":"10.0.0.0/8","SubnetLen":30}"#).unwrap();
         assert_eq!(many.subnet_count(), (1 << 22) - 1);
+    }
+
+    #[test]
+    fn a_network_wider_than_a_slash_8_is_refused() {
+        for wide in ["0.0.0.0/0", "10.1.2.3/0", "0.0.0.0/1", "10.0.0.0/7"] {
+            let e = parse(&format!(r#"{{"Network":"{wide}"}}"#)).expect_err(wide);
+            assert_eq!(e.key, "Network", "{wide}: {e}");
+            assert!(e.problem.contains("too large"), "{wide}: {e}");
+        }
+        assert!(parse(r#"{"Network":"10.0.0.0/8"}"#).is_ok());
+    }
+
+    #[test]
+    fn backend_options_are_validated_with_the_rest() {
+        let e = parse(r#"{"Network":"10.5.0.0/16","Backend":{"VNI":99999999,"Type":"vxlan"}}"#)
+            .expect_err("VNI out of range");
+        assert_eq!(e.key, "Backend");
+        assert_eq!(
+            e.to_string(),
+            "Backend: invalid backend option VNI: want an integer from 0 to 16777215, got 99999999"
+        );
+        for bad in [
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"warp-drive"}}"#,
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp","Port":70000}}"#,
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp","MTU":67}}"#,
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","DirectRouting":"yes"}}"#,
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","MTU":20}}"#,
+        ] {
+            assert_eq!(parse(bad).expect_err(bad).key, "Backend", "{bad}");
+        }
+    }
+
+    #[test]
+    fn what_depends_on_the_underlay_is_checked_on_the_host() {
+        let c = parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp","MTU":8972}}"#)
+            .expect("valid on some host");
+        assert_eq!(c.check_on_host(9000), Ok(()));
+        let e = c.check_on_host(1500).expect_err("too big for 1500");
+        assert_eq!(e.key, "Backend");
+        assert!(e.problem.contains("at most 1472"), "{e}");
+    }
+
+    #[test]
+    fn weftd_and_weftctl_word_a_refusal_alike() {
+        let e = NetworkConfig::parse_at(r#"{"Network":"10.0.0.0/16","SubnetLen":31}"#, "/p/config")
+            .expect_err("invalid");
+        assert_eq!(
+            e.to_string(),
+            "invalid network config at /p/config: SubnetLen: 31 is more than 30"
+        );
+    }
+
+    #[test]
+    fn the_last_spelling_of_a_key_wins_as_in_go() {
+        let c = parse(r#"{"Network":"10.1.0.0/16","network":"10.2.0.0/16"}"#).unwrap();
+        assert_eq!(c.network.to_string(), "10.2.0.0/16");
+        // Exact duplicates too, wherever the other spellings stand.
+        let c =
+            parse(r#"{"Network":"10.1.0.0/16","NETWORK":"10.2.0.0/16","Network":"10.3.0.0/16"}"#)
+                .unwrap();
+        assert_eq!(c.network.to_string(), "10.3.0.0/16");
+        // Inside Backend as well: the last VNI is the one validated and used.
+        let c =
+            parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","VNI":99999999,"vni":7}}"#)
+                .unwrap();
+        assert_eq!(c.backend.get("VNI"), Some(&Value::from(7)));
+        assert_eq!(c.backend.as_map().len(), 2, "one spelling per key");
+        let e =
+            parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","vni":7,"VNI":99999999}}"#)
+                .expect_err("the last VNI is out of range");
+        assert_eq!(e.key, "Backend");
+        // And a whole Backend object given twice.
+        let c = parse(
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"},"backend":{"Type":"host-gw"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.backend.type_name(), "host-gw");
+    }
+
+    #[test]
+    fn deeply_nested_json_is_refused_without_exhausting_the_stack() {
+        let deep = format!(
+            r#"{{"Network":"10.1.0.0/16","Backend":{}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(parse(&deep).expect_err("too deep").key, "config");
+    }
+
+    #[test]
+    fn a_null_leaves_an_earlier_value_as_go_does() {
+        let c = parse(r#"{"Network":"10.1.0.0/16","network":null,"SubnetLen":null}"#).unwrap();
+        assert_eq!(c.network.to_string(), "10.1.0.0/16");
+        assert_eq!(c.subnet_len, 24);
     }
 
     #[test]

@@ -105,7 +105,11 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             } else {
                 std::fs::read_to_string(&file).with_context(|| format!("read {file}"))?
             };
-            let config = NetworkConfig::parse(&text).context("invalid network config")?;
+            // The same check and wording as weftd's, before anything is written: a config weftd
+            // would refuse never reaches etcd. (Only what depends on a host's underlay, udp's MTU
+            // against its interface, is left to each weftd.)
+            let key = format!("{}/config", args.etcd.prefix());
+            let config = NetworkConfig::parse_at(&text, &key)?;
             let store = Store::connect(&args.etcd).await?;
             store.put_config(text.trim()).await?;
             println!(

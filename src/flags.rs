@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
-use clap::{Args, Parser};
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser};
 
 /// Go's flag package takes `-name` as well as `--name`: rewrite the single-dash long form so clap
 /// sees `--name`. Single-letter flags (`-f`, `-v`) and lone `-` are left alone.
@@ -50,7 +52,8 @@ pub fn drop_empty_flanneld_env() {
     }
 }
 
-/// Parses a Go-style duration: `24h`, `90m`, `1h30m`, `45s`, `500ms`.
+/// Parses a Go-style duration: `24h`, `90m`, `1h30m`, `45s`, `500ms`. Never panics: a value too
+/// large for a `Duration` is an error like any other bad value.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration (use e.g. 24h, 90m, 30s)");
     let mut rest = s.trim();
@@ -74,10 +77,47 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "h" => n * 3600.0,
             _ => return Err(bad()),
         };
-        total += Duration::from_secs_f64(secs);
+        total = Duration::try_from_secs_f64(secs)
+            .ok()
+            .and_then(|d| total.checked_add(d))
+            .ok_or_else(|| format!("{s:?} is too long a duration"))?;
         rest = &rest[unit_len..];
     }
     Ok(total)
+}
+
+/// The shortest lease TTL: etcd's own minimum with its default timings (1.5 election timeouts,
+/// rounded up to whole seconds). etcd silently raises a shorter TTL to it, and weftd renews at a
+/// fraction of the TTL, so anything shorter would only make it hammer etcd with keep-alives.
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
+
+/// The longest lease TTL: etcd refuses longer leases (`MaxLeaseTTL`, 9,000,000,000 s).
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(9_000_000_000);
+
+/// The largest renew margin: one that could still be shorter than the longest TTL. It keeps
+/// `margin * 60` (seconds) far from overflowing.
+pub const MAX_RENEW_MARGIN_MINUTES: u64 = MAX_LEASE_TTL.as_secs() / 60;
+
+/// The longest pause between firewall checks: a day (rules deleted by hand stay missing at most
+/// that long). Also keeps the interval far from overflowing a clock.
+pub const MAX_IPTABLES_RESYNC_SECS: u64 = 86_400;
+
+/// `--subnet-lease-ttl`: a duration etcd grants as it is, within [`MIN_LEASE_TTL`, `MAX_LEASE_TTL`].
+pub fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(s)?;
+    if ttl < MIN_LEASE_TTL {
+        return Err(format!(
+            "{s:?} is shorter than {}s, etcd's minimum lease TTL",
+            MIN_LEASE_TTL.as_secs()
+        ));
+    }
+    if ttl > MAX_LEASE_TTL {
+        return Err(format!(
+            "{s:?} is longer than {}s, etcd's maximum lease TTL",
+            MAX_LEASE_TTL.as_secs()
+        ));
+    }
+    Ok(ttl)
 }
 
 /// How to reach etcd; the same for weftd and weftctl.
@@ -98,20 +138,37 @@ pub struct EtcdArgs {
         default_value = "/coreos.com/network"
     )]
     pub etcd_prefix: String,
-    /// TLS client key file.
-    #[arg(long, env = "FLANNELD_ETCD_KEYFILE", value_name = "FILE")]
+    /// TLS client key file (with -etcd-certfile: one without the other would silently connect
+    /// without a client certificate).
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_KEYFILE",
+        value_name = "FILE",
+        requires = "etcd_certfile"
+    )]
     pub etcd_keyfile: Option<PathBuf>,
-    /// TLS client certificate file.
-    #[arg(long, env = "FLANNELD_ETCD_CERTFILE", value_name = "FILE")]
+    /// TLS client certificate file (with -etcd-keyfile).
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_CERTFILE",
+        value_name = "FILE",
+        requires = "etcd_keyfile"
+    )]
     pub etcd_certfile: Option<PathBuf>,
     /// TLS CA file.
     #[arg(long, env = "FLANNELD_ETCD_CAFILE", value_name = "FILE")]
     pub etcd_cafile: Option<PathBuf>,
-    /// etcd user name.
-    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
+    /// etcd user name (with -etcd-password: one without the other would silently connect
+    /// without authenticating).
+    #[arg(long, env = "FLANNELD_ETCD_USERNAME", requires = "etcd_password")]
     pub etcd_username: Option<String>,
-    /// etcd password.
-    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
+    /// etcd password (with -etcd-username).
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_username"
+    )]
     pub etcd_password: Option<String>,
 }
 
@@ -148,11 +205,13 @@ pub struct DaemonArgs {
         default_value = "/run/flannel/subnet.env"
     )]
     pub subnet_file: PathBuf,
-    /// Renew the lease this many minutes before it expires.
-    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60)]
+    /// Renew the lease this many minutes before it expires. Given, it must be less than the TTL;
+    /// by default (60) a TTL of an hour or less is renewed at a third of it.
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_RENEW_MARGIN_MINUTES))]
     pub subnet_lease_renew_margin: u64,
-    /// Lifetime of a lease in etcd (weft; flannel fixes it at 24h).
-    #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
+    /// Lifetime of a lease in etcd, 2s or more (weft; flannel fixes it at 24h).
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_lease_ttl)]
     pub subnet_lease_ttl: Duration,
     /// Masquerade traffic leaving the network.
     #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, require_equals = true,
@@ -163,7 +222,8 @@ pub struct DaemonArgs {
           default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub ip_masq_fully_random_disable: bool,
     /// Seconds between checks of the firewall rules.
-    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5)]
+    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(..=MAX_IPTABLES_RESYNC_SECS))]
     pub iptables_resync: u64,
     /// Add FORWARD accept rules for the network.
     #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, require_equals = true,
@@ -199,10 +259,34 @@ pub struct DaemonArgs {
 }
 
 impl DaemonArgs {
-    /// Parses from the process's arguments and environment.
+    /// Parses from the process's arguments and environment; on a bad flag prints why and exits.
     pub fn from_env() -> Self {
         drop_empty_flanneld_env();
-        Self::parse_from(normalize_args(std::env::args_os()))
+        Self::try_parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses flanneld-style arguments (and `FLANNELD_*`), then checks the flags against each
+    /// other.
+    pub fn try_parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Self, clap::Error> {
+        let matches = Self::command().try_get_matches_from(normalize_args(args))?;
+        let parsed = Self::from_arg_matches(&matches)?;
+        let margin_given = !matches!(
+            matches.value_source("subnet_lease_renew_margin"),
+            None | Some(ValueSource::DefaultValue)
+        );
+        let margin = Duration::from_secs(parsed.subnet_lease_renew_margin * 60);
+        if margin_given && margin >= parsed.subnet_lease_ttl {
+            return Err(Self::command().error(
+                ErrorKind::ArgumentConflict,
+                format!(
+                    "--subnet-lease-renew-margin={} (minutes) must be less than \
+                     --subnet-lease-ttl ({}s): the lease would be renewed before it was granted",
+                    parsed.subnet_lease_renew_margin,
+                    parsed.subnet_lease_ttl.as_secs()
+                ),
+            ));
+        }
+        Ok(parsed)
     }
 
     /// `None` when daemon.json handling is turned off.
@@ -220,7 +304,7 @@ mod tests {
         let argv = std::iter::once("weftd")
             .chain(args.iter().copied())
             .map(OsString::from);
-        DaemonArgs::try_parse_from(normalize_args(argv))
+        DaemonArgs::try_parse_args(argv)
     }
 
     #[test]
@@ -284,6 +368,96 @@ mod tests {
     fn unknown_flags_are_errors() {
         let e = parse(&["-no-such-flag=1"]).unwrap_err();
         assert!(e.to_string().contains("--no-such-flag"), "{e}");
+    }
+
+    fn refused(args: &[&str]) -> String {
+        match parse(args) {
+            Ok(a) => panic!("{args:?} accepted: {a:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn an_absurd_lease_ttl_is_a_clean_error_not_a_panic() {
+        let e = refused(&["--subnet-lease-ttl=99999999999999999999h"]);
+        assert!(e.contains("too long a duration"), "{e}");
+        let e = refused(&["--subnet-lease-ttl=9000000001s"]);
+        assert!(e.contains("etcd's maximum lease TTL"), "{e}");
+        assert!(parse(&["--subnet-lease-ttl=9000000000s"]).is_ok());
+    }
+
+    #[test]
+    fn a_lease_ttl_below_etcds_minimum_is_refused() {
+        for short in ["0s", "1s", "1999ms"] {
+            let e = refused(&[&format!("--subnet-lease-ttl={short}")]);
+            assert!(e.contains("etcd's minimum lease TTL"), "{short}: {e}");
+        }
+        assert_eq!(
+            parse(&["--subnet-lease-ttl=2s"]).unwrap().subnet_lease_ttl,
+            Duration::from_secs(2)
+        );
+    }
+
+    #[test]
+    fn a_given_renew_margin_must_be_shorter_than_the_ttl() {
+        let e = refused(&["--subnet-lease-ttl=1h", "--subnet-lease-renew-margin=60"]);
+        assert!(
+            e.contains("must be less than --subnet-lease-ttl (3600s)"),
+            "{e}"
+        );
+        let a = parse(&["--subnet-lease-ttl=1h", "--subnet-lease-renew-margin=59"]).unwrap();
+        assert_eq!(a.subnet_lease_renew_margin, 59);
+        // The default margin is not the operator's choice: a short TTL renews at a third of it.
+        assert!(parse(&["--subnet-lease-ttl=2s"]).is_ok());
+    }
+
+    #[test]
+    fn the_renew_margin_is_bounded_so_it_cannot_overflow() {
+        for bad in ["0", "18446744073709551615", "150000001", "-1", "soon"] {
+            refused(&[&format!("--subnet-lease-renew-margin={bad}")]);
+        }
+        let a = parse(&[
+            "--subnet-lease-ttl=9000000000s",
+            &format!(
+                "--subnet-lease-renew-margin={}",
+                MAX_RENEW_MARGIN_MINUTES - 1
+            ),
+        ])
+        .unwrap();
+        assert!(a.subnet_lease_renew_margin.checked_mul(60).is_some());
+    }
+
+    #[test]
+    fn the_firewall_resync_is_bounded() {
+        refused(&["--iptables-resync=86401"]);
+        refused(&["--iptables-resync=-5"]);
+        assert_eq!(
+            parse(&["--iptables-resync=86400"]).unwrap().iptables_resync,
+            86400
+        );
+    }
+
+    #[test]
+    fn tls_and_auth_flags_come_in_pairs() {
+        let e = refused(&["-etcd-keyfile=/k.pem"]);
+        assert!(e.contains("--etcd-certfile"), "{e}");
+        let e = refused(&["-etcd-certfile=/c.pem"]);
+        assert!(e.contains("--etcd-keyfile"), "{e}");
+        let e = refused(&["-etcd-username=weft"]);
+        assert!(e.contains("--etcd-password"), "{e}");
+        let e = refused(&["-etcd-password=secret"]);
+        assert!(e.contains("--etcd-username"), "{e}");
+        assert!(parse(&["-etcd-keyfile=/k.pem", "-etcd-certfile=/c.pem"]).is_ok());
+        assert!(parse(&["-etcd-username=weft", "-etcd-password=secret"]).is_ok());
+        assert!(
+            parse(&["-etcd-cafile=/ca.pem"]).is_ok(),
+            "a CA alone is fine"
+        );
+        // weftctl shares the etcd flags and their pairing.
+        let ctl = crate::ctl::CtlArgs::try_parse_from(normalize_args(
+            ["weftctl", "-etcd-keyfile=/k.pem", "leases"].map(OsString::from),
+        ));
+        assert!(ctl.is_err());
     }
 
     #[test]

@@ -73,12 +73,70 @@ pub fn subnet_key(subnet: Ipv4Net) -> String {
     format!("{}-{}", subnet.addr(), subnet.prefix_len())
 }
 
-/// Parses a key name made by [`subnet_key`] (a dual-stack suffix `&fc00::-64` is ignored).
+/// Parses a key name exactly as [`subnet_key`] (and flannel) writes it: `10.244.52.0-24`.
+///
+/// Anything else is refused, so that one subnet has one key: a suffix (`-24&x`, also flannel's
+/// dual-stack `&fc00::-64`, which weft does not lease), a padded or signed length (`-024`, `-+24`),
+/// leading zeros in the address, or an address that is not the network's (`10.1.2.3-24`). Other
+/// spellings would let a second key alias a real peer's subnet and repoint or remove it.
 pub fn parse_subnet_key(name: &str) -> Option<Ipv4Net> {
-    let v4 = name.split('&').next()?;
-    let (addr, len) = v4.rsplit_once('-')?;
+    let (addr, len) = name.split_once('-')?;
     let net = Ipv4Net::new(addr.parse().ok()?, len.parse().ok()?).ok()?;
-    (net.trunc() == net).then_some(net)
+    // Parsing is lenient about some spellings; only the one flannel writes round-trips.
+    (net.trunc() == net && subnet_key(net) == name).then_some(net)
+}
+
+/// Why a key under `subnets/` holds no usable lease.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unreadable {
+    /// The key's name is not a subnet in flannel's one spelling (see [`parse_subnet_key`]).
+    #[error("key {0:?} is not a subnet like 10.244.52.0-24")]
+    Key(String),
+    /// The value is not a lease (see [`LeaseAttrs::parse`]).
+    #[error("{0}")]
+    Value(String),
+}
+
+/// One key under `<prefix>/subnets/` as etcd stores it, readable or not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The whole etcd key.
+    pub key: String,
+    /// The revision at which the key was created: a lease's age. A put keeps it; a delete and a
+    /// new put start a new one.
+    pub create_revision: i64,
+    pub value: Result<Lease, Unreadable>,
+}
+
+impl Record {
+    /// Reads the etcd key `key` (under `subnets_prefix`) and its value as a lease, keeping what
+    /// cannot be read with the reason.
+    pub fn read(
+        key: String,
+        subnets_prefix: &str,
+        value: &[u8],
+        create_revision: i64,
+        mod_revision: i64,
+        etcd_lease: i64,
+    ) -> Self {
+        let name = key.strip_prefix(subnets_prefix).unwrap_or(&key);
+        let value = match parse_subnet_key(name) {
+            None => Err(Unreadable::Key(name.to_string())),
+            Some(subnet) => LeaseAttrs::parse(value)
+                .map(|attrs| Lease {
+                    subnet,
+                    attrs,
+                    etcd_lease,
+                    mod_revision,
+                })
+                .map_err(Unreadable::Value),
+        };
+        Self {
+            key,
+            create_revision,
+            value,
+        }
+    }
 }
 
 /// A lease read from etcd.
@@ -161,15 +219,40 @@ mod tests {
         let n: Ipv4Net = "10.244.52.0/24".parse().unwrap();
         assert_eq!(subnet_key(n), "10.244.52.0-24");
         assert_eq!(parse_subnet_key("10.244.52.0-24"), Some(n));
-        assert_eq!(parse_subnet_key("10.244.52.0-24&fc00::-64"), Some(n));
+        assert_eq!(
+            parse_subnet_key("0.0.0.0-0"),
+            Some("0.0.0.0/0".parse().unwrap())
+        );
         for bad in [
             "10.244.52.1-24",
             "garbage",
             "10.244.52.0-33",
             "10.244.52.0",
             "-24",
+            "",
         ] {
             assert_eq!(parse_subnet_key(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_flannels_spelling_of_a_subnet_key_is_accepted_so_no_key_aliases_another() {
+        for alias in [
+            "10.244.52.0-24&x",
+            "10.244.52.0-24&fc00::-64",
+            "10.244.52.0-024",
+            "10.244.52.0-+24",
+            "10.244.52.0-24 ",
+            " 10.244.52.0-24",
+            "10.244.052.0-24",
+            "010.244.52.0-24",
+            "10.244.52.0-24-24",
+            "10.244.52.0--24",
+            "10.244.52.3-24",
+            "10.244.52.0-24\0",
+            "10.244.52.0-24/",
+        ] {
+            assert_eq!(parse_subnet_key(alias), None, "{alias:?}");
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod lease;
 #[cfg(test)]
 mod mutation_tests;
 pub mod notify;
+pub mod peers;
 pub mod policy;
 pub mod status;
 pub mod store;

@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::ctl::format_secs;
 use crate::flags::EtcdArgs;
 use crate::store::Store;
-use crate::{fsutil, subnet_env};
+use crate::{daemon_json, fsutil, subnet_env};
 
 /// `weftctl status`'s flags.
 #[derive(Debug, Clone, Args)]
@@ -71,6 +71,8 @@ pub enum DaemonJsonView {
     Skipped,
     Missing,
     Unreadable(String),
+    /// Not a JSON object: weftd leaves it untouched (and says so on /readyz).
+    Unparseable(String),
     Found {
         bip: Option<String>,
         mtu: Option<u64>,
@@ -134,6 +136,10 @@ pub fn problems(v: &View) -> Vec<String> {
         DaemonJsonView::Unreadable(e) => {
             out.push(format!("cannot read {}: {e}", v.daemon_json_path))
         }
+        DaemonJsonView::Unparseable(e) => out.push(format!(
+            "{} cannot be parsed ({e}): weftd leaves it untouched, so Docker's bip and mtu are not set; once it is fixed, weftd writes them within seconds",
+            v.daemon_json_path
+        )),
         DaemonJsonView::Skipped | DaemonJsonView::Missing => {}
     }
     match &v.bridge {
@@ -192,6 +198,9 @@ pub fn render(v: &View) -> String {
             DaemonJsonView::Skipped => "not checked".into(),
             DaemonJsonView::Missing => format!("{} (absent)", v.daemon_json_path),
             DaemonJsonView::Unreadable(_) => format!("{} (unreadable)", v.daemon_json_path),
+            DaemonJsonView::Unparseable(_) => {
+                format!("{} (cannot be parsed; left untouched)", v.daemon_json_path)
+            }
             DaemonJsonView::Found { bip, mtu } => format!(
                 "{}: bip {}, mtu {}",
                 v.daemon_json_path,
@@ -260,19 +269,13 @@ pub fn read_daemon_json(path: &str) -> DaemonJsonView {
         Ok(None) => return DaemonJsonView::Missing,
         Err(e) => return DaemonJsonView::Unreadable(format!("{e:#}")),
     };
-    if text.trim().is_empty() {
-        return DaemonJsonView::Found {
-            bip: None,
-            mtu: None,
-        };
-    }
-    match serde_json::from_str::<Value>(&text) {
-        Ok(Value::Object(o)) => DaemonJsonView::Found {
+    // The same reading as weftd's (a BOM skipped, blank is empty), so both say the same.
+    match daemon_json::parse(&text) {
+        Ok(o) => DaemonJsonView::Found {
             bip: o.get("bip").and_then(Value::as_str).map(str::to_string),
             mtu: o.get("mtu").and_then(Value::as_u64),
         },
-        Ok(_) => DaemonJsonView::Unreadable("not a JSON object".into()),
-        Err(e) => DaemonJsonView::Unreadable(format!("not valid JSON: {e}")),
+        Err(e) => DaemonJsonView::Unparseable(format!("{e:#}")),
     }
 }
 
@@ -421,6 +424,19 @@ mod tests {
     }
 
     #[test]
+    fn an_unparseable_daemon_json_is_reported_as_left_untouched() {
+        let mut v = consistent();
+        v.daemon_json =
+            DaemonJsonView::Unparseable("not valid JSON: expected value at line 1 column 9".into());
+        assert_eq!(
+            problems(&v),
+            ["/etc/docker/daemon.json cannot be parsed (not valid JSON: expected value at line 1 column 9): weftd leaves it untouched, so Docker's bip and mtu are not set; once it is fixed, weftd writes them within seconds"]
+        );
+        assert!(render(&v)
+            .contains("daemon.json: /etc/docker/daemon.json (cannot be parsed; left untouched)\n"));
+    }
+
+    #[test]
     fn a_missing_lease_or_subnet_env_is_reported() {
         let mut v = consistent();
         v.lease = LeaseView::Missing;
@@ -454,10 +470,19 @@ mod tests {
                 mtu: Some(1450)
             }
         );
+        std::fs::write(&json, "\u{feff}{\"bip\":\"10.5.7.1/24\"}").unwrap();
+        assert_eq!(
+            read_daemon_json(&json_s),
+            DaemonJsonView::Found {
+                bip: Some("10.5.7.1/24".into()),
+                mtu: None
+            },
+            "a BOM is skipped as Docker and weftd skip it"
+        );
         std::fs::write(&json, "{ broken").unwrap();
         assert!(matches!(
             read_daemon_json(&json_s),
-            DaemonJsonView::Unreadable(_)
+            DaemonJsonView::Unparseable(e) if e.contains("not valid JSON")
         ));
         assert_eq!(read_daemon_json(""), DaemonJsonView::Skipped);
     }

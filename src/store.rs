@@ -14,7 +14,7 @@ use ipnet::Ipv4Net;
 use tracing::warn;
 
 use crate::flags::EtcdArgs;
-use crate::lease::{parse_subnet_key, subnet_key, Lease, LeaseAttrs};
+use crate::lease::{subnet_key, Lease, LeaseAttrs, Record};
 
 /// A lease key or value that cannot be read: skipped, with the reason.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +29,9 @@ pub struct Listing {
     pub leases: Vec<Lease>,
     pub bad: Vec<BadLease>,
     pub revision: i64,
+    /// Every key as stored, readable or not, with its create revision: what the agent's peer set
+    /// is built from (`leases` and `bad` are the same keys, split, for allocation and weftctl).
+    pub records: Vec<Record>,
 }
 
 /// Longest any single etcd call may take. The client's own timeout does not cover waiting for a
@@ -129,6 +132,41 @@ impl Store {
         Ok(())
     }
 
+    /// Stores the config only if the key does not exist, in one transaction (create revision 0 →
+    /// put, else read it back), so any number of writers racing at once leave exactly one config.
+    /// `Ok(None)`: ours was stored; `Ok(Some(text))`: the config that was already there, kept.
+    pub async fn put_config_if_absent(&self, text: &str) -> Result<Option<String>> {
+        let key = self.config_key();
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([TxnOp::put(key.as_str(), text, None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let resp = rpc(
+            || format!("create {key} if absent"),
+            self.client.clone().txn(txn),
+        )
+        .await?;
+        if resp.succeeded() {
+            return Ok(None);
+        }
+        let existing = resp.op_responses().into_iter().find_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(get) => get
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+            _ => None,
+        });
+        // The compare failed, so the key existed at that revision and the get in the same
+        // transaction saw it; an empty answer would be an etcd bug, reported rather than assumed.
+        existing
+            .map(Some)
+            .with_context(|| format!("{key} exists but its value was not returned"))
+    }
+
     /// Every lease under `subnets/`, garbage set aside.
     pub async fn list(&self) -> Result<Listing> {
         let prefix = self.subnets_prefix();
@@ -144,33 +182,30 @@ impl Store {
             ..Listing::default()
         };
         for kv in resp.kvs() {
-            match self.decode(kv) {
-                Ok(l) => listing.leases.push(l),
-                Err(b) => listing.bad.push(b),
+            let record = self.decode(kv);
+            match &record.value {
+                Ok(l) => listing.leases.push(l.clone()),
+                Err(e) => listing.bad.push(BadLease {
+                    key: record.key.clone(),
+                    reason: e.to_string(),
+                }),
             }
+            listing.records.push(record);
         }
         Ok(listing)
     }
 
-    /// Reads one key/value of `subnets/` as a lease.
-    pub fn decode(&self, kv: &KeyValue) -> Result<Lease, BadLease> {
-        let key = String::from_utf8_lossy(kv.key()).into_owned();
-        let bad = |reason: String| BadLease {
-            key: key.clone(),
-            reason,
-        };
-        let name = key
-            .strip_prefix(&self.subnets_prefix())
-            .ok_or_else(|| bad("outside the subnets prefix".into()))?;
-        let subnet = parse_subnet_key(name)
-            .ok_or_else(|| bad(format!("key {name:?} is not a subnet like 10.244.52.0-24")))?;
-        let attrs = LeaseAttrs::parse(kv.value()).map_err(bad)?;
-        Ok(Lease {
-            subnet,
-            attrs,
-            etcd_lease: kv.lease(),
-            mod_revision: kv.mod_revision(),
-        })
+    /// Reads one key/value of `subnets/` as a lease, keeping what cannot be read with the reason.
+    /// A key that is not UTF-8 is read lossily: it is never a subnet key, so it stays unreadable.
+    pub fn decode(&self, kv: &KeyValue) -> Record {
+        Record::read(
+            String::from_utf8_lossy(kv.key()).into_owned(),
+            &self.subnets_prefix(),
+            kv.value(),
+            kv.create_revision(),
+            kv.mod_revision(),
+            kv.lease(),
+        )
     }
 
     /// Creates `subnet` for us if nobody holds it. `Ok(None)`: someone else got there first.

@@ -111,4 +111,52 @@ mod tests {
         assert_eq!(v["B"], "two");
         assert_eq!(v["C"], "3");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn line() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "(export )?[A-Z_]{1,12}=[\"']?[^\n]{0,20}[\"']?",
+                "[#= \t'\"a-z]{0,10}",
+                any::<String>(),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Whatever is on disk (a truncated write, another tool's file, binary junk read
+            /// lossily): parsing never panics, and every key it returns is a trimmed, non-empty
+            /// line prefix without '='.
+            #[test]
+            fn parse_vars_never_panics(lines in proptest::collection::vec(line(), 0..8), crlf in any::<bool>()) {
+                let text = lines.join(if crlf { "\r\n" } else { "\n" });
+                for (k, _) in parse_vars(&text) {
+                    prop_assert!(!k.contains('='), "{:?}", k);
+                    prop_assert_eq!(k.trim(), k.as_str());
+                }
+            }
+
+            /// What weftd writes reads back as itself.
+            #[test]
+            fn rendered_files_parse_back(
+                net in any::<u32>(),
+                len in 8u8..=28,
+                extra in 2u8..=4,
+                mtu in any::<u32>(),
+                ip_masq in any::<bool>(),
+            ) {
+                let network = Ipv4Net::new(net.into(), len).map_err(|e| TestCaseError::fail(e.to_string()))?.trunc();
+                let subnet = Ipv4Net::new(network.addr(), len + extra).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let env = SubnetEnv { network, subnet, mtu, ip_masq };
+                let vars = parse_vars(&env.render());
+                prop_assert_eq!(&vars["FLANNEL_NETWORK"], &network.to_string());
+                prop_assert_eq!(&vars["FLANNEL_SUBNET"], &env.gateway());
+                prop_assert_eq!(&vars["FLANNEL_MTU"], &mtu.to_string());
+                prop_assert_eq!(&vars["FLANNEL_IPMASQ"], &ip_masq.to_string());
+            }
+        }
+    }
 }

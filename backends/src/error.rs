@@ -26,6 +26,11 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A route weft wants is not installed because a route weft does not own already routes its
+    /// destination (typically the connected route of a local bridge such as docker0). That route
+    /// is left alone; every reconcile checks again.
+    #[error("route {wanted} not installed: {existing} (not weft's) holds that destination")]
+    RouteConflict { wanted: String, existing: String },
     #[error("{context}: {reason}")]
     Firewall { context: String, reason: String },
     #[error("{0}")]

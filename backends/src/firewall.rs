@@ -4,14 +4,24 @@
 //!
 //! Why iptables-restore and not nftables: a node switching from flanneld to weft (or back) must
 //! end up with one set of rules, not two. Using flannel's tables, chain names and jump rules means
-//! each agent rewrites the other's chains in place. The chains are declared in an
-//! `iptables-restore --noflush` batch, which flushes and refills them in one transaction, so rules
-//! for an old network or subnet disappear and there is never a moment without masquerading. Other
-//! chains are never touched, except for adding (or de-duplicating) the single jump rule.
+//! each agent rewrites the other's rules in place.
 //!
-//! `sync` first reads the rules back (`iptables-save`) and writes only when they differ, so
+//! Which rules are this instance's. The chain names and comments are flannel's and so the same for
+//! every agent on the host, including a second weftd or flanneld serving another network (its own
+//! etcd prefix). A rule in a flannel chain belongs to this instance when it matches on this
+//! instance's network (`-s <network>` or `-d <network>`, negated or not): every masquerade and
+//! forward rule does, rules of an old subnet of the same network included, and networks of two
+//! instances on one host are disjoint. The kube-proxy mark rule, which names no network, and the
+//! jump rules are shared: kept first in the chain and exactly once, never deleted. Other rules in
+//! the chains, and all other chains, are left alone.
+//!
+//! `sync` reads the rules back (`iptables-save`) and writes only when this instance's differ, so
 //! running it every `-iptables-resync` seconds costs one read and keeps rule counters intact.
-//! The commands run in the caller's network namespace (no blocking-pool threads are involved).
+//! The write is one `iptables-restore --noflush` batch: it deletes this instance's rules and
+//! appends the wanted ones in one transaction, so there is never a moment without masquerading,
+//! and it touches no other instance's rule. (Declaring an existing chain in such a batch would
+//! flush it, so an existing chain is not declared.) The commands run in the caller's network
+//! namespace (no blocking-pool threads are involved).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -51,13 +61,27 @@ struct Chain {
     name: &'static str,
     parent: &'static str,
     comment: &'static str,
-    /// Rule bodies, in `iptables-save` form without the leading `-A <chain> `.
-    rules: Vec<String>,
+    /// `-s <network>` / `-d <network>`: what this instance's rules match on.
+    network: String,
+    /// Rules every instance wants at the top of the chain (they name no network), in
+    /// `iptables-save` form without the leading `-A <chain> `.
+    shared: Vec<String>,
+    /// This instance's rules, in order, same form.
+    owned: Vec<String>,
 }
 
 impl Chain {
     fn jump(&self) -> String {
         format!("-m comment --comment \"{}\" -j {}", self.comment, self.name)
+    }
+
+    /// Whether rule body `rule` (no `-A <chain>`) belongs to this instance: it matches on its
+    /// network as source or destination.
+    fn is_owned(&self, rule: &str) -> bool {
+        let words: Vec<&str> = rule.split_whitespace().collect();
+        words
+            .windows(2)
+            .any(|w| (w[0] == "-s" || w[0] == "-d") && w[1] == self.network)
     }
 
     /// The restore commands bringing `saved` (this table's `iptables-save` output) to this chain's
@@ -71,14 +95,32 @@ impl Chain {
             .lines()
             .filter_map(|l| l.strip_prefix(&prefix))
             .collect();
+        let mine: Vec<&str> = have.iter().copied().filter(|r| self.is_owned(r)).collect();
+        let shared_first =
+            have.len() >= self.shared.len() && have.iter().zip(&self.shared).all(|(h, s)| h == s);
         let jump = format!("-A {} {}", self.parent, self.jump());
         let jumps = saved.lines().filter(|l| *l == jump).count();
-        if declared && jumps == 1 && have == self.rules {
+        if declared && jumps == 1 && shared_first && mine == self.owned {
             return None;
         }
-        debug!(chain = self.name, ?have, want = ?self.rules, jumps, "iptables differ");
-        let mut out = format!("*{}\n:{} - [0:0]\n", self.table, self.name);
-        for r in &self.rules {
+        debug!(chain = self.name, ?mine, want = ?self.owned, shared_first, jumps, "iptables differ");
+        let mut out = format!("*{}\n", self.table);
+        if declared {
+            for r in &mine {
+                out.push_str(&format!("-D {} {r}\n", self.name));
+            }
+            if !shared_first {
+                for r in self.shared.iter().rev() {
+                    out.push_str(&format!("-I {} 1 {r}\n", self.name));
+                }
+            }
+        } else {
+            out.push_str(&format!(":{} - [0:0]\n", self.name));
+            for r in &self.shared {
+                out.push_str(&format!("{prefix}{r}\n"));
+            }
+        }
+        for r in &self.owned {
             out.push_str(&format!("{prefix}{r}\n"));
         }
         if jumps == 0 {
@@ -91,26 +133,50 @@ impl Chain {
         out.push_str("COMMIT\n");
         Some(out)
     }
+
+    /// The restore commands deleting this instance's rules from `saved`, if it has any.
+    fn plan_removal(&self, saved: &str) -> Option<String> {
+        let prefix = format!("-A {} ", self.name);
+        let mut out = format!("*{}\n", self.table);
+        let mut any = false;
+        for r in saved
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter(|r| self.is_owned(r))
+        {
+            out.push_str(&format!("-D {} {r}\n", self.name));
+            any = true;
+        }
+        out.push_str("COMMIT\n");
+        any.then_some(out)
+    }
 }
 
 impl Firewall {
-    /// Makes the rules exactly flannel's for this network and subnet, restoring them if they
-    /// were removed and replacing those of an old network/subnet. Returns whether anything was
-    /// written.
+    /// Makes this network's rules exactly flannel's for this network and subnet, restoring them
+    /// if they were removed and replacing those of an old subnet; rules of other networks stay.
+    /// Returns whether anything was written.
     pub async fn sync(&self) -> Result<bool, Error> {
-        let mut batch = String::new();
-        for chain in self.chains() {
-            let saved = run("iptables-save", &["-t", chain.table], None).await?;
-            if let Some(p) = chain.plan(&saved) {
-                batch.push_str(&p);
-            }
+        let written = apply(&self.chains(), Chain::plan).await?;
+        if written {
+            info!(network = %self.network, subnet = %self.subnet, "iptables rules written");
         }
-        if batch.is_empty() {
-            return Ok(false);
+        Ok(written)
+    }
+
+    /// Deletes this network's rules from both chains (whatever `masquerade` and `forward` say),
+    /// leaving the chains, their jumps and the shared kube-proxy rule to other agents: for when
+    /// this instance's network is replaced by another. Returns whether anything was deleted.
+    pub async fn remove(&self) -> Result<bool, Error> {
+        let removed = apply(
+            &[self.masq_chain(), self.forward_chain()],
+            Chain::plan_removal,
+        )
+        .await?;
+        if removed {
+            info!(network = %self.network, "iptables rules of the network removed");
         }
-        run("iptables-restore", &["--noflush", "--wait=5"], Some(&batch)).await?;
-        info!(network = %self.network, subnet = %self.subnet, "iptables rules written");
-        Ok(true)
+        Ok(removed)
     }
 
     fn chains(&self) -> Vec<Chain> {
@@ -137,8 +203,9 @@ impl Firewall {
             name: "FLANNEL-POSTRTG",
             parent: "POSTROUTING",
             comment: "flanneld masq",
-            rules: vec![
-                format!("-m mark --mark {KUBE_PROXY_MARK} {c} -j RETURN"),
+            network: net.to_string(),
+            shared: vec![format!("-m mark --mark {KUBE_PROXY_MARK} {c} -j RETURN")],
+            owned: vec![
                 format!("-s {sub} -d {net} {c} -j RETURN"),
                 format!("-s {net} -d {sub} {c} -j RETURN"),
                 format!("! -s {net} -d {sub} {c} -j RETURN"),
@@ -156,12 +223,30 @@ impl Firewall {
             name: "FLANNEL-FWD",
             parent: "FORWARD",
             comment: "flanneld forward",
-            rules: vec![
+            network: net.to_string(),
+            shared: Vec::new(),
+            owned: vec![
                 format!("-s {net} {c} -j ACCEPT"),
                 format!("-d {net} {c} -j ACCEPT"),
             ],
         }
     }
+}
+
+/// Reads each chain's table, and writes what `plan` says in one batch. Whether anything was written.
+async fn apply(chains: &[Chain], plan: fn(&Chain, &str) -> Option<String>) -> Result<bool, Error> {
+    let mut batch = String::new();
+    for chain in chains {
+        let saved = run("iptables-save", &["-t", chain.table], None).await?;
+        if let Some(p) = plan(chain, &saved) {
+            batch.push_str(&p);
+        }
+    }
+    if batch.is_empty() {
+        return Ok(false);
+    }
+    run("iptables-restore", &["--noflush", "--wait=5"], Some(&batch)).await?;
+    Ok(true)
 }
 
 /// Runs `prog args`, feeding `stdin`, and returns its stdout; fails with its stderr.
@@ -241,7 +326,7 @@ COMMIT\n";
         let chain = fw().forward_chain();
         let mut saved = String::from("*filter\n:FORWARD ACCEPT [0:0]\n:FLANNEL-FWD - [0:0]\n");
         saved.push_str("-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n");
-        for r in &chain.rules {
+        for r in &chain.owned {
             saved.push_str(&format!("-A FLANNEL-FWD {r}\n"));
         }
         assert_eq!(chain.plan(&saved), None);
@@ -251,5 +336,97 @@ COMMIT\n";
             plan.contains("-D FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n")
         );
         assert!(!plan.contains("-A FORWARD"));
+    }
+
+    /// `iptables-save -t nat` with both chains' rules of `fws`, in that order.
+    fn saved_nat(fws: &[Firewall]) -> String {
+        let mut saved = String::from("*nat\n:POSTROUTING ACCEPT [0:0]\n:FLANNEL-POSTRTG - [0:0]\n");
+        saved
+            .push_str("-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n");
+        let shared = &fws[0].masq_chain().shared;
+        for r in shared {
+            saved.push_str(&format!("-A FLANNEL-POSTRTG {r}\n"));
+        }
+        for fw in fws {
+            for r in &fw.masq_chain().owned {
+                saved.push_str(&format!("-A FLANNEL-POSTRTG {r}\n"));
+            }
+        }
+        saved.push_str("COMMIT\n");
+        saved
+    }
+
+    fn other_network() -> Firewall {
+        Firewall {
+            network: "10.245.0.0/16".parse().expect("net"),
+            subnet: "10.245.3.0/24".parse().expect("subnet"),
+            ..fw()
+        }
+    }
+
+    #[test]
+    fn another_networks_rules_in_the_same_chain_are_neither_ours_nor_in_the_way() {
+        let saved = saved_nat(&[other_network(), fw()]);
+        assert_eq!(fw().masq_chain().plan(&saved), None);
+        assert_eq!(other_network().masq_chain().plan(&saved), None);
+    }
+
+    #[test]
+    fn a_new_subnet_replaces_only_this_networks_rules() {
+        let saved = saved_nat(&[fw(), other_network()]);
+        let moved = Firewall {
+            subnet: "10.244.7.0/24".parse().expect("subnet"),
+            ..fw()
+        };
+        let plan = moved.masq_chain().plan(&saved).expect("subnet changed");
+        for r in &fw().masq_chain().owned {
+            assert!(
+                plan.contains(&format!("-D FLANNEL-POSTRTG {r}\n")),
+                "{plan}"
+            );
+        }
+        for r in &moved.masq_chain().owned {
+            assert!(
+                plan.contains(&format!("-A FLANNEL-POSTRTG {r}\n")),
+                "{plan}"
+            );
+        }
+        assert!(
+            !plan.contains("10.245."),
+            "touches the other network: {plan}"
+        );
+        assert!(
+            !plan.contains(":FLANNEL-POSTRTG"),
+            "would flush the chain: {plan}"
+        );
+        assert!(!plan.contains("-A POSTROUTING") && !plan.contains("-D POSTROUTING"));
+    }
+
+    #[test]
+    fn a_missing_shared_rule_goes_back_to_the_top_and_is_never_deleted() {
+        let saved = saved_nat(&[fw()]).replace("-A FLANNEL-POSTRTG -m mark", "-A OTHER -m mark");
+        let plan = fw().masq_chain().plan(&saved).expect("mark rule missing");
+        assert!(plan.contains(
+            "-I FLANNEL-POSTRTG 1 -m mark --mark 0x4000/0x4000 -m comment --comment \"flanneld masq\" -j RETURN\n"
+        ), "{plan}");
+        let removal = fw()
+            .masq_chain()
+            .plan_removal(&saved_nat(&[fw(), other_network()]));
+        let removal = removal.expect("rules to remove");
+        assert_eq!(
+            removal.matches("-D FLANNEL-POSTRTG").count(),
+            5,
+            "{removal}"
+        );
+        assert!(
+            !removal.contains("--mark") && !removal.contains("10.245."),
+            "{removal}"
+        );
+        assert_eq!(
+            other_network()
+                .forward_chain()
+                .plan_removal(&saved_nat(&[fw()])),
+            None
+        );
     }
 }

@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use crate::netlink::Conn;
-use crate::routes::{self, RouteSpec};
+use crate::routes::{self, Owner, RouteSpec};
 use crate::watch::Owned;
 use crate::{peer, Error, ErrorList, Lease, Network};
 
@@ -70,7 +70,13 @@ impl HostGw {
                 onlink: false,
             });
         }
-        errs.0.extend(routes::reconcile(&handle, &desired).await.0);
+        // The underlay is shared: host-gw owns its routes by network only.
+        let owner = Owner {
+            network: self.net.network,
+            device: None,
+        };
+        errs.0
+            .extend(routes::reconcile_owned(&handle, &owner, &desired).await.0);
         self.conn.settle();
         errs.into_result()
     }

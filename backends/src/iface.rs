@@ -1,6 +1,7 @@
 //! Choosing the underlay interface the way flanneld does: -iface (name or address, first match wins),
 //! else -iface-regex (matched against names and addresses), else the interface of the default route.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
@@ -170,4 +171,63 @@ async fn default_route_link(handle: &Handle) -> Result<u32, Error> {
             })
         })
         .ok_or_else(|| Error::NoInterface("the default route (there is none)".into()))
+}
+
+/// Whether `ip` can be another host's address on the underlay: a unicast host address, so not
+/// 0.0.0.0/8 ("this network"), loopback, multicast, or 240.0.0.0/4 (reserved, with the broadcast
+/// address 255.255.255.255). A peer's PublicIP outside this would make weft send to everyone, to
+/// nobody, or to itself.
+pub fn is_unicast_host(ip: Ipv4Addr) -> bool {
+    let first = ip.octets()[0];
+    first != 0 && !ip.is_loopback() && !ip.is_multicast() && first < 240
+}
+
+/// Every IPv4 address of every interface in this network namespace: a peer lease whose PublicIP
+/// is one of them would route this host's traffic back to itself.
+pub async fn local_ipv4_addrs() -> Result<HashSet<Ipv4Addr>, Error> {
+    let handle = crate::netlink::connect()?;
+    let mut addrs = handle.address().get().execute();
+    let mut out = HashSet::new();
+    while let Some(m) = addrs
+        .try_next()
+        .await
+        .map_err(Error::netlink("list addresses"))?
+    {
+        for a in &m.attributes {
+            if let AddressAttribute::Local(IpAddr::V4(ip)) = a {
+                out.insert(*ip);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod unicast_tests {
+    use super::is_unicast_host;
+
+    #[test]
+    fn only_unicast_host_addresses_can_be_a_peers_public_ip() {
+        for good in [
+            "10.199.0.12",
+            "192.168.64.3",
+            "1.1.1.1",
+            "169.254.1.1",
+            "223.255.255.254",
+        ] {
+            assert!(is_unicast_host(good.parse().expect("address")), "{good}");
+        }
+        for bad in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "127.8.9.10",
+            "224.0.0.1",
+            "239.255.255.255",
+            "240.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert!(!is_unicast_host(bad.parse().expect("address")), "{bad}");
+        }
+    }
 }

@@ -215,6 +215,26 @@ impl Backend {
     }
 }
 
+/// The largest underlay MTU Linux gives an interface (loopback's): the bound used when the host's
+/// underlay is unknown, so that only what no host could accept is refused.
+const LARGEST_UNDERLAY_MTU: u32 = 65536;
+
+/// Checks the backend options exactly as [`Backend::new`] does, without building anything.
+///
+/// `underlay_mtu` is this host's underlay MTU (weftd); `None` (weftctl, which knows no host)
+/// checks only what holds on every host, so an option that depends on the underlay (udp's `MTU`)
+/// is judged against the largest one possible.
+pub fn validate(config: &BackendConfig, underlay_mtu: Option<u32>) -> Result<(), Error> {
+    match config.type_name().as_str() {
+        "alloc" | host_gw::TYPE => Ok(()),
+        vxlan::TYPE => vxlan::VxlanConfig::parse(config).map(drop),
+        udp::TYPE => {
+            udp::UdpConfig::parse(config, underlay_mtu.unwrap_or(LARGEST_UNDERLAY_MTU)).map(drop)
+        }
+        other => Err(Error::UnknownBackend(other.to_string())),
+    }
+}
+
 /// The lease's first host address: the address of the bridge (docker0, cni0) and FLANNEL_SUBNET.
 pub fn gateway_address(subnet: Ipv4Net) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(subnet.network()).saturating_add(1))
@@ -227,5 +247,67 @@ mod tests {
     fn backend_is_send() {
         fn send<T: Send>() {}
         send::<super::Backend>();
+    }
+
+    fn options(v: serde_json::Value) -> super::BackendConfig {
+        match v {
+            serde_json::Value::Object(m) => super::BackendConfig::new(m),
+            _ => super::BackendConfig::default(),
+        }
+    }
+
+    /// weftd waits on a config `validate` refuses instead of building the backend; a config it
+    /// passes that `new` then refuses would rebuild in a loop. So the two must agree.
+    #[test]
+    fn validate_refuses_exactly_what_new_refuses_on_that_host() {
+        let net = super::Network {
+            network: "10.5.0.0/16".parse().expect("net"),
+            external: super::ExternalInterface {
+                name: "eth0".into(),
+                index: 2,
+                iface_addr: "192.168.1.2".parse().expect("addr"),
+                public_ip: "192.168.1.2".parse().expect("addr"),
+                mtu: 1500,
+            },
+        };
+        let cases = [
+            serde_json::json!({}),
+            serde_json::json!({"Type": "udp", "MTU": 1472}),
+            serde_json::json!({"Type": "udp", "MTU": 1473}),
+            serde_json::json!({"Type": "udp", "Port": 70000}),
+            serde_json::json!({"Type": "vxlan", "VNI": 99999999}),
+            serde_json::json!({"Type": "vxlan", "VNI": 4096, "DirectRouting": true}),
+            serde_json::json!({"type": "VXLAN", "vni": "1"}),
+            serde_json::json!({"Type": "host-gw"}),
+            serde_json::json!({"Type": "alloc"}),
+            serde_json::json!({"Type": "warp-drive"}),
+        ];
+        for c in cases {
+            let opts = options(c.clone());
+            let built = super::Backend::new(&opts, net.clone()).map(drop);
+            let checked = super::validate(&opts, Some(1500));
+            assert_eq!(
+                built.map_err(|e| e.to_string()),
+                checked.map_err(|e| e.to_string()),
+                "{c}"
+            );
+        }
+    }
+
+    /// weftctl knows no host: it refuses what no host could accept, and leaves what depends on
+    /// the host's underlay to weftd.
+    #[test]
+    fn without_an_underlay_only_what_fails_everywhere_is_refused() {
+        let ok = |v: serde_json::Value| super::validate(&options(v), None).is_ok();
+        assert!(ok(serde_json::json!({"Type": "udp", "MTU": 8972})));
+        assert!(!ok(serde_json::json!({"Type": "udp", "MTU": 67})));
+        assert!(!ok(serde_json::json!({"Type": "udp", "MTU": 70000})));
+        assert!(!ok(serde_json::json!({"Type": "vxlan", "VNI": 99999999})));
+        let e = super::validate(&options(serde_json::json!({"Type": "geneve"})), None)
+            .expect_err("unknown type");
+        assert!(
+            e.to_string().contains("unknown backend type \"geneve\""),
+            "{e}"
+        );
     }
 }

@@ -45,6 +45,31 @@ impl fmt::Display for Mac {
     }
 }
 
+/// Why a vxlan lease's `BackendData` names no VTEP address a peer can send to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VtepMacError {
+    #[error("BackendData has no VtepMAC")]
+    Missing,
+    #[error("VtepMAC: {0}")]
+    Invalid(#[from] ParseMacError),
+    #[error("VtepMAC {0} is not a unicast address")]
+    NotUnicast(Mac),
+}
+
+/// The `VtepMAC` a vxlan lease publishes in its `BackendData`, if it is a usable (unicast,
+/// non-zero) VTEP address: an FDB entry to a multicast or zero MAC would flood or blackhole.
+pub fn vtep_mac(backend_data: Option<&serde_json::Value>) -> Result<Mac, VtepMacError> {
+    let text = backend_data
+        .and_then(|d| d.get("VtepMAC"))
+        .and_then(serde_json::Value::as_str)
+        .ok_or(VtepMacError::Missing)?;
+    let mac: Mac = text.parse()?;
+    if !mac.is_unicast() {
+        return Err(VtepMacError::NotUnicast(mac));
+    }
+    Ok(mac)
+}
+
 /// The text was not six colon-separated hex octets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid MAC address {0:?}")]
@@ -87,6 +112,38 @@ mod tests {
             "zz:2b:1e:55:0d:7a",
         ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_vtep_mac_must_be_present_parseable_unicast_and_non_zero() {
+        use serde_json::json;
+        let ok = json!({"VNI": 1, "VtepMAC": "c6:2b:1e:55:0d:7a"});
+        assert_eq!(
+            vtep_mac(Some(&ok)).map(|m| m.to_string()),
+            Ok("c6:2b:1e:55:0d:7a".into())
+        );
+        assert_eq!(vtep_mac(None), Err(VtepMacError::Missing));
+        assert_eq!(
+            vtep_mac(Some(&json!({"VtepMAC": 7}))),
+            Err(VtepMacError::Missing)
+        );
+        assert!(matches!(
+            vtep_mac(Some(&json!({"VtepMAC": "c6:2b"}))),
+            Err(VtepMacError::Invalid(_))
+        ));
+        for bad in [
+            "00:00:00:00:00:00",
+            "ff:ff:ff:ff:ff:ff",
+            "01:00:5e:00:00:01",
+        ] {
+            assert!(
+                matches!(
+                    vtep_mac(Some(&json!({ "VtepMAC": bad }))),
+                    Err(VtepMacError::NotUnicast(_))
+                ),
+                "{bad}"
+            );
         }
     }
 

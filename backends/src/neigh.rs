@@ -1,7 +1,8 @@
 //! The vxlan device's neighbour table (peer network address → peer VTEP MAC) and forwarding
 //! database (peer VTEP MAC → peer public IP). Both are managed only on weft's own `flannel.<VNI>`
 //! device, and only their permanent entries, which are the ones weft writes; whatever the kernel
-//! learns there itself is left alone.
+//! learns there itself is left alone. The device is the instance's own (one VNI, one device), so a
+//! second weftd on the host, serving another network with another VNI, never sees these entries.
 
 use std::net::{IpAddr, Ipv4Addr};
 

@@ -1,9 +1,15 @@
 //! Checks every data plane applies to a peer lease before programming anything for it.
 
+use crate::iface::is_unicast_host;
 use crate::{Error, Lease, Network};
 
-/// Rejects a peer lease weft must not route to: outside the cluster network, the same subnet as
-/// this host, or this host's own public IP (the route would loop back here).
+/// Rejects a peer lease weft must not route to: outside the cluster network, overlapping this
+/// host's subnet (a longer prefix inside it would capture local traffic), a PublicIP that is not a
+/// unicast host address, or this host's own address (the route would loop back here).
+///
+/// The agent's peer set (weft's `peers` module) already applies these rules and more (the
+/// network's SubnetLen, all of this host's addresses, duplicates); this is the data plane's own
+/// guard for whatever it is handed.
 pub fn check(net: &Network, own: Option<&Lease>, peer: &Lease) -> Result<(), Error> {
     let bad = |reason: String| Error::BadPeer {
         subnet: peer.subnet.to_string(),
@@ -15,10 +21,19 @@ pub fn check(net: &Network, own: Option<&Lease>, peer: &Lease) -> Result<(), Err
             net.network
         )));
     }
-    if own.is_some_and(|o| o.subnet == peer.subnet) {
-        return Err(bad("is this host's own subnet".into()));
+    if let Some(o) =
+        own.filter(|o| o.subnet.contains(&peer.subnet) || peer.subnet.contains(&o.subnet))
+    {
+        return Err(bad(format!("overlaps this host's subnet {}", o.subnet)));
     }
-    if peer.public_ip == net.external.public_ip {
+    if !is_unicast_host(peer.public_ip) {
+        return Err(bad(format!(
+            "public IP {} is not a unicast host address",
+            peer.public_ip
+        )));
+    }
+    let ext = &net.external;
+    if peer.public_ip == ext.public_ip || peer.public_ip == ext.iface_addr {
         return Err(bad(format!("public IP {} is this host's", peer.public_ip)));
     }
     Ok(())
@@ -35,4 +50,53 @@ pub fn same_type(peer: &Lease, type_name: &str) -> bool {
         "ignoring peer of another backend type"
     );
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ExternalInterface;
+
+    fn net() -> Network {
+        Network {
+            network: "10.60.0.0/16".parse().expect("net"),
+            external: ExternalInterface {
+                name: "eth0".into(),
+                index: 2,
+                iface_addr: "10.199.0.11".parse().expect("addr"),
+                public_ip: "10.199.0.11".parse().expect("addr"),
+                mtu: 1500,
+            },
+        }
+    }
+
+    fn lease(subnet: &str, ip: &str) -> Lease {
+        Lease {
+            subnet: subnet.parse().expect("subnet"),
+            public_ip: ip.parse().expect("ip"),
+            backend_type: "vxlan".into(),
+            backend_data: None,
+        }
+    }
+
+    #[test]
+    fn the_data_plane_refuses_peers_that_would_capture_or_misdirect_traffic() {
+        let own = lease("10.60.52.0/24", "10.199.0.11");
+        let ok = |p: &Lease| check(&net(), Some(&own), p).is_ok();
+        assert!(ok(&lease("10.60.7.0/24", "10.199.0.12")));
+        // Inside this host's subnet: would beat the bridge's connected route.
+        assert!(!ok(&lease("10.60.52.128/25", "10.199.0.12")));
+        assert!(!ok(&lease("10.60.52.0/24", "10.199.0.12")));
+        assert!(!ok(&lease("10.60.0.0/17", "10.199.0.12")));
+        assert!(!ok(&lease("10.61.7.0/24", "10.199.0.12")));
+        for ip in [
+            "255.255.255.255",
+            "0.0.0.0",
+            "127.0.0.1",
+            "224.0.0.1",
+            "10.199.0.11",
+        ] {
+            assert!(!ok(&lease("10.60.7.0/24", ip)), "{ip}");
+        }
+    }
 }

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
 use tracing_subscriber::EnvFilter;
 use weft::flags::DaemonArgs;
 use weft::health::Readiness;
@@ -33,6 +33,7 @@ fn main() -> ExitCode {
     } else {
         fmt.init();
     }
+    raise_fd_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -71,4 +72,20 @@ fn main() -> ExitCode {
         }
         ExitCode::SUCCESS
     })
+}
+
+/// Raises the soft limit on open files to the hard one, as Go does for flanneld (since Go 1.19):
+/// the usual soft limit of 1024 is shared by etcd, netlink, the data plane and health checks, and
+/// running out of it fails firewall resyncs and accepts. weft uses no select(2), which is what
+/// the low soft limit protects.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => debug!("open files limit raised from {soft} to {hard}"),
+            Err(e) => warn!("raise the open files limit from {soft} to {hard}: {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!("read the open files limit: {e}"),
+    }
 }

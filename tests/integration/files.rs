@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use crate::harness::{wait_for, Etcd, WeftdSpec};
+use crate::harness::{free_port, wait_for, weftctl, Etcd, WeftdSpec};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -76,24 +76,131 @@ fn daemon_json_gets_bip_and_mtu_and_keeps_the_operators_keys() {
 }
 
 #[test]
-fn an_invalid_daemon_json_is_never_overwritten_and_weftd_exits_nonzero() {
+fn an_unparseable_daemon_json_costs_neither_the_lease_nor_its_renewal() {
     let (etcd, dir) = setup();
     let broken = "{\"bip\": \"172.17.0.1/16\",, }\n";
-    std::fs::write(dir.path().join("daemon.json"), broken).expect("write");
-    let mut a = spec(&etcd, &dir).start();
-    let status = a.wait_exit(T);
-    assert!(!status.success());
-    let log = a.log();
-    assert!(log.contains("daemon.json cannot be parsed"), "{log}");
+    let json = dir.path().join("daemon.json");
+    std::fs::write(&json, broken).expect("write");
+    let port = free_port();
+    let a = spec(&etcd, &dir)
+        .arg("--subnet-lease-ttl=3s")
+        .arg("-healthz-ip=127.0.0.1")
+        .arg(format!("-healthz-port={port}"))
+        .start();
+    assert_eq!(a.wait_subnet(T), "10.70.52.0/24");
+    let leases = etcd.list("/f/subnets/");
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    let etcd_lease = leases[0].2;
+    assert_ne!(etcd_lease, 0, "a lease, not a reservation");
+
+    // Leased and serving, but not ready: /readyz names the file and the parse error.
+    let (status, body) = wait_for("/readyz with the reason", T, || {
+        crate::health::get_with_body(port, "/readyz").filter(|(_, b)| b != "not ready\n")
+    });
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    assert!(body.contains("daemon.json cannot be parsed"), "{body}");
     assert!(
-        log.contains("at line 1 column"),
-        "the parse error is named: {log}"
+        body.contains("at line 1 column"),
+        "the parse error is named: {body}"
     );
+
+    // Three TTLs later: the same etcd lease, so it was renewed all along and never lost.
+    std::thread::sleep(Duration::from_secs(9));
+    a.assert_running();
+    let leases = etcd.list("/f/subnets/");
+    assert_eq!(leases.len(), 1, "{leases:?}");
     assert_eq!(
-        std::fs::read_to_string(dir.path().join("daemon.json")).expect("read"),
-        broken
+        leases[0].2, etcd_lease,
+        "the lease was lost and taken again"
     );
-    assert!(etcd.list("/f/subnets/").is_empty(), "no lease taken");
+    assert_eq!(std::fs::read_to_string(&json).expect("read"), broken);
+    let log = a.log();
+    assert_eq!(
+        log.matches("daemon.json cannot be parsed").count(),
+        1,
+        "reported once, not at every retry:\n{log}"
+    );
+
+    // `weftctl status` says the same.
+    let out = weftctl(
+        &etcd,
+        "/f",
+        &[
+            "status",
+            "-f",
+            &a.subnet_env_path().display().to_string(),
+            "--docker-daemon-json",
+            &json.display().to_string(),
+            "--bridge",
+            "weftnobridge0",
+        ],
+        None,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("cannot be parsed (not valid JSON:") && stdout.contains("left untouched"),
+        "{stdout}"
+    );
+
+    // Fixed by the operator: written within seconds, and ready.
+    std::fs::write(&json, "{\"debug\": true}\n").expect("write");
+    wait_for("/readyz 200", T, || {
+        (crate::health::get_with_body(port, "/readyz")?.0 == "HTTP/1.1 200 OK").then_some(())
+    });
+    assert_eq!(
+        std::fs::read_to_string(&json).expect("read"),
+        format!(
+            "{{\"debug\": true,\n  \"bip\": \"10.70.52.1/24\",\n  \"mtu\": {}}}\n",
+            lo_mtu()
+        )
+    );
+}
+
+#[test]
+fn daemon_json_is_written_through_its_symlink_keeping_bom_owner_and_mode() {
+    if !weft_lab::require_root(
+        "daemon_json_is_written_through_its_symlink_keeping_bom_owner_and_mode",
+    ) {
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (etcd, dir) = setup();
+    let real_dir = dir.path().join("etc-docker");
+    std::fs::create_dir(&real_dir).expect("mkdir");
+    let real = real_dir.join("daemon.json");
+    std::fs::write(&real, "\u{feff}{\n  \"debug\": true\n}\n").expect("write");
+    std::os::unix::fs::chown(&real, Some(4321), Some(8765)).expect("chown");
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    std::os::unix::fs::symlink("etc-docker/daemon.json", dir.path().join("daemon.json"))
+        .expect("symlink");
+
+    let a = spec(&etcd, &dir).start();
+    a.wait_subnet(T);
+    let text = wait_for("bip in the link's target", T, || {
+        std::fs::read_to_string(&real)
+            .ok()
+            .filter(|t| t.contains("bip"))
+    });
+    assert_eq!(
+        text,
+        format!(
+            "\u{feff}{{\n  \"debug\": true,\n  \"bip\": \"10.70.52.1/24\",\n  \"mtu\": {}\n}}\n",
+            lo_mtu()
+        )
+    );
+    let link = std::fs::symlink_metadata(a.daemon_json_path()).expect("lstat");
+    assert!(
+        link.file_type().is_symlink(),
+        "the link was replaced by a file"
+    );
+    let m = std::fs::metadata(&real).expect("stat");
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (4321, 8765, 0o640));
+    assert_eq!(
+        std::fs::read_dir(&real_dir).expect("ls").count(),
+        1,
+        "no temporary file left behind"
+    );
 }
 
 #[test]

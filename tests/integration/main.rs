@@ -3,12 +3,14 @@
 
 mod harness;
 
+mod bad_config;
 mod config;
 mod datapath;
 mod docker;
 mod etcd_security;
 mod files;
 mod health;
+mod hostile_leases;
 mod iface;
 mod leases;
 mod netns;

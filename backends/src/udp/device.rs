@@ -51,6 +51,8 @@ pub struct Tun {
     pub index: u32,
     /// Whether the queues carry a virtio-net header (TSO/GSO offloads on).
     pub vnet_hdr: bool,
+    /// Whether the TUN also takes and gives UDP GSO frames (USO, Linux 6.2+).
+    pub uso: bool,
 }
 
 /// Looks flannel0 up.
@@ -166,6 +168,7 @@ pub async fn open(handle: &Handle, queues: usize, offload: bool) -> Result<Tun, 
         .persist()
         .map_err(Error::io(format!("make {NAME} persistent")))?;
     let vnet_hdr = first.tcp_gso();
+    let uso = first.udp_gso();
     let mut all = Vec::with_capacity(queues);
     for i in 1..queues.max(1) {
         let q = first
@@ -186,12 +189,14 @@ pub async fn open(handle: &Handle, queues: usize, offload: bool) -> Result<Tun, 
         device = NAME,
         queues = all.len(),
         offload = vnet_hdr,
+        uso,
         "TUN device open"
     );
     Ok(Tun {
         queues: all,
         index,
         vnet_hdr,
+        uso,
     })
 }
 

@@ -1,15 +1,19 @@
-//! TCP/IPv4 receive coalescing for TUN writes: consecutive segments of one flow become one
-//! super-packet behind a virtio-net header (GSO TCPV4), so the kernel takes up to 64 KB per
-//! write, as it does from a NIC with GRO.
+//! Receive coalescing for TUN writes: consecutive packets of one flow become one super-packet
+//! behind a virtio-net header, so the kernel takes up to 64 KB per write, as it does from a NIC
+//! with GRO. TCP segments become a GSO TCPV4 packet; UDP datagrams, where the TUN has USO (Linux
+//! 6.2+), a GSO UDP_L4 packet that the kernel cuts back into the same datagrams where they are
+//! delivered (or hands whole to a socket with UDP_GRO). One write per 64 datagrams instead of one
+//! each is what makes a small-packet flood cheap.
 //!
 //! Not tun-rs's `send_multiple`: its TCP GRO copies every packet into a fresh `Vec` first
 //! (tun-rs 2.8, `tcp_gro`), an allocation and an extra pass over the data per packet, and it
 //! wants each packet in a buffer of its own, which costs another copy out of a UDP GRO run. Here
 //! packets are read where recvmmsg put them and copied once, into the super-packet; a packet that
-//! cannot be merged goes out as it lies, with writev. The rules are Linux's `tcp_gro_receive`
-//! (and wireguard-go's): same addresses, ports, ACK, window, header and options, TOS, TTL and DF;
-//! the next sequence number; only ACK (and PSH, which ends a super-packet); a valid checksum; all
-//! segments of one size but the last. No allocation after `new`.
+//! cannot be merged goes out as it lies, with writev. The rules are Linux's `tcp_gro_receive` and
+//! `udp_gro_receive_segment` (and wireguard-go's): same addresses, ports, TOS, TTL and DF (and for
+//! TCP ACK, window, header and options); for TCP the next sequence number and only ACK (and PSH,
+//! which ends a super-packet); without DF, consecutive IP IDs (segmentation numbers them from the
+//! first); a valid checksum; all packets of one size but the last. No allocation after `new`.
 
 /// The virtio-net header (struct virtio_net_hdr): flags, gso_type, hdr_len, gso_size,
 /// csum_start, csum_offset, in the host's byte order (TUN's default for virtio 1.0 headers).
@@ -17,23 +21,39 @@ pub const HDR_LEN: usize = 10;
 
 const F_NEEDS_CSUM: u8 = 1;
 const GSO_TCPV4: u8 = 1;
+const GSO_UDP_L4: u8 = 5;
 const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
 const ACK: u8 = 0x10;
 const PSH: u8 = 0x08;
 /// IPv4 header without options: the only kind merged.
 const IP_LEN: usize = 20;
+const UDP_LEN: usize = 8;
 const MAX_PACKET: usize = 65535;
+/// Datagrams per UDP super-packet: Linux's UDP_GRO_CNT_MAX, what its own GRO builds.
+const MAX_UDP_SEGMENTS: usize = 64;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Proto {
+    /// The sequence number the next segment must carry.
+    Tcp {
+        next_seq: u32,
+    },
+    Udp,
+}
 
 /// The flow a super-packet is being built for.
 #[derive(Clone, Copy)]
 struct Flow {
-    /// IP + TCP header length.
+    proto: Proto,
+    /// IP + transport header length.
     hdr_len: usize,
-    /// Payload bytes of each segment (all but the last).
+    /// Payload bytes of each packet (all but the last).
     gso_size: usize,
-    next_seq: u32,
+    /// The IP ID the next packet must carry when DF is clear.
+    next_id: u16,
     segments: usize,
-    /// A shorter segment or PSH ended it.
+    /// A shorter packet or PSH ended it.
     closed: bool,
 }
 
@@ -41,39 +61,42 @@ struct Flow {
 pub struct Coalescer {
     buf: Vec<u8>,
     flow: Option<Flow>,
-}
-
-impl Default for Coalescer {
-    fn default() -> Self {
-        Self::new()
-    }
+    /// The TUN takes UDP GSO frames (TUN_F_USO4).
+    udp: bool,
 }
 
 impl Coalescer {
-    pub fn new() -> Self {
+    /// `udp`: merge UDP datagrams too (only where the TUN accepts USO).
+    pub fn new(udp: bool) -> Self {
         Self {
             buf: Vec::with_capacity(MAX_PACKET),
             flow: None,
+            udp,
         }
     }
 
     /// Takes one IPv4 packet that the codec accepted. `write` gets each finished TUN frame as
     /// (virtio-net header, packet, how many packets it carries), in order.
     pub fn add(&mut self, pkt: &[u8], write: &mut impl FnMut(&[u8; HDR_LEN], &[u8], usize)) {
-        let Some(tcp) = Tcp::parse(pkt) else {
+        let Some(seg) = Segment::parse(pkt, self.udp) else {
             self.flush(write);
             return write(&[0; HDR_LEN], pkt, 1);
         };
         if let Some(f) = &mut self.flow {
             if !f.closed
-                && self.buf.len() + tcp.payload.len() <= MAX_PACKET
-                && tcp.follows(f, &self.buf)
+                && self.buf.len() + seg.payload.len() <= MAX_PACKET
+                && seg.follows(f, &self.buf)
             {
-                self.buf.extend_from_slice(tcp.payload);
-                f.next_seq = f.next_seq.wrapping_add(tcp.payload.len() as u32);
+                self.buf.extend_from_slice(seg.payload);
+                if let Proto::Tcp { next_seq } = &mut f.proto {
+                    *next_seq = next_seq.wrapping_add(seg.payload.len() as u32);
+                }
+                f.next_id = seg.id.wrapping_add(1);
                 f.segments += 1;
-                f.closed = tcp.payload.len() < f.gso_size || tcp.flags & PSH != 0;
-                if tcp.flags & PSH != 0 {
+                f.closed = seg.payload.len() < f.gso_size
+                    || seg.push
+                    || (f.proto == Proto::Udp && f.segments == MAX_UDP_SEGMENTS);
+                if seg.push {
                     // PSH belongs on the super-packet's header: the receiver acts on it.
                     self.buf[IP_LEN + 13] |= PSH;
                 }
@@ -81,18 +104,25 @@ impl Coalescer {
             }
         }
         self.flush(write);
-        if !tcp.checksum_ok() {
+        if !seg.checksum_ok() {
             // The kernel will drop it; merged, its checksum would have been recomputed.
             return write(&[0; HDR_LEN], pkt, 1);
         }
         self.buf.clear();
         self.buf.extend_from_slice(pkt);
+        let proto = match seg.proto {
+            Proto::Tcp { next_seq: seq } => Proto::Tcp {
+                next_seq: seq.wrapping_add(seg.payload.len() as u32),
+            },
+            Proto::Udp => Proto::Udp,
+        };
         self.flow = Some(Flow {
-            hdr_len: tcp.hdr_len,
-            gso_size: tcp.payload.len(),
-            next_seq: tcp.seq.wrapping_add(tcp.payload.len() as u32),
+            proto,
+            hdr_len: seg.hdr_len,
+            gso_size: seg.payload.len(),
+            next_id: seg.id.wrapping_add(1),
             segments: 1,
-            closed: tcp.flags & PSH != 0,
+            closed: seg.push,
         });
     }
 
@@ -110,88 +140,133 @@ impl Coalescer {
         ip[10..12].copy_from_slice(&[0, 0]);
         let c = !fold(sum(ip));
         ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let (proto, gso_type, csum_offset) = match f.proto {
+            Proto::Tcp { .. } => (PROTO_TCP, GSO_TCPV4, 16),
+            Proto::Udp => (PROTO_UDP, GSO_UDP_L4, 6),
+        };
+        let l4_len = (total - IP_LEN) as u16;
+        if f.proto == Proto::Udp {
+            // The length of the whole; segmentation gives each datagram its own again.
+            self.buf[IP_LEN + 4..IP_LEN + 6].copy_from_slice(&l4_len.to_be_bytes());
+        }
         // NEEDS_CSUM: the checksum field holds the pseudo-header sum, the kernel adds the rest.
-        let tcp_len = (total - IP_LEN) as u16;
-        let pseudo = fold(sum(&self.buf[12..20]) + u64::from(PROTO_TCP) + u64::from(tcp_len));
-        self.buf[IP_LEN + 16..IP_LEN + 18].copy_from_slice(&pseudo.to_be_bytes());
+        let pseudo = fold(sum(&self.buf[12..20]) + u64::from(proto) + u64::from(l4_len));
+        let at = IP_LEN + csum_offset;
+        self.buf[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
         let mut hdr = [0u8; HDR_LEN];
         hdr[0] = F_NEEDS_CSUM;
-        hdr[1] = GSO_TCPV4;
+        hdr[1] = gso_type;
         hdr[2..4].copy_from_slice(&(f.hdr_len as u16).to_ne_bytes());
         hdr[4..6].copy_from_slice(&(f.gso_size as u16).to_ne_bytes());
         hdr[6..8].copy_from_slice(&(IP_LEN as u16).to_ne_bytes());
-        hdr[8..10].copy_from_slice(&16u16.to_ne_bytes());
+        hdr[8..10].copy_from_slice(&(csum_offset as u16).to_ne_bytes());
         write(&hdr, &self.buf, f.segments)
     }
 }
 
-/// A mergeable TCP/IPv4 segment.
-struct Tcp<'a> {
+/// A mergeable TCP segment or UDP datagram over IPv4.
+struct Segment<'a> {
     pkt: &'a [u8],
+    proto: Proto,
     hdr_len: usize,
-    seq: u32,
-    flags: u8,
+    id: u16,
+    /// TCP PSH: ends the super-packet.
+    push: bool,
     payload: &'a [u8],
 }
 
-impl<'a> Tcp<'a> {
-    /// A TCP segment that may be merged: IPv4 without options, not a fragment, flags ACK or
-    /// ACK|PSH, a payload. The codec has checked version and lengths; this checks again.
-    fn parse(pkt: &'a [u8]) -> Option<Self> {
+impl<'a> Segment<'a> {
+    /// A packet that may be merged: IPv4 without options, not a fragment, a payload; TCP with
+    /// flags ACK or ACK|PSH, or (with `udp`) UDP whose length field matches. The codec has
+    /// checked version and lengths; this checks again.
+    fn parse(pkt: &'a [u8], udp: bool) -> Option<Self> {
         let ip = pkt.get(..IP_LEN)?;
-        if ip[0] != 0x45
-            || ip[9] != PROTO_TCP
-            || usize::from(u16::from_be_bytes([ip[2], ip[3]])) != pkt.len()
-        {
+        if ip[0] != 0x45 || usize::from(u16::from_be_bytes([ip[2], ip[3]])) != pkt.len() {
             return None;
         }
         // MF set or an offset: a fragment.
         if ip[6] & 0x3f != 0 || ip[7] != 0 {
             return None;
         }
-        let tcp = pkt.get(IP_LEN..IP_LEN + 20)?;
-        let tcp_len = usize::from(tcp[12] >> 4) * 4;
-        let flags = tcp[13];
-        if tcp_len < 20 || (flags != ACK && flags != ACK | PSH) {
-            return None;
-        }
-        let hdr_len = IP_LEN + tcp_len;
+        let id = u16::from_be_bytes([ip[4], ip[5]]);
+        let (proto, hdr_len, push) = match ip[9] {
+            PROTO_TCP => {
+                let tcp = pkt.get(IP_LEN..IP_LEN + 20)?;
+                let tcp_len = usize::from(tcp[12] >> 4) * 4;
+                let flags = tcp[13];
+                if tcp_len < 20 || (flags != ACK && flags != ACK | PSH) {
+                    return None;
+                }
+                let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+                (
+                    Proto::Tcp { next_seq: seq },
+                    IP_LEN + tcp_len,
+                    flags & PSH != 0,
+                )
+            }
+            PROTO_UDP if udp => {
+                let h = pkt.get(IP_LEN..IP_LEN + UDP_LEN)?;
+                if usize::from(u16::from_be_bytes([h[4], h[5]])) != pkt.len() - IP_LEN {
+                    return None;
+                }
+                (Proto::Udp, IP_LEN + UDP_LEN, false)
+            }
+            _ => return None,
+        };
         let payload = pkt.get(hdr_len..).filter(|p| !p.is_empty())?;
         Some(Self {
             pkt,
+            proto,
             hdr_len,
-            seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
-            flags,
+            id,
+            push,
             payload,
         })
     }
 
-    /// Whether this segment continues the super-packet in `buf` (whose first packet set `f`).
+    /// Whether this packet continues the super-packet in `buf` (whose first packet set `f`).
     fn follows(&self, f: &Flow, buf: &[u8]) -> bool {
         let (Some(head), Some(pkt)) = (buf.get(..f.hdr_len), self.pkt.get(..f.hdr_len)) else {
             return false;
         };
+        let same_l4 = match (self.proto, f.proto) {
+            // The segment's own sequence number is in `self.proto`.
+            (Proto::Tcp { next_seq: seq }, Proto::Tcp { next_seq }) => {
+                seq == next_seq
+                    // Ports, ACK, data offset, window, urgent pointer, options; not sequence
+                    // number, flags (parse allowed ACK, ACK|PSH) or checksum.
+                    && pkt[20..24] == head[20..24]
+                    && pkt[28..33] == head[28..33]
+                    && pkt[34..36] == head[34..36]
+                    && pkt[38..] == head[38..]
+            }
+            // Ports; not length or checksum.
+            (Proto::Udp, Proto::Udp) => pkt[20..24] == head[20..24],
+            _ => false,
+        };
+        let dont_fragment = pkt[6] & 0x40 != 0;
         self.hdr_len == f.hdr_len
-            && self.seq == f.next_seq
+            && same_l4
             && self.payload.len() <= f.gso_size
+            && (dont_fragment || self.id == f.next_id)
             // TOS, DF, TTL, protocol, addresses.
             && pkt[1] == head[1]
             && pkt[6] == head[6]
             && pkt[8..10] == head[8..10]
             && pkt[12..20] == head[12..20]
-            // Ports, ACK, data offset, window, urgent pointer, options; not sequence number,
-            // flags (parse allowed ACK, ACK|PSH) or checksum.
-            && pkt[20..24] == head[20..24]
-            && pkt[28..33] == head[28..33]
-            && pkt[34..36] == head[34..36]
-            && pkt[38..] == head[38..]
             && self.checksum_ok()
     }
 
-    /// Whether the TCP checksum (over the pseudo-header and the segment) is right.
+    /// Whether the transport checksum (over the pseudo-header and the packet) is right. A UDP
+    /// datagram sent without one (0) is fine: merged, it gets one.
     fn checksum_ok(&self) -> bool {
-        let tcp = &self.pkt[IP_LEN..];
-        let s = sum(&self.pkt[12..20]) + u64::from(PROTO_TCP) + tcp.len() as u64 + sum(tcp);
+        let l4 = &self.pkt[IP_LEN..];
+        let proto = match self.proto {
+            Proto::Tcp { .. } => PROTO_TCP,
+            Proto::Udp if l4[6..8] == [0, 0] => return true,
+            Proto::Udp => PROTO_UDP,
+        };
+        let s = sum(&self.pkt[12..20]) + u64::from(proto) + l4.len() as u64 + sum(l4);
         fold(s) == 0xffff
     }
 }
@@ -271,7 +346,7 @@ mod tests {
 
     /// Feeds `pkts` and returns the frames written: (header, packet, packet count).
     fn run(pkts: &[Vec<u8>]) -> Vec<([u8; HDR_LEN], Vec<u8>, usize)> {
-        let mut c = Coalescer::new();
+        let mut c = Coalescer::new(true);
         let mut out = Vec::new();
         let mut w = |h: &[u8; HDR_LEN], p: &[u8], n: usize| out.push((*h, p.to_vec(), n));
         for p in pkts {
@@ -397,6 +472,128 @@ mod tests {
             fold(sum(&data)),
             fold(sum(&data[..1000]) + sum(&data[1000..]))
         );
+    }
+
+    /// A UDP/IPv4 datagram with correct checksums: 10.244.2.2:5000 → 10.244.1.2:5201, IP ID
+    /// `id`, DF as given.
+    fn datagram(id: u16, df: bool, payload: &[u8]) -> Vec<u8> {
+        let total = IP_LEN + UDP_LEN + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&id.to_be_bytes());
+        p[6] = if df { 0x40 } else { 0 };
+        p[8] = 64;
+        p[9] = PROTO_UDP;
+        p[12..16].copy_from_slice(&[10, 244, 2, 2]);
+        p[16..20].copy_from_slice(&[10, 244, 1, 2]);
+        let c = !fold(sum(&p[..IP_LEN]));
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p[20..22].copy_from_slice(&5000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+        p[24..26].copy_from_slice(&((UDP_LEN + payload.len()) as u16).to_be_bytes());
+        p[28..].copy_from_slice(payload);
+        let udp = &p[IP_LEN..];
+        let c = !fold(sum(&p[12..20]) + u64::from(PROTO_UDP) + udp.len() as u64 + sum(udp));
+        p[26..28].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    fn run_with(udp: bool, pkts: &[Vec<u8>]) -> Vec<([u8; HDR_LEN], Vec<u8>, usize)> {
+        let mut c = Coalescer::new(udp);
+        let mut out = Vec::new();
+        let mut w = |h: &[u8; HDR_LEN], p: &[u8], n: usize| out.push((*h, p.to_vec(), n));
+        for p in pkts {
+            c.add(p, &mut w);
+        }
+        c.flush(&mut w);
+        out
+    }
+
+    #[test]
+    fn datagrams_of_one_flow_become_one_udp_super_packet() {
+        let pkts = [
+            datagram(7, true, &[1; 64]),
+            datagram(99, true, &[2; 64]),
+            datagram(3, true, &[3; 20]),
+        ];
+        let out = run_with(true, &pkts);
+        assert_eq!(out.len(), 1);
+        let (h, p, n) = &out[0];
+        assert_eq!(*n, 3);
+        assert_eq!((h[0], h[1]), (F_NEEDS_CSUM, GSO_UDP_L4));
+        assert_eq!(u16_at(h, 2), 28, "hdr_len: IP 20 + UDP 8");
+        assert_eq!(u16_at(h, 4), 64, "gso_size: payload bytes per datagram");
+        assert_eq!(
+            (u16_at(h, 6), u16_at(h, 8)),
+            (20, 6),
+            "csum_start, csum_offset"
+        );
+        assert_eq!(p.len(), 28 + 148);
+        assert_eq!(usize::from(u16::from_be_bytes([p[2], p[3]])), p.len());
+        assert_eq!(fold(sum(&p[..IP_LEN])), 0xffff, "IP header checksum");
+        assert_eq!(
+            usize::from(u16::from_be_bytes([p[24], p[25]])),
+            p.len() - IP_LEN
+        );
+        assert_eq!(&p[28..92], &[1; 64]);
+        assert_eq!(&p[156..], &[3; 20]);
+        let pseudo = fold(sum(&p[12..20]) + u64::from(PROTO_UDP) + (p.len() - IP_LEN) as u64);
+        assert_eq!(&p[26..28], &pseudo.to_be_bytes());
+    }
+
+    #[test]
+    fn datagrams_stay_apart_without_uso_or_when_they_differ() {
+        let a = datagram(1, true, &[1; 64]);
+        assert_eq!(run_with(false, &[a.clone(), a.clone()]).len(), 2, "no USO");
+        let mut other_port = datagram(2, true, &[1; 64]);
+        other_port[23] = 1;
+        let mut bad_sum = datagram(2, true, &[1; 64]);
+        bad_sum[40] ^= 1;
+        let mut bad_len = datagram(2, true, &[1; 64]);
+        bad_len[25] -= 1;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("another port", other_port),
+            ("a bigger datagram", datagram(2, true, &[1; 65])),
+            ("a bad checksum", bad_sum),
+            ("a UDP length that is not the packet's", bad_len),
+            (
+                "no DF and a gap in the IP IDs",
+                datagram(5, false, &[1; 64]),
+            ),
+        ];
+        for (what, second) in cases {
+            // The same DF as the second, so that only the difference named can keep them apart.
+            let first = datagram(1, second[6] & 0x40 != 0, &[1; 64]);
+            let out = run_with(true, &[first.clone(), second.clone()]);
+            assert_eq!(out.len(), 2, "{what}");
+            assert_eq!((out[1].0, &out[1].1), ([0; HDR_LEN], &second), "{what}");
+        }
+        let first = datagram(1, false, &[1; 64]);
+        let out = run_with(true, &[first, datagram(2, false, &[1; 64])]);
+        assert_eq!(out.len(), 1, "no DF but consecutive IDs: merged");
+    }
+
+    #[test]
+    fn a_udp_super_packet_holds_at_most_64_datagrams() {
+        let pkts: Vec<Vec<u8>> = (0..150).map(|i| datagram(i, true, &[9; 64])).collect();
+        let out = run_with(true, &pkts);
+        assert_eq!(out.iter().map(|o| o.2).collect::<Vec<_>>(), [64, 64, 22]);
+    }
+
+    #[test]
+    fn a_tcp_segment_ends_a_udp_super_packet_and_order_is_kept() {
+        let out = run_with(
+            true,
+            &[
+                datagram(1, true, &[1; 64]),
+                datagram(2, true, &[1; 64]),
+                segment(0, &[5; 100]),
+                datagram(3, true, &[1; 64]),
+            ],
+        );
+        assert_eq!(out.iter().map(|o| o.2).collect::<Vec<_>>(), [2, 1, 1]);
+        assert_eq!(out[1].1[9], PROTO_TCP);
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct Stats {
     pub workers: usize,
     /// TUN offloads (virtio-net header: TSO/USO super-packets, GRO writes) in use.
     pub tun_offload: bool,
+    /// UDP datagrams merged for TUN writes too (the TUN takes USO frames, Linux 6.2+).
+    pub tun_uso: bool,
     /// UDP GSO still in use on every socket (the kernel may have refused it).
     pub udp_gso: bool,
     pub udp_gro: bool,
@@ -73,6 +75,7 @@ struct Running {
     /// flannel0's index when its queues were opened: another index means it was recreated.
     index: u32,
     tun_offload: bool,
+    tun_uso: bool,
     udp_gro: bool,
 }
 
@@ -191,6 +194,7 @@ impl Udp {
                 .sum(),
             workers: r.threads.len(),
             tun_offload: r.tun_offload,
+            tun_uso: r.tun_uso,
             udp_gso: r.shared.gso.iter().all(|g| g.load(Ordering::Relaxed)),
             udp_gro: r.udp_gro,
         }
@@ -254,7 +258,15 @@ impl Udp {
             let rx = wake_rx
                 .try_clone()
                 .map_err(Error::io("clone the wake-up socket"))?;
-            let w = Worker::new(id, queue, tun.vnet_hdr, mtu, sock, rx, shared.clone());
+            let w = Worker::new(
+                id,
+                queue,
+                (tun.vnet_hdr, tun.uso),
+                mtu,
+                sock,
+                rx,
+                shared.clone(),
+            );
             let failed = self.failed_tx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("weft-udp-{id}"))
@@ -266,6 +278,7 @@ impl Udp {
             device = device::NAME,
             workers = threads.len(),
             tun_offload = tun.vnet_hdr,
+            tun_uso = tun.uso,
             udp_gro,
             port = self.cfg.port,
             mtu,
@@ -277,6 +290,7 @@ impl Udp {
             wake,
             index: tun.index,
             tun_offload: tun.vnet_hdr,
+            tun_uso: tun.vnet_hdr && tun.uso,
             udp_gro,
         });
         Ok(())
@@ -302,7 +316,11 @@ impl Udp {
             Err(e) => return e.into(),
         };
         let want = [RouteSpec::device(self.net.network, index, device::NAME)];
-        routes::reconcile(&handle, &want).await
+        let owner = routes::Owner {
+            network: self.net.network,
+            device: Some(index),
+        };
+        routes::reconcile_owned(&handle, &owner, &want).await
     }
 }
 

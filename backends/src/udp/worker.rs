@@ -108,7 +108,7 @@ impl Worker {
     pub fn new(
         id: usize,
         tun: SyncDevice,
-        vnet_hdr: bool,
+        (vnet_hdr, uso): (bool, bool),
         mtu: usize,
         sock: Socket,
         wake: UnixStream,
@@ -137,7 +137,7 @@ impl Worker {
             reply: vec![0; hdr + codec::REPLY_LEN],
             rx: vec![0; RX_MSGS * RX_BUF],
             meta: vec![RecvMeta::default(); RX_MSGS],
-            gro: Coalescer::new(),
+            gro: Coalescer::new(vnet_hdr && uso),
         }
     }
 
@@ -147,11 +147,13 @@ impl Worker {
         while !self.shared.stop.load(Ordering::Relaxed) {
             let sent = self.tun_to_peers()?;
             let received = self.peers_to_tun()?;
-            self.publish();
-            if !sent && !received {
+            if sent || received {
+                self.publish();
+            } else {
                 self.wait()?;
             }
         }
+        self.publish();
         Ok(())
     }
 
@@ -205,10 +207,8 @@ impl Worker {
                 // The packet was consumed but could not be split: its offload metadata was bad.
                 Err(_) => self.tun_read_errors += 1,
             }
-            // Without offloads a read is one packet: read on to fill a GSO batch.
-            if self.hdr != 0 && filled > 0 {
-                break;
-            }
+            // Read on while there is room: small packets (a flood, TCP ACKs) then share GSO
+            // sends; a super-packet fills a GSO send by itself, but the next may be waiting.
         }
         if filled == 0 {
             return Ok(false);

@@ -10,6 +10,9 @@ pub const KERNEL_DEFAULT_PORT: u16 = 8472;
 /// vxlan's overhead on IPv4: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
 pub const OVERHEAD: u32 = 50;
 
+/// The smallest MTU the kernel gives a vxlan device (ETH_MIN_MTU, IPv4's minimum).
+const MIN_MTU: u32 = 68;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VxlanConfig {
     pub vni: u32,
@@ -32,6 +35,17 @@ impl VxlanConfig {
             direct_routing: boolean(c, "DirectRouting")?,
             mtu: uint(c, "MTU", 0, 65535)? as u32,
         };
+        // The kernel refuses a vxlan device below Ethernet's minimum MTU, which would only show
+        // up when the device is created; 0 means the default.
+        if cfg.mtu != 0 && cfg.mtu < MIN_MTU {
+            return Err(invalid(
+                "MTU",
+                &format!(
+                    "{} is below the minimum of {MIN_MTU} (0 means the default)",
+                    cfg.mtu
+                ),
+            ));
+        }
         if cfg.device_name().len() > 15 {
             return Err(invalid(
                 "VNI",
@@ -131,6 +145,7 @@ mod tests {
             serde_json::json!({"Port": 70000}),
             serde_json::json!({"DirectRouting": "yes"}),
             serde_json::json!({"VNI": -1}),
+            serde_json::json!({"MTU": 67}),
         ] {
             assert!(VxlanConfig::parse(&cfg(bad.clone())).is_err(), "{bad}");
         }

@@ -20,7 +20,7 @@ pub use config::VxlanConfig;
 use crate::mac::Mac;
 use crate::neigh::{self, Entry, Table};
 use crate::netlink::{self, Conn};
-use crate::routes::{self, RouteSpec};
+use crate::routes::{self, Owner, RouteSpec};
 use crate::watch::Owned;
 use crate::{peer, BackendConfig, Error, ErrorList, Lease, Network};
 
@@ -149,7 +149,12 @@ impl Vxlan {
             .extend(neigh::reconcile(&handle, Table::Arp, index, &arp).await.0);
         errs.0
             .extend(neigh::reconcile(&handle, Table::Fdb, index, &fdb).await.0);
-        errs.0.extend(routes::reconcile(&handle, &routes).await.0);
+        let owner = Owner {
+            network: self.net.network,
+            device: Some(index),
+        };
+        errs.0
+            .extend(routes::reconcile_owned(&handle, &owner, &routes).await.0);
         self.conn.settle();
         errs.into_result()
     }

@@ -98,6 +98,30 @@ impl Agent {
         rrx.recv().expect("agent job panicked")
     }
 
+    /// Builds the backend `config` names for cluster network `network` on eth0, as weftd would
+    /// (a second agent in one namespace stands for a second weftd serving another network).
+    pub fn start_backend(&self, network: &str, config: Value) -> Result<(), String> {
+        let network: Ipv4Net = network.parse().map_err(|e| format!("{network}: {e}"))?;
+        self.job(move |rt, slot| {
+            *slot = None;
+            let b = rt.block_on(async {
+                let sel = InterfaceSelector {
+                    ifaces: vec!["eth0".into()],
+                    ..Default::default()
+                };
+                let external = sel.select().await.map_err(|e| e.to_string())?;
+                let map = match config {
+                    Value::Object(m) => m,
+                    _ => Default::default(),
+                };
+                Backend::new(&BackendConfig::new(map), Network { network, external })
+                    .map_err(|e| e.to_string())
+            })?;
+            *slot = Some(b);
+            Ok(())
+        })
+    }
+
     /// Replaces the backend slot (None = stop, as weftd exiting).
     pub fn set_backend(&self, make: impl FnOnce() -> Option<Backend> + Send + 'static) {
         self.job(move |rt, slot| {
@@ -148,36 +172,7 @@ impl Host {
     }
 
     pub fn try_start(&self, config: Value) -> Result<(), String> {
-        let (tx, rx) = mpsc::channel();
-        self.agent.job(move |rt, slot| {
-            *slot = None;
-            let r = rt.block_on(async {
-                let sel = InterfaceSelector {
-                    ifaces: vec!["eth0".into()],
-                    ..Default::default()
-                };
-                let external = sel.select().await.map_err(|e| e.to_string())?;
-                let net = Network {
-                    network: NETWORK.parse().expect("network"),
-                    external,
-                };
-                let map = match config {
-                    Value::Object(m) => m,
-                    _ => Default::default(),
-                };
-                Backend::new(&BackendConfig::new(map), net).map_err(|e| e.to_string())
-            });
-            match r {
-                Ok(b) => {
-                    *slot = Some(b);
-                    let _ = tx.send(Ok(()));
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                }
-            }
-        });
-        rx.recv().expect("agent")
+        self.agent.start_backend(NETWORK, config)
     }
 
     /// Drops the backend, as weftd exiting (kernel state stays).

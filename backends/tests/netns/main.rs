@@ -3,5 +3,6 @@
 mod firewall;
 mod harness;
 mod host_gw;
+mod routes_ownership;
 mod udp;
 mod vxlan;

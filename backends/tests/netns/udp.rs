@@ -397,6 +397,87 @@ fn bulk_tcp_arrives_intact_with_offloads_on_and_off() {
     }
 }
 
+#[test]
+fn a_burst_of_small_datagrams_arrives_intact_in_few_tun_writes() {
+    if !root_or_skip("udp::a_burst_of_small_datagrams_arrives_intact_in_few_tun_writes") {
+        return;
+    }
+    let (lab, leases) = lab(2, udp());
+    lab.reconcile_all(&leases);
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    const COUNT: u32 = 3000;
+    const PORT_IN: u16 = 7001;
+    // A receive buffer deep enough for the whole burst: only the tunnel may lose datagrams.
+    let (ready_tx, ready) = mpsc::channel();
+    let receiver = spawn_in(&h2.container, move || {
+        let sock = UdpSocket::bind(("0.0.0.0", PORT_IN)).expect("bind");
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBufForce, &(16 << 20))
+            .expect("SO_RCVBUFFORCE");
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        let _ = ready_tx.send(());
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = sock.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    });
+    ready.recv().expect("receiver ready");
+    let counter = |h: &Host, dir: &str, what: &str| {
+        let link = h.ns.ip_json(&format!("-s link show dev {DEV}"));
+        link[0]["stats64"][dir][what]
+            .as_u64()
+            .expect("flannel0 counters")
+    };
+    let frames_before = counter(h2, "rx", "packets");
+    let queue_drops_before = counter(h1, "tx", "dropped");
+    let to = SocketAddr::V4(SocketAddrV4::new(h2.container_ip(), PORT_IN));
+    let payload = |i: u32| -> Vec<u8> {
+        let mut p = i.to_be_bytes().to_vec();
+        p.extend((0..60).map(|k| (i as u8).wrapping_mul(31).wrapping_add(k)));
+        p
+    };
+    spawn_in(&h1.container, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for i in 0..COUNT {
+            // Back to back in bursts: the sender outruns the workers, which then batch.
+            sock.send_to(&payload(i), to).expect("send");
+            if i % 100 == 99 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    })
+    .join()
+    .expect("sender");
+    let got = receiver.join().expect("receiver");
+    let frames = counter(h2, "rx", "packets") - frames_before;
+    // flannel0's queue overflowing on the sending host: the kernel's drop, before weft's reads.
+    let queue_drops = counter(h1, "tx", "dropped") - queue_drops_before;
+    let mut seen = vec![false; COUNT as usize];
+    for d in &got {
+        let i = u32::from_be_bytes(d[..4].try_into().expect("sequence number"));
+        assert_eq!(d, &payload(i), "datagram {i} altered on the way");
+        assert!(!std::mem::replace(&mut seen[i as usize], true), "datagram {i} twice");
+    }
+    let s = stats(h2);
+    assert_eq!(
+        got.len() as u64 + s.counters.total_drops() + queue_drops,
+        u64::from(COUNT),
+        "every datagram arrived or is counted as dropped ({queue_drops} in flannel0's queue); {s:?}"
+    );
+    assert!(got.len() as u32 >= COUNT / 2, "{} of {COUNT} arrived; {s:?}", got.len());
+    if s.tun_uso {
+        assert!(
+            frames * 4 < got.len() as u64,
+            "{} datagrams in {frames} TUN writes: not merged",
+            got.len()
+        );
+    } else {
+        eprintln!("note: this kernel's TUN takes no USO frames; datagrams are written one by one");
+    }
+}
+
 /// Sends `bytes` pseudo-random bytes over TCP from `from` to `ip` in `to`; the returned closure
 /// waits and gives (what was sent, what arrived) as (length, FNV-1a hash).
 fn transfer(
