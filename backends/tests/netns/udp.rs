@@ -458,7 +458,10 @@ fn a_burst_of_small_datagrams_arrives_intact_in_few_tun_writes() {
     for d in &got {
         let i = u32::from_be_bytes(d[..4].try_into().expect("sequence number"));
         assert_eq!(d, &payload(i), "datagram {i} altered on the way");
-        assert!(!std::mem::replace(&mut seen[i as usize], true), "datagram {i} twice");
+        assert!(
+            !std::mem::replace(&mut seen[i as usize], true),
+            "datagram {i} twice"
+        );
     }
     let s = stats(h2);
     assert_eq!(
@@ -466,7 +469,11 @@ fn a_burst_of_small_datagrams_arrives_intact_in_few_tun_writes() {
         u64::from(COUNT),
         "every datagram arrived or is counted as dropped ({queue_drops} in flannel0's queue); {s:?}"
     );
-    assert!(got.len() as u32 >= COUNT / 2, "{} of {COUNT} arrived; {s:?}", got.len());
+    assert!(
+        got.len() as u32 >= COUNT / 2,
+        "{} of {COUNT} arrived; {s:?}",
+        got.len()
+    );
     if s.tun_uso {
         assert!(
             frames * 4 < got.len() as u64,
