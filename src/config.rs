@@ -511,4 +511,62 @@ mod tests {
         assert!(!c.allows("10.10.0.0/24".parse().unwrap()));
         assert!(!c.allows("10.10.2.0/25".parse().unwrap()));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("\"10.244.0.0/16\"".to_string()),
+                "\"[0-9./]{0,20}\"",
+                Just("24".to_string()),
+                "-?[0-9]{1,12}",
+                Just("null".to_string()),
+                Just("true".to_string()),
+                Just("{\"Type\":\"vxlan\",\"VNI\":99999999}".to_string()),
+                Just("{\"Type\":\"udp\",\"MTU\":10}".to_string()),
+                Just("{\"type\":\"host-gw\"}".to_string()),
+                Just("[]".to_string()),
+            ]
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("Network".to_string()),
+                Just("network".to_string()),
+                Just("SubnetLen".to_string()),
+                Just("SubnetMin".to_string()),
+                Just("SubnetMax".to_string()),
+                Just("Backend".to_string()),
+                Just("BACKEND".to_string()),
+                "[A-Za-z]{1,10}",
+            ]
+        }
+
+        proptest! {
+            /// Any text: a config or an error naming a key, never a panic.
+            #[test]
+            fn any_text_parses_or_is_refused(text in "\\PC{0,80}") {
+                let _ = NetworkConfig::parse(&text);
+            }
+
+            /// Config-shaped objects with any members in any types and repeats: what is accepted
+            /// is consistent (its subnets lie inside the network, at SubnetLen).
+            #[test]
+            fn accepted_configs_are_consistent(
+                members in prop::collection::vec((key(), value()), 0..8)
+            ) {
+                let body: Vec<String> =
+                    members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                let text = format!("{{{}}}", body.join(","));
+                if let Ok(c) = NetworkConfig::parse(&text) {
+                    prop_assert!(c.subnet_count() >= 1);
+                    let first = c.nth_subnet(0);
+                    prop_assert!(c.network.contains(&first));
+                    prop_assert!(c.allows(first));
+                }
+            }
+        }
+    }
 }

@@ -255,4 +255,50 @@ mod tests {
             assert_eq!(parse_subnet_key(alias), None, "{alias:?}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any key name: no panic, and what is accepted is exactly flannel's spelling of a
+            /// network, so no two names map to one subnet.
+            #[test]
+            fn a_key_is_accepted_only_in_the_one_spelling(name in "[0-9.+&a-f: -]{0,24}") {
+                if let Some(net) = parse_subnet_key(&name) {
+                    prop_assert_eq!(subnet_key(net), name);
+                    prop_assert_eq!(net.trunc(), net);
+                }
+            }
+
+            /// Every subnet's own key reads back as that subnet.
+            #[test]
+            fn every_subnet_key_round_trips(addr in any::<u32>(), len in 0u8..=32) {
+                let net = Ipv4Net::new(addr.into(), len).expect("len <= 32").trunc();
+                prop_assert_eq!(parse_subnet_key(&subnet_key(net)), Some(net));
+            }
+
+            /// Any bytes as a lease value: an error or a lease, never a panic; a lease written
+            /// back parses to the same attributes.
+            #[test]
+            fn any_value_parses_or_is_refused(text in prop::collection::vec(any::<u8>(), 0..200)) {
+                if let Ok(a) = LeaseAttrs::parse(&text) {
+                    prop_assert_eq!(LeaseAttrs::parse(a.to_json().as_bytes()), Ok(a));
+                }
+            }
+
+            /// JSON-shaped values with the lease's fields in any types.
+            #[test]
+            fn lease_shaped_json_parses_or_is_refused(
+                ip in prop_oneof![Just("\"10.0.0.1\"".to_string()), "\"[0-9.]{0,16}\"", Just("7".to_string()), Just("null".to_string())],
+                ty in prop_oneof![Just("\"vxlan\"".to_string()), Just("1".to_string()), Just("[]".to_string())],
+                data in prop_oneof![Just("{\"VtepMAC\":\"aa:bb:cc:dd:ee:ff\"}".to_string()), Just("null".to_string()), "\"[a-z:]{0,20}\""],
+            ) {
+                let text = format!("{{\"PublicIP\":{ip},\"BackendType\":{ty},\"BackendData\":{data}}}");
+                if let Ok(a) = LeaseAttrs::parse(text.as_bytes()) {
+                    prop_assert_eq!(LeaseAttrs::parse(a.to_json().as_bytes()), Ok(a));
+                }
+            }
+        }
+    }
 }

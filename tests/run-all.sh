@@ -8,3 +8,4 @@ source deploy/setup-debian.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked --no-fail-fast
+bash tests/fuzz.sh
