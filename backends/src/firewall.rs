@@ -233,6 +233,25 @@ impl Firewall {
     }
 }
 
+/// Whether this host's iptables takes `--random-fully` on MASQUERADE (iptables 1.6.2+; flanneld
+/// asks go-iptables, which compares version numbers): a MASQUERADE rule with it, in a chain that
+/// is never committed, is parsed with `iptables-restore --test`. Anything but a clean parse means
+/// no: masquerading without the flag still works, with a rule iptables does not refuse.
+pub async fn supports_random_fully() -> bool {
+    probe_random_fully("iptables-restore").await
+}
+
+async fn probe_random_fully(prog: &str) -> bool {
+    let batch = "*nat\n:WEFT-PROBE - [0:0]\n-A WEFT-PROBE -j MASQUERADE --random-fully\nCOMMIT\n";
+    match run(prog, &["--test", "--noflush", "--wait=5"], Some(batch)).await {
+        Ok(_) => true,
+        Err(e) => {
+            debug!(error = %e, "iptables-restore refused --random-fully");
+            false
+        }
+    }
+}
+
 /// Reads each chain's table, and writes what `plan` says in one batch. Whether anything was written.
 async fn apply(chains: &[Chain], plan: fn(&Chain, &str) -> Option<String>) -> Result<bool, Error> {
     let mut batch = String::new();
@@ -293,6 +312,30 @@ async fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<String, E
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stand-in iptables-restore that takes any batch without --random-fully, as a pre-1.6.2
+    /// iptables would.
+    fn old_iptables(dir: &std::path::Path) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join("iptables-restore");
+        std::fs::write(
+            &p,
+            "#!/bin/sh\nif grep -q -- --random-fully; then echo 'unknown option \"--random-fully\"' >&2; exit 2; fi\n",
+        )
+        .expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        p.to_string_lossy().into_owned()
+    }
+
+    #[tokio::test]
+    async fn random_fully_is_used_only_where_iptables_takes_it() {
+        let dir = std::env::temp_dir().join(format!("weft-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let refused = probe_random_fully(&old_iptables(&dir)).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!refused);
+        assert!(!probe_random_fully("/nonexistent/iptables-restore").await);
+    }
 
     fn fw() -> Firewall {
         Firewall {

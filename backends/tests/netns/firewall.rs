@@ -151,3 +151,15 @@ fn traffic_leaving_the_cluster_is_masqueraded_and_pod_traffic_is_not() {
         "pod-to-pod traffic was masqueraded"
     );
 }
+
+#[test]
+fn debians_iptables_takes_random_fully() {
+    if !root_or_skip("firewall::debians_iptables_takes_random_fully") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    assert!(rt.block_on(weft_backends::firewall::supports_random_fully()));
+}
