@@ -12,8 +12,9 @@ PACKAGES=(
   gcc libc6-dev protobuf-compiler libprotobuf-dev curl ca-certificates
   # The lab: ip/bridge/ss (ip netns), sysctl, ping, kmod so the kernel can load vxlan, veth,
   # bridge and netfilter modules on demand, flannel's iptables (nft and legacy alternatives),
-  # etcd and etcdctl, openssl for the TLS test certificates.
-  iproute2 procps iputils-ping kmod iptables nftables etcd-server etcd-client openssl
+  # etcd and etcdctl, openssl for the TLS test certificates, the CNI plugins (bridge, host-local,
+  # portmap) weft-cni delegates to.
+  iproute2 procps iputils-ping kmod iptables nftables etcd-server etcd-client openssl containernetworking-plugins
   # Docker tests: dockerd (its Depends bring containerd, runc and tini), busybox for the image,
   # and apparmor: bookworm's dockerd refuses to start containers when the kernel has AppArmor on
   # (Debian's default) and apparmor_parser is missing.

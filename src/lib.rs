@@ -3,6 +3,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod agent;
+pub mod cni;
 pub mod config;
 pub mod ctl;
 pub mod daemon_json;

@@ -4,6 +4,7 @@
 mod harness;
 
 mod bad_config;
+mod cni;
 mod config;
 mod datapath;
 mod docker;
