@@ -23,6 +23,8 @@ PACKAGES=(
   debootstrap systemd
   # Benchmarks: iperf3, openvpn (the udp comparison), python3 (free ports), jq, ethtool.
   iperf3 openvpn python3 jq ethtool
+  # tests/k8s-validate.sh: a virtualenv for PyPI's kubernetes-validate.
+  python3-venv
 )
 
 missing=()

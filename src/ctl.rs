@@ -1,7 +1,9 @@
-//! weftctl: the admin tool. Network config, lease listing, and mk-docker-opts.sh's output.
+//! weftctl: the admin tool. Network config, lease listing, mk-docker-opts.sh's output, and the
+//! atomic file install the DaemonSet's init containers use.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -56,12 +58,28 @@ pub enum Command {
     /// This host's lease, subnet.env, daemon.json and docker0, and whether they agree (exit 1 if
     /// not, e.g. when Docker must be restarted to pick up a new bip).
     Status(crate::status::StatusArgs),
+    /// Copy SRC to DST atomically (a temporary file in DST's directory, synced, then renamed) and
+    /// give DST the octal MODE: what the DaemonSet's init containers use to install the CNI plugin
+    /// and conflist, since the image has no shell, cp or mv.
+    InstallFile {
+        src: PathBuf,
+        dst: PathBuf,
+        /// Octal, e.g. 0755.
+        #[arg(value_parser = parse_mode)]
+        mode: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Validate a config (a file, or - for standard input) and store it.
-    Set { file: String },
+    Set {
+        file: String,
+        /// Store it only if no config exists yet; an existing one is kept (exit 0). Safe when
+        /// every node runs it at once: one etcd transaction decides.
+        #[arg(long)]
+        if_absent: bool,
+    },
     /// Print the stored config.
     Get,
 }
@@ -95,7 +113,7 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             }
             Ok(())
         }
-        Command::Config(ConfigCommand::Set { file }) => {
+        Command::Config(ConfigCommand::Set { file, if_absent }) => {
             let text = if file == "-" {
                 let mut s = String::new();
                 std::io::stdin()
@@ -111,7 +129,21 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             let key = format!("{}/config", args.etcd.prefix());
             let config = NetworkConfig::parse_at(&text, &key)?;
             let store = Store::connect(&args.etcd).await?;
-            store.put_config(text.trim()).await?;
+            let text = text.trim();
+            if if_absent {
+                if let Some(existing) = store.put_config_if_absent(text).await? {
+                    println!(
+                        "network config at {} exists: kept it, nothing written (--if-absent)",
+                        store.config_key()
+                    );
+                    if let Some(note) = compare_configs(&existing, text, &key) {
+                        eprintln!("weftctl: warning: {note}");
+                    }
+                    return Ok(());
+                }
+            } else {
+                store.put_config(text).await?;
+            }
             println!(
                 "network {} (/{} subnets {}..{}, backend {}) stored at {}",
                 config.network,
@@ -123,6 +155,7 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             );
             Ok(())
         }
+        Command::InstallFile { src, dst, mode } => install_file(&src, &dst, mode),
         Command::Config(ConfigCommand::Get) => {
             let store = Store::connect(&args.etcd).await?;
             match store.get_config().await?.0 {
@@ -174,6 +207,55 @@ pub async fn run(args: CtlArgs) -> Result<()> {
     }
 }
 
+/// What an operator should know when `--if-absent` kept `existing` instead of `given`: that they
+/// differ (compared as JSON, so layout does not count), and whether the kept one is even valid.
+/// `None`: the same config.
+fn compare_configs(existing: &str, given: &str, key: &str) -> Option<String> {
+    let as_json = |t: &str| serde_json::from_str::<serde_json::Value>(t).ok();
+    let same = match (as_json(existing), as_json(given)) {
+        (Some(a), Some(b)) => a == b,
+        _ => existing.trim() == given.trim(),
+    };
+    if same {
+        return None;
+    }
+    let mut note = format!(
+        "the existing config differs from the one given; kept: {}",
+        existing.trim()
+    );
+    if let Err(e) = NetworkConfig::parse_at(existing, key) {
+        note.push_str(&format!(" ({e}: weftd waits until it is fixed)"));
+    }
+    Some(note)
+}
+
+/// `0755`, `755` or `0o755` → 0o755; only permission, set-id and sticky bits.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o7777 => Ok(m),
+        _ => Err(format!("{s:?} is not an octal file mode (e.g. 0755)")),
+    }
+}
+
+/// Installs `src` as `dst` so that nobody sees half a file: the kubelet may exec the CNI plugin
+/// or read the conflist at any moment. A rename also leaves a running old plugin's inode alone,
+/// where copying over it would fail with "text file busy".
+fn install_file(src: &Path, dst: &Path, mode: u32) -> Result<()> {
+    let bytes = std::fs::read(src).with_context(|| format!("read {}", src.display()))?;
+    fsutil::write_atomic(dst, &bytes, mode)?;
+    // write_atomic keeps an existing file's mode; an installer sets the one it was given (the
+    // content is complete already, so this chmod exposes nothing partial).
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", dst.display()))?;
+    println!(
+        "installed {} as {} ({mode:04o})",
+        src.display(),
+        dst.display()
+    );
+    Ok(())
+}
+
 fn table(rows: &[[String; 4]]) -> String {
     let mut widths = [0usize; 4];
     for r in rows {
@@ -222,5 +304,47 @@ mod tests {
             ["aaa".to_string(), "b".into(), "cc".into(), "d".into()],
         ];
         assert_eq!(table(&rows), "A    BB  C   D\naaa  b   cc  d\n");
+    }
+
+    #[test]
+    fn modes_are_octal() {
+        assert_eq!(parse_mode("0755"), Ok(0o755));
+        assert_eq!(parse_mode("644"), Ok(0o644));
+        assert_eq!(parse_mode("0o600"), Ok(0o600));
+        assert!(parse_mode("0789").is_err());
+        assert!(parse_mode("17777").is_err());
+        assert!(parse_mode("").is_err());
+    }
+
+    #[test]
+    fn a_kept_config_is_compared_as_json_and_judged() {
+        let key = "/coreos.com/network/config";
+        let a = r#"{"Network":"10.244.0.0/16"}"#;
+        assert_eq!(
+            compare_configs(a, "{ \"Network\": \"10.244.0.0/16\" }\n", key),
+            None
+        );
+        let note = compare_configs(a, r#"{"Network":"10.9.0.0/16"}"#, key).expect("differs");
+        assert!(note.contains("differs") && note.contains(a), "{note}");
+        let note = compare_configs("{oops", a, key).expect("differs");
+        assert!(note.contains("not valid JSON"), "{note}");
+    }
+
+    #[test]
+    fn install_file_replaces_atomically_with_the_given_mode() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let src = dir.path().join("src");
+        std::fs::write(&src, "new").expect("src");
+        let dst = dir.path().join("net.d/10-weft.conflist");
+        install_file(&src, &dst, 0o644).expect("install");
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        install_file(&src, &dst, 0o755).expect("reinstall");
+        let m = std::fs::metadata(&dst).expect("dst");
+        assert_eq!(m.permissions().mode() & 0o7777, 0o755);
+        assert_eq!(std::fs::read_to_string(&dst).expect("read"), "new");
+        let left: Vec<_> = std::fs::read_dir(dst.parent().expect("dir"))
+            .expect("ls")
+            .collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind");
     }
 }

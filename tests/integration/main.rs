@@ -13,6 +13,7 @@ mod files;
 mod health;
 mod hostile_leases;
 mod iface;
+mod kubernetes;
 mod leases;
 mod netns;
 mod systemd;

@@ -15,7 +15,8 @@
 use futures::TryStreamExt;
 use rtnetlink::packet_core::Nla;
 use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoTun, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    AfSpecInet, AfSpecUnspec, InetDevConf, InfoData, InfoKind, InfoTun, LinkAttribute, LinkFlags,
+    LinkInfo, LinkMessage,
 };
 use rtnetlink::{Handle, LinkUnspec};
 use tracing::{debug, info, warn};
@@ -253,36 +254,67 @@ pub async fn ensure_link(handle: &Handle, mtu: u32, max_segs: u32) -> Result<u32
     Ok(e.index)
 }
 
-/// flannel0's sysctls (`/proc/sys/net` is the calling thread's network namespace), each written
-/// only when it differs:
-/// - `accept_local` 1: the ICMP errors the codec writes back come from flannel0's own address,
-///   and Linux drops them as martians otherwise. Safe because `ingress` never lets a peer's
-///   packet in with a source in this host's lease.
-/// - `disable_ipv6` 1: the data plane is IPv4-only; without it the kernel sends router
-///   solicitations and MLD reports into the device, only to be dropped.
-pub fn ensure_sysctls() -> Result<(), Error> {
-    set_sysctl(
-        &format!("/proc/sys/net/ipv4/conf/{NAME}/accept_local"),
-        true,
-    )?;
-    // No IPv6 in this kernel: nothing to turn off.
-    set_sysctl(
-        &format!("/proc/sys/net/ipv6/conf/{NAME}/disable_ipv6"),
-        false,
-    )
+/// `accept_local` 1 on flannel0: the ICMP errors the codec writes back come from flannel0's own
+/// address, and Linux drops them as martians otherwise. Safe because `ingress` never lets a peer's
+/// packet in with a source in this host's lease. Set through netlink (RTM_SETLINK with
+/// IFLA_AF_SPEC / AF_INET / IFLA_INET_CONF, what `ip link set … ` cannot do but the kernel takes),
+/// not /proc/sys: it needs only CAP_NET_ADMIN, and works where /proc/sys is read-only, as in the
+/// unprivileged container the DaemonSet runs weftd in.
+pub async fn ensure_accept_local(handle: &Handle, index: u32) -> Result<(), Error> {
+    let ctx = || format!("set accept_local on {NAME}");
+    let mut links = handle.link().get().match_index(index).execute();
+    let now = links
+        .try_next()
+        .await
+        .map_err(Error::netlink(ctx()))?
+        .and_then(|m| accept_local_of(&m));
+    if now == Some(1) {
+        return Ok(());
+    }
+    let mut conf = InetDevConf::default();
+    conf.accept_local = 1;
+    let mut msg = LinkUnspec::new_with_index(index).build();
+    msg.attributes.push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(
+        vec![AfSpecInet::DevConfRequest(conf)],
+    )]));
+    handle
+        .link()
+        .set(msg)
+        .execute()
+        .await
+        .map_err(Error::netlink(ctx()))?;
+    debug!(device = NAME, "accept_local set");
+    Ok(())
 }
 
-fn set_sysctl(path: &str, required: bool) -> Result<(), Error> {
-    let now = match std::fs::read_to_string(path) {
-        Ok(v) => v,
-        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(format!("read {path}"))(e)),
+fn accept_local_of(m: &LinkMessage) -> Option<i32> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::AfSpecUnspec(specs) => specs.iter().find_map(|s| match s {
+            AfSpecUnspec::Inet(inet) => inet.iter().find_map(|i| match i {
+                AfSpecInet::DevConf(c) => Some(c.accept_local),
+                _ => None,
+            }),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// `disable_ipv6` 1 on flannel0, before it goes up: the data plane is IPv4-only; without it the
+/// kernel sends router solicitations and MLD reports into the device, only to be dropped. Only a
+/// nicety, and netlink cannot set it: where /proc/sys is read-only (an unprivileged container)
+/// or the kernel has no IPv6, it is left as it is.
+pub fn ensure_ipv6_off() {
+    let path = format!("/proc/sys/net/ipv6/conf/{NAME}/disable_ipv6");
+    let Ok(now) = std::fs::read_to_string(&path) else {
+        return;
     };
     if now.trim() != "1" {
-        std::fs::write(path, "1").map_err(Error::io(format!("write 1 to {path}")))?;
-        debug!(path, "sysctl set");
+        match std::fs::write(&path, "1") {
+            Ok(()) => debug!(path, "sysctl set"),
+            Err(e) => debug!(path, error = %e, "cannot turn IPv6 off on {NAME}; leaving it"),
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]

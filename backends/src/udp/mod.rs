@@ -229,8 +229,9 @@ impl Udp {
             self.start_workers(&handle).await?;
         }
         // Before the link goes up, so IPv6 never starts on it.
-        device::ensure_sysctls()?;
+        device::ensure_ipv6_off();
         let index = device::ensure_link(&handle, self.cfg.mtu, worker::READ_SLOTS as u32).await?;
+        device::ensure_accept_local(&handle, index).await?;
         if let Some(own) = &self.own {
             netlink::ensure_address(&handle, index, device::NAME, own.subnet.network()).await?;
         }
