@@ -21,7 +21,8 @@ PACKAGES=(
   docker.io apparmor busybox-static
   # systemd test and install.sh: a debootstrapped root, systemctl.
   debootstrap systemd
-  # Benchmarks: iperf3, openvpn (the udp comparison), python3 (free ports), jq, ethtool.
+  # Benchmarks: iperf3, openvpn (the udp comparison), python3 (free ports), jq; ethtool (also the
+  # vxlan checksum-offload and doctor tests).
   iperf3 openvpn python3 jq ethtool
   # tests/k8s-validate.sh: a virtualenv for PyPI's kubernetes-validate.
   python3-venv

@@ -20,7 +20,7 @@ use crate::health::{self, Readiness};
 use crate::lease::{Lease, LeaseAttrs};
 use crate::peers::{Change, Diff, Own, Peer, PeerSet, Reason};
 use crate::policy::{self, Choice};
-use crate::store::{BadLease, Store};
+use crate::store::{BadLease, Renewal, Store};
 use crate::subnet_env::{self, SubnetEnv};
 use crate::{daemon_json, notify};
 
@@ -42,6 +42,7 @@ pub async fn run(args: DaemonArgs, ready: Readiness) -> Result<()> {
     }
     let selector = InterfaceSelector {
         ifaces: args.iface.clone(),
+        can_reach: args.iface_can_reach,
         regexes: args
             .iface_regex
             .iter()
@@ -57,11 +58,19 @@ pub async fn run(args: DaemonArgs, ready: Readiness) -> Result<()> {
         health::serve((args.healthz_ip, args.healthz_port).into(), ready.clone()).await?;
     }
     let store = retry("connect to etcd", || Store::connect(&args.etcd)).await;
+    // Probed once, as flanneld does: an iptables older than 1.6.2 refuses the flag.
+    let random_fully = args.ip_masq
+        && !args.ip_masq_fully_random_disable
+        && weft_backends::firewall::supports_random_fully().await;
+    if args.ip_masq && !args.ip_masq_fully_random_disable && !random_fully {
+        warn!("iptables does not support --random-fully; masquerading without it");
+    }
     let mut agent = Agent {
         args,
         store,
         external,
         ready,
+        random_fully,
         notified: false,
         warned: HashSet::new(),
     };
@@ -88,6 +97,8 @@ struct Agent {
     store: Store,
     external: ExternalInterface,
     ready: Readiness,
+    /// MASQUERADE with `--random-fully`: wanted, and this host's iptables takes it.
+    random_fully: bool,
     notified: bool,
     /// Garbage leases already warned about (key and revision), so each is logged once.
     warned: HashSet<(String, String)>,
@@ -116,6 +127,9 @@ impl Agent {
     /// (the backend options too, against this host's underlay), so a bad config is logged once
     /// and waited on, never retried in a loop.
     async fn wait_for_config(&mut self) -> NetworkConfig {
+        if let Some(path) = self.args.net_config_path.clone() {
+            return self.wait_for_config_file(&path).await;
+        }
         let key = self.store.config_key();
         let mut last = String::new();
         loop {
@@ -140,6 +154,37 @@ impl Agent {
                 last = problem;
             }
             self.wait_for_change(rev + 1, |k, _| k == key).await;
+        }
+    }
+
+    /// -net-config-path: the config comes from a file (as kube-flannel's net-conf.json does), read
+    /// until it holds a valid one; the problem is logged once per distinct problem, and the file
+    /// looked at again every few seconds (it may be a ConfigMap being mounted).
+    async fn wait_for_config_file(&self, path: &std::path::Path) -> NetworkConfig {
+        let at = path.display().to_string();
+        let mut last = String::new();
+        loop {
+            let problem = match crate::fsutil::read_optional(path) {
+                Ok(Some(text)) => match NetworkConfig::parse_at(&text, &at).and_then(|c| {
+                    c.check_on_host(self.external.mtu)
+                        .map_err(|error| InvalidConfig {
+                            at: at.clone(),
+                            error,
+                        })?;
+                    Ok(c)
+                }) {
+                    Ok(c) => return c,
+                    Err(e) => e.to_string(),
+                },
+                Ok(None) => format!("no network config file {at}; waiting for one"),
+                Err(e) => format!("read the network config file {at}: {e:#}"),
+            };
+            if problem != last {
+                error!("{problem}");
+                notify::status(&problem);
+                last = problem;
+            }
+            let _ = notify::bounded(Duration::from_secs(10), sleep(Duration::from_secs(5))).await;
         }
     }
 
@@ -168,7 +213,7 @@ impl Agent {
             }
             sleep(Duration::from_secs(1)).await;
         };
-        let _ = with_watchdog(tokio::time::timeout(Duration::from_secs(60), wait)).await;
+        notify::bounded(Duration::from_secs(60), wait).await;
     }
 
     fn network(&self, config: &NetworkConfig) -> Network {
@@ -190,6 +235,7 @@ impl Agent {
             }
         };
         self.ready.set_kept(backend.survives_restart());
+        crate::metrics::get().backend(&backend, false);
         let hint = subnet_env::previous_subnet(&self.args.subnet_file);
         let own = self.acquire(config, &mut backend, hint).await?;
         let mut state = State {
@@ -293,6 +339,7 @@ impl Agent {
                         "lease"
                     };
                     info!(subnet = %lease.subnet, public_ip = %me, "acquired {kind}");
+                    crate::metrics::get().leased(config.network, &lease, backend.type_name(), ttl);
                     return Ok(lease);
                 }
                 Ok(None) => info!("lost a race for a subnet to another host; trying another"),
@@ -340,40 +387,44 @@ impl Agent {
         Ok(())
     }
 
+    /// Every await here ends on its own (etcd calls and pauses are bounded, see `notify`), and
+    /// the firewall, whose commands may wait 30 s on the xtables lock, is synced beside the loop.
+    /// So the loop comes round often, and that is what feeds systemd's watchdog.
     async fn main_loop(&mut self, mut state: State) -> Result<Exit> {
         let mut resync = interval(RESYNC);
         resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut watchdog =
-            interval(notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
+        let mut idle = interval(notify::idle_tick().unwrap_or(RESYNC));
+        idle.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let renew_every = renew_interval(
             self.args.subnet_lease_ttl,
             self.args.subnet_lease_renew_margin,
         );
         let mut renew_at = Instant::now() + renew_every;
-        let mut firewall_tick = interval(Duration::from_secs(self.args.iptables_resync.max(1)));
-        firewall_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut firewall_error = "not synced yet".to_string();
+        let mut renew_backoff = Backoff::new("renew this host's lease");
+        let firewall = (self.args.ip_masq || self.args.iptables_forward_rules).then(|| {
+            let every = Duration::from_secs(self.args.iptables_resync.max(1));
+            FirewallSync::spawn(self.firewall(&state), every)
+        });
         let mut stream: Option<WatchStream> = None;
         let mut rewatch_at = Instant::now();
-        let mut watch_error = String::new();
+        let mut watch_backoff = Backoff::new("etcd watch broken");
         loop {
+            notify::progress();
+            if let Some(f) = &firewall {
+                f.want(self.firewall(&state));
+            }
             tokio::select! {
                 _ = tokio::time::sleep_until(rewatch_at), if stream.is_none() => {
                     match self.store.watch(state.watch_from).await {
                         Ok(s) => {
-                            if !watch_error.is_empty() {
+                            if watch_backoff.succeeded() {
                                 info!("etcd watch re-established");
-                                watch_error.clear();
+                                crate::metrics::get().etcd_reconnected();
                             }
                             stream = Some(s);
                         }
                         Err(e) => {
-                            let msg = format!("{e:#}");
-                            if msg != watch_error {
-                                warn!("etcd watch broken: {msg}; reconnecting");
-                                watch_error = msg;
-                            }
-                            rewatch_at = Instant::now() + Duration::from_secs(2);
+                            rewatch_at = Instant::now() + watch_backoff.delay_after(&format!("{e:#}"));
                         }
                     }
                 }
@@ -391,22 +442,42 @@ impl Agent {
                         }
                     }
                     Ok(None) | Err(_) => {
-                        warn!("etcd watch broken: stream ended; reconnecting");
-                        watch_error = "stream ended".into();
+                        // A member that lost its leader cancels the watch ("no leader"): watch
+                        // again, through whichever member answers.
+                        let why = match msg {
+                            Err(e) => e.to_string(),
+                            _ => "stream ended".into(),
+                        };
                         stream = None;
-                        rewatch_at = Instant::now() + Duration::from_secs(1);
+                        rewatch_at = Instant::now() + watch_backoff.delay_after(&why);
                     }
                 },
                 _ = tokio::time::sleep_until(renew_at), if !state.own.is_reservation() => {
+                    let subnet = state.own.subnet;
                     renew_at = Instant::now() + match self.store.keep_alive(state.own.etcd_lease).await {
-                        Ok(true) => { debug!(subnet = %state.own.subnet, "lease renewed"); renew_every }
-                        Ok(false) => {
-                            warn!(subnet = %state.own.subnet, "lease expired; leasing again");
-                            self.reacquire(&mut state).await?;
-                            stream = None;
+                        Ok(Renewal::Renewed) => {
+                            crate::metrics::get().renewed(self.args.subnet_lease_ttl);
+                            if renew_backoff.succeeded() {
+                                info!(%subnet, "lease renewed again");
+                            } else {
+                                debug!(%subnet, "lease renewed");
+                            }
                             renew_every
                         }
-                        Err(e) => { warn!("renew lease {}: {e:#}", state.own.subnet); Duration::from_secs(2).min(renew_every) }
+                        // Its keys went with it: the subnet may still be free, or taken.
+                        Ok(Renewal::Expired) => {
+                            crate::metrics::get().renewal_failed();
+                            renew_backoff.succeeded();
+                            warn!(%subnet, "lease expired; leasing again");
+                            self.reacquire(&mut state).await?;
+                            stream = None;
+                            rewatch_at = Instant::now();
+                            renew_every
+                        }
+                        Err(e) => {
+                            crate::metrics::get().renewal_failed();
+                            renew_backoff.delay_after(&format!("{subnet}: {e:#}")).min(renew_every)
+                        }
                     };
                 }
                 _ = resync.tick() => self.reconcile(&mut state).await,
@@ -420,17 +491,7 @@ impl Agent {
                         info!("data plane rebuilt");
                     }
                 },
-                _ = watchdog.tick() => notify::watchdog(),
-                _ = firewall_tick.tick(), if self.args.ip_masq || self.args.iptables_forward_rules => {
-                    let msg = match self.firewall(&state).sync().await {
-                        Ok(_) => String::new(),
-                        Err(e) => e.to_string(),
-                    };
-                    if msg != firewall_error {
-                        if msg.is_empty() { info!("firewall rules in place"); } else { warn!("firewall rules: {msg}"); }
-                        firewall_error = msg;
-                    }
-                }
+                _ = idle.tick() => {}
             }
         }
     }
@@ -441,6 +502,7 @@ impl Agent {
         state: &mut State,
         events: &[etcd_client::Event],
     ) -> Result<Option<Exit>> {
+        crate::metrics::get().watch_events(events.len());
         let config_key = self.store.config_key();
         let prefix = self.store.subnets_prefix();
         let mut changes = Vec::new();
@@ -448,7 +510,8 @@ impl Agent {
             let Some(kv) = ev.kv() else { continue };
             state.watch_from = state.watch_from.max(kv.mod_revision() + 1);
             let key = String::from_utf8_lossy(kv.key()).into_owned();
-            if key == config_key {
+            // With -net-config-path the file is the config; etcd's key is not looked at.
+            if key == config_key && self.args.net_config_path.is_none() {
                 if ev.event_type() == EventType::Delete {
                     warn!("network config {key} was deleted; keeping the current one");
                     continue;
@@ -500,28 +563,27 @@ impl Agent {
         std::mem::replace(&mut state.backend, fresh)
             .shutdown()
             .await;
+        crate::metrics::get().backend(&state.backend, true);
         let own = state.own.to_backend();
         let previous = Some(&own);
-        with_watchdog(async {
-            let mut backoff = Backoff::new("rebuild the data plane");
-            loop {
-                let r = async {
-                    state.backend.prepare(previous).await?;
-                    state.backend.configure(&own).await
-                };
-                match r.await {
-                    Ok(()) => break,
-                    Err(e) => backoff.failed(&e).await,
-                }
+        let mut backoff = Backoff::new("rebuild the data plane");
+        loop {
+            let r = async {
+                state.backend.prepare(previous).await?;
+                state.backend.configure(&own).await
+            };
+            match r.await {
+                Ok(()) => break,
+                Err(e) => backoff.failed(&e).await,
             }
-        })
-        .await;
+        }
         state.last_outcome.clear();
         self.reconcile(state).await;
     }
 
     /// Re-leases after our key vanished (expiry, an operator's delete): the same subnet if free.
     async fn reacquire(&mut self, state: &mut State) -> Result<()> {
+        crate::metrics::get().lease_lost();
         loop {
             let previous = state.own.subnet;
             state.own = self
@@ -537,6 +599,7 @@ impl Agent {
     /// Lists everything again and makes the peer set that of the listing (start, compaction,
     /// a new lease). Returns whether this host's lease is still in etcd.
     async fn resync(&mut self, state: &mut State) -> bool {
+        crate::metrics::get().resynced();
         let listing = retry("list leases", || self.store.list()).await;
         state.watch_from = listing.revision + 1;
         state.listed_at = listing.revision;
@@ -623,6 +686,7 @@ impl Agent {
         for p in &diff.removed {
             peer_line(loud, "peer removed", p);
         }
+        crate::metrics::get().rejected(diff.rejected.iter().map(|r| &r.reason));
         for r in &diff.rejected {
             let reason = r.reason.to_string();
             if !self.warned.insert((r.key.clone(), reason.clone())) {
@@ -661,7 +725,11 @@ impl Agent {
         }
         let peers: Vec<weft_backends::Lease> =
             state.peers.peers().map(|(_, l)| l.to_backend()).collect();
-        let outcome = match state.backend.reconcile(&peers).await {
+        let started = Instant::now();
+        let result = state.backend.reconcile(&peers).await;
+        let owned = state.backend.owned();
+        crate::metrics::get().reconciled(started.elapsed(), result.is_ok(), &peers, owned);
+        let outcome = match result {
             Ok(()) => format!("kernel state matches all {} peers", peers.len()),
             Err(list) => format!("reconcile: {list}"),
         };
@@ -682,7 +750,7 @@ impl Agent {
             subnet: state.own.subnet,
             masquerade: self.args.ip_masq,
             forward: self.args.iptables_forward_rules,
-            fully_random: !self.args.ip_masq_fully_random_disable,
+            fully_random: self.random_fully,
         }
     }
 
@@ -715,48 +783,86 @@ async fn next_message(
     }
 }
 
-/// Runs `f`, telling systemd's watchdog that weftd is alive (retrying, waiting) meanwhile.
-async fn with_watchdog<T>(f: impl std::future::Future<Output = T>) -> T {
-    let Some(every) = notify::watchdog_interval() else {
-        return f.await;
-    };
-    tokio::pin!(f);
-    let mut tick = interval(every);
-    loop {
-        tokio::select! {
-            v = &mut f => return v,
-            _ = tick.tick() => notify::watchdog(),
-        }
+/// Keeps flannel's firewall rules in place beside the agent loop, checking every `every` and at
+/// once when the wanted rules change. Stops when dropped.
+struct FirewallSync {
+    want: tokio::sync::watch::Sender<Firewall>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FirewallSync {
+    fn spawn(first: Firewall, every: Duration) -> Self {
+        let (want, mut wanted) = tokio::sync::watch::channel(first);
+        let task = tokio::spawn(async move {
+            let mut tick = interval(every);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let mut last = "not synced yet".to_string();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = wanted.changed() => if changed.is_err() { return },
+                }
+                let firewall = wanted.borrow_and_update().clone();
+                let msg = match firewall.sync().await {
+                    Ok(written) => {
+                        crate::metrics::get().firewall_synced(written);
+                        String::new()
+                    }
+                    Err(e) => e.to_string(),
+                };
+                if msg != last {
+                    if msg.is_empty() {
+                        info!("firewall rules in place");
+                    } else {
+                        warn!("firewall rules: {msg}");
+                    }
+                    last = msg;
+                }
+            }
+        });
+        Self { want, task }
+    }
+
+    /// The rules wanted now (a new lease, a new network).
+    fn want(&self, firewall: Firewall) {
+        self.want.send_if_modified(|current| {
+            let changed = *current != firewall;
+            *current = firewall;
+            changed
+        });
+    }
+}
+
+impl Drop for FirewallSync {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
 /// When to renew: `margin` minutes before expiry as flannel does, or at a third of the TTL when
-/// the margin does not fit inside it.
+/// the margin does not fit inside it. Saturating: any margin and TTL give an interval.
 pub fn renew_interval(ttl: Duration, margin_minutes: u64) -> Duration {
-    let margin = Duration::from_secs(margin_minutes * 60);
-    if margin < ttl {
-        ttl - margin
-    } else {
-        ttl / 3
+    let margin = Duration::from_secs(margin_minutes.saturating_mul(60));
+    match ttl.checked_sub(margin) {
+        Some(left) if !left.is_zero() => left,
+        _ => ttl / 3,
     }
 }
 
 /// Retries an etcd call until it succeeds, backing off, logging each failure once per change.
+/// Each try and each pause is bounded, so the watchdog stays fed while etcd is away.
 async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    with_watchdog(async {
-        let mut backoff = Backoff::new(what);
-        loop {
-            match f().await {
-                Ok(v) => return v,
-                Err(e) => backoff.failed(&format!("{e:#}")).await,
-            }
+    let mut backoff = Backoff::new(what);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => backoff.failed(&format!("{e:#}")).await,
         }
-    })
-    .await
+    }
 }
 
 /// Waits between retries of `what`, doubling up to [`MAX_BACKOFF`], and logs a failure only when
@@ -768,22 +874,39 @@ struct Backoff<'a> {
 }
 
 impl<'a> Backoff<'a> {
+    const FIRST: Duration = Duration::from_millis(250);
+
     fn new(what: &'a str) -> Self {
         Self {
             what,
-            delay: Duration::from_millis(250),
+            delay: Self::FIRST,
             last: String::new(),
         }
     }
 
-    async fn failed(&mut self, e: &dyn std::fmt::Display) {
+    /// Logs a failure (unless it repeats the one before) and says how long to wait before the
+    /// next try.
+    fn delay_after(&mut self, e: &dyn std::fmt::Display) -> Duration {
         let msg = format!("{}: {e}", self.what);
         if msg != self.last {
             warn!("{msg}; retrying");
             self.last = msg;
         }
-        sleep(self.delay).await;
+        let delay = self.delay;
         self.delay = (self.delay * 2).min(MAX_BACKOFF);
+        delay
+    }
+
+    /// Logs a failure and waits before the next try.
+    async fn failed(&mut self, e: &dyn std::fmt::Display) {
+        let delay = self.delay_after(e);
+        notify::pause(delay).await;
+    }
+
+    /// A try worked: the next failure starts from the shortest wait. Whether tries had failed.
+    fn succeeded(&mut self) -> bool {
+        self.delay = Self::FIRST;
+        !std::mem::take(&mut self.last).is_empty()
     }
 }
 
@@ -801,5 +924,33 @@ mod tests {
             renew_interval(Duration::from_secs(6), 60),
             Duration::from_secs(2)
         );
+        assert_eq!(
+            renew_interval(Duration::from_secs(3600), 60),
+            Duration::from_secs(1200),
+            "a margin as long as the TTL does not fit"
+        );
+    }
+
+    #[test]
+    fn renewal_never_overflows_whatever_the_margin() {
+        let ttl = Duration::from_secs(9_000_000_000);
+        assert_eq!(renew_interval(ttl, u64::MAX), ttl / 3);
+        assert_eq!(renew_interval(ttl, u64::MAX / 60 + 1), ttl / 3);
+        assert_eq!(renew_interval(Duration::MAX, 0), Duration::MAX);
+        assert_eq!(renew_interval(Duration::ZERO, 5), Duration::ZERO);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_starts_over_after_a_success() {
+        let mut b = Backoff::new("etcd watch broken");
+        let waits: Vec<Duration> = (0..8).map(|_| b.delay_after(&"refused")).collect();
+        assert_eq!(waits[0], Duration::from_millis(250));
+        assert_eq!(waits[1], Duration::from_millis(500));
+        assert_eq!(waits[5], Duration::from_secs(8));
+        assert_eq!(waits[6], MAX_BACKOFF, "capped");
+        assert_eq!(waits[7], MAX_BACKOFF);
+        assert!(b.succeeded(), "there were failures to recover from");
+        assert!(!b.succeeded(), "nothing failed since");
+        assert_eq!(b.delay_after(&"refused"), Duration::from_millis(250));
     }
 }

@@ -58,6 +58,10 @@ pub enum Command {
     /// This host's lease, subnet.env, daemon.json and docker0, and whether they agree (exit 1 if
     /// not, e.g. when Docker must be restarted to pick up a new bip).
     Status(crate::status::StatusArgs),
+    /// Looks for the problems flannel users hit most on this host (MTU, checksum offload, peers'
+    /// routes/neighbours/FDB, foreign routes, FORWARD drops, a second agent, subnet.env, Docker,
+    /// etcd and the leases): one line per finding with what to do; exit 1 on any. Read-only.
+    Doctor(crate::doctor::DoctorArgs),
     /// Copy SRC to DST atomically (a temporary file in DST's directory, synced, then renamed) and
     /// give DST the octal MODE: what the DaemonSet's init containers use to install the CNI plugin
     /// and conflist, since the image has no shell, cp or mv.
@@ -87,6 +91,7 @@ pub enum ConfigCommand {
 pub async fn run(args: CtlArgs) -> Result<()> {
     match args.command {
         Command::Status(status) => crate::status::run(&args.etcd, &status).await,
+        Command::Doctor(doctor) => crate::doctor::run(&args.etcd, &doctor).await,
         Command::DockerOpts {
             env_file,
             out,

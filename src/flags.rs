@@ -195,9 +195,17 @@ pub struct DaemonArgs {
     /// Regex matched against interface names and addresses; repeatable.
     #[arg(long, env = "FLANNELD_IFACE_REGEX")]
     pub iface_regex: Vec<String>,
+    /// Use the interface (and source address) of the route to this address, when neither -iface
+    /// nor -iface-regex is given.
+    #[arg(long, env = "FLANNELD_IFACE_CAN_REACH")]
+    pub iface_can_reach: Option<Ipv4Addr>,
     /// The address other hosts use to reach this one (default: the interface's address).
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
+    /// Read the network config from this file instead of etcd's `<prefix>/config` (read at
+    /// start; leases still live in etcd).
+    #[arg(long, env = "FLANNELD_NET_CONFIG_PATH")]
+    pub net_config_path: Option<PathBuf>,
     /// Where to write the lease's environment for CNI and Docker.
     #[arg(
         long,
@@ -362,6 +370,22 @@ mod tests {
                 .unwrap()
                 .iptables_forward_rules
         );
+    }
+
+    #[test]
+    fn iface_can_reach_and_net_config_path_are_flanneds() {
+        let a = parse(&[
+            "-iface-can-reach=10.1.2.3",
+            "--net-config-path",
+            "/etc/kube-flannel/net-conf.json",
+        ])
+        .unwrap();
+        assert_eq!(a.iface_can_reach, Some(Ipv4Addr::new(10, 1, 2, 3)));
+        assert_eq!(
+            a.net_config_path,
+            Some(PathBuf::from("/etc/kube-flannel/net-conf.json"))
+        );
+        assert!(parse(&["-iface-can-reach=eth0"]).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `/healthz` (200 while running, 503 while the data plane has failed and is being rebuilt) and
 //! `/readyz` (200 once the lease is held and the files are written, 503 before, or while a file
-//! could not be written, with the reason), as flanneld serves them when -healthz-port is set.
+//! could not be written, with the reason), as flanneld serves them when -healthz-port is set;
+//! and `/metrics`, weft's Prometheus metrics ([`crate::metrics`]), which flanneld lacks.
 //!
 //! HTTP is hyper's. The limits are what keeps the port from being a way to exhaust weftd's file
 //! descriptors (issue 9, defect 6): at most [`MAX_CONNECTIONS`] open at once (a new one closes the
@@ -140,11 +141,20 @@ fn respond(path: &str, ready: &Readiness) -> (StatusCode, String) {
 }
 
 fn response(path: &str, ready: &Readiness) -> Response<Full<Bytes>> {
-    let (status, body) = respond(path, ready);
+    let (status, body, content_type) = match path {
+        "/metrics" => {
+            let text = crate::metrics::get().encode();
+            (StatusCode::OK, text, crate::metrics::CONTENT_TYPE)
+        }
+        _ => {
+            let (status, body) = respond(path, ready);
+            (status, body, "text/plain")
+        }
+    };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(CONNECTION, HeaderValue::from_static("close"));
     resp
 }
@@ -352,6 +362,30 @@ mod tests {
         assert_eq!(ready.problem().as_deref(), Some("still broken"));
         assert!(ready.update_problem(newer, None));
         assert_eq!(get(addr, "/readyz").await.0, "HTTP/1.1 200 OK");
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_in_the_openmetrics_text_format() {
+        let addr = start(&Readiness::default()).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .expect("answer within 5 s")
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/openmetrics-text; version=1.0.0"),
+            "{head}"
+        );
+        assert!(body.contains("# TYPE weft_lease_held gauge"), "{body}");
+        assert!(body.ends_with("# EOF\n"), "{body}");
     }
 
     #[tokio::test]

@@ -8,10 +8,12 @@ pub mod config;
 pub mod ctl;
 pub mod daemon_json;
 pub mod docker_opts;
+pub mod doctor;
 pub mod flags;
 pub mod fsutil;
 pub mod health;
 pub mod lease;
+pub mod metrics;
 #[cfg(test)]
 mod mutation_tests;
 pub mod notify;

@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use ipnet::Ipv4Net;
 use serde_json::Value;
@@ -39,6 +39,10 @@ pub struct StatusArgs {
     /// Docker's bridge, whose address must be the lease's first address.
     #[arg(long, default_value = "docker0")]
     pub bridge: String,
+    /// weftd's `-public-ip`, when it is not an address of this host (NAT): the lease must name
+    /// it. Unset: the lease must name one of this host's addresses.
+    #[arg(long, env = "FLANNELD_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
 }
 
 /// What subnet.env says.
@@ -293,14 +297,36 @@ pub async fn read_bridge(name: &str) -> BridgeView {
     }
 }
 
-/// Finds the lease for `subnet` in etcd.
-pub async fn read_lease(etcd: &EtcdArgs, subnet: Ipv4Net) -> LeaseView {
+/// Finds this host's lease for `subnet` in etcd: the record under exactly `subnet`'s key whose
+/// PublicIP is this host's (`public_ip`, or else any IPv4 address of this host). A lease for the
+/// subnet that names another PublicIP is another host's: this one has none.
+pub async fn read_lease(
+    etcd: &EtcdArgs,
+    subnet: Ipv4Net,
+    public_ip: Option<Ipv4Addr>,
+) -> LeaseView {
     let found = async {
         let store = Store::connect(etcd).await?;
         let listing = store.list().await?;
-        let Some(lease) = listing.leases.into_iter().find(|l| l.subnet == subnet) else {
+        let key = store.lease_key(subnet);
+        let Some(Ok(lease)) = listing
+            .records
+            .into_iter()
+            .find(|r| r.key == key)
+            .map(|r| r.value)
+        else {
             return Ok::<_, anyhow::Error>(LeaseView::Missing);
         };
+        let mine = match public_ip {
+            Some(ip) => lease.attrs.public_ip == ip,
+            None => weft_backends::iface::local_ipv4_addrs()
+                .await
+                .context("read this host's addresses")?
+                .contains(&lease.attrs.public_ip),
+        };
+        if !mine {
+            return Ok(LeaseView::Missing);
+        }
         let expires_in = if lease.is_reservation() {
             None
         } else {
@@ -325,7 +351,7 @@ pub async fn read_lease(etcd: &EtcdArgs, subnet: Ipv4Net) -> LeaseView {
 pub async fn run(etcd: &EtcdArgs, args: &StatusArgs) -> Result<()> {
     let env = read_env(&args.subnet_file);
     let lease = match &env {
-        Ok(e) => read_lease(etcd, e.subnet.trunc()).await,
+        Ok(e) => read_lease(etcd, e.subnet.trunc(), args.public_ip).await,
         Err(_) => LeaseView::Unknown("no subnet to look up".into()),
     };
     let view = View {

@@ -15,6 +15,7 @@ use tracing::warn;
 
 use crate::flags::EtcdArgs;
 use crate::lease::{subnet_key, Lease, LeaseAttrs, Record};
+use crate::notify;
 
 /// A lease key or value that cannot be read: skipped, with the reason.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,7 +39,8 @@ pub struct Listing {
 /// broken connection to come back, and a hung call must not stall the agent loop.
 const RPC_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Bounds an etcd call in time and names it in the error.
+/// Bounds an etcd call in time and names it in the error. The bound is declared to the watchdog
+/// (`notify::bounded`): a call waiting on a stopped or unreachable etcd is slow, not hung.
 async fn rpc<T, E>(
     what: impl FnOnce() -> String,
     fut: impl Future<Output = Result<T, E>>,
@@ -46,9 +48,33 @@ async fn rpc<T, E>(
 where
     E: std::error::Error + Send + Sync + 'static,
 {
-    match tokio::time::timeout(RPC_TIMEOUT, fut).await {
-        Ok(r) => r.with_context(what),
-        Err(_) => Err(anyhow!("no answer within {RPC_TIMEOUT:?}")).with_context(what),
+    let r = notify::bounded(RPC_TIMEOUT, fut).await;
+    crate::metrics::get().etcd_request::<T>(matches!(r, Some(Ok(_))));
+    match r {
+        Some(r) => r.with_context(what),
+        None => Err(anyhow!("no answer within {RPC_TIMEOUT:?}")).with_context(what),
+    }
+}
+
+/// What renewing a lease found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Good for another full TTL.
+    Renewed,
+    /// etcd no longer has it (it expired, or was revoked): its keys are gone with it.
+    Expired,
+}
+
+/// Whether a failed keep-alive means etcd does not know the lease. etcd answers a keep-alive for
+/// an unknown lease with TTL 0, which etcd-client 0.21 reports as exactly this error; a gRPC
+/// NotFound (`etcdserver: requested lease not found`) says the same.
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    /// gRPC's status code NOT_FOUND (tonic is not a direct dependency to name it by).
+    const GRPC_NOT_FOUND: i32 = 5;
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(m) => m == "lease not found",
+        etcd_client::Error::GRpcStatus(s) => i32::from(s.code()) == GRPC_NOT_FOUND,
+        _ => false,
     }
 }
 
@@ -64,7 +90,11 @@ impl Store {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(15))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            // Every call (watches included) must reach a member that has a leader: a member cut
+            // off from the others fails them with "no leader" (a watch is cancelled once it
+            // loses its leader) instead of answering stale data or leaving a watch silent.
+            .with_require_leader(true);
         if let (Some(user), Some(pass)) = (&args.etcd_username, &args.etcd_password) {
             // etcd's auth tokens expire when idle (5 min by default); weftd idles for hours.
             opts = opts.with_user(user, pass).with_auto_token_refresh(true);
@@ -138,11 +168,7 @@ impl Store {
     pub async fn put_config_if_absent(&self, text: &str) -> Result<Option<String>> {
         let key = self.config_key();
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                0,
-            )])
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.as_str(), text, None)])
             .or_else([TxnOp::get(key.as_str(), None)]);
         let resp = rpc(
@@ -281,18 +307,17 @@ impl Store {
         }))
     }
 
-    /// Refreshes an etcd lease to its full TTL. `Ok(false)`: it has already expired.
-    pub async fn keep_alive(&self, id: i64) -> Result<bool> {
-        let (mut keeper, mut stream) = rpc(
-            || "open lease keep-alive".to_string(),
-            self.client.clone().lease_keep_alive(id),
-        )
-        .await?;
-        rpc(|| "send lease keep-alive".to_string(), keeper.keep_alive()).await?;
-        let resp = rpc(|| "read lease keep-alive".to_string(), stream.message())
-            .await?
-            .context("lease keep-alive stream closed")?;
-        Ok(resp.ttl() > 0)
+    /// Refreshes an etcd lease to its full TTL. Opening the keep-alive stream sends the first
+    /// keep-alive and reads its answer, which is all one renewal needs.
+    pub async fn keep_alive(&self, id: i64) -> Result<Renewal> {
+        let open = notify::bounded(RPC_TIMEOUT, self.client.clone().lease_keep_alive(id)).await;
+        crate::metrics::get().etcd_op("lease_keep_alive", matches!(open, Some(Ok(_))));
+        match open {
+            Some(Ok(_)) => Ok(Renewal::Renewed),
+            Some(Err(e)) if lease_not_found(&e) => Ok(Renewal::Expired),
+            Some(Err(e)) => Err(e).context("renew etcd lease"),
+            None => Err(anyhow!("no answer within {RPC_TIMEOUT:?}")).context("renew etcd lease"),
+        }
     }
 
     /// Seconds an etcd lease has left (`None`: expired or unknown).
@@ -342,5 +367,20 @@ impl Store {
         if let Err(e) = revoke.await {
             warn!("{e:#}; it will expire on its own");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_unknown_lease_counts_as_expired() {
+        let not_found = etcd_client::Error::LeaseKeepAliveError("lease not found".into());
+        assert!(lease_not_found(&not_found));
+        let closed = etcd_client::Error::LeaseKeepAliveError("channel closed".into());
+        assert!(!lease_not_found(&closed), "a broken stream is transient");
+        let other = etcd_client::Error::InvalidArgs("x".into());
+        assert!(!lease_not_found(&other));
     }
 }

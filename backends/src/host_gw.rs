@@ -6,7 +6,7 @@ use serde_json::Value;
 use crate::netlink::Conn;
 use crate::routes::{self, Owner, RouteSpec};
 use crate::watch::Owned;
-use crate::{peer, Error, ErrorList, Lease, Network};
+use crate::{peer, Error, ErrorList, Lease, Network, OwnedCounts};
 
 pub const TYPE: &str = "host-gw";
 
@@ -14,6 +14,7 @@ pub struct HostGw {
     net: Network,
     own: Option<Lease>,
     conn: Conn,
+    owned: OwnedCounts,
 }
 
 impl HostGw {
@@ -22,6 +23,7 @@ impl HostGw {
             net,
             own: None,
             conn: Conn::default(),
+            owned: OwnedCounts::default(),
         }
     }
 
@@ -77,8 +79,13 @@ impl HostGw {
         };
         errs.0
             .extend(routes::reconcile_owned(&handle, &owner, &desired).await.0);
+        self.owned.routes = desired.len();
         self.conn.settle();
         errs.into_result()
+    }
+
+    pub fn owned(&self) -> OwnedCounts {
+        self.owned
     }
 
     pub async fn drifted(&mut self) {

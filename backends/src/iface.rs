@@ -1,5 +1,7 @@
 //! Choosing the underlay interface the way flanneld does: -iface (name or address, first match wins),
-//! else -iface-regex (matched against names and addresses), else the interface of the default route.
+//! else -iface-regex (matched against names and addresses), else -iface-can-reach (the interface
+//! and source address of the kernel's route to that address), else the interface of the default
+//! route.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
@@ -25,11 +27,12 @@ pub struct ExternalInterface {
     pub mtu: u32,
 }
 
-/// The -iface, -iface-regex and -public-ip flags.
+/// The -iface, -iface-regex, -iface-can-reach and -public-ip flags.
 #[derive(Debug, Clone, Default)]
 pub struct InterfaceSelector {
     pub ifaces: Vec<String>,
     pub regexes: Vec<Regex>,
+    pub can_reach: Option<Ipv4Addr>,
     pub public_ip: Option<Ipv4Addr>,
 }
 
@@ -93,6 +96,20 @@ impl InterfaceSelector {
                 "-iface-regex {}",
                 pats.join(",")
             )));
+        }
+        if let Some(target) = self.can_reach {
+            let what = || format!("-iface-can-reach {target}");
+            let (index, src) = route_to(handle, target).await?;
+            let l = links
+                .iter()
+                .find(|l| l.index == index)
+                .ok_or_else(|| Error::NoInterface(what()))?;
+            // The route's preferred source, as flanneld takes it; else the link's first address.
+            let addr = match src {
+                Some(a) if l.addrs.contains(&a) => a,
+                _ => first_addr(l)?,
+            };
+            return Ok((l, addr));
         }
         let index = default_route_link(handle).await?;
         let l = links
@@ -159,6 +176,35 @@ async fn list_links(handle: &Handle) -> Result<Vec<Link>, Error> {
 }
 
 /// The output interface of the IPv4 default route in the main table.
+/// The kernel's answer to "how would you send to `target`" (`ip route get`): the outgoing
+/// interface and the source address it would use.
+async fn route_to(handle: &Handle, target: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), Error> {
+    let msg = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(target, 32)
+        .build();
+    let routes: Vec<_> = handle
+        .route()
+        .get(msg)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(Error::netlink(format!("look up the route to {target}")))?;
+    let found = routes.iter().find_map(|r| {
+        let oif = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        })?;
+        let src = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::PrefSource(rtnetlink::packet_route::route::RouteAddress::Inet(ip)) => {
+                Some(*ip)
+            }
+            _ => None,
+        });
+        Some((oif, src))
+    });
+    found.ok_or_else(|| Error::NoInterface(format!("-iface-can-reach {target} (no route)")))
+}
+
 async fn default_route_link(handle: &Handle) -> Result<u32, Error> {
     crate::routes::list_main(handle)
         .await?

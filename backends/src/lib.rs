@@ -35,6 +35,7 @@ pub use error::{Error, ErrorList};
 pub use iface::{ExternalInterface, InterfaceSelector};
 pub use lease::Lease;
 pub use routes::RTPROT_WEFT;
+pub use vxlan::ethtool;
 
 /// The backend options of the network config (`Backend` object), keys matched case-insensitively as
 /// flannel's Go decoder does.
@@ -86,6 +87,18 @@ pub enum Event {
     /// The data plane cannot go on (a udp worker died, with why): log it, report unhealthy, and
     /// build the backend again.
     Failed(String),
+}
+
+/// The kernel entries a backend's last reconcile put or kept in place, for metrics: what it
+/// wanted, which is exactly what the kernel holds when that reconcile succeeded (a failed one
+/// reports its errors, and these numbers count what it aimed for).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OwnedCounts {
+    pub routes: usize,
+    /// vxlan's permanent neighbours (peer network address → VTEP MAC).
+    pub neighbours: usize,
+    /// vxlan's FDB entries (VTEP MAC → peer PublicIP).
+    pub fdb: usize,
 }
 
 /// One data plane. An enum rather than a trait object: the set is closed and the methods are async.
@@ -211,6 +224,24 @@ impl Backend {
         match self {
             Self::Udp(b) => Some(b.stats()),
             _ => None,
+        }
+    }
+
+    /// A handle reading [`Backend::udp_stats`] from another thread; None for the other backends.
+    pub fn udp_stats_source(&self) -> Option<udp::StatsSource> {
+        match self {
+            Self::Udp(b) => Some(b.stats_source()),
+            _ => None,
+        }
+    }
+
+    /// What the last reconcile put or kept in the kernel.
+    pub fn owned(&self) -> OwnedCounts {
+        match self {
+            Self::Alloc(_) => OwnedCounts::default(),
+            Self::Vxlan(b) => b.owned(),
+            Self::HostGw(b) => b.owned(),
+            Self::Udp(b) => b.owned(),
         }
     }
 }

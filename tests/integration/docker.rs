@@ -320,6 +320,9 @@ fn status_shows_the_lease_and_reports_what_disagrees() {
                 &json,
                 "--bridge",
                 "weftnobr0",
+                // weftd's -public-ip is not an address of this host: status must be told.
+                "--public-ip",
+                "10.99.0.7",
             ],
             None,
         )

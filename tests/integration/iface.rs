@@ -1,5 +1,6 @@
-//! Interface selection as flanneld does it: -iface by name or address, -iface-regex, else the
-//! default route's interface; -public-ip overrides what peers are told. Needs root.
+//! Interface selection as flanneld does it: -iface by name or address, -iface-regex,
+//! -iface-can-reach, else the default route's interface; -public-ip overrides what peers are told.
+//! Needs root.
 
 use std::time::Duration;
 
@@ -69,6 +70,22 @@ fn the_interface_is_chosen_like_flanneld_chooses_it() {
         run_with(&mut t, &["-iface-regex=^172\\.31\\."]),
         "172.31.9.5",
         "by regex on the address"
+    );
+    // eth1 is on 172.31.9.0/24; 172.31.9.200 is reachable only through it.
+    assert_eq!(
+        run_with(&mut t, &["-iface-can-reach=172.31.9.200"]),
+        "172.31.9.5",
+        "the interface of the route to an address"
+    );
+    assert_eq!(
+        run_with(&mut t, &["-iface-can-reach=10.199.0.1"]),
+        "10.199.0.11",
+        "-iface-can-reach names the underlay's gateway"
+    );
+    assert_eq!(
+        run_with(&mut t, &["-iface=eth0", "-iface-can-reach=172.31.9.200"]),
+        "10.199.0.11",
+        "-iface wins over -iface-can-reach, as in flanneld"
     );
     assert_eq!(
         run_with(&mut t, &["-public-ip=192.0.2.7"]),

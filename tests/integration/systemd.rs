@@ -445,7 +445,7 @@ fn systemd_unit_installs_notifies_orders_docker_honours_sysconfig_and_uninstalls
         "{journal}"
     );
     let status = h.sh(&format!(
-        "weftctl -etcd-endpoints={ETCD} -etcd-prefix={PREFIX} status; echo exit=$?"
+        "weftctl -etcd-endpoints={ETCD} -etcd-prefix={PREFIX} status --public-ip=10.1.2.4; echo exit=$?"
     ));
     assert!(
         status.contains("status: consistent") && status.contains("exit=0"),

@@ -274,9 +274,10 @@ pub async fn ensure_accept_local(handle: &Handle, index: u32) -> Result<(), Erro
     let mut conf = InetDevConf::default();
     conf.accept_local = 1;
     let mut msg = LinkUnspec::new_with_index(index).build();
-    msg.attributes.push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(
-        vec![AfSpecInet::DevConfRequest(conf)],
-    )]));
+    msg.attributes
+        .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
+            AfSpecInet::DevConfRequest(conf),
+        ])]));
     handle
         .link()
         .set(msg)

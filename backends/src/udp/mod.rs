@@ -17,7 +17,7 @@ use std::net::SocketAddrV4;
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use ipnet::Ipv4Net;
@@ -31,7 +31,7 @@ pub use config::UdpConfig;
 use crate::netlink::{self, Conn};
 use crate::routes::{self, RouteSpec};
 use crate::watch::Owned;
-use crate::{peer, BackendConfig, Error, ErrorList, Event, Lease, Network};
+use crate::{peer, BackendConfig, Error, ErrorList, Event, Lease, Network, OwnedCounts};
 use codec::{PeerTable, SharedCounters};
 use worker::{Shared, Worker};
 
@@ -52,6 +52,77 @@ pub struct Stats {
     /// UDP GSO still in use on every socket (the kernel may have refused it).
     pub udp_gso: bool,
     pub udp_gro: bool,
+    /// Times the workers were stopped and started again (flannel0 recreated, a worker gone).
+    pub worker_restarts: u64,
+}
+
+/// Reads the udp data plane's [`Stats`] from any thread (the metrics scrape) while the backend
+/// is busy elsewhere. Counters survive worker restarts: a stopped set's totals move into
+/// `retired` under the lock readers take, so a read never goes backwards. Workers never touch
+/// the lock; they publish as before.
+#[derive(Clone, Default)]
+pub struct StatsSource(Arc<Mutex<StatsState>>);
+
+#[derive(Default)]
+struct StatsState {
+    live: Option<LiveStats>,
+    retired: Counters,
+    retired_tun_read_errors: u64,
+    restarts: u64,
+}
+
+/// What the running workers publish, and how they were set up.
+struct LiveStats {
+    shared: Arc<Shared>,
+    workers: usize,
+    tun_offload: bool,
+    tun_uso: bool,
+    udp_gro: bool,
+}
+
+impl LiveStats {
+    fn tun_read_errors(&self) -> u64 {
+        let errors = self.shared.tun_read_errors.iter();
+        errors.map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl StatsSource {
+    /// The totals so far: the running workers' plus every earlier set's.
+    pub fn read(&self) -> Stats {
+        let st = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut stats = Stats {
+            counters: st.retired.clone(),
+            tun_read_errors: st.retired_tun_read_errors,
+            worker_restarts: st.restarts,
+            ..Stats::default()
+        };
+        if let Some(l) = &st.live {
+            stats.counters += &SharedCounters::sum(l.shared.counters.iter());
+            stats.tun_read_errors += l.tun_read_errors();
+            stats.workers = l.workers;
+            stats.tun_offload = l.tun_offload;
+            stats.tun_uso = l.tun_uso;
+            stats.udp_gso = l.shared.gso.iter().all(|g| g.load(Ordering::Relaxed));
+            stats.udp_gro = l.udp_gro;
+        }
+        stats
+    }
+
+    fn start(&self, live: LiveStats, restart: bool) {
+        let mut st = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        st.restarts += u64::from(restart);
+        st.live = Some(live);
+    }
+
+    /// Folds the stopped (joined) workers' final totals into `retired`.
+    fn stop(&self) {
+        let mut st = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(l) = st.live.take() {
+            st.retired += &SharedCounters::sum(l.shared.counters.iter());
+            st.retired_tun_read_errors += l.tun_read_errors();
+        }
+    }
 }
 
 pub struct Udp {
@@ -62,6 +133,7 @@ pub struct Udp {
     peers: Vec<(Ipv4Net, SocketAddrV4)>,
     conn: Conn,
     running: Option<Running>,
+    stats: StatsSource,
     failed_tx: UnboundedSender<String>,
     failed: UnboundedReceiver<String>,
 }
@@ -74,9 +146,6 @@ struct Running {
     wake: UnixStream,
     /// flannel0's index when its queues were opened: another index means it was recreated.
     index: u32,
-    tun_offload: bool,
-    tun_uso: bool,
-    udp_gro: bool,
 }
 
 impl Udp {
@@ -90,6 +159,7 @@ impl Udp {
             peers: Vec::new(),
             conn: Conn::default(),
             running: None,
+            stats: StatsSource::default(),
             failed_tx,
             failed,
         })
@@ -162,6 +232,14 @@ impl Udp {
         errs.into_result()
     }
 
+    /// The one route `ensure_route` keeps; peers live in the workers' table, not the kernel.
+    pub fn owned(&self) -> OwnedCounts {
+        OwnedCounts {
+            routes: usize::from(self.own.is_some()),
+            ..OwnedCounts::default()
+        }
+    }
+
     /// A worker failed, or flannel0 (its link state, address or route) changed behind weft's back.
     pub async fn event(&mut self) -> Event {
         let owned = Owned {
@@ -179,25 +257,14 @@ impl Udp {
         self.stop_workers();
     }
 
-    /// What the workers have counted.
+    /// What the workers have counted, over this backend's life.
     pub fn stats(&self) -> Stats {
-        let Some(r) = &self.running else {
-            return Stats::default();
-        };
-        Stats {
-            counters: SharedCounters::sum(r.shared.counters.iter()),
-            tun_read_errors: r
-                .shared
-                .tun_read_errors
-                .iter()
-                .map(|c| c.load(Ordering::Relaxed))
-                .sum(),
-            workers: r.threads.len(),
-            tun_offload: r.tun_offload,
-            tun_uso: r.tun_uso,
-            udp_gso: r.shared.gso.iter().all(|g| g.load(Ordering::Relaxed)),
-            udp_gro: r.udp_gro,
-        }
+        self.stats.read()
+    }
+
+    /// A handle that reads [`Udp::stats`] from elsewhere, for as long as this backend lives.
+    pub fn stats_source(&self) -> StatsSource {
+        self.stats.clone()
     }
 
     /// The table the workers read, from the current lease and peers.
@@ -219,14 +286,15 @@ impl Udp {
             _ => false,
         };
         if !healthy {
-            if self.running.is_some() {
+            let restart = self.running.is_some();
+            if restart {
                 info!(
                     device = device::NAME,
                     "device recreated or a worker stopped; restarting the workers"
                 );
             }
             self.stop_workers();
-            self.start_workers(&handle).await?;
+            self.start_workers(&handle, restart).await?;
         }
         // Before the link goes up, so IPv6 never starts on it.
         device::ensure_ipv6_off();
@@ -238,7 +306,11 @@ impl Udp {
         Ok(index)
     }
 
-    async fn start_workers(&mut self, handle: &rtnetlink::Handle) -> Result<(), Error> {
+    async fn start_workers(
+        &mut self,
+        handle: &rtnetlink::Handle,
+        restart: bool,
+    ) -> Result<(), Error> {
         let Some(own) = &self.own else {
             return Err(Error::Other("udp: no lease configured".into()));
         };
@@ -285,14 +357,19 @@ impl Udp {
             mtu,
             "udp data plane running"
         );
+        let live = LiveStats {
+            shared: shared.clone(),
+            workers: threads.len(),
+            tun_offload: tun.vnet_hdr,
+            tun_uso: tun.vnet_hdr && tun.uso,
+            udp_gro,
+        };
+        self.stats.start(live, restart);
         self.running = Some(Running {
             shared,
             threads,
             wake,
             index: tun.index,
-            tun_offload: tun.vnet_hdr,
-            tun_uso: tun.vnet_hdr && tun.uso,
-            udp_gro,
         });
         Ok(())
     }
@@ -307,6 +384,7 @@ impl Udp {
             // A worker that panicked has already reported it.
             let _ = t.join();
         }
+        self.stats.stop();
         debug!(device = device::NAME, "udp workers stopped");
     }
 
@@ -360,4 +438,64 @@ fn run_worker(id: usize, mut w: Worker, failed: &UnboundedSender<String>) {
     // The agent logs the event; this line is for the thread's own context.
     debug!("{why}");
     let _ = failed.send(why);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(workers: usize) -> (Arc<Shared>, LiveStats) {
+        let net = "10.5.0.0/16".parse().expect("net");
+        let own = "10.5.1.0/24".parse().expect("own");
+        let shared = Arc::new(Shared::new(PeerTable::new(net, own, []), workers));
+        let live = LiveStats {
+            shared: shared.clone(),
+            workers,
+            tun_offload: true,
+            tun_uso: false,
+            udp_gro: true,
+        };
+        (shared, live)
+    }
+
+    fn counted(rx_packets: u64, drops: u64) -> Counters {
+        let mut c = Counters {
+            rx_packets,
+            ..Counters::default()
+        };
+        for _ in 0..drops {
+            c.count_drop(DropReason::UnknownSender);
+        }
+        c
+    }
+
+    #[test]
+    fn stats_add_up_workers_and_never_go_back_when_workers_restart() {
+        let source = StatsSource::default();
+        assert_eq!(source.read(), Stats::default(), "nothing started yet");
+        let (shared, first) = live(2);
+        source.start(first, false);
+        shared.counters[0].publish(&counted(5, 1));
+        shared.counters[1].publish(&counted(3, 0));
+        let running = source.read();
+        assert_eq!(running.counters.rx_packets, 8);
+        assert_eq!(running.counters.drop_count(DropReason::UnknownSender), 1);
+        assert_eq!((running.workers, running.worker_restarts), (2, 0));
+        assert!(running.tun_offload && running.udp_gro && !running.tun_uso);
+
+        // Stopped: the totals stay, the workers are gone.
+        source.stop();
+        let stopped = source.read();
+        assert_eq!(stopped.counters, running.counters);
+        assert_eq!(stopped.workers, 0);
+
+        // A new set starts from zero on its own; the sum goes on from where it was.
+        let (shared, second) = live(1);
+        source.start(second, true);
+        shared.counters[0].publish(&counted(2, 1));
+        let after = source.read();
+        assert_eq!(after.counters.rx_packets, 10);
+        assert_eq!(after.counters.drop_count(DropReason::UnknownSender), 2);
+        assert_eq!((after.workers, after.worker_restarts), (1, 1));
+    }
 }

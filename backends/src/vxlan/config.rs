@@ -23,6 +23,10 @@ pub struct VxlanConfig {
     pub direct_routing: bool,
     /// 0 = underlay MTU − 50.
     pub mtu: u32,
+    /// `TxChecksumOffload` (weft): the device's `tx-checksum-ip-generic`, kept so at every
+    /// reconcile. `false` is the fix for flannel #1279, which flannel only documents. Absent:
+    /// left as the kernel (or an operator's `ethtool -K`) has it.
+    pub tx_checksum_offload: Option<bool>,
 }
 
 impl VxlanConfig {
@@ -34,6 +38,7 @@ impl VxlanConfig {
             learning: boolean(c, "Learning")?,
             direct_routing: boolean(c, "DirectRouting")?,
             mtu: uint(c, "MTU", 0, 65535)? as u32,
+            tx_checksum_offload: optional_boolean(c, "TxChecksumOffload")?,
         };
         // The kernel refuses a vxlan device below Ethernet's minimum MTU, which would only show
         // up when the device is created; 0 means the default.
@@ -88,10 +93,15 @@ fn uint(c: &BackendConfig, key: &str, default: u64, max: u64) -> Result<u64, Err
 }
 
 fn boolean(c: &BackendConfig, key: &str) -> Result<bool, Error> {
+    Ok(optional_boolean(c, key)?.unwrap_or(false))
+}
+
+fn optional_boolean(c: &BackendConfig, key: &str) -> Result<Option<bool>, Error> {
     match c.get(key) {
-        None | Some(Value::Null) => Ok(false),
+        None | Some(Value::Null) => Ok(None),
         Some(v) => v
             .as_bool()
+            .map(Some)
             .ok_or_else(|| invalid(key, &format!("want true or false, got {v}"))),
     }
 }
@@ -118,7 +128,8 @@ mod tests {
                 gbp: false,
                 learning: false,
                 direct_routing: false,
-                mtu: 0
+                mtu: 0,
+                tx_checksum_offload: None,
             }
         );
         assert_eq!(c.device_name(), "flannel.1");
@@ -138,6 +149,24 @@ mod tests {
     }
 
     #[test]
+    fn tx_checksum_offload_is_left_alone_unless_given() {
+        let parse = |v| {
+            VxlanConfig::parse(&cfg(v))
+                .expect("valid")
+                .tx_checksum_offload
+        };
+        assert_eq!(parse(serde_json::json!({})), None);
+        assert_eq!(
+            parse(serde_json::json!({"TxChecksumOffload": false})),
+            Some(false)
+        );
+        assert_eq!(
+            parse(serde_json::json!({"txchecksumoffload": true})),
+            Some(true)
+        );
+    }
+
+    #[test]
     fn rejects_bad_values() {
         for bad in [
             serde_json::json!({"VNI": "1"}),
@@ -146,6 +175,7 @@ mod tests {
             serde_json::json!({"DirectRouting": "yes"}),
             serde_json::json!({"VNI": -1}),
             serde_json::json!({"MTU": 67}),
+            serde_json::json!({"TxChecksumOffload": "off"}),
         ] {
             assert!(VxlanConfig::parse(&cfg(bad.clone())).is_err(), "{bad}");
         }

@@ -11,6 +11,7 @@ use rtnetlink::{Handle, LinkUnspec, LinkVxlan};
 use tracing::{debug, info, warn};
 
 use super::config::VxlanConfig;
+use super::ethtool;
 use crate::mac::Mac;
 use crate::{netlink, Error, ExternalInterface};
 
@@ -96,8 +97,32 @@ fn describe(m: &LinkMessage, cfg: &VxlanConfig, ext: &ExternalInterface) -> Exis
     e
 }
 
-/// Makes the device exist, with `spec`'s settings, MAC and MTU, and up. Returns its index.
+/// Makes the device exist, with `spec`'s settings, MAC and MTU, up, and with the checksum
+/// offload the config asks for. Returns its index.
 pub async fn ensure(handle: &Handle, spec: &Spec<'_>) -> Result<u32, Error> {
+    let index = ensure_link(handle, spec).await?;
+    ensure_tx_checksum(spec)?;
+    Ok(index)
+}
+
+/// `TxChecksumOffload`: sets `tx-checksum-ip-generic` when it differs from the option. Checked
+/// at every reconcile, since nothing announces an `ethtool -K` by netlink.
+fn ensure_tx_checksum(spec: &Spec<'_>) -> Result<(), Error> {
+    let Some(want) = spec.cfg.tx_checksum_offload else {
+        return Ok(());
+    };
+    let feature = ethtool::TX_CHECKSUM_IP_GENERIC;
+    let ctx = || format!("{feature} of {}", spec.name);
+    if ethtool::feature(&spec.name, feature).map_err(Error::io(ctx()))? == Some(want) {
+        return Ok(());
+    }
+    ethtool::set_feature(&spec.name, feature, want).map_err(Error::io(ctx()))?;
+    let state = if want { "on" } else { "off" };
+    info!(device = %spec.name, "{feature} turned {state} (TxChecksumOffload)");
+    Ok(())
+}
+
+async fn ensure_link(handle: &Handle, spec: &Spec<'_>) -> Result<u32, Error> {
     let ctx = |what: &str| format!("{what} {}", spec.name);
     match find(handle, &spec.name, spec.cfg, spec.ext).await? {
         Some(e) if e.compatible => {

@@ -9,6 +9,7 @@
 
 mod config;
 mod device;
+pub mod ethtool;
 
 use std::collections::HashSet;
 
@@ -22,7 +23,7 @@ use crate::neigh::{self, Entry, Table};
 use crate::netlink::{self, Conn};
 use crate::routes::{self, Owner, RouteSpec};
 use crate::watch::Owned;
-use crate::{peer, BackendConfig, Error, ErrorList, Lease, Network};
+use crate::{peer, BackendConfig, Error, ErrorList, Lease, Network, OwnedCounts};
 
 pub const TYPE: &str = "vxlan";
 
@@ -35,6 +36,7 @@ pub struct Vxlan {
     /// The device's index as of the last ensure, for recognising drift events.
     index: Option<u32>,
     conn: Conn,
+    owned: OwnedCounts,
 }
 
 impl Vxlan {
@@ -48,6 +50,7 @@ impl Vxlan {
             own: None,
             index: None,
             conn: Conn::default(),
+            owned: OwnedCounts::default(),
         })
     }
 
@@ -155,8 +158,17 @@ impl Vxlan {
         };
         errs.0
             .extend(routes::reconcile_owned(&handle, &owner, &routes).await.0);
+        self.owned = OwnedCounts {
+            routes: routes.len(),
+            neighbours: arp.len(),
+            fdb: fdb.len(),
+        };
         self.conn.settle();
         errs.into_result()
+    }
+
+    pub fn owned(&self) -> OwnedCounts {
+        self.owned
     }
 
     pub async fn drifted(&mut self) {

@@ -367,3 +367,52 @@ fn direct_routing_uses_plain_routes_for_peers_on_the_same_network() {
     assert_eq!(h1.ns.fdb(DEV).len(), 1);
     lab.assert_full_mesh();
 }
+
+/// `tx-checksum-ip-generic` of flannel.1 as `ethtool -k` shows it: "on" or "off".
+fn tx_checksum(h: &crate::harness::Host) -> String {
+    let (ok, out, err) = h.ns.exec(&["ethtool", "-k", DEV]);
+    assert!(ok, "ethtool -k {DEV}: {err}");
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("tx-checksum-ip-generic: "))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no tx-checksum-ip-generic in:\n{out}"))
+        .to_string()
+}
+
+#[test]
+fn tx_checksum_offload_false_turns_the_feature_off_and_keeps_it_off() {
+    if !root_or_skip("vxlan::tx_checksum_offload_false_turns_the_feature_off_and_keeps_it_off") {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.add_host(1, "192.168.100.1/24", 1500);
+    let h = &lab.hosts[0];
+    h.up(vxlan());
+    assert_eq!(
+        tx_checksum(h),
+        "on",
+        "without the option: the kernel's default"
+    );
+
+    h.up(json!({"Type": "vxlan", "TxChecksumOffload": false}));
+    assert_eq!(tx_checksum(h), "off");
+
+    // Turned back on behind weft's back: the next reconcile turns it off again.
+    h.ns.exec(&["ethtool", "-K", DEV, "tx-checksum-ip-generic", "on"]);
+    assert_eq!(tx_checksum(h), "on");
+    h.reconcile(&[]).expect("reconcile");
+    assert_eq!(tx_checksum(h), "off");
+
+    // A recreated device gets it too.
+    h.stop();
+    h.ns.ip(&format!("link del {DEV}"));
+    h.up(json!({"Type": "vxlan", "TxChecksumOffload": false}));
+    assert_eq!(tx_checksum(h), "off");
+
+    // Without the option again, an operator's setting (flannel's documented `ethtool -K`
+    // workaround) is left as it is.
+    h.up(vxlan());
+    assert_eq!(tx_checksum(h), "off");
+    h.up(json!({"Type": "vxlan", "TxChecksumOffload": true}));
+    assert_eq!(tx_checksum(h), "on");
+}

@@ -172,6 +172,65 @@ impl Etcd {
         }
     }
 
+    /// Stops member `i` (SIGSTOP, by PID): it keeps its connections open but answers nothing, as
+    /// a hung or overloaded server does. [`Etcd::resume_member`] ends it.
+    pub fn pause_member(&self, i: usize) {
+        self.signal_member(i, libc::SIGSTOP);
+    }
+
+    /// Lets a paused member run on (SIGCONT).
+    pub fn resume_member(&self, i: usize) {
+        self.signal_member(i, libc::SIGCONT);
+    }
+
+    fn signal_member(&self, i: usize, sig: libc::c_int) {
+        let c = self.members[i].child.as_ref().expect("etcd member runs");
+        let pid = libc::pid_t::try_from(c.id()).expect("pid");
+        // SAFETY: a signal to a child this lab started, by its PID (not yet reaped: it is ours).
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "signal {sig} to etcd member {i}");
+    }
+
+    /// The client URL of member `i` alone.
+    pub fn member_endpoint(&self, i: usize) -> &str {
+        self.endpoint.split(',').nth(i).expect("member index")
+    }
+
+    /// How many watchers member `i` serves now (its `etcd_debugging_mvcc_watcher_total`): a
+    /// client's watch lives on the one member it talks to. None when the member does not answer.
+    pub fn watchers(&self, i: usize) -> Option<u64> {
+        let addr = self
+            .member_endpoint(i)
+            .trim_start_matches("http://")
+            .to_string();
+        let scrape = move || -> Option<String> {
+            use std::io::{Read, Write};
+            let sa = addr.parse().ok()?;
+            let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).ok()?;
+            Some(text)
+        };
+        let text = match &self.ns {
+            Some(ns) => {
+                let ns = ns.clone();
+                std::thread::spawn(move || {
+                    crate::netns::enter(&ns);
+                    scrape()
+                })
+                .join()
+                .ok()
+                .flatten()
+            }
+            None => scrape(),
+        }?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// Runs etcdctl against the cluster (in its namespace), under a time limit.
     pub fn ctl(&self, args: &[&str]) -> Output {
         let mut c = match &self.ns {

@@ -1,0 +1,373 @@
+//! `forward` and `agents`: judged on `iptables-save` output.
+//!
+//! `forward` (flannel #2116, #699): Docker sets FORWARD's policy to DROP, and RHEL's default
+//! rules end FORWARD with a REJECT; either drops pod traffic between hosts unless something
+//! accepts the cluster network first (weft's FLANNEL-FWD, with -iptables-forward-rules on).
+//!
+//! `agents`: weft and flanneld write the same chains (`FLANNEL-POSTRTG`, `FLANNEL-FWD`) with the
+//! same rules, so a second agent shows as rules for another subnet of the same network, or as
+//! rules (or jumps) that appear twice.
+
+use std::collections::BTreeMap;
+
+use ipnet::Ipv4Net;
+
+use super::facts::{network, Facts};
+use super::lease::own_subnet;
+use super::{Finding, Outcome};
+
+/// One `iptables-save` table: chain policies and rules in order.
+#[derive(Debug, Default)]
+struct Table {
+    policies: BTreeMap<String, String>,
+    /// `(chain, rule body after "-A <chain> ")`.
+    rules: Vec<(String, String)>,
+}
+
+impl Table {
+    fn parse(text: &str) -> Self {
+        let mut t = Self::default();
+        for line in text.lines() {
+            if let Some(decl) = line.strip_prefix(':') {
+                let mut parts = decl.split_whitespace();
+                if let (Some(chain), Some(policy)) = (parts.next(), parts.next()) {
+                    t.policies.insert(chain.into(), policy.into());
+                }
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                if let Some((chain, body)) = rule.split_once(' ') {
+                    t.rules.push((chain.into(), body.into()));
+                }
+            }
+        }
+        t
+    }
+
+    fn chain(&self, name: &str) -> impl Iterator<Item = &str> + '_ {
+        let name = name.to_string();
+        self.rules
+            .iter()
+            .filter(move |(c, _)| *c == name)
+            .map(|(_, b)| b.as_str())
+    }
+}
+
+/// A rule body split into words, a double-quoted string (a comment) being one word.
+fn words(body: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for ch in body.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// The rule's `-j`/`-g` target.
+fn target(w: &[String]) -> Option<&str> {
+    w.windows(2)
+        .find(|p| p[0] == "-j" || p[0] == "-g")
+        .map(|p| p[1].as_str())
+}
+
+/// What a rule matches on, besides comments and its target (with the target's options).
+/// `None` when it matches on something doctor does not judge (a port, a state, a mark, …).
+fn simple_matches(w: &[String]) -> Option<Vec<(&str, &str)>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < w.len() {
+        match w[i].as_str() {
+            "-m" if w.get(i + 1).map(String::as_str) == Some("comment") => i += 4,
+            "-j" | "-g" => break,
+            o @ ("-s" | "-d" | "-i" | "-o") => {
+                out.push((o, w.get(i + 1)?.as_str()));
+                i += 2;
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+fn net_of(s: &str) -> Option<Ipv4Net> {
+    s.parse::<Ipv4Net>()
+        .ok()
+        .or_else(|| s.parse().ok().and_then(|a| Ipv4Net::new(a, 32).ok()))
+}
+
+/// An interface pattern that names (or may name) a pod or overlay device.
+fn pod_device(d: &str) -> bool {
+    let d = d.strip_suffix('+').unwrap_or(d);
+    ["flannel", "cni0", "docker0", "veth"]
+        .iter()
+        .any(|p| p.starts_with(d) || d.starts_with(p))
+}
+
+/// Whether `rule` accepts traffic of `network`: an ACCEPT on `-s`/`-d` inside it, or a bare
+/// jump to a chain with such an ACCEPT (weft's FLANNEL-FWD).
+fn accepts(t: &Table, rule: &str, network: Ipv4Net) -> bool {
+    let w = words(rule);
+    let Some(m) = simple_matches(&w) else {
+        return false;
+    };
+    let on_network = |m: &[(&str, &str)]| {
+        !m.is_empty()
+            && m.iter().all(|(o, v)| {
+                (*o == "-s" || *o == "-d") && net_of(v).is_some_and(|n| network.contains(&n))
+            })
+    };
+    match target(&w) {
+        Some("ACCEPT") => on_network(&m),
+        Some(chain) if m.is_empty() && t.policies.contains_key(chain) => t.chain(chain).any(|r| {
+            let w = words(r);
+            target(&w) == Some("ACCEPT") && simple_matches(&w).is_some_and(|m| on_network(&m))
+        }),
+        _ => false,
+    }
+}
+
+/// Whether `rule` drops or rejects everything, or everything of pods and the overlay.
+fn drops_pod_traffic(rule: &str, network: Ipv4Net) -> bool {
+    let w = words(rule);
+    if !matches!(target(&w), Some("DROP" | "REJECT")) || w.iter().any(|x| x == "!") {
+        return false;
+    }
+    simple_matches(&w).is_some_and(|m| {
+        m.iter().all(|(o, v)| match *o {
+            "-s" | "-d" => net_of(v).is_some_and(|n| n.contains(&network) || network.contains(&n)),
+            _ => pod_device(v),
+        })
+    })
+}
+
+fn tables(f: &Facts) -> Result<(Table, Table, Ipv4Net), Outcome> {
+    let ipt = f
+        .iptables
+        .as_ref()
+        .map_err(|e| Outcome::skip(format!("cannot read the rules: {e}")))?;
+    let network =
+        network(f).ok_or_else(|| Outcome::skip("needs the network (etcd or subnet.env)"))?;
+    Ok((Table::parse(&ipt.filter), Table::parse(&ipt.nat), network))
+}
+
+/// `forward`: pod traffic between hosts gets through FORWARD.
+pub fn forward(f: &Facts) -> Outcome {
+    let (filter, _, network) = match tables(f) {
+        Ok(t) => t,
+        Err(o) => return o,
+    };
+    for (i, rule) in filter.chain("FORWARD").enumerate() {
+        if accepts(&filter, rule, network) {
+            return Outcome::ok();
+        }
+        if drops_pod_traffic(rule, network) {
+            return vec![Finding::new(
+                format!(
+                    "FORWARD rule {} `-A FORWARD {rule}` drops pod traffic before anything \
+                     accepts the cluster network {network} (flannel #2116)",
+                    i + 1
+                ),
+                format!(
+                    "accept the network above it (`iptables -I FORWARD {} -s {network} -j \
+                     ACCEPT` and the same with -d), or remove it",
+                    i + 1
+                ),
+            )]
+            .into();
+        }
+    }
+    match filter.policies.get("FORWARD").map(String::as_str) {
+        Some(p @ ("DROP" | "REJECT")) => vec![Finding::new(
+            format!(
+                "FORWARD's policy is {p} (Docker sets it) and no rule accepts the cluster network \
+                 {network}: pods on other hosts are unreachable (flannel #699)"
+            ),
+            "run weftd with -iptables-forward-rules=true (the default), or `iptables -P FORWARD \
+             ACCEPT`",
+        )]
+        .into(),
+        _ => Outcome::ok(),
+    }
+}
+
+/// `agents`: nothing but this weftd writes this network's rules into flannel's chains.
+pub fn agents(f: &Facts) -> Outcome {
+    let (filter, nat, network) = match tables(f) {
+        Ok(t) => t,
+        Err(o) => return o,
+    };
+    let stop_other = "stop the other agent (`systemctl disable --now flanneld`, or the second \
+                      weftd); weftd then keeps one set of rules";
+    let mut out = Vec::new();
+    for (table, chain, parent) in [
+        (&nat, "FLANNEL-POSTRTG", "POSTROUTING"),
+        (&filter, "FLANNEL-FWD", "FORWARD"),
+    ] {
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in table.chain(chain) {
+            *seen.entry(r).or_default() += 1;
+        }
+        for (rule, n) in seen.iter().filter(|(_, n)| **n > 1) {
+            out.push(Finding::new(
+                format!("`-A {chain} {rule}` is in {chain} {n} times: two agents append to it"),
+                stop_other,
+            ));
+        }
+        let jumps = table
+            .chain(parent)
+            .filter(|r| target(&words(r)) == Some(chain))
+            .count();
+        if jumps > 1 {
+            out.push(Finding::new(
+                format!("{parent} jumps to {chain} {jumps} times: two agents add the jump"),
+                stop_other,
+            ));
+        }
+    }
+    if let Some(own) = own_subnet(f) {
+        let mut others: Vec<Ipv4Net> = Vec::new();
+        for r in nat.chain("FLANNEL-POSTRTG") {
+            let w = words(r);
+            for p in w.windows(2).filter(|p| p[0] == "-s" || p[0] == "-d") {
+                if let Some(n) = net_of(&p[1]) {
+                    if n != network && n != own && network.contains(&n) && !others.contains(&n) {
+                        others.push(n);
+                    }
+                }
+            }
+        }
+        for n in others {
+            out.push(Finding::new(
+                format!(
+                    "FLANNEL-POSTRTG has rules for {n} of {network}, but this host's lease is \
+                     {own}: another agent with another lease (flanneld?) writes the same \
+                     chains, and the two rewrite each other's rules"
+                ),
+                stop_other,
+            ));
+        }
+    }
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::facts::Iptables;
+    use super::super::testing::{self, problems_of, FILTER, NAT};
+    use super::*;
+
+    fn with(filter: &str, nat: &str) -> Facts {
+        let mut f = testing::healthy();
+        f.iptables = Ok(Iptables {
+            filter: filter.into(),
+            nat: nat.into(),
+        });
+        f
+    }
+
+    fn texts(o: Outcome) -> Vec<String> {
+        problems_of(o).into_iter().map(|f| f.problem).collect()
+    }
+
+    #[test]
+    fn words_keep_quoted_comments_whole() {
+        assert_eq!(
+            words("-s 10.0.0.0/8 -m comment --comment \"flanneld forward\" -j ACCEPT"),
+            [
+                "-s",
+                "10.0.0.0/8",
+                "-m",
+                "comment",
+                "--comment",
+                "flanneld forward",
+                "-j",
+                "ACCEPT"
+            ]
+        );
+    }
+
+    #[test]
+    fn docker_policy_drop_with_weft_rules_is_fine() {
+        assert_eq!(texts(forward(&testing::healthy())), Vec::<String>::new());
+        assert_eq!(texts(agents(&testing::healthy())), Vec::<String>::new());
+    }
+
+    #[test]
+    fn policy_drop_without_forward_rules_drops_pod_traffic() {
+        let filter = FILTER.replace(
+            "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n",
+            "",
+        );
+        let p = texts(forward(&with(&filter, NAT)));
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("FORWARD's policy is DROP"), "{p:?}");
+        // With policy ACCEPT nothing is dropped.
+        let accept = filter.replace(":FORWARD DROP", ":FORWARD ACCEPT");
+        assert_eq!(texts(forward(&with(&accept, NAT))), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_reject_before_the_weft_jump_drops_pod_traffic() {
+        let filter = FILTER.replace(
+            "-A FORWARD -m comment --comment \"flanneld forward\"",
+            "-A FORWARD -j REJECT --reject-with icmp-host-prohibited\n-A FORWARD -m comment --comment \"flanneld forward\"",
+        );
+        let p = texts(forward(&with(&filter, NAT)));
+        assert_eq!(p, ["FORWARD rule 3 `-A FORWARD -j REJECT --reject-with icmp-host-prohibited` drops pod traffic before anything accepts the cluster network 10.244.0.0/16 (flannel #2116)"]);
+        // After the jump it no longer matters; a rule that matches a port is not judged.
+        let after = FILTER.replace("COMMIT", "-A FORWARD -j REJECT\nCOMMIT");
+        assert_eq!(texts(forward(&with(&after, NAT))), Vec::<String>::new());
+        let port = filter.replace("-j REJECT --reject", "-p tcp --dport 22 -j REJECT --reject");
+        assert_eq!(texts(forward(&with(&port, NAT))), Vec::<String>::new());
+        let cni = filter.replace("-A FORWARD -j REJECT", "-A FORWARD -o cni0 -j DROP");
+        assert_eq!(texts(forward(&with(&cni, NAT))).len(), 1);
+    }
+
+    #[test]
+    fn a_second_agents_subnet_and_duplicated_rules_are_named() {
+        let nat = NAT.replace(
+            "COMMIT",
+            "-A FLANNEL-POSTRTG -s 10.244.9.0/24 -d 10.244.0.0/16 -m comment --comment \"flanneld masq\" -j RETURN\n\
+             -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\nCOMMIT",
+        );
+        let filter = FILTER.replace(
+            "COMMIT",
+            "-A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT\nCOMMIT",
+        );
+        let p = texts(agents(&with(&filter, &nat)));
+        assert_eq!(
+            p,
+            [
+                "POSTROUTING jumps to FLANNEL-POSTRTG 2 times: two agents add the jump",
+                "`-A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT` is in FLANNEL-FWD 2 times: two agents append to it",
+                "FLANNEL-POSTRTG has rules for 10.244.9.0/24 of 10.244.0.0/16, but this host's lease is 10.244.1.0/24: another agent with another lease (flanneld?) writes the same chains, and the two rewrite each other's rules",
+            ]
+        );
+    }
+
+    #[test]
+    fn another_networks_rules_are_not_a_second_agent() {
+        let nat = NAT.replace(
+            "COMMIT",
+            "-A FLANNEL-POSTRTG -s 10.245.3.0/24 -d 10.245.0.0/16 -m comment --comment \"flanneld masq\" -j RETURN\nCOMMIT",
+        );
+        assert_eq!(texts(agents(&with(FILTER, &nat))), Vec::<String>::new());
+    }
+
+    #[test]
+    fn unreadable_rules_skip() {
+        let mut f = testing::healthy();
+        f.iptables = Err("iptables-save: not found".into());
+        assert!(matches!(forward(&f), Outcome::Skipped(_)));
+    }
+}

@@ -1,0 +1,183 @@
+//! Reads links, addresses, main-table routes, permanent neighbours and FDB entries through
+//! rtnetlink, as the backends do (never by running `ip`).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Context, Result};
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteScope, RouteType,
+};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::{Handle, RouteMessageBuilder};
+use weft_backends::mac::Mac;
+
+use super::facts::{Fdb, Kernel, Link, Neighbour, Route};
+
+/// The kernel's state in this network namespace (offload and driver are filled in later).
+pub async fn read() -> Result<Kernel> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("open netlink socket")?;
+    let task = tokio::spawn(conn);
+    let kernel = read_with(&handle).await;
+    task.abort();
+    kernel
+}
+
+async fn read_with(handle: &Handle) -> Result<Kernel> {
+    let msgs: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .context("list links")?;
+    let mut links: Vec<Link> = msgs.iter().map(link).collect();
+    let mut k = Kernel::default();
+    let addrs: Vec<_> = handle
+        .address()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .context("list addresses")?;
+    for m in addrs {
+        let local = m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+            _ => None,
+        });
+        let Some(ip) = local else { continue };
+        k.local_addrs.insert(ip);
+        if let (Some(l), Ok(net)) = (
+            links.iter_mut().find(|l| l.index == m.header.index),
+            Ipv4Net::new(ip, m.header.prefix_len),
+        ) {
+            l.addrs.push(net);
+        }
+    }
+    k.links = links;
+    let req = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    let routes: Vec<RouteMessage> = handle
+        .route()
+        .get(req)
+        .execute()
+        .try_collect()
+        .await
+        .context("list routes")?;
+    k.routes = routes
+        .iter()
+        .filter(|m| table(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
+        .map(route)
+        .collect();
+    k.neighbours = neighbours(handle, AddressFamily::Inet)
+        .await?
+        .into_iter()
+        .map(|(ifindex, ip, mac)| Neighbour { ifindex, ip, mac })
+        .collect();
+    k.fdb = neighbours(handle, AddressFamily::Bridge)
+        .await?
+        .into_iter()
+        .map(|(ifindex, dst, mac)| Fdb { ifindex, mac, dst })
+        .collect();
+    Ok(k)
+}
+
+fn link(m: &LinkMessage) -> Link {
+    let mut l = Link {
+        name: String::new(),
+        index: m.header.index,
+        mtu: 0,
+        up: m.header.flags.contains(LinkFlags::Up),
+        kind: String::new(),
+        master: None,
+        addrs: Vec::new(),
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => l.name = n.clone(),
+            LinkAttribute::Mtu(n) => l.mtu = *n,
+            LinkAttribute::Controller(i) => l.master = Some(*i),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        l.kind = k.to_string();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    l
+}
+
+fn table(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+fn route(m: &RouteMessage) -> Route {
+    let mut r = Route {
+        dst: Ipv4Net::default(),
+        gateway: None,
+        oif: None,
+        onlink: m.header.flags.contains(RouteFlags::Onlink),
+        protocol: u8::from(m.header.protocol),
+        scope_link: m.header.scope == RouteScope::Link,
+        unicast: m.header.kind == RouteType::Unicast,
+        metric: 0,
+    };
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(*g),
+            RouteAttribute::Oif(i) => r.oif = Some(*i),
+            RouteAttribute::Priority(p) => r.metric = *p,
+            _ => {}
+        }
+    }
+    r.dst = Ipv4Net::new(dst, m.header.destination_prefix_length).unwrap_or_default();
+    r
+}
+
+/// Permanent entries of one family: `(ifindex, IPv4 address, MAC)`.
+async fn neighbours(handle: &Handle, family: AddressFamily) -> Result<Vec<(u32, Ipv4Addr, Mac)>> {
+    let msgs: Vec<NeighbourMessage> = handle
+        .neighbours()
+        .get()
+        .set_address_family(family)
+        .execute()
+        .try_collect()
+        .await
+        .with_context(|| format!("list {family:?} neighbours"))?;
+    Ok(msgs
+        .iter()
+        .filter(|m| m.header.family == family && m.header.state == NeighbourState::Permanent)
+        .filter_map(|m| {
+            let mut ip = None;
+            let mut mac = None;
+            for a in &m.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
+                    // AF_BRIDGE dumps are not decoded by address family: four bytes are IPv4.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                        ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+                    }
+                    NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_slice(l),
+                    _ => {}
+                }
+            }
+            Some((m.header.ifindex, ip?, mac?))
+        })
+        .collect())
+}

@@ -1,0 +1,641 @@
+//! `device`, `peers` and `routes`: the kernel state weftd keeps, compared with what it should
+//! be. The desired peers come from the leases through the same pure peer set weftd uses
+//! ([`crate::peers::PeerSet`]), and each backend's objects per peer are computed as the backend
+//! computes them, so a healthy host reads exactly as weftd left it.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use weft_backends::mac::{vtep_mac, Mac};
+use weft_backends::{ExternalInterface, RTPROT_WEFT};
+
+use super::facts::{
+    backend_flag, device_name, network, vxlan_vni, Cluster, Etcd, Facts, Kernel, Route,
+};
+use super::lease::{held, own_subnet};
+use super::{Finding, Outcome};
+use crate::config::NetworkConfig;
+use crate::lease::Lease;
+use crate::peers::{Own, PeerSet};
+use crate::status::EnvView;
+
+const RTPROT_KERNEL: u8 = 2;
+const RTPROT_BOOT: u8 = 3;
+
+/// What the kernel-state checks need.
+struct Ctx<'a> {
+    k: &'a Kernel,
+    config: &'a NetworkConfig,
+    cluster: &'a Cluster,
+    env: &'a EnvView,
+    ext: &'a ExternalInterface,
+    backend: String,
+}
+
+fn ctx(f: &Facts) -> Result<Ctx<'_>, Outcome> {
+    let Ok(k) = &f.kernel else {
+        return Err(Outcome::skip("needs netlink"));
+    };
+    let Etcd::Read(cluster) = &f.etcd else {
+        return Err(Outcome::skip("needs etcd"));
+    };
+    let Ok(config) = &cluster.config else {
+        return Err(Outcome::skip("needs the network config"));
+    };
+    let Ok(env) = &f.env else {
+        return Err(Outcome::skip("needs subnet.env"));
+    };
+    let Ok(ext) = &f.external else {
+        return Err(Outcome::skip("needs the underlay interface"));
+    };
+    Ok(Ctx {
+        k,
+        config,
+        cluster,
+        env,
+        ext,
+        backend: config.backend.type_name(),
+    })
+}
+
+const RECONCILE: &str = "weftd programs it at every reconcile (within 30 s): make sure weftd \
+                         runs, and look for `reconcile:` errors in its log";
+
+/// `device`: the backend's device exists, is up and has the lease's network address.
+pub fn device(f: &Facts) -> Outcome {
+    let c = match ctx(f) {
+        Ok(c) => c,
+        Err(o) => return o,
+    };
+    let Some(dev) = device_name(c.config) else {
+        return Outcome::skip(format!("the backend {} has no device", c.backend));
+    };
+    let Some(link) = c.k.link(&dev) else {
+        return vec![Finding::new(
+            format!("{dev} does not exist: nothing carries traffic to the other hosts"),
+            "start weftd (it creates the device), and look at its log if it runs",
+        )]
+        .into();
+    };
+    let mut out = Vec::new();
+    let kind = if c.backend == "udp" { "tun" } else { "vxlan" };
+    if link.kind != kind {
+        out.push(Finding::new(
+            format!("{dev} is a {} device, not {kind}", or_dash(&link.kind)),
+            format!("delete it (`ip link del {dev}`) and restart weftd, which creates its own"),
+        ));
+    }
+    if !link.up {
+        out.push(Finding::new(format!("{dev} is down"), RECONCILE));
+    }
+    let subnet = own_subnet(f).unwrap_or(c.env.subnet);
+    let addr = Ipv4Net::new(subnet.network(), 32).unwrap_or_default();
+    if !link.addrs.contains(&addr) {
+        out.push(Finding::new(
+            format!("{dev} lacks the address {addr} (its lease's network address)"),
+            RECONCILE,
+        ));
+    }
+    out.into()
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "plain"
+    } else {
+        s
+    }
+}
+
+/// One route as weft would install it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Want {
+    dst: Ipv4Net,
+    gateway: Option<Ipv4Addr>,
+    oif: u32,
+    dev: String,
+    onlink: bool,
+}
+
+impl Want {
+    fn matches(&self, r: &Route) -> bool {
+        r.dst == self.dst
+            && r.gateway == self.gateway
+            && r.oif == Some(self.oif)
+            && r.onlink == self.onlink
+            && r.unicast
+            && r.metric == 0
+    }
+}
+
+impl fmt::Display for Want {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.dst)?;
+        if let Some(g) = self.gateway {
+            write!(f, " via {g}")?;
+        }
+        write!(f, " dev {}", self.dev)?;
+        if self.onlink {
+            f.write_str(" onlink")?;
+        }
+        Ok(())
+    }
+}
+
+/// `r` as `ip route` prints it.
+fn describe(k: &Kernel, r: &Route) -> String {
+    let mut s = String::new();
+    if !r.unicast {
+        s.push_str("(not unicast) ");
+    }
+    s.push_str(&r.dst.to_string());
+    if let Some(g) = r.gateway {
+        s.push_str(&format!(" via {g}"));
+    }
+    if r.oif.is_some() {
+        s.push_str(&format!(" dev {}", k.name_of(r.oif)));
+    }
+    if r.onlink {
+        s.push_str(" onlink");
+    }
+    let proto = match r.protocol {
+        RTPROT_KERNEL => "kernel".to_string(),
+        RTPROT_BOOT => "boot".to_string(),
+        p => p.to_string(),
+    };
+    s.push_str(&format!(" proto {proto}"));
+    if r.metric != 0 {
+        s.push_str(&format!(" metric {}", r.metric));
+    }
+    s
+}
+
+/// The peers weftd would program: the leases its peer set accepts.
+fn desired_peers(f: &Facts, c: &Ctx<'_>, own: &Lease) -> Vec<Lease> {
+    let own = Own {
+        key: c.cluster.lease_key(own.subnet),
+        subnet: own.subnet,
+        vtep_mac: vtep_mac(own.attrs.backend_data.as_ref()).ok(),
+    };
+    let mut local: HashSet<Ipv4Addr> = c.k.local_addrs.clone();
+    local.extend([c.ext.public_ip, c.ext.iface_addr]);
+    if let Some(p) = f.public_ip_flag {
+        local.insert(p);
+    }
+    let mut set = PeerSet::new(c.config.network, c.config.subnet_len, own, local);
+    set.replace_all(c.cluster.records.iter().cloned());
+    set.peers().map(|(_, l)| l.clone()).collect()
+}
+
+/// `peers`: every peer's route (and, for vxlan, neighbour and FDB entry) as weft programs it,
+/// and nothing of weft's left for a peer that is gone.
+pub fn peers(f: &Facts) -> Outcome {
+    let c = match ctx(f) {
+        Ok(c) => c,
+        Err(o) => return o,
+    };
+    let Some(own) = held(f) else {
+        return Outcome::skip("needs this host's lease (see `lease`)");
+    };
+    let peers = desired_peers(f, &c, own);
+    let k = c.k;
+    let ext = c.ext;
+    let mut out = Vec::new();
+    let mut routes: Vec<(String, Want)> = Vec::new();
+    let mut neigh: Vec<(String, Ipv4Addr, Mac)> = Vec::new();
+    let mut fdb: Vec<(String, Mac, Ipv4Addr)> = Vec::new();
+    let via_underlay = |p: &Lease| Want {
+        dst: p.subnet,
+        gateway: Some(p.attrs.public_ip),
+        oif: ext.index,
+        dev: ext.name.clone(),
+        onlink: false,
+    };
+    let label = |p: &Lease| format!("peer {} ({})", p.subnet, p.attrs.public_ip);
+    let same_type = |p: &Lease| {
+        let t = &p.attrs.backend_type;
+        *t == c.backend || (c.backend == "udp" && t.is_empty())
+    };
+    for p in peers.iter().filter(|p| !same_type(p)) {
+        out.push(Finding::new(
+            format!(
+                "{} runs backend {}, this network {}: weft (like flannel) sends it nothing",
+                label(p),
+                or_dash(&p.attrs.backend_type),
+                c.backend
+            ),
+            "every host of a network must run its backend: restart the agent on that host \
+             (the network config changed while it ran?)",
+        ));
+    }
+    let peers: Vec<&Lease> = peers.iter().filter(|p| same_type(p)).collect();
+    let dev_index = device_name(c.config)
+        .and_then(|d| k.link(&d))
+        .map(|l| l.index);
+    match c.backend.as_str() {
+        "vxlan" => {
+            let Some(index) = dev_index else {
+                return Outcome::skip("no vxlan device (see `device`)");
+            };
+            let dev = device_name(c.config).unwrap_or_default();
+            let vni = vxlan_vni(c.config);
+            let connected = if backend_flag(c.config, "DirectRouting") == Some(true) {
+                k.connected(ext.index)
+            } else {
+                Vec::new()
+            };
+            for p in peers {
+                if connected.iter().any(|n| n.contains(&p.attrs.public_ip)) {
+                    routes.push((label(p), via_underlay(p)));
+                    continue;
+                }
+                let data = p.attrs.backend_data.as_ref();
+                let their_vni = data.and_then(|d| d.get("VNI")).and_then(|v| v.as_u64());
+                let Ok(mac) = vtep_mac(data) else { continue };
+                if their_vni != Some(vni) {
+                    out.push(Finding::new(
+                        format!(
+                            "{} publishes VNI {}, this network uses {vni}: weft skips it",
+                            label(p),
+                            their_vni.map_or_else(|| "none".to_string(), |v| v.to_string())
+                        ),
+                        "every host of a network must use its VNI: restart the agent on that host",
+                    ));
+                    continue;
+                }
+                let gw = p.subnet.network();
+                neigh.push((label(p), gw, mac));
+                fdb.push((label(p), mac, p.attrs.public_ip));
+                routes.push((
+                    label(p),
+                    Want {
+                        dst: p.subnet,
+                        gateway: Some(gw),
+                        oif: index,
+                        dev: dev.clone(),
+                        onlink: true,
+                    },
+                ));
+            }
+            compare_neighbours(k, index, &dev, &neigh, &fdb, &mut out);
+        }
+        "host-gw" => {
+            let connected = k.connected(ext.index);
+            for p in peers {
+                if connected.iter().any(|n| n.contains(&p.attrs.public_ip)) {
+                    routes.push((label(p), via_underlay(p)));
+                } else {
+                    out.push(Finding::new(
+                        format!(
+                            "{} is not on a network directly connected to {}: host-gw cannot \
+                             route to it",
+                            label(p),
+                            ext.name
+                        ),
+                        "host-gw needs every host on one L2 network: use vxlan",
+                    ));
+                }
+            }
+        }
+        "udp" => {
+            let Some(index) = dev_index else {
+                return Outcome::skip("no flannel0 (see `device`)");
+            };
+            routes.push((
+                "the network".into(),
+                Want {
+                    dst: c.config.network,
+                    gateway: None,
+                    oif: index,
+                    dev: "flannel0".into(),
+                    onlink: false,
+                },
+            ));
+        }
+        other => return Outcome::skip(format!("the backend {other} programs no peers")),
+    }
+    compare_routes(k, &c, dev_index, &routes, &mut out);
+    out.into()
+}
+
+fn compare_routes(
+    k: &Kernel,
+    c: &Ctx<'_>,
+    dev_index: Option<u32>,
+    routes: &[(String, Want)],
+    out: &mut Vec<Finding>,
+) {
+    for (label, want) in routes {
+        let have: Vec<&Route> = k.routes.iter().filter(|r| r.dst == want.dst).collect();
+        if have.iter().any(|r| want.matches(r)) {
+            continue;
+        }
+        let problem = match have.first() {
+            None => format!("{label}: no route to {} (want `{want}`)", want.dst),
+            Some(r) => format!(
+                "{label}: the route to {} is `{}`, not `{want}`",
+                want.dst,
+                describe(k, r)
+            ),
+        };
+        out.push(Finding::new(problem, RECONCILE));
+    }
+    // weft's own routes (protocol 87 into its network or its device) that no peer wants.
+    for r in &k.routes {
+        let owned = r.protocol == RTPROT_WEFT
+            && (c.config.network.contains(&r.dst) || (r.oif.is_some() && r.oif == dev_index));
+        if owned && !routes.iter().any(|(_, w)| w.dst == r.dst) {
+            out.push(Finding::new(
+                format!("route `{}` is weft's but no peer wants it", describe(k, r)),
+                "weftd removes it at its next reconcile: make sure it runs",
+            ));
+        }
+    }
+}
+
+fn compare_neighbours(
+    k: &Kernel,
+    index: u32,
+    dev: &str,
+    neigh: &[(String, Ipv4Addr, Mac)],
+    fdb: &[(String, Mac, Ipv4Addr)],
+    out: &mut Vec<Finding>,
+) {
+    let have_neigh: Vec<_> = k.neighbours.iter().filter(|n| n.ifindex == index).collect();
+    for (label, ip, mac) in neigh {
+        match have_neigh.iter().find(|n| n.ip == *ip) {
+            Some(n) if n.mac == *mac => {}
+            Some(n) => out.push(Finding::new(
+                format!(
+                    "{label}: the neighbour {ip} on {dev} is {}, not its VtepMAC {mac}",
+                    n.mac
+                ),
+                RECONCILE,
+            )),
+            None => out.push(Finding::new(
+                format!("{label}: no neighbour {ip} → {mac} on {dev}"),
+                RECONCILE,
+            )),
+        }
+    }
+    for n in &have_neigh {
+        if !neigh.iter().any(|(_, ip, _)| *ip == n.ip) {
+            out.push(Finding::new(
+                format!(
+                    "neighbour {} → {} on {dev} is weft's but no peer wants it",
+                    n.ip, n.mac
+                ),
+                "weftd removes it at its next reconcile: make sure it runs",
+            ));
+        }
+    }
+    let have_fdb: Vec<_> = k.fdb.iter().filter(|e| e.ifindex == index).collect();
+    for (label, mac, ip) in fdb {
+        let of_mac: Vec<_> = have_fdb.iter().filter(|e| e.mac == *mac).collect();
+        if of_mac.iter().any(|e| e.dst == *ip) {
+            continue;
+        }
+        let problem = match of_mac.first() {
+            None => format!("{label}: no FDB entry {mac} → {ip} on {dev}"),
+            Some(e) => format!(
+                "{label}: the FDB entry of {mac} on {dev} sends to {}, not {ip}",
+                e.dst
+            ),
+        };
+        out.push(Finding::new(problem, RECONCILE));
+    }
+    for e in &have_fdb {
+        if !fdb.iter().any(|(_, mac, _)| *mac == e.mac) {
+            out.push(Finding::new(
+                format!(
+                    "FDB entry {} → {} on {dev} is weft's but no peer wants it",
+                    e.mac, e.dst
+                ),
+                "weftd removes it at its next reconcile: make sure it runs",
+            ));
+        }
+    }
+}
+
+/// `routes`: nothing but weft (and the local bridge's own connected route) routes addresses
+/// inside the cluster network; anything else takes traffic meant for the overlay.
+pub fn foreign_routes(f: &Facts) -> Outcome {
+    let Ok(k) = &f.kernel else {
+        return Outcome::skip("needs netlink");
+    };
+    let Some(network) = network(f) else {
+        return Outcome::skip("needs the network (etcd or subnet.env)");
+    };
+    let own = own_subnet(f);
+    let mut out = Vec::new();
+    for r in &k.routes {
+        let inside = network.contains(&r.dst);
+        let bridge_of_lease = Some(r.dst) == own && r.protocol == RTPROT_KERNEL;
+        if !inside || r.protocol == RTPROT_WEFT || bridge_of_lease {
+            continue;
+        }
+        let dev = k.name_of(r.oif);
+        let fix = if r.protocol == RTPROT_BOOT && dev.starts_with("flannel") {
+            "a flanneld's route (proto boot): stop flanneld (`systemctl disable --now \
+             flanneld`); weftd takes over routes identical to its own"
+                .to_string()
+        } else if r.protocol == RTPROT_KERNEL {
+            format!(
+                "{dev} still has an address in the cluster network (an old lease?): restart \
+                 what owns it (Docker for docker0) or remove the address"
+            )
+        } else {
+            format!(
+                "remove it (`ip route del {}`) and whatever adds it (a VPN, a second agent, a \
+                 static route)",
+                r.dst
+            )
+        };
+        out.push(Finding::new(
+            format!(
+                "route `{}` (not weft's) lies inside the cluster network {}: it takes traffic \
+                 meant for the overlay",
+                describe(k, r),
+                network
+            ),
+            fix,
+        ));
+    }
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{self, kernel, problems_of, route, MAC2};
+    use super::*;
+
+    fn texts(o: Outcome) -> Vec<String> {
+        problems_of(o).into_iter().map(|f| f.problem).collect()
+    }
+
+    #[test]
+    fn a_healthy_host_has_each_peers_route_neighbour_and_fdb_entry() {
+        let f = testing::healthy();
+        assert_eq!(texts(device(&f)), Vec::<String>::new());
+        assert_eq!(texts(peers(&f)), Vec::<String>::new());
+        assert_eq!(texts(foreign_routes(&f)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_missing_route_neighbour_and_fdb_entry_are_each_named() {
+        let mut f = testing::healthy();
+        let k = kernel(&mut f);
+        k.routes.pop();
+        k.neighbours.clear();
+        k.fdb.clear();
+        assert_eq!(
+            texts(peers(&f)),
+            [
+                "peer 10.244.2.0/24 (10.199.0.12): no neighbour 10.244.2.0 → 0e:00:00:00:00:02 on flannel.1",
+                "peer 10.244.2.0/24 (10.199.0.12): no FDB entry 0e:00:00:00:00:02 → 10.199.0.12 on flannel.1",
+                "peer 10.244.2.0/24 (10.199.0.12): no route to 10.244.2.0/24 (want `10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink`)",
+            ]
+        );
+    }
+
+    #[test]
+    fn entries_that_differ_are_named_with_what_they_are() {
+        let mut f = testing::healthy();
+        let k = kernel(&mut f);
+        let other: Mac = "0e:00:00:00:00:99".parse().unwrap();
+        k.neighbours[0].mac = other;
+        k.fdb[0].dst = "10.199.0.99".parse().unwrap();
+        k.routes[3].gateway = Some("10.244.2.7".parse().unwrap());
+        assert_eq!(
+            texts(peers(&f)),
+            [
+                "peer 10.244.2.0/24 (10.199.0.12): the neighbour 10.244.2.0 on flannel.1 is 0e:00:00:00:00:99, not its VtepMAC 0e:00:00:00:00:02",
+                "peer 10.244.2.0/24 (10.199.0.12): the FDB entry of 0e:00:00:00:00:02 on flannel.1 sends to 10.199.0.99, not 10.199.0.12",
+                "peer 10.244.2.0/24 (10.199.0.12): the route to 10.244.2.0/24 is `10.244.2.0/24 via 10.244.2.7 dev flannel.1 onlink proto 87`, not `10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink`",
+            ]
+        );
+    }
+
+    #[test]
+    fn leftovers_of_a_gone_peer_are_stale() {
+        let mut f = testing::healthy();
+        testing::cluster(&mut f).records.pop();
+        let p = texts(peers(&f));
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[0].starts_with(
+            "neighbour 10.244.2.0 → 0e:00:00:00:00:02 on flannel.1 is weft's but no peer wants it"
+        ));
+        assert!(p[2].starts_with(
+            "route `10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink proto 87` is weft's"
+        ));
+    }
+
+    #[test]
+    fn peers_the_peer_set_rejects_are_not_wanted() {
+        let mut f = testing::healthy();
+        // A younger lease with the peer's MAC: rejected, as weftd rejects it.
+        testing::cluster(&mut f).records.push(testing::record(
+            "10.244.3.0/24",
+            "10.199.0.13",
+            Some(MAC2),
+            50,
+        ));
+        assert_eq!(texts(peers(&f)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_peer_of_another_backend_or_vni_is_named() {
+        let mut f = testing::healthy();
+        testing::cluster(&mut f).records.push(testing::record(
+            "10.244.3.0/24",
+            "10.199.0.13",
+            None,
+            50,
+        ));
+        let p = texts(peers(&f));
+        assert_eq!(p, ["peer 10.244.3.0/24 (10.199.0.13) runs backend plain, this network vxlan: weft (like flannel) sends it nothing"]);
+    }
+
+    #[test]
+    fn host_gw_and_udp_routes() {
+        let mut f = testing::healthy();
+        testing::set_config(
+            &mut f,
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#,
+        );
+        let k = kernel(&mut f);
+        k.routes.pop();
+        k.neighbours.clear();
+        k.fdb.clear();
+        for r in testing::cluster(&mut f).records.iter_mut() {
+            if let Ok(l) = &mut r.value {
+                l.attrs.backend_type = "host-gw".into();
+                l.attrs.backend_data = None;
+            }
+        }
+        assert_eq!(texts(peers(&f)), ["peer 10.244.2.0/24 (10.199.0.12): no route to 10.244.2.0/24 (want `10.244.2.0/24 via 10.199.0.12 dev eth0`)"]);
+        kernel(&mut f)
+            .routes
+            .push(route("10.244.2.0/24", Some("10.199.0.12"), 2, 87));
+        assert_eq!(texts(peers(&f)), Vec::<String>::new());
+
+        testing::set_config(
+            &mut f,
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#,
+        );
+        let k = kernel(&mut f);
+        k.routes.pop();
+        k.links[2] = testing::link(3, "flannel0", "tun", 1472, None, &["10.244.1.0/32"]);
+        for r in testing::cluster(&mut f).records.iter_mut() {
+            if let Ok(l) = &mut r.value {
+                l.attrs.backend_type = String::new();
+            }
+        }
+        assert_eq!(
+            texts(peers(&f)),
+            ["the network: no route to 10.244.0.0/16 (want `10.244.0.0/16 dev flannel0`)"]
+        );
+    }
+
+    #[test]
+    fn the_device_missing_down_or_without_its_address() {
+        let mut f = testing::healthy();
+        kernel(&mut f).links.remove(2);
+        assert!(texts(device(&f))[0].starts_with("flannel.1 does not exist"));
+        assert!(matches!(peers(&f), Outcome::Skipped(_)));
+        let mut f = testing::healthy();
+        let l = &mut kernel(&mut f).links[2];
+        l.up = false;
+        l.addrs.clear();
+        assert_eq!(
+            texts(device(&f)),
+            [
+                "flannel.1 is down",
+                "flannel.1 lacks the address 10.244.1.0/32 (its lease's network address)"
+            ]
+        );
+    }
+
+    #[test]
+    fn routes_from_others_inside_the_network_are_named() {
+        let mut f = testing::healthy();
+        let k = kernel(&mut f);
+        k.routes
+            .push(route("10.244.250.0/24", Some("10.199.0.1"), 2, RTPROT_BOOT));
+        k.routes
+            .push(route("10.0.0.0/8", Some("10.199.0.1"), 2, RTPROT_BOOT));
+        k.routes
+            .push(route("10.244.7.0/24", None, 9, RTPROT_KERNEL));
+        let p = problems_of(foreign_routes(&f));
+        assert_eq!(p.len(), 2, "wider routes are no problem: {p:?}");
+        assert_eq!(p[0].problem, "route `10.244.250.0/24 via 10.199.0.1 dev eth0 proto boot` (not weft's) lies inside the cluster network 10.244.0.0/16: it takes traffic meant for the overlay");
+        assert!(p[0].fix.contains("ip route del 10.244.250.0/24"));
+        assert!(
+            p[1].fix
+                .contains("#9 still has an address in the cluster network"),
+            "{p:?}"
+        );
+    }
+}
