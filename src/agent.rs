@@ -390,6 +390,40 @@ impl Agent {
     /// Every await here ends on its own (etcd calls and pauses are bounded, see `notify`), and
     /// the firewall, whose commands may wait 30 s on the xtables lock, is synced beside the loop.
     /// So the loop comes round often, and that is what feeds systemd's watchdog.
+    /// The network config changed: what this host held under the old one goes, so that nothing
+    /// of it lingers beside the new one (flanneld leaves it all behind): the lease (revoked, not
+    /// left to expire; a reservation is the operator's and stays), the data plane's routes and
+    /// device (`flannel.<VNI>`, `flannel0`), and the old network's firewall rules. Failures are
+    /// logged; the new network is set up either way.
+    async fn leave_network(&mut self, state: State) {
+        let State {
+            backend,
+            own,
+            config,
+            ..
+        } = state;
+        info!(subnet = %own.subnet, network = %config.network, backend = backend.type_name(),
+              "leaving the old network: lease, data plane and firewall rules");
+        if !own.is_reservation() {
+            self.store.revoke_lease(own.etcd_lease).await;
+        }
+        if let Err(e) = backend.remove().await {
+            warn!("remove the old data plane: {e}");
+        }
+        if self.args.ip_masq || self.args.iptables_forward_rules {
+            let old = Firewall {
+                network: config.network,
+                subnet: own.subnet,
+                masquerade: self.args.ip_masq,
+                forward: self.args.iptables_forward_rules,
+                fully_random: self.random_fully,
+            };
+            if let Err(e) = old.remove().await {
+                warn!("remove the old network's firewall rules: {e}");
+            }
+        }
+    }
+
     async fn main_loop(&mut self, mut state: State) -> Result<Exit> {
         let mut resync = interval(RESYNC);
         resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -438,6 +472,8 @@ impl Agent {
                     }
                     Ok(Some(resp)) => {
                         if let Some(exit) = self.apply_events(&mut state, resp.events()).await? {
+                            drop(firewall);
+                            self.leave_network(state).await;
                             return Ok(exit);
                         }
                     }
@@ -574,7 +610,14 @@ impl Agent {
             };
             match r.await {
                 Ok(()) => break,
-                Err(e) => backoff.failed(&e).await,
+                Err(e) => {
+                    // Nothing retried soon will fix a lasting failure (a foreign flannel0, a
+                    // missing capability): wait the longest pause between tries.
+                    if !e.is_transient() {
+                        backoff.lasting();
+                    }
+                    backoff.failed(&e).await
+                }
             }
         }
         state.last_outcome.clear();
@@ -729,12 +772,15 @@ impl Agent {
         let result = state.backend.reconcile(&peers).await;
         let owned = state.backend.owned();
         crate::metrics::get().reconciled(started.elapsed(), result.is_ok(), &peers, owned);
-        let outcome = match result {
-            Ok(()) => format!("kernel state matches all {} peers", peers.len()),
-            Err(list) => format!("reconcile: {list}"),
+        let (outcome, failed) = match result {
+            Ok(()) => (
+                format!("kernel state matches all {} peers", peers.len()),
+                false,
+            ),
+            Err(list) => (format!("reconcile: {list}"), true),
         };
         if outcome != state.last_outcome {
-            if outcome.starts_with("reconcile:") {
+            if failed {
                 warn!("{outcome}");
             } else {
                 info!("{outcome}");
@@ -901,6 +947,11 @@ impl<'a> Backoff<'a> {
     async fn failed(&mut self, e: &dyn std::fmt::Display) {
         let delay = self.delay_after(e);
         notify::pause(delay).await;
+    }
+
+    /// The failure will not pass by itself: wait the longest pause from now on.
+    fn lasting(&mut self) {
+        self.delay = MAX_BACKOFF;
     }
 
     /// A try worked: the next failure starts from the shortest wait. Whether tries had failed.

@@ -357,6 +357,11 @@ impl Store {
         Ok(resp.id())
     }
 
+    /// Gives up a lease this host holds (its key goes with it), best effort.
+    pub async fn revoke_lease(&self, id: i64) {
+        self.revoke(id).await
+    }
+
     /// Best effort: an unrevoked lease expires on its own.
     async fn revoke(&self, id: i64) {
         let mut client = self.client.clone();

@@ -48,6 +48,51 @@ impl Error {
         let context = context.into();
         move |source| Self::Io { context, source }
     }
+
+    /// Whether trying again soon may work: the kernel was busy or short of memory, a call timed
+    /// out or was interrupted, an object raced with us. Not so for a bad config, a missing
+    /// interface, a refused peer, a standing route conflict, or a permission the process lacks:
+    /// those wait for something to change (the config, the host, the operator), so retries of
+    /// them back off to the longest pause at once.
+    pub fn is_transient(&self) -> bool {
+        const TRANSIENT: [i32; 8] = [
+            libc::EAGAIN,
+            libc::EBUSY,
+            libc::EINTR,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::ETIMEDOUT,
+            libc::EEXIST,
+            libc::ENOENT,
+        ];
+        match self {
+            Self::Netlink { source, .. } => match crate::netlink::errno(source) {
+                Some(errno) => TRANSIENT.contains(&errno),
+                // Not a kernel answer: the socket itself failed (closed, I/O).
+                None => true,
+            },
+            Self::Io { source, .. } => {
+                matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::OutOfMemory
+                ) || source
+                    .raw_os_error()
+                    .is_some_and(|e| TRANSIENT.contains(&e))
+            }
+            // iptables-restore fails transiently on the xtables lock, which it waits for itself.
+            Self::Firewall { .. } => true,
+            Self::UnknownBackend(_)
+            | Self::InvalidOption { .. }
+            | Self::NoInterface(_)
+            | Self::NoAddress { .. }
+            | Self::BadPeer { .. }
+            | Self::RouteConflict { .. }
+            | Self::Other(_) => false,
+        }
+    }
 }
 
 /// Several independent failures of one reconcile pass, reported together.
@@ -57,6 +102,11 @@ pub struct ErrorList(pub Vec<Error>);
 impl ErrorList {
     pub fn push(&mut self, e: Error) {
         self.0.push(e);
+    }
+
+    /// Whether every failure in the list may go away by trying again soon.
+    pub fn is_transient(&self) -> bool {
+        self.0.iter().all(Error::is_transient)
     }
 
     pub fn into_result(self) -> Result<(), ErrorList> {
@@ -85,5 +135,43 @@ impl std::error::Error for ErrorList {}
 impl From<Error> for ErrorList {
     fn from(e: Error) -> Self {
         Self(vec![e])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(errno: i32) -> Error {
+        Error::io("x")(std::io::Error::from_raw_os_error(errno))
+    }
+
+    #[test]
+    fn only_what_can_pass_by_itself_is_transient() {
+        assert!(io(libc::EAGAIN).is_transient());
+        assert!(io(libc::ENOBUFS).is_transient());
+        assert!(
+            !io(libc::EPERM).is_transient(),
+            "no capability: waits for the operator"
+        );
+        assert!(!io(libc::EROFS).is_transient());
+        assert!(!Error::UnknownBackend("warp".into()).is_transient());
+        assert!(!Error::InvalidOption {
+            option: "VNI".into(),
+            reason: "too big".into()
+        }
+        .is_transient());
+        assert!(!Error::RouteConflict {
+            wanted: "a".into(),
+            existing: "b".into()
+        }
+        .is_transient());
+        let mut list = ErrorList::from(io(libc::EBUSY));
+        assert!(list.is_transient());
+        list.push(Error::NoInterface("eth9".into()));
+        assert!(
+            !list.is_transient(),
+            "one lasting failure makes the pass lasting"
+        );
     }
 }

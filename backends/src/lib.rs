@@ -203,6 +203,26 @@ impl Backend {
         }
     }
 
+    /// Takes down what this backend set up, for when the network config changed and another
+    /// network or backend takes over: its routes to peers, then its own device (`flannel.<VNI>`,
+    /// `flannel0`) with the address, route, neighbours and FDB entries on it; udp's workers are
+    /// stopped first. The firewall rules and the lease are the agent's to remove.
+    pub async fn remove(mut self) -> Result<(), ErrorList> {
+        let mut errs = self.reconcile(&[]).await.err().unwrap_or_default();
+        let device = match &self {
+            Self::Vxlan(b) => Some(b.device_name().to_string()),
+            Self::Udp(_) => Some(udp::DEVICE.to_string()),
+            Self::Alloc(_) | Self::HostGw(_) => None,
+        };
+        self.shutdown().await;
+        if let Some(name) = device {
+            if let Err(e) = netlink::delete_link(&name).await {
+                errs.push(e);
+            }
+        }
+        errs.into_result()
+    }
+
     /// What stays in the kernel when weftd exits, for its exit log line.
     pub fn survives_restart(&self) -> &'static str {
         match self {

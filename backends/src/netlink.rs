@@ -54,6 +54,27 @@ pub fn is_gone(e: &rtnetlink::Error) -> bool {
     matches!(errno(e), Some(libc::ESRCH | libc::ENOENT | libc::ENODEV))
 }
 
+/// Deletes the link called `name` if there is one (its addresses, routes, neighbours and FDB
+/// entries go with it). For a backend's own device only: callers name what they created.
+pub async fn delete_link(name: &str) -> Result<bool, Error> {
+    let handle = connect()?;
+    let mut found = handle.link().get().match_name(name.to_string()).execute();
+    let index = match found.try_next().await {
+        Ok(Some(m)) => m.header.index,
+        Ok(None) => return Ok(false),
+        Err(e) if is_gone(&e) => return Ok(false),
+        Err(e) => return Err(Error::netlink(format!("look up {name}"))(e)),
+    };
+    match handle.link().del(index).execute().await {
+        Ok(()) => {
+            info!(device = name, "device removed");
+            Ok(true)
+        }
+        Err(e) if is_gone(&e) => Ok(false),
+        Err(e) => Err(Error::netlink(format!("delete {name}"))(e)),
+    }
+}
+
 /// A backend's netlink sockets, opened lazily: `Backend::new` may run outside the runtime that
 /// must drive them.
 #[derive(Default)]

@@ -319,3 +319,63 @@ fn ip_masq_hides_containers_from_outside_but_not_from_each_other() {
     );
     assert!(t.hosts[0].env_var("FLANNEL_IPMASQ").as_deref() == Some("true"));
 }
+
+#[test]
+fn a_config_change_leaves_nothing_of_the_old_network_behind() {
+    if !require_root("a_config_change_leaves_nothing_of_the_old_network_behind") {
+        return;
+    }
+    let t = three_hosts(
+        r#"{"Network":"10.246.0.0/16","Backend":{"Type":"udp"}}"#,
+        &["-ip-masq"],
+    );
+    t.assert_full_mesh(&[0, 1]);
+    let old_keys: Vec<String> = (0..3)
+        .map(|i| {
+            let s = t.hosts[i].wait_subnet();
+            format!("{PREFIX}/subnets/{}", s.to_string().replace('/', "-"))
+        })
+        .collect();
+    let rules = |i: usize| t.hosts[i].ns.exec(&["iptables-save"]).1;
+    wait_for("the old network's masquerade rules", T, || {
+        rules(0).contains("10.246.0.0/16").then_some(())
+    });
+
+    t.set_config(r#"{"Network":"10.248.0.0/16","Backend":{"Type":"vxlan"}}"#);
+    for i in 0..3 {
+        wait_for("a lease in the new network", T, || {
+            let s = t.hosts[i].env_var("FLANNEL_NETWORK")?;
+            (s == "10.248.0.0/16").then_some(())
+        });
+    }
+    for i in 0..3 {
+        let h = &t.hosts[i];
+        assert!(
+            h.ns.link("flannel0").is_none(),
+            "host {i}: flannel0 left behind"
+        );
+        assert!(h.ns.link("flannel.1").is_some(), "host {i}: no flannel.1");
+        wait_for("the old network's rules to go", T, || {
+            (!rules(i).contains("10.246.0.0/16")).then_some(())
+        });
+        // (cni0 keeps the old subnet until the test wires the container again: not weft's.)
+        let routes = owned_routes(&t, i);
+        assert!(
+            routes.iter().all(|r| !r.contains("10.246.")),
+            "host {i}: a route of the old network is left: {routes:?}"
+        );
+        h.assert_running();
+    }
+    // Revoked at once (the TTL is 24 h): no key of the old network is left in etcd.
+    for key in &old_keys {
+        assert_eq!(
+            t.etcdctl(&["get", "--print-value-only", key]).trim(),
+            "",
+            "{key} left"
+        );
+    }
+    for i in 0..3 {
+        t.wire_container(i);
+    }
+    t.assert_full_mesh(&[0, 1, 2]);
+}

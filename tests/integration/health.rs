@@ -165,9 +165,10 @@ fn two_thousand_idle_connections_neither_silence_healthz_nor_exhaust_fds() {
         "2000 idle connections opened in {flood_took:?}; weftd fds {baseline} before, {during} \
          during; /healthz answered in {answered_in:?}"
     );
-    // At most the connection cap (64) above what weftd had, with a little room for etcd.
+    // At most the connection cap (64) above what weftd had, with room for etcd, the periodic
+    // netlink sockets and connections being closed as newer ones are accepted.
     assert!(
-        during <= baseline + 64 + 8,
+        during <= baseline + 64 + 24,
         "weftd holds {during} fds during the flood, {baseline} before"
     );
     a.assert_running();
@@ -215,7 +216,9 @@ fn accept_errors_back_off_and_are_logged_once() {
     a.assert_running();
     let log = a.log();
     assert_eq!(
-        log.matches("Too many open files").count(),
+        // The health server's own line; other parts of weftd meeting the same limit (a netlink
+        // socket for the periodic address read) say so once each, in their own words.
+        log.matches("accept: Too many open files").count(),
         1,
         "one line for a repeated accept error:\n{log}"
     );

@@ -9,6 +9,9 @@
 pub mod codec;
 mod config;
 mod device;
+
+/// The udp backend's device, `flannel0`.
+pub const DEVICE: &str = device::NAME;
 mod gro;
 mod socket;
 mod worker;

@@ -65,6 +65,11 @@ impl Vxlan {
         ))
     }
 
+    /// `flannel.<VNI>`.
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
     pub fn mtu(&self) -> u32 {
         if self.cfg.mtu != 0 {
             self.cfg.mtu
