@@ -179,6 +179,7 @@ async fn accept_loop(listener: TcpListener, ready: Readiness) {
         .max_buf_size(MAX_HEAD)
         .keep_alive(false);
     let open = Arc::new(Mutex::new(Open::default()));
+    let sockets = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut delay = ACCEPT_BACKOFF.0;
     let mut accept_log = OncePer::default();
     let mut full_log = OncePer::default();
@@ -197,6 +198,11 @@ async fn accept_loop(listener: TcpListener, ready: Readiness) {
         };
         delay = ACCEPT_BACKOFF.0;
         let (id, closed, evicted) = lock(&open).admit();
+        // One permit per open socket: when the oldest was just told to close, wait until its
+        // socket is really gone, so a flood never holds more than MAX_CONNECTIONS (+ this one).
+        let Ok(permit) = sockets.clone().acquire_owned().await else {
+            return;
+        };
         if evicted && full_log.should_log("full") {
             info!(
                 "health checks: {MAX_CONNECTIONS} connections open; closing the oldest to make room"
@@ -222,6 +228,8 @@ async fn accept_loop(listener: TcpListener, ready: Readiness) {
                 },
                 _ = closed => {}
             }
+            // The connection, and its socket, were dropped with the select: free the slot.
+            drop(permit);
         });
     }
 }

@@ -165,10 +165,10 @@ fn two_thousand_idle_connections_neither_silence_healthz_nor_exhaust_fds() {
         "2000 idle connections opened in {flood_took:?}; weftd fds {baseline} before, {during} \
          during; /healthz answered in {answered_in:?}"
     );
-    // At most the connection cap (64) above what weftd had, with room for etcd, the periodic
-    // netlink sockets and connections being closed as newer ones are accepted.
+    // At most the connection cap (64), plus the one being admitted, above what weftd had, with a
+    // little room for etcd and the periodic netlink sockets.
     assert!(
-        during <= baseline + 64 + 24,
+        during <= baseline + 64 + 1 + 8,
         "weftd holds {during} fds during the flood, {baseline} before"
     );
     a.assert_running();
