@@ -23,7 +23,7 @@ cd backends/fuzz
 mapfile -t targets < <(cargo fuzz list)
 ((${#targets[@]})) || { echo "no fuzz targets found" >&2; exit 1; }
 for t in "${targets[@]}"; do
-  mkdir -p "$work/$t"
+  mkdir -p "$work/$t" "corpus/$t"
   echo "==> fuzzing $t for ${SECS}s (corpus: $(find "corpus/$t" -type f 2>/dev/null | wc -l) inputs)" >&2
   rc=0
   cargo fuzz run "$t" "$work/$t" "corpus/$t" -- -max_total_time="$SECS" -print_final_stats=1 \
