@@ -271,28 +271,26 @@ impl Metrics {
         }
     }
 
-    /// A reconcile pass over `peers` took `took` and worked or not; `owned` is what the backend
-    /// then holds.
-    pub fn reconciled(
-        &self,
-        took: Duration,
-        ok: bool,
-        peers: &[weft_backends::Lease],
-        owned: OwnedCounts,
-    ) {
+    /// A pass bringing the kernel in line (the full compare or a targeted change) took `took`
+    /// and worked or not; `owned` is what the backend then holds.
+    pub fn reconciled(&self, took: Duration, ok: bool, owned: OwnedCounts) {
         self.reconciles.inc();
         if !ok {
             self.reconcile_failures.inc();
         }
         self.reconcile_seconds.observe(took.as_secs_f64());
-        let mut by_type = [0i64; BACKEND_TYPES.len()];
-        for p in peers {
-            by_type[backend_index(&p.backend_type)] += 1;
+        self.set_owned(owned);
+    }
+
+    /// The peers accepted, by BackendType ("" is flannel's udp).
+    pub fn peers_known<'a>(&self, by_type: impl IntoIterator<Item = (&'a str, usize)>) {
+        let mut counts = [0i64; BACKEND_TYPES.len()];
+        for (t, n) in by_type {
+            counts[backend_index(t)] += i64::try_from(n).unwrap_or(i64::MAX);
         }
-        for (t, n) in BACKEND_TYPES.iter().zip(by_type) {
+        for (t, n) in BACKEND_TYPES.iter().zip(counts) {
             self.peers.get_or_create(&[("backend", *t)]).set(n);
         }
-        self.set_owned(owned);
     }
 
     fn set_owned(&self, owned: OwnedCounts) {
@@ -541,15 +539,6 @@ mod tests {
         }
     }
 
-    fn peer(backend_type: &str) -> weft_backends::Lease {
-        weft_backends::Lease {
-            subnet: "10.5.7.0/24".parse().expect("subnet"),
-            public_ip: "192.168.1.7".parse().expect("ip"),
-            backend_type: backend_type.into(),
-            backend_data: None,
-        }
-    }
-
     #[test]
     fn a_fresh_registry_encodes_every_family_with_zeros_and_ends_in_eof() {
         let text = Metrics::new().encode();
@@ -648,22 +637,15 @@ mod tests {
     }
 
     #[test]
-    fn reconciles_count_peers_by_backend_and_what_the_kernel_holds() {
+    fn reconciles_count_passes_and_what_the_kernel_holds_and_peers_are_counted_by_backend() {
         let m = Metrics::new();
-        let peers = [
-            peer("vxlan"),
-            peer("VXLAN"),
-            peer(""),
-            peer("host-gw"),
-            peer("warp\"drive\n"),
-        ];
         let owned = OwnedCounts {
             routes: 2,
             neighbours: 2,
             fdb: 2,
         };
-        m.reconciled(Duration::from_millis(3), true, &peers, owned);
-        m.reconciled(Duration::from_millis(20), false, &peers[..1], owned);
+        m.reconciled(Duration::from_millis(3), true, owned);
+        m.reconciled(Duration::from_millis(20), false, owned);
         let text = m.encode();
         assert_eq!(sample(&text, "weft_reconciles_total"), Some(2.0));
         assert_eq!(sample(&text, "weft_reconcile_failures_total"), Some(1.0));
@@ -680,10 +662,23 @@ mod tests {
             ),
             Some(1.0)
         );
-        // The last pass is what counts.
+        assert_eq!(
+            sample(&text, r#"weft_owned_kernel_objects{kind="neighbour"}"#),
+            Some(2.0)
+        );
+
+        m.peers_known([("vxlan", 1), ("", 0)]);
+        let text = m.encode();
         assert_eq!(sample(&text, r#"weft_peers{backend="vxlan"}"#), Some(1.0));
         assert_eq!(sample(&text, r#"weft_peers{backend="udp"}"#), Some(0.0));
-        m.reconciled(Duration::ZERO, true, &peers, owned);
+        // The last count is what counts; "" is flannel's udp, and types fold case.
+        m.peers_known([
+            ("vxlan", 1),
+            ("VXLAN", 1),
+            ("", 1),
+            ("host-gw", 1),
+            ("warp\"drive\n", 1),
+        ]);
         let text = m.encode();
         assert_eq!(sample(&text, r#"weft_peers{backend="vxlan"}"#), Some(2.0));
         assert_eq!(sample(&text, r#"weft_peers{backend="udp"}"#), Some(1.0));
@@ -691,10 +686,6 @@ mod tests {
         // A made-up BackendType from etcd never becomes a label value.
         assert_eq!(sample(&text, r#"weft_peers{backend="other"}"#), Some(1.0));
         assert!(!text.contains("warp"), "{text}");
-        assert_eq!(
-            sample(&text, r#"weft_owned_kernel_objects{kind="neighbour"}"#),
-            Some(2.0)
-        );
     }
 
     #[test]

@@ -17,16 +17,21 @@
 //! O(log n) per changed key: contention is looked up in indexes by subnet and by MAC, and only the
 //! leases whose win or loss can change (old and new winners) are judged again. Changing this
 //! host's own lease or addresses judges everything again (rare).
+//!
+//! Kept small, as it is held for weftd's life and a cluster may have 10,000 hosts: each key is
+//! stored once and shared by the indexes, each lease in a compact form (its BackendData as JSON
+//! text), and a diff names peers rather than copying their leases: about 0.5 KB a lease.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use weft_backends::iface::is_unicast_host;
 use weft_backends::mac::{vtep_mac, Mac, VtepMacError};
 
-use crate::lease::{Lease, Record, Unreadable};
+use crate::lease::{Lease, LeaseAttrs, Record, Unreadable};
 
 /// The BackendType whose leases must publish a VTEP MAC.
 const VXLAN: &str = "vxlan";
@@ -93,11 +98,14 @@ pub enum Verdict {
     Rejected(Reason),
 }
 
-/// An accepted peer: its key and lease.
+/// A peer of a [`Diff`]: its key, and the subnet and PublicIP of its lease (the new one, or for a
+/// removed peer the one last accepted). The whole lease of a peer in the set is
+/// [`PeerSet::peer`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Peer {
     pub key: String,
-    pub lease: Lease,
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
 }
 
 /// A lease that became rejected, or rejected for another reason than before.
@@ -114,9 +122,8 @@ pub struct Rejection {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Diff {
     pub added: Vec<Peer>,
-    /// Accepted before and after, with other attributes (PublicIP, BackendData); the new lease.
+    /// Accepted before and after, with other attributes (PublicIP, BackendData).
     pub changed: Vec<Peer>,
-    /// The lease as it was last accepted.
     pub removed: Vec<Peer>,
     pub rejected: Vec<Rejection>,
 }
@@ -139,31 +146,210 @@ pub struct PeerSet {
     subnet_len: u8,
     own: Own,
     local: HashSet<Ipv4Addr>,
-    entries: HashMap<String, Entry>,
+    entries: HashMap<Key, Entry>,
     /// Contenders (leases passing every check of their own) by subnet and by VTEP MAC; the first
-    /// of each set wins. Keys in one spelling of one length make a subnet's set hold one key at
+    /// of each wins. Keys in one spelling of one length make a subnet's contenders one key at
     /// most today; flannel's dual-stack keys (`…-24&fc00::-64`) would give it more.
-    subnets: HashMap<Ipv4Net, BTreeSet<Rank>>,
-    macs: HashMap<Mac, BTreeSet<Rank>>,
-    accepted: BTreeSet<String>,
+    subnets: HashMap<Ipv4Net, Contenders>,
+    macs: HashMap<Mac, Contenders>,
+    accepted: BTreeSet<Key>,
+    /// Accepted peers by BackendType (index into [`KNOWN_TYPES`], or [`OTHER_TYPE`]), kept as
+    /// `accepted` changes so that the count costs nothing per event.
+    by_type: [usize; KNOWN_TYPES.len() + 1],
 }
 
-/// Order in a contention: the oldest lease (lowest create revision), then the lowest key, wins.
-type Rank = (i64, String);
+/// An etcd key, stored once and shared by every index that names it.
+type Key = Arc<str>;
 
+/// Order in a contention: the oldest lease (lowest create revision), then the lowest key, wins.
+type Rank = (i64, Key);
+
+/// The contenders for one subnet or MAC, in rank order: nearly always exactly one, kept inline
+/// (a B-tree would allocate a whole node for it, a vector a block).
+#[derive(Debug, Clone)]
+enum Contenders {
+    One(Rank),
+    Many(Vec<Rank>),
+}
+
+impl Contenders {
+    fn ranks(&self) -> &[Rank] {
+        match self {
+            Self::One(r) => std::slice::from_ref(r),
+            Self::Many(v) => v,
+        }
+    }
+
+    fn first(&self) -> Option<&Rank> {
+        self.ranks().first()
+    }
+
+    fn insert(&mut self, r: Rank) {
+        match self {
+            Self::One(o) if *o == r => {}
+            Self::One(o) => {
+                let mut v = vec![o.clone(), r];
+                v.sort();
+                *self = Self::Many(v);
+            }
+            Self::Many(v) => {
+                if let Err(i) = v.binary_search(&r) {
+                    v.insert(i, r);
+                }
+            }
+        }
+    }
+
+    /// Withdraws `r`; whether none is left.
+    fn remove(&mut self, r: &Rank) -> bool {
+        match self {
+            Self::One(o) => o == r,
+            Self::Many(v) => {
+                if let Ok(i) = v.binary_search(r) {
+                    v.remove(i);
+                }
+                match v.as_slice() {
+                    [] => true,
+                    [one] => {
+                        *self = Self::One(one.clone());
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
+/// A stored key. Its verdict is not kept: it follows from its standing and the contention
+/// indexes (`verdict_of`), and an accepted key is also in `accepted`.
 #[derive(Debug, Clone)]
 struct Entry {
-    record: Record,
+    create_revision: i64,
+    value: Result<Stored, Unreadable>,
     standing: Standing,
-    verdict: Verdict,
+}
+
+/// A lease as the set keeps it: the facts of [`Lease`] in a fifth of the bytes. BackendData is
+/// kept as its JSON text (a parsed JSON map costs ~400 bytes) and parsed again when the lease is
+/// asked for, which is when a peer changes or the kernel is compared in full.
+#[derive(Debug, Clone, PartialEq)]
+struct Stored {
+    subnet: Ipv4Net,
+    public_ip: Ipv4Addr,
+    /// The BackendType as an index into [`KNOWN_TYPES`], or [`OTHER_TYPE`] (the name is then in
+    /// `extra`).
+    kind: u8,
+    backend_data: Option<Box<str>>,
+    /// What leases rarely have, out of line.
+    extra: Option<Box<Extra>>,
+    etcd_lease: i64,
+    mod_revision: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Extra {
+    public_ipv6: Option<String>,
+    /// A BackendType not in [`KNOWN_TYPES`].
+    backend_type: Option<String>,
+}
+
+/// The BackendTypes stored without an allocation.
+const KNOWN_TYPES: [&str; 5] = ["", VXLAN, "host-gw", "udp", "alloc"];
+const OTHER_TYPE: u8 = KNOWN_TYPES.len() as u8;
+
+impl Stored {
+    fn new(l: Lease) -> Self {
+        let a = l.attrs;
+        let known = KNOWN_TYPES.iter().position(|k| *k == a.backend_type);
+        let other = known.is_none().then_some(a.backend_type);
+        let extra = (a.public_ipv6.is_some() || other.is_some()).then(|| {
+            Box::new(Extra {
+                public_ipv6: a.public_ipv6,
+                backend_type: other,
+            })
+        });
+        Self {
+            subnet: l.subnet,
+            public_ip: a.public_ip,
+            kind: known.map_or(OTHER_TYPE, |i| i as u8),
+            // Serializing a JSON value cannot fail.
+            backend_data: a.backend_data.map(|v| {
+                serde_json::to_string(&v)
+                    .unwrap_or_default()
+                    .into_boxed_str()
+            }),
+            extra,
+            etcd_lease: l.etcd_lease,
+            mod_revision: l.mod_revision,
+        }
+    }
+
+    fn backend_type(&self) -> &str {
+        let other = self.extra.as_ref().and_then(|e| e.backend_type.as_deref());
+        KNOWN_TYPES
+            .get(usize::from(self.kind))
+            .copied()
+            .or(other)
+            .unwrap_or_default()
+    }
+
+    fn lease(&self) -> Lease {
+        Lease {
+            subnet: self.subnet,
+            attrs: LeaseAttrs {
+                public_ip: self.public_ip,
+                public_ipv6: self.extra.as_ref().and_then(|e| e.public_ipv6.clone()),
+                backend_type: self.backend_type().to_owned(),
+                // Text this set wrote from a JSON value: it parses.
+                backend_data: (self.backend_data.as_deref())
+                    .and_then(|t| serde_json::from_str(t).ok()),
+            },
+            etcd_lease: self.etcd_lease,
+            mod_revision: self.mod_revision,
+        }
+    }
+
+    /// What [`Lease::to_backend`] makes of [`Stored::lease`].
+    fn backend_lease(&self) -> weft_backends::Lease {
+        weft_backends::Lease {
+            subnet: self.subnet,
+            public_ip: self.public_ip,
+            backend_type: self.backend_type().to_owned(),
+            backend_data: (self.backend_data.as_deref()).and_then(|t| serde_json::from_str(t).ok()),
+        }
+    }
+
+    /// Whether another lease has the same attributes (what a data plane is given).
+    fn same_attrs(&self, other: &Self) -> bool {
+        (self.public_ip, self.kind, &self.backend_data, &self.extra)
+            == (
+                other.public_ip,
+                other.kind,
+                &other.backend_data,
+                &other.extra,
+            )
+    }
+
+    fn peer(&self, key: &str) -> Peer {
+        Peer {
+            key: key.to_string(),
+            subnet: self.subnet,
+            public_ip: self.public_ip,
+        }
+    }
 }
 
 /// What a lease amounts to on its own, before contention.
 #[derive(Debug, Clone)]
 enum Standing {
     Own,
-    Rejected(Reason),
-    Contender { subnet: Ipv4Net, mac: Option<Mac> },
+    /// Boxed: most leases pass, and every entry has a standing.
+    Rejected(Box<Reason>),
+    Contender {
+        subnet: Ipv4Net,
+        mac: Option<Mac>,
+    },
 }
 
 impl PeerSet {
@@ -179,6 +365,27 @@ impl PeerSet {
             subnets: HashMap::new(),
             macs: HashMap::new(),
             accepted: BTreeSet::new(),
+            by_type: [0; KNOWN_TYPES.len() + 1],
+        }
+    }
+
+    /// How many peers are accepted, by BackendType ("" is flannel's udp; "other" stands for
+    /// every type weft does not know).
+    pub fn count_by_type(&self) -> impl Iterator<Item = (&'static str, usize)> + '_ {
+        (KNOWN_TYPES.iter().copied().chain(["other"])).zip(self.by_type)
+    }
+
+    /// Puts `key`, a lease of BackendType `kind`, in or out of the accepted set, keeping `by_type`
+    /// in step.
+    fn set_accepted(&mut self, key: &Key, kind: Option<u8>, accept: bool) {
+        let changed = if accept {
+            self.accepted.insert(key.clone())
+        } else {
+            self.accepted.remove(key)
+        };
+        if let (true, Some(k)) = (changed, kind) {
+            let n = &mut self.by_type[usize::from(k).min(KNOWN_TYPES.len())];
+            *n = if accept { *n + 1 } else { n.saturating_sub(1) };
         }
     }
 
@@ -187,6 +394,7 @@ impl PeerSet {
         Batch {
             set: self,
             before: HashMap::new(),
+            listed: None,
         }
     }
 
@@ -205,11 +413,38 @@ impl PeerSet {
     }
 
     /// The accepted peers, in key order.
-    pub fn peers(&self) -> impl Iterator<Item = (&str, &Lease)> + '_ {
+    pub fn peers(&self) -> impl Iterator<Item = (&str, Lease)> + '_ {
         self.accepted.iter().filter_map(|k| {
-            let lease = self.entries.get(k)?.record.value.as_ref().ok()?;
-            Some((k.as_str(), lease))
+            let lease = self.entries.get(k)?.value.as_ref().ok()?.lease();
+            Some((&**k, lease))
         })
+    }
+
+    /// The accepted peers as the data plane is given them, in key order: made straight from
+    /// what is stored, without a [`Lease`] in between.
+    pub fn backend_peers(&self) -> impl Iterator<Item = weft_backends::Lease> + '_ {
+        self.accepted.iter().filter_map(|k| {
+            let stored = self.entries.get(k)?.value.as_ref().ok()?;
+            Some(stored.backend_lease())
+        })
+    }
+
+    /// The accepted peer at `key` as the data plane is given it.
+    pub fn backend_peer(&self, key: &str) -> Option<weft_backends::Lease> {
+        self.accepted.contains(key).then_some(())?;
+        let stored = self.entries.get(key)?.value.as_ref().ok()?;
+        Some(stored.backend_lease())
+    }
+
+    /// The lease of the accepted peer at `key`.
+    pub fn peer(&self, key: &str) -> Option<Lease> {
+        self.accepted.contains(key).then_some(())?;
+        self.entries
+            .get(key)?
+            .value
+            .as_ref()
+            .ok()
+            .map(Stored::lease)
     }
 
     /// How many peers are accepted.
@@ -222,12 +457,17 @@ impl PeerSet {
     }
 
     /// What is stored at `key`, whatever its verdict.
-    pub fn get(&self, key: &str) -> Option<&Record> {
-        self.entries.get(key).map(|e| &e.record)
+    pub fn get(&self, key: &str) -> Option<Record> {
+        let e = self.entries.get(key)?;
+        Some(Record {
+            key: key.to_string(),
+            create_revision: e.create_revision,
+            value: e.value.as_ref().map(Stored::lease).map_err(Clone::clone),
+        })
     }
 
-    pub fn verdict(&self, key: &str) -> Option<&Verdict> {
-        self.entries.get(key).map(|e| &e.verdict)
+    pub fn verdict(&self, key: &str) -> Option<Verdict> {
+        self.entries.get(key).map(|e| self.verdict_of(key, e))
     }
 
     /// How many keys are stored, peers or not.
@@ -242,33 +482,52 @@ impl PeerSet {
     /// Stores `new` at `key` (`None`: deletes it) and judges again every lease whose verdict
     /// that can change: `key` itself and the winners, before and after, of what it contends for.
     fn update(&mut self, key: &str, new: Option<Record>, before: &mut Before) {
+        let new = new.map(|r| {
+            let standing = self.stand(&r);
+            (r.create_revision, r.value.map(Stored::new), standing)
+        });
         match (&new, self.entries.get(key)) {
-            (Some(n), Some(e)) if e.record == *n => return,
+            (Some((rev, value, _)), Some(e)) if e.create_revision == *rev && e.value == *value => {
+                return
+            }
             (None, None) => return,
             _ => {}
         }
         self.remember(key, before);
-        let mut recheck = vec![key.to_string()];
-        if let Some(old) = self.entries.remove(key) {
-            self.accepted.remove(key);
+        // Whoever contends with `key`, before or after, may win or lose by this change: their
+        // verdicts as they stand now, before the indexes move.
+        let old_standing = self.entries.get(key).map(|e| e.standing.clone());
+        for st in [old_standing.as_ref(), new.as_ref().map(|n| &n.2)] {
+            if let Some(Standing::Contender { subnet, mac }) = st {
+                self.remember_contenders(*subnet, *mac, before);
+            }
+        }
+        // The key as already stored (and shared), or a new one.
+        let key: Key = match self.entries.get_key_value(key) {
+            Some((k, _)) => k.clone(),
+            None => key.into(),
+        };
+        let mut recheck = vec![key.clone()];
+        if let Some(old) = self.entries.remove(&key) {
+            let kind = old.value.as_ref().ok().map(|v| v.kind);
+            self.set_accepted(&key, kind, false);
             if let Standing::Contender { subnet, mac } = old.standing {
-                let rank = (old.record.create_revision, key.to_string());
+                let rank = (old.create_revision, key.clone());
                 self.contend(subnet, mac, rank, false, &mut recheck);
             }
         }
-        if let Some(record) = new {
-            let standing = self.stand(&record);
+        if let Some((create_revision, value, standing)) = new {
             if let Standing::Contender { subnet, mac } = standing {
-                let rank = (record.create_revision, key.to_string());
+                let rank = (create_revision, key.clone());
                 self.contend(subnet, mac, rank, true, &mut recheck);
             }
-            let verdict = Verdict::Own; // judged just below: `key` is in `recheck`
+            // Judged just below: `key` is in `recheck`.
             let entry = Entry {
-                record,
+                create_revision,
+                value,
                 standing,
-                verdict,
             };
-            self.entries.insert(key.to_string(), entry);
+            self.entries.insert(key, entry);
         }
         for k in recheck {
             self.remember(&k, before);
@@ -281,11 +540,24 @@ impl PeerSet {
         if before.contains_key(key) {
             return;
         }
-        let e = self.entries.get(key);
+        let (key, e) = match self.entries.get_key_value(key) {
+            Some((k, e)) => (k.clone(), Some(e)),
+            None => (Key::from(key), None),
+        };
+        let verdict = e.map(|e| self.verdict_of(&key, e));
         let accepted = e
-            .filter(|e| e.verdict == Verdict::Accepted)
-            .and_then(|e| e.record.value.as_ref().ok().cloned());
-        before.insert(key.to_string(), (e.map(|e| e.verdict.clone()), accepted));
+            .filter(|_| verdict == Some(Verdict::Accepted))
+            .and_then(|e| e.value.as_ref().ok().cloned());
+        before.insert(key, (verdict, accepted));
+    }
+
+    /// Records the verdicts of every contender for `subnet` and `mac`.
+    fn remember_contenders(&self, subnet: Ipv4Net, mac: Option<Mac>, before: &mut Before) {
+        let subnet = self.subnets.get(&subnet).map(Contenders::ranks);
+        let mac = mac.and_then(|m| self.macs.get(&m)).map(Contenders::ranks);
+        for (_, k) in subnet.into_iter().chain(mac).flatten() {
+            self.remember(k, before);
+        }
     }
 
     /// Enters `rank` into (or withdraws it from) the contentions for `subnet` and `mac`, noting
@@ -296,7 +568,7 @@ impl PeerSet {
         mac: Option<Mac>,
         rank: Rank,
         enter: bool,
-        recheck: &mut Vec<String>,
+        recheck: &mut Vec<Key>,
     ) {
         contend(&mut self.subnets, subnet, &rank, enter, recheck);
         if let Some(m) = mac {
@@ -311,7 +583,7 @@ impl PeerSet {
         }
         match self.check(record) {
             Ok((subnet, mac)) => Standing::Contender { subnet, mac },
-            Err(reason) => Standing::Rejected(reason),
+            Err(reason) => Standing::Rejected(Box::new(reason)),
         }
     }
 
@@ -351,14 +623,11 @@ impl PeerSet {
         Ok((subnet, Some(mac)))
     }
 
-    /// Sets the verdict of `key` from its standing and the contentions it wins.
-    fn judge(&mut self, key: &str) {
-        let Some(e) = self.entries.get(key) else {
-            return;
-        };
-        let verdict = match &e.standing {
+    /// What `e`, stored at `key`, is: from its standing and the contentions it wins.
+    fn verdict_of(&self, key: &str, e: &Entry) -> Verdict {
+        match &e.standing {
             Standing::Own => Verdict::Own,
-            Standing::Rejected(r) => Verdict::Rejected(r.clone()),
+            Standing::Rejected(r) => Verdict::Rejected(Reason::clone(r)),
             Standing::Contender { subnet, mac } => {
                 if !wins(&self.subnets, subnet, key) {
                     Verdict::Rejected(Reason::SubnetTaken(*subnet))
@@ -368,20 +637,22 @@ impl PeerSet {
                     Verdict::Accepted
                 }
             }
+        }
+    }
+
+    /// Puts `key` in or out of the accepted set, as its verdict now says.
+    fn judge(&mut self, key: &str) {
+        let Some((k, e)) = self.entries.get_key_value(key) else {
+            return;
         };
-        if verdict == Verdict::Accepted {
-            self.accepted.insert(key.to_string());
-        } else {
-            self.accepted.remove(key);
-        }
-        if let Some(e) = self.entries.get_mut(key) {
-            e.verdict = verdict;
-        }
+        let accept = self.verdict_of(k, e) == Verdict::Accepted;
+        let (k, kind) = (k.clone(), e.value.as_ref().ok().map(|v| v.kind));
+        self.set_accepted(&k, kind, accept);
     }
 
     /// Who wins against a lease rejected for `reason`, if anyone.
     fn holder(&self, reason: &Reason) -> Option<String> {
-        let first = |s: &BTreeSet<Rank>| s.first().map(|r| r.1.clone());
+        let first = |c: &Contenders| c.first().map(|r| r.1.to_string());
         match reason {
             Reason::SubnetTaken(s) => self.subnets.get(s).and_then(first),
             Reason::VtepMacTaken(m) => self.macs.get(m).and_then(first),
@@ -392,13 +663,15 @@ impl PeerSet {
 }
 
 /// Verdict and accepted lease of each key before a batch touched it.
-type Before = HashMap<String, (Option<Verdict>, Option<Lease>)>;
+type Before = HashMap<Key, (Option<Verdict>, Option<Stored>)>;
 
 /// Operations on a [`PeerSet`] whose net effect is reported as one [`Diff`] by [`Batch::finish`].
 #[must_use = "the diff comes from finish()"]
 pub struct Batch<'a> {
     set: &'a mut PeerSet,
     before: Before,
+    /// The keys of a listing under way ([`Batch::begin_listing`]).
+    listed: Option<HashSet<Key>>,
 }
 
 impl Batch<'_> {
@@ -414,17 +687,42 @@ impl Batch<'_> {
 
     /// Makes the stored leases exactly `records`: keys not among them are deleted.
     pub fn replace_all(&mut self, records: impl IntoIterator<Item = Record>) {
-        let records: Vec<Record> = records.into_iter().collect();
-        let listed: HashSet<&str> = records.iter().map(|r| r.key.as_str()).collect();
-        let gone: Vec<String> = (self.set.entries.keys())
-            .filter(|k| !listed.contains(k.as_str()))
+        self.begin_listing();
+        for r in records {
+            self.listed(r);
+        }
+        self.end_listing();
+    }
+
+    /// Begins a listing given record by record as it is read ([`Batch::listed`]); at
+    /// [`Batch::end_listing`] the stored leases are exactly the listed ones. Beginning again
+    /// forgets what was listed so far (a listing that failed midway and starts over).
+    pub fn begin_listing(&mut self) {
+        self.listed = Some(HashSet::new());
+    }
+
+    /// One record of the listing begun.
+    pub fn listed(&mut self, r: Record) {
+        let key = r.key.clone();
+        self.apply(Change::Put(r));
+        let stored = self.set.entries.get_key_value(key.as_str());
+        if let (Some(listed), Some((k, _))) = (&mut self.listed, stored) {
+            listed.insert(k.clone());
+        }
+    }
+
+    /// Ends the listing: every key it did not name is deleted.
+    pub fn end_listing(&mut self) {
+        let Some(listed) = self.listed.take() else {
+            return;
+        };
+        let gone: Vec<Key> = (self.set.entries.keys())
+            .filter(|k| !listed.contains(*k))
             .cloned()
             .collect();
+        drop(listed);
         for key in gone {
             self.set.update(&key, None, &mut self.before);
-        }
-        for r in records {
-            self.apply(Change::Put(r));
         }
     }
 
@@ -439,6 +737,11 @@ impl Batch<'_> {
     /// This host's addresses changed: everything is judged again.
     pub fn set_local_addrs(&mut self, local: HashSet<Ipv4Addr>) {
         if local != self.set.local {
+            tracing::debug!(
+                before = ?self.set.local,
+                now = ?local,
+                "this host's addresses changed: every lease is judged again"
+            );
             self.set.local = local;
             self.judge_all();
         }
@@ -453,8 +756,14 @@ impl Batch<'_> {
         set.subnets.clear();
         set.macs.clear();
         set.accepted.clear();
+        set.by_type = Default::default();
         for (key, e) in entries {
-            set.update(&key, Some(e.record), &mut self.before);
+            let record = Record {
+                key: key.to_string(),
+                create_revision: e.create_revision,
+                value: e.value.map(|v| v.lease()),
+            };
+            set.update(&key, Some(record), &mut self.before);
         }
     }
 
@@ -464,30 +773,22 @@ impl Batch<'_> {
         let mut d = Diff::default();
         for (key, (was, old)) in self.before {
             let e = set.entries.get(&key);
+            let now = e.map(|e| set.verdict_of(&key, e));
             let new = e
-                .filter(|e| e.verdict == Verdict::Accepted)
-                .and_then(|e| e.record.value.as_ref().ok());
+                .filter(|_| now == Some(Verdict::Accepted))
+                .and_then(|e| e.value.as_ref().ok());
             match (old, new) {
-                (Some(old), Some(new)) if old.attrs != new.attrs => d.changed.push(Peer {
-                    key: key.clone(),
-                    lease: new.clone(),
-                }),
-                (Some(old), None) => d.removed.push(Peer {
-                    key: key.clone(),
-                    lease: old,
-                }),
-                (None, Some(new)) => d.added.push(Peer {
-                    key: key.clone(),
-                    lease: new.clone(),
-                }),
+                (Some(old), Some(new)) if !old.same_attrs(new) => d.changed.push(new.peer(&key)),
+                (Some(old), None) => d.removed.push(old.peer(&key)),
+                (None, Some(new)) => d.added.push(new.peer(&key)),
                 _ => {}
             }
-            if let Some(now @ Verdict::Rejected(reason)) = e.map(|e| &e.verdict) {
-                if was.as_ref() != Some(now) {
+            if let Some(Verdict::Rejected(reason)) = &now {
+                if was != now {
                     d.rejected.push(Rejection {
                         holder: set.holder(reason),
                         reason: reason.clone(),
-                        key,
+                        key: key.to_string(),
                     });
                 }
             }
@@ -503,32 +804,41 @@ impl Batch<'_> {
 /// Enters `rank` into (or withdraws it from) the contention for `what`, noting the winner before
 /// and after: only their verdicts can change.
 fn contend<K: Hash + Eq + Copy>(
-    index: &mut HashMap<K, BTreeSet<Rank>>,
+    index: &mut HashMap<K, Contenders>,
     what: K,
     rank: &Rank,
     enter: bool,
-    recheck: &mut Vec<String>,
+    recheck: &mut Vec<Key>,
 ) {
-    let set = index.entry(what).or_default();
-    recheck.extend(set.first().map(|w| w.1.clone()));
+    recheck.extend(
+        index
+            .get(&what)
+            .and_then(Contenders::first)
+            .map(|w| w.1.clone()),
+    );
     if enter {
-        set.insert(rank.clone());
-    } else {
-        set.remove(rank);
-    }
-    match set.first() {
-        Some(w) => recheck.push(w.1.clone()),
-        None => {
-            index.remove(&what);
+        match index.get_mut(&what) {
+            Some(c) => c.insert(rank.clone()),
+            None => {
+                index.insert(what, Contenders::One(rank.clone()));
+            }
         }
+    } else if index.get_mut(&what).is_some_and(|c| c.remove(rank)) {
+        index.remove(&what);
     }
+    recheck.extend(
+        index
+            .get(&what)
+            .and_then(Contenders::first)
+            .map(|w| w.1.clone()),
+    );
 }
 
-fn wins<K: Hash + Eq>(index: &HashMap<K, BTreeSet<Rank>>, what: &K, key: &str) -> bool {
+fn wins<K: Hash + Eq>(index: &HashMap<K, Contenders>, what: &K, key: &str) -> bool {
     index
         .get(what)
-        .and_then(BTreeSet::first)
-        .is_some_and(|w| w.1 == key)
+        .and_then(Contenders::first)
+        .is_some_and(|w| &*w.1 == key)
 }
 
 #[cfg(test)]

@@ -35,6 +35,22 @@ pub struct Listing {
     pub records: Vec<Record>,
 }
 
+/// Keys per request when listing leases: a page of flannel leases is ~200 KB on the wire.
+const LIST_PAGE: i64 = 1000;
+
+/// The smallest key after every key starting with `prefix` (etcd's range end for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Only 0xff bytes (or nothing): every key from the prefix on.
+    vec![0]
+}
+
 /// Longest any single etcd call may take. The client's own timeout does not cover waiting for a
 /// broken connection to come back, and a hung call must not stall the agent loop.
 const RPC_TIMEOUT: Duration = Duration::from_secs(15);
@@ -195,20 +211,8 @@ impl Store {
 
     /// Every lease under `subnets/`, garbage set aside.
     pub async fn list(&self) -> Result<Listing> {
-        let prefix = self.subnets_prefix();
-        let resp = rpc(
-            || format!("list {prefix}"),
-            self.client
-                .clone()
-                .get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
-        let mut listing = Listing {
-            revision: resp.header().map_or(0, |h| h.revision()),
-            ..Listing::default()
-        };
-        for kv in resp.kvs() {
-            let record = self.decode(kv);
+        let mut listing = self.list_records().await?;
+        for record in &listing.records {
             match &record.value {
                 Ok(l) => listing.leases.push(l.clone()),
                 Err(e) => listing.bad.push(BadLease {
@@ -216,9 +220,62 @@ impl Store {
                     reason: e.to_string(),
                 }),
             }
-            listing.records.push(record);
         }
         Ok(listing)
+    }
+
+    /// Every key under `subnets/` as stored, and the revision: only `records` and `revision` of
+    /// the [`Listing`] are filled.
+    pub async fn list_records(&self) -> Result<Listing> {
+        let mut records = Vec::new();
+        let revision = self.list_records_paged(|r| records.push(r)).await?;
+        Ok(Listing {
+            revision,
+            records,
+            ..Listing::default()
+        })
+    }
+
+    /// Every key under `subnets/` as stored, handed to `each` in key order, and the revision
+    /// they were read at. Read in pages of [`LIST_PAGE`] keys, all at the revision of the first
+    /// (one consistent snapshot), so that a caller folding each record into something smaller
+    /// never holds all of a large listing at once. A failure midway (a member gone, the revision
+    /// compacted meanwhile) fails the listing: the caller starts over.
+    pub async fn list_records_paged(&self, mut each: impl FnMut(Record)) -> Result<i64> {
+        let prefix = self.subnets_prefix();
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.clone().into_bytes();
+        let mut revision = 0;
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let mut resp = rpc(
+                || format!("list {prefix}"),
+                self.client.clone().get(from.clone(), Some(opts)),
+            )
+            .await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            drop(resp);
+            let Some(last) = kvs.last() else { break };
+            // The next page starts just after the last key of this one.
+            from = last.key().to_vec();
+            from.push(0);
+            for kv in kvs {
+                each(self.decode(&kv));
+            }
+            if !more {
+                break;
+            }
+        }
+        Ok(revision)
     }
 
     /// Reads one key/value of `subnets/` as a lease, keeping what cannot be read with the reason.
@@ -378,6 +435,16 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_range_ends_just_after_the_prefix() {
+        assert_eq!(
+            prefix_end(b"/coreos.com/network/subnets/"),
+            b"/coreos.com/network/subnets0"
+        );
+        assert_eq!(prefix_end(b"a\xff\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), [0]);
+    }
 
     #[test]
     fn only_an_unknown_lease_counts_as_expired() {

@@ -1,12 +1,13 @@
 //! `host-gw`: no encapsulation; each peer subnet is routed via the peer's public IP on the
 //! underlay interface. Needs every peer on a directly connected network (L2 adjacency).
 
+use ipnet::Ipv4Net;
 use serde_json::Value;
 
 use crate::netlink::Conn;
-use crate::routes::{self, Owner, RouteSpec};
+use crate::routes::{self, OwnedRoutes, Owner, RouteSpec};
 use crate::watch::Owned;
-use crate::{peer, Error, ErrorList, Lease, Network, OwnedCounts};
+use crate::{peer, Error, ErrorList, Lease, Network, OwnedCounts, PeerChanges};
 
 pub const TYPE: &str = "host-gw";
 
@@ -15,6 +16,12 @@ pub struct HostGw {
     own: Option<Lease>,
     conn: Conn,
     owned: OwnedCounts,
+    /// The peer routes in place, for targeted changes (`apply`).
+    routes: OwnedRoutes,
+    /// The underlay's directly connected networks as of the last full reconcile.
+    connected: Vec<Ipv4Net>,
+    /// A full reconcile ran since the backend was built, its lease changed or drift was seen.
+    synced: bool,
 }
 
 impl HostGw {
@@ -24,6 +31,9 @@ impl HostGw {
             own: None,
             conn: Conn::default(),
             owned: OwnedCounts::default(),
+            routes: OwnedRoutes::default(),
+            connected: Vec::new(),
+            synced: false,
         }
     }
 
@@ -38,6 +48,8 @@ impl HostGw {
     }
 
     pub async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
+        // Which peers are acceptable depends on this host's lease.
+        self.synced &= self.own.as_ref() == Some(own);
         self.own = Some(own.clone());
         Ok(())
     }
@@ -45,43 +57,90 @@ impl HostGw {
     pub async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), ErrorList> {
         let handle = self.conn.handle()?;
         let ext = &self.net.external;
-        let connected = routes::connected_networks(&handle, ext.index).await?;
+        self.connected = routes::connected_networks(&handle, ext.index).await?;
         let mut errs = ErrorList::default();
         let mut desired = Vec::new();
         for p in peers.iter().filter(|p| peer::same_type(p, TYPE)) {
-            if let Err(e) = peer::check(&self.net, self.own.as_ref(), p) {
-                errs.push(e);
-                continue;
+            match self.route(p) {
+                Ok(r) => desired.push(r),
+                Err(e) => errs.push(e),
             }
-            if !connected.iter().any(|n| n.contains(&p.public_ip)) {
-                errs.push(Error::BadPeer {
-                    subnet: p.subnet.to_string(),
-                    reason: format!(
-                        "public IP {} is not on a network directly connected to {}; host-gw \
-                         needs the peers on the same L2 network (use vxlan)",
-                        p.public_ip, ext.name
-                    ),
-                });
-                continue;
-            }
-            desired.push(RouteSpec {
-                dst: p.subnet,
-                gateway: Some(p.public_ip),
-                oif: ext.index,
-                dev: ext.name.clone(),
-                onlink: false,
-            });
         }
-        // The underlay is shared: host-gw owns its routes by network only.
-        let owner = Owner {
-            network: self.net.network,
-            device: None,
-        };
-        errs.0
-            .extend(routes::reconcile_owned(&handle, &owner, &desired).await.0);
+        errs.0.extend(
+            self.routes
+                .reconcile(&handle, &self.owner(), &desired)
+                .await
+                .0,
+        );
         self.owned.routes = desired.len();
+        self.synced = true;
         self.conn.settle();
         errs.into_result()
+    }
+
+    /// [`crate::Backend::apply`]: each peer's route added, replaced or deleted on its own.
+    pub async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
+        let handle = self.conn.handle()?;
+        let mut errs = ErrorList::default();
+        if changes.is_empty() {
+            let ext = self.net.external.clone();
+            errs.0
+                .extend(self.routes.retry(&handle, |_| ext.name.clone()).await.0);
+        }
+        let mut remove = changes.remove.clone();
+        let mut upsert = Vec::new();
+        for p in &changes.upsert {
+            // A peer that is refused (or changed to another backend type) loses its route.
+            match peer::same_type(p, TYPE).then(|| self.route(p)) {
+                Some(Ok(r)) => upsert.push(r),
+                Some(Err(e)) => {
+                    errs.push(e);
+                    remove.push(p.subnet);
+                }
+                None => remove.push(p.subnet),
+            }
+        }
+        errs.0
+            .extend(self.routes.apply(&handle, &remove, &upsert).await.0);
+        self.owned.routes = self.routes.len() + self.routes.blocked();
+        self.conn.settle();
+        errs.into_result()
+    }
+
+    /// Whether only a full reconcile can bring the kernel in line.
+    pub fn needs_reconcile(&self) -> bool {
+        !self.synced || self.routes.stale()
+    }
+
+    /// The route to `p`, if it can have one.
+    fn route(&self, p: &Lease) -> Result<RouteSpec, Error> {
+        peer::check(&self.net, self.own.as_ref(), p)?;
+        let ext = &self.net.external;
+        if !self.connected.iter().any(|n| n.contains(&p.public_ip)) {
+            return Err(Error::BadPeer {
+                subnet: p.subnet.to_string(),
+                reason: format!(
+                    "public IP {} is not on a network directly connected to {}; host-gw \
+                     needs the peers on the same L2 network (use vxlan)",
+                    p.public_ip, ext.name
+                ),
+            });
+        }
+        Ok(RouteSpec {
+            dst: p.subnet,
+            gateway: Some(p.public_ip),
+            oif: ext.index,
+            dev: ext.name.clone(),
+            onlink: false,
+        })
+    }
+
+    /// The underlay is shared: host-gw owns its routes by network only.
+    fn owner(&self) -> Owner {
+        Owner {
+            network: self.net.network,
+            device: None,
+        }
     }
 
     pub fn owned(&self) -> OwnedCounts {
@@ -89,6 +148,7 @@ impl HostGw {
     }
 
     pub async fn drifted(&mut self) {
-        self.conn.drifted(&Owned::default()).await
+        self.conn.drifted(&Owned::default()).await;
+        self.synced = false;
     }
 }

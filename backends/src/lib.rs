@@ -1,6 +1,9 @@
 //! weft's data planes. A backend is told "this is my lease, these are my peers" and makes the kernel
 //! agree; it knows nothing of etcd. Backends reconcile declaratively: `reconcile` is given the whole
 //! desired peer set each time, so a restart, a missed event and a stale leftover are the same case.
+//! Between such full passes (which dump the kernel's tables), `apply` is given only what changed
+//! and sends one request per object concerned, working from the backend's own record of what it
+//! put in place: a change costs the same with 10 peers or 10,000.
 //!
 //! Two kinds of data plane: vxlan and host-gw program the kernel, which forwards; udp forwards in
 //! userspace, with worker threads that own a TUN device and sockets. Both kinds report through
@@ -8,8 +11,9 @@
 //! `shutdown`, and say what they leave in the kernel for the next weftd (`survives_restart`).
 //!
 //! Layout: `vxlan/`, `host_gw` and `udp/` are the data planes; `routes` (owned routes, shared by
-//! all), `neigh` (vxlan neighbours and FDB) and `watch` (drift events) are what they are built
-//! from; `firewall` holds flannel's masquerade/forward rules, applied by the agent.
+//! all), `neigh` (vxlan neighbours and FDB), `pipeline` (many netlink requests in flight) and
+//! `watch` (drift events) are what they are built from; `firewall` holds flannel's
+//! masquerade/forward rules, applied by the agent.
 
 mod alloc;
 mod error;
@@ -21,6 +25,7 @@ pub mod mac;
 mod neigh;
 mod netlink;
 mod peer;
+mod pipeline;
 mod routes;
 pub mod udp;
 mod vxlan;
@@ -101,6 +106,26 @@ pub struct OwnedCounts {
     pub fdb: usize,
 }
 
+/// How the desired peer set changed, for [`Backend::apply`]. Peers are keyed by subnet: the agent
+/// accepts one peer per subnet.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerChanges {
+    /// New peers, and peers whose lease changed (the new lease).
+    pub upsert: Vec<Lease>,
+    /// The subnets of peers that left.
+    pub remove: Vec<Ipv4Net>,
+}
+
+impl PeerChanges {
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.remove.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.upsert.len() + self.remove.len()
+    }
+}
+
 /// One data plane. An enum rather than a trait object: the set is closed and the methods are async.
 pub enum Backend {
     Alloc(alloc::Alloc),
@@ -173,6 +198,37 @@ impl Backend {
             Self::Vxlan(b) => b.reconcile(peers).await,
             Self::HostGw(b) => b.reconcile(peers).await,
             Self::Udp(b) => b.reconcile(peers).await,
+        }
+    }
+
+    /// Applies a change of the desired peer set to the kernel with one targeted netlink request
+    /// per object (route, neighbour, FDB entry) of the peers concerned, without reading the
+    /// kernel's tables: what [`Backend::reconcile`] would do for these peers, given that the
+    /// kernel still holds what the last `reconcile` and `apply` calls left. Its cost follows the
+    /// change, not the peer set. With no change, it tries again what earlier passes could not
+    /// put in place (a route whose destination another route held).
+    ///
+    /// When that premise may not hold ([`Backend::needs_reconcile`]: nothing reconciled yet,
+    /// drift seen, a failed request) the caller must `reconcile` the whole set instead. Errors
+    /// are reported as `reconcile` reports them.
+    pub async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
+        match self {
+            Self::Alloc(_) => Ok(()),
+            Self::Vxlan(b) => b.apply(changes).await,
+            Self::HostGw(b) => b.apply(changes).await,
+            Self::Udp(b) => b.apply(changes).await,
+        }
+    }
+
+    /// Whether only a full [`Backend::reconcile`] can bring the kernel in line: never reconciled,
+    /// owned state changed behind weft's back (seen by [`Backend::event`]), or a request failed
+    /// in a way that leaves the kernel's state unknown.
+    pub fn needs_reconcile(&self) -> bool {
+        match self {
+            Self::Alloc(_) => false,
+            Self::Vxlan(b) => b.needs_reconcile(),
+            Self::HostGw(b) => b.needs_reconcile(),
+            Self::Udp(b) => b.needs_reconcile(),
         }
     }
 

@@ -4,10 +4,11 @@
 //! learns there itself is left alone. The device is the instance's own (one VNI, one device), so a
 //! second weftd on the host, serving another network with another VNI, never sees these entries.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
-use rtnetlink::packet_core::{NLM_F_APPEND, NLM_F_CREATE};
+use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
@@ -17,10 +18,10 @@ use rtnetlink::Handle;
 use tracing::debug;
 
 use crate::mac::Mac;
-use crate::{netlink, Error, ErrorList};
+use crate::{netlink, pipeline, Error, ErrorList};
 
 /// One permanent entry: for ARP `ip → mac`, for the FDB `mac → ip` (the remote VTEP).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Entry {
     pub ip: Ipv4Addr,
     pub mac: Mac,
@@ -59,45 +60,68 @@ pub async fn reconcile(
     desired: &[Entry],
 ) -> ErrorList {
     let mut errs = ErrorList::default();
-    let mut present = match list(handle, table, ifindex).await {
-        Ok(p) => p,
+    let present: HashSet<Entry> = match list(handle, table, ifindex).await {
+        Ok(p) => p.into_iter().collect(),
         Err(e) => {
             errs.push(e);
             return errs;
         }
     };
-    let mut missing = Vec::new();
-    for want in desired {
-        match present.iter().position(|p| p == want) {
-            Some(i) => {
-                present.swap_remove(i);
-            }
-            None => missing.push(*want),
-        }
-    }
+    let wanted: HashSet<Entry> = desired.iter().copied().collect();
+    let missing: Vec<Entry> = wanted.difference(&present).copied().collect();
+    // A replace overwrites the entry of the same key (ARP: the address; FDB: the MAC): no
+    // delete needed for it.
+    let key = |e: &Entry| match table {
+        Table::Arp => (Some(e.ip), None),
+        Table::Fdb => (None, Some(e.mac)),
+    };
+    let replaced: HashSet<_> = missing.iter().map(key).collect();
+    let extra: Vec<Entry> = present
+        .difference(&wanted)
+        .filter(|e| !replaced.contains(&key(e)))
+        .copied()
+        .collect();
     debug!(
         table = table.name(),
         missing = missing.len(),
-        extra = present.len(),
+        extra = extra.len(),
         "neighbour diff"
     );
     // Add before deleting so that a peer whose entry changes is never left without one.
-    for e in &missing {
-        if let Err(source) = add(handle, table, ifindex, e).await {
-            errs.push(Error::Netlink {
+    errs.0
+        .extend(add_all(handle, table, ifindex, &missing).await.0);
+    errs.0
+        .extend(delete_all(handle, table, ifindex, &extra).await.0);
+    errs
+}
+
+/// Adds (ARP: adds or replaces) `entries`, many requests in flight at once.
+pub async fn add_all(handle: &Handle, table: Table, ifindex: u32, entries: &[Entry]) -> ErrorList {
+    let mut errs = ErrorList::default();
+    let results = pipeline::all(entries, |e| add(handle, table, ifindex, e)).await;
+    for (e, r) in entries.iter().zip(results) {
+        match r {
+            Ok(()) => debug!(table = table.name(), ip = %e.ip, mac = %e.mac, "added"),
+            Err(source) => errs.push(Error::Netlink {
                 context: format!("add {} {} → {}", table.name(), e.ip, e.mac),
                 source,
-            });
-        } else {
-            debug!(table = table.name(), ip = %e.ip, mac = %e.mac, "added");
+            }),
         }
     }
-    for e in &present {
-        // An ARP replace may already have overwritten it.
-        if table == Table::Arp && missing.iter().any(|m| m.ip == e.ip) {
-            continue;
-        }
-        match delete(handle, table, ifindex, e).await {
+    errs
+}
+
+/// Deletes `entries` (those already gone are fine), many requests in flight at once.
+pub async fn delete_all(
+    handle: &Handle,
+    table: Table,
+    ifindex: u32,
+    entries: &[Entry],
+) -> ErrorList {
+    let mut errs = ErrorList::default();
+    let results = pipeline::all(entries, |e| delete(handle, table, ifindex, e)).await;
+    for (e, r) in entries.iter().zip(results) {
+        match r {
             Ok(()) => debug!(table = table.name(), ip = %e.ip, mac = %e.mac, "removed"),
             Err(err) if netlink::is_gone(&err) => {}
             Err(source) => errs.push(Error::Netlink {
@@ -109,36 +133,40 @@ pub async fn reconcile(
     errs
 }
 
+/// The permanent entries of `table` on device `ifindex`. Read as the dump streams in: only
+/// the entries are kept, never the whole dump's messages (30,000 of them at 10,000 peers).
 async fn list(handle: &Handle, table: Table, ifindex: u32) -> Result<Vec<Entry>, Error> {
-    let msgs: Vec<NeighbourMessage> = handle
+    handle
         .neighbours()
         .get()
         .set_address_family(table.family())
         .execute()
+        .try_filter_map(|m| async move { Ok(entry(&m, table, ifindex)) })
         .try_collect()
         .await
-        .map_err(Error::netlink(format!("list {}s", table.name())))?;
-    Ok(msgs
-        .iter()
-        .filter(|m| m.header.ifindex == ifindex && m.header.state == NeighbourState::Permanent)
-        .filter(|m| m.header.family == table.family())
-        .filter_map(|m| {
-            let mut ip = None;
-            let mut mac = None;
-            for a in &m.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
-                    // AF_BRIDGE dumps are not decoded by address family: four bytes are IPv4.
-                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
-                        ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
-                    }
-                    NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_slice(l),
-                    _ => {}
-                }
+        .map_err(Error::netlink(format!("list {}s", table.name())))
+}
+
+/// `m` as an entry of `table` on `ifindex`, if it is a permanent one there.
+fn entry(m: &NeighbourMessage, table: Table, ifindex: u32) -> Option<Entry> {
+    let h = &m.header;
+    if h.ifindex != ifindex || h.state != NeighbourState::Permanent || h.family != table.family() {
+        return None;
+    }
+    let mut ip = None;
+    let mut mac = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
+            // AF_BRIDGE dumps are not decoded by address family: four bytes are IPv4.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
             }
-            Some(Entry { ip: ip?, mac: mac? })
-        })
-        .collect())
+            NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_slice(l),
+            _ => {}
+        }
+    }
+    Some(Entry { ip: ip?, mac: mac? })
 }
 
 fn message(table: Table, ifindex: u32, e: &Entry) -> NeighbourMessage {
@@ -176,11 +204,12 @@ async fn add(
                 .execute()
                 .await
         }
-        // APPEND adds a remote to the MAC's list (REPLACE would rewrite the first one): the
-        // superseded remote is deleted right after, so traffic never lacks a destination.
+        // REPLACE points the MAC at this remote in one step, so traffic never lacks a
+        // destination. (APPEND adds remotes only to the all-zeros and multicast entries; on a
+        // unicast MAC it is a no-op, and deleting the old remote then removed the entry.)
         Table::Fdb => {
             let msg = RouteNetlinkMessage::NewNeighbour(message(table, ifindex, e));
-            netlink::request(handle, msg, NLM_F_CREATE | NLM_F_APPEND).await
+            netlink::request(handle, msg, NLM_F_CREATE | NLM_F_REPLACE).await
         }
     }
 }

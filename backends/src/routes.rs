@@ -24,6 +24,7 @@
 //! ahead of it and deletes the old one. Forwarding never changes on the way; from then on the
 //! route is weft's, and goes when the peer leaves, as it would have under flanneld.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -39,7 +40,7 @@ use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::{Handle, RouteMessageBuilder};
 use tracing::{debug, info};
 
-use crate::{netlink, Error, ErrorList};
+use crate::{netlink, pipeline, Error, ErrorList};
 
 /// The route protocol number (`rtm_protocol`) marking routes weft created. `ip route` shows it as
 /// `proto 87` (add `87 weft` to /etc/iproute2/rt_protos for a name). 87 is unassigned in the
@@ -134,63 +135,334 @@ struct Installed {
 /// (a desired route whose destination another route holds is a [`Error::RouteConflict`]).
 /// Every failure is collected, none stops the pass.
 pub async fn reconcile_owned(handle: &Handle, owner: &Owner, desired: &[RouteSpec]) -> ErrorList {
-    let mut errs = ErrorList::default();
-    let (mut owned, foreign): (Vec<Installed>, Vec<Installed>) = match list_main(handle).await {
-        Ok(all) => all.into_iter().map(parse).partition(|r| owner.owns(r)),
-        Err(e) => {
-            errs.push(e);
-            return errs;
+    reconcile_routes(handle, owner, desired).await.0
+}
+
+/// A route as [`OwnedRoutes`] remembers it: where its destination goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hop {
+    gateway: Option<Ipv4Addr>,
+    oif: u32,
+    onlink: bool,
+}
+
+impl Hop {
+    fn of(r: &RouteSpec) -> Self {
+        Self {
+            gateway: r.gateway,
+            oif: r.oif,
+            onlink: r.onlink,
         }
-    };
+    }
+}
+
+/// The routes one backend instance has in the kernel, as its last full reconcile found and left
+/// them and as the targeted changes since left them: what [`OwnedRoutes::apply`] works from
+/// instead of dumping the routing table (10,000 peers are 10,000 routes).
+#[derive(Debug, Default)]
+pub struct OwnedRoutes {
+    /// weft's routes, by destination.
+    installed: HashMap<Ipv4Net, Hop>,
+    /// Wanted but not in place: another route holds the destination (described as the last
+    /// full reconcile saw it, if it did), or adding failed. Tried again by
+    /// [`OwnedRoutes::retry`].
+    blocked: HashMap<Ipv4Net, (Hop, Option<String>)>,
+    /// A targeted change met a state only a full reconcile can judge (a route nobody knew of at
+    /// a destination: flanneld's to adopt, or another's to yield to), or failed halfway.
+    stale: bool,
+}
+
+impl OwnedRoutes {
+    /// [`reconcile_owned`], remembering what it left in place.
+    pub async fn reconcile(
+        &mut self,
+        handle: &Handle,
+        owner: &Owner,
+        desired: &[RouteSpec],
+    ) -> ErrorList {
+        let (errs, placed, mut held) = reconcile_routes(handle, owner, desired).await;
+        self.installed.clear();
+        self.blocked.clear();
+        for (want, ok) in desired.iter().zip(placed) {
+            if ok {
+                self.installed.insert(want.dst, Hop::of(want));
+            } else {
+                let by = held.remove(&want.dst);
+                self.blocked.insert(want.dst, (Hop::of(want), by));
+            }
+        }
+        // A failed dump leaves nothing known: only another full pass can tell.
+        self.stale = errs
+            .0
+            .iter()
+            .any(|e| matches!(e, Error::Netlink { context, .. } if context == LIST_ROUTES));
+        errs
+    }
+
+    /// Removes the routes to `remove` and puts `upsert` in place, with one netlink request per
+    /// route and no dump: weft's own route to a destination is replaced, a new one added
+    /// exclusively (so a route someone else holds is never overwritten: the destination is
+    /// then blocked, and [`OwnedRoutes::stale`] asks for a full reconcile to judge it), and only
+    /// weft's own route, matched exactly, is ever deleted.
+    pub async fn apply(
+        &mut self,
+        handle: &Handle,
+        remove: &[Ipv4Net],
+        upsert: &[RouteSpec],
+    ) -> ErrorList {
+        let mut errs = ErrorList::default();
+        let mut gone = Vec::new();
+        for dst in remove {
+            self.blocked.remove(dst);
+            if let Some(hop) = self.installed.remove(dst) {
+                gone.push((*dst, hop));
+            }
+        }
+        let mut puts = Vec::new();
+        for want in upsert {
+            let hop = Hop::of(want);
+            let held = (self.blocked.remove(&want.dst)).map(|(_, by)| by.unwrap_or_default());
+            match self.installed.get(&want.dst) {
+                Some(h) if *h == hop => {}
+                Some(_) => puts.push((want, NLM_F_CREATE | NLM_F_REPLACE, None)),
+                None => puts.push((want, NLM_F_CREATE | NLM_F_EXCL, held)),
+            }
+        }
+        self.put(handle, &puts, &mut errs).await;
+        let results = pipeline::all(&gone, |(dst, hop)| delete_exact(handle, *dst, *hop)).await;
+        for ((dst, hop), r) in gone.iter().zip(results) {
+            match r {
+                Ok(()) => debug!(%dst, gateway = ?hop.gateway, "route removed"),
+                Err(e) if netlink::is_gone(&e) => {}
+                Err(source) => {
+                    self.stale = true;
+                    errs.push(Error::Netlink {
+                        context: format!("delete route {dst} via {:?}", hop.gateway),
+                        source,
+                    });
+                }
+            }
+        }
+        errs
+    }
+
+    /// Tries again the routes that could not be put in place (a destination another route held):
+    /// one exclusive add each, nothing else.
+    pub async fn retry(&mut self, handle: &Handle, dev: impl Fn(u32) -> String) -> ErrorList {
+        let mut errs = ErrorList::default();
+        let (wants, held): (Vec<RouteSpec>, Vec<Option<String>>) = self
+            .blocked
+            .drain()
+            .map(|(dst, (h, by))| {
+                let want = RouteSpec {
+                    dst,
+                    gateway: h.gateway,
+                    oif: h.oif,
+                    dev: dev(h.oif),
+                    onlink: h.onlink,
+                };
+                // Known to be held, by whatever a full pass saw there.
+                (want, Some(by.unwrap_or_default()))
+            })
+            .unzip();
+        let puts: Vec<_> = (wants.iter().zip(held))
+            .map(|(w, by)| (w, NLM_F_CREATE | NLM_F_EXCL, by))
+            .collect();
+        self.put(handle, &puts, &mut errs).await;
+        errs
+    }
+
+    /// Adds or replaces routes, `(route, flags, held)`: `held` when the destination was
+    /// blocked, with what a full pass saw holding it ("" when none did).
+    async fn put(
+        &mut self,
+        handle: &Handle,
+        puts: &[(&RouteSpec, u16, Option<String>)],
+        errs: &mut ErrorList,
+    ) {
+        let results =
+            pipeline::all(puts.iter(), |(want, flags, _)| add(handle, want, *flags)).await;
+        for ((want, flags, held), r) in puts.iter().zip(results) {
+            match r {
+                Ok(()) => {
+                    debug!(route = %want, "route in place");
+                    self.installed.insert(want.dst, Hop::of(want));
+                }
+                Err(e) if netlink::errno(&e) == Some(libc::EEXIST) => {
+                    // Not weft's (ours would be in `installed`): flanneld's to adopt or
+                    // another's to yield to, which only a dump can tell. A conflict a full
+                    // reconcile already judged stays one until that route goes.
+                    self.stale |= held.is_none();
+                    let by = held.clone().filter(|b| !b.is_empty());
+                    let existing = by.clone().unwrap_or_else(|| "another route".into());
+                    self.blocked.insert(want.dst, (Hop::of(want), by));
+                    errs.push(Error::RouteConflict {
+                        wanted: want.to_string(),
+                        existing,
+                    });
+                }
+                Err(source) => {
+                    // A failed replace leaves weft's old route in place, or none.
+                    if flags & NLM_F_REPLACE != 0 {
+                        self.stale = true;
+                        self.installed.remove(&want.dst);
+                    }
+                    let by = held.clone().filter(|b| !b.is_empty());
+                    self.blocked.insert(want.dst, (Hop::of(want), by));
+                    errs.push(Error::Netlink {
+                        context: format!("add route {want}"),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Whether only a full reconcile can tell what the kernel holds.
+    pub fn stale(&self) -> bool {
+        self.stale
+    }
+
+    /// Routes in place.
+    pub fn len(&self) -> usize {
+        self.installed.len()
+    }
+
+    /// Routes wanted but not in place.
+    pub fn blocked(&self) -> usize {
+        self.blocked.len()
+    }
+}
+
+/// The context of a failed route dump, so a pass that could not read the table says so.
+const LIST_ROUTES: &str = "list routes";
+
+/// The full pass of [`reconcile_owned`]; also says, for each desired route, whether it is in
+/// place afterwards.
+async fn reconcile_routes(
+    handle: &Handle,
+    owner: &Owner,
+    desired: &[RouteSpec],
+) -> (ErrorList, Vec<bool>, HashMap<Ipv4Net, String>) {
+    let mut errs = ErrorList::default();
+    let mut placed = vec![false; desired.len()];
+    let mut wanted_at: HashMap<Ipv4Net, usize> = HashMap::with_capacity(desired.len());
+    for (i, want) in desired.iter().enumerate() {
+        wanted_at.entry(want.dst).or_insert(i);
+    }
+    // The table is read as the dump streams in, and weft's own route that is exactly as wanted
+    // is only noted (placed), not kept: with 10,000 peers in place, the pass holds no copy of
+    // the table. Every other route is kept whole, to be judged, replaced or deleted.
+    let mut owned = Vec::new();
+    let mut foreign = Vec::new();
+    let mut dump = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    loop {
+        let msg = match dump.try_next().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                errs.push(Error::netlink(LIST_ROUTES)(e));
+                return (errs, vec![false; desired.len()], HashMap::new());
+            }
+        };
+        if table(&msg) != u32::from(RouteHeader::RT_TABLE_MAIN) {
+            continue;
+        }
+        let r = parse(msg);
+        if !owner.owns(&r) {
+            foreign.push(r);
+            continue;
+        }
+        match wanted_at.get(&r.dst) {
+            Some(&i) if !placed[i] && desired[i].same_as(&r) => placed[i] = true,
+            _ => owned.push(r),
+        }
+    }
+    // Indexes by destination: a pass costs O(routes), whatever the table's size.
+    let mut foreign_at: HashMap<Ipv4Net, Vec<&Installed>> = HashMap::new();
+    for r in &foreign {
+        foreign_at.entry(r.dst).or_default().push(r);
+    }
+    let mut owned_at: HashMap<Ipv4Net, Vec<usize>> = HashMap::new();
+    for (i, r) in owned.iter().enumerate() {
+        owned_at.entry(r.dst).or_default().push(i);
+    }
     let mut missing = Vec::new();
-    let mut adopt = Vec::new();
-    for want in desired {
-        let held: Vec<&Installed> = foreign.iter().filter(|r| r.dst == want.dst).collect();
-        match held.as_slice() {
+    let mut withdraw = Vec::new();
+    let mut held = HashMap::new();
+    let mut adopt: HashMap<Ipv4Net, &Installed> = HashMap::new();
+    for (i, want) in desired.iter().enumerate() {
+        match foreign_at.get(&want.dst).map_or(&[][..], Vec::as_slice) {
             [] => {}
             [theirs] if theirs.protocol == RTPROT_BOOT && want.same_as(theirs) => {
-                adopt.push(*theirs);
+                adopt.insert(want.dst, theirs);
             }
             [theirs, ..] => {
-                // Weft's own routes to this destination stay in `owned` and are withdrawn below.
+                // Weft's own routes to this destination are not kept: they are withdrawn below.
+                let existing = describe(handle, theirs).await;
+                held.insert(want.dst, existing.clone());
                 errs.push(Error::RouteConflict {
                     wanted: want.to_string(),
-                    existing: describe(handle, theirs).await,
+                    existing,
                 });
+                if std::mem::take(&mut placed[i]) {
+                    withdraw.push(i);
+                }
                 continue;
             }
         }
-        match owned.iter().position(|r| want.same_as(r)) {
-            Some(i) => {
-                owned.swap_remove(i);
-            }
-            None => missing.push(want),
+        if !placed[i] {
+            missing.push(i);
         }
     }
     debug!(
         missing = missing.len(),
-        extra = owned.len(),
+        extra = owned.len() + withdraw.len(),
         adopt = adopt.len(),
         "route diff"
     );
-    let mut failed = Vec::new();
-    for want in missing {
-        let ours_there = owned.iter().any(|r| r.dst == want.dst);
-        let adopting = adopt.iter().any(|r| r.dst == want.dst);
-        // Replace only a route of our own. Adding next to flanneld's copy needs neither flag:
-        // the kernel puts the new route ahead of it (they differ in protocol).
-        let flags = if ours_there && !adopting {
-            NLM_F_CREATE | NLM_F_REPLACE
-        } else if adopting {
-            NLM_F_CREATE
-        } else {
-            NLM_F_CREATE | NLM_F_EXCL
-        };
-        match add(handle, want, flags).await {
-            Ok(()) if ours_there => info!(route = %want, "route replaced"),
-            Ok(()) => info!(route = %want, "route added"),
+    let ours_there = |dst: &Ipv4Net| owned_at.contains_key(dst);
+    let adds: Vec<(usize, u16, bool)> = missing
+        .iter()
+        .map(|&i| {
+            let dst = desired[i].dst;
+            let ours = ours_there(&dst);
+            // Replace only a route of our own. Adding next to flanneld's copy needs neither
+            // flag: the kernel puts the new route ahead of it (they differ in protocol).
+            let flags = if adopt.contains_key(&dst) {
+                NLM_F_CREATE
+            } else if ours {
+                NLM_F_CREATE | NLM_F_REPLACE
+            } else {
+                NLM_F_CREATE | NLM_F_EXCL
+            };
+            (i, flags, ours && !adopt.contains_key(&dst))
+        })
+        .collect();
+    let results = pipeline::all(adds.iter(), |(i, flags, _)| {
+        add(handle, &desired[*i], *flags)
+    })
+    .await;
+    let mut failed = HashSet::new();
+    let (mut added, mut replaced) = (0, 0);
+    for ((i, _, replacing), r) in adds.iter().zip(results) {
+        let want = &desired[*i];
+        match r {
+            Ok(()) => {
+                placed[*i] = true;
+                if *replacing {
+                    replaced += 1;
+                    debug!(route = %want, "route replaced");
+                } else {
+                    added += 1;
+                    debug!(route = %want, "route added");
+                }
+            }
             Err(source) => {
-                failed.push(want.dst);
+                failed.insert(want.dst);
                 errs.push(Error::Netlink {
                     context: format!("add route {want}"),
                     source,
@@ -198,14 +470,19 @@ pub async fn reconcile_owned(handle: &Handle, owner: &Owner, desired: &[RouteSpe
             }
         }
     }
-    for theirs in adopt {
-        // Only once weft's copy is in: traffic for the peer never lacks a route.
-        if failed.contains(&theirs.dst) {
-            continue;
-        }
-        match delete(handle, theirs).await {
+    // Only once weft's copy is in: traffic for the peer never lacks a route.
+    let adopting: Vec<&Installed> = adopt
+        .values()
+        .copied()
+        .filter(|r| !failed.contains(&r.dst))
+        .collect();
+    let results = pipeline::all(adopting.iter(), |r| delete(handle, r)).await;
+    let mut adopted = 0;
+    for (theirs, r) in adopting.iter().zip(results) {
+        match r {
             Ok(()) => {
-                info!(dst = %theirs.dst, gateway = ?theirs.gateway, "flanneld's route adopted")
+                adopted += 1;
+                debug!(dst = %theirs.dst, gateway = ?theirs.gateway, "flanneld's route adopted");
             }
             Err(e) if netlink::is_gone(&e) => {}
             Err(source) => errs.push(Error::Netlink {
@@ -217,16 +494,40 @@ pub async fn reconcile_owned(handle: &Handle, owner: &Owner, desired: &[RouteSpe
             }),
         }
     }
-    for r in owned {
-        // Replacing may already have removed it (same dst and metric): ESRCH is fine then.
-        let wanted = desired.iter().any(|d| d.dst == r.dst);
-        let yielded = foreign.iter().any(|f| f.dst == r.dst);
-        match delete(handle, &r).await {
-            Ok(()) if yielded => {
+    let results = pipeline::all(&withdraw, |&i| {
+        delete_exact(handle, desired[i].dst, Hop::of(&desired[i]))
+    })
+    .await;
+    for (&i, r) in withdraw.iter().zip(results) {
+        let want = &desired[i];
+        match r {
+            Ok(()) => {
+                info!(dst = %want.dst, gateway = ?want.gateway, "route withdrawn: another route holds its destination")
+            }
+            Err(e) if netlink::is_gone(&e) => {}
+            Err(source) => errs.push(Error::Netlink {
+                context: format!("delete route {want}"),
+                source,
+            }),
+        }
+    }
+    let stale: Vec<&Installed> = owned.iter().collect();
+    let wanted: HashSet<Ipv4Net> = desired.iter().map(|d| d.dst).collect();
+    let results = pipeline::all(stale.iter(), |r| delete(handle, r)).await;
+    let mut removed = 0;
+    for (r, result) in stale.iter().zip(results) {
+        match result {
+            Ok(()) if foreign_at.contains_key(&r.dst) => {
                 info!(dst = %r.dst, gateway = ?r.gateway, "route withdrawn: another route holds its destination")
             }
-            Ok(()) if wanted => debug!(dst = %r.dst, "stale route variant removed"),
-            Ok(()) => info!(dst = %r.dst, gateway = ?r.gateway, "route removed"),
+            Ok(()) if wanted.contains(&r.dst) => {
+                debug!(dst = %r.dst, "stale route variant removed")
+            }
+            Ok(()) => {
+                removed += 1;
+                debug!(dst = %r.dst, gateway = ?r.gateway, "route removed");
+            }
+            // Replacing may already have removed it (same dst and metric).
             Err(e) if netlink::is_gone(&e) => {}
             Err(source) => errs.push(Error::Netlink {
                 context: format!("delete route {} via {:?}", r.dst, r.gateway),
@@ -234,7 +535,23 @@ pub async fn reconcile_owned(handle: &Handle, owner: &Owner, desired: &[RouteSpe
             }),
         }
     }
-    errs
+    if added + replaced + removed + adopted > 0 {
+        info!(added, replaced, removed, adopted, "routes updated");
+    }
+    (errs, placed, held)
+}
+
+/// Deletes weft's route to `dst` exactly as it was added (protocol, gateway, device): the
+/// kernel matches every field given, so no other route to `dst` can go instead.
+async fn delete_exact(handle: &Handle, dst: Ipv4Net, hop: Hop) -> Result<(), rtnetlink::Error> {
+    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .output_interface(hop.oif)
+        .protocol(RouteProtocol::Other(RTPROT_WEFT));
+    if let Some(g) = hop.gateway {
+        b = b.gateway(g);
+    }
+    handle.route().del(b.build()).execute().await
 }
 
 async fn add(handle: &Handle, r: &RouteSpec, flags: u16) -> Result<(), rtnetlink::Error> {
@@ -333,7 +650,7 @@ pub(crate) async fn list_main(handle: &Handle) -> Result<Vec<RouteMessage>, Erro
         .execute()
         .try_collect()
         .await
-        .map_err(Error::netlink("list routes"))?;
+        .map_err(Error::netlink(LIST_ROUTES))?;
     Ok(all
         .into_iter()
         .filter(|m| table(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
@@ -391,24 +708,34 @@ fn parse(msg: RouteMessage) -> Installed {
 /// table on it (the kernel's prefix routes of its addresses, plus any added by hand). A gateway
 /// outside all of them would be rejected by the kernel, so host-gw and DirectRouting check first.
 pub async fn connected_networks(handle: &Handle, oif: u32) -> Result<Vec<Ipv4Net>, Error> {
-    Ok(list_main(handle)
-        .await?
-        .iter()
-        .filter(|m| m.header.scope == RouteScope::Link && m.header.kind == RouteType::Unicast)
-        .filter(|m| m.header.destination_prefix_length > 0)
-        .filter(|m| {
-            let mut oif_ok = false;
-            for a in &m.attributes {
-                match a {
-                    RouteAttribute::Gateway(_) | RouteAttribute::MultiPath(_) => return false,
-                    RouteAttribute::Oif(i) => oif_ok = *i == oif,
-                    _ => {}
-                }
+    let connected = |m: RouteMessage| async move {
+        let h = &m.header;
+        let link = h.scope == RouteScope::Link && h.kind == RouteType::Unicast;
+        if !link || h.destination_prefix_length == 0 {
+            return Ok(None);
+        }
+        if table(&m) != u32::from(RouteHeader::RT_TABLE_MAIN) {
+            return Ok(None);
+        }
+        let mut oif_ok = false;
+        for a in &m.attributes {
+            match a {
+                RouteAttribute::Gateway(_) | RouteAttribute::MultiPath(_) => return Ok(None),
+                RouteAttribute::Oif(i) => oif_ok = *i == oif,
+                _ => {}
             }
-            oif_ok
-        })
-        .map(dst)
-        .collect())
+        }
+        Ok(oif_ok.then(|| dst(&m)))
+    };
+    // Filtered as the dump streams in: the table may hold 10,000 peer routes.
+    handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_filter_map(connected)
+        .try_collect()
+        .await
+        .map_err(Error::netlink(LIST_ROUTES))
 }
 
 #[cfg(test)]

@@ -34,8 +34,10 @@ fn main() -> ExitCode {
         fmt.init();
     }
     raise_fd_limit();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: weftd's work is one loop of etcd and netlink calls, and every further worker
+    // thread adds its own malloc arena to the resident size. (The udp data plane runs on
+    // threads of its own.)
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

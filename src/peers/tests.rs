@@ -78,7 +78,7 @@ fn names(list: &[Peer]) -> Vec<&str> {
 /// The reason `name` is rejected for, if it is.
 fn reason(s: &PeerSet, name: &str) -> Option<Reason> {
     match s.verdict(&key(name))? {
-        Verdict::Rejected(r) => Some(r.clone()),
+        Verdict::Rejected(r) => Some(r),
         _ => None,
     }
 }
@@ -346,7 +346,7 @@ fn this_hosts_key_is_never_a_peer_but_what_it_holds_is_kept() {
     let mut s = set();
     let d = s.apply(put("10.60.52.0-24", 3, &udp("10.199.0.99")));
     assert!(d.is_empty());
-    assert_eq!(s.verdict(&key("10.60.52.0-24")), Some(&Verdict::Own));
+    assert_eq!(s.verdict(&key("10.60.52.0-24")), Some(Verdict::Own));
     let held = s.get(&key("10.60.52.0-24")).unwrap();
     assert_eq!(
         held.value.as_ref().unwrap().attrs.public_ip,
@@ -369,7 +369,18 @@ fn a_renewal_changes_nothing_and_new_attributes_are_a_change() {
     assert!(s.apply(Change::Put(renewed)).is_empty());
     let d = s.apply(put("10.60.7.0-24", 5, &udp("10.199.0.13")));
     assert_eq!(names(&d.changed), ["10.60.7.0-24"]);
-    assert_eq!(d.changed[0].lease.attrs.public_ip, ip("10.199.0.13"));
+    assert_eq!(d.changed[0].public_ip, ip("10.199.0.13"));
+    assert_eq!(
+        s.peer(&key("10.60.7.0-24")).map(|l| l.attrs.public_ip),
+        Some(ip("10.199.0.13"))
+    );
+    // What the data plane is given: the same lease.
+    assert_eq!(
+        s.backend_peer(&key("10.60.7.0-24")),
+        s.peer(&key("10.60.7.0-24")).map(|l| l.to_backend())
+    );
+    let all: Vec<_> = s.peers().map(|(_, l)| l.to_backend()).collect();
+    assert_eq!(s.backend_peers().collect::<Vec<_>>(), all);
 }
 
 #[test]
@@ -459,7 +470,25 @@ fn a_new_own_lease_judges_every_lease_again() {
         reason(&s, "10.60.52.0-24"),
         Some(Reason::PublicIpLocal(ip("10.199.0.11")))
     );
-    assert_eq!(s.verdict(&key("10.60.7.0-24")), Some(&Verdict::Own));
+    assert_eq!(s.verdict(&key("10.60.7.0-24")), Some(Verdict::Own));
+}
+
+#[test]
+fn a_lease_is_given_back_exactly_as_it_was_read() {
+    // Kept compact (BackendData as text, known types without an allocation): nothing lost.
+    let values = [
+        vxlan("10.199.0.12", "02:00:00:00:00:07"),
+        udp("10.199.0.13"),
+        r#"{"PublicIP":"10.199.0.14","PublicIPv6":"fc00::1","BackendType":"wireguard","BackendData":{"PublicKey":"k=","Nested":{"n":[1,2.5,-3,null,true]}}}"#.to_string(),
+        r#"{"PublicIP":"10.199.0.15","BackendType":"host-gw","BackendData":null}"#.to_string(),
+    ];
+    for v in values {
+        let r = Record::read(key("10.60.7.0-24"), P, v.as_bytes(), 5, 6, 7);
+        let lease = r.value.clone().expect("readable");
+        let stored = Stored::new(lease.clone());
+        assert_eq!(stored.lease(), lease, "{v}");
+        assert_eq!(stored.backend_lease(), lease.to_backend(), "{v}");
+    }
 }
 
 mod property {
@@ -593,11 +622,19 @@ mod property {
         l
     }
 
-    /// Applies a diff to what a data plane would hold: each peer's subnet and attributes.
-    fn replay(mirror: &mut BTreeMap<String, (Ipv4Net, LeaseAttrs)>, d: &Diff) {
-        let view = |p: &Peer| (p.lease.subnet, p.lease.attrs.clone());
+    /// Applies a diff to what a data plane would hold: each peer's subnet and attributes, the
+    /// lease of a peer added or changed being the set's ([`PeerSet::peer`]), as the agent reads it.
+    fn replay(mirror: &mut BTreeMap<String, (Ipv4Net, LeaseAttrs)>, d: &Diff, s: &PeerSet) {
+        let view = |p: &Peer| {
+            let l = s
+                .peer(&p.key)
+                .expect("an added or changed peer is in the set");
+            assert_eq!((l.subnet, l.attrs.public_ip), (p.subnet, p.public_ip));
+            (l.subnet, l.attrs)
+        };
         for p in &d.removed {
-            assert_eq!(mirror.remove(&p.key), Some(view(p)), "removed");
+            let old = mirror.remove(&p.key).expect("removed");
+            assert_eq!((old.0, old.1.public_ip), (p.subnet, p.public_ip), "removed");
         }
         for p in &d.changed {
             let old = mirror.insert(p.key.clone(), view(p));
@@ -615,12 +652,12 @@ mod property {
     }
 
     fn verdicts(s: &PeerSet, keys: &[String]) -> Vec<Option<Verdict>> {
-        keys.iter().map(|k| s.verdict(k).cloned()).collect()
+        keys.iter().map(|k| s.verdict(k)).collect()
     }
 
     /// Every rule, checked on the accepted set directly rather than through the module's code.
     fn assert_rules(s: &PeerSet, own: &Own, local: &HashSet<Ipv4Addr>, etcd: &Etcd) {
-        let accepted: Vec<(&str, &Lease)> = s.peers().collect();
+        let accepted: Vec<(&str, Lease)> = s.peers().collect();
         for (k, l) in &accepted {
             let name = k.trim_start_matches(P);
             assert_eq!(parse_subnet_key(name), Some(l.subnet), "{k}: canonical key");
@@ -657,7 +694,7 @@ mod property {
                 let mine = etcd.keys[k.trim_start_matches(P)].0;
                 let holder = accepted.iter().find(|(_, l)| {
                     l.attrs.backend_type == VXLAN
-                        && vtep_mac(l.attrs.backend_data.as_ref()).ok() == Some(*m)
+                        && vtep_mac(l.attrs.backend_data.as_ref()).ok() == Some(m)
                 });
                 if let Some((hk, _)) = holder {
                     let theirs = etcd.keys[hk.trim_start_matches(P)].0;
@@ -696,16 +733,17 @@ mod property {
                     }
                     Op::Flush => {
                         let d = batch.finish();
-                        replay(&mut mirror, &d);
+                        replay(&mut mirror, &d, &s);
                         prop_assert_eq!(&mirror, &view_of(&s));
                         for r in &d.rejected {
-                            prop_assert_eq!(s.verdict(&r.key), Some(&Verdict::Rejected(r.reason.clone())));
+                            prop_assert_eq!(s.verdict(&r.key), Some(Verdict::Rejected(r.reason.clone())));
                         }
                         batch = s.batch();
                     }
                 }
             }
-            replay(&mut mirror, &batch.finish());
+            let d = batch.finish();
+            replay(&mut mirror, &d, &s);
             prop_assert_eq!(&mirror, &view_of(&s));
 
             let mut fresh = set_with(own.clone());
@@ -720,6 +758,17 @@ mod property {
             prop_assert_eq!(d.added.len(), fresh.len());
             // Relisting what is already known changes nothing.
             prop_assert!(s.replace_all(etcd.listing()).is_empty());
+            // The compact copy each lease is kept as gives back the lease stored.
+            let given: Vec<_> = s.peers().map(|(_, l)| l.to_backend()).collect();
+            prop_assert_eq!(&s.backend_peers().collect::<Vec<_>>(), &given);
+            // The counts by type, kept as peers come and go, are those of the accepted set.
+            for (t, n) in s.count_by_type() {
+                let known = ["", "vxlan", "host-gw", "udp", "alloc"];
+                let counted = given.iter().filter(|l| {
+                    if t == "other" { !known.contains(&l.backend_type.as_str()) } else { l.backend_type == t }
+                }).count();
+                prop_assert_eq!(n, counted, "{}", t);
+            }
             assert_rules(&s, &own, &locals(extra), &etcd);
         }
     }

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Control-plane benchmark: N weftd agents start at once against one etcd (the lab of
 # deploy/lib/topology.sh: etcd in the switch namespace, the agents in host 1's namespace).
-# Measures, for each N: time until every agent holds a lease (subnet.env written), time until a
-# new peer lease reaches every agent (watch fan-out), and each agent's resident memory.
+# Measures, for each N: time until every agent holds a lease (subnet.env written), the etcd
+# requests that took (etcd's own /metrics: gRPC calls started, per agent and by method), leases
+# held twice (must be 0), time until a new peer lease reaches every agent (watch fan-out), and
+# each agent's resident memory.
 #
 #   sudo bash tests/bench/control-plane.sh [--sizes "10 50 200"]
 #
@@ -47,6 +49,19 @@ N=0
 all_leased() { [[ $(find "$WORK" -name subnet.env | wc -l) -eq $N ]]; }
 all_saw() { [[ $(grep -l "subnet=10.254.254.0/24" "$WORK"/a*/log 2>/dev/null | wc -l) -eq $N ]]; }
 kib_to_mib() { printf '%d.%d' "$(($1 / 1024))" "$(($1 % 1024 * 10 / 1024))"; }
+# gRPC calls etcd has started so far, one "method count" line per method (streams count once).
+etcd_calls() {
+  topo_nsexec "$(topo_ns sw)" 10 curl -sf "$TOPO_ETCD/metrics" |
+    awk -F'[{},"= ]+' '/^grpc_server_started_total/ {
+      for (i = 2; i < NF; i++) if ($i == "grpc_method") m = $(i + 1)
+      n[m] += $NF } END { for (m in n) print m, n[m] }' | sort
+}
+# Calls per agent between two etcd_calls outputs: "total | method count …" (methods by name).
+calls_per_agent() {
+  awk -v n="$3" 'NR == FNR { a[$1] = $2; next }
+    { d = $2 - a[$1]; if (d > 0) { t += d; s = s sprintf(" %s %.1f", $1, d / n) } }
+    END { printf "%.1f |%s\n", t / n, s }' "$1" "$2"
+}
 
 rows=()
 for N in "${SIZES[@]}"; do
@@ -56,6 +71,7 @@ for N in "${SIZES[@]}"; do
   WORK="$TOPO_DIR/n$N"
   echo '{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"alloc"}}' | topo_ctl config set - >/dev/null
   agents=()
+  etcd_calls >"$WORK.calls0"
   start=$(topo_now_ms)
   for ((i = 1; i <= N; i++)); do
     d="$WORK/a$i"
@@ -66,8 +82,14 @@ for N in "${SIZES[@]}"; do
       --docker-daemon-json= -iptables-forward-rules=false
     agents+=("$TOPO_SPAWNED")
   done
+  # Starting the agents one by one (fork, exec, `ip netns exec`) takes a while of its own.
+  spawned_ms=$(($(topo_now_ms) - start))
   topo_wait_until 120 "$N leases (logs: $WORK/a*/log)" all_leased
   leased_ms=$(($(topo_now_ms) - start))
+  etcd_calls >"$WORK.calls1"
+  calls=$(calls_per_agent "$WORK.calls0" "$WORK.calls1" "$N")
+  # Each agent's subnet, from its own subnet.env: a subnet named twice is a duplicate.
+  dups=$(cat "$WORK"/a*/subnet.env | sed -n 's/^FLANNEL_SUBNET=//p' | sort | uniq -d | wc -l)
 
   # Fan-out: one new peer lease, until every agent has logged it.
   sleep 1
@@ -85,7 +107,7 @@ for N in "${SIZES[@]}"; do
   rss=$(sed '/^$/d' <<<"$rss" | sort -n)
   rss_med=$(sed -n "$(((N + 1) / 2))p" <<<"$rss")
   rss_max=$(tail -1 <<<"$rss")
-  rows+=("| $N | $leased_ms | $fanout_ms | $(kib_to_mib "$rss_med") | $(kib_to_mib "$rss_max") |")
+  rows+=("| $N | $spawned_ms | $leased_ms | ${calls%% |*} | $dups | $fanout_ms | $(kib_to_mib "$rss_med") | $(kib_to_mib "$rss_max") | ${calls#*| } |")
   topo_log "$N agents: all leased after $leased_ms ms, new peer seen by all after $fanout_ms ms"
   topo_stop_tracked "${agents[@]}"
 done
@@ -97,6 +119,6 @@ echo
 echo "Machine: $(nproc) CPUs, $(uname -r), $(etcd --version | head -1); weftd $(stat -c %s "$TOPO_BIN_DIR/weftd") bytes (release)."
 echo "All agents and etcd share the machine's cores, so large N measures CPU contention too."
 echo
-echo "| agents | all leased (ms) | new peer seen by all (ms) | RSS median (MiB) | RSS max (MiB) |"
-echo "|---|---|---|---|---|"
+echo "| agents | all started (ms) | all leased (ms) | etcd calls per agent | duplicates | new peer seen by all (ms) | RSS median (MiB) | RSS max (MiB) | calls per agent by method |"
+echo "|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"

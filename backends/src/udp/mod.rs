@@ -16,6 +16,7 @@ mod gro;
 mod socket;
 mod worker;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -26,6 +27,7 @@ use std::thread::JoinHandle;
 use ipnet::Ipv4Net;
 use serde_json::Value;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::time::{sleep_until, Duration, Instant};
 use tracing::{debug, info};
 
 pub use codec::{Counters, DropReason};
@@ -34,7 +36,9 @@ pub use config::UdpConfig;
 use crate::netlink::{self, Conn};
 use crate::routes::{self, RouteSpec};
 use crate::watch::Owned;
-use crate::{peer, BackendConfig, Error, ErrorList, Event, Lease, Network, OwnedCounts};
+use crate::{
+    peer, BackendConfig, Error, ErrorList, Event, Lease, Network, OwnedCounts, PeerChanges,
+};
 use codec::{PeerTable, SharedCounters};
 use worker::{Shared, Worker};
 
@@ -132,14 +136,25 @@ pub struct Udp {
     net: Network,
     cfg: UdpConfig,
     own: Option<Lease>,
-    /// The peers of the last reconcile, for a table rebuilt when the workers restart.
-    peers: Vec<(Ipv4Net, SocketAddrV4)>,
+    /// The peers of the last reconcile and applies since, for the table the workers read and
+    /// for one rebuilt when they restart.
+    peers: BTreeMap<Ipv4Net, SocketAddrV4>,
     conn: Conn,
     running: Option<Running>,
     stats: StatsSource,
     failed_tx: UnboundedSender<String>,
     failed: UnboundedReceiver<String>,
+    /// A full reconcile ran since the backend was built, its lease changed or drift was seen.
+    synced: bool,
+    /// When the workers last got a table, and whether `peers` changed since (see
+    /// [`PUBLISH_EVERY`]).
+    published: Option<Instant>,
+    unpublished: bool,
 }
+
+/// Tables are built at most this often: building one is O(peers), so 500 leases written one by
+/// one in a burst must not each build a table of 10,000. A change waits this long at most.
+const PUBLISH_EVERY: Duration = Duration::from_millis(10);
 
 /// The open device and the workers moving its packets.
 struct Running {
@@ -159,12 +174,15 @@ impl Udp {
             net,
             cfg,
             own: None,
-            peers: Vec::new(),
+            peers: BTreeMap::new(),
             conn: Conn::default(),
             running: None,
             stats: StatsSource::default(),
             failed_tx,
             failed,
+            synced: false,
+            published: None,
+            unpublished: false,
         })
     }
 
@@ -179,6 +197,8 @@ impl Udp {
     }
 
     pub async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
+        // Which peers are acceptable depends on this host's lease.
+        self.synced &= self.own.as_ref() == Some(own);
         self.own = Some(own.clone());
         let index = self.ensure_device().await?;
         self.publish_table();
@@ -199,40 +219,100 @@ impl Udp {
         }
         let mut errs = ErrorList::default();
         let index = self.ensure_device().await?;
-        let mut desired: Vec<(Ipv4Net, SocketAddrV4)> = Vec::new();
+        let mut desired = BTreeMap::new();
         // flannel's udp writes no BackendType, so "" is a flannel udp node.
-        for p in peers
-            .iter()
-            .filter(|p| p.backend_type.is_empty() || peer::same_type(p, TYPE))
-        {
-            if let Err(e) = peer::check(&self.net, self.own.as_ref(), p) {
-                errs.push(e);
-                continue;
+        for p in peers.iter().filter(|p| ours(p)) {
+            match self.endpoint(p, &desired) {
+                Ok(at) => {
+                    desired.insert(p.subnet, at);
+                }
+                Err(e) => errs.push(e),
             }
-            if let Some((n, other)) = desired
-                .iter()
-                .find(|(n, _)| n.contains(&p.subnet) || p.subnet.contains(n))
-            {
-                errs.push(Error::BadPeer {
-                    subnet: p.subnet.to_string(),
-                    reason: format!("overlaps {n} of the peer at {}", other.ip()),
-                });
-                continue;
-            }
-            desired.push((p.subnet, SocketAddrV4::new(p.public_ip, self.cfg.port)));
         }
         // The agent logs peers coming and going; the table itself is only worth a debug line.
-        for (n, at) in desired.iter().filter(|d| !self.peers.contains(d)) {
+        for (n, at) in desired
+            .iter()
+            .filter(|(n, at)| self.peers.get(n) != Some(at))
+        {
             debug!(subnet = %n, endpoint = %at, "peer in the udp table");
         }
-        for (n, at) in self.peers.iter().filter(|d| !desired.contains(d)) {
+        for (n, at) in self.peers.iter().filter(|(n, _)| !desired.contains_key(n)) {
             debug!(subnet = %n, endpoint = %at, "peer out of the udp table");
         }
         self.peers = desired;
         self.publish_table();
-        errs.0.extend(self.ensure_route(index).await.0);
+        let route = self.ensure_route(index).await;
+        self.synced = route.0.is_empty();
+        errs.0.extend(route.0);
         self.conn.settle();
         errs.into_result()
+    }
+
+    /// [`crate::Backend::apply`]: the peers in `changes` go into (or out of) the table, which
+    /// the workers get anew only if it changed. No netlink request: udp's peers live in
+    /// userspace.
+    pub async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
+        let mut errs = ErrorList::default();
+        let mut changed = false;
+        for subnet in &changes.remove {
+            if let Some(at) = self.peers.remove(subnet) {
+                debug!(%subnet, endpoint = %at, "peer out of the udp table");
+                changed = true;
+            }
+        }
+        for p in &changes.upsert {
+            let old = self.peers.remove(&p.subnet);
+            let new = match ours(p).then(|| self.endpoint(p, &self.peers)) {
+                Some(Ok(at)) => Some(at),
+                Some(Err(e)) => {
+                    errs.push(e);
+                    None
+                }
+                None => None,
+            };
+            if let Some(at) = new {
+                self.peers.insert(p.subnet, at);
+            }
+            if old != new {
+                match new {
+                    Some(at) => debug!(subnet = %p.subnet, endpoint = %at, "peer in the udp table"),
+                    None => debug!(subnet = %p.subnet, "peer out of the udp table"),
+                }
+                changed = true;
+            }
+        }
+        if changed {
+            if self.published.is_some_and(|t| t.elapsed() < PUBLISH_EVERY) {
+                // Published by `event` when the interval is over (the agent always waits on it).
+                self.unpublished = true;
+            } else {
+                self.publish_table();
+            }
+        }
+        errs.into_result()
+    }
+
+    /// udp keeps no kernel state per peer: a full reconcile is needed only to repair flannel0
+    /// (drift and worker failures come through `event`, which the agent answers with one).
+    pub fn needs_reconcile(&self) -> bool {
+        !self.synced || self.running.is_none()
+    }
+
+    /// Where `p`'s packets go, unless it must not be a peer: refused by the checks every data
+    /// plane applies, or overlapping a peer already in `table`.
+    fn endpoint(
+        &self,
+        p: &Lease,
+        table: &BTreeMap<Ipv4Net, SocketAddrV4>,
+    ) -> Result<SocketAddrV4, Error> {
+        peer::check(&self.net, self.own.as_ref(), p)?;
+        if let Some((n, other)) = overlapping(table, p.subnet) {
+            return Err(Error::BadPeer {
+                subnet: p.subnet.to_string(),
+                reason: format!("overlaps {n} of the peer at {}", other.ip()),
+            });
+        }
+        Ok(SocketAddrV4::new(p.public_ip, self.cfg.port))
     }
 
     /// The one route `ensure_route` keeps; peers live in the workers' table, not the kernel.
@@ -244,14 +324,27 @@ impl Udp {
     }
 
     /// A worker failed, or flannel0 (its link state, address or route) changed behind weft's back.
+    /// Meanwhile, publishes a table that `apply` held back.
     pub async fn event(&mut self) -> Event {
         let owned = Owned {
             device: Some(device::NAME.to_string()),
             index: self.running.as_ref().map(|r| r.index),
         };
-        tokio::select! {
-            Some(why) = self.failed.recv() => Event::Failed(why),
-            () = self.conn.drifted(&owned) => Event::Drift,
+        loop {
+            let publish_at = (self.published)
+                .filter(|_| self.unpublished)
+                .map(|t| t + PUBLISH_EVERY);
+            let event = tokio::select! {
+                Some(why) = self.failed.recv() => Event::Failed(why),
+                () = self.conn.drifted(&owned) => Event::Drift,
+                () = sleep_until(publish_at.unwrap_or_else(Instant::now)), if publish_at.is_some() => {
+                    self.publish_table();
+                    continue;
+                }
+            };
+            // flannel0 needs repairing: only a full reconcile does that.
+            self.synced &= event != Event::Drift;
+            return event;
         }
     }
 
@@ -271,11 +364,14 @@ impl Udp {
     }
 
     /// The table the workers read, from the current lease and peers.
-    fn publish_table(&self) {
+    fn publish_table(&mut self) {
+        self.published = Some(Instant::now());
+        self.unpublished = false;
         let (Some(own), Some(r)) = (&self.own, &self.running) else {
             return;
         };
-        let table = PeerTable::new(self.net.network, own.subnet, self.peers.iter().copied());
+        let peers = self.peers.iter().map(|(n, at)| (*n, *at));
+        let table = PeerTable::new(self.net.network, own.subnet, peers);
         r.shared.table.store(Arc::new(table));
     }
 
@@ -326,8 +422,10 @@ impl Udp {
         let udp_gro = sockets.iter().all(socket::Socket::gro);
         let (wake, wake_rx) =
             UnixStream::pair().map_err(Error::io("create the wake-up socket pair"))?;
-        let table = PeerTable::new(self.net.network, own.subnet, self.peers.iter().copied());
-        let shared = Arc::new(Shared::new(table, tun.queues.len()));
+        let peers = self.peers.iter().map(|(n, at)| (*n, *at));
+        let table = PeerTable::new(self.net.network, own.subnet, peers);
+        let icmp = worker::IcmpRate::of_this_namespace();
+        let shared = Arc::new(Shared::new(table, tun.queues.len(), icmp));
         let mut threads = Vec::with_capacity(n);
         let mtu = self.cfg.mtu as usize;
         for (id, (queue, sock)) in tun.queues.into_iter().zip(sockets).enumerate() {
@@ -358,6 +456,8 @@ impl Udp {
             udp_gro,
             port = self.cfg.port,
             mtu,
+            icmp_per_sec = icmp.per_sec,
+            icmp_burst = icmp.burst,
             "udp data plane running"
         );
         let live = LiveStats {
@@ -414,6 +514,30 @@ impl Drop for Udp {
     }
 }
 
+/// Whether `p` is a peer of this data plane: flannel's udp writes no BackendType, so "" is a
+/// flannel udp node.
+fn ours(p: &Lease) -> bool {
+    p.backend_type.is_empty() || peer::same_type(p, TYPE)
+}
+
+/// A subnet of `table` that overlaps `subnet`, if any: the same one, one containing it (a shorter
+/// prefix) or one inside it. O(prefix lengths × log n), not a scan.
+fn overlapping(
+    table: &BTreeMap<Ipv4Net, SocketAddrV4>,
+    subnet: Ipv4Net,
+) -> Option<(Ipv4Net, SocketAddrV4)> {
+    let subnet = subnet.trunc();
+    let containing = (0..=subnet.prefix_len()).find_map(|len| {
+        let n = Ipv4Net::new(subnet.network(), len).ok()?.trunc();
+        table.get_key_value(&n)
+    });
+    // Ipv4Net orders by address, then prefix length: everything inside `subnet` lies between.
+    let lo = Ipv4Net::new(subnet.network(), 0).ok()?;
+    let hi = Ipv4Net::new(subnet.broadcast(), 32).ok()?;
+    let inside = || table.range(lo..=hi).find(|(n, _)| subnet.contains(*n));
+    containing.or_else(inside).map(|(n, at)| (*n, *at))
+}
+
 /// One worker per core: the kernel spreads flows over the TUN queues and peers over the sockets.
 fn workers() -> usize {
     std::thread::available_parallelism()
@@ -450,7 +574,11 @@ mod tests {
     fn live(workers: usize) -> (Arc<Shared>, LiveStats) {
         let net = "10.5.0.0/16".parse().expect("net");
         let own = "10.5.1.0/24".parse().expect("own");
-        let shared = Arc::new(Shared::new(PeerTable::new(net, own, []), workers));
+        let shared = Arc::new(Shared::new(
+            PeerTable::new(net, own, []),
+            workers,
+            worker::IcmpRate::DEFAULT,
+        ));
         let live = LiveStats {
             shared: shared.clone(),
             workers,
@@ -500,5 +628,32 @@ mod tests {
         assert_eq!(after.counters.rx_packets, 10);
         assert_eq!(after.counters.drop_count(DropReason::UnknownSender), 2);
         assert_eq!((after.workers, after.worker_restarts), (1, 1));
+    }
+
+    #[test]
+    fn a_subnet_overlapping_a_peer_is_found_whatever_the_prefix_lengths() {
+        let at = SocketAddrV4::new("192.168.1.2".parse().expect("ip"), 8285);
+        let table: BTreeMap<Ipv4Net, SocketAddrV4> = ["10.5.1.0/24", "10.5.8.0/22", "10.6.0.0/16"]
+            .iter()
+            .map(|n| (n.parse().expect("net"), at))
+            .collect();
+        let hit = |n: &str| {
+            overlapping(&table, n.parse().expect("net")).map(|(held, _)| held.to_string())
+        };
+        assert_eq!(
+            hit("10.5.1.0/24").as_deref(),
+            Some("10.5.1.0/24"),
+            "the same"
+        );
+        assert_eq!(
+            hit("10.5.1.128/25").as_deref(),
+            Some("10.5.1.0/24"),
+            "inside"
+        );
+        assert_eq!(hit("10.5.9.0/24").as_deref(), Some("10.5.8.0/22"), "inside");
+        assert_eq!(hit("10.6.3.0/24").as_deref(), Some("10.6.0.0/16"), "inside");
+        assert_eq!(hit("10.5.0.0/16").as_deref(), Some("10.5.1.0/24"), "around");
+        assert_eq!(hit("10.5.2.0/24"), None);
+        assert_eq!(hit("10.7.0.0/16"), None);
     }
 }

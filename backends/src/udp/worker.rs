@@ -47,8 +47,42 @@ const RX_MSGS: usize = 16;
 const RX_BUF: usize = 1 << 16;
 /// How long a send may wait for room in a full socket buffer before its packets are dropped.
 const SEND_WAIT: Duration = Duration::from_millis(100);
-/// ICMP errors a second, host-wide.
-const ICMP_PER_SEC: u32 = 1000;
+/// Linux's ICMP error rate limit (net.ipv4.icmp_msgs_per_sec and icmp_msgs_burst): weft, a
+/// router in userspace, sends its errors at the rate the kernel would, whatever it is set to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IcmpRate {
+    pub per_sec: u32,
+    pub burst: u32,
+}
+
+/// A count sysctl's text: a number from 0 (no errors beyond a burst, as in the kernel; the rate
+/// limiter allows one a second) up.
+fn sysctl_count(text: &str) -> Option<u32> {
+    let v = text.trim().parse::<i64>().ok()?;
+    (v >= 0).then(|| u32::try_from(v).unwrap_or(u32::MAX))
+}
+
+impl IcmpRate {
+    /// The kernel's defaults.
+    pub const DEFAULT: Self = Self {
+        per_sec: 1000,
+        burst: 50,
+    };
+
+    /// The rate set in this network namespace's sysctls; a setting that cannot be read or is
+    /// not a number keeps the default.
+    pub fn of_this_namespace() -> Self {
+        let read = |name: &str| {
+            let path = format!("/proc/sys/net/ipv4/{name}");
+            sysctl_count(&std::fs::read_to_string(path).ok()?)
+        };
+        let d = Self::DEFAULT;
+        Self {
+            per_sec: read("icmp_msgs_per_sec").unwrap_or(d.per_sec),
+            burst: read("icmp_msgs_burst").unwrap_or(d.burst),
+        }
+    }
+}
 /// At most one warning per worker in this interval about failing sends.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -63,11 +97,14 @@ pub struct Shared {
     pub tun_read_errors: Box<[AtomicU64]>,
     /// Whether each worker's socket still uses UDP GSO.
     pub gso: Box<[AtomicBool]>,
+    /// The host's ICMP error rate, which the workers split between them.
+    pub icmp: IcmpRate,
 }
 
 impl Shared {
-    pub fn new(table: PeerTable, workers: usize) -> Self {
+    pub fn new(table: PeerTable, workers: usize, icmp: IcmpRate) -> Self {
         Self {
+            icmp,
             table: ArcSwap::from_pointee(table),
             stop: AtomicBool::new(false),
             counters: (0..workers).map(|_| SharedCounters::default()).collect(),
@@ -114,9 +151,10 @@ impl Worker {
         wake: UnixStream,
         shared: Arc<Shared>,
     ) -> Self {
-        // Linux's host-wide ICMP error rate (net.ipv4.icmp_msgs_per_sec), shared by the workers.
+        // The rate is the host's: shared by the workers.
         let workers = shared.counters.len().max(1) as u32;
-        let icmp_per_sec = ICMP_PER_SEC / workers;
+        let icmp = shared.icmp;
+        let icmp_per_sec = icmp.per_sec / workers;
         let hdr = if vnet_hdr { VIRTIO_NET_HDR_LEN } else { 0 };
         Self {
             id,
@@ -127,7 +165,7 @@ impl Worker {
             shared,
             counters: Counters::default(),
             tun_read_errors: 0,
-            icmp: IcmpRateLimiter::new(icmp_per_sec, 50),
+            icmp: IcmpRateLimiter::new(icmp_per_sec, icmp.burst),
             started: Instant::now(),
             last_warn: None,
             raw: vec![0; VIRTIO_NET_HDR_LEN + 65535],
@@ -465,4 +503,19 @@ fn is_gone(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EBADFD | libc::EBADF | libc::ENODEV | libc::ENXIO)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sysctl_count;
+
+    #[test]
+    fn an_icmp_rate_sysctl_is_a_count() {
+        assert_eq!(sysctl_count("1000\n"), Some(1000));
+        assert_eq!(sysctl_count("0\n"), Some(0));
+        assert_eq!(sysctl_count("99999999999"), Some(u32::MAX));
+        assert_eq!(sysctl_count("-1"), None);
+        assert_eq!(sysctl_count("fast"), None);
+        assert_eq!(sysctl_count(""), None);
+    }
 }

@@ -10,20 +10,21 @@
 mod config;
 mod device;
 pub mod ethtool;
+mod plan;
 
-use std::collections::HashSet;
-
+use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 use tracing::debug;
 
 pub use config::VxlanConfig;
 
 use crate::mac::Mac;
-use crate::neigh::{self, Entry, Table};
+use crate::neigh::{self, Table};
 use crate::netlink::{self, Conn};
-use crate::routes::{self, Owner, RouteSpec};
+use crate::routes::{self, OwnedRoutes, Owner, RouteSpec};
 use crate::watch::Owned;
-use crate::{peer, BackendConfig, Error, ErrorList, Lease, Network, OwnedCounts};
+use crate::{peer, BackendConfig, Error, ErrorList, Lease, Network, OwnedCounts, PeerChanges};
+use plan::{Moves, Plan, Plans};
 
 pub const TYPE: &str = "vxlan";
 
@@ -37,6 +38,14 @@ pub struct Vxlan {
     index: Option<u32>,
     conn: Conn,
     owned: OwnedCounts,
+    /// What each peer has in the kernel, for targeted changes (`apply`).
+    plans: Plans,
+    routes: OwnedRoutes,
+    /// The underlay's directly connected networks as of the last full reconcile (DirectRouting).
+    connected: Vec<Ipv4Net>,
+    /// A full reconcile ran since the backend was built, its lease changed, drift was seen or a
+    /// neighbour request failed.
+    synced: bool,
 }
 
 impl Vxlan {
@@ -51,6 +60,10 @@ impl Vxlan {
             index: None,
             conn: Conn::default(),
             owned: OwnedCounts::default(),
+            plans: Plans::default(),
+            routes: OwnedRoutes::default(),
+            connected: Vec::new(),
+            synced: false,
         })
     }
 
@@ -79,6 +92,8 @@ impl Vxlan {
     }
 
     pub async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
+        // Which peers are acceptable depends on this host's lease.
+        self.synced &= self.own.as_ref() == Some(own);
         self.own = Some(own.clone());
         let index = self.ensure_device().await?;
         let handle = self.conn.handle()?;
@@ -98,59 +113,33 @@ impl Vxlan {
             }
         }
         let ext = &self.net.external;
-        let connected = if self.cfg.direct_routing {
+        self.connected = if self.cfg.direct_routing {
             routes::connected_networks(&handle, ext.index).await?
         } else {
             Vec::new()
         };
-        let mut arp = Vec::new();
-        let mut fdb = Vec::new();
-        let mut routes = Vec::new();
-        let mut macs: HashSet<Mac> = self.mac.into_iter().collect();
+        let mut plans = Plans::default();
         for p in peers.iter().filter(|p| peer::same_type(p, TYPE)) {
-            if let Err(e) = peer::check(&self.net, self.own.as_ref(), p) {
-                errs.push(e);
+            if plans.get(&p.subnet).is_some() {
+                errs.push(bad_peer(p, "another peer has this subnet".into()));
                 continue;
             }
-            if connected.iter().any(|n| n.contains(&p.public_ip)) {
-                debug!(subnet = %p.subnet, "direct route (DirectRouting)");
-                routes.push(RouteSpec {
-                    dst: p.subnet,
-                    gateway: Some(p.public_ip),
-                    oif: ext.index,
-                    dev: ext.name.clone(),
-                    onlink: false,
-                });
-                continue;
-            }
-            let mac = match self.peer_mac(p) {
-                Ok(m) => m,
-                Err(e) => {
-                    errs.push(e);
-                    continue;
+            match self.plan(p, |m| plans.mac_holder(m).is_some()) {
+                Ok(plan) => {
+                    plans.set(p.subnet, Some(plan));
                 }
-            };
-            // Two peers behind one MAC would send one peer's traffic to both.
-            if !macs.insert(mac) {
-                errs.push(bad_peer(
-                    p,
-                    format!("VtepMAC {mac} is already used by another host"),
-                ));
-                continue;
+                Err(e) => errs.push(e),
             }
-            let gateway = p.subnet.network();
-            arp.push(Entry { ip: gateway, mac });
-            fdb.push(Entry {
-                ip: p.public_ip,
-                mac,
-            });
-            routes.push(RouteSpec {
-                dst: p.subnet,
-                gateway: Some(gateway),
-                oif: index,
-                dev: self.name.clone(),
-                onlink: true,
-            });
+        }
+        let mut arp = Vec::with_capacity(plans.overlay());
+        let mut fdb = Vec::with_capacity(plans.overlay());
+        let mut routes = Vec::with_capacity(plans.len());
+        for (subnet, plan) in plans.iter() {
+            let mut m = Moves::default();
+            m.peer(subnet, None, Some(plan));
+            arp.extend(m.arp_add);
+            fdb.extend(m.fdb_add);
+            routes.push(self.route(subnet, plan, index));
         }
         // flannel's order per peer: neighbour, FDB, route.
         errs.0
@@ -162,14 +151,142 @@ impl Vxlan {
             device: Some(index),
         };
         errs.0
-            .extend(routes::reconcile_owned(&handle, &owner, &routes).await.0);
+            .extend(self.routes.reconcile(&handle, &owner, &routes).await.0);
         self.owned = OwnedCounts {
             routes: routes.len(),
             neighbours: arp.len(),
             fdb: fdb.len(),
         };
+        self.plans = plans;
+        self.synced = !errs.0.iter().any(kernel_unknown);
         self.conn.settle();
         errs.into_result()
+    }
+
+    /// [`crate::Backend::apply`]: only the peers in `changes`, each moved from its old plan to
+    /// its new one with targeted requests.
+    pub async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
+        let Some(index) = self.index else {
+            self.synced = false;
+            return Err(Error::Other("vxlan: apply before the first reconcile".into()).into());
+        };
+        let handle = self.conn.handle()?;
+        let mut errs = ErrorList::default();
+        if changes.is_empty() {
+            let (name, ext) = (self.name.clone(), self.net.external.clone());
+            let dev = |oif| {
+                if oif == index {
+                    name.clone()
+                } else {
+                    ext.name.clone()
+                }
+            };
+            errs.0.extend(self.routes.retry(&handle, dev).await.0);
+        }
+        let mut moves = Moves::default();
+        // Removals first: a MAC they free may be taken by a peer added in the same batch.
+        for subnet in &changes.remove {
+            let old = self.plans.set(*subnet, None);
+            moves.peer(*subnet, old, None);
+        }
+        // Every changed peer leaves its old plan before any takes its new one, so a MAC that
+        // passes from one peer to another within the batch is free whatever their order.
+        let olds: Vec<Option<Plan>> = (changes.upsert.iter())
+            .map(|p| self.plans.set(p.subnet, None))
+            .collect();
+        for (p, old) in changes.upsert.iter().zip(olds) {
+            let new = if peer::same_type(p, TYPE) {
+                match self.plan(p, |m| self.plans.mac_holder(m).is_some()) {
+                    Ok(plan) => Some(plan),
+                    Err(e) => {
+                        errs.push(e);
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            self.plans.set(p.subnet, new);
+            moves.peer(p.subnet, old, new);
+        }
+        let neigh_errs = |errs: &mut ErrorList, more: ErrorList, synced: &mut bool| {
+            *synced &= more.0.is_empty();
+            errs.0.extend(more.0);
+        };
+        let mut synced = true;
+        let more = neigh::add_all(&handle, Table::Arp, index, &moves.arp_add).await;
+        neigh_errs(&mut errs, more, &mut synced);
+        let more = neigh::add_all(&handle, Table::Fdb, index, &moves.fdb_add).await;
+        neigh_errs(&mut errs, more, &mut synced);
+        let put: Vec<RouteSpec> = (moves.route_put.iter())
+            .map(|(subnet, plan)| self.route(*subnet, *plan, index))
+            .collect();
+        errs.0.extend(
+            self.routes
+                .apply(&handle, &moves.route_remove, &put)
+                .await
+                .0,
+        );
+        let more = neigh::delete_all(&handle, Table::Arp, index, &moves.arp_del).await;
+        neigh_errs(&mut errs, more, &mut synced);
+        let more = neigh::delete_all(&handle, Table::Fdb, index, &moves.fdb_del).await;
+        neigh_errs(&mut errs, more, &mut synced);
+        self.synced &= synced;
+        self.owned = OwnedCounts {
+            routes: self.routes.len() + self.routes.blocked(),
+            neighbours: self.plans.overlay(),
+            fdb: self.plans.overlay(),
+        };
+        self.conn.settle();
+        errs.into_result()
+    }
+
+    /// Whether only a full reconcile can bring the kernel in line.
+    pub fn needs_reconcile(&self) -> bool {
+        !self.synced || self.routes.stale()
+    }
+
+    /// What to program for `p`; `mac_taken` says whether another peer already uses a VTEP MAC.
+    fn plan(&self, p: &Lease, mac_taken: impl Fn(Mac) -> bool) -> Result<Plan, Error> {
+        peer::check(&self.net, self.own.as_ref(), p)?;
+        if self.connected.iter().any(|n| n.contains(&p.public_ip)) {
+            debug!(subnet = %p.subnet, "direct route (DirectRouting)");
+            return Ok(Plan::Direct {
+                public_ip: p.public_ip,
+            });
+        }
+        let mac = self.peer_mac(p)?;
+        // Two peers behind one MAC would send one peer's traffic to both.
+        if self.mac == Some(mac) || mac_taken(mac) {
+            return Err(bad_peer(
+                p,
+                format!("VtepMAC {mac} is already used by another host"),
+            ));
+        }
+        Ok(Plan::Overlay {
+            mac,
+            public_ip: p.public_ip,
+        })
+    }
+
+    /// The route of a peer: into the device `index` through the overlay, or on the underlay.
+    fn route(&self, subnet: Ipv4Net, plan: Plan, index: u32) -> RouteSpec {
+        match plan {
+            Plan::Overlay { .. } => RouteSpec {
+                dst: subnet,
+                gateway: Some(subnet.network()),
+                oif: index,
+                dev: self.name.clone(),
+                onlink: true,
+            },
+            Plan::Direct { public_ip } => RouteSpec {
+                dst: subnet,
+                gateway: Some(public_ip),
+                oif: self.net.external.index,
+                dev: self.net.external.name.clone(),
+                onlink: false,
+            },
+        }
     }
 
     pub fn owned(&self) -> OwnedCounts {
@@ -181,7 +298,8 @@ impl Vxlan {
             device: Some(self.name.clone()),
             index: self.index,
         };
-        self.conn.drifted(&owned).await
+        self.conn.drifted(&owned).await;
+        self.synced = false;
     }
 
     /// The VTEP MAC: kept from a good existing device, else the previous lease's, else derived.
@@ -252,6 +370,15 @@ impl Vxlan {
         }
         Ok(mac)
     }
+}
+
+/// Whether an error of a full reconcile leaves the kernel's state unknown (a failed request or
+/// dump), rather than a peer refused or a route held by another, which the pass itself judged.
+fn kernel_unknown(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Netlink { .. } | Error::Io { .. } | Error::Other(_)
+    )
 }
 
 fn bad_peer(p: &Lease, reason: String) -> Error {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use serde_json::Value;
-use weft_backends::{Backend, BackendConfig, InterfaceSelector, Lease, Network};
+use weft_backends::{Backend, BackendConfig, InterfaceSelector, Lease, Network, PeerChanges};
 pub use weft_lab::netns::enter;
 pub use weft_lab::probe::{udp_send, UdpProbe};
 #[allow(unused_imports)]
@@ -213,10 +213,56 @@ impl Host {
         })
     }
 
+    /// Applies a change of the peer set (targeted requests, no dump); Err: one message per
+    /// failure.
+    pub fn apply(&self, changes: &PeerChanges) -> Result<(), Vec<String>> {
+        let changes = changes.clone();
+        self.agent.with_backend(move |b| {
+            Box::pin(async move {
+                b.apply(&changes)
+                    .await
+                    .map_err(|l| l.0.iter().map(ToString::to_string).collect())
+            })
+        })
+    }
+
+    /// Whether the backend says only a full reconcile can bring the kernel in line.
+    pub fn needs_reconcile(&self) -> bool {
+        self.agent
+            .with_backend(|b| Box::pin(async move { b.needs_reconcile() }))
+    }
+
     /// Reconciles and returns the rtnetlink change notifications (route, neighbour, link,
     /// address) the kernel emitted meanwhile: a reconcile with nothing to do must cause none.
     pub fn reconcile_watching(&self, peers: &[Lease]) -> (Result<(), Vec<String>>, Vec<String>) {
         let peers = peers.to_vec();
+        self.watching(move |b| {
+            Box::pin(async move {
+                b.reconcile(&peers)
+                    .await
+                    .map_err(|l| l.0.iter().map(ToString::to_string).collect())
+            })
+        })
+    }
+
+    /// Applies changes and returns the change notifications the kernel emitted meanwhile.
+    pub fn apply_watching(&self, changes: &PeerChanges) -> (Result<(), Vec<String>>, Vec<String>) {
+        let changes = changes.clone();
+        self.watching(move |b| {
+            Box::pin(async move {
+                b.apply(&changes)
+                    .await
+                    .map_err(|l| l.0.iter().map(ToString::to_string).collect())
+            })
+        })
+    }
+
+    /// Runs `f` with the backend and returns, with its result, the rtnetlink change
+    /// notifications the kernel emitted meanwhile (IPv4 only).
+    fn watching<T: Send + 'static>(
+        &self,
+        f: impl for<'a> FnOnce(&'a mut Backend) -> BoxFut<'a, T> + Send + 'static,
+    ) -> (T, Vec<String>) {
         self.agent.with_backend(move |b| {
             Box::pin(async move {
                 use rtnetlink::MulticastGroup as G;
@@ -224,10 +270,7 @@ impl Host {
                 let (conn, _h, mut events) =
                     rtnetlink::new_multicast_connection(&groups).expect("subscribe");
                 let task = tokio::spawn(conn);
-                let r = b
-                    .reconcile(&peers)
-                    .await
-                    .map_err(|l| l.0.iter().map(ToString::to_string).collect());
+                let r = f(b).await;
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let mut seen = Vec::new();
                 while let Ok((m, _)) = events.try_recv() {

@@ -1,5 +1,6 @@
 //! Backends against the real kernel, in network namespaces. Needs root; see `harness::root_or_skip`.
 
+mod apply;
 mod firewall;
 mod harness;
 mod host_gw;
