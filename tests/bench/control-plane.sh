@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Control-plane benchmark: N weftd agents start at once against one etcd (the lab of
 # deploy/lib/topology.sh: etcd in the switch namespace, the agents in host 1's namespace).
-# Measures, for each N: time until every agent holds a lease (subnet.env written), the etcd
+# Measures, for each N: time until every agent holds a lease (subnet.env written), and each
+# agent's own time from its start to its lease (the script starts them one by one), the etcd
 # requests that took (etcd's own /metrics: gRPC calls started, per agent and by method), leases
 # held twice (must be 0), time until a new peer lease reaches every agent (watch fan-out), and
 # each agent's resident memory.
@@ -76,6 +77,7 @@ for N in "${SIZES[@]}"; do
   for ((i = 1; i <= N; i++)); do
     d="$WORK/a$i"
     mkdir -p "$d"
+    topo_now_ms >"$d/started"
     topo_spawn "$d/log" ip netns exec "$H1" env WEFT_LOG="warn,weft=info" "$TOPO_BIN_DIR/weftd" \
       -etcd-endpoints="$TOPO_ETCD" -etcd-prefix="$TOPO_ETCD_PREFIX" -iface=eth0 \
       -public-ip="10.255.$((i / 250)).$((i % 250 + 1))" -subnet-file="$d/subnet.env" \
@@ -88,6 +90,14 @@ for N in "${SIZES[@]}"; do
   leased_ms=$(($(topo_now_ms) - start))
   etcd_calls >"$WORK.calls1"
   calls=$(calls_per_agent "$WORK.calls0" "$WORK.calls1" "$N")
+  # Each agent on its own: from its spawn to its subnet.env (median and slowest), which leaves
+  # out how long the script takes to start the others.
+  own=$(for ((i = 1; i <= N; i++)); do
+    d="$WORK/a$i"
+    echo "$(($(stat -c %.3Y "$d/subnet.env" | tr -d .) - $(cat "$d/started")))"
+  done | sort -n)
+  own_med=$(sed -n "$(((N + 1) / 2))p" <<<"$own")
+  own_max=$(tail -1 <<<"$own")
   # Each agent's subnet, from its own subnet.env: a subnet named twice is a duplicate.
   dups=$(cat "$WORK"/a*/subnet.env | sed -n 's/^FLANNEL_SUBNET=//p' | sort | uniq -d | wc -l)
 
@@ -107,7 +117,7 @@ for N in "${SIZES[@]}"; do
   rss=$(sed '/^$/d' <<<"$rss" | sort -n)
   rss_med=$(sed -n "$(((N + 1) / 2))p" <<<"$rss")
   rss_max=$(tail -1 <<<"$rss")
-  rows+=("| $N | $spawned_ms | $leased_ms | ${calls%% |*} | $dups | $fanout_ms | $(kib_to_mib "$rss_med") | $(kib_to_mib "$rss_max") | ${calls#*| } |")
+  rows+=("| $N | $spawned_ms | $leased_ms | $own_med / $own_max | ${calls%% |*} | $dups | $fanout_ms | $(kib_to_mib "$rss_med") | $(kib_to_mib "$rss_max") | ${calls#*| } |")
   topo_log "$N agents: all leased after $leased_ms ms, new peer seen by all after $fanout_ms ms"
   topo_stop_tracked "${agents[@]}"
 done
@@ -119,6 +129,6 @@ echo
 echo "Machine: $(nproc) CPUs, $(uname -r), $(etcd --version | head -1); weftd $(stat -c %s "$TOPO_BIN_DIR/weftd") bytes (release)."
 echo "All agents and etcd share the machine's cores, so large N measures CPU contention too."
 echo
-echo "| agents | all started (ms) | all leased (ms) | etcd calls per agent | duplicates | new peer seen by all (ms) | RSS median (MiB) | RSS max (MiB) | calls per agent by method |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| agents | all started (ms) | all leased (ms) | each agent: start to lease, median / max (ms) | etcd calls per agent | duplicates | new peer seen by all (ms) | RSS median (MiB) | RSS max (MiB) | calls per agent by method |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
