@@ -39,6 +39,7 @@ use serde_json::Value;
 pub use error::{Error, ErrorList};
 pub use iface::{ExternalInterface, InterfaceSelector};
 pub use lease::Lease;
+pub use neigh::permanent_entry as permanent_neighbour;
 pub use routes::RTPROT_WEFT;
 pub use vxlan::ethtool;
 

@@ -150,7 +150,17 @@ async fn list(handle: &Handle, table: Table, ifindex: u32) -> Result<Vec<Entry>,
 /// `m` as an entry of `table` on `ifindex`, if it is a permanent one there.
 fn entry(m: &NeighbourMessage, table: Table, ifindex: u32) -> Option<Entry> {
     let h = &m.header;
-    if h.ifindex != ifindex || h.state != NeighbourState::Permanent || h.family != table.family() {
+    if h.ifindex != ifindex || h.family != table.family() {
+        return None;
+    }
+    let (_, ip, mac) = permanent_entry(m)?;
+    Some(Entry { ip, mac })
+}
+
+/// A permanent neighbour (ARP) or FDB entry of a dump, as `(ifindex, IPv4 address, MAC)`; for
+/// the FDB the address is the remote VTEP's. Anything else (learned, IPv6, incomplete): `None`.
+pub fn permanent_entry(m: &NeighbourMessage) -> Option<(u32, Ipv4Addr, Mac)> {
+    if m.header.state != NeighbourState::Permanent {
         return None;
     }
     let mut ip = None;
@@ -166,7 +176,7 @@ fn entry(m: &NeighbourMessage, table: Table, ifindex: u32) -> Option<Entry> {
             _ => {}
         }
     }
-    Some(Entry { ip: ip?, mac: mac? })
+    Some((m.header.ifindex, ip?, mac?))
 }
 
 fn message(table: Table, ifindex: u32, e: &Entry) -> NeighbourMessage {

@@ -8,9 +8,7 @@ use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use rtnetlink::packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
-};
+use rtnetlink::packet_route::neighbour::NeighbourMessage;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteScope, RouteType,
 };
@@ -162,22 +160,7 @@ async fn neighbours(handle: &Handle, family: AddressFamily) -> Result<Vec<(u32, 
         .with_context(|| format!("list {family:?} neighbours"))?;
     Ok(msgs
         .iter()
-        .filter(|m| m.header.family == family && m.header.state == NeighbourState::Permanent)
-        .filter_map(|m| {
-            let mut ip = None;
-            let mut mac = None;
-            for a in &m.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
-                    // AF_BRIDGE dumps are not decoded by address family: four bytes are IPv4.
-                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
-                        ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
-                    }
-                    NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_slice(l),
-                    _ => {}
-                }
-            }
-            Some((m.header.ifindex, ip?, mac?))
-        })
+        .filter(|m| m.header.family == family)
+        .filter_map(weft_backends::permanent_neighbour)
         .collect())
 }
