@@ -845,13 +845,19 @@ impl Agent {
         let metrics = crate::metrics::get();
         metrics.reconciled(started.elapsed(), result.is_ok(), state.backend.owned());
         metrics.peers_known(state.peers.count_by_type());
-        if !changes.is_empty() {
-            debug!(
-                changes = changes.len(),
-                took_us = started.elapsed().as_micros(),
-                "peer changes applied"
-            );
+        if changes.is_empty() {
+            // Only blocked routes were tried again (each logs when it goes in): a peer the
+            // backend refused was not judged again, so success here says nothing of "all".
+            if result.is_err() {
+                self.log_outcome(state, result, state.peers.len());
+            }
+            return;
         }
+        debug!(
+            changes = changes.len(),
+            took_us = started.elapsed().as_micros(),
+            "peer changes applied"
+        );
         self.log_outcome(state, result, state.peers.len());
     }
 

@@ -285,7 +285,11 @@ impl OwnedRoutes {
         for ((want, flags, held), r) in puts.iter().zip(results) {
             match r {
                 Ok(()) => {
-                    debug!(route = %want, "route in place");
+                    if held.is_some() {
+                        info!(route = %want, "route added on a later try");
+                    } else {
+                        debug!(route = %want, "route in place");
+                    }
                     self.installed.insert(want.dst, Hop::of(want));
                 }
                 Err(e) if netlink::errno(&e) == Some(libc::EEXIST) => {
