@@ -416,15 +416,13 @@ impl Agent {
         Ok(())
     }
 
-    /// Every await here ends on its own (etcd calls and pauses are bounded, see `notify`), and
-    /// the firewall, whose commands may wait 30 s on the xtables lock, is synced beside the loop.
-    /// So the loop comes round often, and that is what feeds systemd's watchdog.
     /// The network config changed: what this host held under the old one goes, so that nothing
     /// of it lingers beside the new one (flanneld leaves it all behind): the lease (revoked, not
     /// left to expire; a reservation is the operator's and stays), the data plane's routes and
     /// device (`flannel.<VNI>`, `flannel0`), and the old network's firewall rules. Failures are
     /// logged; the new network is set up either way.
     async fn leave_network(&mut self, state: State) {
+        let old_rules = self.firewall(&state);
         let State {
             backend,
             own,
@@ -440,19 +438,15 @@ impl Agent {
             warn!("remove the old data plane: {e}");
         }
         if self.args.ip_masq || self.args.iptables_forward_rules {
-            let old = Firewall {
-                network: config.network,
-                subnet: own.subnet,
-                masquerade: self.args.ip_masq,
-                forward: self.args.iptables_forward_rules,
-                fully_random: self.random_fully,
-            };
-            if let Err(e) = old.remove().await {
+            if let Err(e) = old_rules.remove().await {
                 warn!("remove the old network's firewall rules: {e}");
             }
         }
     }
 
+    /// Every await here ends on its own (etcd calls and pauses are bounded, see `notify`), and
+    /// the firewall, whose commands may wait 30 s on the xtables lock, is synced beside the loop.
+    /// So the loop comes round often, and that is what feeds systemd's watchdog.
     async fn main_loop(&mut self, mut state: State) -> Result<Exit> {
         let mut resync = interval(RESYNC);
         resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -842,9 +836,7 @@ impl Agent {
         }
         let started = Instant::now();
         let result = state.backend.apply(&changes).await;
-        let metrics = crate::metrics::get();
-        metrics.reconciled(started.elapsed(), result.is_ok(), state.backend.owned());
-        metrics.peers_known(state.peers.count_by_type());
+        count_pass(state, started.elapsed(), result.is_ok());
         if changes.is_empty() {
             // Only blocked routes were tried again (each logs when it goes in): a peer the
             // backend refused was not judged again, so success here says nothing of "all".
@@ -869,9 +861,7 @@ impl Agent {
         let peers: Vec<weft_backends::Lease> = state.peers.backend_peers().collect();
         let started = Instant::now();
         let result = state.backend.reconcile(&peers).await;
-        let metrics = crate::metrics::get();
-        metrics.reconciled(started.elapsed(), result.is_ok(), state.backend.owned());
-        metrics.peers_known(state.peers.count_by_type());
+        count_pass(state, started.elapsed(), result.is_ok());
         info!(
             peers = peers.len(),
             took_ms = started.elapsed().as_millis(),
@@ -919,6 +909,13 @@ impl Agent {
             }
         }
     }
+}
+
+/// A pass bringing the kernel in line, in the metrics, with the peers and kernel objects after it.
+fn count_pass(state: &State, took: Duration, ok: bool) {
+    let metrics = crate::metrics::get();
+    metrics.reconciled(took, ok, state.backend.owned());
+    metrics.peers_known(state.peers.count_by_type());
 }
 
 /// Hands back to the system the memory a large pass freed. glibc keeps freed heap for reuse, so

@@ -414,37 +414,34 @@ impl PeerSet {
 
     /// The accepted peers, in key order.
     pub fn peers(&self) -> impl Iterator<Item = (&str, Lease)> + '_ {
-        self.accepted.iter().filter_map(|k| {
-            let lease = self.entries.get(k)?.value.as_ref().ok()?.lease();
-            Some((&**k, lease))
-        })
+        (self.accepted.iter()).filter_map(|k| Some((&**k, self.readable(k)?.lease())))
     }
 
     /// The accepted peers as the data plane is given them, in key order: made straight from
     /// what is stored, without a [`Lease`] in between.
     pub fn backend_peers(&self) -> impl Iterator<Item = weft_backends::Lease> + '_ {
-        self.accepted.iter().filter_map(|k| {
-            let stored = self.entries.get(k)?.value.as_ref().ok()?;
-            Some(stored.backend_lease())
-        })
+        (self.accepted.iter()).filter_map(|k| Some(self.readable(k)?.backend_lease()))
     }
 
     /// The accepted peer at `key` as the data plane is given it.
     pub fn backend_peer(&self, key: &str) -> Option<weft_backends::Lease> {
-        self.accepted.contains(key).then_some(())?;
-        let stored = self.entries.get(key)?.value.as_ref().ok()?;
-        Some(stored.backend_lease())
+        Some(self.accepted_lease(key)?.backend_lease())
     }
 
     /// The lease of the accepted peer at `key`.
     pub fn peer(&self, key: &str) -> Option<Lease> {
+        Some(self.accepted_lease(key)?.lease())
+    }
+
+    /// What is stored for the accepted peer at `key`.
+    fn accepted_lease(&self, key: &str) -> Option<&Stored> {
         self.accepted.contains(key).then_some(())?;
-        self.entries
-            .get(key)?
-            .value
-            .as_ref()
-            .ok()
-            .map(Stored::lease)
+        self.readable(key)
+    }
+
+    /// The readable lease stored at `key`, whatever its verdict.
+    fn readable(&self, key: &str) -> Option<&Stored> {
+        self.entries.get(key)?.value.as_ref().ok()
     }
 
     /// How many peers are accepted.

@@ -211,29 +211,20 @@ impl Store {
 
     /// Every lease under `subnets/`, garbage set aside.
     pub async fn list(&self) -> Result<Listing> {
-        let mut listing = self.list_records().await?;
-        for record in &listing.records {
-            match &record.value {
-                Ok(l) => listing.leases.push(l.clone()),
-                Err(e) => listing.bad.push(BadLease {
-                    key: record.key.clone(),
-                    reason: e.to_string(),
-                }),
-            }
-        }
+        let mut listing = Listing::default();
+        listing.revision = self
+            .list_records_paged(|record| {
+                match &record.value {
+                    Ok(l) => listing.leases.push(l.clone()),
+                    Err(e) => listing.bad.push(BadLease {
+                        key: record.key.clone(),
+                        reason: e.to_string(),
+                    }),
+                }
+                listing.records.push(record);
+            })
+            .await?;
         Ok(listing)
-    }
-
-    /// Every key under `subnets/` as stored, and the revision: only `records` and `revision` of
-    /// the [`Listing`] are filled.
-    pub async fn list_records(&self) -> Result<Listing> {
-        let mut records = Vec::new();
-        let revision = self.list_records_paged(|r| records.push(r)).await?;
-        Ok(Listing {
-            revision,
-            records,
-            ..Listing::default()
-        })
     }
 
     /// Every key under `subnets/` as stored, handed to `each` in key order, and the revision

@@ -15,7 +15,6 @@ pub struct HostGw {
     net: Network,
     own: Option<Lease>,
     conn: Conn,
-    owned: OwnedCounts,
     /// The peer routes in place, for targeted changes (`apply`).
     routes: OwnedRoutes,
     /// The underlay's directly connected networks as of the last full reconcile.
@@ -30,7 +29,6 @@ impl HostGw {
             net,
             own: None,
             conn: Conn::default(),
-            owned: OwnedCounts::default(),
             routes: OwnedRoutes::default(),
             connected: Vec::new(),
             synced: false,
@@ -72,7 +70,6 @@ impl HostGw {
                 .await
                 .0,
         );
-        self.owned.routes = desired.len();
         self.synced = true;
         self.conn.settle();
         errs.into_result()
@@ -83,9 +80,7 @@ impl HostGw {
         let handle = self.conn.handle()?;
         let mut errs = ErrorList::default();
         if changes.is_empty() {
-            let ext = self.net.external.clone();
-            errs.0
-                .extend(self.routes.retry(&handle, |_| ext.name.clone()).await.0);
+            errs.0.extend(self.routes.retry(&handle).await.0);
         }
         let mut remove = changes.remove.clone();
         let mut upsert = Vec::new();
@@ -102,7 +97,6 @@ impl HostGw {
         }
         errs.0
             .extend(self.routes.apply(&handle, &remove, &upsert).await.0);
-        self.owned.routes = self.routes.len() + self.routes.blocked();
         self.conn.settle();
         errs.into_result()
     }
@@ -144,7 +138,10 @@ impl HostGw {
     }
 
     pub fn owned(&self) -> OwnedCounts {
-        self.owned
+        OwnedCounts {
+            routes: self.routes.wanted(),
+            ..OwnedCounts::default()
+        }
     }
 
     pub async fn drifted(&mut self) {

@@ -166,7 +166,7 @@ pub struct OwnedRoutes {
     /// Wanted but not in place: another route holds the destination (described as the last
     /// full reconcile saw it, if it did), or adding failed. Tried again by
     /// [`OwnedRoutes::retry`].
-    blocked: HashMap<Ipv4Net, (Hop, Option<String>)>,
+    blocked: HashMap<Ipv4Net, (RouteSpec, Option<String>)>,
     /// A targeted change met a state only a full reconcile can judge (a route nobody knew of at
     /// a destination: flanneld's to adopt, or another's to yield to), or failed halfway.
     stale: bool,
@@ -188,7 +188,7 @@ impl OwnedRoutes {
                 self.installed.insert(want.dst, Hop::of(want));
             } else {
                 let by = held.remove(&want.dst);
-                self.blocked.insert(want.dst, (Hop::of(want), by));
+                self.blocked.insert(want.dst, (want.clone(), by));
             }
         }
         // A failed dump leaves nothing known: only another full pass can tell.
@@ -248,25 +248,19 @@ impl OwnedRoutes {
 
     /// Tries again the routes that could not be put in place (a destination another route held):
     /// one exclusive add each, nothing else.
-    pub async fn retry(&mut self, handle: &Handle, dev: impl Fn(u32) -> String) -> ErrorList {
+    pub async fn retry(&mut self, handle: &Handle) -> ErrorList {
         let mut errs = ErrorList::default();
-        let (wants, held): (Vec<RouteSpec>, Vec<Option<String>>) = self
-            .blocked
-            .drain()
-            .map(|(dst, (h, by))| {
-                let want = RouteSpec {
-                    dst,
-                    gateway: h.gateway,
-                    oif: h.oif,
-                    dev: dev(h.oif),
-                    onlink: h.onlink,
-                };
-                // Known to be held, by whatever a full pass saw there.
-                (want, Some(by.unwrap_or_default()))
+        let blocked: Vec<(RouteSpec, Option<String>)> =
+            self.blocked.drain().map(|(_, b)| b).collect();
+        // Known to be held, by whatever a full pass saw there.
+        let puts: Vec<_> = (blocked.iter())
+            .map(|(w, by)| {
+                (
+                    w,
+                    NLM_F_CREATE | NLM_F_EXCL,
+                    Some(by.clone().unwrap_or_default()),
+                )
             })
-            .unzip();
-        let puts: Vec<_> = (wants.iter().zip(held))
-            .map(|(w, by)| (w, NLM_F_CREATE | NLM_F_EXCL, by))
             .collect();
         self.put(handle, &puts, &mut errs).await;
         errs
@@ -299,7 +293,7 @@ impl OwnedRoutes {
                     self.stale |= held.is_none();
                     let by = held.clone().filter(|b| !b.is_empty());
                     let existing = by.clone().unwrap_or_else(|| "another route".into());
-                    self.blocked.insert(want.dst, (Hop::of(want), by));
+                    self.blocked.insert(want.dst, ((*want).clone(), by));
                     errs.push(Error::RouteConflict {
                         wanted: want.to_string(),
                         existing,
@@ -312,7 +306,7 @@ impl OwnedRoutes {
                         self.installed.remove(&want.dst);
                     }
                     let by = held.clone().filter(|b| !b.is_empty());
-                    self.blocked.insert(want.dst, (Hop::of(want), by));
+                    self.blocked.insert(want.dst, ((*want).clone(), by));
                     errs.push(Error::Netlink {
                         context: format!("add route {want}"),
                         source,
@@ -327,14 +321,9 @@ impl OwnedRoutes {
         self.stale
     }
 
-    /// Routes in place.
-    pub fn len(&self) -> usize {
-        self.installed.len()
-    }
-
-    /// Routes wanted but not in place.
-    pub fn blocked(&self) -> usize {
-        self.blocked.len()
+    /// Routes wanted: in place, or blocked.
+    pub fn wanted(&self) -> usize {
+        self.installed.len() + self.blocked.len()
     }
 }
 
@@ -515,11 +504,10 @@ async fn reconcile_routes(
             }),
         }
     }
-    let stale: Vec<&Installed> = owned.iter().collect();
     let wanted: HashSet<Ipv4Net> = desired.iter().map(|d| d.dst).collect();
-    let results = pipeline::all(stale.iter(), |r| delete(handle, r)).await;
+    let results = pipeline::all(&owned, |r| delete(handle, r)).await;
     let mut removed = 0;
-    for (r, result) in stale.iter().zip(results) {
+    for (r, result) in owned.iter().zip(results) {
         match result {
             Ok(()) if foreign_at.contains_key(&r.dst) => {
                 info!(dst = %r.dst, gateway = ?r.gateway, "route withdrawn: another route holds its destination")

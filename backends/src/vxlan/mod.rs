@@ -37,7 +37,6 @@ pub struct Vxlan {
     /// The device's index as of the last ensure, for recognising drift events.
     index: Option<u32>,
     conn: Conn,
-    owned: OwnedCounts,
     /// What each peer has in the kernel, for targeted changes (`apply`).
     plans: Plans,
     routes: OwnedRoutes,
@@ -59,7 +58,6 @@ impl Vxlan {
             own: None,
             index: None,
             conn: Conn::default(),
-            owned: OwnedCounts::default(),
             plans: Plans::default(),
             routes: OwnedRoutes::default(),
             connected: Vec::new(),
@@ -131,32 +129,31 @@ impl Vxlan {
                 Err(e) => errs.push(e),
             }
         }
-        let mut arp = Vec::with_capacity(plans.overlay());
-        let mut fdb = Vec::with_capacity(plans.overlay());
-        let mut routes = Vec::with_capacity(plans.len());
+        // Everything each peer needs, as if from nothing.
+        let mut all = Moves::default();
         for (subnet, plan) in plans.iter() {
-            let mut m = Moves::default();
-            m.peer(subnet, None, Some(plan));
-            arp.extend(m.arp_add);
-            fdb.extend(m.fdb_add);
-            routes.push(self.route(subnet, plan, index));
+            all.peer(subnet, None, Some(plan));
         }
+        let routes: Vec<RouteSpec> = (all.route_put.iter())
+            .map(|(subnet, plan)| self.route(*subnet, *plan, index))
+            .collect();
         // flannel's order per peer: neighbour, FDB, route.
-        errs.0
-            .extend(neigh::reconcile(&handle, Table::Arp, index, &arp).await.0);
-        errs.0
-            .extend(neigh::reconcile(&handle, Table::Fdb, index, &fdb).await.0);
+        errs.0.extend(
+            neigh::reconcile(&handle, Table::Arp, index, &all.arp_add)
+                .await
+                .0,
+        );
+        errs.0.extend(
+            neigh::reconcile(&handle, Table::Fdb, index, &all.fdb_add)
+                .await
+                .0,
+        );
         let owner = Owner {
             network: self.net.network,
             device: Some(index),
         };
         errs.0
             .extend(self.routes.reconcile(&handle, &owner, &routes).await.0);
-        self.owned = OwnedCounts {
-            routes: routes.len(),
-            neighbours: arp.len(),
-            fdb: fdb.len(),
-        };
         self.plans = plans;
         self.synced = !errs.0.iter().any(kernel_unknown);
         self.conn.settle();
@@ -173,15 +170,7 @@ impl Vxlan {
         let handle = self.conn.handle()?;
         let mut errs = ErrorList::default();
         if changes.is_empty() {
-            let (name, ext) = (self.name.clone(), self.net.external.clone());
-            let dev = |oif| {
-                if oif == index {
-                    name.clone()
-                } else {
-                    ext.name.clone()
-                }
-            };
-            errs.0.extend(self.routes.retry(&handle, dev).await.0);
+            errs.0.extend(self.routes.retry(&handle).await.0);
         }
         let mut moves = Moves::default();
         // Removals first: a MAC they free may be taken by a peer added in the same batch.
@@ -209,15 +198,13 @@ impl Vxlan {
             self.plans.set(p.subnet, new);
             moves.peer(p.subnet, old, new);
         }
-        let neigh_errs = |errs: &mut ErrorList, more: ErrorList, synced: &mut bool| {
-            *synced &= more.0.is_empty();
+        // A failed neighbour request leaves the tables unknown: the next check compares them.
+        let mut neigh_ok = true;
+        for (table, entries) in [(Table::Arp, &moves.arp_add), (Table::Fdb, &moves.fdb_add)] {
+            let more = neigh::add_all(&handle, table, index, entries).await;
+            neigh_ok &= more.0.is_empty();
             errs.0.extend(more.0);
-        };
-        let mut synced = true;
-        let more = neigh::add_all(&handle, Table::Arp, index, &moves.arp_add).await;
-        neigh_errs(&mut errs, more, &mut synced);
-        let more = neigh::add_all(&handle, Table::Fdb, index, &moves.fdb_add).await;
-        neigh_errs(&mut errs, more, &mut synced);
+        }
         let put: Vec<RouteSpec> = (moves.route_put.iter())
             .map(|(subnet, plan)| self.route(*subnet, *plan, index))
             .collect();
@@ -227,16 +214,12 @@ impl Vxlan {
                 .await
                 .0,
         );
-        let more = neigh::delete_all(&handle, Table::Arp, index, &moves.arp_del).await;
-        neigh_errs(&mut errs, more, &mut synced);
-        let more = neigh::delete_all(&handle, Table::Fdb, index, &moves.fdb_del).await;
-        neigh_errs(&mut errs, more, &mut synced);
-        self.synced &= synced;
-        self.owned = OwnedCounts {
-            routes: self.routes.len() + self.routes.blocked(),
-            neighbours: self.plans.overlay(),
-            fdb: self.plans.overlay(),
-        };
+        for (table, entries) in [(Table::Arp, &moves.arp_del), (Table::Fdb, &moves.fdb_del)] {
+            let more = neigh::delete_all(&handle, table, index, entries).await;
+            neigh_ok &= more.0.is_empty();
+            errs.0.extend(more.0);
+        }
+        self.synced &= neigh_ok;
         self.conn.settle();
         errs.into_result()
     }
@@ -289,8 +272,14 @@ impl Vxlan {
         }
     }
 
+    /// Every peer in the plans has its route (in place or blocked); each overlay peer a
+    /// neighbour and an FDB entry.
     pub fn owned(&self) -> OwnedCounts {
-        self.owned
+        OwnedCounts {
+            routes: self.routes.wanted(),
+            neighbours: self.plans.overlay(),
+            fdb: self.plans.overlay(),
+        }
     }
 
     pub async fn drifted(&mut self) {

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use serde_json::Value;
-use weft_backends::{Backend, BackendConfig, InterfaceSelector, Lease, Network, PeerChanges};
+use weft_backends::{
+    Backend, BackendConfig, ErrorList, InterfaceSelector, Lease, Network, PeerChanges,
+};
 pub use weft_lab::netns::enter;
 pub use weft_lab::probe::{udp_send, UdpProbe};
 #[allow(unused_imports)]
@@ -205,11 +207,7 @@ impl Host {
     pub fn reconcile(&self, peers: &[Lease]) -> Result<(), Vec<String>> {
         let peers = peers.to_vec();
         self.agent.with_backend(move |b| {
-            Box::pin(async move {
-                b.reconcile(&peers)
-                    .await
-                    .map_err(|l| l.0.iter().map(ToString::to_string).collect())
-            })
+            Box::pin(async move { b.reconcile(&peers).await.map_err(messages) })
         })
     }
 
@@ -218,11 +216,7 @@ impl Host {
     pub fn apply(&self, changes: &PeerChanges) -> Result<(), Vec<String>> {
         let changes = changes.clone();
         self.agent.with_backend(move |b| {
-            Box::pin(async move {
-                b.apply(&changes)
-                    .await
-                    .map_err(|l| l.0.iter().map(ToString::to_string).collect())
-            })
+            Box::pin(async move { b.apply(&changes).await.map_err(messages) })
         })
     }
 
@@ -236,25 +230,13 @@ impl Host {
     /// address) the kernel emitted meanwhile: a reconcile with nothing to do must cause none.
     pub fn reconcile_watching(&self, peers: &[Lease]) -> (Result<(), Vec<String>>, Vec<String>) {
         let peers = peers.to_vec();
-        self.watching(move |b| {
-            Box::pin(async move {
-                b.reconcile(&peers)
-                    .await
-                    .map_err(|l| l.0.iter().map(ToString::to_string).collect())
-            })
-        })
+        self.watching(move |b| Box::pin(async move { b.reconcile(&peers).await.map_err(messages) }))
     }
 
     /// Applies changes and returns the change notifications the kernel emitted meanwhile.
     pub fn apply_watching(&self, changes: &PeerChanges) -> (Result<(), Vec<String>>, Vec<String>) {
         let changes = changes.clone();
-        self.watching(move |b| {
-            Box::pin(async move {
-                b.apply(&changes)
-                    .await
-                    .map_err(|l| l.0.iter().map(ToString::to_string).collect())
-            })
-        })
+        self.watching(move |b| Box::pin(async move { b.apply(&changes).await.map_err(messages) }))
     }
 
     /// Runs `f` with the backend and returns, with its result, the rtnetlink change
@@ -393,4 +375,9 @@ pub fn others(leases: &[Lease], me: usize) -> Vec<Lease> {
         .filter(|(i, _)| *i != me)
         .map(|(_, l)| l.clone())
         .collect()
+}
+
+/// One message per failure of a pass, for assertions.
+pub fn messages(l: ErrorList) -> Vec<String> {
+    l.0.iter().map(ToString::to_string).collect()
 }

@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use weft_backends::firewall::Firewall;
 use weft_backends::Lease;
 
-use crate::harness::{lab, root_or_skip, Agent, Host};
+use crate::harness::{lab, messages, root_or_skip, Agent, Host};
 
 fn host_gw() -> Value {
     json!({"Type": "host-gw"})
@@ -47,13 +47,8 @@ fn second_instance(h: &Host, network: &str, config: Value, own: &Lease) -> Agent
 
 fn reconcile(agent: &Agent, peers: &[Lease]) -> Result<(), Vec<String>> {
     let peers = peers.to_vec();
-    agent.with_backend(move |b| {
-        Box::pin(async move {
-            b.reconcile(&peers)
-                .await
-                .map_err(|l| l.0.iter().map(ToString::to_string).collect())
-        })
-    })
+    agent
+        .with_backend(move |b| Box::pin(async move { b.reconcile(&peers).await.map_err(messages) }))
 }
 
 /// What a vxlan instance programs on its device: routes through it, neighbours, FDB entries.
