@@ -160,7 +160,7 @@ impl Lease {
             subnet: self.subnet,
             public_ip: self.attrs.public_ip,
             backend_type: self.attrs.backend_type.clone(),
-            backend_data: self.attrs.backend_data.clone(),
+            backend_data: self.attrs.backend_data.as_ref().map(Into::into),
         }
     }
 }

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use ipnet::Ipv4Net;
 use weft_backends::iface::is_unicast_host;
 use weft_backends::mac::{vtep_mac, Mac, VtepMacError};
+use weft_backends::BackendData;
 
 use crate::lease::{Lease, LeaseAttrs, Record, Unreadable};
 
@@ -316,7 +317,7 @@ impl Stored {
             subnet: self.subnet,
             public_ip: self.public_ip,
             backend_type: self.backend_type().to_owned(),
-            backend_data: (self.backend_data.as_deref()).and_then(|t| serde_json::from_str(t).ok()),
+            backend_data: (self.backend_data.as_deref()).map(BackendData::from_json),
         }
     }
 

@@ -24,6 +24,7 @@ mod lease;
 pub mod mac;
 mod neigh;
 mod netlink;
+pub mod nexthop;
 mod peer;
 mod pipeline;
 mod routes;
@@ -38,7 +39,7 @@ use serde_json::Value;
 
 pub use error::{Error, ErrorList};
 pub use iface::{ExternalInterface, InterfaceSelector};
-pub use lease::Lease;
+pub use lease::{BackendData, Lease};
 pub use neigh::permanent_entry as permanent_neighbour;
 pub use routes::RTPROT_WEFT;
 pub use vxlan::ethtool;
@@ -285,10 +286,12 @@ impl Backend {
         match self {
             Self::Alloc(_) => "nothing (alloc has no data path)",
             Self::Vxlan(_) => {
-                "the vxlan device with its address, neighbours, FDB entries and routes; the \
-                 kernel keeps forwarding"
+                "the vxlan device with its address, neighbours, FDB entries, routes and \
+                 nexthops; the kernel keeps forwarding"
             }
-            Self::HostGw(_) => "the routes to the peers; the kernel keeps forwarding",
+            Self::HostGw(_) => {
+                "the routes to the peers and their nexthops; the kernel keeps forwarding"
+            }
             Self::Udp(_) => {
                 "flannel0 (a persistent TUN device) with its address and route; packets are \
                  dropped until the next weftd reopens it"

@@ -30,7 +30,13 @@ pub async fn request(
     let mut req = NetlinkMessage::from(msg);
     req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
     tracing::trace!(?req, "netlink request");
-    let mut resp = handle.clone().request(req)?;
+    acked(handle.clone().request(req)?).await
+}
+
+/// Waits for the answer to one request: its error, or its acknowledgement.
+pub(crate) async fn acked<T>(
+    mut resp: impl futures::Stream<Item = NetlinkMessage<T>> + Unpin,
+) -> Result<(), rtnetlink::Error> {
     while let Some(m) = resp.next().await {
         if let NetlinkPayload::Error(e) = m.payload {
             if e.code.is_some() {

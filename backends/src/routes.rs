@@ -23,6 +23,18 @@
 //! protocol `boot`, which is how flanneld writes its routes, is adopted: weft adds its own copy
 //! ahead of it and deletes the old one. Forwarding never changes on the way; from then on the
 //! route is weft's, and goes when the peer leaves, as it would have under flanneld.
+//!
+//! Where the kernel has nexthop objects (Linux 5.3+), a route through a gateway names one
+//! (`10.244.3.0/24 nhid 183763712 proto 87`, which `ip route` also shows with its `via` and
+//! `dev`): with thousands of peers, classic routes with distinct gateways cost the kernel time
+//! quadratic in their number (see [`crate::nexthop`]). Each such route has a nexthop of its own,
+//! protocol 87, whose id is the destination's network address ([`nexthop_id`]); a peer whose
+//! gateway changes is one nexthop replaced, its route untouched. Ownership of nexthops follows
+//! the routes' rule (protocol 87, and the id inside the network or the device this instance's).
+//! A route keeps the classic form where its nexthop cannot be made (the id is another program's,
+//! the kernel refuses it) and on kernels without nexthops; a full pass moves classic routes to
+//! nexthops where it can. A route someone else makes naming one of weft's nexthops goes when
+//! the kernel deletes that nexthop with weft's route.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -40,6 +52,7 @@ use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::{Handle, RouteMessageBuilder};
 use tracing::{debug, info};
 
+use crate::nexthop::{self, Nexthop};
 use crate::{netlink, pipeline, Error, ErrorList};
 
 /// The route protocol number (`rtm_protocol`) marking routes weft created. `ip route` shows it as
@@ -64,6 +77,21 @@ impl Owner {
         r.protocol == RTPROT_WEFT
             && (self.network.contains(&r.dst) || (r.oif.is_some() && r.oif == self.device))
     }
+
+    /// The same rule for a nexthop, whose id is its route's destination address.
+    fn owns_nexthop(&self, nh: &Nexthop) -> bool {
+        nh.protocol == RTPROT_WEFT
+            && (self.network.contains(&Ipv4Addr::from(nh.id))
+                || (nh.oif.is_some() && nh.oif == self.device))
+    }
+}
+
+/// The id of weft's nexthop for the route to `dst`: its network address as a number. Derived,
+/// not allocated, so a restarted weftd finds its nexthops with no record of them, and no two of
+/// an instance's routes share one. Another program's nexthop may hold the id (FRR's zebra
+/// counts up from 1, far below any cluster network's addresses): that route stays classic.
+pub fn nexthop_id(dst: Ipv4Net) -> Option<u32> {
+    Some(u32::from(dst.network())).filter(|&id| id != 0)
 }
 
 /// One desired route `dst via gateway dev <oif> [onlink]` in the main table, or `dst dev <oif>`
@@ -92,8 +120,8 @@ impl RouteSpec {
         }
     }
 
-    /// Whether `r` forwards exactly as this route would (whoever created it).
-    fn same_as(&self, r: &Installed) -> bool {
+    /// Whether `r` forwards exactly as this route would (whoever created it, in either form).
+    fn forwards_like(&self, r: &Installed) -> bool {
         r.dst == self.dst
             && r.gateway == self.gateway
             && r.oif == Some(self.oif)
@@ -116,7 +144,8 @@ impl fmt::Display for RouteSpec {
     }
 }
 
-/// A route of the main table as the kernel reports it.
+/// A route of the main table as the kernel reports it. A route naming a nexthop has that
+/// nexthop's gateway, device and on-link flag here.
 #[derive(Debug)]
 struct Installed {
     dst: Ipv4Net,
@@ -125,41 +154,80 @@ struct Installed {
     onlink: bool,
     priority: u32,
     protocol: u8,
-    /// Plain unicast, universe scope, no TOS: the only shape weft creates.
+    /// The nexthop object the route names, if any.
+    nh: Option<u32>,
+    /// Plain unicast, universe scope, no TOS, one plain next hop: the only shape weft creates.
     clean: bool,
     msg: RouteMessage,
 }
 
-/// Makes the routes `owner` owns exactly `desired`: adds what is missing, replaces its own
-/// routes that differ, deletes its own routes no peer wants, and leaves every other route alone
-/// (a desired route whose destination another route holds is a [`Error::RouteConflict`]).
-/// Every failure is collected, none stops the pass.
+/// Makes the routes `owner` owns exactly `desired`, in the classic form: adds what is missing,
+/// replaces its own routes that differ, deletes its own routes no peer wants, and leaves every
+/// other route alone (a desired route whose destination another route holds is a
+/// [`Error::RouteConflict`]). Every failure is collected, none stops the pass. For a few device
+/// routes (udp's); peers' routes go through [`OwnedRoutes`].
 pub async fn reconcile_owned(handle: &Handle, owner: &Owner, desired: &[RouteSpec]) -> ErrorList {
-    reconcile_routes(handle, owner, desired).await.0
+    reconcile_routes(handle, None, owner, desired).await.errs
 }
 
-/// A route as [`OwnedRoutes`] remembers it: where its destination goes.
+/// Where a route weft put in place sends its destination, and through which of weft's nexthop
+/// objects, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Hop {
     gateway: Option<Ipv4Addr>,
     oif: u32,
     onlink: bool,
+    nh: Option<u32>,
 }
 
 impl Hop {
-    fn of(r: &RouteSpec) -> Self {
+    /// `r` in the classic form.
+    fn classic(r: &RouteSpec) -> Self {
         Self {
             gateway: r.gateway,
             oif: r.oif,
             onlink: r.onlink,
+            nh: None,
         }
     }
+
+    /// `r` through its own nexthop where it has a gateway and `nexthops` (the kernel has them).
+    fn of(r: &RouteSpec, nexthops: bool) -> Self {
+        let nh = (nexthops && r.gateway.is_some())
+            .then(|| nexthop_id(r.dst))
+            .flatten();
+        Self {
+            nh,
+            ..Self::classic(r)
+        }
+    }
+
+    /// The nexthop object this hop names, as weft makes it.
+    fn nexthop(&self) -> Option<Nexthop> {
+        self.nh.map(|id| Nexthop {
+            id,
+            protocol: RTPROT_WEFT,
+            oif: Some(self.oif),
+            gateway: self.gateway,
+            onlink: self.onlink,
+            other: false,
+        })
+    }
+}
+
+/// Whether the kernel has nexthop objects, once a full pass found out.
+#[derive(Default)]
+enum Nexthops {
+    #[default]
+    Unknown,
+    Absent,
+    Present(nexthop::Handle),
 }
 
 /// The routes one backend instance has in the kernel, as its last full reconcile found and left
 /// them and as the targeted changes since left them: what [`OwnedRoutes::apply`] works from
 /// instead of dumping the routing table (10,000 peers are 10,000 routes).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct OwnedRoutes {
     /// weft's routes, by destination.
     installed: HashMap<Ipv4Net, Hop>,
@@ -170,40 +238,95 @@ pub struct OwnedRoutes {
     /// A targeted change met a state only a full reconcile can judge (a route nobody knew of at
     /// a destination: flanneld's to adopt, or another's to yield to), or failed halfway.
     stale: bool,
+    nexthops: Nexthops,
 }
 
 impl OwnedRoutes {
-    /// [`reconcile_owned`], remembering what it left in place.
+    /// [`reconcile_owned`], with routes through gateways naming nexthops where the kernel has
+    /// them, remembering what it left in place.
     pub async fn reconcile(
         &mut self,
         handle: &Handle,
         owner: &Owner,
         desired: &[RouteSpec],
     ) -> ErrorList {
-        let (errs, placed, mut held) = reconcile_routes(handle, owner, desired).await;
+        let objects = match self.list_nexthops().await {
+            Ok(o) => o,
+            Err(e) => {
+                // Without knowing weft's nexthops, routes might be judged wrongly: nothing is
+                // touched, and the next full pass tries again.
+                self.stale = true;
+                return e.into();
+            }
+        };
+        let pass = reconcile_routes(handle, objects, owner, desired).await;
         self.installed.clear();
         self.blocked.clear();
-        for (want, ok) in desired.iter().zip(placed) {
-            if ok {
-                self.installed.insert(want.dst, Hop::of(want));
-            } else {
-                let by = held.remove(&want.dst);
-                self.blocked.insert(want.dst, (want.clone(), by));
+        let mut held = pass.held;
+        for (want, hop) in desired.iter().zip(pass.placed) {
+            match hop {
+                Some(hop) => {
+                    self.installed.insert(want.dst, hop);
+                }
+                None => {
+                    let by = held.remove(&want.dst);
+                    self.blocked.insert(want.dst, (want.clone(), by));
+                }
             }
         }
         // A failed dump leaves nothing known: only another full pass can tell.
-        self.stale = errs
-            .0
-            .iter()
+        self.stale = (pass.errs.0.iter())
             .any(|e| matches!(e, Error::Netlink { context, .. } if context == LIST_ROUTES));
-        errs
+        pass.errs
+    }
+
+    /// The kernel's nexthops, with the connection to change them; `None` on a kernel without
+    /// nexthop objects (found out once, by the first dump).
+    async fn list_nexthops(&mut self) -> Result<Option<(nexthop::Handle, Vec<Nexthop>)>, Error> {
+        let handle = match &self.nexthops {
+            Nexthops::Absent => return Ok(None),
+            Nexthops::Present(h) => h.clone(),
+            Nexthops::Unknown => match nexthop::connect() {
+                Ok(h) => h,
+                Err(e) => {
+                    info!(error = %e, "no nexthop objects: routes name their gateways");
+                    self.nexthops = Nexthops::Absent;
+                    return Ok(None);
+                }
+            },
+        };
+        match nexthop::dump(&handle).await {
+            Ok(all) => {
+                if matches!(self.nexthops, Nexthops::Unknown) {
+                    debug!("routes through gateways name nexthop objects");
+                }
+                self.nexthops = Nexthops::Present(handle.clone());
+                Ok(Some((handle, all)))
+            }
+            // Linux < 5.3 answers EOPNOTSUPP. Whatever the reason, classic routes work.
+            Err(e) if matches!(self.nexthops, Nexthops::Unknown) => {
+                info!(error = %e, "no nexthop objects on this kernel: routes name their gateways");
+                self.nexthops = Nexthops::Absent;
+                Ok(None)
+            }
+            Err(e) => Err(Error::netlink(LIST_NEXTHOPS)(e)),
+        }
+    }
+
+    /// The connection for nexthop requests, if routes name nexthops.
+    fn nexthop_handle(&self) -> Option<&nexthop::Handle> {
+        match &self.nexthops {
+            Nexthops::Present(h) => Some(h),
+            _ => None,
+        }
     }
 
     /// Removes the routes to `remove` and puts `upsert` in place, with one netlink request per
-    /// route and no dump: weft's own route to a destination is replaced, a new one added
-    /// exclusively (so a route someone else holds is never overwritten: the destination is
-    /// then blocked, and [`OwnedRoutes::stale`] asks for a full reconcile to judge it), and only
-    /// weft's own route, matched exactly, is ever deleted.
+    /// route (or nexthop) and no dump: weft's own route to a destination is replaced (when only
+    /// its gateway changed, its nexthop is), a new one added exclusively (so a route someone
+    /// else holds is never overwritten: the destination is then blocked, and
+    /// [`OwnedRoutes::stale`] asks for a full reconcile to judge it), and only weft's own
+    /// route, matched exactly, is ever deleted.
     pub async fn apply(
         &mut self,
         handle: &Handle,
@@ -218,18 +341,30 @@ impl OwnedRoutes {
                 gone.push((*dst, hop));
             }
         }
+        let objects = self.nexthop_handle().is_some();
         let mut puts = Vec::new();
         for want in upsert {
-            let hop = Hop::of(want);
+            let hop = Hop::of(want, objects);
             let held = (self.blocked.remove(&want.dst)).map(|(_, by)| by.unwrap_or_default());
-            match self.installed.get(&want.dst) {
-                Some(h) if *h == hop => {}
-                Some(_) => puts.push((want, NLM_F_CREATE | NLM_F_REPLACE, None)),
-                None => puts.push((want, NLM_F_CREATE | NLM_F_EXCL, held)),
-            }
+            let put = match self.installed.get(&want.dst) {
+                Some(h) if *h == hop => continue,
+                // Only the gateway changed: the route names the same nexthop.
+                Some(h) if h.nh.is_some() && h.nh == hop.nh => Put::new(want, hop)
+                    .nexthop(NLM_F_CREATE | NLM_F_REPLACE)
+                    .previous(*h),
+                Some(h) => Put::new(want, hop)
+                    .nexthop(NLM_F_CREATE | NLM_F_EXCL)
+                    .route(NLM_F_CREATE | NLM_F_REPLACE)
+                    .previous(*h),
+                None => Put::new(want, hop)
+                    .nexthop(NLM_F_CREATE | NLM_F_EXCL)
+                    .route(NLM_F_CREATE | NLM_F_EXCL),
+            };
+            puts.push((put, held));
         }
-        self.put(handle, &puts, &mut errs).await;
+        self.put(handle, puts, &mut errs).await;
         let results = pipeline::all(&gone, |(dst, hop)| delete_exact(handle, *dst, *hop)).await;
+        let mut unused = Vec::new();
         for ((dst, hop), r) in gone.iter().zip(results) {
             match r {
                 Ok(()) => debug!(%dst, gateway = ?hop.gateway, "route removed"),
@@ -240,8 +375,15 @@ impl OwnedRoutes {
                         context: format!("delete route {dst} via {:?}", hop.gateway),
                         source,
                     });
+                    continue;
                 }
             }
+            unused.extend(hop.nh);
+        }
+        // Only once no route of weft's names them (deleting a nexthop in use makes the kernel
+        // walk every table for the routes naming it).
+        if let Some(nh) = self.nexthop_handle() {
+            errs.0.extend(delete_nexthops(nh, &unused).await.0);
         }
         errs
     }
@@ -250,50 +392,52 @@ impl OwnedRoutes {
     /// one exclusive add each, nothing else.
     pub async fn retry(&mut self, handle: &Handle) -> ErrorList {
         let mut errs = ErrorList::default();
+        let objects = self.nexthop_handle().is_some();
         let blocked: Vec<(RouteSpec, Option<String>)> =
             self.blocked.drain().map(|(_, b)| b).collect();
         // Known to be held, by whatever a full pass saw there.
         let puts: Vec<_> = (blocked.iter())
             .map(|(w, by)| {
-                (
-                    w,
-                    NLM_F_CREATE | NLM_F_EXCL,
-                    Some(by.clone().unwrap_or_default()),
-                )
+                let put = Put::new(w, Hop::of(w, objects))
+                    .nexthop(NLM_F_CREATE | NLM_F_EXCL)
+                    .route(NLM_F_CREATE | NLM_F_EXCL);
+                (put, Some(by.clone().unwrap_or_default()))
             })
             .collect();
-        self.put(handle, &puts, &mut errs).await;
+        self.put(handle, puts, &mut errs).await;
         errs
     }
 
-    /// Adds or replaces routes, `(route, flags, held)`: `held` when the destination was
-    /// blocked, with what a full pass saw holding it ("" when none did).
+    /// Puts routes in place, each with `held` when its destination was blocked, with what a
+    /// full pass saw holding it ("" when none did).
     async fn put(
         &mut self,
         handle: &Handle,
-        puts: &[(&RouteSpec, u16, Option<String>)],
+        puts: Vec<(Put<'_>, Option<String>)>,
         errs: &mut ErrorList,
     ) {
-        let results =
-            pipeline::all(puts.iter(), |(want, flags, _)| add(handle, want, *flags)).await;
-        for ((want, flags, held), r) in puts.iter().zip(results) {
+        let (puts, helds): (Vec<_>, Vec<_>) = puts.into_iter().unzip();
+        let nh = self.nexthop_handle().cloned();
+        let results = put_all(handle, nh.as_ref(), puts, errs).await;
+        for ((put, r), held) in results.into_iter().zip(helds) {
+            let want = put.want;
             match r {
-                Ok(()) => {
+                Ok(hop) => {
                     if held.is_some() {
                         info!(route = %want, "route added on a later try");
                     } else {
                         debug!(route = %want, "route in place");
                     }
-                    self.installed.insert(want.dst, Hop::of(want));
+                    self.installed.insert(want.dst, hop);
                 }
                 Err(e) if netlink::errno(&e) == Some(libc::EEXIST) => {
                     // Not weft's (ours would be in `installed`): flanneld's to adopt or
                     // another's to yield to, which only a dump can tell. A conflict a full
                     // reconcile already judged stays one until that route goes.
                     self.stale |= held.is_none();
-                    let by = held.clone().filter(|b| !b.is_empty());
+                    let by = held.filter(|b| !b.is_empty());
                     let existing = by.clone().unwrap_or_else(|| "another route".into());
-                    self.blocked.insert(want.dst, ((*want).clone(), by));
+                    self.blocked.insert(want.dst, (want.clone(), by));
                     errs.push(Error::RouteConflict {
                         wanted: want.to_string(),
                         existing,
@@ -301,12 +445,12 @@ impl OwnedRoutes {
                 }
                 Err(source) => {
                     // A failed replace leaves weft's old route in place, or none.
-                    if flags & NLM_F_REPLACE != 0 {
+                    if put.previous.is_some() {
                         self.stale = true;
                         self.installed.remove(&want.dst);
                     }
-                    let by = held.clone().filter(|b| !b.is_empty());
-                    self.blocked.insert(want.dst, ((*want).clone(), by));
+                    let by = held.filter(|b| !b.is_empty());
+                    self.blocked.insert(want.dst, (want.clone(), by));
                     errs.push(Error::Netlink {
                         context: format!("add route {want}"),
                         source,
@@ -327,18 +471,175 @@ impl OwnedRoutes {
     }
 }
 
+/// One route to put in place, and the requests that take it there.
+struct Put<'a> {
+    want: &'a RouteSpec,
+    hop: Hop,
+    /// The nexthop request's flags, when the hop names a nexthop that must be added or replaced.
+    nh_flags: Option<u16>,
+    /// The route request's flags; none when the route already names the right nexthop.
+    route_flags: Option<u16>,
+    /// What weft had in place for this destination.
+    previous: Option<Hop>,
+}
+
+impl<'a> Put<'a> {
+    fn new(want: &'a RouteSpec, hop: Hop) -> Self {
+        Self {
+            want,
+            hop,
+            nh_flags: None,
+            route_flags: None,
+            previous: None,
+        }
+    }
+
+    /// Adds or replaces the hop's nexthop (if it names one) with `flags`.
+    fn nexthop(mut self, flags: u16) -> Self {
+        if self.hop.nh.is_some() {
+            self.nh_flags = Some(flags);
+        }
+        self
+    }
+
+    fn route(mut self, flags: u16) -> Self {
+        self.route_flags = Some(flags);
+        self
+    }
+
+    fn previous(mut self, hop: Hop) -> Self {
+        self.previous = Some(hop);
+        self
+    }
+}
+
+/// Sends the nexthop requests, then the route requests, [`pipeline::IN_FLIGHT`] at a time, so
+/// a route names only a nexthop that exists. A route whose nexthop the kernel refused (the id
+/// another program's, a device without carrier) goes in the classic form instead. Nexthops the
+/// batch leaves unused (added for a route that was refused, named by a route now classic) are
+/// deleted. Each put with the hop now in place, or why its route is not.
+async fn put_all<'a>(
+    handle: &Handle,
+    nh: Option<&nexthop::Handle>,
+    mut puts: Vec<Put<'a>>,
+    errs: &mut ErrorList,
+) -> Vec<(Put<'a>, Result<Hop, rtnetlink::Error>)> {
+    let nh_results = match nh {
+        Some(nh) => {
+            pipeline::all(&puts, |p| async move {
+                match (p.nh_flags, p.hop.nexthop()) {
+                    (Some(flags), Some(n)) => Some(nexthop::put(nh, n, flags).await),
+                    _ => None,
+                }
+            })
+            .await
+        }
+        None => (puts.iter())
+            .map(|p| p.nh_flags.map(|_| Err(rtnetlink::Error::RequestFailed)))
+            .collect(),
+    };
+    let mut fresh = HashSet::new();
+    for (p, r) in puts.iter_mut().zip(nh_results) {
+        match r {
+            Some(Ok(())) if p.nh_flags.is_some_and(|f| f & NLM_F_EXCL != 0) => {
+                fresh.extend(p.hop.nh);
+            }
+            Some(Err(e)) => {
+                debug!(route = %p.want, error = %e, "nexthop refused: the route names its gateway");
+                p.hop.nh = None;
+                p.nh_flags = None;
+                p.route_flags.get_or_insert(NLM_F_CREATE | NLM_F_REPLACE);
+            }
+            _ => {}
+        }
+    }
+    let results = pipeline::all(&puts, |p| async move {
+        match p.route_flags {
+            Some(flags) => add(handle, p.want.dst, p.hop, flags).await,
+            None => Ok(()),
+        }
+    })
+    .await;
+    let mut unused = Vec::new();
+    let done: Vec<_> = (puts.into_iter().zip(results))
+        .map(|(p, r)| {
+            let r = r.map(|()| p.hop);
+            match &r {
+                Ok(hop) => unused.extend(
+                    p.previous
+                        .and_then(|h| h.nh)
+                        .filter(|&id| hop.nh != Some(id)),
+                ),
+                Err(_) => unused.extend(p.hop.nh.filter(|id| fresh.contains(id))),
+            }
+            (p, r)
+        })
+        .collect();
+    if let Some(nh) = nh {
+        errs.0.extend(delete_nexthops(nh, &unused).await.0);
+    }
+    done
+}
+
+/// Deletes weft's nexthops `ids`, [`pipeline::IN_FLIGHT`] at a time.
+async fn delete_nexthops(nh: &nexthop::Handle, ids: &[u32]) -> ErrorList {
+    let mut errs = ErrorList::default();
+    let results = pipeline::all(ids, |&id| nexthop::delete(nh, id)).await;
+    for (id, r) in ids.iter().zip(results) {
+        match r {
+            Ok(()) => debug!(id, "nexthop removed"),
+            Err(e) if netlink::is_gone(&e) => {}
+            Err(source) => errs.push(Error::Netlink {
+                context: format!("delete nexthop {id}"),
+                source,
+            }),
+        }
+    }
+    errs
+}
+
 /// The context of a failed route dump, so a pass that could not read the table says so.
 const LIST_ROUTES: &str = "list routes";
+const LIST_NEXTHOPS: &str = "list nexthops";
 
-/// The full pass of [`reconcile_owned`]; also says, for each desired route, whether it is in
-/// place afterwards.
+/// What a full pass did: its errors, for each desired route the hop in place (if it is), and
+/// what holds the destinations it yielded.
+struct FullPass {
+    errs: ErrorList,
+    placed: Vec<Option<Hop>>,
+    held: HashMap<Ipv4Net, String>,
+}
+
+/// The full pass of [`reconcile_owned`] and [`OwnedRoutes::reconcile`]; `objects` is the
+/// nexthop connection and every nexthop of the kernel, when routes are to name them.
 async fn reconcile_routes(
     handle: &Handle,
+    objects: Option<(nexthop::Handle, Vec<Nexthop>)>,
     owner: &Owner,
     desired: &[RouteSpec],
-) -> (ErrorList, Vec<bool>, HashMap<Ipv4Net, String>) {
+) -> FullPass {
     let mut errs = ErrorList::default();
-    let mut placed = vec![false; desired.len()];
+    let (nh_handle, nexthops) = match objects {
+        Some((h, all)) => (Some(h), all),
+        None => (None, Vec::new()),
+    };
+    // Every nexthop, to read the routes that name one; weft's own, to keep or remove.
+    let nexthops: HashMap<u32, Nexthop> = nexthops.into_iter().map(|n| (n.id, n)).collect();
+    let ours_nh: HashSet<u32> = (nexthops.values())
+        .filter(|n| owner.owns_nexthop(n))
+        .map(|n| n.id)
+        .collect();
+    let want: Vec<Hop> = (desired.iter())
+        .map(|d| {
+            let mut hop = Hop::of(d, nh_handle.is_some());
+            if let Some(id) = hop.nh.filter(|id| nexthops.contains_key(id) && !ours_nh.contains(id)) {
+                debug!(dst = %d.dst, id, "the nexthop id is another's: the route names its gateway");
+                hop.nh = None;
+            }
+            hop
+        })
+        .collect();
+    let mut placed: Vec<Option<Hop>> = vec![None; desired.len()];
     let mut wanted_at: HashMap<Ipv4Net, usize> = HashMap::with_capacity(desired.len());
     for (i, want) in desired.iter().enumerate() {
         wanted_at.entry(want.dst).or_insert(i);
@@ -358,19 +659,27 @@ async fn reconcile_routes(
             Ok(None) => break,
             Err(e) => {
                 errs.push(Error::netlink(LIST_ROUTES)(e));
-                return (errs, vec![false; desired.len()], HashMap::new());
+                return FullPass {
+                    errs,
+                    placed: vec![None; desired.len()],
+                    held: HashMap::new(),
+                };
             }
         };
         if table(&msg) != u32::from(RouteHeader::RT_TABLE_MAIN) {
             continue;
         }
-        let r = parse(msg);
+        let r = parse(msg, &nexthops);
         if !owner.owns(&r) {
             foreign.push(r);
             continue;
         }
         match wanted_at.get(&r.dst) {
-            Some(&i) if !placed[i] && desired[i].same_as(&r) => placed[i] = true,
+            Some(&i)
+                if placed[i].is_none() && desired[i].forwards_like(&r) && r.nh == want[i].nh =>
+            {
+                placed[i] = Some(want[i])
+            }
             _ => owned.push(r),
         }
     }
@@ -379,10 +688,7 @@ async fn reconcile_routes(
     for r in &foreign {
         foreign_at.entry(r.dst).or_default().push(r);
     }
-    let mut owned_at: HashMap<Ipv4Net, Vec<usize>> = HashMap::new();
-    for (i, r) in owned.iter().enumerate() {
-        owned_at.entry(r.dst).or_default().push(i);
-    }
+    let owned_at: HashSet<Ipv4Net> = owned.iter().map(|r| r.dst).collect();
     let mut missing = Vec::new();
     let mut withdraw = Vec::new();
     let mut held = HashMap::new();
@@ -390,7 +696,7 @@ async fn reconcile_routes(
     for (i, want) in desired.iter().enumerate() {
         match foreign_at.get(&want.dst).map_or(&[][..], Vec::as_slice) {
             [] => {}
-            [theirs] if theirs.protocol == RTPROT_BOOT && want.same_as(theirs) => {
+            [theirs] if theirs.protocol == RTPROT_BOOT && want.forwards_like(theirs) => {
                 adopt.insert(want.dst, theirs);
             }
             [theirs, ..] => {
@@ -401,13 +707,13 @@ async fn reconcile_routes(
                     wanted: want.to_string(),
                     existing,
                 });
-                if std::mem::take(&mut placed[i]) {
-                    withdraw.push(i);
+                if let Some(hop) = placed[i].take() {
+                    withdraw.push((i, hop));
                 }
                 continue;
             }
         }
-        if !placed[i] {
+        if placed[i].is_none() {
             missing.push(i);
         }
     }
@@ -417,36 +723,36 @@ async fn reconcile_routes(
         adopt = adopt.len(),
         "route diff"
     );
-    let ours_there = |dst: &Ipv4Net| owned_at.contains_key(dst);
-    let adds: Vec<(usize, u16, bool)> = missing
-        .iter()
+    let puts: Vec<Put> = (missing.iter())
         .map(|&i| {
             let dst = desired[i].dst;
-            let ours = ours_there(&dst);
             // Replace only a route of our own. Adding next to flanneld's copy needs neither
             // flag: the kernel puts the new route ahead of it (they differ in protocol).
             let flags = if adopt.contains_key(&dst) {
                 NLM_F_CREATE
-            } else if ours {
+            } else if owned_at.contains(&dst) {
                 NLM_F_CREATE | NLM_F_REPLACE
             } else {
                 NLM_F_CREATE | NLM_F_EXCL
             };
-            (i, flags, ours && !adopt.contains_key(&dst))
+            let put = Put::new(&desired[i], want[i]).route(flags);
+            match want[i].nh.and_then(|id| nexthops.get(&id)) {
+                // weft's own (another's id was ruled out above): kept if it is right.
+                Some(n) if Some(*n) == want[i].nexthop() => put,
+                Some(_) => put.nexthop(NLM_F_CREATE | NLM_F_REPLACE),
+                None => put.nexthop(NLM_F_CREATE | NLM_F_EXCL),
+            }
         })
         .collect();
-    let results = pipeline::all(adds.iter(), |(i, flags, _)| {
-        add(handle, &desired[*i], *flags)
-    })
-    .await;
+    let results = put_all(handle, nh_handle.as_ref(), puts, &mut errs).await;
     let mut failed = HashSet::new();
     let (mut added, mut replaced) = (0, 0);
-    for ((i, _, replacing), r) in adds.iter().zip(results) {
-        let want = &desired[*i];
+    for (&i, (put, r)) in missing.iter().zip(results) {
+        let want = &desired[i];
         match r {
-            Ok(()) => {
-                placed[*i] = true;
-                if *replacing {
+            Ok(hop) => {
+                placed[i] = Some(hop);
+                if put.route_flags.is_some_and(|f| f & NLM_F_REPLACE != 0) {
                     replaced += 1;
                     debug!(route = %want, "route replaced");
                 } else {
@@ -487,11 +793,11 @@ async fn reconcile_routes(
             }),
         }
     }
-    let results = pipeline::all(&withdraw, |&i| {
-        delete_exact(handle, desired[i].dst, Hop::of(&desired[i]))
+    let results = pipeline::all(&withdraw, |&(i, hop)| {
+        delete_exact(handle, desired[i].dst, hop)
     })
     .await;
-    for (&i, r) in withdraw.iter().zip(results) {
+    for (&(i, _), r) in withdraw.iter().zip(results) {
         let want = &desired[i];
         match r {
             Ok(()) => {
@@ -527,55 +833,67 @@ async fn reconcile_routes(
             }),
         }
     }
+    // weft's nexthops no route names any more (never one another's route names).
+    if let Some(nh) = &nh_handle {
+        let named: HashSet<u32> = (placed.iter().flatten().filter_map(|h| h.nh))
+            .chain(foreign.iter().filter_map(|r| r.nh))
+            .collect();
+        let unused: Vec<u32> = (ours_nh.iter().copied())
+            .filter(|id| !named.contains(id))
+            .collect();
+        errs.0.extend(delete_nexthops(nh, &unused).await.0);
+    }
     if added + replaced + removed + adopted > 0 {
         info!(added, replaced, removed, adopted, "routes updated");
     }
-    (errs, placed, held)
+    FullPass { errs, placed, held }
 }
 
-/// Deletes weft's route to `dst` exactly as it was added (protocol, gateway, device): the
-/// kernel matches every field given, so no other route to `dst` can go instead.
-async fn delete_exact(handle: &Handle, dst: Ipv4Net, hop: Hop) -> Result<(), rtnetlink::Error> {
-    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+/// A route request for `dst` through `hop`: naming its nexthop, or its gateway and device.
+fn route_message(dst: Ipv4Net, hop: Hop) -> RouteMessage {
+    let b = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(dst.network(), dst.prefix_len())
-        .output_interface(hop.oif)
         .protocol(RouteProtocol::Other(RTPROT_WEFT));
+    if let Some(id) = hop.nh {
+        let mut msg = b.build();
+        msg.attributes.push(RouteAttribute::NhId(id));
+        return msg;
+    }
+    // A device route keeps universe scope, as flannel's udp backend creates it.
+    let mut b = b.output_interface(hop.oif);
     if let Some(g) = hop.gateway {
         b = b.gateway(g);
     }
-    handle.route().del(b.build()).execute().await
-}
-
-async fn add(handle: &Handle, r: &RouteSpec, flags: u16) -> Result<(), rtnetlink::Error> {
-    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(r.dst.network(), r.dst.prefix_len())
-        .output_interface(r.oif)
-        .protocol(RouteProtocol::Other(RTPROT_WEFT));
-    // A device route keeps universe scope, as flannel's udp backend creates it.
-    if let Some(g) = r.gateway {
-        b = b.gateway(g);
-    }
-    if r.onlink {
+    if hop.onlink {
         b = b.onlink();
     }
-    let msg = RouteNetlinkMessage::NewRoute(b.build());
+    b.build()
+}
+
+/// Deletes weft's route to `dst` exactly as it was added (protocol, and nexthop or gateway and
+/// device): the kernel matches every field given, so no other route to `dst` can go instead.
+async fn delete_exact(handle: &Handle, dst: Ipv4Net, hop: Hop) -> Result<(), rtnetlink::Error> {
+    handle.route().del(route_message(dst, hop)).execute().await
+}
+
+async fn add(handle: &Handle, dst: Ipv4Net, hop: Hop, flags: u16) -> Result<(), rtnetlink::Error> {
+    let msg = RouteNetlinkMessage::NewRoute(route_message(dst, hop));
     netlink::request(handle, msg, flags).await
 }
 
 async fn delete(handle: &Handle, r: &Installed) -> Result<(), rtnetlink::Error> {
     // Keep only what identifies the route; the dump's cache info and metrics are not for deletes.
     // The header stays, protocol included, so the kernel deletes this very route and not another
-    // one to the same destination.
+    // one to the same destination. A route naming a nexthop is matched by its id: given a
+    // gateway or device too, the kernel would match none.
     let mut msg = r.msg.clone();
-    msg.attributes.retain(|a| {
-        matches!(
-            a,
-            RouteAttribute::Destination(_)
-                | RouteAttribute::Gateway(_)
-                | RouteAttribute::Oif(_)
-                | RouteAttribute::Priority(_)
-                | RouteAttribute::Table(_)
-        )
+    msg.attributes.retain(|a| match a {
+        RouteAttribute::Destination(_)
+        | RouteAttribute::Priority(_)
+        | RouteAttribute::Table(_)
+        | RouteAttribute::NhId(_) => true,
+        RouteAttribute::Gateway(_) | RouteAttribute::Oif(_) => r.nh.is_none(),
+        _ => false,
     });
     handle.route().del(msg).execute().await
 }
@@ -670,7 +988,9 @@ fn dst(m: &RouteMessage) -> Ipv4Net {
     Ipv4Net::new(addr, m.header.destination_prefix_length).unwrap_or_default()
 }
 
-fn parse(msg: RouteMessage) -> Installed {
+/// Reads a route; one naming a nexthop of `nexthops` gets that nexthop's gateway, device and
+/// on-link flag (the kernel reports them with the route only in `nexthop_compat_mode`).
+fn parse(msg: RouteMessage, nexthops: &HashMap<u32, Nexthop>) -> Installed {
     let mut r = Installed {
         dst: dst(&msg),
         gateway: None,
@@ -678,6 +998,7 @@ fn parse(msg: RouteMessage) -> Installed {
         onlink: msg.header.flags.contains(RouteFlags::Onlink),
         priority: 0,
         protocol: u8::from(msg.header.protocol),
+        nh: None,
         clean: msg.header.kind == RouteType::Unicast
             && msg.header.scope == RouteScope::Universe
             && msg.header.tos == 0,
@@ -689,8 +1010,15 @@ fn parse(msg: RouteMessage) -> Installed {
             RouteAttribute::Oif(i) => r.oif = Some(*i),
             RouteAttribute::Priority(p) => r.priority = *p,
             RouteAttribute::MultiPath(_) => r.clean = false,
+            RouteAttribute::NhId(id) => r.nh = Some(*id),
             _ => {}
         }
+    }
+    if let Some(n) = r.nh.and_then(|id| nexthops.get(&id)) {
+        r.gateway = n.gateway;
+        r.oif = n.oif;
+        r.onlink = n.onlink;
+        r.clean &= !n.other;
     }
     r.msg = msg;
     r
@@ -742,6 +1070,7 @@ mod tests {
             onlink: false,
             priority: 0,
             protocol,
+            nh: None,
             clean: true,
             msg: RouteMessage::default(),
         }

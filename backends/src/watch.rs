@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
+use crate::nexthop::{self, NexthopMessage};
 use crate::routes::RTPROT_WEFT;
 use crate::Error;
 
@@ -85,16 +86,32 @@ impl Shared {
         };
         if hit {
             debug!(event = ?msg.message_type(), "owned kernel state changed");
-            self.drifted.store(true, Ordering::Release);
-            self.wake.notify_one();
+            self.drifted();
         }
+    }
+
+    /// A deleted weft nexthop took its routes with it, which the kernel does not report as
+    /// route deletions.
+    fn judge_nexthop(&self, msg: &NexthopMessage) {
+        if let NexthopMessage::Del(nh) = msg {
+            if nh.protocol == RTPROT_WEFT {
+                debug!(id = nh.id, "weft's nexthop deleted");
+                self.drifted();
+            }
+        }
+    }
+
+    fn drifted(&self) {
+        self.drifted.store(true, Ordering::Release);
+        self.wake.notify_one();
     }
 }
 
-/// A multicast rtnetlink subscription (links, IPv4 routes and addresses, neighbours).
+/// A multicast rtnetlink subscription (links, IPv4 routes and addresses, neighbours, nexthops).
 pub struct DriftWatch {
     shared: Arc<Shared>,
     judge: JoinHandle<()>,
+    judge_nexthops: Option<JoinHandle<()>>,
 }
 
 impl DriftWatch {
@@ -111,7 +128,19 @@ impl DriftWatch {
         tokio::spawn(conn);
         let shared = Arc::new(Shared::default());
         let judge = tokio::spawn(judge_all(events, shared.clone()));
-        Ok(Self { shared, judge })
+        // Without nexthop objects (Linux < 5.3), weft's routes name none.
+        let judge_nexthops = match nexthop::events() {
+            Ok(events) => Some(tokio::spawn(judge_all_nexthops(events, shared.clone()))),
+            Err(e) => {
+                debug!(error = %e, "no nexthop events");
+                None
+            }
+        };
+        Ok(Self {
+            shared,
+            judge,
+            judge_nexthops,
+        })
     }
 
     /// Resolves once something in `owned` changed (at once if it already has). Pends forever if
@@ -141,6 +170,9 @@ impl DriftWatch {
 impl Drop for DriftWatch {
     fn drop(&mut self) {
         self.judge.abort();
+        if let Some(j) = &self.judge_nexthops {
+            j.abort();
+        }
     }
 }
 
@@ -149,6 +181,17 @@ async fn judge_all(mut events: Events, shared: Arc<Shared>) {
     while let Some((msg, _)) = events.next().await {
         if let NetlinkPayload::InnerMessage(m) = msg.payload {
             shared.judge(&m);
+        }
+    }
+}
+
+async fn judge_all_nexthops(
+    mut events: UnboundedReceiver<(NetlinkMessage<NexthopMessage>, SocketAddr)>,
+    shared: Arc<Shared>,
+) {
+    while let Some((msg, _)) = events.next().await {
+        if let NetlinkPayload::InnerMessage(m) = msg.payload {
+            shared.judge_nexthop(&m);
         }
     }
 }
@@ -178,6 +221,7 @@ mod tests {
         let w = DriftWatch {
             shared: shared.clone(),
             judge: tokio::spawn(async {}),
+            judge_nexthops: None,
         };
         (w, shared)
     }

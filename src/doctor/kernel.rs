@@ -1,6 +1,7 @@
 //! Reads links, addresses, main-table routes, permanent neighbours and FDB entries through
 //! rtnetlink, as the backends do (never by running `ip`).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context, Result};
@@ -15,6 +16,7 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, RouteMessageBuilder};
 use weft_backends::mac::Mac;
+use weft_backends::nexthop::{self, Nexthop};
 
 use super::facts::{Fdb, Kernel, Link, Neighbour, Route};
 
@@ -59,6 +61,16 @@ async fn read_with(handle: &Handle) -> Result<Kernel> {
         }
     }
     k.links = links;
+    // Where routes name nexthop objects, the kernel reports their gateway and device with them
+    // only in nexthop_compat_mode; read from the nexthops, it does not matter. None on a kernel
+    // without them.
+    let nexthops: HashMap<u32, Nexthop> = match nexthop::connect() {
+        Ok(nh) => nexthop::dump(&nh).await.unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
+    .into_iter()
+    .map(|n| (n.id, n))
+    .collect();
     let req = RouteMessageBuilder::<Ipv4Addr>::new().build();
     let routes: Vec<RouteMessage> = handle
         .route()
@@ -70,7 +82,7 @@ async fn read_with(handle: &Handle) -> Result<Kernel> {
     k.routes = routes
         .iter()
         .filter(|m| table(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
-        .map(route)
+        .map(|m| route(m, &nexthops))
         .collect();
     k.neighbours = neighbours(handle, AddressFamily::Inet)
         .await?
@@ -123,7 +135,7 @@ fn table(m: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(m.header.table))
 }
 
-fn route(m: &RouteMessage) -> Route {
+fn route(m: &RouteMessage, nexthops: &HashMap<u32, Nexthop>) -> Route {
     let mut r = Route {
         dst: Ipv4Net::default(),
         gateway: None,
@@ -141,6 +153,13 @@ fn route(m: &RouteMessage) -> Route {
             RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(*g),
             RouteAttribute::Oif(i) => r.oif = Some(*i),
             RouteAttribute::Priority(p) => r.metric = *p,
+            RouteAttribute::NhId(id) => {
+                if let Some(n) = nexthops.get(id) {
+                    r.gateway = n.gateway;
+                    r.oif = n.oif;
+                    r.onlink = n.onlink;
+                }
+            }
             _ => {}
         }
     }

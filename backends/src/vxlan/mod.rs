@@ -335,7 +335,9 @@ impl Vxlan {
         let data = p
             .backend_data
             .as_ref()
-            .ok_or_else(|| bad_peer(p, "no BackendData".into()))?;
+            .ok_or_else(|| bad_peer(p, "no BackendData".into()))?
+            .value()
+            .ok_or_else(|| bad_peer(p, "BackendData is not JSON".into()))?;
         let vni = data.get("VNI").and_then(Value::as_u64);
         if vni != Some(u64::from(self.cfg.vni)) {
             return Err(bad_peer(

@@ -67,7 +67,7 @@ impl World {
         self.next_mac += 1;
         let backend_data = (self.kind == "vxlan").then(|| {
             let mac = format!("02:00:00:00:{:02x}:{:02x}", m >> 8, m & 255);
-            json!({"VNI": 1, "VtepMAC": mac})
+            json!({"VNI": 1, "VtepMAC": mac}).into()
         });
         Lease {
             subnet,
@@ -221,9 +221,12 @@ fn host_gw_applies_leave_the_kernel_as_a_full_reconcile_does() {
     if !root_or_skip("apply::host_gw_applies_leave_the_kernel_as_a_full_reconcile_does") {
         return;
     }
-    applies_match_full_reconciles(json!({"Type": "host-gw"}), "host-gw", 100, |h| {
-        json!(h.ns.routes_json())
-    });
+    applies_match_full_reconciles(
+        json!({"Type": "host-gw"}),
+        "host-gw",
+        100,
+        |h| json!({"routes": h.ns.routes_json(), "nexthops": h.ns.nexthops_json()}),
+    );
 }
 
 #[test]

@@ -292,7 +292,7 @@ impl Host {
             subnet: self.subnet,
             public_ip: self.ip(),
             backend_type: backend_type.into(),
-            backend_data: data,
+            backend_data: data.map(Into::into),
         }
     }
 

@@ -4,6 +4,7 @@ mod apply;
 mod firewall;
 mod harness;
 mod host_gw;
+mod nexthops;
 mod routes_ownership;
 mod udp;
 mod vxlan;

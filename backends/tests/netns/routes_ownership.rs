@@ -16,7 +16,7 @@ fn lease(subnet: &str, public_ip: &str, backend_type: &str, data: Option<Value>)
         subnet: subnet.parse().expect("subnet"),
         public_ip: public_ip.parse().expect("ip"),
         backend_type: backend_type.into(),
-        backend_data: data,
+        backend_data: data.map(Into::into),
     }
 }
 

@@ -1,7 +1,7 @@
 //! vxlan backend: flannel's device, neighbours, FDB and routes, kept exactly in line with the peers.
 
 use serde_json::{json, Value};
-use weft_backends::Lease;
+use weft_backends::{BackendData, Lease};
 
 use crate::harness::{lab, must, others, root_or_skip, Lab};
 
@@ -13,8 +13,8 @@ fn vxlan() -> Value {
 
 /// A lab of `n` vxlan hosts on 192.168.100.0/24, all up; returns their leases.
 fn vtep(l: &Lease) -> String {
-    l.backend_data
-        .as_ref()
+    let data = l.backend_data.as_ref().and_then(|d| d.value());
+    data.as_ref()
         .and_then(|d| d["VtepMAC"].as_str())
         .expect("VtepMAC")
         .to_string()
@@ -29,7 +29,7 @@ fn three_hosts_every_container_reaches_every_other() {
     lab.reconcile_all(&leases);
 
     // The published BackendData, byte for byte as flannel writes it.
-    let data = serde_json::to_string(&leases[0].backend_data).expect("json");
+    let data = leases[0].backend_data.as_ref().expect("data").as_str();
     assert_eq!(
         data,
         format!("{{\"VNI\":1,\"VtepMAC\":\"{}\"}}", vtep(&leases[0]))
@@ -148,7 +148,8 @@ fn restart_keeps_the_vtep_mac_and_drops_peers_gone_while_down() {
     h1.start(vxlan());
     let data = h1.prepare(Some(leases[0].clone()));
     assert_eq!(
-        data, leases[0].backend_data,
+        data.map(BackendData::from),
+        leases[0].backend_data,
         "VTEP MAC changed across restart"
     );
     h1.configure(&leases[0]);
@@ -214,10 +215,10 @@ fn vtep_mac_comes_from_the_previous_lease_when_the_device_is_gone() {
 
     // Reboot: no device, the lease in etcd still names the old MAC.
     let mut previous = first.clone();
-    previous.backend_data = Some(json!({"VNI": 1, "VtepMAC": "0a:00:00:00:00:2a"}));
+    previous.backend_data = Some(json!({"VNI": 1, "VtepMAC": "0a:00:00:00:00:2a"}).into());
     h.start(vxlan());
     let data = h.prepare(Some(previous.clone()));
-    assert_eq!(data, previous.backend_data);
+    assert_eq!(data.map(BackendData::from), previous.backend_data);
     assert_eq!(
         h.ns.link(DEV).expect("device")["address"],
         "0a:00:00:00:00:2a"
@@ -227,7 +228,7 @@ fn vtep_mac_comes_from_the_previous_lease_when_the_device_is_gone() {
     h.stop();
     h.ns.ip(&format!("link del {DEV}"));
     h.start(vxlan());
-    assert_eq!(h.prepare(None), first.backend_data);
+    assert_eq!(h.prepare(None).map(BackendData::from), first.backend_data);
 }
 
 #[test]
@@ -257,7 +258,7 @@ fn peers_with_garbage_backend_data_are_skipped_with_errors() {
         subnet: format!("10.244.{n}.0/24").parse().expect("subnet"),
         public_ip: format!("192.168.100.{n}").parse().expect("ip"),
         backend_type: "vxlan".into(),
-        backend_data: data,
+        backend_data: data.map(BackendData::from),
     };
     let mut peers = vec![
         bogus(7, None),
@@ -269,13 +270,17 @@ fn peers_with_garbage_backend_data_are_skipped_with_errors() {
             backend_type: "host-gw".into(),
             ..bogus(12, None)
         },
+        Lease {
+            backend_data: Some(BackendData::from_json("{\"VNI\": 1, \"VtepMAC\"")),
+            ..bogus(13, None)
+        },
     ];
     peers.insert(2, leases[1].clone());
     let errs = lab.hosts[0]
         .reconcile(&peers)
         .expect_err("garbage reported");
-    assert_eq!(errs.len(), 5, "{errs:?}");
-    for n in [7, 8, 9, 10, 11] {
+    assert_eq!(errs.len(), 6, "{errs:?}");
+    for n in [7, 8, 9, 10, 11, 13] {
         assert!(
             errs.iter().any(|e| e.contains(&format!("10.244.{n}.0/24"))),
             "{n}: {errs:?}"

@@ -144,6 +144,17 @@ impl Netns {
         self.routes_json().into_iter().find(|r| r["dst"] == dst)
     }
 
+    /// Every nexthop object (Linux 5.3+; none on older kernels), sorted by id.
+    pub fn nexthops_json(&self) -> Vec<Value> {
+        let (ok, out, _) = self.try_ip("-j nexthop show");
+        if !ok {
+            return Vec::new();
+        }
+        let mut v = entries(parse(&out));
+        v.sort_by_key(|n| n["id"].as_u64());
+        v
+    }
+
     /// Permanent neighbours on `dev`, sorted by address.
     pub fn neighbours(&self, dev: &str) -> Vec<Value> {
         let mut v = entries(self.ip_json(&format!("neigh show dev {dev} nud permanent")));
@@ -178,6 +189,7 @@ impl Netns {
         }
         json!({
             "routes": self.routes_json(),
+            "nexthops": self.nexthops_json(),
             "neigh": self.neighbours(dev),
             "fdb": self.fdb(dev),
             "link": link,
