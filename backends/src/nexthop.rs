@@ -103,6 +103,10 @@ impl Nexthop {
         nh
     }
 
+    fn id_only(id: u32) -> Vec<DefaultNla> {
+        vec![DefaultNla::new(NHA_ID, id.to_ne_bytes().to_vec())]
+    }
+
     fn attributes(&self) -> Vec<DefaultNla> {
         // In iproute2's order.
         let mut nlas = Self::id_only(self.id);
@@ -163,12 +167,6 @@ impl NetlinkSerializable for NexthopMessage {
             Self::Del(nh) => Nexthop::id_only(nh.id).as_slice().emit(rest),
             Self::Get => {}
         }
-    }
-}
-
-impl Nexthop {
-    fn id_only(id: u32) -> Vec<DefaultNla> {
-        vec![DefaultNla::new(NHA_ID, id.to_ne_bytes().to_vec())]
     }
 }
 

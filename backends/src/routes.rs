@@ -534,9 +534,8 @@ async fn put_all<'a>(
             })
             .await
         }
-        None => (puts.iter())
-            .map(|p| p.nh_flags.map(|_| Err(rtnetlink::Error::RequestFailed)))
-            .collect(),
+        // Without nexthops, no hop names one (`Hop::of`), so no put has a nexthop request.
+        None => vec![None; puts.len()],
     };
     let mut fresh = HashSet::new();
     for (p, r) in puts.iter_mut().zip(nh_results) {

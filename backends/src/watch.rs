@@ -65,7 +65,7 @@ impl Owned {
     }
 }
 
-type Events = UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>;
+type Events<T> = UnboundedReceiver<(NetlinkMessage<T>, SocketAddr)>;
 
 /// What the judging task and the waiter share.
 #[derive(Default)]
@@ -127,10 +127,14 @@ impl DriftWatch {
             .map_err(Error::io("subscribe to netlink events"))?;
         tokio::spawn(conn);
         let shared = Arc::new(Shared::default());
-        let judge = tokio::spawn(judge_all(events, shared.clone()));
+        let judge = tokio::spawn(judge_all(events, shared.clone(), Shared::judge));
         // Without nexthop objects (Linux < 5.3), weft's routes name none.
         let judge_nexthops = match nexthop::events() {
-            Ok(events) => Some(tokio::spawn(judge_all_nexthops(events, shared.clone()))),
+            Ok(events) => Some(tokio::spawn(judge_all(
+                events,
+                shared.clone(),
+                Shared::judge_nexthop,
+            ))),
             Err(e) => {
                 debug!(error = %e, "no nexthop events");
                 None
@@ -177,21 +181,10 @@ impl Drop for DriftWatch {
 }
 
 /// Judges every event as it arrives, so none waits in a queue.
-async fn judge_all(mut events: Events, shared: Arc<Shared>) {
+async fn judge_all<T>(mut events: Events<T>, shared: Arc<Shared>, judge: fn(&Shared, &T)) {
     while let Some((msg, _)) = events.next().await {
         if let NetlinkPayload::InnerMessage(m) = msg.payload {
-            shared.judge(&m);
-        }
-    }
-}
-
-async fn judge_all_nexthops(
-    mut events: UnboundedReceiver<(NetlinkMessage<NexthopMessage>, SocketAddr)>,
-    shared: Arc<Shared>,
-) {
-    while let Some((msg, _)) = events.next().await {
-        if let NetlinkPayload::InnerMessage(m) = msg.payload {
-            shared.judge_nexthop(&m);
+            judge(&shared, &m);
         }
     }
 }
