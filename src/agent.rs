@@ -293,12 +293,8 @@ impl Agent {
         hint: Option<Ipv4Net>,
     ) -> Result<Lease> {
         let me = self.external.public_ip;
-        let listing = retry("list leases", || self.store.list()).await;
-        let previous = listing
-            .leases
-            .iter()
-            .find(|l| l.attrs.public_ip == me)
-            .map(Lease::to_backend);
+        let claims = retry("list leases", || self.store.claims(me)).await;
+        let previous = claims.mine.first().map(Lease::to_backend);
         let backend_data = backend
             .prepare(previous.as_ref())
             .await
@@ -310,17 +306,17 @@ impl Agent {
             backend_data,
         };
         let ttl = self.args.subnet_lease_ttl;
-        let mut listing = Some(listing);
+        let mut claims = Some(claims);
         let mut full_logged = false;
         let mut misfits_logged = HashSet::new();
         let prefix = self.store.subnets_prefix();
         loop {
-            let listing = match listing.take() {
-                Some(l) => l,
-                None => retry("list leases", || self.store.list()).await,
+            let claims = match claims.take() {
+                Some(c) => c,
+                None => retry("list leases", || self.store.claims(me)).await,
             };
-            self.warn_bad(&listing.bad);
-            for l in policy::misfits(config, &listing.leases, me) {
+            self.warn_bad(&claims.bad);
+            for l in policy::misfits(config, &claims.mine, me) {
                 if misfits_logged.insert(l.subnet) {
                     let until = if l.is_reservation() {
                         "an operator removes it"
@@ -332,15 +328,7 @@ impl Agent {
                           config.subnet_len, config.subnet_min, config.subnet_max);
                 }
             }
-            // A key whose value is garbage still blocks creating that key, and may be routed
-            // by hosts that read it differently: its subnet is taken too.
-            let unreadable: Vec<Ipv4Net> = listing
-                .bad
-                .iter()
-                .filter_map(|b| b.key.strip_prefix(&prefix))
-                .filter_map(crate::lease::parse_subnet_key)
-                .collect();
-            let choice = policy::choose(config, &listing.leases, &unreadable, me, hint, |n| {
+            let choice = policy::choose(config, &claims.mine, &claims.others, me, hint, |n| {
                 fastrand::u64(0..n)
             });
             let taken = match choice {
@@ -353,7 +341,7 @@ impl Agent {
                         full_logged = true;
                     }
                     self.ready.set(false);
-                    self.wait_for_change(listing.revision + 1, |k, t| {
+                    self.wait_for_change(claims.revision + 1, |k, t| {
                         k.starts_with(&prefix) && t == EventType::Delete
                     })
                     .await;

@@ -12,7 +12,8 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 use crate::config::NetworkConfig;
-use crate::lease::Lease;
+use crate::lease::{parse_subnet_key, Lease, Record};
+use crate::store::BadLease;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Choice {
@@ -44,12 +45,14 @@ pub fn misfits<'a>(
         .collect()
 }
 
-/// Picks a subnet. `unreadable` are the subnets named by keys whose value cannot be read; `hint`
-/// is the subnet from the previous subnet.env; `rand` draws an index below its argument.
+/// Picks a subnet. `leases` must include every lease of `public_ip`; `others` are the subnets of
+/// every other key (other hosts' leases, keys whose value cannot be read), which may also be
+/// given as leases; `hint` is the subnet from the previous subnet.env; `rand` draws an index
+/// below its argument.
 pub fn choose(
     config: &NetworkConfig,
     leases: &[Lease],
-    unreadable: &[Ipv4Net],
+    others: &[Ipv4Net],
     public_ip: Ipv4Addr,
     hint: Option<Ipv4Net>,
     rand: impl FnOnce(u64) -> u64,
@@ -69,7 +72,7 @@ pub fn choose(
         leases
             .iter()
             .map(|l| l.subnet)
-            .chain(unreadable.iter().copied()),
+            .chain(others.iter().copied()),
     );
     if let Some(h) = hint {
         if config.allows(h) && !taken.contains(slots.index(h)) {
@@ -173,6 +176,51 @@ impl Taken {
             }
         }
         None
+    }
+}
+
+/// What choosing a subnet needs of a listing, folded from it key by key, so that a listing of
+/// 10,000 leases is never held whole: this host's leases, every other key's subnet, and the keys
+/// that cannot be read.
+#[derive(Debug)]
+pub struct Claims {
+    public_ip: Ipv4Addr,
+    /// Leases carrying this host's PublicIP.
+    pub mine: Vec<Lease>,
+    /// The subnets of every other key whose name is a subnet: other hosts' leases, and keys whose
+    /// value cannot be read (they still block creating that key, and may be routed by hosts that
+    /// read them differently).
+    pub others: Vec<Ipv4Net>,
+    pub bad: Vec<BadLease>,
+    /// The etcd revision of the listing.
+    pub revision: i64,
+}
+
+impl Claims {
+    pub fn new(public_ip: Ipv4Addr) -> Self {
+        Self {
+            public_ip,
+            mine: Vec::new(),
+            others: Vec::new(),
+            bad: Vec::new(),
+            revision: 0,
+        }
+    }
+
+    /// Takes in one key under `subnets_prefix`.
+    pub fn add(&mut self, record: Record, subnets_prefix: &str) {
+        match record.value {
+            Ok(l) if l.attrs.public_ip == self.public_ip => self.mine.push(l),
+            Ok(l) => self.others.push(l.subnet),
+            Err(e) => {
+                let name = record.key.strip_prefix(subnets_prefix);
+                self.others.extend(name.and_then(parse_subnet_key));
+                self.bad.push(BadLease {
+                    key: record.key,
+                    reason: e.to_string(),
+                });
+            }
+        }
     }
 }
 
@@ -282,6 +330,40 @@ mod tests {
         assert_eq!(s.prefix_len(), 25);
         assert!(!s.contains(&net("10.10.0.0/24").network()) && !net("10.10.0.0/24").contains(&s));
         assert_eq!(s, net("10.10.1.0/25"), "the first /25 past the old /24");
+    }
+
+    #[test]
+    fn a_listing_folds_into_this_hosts_leases_and_every_other_keys_subnet() {
+        let prefix = "/coreos.com/network/subnets/";
+        let record = |name: &str, value: &str| {
+            Record::read(format!("{prefix}{name}"), prefix, value.as_bytes(), 1, 1, 7)
+        };
+        let mut claims = Claims::new(ME.parse().unwrap());
+        claims.add(
+            record("10.10.1.0-24", &format!(r#"{{"PublicIP":"{ME}"}}"#)),
+            prefix,
+        );
+        claims.add(
+            record("10.10.2.0-24", r#"{"PublicIP":"192.0.2.9"}"#),
+            prefix,
+        );
+        claims.add(record("10.10.3.0-24", "not json"), prefix);
+        claims.add(record("garbage", r#"{"PublicIP":"192.0.2.8"}"#), prefix);
+        let mine: Vec<Ipv4Net> = claims.mine.iter().map(|l| l.subnet).collect();
+        assert_eq!(mine, [net("10.10.1.0/24")]);
+        assert_eq!(
+            claims.others,
+            [net("10.10.2.0/24"), net("10.10.3.0/24")],
+            "an unreadable value still takes its key's subnet"
+        );
+        let bad: Vec<&str> = claims.bad.iter().map(|b| b.key.as_str()).collect();
+        assert_eq!(
+            bad,
+            [
+                "/coreos.com/network/subnets/10.10.3.0-24",
+                "/coreos.com/network/subnets/garbage"
+            ]
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The etcd side of leases: flannel's keys under one prefix, nothing else. Policy (which subnet to
 //! take) lives in `policy`; this module only reads and writes.
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use std::future::Future;
@@ -16,6 +17,7 @@ use tracing::warn;
 use crate::flags::EtcdArgs;
 use crate::lease::{subnet_key, Lease, LeaseAttrs, Record};
 use crate::notify;
+use crate::policy::Claims;
 
 /// A lease key or value that cannot be read: skipped, with the reason.
 #[derive(Debug, Clone, PartialEq)]
@@ -225,6 +227,14 @@ impl Store {
             })
             .await?;
         Ok(listing)
+    }
+
+    /// What choosing a subnet for `public_ip` needs of the leases, without holding them all.
+    pub async fn claims(&self, public_ip: Ipv4Addr) -> Result<Claims> {
+        let prefix = self.subnets_prefix();
+        let mut claims = Claims::new(public_ip);
+        claims.revision = self.list_records_paged(|r| claims.add(r, &prefix)).await?;
+        Ok(claims)
     }
 
     /// Every key under `subnets/` as stored, handed to `each` in key order, and the revision
