@@ -54,6 +54,7 @@ impl HostGw {
 
     pub async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), ErrorList> {
         let handle = self.conn.handle()?;
+        let batch = self.conn.batch()?;
         let ext = &self.net.external;
         self.connected = routes::connected_networks(&handle, ext.index).await?;
         let mut errs = ErrorList::default();
@@ -66,21 +67,21 @@ impl HostGw {
         }
         errs.0.extend(
             self.routes
-                .reconcile(&handle, &self.owner(), &desired)
+                .reconcile(&handle, &batch, &self.owner(), &desired)
                 .await
                 .0,
         );
         self.synced = true;
-        self.conn.settle();
+        self.conn.settle().await;
         errs.into_result()
     }
 
     /// [`crate::Backend::apply`]: each peer's route added, replaced or deleted on its own.
     pub async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
-        let handle = self.conn.handle()?;
+        let batch = self.conn.batch()?;
         let mut errs = ErrorList::default();
         if changes.is_empty() {
-            errs.0.extend(self.routes.retry(&handle).await.0);
+            errs.0.extend(self.routes.retry(&batch).await.0);
         }
         let mut remove = changes.remove.clone();
         let mut upsert = Vec::new();
@@ -96,8 +97,8 @@ impl HostGw {
             }
         }
         errs.0
-            .extend(self.routes.apply(&handle, &remove, &upsert).await.0);
-        self.conn.settle();
+            .extend(self.routes.apply(&batch, &remove, &upsert).await.0);
+        self.conn.settle().await;
         errs.into_result()
     }
 

@@ -11,11 +11,12 @@
 //! `shutdown`, and say what they leave in the kernel for the next weftd (`survives_restart`).
 //!
 //! Layout: `vxlan/`, `host_gw` and `udp/` are the data planes; `routes` (owned routes, shared by
-//! all), `neigh` (vxlan neighbours and FDB), `pipeline` (many netlink requests in flight) and
+//! all), `neigh` (vxlan neighbours and FDB), `batch` (many netlink requests per datagram) and
 //! `watch` (drift events) are what they are built from; `firewall` holds flannel's
 //! masquerade/forward rules, applied by the agent.
 
 mod alloc;
+pub mod batch;
 mod error;
 pub mod firewall;
 mod host_gw;
@@ -26,7 +27,6 @@ mod neigh;
 mod netlink;
 pub mod nexthop;
 mod peer;
-mod pipeline;
 mod routes;
 pub mod udp;
 mod vxlan;

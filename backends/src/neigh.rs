@@ -5,7 +5,7 @@
 //! second weftd on the host, serving another network with another VNI, never sees these entries.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use futures::TryStreamExt;
 use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
@@ -17,8 +17,9 @@ use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::Handle;
 use tracing::debug;
 
+use crate::batch::Batch;
 use crate::mac::Mac;
-use crate::{netlink, pipeline, Error, ErrorList};
+use crate::{netlink, Error, ErrorList};
 
 /// One permanent entry: for ARP `ip → mac`, for the FDB `mac → ip` (the remote VTEP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,6 +56,7 @@ impl Table {
 /// Makes the permanent entries of `table` on device `ifindex` exactly `desired`.
 pub async fn reconcile(
     handle: &Handle,
+    batch: &Batch,
     table: Table,
     ifindex: u32,
     desired: &[Entry],
@@ -89,17 +91,23 @@ pub async fn reconcile(
     );
     // Add before deleting so that a peer whose entry changes is never left without one.
     errs.0
-        .extend(add_all(handle, table, ifindex, &missing).await.0);
+        .extend(add_all(batch, table, ifindex, &missing).await.0);
     errs.0
-        .extend(delete_all(handle, table, ifindex, &extra).await.0);
+        .extend(delete_all(batch, table, ifindex, &extra).await.0);
     errs
 }
 
-/// Adds (ARP: adds or replaces) `entries`, many requests in flight at once.
-pub async fn add_all(handle: &Handle, table: Table, ifindex: u32, entries: &[Entry]) -> ErrorList {
+/// Adds or replaces `entries`. A replace points an FDB entry's MAC at its new remote in one
+/// step, so traffic never lacks a destination. (APPEND adds remotes only to the all-zeros and
+/// multicast entries; on a unicast MAC it is a no-op, and deleting the old remote then removed
+/// the entry.)
+pub async fn add_all(batch: &Batch, table: Table, ifindex: u32, entries: &[Entry]) -> ErrorList {
     let mut errs = ErrorList::default();
-    let results = pipeline::all(entries, |e| add(handle, table, ifindex, e)).await;
-    for (e, r) in entries.iter().zip(results) {
+    let requests = entries.iter().map(|e| {
+        let msg = RouteNetlinkMessage::NewNeighbour(message(table, ifindex, e));
+        Some((msg, NLM_F_CREATE | NLM_F_REPLACE))
+    });
+    for (e, r) in entries.iter().zip(batch.send(requests).await) {
         match r {
             Ok(()) => debug!(table = table.name(), ip = %e.ip, mac = %e.mac, "added"),
             Err(source) => errs.push(Error::Netlink {
@@ -111,16 +119,16 @@ pub async fn add_all(handle: &Handle, table: Table, ifindex: u32, entries: &[Ent
     errs
 }
 
-/// Deletes `entries` (those already gone are fine), many requests in flight at once.
-pub async fn delete_all(
-    handle: &Handle,
-    table: Table,
-    ifindex: u32,
-    entries: &[Entry],
-) -> ErrorList {
+/// Deletes `entries` (those already gone are fine).
+pub async fn delete_all(batch: &Batch, table: Table, ifindex: u32, entries: &[Entry]) -> ErrorList {
     let mut errs = ErrorList::default();
-    let results = pipeline::all(entries, |e| delete(handle, table, ifindex, e)).await;
-    for (e, r) in entries.iter().zip(results) {
+    let requests = (entries.iter()).map(|e| {
+        Some((
+            RouteNetlinkMessage::DelNeighbour(message(table, ifindex, e)),
+            0,
+        ))
+    });
+    for (e, r) in entries.iter().zip(batch.send(requests).await) {
         match r {
             Ok(()) => debug!(table = table.name(), ip = %e.ip, mac = %e.mac, "removed"),
             Err(err) if netlink::is_gone(&err) => {}
@@ -196,43 +204,4 @@ fn message(table: Table, ifindex: u32, e: &Entry) -> NeighbourMessage {
             e.ip,
         )));
     m
-}
-
-async fn add(
-    handle: &Handle,
-    table: Table,
-    ifindex: u32,
-    e: &Entry,
-) -> Result<(), rtnetlink::Error> {
-    match table {
-        Table::Arp => {
-            handle
-                .neighbours()
-                .add(ifindex, IpAddr::V4(e.ip))
-                .link_layer_address(&e.mac.0)
-                .replace()
-                .execute()
-                .await
-        }
-        // REPLACE points the MAC at this remote in one step, so traffic never lacks a
-        // destination. (APPEND adds remotes only to the all-zeros and multicast entries; on a
-        // unicast MAC it is a no-op, and deleting the old remote then removed the entry.)
-        Table::Fdb => {
-            let msg = RouteNetlinkMessage::NewNeighbour(message(table, ifindex, e));
-            netlink::request(handle, msg, NLM_F_CREATE | NLM_F_REPLACE).await
-        }
-    }
-}
-
-async fn delete(
-    handle: &Handle,
-    table: Table,
-    ifindex: u32,
-    e: &Entry,
-) -> Result<(), rtnetlink::Error> {
-    handle
-        .neighbours()
-        .del(message(table, ifindex, e))
-        .execute()
-        .await
 }

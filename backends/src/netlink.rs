@@ -1,16 +1,15 @@
-//! One place that opens rtnetlink connections and sends requests the rtnetlink crate has no
-//! builder for.
+//! One place that opens rtnetlink connections, and a backend's sockets (`Conn`).
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::{StreamExt, TryStreamExt};
-use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST};
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::Handle;
 
 use tracing::info;
 
+use crate::batch::Batch;
 use crate::Error;
 
 /// Opens a route-netlink socket in the current network namespace and drives it on the runtime.
@@ -19,18 +18,6 @@ pub fn connect() -> Result<Handle, Error> {
         rtnetlink::new_connection().map_err(Error::io("open netlink socket"))?;
     tokio::spawn(conn);
     Ok(handle)
-}
-
-/// Sends one request with `flags` (plus REQUEST|ACK) and waits for the kernel's answer.
-pub async fn request(
-    handle: &Handle,
-    msg: RouteNetlinkMessage,
-    flags: u16,
-) -> Result<(), rtnetlink::Error> {
-    let mut req = NetlinkMessage::from(msg);
-    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
-    tracing::trace!(?req, "netlink request");
-    acked(handle.clone().request(req)?).await
 }
 
 /// Waits for the answer to one request: its error, or its acknowledgement.
@@ -86,6 +73,7 @@ pub async fn delete_link(name: &str) -> Result<bool, Error> {
 #[derive(Default)]
 pub struct Conn {
     handle: Option<Handle>,
+    batch: Option<Batch>,
     watch: Option<crate::watch::DriftWatch>,
 }
 
@@ -98,6 +86,18 @@ impl Conn {
                 let h = connect()?;
                 self.handle = Some(h.clone());
                 Ok(h)
+            }
+        }
+    }
+
+    /// The socket for batches of requests.
+    pub fn batch(&mut self) -> Result<Batch, Error> {
+        match &self.batch {
+            Some(b) => Ok(b.clone()),
+            None => {
+                let b = Batch::open()?;
+                self.batch = Some(b.clone());
+                Ok(b)
             }
         }
     }
@@ -121,10 +121,10 @@ impl Conn {
         }
     }
 
-    /// Forgets queued events (the echoes of a reconcile's own changes).
-    pub fn settle(&mut self) {
+    /// Forgets the changes made so far (the echoes of a reconcile's own changes).
+    pub async fn settle(&mut self) {
         if let Some(w) = &mut self.watch {
-            w.discard_pending();
+            w.settle().await;
         }
     }
 }

@@ -26,7 +26,7 @@ use rtnetlink::packet_core::{
 };
 use rtnetlink::proto::ConnectionHandle;
 use rtnetlink::sys::protocols::NETLINK_ROUTE;
-use rtnetlink::sys::{AsyncSocket, SocketAddr};
+use rtnetlink::sys::{AsyncSocket, Socket, SocketAddr};
 
 use crate::Error;
 
@@ -207,14 +207,19 @@ pub fn connect() -> Result<Handle, Error> {
 }
 
 /// The kernel's nexthop changes, as they happen: subscribes a socket of its own, driven on the
-/// runtime. Fails on a kernel without nexthop objects (it has no such group).
-pub fn events() -> Result<UnboundedReceiver<(NetlinkMessage<NexthopMessage>, SocketAddr)>, Error> {
+/// runtime, once `prepare` had it bound but not yet subscribed (to attach a filter, say). Fails on a kernel without nexthop
+/// objects (it has no such group).
+pub fn events(
+    prepare: impl FnOnce(&Socket),
+) -> Result<UnboundedReceiver<(NetlinkMessage<NexthopMessage>, SocketAddr)>, Error> {
     let (mut conn, _, events) = rtnetlink::proto::new_connection::<NexthopMessage>(NETLINK_ROUTE)
         .map_err(Error::io("open netlink socket for nexthop events"))?;
     let socket = conn.socket_mut().socket_mut();
-    (socket.bind_auto())
-        .and_then(|_| socket.add_membership(RTNLGRP_NEXTHOP))
-        .map_err(Error::io("subscribe to nexthop events"))?;
+    socket
+        .bind_auto()
+        .map_err(Error::io("open netlink socket for nexthop events"))?;
+    prepare(socket);
+    (socket.add_membership(RTNLGRP_NEXTHOP)).map_err(Error::io("subscribe to nexthop events"))?;
     tokio::spawn(conn);
     Ok(events)
 }

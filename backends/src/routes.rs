@@ -52,8 +52,9 @@ use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::{Handle, RouteMessageBuilder};
 use tracing::{debug, info};
 
-use crate::nexthop::{self, Nexthop};
-use crate::{netlink, pipeline, Error, ErrorList};
+use crate::batch::{Batch, Request};
+use crate::nexthop::{self, Nexthop, NexthopMessage};
+use crate::{netlink, Error, ErrorList};
 
 /// The route protocol number (`rtm_protocol`) marking routes weft created. `ip route` shows it as
 /// `proto 87` (add `87 weft` to /etc/iproute2/rt_protos for a name). 87 is unassigned in the
@@ -166,8 +167,15 @@ struct Installed {
 /// other route alone (a desired route whose destination another route holds is a
 /// [`Error::RouteConflict`]). Every failure is collected, none stops the pass. For a few device
 /// routes (udp's); peers' routes go through [`OwnedRoutes`].
-pub async fn reconcile_owned(handle: &Handle, owner: &Owner, desired: &[RouteSpec]) -> ErrorList {
-    reconcile_routes(handle, None, owner, desired).await.errs
+pub async fn reconcile_owned(
+    handle: &Handle,
+    batch: &Batch,
+    owner: &Owner,
+    desired: &[RouteSpec],
+) -> ErrorList {
+    reconcile_routes(handle, batch, None, owner, desired)
+        .await
+        .errs
 }
 
 /// Where a route weft put in place sends its destination, and through which of weft's nexthop
@@ -247,6 +255,7 @@ impl OwnedRoutes {
     pub async fn reconcile(
         &mut self,
         handle: &Handle,
+        batch: &Batch,
         owner: &Owner,
         desired: &[RouteSpec],
     ) -> ErrorList {
@@ -259,7 +268,7 @@ impl OwnedRoutes {
                 return e.into();
             }
         };
-        let pass = reconcile_routes(handle, objects, owner, desired).await;
+        let pass = reconcile_routes(handle, batch, objects, owner, desired).await;
         self.installed.clear();
         self.blocked.clear();
         let mut held = pass.held;
@@ -280,9 +289,9 @@ impl OwnedRoutes {
         pass.errs
     }
 
-    /// The kernel's nexthops, with the connection to change them; `None` on a kernel without
-    /// nexthop objects (found out once, by the first dump).
-    async fn list_nexthops(&mut self) -> Result<Option<(nexthop::Handle, Vec<Nexthop>)>, Error> {
+    /// The kernel's nexthops; `None` on a kernel without nexthop objects (found out once, by
+    /// the first dump).
+    async fn list_nexthops(&mut self) -> Result<Option<Vec<Nexthop>>, Error> {
         let handle = match &self.nexthops {
             Nexthops::Absent => return Ok(None),
             Nexthops::Present(h) => h.clone(),
@@ -300,8 +309,8 @@ impl OwnedRoutes {
                 if matches!(self.nexthops, Nexthops::Unknown) {
                     debug!("routes through gateways name nexthop objects");
                 }
-                self.nexthops = Nexthops::Present(handle.clone());
-                Ok(Some((handle, all)))
+                self.nexthops = Nexthops::Present(handle);
+                Ok(Some(all))
             }
             // Linux < 5.3 answers EOPNOTSUPP. Whatever the reason, classic routes work.
             Err(e) if matches!(self.nexthops, Nexthops::Unknown) => {
@@ -313,12 +322,9 @@ impl OwnedRoutes {
         }
     }
 
-    /// The connection for nexthop requests, if routes name nexthops.
-    fn nexthop_handle(&self) -> Option<&nexthop::Handle> {
-        match &self.nexthops {
-            Nexthops::Present(h) => Some(h),
-            _ => None,
-        }
+    /// Whether routes name nexthops.
+    fn has_nexthops(&self) -> bool {
+        matches!(self.nexthops, Nexthops::Present(_))
     }
 
     /// Removes the routes to `remove` and puts `upsert` in place, with one netlink request per
@@ -329,7 +335,7 @@ impl OwnedRoutes {
     /// route, matched exactly, is ever deleted.
     pub async fn apply(
         &mut self,
-        handle: &Handle,
+        batch: &Batch,
         remove: &[Ipv4Net],
         upsert: &[RouteSpec],
     ) -> ErrorList {
@@ -341,7 +347,7 @@ impl OwnedRoutes {
                 gone.push((*dst, hop));
             }
         }
-        let objects = self.nexthop_handle().is_some();
+        let objects = self.has_nexthops();
         let mut puts = Vec::new();
         for want in upsert {
             let hop = Hop::of(want, objects);
@@ -362,8 +368,9 @@ impl OwnedRoutes {
             };
             puts.push((put, held));
         }
-        self.put(handle, puts, &mut errs).await;
-        let results = pipeline::all(&gone, |(dst, hop)| delete_exact(handle, *dst, *hop)).await;
+        self.put(batch, puts, &mut errs).await;
+        let requests = (gone.iter()).map(|(dst, hop)| Some(delete_exact(*dst, *hop)));
+        let results = batch.send(requests).await;
         let mut unused = Vec::new();
         for ((dst, hop), r) in gone.iter().zip(results) {
             match r {
@@ -382,17 +389,15 @@ impl OwnedRoutes {
         }
         // Only once no route of weft's names them (deleting a nexthop in use makes the kernel
         // walk every table for the routes naming it).
-        if let Some(nh) = self.nexthop_handle() {
-            errs.0.extend(delete_nexthops(nh, &unused).await.0);
-        }
+        errs.0.extend(delete_nexthops(batch, &unused).await.0);
         errs
     }
 
     /// Tries again the routes that could not be put in place (a destination another route held):
     /// one exclusive add each, nothing else.
-    pub async fn retry(&mut self, handle: &Handle) -> ErrorList {
+    pub async fn retry(&mut self, batch: &Batch) -> ErrorList {
         let mut errs = ErrorList::default();
-        let objects = self.nexthop_handle().is_some();
+        let objects = self.has_nexthops();
         let blocked: Vec<(RouteSpec, Option<String>)> =
             self.blocked.drain().map(|(_, b)| b).collect();
         // Known to be held, by whatever a full pass saw there.
@@ -404,7 +409,7 @@ impl OwnedRoutes {
                 (put, Some(by.clone().unwrap_or_default()))
             })
             .collect();
-        self.put(handle, puts, &mut errs).await;
+        self.put(batch, puts, &mut errs).await;
         errs
     }
 
@@ -412,13 +417,12 @@ impl OwnedRoutes {
     /// full pass saw holding it ("" when none did).
     async fn put(
         &mut self,
-        handle: &Handle,
+        batch: &Batch,
         puts: Vec<(Put<'_>, Option<String>)>,
         errs: &mut ErrorList,
     ) {
         let (puts, helds): (Vec<_>, Vec<_>) = puts.into_iter().unzip();
-        let nh = self.nexthop_handle().cloned();
-        let results = put_all(handle, nh.as_ref(), puts, errs).await;
+        let results = put_all(batch, puts, errs).await;
         for ((put, r), held) in results.into_iter().zip(helds) {
             let want = put.want;
             match r {
@@ -513,52 +517,38 @@ impl<'a> Put<'a> {
     }
 }
 
-/// Sends the nexthop requests, then the route requests, [`pipeline::IN_FLIGHT`] at a time, so
-/// a route names only a nexthop that exists. A route whose nexthop the kernel refused (the id
-/// another program's, a device without carrier) goes in the classic form instead. Nexthops the
-/// batch leaves unused (added for a route that was refused, named by a route now classic) are
-/// deleted. Each put with the hop now in place, or why its route is not.
+/// Sends the nexthop requests, then the route requests, so a route names only a nexthop that
+/// exists. A route whose nexthop the kernel refused (the id another program's, a device without
+/// carrier) goes in the classic form instead. Nexthops the batch leaves unused (added for a
+/// route that was refused, named by a route now classic) are deleted. Each put with the hop now
+/// in place, or why its route is not.
 async fn put_all<'a>(
-    handle: &Handle,
-    nh: Option<&nexthop::Handle>,
+    batch: &Batch,
     mut puts: Vec<Put<'a>>,
     errs: &mut ErrorList,
 ) -> Vec<(Put<'a>, Result<Hop, rtnetlink::Error>)> {
-    let nh_results = match nh {
-        Some(nh) => {
-            pipeline::all(&puts, |p| async move {
-                match (p.nh_flags, p.hop.nexthop()) {
-                    (Some(flags), Some(n)) => Some(nexthop::put(nh, n, flags).await),
-                    _ => None,
-                }
-            })
-            .await
-        }
-        // Without nexthops, no hop names one (`Hop::of`), so no put has a nexthop request.
-        None => vec![None; puts.len()],
-    };
+    let requests = (puts.iter()).map(|p| match (p.nh_flags, p.hop.nexthop()) {
+        (Some(flags), Some(n)) => Some((NexthopMessage::New(n), flags)),
+        _ => None,
+    });
+    let nh_results = batch.send(requests).await;
     let mut fresh = HashSet::new();
     for (p, r) in puts.iter_mut().zip(nh_results) {
+        let Some(flags) = p.nh_flags else { continue };
         match r {
-            Some(Ok(())) if p.nh_flags.is_some_and(|f| f & NLM_F_EXCL != 0) => {
-                fresh.extend(p.hop.nh);
-            }
-            Some(Err(e)) => {
+            Ok(()) if flags & NLM_F_EXCL != 0 => fresh.extend(p.hop.nh),
+            Ok(()) => {}
+            Err(e) => {
                 debug!(route = %p.want, error = %e, "nexthop refused: the route names its gateway");
                 p.hop.nh = None;
                 p.nh_flags = None;
                 p.route_flags.get_or_insert(NLM_F_CREATE | NLM_F_REPLACE);
             }
-            _ => {}
         }
     }
-    let results = pipeline::all(&puts, |p| async move {
-        match p.route_flags {
-            Some(flags) => add(handle, p.want.dst, p.hop, flags).await,
-            None => Ok(()),
-        }
-    })
-    .await;
+    let requests =
+        (puts.iter()).map(|p| (p.route_flags).map(|flags| (new_route(p.want.dst, p.hop), flags)));
+    let results = batch.send(requests).await;
     let mut unused = Vec::new();
     let done: Vec<_> = (puts.into_iter().zip(results))
         .map(|(p, r)| {
@@ -574,17 +564,21 @@ async fn put_all<'a>(
             (p, r)
         })
         .collect();
-    if let Some(nh) = nh {
-        errs.0.extend(delete_nexthops(nh, &unused).await.0);
-    }
+    errs.0.extend(delete_nexthops(batch, &unused).await.0);
     done
 }
 
-/// Deletes weft's nexthops `ids`, [`pipeline::IN_FLIGHT`] at a time.
-async fn delete_nexthops(nh: &nexthop::Handle, ids: &[u32]) -> ErrorList {
+/// Deletes weft's nexthops `ids`.
+async fn delete_nexthops(batch: &Batch, ids: &[u32]) -> ErrorList {
     let mut errs = ErrorList::default();
-    let results = pipeline::all(ids, |&id| nexthop::delete(nh, id)).await;
-    for (id, r) in ids.iter().zip(results) {
+    let requests = ids.iter().map(|&id| {
+        let nh = Nexthop {
+            id,
+            ..Nexthop::default()
+        };
+        Some((NexthopMessage::Del(nh), 0))
+    });
+    for (id, r) in ids.iter().zip(batch.send(requests).await) {
         match r {
             Ok(()) => debug!(id, "nexthop removed"),
             Err(e) if netlink::is_gone(&e) => {}
@@ -609,19 +603,18 @@ struct FullPass {
     held: HashMap<Ipv4Net, String>,
 }
 
-/// The full pass of [`reconcile_owned`] and [`OwnedRoutes::reconcile`]; `objects` is the
-/// nexthop connection and every nexthop of the kernel, when routes are to name them.
+/// The full pass of [`reconcile_owned`] and [`OwnedRoutes::reconcile`]; `objects` is every
+/// nexthop of the kernel, when routes are to name them.
 async fn reconcile_routes(
     handle: &Handle,
-    objects: Option<(nexthop::Handle, Vec<Nexthop>)>,
+    batch: &Batch,
+    objects: Option<Vec<Nexthop>>,
     owner: &Owner,
     desired: &[RouteSpec],
 ) -> FullPass {
     let mut errs = ErrorList::default();
-    let (nh_handle, nexthops) = match objects {
-        Some((h, all)) => (Some(h), all),
-        None => (None, Vec::new()),
-    };
+    let with_nexthops = objects.is_some();
+    let nexthops = objects.unwrap_or_default();
     // Every nexthop, to read the routes that name one; weft's own, to keep or remove.
     let nexthops: HashMap<u32, Nexthop> = nexthops.into_iter().map(|n| (n.id, n)).collect();
     let ours_nh: HashSet<u32> = (nexthops.values())
@@ -630,7 +623,7 @@ async fn reconcile_routes(
         .collect();
     let want: Vec<Hop> = (desired.iter())
         .map(|d| {
-            let mut hop = Hop::of(d, nh_handle.is_some());
+            let mut hop = Hop::of(d, with_nexthops);
             if let Some(id) = hop.nh.filter(|id| nexthops.contains_key(id) && !ours_nh.contains(id)) {
                 debug!(dst = %d.dst, id, "the nexthop id is another's: the route names its gateway");
                 hop.nh = None;
@@ -743,7 +736,7 @@ async fn reconcile_routes(
             }
         })
         .collect();
-    let results = put_all(handle, nh_handle.as_ref(), puts, &mut errs).await;
+    let results = put_all(batch, puts, &mut errs).await;
     let mut failed = HashSet::new();
     let (mut added, mut replaced) = (0, 0);
     for (&i, (put, r)) in missing.iter().zip(results) {
@@ -774,7 +767,7 @@ async fn reconcile_routes(
         .copied()
         .filter(|r| !failed.contains(&r.dst))
         .collect();
-    let results = pipeline::all(adopting.iter(), |r| delete(handle, r)).await;
+    let results = batch.send(adopting.iter().map(|r| Some(delete(r)))).await;
     let mut adopted = 0;
     for (theirs, r) in adopting.iter().zip(results) {
         match r {
@@ -792,10 +785,8 @@ async fn reconcile_routes(
             }),
         }
     }
-    let results = pipeline::all(&withdraw, |&(i, hop)| {
-        delete_exact(handle, desired[i].dst, hop)
-    })
-    .await;
+    let requests = (withdraw.iter()).map(|&(i, hop)| Some(delete_exact(desired[i].dst, hop)));
+    let results = batch.send(requests).await;
     for (&(i, _), r) in withdraw.iter().zip(results) {
         let want = &desired[i];
         match r {
@@ -810,7 +801,7 @@ async fn reconcile_routes(
         }
     }
     let wanted: HashSet<Ipv4Net> = desired.iter().map(|d| d.dst).collect();
-    let results = pipeline::all(&owned, |r| delete(handle, r)).await;
+    let results = batch.send(owned.iter().map(|r| Some(delete(r)))).await;
     let mut removed = 0;
     for (r, result) in owned.iter().zip(results) {
         match result {
@@ -833,15 +824,13 @@ async fn reconcile_routes(
         }
     }
     // weft's nexthops no route names any more (never one another's route names).
-    if let Some(nh) = &nh_handle {
-        let named: HashSet<u32> = (placed.iter().flatten().filter_map(|h| h.nh))
-            .chain(foreign.iter().filter_map(|r| r.nh))
-            .collect();
-        let unused: Vec<u32> = (ours_nh.iter().copied())
-            .filter(|id| !named.contains(id))
-            .collect();
-        errs.0.extend(delete_nexthops(nh, &unused).await.0);
-    }
+    let named: HashSet<u32> = (placed.iter().flatten().filter_map(|h| h.nh))
+        .chain(foreign.iter().filter_map(|r| r.nh))
+        .collect();
+    let unused: Vec<u32> = (ours_nh.iter().copied())
+        .filter(|id| !named.contains(id))
+        .collect();
+    errs.0.extend(delete_nexthops(batch, &unused).await.0);
     if added + replaced + removed + adopted > 0 {
         info!(added, replaced, removed, adopted, "routes updated");
     }
@@ -869,18 +858,20 @@ fn route_message(dst: Ipv4Net, hop: Hop) -> RouteMessage {
     b.build()
 }
 
-/// Deletes weft's route to `dst` exactly as it was added (protocol, and nexthop or gateway and
-/// device): the kernel matches every field given, so no other route to `dst` can go instead.
-async fn delete_exact(handle: &Handle, dst: Ipv4Net, hop: Hop) -> Result<(), rtnetlink::Error> {
-    handle.route().del(route_message(dst, hop)).execute().await
+/// The request adding (or, by `flags`, replacing) the route to `dst` through `hop`.
+fn new_route(dst: Ipv4Net, hop: Hop) -> RouteNetlinkMessage {
+    RouteNetlinkMessage::NewRoute(route_message(dst, hop))
 }
 
-async fn add(handle: &Handle, dst: Ipv4Net, hop: Hop, flags: u16) -> Result<(), rtnetlink::Error> {
-    let msg = RouteNetlinkMessage::NewRoute(route_message(dst, hop));
-    netlink::request(handle, msg, flags).await
+/// The request deleting weft's route to `dst` exactly as it was added (protocol, and nexthop or
+/// gateway and device): the kernel matches every field given, so no other route to `dst` can go
+/// instead.
+fn delete_exact(dst: Ipv4Net, hop: Hop) -> Request<RouteNetlinkMessage> {
+    (RouteNetlinkMessage::DelRoute(route_message(dst, hop)), 0)
 }
 
-async fn delete(handle: &Handle, r: &Installed) -> Result<(), rtnetlink::Error> {
+/// The request deleting the route `r` of a dump.
+fn delete(r: &Installed) -> Request<RouteNetlinkMessage> {
     // Keep only what identifies the route; the dump's cache info and metrics are not for deletes.
     // The header stays, protocol included, so the kernel deletes this very route and not another
     // one to the same destination. A route naming a nexthop is matched by its id: given a
@@ -894,7 +885,7 @@ async fn delete(handle: &Handle, r: &Installed) -> Result<(), rtnetlink::Error> 
         RouteAttribute::Gateway(_) | RouteAttribute::Oif(_) => r.nh.is_none(),
         _ => false,
     });
-    handle.route().del(msg).execute().await
+    (RouteNetlinkMessage::DelRoute(msg), 0)
 }
 
 /// `r` as `ip route` would print it, for a conflict message: which route holds the destination.

@@ -203,7 +203,7 @@ impl Udp {
         let index = self.ensure_device().await?;
         self.publish_table();
         let errs = self.ensure_route(index).await;
-        self.conn.settle();
+        self.conn.settle().await;
         match errs.0.into_iter().next() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -244,7 +244,7 @@ impl Udp {
         let route = self.ensure_route(index).await;
         self.synced = route.0.is_empty();
         errs.0.extend(route.0);
-        self.conn.settle();
+        self.conn.settle().await;
         errs.into_result()
     }
 
@@ -493,16 +493,16 @@ impl Udp {
 
     /// The one owned route: the whole cluster network into flannel0.
     async fn ensure_route(&mut self, index: u32) -> ErrorList {
-        let handle = match self.conn.handle() {
-            Ok(h) => h,
-            Err(e) => return e.into(),
+        let (handle, batch) = match (self.conn.handle(), self.conn.batch()) {
+            (Ok(h), Ok(b)) => (h, b),
+            (Err(e), _) | (_, Err(e)) => return e.into(),
         };
         let want = [RouteSpec::device(self.net.network, index, device::NAME)];
         let owner = routes::Owner {
             network: self.net.network,
             device: Some(index),
         };
-        routes::reconcile_owned(&handle, &owner, &want).await
+        routes::reconcile_owned(&handle, &batch, &owner, &want).await
     }
 }
 

@@ -102,6 +102,7 @@ impl Vxlan {
         // The device may have been deleted behind our back: everything hangs off it.
         let index = self.ensure_device().await?;
         let handle = self.conn.handle()?;
+        let batch = self.conn.batch()?;
         let mut errs = ErrorList::default();
         if let Some(own) = &self.own {
             if let Err(e) =
@@ -139,12 +140,12 @@ impl Vxlan {
             .collect();
         // flannel's order per peer: neighbour, FDB, route.
         errs.0.extend(
-            neigh::reconcile(&handle, Table::Arp, index, &all.arp_add)
+            neigh::reconcile(&handle, &batch, Table::Arp, index, &all.arp_add)
                 .await
                 .0,
         );
         errs.0.extend(
-            neigh::reconcile(&handle, Table::Fdb, index, &all.fdb_add)
+            neigh::reconcile(&handle, &batch, Table::Fdb, index, &all.fdb_add)
                 .await
                 .0,
         );
@@ -152,11 +153,15 @@ impl Vxlan {
             network: self.net.network,
             device: Some(index),
         };
-        errs.0
-            .extend(self.routes.reconcile(&handle, &owner, &routes).await.0);
+        errs.0.extend(
+            self.routes
+                .reconcile(&handle, &batch, &owner, &routes)
+                .await
+                .0,
+        );
         self.plans = plans;
         self.synced = !errs.0.iter().any(kernel_unknown);
-        self.conn.settle();
+        self.conn.settle().await;
         errs.into_result()
     }
 
@@ -167,10 +172,10 @@ impl Vxlan {
             self.synced = false;
             return Err(Error::Other("vxlan: apply before the first reconcile".into()).into());
         };
-        let handle = self.conn.handle()?;
+        let batch = self.conn.batch()?;
         let mut errs = ErrorList::default();
         if changes.is_empty() {
-            errs.0.extend(self.routes.retry(&handle).await.0);
+            errs.0.extend(self.routes.retry(&batch).await.0);
         }
         let mut moves = Moves::default();
         // Removals first: a MAC they free may be taken by a peer added in the same batch.
@@ -201,26 +206,22 @@ impl Vxlan {
         // A failed neighbour request leaves the tables unknown: the next check compares them.
         let mut neigh_ok = true;
         for (table, entries) in [(Table::Arp, &moves.arp_add), (Table::Fdb, &moves.fdb_add)] {
-            let more = neigh::add_all(&handle, table, index, entries).await;
+            let more = neigh::add_all(&batch, table, index, entries).await;
             neigh_ok &= more.0.is_empty();
             errs.0.extend(more.0);
         }
         let put: Vec<RouteSpec> = (moves.route_put.iter())
             .map(|(subnet, plan)| self.route(*subnet, *plan, index))
             .collect();
-        errs.0.extend(
-            self.routes
-                .apply(&handle, &moves.route_remove, &put)
-                .await
-                .0,
-        );
+        errs.0
+            .extend(self.routes.apply(&batch, &moves.route_remove, &put).await.0);
         for (table, entries) in [(Table::Arp, &moves.arp_del), (Table::Fdb, &moves.fdb_del)] {
-            let more = neigh::delete_all(&handle, table, index, entries).await;
+            let more = neigh::delete_all(&batch, table, index, entries).await;
             neigh_ok &= more.0.is_empty();
             errs.0.extend(more.0);
         }
         self.synced &= neigh_ok;
-        self.conn.settle();
+        self.conn.settle().await;
         errs.into_result()
     }
 

@@ -1,6 +1,8 @@
 //! Backends against the real kernel, in network namespaces. Needs root; see `harness::root_or_skip`.
 
 mod apply;
+mod batch;
+mod drift;
 mod firewall;
 mod harness;
 mod host_gw;
