@@ -846,17 +846,17 @@ impl Agent {
     async fn full_pass(&mut self, state: &mut State) {
         state.pending.clear();
         state.full_at = Instant::now() + FULL_RESYNC;
-        let peers: Vec<weft_backends::Lease> = state.peers.backend_peers().collect();
         let started = Instant::now();
-        let result = state.backend.reconcile(&peers).await;
+        // Each peer's lease is made as the backend reads it, and dropped once planned.
+        let mut n = 0;
+        let peers = state.peers.backend_peers().inspect(|_| n += 1);
+        let result = state.backend.reconcile(peers).await;
         count_pass(state, started.elapsed(), result.is_ok());
         info!(
-            peers = peers.len(),
+            peers = n,
             took_ms = started.elapsed().as_millis(),
             "kernel compared with all peers"
         );
-        let n = peers.len();
-        drop(peers);
         self.log_outcome(state, result, n);
         release_freed_memory();
     }

@@ -394,7 +394,7 @@ impl PeerSet {
     pub fn batch(&mut self) -> Batch<'_> {
         Batch {
             set: self,
-            before: HashMap::new(),
+            before: Before::default(),
             listed: None,
         }
     }
@@ -500,10 +500,10 @@ impl PeerSet {
                 self.remember_contenders(*subnet, *mac, before);
             }
         }
-        // The key as already stored (and shared), or a new one.
+        // The key as already stored (and shared), or as `remember` kept it.
         let key: Key = match self.entries.get_key_value(key) {
             Some((k, _)) => k.clone(),
-            None => key.into(),
+            None => before.key(key).unwrap_or_else(|| key.into()),
         };
         let mut recheck = vec![key.clone()];
         if let Some(old) = self.entries.remove(&key) {
@@ -535,18 +535,18 @@ impl PeerSet {
 
     /// Records the verdict of `key` before this batch first touches it.
     fn remember(&self, key: &str, before: &mut Before) {
-        if before.contains_key(key) {
+        if before.contains(key) {
             return;
         }
-        let (key, e) = match self.entries.get_key_value(key) {
-            Some((k, e)) => (k.clone(), Some(e)),
-            None => (Key::from(key), None),
+        let Some((key, e)) = self.entries.get_key_value(key) else {
+            before.new.insert(Key::from(key));
+            return;
         };
-        let verdict = e.map(|e| self.verdict_of(&key, e));
-        let accepted = e
-            .filter(|_| verdict == Some(Verdict::Accepted))
-            .and_then(|e| e.value.as_ref().ok().cloned());
-        before.insert(key, (verdict, accepted));
+        let verdict = self.verdict_of(key, e);
+        let accepted = (verdict == Verdict::Accepted)
+            .then(|| e.value.as_ref().ok().cloned())
+            .flatten();
+        before.stored.insert(key.clone(), (verdict, accepted));
     }
 
     /// Records the verdicts of every contender for `subnet` and `mac`.
@@ -660,8 +660,33 @@ impl PeerSet {
     }
 }
 
-/// Verdict and accepted lease of each key before a batch touched it.
-type Before = HashMap<Key, (Option<Verdict>, Option<Stored>)>;
+/// Verdict and accepted lease of each key before a batch touched it. The keys that had no entry
+/// (at a start, every one of 10,000) are kept apart, as a set of the very keys the entries then
+/// share: a map holding "nothing" for each would be most of the start's peak memory.
+#[derive(Default)]
+struct Before {
+    stored: HashMap<Key, (Verdict, Option<Stored>)>,
+    new: HashSet<Key>,
+}
+
+impl Before {
+    fn contains(&self, key: &str) -> bool {
+        self.stored.contains_key(key) || self.new.contains(key)
+    }
+
+    /// `key` as this batch keeps it, to be shared rather than copied.
+    fn key(&self, key: &str) -> Option<Key> {
+        (self.new.get(key))
+            .or_else(|| self.stored.get_key_value(key).map(|(k, _)| k))
+            .cloned()
+    }
+
+    /// Each key, with its verdict and accepted lease (`None` for a new key).
+    fn into_iter(self) -> impl Iterator<Item = (Key, Option<Verdict>, Option<Stored>)> {
+        let stored = (self.stored.into_iter()).map(|(k, (v, l))| (k, Some(v), l));
+        stored.chain(self.new.into_iter().map(|k| (k, None, None)))
+    }
+}
 
 /// Operations on a [`PeerSet`] whose net effect is reported as one [`Diff`] by [`Batch::finish`].
 #[must_use = "the diff comes from finish()"]
@@ -769,7 +794,7 @@ impl Batch<'_> {
     pub fn finish(self) -> Diff {
         let set = &*self.set;
         let mut d = Diff::default();
-        for (key, (was, old)) in self.before {
+        for (key, was, old) in self.before.into_iter() {
             let e = set.entries.get(&key);
             let now = e.map(|e| set.verdict_of(&key, e));
             let new = e

@@ -25,7 +25,10 @@ impl Alloc {
         Ok(())
     }
 
-    pub async fn reconcile(&mut self, _peers: &[Lease]) -> Result<(), ErrorList> {
+    pub async fn reconcile<P>(
+        &mut self,
+        _peers: impl IntoIterator<Item = P>,
+    ) -> Result<(), ErrorList> {
         Ok(())
     }
 }

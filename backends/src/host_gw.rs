@@ -3,6 +3,8 @@
 
 use ipnet::Ipv4Net;
 use serde_json::Value;
+use std::borrow::Borrow;
+use std::sync::Arc;
 
 use crate::netlink::Conn;
 use crate::routes::{self, OwnedRoutes, Owner, RouteSpec};
@@ -13,6 +15,8 @@ pub const TYPE: &str = "host-gw";
 
 pub struct HostGw {
     net: Network,
+    /// The underlay's name, which the routes name in messages.
+    dev: Arc<str>,
     own: Option<Lease>,
     conn: Conn,
     /// The peer routes in place, for targeted changes (`apply`).
@@ -26,6 +30,7 @@ pub struct HostGw {
 impl HostGw {
     pub fn new(net: Network) -> Self {
         Self {
+            dev: net.external.name.as_str().into(),
             net,
             own: None,
             conn: Conn::default(),
@@ -52,14 +57,21 @@ impl HostGw {
         Ok(())
     }
 
-    pub async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), ErrorList> {
+    pub async fn reconcile<P: Borrow<Lease>>(
+        &mut self,
+        peers: impl IntoIterator<Item = P>,
+    ) -> Result<(), ErrorList> {
         let handle = self.conn.handle()?;
         let batch = self.conn.batch()?;
         let ext = &self.net.external;
         self.connected = routes::connected_networks(&handle, ext.index).await?;
         let mut errs = ErrorList::default();
         let mut desired = Vec::new();
-        for p in peers.iter().filter(|p| peer::same_type(p, TYPE)) {
+        for p in peers {
+            let p = p.borrow();
+            if !peer::same_type(p, TYPE) {
+                continue;
+            }
             match self.route(p) {
                 Ok(r) => desired.push(r),
                 Err(e) => errs.push(e),
@@ -125,7 +137,7 @@ impl HostGw {
             dst: p.subnet,
             gateway: Some(p.public_ip),
             oif: ext.index,
-            dev: ext.name.clone(),
+            dev: self.dev.clone(),
             onlink: false,
         })
     }

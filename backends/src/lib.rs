@@ -32,6 +32,7 @@ pub mod udp;
 mod vxlan;
 mod watch;
 
+use std::borrow::Borrow;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -193,8 +194,12 @@ impl Backend {
 
     /// Makes the kernel match exactly `peers` (other hosts' leases): adds what is missing, fixes what
     /// differs, removes what this backend owns that no peer wants. One bad peer does not stop the
-    /// others: every failure is reported together.
-    pub async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), ErrorList> {
+    /// others: every failure is reported together. `peers` is read once, in order, and no lease
+    /// is kept: 10,000 of them need not be held at once.
+    pub async fn reconcile<P: Borrow<Lease>>(
+        &mut self,
+        peers: impl IntoIterator<Item = P>,
+    ) -> Result<(), ErrorList> {
         match self {
             Self::Alloc(b) => b.reconcile(peers).await,
             Self::Vxlan(b) => b.reconcile(peers).await,
@@ -266,7 +271,11 @@ impl Backend {
     /// `flannel0`) with the address, route, neighbours and FDB entries on it; udp's workers are
     /// stopped first. The firewall rules and the lease are the agent's to remove.
     pub async fn remove(mut self) -> Result<(), ErrorList> {
-        let mut errs = self.reconcile(&[]).await.err().unwrap_or_default();
+        let mut errs = self
+            .reconcile(&[] as &[Lease])
+            .await
+            .err()
+            .unwrap_or_default();
         let device = match &self {
             Self::Vxlan(b) => Some(b.device_name().to_string()),
             Self::Udp(_) => Some(udp::DEVICE.to_string()),

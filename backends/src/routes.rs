@@ -39,6 +39,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
@@ -102,8 +103,8 @@ pub struct RouteSpec {
     pub dst: Ipv4Net,
     pub gateway: Option<Ipv4Addr>,
     pub oif: u32,
-    /// Interface name, for messages only.
-    pub dev: String,
+    /// Interface name, for messages only (shared: a pass may hold 10,000 routes).
+    pub dev: Arc<str>,
     /// vxlan routes point at the peer's network address through the device, which no local
     /// prefix covers: the kernel must be told the gateway is on-link.
     pub onlink: bool,
@@ -116,7 +117,7 @@ impl RouteSpec {
             dst,
             gateway: None,
             oif,
-            dev: dev.to_string(),
+            dev: dev.into(),
             onlink: false,
         }
     }
@@ -421,11 +422,11 @@ impl OwnedRoutes {
         puts: Vec<(Put<'_>, Option<String>)>,
         errs: &mut ErrorList,
     ) {
-        let (puts, helds): (Vec<_>, Vec<_>) = puts.into_iter().unzip();
-        let results = put_all(batch, puts, errs).await;
-        for ((put, r), held) in results.into_iter().zip(helds) {
+        let (mut puts, helds): (Vec<_>, Vec<_>) = puts.into_iter().unzip();
+        put_all(batch, &mut puts, errs).await;
+        for (mut put, held) in puts.into_iter().zip(helds) {
             let want = put.want;
-            match r {
+            match put.result() {
                 Ok(hop) => {
                     if held.is_some() {
                         info!(route = %want, "route added on a later try");
@@ -485,6 +486,8 @@ struct Put<'a> {
     route_flags: Option<u16>,
     /// What weft had in place for this destination.
     previous: Option<Hop>,
+    /// Why the route is not in place, once sent (boxed: 10,000 puts are mostly successes).
+    failed: Option<Box<rtnetlink::Error>>,
 }
 
 impl<'a> Put<'a> {
@@ -495,6 +498,15 @@ impl<'a> Put<'a> {
             nh_flags: None,
             route_flags: None,
             previous: None,
+            failed: None,
+        }
+    }
+
+    /// Once sent: the hop in place, or why the route is not.
+    fn result(&mut self) -> Result<Hop, rtnetlink::Error> {
+        match self.failed.take() {
+            Some(e) => Err(*e),
+            None => Ok(self.hop),
         }
     }
 
@@ -520,13 +532,9 @@ impl<'a> Put<'a> {
 /// Sends the nexthop requests, then the route requests, so a route names only a nexthop that
 /// exists. A route whose nexthop the kernel refused (the id another program's, a device without
 /// carrier) goes in the classic form instead. Nexthops the batch leaves unused (added for a
-/// route that was refused, named by a route now classic) are deleted. Each put with the hop now
-/// in place, or why its route is not.
-async fn put_all<'a>(
-    batch: &Batch,
-    mut puts: Vec<Put<'a>>,
-    errs: &mut ErrorList,
-) -> Vec<(Put<'a>, Result<Hop, rtnetlink::Error>)> {
+/// route that was refused, named by a route now classic) are deleted. Each put is left with the
+/// hop now in place, or why its route is not ([`Put::result`]).
+async fn put_all(batch: &Batch, puts: &mut [Put<'_>], errs: &mut ErrorList) {
     let requests = (puts.iter()).map(|p| match (p.nh_flags, p.hop.nexthop()) {
         (Some(flags), Some(n)) => Some((NexthopMessage::New(n), flags)),
         _ => None,
@@ -550,22 +558,20 @@ async fn put_all<'a>(
         (puts.iter()).map(|p| (p.route_flags).map(|flags| (new_route(p.want.dst, p.hop), flags)));
     let results = batch.send(requests).await;
     let mut unused = Vec::new();
-    let done: Vec<_> = (puts.into_iter().zip(results))
-        .map(|(p, r)| {
-            let r = r.map(|()| p.hop);
-            match &r {
-                Ok(hop) => unused.extend(
-                    p.previous
-                        .and_then(|h| h.nh)
-                        .filter(|&id| hop.nh != Some(id)),
-                ),
-                Err(_) => unused.extend(p.hop.nh.filter(|id| fresh.contains(id))),
+    for (p, r) in puts.iter_mut().zip(results) {
+        match r {
+            Ok(()) => unused.extend(
+                p.previous
+                    .and_then(|h| h.nh)
+                    .filter(|&id| p.hop.nh != Some(id)),
+            ),
+            Err(e) => {
+                unused.extend(p.hop.nh.filter(|id| fresh.contains(id)));
+                p.failed = Some(Box::new(e));
             }
-            (p, r)
-        })
-        .collect();
+        }
+    }
     errs.0.extend(delete_nexthops(batch, &unused).await.0);
-    done
 }
 
 /// Deletes weft's nexthops `ids`.
@@ -715,7 +721,7 @@ async fn reconcile_routes(
         adopt = adopt.len(),
         "route diff"
     );
-    let puts: Vec<Put> = (missing.iter())
+    let mut puts: Vec<Put> = (missing.iter())
         .map(|&i| {
             let dst = desired[i].dst;
             // Replace only a route of our own. Adding next to flanneld's copy needs neither
@@ -736,12 +742,12 @@ async fn reconcile_routes(
             }
         })
         .collect();
-    let results = put_all(batch, puts, &mut errs).await;
+    put_all(batch, &mut puts, &mut errs).await;
     let mut failed = HashSet::new();
     let (mut added, mut replaced) = (0, 0);
-    for (&i, (put, r)) in missing.iter().zip(results) {
+    for (&i, mut put) in missing.iter().zip(puts) {
         let want = &desired[i];
-        match r {
+        match put.result() {
             Ok(hop) => {
                 placed[i] = Some(hop);
                 if put.route_flags.is_some_and(|f| f & NLM_F_REPLACE != 0) {

@@ -16,6 +16,7 @@ mod gro;
 mod socket;
 mod worker;
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
 use std::os::unix::net::UnixStream;
@@ -210,7 +211,10 @@ impl Udp {
         }
     }
 
-    pub async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), ErrorList> {
+    pub async fn reconcile<P: Borrow<Lease>>(
+        &mut self,
+        peers: impl IntoIterator<Item = P>,
+    ) -> Result<(), ErrorList> {
         if self.own.is_none() {
             return Err(Error::Other(
                 "udp: reconcile before this host's lease is configured".into(),
@@ -221,7 +225,11 @@ impl Udp {
         let index = self.ensure_device().await?;
         let mut desired = BTreeMap::new();
         // flannel's udp writes no BackendType, so "" is a flannel udp node.
-        for p in peers.iter().filter(|p| ours(p)) {
+        for p in peers {
+            let p = p.borrow();
+            if !ours(p) {
+                continue;
+            }
             match self.endpoint(p, &desired) {
                 Ok(at) => {
                     desired.insert(p.subnet, at);

@@ -14,6 +14,8 @@ mod plan;
 
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
+use std::borrow::Borrow;
+use std::sync::Arc;
 use tracing::debug;
 
 pub use config::VxlanConfig;
@@ -31,7 +33,9 @@ pub const TYPE: &str = "vxlan";
 pub struct Vxlan {
     net: Network,
     cfg: VxlanConfig,
-    name: String,
+    name: Arc<str>,
+    /// The underlay's name (DirectRouting routes leave through it).
+    underlay: Arc<str>,
     mac: Option<Mac>,
     own: Option<Lease>,
     /// The device's index as of the last ensure, for recognising drift events.
@@ -51,7 +55,8 @@ impl Vxlan {
     pub fn new(config: &BackendConfig, net: Network) -> Result<Self, Error> {
         let cfg = VxlanConfig::parse(config)?;
         Ok(Self {
-            name: cfg.device_name(),
+            name: cfg.device_name().into(),
+            underlay: net.external.name.as_str().into(),
             net,
             cfg,
             mac: None,
@@ -98,7 +103,10 @@ impl Vxlan {
         netlink::ensure_address(&handle, index, &self.name, own.subnet.network()).await
     }
 
-    pub async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), ErrorList> {
+    pub async fn reconcile<P: Borrow<Lease>>(
+        &mut self,
+        peers: impl IntoIterator<Item = P>,
+    ) -> Result<(), ErrorList> {
         // The device may have been deleted behind our back: everything hangs off it.
         let index = self.ensure_device().await?;
         let handle = self.conn.handle()?;
@@ -118,7 +126,11 @@ impl Vxlan {
             Vec::new()
         };
         let mut plans = Plans::default();
-        for p in peers.iter().filter(|p| peer::same_type(p, TYPE)) {
+        for p in peers {
+            let p = p.borrow();
+            if !peer::same_type(p, TYPE) {
+                continue;
+            }
             if plans.get(&p.subnet).is_some() {
                 errs.push(bad_peer(p, "another peer has this subnet".into()));
                 continue;
@@ -267,7 +279,7 @@ impl Vxlan {
                 dst: subnet,
                 gateway: Some(public_ip),
                 oif: self.net.external.index,
-                dev: self.net.external.name.clone(),
+                dev: self.underlay.clone(),
                 onlink: false,
             },
         }
@@ -285,7 +297,7 @@ impl Vxlan {
 
     pub async fn drifted(&mut self) {
         let owned = Owned {
-            device: Some(self.name.clone()),
+            device: Some(self.name.to_string()),
             index: self.index,
         };
         self.conn.drifted(&owned).await;
@@ -320,7 +332,7 @@ impl Vxlan {
         };
         let handle = self.conn.handle()?;
         let spec = device::Spec {
-            name: self.name.clone(),
+            name: self.name.to_string(),
             cfg: &self.cfg,
             ext: &self.net.external,
             mac,
