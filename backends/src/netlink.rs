@@ -2,8 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use futures::{StreamExt, TryStreamExt};
-use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+use futures::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::Handle;
 
@@ -18,20 +17,6 @@ pub fn connect() -> Result<Handle, Error> {
         rtnetlink::new_connection().map_err(Error::io("open netlink socket"))?;
     tokio::spawn(conn);
     Ok(handle)
-}
-
-/// Waits for the answer to one request: its error, or its acknowledgement.
-pub(crate) async fn acked<T>(
-    mut resp: impl futures::Stream<Item = NetlinkMessage<T>> + Unpin,
-) -> Result<(), rtnetlink::Error> {
-    while let Some(m) = resp.next().await {
-        if let NetlinkPayload::Error(e) = m.payload {
-            if e.code.is_some() {
-                return Err(rtnetlink::Error::NetlinkError(e));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The errno of a kernel rejection (positive, as in libc), if that is what `e` is.

@@ -12,8 +12,8 @@
 //! encodes the two weft sends (a gateway nexthop on a device, and a delete by id) and decodes what
 //! the kernel reports. Decoding never fails on a nexthop message: a shape weft never makes (a
 //! group, a blackhole, an FDB, IPv6 or encapsulating nexthop, an attribute it cannot read) is
-//! decoded as [`Nexthop::other`]. The messages travel on a netlink-proto connection of their own,
-//! with the request multiplexing the rtnetlink crate's connection has.
+//! decoded as [`Nexthop::other`]. Changes travel in batches ([`crate::batch`]); dumps and events
+//! on netlink-proto connections of their own.
 
 use std::net::Ipv4Addr;
 
@@ -21,8 +21,7 @@ use futures::channel::mpsc::UnboundedReceiver;
 use futures::StreamExt;
 use rtnetlink::packet_core::{
     DecodeError, DefaultNla, Emitable, NetlinkDeserializable, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload, NetlinkSerializable, NlasIterator, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_DUMP,
-    NLM_F_REQUEST,
+    NetlinkPayload, NetlinkSerializable, NlasIterator, NLA_TYPE_MASK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use rtnetlink::proto::ConnectionHandle;
 use rtnetlink::sys::protocols::NETLINK_ROUTE;
@@ -224,20 +223,6 @@ pub fn events(
     Ok(events)
 }
 
-/// Adds or replaces `nh` (`flags`: NLM_F_CREATE with NLM_F_EXCL or NLM_F_REPLACE).
-pub async fn put(handle: &Handle, nh: Nexthop, flags: u16) -> Result<(), rtnetlink::Error> {
-    request(handle, NexthopMessage::New(nh), NLM_F_ACK | flags).await
-}
-
-/// Deletes the nexthop `id`; the kernel deletes the routes that name it with it.
-pub async fn delete(handle: &Handle, id: u32) -> Result<(), rtnetlink::Error> {
-    let nh = Nexthop {
-        id,
-        ..Nexthop::default()
-    };
-    request(handle, NexthopMessage::Del(nh), NLM_F_ACK).await
-}
-
 /// Every nexthop of the namespace. Fails (EOPNOTSUPP) on a kernel without nexthop objects.
 pub async fn dump(handle: &Handle) -> Result<Vec<Nexthop>, rtnetlink::Error> {
     let mut all = Vec::new();
@@ -252,10 +237,6 @@ pub async fn dump(handle: &Handle) -> Result<Vec<Nexthop>, rtnetlink::Error> {
         }
     }
     Ok(all)
-}
-
-async fn request(handle: &Handle, msg: NexthopMessage, flags: u16) -> Result<(), rtnetlink::Error> {
-    crate::netlink::acked(send(handle, msg, flags)?).await
 }
 
 /// Sends `msg` with `flags` (plus REQUEST); the stream of the kernel's answers.

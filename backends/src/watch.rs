@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedReceiver;
 use futures::StreamExt;
+use nix::sys::socket::sockopt;
 use rtnetlink::packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP,
     NLMSG_OVERRUN,
@@ -211,8 +212,8 @@ impl DriftWatch {
     /// Forgets the changes made so far, so the echoes of weft's own do not trigger another
     /// pass. The kernel queued every echo of a request before answering it, but the judges read
     /// them when the runtime gets to it: a marker sent to each subscribed socket now, queued
-    /// behind those echoes, says when they are all judged. Waits for that, briefly; a marker
-    /// lost (a socket closed, events overrun) leaves what has been judged by then.
+    /// behind those echoes, says when they are all judged. Waits for that, briefly; if a marker
+    /// is lost (a socket closed, events overrun), nothing is forgotten.
     pub async fn settle(&mut self) {
         let seq = self
             .shared
@@ -237,11 +238,15 @@ impl DriftWatch {
                 seen.await;
             }
         };
-        if tokio::time::timeout(SETTLE_LIMIT, all_seen).await.is_err() {
+        let seen = tokio::time::timeout(SETTLE_LIMIT, all_seen).await.is_ok();
+        self.shared.marker.store(0, Ordering::Release);
+        if seen {
+            self.shared.drifted.store(false, Ordering::Release);
+        } else {
+            // Lost with events, most likely (an overrun): what was judged stands, at worst one
+            // more full pass.
             debug!("drift markers not seen in time");
         }
-        self.shared.marker.store(0, Ordering::Release);
-        self.shared.drifted.store(false, Ordering::Release);
     }
 }
 
@@ -270,7 +275,7 @@ async fn judge_all<T>(mut events: Events<T>, shared: Arc<Shared>, judge: fn(&Sha
             // The socket's buffer was full (netlink-proto's stand-in for ENOBUFS) and the kernel
             // dropped events: any of them may have been a deletion.
             NetlinkPayload::Overrun(_) => {
-                info!("netlink events lost to a full socket buffer; reconciling");
+                info!("netlink events lost to a full socket buffer: counted as drift");
                 shared.drifted();
             }
             _ => {}
@@ -332,11 +337,24 @@ fn send_marker(socket: &Socket, port: u32, seq: u32) -> std::io::Result<()> {
 
 /// Has the kernel drop every message for `socket` but those of `types`. Where it refuses (no
 /// socket filters in that kernel or sandbox) the watch goes on unfiltered: slower, not wrong.
+/// Also makes the socket's buffer room for [`EVENT_BUFFER`]: the deletions of a burst of
+/// peers leaving (route, neighbour, FDB entry each) arrive faster than they are read while weft
+/// sends its own requests, and an overrun would lose someone else's deletion among them.
 fn pass_only(socket: &impl AsFd, types: &[u16], name: &str) {
     if let Err(e) = SockRef::from(socket).attach_filter(&type_filter(types)) {
         debug!(socket = name, error = %e, "netlink events unfiltered");
     }
+    let force = nix::sys::socket::setsockopt(socket, sockopt::RcvBufForce, &EVENT_BUFFER);
+    if let Err(e) = force {
+        // Without CAP_NET_ADMIN: as much as net.core.rmem_max allows.
+        let _ = nix::sys::socket::setsockopt(socket, sockopt::RcvBuf, &EVENT_BUFFER);
+        debug!(socket = name, error = %e, "netlink event buffer not enlarged past rmem_max");
+    }
 }
+
+/// Receive buffer of the event sockets: ~5,000 deletion notifications (~800 bytes of buffer
+/// each). Memory is only taken while events wait to be read.
+const EVENT_BUFFER: usize = 4 << 20;
 
 /// A classic BPF program passing netlink messages of `types` (at most 255) only. A
 /// notification is a datagram of one message, so its first header decides. Loads from a netlink
