@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
-use rtnetlink::packet_route::route::{RouteProtocol, RouteScope};
+use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol, RouteScope};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::RouteMessageBuilder;
 use serde_json::json;
@@ -44,6 +44,42 @@ fn neighbour(i: u32) -> Ipv4Addr {
     addr(200, i)
 }
 
+/// Test route `i` (proto 87) on device `index`.
+fn test_route(i: u32, index: u32) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(route(i), 32)
+        .output_interface(index)
+        .scope(RouteScope::Link)
+        .protocol(RouteProtocol::Other(RTPROT_WEFT))
+        .build()
+}
+
+/// Runs `work` on another thread of the host's namespace while the agent's runtime is held, so
+/// that nothing reads the watch's sockets meanwhile; then what the route and the nexthop socket
+/// hold: (bytes queued, messages dropped).
+fn while_unread<Fut>(h: &Host, work: fn(u32) -> Fut, index: u32) -> [(u64, u64); 2]
+where
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let ns = h.ns.name.clone();
+    h.agent.run(move || async move {
+        std::thread::spawn(move || {
+            enter(&ns);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(work(index));
+        })
+        .join()
+        .expect("working thread");
+        [ROUTE_GROUPS, NEXTHOP_GROUPS].map(|groups| match queued(groups)[..] {
+            [one] => one,
+            ref all => panic!("not one socket for groups {groups:#x}: {all:?}"),
+        })
+    })
+}
+
 /// Whether the backend reports drift within `limit`.
 fn woken(h: &Host, limit: Duration) -> bool {
     h.agent.with_backend(move |b| {
@@ -65,13 +101,10 @@ async fn add_all(index: u32) {
             .execute()
             .await
             .expect("add neighbour");
-        let r = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(route(i), 32)
-            .output_interface(index)
-            .scope(RouteScope::Link)
-            .protocol(RouteProtocol::Other(RTPROT_WEFT))
-            .build();
-        handle.route().add(r).execute().await.expect("add route");
+        (handle.route().add(test_route(i, index)))
+            .execute()
+            .await
+            .expect("add route");
         let nh = Nexthop {
             id: i + 1,
             protocol: RTPROT_WEFT,
@@ -88,18 +121,16 @@ async fn add_all(index: u32) {
     }
 }
 
-/// Deletes the test neighbours and routes `range` on device `index`, as someone else would.
-async fn delete_some(index: u32, range: std::ops::Range<u32>) {
+/// Deletes the test neighbours and routes but the first 8 on device `index`, as someone else
+/// would.
+async fn delete_most(index: u32) {
     let (conn, handle, _) = rtnetlink::new_connection().expect("netlink");
     tokio::spawn(conn);
-    for i in range {
-        let r = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(route(i), 32)
-            .output_interface(index)
-            .scope(RouteScope::Link)
-            .protocol(RouteProtocol::Other(RTPROT_WEFT))
-            .build();
-        handle.route().del(r).execute().await.expect("delete route");
+    for i in 8..N {
+        (handle.route().del(test_route(i, index)))
+            .execute()
+            .await
+            .expect("delete route");
         let mut msg = NeighbourMessage::default();
         msg.header.family = AddressFamily::Inet;
         msg.header.ifindex = index;
@@ -150,30 +181,14 @@ fn additions_never_reach_weftd_and_deletions_still_wake_the_backend() {
         "the watch never went quiet"
     );
 
-    // The agent's runtime is held while another thread adds, so nothing reads the watch's
-    // sockets: what the kernel let through stays queued there to be counted.
-    let ns = h.ns.name.clone();
-    let (route_socket, nexthop_socket) = h.agent.run(move || async move {
-        std::thread::spawn(move || {
-            enter(&ns);
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(add_all(index));
-        })
-        .join()
-        .expect("adding thread");
-        (queued(ROUTE_GROUPS), queued(NEXTHOP_GROUPS))
-    });
+    // Nothing reads the watch's sockets while another thread adds: what the kernel let through
+    // stays queued there to be counted.
+    let [route_socket, nexthop_socket] = while_unread(h, add_all, index);
     // Unfiltered, these echoes fill both sockets' buffers (208 KiB by default) and most are
     // dropped (1,744 of 2,000 and 744 of 1,000 when measured), a deletion among them as easily.
     // Filtered, none is queued; a late link notification about the new device may be (hence a
     // margin).
-    for (name, socket) in [("route", route_socket), ("nexthop", nexthop_socket)] {
-        let [(bytes, drops)] = socket[..] else {
-            panic!("{name} socket: not one: {socket:?}");
-        };
+    for (name, (bytes, drops)) in [("route", route_socket), ("nexthop", nexthop_socket)] {
         assert_eq!(drops, 0, "{name} socket dropped events");
         assert!(bytes < 16 * 1024, "{name} socket: {bytes} bytes queued");
     }
@@ -184,23 +199,7 @@ fn additions_never_reach_weftd_and_deletions_still_wake_the_backend() {
 
     // Deletions pass the filter: 2,000 at once, unread meanwhile, must all fit in the buffer
     // (the default of 208 KiB holds ~270), or a deletion by someone else among them is lost.
-    let ns = h.ns.name.clone();
-    let route_socket = h.agent.run(move || async move {
-        std::thread::spawn(move || {
-            enter(&ns);
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(delete_some(index, 8..N));
-        })
-        .join()
-        .expect("deleting thread");
-        queued(ROUTE_GROUPS)
-    });
-    let [(bytes, drops)] = route_socket[..] else {
-        panic!("route socket: not one: {route_socket:?}");
-    };
+    let [(bytes, drops), _] = while_unread(h, delete_most, index);
     assert_eq!(
         drops, 0,
         "route socket dropped events ({bytes} bytes queued)"
