@@ -847,10 +847,9 @@ impl Agent {
         state.pending.clear();
         state.full_at = Instant::now() + FULL_RESYNC;
         let started = Instant::now();
+        let n = state.peers.len();
         // Each peer's lease is made as the backend reads it, and dropped once planned.
-        let mut n = 0;
-        let peers = state.peers.backend_peers().inspect(|_| n += 1);
-        let result = state.backend.reconcile(peers).await;
+        let result = state.backend.reconcile(state.peers.backend_peers()).await;
         count_pass(state, started.elapsed(), result.is_ok());
         info!(
             peers = n,
