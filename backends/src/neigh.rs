@@ -102,38 +102,44 @@ pub async fn reconcile(
 /// multicast entries; on a unicast MAC it is a no-op, and deleting the old remote then removed
 /// the entry.)
 pub async fn add_all(batch: &Batch, table: Table, ifindex: u32, entries: &[Entry]) -> ErrorList {
-    let mut errs = ErrorList::default();
-    let requests = entries.iter().map(|e| {
-        let msg = RouteNetlinkMessage::NewNeighbour(message(table, ifindex, e));
-        Some((msg, NLM_F_CREATE | NLM_F_REPLACE))
-    });
-    for (e, r) in entries.iter().zip(batch.send(requests).await) {
-        match r {
-            Ok(()) => debug!(table = table.name(), ip = %e.ip, mac = %e.mac, "added"),
-            Err(source) => errs.push(Error::Netlink {
-                context: format!("add {} {} → {}", table.name(), e.ip, e.mac),
-                source,
-            }),
-        }
-    }
-    errs
+    send_all(batch, table, ifindex, entries, true).await
 }
 
 /// Deletes `entries` (those already gone are fine).
 pub async fn delete_all(batch: &Batch, table: Table, ifindex: u32, entries: &[Entry]) -> ErrorList {
-    let mut errs = ErrorList::default();
-    let requests = (entries.iter()).map(|e| {
-        Some((
-            RouteNetlinkMessage::DelNeighbour(message(table, ifindex, e)),
-            0,
-        ))
+    send_all(batch, table, ifindex, entries, false).await
+}
+
+/// Adds (or replaces) or deletes `entries`, one request each.
+async fn send_all(
+    batch: &Batch,
+    table: Table,
+    ifindex: u32,
+    entries: &[Entry],
+    add: bool,
+) -> ErrorList {
+    let requests = entries.iter().map(|e| {
+        let m = message(table, ifindex, e);
+        Some(match add {
+            true => (
+                RouteNetlinkMessage::NewNeighbour(m),
+                NLM_F_CREATE | NLM_F_REPLACE,
+            ),
+            false => (RouteNetlinkMessage::DelNeighbour(m), 0),
+        })
     });
+    let (done, verb) = if add {
+        ("added", "add")
+    } else {
+        ("removed", "delete")
+    };
+    let mut errs = ErrorList::default();
     for (e, r) in entries.iter().zip(batch.send(requests).await) {
         match r {
-            Ok(()) => debug!(table = table.name(), ip = %e.ip, mac = %e.mac, "removed"),
-            Err(err) if netlink::is_gone(&err) => {}
+            Ok(()) => debug!(table = table.name(), ip = %e.ip, mac = %e.mac, "{done}"),
+            Err(err) if !add && netlink::is_gone(&err) => {}
             Err(source) => errs.push(Error::Netlink {
-                context: format!("delete {} {} → {}", table.name(), e.ip, e.mac),
+                context: format!("{verb} {} {} → {}", table.name(), e.ip, e.mac),
                 source,
             }),
         }

@@ -206,8 +206,8 @@ pub fn connect() -> Result<Handle, Error> {
 }
 
 /// The kernel's nexthop changes, as they happen: subscribes a socket of its own, driven on the
-/// runtime, once `prepare` had it bound but not yet subscribed (to attach a filter, say). Fails on a kernel without nexthop
-/// objects (it has no such group).
+/// runtime, once `prepare` had it bound but not yet subscribed (to attach a filter, say). Fails
+/// on a kernel without nexthop objects (it has no such group).
 pub fn events(
     prepare: impl FnOnce(&Socket),
 ) -> Result<UnboundedReceiver<(NetlinkMessage<NexthopMessage>, SocketAddr)>, Error> {
@@ -225,8 +225,13 @@ pub fn events(
 
 /// Every nexthop of the namespace. Fails (EOPNOTSUPP) on a kernel without nexthop objects.
 pub async fn dump(handle: &Handle) -> Result<Vec<Nexthop>, rtnetlink::Error> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(NexthopMessage::Get));
+    let mut resp = (handle.clone())
+        .request(req, SocketAddr::new(0, 0))
+        .map_err(|_| rtnetlink::Error::RequestFailed)?;
     let mut all = Vec::new();
-    let mut resp = send(handle, NexthopMessage::Get, NLM_F_DUMP)?;
     while let Some(m) = resp.next().await {
         match m.payload {
             NetlinkPayload::InnerMessage(NexthopMessage::New(nh)) => all.push(nh),
@@ -237,21 +242,6 @@ pub async fn dump(handle: &Handle) -> Result<Vec<Nexthop>, rtnetlink::Error> {
         }
     }
     Ok(all)
-}
-
-/// Sends `msg` with `flags` (plus REQUEST); the stream of the kernel's answers.
-fn send(
-    handle: &Handle,
-    msg: NexthopMessage,
-    flags: u16,
-) -> Result<impl futures::Stream<Item = NetlinkMessage<NexthopMessage>>, rtnetlink::Error> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | flags;
-    let req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
-    handle
-        .clone()
-        .request(req, SocketAddr::new(0, 0))
-        .map_err(|_| rtnetlink::Error::RequestFailed)
 }
 
 #[cfg(test)]

@@ -91,7 +91,7 @@ struct Shared {
     /// The sequence number of the marker `settle` waits for (0: none), the port it comes from,
     /// and how many of the watch's sockets have passed it.
     marker: AtomicU32,
-    marker_port: AtomicU32,
+    marker_port: u32,
     markers_seen: AtomicUsize,
     settled: Notify,
 }
@@ -127,9 +127,7 @@ impl Shared {
     /// Whether `header` from `source` is the marker `settle` waits for.
     fn is_marker(&self, header: &NetlinkHeader, source: &SocketAddr) -> bool {
         let seq = self.marker.load(Ordering::Acquire);
-        seq != 0
-            && header.sequence_number == seq
-            && source.port_number() == self.marker_port.load(Ordering::Acquire)
+        seq != 0 && header.sequence_number == seq && source.port_number() == self.marker_port
     }
 }
 
@@ -141,6 +139,8 @@ pub struct DriftWatch {
     /// Sends `settle`'s markers, to the ports of the subscribed sockets.
     markers: Option<Socket>,
     ports: Vec<u32>,
+    /// The sequence number of the last marker sent.
+    last_marker: u32,
 }
 
 impl DriftWatch {
@@ -159,7 +159,13 @@ impl DriftWatch {
         pass_only(socket, &ROUTE_EVENTS, "route");
         ports.extend(port_of(socket));
         tokio::spawn(conn);
-        let shared = Arc::new(Shared::default());
+        let markers = marker_socket()
+            .inspect_err(|e| debug!(error = %e, "no markers: echoes are told by timing only"))
+            .ok();
+        let shared = Arc::new(Shared {
+            marker_port: markers.as_ref().map_or(0, |(_, port)| *port),
+            ..Shared::default()
+        });
         let judge = tokio::spawn(judge_all(events, shared.clone(), Shared::judge));
         // Without nexthop objects (Linux < 5.3), weft's routes name none.
         let nexthop_events = nexthop::events(|s| {
@@ -177,18 +183,13 @@ impl DriftWatch {
                 None
             }
         };
-        let markers = marker_socket()
-            .inspect_err(|e| debug!(error = %e, "no markers: echoes are told by timing only"))
-            .ok();
-        if let Some((_, port)) = &markers {
-            shared.marker_port.store(*port, Ordering::Release);
-        }
         Ok(Self {
             shared,
             judge,
             judge_nexthops,
             markers: markers.map(|(s, _)| s),
             ports,
+            last_marker: 0,
         })
     }
 
@@ -215,12 +216,9 @@ impl DriftWatch {
     /// behind those echoes, says when they are all judged. Waits for that, briefly; if a marker
     /// is lost (a socket closed, events overrun), nothing is forgotten.
     pub async fn settle(&mut self) {
-        let seq = self
-            .shared
-            .marker
-            .load(Ordering::Acquire)
-            .wrapping_add(1)
-            .max(1);
+        // Never 0 ("none"), and never the last one's, which may still be on its way.
+        self.last_marker = self.last_marker.wrapping_add(1).max(1);
+        let seq = self.last_marker;
         self.shared.markers_seen.store(0, Ordering::Release);
         self.shared.marker.store(seq, Ordering::Release);
         let sent = match &self.markers {
@@ -410,6 +408,7 @@ mod tests {
             judge_nexthops: None,
             markers: None,
             ports: Vec::new(),
+            last_marker: 0,
         };
         (w, shared)
     }
