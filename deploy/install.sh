@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs weft on this host as root: weftd and weftctl, weftd.service, the docker.service drop-in,
-# /etc/sysconfig/weftd (only if absent) and the examples; enables weftd.service.
+# /etc/sysconfig/weftd (only if absent; mode 0600, and an existing one is made 0600 too) and the
+# examples; enables weftd.service.
 #
 #   sudo deploy/install.sh [--bin-dir DIR] [--prefix DIR] [--now] [--no-enable]
 #   sudo deploy/install.sh --uninstall [--purge] [--prefix DIR]
@@ -27,7 +28,7 @@ DROPIN_DIR=$UNIT_DIR/docker.service.d
 SYSCONFIG=/etc/sysconfig/weftd
 
 usage() {
-  sed -n '2,15s/^# \{0,1\}//p' "$0"
+  sed -n '2,16s/^# \{0,1\}//p' "$0"
   exit "${1:-0}"
 }
 
@@ -103,9 +104,19 @@ install_files() {
   sed "s|/usr/local/|$PREFIX/|g" "$REPO/deploy/systemd/weftd.service" >"$UNIT_DIR/weftd.service"
   sed "s|/usr/local/|$PREFIX/|g" "$REPO/deploy/docker/10-weft.conf" >"$DROPIN_DIR/10-weft.conf"
   chmod 0644 "$UNIT_DIR/weftd.service" "$DROPIN_DIR/10-weft.conf"
+  # $SYSCONFIG is where FLANNELD_ETCD_PASSWORD would go, so only its owner (root; systemd reads
+  # EnvironmentFile= as root) may read it: a new one is created 0600, and an existing one that
+  # group or others can read is tightened to 0600 whatever it holds now, since an editor keeps
+  # the mode when a password is added later. Its owner and content stay as they are.
   if [ ! -e "$SYSCONFIG" ]; then
-    install -m 0644 "$REPO/config/sysconfig/weftd" "$SYSCONFIG"
+    install -m 0600 "$REPO/config/sysconfig/weftd" "$SYSCONFIG"
     say "installed $SYSCONFIG: point FLANNELD_ETCD_ENDPOINTS at your etcd"
+  else
+    mode=$(stat -L -c %a "$SYSCONFIG")
+    chmod go= "$SYSCONFIG"
+    if [ "$(stat -L -c %a "$SYSCONFIG")" != "$mode" ]; then
+      say "made $SYSCONFIG readable by its owner only (was $mode): it may hold the etcd password"
+    fi
   fi
   rm -rf "$PREFIX/share/weft/examples"
   install -d -m 0755 "$PREFIX/share/weft"

@@ -19,12 +19,14 @@ use weft_backends::{
 };
 
 use crate::config::{InvalidConfig, NetworkConfig};
+use crate::escape::Escaped;
 use crate::flags::DaemonArgs;
 use crate::health::{self, Readiness};
 use crate::lease::{Lease, LeaseAttrs};
 use crate::peers::{Change, Diff, Own, Peer, PeerSet, Reason};
 use crate::policy::{self, Choice};
-use crate::store::{BadLease, Renewal, Store};
+use crate::rejection_log::{Rejected, RejectionLog};
+use crate::store::{self, BadLease, Renewal, Store};
 use crate::subnet_env::{self, SubnetEnv};
 use crate::{daemon_json, notify};
 
@@ -34,10 +36,16 @@ const RESYNC: Duration = Duration::from_secs(30);
 /// How often the whole kernel state is compared with the desired one even with no sign of drift
 /// (a full pass dumps every route, neighbour and FDB entry: ~0.1 s of CPU at 10,000 peers).
 const FULL_RESYNC: Duration = Duration::from_secs(600);
+/// A watch batch of this many changes hands freed memory back to the system afterwards.
+const LARGE_BATCH: usize = 100;
 /// A batch with more peer changes than this logs each at debug rather than info.
 const LOUD_BATCH: usize = 20;
 /// Longest pause between retries of a failing etcd call.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Breaks of an established watch with no event received in between after which weftd stops
+/// watching from the revision it is stuck at and lists again (a break that says the response was
+/// too large to receive lists again at once).
+const STUCK_BREAKS: u32 = 2;
 
 /// Runs weftd until the future is dropped (on a signal; dropping stops the data plane's workers,
 /// and the kernel state it leaves is in `health.kept()`). Returns only on fatal errors.
@@ -80,7 +88,7 @@ pub async fn run(args: DaemonArgs, ready: Readiness) -> Result<()> {
         ready,
         random_fully,
         notified: false,
-        warned: HashSet::new(),
+        rejections: RejectionLog::default(),
     };
     let mut config = agent.wait_for_config().await;
     loop {
@@ -108,8 +116,8 @@ struct Agent {
     /// MASQUERADE with `--random-fully`: wanted, and this host's iptables takes it.
     random_fully: bool,
     notified: bool,
-    /// Garbage leases already warned about (key and revision), so each is logged once.
-    warned: HashSet<(String, String)>,
+    /// What was said about leases that are not peers, so each is said once.
+    rejections: RejectionLog,
 }
 
 /// What weftd is reconciling towards under one network config.
@@ -176,7 +184,7 @@ impl Agent {
                 None => format!("no network config at {key}; waiting for one"),
             };
             if problem != last {
-                error!("{problem}");
+                error!("{}", Escaped(&problem));
                 notify::status(&problem);
                 last = problem;
             }
@@ -207,7 +215,7 @@ impl Agent {
                 Err(e) => format!("read the network config file {at}: {e:#}"),
             };
             if problem != last {
-                error!("{problem}");
+                error!("{}", Escaped(&problem));
                 notify::status(&problem);
                 last = problem;
             }
@@ -453,6 +461,8 @@ impl Agent {
         let mut stream: Option<WatchStream> = None;
         let mut rewatch_at = Instant::now();
         let mut watch_backoff = Backoff::new("etcd watch broken");
+        // Breaks of an established watch since it last delivered an event.
+        let mut stuck = 0;
         loop {
             notify::progress();
             if let Some(f) = &firewall {
@@ -482,6 +492,9 @@ impl Agent {
                         }
                     }
                     Ok(Some(resp)) => {
+                        if !resp.events().is_empty() {
+                            stuck = 0;
+                        }
                         if let Some(exit) = self.apply_events(&mut state, resp.events()).await? {
                             drop(firewall);
                             self.leave_network(state).await;
@@ -491,12 +504,20 @@ impl Agent {
                     Ok(None) | Err(_) => {
                         // A member that lost its leader cancels the watch ("no leader"): watch
                         // again, through whichever member answers.
+                        let too_large = matches!(&msg, Err(e) if store::too_large(e));
                         let why = match msg {
                             Err(e) => e.to_string(),
                             _ => "stream ended".into(),
                         };
                         stream = None;
                         rewatch_at = Instant::now() + watch_backoff.delay_after(&why);
+                        stuck += 1;
+                        if too_large || stuck >= STUCK_BREAKS {
+                            // Watching from the same revision would fail the same way: list
+                            // instead, and watch from past the listing.
+                            stuck = 0;
+                            self.relist_stuck_watch(&mut state, &why).await?;
+                        }
                     }
                 },
                 _ = tokio::time::sleep_until(renew_at), if !state.own.is_reservation() => {
@@ -543,6 +564,25 @@ impl Agent {
         }
     }
 
+    /// The watch cannot get past `state.watch_from` (a response larger than weft receives, or
+    /// breaks with nothing delivered): the desired state comes from a fresh listing instead,
+    /// diffed against the peer set, and the watch goes on from past it. Until the listing is in,
+    /// /readyz says why weftd is not following etcd.
+    async fn relist_stuck_watch(&mut self, state: &mut State, why: &str) -> Result<()> {
+        let why = format!(
+            "the etcd watch cannot get past revision {}: {}",
+            state.watch_from,
+            Escaped(why)
+        );
+        warn!("{why}; listing again");
+        self.ready.set_stalled(Some(why));
+        if !self.resync(state).await {
+            self.reacquire(state).await?;
+        }
+        self.ready.set_stalled(None);
+        Ok(())
+    }
+
     /// Folds watch events into the desired state, then reconciles once for the whole batch.
     async fn apply_events(
         &mut self,
@@ -555,7 +595,9 @@ impl Agent {
         let mut changes = Vec::new();
         for ev in events {
             let Some(kv) = ev.kv() else { continue };
-            state.watch_from = state.watch_from.max(kv.mod_revision() + 1);
+            // Not past it: the rest of this revision may come in the next fragment, and after a
+            // break the watch starts again at its beginning (its events apply again harmlessly).
+            state.watch_from = state.watch_from.max(kv.mod_revision());
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             // With -net-config-path the file is the config; etcd's key is not looked at.
             if key == config_key && self.args.net_config_path.is_none() {
@@ -566,9 +608,10 @@ impl Agent {
                 match NetworkConfig::parse(&String::from_utf8_lossy(kv.value())) {
                     Ok(c) if c == state.config => {}
                     Ok(c) => return Ok(Some(Exit::ConfigChanged(c))),
-                    Err(e) => {
-                        error!("invalid network config at {key}: {e}; keeping the current one")
-                    }
+                    Err(e) => error!(
+                        "invalid network config at {key}: {}; keeping the current one",
+                        Escaped(&e.to_string())
+                    ),
                 }
                 continue;
             }
@@ -577,12 +620,16 @@ impl Agent {
                 continue;
             }
             changes.push(match ev.event_type() {
-                EventType::Delete => Change::Delete(key),
+                EventType::Delete => {
+                    self.rejections.forget(&key);
+                    Change::Delete(key)
+                }
                 EventType::Put => Change::Put(self.store.decode(kv)),
             });
         }
         let own_key = self.store.lease_key(state.own.subnet);
         let own_touched = changes.iter().any(|c| c.key() == own_key);
+        let large = changes.len() >= LARGE_BATCH;
         let mut batch = state.peers.batch();
         for c in changes {
             batch.apply(c);
@@ -600,6 +647,10 @@ impl Agent {
             state.full_at = Instant::now();
         }
         self.sync_kernel(state, false).await;
+        if large {
+            // Thousands of keys gone at once (junk deleted) leave their memory freed but held.
+            release_freed_memory();
+        }
         Ok(None)
     }
 
@@ -756,19 +807,12 @@ impl Agent {
             peer_line(loud, "peer removed", p);
         }
         crate::metrics::get().rejected(diff.rejected.iter().map(|r| &r.reason));
-        for r in &diff.rejected {
-            let reason = r.reason.to_string();
-            if !self.warned.insert((r.key.clone(), reason.clone())) {
-                continue;
-            }
-            match (&r.reason, &r.holder) {
-                (Reason::Unreadable(_), _) => {
-                    warn!("skipping unreadable lease {}: {reason}", r.key)
-                }
-                (_, Some(holder)) => warn!("rejecting peer lease {}: {reason} ({holder})", r.key),
-                (_, None) => warn!("rejecting peer lease {}: {reason}", r.key),
-            }
-        }
+        self.rejections.say(diff.rejected.iter().map(|r| Rejected {
+            key: &r.key,
+            reason: r.reason.to_string(),
+            holder: r.holder.as_deref(),
+            unreadable: matches!(r.reason, Reason::Unreadable(_)),
+        }));
         if diff.is_empty() {
             return;
         }
@@ -787,6 +831,7 @@ impl Agent {
     /// no netlink request at all; the whole kernel is compared only when drift was seen, an
     /// earlier request failed, or every [`FULL_RESYNC`].
     async fn reconcile(&mut self, state: &mut State) {
+        self.rejections.flush();
         // Addresses come and go without an event weft watches: read them again now and then.
         if state.addrs_read.elapsed() >= RESYNC / 2 {
             state.addrs_read = Instant::now();
@@ -890,11 +935,12 @@ impl Agent {
     }
 
     fn warn_bad(&mut self, bad: &[BadLease]) {
-        for b in bad {
-            if self.warned.insert((b.key.clone(), b.reason.clone())) {
-                warn!("skipping unreadable lease {}: {}", b.key, b.reason);
-            }
-        }
+        self.rejections.say(bad.iter().map(|b| Rejected {
+            key: &b.key,
+            reason: b.reason.clone(),
+            holder: None,
+            unreadable: true,
+        }));
     }
 }
 

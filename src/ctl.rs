@@ -2,8 +2,7 @@
 //! atomic file install the DaemonSet's init containers use.
 
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -12,13 +11,18 @@ use crate::config::NetworkConfig;
 use crate::docker_opts::DockerOpts;
 use crate::flags::EtcdArgs;
 use crate::store::Store;
-use crate::{fsutil, subnet_env};
+use crate::{escape, fsutil, subnet_env};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "weftctl",
     version,
-    about = "Administer a weft (flannel-compatible) network in etcd"
+    about = "Administer a weft (flannel-compatible) network in etcd",
+    // As weftd (and flanneld): a flag given twice takes its last value.
+    args_override_self = true,
+    after_help = "The etcd flags (or FLANNELD_ETCD_*) go before or after the subcommand. \
+                  config, leases, status and doctor read them; docker-opts and install-file \
+                  read none. `weftctl help <subcommand>` says which flags each one reads."
 )]
 pub struct CtlArgs {
     #[command(flatten)]
@@ -30,11 +34,18 @@ pub struct CtlArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Read or write the network config (`<prefix>/config`).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Reads the etcd flags, before or after `config`, `set` or `get`."
+    )]
     Config(ConfigCommand),
     /// List leases: subnet, public IP, backend, time left.
+    #[command(after_help = "Reads the etcd flags, before or after `leases`.")]
     Leases,
     /// Write Docker options from subnet.env, exactly as flannel's mk-docker-opts.sh does.
+    #[command(
+        after_help = "Reads no etcd flag (they are accepted, and ignored): only the subnet.env of -f."
+    )]
     DockerOpts {
         /// subnet.env to read.
         #[arg(short = 'f', default_value = "/run/flannel/subnet.env")]
@@ -57,14 +68,22 @@ pub enum Command {
     },
     /// This host's lease, subnet.env, daemon.json and docker0, and whether they agree (exit 1 if
     /// not, e.g. when Docker must be restarted to pick up a new bip).
+    #[command(
+        after_help = "Reads the etcd flags (before or after `status`) and its own options above."
+    )]
     Status(crate::status::StatusArgs),
     /// Looks for the problems flannel users hit most on this host (MTU, checksum offload, peers'
     /// routes/neighbours/FDB, foreign routes, FORWARD drops, a second agent, subnet.env, Docker,
     /// etcd and the leases): one line per finding with what to do; exit 1 on any. Read-only.
+    #[command(
+        after_help = "Reads the etcd flags (before or after `doctor`) and the weftd flags above: \
+                      give it weftd's own command line or FLANNELD_* environment."
+    )]
     Doctor(crate::doctor::DoctorArgs),
     /// Copy SRC to DST atomically (a temporary file in DST's directory, synced, then renamed) and
     /// give DST the octal MODE: what the DaemonSet's init containers use to install the CNI plugin
     /// and conflist, since the image has no shell, cp or mv.
+    #[command(after_help = "Reads no etcd flag (they are accepted, and ignored).")]
     InstallFile {
         src: PathBuf,
         dst: PathBuf,
@@ -77,6 +96,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Validate a config (a file, or - for standard input) and store it.
+    #[command(after_help = "Reads the etcd flags, before or after `config` or `set`.")]
     Set {
         file: String,
         /// Store it only if no config exists yet; an existing one is kept (exit 0). Safe when
@@ -85,6 +105,7 @@ pub enum ConfigCommand {
         if_absent: bool,
     },
     /// Print the stored config.
+    #[command(after_help = "Reads the etcd flags, before or after `config` or `get`.")]
     Get,
 }
 
@@ -160,12 +181,14 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             );
             Ok(())
         }
-        Command::InstallFile { src, dst, mode } => install_file(&src, &dst, mode),
+        Command::InstallFile { src, dst, mode } => crate::install::install_file(&src, &dst, mode),
         Command::Config(ConfigCommand::Get) => {
             let store = Store::connect(&args.etcd).await?;
             match store.get_config().await?.0 {
+                // Printed as stored, for `weftctl config get > net.json`: its newlines are the
+                // JSON's own; only what a terminal would obey is escaped.
                 Some(text) => {
-                    println!("{text}");
+                    println!("{}", escape::escape_terminal(&text));
                     Ok(())
                 }
                 None => bail!("no network config at {}", store.config_key()),
@@ -191,10 +214,11 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                         None => "expired".to_string(),
                     }
                 };
+                // Whatever another host wrote: escaped, so it is one cell of one row.
                 let backend = if l.attrs.backend_type.is_empty() {
                     "-".into()
                 } else {
-                    l.attrs.backend_type.clone()
+                    escape::clip(&l.attrs.backend_type, 64).into_owned()
                 };
                 rows.push([
                     l.subnet.to_string(),
@@ -205,7 +229,11 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             }
             print!("{}", table(&rows));
             for b in &listing.bad {
-                eprintln!("unreadable lease {}: {}", b.key, b.reason);
+                eprintln!(
+                    "unreadable lease {}: {}",
+                    escape::clip(&b.key, 256),
+                    escape::clip(&b.reason, 256)
+                );
             }
             Ok(())
         }
@@ -226,10 +254,14 @@ fn compare_configs(existing: &str, given: &str, key: &str) -> Option<String> {
     }
     let mut note = format!(
         "the existing config differs from the one given; kept: {}",
-        existing.trim()
+        escape::escape(existing.trim())
     );
     if let Err(e) = NetworkConfig::parse_at(existing, key) {
-        note.push_str(&format!(" ({e}: weftd waits until it is fixed)"));
+        let e = e.to_string();
+        note.push_str(&format!(
+            " ({}: weftd waits until it is fixed)",
+            escape::escape(&e)
+        ));
     }
     Some(note)
 }
@@ -241,24 +273,6 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         Ok(m) if m <= 0o7777 => Ok(m),
         _ => Err(format!("{s:?} is not an octal file mode (e.g. 0755)")),
     }
-}
-
-/// Installs `src` as `dst` so that nobody sees half a file: the kubelet may exec the CNI plugin
-/// or read the conflist at any moment. A rename also leaves a running old plugin's inode alone,
-/// where copying over it would fail with "text file busy".
-fn install_file(src: &Path, dst: &Path, mode: u32) -> Result<()> {
-    let bytes = std::fs::read(src).with_context(|| format!("read {}", src.display()))?;
-    fsutil::write_atomic(dst, &bytes, mode)?;
-    // write_atomic keeps an existing file's mode; an installer sets the one it was given (the
-    // content is complete already, so this chmod exposes nothing partial).
-    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {mode:o} {}", dst.display()))?;
-    println!(
-        "installed {} as {} ({mode:04o})",
-        src.display(),
-        dst.display()
-    );
-    Ok(())
 }
 
 fn table(rows: &[[String; 4]]) -> String {
@@ -333,23 +347,5 @@ mod tests {
         assert!(note.contains("differs") && note.contains(a), "{note}");
         let note = compare_configs("{oops", a, key).expect("differs");
         assert!(note.contains("not valid JSON"), "{note}");
-    }
-
-    #[test]
-    fn install_file_replaces_atomically_with_the_given_mode() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let src = dir.path().join("src");
-        std::fs::write(&src, "new").expect("src");
-        let dst = dir.path().join("net.d/10-weft.conflist");
-        install_file(&src, &dst, 0o644).expect("install");
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        install_file(&src, &dst, 0o755).expect("reinstall");
-        let m = std::fs::metadata(&dst).expect("dst");
-        assert_eq!(m.permissions().mode() & 0o7777, 0o755);
-        assert_eq!(std::fs::read_to_string(&dst).expect("read"), "new");
-        let left: Vec<_> = std::fs::read_dir(dst.parent().expect("dir"))
-            .expect("ls")
-            .collect();
-        assert_eq!(left.len(), 1, "no temporary file left behind");
     }
 }

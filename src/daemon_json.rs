@@ -223,7 +223,9 @@ fn problem(e: &anyhow::Error, bip: &str, mtu: u32) -> String {
 
 fn log_replaced(path: &Path, replaced: &[Replaced]) {
     for r in replaced {
-        warn!(file = %path.display(), "replaced {} {} with {}; restart Docker to pick it up", r.key, r.old, r.new);
+        // The old value is the file's text: escaped, so it cannot forge a log line.
+        warn!(file = %path.display(), "replaced {} {} with {}; restart Docker to pick it up",
+              r.key, crate::escape::Escaped(&r.old), r.new);
     }
 }
 

@@ -6,10 +6,11 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::{bail, Context};
 use clap::builder::BoolishValueParser;
 use clap::error::ErrorKind;
 use clap::parser::ValueSource;
-use clap::{Args, CommandFactory, FromArgMatches, Parser};
+use clap::{ArgAction, Args, CommandFactory, FromArgMatches, Parser};
 
 /// Go's flag package takes `-name` as well as `--name`: rewrite the single-dash long form so clap
 /// sees `--name`. Single-letter flags (`-f`, `-v`) and lone `-` are left alone.
@@ -120,20 +121,30 @@ pub fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
     Ok(ttl)
 }
 
-/// How to reach etcd; the same for weftd and weftctl.
+/// How to reach etcd; the same for weftd and weftctl. Global, so weftctl takes them before or
+/// after its subcommand (weftd has none: there it changes nothing). The pairs (key and
+/// certificate, user and password) are checked by [`EtcdArgs::check`] once the values given
+/// before and after a subcommand are merged: clap's own `requires` judges each level alone. Their
+/// own heading in `--help` keeps them apart from a subcommand's flags.
 #[derive(Debug, Clone, Args)]
 pub struct EtcdArgs {
     /// Comma-separated etcd endpoints.
     #[arg(
         long,
+        global = true,
+        help_heading = "etcd",
         env = "FLANNELD_ETCD_ENDPOINTS",
         value_delimiter = ',',
+        // One flag, one list (flanneld's is a string): a repeated flag replaces it, last wins.
+        action = ArgAction::Set,
         default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379"
     )]
     pub etcd_endpoints: Vec<String>,
     /// The etcd prefix holding `config` and `subnets/`.
     #[arg(
         long,
+        global = true,
+        help_heading = "etcd",
         env = "FLANNELD_ETCD_PREFIX",
         default_value = "/coreos.com/network"
     )]
@@ -142,34 +153,59 @@ pub struct EtcdArgs {
     /// without a client certificate).
     #[arg(
         long,
+        global = true,
+        help_heading = "etcd",
         env = "FLANNELD_ETCD_KEYFILE",
-        value_name = "FILE",
-        requires = "etcd_certfile"
+        value_name = "FILE"
     )]
     pub etcd_keyfile: Option<PathBuf>,
     /// TLS client certificate file (with -etcd-keyfile).
     #[arg(
         long,
+        global = true,
+        help_heading = "etcd",
         env = "FLANNELD_ETCD_CERTFILE",
-        value_name = "FILE",
-        requires = "etcd_keyfile"
+        value_name = "FILE"
     )]
     pub etcd_certfile: Option<PathBuf>,
     /// TLS CA file.
-    #[arg(long, env = "FLANNELD_ETCD_CAFILE", value_name = "FILE")]
-    pub etcd_cafile: Option<PathBuf>,
-    /// etcd user name (with -etcd-password: one without the other would silently connect
-    /// without authenticating).
-    #[arg(long, env = "FLANNELD_ETCD_USERNAME", requires = "etcd_password")]
-    pub etcd_username: Option<String>,
-    /// etcd password (with -etcd-username).
     #[arg(
         long,
+        global = true,
+        help_heading = "etcd",
+        env = "FLANNELD_ETCD_CAFILE",
+        value_name = "FILE"
+    )]
+    pub etcd_cafile: Option<PathBuf>,
+    /// etcd user name (with -etcd-password-file or -etcd-password: a user without a password
+    /// would silently connect without authenticating).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "etcd",
+        env = "FLANNELD_ETCD_USERNAME"
+    )]
+    pub etcd_username: Option<String>,
+    /// etcd password (with -etcd-username). Anyone on the host sees it in `ps`: prefer
+    /// -etcd-password-file.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "etcd",
         env = "FLANNELD_ETCD_PASSWORD",
-        hide_env_values = true,
-        requires = "etcd_username"
+        hide_env_values = true
     )]
     pub etcd_password: Option<String>,
+    /// File holding the etcd password (with -etcd-username; not with -etcd-password): its
+    /// content, less one trailing newline. Keeps the password out of `ps` and the environment.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "etcd",
+        env = "FLANNELD_ETCD_PASSWORD_FILE",
+        value_name = "FILE"
+    )]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 impl EtcdArgs {
@@ -177,13 +213,90 @@ impl EtcdArgs {
     pub fn prefix(&self) -> &str {
         self.etcd_prefix.trim_end_matches('/')
     }
+
+    /// Checks the flags that only work together: a key with a certificate, a user with exactly
+    /// one password. `cmd` formats the error as clap's own.
+    pub fn check(&self, cmd: &mut clap::Command) -> Result<(), clap::Error> {
+        let missing = |cmd: &mut clap::Command, given: &str, needed: &str, why: &str| {
+            cmd.error(
+                ErrorKind::MissingRequiredArgument,
+                format!("{given} needs {needed}: {why}"),
+            )
+        };
+        let no_cert = "one without the other would connect without a client certificate";
+        match (&self.etcd_keyfile, &self.etcd_certfile) {
+            (Some(_), None) => {
+                return Err(missing(cmd, "--etcd-keyfile", "--etcd-certfile", no_cert))
+            }
+            (None, Some(_)) => {
+                return Err(missing(cmd, "--etcd-certfile", "--etcd-keyfile", no_cert))
+            }
+            _ => {}
+        }
+        let no_auth = "a user name and a password go together, or etcd is reached without \
+                       authenticating";
+        match (
+            self.etcd_username.is_some(),
+            self.etcd_password.is_some(),
+            self.etcd_password_file.is_some(),
+        ) {
+            (_, true, true) => Err(cmd.error(
+                ErrorKind::ArgumentConflict,
+                "--etcd-password (FLANNELD_ETCD_PASSWORD) and --etcd-password-file \
+                 (FLANNELD_ETCD_PASSWORD_FILE) cannot be used together: give the password once",
+            )),
+            (true, false, false) => Err(missing(
+                cmd,
+                "--etcd-username",
+                "--etcd-password-file (or --etcd-password)",
+                no_auth,
+            )),
+            (false, true, false) => {
+                Err(missing(cmd, "--etcd-password", "--etcd-username", no_auth))
+            }
+            (false, false, true) => Err(missing(
+                cmd,
+                "--etcd-password-file",
+                "--etcd-username",
+                no_auth,
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The etcd password: -etcd-password's, or -etcd-password-file's content less one trailing
+    /// newline (what `echo` and editors leave; `\r\n` too). Read at every call, so a replaced
+    /// file (a rotated Kubernetes Secret) counts from the next connection. An unreadable or
+    /// empty file is an error naming it: an empty password is never what was meant.
+    pub fn password(&self) -> anyhow::Result<Option<String>> {
+        if let Some(password) = &self.etcd_password {
+            return Ok(Some(password.clone()));
+        }
+        let Some(path) = &self.etcd_password_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read the etcd password file {}", path.display()))?;
+        let password = match text.strip_suffix('\n') {
+            Some(line) => line.strip_suffix('\r').unwrap_or(line),
+            None => &text,
+        };
+        if password.is_empty() {
+            bail!("the etcd password file {} is empty", path.display());
+        }
+        Ok(Some(password.to_string()))
+    }
 }
 
-/// weftd: flanneld's flags, plus weft's own.
+/// weftd: flanneld's flags, plus weft's own. A flag given twice takes the last value, as Go's
+/// flag package does: packaged units put fixed flags before `$FLANNEL_OPTIONS`, which may repeat
+/// one. (`args_override_self` covers every single-valued flag, booleans and `-v` included; the
+/// lists, -iface and -iface-regex, keep accumulating as flanneld's do.)
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "weftd",
     disable_version_flag = true,
+    args_override_self = true,
     about = "weft agent: leases a subnet for this host from etcd and routes between hosts"
 )]
 pub struct DaemonArgs {
@@ -278,6 +391,12 @@ impl DaemonArgs {
     pub fn try_parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Self, clap::Error> {
         let matches = Self::command().try_get_matches_from(normalize_args(args))?;
         let parsed = Self::from_arg_matches(&matches)?;
+        parsed.etcd.check(&mut Self::command())?;
+        // weftd retries etcd forever: a password file it cannot use would only show up as
+        // endless failed connections, so it stops here instead, naming the file.
+        if let Err(e) = parsed.etcd.password() {
+            return Err(Self::command().error(ErrorKind::ValueValidation, format!("{e:#}")));
+        }
         let margin_given = !matches!(
             matches.value_source("subnet_lease_renew_margin"),
             None | Some(ValueSource::DefaultValue)
@@ -304,192 +423,23 @@ impl DaemonArgs {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(args: &[&str]) -> Result<DaemonArgs, clap::Error> {
-        let argv = std::iter::once("weftd")
-            .chain(args.iter().copied())
-            .map(OsString::from);
-        DaemonArgs::try_parse_args(argv)
+/// weftctl parses as weftd does; this lives here, beside [`DaemonArgs::try_parse_args`], so
+/// both tools' flags are read and checked in one place.
+impl crate::ctl::CtlArgs {
+    /// Parses from the process's arguments and environment; on a bad flag prints why and exits.
+    pub fn from_env() -> Self {
+        drop_empty_flanneld_env();
+        Self::try_parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
     }
 
-    #[test]
-    fn one_or_two_dashes_with_or_without_equals() {
-        let a = parse(&[
-            "-etcd-endpoints=http://10.0.0.1:2379",
-            "--etcd-prefix",
-            "/p",
-            "-iface",
-            "eth1",
-            "--iface=10.0.0.9",
-            "-ip-masq",
-            "-subnet-lease-ttl=90m",
-            "-public-ip",
-            "1.2.3.4",
-        ])
-        .unwrap();
-        assert_eq!(a.etcd.etcd_endpoints, ["http://10.0.0.1:2379"]);
-        assert_eq!(a.etcd.prefix(), "/p");
-        assert_eq!(a.iface, ["eth1", "10.0.0.9"]);
-        assert!(a.ip_masq);
-        assert_eq!(a.subnet_lease_ttl, Duration::from_secs(5400));
-        assert_eq!(a.public_ip, Some("1.2.3.4".parse().unwrap()));
-    }
-
-    #[test]
-    fn defaults_are_flanneds() {
-        let a = parse(&[]).unwrap();
-        assert_eq!(
-            a.etcd.etcd_endpoints,
-            ["http://127.0.0.1:4001", "http://127.0.0.1:2379"]
-        );
-        assert_eq!(a.etcd.prefix(), "/coreos.com/network");
-        assert_eq!(a.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
-        assert_eq!(a.subnet_lease_renew_margin, 60);
-        assert_eq!(a.subnet_lease_ttl, Duration::from_secs(24 * 3600));
-        assert!(!a.ip_masq);
-        assert!(a.iptables_forward_rules);
-        assert_eq!(a.healthz_port, 0);
-        assert_eq!(
-            a.daemon_json(),
-            Some(std::path::Path::new("/etc/docker/daemon.json"))
-        );
-        assert_eq!(
-            parse(&["--docker-daemon-json="]).unwrap().daemon_json(),
-            None
-        );
-    }
-
-    #[test]
-    fn booleans_take_an_explicit_value() {
-        assert!(!parse(&["-ip-masq=false"]).unwrap().ip_masq);
-        assert!(
-            !parse(&["-iptables-forward-rules=false"])
-                .unwrap()
-                .iptables_forward_rules
-        );
-    }
-
-    #[test]
-    fn iface_can_reach_and_net_config_path_are_flanneds() {
-        let a = parse(&[
-            "-iface-can-reach=10.1.2.3",
-            "--net-config-path",
-            "/etc/kube-flannel/net-conf.json",
-        ])
-        .unwrap();
-        assert_eq!(a.iface_can_reach, Some(Ipv4Addr::new(10, 1, 2, 3)));
-        assert_eq!(
-            a.net_config_path,
-            Some(PathBuf::from("/etc/kube-flannel/net-conf.json"))
-        );
-        assert!(parse(&["-iface-can-reach=eth0"]).is_err());
-    }
-
-    #[test]
-    fn unknown_flags_are_errors() {
-        let e = parse(&["-no-such-flag=1"]).unwrap_err();
-        assert!(e.to_string().contains("--no-such-flag"), "{e}");
-    }
-
-    fn refused(args: &[&str]) -> String {
-        match parse(args) {
-            Ok(a) => panic!("{args:?} accepted: {a:?}"),
-            Err(e) => e.to_string(),
-        }
-    }
-
-    #[test]
-    fn an_absurd_lease_ttl_is_a_clean_error_not_a_panic() {
-        let e = refused(&["--subnet-lease-ttl=99999999999999999999h"]);
-        assert!(e.contains("too long a duration"), "{e}");
-        let e = refused(&["--subnet-lease-ttl=9000000001s"]);
-        assert!(e.contains("etcd's maximum lease TTL"), "{e}");
-        assert!(parse(&["--subnet-lease-ttl=9000000000s"]).is_ok());
-    }
-
-    #[test]
-    fn a_lease_ttl_below_etcds_minimum_is_refused() {
-        for short in ["0s", "1s", "1999ms"] {
-            let e = refused(&[&format!("--subnet-lease-ttl={short}")]);
-            assert!(e.contains("etcd's minimum lease TTL"), "{short}: {e}");
-        }
-        assert_eq!(
-            parse(&["--subnet-lease-ttl=2s"]).unwrap().subnet_lease_ttl,
-            Duration::from_secs(2)
-        );
-    }
-
-    #[test]
-    fn a_given_renew_margin_must_be_shorter_than_the_ttl() {
-        let e = refused(&["--subnet-lease-ttl=1h", "--subnet-lease-renew-margin=60"]);
-        assert!(
-            e.contains("must be less than --subnet-lease-ttl (3600s)"),
-            "{e}"
-        );
-        let a = parse(&["--subnet-lease-ttl=1h", "--subnet-lease-renew-margin=59"]).unwrap();
-        assert_eq!(a.subnet_lease_renew_margin, 59);
-        // The default margin is not the operator's choice: a short TTL renews at a third of it.
-        assert!(parse(&["--subnet-lease-ttl=2s"]).is_ok());
-    }
-
-    #[test]
-    fn the_renew_margin_is_bounded_so_it_cannot_overflow() {
-        for bad in ["0", "18446744073709551615", "150000001", "-1", "soon"] {
-            refused(&[&format!("--subnet-lease-renew-margin={bad}")]);
-        }
-        let a = parse(&[
-            "--subnet-lease-ttl=9000000000s",
-            &format!(
-                "--subnet-lease-renew-margin={}",
-                MAX_RENEW_MARGIN_MINUTES - 1
-            ),
-        ])
-        .unwrap();
-        assert!(a.subnet_lease_renew_margin.checked_mul(60).is_some());
-    }
-
-    #[test]
-    fn the_firewall_resync_is_bounded() {
-        refused(&["--iptables-resync=86401"]);
-        refused(&["--iptables-resync=-5"]);
-        assert_eq!(
-            parse(&["--iptables-resync=86400"]).unwrap().iptables_resync,
-            86400
-        );
-    }
-
-    #[test]
-    fn tls_and_auth_flags_come_in_pairs() {
-        let e = refused(&["-etcd-keyfile=/k.pem"]);
-        assert!(e.contains("--etcd-certfile"), "{e}");
-        let e = refused(&["-etcd-certfile=/c.pem"]);
-        assert!(e.contains("--etcd-keyfile"), "{e}");
-        let e = refused(&["-etcd-username=weft"]);
-        assert!(e.contains("--etcd-password"), "{e}");
-        let e = refused(&["-etcd-password=secret"]);
-        assert!(e.contains("--etcd-username"), "{e}");
-        assert!(parse(&["-etcd-keyfile=/k.pem", "-etcd-certfile=/c.pem"]).is_ok());
-        assert!(parse(&["-etcd-username=weft", "-etcd-password=secret"]).is_ok());
-        assert!(
-            parse(&["-etcd-cafile=/ca.pem"]).is_ok(),
-            "a CA alone is fine"
-        );
-        // weftctl shares the etcd flags and their pairing.
-        let ctl = crate::ctl::CtlArgs::try_parse_from(normalize_args(
-            ["weftctl", "-etcd-keyfile=/k.pem", "leases"].map(OsString::from),
-        ));
-        assert!(ctl.is_err());
-    }
-
-    #[test]
-    fn durations_parse_like_go() {
-        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("10").is_err());
+    /// Parses flanneld-style arguments (and `FLANNELD_*`), then checks the etcd flags against
+    /// each other, on their values merged from before and after the subcommand.
+    pub fn try_parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Self, clap::Error> {
+        let parsed = Self::try_parse_from(normalize_args(args))?;
+        parsed.etcd.check(&mut Self::command())?;
+        Ok(parsed)
     }
 }
+
+#[cfg(test)]
+mod tests;

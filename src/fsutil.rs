@@ -1,6 +1,7 @@
 //! Atomic, durable file replacement: a reader sees the old file or the new one, never half of
 //! either, and after a crash the disk holds one of them whole. Used for subnet.env and
-//! daemon.json, which operators may have symlinked, chowned or chmodded: all of that is kept.
+//! daemon.json, which operators may have symlinked, chowned or chmodded: all of that is kept
+//! ([`write_atomic`]); and for `weftctl install-file`, which keeps none of it ([`replace`]).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -20,13 +21,30 @@ const MAX_SYMLINKS: usize = 40;
 ///   the rename and the directory after it.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     let target = follow_symlinks(path)?;
-    let dir = parent(&target);
-    fs::create_dir_all(dir).with_context(|| format!("create directory {}", dir.display()))?;
     let existing = match fs::metadata(&target) {
         Ok(m) => Some(m),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e).with_context(|| format!("stat {}", target.display())),
     };
+    match existing {
+        Some(m) => replace(
+            &target,
+            contents,
+            m.mode() & 0o7777,
+            Some((m.uid(), m.gid())),
+        ),
+        None => replace(&target, contents, mode, None),
+    }
+}
+
+/// Puts `contents` at `path` itself, atomically and durably: a temporary file in the same
+/// directory (created if needed) is written, given `owner` (uid, gid; `None`: this process's)
+/// and exactly `mode` through its descriptor, synced, then renamed over `path`, and the
+/// directory is synced. Nothing at `path` is followed: rename(2) replaces a symlink there with
+/// the new file and leaves the file it pointed to alone.
+pub fn replace(path: &Path, contents: &[u8], mode: u32, owner: Option<(u32, u32)>) -> Result<()> {
+    let dir = parent(path);
+    fs::create_dir_all(dir).with_context(|| format!("create directory {}", dir.display()))?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".weft-")
         .tempfile_in(dir)
@@ -34,24 +52,21 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     tmp.write_all(contents)
         .with_context(|| format!("write {}", tmp.path().display()))?;
     let file = tmp.as_file();
-    if let Some(m) = &existing {
+    if let Some((uid, gid)) = owner {
         // Owner first: chown clears set-id bits that the mode below may restore.
-        std::os::unix::fs::fchown(file, Some(m.uid()), Some(m.gid())).with_context(|| {
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid)).with_context(|| {
             format!(
-                "give {} the owner {}:{} of {}",
+                "give {} the owner {uid}:{gid} of {}",
                 tmp.path().display(),
-                m.uid(),
-                m.gid(),
-                target.display()
+                path.display()
             )
         })?;
     }
-    let mode = existing.as_ref().map_or(mode, |m| m.mode() & 0o7777);
     file.set_permissions(fs::Permissions::from_mode(mode))
         .and_then(|()| file.sync_all())
         .with_context(|| format!("chmod and sync {}", tmp.path().display()))?;
-    tmp.persist(&target)
-        .with_context(|| format!("rename into {}", target.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("rename into {}", path.display()))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("sync directory {}", dir.display()))?;

@@ -53,6 +53,8 @@ pub struct Readiness {
     /// Why weftd, although leased, has not done all it should. daemon.json is the one source
     /// today (it cannot be merged): [`crate::daemon_json::publish`] sets and clears it.
     problem: Arc<Mutex<Problem>>,
+    /// Why weftd is not following the lease store (its watch cannot make progress).
+    stalled: Arc<Mutex<Option<String>>>,
 }
 
 #[derive(Default)]
@@ -116,6 +118,18 @@ impl Readiness {
             .generation
     }
 
+    /// Records why weftd cannot follow the lease store (`None`: it does).
+    pub fn set_stalled(&self, why: Option<String>) {
+        *self.stalled.lock().unwrap_or_else(PoisonError::into_inner) = why;
+    }
+
+    pub fn stalled(&self) -> Option<String> {
+        self.stalled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     pub fn problem(&self) -> Option<String> {
         self.problem
             .lock()
@@ -132,7 +146,7 @@ fn respond(path: &str, ready: &Readiness) -> (StatusCode, String) {
         "/healthz" if ready.healthy() => (StatusCode::OK, "ok\n".into()),
         "/healthz" => (unavailable, "data plane failed; rebuilding\n".into()),
         "/readyz" if !ready.get() => (unavailable, "not ready\n".into()),
-        "/readyz" => match ready.problem() {
+        "/readyz" => match ready.stalled().or_else(|| ready.problem()) {
             Some(why) => (unavailable, format!("{why}\n")),
             None => (StatusCode::OK, "ok\n".into()),
         },
@@ -370,6 +384,31 @@ mod tests {
         assert_eq!(ready.problem().as_deref(), Some("still broken"));
         assert!(ready.update_problem(newer, None));
         assert_eq!(get(addr, "/readyz").await.0, "HTTP/1.1 200 OK");
+    }
+
+    #[test]
+    fn readyz_says_why_weftd_cannot_follow_the_lease_store_before_any_other_problem() {
+        let ready = Readiness::default();
+        ready.set(true);
+        ready.set_problem(Some("daemon.json cannot be parsed".into()));
+        ready.set_stalled(Some("the etcd watch cannot get past revision 7".into()));
+        assert_eq!(
+            respond("/readyz", &ready),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the etcd watch cannot get past revision 7\n".into()
+            )
+        );
+        assert_eq!(
+            respond("/healthz", &ready).0,
+            StatusCode::OK,
+            "alive all the same"
+        );
+        ready.set_stalled(None);
+        assert_eq!(
+            respond("/readyz", &ready).1,
+            "daemon.json cannot be parsed\n"
+        );
     }
 
     #[tokio::test]

@@ -95,6 +95,9 @@ pub enum Unreadable {
     /// The value is not a lease (see [`LeaseAttrs::parse`]).
     #[error("{0}")]
     Value(String),
+    /// The key and its value are larger than weft receives from etcd (no lease is).
+    #[error("larger than the {} MiB weft reads: not read", .0 >> 20)]
+    TooLarge(usize),
 }
 
 /// One key under `<prefix>/subnets/` as etcd stores it, readable or not.
@@ -135,6 +138,15 @@ impl Record {
             key,
             create_revision,
             value,
+        }
+    }
+
+    /// A key whose value could not be received at all, being over `limit` bytes.
+    pub fn too_large(key: String, limit: usize) -> Self {
+        Self {
+            key,
+            create_revision: 0,
+            value: Err(Unreadable::TooLarge(limit)),
         }
     }
 }

@@ -14,6 +14,7 @@ use ipnet::Ipv4Net;
 use serde_json::Value;
 
 use crate::ctl::format_secs;
+use crate::escape::escape;
 use crate::flags::EtcdArgs;
 use crate::store::Store;
 use crate::{daemon_json, fsutil, subnet_env};
@@ -224,16 +225,17 @@ pub fn render(v: &View) -> String {
         },
     );
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
+    // Values hold what subnet.env, daemon.json and etcd say: escaped, so each is one line.
     let mut out: String = lines
         .iter()
-        .map(|(k, val)| format!("{:<width$}{val}\n", format!("{k}:")))
+        .map(|(k, val)| format!("{:<width$}{}\n", format!("{k}:"), escape(val)))
         .collect();
     let problems = problems(v);
     if problems.is_empty() {
         out.push_str("status: consistent\n");
     }
     for p in &problems {
-        out.push_str(&format!("problem: {p}\n"));
+        out.push_str(&format!("problem: {}\n", escape(p)));
     }
     out
 }

@@ -9,7 +9,7 @@ use std::future::Future;
 use anyhow::{anyhow, Context, Result};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
-    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
+    KvClient, PutOptions, TlsOptions, Txn, TxnOp, WatchClient, WatchOptions, WatchStream,
 };
 use ipnet::Ipv4Net;
 use tracing::warn;
@@ -37,8 +37,20 @@ pub struct Listing {
     pub records: Vec<Record>,
 }
 
-/// Keys per request when listing leases: a page of flannel leases is ~200 KB on the wire.
+/// Most keys per request when listing leases: a page of flannel leases is ~200 KB on the wire.
 const LIST_PAGE: i64 = 1000;
+
+/// What a listing page aims to stay under. Any host with etcd credentials can store values of up
+/// to etcd's request limit (1.5 MiB by default) under `subnets/`: the page size follows the bytes
+/// the last page held, so a listing of junk is read in pages of a few MiB, never all at once.
+const PAGE_BYTES: usize = 4 << 20;
+
+/// The largest etcd response weft reads. gRPC's default (4 MiB) is less than four of etcd's
+/// largest values, which would make a listing fail forever; flanneld's Go client takes 2 GiB.
+/// Pages aim at [`PAGE_BYTES`] and watch revisions come in fragments of at most etcd's request
+/// limit, so this bounds only what an etcd configured far beyond its defaults could send; such a
+/// page is read again smaller, such a watch response makes weftd list again past it.
+pub const MAX_MESSAGE: usize = 64 << 20;
 
 /// The smallest key after every key starting with `prefix` (etcd's range end for a prefix).
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
@@ -98,8 +110,39 @@ fn lease_not_found(e: &etcd_client::Error) -> bool {
 
 #[derive(Clone)]
 pub struct Store {
+    /// For leases (grant, keep-alive, revoke): answers of a few bytes.
     client: Client,
+    /// Keys and watches, which carry whatever other hosts stored: with [`MAX_MESSAGE`].
+    kv: KvClient,
+    watcher: WatchClient,
     prefix: String,
+}
+
+/// Whether a failed call was refused for its size: gRPC's own receive limit (tonic answers
+/// OUT_OF_RANGE "decoded message length too large") or a server that would not send that much
+/// (RESOURCE_EXHAUSTED "trying to send message larger than max").
+pub fn too_large(e: &etcd_client::Error) -> bool {
+    /// gRPC status codes (tonic is not a direct dependency to name them by).
+    const RESOURCE_EXHAUSTED: i32 = 8;
+    const OUT_OF_RANGE: i32 = 11;
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let code = i32::from(s.code());
+            let msg = s.message();
+            (code == OUT_OF_RANGE || code == RESOURCE_EXHAUSTED)
+                && (msg.contains("too large") || msg.contains("larger than max"))
+        }
+        _ => false,
+    }
+}
+
+/// How many keys the next listing page asks for, after one of `keys` keys held `bytes` bytes
+/// and asked for `limit`: about [`PAGE_BYTES`] worth at the rate just seen, growing back towards
+/// [`LIST_PAGE`] (at most doubling) when pages are small. Never less than one key.
+fn next_page_limit(limit: i64, keys: usize, bytes: usize) -> i64 {
+    let keys = keys.max(1) as u128;
+    let fits = (PAGE_BYTES as u128 * keys / bytes.max(1) as u128).min(LIST_PAGE as u128) as i64;
+    fits.min(limit.saturating_mul(2)).clamp(1, LIST_PAGE)
 }
 
 impl Store {
@@ -113,7 +156,7 @@ impl Store {
             // off from the others fails them with "no leader" (a watch is cancelled once it
             // loses its leader) instead of answering stale data or leaving a watch silent.
             .with_require_leader(true);
-        if let (Some(user), Some(pass)) = (&args.etcd_username, &args.etcd_password) {
+        if let (Some(user), Some(pass)) = (&args.etcd_username, args.password()?) {
             // etcd's auth tokens expire when idle (5 min by default); weftd idles for hours.
             opts = opts.with_user(user, pass).with_auto_token_refresh(true);
         }
@@ -137,6 +180,8 @@ impl Store {
         )
         .await?;
         Ok(Self {
+            kv: client.kv_client().max_decoding_message_size(MAX_MESSAGE),
+            watcher: client.watch_client().max_decoding_message_size(MAX_MESSAGE),
             client,
             prefix: args.prefix().to_string(),
         })
@@ -159,7 +204,7 @@ impl Store {
         let key = self.config_key();
         let resp = rpc(
             || format!("get {key}"),
-            self.client.clone().get(key.as_str(), None),
+            self.kv.clone().get(key.as_str(), None),
         )
         .await?;
         let rev = resp.header().map_or(0, |h| h.revision());
@@ -174,7 +219,7 @@ impl Store {
         let key = self.config_key();
         rpc(
             || format!("put {key}"),
-            self.client.clone().put(key.as_str(), text, None),
+            self.kv.clone().put(key.as_str(), text, None),
         )
         .await?;
         Ok(())
@@ -191,7 +236,7 @@ impl Store {
             .or_else([TxnOp::get(key.as_str(), None)]);
         let resp = rpc(
             || format!("create {key} if absent"),
-            self.client.clone().txn(txn),
+            self.kv.clone().txn(txn),
         )
         .await?;
         if resp.succeeded() {
@@ -238,27 +283,50 @@ impl Store {
     }
 
     /// Every key under `subnets/` as stored, handed to `each` in key order, and the revision
-    /// they were read at. Read in pages of [`LIST_PAGE`] keys, all at the revision of the first
-    /// (one consistent snapshot), so that a caller folding each record into something smaller
-    /// never holds all of a large listing at once. A failure midway (a member gone, the revision
-    /// compacted meanwhile) fails the listing: the caller starts over.
+    /// they were read at. Read in pages, all at the revision of the first (one consistent
+    /// snapshot), so that a caller folding each record into something smaller never holds all of
+    /// a large listing at once. A page holds at most [`LIST_PAGE`] keys and aims at
+    /// [`PAGE_BYTES`]; one too large to receive is asked for again smaller, and a single key too
+    /// large to receive is handed on as unreadable, so no value anyone can store stops a listing.
+    /// A failure midway (a member gone, the revision compacted meanwhile) fails the listing: the
+    /// caller starts over.
     pub async fn list_records_paged(&self, mut each: impl FnMut(Record)) -> Result<i64> {
         let prefix = self.subnets_prefix();
         let end = prefix_end(prefix.as_bytes());
         let mut from = prefix.clone().into_bytes();
         let mut revision = 0;
+        let mut limit = LIST_PAGE;
         loop {
-            let mut opts = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(LIST_PAGE);
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
-            let mut resp = rpc(
+            let page = rpc(
                 || format!("list {prefix}"),
-                self.client.clone().get(from.clone(), Some(opts)),
+                self.kv.clone().get(from.clone(), Some(opts)),
             )
-            .await?;
+            .await;
+            let mut resp = match page {
+                Ok(r) => r,
+                Err(e) if e.downcast_ref().is_some_and(too_large) => {
+                    if limit > 1 {
+                        limit = (limit / 4).max(1);
+                        continue;
+                    }
+                    // One value larger than weft reads: skipped by name, and the listing goes on.
+                    let Some(key) = self.first_key(&from, &end, revision).await? else {
+                        break;
+                    };
+                    each(Record::too_large(
+                        String::from_utf8_lossy(&key).into_owned(),
+                        MAX_MESSAGE,
+                    ));
+                    from = key;
+                    from.push(0);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
             }
@@ -269,6 +337,8 @@ impl Store {
             // The next page starts just after the last key of this one.
             from = last.key().to_vec();
             from.push(0);
+            let bytes = kvs.iter().map(|kv| kv.key().len() + kv.value().len()).sum();
+            limit = next_page_limit(limit, kvs.len(), bytes);
             for kv in kvs {
                 each(self.decode(&kv));
             }
@@ -277,6 +347,27 @@ impl Store {
             }
         }
         Ok(revision)
+    }
+
+    /// The first key in `from..end` at `revision` (0: now), without its value.
+    async fn first_key(&self, from: &[u8], end: &[u8], revision: i64) -> Result<Option<Vec<u8>>> {
+        let mut opts = GetOptions::new()
+            .with_range(end.to_vec())
+            .with_limit(1)
+            .with_keys_only();
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let mut resp = rpc(
+            || "list a key too large to read".to_string(),
+            self.kv.clone().get(from.to_vec(), Some(opts)),
+        )
+        .await?;
+        Ok(resp
+            .take_kvs()
+            .into_iter()
+            .next()
+            .map(|kv| kv.key().to_vec()))
     }
 
     /// Reads one key/value of `subnets/` as a lease, keeping what cannot be read with the reason.
@@ -308,7 +399,7 @@ impl Store {
                 attrs.to_json(),
                 Some(PutOptions::new().with_lease(id)),
             )]);
-        let resp = rpc(|| format!("create {key}"), self.client.clone().txn(txn)).await?;
+        let resp = rpc(|| format!("create {key}"), self.kv.clone().txn(txn)).await?;
         if !resp.succeeded() {
             self.revoke(id).await;
             return Ok(None);
@@ -346,7 +437,7 @@ impl Store {
                 old.mod_revision,
             )])
             .and_then([TxnOp::put(key.as_str(), attrs.to_json(), put_opts)]);
-        let resp = rpc(|| format!("update {key}"), self.client.clone().txn(txn)).await?;
+        let resp = rpc(|| format!("update {key}"), self.kv.clone().txn(txn)).await?;
         if !resp.succeeded() {
             if id != 0 {
                 self.revoke(id).await;
@@ -388,17 +479,21 @@ impl Store {
         Ok((resp.ttl() > 0).then_some(resp.ttl()))
     }
 
-    /// Watches everything under the prefix (config and subnets) from `revision`.
+    /// Watches everything under the prefix (config and subnets) from `revision`. A revision
+    /// larger than etcd's request limit (a delete-range over thousands of keys) comes in
+    /// fragments of at most that limit (etcd 3.4+), each a response of its own: so any revision
+    /// can be received, but one may end in the next response.
     pub async fn watch(&self, revision: i64) -> Result<WatchStream> {
         let key = format!("{}/", self.prefix);
         rpc(
             || format!("watch {key}"),
-            self.client.clone().watch(
+            self.watcher.clone().watch(
                 key.as_str(),
                 Some(
                     WatchOptions::new()
                         .with_prefix()
-                        .with_start_revision(revision),
+                        .with_start_revision(revision)
+                        .with_fragment(),
                 ),
             ),
         )
@@ -445,6 +540,49 @@ mod tests {
         );
         assert_eq!(prefix_end(b"a\xff\xff"), b"b");
         assert_eq!(prefix_end(b"\xff"), [0]);
+    }
+
+    #[test]
+    fn pages_follow_the_bytes_the_last_page_held() {
+        // Flannel leases (~200 bytes): full pages.
+        assert_eq!(next_page_limit(LIST_PAGE, 1000, 200_000), LIST_PAGE);
+        // 1.4 MB values: three keys make a page.
+        assert_eq!(next_page_limit(LIST_PAGE, 10, 14_000_000), 2);
+        assert_eq!(next_page_limit(2, 2, 2_800_000), 2);
+        // Small again: grows back, at most doubling.
+        assert_eq!(next_page_limit(2, 2, 400), 4);
+        assert_eq!(next_page_limit(600, 600, 1000), LIST_PAGE);
+        // Whatever the input, a page asks for at least one key and at most LIST_PAGE.
+        assert_eq!(next_page_limit(1, 1, usize::MAX), 1);
+        assert_eq!(next_page_limit(LIST_PAGE, 0, 0), LIST_PAGE);
+        assert_eq!(next_page_limit(i64::MAX, usize::MAX, 1), LIST_PAGE);
+    }
+
+    #[test]
+    fn only_a_size_refusal_counts_as_too_large() {
+        let received = etcd_client::Error::GRpcStatus(tonic_status(
+            11,
+            "Error, decoded message length too large: found 5600823 bytes, the limit is: 4194304 bytes",
+        ));
+        assert!(too_large(&received));
+        let sent = etcd_client::Error::GRpcStatus(tonic_status(
+            8,
+            "grpc: trying to send message larger than max (70000000 vs. 67108864)",
+        ));
+        assert!(too_large(&sent));
+        let compacted = etcd_client::Error::GRpcStatus(tonic_status(
+            11,
+            "etcdserver: mvcc: required revision has been compacted",
+        ));
+        assert!(!too_large(&compacted));
+        assert!(!too_large(&etcd_client::Error::InvalidArgs(
+            "too large".into()
+        )));
+    }
+
+    /// A gRPC status as etcd-client reports it.
+    fn tonic_status(code: i32, msg: &str) -> tonic::Status {
+        tonic::Status::new(code.into(), msg)
     }
 
     #[test]

@@ -57,7 +57,8 @@ check("ServiceAccount" in docs, "a ServiceAccount")
 check("ClusterRole" not in docs and "Role" not in docs, "no RBAC in etcd mode")
 
 cm = docs["ConfigMap"]["data"]
-for key in ("net-conf.json", "cni-conf.json", "etcd_endpoints"):
+for key in ("net-conf.json", "cni-conf.json", "etcd_endpoints", "etcd_username",
+            "etcd_password_file"):
     check(key in cm, f"ConfigMap key {key}")
 net = json.loads(cm["net-conf.json"])
 cni = json.loads(cm["cni-conf.json"])
@@ -112,8 +113,11 @@ check(ann.get("prometheus.io/port") == str(port) and ann.get("prometheus.io/path
       "Prometheus scrape annotations on the health port")
 envs = {e["name"] for e in main["env"]}
 for v in ("FLANNELD_ETCD_ENDPOINTS", "FLANNELD_ETCD_CAFILE", "FLANNELD_ETCD_CERTFILE",
-          "FLANNELD_ETCD_KEYFILE"):
+          "FLANNELD_ETCD_KEYFILE", "FLANNELD_ETCD_USERNAME", "FLANNELD_ETCD_PASSWORD_FILE"):
     check(v in envs, f"env {v}")
+check("FLANNELD_ETCD_PASSWORD" not in envs, "no password in the environment (a file instead)")
+check(cm.get("etcd_username") == "" and cm.get("etcd_password_file") == "",
+      "etcd authentication off by default (empty etcd_username, etcd_password_file)")
 
 vols = {v["name"]: v for v in pod["volumes"]}
 hostpaths = {v["hostPath"]["path"]: v["hostPath"].get("type") for v in vols.values() if "hostPath" in v}
@@ -121,11 +125,20 @@ for path, kind in (("/run/flannel", None), ("/opt/cni/bin", None), ("/etc/cni/ne
                    ("/run/xtables.lock", "FileOrCreate"), ("/dev/net/tun", "CharDevice")):
     check(path in hostpaths and (kind is None or hostpaths[path] == kind),
           f"hostPath {path}" + (f" ({kind})" if kind else ""))
-secret = [v["secret"] for v in vols.values() if "secret" in v]
-check(len(secret) == 1 and secret[0].get("defaultMode") == 0o400, "etcd TLS Secret mounted 0400")
+secrets = {v["secret"]["secretName"]: (name, v["secret"])
+           for name, v in vols.items() if "secret" in v}
+for secret, what in (("weft-etcd-tls", "etcd TLS"), ("weft-etcd-auth", "etcd password")):
+    s = secrets.get(secret, (None, {}))[1]
+    check(s.get("defaultMode") == 0o400 and s.get("optional") is True,
+          f"{what} Secret {secret} mounted 0400, optional")
+check(len(secrets) == 2, "no other Secret")
 mounted = {m["mountPath"] for m in main["volumeMounts"]}
 for path in ("/run/flannel", "/run/xtables.lock", "/dev/net/tun"):
     check(path in mounted, f"weftd mounts {path}")
+auth_volume = secrets.get("weft-etcd-auth", ("",))[0]
+for c in [main] + [c for c in inits.values() if c.get("env")]:
+    check(any(m["name"] == auth_volume for m in c.get("volumeMounts", [])),
+          f"{c['name']} (reads etcd) mounts the etcd password Secret")
 
 if problems:
     for p in problems:

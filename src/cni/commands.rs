@@ -10,6 +10,7 @@ use super::error::{code, CniError};
 use super::lease::NodeLease;
 use super::store::{Attachment, Store};
 use super::version;
+use crate::escape::Escaped;
 
 /// The delegate of `conf` and the version to speak to it. Only a 1.1.0 config costs a VERSION
 /// query: every older version is one any bridge of the last years speaks.
@@ -86,12 +87,26 @@ struct Recorded {
     config: Map<String, Value>,
 }
 
+/// A record's contents as ADD writes them: the delegate config it rendered, a JSON object with
+/// the plugin type; with it, that type. Err: why `bytes` are not such a config.
+fn parse_record(bytes: &[u8]) -> Result<(Map<String, Value>, String), &'static str> {
+    let saved: Map<String, Value> =
+        serde_json::from_slice(bytes).map_err(|_| "not a JSON object")?;
+    match saved.get("type") {
+        Some(Value::String(t)) if !t.is_empty() && !t.contains('/') => {
+            let kind = t.clone();
+            Ok((saved, kind))
+        }
+        _ => Err("no plugin type"),
+    }
+}
+
 /// The record of `a`, if any.
 fn recorded(store: &Store, a: &Attachment, cni_path: &str) -> Result<Option<Recorded>, CniError> {
     let Some(bytes) = store.load(a)? else {
         return Ok(None);
     };
-    let corrupt = |why: &str| {
+    let (config, kind) = parse_record(&bytes).map_err(|why| {
         CniError::new(
             code::DECODE_FAILURE,
             format!(
@@ -99,36 +114,75 @@ fn recorded(store: &Store, a: &Attachment, cni_path: &str) -> Result<Option<Reco
                 store.path(a).display()
             ),
         )
-    };
-    let saved: Map<String, Value> =
-        serde_json::from_slice(&bytes).map_err(|_| corrupt("not a JSON object"))?;
-    let kind = match saved.get("type") {
-        Some(Value::String(t)) if !t.is_empty() && !t.contains('/') => t.clone(),
-        _ => return Err(corrupt("no plugin type")),
-    };
+    })?;
     Ok(Some(Recorded {
         delegate: Delegate::find(&kind, cni_path)?,
-        config: saved,
+        config,
     }))
 }
 
-/// DEL of a recorded attachment: the delegate's DEL with the config ADD used, then the record
-/// goes. No record: nothing of ours to undo, success (DEL twice, DEL without ADD).
-fn del_recorded(
+/// Undoes a recorded attachment: the delegate's DEL with the config ADD used, then the record
+/// goes.
+fn undo(
     store: &Store,
     a: &Attachment,
-    cni_path: &str,
+    r: Recorded,
     env: &[(&str, Option<&str>)],
 ) -> Result<(), CniError> {
-    let Some(r) = recorded(store, a, cni_path)? else {
-        return Ok(());
-    };
     r.delegate.run("DEL", &to_bytes(r.config), env)?;
     store.remove(a)
 }
 
+/// DEL of a recorded attachment. No record: nothing of ours to undo, success (DEL twice, DEL
+/// without ADD).
+fn del_recorded(store: &Store, a: &Attachment, cni_path: &str) -> Result<(), CniError> {
+    match recorded(store, a, cni_path)? {
+        Some(r) => undo(store, a, r, &[]),
+        None => Ok(()),
+    }
+}
+
+/// GC's record of `a`: one weft-cni wrote for this network, else None and a log line. GC acts
+/// on no attachment the runtime named, so a file merely named like a record (dataDir may be
+/// shared: with another tool, or with another network's weft-cni) is left as it is.
+fn gc_record(
+    conf: &NetConf,
+    store: &Store,
+    a: &Attachment,
+    cni_path: &str,
+) -> Result<Option<Recorded>, CniError> {
+    let Some(bytes) = store.load(a)? else {
+        return Ok(None);
+    };
+    let path = store.path(a).to_string_lossy().into_owned();
+    let (config, kind) = match parse_record(&bytes) {
+        Ok(r) => r,
+        Err(why) => {
+            warn!(file = %Escaped(&path), "GC: not a weft-cni record ({why}): left alone");
+            return Ok(None);
+        }
+    };
+    // ADD always writes these: the version spoken to the delegate, the network's name (which
+    // the delegate's own keys cannot override) and the IPAM section.
+    let ours = config.get("cniVersion").is_some_and(Value::is_string)
+        && config.get("name").and_then(Value::as_str) == Some(conf.name.as_str())
+        && config.get("ipam").is_some_and(Value::is_object);
+    if !ours {
+        warn!(
+            file = %Escaped(&path),
+            network = %conf.name,
+            "GC: not a weft-cni record of this network: left alone"
+        );
+        return Ok(None);
+    }
+    Ok(Some(Recorded {
+        delegate: Delegate::find(&kind, cni_path)?,
+        config,
+    }))
+}
+
 pub fn del(conf: &NetConf, a: &Attachment, cni_path: &str) -> Result<(), CniError> {
-    del_recorded(&Store::new(&conf.data_dir), a, cni_path, &[])
+    del_recorded(&Store::new(&conf.data_dir), a, cni_path)
 }
 
 /// CHECK: the pod's addresses (prevResult) must be in this node's current lease, and the
@@ -196,9 +250,9 @@ pub fn status(conf: &NetConf, cni_path: &str) -> Result<(), CniError> {
     Ok(())
 }
 
-/// GC: every recorded attachment the runtime no longer lists gets the delegate's DEL (which
-/// frees its address), then the delegate gets GC itself when it speaks 1.1.0. Keeps going
-/// past failures and reports them all.
+/// GC: every attachment recorded for this network that the runtime no longer lists gets the
+/// delegate's DEL (which frees its address), then the delegate gets GC itself when it speaks
+/// 1.1.0. Keeps going past failures and reports them all.
 pub fn gc(conf: &NetConf, cni_path: &str) -> Result<(), CniError> {
     let valid = conf.valid_attachments()?;
     let store = Store::new(&conf.data_dir);
@@ -215,7 +269,9 @@ pub fn gc(conf: &NetConf, cni_path: &str) -> Result<(), CniError> {
             ("CNI_IFNAME", Some(a.ifname.as_str())),
             ("CNI_NETNS", None),
         ];
-        if let Err(e) = del_recorded(&store, &a, cni_path, &env) {
+        let undone = gc_record(conf, &store, &a, cni_path)
+            .and_then(|r| r.map_or(Ok(()), |r| undo(&store, &a, r, &env)));
+        if let Err(e) = undone {
             errors.push(e.context(format!("{}:{}", a.container_id, a.ifname)));
         }
     }
@@ -246,5 +302,72 @@ pub fn gc(conf: &NetConf, cni_path: &str) -> Result<(), CniError> {
                 format!("{n} GC failures: {}", all.join("; ")),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::fs;
+    use std::path::Path;
+
+    /// A CNI_PATH whose `fake` plugin succeeds at everything and prints nothing: a link to
+    /// true(1), so no executable is written while other tests fork.
+    fn fake_plugins(dir: &Path) -> String {
+        let bin = dir.join("bin");
+        fs::create_dir(&bin).unwrap();
+        std::os::unix::fs::symlink("/bin/true", bin.join("fake")).unwrap();
+        bin.display().to_string()
+    }
+
+    fn record(network: &str) -> Vec<u8> {
+        json!({"cniVersion": "1.0.0", "name": network, "type": "fake",
+               "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.5.0/24"}]]}})
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn gc_undoes_only_this_networks_records_and_leaves_every_other_file_in_place() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cni_path = fake_plugins(tmp.path());
+        let data = tmp.path().join("data");
+        let conf = NetConf::parse(
+            json!({
+                "cniVersion": "1.1.0", "name": "cbr0", "type": "weft-cni",
+                "subnetFile": tmp.path().join("no-subnet.env"), "dataDir": data,
+                "cni.dev/valid-attachments": [{"containerID": "alive", "ifname": "eth0"}],
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let store = Store::new(&data);
+        let at = |id: &str| Attachment::new(id, "eth0").unwrap();
+        store.save_new(&at("gone"), &record("cbr0")).unwrap();
+        store.save_new(&at("alive"), &record("cbr0")).unwrap();
+        // Named like records, but not weft-cni's records of this network.
+        let foreign: [(&str, &[u8]); 4] = [
+            ("garbage:eth0", b"not JSON at all"),
+            ("list:eth0", b"[1, 2]"),
+            (
+                "untyped:eth0",
+                br#"{"cniVersion": "1.0.0", "name": "cbr0"}"#,
+            ),
+            ("othernet:eth0", &record("othernet")),
+        ];
+        for (name, bytes) in foreign {
+            fs::write(data.join(name), bytes).unwrap();
+        }
+        fs::write(data.join("stray"), b"someone else's").unwrap();
+
+        gc(&conf, &cni_path).unwrap();
+        assert_eq!(store.load(&at("gone")).unwrap(), None, "undone and removed");
+        assert!(store.load(&at("alive")).unwrap().is_some(), "still valid");
+        for (name, bytes) in foreign {
+            assert_eq!(fs::read(data.join(name)).unwrap(), bytes, "{name}");
+        }
+        assert_eq!(fs::read(data.join("stray")).unwrap(), b"someone else's");
     }
 }

@@ -6,7 +6,8 @@
 //! Improvements over flannel's plugin: CHECK checks; DEL removes its record only when the
 //! delegate's DEL worked; a failed ADD leaves no record behind; a second ADD of an attachment
 //! is refused instead of overwriting the first one's record; a missing subnet.env is a CNI
-//! error ("try again later") naming the file.
+//! error ("try again later") naming the file; a dataDir that is not root's alone is refused,
+//! and GC touches only the records weft-cni wrote for its network.
 
 mod commands;
 pub mod config;

@@ -1,15 +1,21 @@
 //! The delegate configs weft-cni rendered at ADD, one file per attachment (container id and
 //! interface name) in `dataDir`, so DEL undoes exactly what ADD did even after subnet.env
-//! changed or went away. Directory 0700 and files 0600: they are root's business. Files are
-//! synced before they count, and created exclusively, so a second ADD of an attachment cannot
-//! replace the first one's record.
+//! changed or went away. Directory 0700 and files 0600: they are root's business, and a
+//! directory that is not root's alone is refused. Files are synced before they count, and
+//! created exclusively, so a second ADD of an attachment cannot replace the first one's record.
 
 use std::fs::{self, DirBuilder, File};
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use tracing::warn;
+
 use super::error::{code, CniError};
+use crate::escape::Escaped;
+
+/// The prefix of weft-cni's temporary files in dataDir: an ADD's record before it is linked in.
+const TEMP_PREFIX: &str = ".weft-";
 
 /// One attachment: CNI_CONTAINERID and CNI_IFNAME, checked as libcni checks them so they are
 /// safe in a file name.
@@ -77,9 +83,10 @@ impl Store {
             .mode(0o700)
             .create(&self.dir)
             .map_err(|e| io_error(format!("create {}", self.dir.display()), e))?;
+        self.check_dir()?;
         // tempfile creates it 0600.
         let mut tmp = tempfile::Builder::new()
-            .prefix(".weft-")
+            .prefix(TEMP_PREFIX)
             .tempfile_in(&self.dir)
             .map_err(|e| io_error(format!("create a file in {}", self.dir.display()), e))?;
         tmp.write_all(config)
@@ -107,6 +114,9 @@ impl Store {
 
     /// The record of `a`, or None when there is none.
     pub fn load(&self, a: &Attachment) -> Result<Option<Vec<u8>>, CniError> {
+        if !self.check_dir()? {
+            return Ok(None);
+        }
         let path = self.path(a);
         match fs::read(&path) {
             Ok(b) => Ok(Some(b)),
@@ -117,6 +127,9 @@ impl Store {
 
     /// Removes the record of `a`, durably; no record is fine.
     pub fn remove(&self, a: &Attachment) -> Result<(), CniError> {
+        if !self.check_dir()? {
+            return Ok(());
+        }
         let path = self.path(a);
         match fs::remove_file(&path) {
             Ok(()) => sync_dir(&self.dir),
@@ -125,8 +138,13 @@ impl Store {
         }
     }
 
-    /// Every attachment with a record (for GC). Files that are not records are skipped.
+    /// Every attachment with a file named as its record (for GC, which then checks the
+    /// contents). Other files are left alone, with a log line: dataDir may hold what is not
+    /// weft-cni's. Temporary files are skipped quietly: they are other ADDs under way.
     pub fn list(&self) -> Result<Vec<Attachment>, CniError> {
+        if !self.check_dir()? {
+            return Ok(Vec::new());
+        }
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
@@ -135,15 +153,61 @@ impl Store {
         let mut out = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some((id, ifname)) = name.to_str().and_then(|n| n.split_once(':')) else {
-                continue;
-            };
-            if let Ok(a) = Attachment::new(id, ifname) {
-                out.push(a);
+            let record = name
+                .to_str()
+                .and_then(|n| n.split_once(':'))
+                .and_then(|(id, ifname)| Attachment::new(id, ifname).ok());
+            match record {
+                Some(a) => out.push(a),
+                None if name.to_string_lossy().starts_with(TEMP_PREFIX) => {}
+                None => warn!(
+                    file = %Escaped(&entry.path().to_string_lossy()),
+                    "not named as a weft-cni record (<container id>:<interface>): left alone"
+                ),
             }
         }
         out.sort_by_key(Attachment::file_name);
         Ok(out)
+    }
+
+    /// Whether the directory exists; an error when it does but is not weft-cni's alone.
+    ///
+    /// A record names the plugin DEL and GC run as root and the config they give it, so whoever
+    /// can write to the directory (another owner; a group or others, by its mode) could have
+    /// root run a plugin on a config of their choosing. Loose read or search bits (0755) are
+    /// refused too, not tightened: dataDir may be a directory weft-cni does not own alone (an
+    /// operator may point it at /var/lib/cni or another shared one), and a chmod 0700 there,
+    /// done silently at some pod's ADD, would cut every other user off from all below it. The
+    /// operator knows which it is; the message says what to do in either case. A directory
+    /// weft-cni creates is 0700 already.
+    fn check_dir(&self) -> Result<bool, CniError> {
+        let m = match fs::metadata(&self.dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_error(format!("stat {}", self.dir.display()), e)),
+        };
+        if !m.is_dir() {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("dataDir {} is not a directory", self.dir.display()),
+            ));
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        let mode = m.mode() & 0o7777;
+        if m.uid() != me || mode & 0o077 != 0 {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!(
+                    "dataDir {} is mode {mode:04o} and owned by uid {}: it holds the records of \
+                     what weft-cni delegated as root, so it must be weft-cni's alone (owned by \
+                     uid {me}, mode 0700); if it is weft-cni's own, chown and chmod 0700 it, \
+                     else point dataDir at a directory of its own",
+                    self.dir.display(),
+                    m.uid()
+                ),
+            ));
+        }
+        Ok(true)
     }
 }
 
@@ -183,13 +247,14 @@ mod tests {
     #[test]
     fn a_second_save_fails_and_keeps_the_first_record() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::new(tmp.path());
+        let dir = tmp.path().join("cni");
+        let store = Store::new(&dir);
         let a = eth0("abc");
         store.save_new(&a, b"first").unwrap();
         let e = store.save_new(&a, b"second").unwrap_err();
         assert!(e.msg.contains("DEL it first"), "{e:?}");
         assert_eq!(store.load(&a).unwrap().as_deref(), Some(&b"first"[..]));
-        let names: Vec<_> = fs::read_dir(tmp.path()).unwrap().flatten().collect();
+        let names: Vec<_> = fs::read_dir(&dir).unwrap().flatten().collect();
         assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
     }
 
@@ -201,13 +266,14 @@ mod tests {
         store.remove(&eth0("x")).unwrap();
         assert!(store.list().unwrap().is_empty());
 
-        let store = Store::new(tmp.path());
+        let dir = tmp.path().join("cni");
+        let store = Store::new(&dir);
         store.save_new(&eth0("b"), b"1").unwrap();
         store
             .save_new(&Attachment::new("a", "net1").unwrap(), b"2")
             .unwrap();
-        fs::write(tmp.path().join("stray"), b"").unwrap();
-        fs::write(tmp.path().join(".weft-tmp:eth0"), b"").unwrap();
+        fs::write(dir.join("stray"), b"").unwrap();
+        fs::write(dir.join(".weft-tmp:eth0"), b"").unwrap();
         let ids: Vec<String> = store
             .list()
             .unwrap()
@@ -217,6 +283,45 @@ mod tests {
         assert_eq!(ids, ["a:net1", "b:eth0"]);
         store.remove(&eth0("b")).unwrap();
         assert_eq!(store.load(&eth0("b")).unwrap(), None);
+    }
+
+    #[test]
+    fn an_existing_data_dir_others_can_read_is_refused_and_left_0755() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cni");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let store = Store::new(&dir);
+        let a = eth0("abc");
+        let e = store.save_new(&a, b"{}").unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG, "{e:?}");
+        assert!(
+            e.msg.contains(&dir.display().to_string()) && e.msg.contains("0755"),
+            "{e:?}"
+        );
+        assert_eq!(mode(&dir), 0o755, "not chmodded behind the operator's back");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
+
+        // Nor are records read from it (DEL, CHECK) or listed (GC).
+        fs::write(dir.join("abc:eth0"), b"{}").unwrap();
+        assert!(store.load(&a).is_err());
+        assert!(store.remove(&a).is_err());
+        assert!(store.list().is_err());
+        assert!(dir.join("abc:eth0").exists());
+    }
+
+    #[test]
+    fn a_data_dir_owned_by_another_user_is_refused_even_at_0700() {
+        if !weft_lab::require_root("a_data_dir_owned_by_another_user_is_refused_even_at_0700") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cni");
+        fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(4321), Some(4321)).unwrap();
+        let e = Store::new(&dir).save_new(&eth0("abc"), b"{}").unwrap_err();
+        assert!(e.msg.contains("owned by uid 4321"), "{e:?}");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
     }
 
     #[test]

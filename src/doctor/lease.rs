@@ -111,6 +111,13 @@ pub fn etcd(f: &Facts) -> Outcome {
 fn etcd_failure(endpoints: &str, error: &str) -> Finding {
     let e = error.to_ascii_lowercase();
     let has = |words: &[&str]| words.iter().any(|w| e.contains(w));
+    // Not etcd's answer at all: weft could not read its own password file.
+    if has(&["etcd password file"]) {
+        return Finding::new(
+            format!("cannot use the etcd password: {error}"),
+            "make -etcd-password-file name a readable file holding the password",
+        );
+    }
     if has(&[
         "tls",
         "certificate",
@@ -136,7 +143,8 @@ fn etcd_failure(endpoints: &str, error: &str) -> Finding {
     ]) {
         Finding::new(
             format!("etcd at {endpoints} refuses the credentials: {error}"),
-            "check -etcd-username and -etcd-password, and the user's role on the prefix",
+            "check -etcd-username and the password (-etcd-password-file's content, or \
+             -etcd-password), and the user's role on the prefix",
         )
     } else {
         Finding::new(
@@ -384,6 +392,16 @@ mod tests {
             "etcdserver: authentication failed, invalid user ID or password",
         );
         assert!(auth.problem.contains("refuses the credentials"), "{auth:?}");
+        let file = etcd_failure(
+            "http://e:2379",
+            "read the etcd password file /etc/weft/pw: No such file or directory (os error 2)",
+        );
+        assert!(
+            file.problem.starts_with(
+                "cannot use the etcd password: read the etcd password file /etc/weft/pw"
+            ),
+            "{file:?}"
+        );
         let down = etcd_failure(
             "http://e:2379",
             "connect to etcd: transport error: Connection refused",

@@ -41,6 +41,7 @@ use clap::Args;
 
 pub use facts::Facts;
 
+use crate::escape::escape;
 use crate::flags::{parse_lease_ttl, EtcdArgs, MAX_RENEW_MARGIN_MINUTES};
 
 /// `weftctl doctor`'s flags: weftd's own, so the same command line (or `FLANNELD_*`
@@ -164,16 +165,17 @@ impl Report {
         for (id, o) in &self.0 {
             match o {
                 Outcome::Skipped(why) => {
-                    let _ = writeln!(out, "skip {id}: {why}");
+                    let _ = writeln!(out, "skip {id}: {}", escape(&why.replace('\n', " ")));
                 }
                 Outcome::Ran(v) if v.is_empty() => {
                     let _ = writeln!(out, "ok {id}");
                 }
                 Outcome::Ran(v) => {
                     for f in v {
-                        // One line per finding, whatever the texts hold.
+                        // One line per finding, whatever the texts hold: they quote etcd,
+                        // files and the kernel, so whatever a terminal would obey is escaped.
                         let line = format!("problem {id}: {}; fix: {}", f.problem, f.fix);
-                        let _ = writeln!(out, "{}", line.replace('\n', " "));
+                        let _ = writeln!(out, "{}", escape(&line.replace('\n', " ")));
                     }
                 }
             }
@@ -215,6 +217,17 @@ mod tests {
             assert!(text.contains(&format!("ok {id}\n")), "{id}: {text}");
         }
         assert!(text.ends_with("\nno problem found\n"), "{text}");
+    }
+
+    #[test]
+    fn what_a_finding_quotes_cannot_rewrite_the_terminal() {
+        let report = Report(vec![(
+            "peers",
+            Outcome::Ran(vec![Finding::new("backend \u{1b}[2Jvxlan\r", "c")]),
+        )]);
+        assert!(report
+            .render()
+            .starts_with("problem peers: backend \\u{1b}[2Jvxlan\\r; fix: c\n"));
     }
 
     #[test]

@@ -583,3 +583,86 @@ fn a_missing_subnet_env_is_a_cni_error_on_stdout_with_a_non_zero_exit() {
         json!(["0.3.1", "0.4.0", "1.0.0", "1.1.0"])
     );
 }
+
+/// weft-cni run alone (no namespace, no plugins) with `command` and `conf`.
+fn weft_cni_alone(command: &str, conf: &Value) -> std::process::Output {
+    let mut cmd = std::process::Command::new(WEFT_CNI);
+    cmd.env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "pod")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/nonexistent");
+    weft_lab::cmd::output_with_input(
+        &mut cmd,
+        Some(conf.to_string().as_bytes()),
+        weft_lab::cmd::TIMEOUT,
+    )
+}
+
+#[test]
+fn gc_leaves_files_that_are_not_this_networks_records_in_place_and_says_so() {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&data)
+        .expect("dataDir");
+    let other_network = json!({"cniVersion": "1.0.0", "name": "other", "type": "bridge",
+                               "ipam": {"type": "host-local"}})
+    .to_string();
+    let files = [
+        ("garbage:eth0", "not a record"),
+        ("theirs:eth0", other_network.as_str()),
+        ("notes.txt", "someone else's"),
+    ];
+    for (name, text) in files {
+        std::fs::write(data.join(name), text).expect("write");
+    }
+    let conf = json!({
+        "cniVersion": "1.1.0", "name": "cbr0", "type": "weft-cni",
+        "subnetFile": dir.path().join("subnet.env"), "dataDir": data,
+        "cni.dev/valid-attachments": [],
+    });
+    let out = weft_cni_alone("GC", &conf);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{}\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for (name, text) in files {
+        assert_eq!(
+            std::fs::read_to_string(data.join(name)).expect("still there"),
+            text
+        );
+        assert!(stderr.contains(name), "a log line names {name}: {stderr}");
+    }
+}
+
+#[test]
+fn a_data_dir_others_can_read_is_refused_and_stays_0755() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("dataDir");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut conf = json!({
+        "cniVersion": "1.1.0", "name": "cbr0", "type": "weft-cni",
+        "subnetFile": dir.path().join("subnet.env"), "dataDir": data,
+    });
+    for command in ["DEL", "GC"] {
+        if command == "GC" {
+            conf["cni.dev/valid-attachments"] = json!([]);
+        }
+        let out = weft_cni_alone(command, &conf);
+        assert!(!out.status.success(), "{command}");
+        let err: Value = serde_json::from_slice(&out.stdout).expect("CNI error JSON");
+        assert_eq!(err["code"], 7, "{command}: {err}");
+        let msg = err["msg"].as_str().unwrap_or("");
+        assert!(
+            msg.contains(&data.display().to_string()) && msg.contains("0755"),
+            "{command}: {msg}"
+        );
+    }
+    let mode = std::fs::metadata(&data).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o7777, 0o755, "left as the operator made it");
+}

@@ -146,9 +146,9 @@ fn tls_client_certificates_are_used() {
     let _ = etcd.wait();
 }
 
-#[test]
-fn user_name_and_password_are_used() {
-    let etcd = Etcd::start();
+/// Turns on etcd's authentication: `root` (etcd wants it before `auth enable`), and `weft`
+/// (password `s3cret`) with read-write on the network prefix.
+fn enable_auth(etcd: &Etcd) {
     for args in [
         &["user", "add", "root:rootpw"][..],
         &["user", "add", "weft:s3cret"],
@@ -171,6 +171,12 @@ fn user_name_and_password_are_used() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn user_name_and_password_are_used() {
+    let etcd = Etcd::start();
+    enable_auth(&etcd);
     let ep = format!("-etcd-endpoints={}", etcd.endpoint);
     let config = r#"{"Network":"10.93.0.0/16","Backend":{"Type":"alloc"}}"#;
     let denied = weftctl_with(&[&ep, "config", "set", "-"], Some(config));
@@ -203,4 +209,94 @@ fn user_name_and_password_are_used() {
     .env("FLANNELD_ETCD_PASSWORD", "s3cret")
     .start();
     assert!(a.wait_subnet(Duration::from_secs(30)).starts_with("10.93."));
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn a_password_file_authenticates_weftctl_and_weftd() {
+    let etcd = Etcd::start();
+    enable_auth(&etcd);
+    let dir = tempfile::tempdir().expect("tmp");
+    // As `echo s3cret > file` or an editor leaves it: one trailing newline, not the password's.
+    let pw = dir.path().join("etcd-password");
+    std::fs::write(&pw, "s3cret\n").expect("password file");
+    let ep = format!("-etcd-endpoints={}", etcd.endpoint);
+    let file = format!("-etcd-password-file={}", pw.display());
+    let config = r#"{"Network":"10.94.0.0/16","Backend":{"Type":"alloc"}}"#;
+
+    // The flags after the subcommand, as an operator types them.
+    let set = weftctl_with(
+        &["config", "set", "-", &ep, "-etcd-username=weft", &file],
+        Some(config),
+    );
+    assert!(set.status.success(), "{}", text(&set));
+    let get = weftctl_with(&[&ep, "config", "get", "-etcd-username=weft", &file], None);
+    assert!(get.status.success(), "{}", text(&get));
+    assert!(text(&get).contains("10.94.0.0/16"), "{}", text(&get));
+
+    // Another password in the file: etcd refuses it (the file is what is sent).
+    let wrong = dir.path().join("wrong-password");
+    std::fs::write(&wrong, "s3cret \n").expect("password file");
+    let denied = weftctl_with(
+        &[
+            &ep,
+            "-etcd-username=weft",
+            &format!("-etcd-password-file={}", wrong.display()),
+            "config",
+            "get",
+        ],
+        None,
+    );
+    assert!(!denied.status.success(), "{}", text(&denied));
+    assert!(
+        text(&denied).contains("authentication failed"),
+        "{}",
+        text(&denied)
+    );
+
+    // weftd with the settings a unit's /etc/sysconfig/weftd gives it.
+    let a = WeftdSpec::new(
+        &etcd,
+        "/coreos.com/network",
+        Ipv4Addr::new(10, 99, 0, 1),
+        &dir.path().join("host"),
+    )
+    .env("FLANNELD_ETCD_USERNAME", "weft")
+    .env("FLANNELD_ETCD_PASSWORD_FILE", pw.display().to_string())
+    .start();
+    assert!(a.wait_subnet(Duration::from_secs(30)).starts_with("10.94."));
+}
+
+#[test]
+fn weftd_stops_at_start_naming_a_password_file_it_cannot_use() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let empty = dir.path().join("empty-password");
+    std::fs::write(&empty, "\n").expect("password file");
+    let missing = dir.path().join("no-such-password");
+    for (file, why) in [(&empty, "is empty"), (&missing, "No such file")] {
+        // Nothing listens there: weftd must stop before it ever tries etcd.
+        let mut a = WeftdSpec::new_raw(
+            "http://127.0.0.1:9",
+            "/coreos.com/network",
+            Ipv4Addr::new(10, 99, 0, 1),
+            &dir.path().join("host"),
+        )
+        .arg("-etcd-username=weft")
+        .arg(format!("-etcd-password-file={}", file.display()))
+        .start();
+        let status = a.wait_exit(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(2), "{}", a.log());
+        let log = a.log();
+        assert!(
+            log.contains(&file.display().to_string()) && log.contains(why),
+            "{log}"
+        );
+    }
 }

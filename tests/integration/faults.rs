@@ -611,6 +611,7 @@ fn renewing_a_lease_etcd_no_longer_has_reports_it_expired() {
         etcd_cafile: None,
         etcd_username: None,
         etcd_password: None,
+        etcd_password_file: None,
     };
     let hex = etcd.grant(60);
     let id = i64::from_str_radix(&hex, 16).expect("lease id");

@@ -300,6 +300,8 @@ fn systemd_unit_installs_notifies_orders_docker_honours_sysconfig_and_uninstalls
     h.sh_ok(
         "test -f /etc/sysconfig/weftd && test -f /usr/local/share/weft/examples/network/vxlan.json",
     );
+    // It is where FLANNELD_ETCD_PASSWORD goes: only root reads it.
+    assert_eq!(h.sh_ok("stat -c %a /etc/sysconfig/weftd"), "600");
     h.write("/etc/systemd/system/docker.service", FAKE_DOCKER);
     h.sh_ok("systemctl daemon-reload");
 
@@ -473,6 +475,19 @@ fn systemd_unit_installs_notifies_orders_docker_honours_sysconfig_and_uninstalls
         "get --prefix {PREFIX}/subnets/10.73 --print-value-only"
     ));
     assert!(lease.contains("\"BackendType\":\"udp\""), "{lease}");
+
+    // Installing again over a /etc/sysconfig/weftd that anyone may read (written by hand, a
+    // password added since) makes it root's alone, its content and owner as they were.
+    let settings = "FLANNELD_ETCD_USERNAME=weft\nFLANNELD_ETCD_PASSWORD=s3cret\n";
+    h.write("/etc/sysconfig/weftd", settings);
+    h.sh_ok("chmod 0644 /etc/sysconfig/weftd");
+    let reinstall = h.sh_ok("/weft-src/deploy/install.sh --bin-dir /weft-bin --no-enable");
+    assert!(
+        reinstall.contains("made /etc/sysconfig/weftd readable by its owner only (was 644)"),
+        "{reinstall}"
+    );
+    assert_eq!(h.sh_ok("stat -c '%a %U' /etc/sysconfig/weftd"), "600 root");
+    assert_eq!(h.sh_ok("cat /etc/sysconfig/weftd"), settings.trim_end());
 
     // Uninstall: weftd stopped, and no unit, drop-in or binary left.
     h.sh_ok("/weft-src/deploy/install.sh --uninstall");

@@ -74,10 +74,20 @@ pub struct Etcd {
 impl Etcd {
     /// One member on random loopback ports; no root needed.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// One member on random loopback ports, with etcd flags of the test's own (limits).
+    pub fn start_with(extra: &[&str]) -> Self {
         let port = free_port();
         let client = format!("http://127.0.0.1:{port}");
         let peer = format!("http://127.0.0.1:{}", free_port());
-        Self::launch(None, vec![("weft-test".into(), client, peer)], port)
+        let mut etcd = Self::prepare(None, vec![("weft-test".into(), client, peer)], port);
+        etcd.members[0]
+            .cmd
+            .extend(extra.iter().map(|a| a.to_string()));
+        etcd.start_all();
+        etcd
     }
 
     /// A cluster with one member per address in `ips` (which must be on `ns`'s interfaces),
@@ -98,6 +108,13 @@ impl Etcd {
     }
 
     fn launch(ns: Option<String>, spec: Vec<(String, String, String)>, port: u16) -> Self {
+        let mut etcd = Self::prepare(ns, spec, port);
+        etcd.start_all();
+        etcd
+    }
+
+    /// The members' command lines, none started yet.
+    fn prepare(ns: Option<String>, spec: Vec<(String, String, String)>, port: u16) -> Self {
         let dir = tempfile::tempdir().expect("etcd dir");
         let cluster = spec
             .iter()
@@ -133,16 +150,19 @@ impl Etcd {
                 cmd: argv,
             });
         }
-        for i in 0..etcd.members.len() {
-            etcd.start_member(i);
+        etcd
+    }
+
+    fn start_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.start_member(i);
         }
         wait_for("etcd to answer", Duration::from_secs(30), || {
-            etcd.ctl(&["endpoint", "health"])
+            self.ctl(&["endpoint", "health"])
                 .status
                 .success()
                 .then_some(())
         });
-        etcd
     }
 
     /// (Re)starts member `i` with its data dir as it was: an outage ends.
