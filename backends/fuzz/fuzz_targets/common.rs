@@ -114,9 +114,10 @@ pub fn check_egress(table: &PeerTable, pkt: &[u8], reply_len: usize) {
     }
 }
 
-/// Runs `ingress` and, when it accepts, checks every rule holds.
-pub fn check_ingress(table: &PeerTable, from: SocketAddrV4, pkt: &[u8]) {
-    if ingress(table, from, pkt).is_ok() {
+/// Runs `ingress` and, when it accepts, checks every rule holds. Returns whether it accepted.
+pub fn check_ingress(table: &PeerTable, from: SocketAddrV4, pkt: &[u8]) -> bool {
+    let accepted = ingress(table, from, pkt).is_ok();
+    if accepted {
         let hl = header_len(pkt);
         assert_eq!(pkt[0] >> 4, 4);
         assert!(hl >= 20 && hl <= pkt.len());
@@ -130,4 +131,5 @@ pub fn check_ingress(table: &PeerTable, from: SocketAddrV4, pkt: &[u8]) {
             .any(|n| n.contains(&src)));
         assert!(table.own().contains(&dst));
     }
+    accepted
 }

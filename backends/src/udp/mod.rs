@@ -16,6 +16,12 @@ mod gro;
 mod socket;
 mod worker;
 
+// The receive path's pure parts, for the fuzz targets in backends/fuzz; not an API.
+#[doc(hidden)]
+pub use gro::{Coalescer, HDR_LEN as VNET_HDR_LEN};
+#[doc(hidden)]
+pub use worker::split_gro;
+
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;

@@ -394,10 +394,7 @@ impl Worker {
             let Some(data) = self.rx.get(start..start + m.len.min(RX_BUF)) else {
                 continue;
             };
-            let stride = if m.stride == 0 { data.len() } else { m.stride };
-            // An empty datagram is still one (malformed) packet to count.
-            let empty: &[&[u8]] = if data.is_empty() { &[&[]] } else { &[] };
-            for pkt in data.chunks(stride.max(1)).chain(empty.iter().copied()) {
+            for pkt in split_gro(data, m.stride) {
                 let verdict = match from {
                     Some(from) => codec::ingress(&table, from, pkt),
                     None => Err(DropReason::UnknownSender),
@@ -424,6 +421,17 @@ impl Worker {
         }
         Ok(true)
     }
+}
+
+/// The datagrams in one receive buffer. With UDP GRO the kernel glues datagrams of `stride`
+/// bytes (the last may be shorter) into one buffer; without it `stride` is the buffer's length.
+/// The stride is not trusted: 0 gives the buffer whole, one beyond it the same. An empty buffer
+/// is one empty datagram, still a (malformed) packet to count. No allocation: the hot path.
+pub fn split_gro(data: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
+    const ONE_EMPTY: &[&[u8]] = &[&[]];
+    let stride = if stride == 0 { data.len() } else { stride };
+    let empty = if data.is_empty() { ONE_EMPTY } else { &[] };
+    data.chunks(stride.max(1)).chain(empty.iter().copied())
 }
 
 /// Consecutive packets for one peer of `seg` bytes each but the last: one GSO send.
@@ -507,7 +515,35 @@ fn is_gone(e: &io::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::sysctl_count;
+    use super::{split_gro, sysctl_count};
+
+    fn split(data: &[u8], stride: usize) -> Vec<&[u8]> {
+        split_gro(data, stride).collect()
+    }
+
+    #[test]
+    fn a_gro_buffer_splits_into_datagrams_of_its_stride_the_last_maybe_shorter() {
+        let data: Vec<u8> = (0..10).collect();
+        assert_eq!(split(&data, 4), [&data[..4], &data[4..8], &data[8..]]);
+        assert_eq!(split(&data, 5), [&data[..5], &data[5..]]);
+        assert_eq!(split(&data, 10), [&data[..]], "one datagram: no GRO");
+    }
+
+    #[test]
+    fn a_hostile_stride_gives_the_buffer_whole() {
+        let data = [7u8; 10];
+        assert_eq!(split(&data, 0), [&data[..]]);
+        assert_eq!(split(&data, 11), [&data[..]]);
+        // quinn-udp reads the GRO size as a C int: a negative one arrives huge.
+        assert_eq!(split(&data, usize::MAX), [&data[..]]);
+    }
+
+    #[test]
+    fn an_empty_datagram_is_one_packet() {
+        for stride in [0, 1, 1472, usize::MAX] {
+            assert_eq!(split(&[], stride), [&[] as &[u8]], "stride {stride}");
+        }
+    }
 
     #[test]
     fn an_icmp_rate_sysctl_is_a_count() {
