@@ -1,16 +1,18 @@
 //! weftctl: the admin tool. Network config, lease listing, mk-docker-opts.sh's output, and the
 //! atomic file install the DaemonSet's init containers use.
 
+use std::ffi::OsString;
 use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config::NetworkConfig;
 use crate::docker_opts::DockerOpts;
-use crate::flags::EtcdArgs;
-use crate::store::Store;
+use crate::flags::{self, EtcdArgs};
+use crate::lease::format_secs;
+use crate::registry::{Names, Registry};
 use crate::{escape, fsutil, subnet_env};
 
 #[derive(Debug, Parser)]
@@ -29,6 +31,24 @@ pub struct CtlArgs {
     pub etcd: EtcdArgs,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// weftctl parses as weftd does ([`crate::flags::DaemonArgs::try_parse_args`]): flanneld's
+/// spellings and `FLANNELD_*`, through the same normalising.
+impl CtlArgs {
+    /// Parses from the process's arguments and environment; on a bad flag prints why and exits.
+    pub fn from_env() -> Self {
+        flags::drop_empty_flanneld_env();
+        Self::try_parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses flanneld-style arguments (and `FLANNELD_*`), then checks the etcd flags against
+    /// each other, on their values merged from before and after the subcommand.
+    pub fn try_parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Self, clap::Error> {
+        let parsed = Self::try_parse_from(flags::normalize_args(args))?;
+        parsed.etcd.check(&mut Self::command())?;
+        Ok(parsed)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,15 +172,15 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             // The same check and wording as weftd's, before anything is written: a config weftd
             // would refuse never reaches etcd. (Only what depends on a host's underlay, udp's MTU
             // against its interface, is left to each weftd.)
-            let key = format!("{}/config", args.etcd.prefix());
+            let key = Names::of(&args.etcd).config();
             let config = NetworkConfig::parse_at(&text, &key)?;
-            let store = Store::connect(&args.etcd).await?;
+            let store = Registry::connect(&args.etcd).await?;
             let text = text.trim();
             if if_absent {
                 if let Some(existing) = store.put_config_if_absent(text).await? {
                     println!(
                         "network config at {} exists: kept it, nothing written (--if-absent)",
-                        store.config_key()
+                        store.names().config()
                     );
                     if let Some(note) = compare_configs(&existing, text, &key) {
                         eprintln!("weftctl: warning: {note}");
@@ -177,13 +197,13 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 config.subnet_min,
                 config.subnet_max,
                 config.backend.type_name(),
-                store.config_key()
+                store.names().config()
             );
             Ok(())
         }
         Command::InstallFile { src, dst, mode } => crate::install::install_file(&src, &dst, mode),
         Command::Config(ConfigCommand::Get) => {
-            let store = Store::connect(&args.etcd).await?;
+            let store = Registry::connect(&args.etcd).await?;
             match store.get_config().await?.0 {
                 // Printed as stored, for `weftctl config get > net.json`: its newlines are the
                 // JSON's own; only what a terminal would obey is escaped.
@@ -191,11 +211,11 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                     println!("{}", escape::escape_terminal(&text));
                     Ok(())
                 }
-                None => bail!("no network config at {}", store.config_key()),
+                None => bail!("no network config at {}", store.names().config()),
             }
         }
         Command::Leases => {
-            let store = Store::connect(&args.etcd).await?;
+            let store = Registry::connect(&args.etcd).await?;
             let mut listing = store.list().await?;
             // etcd orders keys as text (10.244.157.0 before 10.244.80.0); people read addresses.
             listing.leases.sort_by_key(|l| l.subnet);
@@ -209,7 +229,7 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 let expires = if l.is_reservation() {
                     "reserved".to_string()
                 } else {
-                    match store.time_to_live(l.etcd_lease).await? {
+                    match store.time_left(l).await? {
                         Some(secs) => format_secs(secs),
                         None => "expired".to_string(),
                     }
@@ -295,26 +315,9 @@ fn table(rows: &[[String; 4]]) -> String {
     out
 }
 
-/// `86399` → `23h59m59s`, Go's duration style.
-pub fn format_secs(secs: i64) -> String {
-    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
-    match (h, m) {
-        (0, 0) => format!("{s}s"),
-        (0, _) => format!("{m}m{s}s"),
-        _ => format!("{h}h{m}m{s}s"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_print_like_go() {
-        assert_eq!(format_secs(86399), "23h59m59s");
-        assert_eq!(format_secs(61), "1m1s");
-        assert_eq!(format_secs(5), "5s");
-    }
 
     #[test]
     fn table_aligns_columns() {

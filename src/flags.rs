@@ -423,23 +423,5 @@ impl DaemonArgs {
     }
 }
 
-/// weftctl parses as weftd does; this lives here, beside [`DaemonArgs::try_parse_args`], so
-/// both tools' flags are read and checked in one place.
-impl crate::ctl::CtlArgs {
-    /// Parses from the process's arguments and environment; on a bad flag prints why and exits.
-    pub fn from_env() -> Self {
-        drop_empty_flanneld_env();
-        Self::try_parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
-    }
-
-    /// Parses flanneld-style arguments (and `FLANNELD_*`), then checks the etcd flags against
-    /// each other, on their values merged from before and after the subcommand.
-    pub fn try_parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Self, clap::Error> {
-        let parsed = Self::try_parse_from(normalize_args(args))?;
-        parsed.etcd.check(&mut Self::command())?;
-        Ok(parsed)
-    }
-}
-
 #[cfg(test)]
 mod tests;

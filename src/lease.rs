@@ -1,7 +1,9 @@
-//! Leases as flannel stores them: key `<prefix>/subnets/10.244.52.0-24`, value
-//! `{"PublicIP":"…","PublicIPv6":null,"BackendType":"…","BackendData":{…}}`.
+//! Leases as weft works with them, whatever store holds them (see `registry`): a subnet, the
+//! attributes its host published (flannel's lease JSON,
+//! `{"PublicIP":"…","PublicIPv6":null,"BackendType":"…","BackendData":{…}}`), and how it is held.
 
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -68,102 +70,93 @@ impl LeaseAttrs {
     }
 }
 
-/// The key name of a subnet under `<prefix>/subnets/`: `10.244.52.0-24`.
-pub fn subnet_key(subnet: Ipv4Net) -> String {
-    format!("{}-{}", subnet.addr(), subnet.prefix_len())
-}
-
-/// Parses a key name exactly as [`subnet_key`] (and flannel) writes it: `10.244.52.0-24`.
-///
-/// Anything else is refused, so that one subnet has one key: a suffix (`-24&x`, also flannel's
-/// dual-stack `&fc00::-64`, which weft does not lease), a padded or signed length (`-024`, `-+24`),
-/// leading zeros in the address, or an address that is not the network's (`10.1.2.3-24`). Other
-/// spellings would let a second key alias a real peer's subnet and repoint or remove it.
-pub fn parse_subnet_key(name: &str) -> Option<Ipv4Net> {
-    let (addr, len) = name.split_once('-')?;
-    let net = Ipv4Net::new(addr.parse().ok()?, len.parse().ok()?).ok()?;
-    // Parsing is lenient about some spellings; only the one flannel writes round-trips.
-    (net.trunc() == net && subnet_key(net) == name).then_some(net)
-}
-
-/// Why a key under `subnets/` holds no usable lease.
+/// Why a record of the store holds no usable lease.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unreadable {
-    /// The key's name is not a subnet in flannel's one spelling (see [`parse_subnet_key`]).
+    /// The key's name is not a subnet in flannel's one spelling (see
+    /// `registry::etcd::parse_subnet_key`).
     #[error("key {0:?} is not a subnet like 10.244.52.0-24")]
     Key(String),
     /// The value is not a lease (see [`LeaseAttrs::parse`]).
     #[error("{0}")]
     Value(String),
-    /// The key and its value are larger than weft receives from etcd (no lease is).
+    /// The key and its value are larger than weft receives from the store (no lease is).
     #[error("larger than the {} MiB weft reads: not read", .0 >> 20)]
     TooLarge(usize),
 }
 
-/// One key under `<prefix>/subnets/` as etcd stores it, readable or not.
+/// A record that holds no usable lease, with the reason as text: what allocation and weftctl
+/// report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadLease {
+    pub key: String,
+    pub reason: String,
+}
+
+/// One lease record of the store (an etcd key under `<prefix>/subnets/`), readable or not.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
-    /// The whole etcd key.
+    /// The record's name in the store (the whole etcd key): a peer's identity.
     pub key: String,
-    /// The revision at which the key was created: a lease's age. A put keeps it; a delete and a
-    /// new put start a new one.
-    pub create_revision: i64,
+    /// The lease's age: of two leases contending for one subnet or one VTEP MAC, the lower rank
+    /// is the older and wins (etcd: the key's create revision; a put keeps it, a delete and a new
+    /// put start a new one).
+    pub rank: i64,
     pub value: Result<Lease, Unreadable>,
 }
 
 impl Record {
-    /// Reads the etcd key `key` (under `subnets_prefix`) and its value as a lease, keeping what
-    /// cannot be read with the reason.
-    pub fn read(
-        key: String,
-        subnets_prefix: &str,
-        value: &[u8],
-        create_revision: i64,
-        mod_revision: i64,
-        etcd_lease: i64,
-    ) -> Self {
-        let name = key.strip_prefix(subnets_prefix).unwrap_or(&key);
-        let value = match parse_subnet_key(name) {
-            None => Err(Unreadable::Key(name.to_string())),
-            Some(subnet) => LeaseAttrs::parse(value)
-                .map(|attrs| Lease {
-                    subnet,
-                    attrs,
-                    etcd_lease,
-                    mod_revision,
-                })
-                .map_err(Unreadable::Value),
-        };
-        Self {
-            key,
-            create_revision,
-            value,
-        }
-    }
-
-    /// A key whose value could not be received at all, being over `limit` bytes.
+    /// A record whose value could not be received at all, being over `limit` bytes.
     pub fn too_large(key: String, limit: usize) -> Self {
         Self {
             key,
-            create_revision: 0,
+            rank: 0,
             value: Err(Unreadable::TooLarge(limit)),
         }
     }
 }
 
-/// A lease read from etcd.
+/// One change of a lease record, as a watch reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Put(Record),
+    Delete(String),
+}
+
+impl Change {
+    /// The record's key.
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Put(r) => &r.key,
+            Self::Delete(k) => k,
+        }
+    }
+}
+
+/// How a lease is held: whether it expires, and so whether it is renewed and given back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hold {
+    /// Until it expires unless renewed; the store's handle to renew or release it (an etcd
+    /// lease ID).
+    Expiring(i64),
+    /// For good: an operator's reservation, never renewed, never released by weft.
+    Reserved,
+}
+
+/// A lease as the store holds it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lease {
     pub subnet: Ipv4Net,
     pub attrs: LeaseAttrs,
-    /// The etcd lease the key is attached to; 0 for a reservation, which never expires.
-    pub etcd_lease: i64,
-    pub mod_revision: i64,
+    pub hold: Hold,
+    /// The store's version of the record (etcd: its mod revision): a change made only if the
+    /// record is still this one compares it.
+    pub version: i64,
 }
 
 impl Lease {
     pub fn is_reservation(&self) -> bool {
-        self.etcd_lease == 0
+        self.hold == Hold::Reserved
     }
 
     /// What the data plane needs of it.
@@ -177,9 +170,62 @@ impl Lease {
     }
 }
 
+/// When to renew: `margin` minutes before expiry as flannel does, or at a third of the TTL when
+/// the margin does not fit inside it. Saturating: any margin and TTL give an interval.
+pub fn renew_interval(ttl: Duration, margin_minutes: u64) -> Duration {
+    let margin = Duration::from_secs(margin_minutes.saturating_mul(60));
+    match ttl.checked_sub(margin) {
+        Some(left) if !left.is_zero() => left,
+        _ => ttl / 3,
+    }
+}
+
+/// `86399` → `23h59m59s`, Go's duration style.
+pub fn format_secs(secs: i64) -> String {
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renewal_happens_margin_before_expiry_or_at_a_third() {
+        assert_eq!(
+            renew_interval(Duration::from_secs(86400), 60),
+            Duration::from_secs(82800)
+        );
+        assert_eq!(
+            renew_interval(Duration::from_secs(6), 60),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            renew_interval(Duration::from_secs(3600), 60),
+            Duration::from_secs(1200),
+            "a margin as long as the TTL does not fit"
+        );
+    }
+
+    #[test]
+    fn renewal_never_overflows_whatever_the_margin() {
+        let ttl = Duration::from_secs(9_000_000_000);
+        assert_eq!(renew_interval(ttl, u64::MAX), ttl / 3);
+        assert_eq!(renew_interval(ttl, u64::MAX / 60 + 1), ttl / 3);
+        assert_eq!(renew_interval(Duration::MAX, 0), Duration::MAX);
+        assert_eq!(renew_interval(Duration::ZERO, 5), Duration::ZERO);
+    }
+
+    #[test]
+    fn durations_print_like_go() {
+        assert_eq!(format_secs(86399), "23h59m59s");
+        assert_eq!(format_secs(61), "1m1s");
+        assert_eq!(format_secs(5), "5s");
+    }
 
     #[test]
     fn json_is_byte_for_byte_flannels() {
@@ -226,70 +272,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn subnet_keys_round_trip() {
-        let n: Ipv4Net = "10.244.52.0/24".parse().unwrap();
-        assert_eq!(subnet_key(n), "10.244.52.0-24");
-        assert_eq!(parse_subnet_key("10.244.52.0-24"), Some(n));
-        assert_eq!(
-            parse_subnet_key("0.0.0.0-0"),
-            Some("0.0.0.0/0".parse().unwrap())
-        );
-        for bad in [
-            "10.244.52.1-24",
-            "garbage",
-            "10.244.52.0-33",
-            "10.244.52.0",
-            "-24",
-            "",
-        ] {
-            assert_eq!(parse_subnet_key(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn only_flannels_spelling_of_a_subnet_key_is_accepted_so_no_key_aliases_another() {
-        for alias in [
-            "10.244.52.0-24&x",
-            "10.244.52.0-24&fc00::-64",
-            "10.244.52.0-024",
-            "10.244.52.0-+24",
-            "10.244.52.0-24 ",
-            " 10.244.52.0-24",
-            "10.244.052.0-24",
-            "010.244.52.0-24",
-            "10.244.52.0-24-24",
-            "10.244.52.0--24",
-            "10.244.52.3-24",
-            "10.244.52.0-24\0",
-            "10.244.52.0-24/",
-        ] {
-            assert_eq!(parse_subnet_key(alias), None, "{alias:?}");
-        }
-    }
-
     mod properties {
         use super::*;
         use proptest::prelude::*;
 
         proptest! {
-            /// Any key name: no panic, and what is accepted is exactly flannel's spelling of a
-            /// network, so no two names map to one subnet.
-            #[test]
-            fn a_key_is_accepted_only_in_the_one_spelling(name in "[0-9.+&a-f: -]{0,24}") {
-                if let Some(net) = parse_subnet_key(&name) {
-                    prop_assert_eq!(subnet_key(net), name);
-                    prop_assert_eq!(net.trunc(), net);
-                }
-            }
-
-            /// Every subnet's own key reads back as that subnet.
-            #[test]
-            fn every_subnet_key_round_trips(addr in any::<u32>(), len in 0u8..=32) {
-                let net = Ipv4Net::new(addr.into(), len).expect("len <= 32").trunc();
-                prop_assert_eq!(parse_subnet_key(&subnet_key(net)), Some(net));
-            }
-
             /// Any bytes as a lease value: an error or a lease, never a panic; a lease written
             /// back parses to the same attributes.
             #[test]

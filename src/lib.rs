@@ -1,4 +1,4 @@
-//! weft's control plane: network config, etcd leases, the files Docker and CNI read, the agent loop.
+//! weft's control plane: network config, leases (in etcd, see `registry`), the files Docker and CNI read, the agent loop.
 // Tests may unwrap: a panic there is the failure report.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -21,7 +21,8 @@ mod mutation_tests;
 pub mod notify;
 pub mod peers;
 pub mod policy;
+pub mod registry;
 pub mod rejection_log;
+pub mod retry;
 pub mod status;
-pub mod store;
 pub mod subnet_env;

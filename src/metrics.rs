@@ -3,7 +3,7 @@
 //! scrapes natively).
 //!
 //! The handle is a process-wide [`get`] rather than a field of the agent: the points that count
-//! are spread over code that has no agent at hand (`store::rpc`, shared with weftctl; the
+//! are spread over code that has no agent at hand (`registry::etcd`'s calls, shared with weftctl; the
 //! firewall task; the health server, which encodes), and weftd runs one agent per process.
 //! Unit tests build their own [`Metrics`].
 //!
@@ -57,19 +57,6 @@ const REJECTION_REASONS: [&str; 10] = [
     "vtep_mac_own",
     "subnet_taken",
     "vtep_mac_taken",
-];
-
-/// etcd calls by the response type `store::rpc` gets back (its label), matched on the type's
-/// name so that a new call needs no change here (it counts as `other` until named).
-const ETCD_OPS: [(&str, &str); 8] = [
-    ("::GetResponse", "get"),
-    ("::PutResponse", "put"),
-    ("::TxnResponse", "txn"),
-    ("::LeaseGrantResponse", "lease_grant"),
-    ("::LeaseRevokeResponse", "lease_revoke"),
-    ("::LeaseTimeToLiveResponse", "lease_time_to_live"),
-    ("::WatchStream", "watch"),
-    ("::Client", "connect"),
 ];
 
 pub struct Metrics {
@@ -305,12 +292,7 @@ impl Metrics {
         }
     }
 
-    /// One etcd call that returned a `T` (see [`ETCD_OPS`]), successful or not.
-    pub fn etcd_request<T>(&self, ok: bool) {
-        self.etcd_op(etcd_op(std::any::type_name::<T>()), ok);
-    }
-
-    /// One etcd call named `op`, for the calls that do not go through `store::rpc`.
+    /// One etcd call named `op`, successful or not.
     pub fn etcd_op(&self, op: &'static str, ok: bool) {
         self.etcd_requests.get_or_create(&[("op", op)]).inc();
         if !ok {
@@ -378,13 +360,6 @@ fn reason_label(r: &Reason) -> &'static str {
         Reason::SubnetTaken(_) => "subnet_taken",
         Reason::VtepMacTaken(_) => "vtep_mac_taken",
     }
-}
-
-fn etcd_op(type_name: &str) -> &'static str {
-    ETCD_OPS
-        .iter()
-        .find(|(name, _)| type_name.contains(name))
-        .map_or("other", |(_, op)| op)
 }
 
 /// What is only looked at when scraped.
@@ -534,8 +509,8 @@ mod tests {
                 backend_type: "udp".into(),
                 backend_data: None,
             },
-            etcd_lease,
-            mod_revision: 1,
+            hold: crate::registry::etcd::hold(etcd_lease),
+            version: 1,
         }
     }
 
@@ -712,30 +687,10 @@ mod tests {
     }
 
     #[test]
-    fn etcd_calls_are_named_by_what_they_return() {
-        use std::any::type_name;
-        assert_eq!(etcd_op(type_name::<etcd_client::GetResponse>()), "get");
-        assert_eq!(etcd_op(type_name::<etcd_client::PutResponse>()), "put");
-        assert_eq!(etcd_op(type_name::<etcd_client::TxnResponse>()), "txn");
-        assert_eq!(
-            etcd_op(type_name::<etcd_client::LeaseGrantResponse>()),
-            "lease_grant"
-        );
-        assert_eq!(
-            etcd_op(type_name::<etcd_client::LeaseRevokeResponse>()),
-            "lease_revoke"
-        );
-        assert_eq!(
-            etcd_op(type_name::<etcd_client::LeaseTimeToLiveResponse>()),
-            "lease_time_to_live"
-        );
-        assert_eq!(etcd_op(type_name::<etcd_client::WatchStream>()), "watch");
-        assert_eq!(etcd_op(type_name::<etcd_client::Client>()), "connect");
-        assert_eq!(etcd_op(type_name::<String>()), "other");
-
+    fn etcd_calls_are_counted_by_name() {
         let m = Metrics::new();
-        m.etcd_request::<etcd_client::GetResponse>(true);
-        m.etcd_request::<etcd_client::GetResponse>(false);
+        m.etcd_op("get", true);
+        m.etcd_op("get", false);
         m.etcd_op("lease_keep_alive", true);
         m.etcd_reconnected();
         m.watch_events(3);

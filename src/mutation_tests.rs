@@ -77,6 +77,6 @@ fn corrupted_configs_and_leases_never_panic() {
         let l = mutate(&mut rng, lease);
         let _ = crate::lease::LeaseAttrs::parse(&l);
         let k = mutate(&mut rng, "10.244.52.0-24");
-        let _ = crate::lease::parse_subnet_key(&String::from_utf8_lossy(&k));
+        let _ = crate::registry::etcd::parse_subnet_key(&String::from_utf8_lossy(&k));
     }
 }

@@ -1,16 +1,16 @@
-//! From the keys under `<prefix>/subnets/` to the peers the data plane is given: a pure function of
+//! From the lease records of the store (`<prefix>/subnets/` in etcd) to the peers the data plane is given: a pure function of
 //! everything stored there (no I/O), kept up to date incrementally. The watch (a batch of events)
 //! and a fresh listing (start, compaction) go through the same code and end in the same set,
 //! whatever order the events came in: a lease's fate depends only on what is stored now.
 //!
-//! Peers are keyed by etcd key. A stored lease is a peer when, on its own, it
+//! Peers are keyed by record key. A stored lease is a peer when, on its own, it
 //! - has a key in flannel's one spelling (`10.244.52.0-24`) and a readable value;
 //! - is a subnet of exactly the network's SubnetLen, inside Network, not overlapping this host's;
 //! - has a unicast PublicIP that is none of this host's addresses;
 //! - (vxlan) publishes a unicast, non-zero VtepMAC that is not this host's;
 //!
 //! and it wins each contention it is in: among the leases that pass the checks above, the oldest
-//! (lowest create revision, then key) holds a subnet and a VtepMAC. A loser stays stored and
+//! (lowest rank, etcd's create revision, then key) holds a subnet and a VtepMAC. A loser stays stored and
 //! becomes a peer as soon as the winner goes.
 //!
 //! Every operation returns a [`Diff`] of the accepted set plus the leases newly rejected, and costs
@@ -32,7 +32,8 @@ use weft_backends::iface::is_unicast_host;
 use weft_backends::mac::{vtep_mac, Mac, VtepMacError};
 use weft_backends::BackendData;
 
-use crate::lease::{Lease, LeaseAttrs, Record, Unreadable};
+pub use crate::lease::Change;
+use crate::lease::{Hold, Lease, LeaseAttrs, Record, Unreadable};
 
 /// The BackendType whose leases must publish a VTEP MAC.
 const VXLAN: &str = "vxlan";
@@ -46,23 +47,6 @@ pub struct Own {
     pub subnet: Ipv4Net,
     /// The VTEP MAC it publishes (vxlan), which no peer may use.
     pub vtep_mac: Option<Mac>,
-}
-
-/// One etcd event under `subnets/`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Change {
-    Put(Record),
-    Delete(String),
-}
-
-impl Change {
-    /// The etcd key it is about.
-    pub fn key(&self) -> &str {
-        match self {
-            Self::Put(r) => &r.key,
-            Self::Delete(k) => k,
-        }
-    }
 }
 
 /// Why a stored lease is not a peer.
@@ -226,7 +210,7 @@ impl Contenders {
 /// indexes (`verdict_of`), and an accepted key is also in `accepted`.
 #[derive(Debug, Clone)]
 struct Entry {
-    create_revision: i64,
+    rank: i64,
     value: Result<Stored, Unreadable>,
     standing: Standing,
 }
@@ -244,8 +228,8 @@ struct Stored {
     backend_data: Option<Box<str>>,
     /// What leases rarely have, out of line.
     extra: Option<Box<Extra>>,
-    etcd_lease: i64,
-    mod_revision: i64,
+    hold: Hold,
+    version: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -281,8 +265,8 @@ impl Stored {
                     .into_boxed_str()
             }),
             extra,
-            etcd_lease: l.etcd_lease,
-            mod_revision: l.mod_revision,
+            hold: l.hold,
+            version: l.version,
         }
     }
 
@@ -306,8 +290,8 @@ impl Stored {
                 backend_data: (self.backend_data.as_deref())
                     .and_then(|t| serde_json::from_str(t).ok()),
             },
-            etcd_lease: self.etcd_lease,
-            mod_revision: self.mod_revision,
+            hold: self.hold,
+            version: self.version,
         }
     }
 
@@ -459,7 +443,7 @@ impl PeerSet {
         let e = self.entries.get(key)?;
         Some(Record {
             key: key.to_string(),
-            create_revision: e.create_revision,
+            rank: e.rank,
             value: e.value.as_ref().map(Stored::lease).map_err(Clone::clone),
         })
     }
@@ -482,12 +466,10 @@ impl PeerSet {
     fn update(&mut self, key: &str, new: Option<Record>, before: &mut Before) {
         let new = new.map(|r| {
             let standing = self.stand(&r);
-            (r.create_revision, r.value.map(Stored::new), standing)
+            (r.rank, r.value.map(Stored::new), standing)
         });
         match (&new, self.entries.get(key)) {
-            (Some((rev, value, _)), Some(e)) if e.create_revision == *rev && e.value == *value => {
-                return
-            }
+            (Some((rev, value, _)), Some(e)) if e.rank == *rev && e.value == *value => return,
             (None, None) => return,
             _ => {}
         }
@@ -510,18 +492,18 @@ impl PeerSet {
             let kind = old.value.as_ref().ok().map(|v| v.kind);
             self.set_accepted(&key, kind, false);
             if let Standing::Contender { subnet, mac } = old.standing {
-                let rank = (old.create_revision, key.clone());
+                let rank = (old.rank, key.clone());
                 self.contend(subnet, mac, rank, false, &mut recheck);
             }
         }
-        if let Some((create_revision, value, standing)) = new {
+        if let Some((rank, value, standing)) = new {
             if let Standing::Contender { subnet, mac } = standing {
-                let rank = (create_revision, key.clone());
+                let rank = (rank, key.clone());
                 self.contend(subnet, mac, rank, true, &mut recheck);
             }
             // Judged just below: `key` is in `recheck`.
             let entry = Entry {
-                create_revision,
+                rank,
                 value,
                 standing,
             };
@@ -783,7 +765,7 @@ impl Batch<'_> {
         for (key, e) in entries {
             let record = Record {
                 key: key.to_string(),
-                create_revision: e.create_revision,
+                rank: e.rank,
                 value: e.value.map(|v| v.lease()),
             };
             set.update(&key, Some(record), &mut self.before);

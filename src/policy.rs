@@ -12,8 +12,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 use crate::config::NetworkConfig;
-use crate::lease::{parse_subnet_key, Lease, Record};
-use crate::store::BadLease;
+use crate::lease::{BadLease, Lease, Record};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Choice {
@@ -192,8 +191,6 @@ pub struct Claims {
     /// read them differently).
     pub others: Vec<Ipv4Net>,
     pub bad: Vec<BadLease>,
-    /// The etcd revision of the listing.
-    pub revision: i64,
 }
 
 impl Claims {
@@ -203,18 +200,17 @@ impl Claims {
             mine: Vec::new(),
             others: Vec::new(),
             bad: Vec::new(),
-            revision: 0,
         }
     }
 
-    /// Takes in one key under `subnets_prefix`.
-    pub fn add(&mut self, record: Record, subnets_prefix: &str) {
+    /// Takes in one record; `named` is the subnet its key names, if any (an unreadable record
+    /// still blocks creating that key).
+    pub fn add(&mut self, record: Record, named: Option<Ipv4Net>) {
         match record.value {
             Ok(l) if l.attrs.public_ip == self.public_ip => self.mine.push(l),
             Ok(l) => self.others.push(l.subnet),
             Err(e) => {
-                let name = record.key.strip_prefix(subnets_prefix);
-                self.others.extend(name.and_then(parse_subnet_key));
+                self.others.extend(named);
                 self.bad.push(BadLease {
                     key: record.key,
                     reason: e.to_string(),
@@ -242,8 +238,8 @@ mod tests {
                 backend_type: String::new(),
                 backend_data: None,
             },
-            etcd_lease,
-            mod_revision: 1,
+            hold: crate::registry::etcd::hold(etcd_lease),
+            version: 1,
         }
     }
 
@@ -336,19 +332,24 @@ mod tests {
     fn a_listing_folds_into_this_hosts_leases_and_every_other_keys_subnet() {
         let prefix = "/coreos.com/network/subnets/";
         let record = |name: &str, value: &str| {
-            Record::read(format!("{prefix}{name}"), prefix, value.as_bytes(), 1, 1, 7)
+            crate::registry::etcd::decode(
+                format!("{prefix}{name}"),
+                prefix,
+                value.as_bytes(),
+                1,
+                1,
+                7,
+            )
         };
         let mut claims = Claims::new(ME.parse().unwrap());
-        claims.add(
-            record("10.10.1.0-24", &format!(r#"{{"PublicIP":"{ME}"}}"#)),
-            prefix,
-        );
-        claims.add(
-            record("10.10.2.0-24", r#"{"PublicIP":"192.0.2.9"}"#),
-            prefix,
-        );
-        claims.add(record("10.10.3.0-24", "not json"), prefix);
-        claims.add(record("garbage", r#"{"PublicIP":"192.0.2.8"}"#), prefix);
+        let mut add = |r: Record| {
+            let named = crate::registry::etcd::subnet_of(&r.key, prefix);
+            claims.add(r, named)
+        };
+        add(record("10.10.1.0-24", &format!(r#"{{"PublicIP":"{ME}"}}"#)));
+        add(record("10.10.2.0-24", r#"{"PublicIP":"192.0.2.9"}"#));
+        add(record("10.10.3.0-24", "not json"));
+        add(record("garbage", r#"{"PublicIP":"192.0.2.8"}"#));
         let mine: Vec<Ipv4Net> = claims.mine.iter().map(|l| l.subnet).collect();
         assert_eq!(mine, [net("10.10.1.0/24")]);
         assert_eq!(

@@ -13,10 +13,10 @@ use clap::Args;
 use ipnet::Ipv4Net;
 use serde_json::Value;
 
-use crate::ctl::format_secs;
 use crate::escape::escape;
 use crate::flags::EtcdArgs;
-use crate::store::Store;
+use crate::lease::format_secs;
+use crate::registry::Registry;
 use crate::{daemon_json, fsutil, subnet_env};
 
 /// `weftctl status`'s flags.
@@ -308,9 +308,9 @@ pub async fn read_lease(
     public_ip: Option<Ipv4Addr>,
 ) -> LeaseView {
     let found = async {
-        let store = Store::connect(etcd).await?;
+        let store = Registry::connect(etcd).await?;
         let listing = store.list().await?;
-        let key = store.lease_key(subnet);
+        let key = store.names().lease(subnet);
         let Some(Ok(lease)) = listing
             .records
             .into_iter()
@@ -332,7 +332,7 @@ pub async fn read_lease(
         let expires_in = if lease.is_reservation() {
             None
         } else {
-            match store.time_to_live(lease.etcd_lease).await? {
+            match store.time_left(&lease).await? {
                 Some(s) => Some(s),
                 None => return Ok(LeaseView::Missing),
             }

@@ -1,26 +1,18 @@
-//! What doctor knows about the host: plain data, read once by [`gather`] (nothing is changed),
+//! What doctor knows about the host: plain data, read once by `gather` (nothing is changed),
 //! and written by hand in the checks' unit tests.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
-use regex::Regex;
-use tokio::process::Command;
 use weft_backends::mac::Mac;
-use weft_backends::{ethtool, ExternalInterface, InterfaceSelector};
+use weft_backends::ExternalInterface;
 
-use super::kernel;
-use super::lease::Ttl;
-use super::DoctorArgs;
 use crate::config::NetworkConfig;
-use crate::flags::EtcdArgs;
-use crate::lease::{subnet_key, Lease, Record};
-use crate::status::{self, DaemonJsonView, EnvView};
-use crate::store::Store;
+use crate::lease::{Lease, Record};
+use crate::registry::Names;
+use crate::status::{DaemonJsonView, EnvView};
 
 /// Everything the checks judge.
 #[derive(Debug, Clone)]
@@ -63,8 +55,8 @@ pub struct Cluster {
     pub config_key: String,
     /// `Err`: absent or invalid, worded as weftd logs it.
     pub config: Result<NetworkConfig, String>,
-    /// `<prefix>/subnets/`.
-    pub subnets_prefix: String,
+    /// How the store names records.
+    pub names: Names,
     pub records: Vec<Record>,
     /// How long this host's lease has left; `None` when there is no lease of this host's to
     /// ask about.
@@ -78,7 +70,7 @@ impl Cluster {
     }
 
     pub fn lease_key(&self, subnet: Ipv4Net) -> String {
-        format!("{}{}", self.subnets_prefix, subnet_key(subnet))
+        self.names.lease(subnet)
     }
 }
 
@@ -216,140 +208,17 @@ pub fn backend_flag(config: &NetworkConfig, key: &str) -> Option<bool> {
     config.backend.get(key).and_then(serde_json::Value::as_bool)
 }
 
-/// How much time weftd leaves before expiry when it renews, by [`crate::agent::renew_interval`].
+/// How much time weftd leaves before expiry when it renews, by [`crate::lease::renew_interval`].
 pub fn renew_margin(ttl: Duration, margin_minutes: u64) -> Duration {
-    ttl.saturating_sub(crate::agent::renew_interval(ttl, margin_minutes))
+    ttl.saturating_sub(crate::lease::renew_interval(ttl, margin_minutes))
 }
 
-/// Reads everything. Only a bad flag fails; whatever cannot be read becomes part of the facts.
-pub async fn gather(etcd_args: &EtcdArgs, args: &DoctorArgs) -> Result<Facts> {
-    let regexes = args
-        .iface_regex
-        .iter()
-        .map(|r| Regex::new(r).with_context(|| format!("-iface-regex {r:?}")))
-        .collect::<Result<Vec<_>>>()?;
-    let selector = InterfaceSelector {
-        ifaces: args.iface.clone(),
-        regexes,
-        can_reach: args.iface_can_reach,
-        public_ip: args.public_ip,
-    };
-    let env = status::read_env(&args.subnet_file);
-    let external = selector.select().await.map_err(|e| e.to_string());
-    let mut kernel = kernel::read().await.map_err(|e| format!("{e:#}"));
-    let (etcd, store) = read_etcd(etcd_args).await;
-    let vxlan_device = match &etcd {
-        Etcd::Read(c) => c
-            .config
-            .as_ref()
-            .ok()
-            .filter(|c| c.backend.type_name() == "vxlan")
-            .and_then(device_name),
-        Etcd::Failed { .. } => None,
-    };
-    if let (Ok(k), Some(dev)) = (&mut kernel, vxlan_device) {
-        if k.link(&dev).is_some() {
-            k.tx_checksum = Some(
-                ethtool::feature(&dev, ethtool::TX_CHECKSUM_IP_GENERIC)
-                    .map_err(|e| e.to_string())
-                    .and_then(|f| f.ok_or_else(|| format!("{dev} has no such feature"))),
-            );
-        }
-    }
-    if let (Ok(k), Ok(ext)) = (&mut kernel, &external) {
-        // Loopback and virtual devices without a driver answer EOPNOTSUPP: no driver to judge.
-        k.underlay_driver = ethtool::driver(&ext.name).ok();
-    }
-    let mut facts = Facts {
-        subnet_file: args.subnet_file.display().to_string(),
-        env,
-        etcd,
-        kernel,
-        external,
-        public_ip_flag: args.public_ip,
-        daemon_json_path: args.docker_daemon_json.clone(),
-        daemon_json: status::read_daemon_json(&args.docker_daemon_json),
-        iptables: read_iptables().await,
-        kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default(),
-        lease_ttl: args.subnet_lease_ttl,
-        renew_margin_minutes: args.subnet_lease_renew_margin,
-    };
-    // The lease's time left: one more call, for this host's lease only.
-    if let (Some(store), Some(own)) = (store, super::lease::held(&facts).map(|l| l.etcd_lease)) {
-        let ttl = if own == 0 {
-            Ok(Ttl::Reservation)
-        } else {
-            match store.time_to_live(own).await {
-                Ok(Some(s)) => Ok(Ttl::Left(s)),
-                Ok(None) => Ok(Ttl::Expired),
-                Err(e) => Err(format!("{e:#}")),
-            }
-        };
-        if let Etcd::Read(c) = &mut facts.etcd {
-            c.own_ttl = Some(ttl);
-        }
-    }
-    Ok(facts)
-}
-
-async fn read_etcd(args: &EtcdArgs) -> (Etcd, Option<Store>) {
-    let failed = |e: anyhow::Error| Etcd::Failed {
-        endpoints: args.etcd_endpoints.join(","),
-        error: format!("{e:#}"),
-    };
-    let store = match Store::connect(args).await {
-        Ok(s) => s,
-        Err(e) => return (failed(e), None),
-    };
-    let key = store.config_key();
-    let config = match store.get_config().await {
-        Ok((Some(text), _)) => NetworkConfig::parse_at(&text, &key).map_err(|e| e.to_string()),
-        Ok((None, _)) => Err(format!("no network config at {key}")),
-        Err(e) => return (failed(e), None),
-    };
-    let listing = match store.list().await {
-        Ok(l) => l,
-        Err(e) => return (failed(e), None),
-    };
-    let cluster = Cluster {
-        config_key: key,
-        config,
-        subnets_prefix: store.subnets_prefix(),
-        records: listing.records,
-        own_ttl: None,
-    };
-    (Etcd::Read(Box::new(cluster)), Some(store))
-}
-
-/// How long `iptables-save` may take (it may wait for the xtables lock).
-const IPTABLES_TIMEOUT: Duration = Duration::from_secs(30);
-
-async fn read_iptables() -> Result<Iptables, String> {
-    Ok(Iptables {
-        filter: iptables_save("filter").await?,
-        nat: iptables_save("nat").await?,
-    })
-}
-
-async fn iptables_save(table: &str) -> Result<String, String> {
-    let what = format!("iptables-save -t {table}");
-    let run = Command::new("iptables-save")
-        .args(["-t", table])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(IPTABLES_TIMEOUT, run)
-        .await
-        .map_err(|_| format!("{what}: no answer within {IPTABLES_TIMEOUT:?}"))?
-        .map_err(|e| format!("{what}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{what}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// How long this host's lease has left, as etcd says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ttl {
+    /// A reservation: no etcd lease, never expires.
+    Reservation,
+    Left(i64),
+    /// etcd no longer knows the etcd lease: the key goes any moment.
+    Expired,
 }

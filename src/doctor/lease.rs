@@ -6,21 +6,11 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 
-use super::facts::{renew_margin, Cluster, Etcd, Facts};
+use super::facts::{renew_margin, Cluster, Etcd, Facts, Ttl};
 use super::{Finding, Outcome};
-use crate::ctl::format_secs;
+use crate::lease::format_secs;
 use crate::lease::Lease;
 use crate::status::{self, BridgeView, EnvView, LeaseView, View};
-
-/// How long this host's lease has left, as etcd says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ttl {
-    /// A reservation: no etcd lease, never expires.
-    Reservation,
-    Left(i64),
-    /// etcd no longer knows the etcd lease: the key goes any moment.
-    Expired,
-}
 
 /// This host's lease as etcd has it, judged against subnet.env.
 #[derive(Debug, Clone, Copy, PartialEq)]

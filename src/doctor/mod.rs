@@ -1,7 +1,7 @@
 //! `weftctl doctor`: the problems flannel users hit most, looked for on this host in one read-only
 //! pass, each reported on one line with what to do.
 //!
-//! Gathering ([`facts::gather`]: subnet.env, daemon.json, etcd, netlink, ethtool, iptables-save)
+//! Gathering ([`gather::gather`]: subnet.env, daemon.json, etcd, netlink, ethtool, iptables-save)
 //! is kept apart from judging: every check is a pure function of the gathered [`Facts`], so each
 //! is unit-tested on facts written by hand. The checks, in the order they print:
 //!
@@ -25,6 +25,7 @@
 
 pub mod facts;
 mod firewall;
+mod gather;
 mod kernel;
 mod lease;
 mod mtu;
@@ -191,7 +192,7 @@ impl Report {
 
 /// Gathers the facts, prints the report, and fails when anything is wrong.
 pub async fn run(etcd: &EtcdArgs, args: &DoctorArgs) -> Result<()> {
-    let facts = facts::gather(etcd, args).await?;
+    let facts = gather::gather(etcd, args).await?;
     let report = Report::new(&facts);
     print!("{}", report.render());
     match report.problems().count() {

@@ -4,11 +4,12 @@
 
 use std::time::Duration;
 
+use super::facts::Ttl;
 use super::facts::{Cluster, Etcd, Facts, Fdb, Iptables, Kernel, Link, Neighbour, Route};
-use super::lease::Ttl;
 use super::{Finding, Outcome};
 use crate::config::NetworkConfig;
 use crate::lease::{Lease, Record};
+use crate::registry::Names;
 use crate::status::{DaemonJsonView, EnvView};
 use weft_backends::ExternalInterface;
 
@@ -31,7 +32,7 @@ pub fn record(subnet: &str, ip: &str, mac: Option<&str>, create_revision: i64) -
     };
     let value = format!(r#"{{"PublicIP":"{ip}"{data}}}"#);
     let key = format!("{PREFIX}{}", subnet.replace('/', "-"));
-    Record::read(
+    crate::registry::etcd::decode(
         key,
         PREFIX,
         value.as_bytes(),
@@ -157,7 +158,7 @@ pub fn healthy() -> Facts {
         etcd: Etcd::Read(Box::new(Cluster {
             config_key: "/coreos.com/network/config".into(),
             config: Ok(config),
-            subnets_prefix: PREFIX.into(),
+            names: Names::etcd("/coreos.com/network"),
             records: vec![
                 record("10.244.1.0/24", "10.199.0.11", Some(MAC1), 5),
                 record("10.244.2.0/24", "10.199.0.12", Some(MAC2), 6),

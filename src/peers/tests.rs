@@ -57,7 +57,14 @@ fn udp(public_ip: &str) -> String {
 
 /// A put of `value` at `subnets/<name>`, created at revision `rev`.
 fn put(name: &str, rev: i64, value: &str) -> Change {
-    Change::Put(Record::read(key(name), P, value.as_bytes(), rev, rev, 0))
+    Change::Put(crate::registry::etcd::decode(
+        key(name),
+        P,
+        value.as_bytes(),
+        rev,
+        rev,
+        0,
+    ))
 }
 
 fn del(name: &str) -> Change {
@@ -316,12 +323,12 @@ fn of_two_keys_naming_one_subnet_the_older_wins() {
     let lease = |public_ip: &str| Lease {
         subnet: net("10.60.7.0/24"),
         attrs: crate::lease::LeaseAttrs::parse(udp(public_ip).as_bytes()).unwrap(),
-        etcd_lease: 0,
-        mod_revision: 1,
+        hold: crate::registry::etcd::hold(0),
+        version: 1,
     };
     let record = |k: &str, rev: i64, public_ip: &str| Record {
         key: key(k),
-        create_revision: rev,
+        rank: rev,
         value: Ok(lease(public_ip)),
     };
     let mut s = set();
@@ -358,7 +365,7 @@ fn this_hosts_key_is_never_a_peer_but_what_it_holds_is_kept() {
 fn a_renewal_changes_nothing_and_new_attributes_are_a_change() {
     let mut s = set();
     s.apply(put("10.60.7.0-24", 5, &udp("10.199.0.12")));
-    let renewed = Record::read(
+    let renewed = crate::registry::etcd::decode(
         key("10.60.7.0-24"),
         P,
         udp("10.199.0.12").as_bytes(),
@@ -483,7 +490,7 @@ fn a_lease_is_given_back_exactly_as_it_was_read() {
         r#"{"PublicIP":"10.199.0.15","BackendType":"host-gw","BackendData":null}"#.to_string(),
     ];
     for v in values {
-        let r = Record::read(key("10.60.7.0-24"), P, v.as_bytes(), 5, 6, 7);
+        let r = crate::registry::etcd::decode(key("10.60.7.0-24"), P, v.as_bytes(), 5, 6, 7);
         let lease = r.value.clone().expect("readable");
         let stored = Stored::new(lease.clone());
         assert_eq!(stored.lease(), lease, "{v}");
@@ -502,7 +509,8 @@ mod property {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::lease::{parse_subnet_key, LeaseAttrs};
+    use crate::lease::LeaseAttrs;
+    use crate::registry::etcd::parse_subnet_key;
 
     /// Key names: this host's, good ones, aliases of them, other lengths, outside, garbage.
     /// Key names that can be peers (the first two are also this host's at times), and others:
@@ -606,7 +614,7 @@ mod property {
 
         fn record(&self, k: &str) -> Record {
             let (created, modified, v) = &self.keys[k];
-            Record::read(key(k), P, v, *created, *modified, 1)
+            crate::registry::etcd::decode(key(k), P, v, *created, *modified, 1)
         }
 
         fn listing(&self) -> Vec<Record> {

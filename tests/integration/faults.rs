@@ -601,7 +601,8 @@ fn a_stalled_etcd_does_not_starve_the_watchdog() {
 
 #[test]
 fn renewing_a_lease_etcd_no_longer_has_reports_it_expired() {
-    use weft::store::{Renewal, Store};
+    use weft::registry::etcd::EtcdStore;
+    use weft::registry::Renewal;
     let etcd = Etcd::start();
     let args = weft::flags::EtcdArgs {
         etcd_endpoints: vec![etcd.endpoint.clone()],
@@ -620,7 +621,7 @@ fn renewing_a_lease_etcd_no_longer_has_reports_it_expired() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let store = Store::connect(&args).await.expect("connect");
+        let store = EtcdStore::connect(&args).await.expect("connect");
         assert_eq!(store.keep_alive(id).await.expect("renew"), Renewal::Renewed);
         etcd.ctl_ok(&["lease", "revoke", &hex]);
         assert_eq!(

@@ -1,0 +1,233 @@
+//! This host's lease: taken (its own earlier lease first, then the previous run's subnet, then
+//! any free one), published (backend, subnet.env, daemon.json, readiness), renewed, taken again
+//! when lost, and given back when the network changes.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ipnet::Ipv4Net;
+use tokio::time::sleep;
+use tracing::{debug, error, info, warn};
+use weft_backends::Backend;
+
+use super::{Agent, State};
+use crate::config::NetworkConfig;
+use crate::lease::{Lease, LeaseAttrs};
+use crate::policy::{self, Choice, Claims};
+use crate::registry::{Awaited, Position, Registry, Renewal};
+use crate::retry::{retry, Backoff};
+use crate::subnet_env::SubnetEnv;
+use crate::{daemon_json, notify};
+
+impl Agent {
+    /// Leases a subnet: ours if the store has one for this PublicIP, else `hint` if free, else any free
+    /// one. Losing a race to another host just means trying again with a fresh listing.
+    pub(super) async fn acquire(
+        &mut self,
+        config: &NetworkConfig,
+        backend: &mut Backend,
+        hint: Option<Ipv4Net>,
+    ) -> Result<Lease> {
+        let me = self.external.public_ip;
+        let claims = retry("list leases", || read_claims(&self.registry, me)).await;
+        let previous = claims.0.mine.first().map(Lease::to_backend);
+        let backend_data = backend
+            .prepare(previous.as_ref())
+            .await
+            .context("prepare the backend")?;
+        let attrs = LeaseAttrs {
+            public_ip: me,
+            public_ipv6: None,
+            backend_type: backend.type_name().to_string(),
+            backend_data,
+        };
+        let ttl = self.args.subnet_lease_ttl;
+        let mut claims = Some(claims);
+        let mut full_logged = false;
+        let mut misfits_logged = HashSet::new();
+        loop {
+            let (claims, at) = match claims.take() {
+                Some(c) => c,
+                None => retry("list leases", || read_claims(&self.registry, me)).await,
+            };
+            self.warn_bad(&claims.bad);
+            for l in policy::misfits(config, &claims.mine, me) {
+                if misfits_logged.insert(l.subnet) {
+                    let until = if l.is_reservation() {
+                        "an operator removes it"
+                    } else {
+                        "it expires"
+                    };
+                    warn!(subnet = %l.subnet, public_ip = %me,
+                          "not reusing this host's earlier lease: the network config wants /{} subnets in {}..{}; it stays taken until {until}",
+                          config.subnet_len, config.subnet_min, config.subnet_max);
+                }
+            }
+            let choice = policy::choose(config, &claims.mine, &claims.others, me, hint, |n| {
+                fastrand::u64(0..n)
+            });
+            let taken = match choice {
+                Ok(Choice::Ours(old)) => self.registry.take_over(&old, &attrs, ttl).await,
+                Ok(Choice::Free(subnet)) => self.registry.create(subnet, &attrs, ttl).await,
+                Err(full) => {
+                    if !full_logged {
+                        error!("{full}; waiting for a lease to expire");
+                        notify::status(&full.to_string());
+                        full_logged = true;
+                    }
+                    self.ready.set(false);
+                    self.registry.wait_for(at, Awaited::LeaseDeleted).await;
+                    continue;
+                }
+            };
+            match taken {
+                Ok(Some(lease)) => {
+                    let kind = if lease.is_reservation() {
+                        "reservation"
+                    } else {
+                        "lease"
+                    };
+                    info!(subnet = %lease.subnet, public_ip = %me, "acquired {kind}");
+                    crate::metrics::get().leased(config.network, &lease, backend.type_name(), ttl);
+                    return Ok(lease);
+                }
+                Ok(None) => info!("lost a race for a subnet to another host; trying another"),
+                Err(e) => {
+                    warn!("{e:#}");
+                    sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Applies the own lease: backend configuration, subnet.env, daemon.json, readiness.
+    pub(super) async fn publish(
+        &mut self,
+        state: &mut State,
+        previous: Option<Ipv4Net>,
+    ) -> Result<()> {
+        let own = state.own.to_backend();
+        state
+            .backend
+            .configure(&own)
+            .await
+            .with_context(|| format!("configure the backend for {}", own.subnet))?;
+        let env = SubnetEnv {
+            network: state.config.network,
+            subnet: state.own.subnet,
+            mtu: state.backend.mtu(),
+            ip_masq: self.args.ip_masq,
+        };
+        env.write(&self.args.subnet_file)
+            .with_context(|| format!("write {}", self.args.subnet_file.display()))?;
+        // Never fails: a daemon.json weftd cannot merge is reported (log, /readyz) and retried,
+        // and must not cost the lease or the data path.
+        if let Some(path) = self.args.daemon_json() {
+            daemon_json::publish(path, &env.gateway(), env.mtu, &self.ready);
+        }
+        if let Some(old) = previous.filter(|p| *p != state.own.subnet) {
+            warn!(old = %old, new = %state.own.subnet,
+                  "this host's subnet changed: restart Docker (and pods) to pick up the new bip");
+        }
+        self.ready.set(true);
+        let status = format!("leased {} on {}", state.own.subnet, state.config.network);
+        if !self.notified {
+            notify::ready(&status);
+            self.notified = true;
+        } else {
+            notify::status(&status);
+        }
+        Ok(())
+    }
+
+    /// The network config changed: what this host held under the old one goes, so that nothing
+    /// of it lingers beside the new one (flanneld leaves it all behind): the lease (revoked, not
+    /// left to expire; a reservation is the operator's and stays), the data plane's routes and
+    /// device (`flannel.<VNI>`, `flannel0`), and the old network's firewall rules. Failures are
+    /// logged; the new network is set up either way.
+    pub(super) async fn leave_network(&mut self, state: State) {
+        let old_rules = self.firewall(&state);
+        let State {
+            backend,
+            own,
+            config,
+            ..
+        } = state;
+        info!(subnet = %own.subnet, network = %config.network, backend = backend.type_name(),
+              "leaving the old network: lease, data plane and firewall rules");
+        self.registry.release(&own).await;
+        if let Err(e) = backend.remove().await {
+            warn!("remove the old data plane: {e}");
+        }
+        if self.args.ip_masq || self.args.iptables_forward_rules {
+            if let Err(e) = old_rules.remove().await {
+                warn!("remove the old network's firewall rules: {e}");
+            }
+        }
+    }
+
+    /// Re-leases after our key vanished (expiry, an operator's delete): the same subnet if free.
+    pub(super) async fn reacquire(&mut self, state: &mut State) -> Result<()> {
+        crate::metrics::get().lease_lost();
+        loop {
+            let previous = state.own.subnet;
+            state.own = self
+                .acquire(&state.config, &mut state.backend, Some(previous))
+                .await?;
+            self.publish(state, Some(previous)).await?;
+            if self.resync(state).await {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Renews this host's lease; when it is gone, leases again. Returns when to renew next.
+    pub(super) async fn renew(
+        &mut self,
+        state: &mut State,
+        backoff: &mut Backoff<'_>,
+        every: Duration,
+    ) -> Result<Duration> {
+        let subnet = state.own.subnet;
+        Ok(match self.registry.renew(&state.own).await {
+            Ok(Renewal::Renewed) => {
+                crate::metrics::get().renewed(self.args.subnet_lease_ttl);
+                if backoff.succeeded() {
+                    info!(%subnet, "lease renewed again");
+                } else {
+                    debug!(%subnet, "lease renewed");
+                }
+                every
+            }
+            // Its record went with it: the subnet may still be free, or taken.
+            Ok(Renewal::Expired) => {
+                crate::metrics::get().renewal_failed();
+                backoff.succeeded();
+                warn!(%subnet, "lease expired; leasing again");
+                self.reacquire(state).await?;
+                state.watch.restart();
+                every
+            }
+            Err(e) => {
+                crate::metrics::get().renewal_failed();
+                backoff.delay_after(&format!("{subnet}: {e:#}")).min(every)
+            }
+        })
+    }
+}
+
+/// What choosing a subnet for `public_ip` needs of the leases, without holding them all, and
+/// the point they were read at.
+async fn read_claims(registry: &Registry, public_ip: Ipv4Addr) -> Result<(Claims, Position)> {
+    let names = registry.names();
+    let mut claims = Claims::new(public_ip);
+    let at = registry
+        .list_records(|r| {
+            let named = names.subnet_of(&r.key);
+            claims.add(r, named)
+        })
+        .await?;
+    Ok((claims, at))
+}

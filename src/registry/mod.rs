@@ -1,0 +1,302 @@
+//! The lease registry: where the network config and every host's lease live, behind one face.
+//! The agent, weftctl and doctor work through [`Registry`] with weft's own types (`crate::lease`:
+//! [`Lease`], [`Record`], [`Change`]); no type of a store's client library leaves its module.
+//!
+//! What a store provides:
+//! - the network config as text, and a way to wait for it to change ([`Registry::get_config`],
+//!   [`Registry::wait_for`]);
+//! - every lease record at once, in one consistent snapshot, handed over one by one so that
+//!   10,000 of them are never held twice ([`Registry::list_records`]), each with a rank that says
+//!   which of two contending leases is older;
+//! - this host's lease: claimed (`create`, `take_over`), renewed, released, and its time left;
+//! - a [`Watch`]: batches of changes in order, from just after a listing, and word when the watch
+//!   cannot go on from where it is and a fresh listing must be diffed in instead ([`Update`]).
+//!
+//! etcd (`etcd/`, flannel's keys and JSON) is the one store today. Adding another (the
+//! Kubernetes API) means a module beside it implementing the same methods, a variant of
+//! [`Registry`] and [`Watch`] dispatching to it, and the flag that picks it in
+//! [`Registry::connect`]. What the agent does with the records (judging peers, the peer set,
+//! reconciling the data plane, health, metrics) comes for free.
+
+pub mod etcd;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use ipnet::Ipv4Net;
+
+use crate::flags::EtcdArgs;
+use crate::lease::{BadLease, Change, Lease, LeaseAttrs, Record};
+
+/// A point in the store's history: what a listing was read at, where a watch goes on from.
+/// Opaque outside the store that made it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position(i64);
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What renewing a lease found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Good for another full TTL.
+    Renewed,
+    /// The store no longer has it (it expired, or was revoked): its record is gone with it.
+    Expired,
+}
+
+/// What [`Registry::wait_for`] waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaited {
+    /// Any change of the network config.
+    Config,
+    /// A lease record deleted (a subnet may have come free).
+    LeaseDeleted,
+}
+
+/// All lease records at one point, split for allocation and weftctl.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    pub leases: Vec<Lease>,
+    pub bad: Vec<BadLease>,
+    pub at: Position,
+    /// Every record as stored, readable or not (`leases` and `bad` are the same, split).
+    pub records: Vec<Record>,
+}
+
+/// How the store names what it holds, for messages and to find a subnet's record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// etcd: `<prefix>` (`/coreos.com/network`).
+    prefix: String,
+}
+
+impl Names {
+    /// The names of the store `args` point at.
+    pub fn of(args: &EtcdArgs) -> Self {
+        Self::etcd(args.prefix())
+    }
+
+    /// etcd's names under `prefix` (`/coreos.com/network`).
+    pub fn etcd(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// Where the network config is stored.
+    pub fn config(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    /// The record under which `subnet` is leased.
+    pub fn lease(&self, subnet: Ipv4Net) -> String {
+        format!("{}{}", self.subnets(), etcd::subnet_key(subnet))
+    }
+
+    /// The subnet a record's key names, if it names one.
+    pub fn subnet_of(&self, key: &str) -> Option<Ipv4Net> {
+        etcd::subnet_of(key, &self.subnets())
+    }
+
+    pub(crate) fn subnets(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    pub(crate) fn watched(&self) -> String {
+        format!("{}/", self.prefix)
+    }
+}
+
+/// One change a watch reports, in the store's order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A lease record put or deleted.
+    Lease(Change),
+    /// The network config stored anew (`None`: deleted).
+    Config(Option<String>),
+}
+
+/// What a [`Watch`] delivers next.
+#[derive(Debug)]
+pub enum Update {
+    /// Changes since the last update, in order (possibly none: the watch only moved on).
+    Events(Vec<Event>),
+    /// The history the watch would go on from is gone (compacted): list again and diff.
+    FellBehind,
+    /// The watch cannot get past where it is (a change too large to receive, breaks with nothing
+    /// delivered): list again and diff, and until that is done weftd is not following the
+    /// store. Why, for readiness and the log.
+    Stuck(String),
+}
+
+/// The store weftd keeps its lease in. See the module doc for what a store provides.
+#[derive(Clone)]
+pub enum Registry {
+    Etcd(etcd::EtcdStore),
+}
+
+impl Registry {
+    /// Connects to the store the flags name.
+    pub async fn connect(args: &EtcdArgs) -> Result<Self> {
+        etcd::EtcdStore::connect(args).await.map(Self::Etcd)
+    }
+
+    pub fn names(&self) -> &Names {
+        match self {
+            Self::Etcd(s) => s.names(),
+        }
+    }
+
+    /// The config text (`None`: there is none) and the point it was read at.
+    pub async fn get_config(&self) -> Result<(Option<String>, Position)> {
+        match self {
+            Self::Etcd(s) => s.get_config().await,
+        }
+    }
+
+    pub async fn put_config(&self, text: &str) -> Result<()> {
+        match self {
+            Self::Etcd(s) => s.put_config(text).await,
+        }
+    }
+
+    /// Stores the config only if there is none, atomically: any number of writers racing leave
+    /// exactly one. `Ok(None)`: ours was stored; `Ok(Some(text))`: the one already there, kept.
+    pub async fn put_config_if_absent(&self, text: &str) -> Result<Option<String>> {
+        match self {
+            Self::Etcd(s) => s.put_config_if_absent(text).await,
+        }
+    }
+
+    /// Blocks until `what` happens after `after`, or a minute passes (the caller looks again
+    /// either way); a failure waits a little and returns.
+    pub async fn wait_for(&self, after: Position, what: Awaited) {
+        match self {
+            Self::Etcd(s) => s.wait_for(after, what).await,
+        }
+    }
+
+    /// Every lease record, handed to `each` one by one, all from one consistent snapshot, and
+    /// the point it was read at. A failure midway fails the listing: the caller starts over.
+    pub async fn list_records(&self, each: impl FnMut(Record)) -> Result<Position> {
+        match self {
+            Self::Etcd(s) => s.list_records_paged(each).await.map(Position),
+        }
+    }
+
+    /// Every lease record, readable ones and the others apart.
+    pub async fn list(&self) -> Result<Listing> {
+        let mut listing = Listing::default();
+        listing.at = self
+            .list_records(|record| {
+                match &record.value {
+                    Ok(l) => listing.leases.push(l.clone()),
+                    Err(e) => listing.bad.push(BadLease {
+                        key: record.key.clone(),
+                        reason: e.to_string(),
+                    }),
+                }
+                listing.records.push(record);
+            })
+            .await?;
+        Ok(listing)
+    }
+
+    /// Leases `subnet` to this host if nobody holds it. `Ok(None)`: someone else got there first.
+    pub async fn create(
+        &self,
+        subnet: Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>> {
+        match self {
+            Self::Etcd(s) => s.create(subnet, attrs, ttl).await,
+        }
+    }
+
+    /// Takes over `old` (this host's own earlier lease) with fresh attributes, held as it was
+    /// (a reservation stays one). `Ok(None)`: the record changed since it was read.
+    pub async fn take_over(
+        &self,
+        old: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>> {
+        match self {
+            Self::Etcd(s) => s.take_over(old, attrs, ttl).await,
+        }
+    }
+
+    /// Renews a lease to its full TTL (a reservation needs none: `Renewed`).
+    pub async fn renew(&self, lease: &Lease) -> Result<Renewal> {
+        match self {
+            Self::Etcd(s) => s.renew(lease).await,
+        }
+    }
+
+    /// Gives up a lease this host holds (its record goes with it), best effort; a reservation
+    /// is the operator's and stays.
+    pub async fn release(&self, lease: &Lease) {
+        match self {
+            Self::Etcd(s) => s.release(lease).await,
+        }
+    }
+
+    /// Seconds a lease has left (`None`: expired or unknown; a reservation: `None` as well,
+    /// callers ask [`Lease::is_reservation`] first).
+    pub async fn time_left(&self, lease: &Lease) -> Result<Option<i64>> {
+        match self {
+            Self::Etcd(s) => s.time_left(lease).await,
+        }
+    }
+
+    /// A watch of the config and every lease record from just after `listed` (a listing's
+    /// point): changes up to it are in that listing already.
+    pub fn watch(&self, listed: Position) -> Watch {
+        match self {
+            Self::Etcd(s) => Watch::Etcd(etcd::EtcdWatch::new(s.clone(), listed.0)),
+        }
+    }
+}
+
+/// Changes of the config and the lease records as they happen. See [`Watch::next`].
+pub enum Watch {
+    Etcd(etcd::EtcdWatch),
+}
+
+impl Watch {
+    /// The next update. Cancel-safe: the agent polls it in a `select!` loop; a watch that
+    /// breaks is set up again inside, backing off, and says so in the log.
+    pub async fn next(&mut self) -> Update {
+        match self {
+            Self::Etcd(w) => w.next().await,
+        }
+    }
+
+    /// A new listing was read at `at` and its records are in the caller's state: changes up to
+    /// it are skipped, and once the watch is set up again it goes on from there.
+    pub fn listed(&mut self, at: Position) {
+        match self {
+            Self::Etcd(w) => w.listed(at.0),
+        }
+    }
+
+    /// Sets the watch up again now, from just after the last listing (this host's lease was
+    /// lost and taken again: the old watch may have missed what happened meanwhile).
+    pub fn restart(&mut self) {
+        match self {
+            Self::Etcd(w) => w.restart(),
+        }
+    }
+
+    /// Where the watch is: what a stuck watch cannot get past.
+    pub fn position(&self) -> Position {
+        match self {
+            Self::Etcd(w) => Position(w.from()),
+        }
+    }
+}
