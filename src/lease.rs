@@ -159,6 +159,13 @@ impl Lease {
         self.hold == Hold::Reserved
     }
 
+    /// The identity its backend publishes in BackendData (vxlan: the VTEP MAC), which no other
+    /// lease may use; `None` when its backend has none or the BackendData holds no usable one.
+    pub fn identity(&self) -> Option<weft_backends::Identity> {
+        let kind = weft_backends::kind(&self.attrs.backend_type)?;
+        (kind.identity)(self.attrs.backend_data.as_ref()).ok()?
+    }
+
     /// What the data plane needs of it.
     pub fn to_backend(&self) -> weft_backends::Lease {
         weft_backends::Lease {

@@ -23,8 +23,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use weft_backends::udp::{DropReason, Stats, StatsSource};
-use weft_backends::{Backend, OwnedCounts};
+use weft_backends::udp::DropReason;
+use weft_backends::{Backend, OwnedCounts, Stats, StatsSource, KINDS};
 
 use crate::lease::Lease;
 use crate::peers::Reason;
@@ -41,23 +41,36 @@ pub fn get() -> &'static Metrics {
     &METRICS
 }
 
-/// The peer BackendTypes given their own label value; anything else a lease claims is `other`,
-/// so a hostile etcd cannot grow the label set.
-const BACKEND_TYPES: [&str; 5] = ["udp", "vxlan", "host-gw", "alloc", "other"];
+/// The peer BackendTypes given their own label value: every type weft knows, then `other` for
+/// anything else a lease claims, so a hostile etcd cannot grow the label set.
+const BACKEND_TYPES: [&str; KINDS.len() + 1] = backend_types();
 
-/// Every [`Reason`] label, so each series exists (at 0) before its first rejection.
-const REJECTION_REASONS: [&str; 10] = [
-    "unreadable",
-    "outside_network",
-    "wrong_length",
-    "overlaps_own",
-    "public_ip_not_unicast",
-    "public_ip_local",
-    "bad_vtep_mac",
-    "vtep_mac_own",
-    "subnet_taken",
-    "vtep_mac_taken",
-];
+const fn backend_types() -> [&'static str; KINDS.len() + 1] {
+    let mut names = ["other"; KINDS.len() + 1];
+    let mut i = 0;
+    while i < KINDS.len() {
+        names[i] = KINDS[i].name;
+        i += 1;
+    }
+    names
+}
+
+/// Every [`Reason`] label, so each series exists (at 0) before its first rejection: those of
+/// every peer, then those of each backend's identity (vxlan's VtepMAC).
+fn rejection_reasons() -> impl Iterator<Item = &'static str> {
+    let identities = KINDS.iter().filter_map(|k| k.identity_kind);
+    [
+        "unreadable",
+        "outside_network",
+        "wrong_length",
+        "overlaps_own",
+        "public_ip_not_unicast",
+        "public_ip_local",
+        "subnet_taken",
+    ]
+    .into_iter()
+    .chain(identities.flat_map(|i| [i.bad_label, i.own_label, i.taken_label]))
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -112,7 +125,7 @@ impl Metrics {
         for t in BACKEND_TYPES {
             m.peers.get_or_create(&[("backend", t)]).set(0);
         }
-        for r in REJECTION_REASONS {
+        for r in rejection_reasons() {
             m.rejections.get_or_create(&[("reason", r)]).inc_by(0);
         }
         m.set_owned(OwnedCounts::default());
@@ -328,7 +341,7 @@ impl Metrics {
             s.udp_before.counters += &old.counters;
             s.udp_before.worker_restarts += old.worker_restarts;
         }
-        s.udp = backend.udp_stats_source();
+        s.udp = backend.stats();
         // A rebuilt udp data plane is a restart of its workers too.
         if rebuilt && s.udp.is_some() {
             s.udp_before.worker_restarts += 1;
@@ -355,10 +368,10 @@ fn reason_label(r: &Reason) -> &'static str {
         Reason::OverlapsOwn(_) => "overlaps_own",
         Reason::PublicIpNotUnicast(_) => "public_ip_not_unicast",
         Reason::PublicIpLocal(_) => "public_ip_local",
-        Reason::VtepMac(_) => "bad_vtep_mac",
-        Reason::VtepMacOwn(_) => "vtep_mac_own",
+        Reason::BadIdentity { kind, .. } => kind.map_or("bad_backend_data", |k| k.bad_label),
+        Reason::IdentityOwn(i) => i.kind().own_label,
         Reason::SubnetTaken(_) => "subnet_taken",
-        Reason::VtepMacTaken(_) => "vtep_mac_taken",
+        Reason::IdentityTaken(i) => i.kind().taken_label,
     }
 }
 
@@ -540,7 +553,7 @@ mod tests {
         // Nothing leased, no udp data plane: those series are absent rather than made up.
         assert!(!text.contains("weft_lease_expiry_seconds"), "{text}");
         assert!(!text.contains("weft_udp_"), "{text}");
-        for r in REJECTION_REASONS {
+        for r in rejection_reasons() {
             assert!(text.contains(&format!(r#"{{reason="{r}"}}"#)), "{r}");
         }
     }

@@ -7,10 +7,11 @@
 //! - has a key in flannel's one spelling (`10.244.52.0-24`) and a readable value;
 //! - is a subnet of exactly the network's SubnetLen, inside Network, not overlapping this host's;
 //! - has a unicast PublicIP that is none of this host's addresses;
-//! - (vxlan) publishes a unicast, non-zero VtepMAC that is not this host's;
+//! - publishes what its backend needs to be reached, and an identity that is not this host's
+//!   (vxlan: a unicast, non-zero VtepMAC; see `weft_backends::DataPlane::identity`);
 //!
 //! and it wins each contention it is in: among the leases that pass the checks above, the oldest
-//! (lowest rank, etcd's create revision, then key) holds a subnet and a VtepMAC. A loser stays stored and
+//! (lowest rank, etcd's create revision, then key) holds a subnet and an identity. A loser stays stored and
 //! becomes a peer as soon as the winner goes.
 //!
 //! Every operation returns a [`Diff`] of the accepted set plus the leases newly rejected, and costs
@@ -29,14 +30,10 @@ use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use weft_backends::iface::is_unicast_host;
-use weft_backends::mac::{vtep_mac, Mac, VtepMacError};
-use weft_backends::BackendData;
+use weft_backends::{BackendData, Identity, IdentityKind, KINDS};
 
 pub use crate::lease::Change;
 use crate::lease::{Hold, Lease, LeaseAttrs, Record, Unreadable};
-
-/// The BackendType whose leases must publish a VTEP MAC.
-const VXLAN: &str = "vxlan";
 
 /// This host's own lease, as far as judging peers needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,8 +42,8 @@ pub struct Own {
     /// question; see [`PeerSet::get`]).
     pub key: String,
     pub subnet: Ipv4Net,
-    /// The VTEP MAC it publishes (vxlan), which no peer may use.
-    pub vtep_mac: Option<Mac>,
+    /// The identity it publishes (vxlan: its VTEP MAC), which no peer may use.
+    pub identity: Option<Identity>,
 }
 
 /// Why a stored lease is not a peer.
@@ -64,14 +61,19 @@ pub enum Reason {
     PublicIpNotUnicast(Ipv4Addr),
     #[error("PublicIP {0} is an address of this host")]
     PublicIpLocal(Ipv4Addr),
-    #[error("{0}")]
-    VtepMac(VtepMacError),
-    #[error("VtepMAC {0} is this host's")]
-    VtepMacOwn(Mac),
+    /// The BackendData lacks what its backend needs: a usable identity of `kind` (a VtepMAC
+    /// for vxlan).
+    #[error("{reason}")]
+    BadIdentity {
+        kind: Option<&'static IdentityKind>,
+        reason: String,
+    },
+    #[error("{0} is this host's")]
+    IdentityOwn(Identity),
     #[error("subnet {0} is held by an older lease")]
     SubnetTaken(Ipv4Net),
-    #[error("VtepMAC {0} is used by an older lease")]
-    VtepMacTaken(Mac),
+    #[error("{0} is used by an older lease")]
+    IdentityTaken(Identity),
 }
 
 /// What a stored lease currently is.
@@ -136,7 +138,7 @@ pub struct PeerSet {
     /// of each wins. Keys in one spelling of one length make a subnet's contenders one key at
     /// most today; flannel's dual-stack keys (`…-24&fc00::-64`) would give it more.
     subnets: HashMap<Ipv4Net, Contenders>,
-    macs: HashMap<Mac, Contenders>,
+    identities: HashMap<Identity, Contenders>,
     accepted: BTreeSet<Key>,
     /// Accepted peers by BackendType (index into [`KNOWN_TYPES`], or [`OTHER_TYPE`]), kept as
     /// `accepted` changes so that the count costs nothing per event.
@@ -240,8 +242,19 @@ struct Extra {
 }
 
 /// The BackendTypes stored without an allocation.
-const KNOWN_TYPES: [&str; 5] = ["", VXLAN, "host-gw", "udp", "alloc"];
+/// "" (flannel's udp writes none) and every type weft knows.
+const KNOWN_TYPES: [&str; KINDS.len() + 1] = known_types();
 const OTHER_TYPE: u8 = KNOWN_TYPES.len() as u8;
+
+const fn known_types() -> [&'static str; KINDS.len() + 1] {
+    let mut names = [""; KINDS.len() + 1];
+    let mut i = 0;
+    while i < KINDS.len() {
+        names[i + 1] = KINDS[i].name;
+        i += 1;
+    }
+    names
+}
 
 impl Stored {
     fn new(l: Lease) -> Self {
@@ -333,7 +346,7 @@ enum Standing {
     Rejected(Box<Reason>),
     Contender {
         subnet: Ipv4Net,
-        mac: Option<Mac>,
+        identity: Option<Identity>,
     },
 }
 
@@ -348,7 +361,7 @@ impl PeerSet {
             local,
             entries: HashMap::new(),
             subnets: HashMap::new(),
-            macs: HashMap::new(),
+            identities: HashMap::new(),
             accepted: BTreeSet::new(),
             by_type: [0; KNOWN_TYPES.len() + 1],
         }
@@ -478,8 +491,8 @@ impl PeerSet {
         // verdicts as they stand now, before the indexes move.
         let old_standing = self.entries.get(key).map(|e| e.standing.clone());
         for st in [old_standing.as_ref(), new.as_ref().map(|n| &n.2)] {
-            if let Some(Standing::Contender { subnet, mac }) = st {
-                self.remember_contenders(*subnet, *mac, before);
+            if let Some(Standing::Contender { subnet, identity }) = st {
+                self.remember_contenders(*subnet, *identity, before);
             }
         }
         // The key as already stored (and shared), or as `remember` kept it.
@@ -491,15 +504,15 @@ impl PeerSet {
         if let Some(old) = self.entries.remove(&key) {
             let kind = old.value.as_ref().ok().map(|v| v.kind);
             self.set_accepted(&key, kind, false);
-            if let Standing::Contender { subnet, mac } = old.standing {
+            if let Standing::Contender { subnet, identity } = old.standing {
                 let rank = (old.rank, key.clone());
-                self.contend(subnet, mac, rank, false, &mut recheck);
+                self.contend(subnet, identity, rank, false, &mut recheck);
             }
         }
         if let Some((rank, value, standing)) = new {
-            if let Standing::Contender { subnet, mac } = standing {
+            if let Standing::Contender { subnet, identity } = standing {
                 let rank = (rank, key.clone());
-                self.contend(subnet, mac, rank, true, &mut recheck);
+                self.contend(subnet, identity, rank, true, &mut recheck);
             }
             // Judged just below: `key` is in `recheck`.
             let entry = Entry {
@@ -531,28 +544,37 @@ impl PeerSet {
         before.stored.insert(key.clone(), (verdict, accepted));
     }
 
-    /// Records the verdicts of every contender for `subnet` and `mac`.
-    fn remember_contenders(&self, subnet: Ipv4Net, mac: Option<Mac>, before: &mut Before) {
+    /// Records the verdicts of every contender for `subnet` and `identity`.
+    fn remember_contenders(
+        &self,
+        subnet: Ipv4Net,
+        identity: Option<Identity>,
+        before: &mut Before,
+    ) {
         let subnet = self.subnets.get(&subnet).map(Contenders::ranks);
-        let mac = mac.and_then(|m| self.macs.get(&m)).map(Contenders::ranks);
-        for (_, k) in subnet.into_iter().chain(mac).flatten() {
+        let id = identity.and_then(|i| self.identities.get(&i));
+        for (_, k) in subnet
+            .into_iter()
+            .chain(id.map(Contenders::ranks))
+            .flatten()
+        {
             self.remember(k, before);
         }
     }
 
-    /// Enters `rank` into (or withdraws it from) the contentions for `subnet` and `mac`, noting
-    /// their winners before and after.
+    /// Enters `rank` into (or withdraws it from) the contentions for `subnet` and `identity`,
+    /// noting their winners before and after.
     fn contend(
         &mut self,
         subnet: Ipv4Net,
-        mac: Option<Mac>,
+        identity: Option<Identity>,
         rank: Rank,
         enter: bool,
         recheck: &mut Vec<Key>,
     ) {
         contend(&mut self.subnets, subnet, &rank, enter, recheck);
-        if let Some(m) = mac {
-            contend(&mut self.macs, m, &rank, enter, recheck);
+        if let Some(i) = identity {
+            contend(&mut self.identities, i, &rank, enter, recheck);
         }
     }
 
@@ -562,12 +584,12 @@ impl PeerSet {
             return Standing::Own;
         }
         match self.check(record) {
-            Ok((subnet, mac)) => Standing::Contender { subnet, mac },
+            Ok((subnet, identity)) => Standing::Contender { subnet, identity },
             Err(reason) => Standing::Rejected(Box::new(reason)),
         }
     }
 
-    fn check(&self, record: &Record) -> Result<(Ipv4Net, Option<Mac>), Reason> {
+    fn check(&self, record: &Record) -> Result<(Ipv4Net, Option<Identity>), Reason> {
         let lease = record
             .value
             .as_ref()
@@ -593,14 +615,19 @@ impl PeerSet {
         if self.local.contains(&ip) {
             return Err(Reason::PublicIpLocal(ip));
         }
-        if lease.attrs.backend_type != VXLAN {
+        let Some(kind) = weft_backends::kind(&lease.attrs.backend_type) else {
             return Ok((subnet, None));
+        };
+        let identity = (kind.identity)(lease.attrs.backend_data.as_ref()).map_err(|reason| {
+            Reason::BadIdentity {
+                kind: kind.identity_kind,
+                reason,
+            }
+        })?;
+        if let Some(i) = identity.filter(|i| self.own.identity == Some(*i)) {
+            return Err(Reason::IdentityOwn(i));
         }
-        let mac = vtep_mac(lease.attrs.backend_data.as_ref()).map_err(Reason::VtepMac)?;
-        if self.own.vtep_mac == Some(mac) {
-            return Err(Reason::VtepMacOwn(mac));
-        }
-        Ok((subnet, Some(mac)))
+        Ok((subnet, identity))
     }
 
     /// What `e`, stored at `key`, is: from its standing and the contentions it wins.
@@ -608,11 +635,11 @@ impl PeerSet {
         match &e.standing {
             Standing::Own => Verdict::Own,
             Standing::Rejected(r) => Verdict::Rejected(Reason::clone(r)),
-            Standing::Contender { subnet, mac } => {
+            Standing::Contender { subnet, identity } => {
                 if !wins(&self.subnets, subnet, key) {
                     Verdict::Rejected(Reason::SubnetTaken(*subnet))
-                } else if let Some(m) = mac.filter(|m| !wins(&self.macs, m, key)) {
-                    Verdict::Rejected(Reason::VtepMacTaken(m))
+                } else if let Some(i) = identity.filter(|i| !wins(&self.identities, i, key)) {
+                    Verdict::Rejected(Reason::IdentityTaken(i))
                 } else {
                     Verdict::Accepted
                 }
@@ -635,8 +662,8 @@ impl PeerSet {
         let first = |c: &Contenders| c.first().map(|r| r.1.to_string());
         match reason {
             Reason::SubnetTaken(s) => self.subnets.get(s).and_then(first),
-            Reason::VtepMacTaken(m) => self.macs.get(m).and_then(first),
-            Reason::OverlapsOwn(_) | Reason::VtepMacOwn(_) => Some(self.own.key.clone()),
+            Reason::IdentityTaken(i) => self.identities.get(i).and_then(first),
+            Reason::OverlapsOwn(_) | Reason::IdentityOwn(_) => Some(self.own.key.clone()),
             _ => None,
         }
     }
@@ -759,7 +786,7 @@ impl Batch<'_> {
         }
         let entries = std::mem::take(&mut set.entries);
         set.subnets.clear();
-        set.macs.clear();
+        set.identities.clear();
         set.accepted.clear();
         set.by_type = Default::default();
         for (key, e) in entries {

@@ -1,34 +1,21 @@
 //! `alloc`: a lease and no data path, as in flannel. Useful when something else routes the subnets.
 
-use serde_json::Value;
-
-use crate::{Error, ErrorList, Lease, Network};
+use crate::{BackendConfig, DataPlane, Error, Network};
 
 pub struct Alloc {
     net: Network,
 }
 
-impl Alloc {
-    pub fn new(net: Network) -> Self {
-        Self { net }
+/// Everything but the MTU is [`DataPlane`]'s default: nothing to prepare, program or watch.
+impl DataPlane for Alloc {
+    const TYPE: &'static str = "alloc";
+    const SURVIVES_RESTART: &'static str = "nothing (alloc has no data path)";
+
+    fn new(_config: &BackendConfig, net: Network) -> Result<Self, Error> {
+        Ok(Self { net })
     }
 
-    pub async fn prepare(&mut self, _previous: Option<&Lease>) -> Result<Option<Value>, Error> {
-        Ok(None)
-    }
-
-    pub fn mtu(&self) -> u32 {
+    fn mtu(&self) -> u32 {
         self.net.external.mtu
-    }
-
-    pub async fn configure(&mut self, _own: &Lease) -> Result<(), Error> {
-        Ok(())
-    }
-
-    pub async fn reconcile<P>(
-        &mut self,
-        _peers: impl IntoIterator<Item = P>,
-    ) -> Result<(), ErrorList> {
-        Ok(())
     }
 }

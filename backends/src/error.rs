@@ -4,7 +4,7 @@ use std::fmt;
 /// failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("unknown backend type {0:?} (known: udp, vxlan, host-gw, alloc)")]
+    #[error("unknown backend type {0:?} (known: {known})", known = known_types())]
     UnknownBackend(String),
     #[error("invalid backend option {option}: {reason}")]
     InvalidOption { option: String, reason: String },
@@ -37,7 +37,17 @@ pub enum Error {
     Other(String),
 }
 
+/// The backend types weft knows, for messages: "udp, vxlan, host-gw, alloc".
+fn known_types() -> String {
+    let names: Vec<&str> = crate::kinds().iter().map(|k| k.name).collect();
+    names.join(", ")
+}
+
 impl Error {
+    pub fn unknown_backend(name: &str) -> Self {
+        Self::UnknownBackend(name.to_string())
+    }
+
     /// Wraps a netlink error with what was being done.
     pub fn netlink(context: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Self {
         let context = context.into();

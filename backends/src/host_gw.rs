@@ -9,9 +9,10 @@ use std::sync::Arc;
 use crate::netlink::Conn;
 use crate::routes::{self, OwnedRoutes, Owner, RouteSpec};
 use crate::watch::Owned;
-use crate::{peer, Error, ErrorList, Lease, Network, OwnedCounts, PeerChanges};
-
-pub const TYPE: &str = "host-gw";
+use crate::{
+    peer, BackendConfig, DataPlane, Error, ErrorList, Event, Lease, Network, OwnedCounts,
+    PeerChanges,
+};
 
 pub struct HostGw {
     net: Network,
@@ -27,37 +28,38 @@ pub struct HostGw {
     synced: bool,
 }
 
-impl HostGw {
-    pub fn new(net: Network) -> Self {
-        Self {
-            dev: net.external.name.as_str().into(),
-            net,
-            own: None,
-            conn: Conn::default(),
-            routes: OwnedRoutes::default(),
-            connected: Vec::new(),
-            synced: false,
-        }
+impl DataPlane for HostGw {
+    const TYPE: &'static str = "host-gw";
+    const SURVIVES_RESTART: &'static str =
+        "the routes to the peers and their nexthops; the kernel keeps forwarding";
+
+    fn new(_config: &BackendConfig, net: Network) -> Result<Self, Error> {
+        Ok(Self::build(net))
     }
 
-    pub async fn prepare(&mut self, _previous: Option<&Lease>) -> Result<Option<Value>, Error> {
+    async fn event(&mut self) -> Event {
+        self.drifted().await;
+        Event::Drift
+    }
+
+    async fn prepare(&mut self, _previous: Option<&Lease>) -> Result<Option<Value>, Error> {
         self.conn.subscribe()?;
         // flannel's host-gw publishes no BackendData.
         Ok(None)
     }
 
-    pub fn mtu(&self) -> u32 {
+    fn mtu(&self) -> u32 {
         self.net.external.mtu
     }
 
-    pub async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
+    async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
         // Which peers are acceptable depends on this host's lease.
         self.synced &= self.own.as_ref() == Some(own);
         self.own = Some(own.clone());
         Ok(())
     }
 
-    pub async fn reconcile<P: Borrow<Lease>>(
+    async fn reconcile<P: Borrow<Lease>>(
         &mut self,
         peers: impl IntoIterator<Item = P>,
     ) -> Result<(), ErrorList> {
@@ -69,7 +71,7 @@ impl HostGw {
         let mut desired = Vec::new();
         for p in peers {
             let p = p.borrow();
-            if !peer::same_type(p, TYPE) {
+            if !peer::same_type(p, Self::TYPE) {
                 continue;
             }
             match self.route(p) {
@@ -89,7 +91,7 @@ impl HostGw {
     }
 
     /// [`crate::Backend::apply`]: each peer's route added, replaced or deleted on its own.
-    pub async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
+    async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
         let batch = self.conn.batch()?;
         let mut errs = ErrorList::default();
         if changes.is_empty() {
@@ -99,7 +101,7 @@ impl HostGw {
         let mut upsert = Vec::new();
         for p in &changes.upsert {
             // A peer that is refused (or changed to another backend type) loses its route.
-            match peer::same_type(p, TYPE).then(|| self.route(p)) {
+            match peer::same_type(p, Self::TYPE).then(|| self.route(p)) {
                 Some(Ok(r)) => upsert.push(r),
                 Some(Err(e)) => {
                     errs.push(e);
@@ -115,8 +117,29 @@ impl HostGw {
     }
 
     /// Whether only a full reconcile can bring the kernel in line.
-    pub fn needs_reconcile(&self) -> bool {
+    fn needs_reconcile(&self) -> bool {
         !self.synced || self.routes.stale()
+    }
+
+    fn owned(&self) -> OwnedCounts {
+        OwnedCounts {
+            routes: self.routes.wanted(),
+            ..OwnedCounts::default()
+        }
+    }
+}
+
+impl HostGw {
+    fn build(net: Network) -> Self {
+        Self {
+            dev: net.external.name.as_str().into(),
+            net,
+            own: None,
+            conn: Conn::default(),
+            routes: OwnedRoutes::default(),
+            connected: Vec::new(),
+            synced: false,
+        }
     }
 
     /// The route to `p`, if it can have one.
@@ -147,13 +170,6 @@ impl HostGw {
         Owner {
             network: self.net.network,
             device: None,
-        }
-    }
-
-    pub fn owned(&self) -> OwnedCounts {
-        OwnedCounts {
-            routes: self.routes.wanted(),
-            ..OwnedCounts::default()
         }
     }
 

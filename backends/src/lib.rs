@@ -16,6 +16,8 @@
 //! masquerade/forward rules, applied by the agent.
 
 mod alloc;
+#[macro_use]
+mod backends;
 pub mod batch;
 mod error;
 pub mod firewall;
@@ -27,12 +29,12 @@ mod neigh;
 mod netlink;
 pub mod nexthop;
 mod peer;
+mod plane;
 mod routes;
 pub mod udp;
 mod vxlan;
 mod watch;
 
-use std::borrow::Borrow;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -42,6 +44,7 @@ pub use error::{Error, ErrorList};
 pub use iface::{ExternalInterface, InterfaceSelector};
 pub use lease::{BackendData, Lease};
 pub use neigh::permanent_entry as permanent_neighbour;
+pub use plane::{DataPlane, Identity, IdentityKind, Kind, Stats, StatsSource};
 pub use routes::RTPROT_WEFT;
 pub use vxlan::ethtool;
 
@@ -129,141 +132,18 @@ impl PeerChanges {
     }
 }
 
-/// One data plane. An enum rather than a trait object: the set is closed and the methods are async.
-pub enum Backend {
-    Alloc(alloc::Alloc),
+backends! {
+    // flannel's default first: the order of the known types in messages and metrics.
+    Udp(udp::Udp),
     Vxlan(vxlan::Vxlan),
     HostGw(host_gw::HostGw),
-    Udp(udp::Udp),
+    Alloc(alloc::Alloc),
 }
 
 impl Backend {
     /// Builds the backend the config names. Fails on an unknown type or invalid options.
     pub fn new(config: &BackendConfig, net: Network) -> Result<Self, Error> {
-        match config.type_name().as_str() {
-            "alloc" => Ok(Self::Alloc(alloc::Alloc::new(net))),
-            vxlan::TYPE => Ok(Self::Vxlan(vxlan::Vxlan::new(config, net)?)),
-            host_gw::TYPE => Ok(Self::HostGw(host_gw::HostGw::new(net))),
-            udp::TYPE => Ok(Self::Udp(udp::Udp::new(config, net)?)),
-            other => Err(Error::UnknownBackend(other.to_string())),
-        }
-    }
-
-    /// The `BackendType` this backend writes into leases and accepts from peers.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            Self::Alloc(_) => "alloc",
-            Self::Vxlan(_) => vxlan::TYPE,
-            Self::HostGw(_) => host_gw::TYPE,
-            Self::Udp(_) => udp::TYPE,
-        }
-    }
-
-    /// Prepares what must exist before this host's lease is written (vxlan: the device and its VTEP
-    /// MAC) and returns the `BackendData` to publish. `previous` is this host's earlier lease, if
-    /// any, so stable identities (the VTEP MAC) can be kept.
-    pub async fn prepare(&mut self, previous: Option<&Lease>) -> Result<Option<Value>, Error> {
-        match self {
-            Self::Alloc(b) => b.prepare(previous).await,
-            Self::Vxlan(b) => b.prepare(previous).await,
-            Self::HostGw(b) => b.prepare(previous).await,
-            Self::Udp(b) => b.prepare(previous).await,
-        }
-    }
-
-    /// The MTU containers must use (FLANNEL_MTU).
-    pub fn mtu(&self) -> u32 {
-        match self {
-            Self::Alloc(b) => b.mtu(),
-            Self::Vxlan(b) => b.mtu(),
-            Self::HostGw(b) => b.mtu(),
-            Self::Udp(b) => b.mtu(),
-        }
-    }
-
-    /// Configures host state that depends on this host's own lease (device address, local routes).
-    /// Called once the lease is held, and again whenever it changes.
-    pub async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
-        match self {
-            Self::Alloc(b) => b.configure(own).await,
-            Self::Vxlan(b) => b.configure(own).await,
-            Self::HostGw(b) => b.configure(own).await,
-            Self::Udp(b) => b.configure(own).await,
-        }
-    }
-
-    /// Makes the kernel match exactly `peers` (other hosts' leases): adds what is missing, fixes what
-    /// differs, removes what this backend owns that no peer wants. One bad peer does not stop the
-    /// others: every failure is reported together. `peers` is read once, in order, and no lease
-    /// is kept: 10,000 of them need not be held at once.
-    pub async fn reconcile<P: Borrow<Lease>>(
-        &mut self,
-        peers: impl IntoIterator<Item = P>,
-    ) -> Result<(), ErrorList> {
-        match self {
-            Self::Alloc(b) => b.reconcile(peers).await,
-            Self::Vxlan(b) => b.reconcile(peers).await,
-            Self::HostGw(b) => b.reconcile(peers).await,
-            Self::Udp(b) => b.reconcile(peers).await,
-        }
-    }
-
-    /// Applies a change of the desired peer set to the kernel with one targeted netlink request
-    /// per object (route, neighbour, FDB entry) of the peers concerned, without reading the
-    /// kernel's tables: what [`Backend::reconcile`] would do for these peers, given that the
-    /// kernel still holds what the last `reconcile` and `apply` calls left. Its cost follows the
-    /// change, not the peer set. With no change, it tries again what earlier passes could not
-    /// put in place (a route whose destination another route held).
-    ///
-    /// When that premise may not hold ([`Backend::needs_reconcile`]: nothing reconciled yet,
-    /// drift seen, a failed request) the caller must `reconcile` the whole set instead. Errors
-    /// are reported as `reconcile` reports them.
-    pub async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
-        match self {
-            Self::Alloc(_) => Ok(()),
-            Self::Vxlan(b) => b.apply(changes).await,
-            Self::HostGw(b) => b.apply(changes).await,
-            Self::Udp(b) => b.apply(changes).await,
-        }
-    }
-
-    /// Whether only a full [`Backend::reconcile`] can bring the kernel in line: never reconciled,
-    /// owned state changed behind weft's back (seen by [`Backend::event`]), or a request failed
-    /// in a way that leaves the kernel's state unknown.
-    pub fn needs_reconcile(&self) -> bool {
-        match self {
-            Self::Alloc(_) => false,
-            Self::Vxlan(b) => b.needs_reconcile(),
-            Self::HostGw(b) => b.needs_reconcile(),
-            Self::Udp(b) => b.needs_reconcile(),
-        }
-    }
-
-    /// Resolves at the next thing the agent must act on: drift of the kernel state this backend
-    /// owns (reconcile), or a data plane that failed (rebuild the backend). Never resolves for
-    /// backends with nothing to watch. Cancel-safe: the agent polls it in a `select!` loop.
-    pub async fn event(&mut self) -> Event {
-        match self {
-            Self::Alloc(_) => std::future::pending().await,
-            Self::Vxlan(b) => {
-                b.drifted().await;
-                Event::Drift
-            }
-            Self::HostGw(b) => {
-                b.drifted().await;
-                Event::Drift
-            }
-            Self::Udp(b) => b.event().await,
-        }
-    }
-
-    /// Stops what runs in weftd itself (udp: its workers, joined) before weftd exits or the
-    /// backend is rebuilt. Kernel state stays: see `survives_restart`.
-    pub async fn shutdown(self) {
-        match self {
-            Self::Alloc(_) | Self::Vxlan(_) | Self::HostGw(_) => {}
-            Self::Udp(b) => b.shutdown().await,
-        }
+        Self::build(&config.type_name(), config, net)
     }
 
     /// Takes down what this backend set up, for when the network config changed and another
@@ -276,11 +156,7 @@ impl Backend {
             .await
             .err()
             .unwrap_or_default();
-        let device = match &self {
-            Self::Vxlan(b) => Some(b.device_name().to_string()),
-            Self::Udp(_) => Some(udp::DEVICE.to_string()),
-            Self::Alloc(_) | Self::HostGw(_) => None,
-        };
+        let device = self.device_name();
         self.shutdown().await;
         if let Some(name) = device {
             if let Err(e) = netlink::delete_link(&name).await {
@@ -290,49 +166,20 @@ impl Backend {
         errs.into_result()
     }
 
-    /// What stays in the kernel when weftd exits, for its exit log line.
-    pub fn survives_restart(&self) -> &'static str {
-        match self {
-            Self::Alloc(_) => "nothing (alloc has no data path)",
-            Self::Vxlan(_) => {
-                "the vxlan device with its address, neighbours, FDB entries, routes and \
-                 nexthops; the kernel keeps forwarding"
-            }
-            Self::HostGw(_) => {
-                "the routes to the peers and their nexthops; the kernel keeps forwarding"
-            }
-            Self::Udp(_) => {
-                "flannel0 (a persistent TUN device) with its address and route; packets are \
-                 dropped until the next weftd reopens it"
-            }
-        }
-    }
-
     /// The udp data plane's counters (packets, bytes, drops by reason); None for the others.
     pub fn udp_stats(&self) -> Option<udp::Stats> {
-        match self {
-            Self::Udp(b) => Some(b.stats()),
-            _ => None,
-        }
+        self.stats().map(|s| s.read())
     }
+}
 
-    /// A handle reading [`Backend::udp_stats`] from another thread; None for the other backends.
-    pub fn udp_stats_source(&self) -> Option<udp::StatsSource> {
-        match self {
-            Self::Udp(b) => Some(b.stats_source()),
-            _ => None,
-        }
-    }
+/// The backend types, in `backends!` order.
+pub fn kinds() -> &'static [Kind] {
+    KINDS
+}
 
-    /// What the last reconcile put or kept in the kernel.
-    pub fn owned(&self) -> OwnedCounts {
-        match self {
-            Self::Alloc(_) => OwnedCounts::default(),
-            Self::Vxlan(b) => b.owned(),
-            Self::HostGw(b) => b.owned(),
-            Self::Udp(b) => b.owned(),
-        }
-    }
+/// The backend type named `name` (as in a config's `Type` or a lease's `BackendType`).
+pub fn kind(name: &str) -> Option<&'static Kind> {
+    KINDS.iter().find(|k| k.name == name)
 }
 
 /// The largest underlay MTU Linux gives an interface (loopback's): the bound used when the host's
@@ -345,14 +192,9 @@ const LARGEST_UNDERLAY_MTU: u32 = 65536;
 /// checks only what holds on every host, so an option that depends on the underlay (udp's `MTU`)
 /// is judged against the largest one possible.
 pub fn validate(config: &BackendConfig, underlay_mtu: Option<u32>) -> Result<(), Error> {
-    match config.type_name().as_str() {
-        "alloc" | host_gw::TYPE => Ok(()),
-        vxlan::TYPE => vxlan::VxlanConfig::parse(config).map(drop),
-        udp::TYPE => {
-            udp::UdpConfig::parse(config, underlay_mtu.unwrap_or(LARGEST_UNDERLAY_MTU)).map(drop)
-        }
-        other => Err(Error::UnknownBackend(other.to_string())),
-    }
+    let name = config.type_name();
+    let kind = kind(&name).ok_or_else(|| Error::unknown_backend(&name))?;
+    (kind.check)(config, underlay_mtu.unwrap_or(LARGEST_UNDERLAY_MTU))
 }
 
 /// The lease's first host address: the address of the bridge (docker0, cni0) and FLANNEL_SUBNET.

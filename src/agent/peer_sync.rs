@@ -143,7 +143,7 @@ impl Agent {
         Own {
             key: self.registry.names().lease(own.subnet),
             subnet: own.subnet,
-            vtep_mac: weft_backends::mac::vtep_mac(own.attrs.backend_data.as_ref()).ok(),
+            identity: own.identity(),
         }
     }
 

@@ -187,11 +187,8 @@ pub fn network(f: &Facts) -> Option<Ipv4Net> {
 
 /// The backend's device name (`flannel.<VNI>`, `flannel0`), if it has one.
 pub fn device_name(config: &NetworkConfig) -> Option<String> {
-    match config.backend.type_name().as_str() {
-        "vxlan" => Some(format!("flannel.{}", vxlan_vni(config))),
-        "udp" => Some("flannel0".into()),
-        _ => None,
-    }
+    let kind = weft_backends::kind(&config.backend.type_name())?;
+    (kind.device)(&config.backend)
 }
 
 /// The config's VNI (validated with the config: weftd would have refused anything else).

@@ -12,13 +12,7 @@ pub const BRIDGES: [&str; 2] = ["docker0", "cni0"];
 
 /// Bytes a backend adds to each packet on the underlay.
 fn overhead(backend: &str) -> u32 {
-    match backend {
-        // Outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
-        "vxlan" => 50,
-        // Outer IP 20 + UDP 8.
-        "udp" => 28,
-        _ => 0,
-    }
+    weft_backends::kind(backend).map_or(0, |k| k.mtu_overhead)
 }
 
 pub fn check(f: &Facts) -> Outcome {

@@ -80,7 +80,9 @@ pub fn device(f: &Facts) -> Outcome {
         .into();
     };
     let mut out = Vec::new();
-    let kind = if c.backend == "udp" { "tun" } else { "vxlan" };
+    let kind = weft_backends::kind(&c.backend)
+        .and_then(|k| k.device_kind)
+        .unwrap_or_default();
     if link.kind != kind {
         out.push(Finding::new(
             format!("{dev} is a {} device, not {kind}", or_dash(&link.kind)),
@@ -177,7 +179,7 @@ fn desired_peers(f: &Facts, c: &Ctx<'_>, own: &Lease) -> Vec<Lease> {
     let own = Own {
         key: c.cluster.lease_key(own.subnet),
         subnet: own.subnet,
-        vtep_mac: vtep_mac(own.attrs.backend_data.as_ref()).ok(),
+        identity: own.identity(),
     };
     let mut local: HashSet<Ipv4Addr> = c.k.local_addrs.clone();
     local.extend([c.ext.public_ip, c.ext.iface_addr]);

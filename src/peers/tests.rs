@@ -18,8 +18,22 @@ fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
-fn mac(s: &str) -> Mac {
-    s.parse().unwrap()
+/// vxlan's VtepMAC `s` as the peer set indexes it.
+fn mac(s: &str) -> Identity {
+    let m: weft_backends::mac::Mac = s.parse().unwrap();
+    Identity::new(vtep_mac_kind(), &m.0)
+}
+
+fn vtep_mac_kind() -> &'static IdentityKind {
+    weft_backends::kind("vxlan")
+        .and_then(|k| k.identity_kind)
+        .unwrap()
+}
+
+/// Rejected for a VtepMAC that is missing or unusable, with this reason.
+fn bad_mac(reason: &Option<Reason>, says: &str) -> bool {
+    matches!(reason, Some(Reason::BadIdentity { kind: Some(k), reason })
+        if *k == vtep_mac_kind() && reason.contains(says))
 }
 
 /// This host: 10.60.52.0/24 at 10.199.0.11 (also 192.168.9.9), VTEP MAC 02:00:00:00:00:01.
@@ -28,7 +42,7 @@ fn own_at(subnet: &str) -> Own {
     Own {
         key: key(&format!("{}-{}", n.addr(), n.prefix_len())),
         subnet: n,
-        vtep_mac: Some(mac(OWN_MAC)),
+        identity: Some(mac(OWN_MAC)),
     }
 }
 
@@ -210,23 +224,17 @@ fn a_vxlan_lease_needs_a_unicast_non_zero_vtep_mac_that_is_not_ours() {
     ));
     s.apply(put("10.60.4.0-24", 4, &vxlan("10.199.0.12", "not-a-mac")));
     s.apply(put("10.60.5.0-24", 5, &vxlan("10.199.0.12", OWN_MAC)));
-    assert_eq!(
-        reason(&s, "10.60.1.0-24"),
-        Some(Reason::VtepMac(VtepMacError::Missing))
-    );
-    for name in ["10.60.2.0-24", "10.60.3.0-24"] {
-        assert!(matches!(
-            reason(&s, name),
-            Some(Reason::VtepMac(VtepMacError::NotUnicast(_)))
-        ));
-    }
-    assert!(matches!(
-        reason(&s, "10.60.4.0-24"),
-        Some(Reason::VtepMac(VtepMacError::Invalid(_)))
+    assert!(bad_mac(
+        &reason(&s, "10.60.1.0-24"),
+        "BackendData has no VtepMAC"
     ));
+    for name in ["10.60.2.0-24", "10.60.3.0-24"] {
+        assert!(bad_mac(&reason(&s, name), "is not a unicast address"));
+    }
+    assert!(bad_mac(&reason(&s, "10.60.4.0-24"), "invalid MAC address"));
     assert_eq!(
         reason(&s, "10.60.5.0-24"),
-        Some(Reason::VtepMacOwn(mac(OWN_MAC)))
+        Some(Reason::IdentityOwn(mac(OWN_MAC)))
     );
     assert!(s.is_empty());
     // Other backends publish no MAC and need none.
@@ -241,7 +249,7 @@ fn of_two_leases_with_one_vtep_mac_the_newer_is_refused_not_the_higher_subnet() 
     s.apply(put("10.60.9.0-24", 5, &vxlan("10.199.0.19", m)));
     let d = s.apply(put("10.60.1.0-24", 7, &vxlan("10.199.0.21", m)));
     assert!(d.added.is_empty(), "{d:?}");
-    assert_eq!(d.rejected[0].reason, Reason::VtepMacTaken(mac(m)));
+    assert_eq!(d.rejected[0].reason, Reason::IdentityTaken(mac(m)));
     assert_eq!(
         d.rejected[0].holder.as_deref(),
         Some("/p/subnets/10.60.9.0-24")
@@ -678,9 +686,9 @@ mod property {
             let pip = l.attrs.public_ip;
             assert!(weft_backends::iface::is_unicast_host(pip), "{k}: {pip}");
             assert!(!local.contains(&pip), "{k}: local {pip}");
-            if l.attrs.backend_type == VXLAN {
-                let m = vtep_mac(l.attrs.backend_data.as_ref()).expect("a good MAC");
-                assert_ne!(Some(m), own.vtep_mac, "{k}: own MAC");
+            if l.attrs.backend_type == "vxlan" {
+                let m = l.identity().expect("a good MAC");
+                assert_ne!(Some(m), own.identity, "{k}: own MAC");
             }
         }
         for (i, (a, la)) in accepted.iter().enumerate() {
@@ -689,21 +697,19 @@ mod property {
                     !la.subnet.contains(&lb.subnet) && !lb.subnet.contains(&la.subnet),
                     "{a} overlaps {b}"
                 );
-                let ma = vtep_mac(la.attrs.backend_data.as_ref()).ok();
-                let mb = vtep_mac(lb.attrs.backend_data.as_ref()).ok();
-                if la.attrs.backend_type == VXLAN && lb.attrs.backend_type == VXLAN {
+                let (ma, mb) = (la.identity(), lb.identity());
+                if la.attrs.backend_type == "vxlan" && lb.attrs.backend_type == "vxlan" {
                     assert_ne!(ma, mb, "{a} and {b} share a MAC");
                 }
             }
         }
         // The older of two contenders for one MAC is the one kept.
         for (k, v) in etcd.keys.keys().map(|k| (key(k), s.verdict(&key(k)))) {
-            if let Some(Verdict::Rejected(Reason::VtepMacTaken(m))) = v {
+            if let Some(Verdict::Rejected(Reason::IdentityTaken(m))) = v {
                 let mine = etcd.keys[k.trim_start_matches(P)].0;
-                let holder = accepted.iter().find(|(_, l)| {
-                    l.attrs.backend_type == VXLAN
-                        && vtep_mac(l.attrs.backend_data.as_ref()).ok() == Some(m)
-                });
+                let holder = accepted
+                    .iter()
+                    .find(|(_, l)| l.attrs.backend_type == "vxlan" && l.identity() == Some(m));
                 if let Some((hk, _)) = holder {
                     let theirs = etcd.keys[hk.trim_start_matches(P)].0;
                     assert!((theirs, *hk) < (mine, k.as_str()), "{hk} is newer than {k}");

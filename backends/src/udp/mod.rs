@@ -37,45 +37,27 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::time::{sleep_until, Duration, Instant};
 use tracing::{debug, info};
 
+pub use crate::plane::Stats;
 pub use codec::{Counters, DropReason};
 pub use config::UdpConfig;
 
 use crate::netlink::{self, Conn};
+use crate::plane::StatsSource;
 use crate::routes::{self, RouteSpec};
 use crate::watch::Owned;
 use crate::{
-    peer, BackendConfig, Error, ErrorList, Event, Lease, Network, OwnedCounts, PeerChanges,
+    peer, BackendConfig, DataPlane, Error, ErrorList, Event, Lease, Network, OwnedCounts,
+    PeerChanges,
 };
 use codec::{PeerTable, SharedCounters};
 use worker::{Shared, Worker};
-
-pub const TYPE: &str = "udp";
-
-/// What the udp data plane has done so far, summed over its workers.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Packets and bytes each way, drops by reason, ICMP errors sent.
-    pub counters: Counters,
-    /// TUN reads whose offload metadata could not be split (not packets the codec saw).
-    pub tun_read_errors: u64,
-    pub workers: usize,
-    /// TUN offloads (virtio-net header: TSO/USO super-packets, GRO writes) in use.
-    pub tun_offload: bool,
-    /// UDP datagrams merged for TUN writes too (the TUN takes USO frames, Linux 6.2+).
-    pub tun_uso: bool,
-    /// UDP GSO still in use on every socket (the kernel may have refused it).
-    pub udp_gso: bool,
-    pub udp_gro: bool,
-    /// Times the workers were stopped and started again (flannel0 recreated, a worker gone).
-    pub worker_restarts: u64,
-}
 
 /// Reads the udp data plane's [`Stats`] from any thread (the metrics scrape) while the backend
 /// is busy elsewhere. Counters survive worker restarts: a stopped set's totals move into
 /// `retired` under the lock readers take, so a read never goes backwards. Workers never touch
 /// the lock; they publish as before.
 #[derive(Clone, Default)]
-pub struct StatsSource(Arc<Mutex<StatsState>>);
+struct StatsCell(Arc<Mutex<StatsState>>);
 
 #[derive(Default)]
 struct StatsState {
@@ -101,7 +83,7 @@ impl LiveStats {
     }
 }
 
-impl StatsSource {
+impl StatsCell {
     /// The totals so far: the running workers' plus every earlier set's.
     pub fn read(&self) -> Stats {
         let st = self.0.lock().unwrap_or_else(PoisonError::into_inner);
@@ -148,7 +130,7 @@ pub struct Udp {
     peers: BTreeMap<Ipv4Net, SocketAddrV4>,
     conn: Conn,
     running: Option<Running>,
-    stats: StatsSource,
+    stats: StatsCell,
     failed_tx: UnboundedSender<String>,
     failed: UnboundedReceiver<String>,
     /// A full reconcile ran since the backend was built, its lease changed or drift was seen.
@@ -173,8 +155,34 @@ struct Running {
     index: u32,
 }
 
-impl Udp {
-    pub fn new(config: &BackendConfig, net: Network) -> Result<Self, Error> {
+impl DataPlane for Udp {
+    const TYPE: &'static str = "udp";
+    const SURVIVES_RESTART: &'static str =
+        "flannel0 (a persistent TUN device) with its address and route; packets are \
+         dropped until the next weftd reopens it";
+    const DEVICE_KIND: Option<&'static str> = Some("tun");
+    const MTU_OVERHEAD: u32 = config::OVERHEAD;
+
+    fn check(config: &BackendConfig, underlay_mtu: u32) -> Result<(), Error> {
+        UdpConfig::parse(config, underlay_mtu).map(drop)
+    }
+
+    fn device(_config: &BackendConfig) -> Option<String> {
+        Some(DEVICE.to_string())
+    }
+
+    fn device_name(&self) -> Option<String> {
+        Some(DEVICE.to_string())
+    }
+
+    /// What the workers have counted, over this backend's life, readable from elsewhere for as
+    /// long as this backend lives.
+    fn stats(&self) -> Option<StatsSource> {
+        let cell = self.stats.clone();
+        Some(StatsSource::new(move || cell.read()))
+    }
+
+    fn new(config: &BackendConfig, net: Network) -> Result<Self, Error> {
         let cfg = UdpConfig::parse(config, net.external.mtu)?;
         let (failed_tx, failed) = unbounded_channel();
         Ok(Self {
@@ -184,7 +192,7 @@ impl Udp {
             peers: BTreeMap::new(),
             conn: Conn::default(),
             running: None,
-            stats: StatsSource::default(),
+            stats: StatsCell::default(),
             failed_tx,
             failed,
             synced: false,
@@ -193,17 +201,17 @@ impl Udp {
         })
     }
 
-    pub async fn prepare(&mut self, _previous: Option<&Lease>) -> Result<Option<Value>, Error> {
+    async fn prepare(&mut self, _previous: Option<&Lease>) -> Result<Option<Value>, Error> {
         self.conn.subscribe()?;
         // flannel's udp publishes no BackendData.
         Ok(None)
     }
 
-    pub fn mtu(&self) -> u32 {
+    fn mtu(&self) -> u32 {
         self.cfg.mtu
     }
 
-    pub async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
+    async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
         // Which peers are acceptable depends on this host's lease.
         self.synced &= self.own.as_ref() == Some(own);
         self.own = Some(own.clone());
@@ -217,7 +225,7 @@ impl Udp {
         }
     }
 
-    pub async fn reconcile<P: Borrow<Lease>>(
+    async fn reconcile<P: Borrow<Lease>>(
         &mut self,
         peers: impl IntoIterator<Item = P>,
     ) -> Result<(), ErrorList> {
@@ -265,7 +273,7 @@ impl Udp {
     /// [`crate::Backend::apply`]: the peers in `changes` go into (or out of) the table, which
     /// the workers get anew only if it changed. No netlink request: udp's peers live in
     /// userspace.
-    pub async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
+    async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
         let mut errs = ErrorList::default();
         let mut changed = false;
         for subnet in &changes.remove {
@@ -308,29 +316,12 @@ impl Udp {
 
     /// udp keeps no kernel state per peer: a full reconcile is needed only to repair flannel0
     /// (drift and worker failures come through `event`, which the agent answers with one).
-    pub fn needs_reconcile(&self) -> bool {
+    fn needs_reconcile(&self) -> bool {
         !self.synced || self.running.is_none()
     }
 
-    /// Where `p`'s packets go, unless it must not be a peer: refused by the checks every data
-    /// plane applies, or overlapping a peer already in `table`.
-    fn endpoint(
-        &self,
-        p: &Lease,
-        table: &BTreeMap<Ipv4Net, SocketAddrV4>,
-    ) -> Result<SocketAddrV4, Error> {
-        peer::check(&self.net, self.own.as_ref(), p)?;
-        if let Some((n, other)) = overlapping(table, p.subnet) {
-            return Err(Error::BadPeer {
-                subnet: p.subnet.to_string(),
-                reason: format!("overlaps {n} of the peer at {}", other.ip()),
-            });
-        }
-        Ok(SocketAddrV4::new(p.public_ip, self.cfg.port))
-    }
-
     /// The one route `ensure_route` keeps; peers live in the workers' table, not the kernel.
-    pub fn owned(&self) -> OwnedCounts {
+    fn owned(&self) -> OwnedCounts {
         OwnedCounts {
             routes: usize::from(self.own.is_some()),
             ..OwnedCounts::default()
@@ -339,7 +330,7 @@ impl Udp {
 
     /// A worker failed, or flannel0 (its link state, address or route) changed behind weft's back.
     /// Meanwhile, publishes a table that `apply` held back.
-    pub async fn event(&mut self) -> Event {
+    async fn event(&mut self) -> Event {
         let owned = Owned {
             device: Some(device::NAME.to_string()),
             index: self.running.as_ref().map(|r| r.index),
@@ -363,18 +354,27 @@ impl Udp {
     }
 
     /// Stops the workers and closes the queues; flannel0 stays, with its address and route.
-    pub async fn shutdown(mut self) {
+    async fn shutdown(mut self) {
         self.stop_workers();
     }
+}
 
-    /// What the workers have counted, over this backend's life.
-    pub fn stats(&self) -> Stats {
-        self.stats.read()
-    }
-
-    /// A handle that reads [`Udp::stats`] from elsewhere, for as long as this backend lives.
-    pub fn stats_source(&self) -> StatsSource {
-        self.stats.clone()
+impl Udp {
+    /// Where `p`'s packets go, unless it must not be a peer: refused by the checks every data
+    /// plane applies, or overlapping a peer already in `table`.
+    fn endpoint(
+        &self,
+        p: &Lease,
+        table: &BTreeMap<Ipv4Net, SocketAddrV4>,
+    ) -> Result<SocketAddrV4, Error> {
+        peer::check(&self.net, self.own.as_ref(), p)?;
+        if let Some((n, other)) = overlapping(table, p.subnet) {
+            return Err(Error::BadPeer {
+                subnet: p.subnet.to_string(),
+                reason: format!("overlaps {n} of the peer at {}", other.ip()),
+            });
+        }
+        Ok(SocketAddrV4::new(p.public_ip, self.cfg.port))
     }
 
     /// The table the workers read, from the current lease and peers.
@@ -531,7 +531,7 @@ impl Drop for Udp {
 /// Whether `p` is a peer of this data plane: flannel's udp writes no BackendType, so "" is a
 /// flannel udp node.
 fn ours(p: &Lease) -> bool {
-    p.backend_type.is_empty() || peer::same_type(p, TYPE)
+    p.backend_type.is_empty() || peer::same_type(p, Udp::TYPE)
 }
 
 /// A subnet of `table` that overlaps `subnet`, if any: the same one, one containing it (a shorter
@@ -616,7 +616,7 @@ mod tests {
 
     #[test]
     fn stats_add_up_workers_and_never_go_back_when_workers_restart() {
-        let source = StatsSource::default();
+        let source = StatsCell::default();
         assert_eq!(source.read(), Stats::default(), "nothing started yet");
         let (shared, first) = live(2);
         source.start(first, false);

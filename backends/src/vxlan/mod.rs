@@ -20,15 +20,28 @@ use tracing::debug;
 
 pub use config::VxlanConfig;
 
-use crate::mac::Mac;
+use crate::mac::{vtep_mac, Mac};
 use crate::neigh::{self, Table};
 use crate::netlink::{self, Conn};
 use crate::routes::{self, OwnedRoutes, Owner, RouteSpec};
 use crate::watch::Owned;
-use crate::{peer, BackendConfig, Error, ErrorList, Lease, Network, OwnedCounts, PeerChanges};
+use crate::{
+    peer, BackendConfig, DataPlane, Error, ErrorList, Event, Identity, IdentityKind, Lease,
+    Network, OwnedCounts, PeerChanges,
+};
 use plan::{Moves, Plan, Plans};
 
-pub const TYPE: &str = "vxlan";
+/// Two peers behind one VTEP MAC would each get the other's traffic: the older lease keeps it.
+pub static VTEP_MAC: IdentityKind = IdentityKind {
+    name: "VtepMAC",
+    bad_label: "bad_vtep_mac",
+    own_label: "vtep_mac_own",
+    taken_label: "vtep_mac_taken",
+    show: |b, f| match Mac::from_slice(b) {
+        Some(m) => write!(f, "{m}"),
+        None => write!(f, "{b:02x?}"),
+    },
+};
 
 pub struct Vxlan {
     net: Network,
@@ -51,8 +64,39 @@ pub struct Vxlan {
     synced: bool,
 }
 
-impl Vxlan {
-    pub fn new(config: &BackendConfig, net: Network) -> Result<Self, Error> {
+impl DataPlane for Vxlan {
+    const TYPE: &'static str = "vxlan";
+    const SURVIVES_RESTART: &'static str =
+        "the vxlan device with its address, neighbours, FDB entries, routes and \
+         nexthops; the kernel keeps forwarding";
+    const DEVICE_KIND: Option<&'static str> = Some("vxlan");
+    const MTU_OVERHEAD: u32 = config::OVERHEAD;
+    const IDENTITY: Option<&'static IdentityKind> = Some(&VTEP_MAC);
+
+    fn check(config: &BackendConfig, _underlay_mtu: u32) -> Result<(), Error> {
+        VxlanConfig::parse(config).map(drop)
+    }
+
+    fn device(config: &BackendConfig) -> Option<String> {
+        VxlanConfig::parse(config).ok().map(|c| c.device_name())
+    }
+
+    fn identity(backend_data: Option<&Value>) -> Result<Option<Identity>, String> {
+        let mac = vtep_mac(backend_data).map_err(|e| e.to_string())?;
+        Ok(Some(Identity::new(&VTEP_MAC, &mac.0)))
+    }
+
+    /// `flannel.<VNI>`.
+    fn device_name(&self) -> Option<String> {
+        Some(self.name.to_string())
+    }
+
+    async fn event(&mut self) -> Event {
+        self.drifted().await;
+        Event::Drift
+    }
+
+    fn new(config: &BackendConfig, net: Network) -> Result<Self, Error> {
         let cfg = VxlanConfig::parse(config)?;
         Ok(Self {
             name: cfg.device_name().into(),
@@ -70,7 +114,7 @@ impl Vxlan {
         })
     }
 
-    pub async fn prepare(&mut self, previous: Option<&Lease>) -> Result<Option<Value>, Error> {
+    async fn prepare(&mut self, previous: Option<&Lease>) -> Result<Option<Value>, Error> {
         self.conn.subscribe()?;
         let mac = self.choose_mac(previous).await?;
         self.mac = Some(mac);
@@ -81,12 +125,7 @@ impl Vxlan {
         ))
     }
 
-    /// `flannel.<VNI>`.
-    pub fn device_name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn mtu(&self) -> u32 {
+    fn mtu(&self) -> u32 {
         if self.cfg.mtu != 0 {
             self.cfg.mtu
         } else {
@@ -94,7 +133,7 @@ impl Vxlan {
         }
     }
 
-    pub async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
+    async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
         // Which peers are acceptable depends on this host's lease.
         self.synced &= self.own.as_ref() == Some(own);
         self.own = Some(own.clone());
@@ -103,7 +142,7 @@ impl Vxlan {
         netlink::ensure_address(&handle, index, &self.name, own.subnet.network()).await
     }
 
-    pub async fn reconcile<P: Borrow<Lease>>(
+    async fn reconcile<P: Borrow<Lease>>(
         &mut self,
         peers: impl IntoIterator<Item = P>,
     ) -> Result<(), ErrorList> {
@@ -128,7 +167,7 @@ impl Vxlan {
         let mut plans = Plans::default();
         for p in peers {
             let p = p.borrow();
-            if !peer::same_type(p, TYPE) {
+            if !peer::same_type(p, Self::TYPE) {
                 continue;
             }
             if plans.get(&p.subnet).is_some() {
@@ -179,7 +218,7 @@ impl Vxlan {
 
     /// [`crate::Backend::apply`]: only the peers in `changes`, each moved from its old plan to
     /// its new one with targeted requests.
-    pub async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
+    async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
         let Some(index) = self.index else {
             self.synced = false;
             return Err(Error::Other("vxlan: apply before the first reconcile".into()).into());
@@ -201,7 +240,7 @@ impl Vxlan {
             .map(|p| self.plans.set(p.subnet, None))
             .collect();
         for (p, old) in changes.upsert.iter().zip(olds) {
-            let new = if peer::same_type(p, TYPE) {
+            let new = if peer::same_type(p, Self::TYPE) {
                 match self.plan(p, |m| self.plans.mac_holder(m).is_some()) {
                     Ok(plan) => Some(plan),
                     Err(e) => {
@@ -238,10 +277,22 @@ impl Vxlan {
     }
 
     /// Whether only a full reconcile can bring the kernel in line.
-    pub fn needs_reconcile(&self) -> bool {
+    fn needs_reconcile(&self) -> bool {
         !self.synced || self.routes.stale()
     }
 
+    /// Every peer in the plans has its route (in place or blocked); each overlay peer a
+    /// neighbour and an FDB entry.
+    fn owned(&self) -> OwnedCounts {
+        OwnedCounts {
+            routes: self.routes.wanted(),
+            neighbours: self.plans.overlay(),
+            fdb: self.plans.overlay(),
+        }
+    }
+}
+
+impl Vxlan {
     /// What to program for `p`; `mac_taken` says whether another peer already uses a VTEP MAC.
     fn plan(&self, p: &Lease, mac_taken: impl Fn(Mac) -> bool) -> Result<Plan, Error> {
         peer::check(&self.net, self.own.as_ref(), p)?;
@@ -282,16 +333,6 @@ impl Vxlan {
                 dev: self.underlay.clone(),
                 onlink: false,
             },
-        }
-    }
-
-    /// Every peer in the plans has its route (in place or blocked); each overlay peer a
-    /// neighbour and an FDB entry.
-    pub fn owned(&self) -> OwnedCounts {
-        OwnedCounts {
-            routes: self.routes.wanted(),
-            neighbours: self.plans.overlay(),
-            fdb: self.plans.overlay(),
         }
     }
 

@@ -1,0 +1,289 @@
+//! The contract every data plane implements ([`DataPlane`]), and what the control plane may
+//! know of a backend type without building one ([`Kind`]). The backends are listed once, in
+//! `lib.rs` (`backends!`); everything else (building one by name, the list of known types, their
+//! devices, what a peer's BackendData must hold) follows from that list.
+//!
+//! A new backend is a directory (or file) with a type implementing [`DataPlane`], plus its line
+//! in `backends!`. What it gets for free: config validation in weftctl and weftd, the agent's
+//! full and targeted reconcile passes, drift and failure handling, the peer set's checks (a
+//! peer's [`Identity`] unique among peers, the older lease winning), metrics by type, and
+//! `weftctl doctor`'s device check.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+
+use serde_json::Value;
+
+use std::sync::Arc;
+
+use crate::udp::codec::Counters;
+use crate::{BackendConfig, Error, ErrorList, Event, Lease, Network, OwnedCounts, PeerChanges};
+
+/// One data plane: told "this is my lease, these are my peers", it makes the kernel (or its
+/// own userspace forwarding) agree. The defaults fit a backend with nothing of its own to do
+/// there (alloc); a backend that programs anything implements `reconcile`, `apply` and
+/// `needs_reconcile` together.
+#[allow(async_fn_in_trait)] // called on concrete types only (through `Backend`), so Send is known
+pub trait DataPlane: Sized + Send {
+    /// `Type` in the network config, `BackendType` in leases.
+    const TYPE: &'static str;
+
+    /// What stays in the kernel when weftd exits, for its exit log line.
+    const SURVIVES_RESTART: &'static str;
+
+    /// The kind of link its device is (`ip -d link`: "vxlan", "tun"), if it has one.
+    const DEVICE_KIND: Option<&'static str> = None;
+
+    /// Bytes it adds to each packet on the underlay: containers get the underlay's MTU less
+    /// this (unless the config sets the MTU).
+    const MTU_OVERHEAD: u32 = 0;
+
+    /// The value of a peer's BackendData no two peers may share, if the backend has one.
+    const IDENTITY: Option<&'static IdentityKind> = None;
+
+    /// Checks the backend options exactly as [`DataPlane::new`] does, without building anything.
+    /// `underlay_mtu` is this host's underlay MTU, or the largest possible one where no host is
+    /// known (weftctl).
+    fn check(config: &BackendConfig, underlay_mtu: u32) -> Result<(), Error> {
+        let _ = (config, underlay_mtu);
+        Ok(())
+    }
+
+    /// The device it runs on under `config` (`flannel.<VNI>`, `flannel0`), if any.
+    fn device(config: &BackendConfig) -> Option<String> {
+        let _ = config;
+        None
+    }
+
+    /// The peer's [`Identity`] from its BackendData, or why the BackendData makes it no peer.
+    /// `None` when the backend has no identity ([`DataPlane::IDENTITY`]).
+    fn identity(backend_data: Option<&Value>) -> Result<Option<Identity>, String> {
+        let _ = backend_data;
+        Ok(None)
+    }
+
+    /// Builds it from the config; fails on invalid options. Nothing is changed yet.
+    fn new(config: &BackendConfig, net: Network) -> Result<Self, Error>;
+
+    /// Prepares what must exist before this host's lease is written (vxlan: the device and its
+    /// VTEP MAC) and returns the `BackendData` to publish. `previous` is this host's earlier
+    /// lease, if any, so stable identities (the VTEP MAC) can be kept.
+    async fn prepare(&mut self, previous: Option<&Lease>) -> Result<Option<Value>, Error> {
+        let _ = previous;
+        Ok(None)
+    }
+
+    /// The MTU containers must use (FLANNEL_MTU).
+    fn mtu(&self) -> u32;
+
+    /// Configures host state that depends on this host's own lease (device address, local
+    /// routes). Called once the lease is held, and again whenever it changes.
+    async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
+        let _ = own;
+        Ok(())
+    }
+
+    /// Makes the kernel match exactly `peers`: adds what is missing, fixes what differs,
+    /// removes what this backend owns that no peer wants. One bad peer does not stop the
+    /// others: every failure is reported together. `peers` is read once, in order, and no
+    /// lease is kept: 10,000 of them need not be held at once.
+    async fn reconcile<P: Borrow<Lease>>(
+        &mut self,
+        peers: impl IntoIterator<Item = P>,
+    ) -> Result<(), ErrorList> {
+        drop(peers.into_iter());
+        Ok(())
+    }
+
+    /// Applies a change of the peer set with one targeted request per object concerned,
+    /// without reading the kernel's tables (see `Backend::apply`).
+    async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
+        let _ = changes;
+        Ok(())
+    }
+
+    /// Whether only a full [`DataPlane::reconcile`] can bring the kernel in line.
+    fn needs_reconcile(&self) -> bool {
+        false
+    }
+
+    /// Resolves at the next thing the agent must act on (drift, a failed data plane); never,
+    /// for a backend with nothing to watch. Cancel-safe.
+    async fn event(&mut self) -> Event {
+        std::future::pending().await
+    }
+
+    /// Stops what runs in weftd itself (threads) before weftd exits or the backend is rebuilt.
+    async fn shutdown(self) {}
+
+    /// The device it runs on, if any: what `Backend::remove` deletes.
+    fn device_name(&self) -> Option<String> {
+        None
+    }
+
+    /// What the last reconcile put or kept in the kernel.
+    fn owned(&self) -> OwnedCounts {
+        OwnedCounts::default()
+    }
+
+    /// Counters of a userspace data path, readable from another thread.
+    fn stats(&self) -> Option<StatsSource> {
+        None
+    }
+}
+
+/// What the control plane knows of a backend type without building one.
+#[derive(Debug, Clone, Copy)]
+pub struct Kind {
+    pub name: &'static str,
+    pub survives_restart: &'static str,
+    pub device_kind: Option<&'static str>,
+    pub mtu_overhead: u32,
+    pub identity_kind: Option<&'static IdentityKind>,
+    pub check: fn(&BackendConfig, u32) -> Result<(), Error>,
+    pub device: fn(&BackendConfig) -> Option<String>,
+    pub identity: fn(Option<&Value>) -> Result<Option<Identity>, String>,
+}
+
+impl Kind {
+    pub const fn of<T: DataPlane>() -> Self {
+        Self {
+            name: T::TYPE,
+            survives_restart: T::SURVIVES_RESTART,
+            device_kind: T::DEVICE_KIND,
+            mtu_overhead: T::MTU_OVERHEAD,
+            identity_kind: T::IDENTITY,
+            check: T::check,
+            device: T::device,
+            identity: T::identity,
+        }
+    }
+}
+
+/// A kind of value in peers' BackendData that must be unique among peers: vxlan's VtepMAC (two
+/// peers behind one MAC would each get the other's traffic), WireGuard's public key.
+#[derive(Debug)]
+pub struct IdentityKind {
+    /// Its name in BackendData and in messages: "VtepMAC".
+    pub name: &'static str,
+    /// Metrics labels of the peer set's rejections: BackendData without a usable one, one that
+    /// is this host's, one an older lease holds.
+    pub bad_label: &'static str,
+    pub own_label: &'static str,
+    pub taken_label: &'static str,
+    /// Writes a value as BackendData spells it.
+    pub show: fn(&[u8], &mut fmt::Formatter<'_>) -> fmt::Result,
+}
+
+/// One kind per name: compared by it.
+impl PartialEq for IdentityKind {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for IdentityKind {}
+
+/// The longest identity value (a WireGuard key).
+const MAX_IDENTITY: usize = 32;
+
+/// One peer's identity: its kind and value. Compared and hashed by both.
+#[derive(Clone, Copy)]
+pub struct Identity {
+    kind: &'static IdentityKind,
+    len: u8,
+    bytes: [u8; MAX_IDENTITY],
+}
+
+impl Identity {
+    /// `value` is cut at 32 bytes, the longest any kind has.
+    pub fn new(kind: &'static IdentityKind, value: &[u8]) -> Self {
+        let len = value.len().min(MAX_IDENTITY);
+        let mut bytes = [0; MAX_IDENTITY];
+        bytes[..len].copy_from_slice(&value[..len]);
+        Self {
+            kind,
+            len: len as u8,
+            bytes,
+        }
+    }
+
+    pub fn kind(&self) -> &'static IdentityKind {
+        self.kind
+    }
+
+    pub fn value(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl PartialEq for Identity {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.value() == other.value()
+    }
+}
+
+impl Eq for Identity {}
+
+impl Hash for Identity {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.kind.name.hash(state);
+        self.value().hash(state);
+    }
+}
+
+/// "VtepMAC aa:bb:cc:dd:ee:ff".
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ", self.kind.name)?;
+        (self.kind.show)(self.value(), f)
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Identity({self})")
+    }
+}
+
+/// What a userspace data path (udp) has done so far, summed over its workers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Packets and bytes each way, drops by reason, ICMP errors sent.
+    pub counters: Counters,
+    /// TUN reads whose offload metadata could not be split (not packets the codec saw).
+    pub tun_read_errors: u64,
+    pub workers: usize,
+    /// TUN offloads (virtio-net header: TSO/USO super-packets, GRO writes) in use.
+    pub tun_offload: bool,
+    /// UDP datagrams merged for TUN writes too (the TUN takes USO frames, Linux 6.2+).
+    pub tun_uso: bool,
+    /// UDP GSO still in use on every socket (the kernel may have refused it).
+    pub udp_gso: bool,
+    pub udp_gro: bool,
+    /// Times the workers were stopped and started again (flannel0 recreated, a worker gone).
+    pub worker_restarts: u64,
+}
+
+/// Reads a userspace data path's [`Stats`] from any thread (the metrics scrape) while the
+/// backend is busy elsewhere.
+#[derive(Clone)]
+pub struct StatsSource(Arc<dyn Fn() -> Stats + Send + Sync>);
+
+impl StatsSource {
+    pub fn new(read: impl Fn() -> Stats + Send + Sync + 'static) -> Self {
+        Self(Arc::new(read))
+    }
+
+    /// The totals so far.
+    pub fn read(&self) -> Stats {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for StatsSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StatsSource")
+    }
+}
