@@ -17,6 +17,7 @@
 
 mod alloc;
 pub mod batch;
+mod conn;
 mod error;
 pub mod firewall;
 mod host_gw;

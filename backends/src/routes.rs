@@ -54,8 +54,9 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 use tracing::{debug, info};
 
 use crate::batch::{Batch, Request};
+use crate::error::{errno, is_gone};
 use crate::nexthop::{self, Nexthop, NexthopMessage};
-use crate::{netlink, Error, ErrorList};
+use crate::{Error, ErrorList};
 
 /// The route protocol number (`rtm_protocol`) marking routes weft created. `ip route` shows it as
 /// `proto 87` (add `87 weft` to /etc/iproute2/rt_protos for a name). 87 is unassigned in the
@@ -376,7 +377,7 @@ impl OwnedRoutes {
         for ((dst, hop), r) in gone.iter().zip(results) {
             match r {
                 Ok(()) => debug!(%dst, gateway = ?hop.gateway, "route removed"),
-                Err(e) if netlink::is_gone(&e) => {}
+                Err(e) if is_gone(&e) => {}
                 Err(source) => {
                     self.stale = true;
                     errs.push(Error::Netlink {
@@ -435,7 +436,7 @@ impl OwnedRoutes {
                     }
                     self.installed.insert(want.dst, hop);
                 }
-                Err(e) if netlink::errno(&e) == Some(libc::EEXIST) => {
+                Err(e) if errno(&e) == Some(libc::EEXIST) => {
                     // Not weft's (ours would be in `installed`): flanneld's to adopt or
                     // another's to yield to, which only a dump can tell. A conflict a full
                     // reconcile already judged stays one until that route goes.
@@ -587,7 +588,7 @@ async fn delete_nexthops(batch: &Batch, ids: &[u32]) -> ErrorList {
     for (id, r) in ids.iter().zip(batch.send(requests).await) {
         match r {
             Ok(()) => debug!(id, "nexthop removed"),
-            Err(e) if netlink::is_gone(&e) => {}
+            Err(e) if is_gone(&e) => {}
             Err(source) => errs.push(Error::Netlink {
                 context: format!("delete nexthop {id}"),
                 source,
@@ -781,7 +782,7 @@ async fn reconcile_routes(
                 adopted += 1;
                 debug!(dst = %theirs.dst, gateway = ?theirs.gateway, "flanneld's route adopted");
             }
-            Err(e) if netlink::is_gone(&e) => {}
+            Err(e) if is_gone(&e) => {}
             Err(source) => errs.push(Error::Netlink {
                 context: format!(
                     "adopt route {} via {:?} (proto boot)",
@@ -799,7 +800,7 @@ async fn reconcile_routes(
             Ok(()) => {
                 info!(dst = %want.dst, gateway = ?want.gateway, "route withdrawn: another route holds its destination")
             }
-            Err(e) if netlink::is_gone(&e) => {}
+            Err(e) if is_gone(&e) => {}
             Err(source) => errs.push(Error::Netlink {
                 context: format!("delete route {want}"),
                 source,
@@ -822,7 +823,7 @@ async fn reconcile_routes(
                 debug!(dst = %r.dst, gateway = ?r.gateway, "route removed");
             }
             // Replacing may already have removed it (same dst and metric).
-            Err(e) if netlink::is_gone(&e) => {}
+            Err(e) if is_gone(&e) => {}
             Err(source) => errs.push(Error::Netlink {
                 context: format!("delete route {} via {:?}", r.dst, r.gateway),
                 source,

@@ -40,7 +40,8 @@ use tracing::{debug, info};
 pub use codec::{Counters, DropReason};
 pub use config::UdpConfig;
 
-use crate::netlink::{self, Conn};
+use crate::conn::Conn;
+use crate::netlink;
 use crate::routes::{self, RouteSpec};
 use crate::watch::Owned;
 use crate::{
