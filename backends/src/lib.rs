@@ -43,7 +43,7 @@ pub use error::{Error, ErrorList};
 pub use iface::{ExternalInterface, InterfaceSelector};
 pub use lease::{BackendData, Lease};
 pub use neigh::permanent_entry as permanent_neighbour;
-pub use routes::RTPROT_WEFT;
+pub use routes::owner::RTPROT_WEFT;
 pub use vxlan::ethtool;
 
 /// The backend options of the network config (`Backend` object), keys matched case-insensitively as
