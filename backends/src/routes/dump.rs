@@ -18,7 +18,7 @@ use crate::Error;
 
 /// A route of the main table as the kernel reports it. A route naming a nexthop has that
 /// nexthop's gateway, device and on-link flag here.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Installed {
     pub(super) dst: Ipv4Net,
     pub(super) gateway: Option<Ipv4Addr>,
@@ -91,20 +91,30 @@ async fn link_name(handle: &Handle, index: u32) -> String {
 
 /// All IPv4 routes of the main table.
 pub(crate) async fn list_main(handle: &Handle) -> Result<Vec<RouteMessage>, Error> {
-    let req = RouteMessageBuilder::<Ipv4Addr>::new().build();
-    let all: Vec<RouteMessage> = handle
-        .route()
-        .get(req)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(Error::netlink(LIST_ROUTES))?;
-    Ok(all
-        .into_iter()
-        .filter(|m| table(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
-        .collect())
+    let mut all = Vec::new();
+    each_main(handle, |m| all.push(m)).await?;
+    Ok(all)
 }
-pub(super) fn table(m: &RouteMessage) -> u32 {
+
+/// Hands `f` each IPv4 route of the main table as the dump streams in, so that none of the
+/// table need be held (it may hold 10,000 peer routes).
+pub(super) async fn each_main(
+    handle: &Handle,
+    mut f: impl FnMut(RouteMessage),
+) -> Result<(), Error> {
+    let mut dump = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(m) = dump.try_next().await.map_err(Error::netlink(LIST_ROUTES))? {
+        if table(&m) == u32::from(RouteHeader::RT_TABLE_MAIN) {
+            f(m);
+        }
+    }
+    Ok(())
+}
+
+fn table(m: &RouteMessage) -> u32 {
     m.attributes
         .iter()
         .find_map(|a| match a {
@@ -194,4 +204,22 @@ pub async fn connected_networks(handle: &Handle, oif: u32) -> Result<Vec<Ipv4Net
         .try_collect()
         .await
         .map_err(Error::netlink(LIST_ROUTES))
+}
+
+#[cfg(test)]
+impl Installed {
+    /// `dst [via gateway] dev <oif> proto <protocol>`, plain unicast, as a dump reads it.
+    pub(super) fn plain(dst: &str, gateway: Option<&str>, oif: u32, protocol: u8) -> Self {
+        Self {
+            dst: dst.parse().expect("dst"),
+            gateway: gateway.map(|g| g.parse().expect("gateway")),
+            oif: Some(oif),
+            onlink: false,
+            priority: 0,
+            protocol,
+            nh: None,
+            clean: true,
+            msg: RouteMessage::default(),
+        }
+    }
 }

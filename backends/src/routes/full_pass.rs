@@ -1,19 +1,18 @@
-//! The full pass: the kernel's routes read as the dump streams in, compared with the desired
-//! ones, and the differences sent.
+//! The full pass: the kernel's routes read as the dump streams in, judged into a [`Plan`], and
+//! the plan sent, in its order, with what each request did counted and logged.
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
 
-use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
-use rtnetlink::packet_route::route::RouteHeader;
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::packet_core::NLM_F_REPLACE;
+use rtnetlink::Handle;
 use tracing::{debug, info};
 
-use super::dump::{describe, parse, table, Installed, LIST_ROUTES};
-use super::owner::{Owner, RTPROT_BOOT};
-use super::send::{delete, delete_exact, delete_nexthops, put_all, Put};
+use super::dump::{describe, each_main, parse, Installed};
+use super::owner::Owner;
+use super::plan::{Diff, Plan, Removal};
+use super::put::Put;
+use super::send::{delete, delete_exact, delete_nexthops, put_all};
 use super::spec::{Hop, RouteSpec};
 use crate::batch::Batch;
 use crate::error::is_gone;
@@ -28,8 +27,8 @@ pub(super) struct FullPass {
     pub(super) held: HashMap<Ipv4Net, String>,
 }
 
-/// The full pass of [`super::reconcile_owned`] and [`super::OwnedRoutes::reconcile`]; `objects` is every
-/// nexthop of the kernel, when routes are to name them.
+/// The full pass of [`super::reconcile_owned`] and [`super::OwnedRoutes::reconcile`];
+/// `objects` is every nexthop of the kernel, when routes are to name them.
 pub(super) async fn reconcile_routes(
     handle: &Handle,
     batch: &Batch,
@@ -37,135 +36,85 @@ pub(super) async fn reconcile_routes(
     owner: &Owner,
     desired: &[RouteSpec],
 ) -> FullPass {
-    let mut errs = ErrorList::default();
-    let with_nexthops = objects.is_some();
-    let nexthops = objects.unwrap_or_default();
-    // Every nexthop, to read the routes that name one; weft's own, to keep or remove.
-    let nexthops: HashMap<u32, Nexthop> = nexthops.into_iter().map(|n| (n.id, n)).collect();
-    let ours_nh: HashSet<u32> = (nexthops.values())
-        .filter(|n| owner.owns_nexthop(n))
-        .map(|n| n.id)
-        .collect();
-    let want: Vec<Hop> = (desired.iter())
-        .map(|d| {
-            let mut hop = Hop::of(d, with_nexthops);
-            if let Some(id) = hop.nh.filter(|id| nexthops.contains_key(id) && !ours_nh.contains(id)) {
-                debug!(dst = %d.dst, id, "the nexthop id is another's: the route names its gateway");
-                hop.nh = None;
-            }
-            hop
-        })
-        .collect();
-    let mut placed: Vec<Option<Hop>> = vec![None; desired.len()];
-    let mut wanted_at: HashMap<Ipv4Net, usize> = HashMap::with_capacity(desired.len());
-    for (i, want) in desired.iter().enumerate() {
-        wanted_at.entry(want.dst).or_insert(i);
+    let mut diff = Diff::new(*owner, desired, objects);
+    for &(dst, id) in diff.taken_ids() {
+        debug!(%dst, id, "the nexthop id is another's: the route names its gateway");
     }
-    // The table is read as the dump streams in, and weft's own route that is exactly as wanted
-    // is only noted (placed), not kept: with 10,000 peers in place, the pass holds no copy of
-    // the table. Every other route is kept whole, to be judged, replaced or deleted.
-    let mut owned = Vec::new();
-    let mut foreign = Vec::new();
-    let mut dump = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
-    loop {
-        let msg = match dump.try_next().await {
-            Ok(Some(m)) => m,
-            Ok(None) => break,
-            Err(e) => {
-                errs.push(Error::netlink(LIST_ROUTES)(e));
-                return FullPass {
-                    errs,
-                    placed: vec![None; desired.len()],
-                    held: HashMap::new(),
-                };
-            }
+    let read = each_main(handle, |msg| {
+        let r = parse(msg, diff.nexthops());
+        diff.see(r);
+    });
+    if let Err(e) = read.await {
+        return FullPass {
+            errs: e.into(),
+            placed: vec![None; desired.len()],
+            held: HashMap::new(),
         };
-        if table(&msg) != u32::from(RouteHeader::RT_TABLE_MAIN) {
-            continue;
-        }
-        let r = parse(msg, &nexthops);
-        if !owner.owns(&r) {
-            foreign.push(r);
-            continue;
-        }
-        match wanted_at.get(&r.dst) {
-            Some(&i)
-                if placed[i].is_none() && desired[i].forwards_like(&r) && r.nh == want[i].nh =>
-            {
-                placed[i] = Some(want[i])
-            }
-            _ => owned.push(r),
-        }
     }
-    // Indexes by destination: a pass costs O(routes), whatever the table's size.
-    let mut foreign_at: HashMap<Ipv4Net, Vec<&Installed>> = HashMap::new();
-    for r in &foreign {
-        foreign_at.entry(r.dst).or_default().push(r);
-    }
-    let owned_at: HashSet<Ipv4Net> = owned.iter().map(|r| r.dst).collect();
-    let mut missing = Vec::new();
-    let mut withdraw = Vec::new();
-    let mut held = HashMap::new();
-    let mut adopt: HashMap<Ipv4Net, &Installed> = HashMap::new();
-    for (i, want) in desired.iter().enumerate() {
-        match foreign_at.get(&want.dst).map_or(&[][..], Vec::as_slice) {
-            [] => {}
-            [theirs] if theirs.protocol == RTPROT_BOOT && want.forwards_like(theirs) => {
-                adopt.insert(want.dst, theirs);
-            }
-            [theirs, ..] => {
-                // Weft's own routes to this destination are not kept: they are withdrawn below.
-                let existing = describe(handle, theirs).await;
-                held.insert(want.dst, existing.clone());
-                errs.push(Error::RouteConflict {
-                    wanted: want.to_string(),
-                    existing,
-                });
-                if let Some(hop) = placed[i].take() {
-                    withdraw.push((i, hop));
-                }
-                continue;
-            }
-        }
-        if placed[i].is_none() {
-            missing.push(i);
-        }
-    }
+    let plan = diff.plan();
+    let mut errs = ErrorList::default();
+    let held = report_blocked(handle, &plan.blocked, &mut errs).await;
     debug!(
-        missing = missing.len(),
-        extra = owned.len() + withdraw.len(),
-        adopt = adopt.len(),
+        missing = plan.puts.len(),
+        extra = plan.remove.len() + plan.withdraw.len(),
+        adopt = plan.adopt.len(),
         "route diff"
     );
-    let mut puts: Vec<Put> = (missing.iter())
-        .map(|&i| {
-            let dst = desired[i].dst;
-            // Replace only a route of our own. Adding next to flanneld's copy needs neither
-            // flag: the kernel puts the new route ahead of it (they differ in protocol).
-            let flags = if adopt.contains_key(&dst) {
-                NLM_F_CREATE
-            } else if owned_at.contains(&dst) {
-                NLM_F_CREATE | NLM_F_REPLACE
-            } else {
-                NLM_F_CREATE | NLM_F_EXCL
-            };
-            let put = Put::new(&desired[i], want[i]).route(flags);
-            match want[i].nh.and_then(|id| nexthops.get(&id)) {
-                // weft's own (another's id was ruled out above): kept if it is right.
-                Some(n) if Some(*n) == want[i].nexthop() => put,
-                Some(_) => put.nexthop(NLM_F_CREATE | NLM_F_REPLACE),
-                None => put.nexthop(NLM_F_CREATE | NLM_F_EXCL),
-            }
-        })
-        .collect();
-    put_all(batch, &mut puts, &mut errs).await;
+    let Plan {
+        mut placed,
+        puts,
+        adopt,
+        withdraw,
+        remove,
+        nexthops,
+        ..
+    } = plan;
+    let (added, replaced, failed) = put_missing(batch, puts, &mut placed, &mut errs).await;
+    let adopted = delete_adopted(batch, &adopt, &failed, &mut errs).await;
+    withdraw_blocked(batch, &withdraw, &mut errs).await;
+    let removed = delete_owned(batch, &remove, &mut errs).await;
+    // weft's nexthops no route names any more (never one another's route names).
+    errs.0
+        .extend(delete_nexthops(batch, &nexthops.unused(&placed)).await.0);
+    if added + replaced + removed + adopted > 0 {
+        info!(added, replaced, removed, adopted, "routes updated");
+    }
+    FullPass { errs, placed, held }
+}
+
+/// Reports each blocked route as a conflict with the route that holds its destination, as
+/// `ip route` shows it; returns those descriptions by destination.
+async fn report_blocked(
+    handle: &Handle,
+    blocked: &[(&RouteSpec, Installed)],
+    errs: &mut ErrorList,
+) -> HashMap<Ipv4Net, String> {
+    let mut held = HashMap::new();
+    for (want, theirs) in blocked {
+        let existing = describe(handle, theirs).await;
+        held.insert(want.dst, existing.clone());
+        errs.push(Error::RouteConflict {
+            wanted: want.to_string(),
+            existing,
+        });
+    }
+    held
+}
+
+/// Puts the missing routes in place, noting each that is in `placed` (by its index); returns
+/// how many were added and replaced, and the destinations that failed.
+async fn put_missing(
+    batch: &Batch,
+    puts: Vec<(usize, Put<'_>)>,
+    placed: &mut [Option<Hop>],
+    errs: &mut ErrorList,
+) -> (usize, usize, HashSet<Ipv4Net>) {
+    let (missing, mut puts): (Vec<usize>, Vec<Put>) = puts.into_iter().unzip();
+    put_all(batch, &mut puts, errs).await;
     let mut failed = HashSet::new();
     let (mut added, mut replaced) = (0, 0);
-    for (&i, mut put) in missing.iter().zip(puts) {
-        let want = &desired[i];
+    for (i, mut put) in missing.into_iter().zip(puts) {
+        let want = put.want;
         match put.result() {
             Ok(hop) => {
                 placed[i] = Some(hop);
@@ -186,10 +135,18 @@ pub(super) async fn reconcile_routes(
             }
         }
     }
+    (added, replaced, failed)
+}
+
+/// Deletes flanneld's routes weft adopted, where weft's copy is in; returns how many went.
+async fn delete_adopted(
+    batch: &Batch,
+    adopt: &[Installed],
+    failed: &HashSet<Ipv4Net>,
+    errs: &mut ErrorList,
+) -> usize {
     // Only once weft's copy is in: traffic for the peer never lacks a route.
-    let adopting: Vec<&Installed> = adopt
-        .values()
-        .copied()
+    let adopting: Vec<&Installed> = (adopt.iter())
         .filter(|r| !failed.contains(&r.dst))
         .collect();
     let results = batch.send(adopting.iter().map(|r| Some(delete(r)))).await;
@@ -210,10 +167,14 @@ pub(super) async fn reconcile_routes(
             }),
         }
     }
-    let requests = (withdraw.iter()).map(|&(i, hop)| Some(delete_exact(desired[i].dst, hop)));
+    adopted
+}
+
+/// Deletes weft's routes to destinations another route holds, exactly as they were placed.
+async fn withdraw_blocked(batch: &Batch, withdraw: &[(&RouteSpec, Hop)], errs: &mut ErrorList) {
+    let requests = (withdraw.iter()).map(|&(want, hop)| Some(delete_exact(want.dst, hop)));
     let results = batch.send(requests).await;
-    for (&(i, _), r) in withdraw.iter().zip(results) {
-        let want = &desired[i];
+    for (&(want, _), r) in withdraw.iter().zip(results) {
         match r {
             Ok(()) => {
                 info!(dst = %want.dst, gateway = ?want.gateway, "route withdrawn: another route holds its destination")
@@ -225,21 +186,30 @@ pub(super) async fn reconcile_routes(
             }),
         }
     }
-    let wanted: HashSet<Ipv4Net> = desired.iter().map(|d| d.dst).collect();
-    let results = batch.send(owned.iter().map(|r| Some(delete(r)))).await;
+}
+
+/// Deletes weft's routes the plan removes; returns how many went because no peer wants them.
+async fn delete_owned(
+    batch: &Batch,
+    remove: &[(Installed, Removal)],
+    errs: &mut ErrorList,
+) -> usize {
+    let results = batch
+        .send(remove.iter().map(|(r, _)| Some(delete(r))))
+        .await;
     let mut removed = 0;
-    for (r, result) in owned.iter().zip(results) {
+    for ((r, why), result) in remove.iter().zip(results) {
         match result {
-            Ok(()) if foreign_at.contains_key(&r.dst) => {
-                info!(dst = %r.dst, gateway = ?r.gateway, "route withdrawn: another route holds its destination")
-            }
-            Ok(()) if wanted.contains(&r.dst) => {
-                debug!(dst = %r.dst, "stale route variant removed")
-            }
-            Ok(()) => {
-                removed += 1;
-                debug!(dst = %r.dst, gateway = ?r.gateway, "route removed");
-            }
+            Ok(()) => match why {
+                Removal::Yielded => {
+                    info!(dst = %r.dst, gateway = ?r.gateway, "route withdrawn: another route holds its destination")
+                }
+                Removal::Variant => debug!(dst = %r.dst, "stale route variant removed"),
+                Removal::Unwanted => {
+                    removed += 1;
+                    debug!(dst = %r.dst, gateway = ?r.gateway, "route removed");
+                }
+            },
             // Replacing may already have removed it (same dst and metric).
             Err(e) if is_gone(&e) => {}
             Err(source) => errs.push(Error::Netlink {
@@ -248,16 +218,5 @@ pub(super) async fn reconcile_routes(
             }),
         }
     }
-    // weft's nexthops no route names any more (never one another's route names).
-    let named: HashSet<u32> = (placed.iter().flatten().filter_map(|h| h.nh))
-        .chain(foreign.iter().filter_map(|r| r.nh))
-        .collect();
-    let unused: Vec<u32> = (ours_nh.iter().copied())
-        .filter(|id| !named.contains(id))
-        .collect();
-    errs.0.extend(delete_nexthops(batch, &unused).await.0);
-    if added + replaced + removed + adopted > 0 {
-        info!(added, replaced, removed, adopted, "routes updated");
-    }
-    FullPass { errs, placed, held }
+    removed
 }

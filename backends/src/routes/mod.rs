@@ -35,13 +35,29 @@
 //! the kernel refuses it) and on kernels without nexthops; a full pass moves classic routes to
 //! nexthops where it can. A route someone else makes naming one of weft's nexthops goes when
 //! the kernel deletes that nexthop with weft's route.
+//!
+//! Files: `owner` (what is weft's, and which instance's), `spec` (the routes wanted), `dump`
+//! (reading the main table), `plan` (a full pass judged: pure), `put` (a route's requests, and a
+//! targeted change's), `send` (the requests sent in batches), `full_pass` (dump, plan, send and
+//! count); here, [`OwnedRoutes`]: what is in place, for targeted changes between full passes.
+
+mod dump;
+mod full_pass;
+pub(crate) mod owner;
+mod plan;
+mod put;
+mod send;
+mod spec;
 
 use std::collections::HashMap;
 
 use ipnet::Ipv4Net;
-use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use rtnetlink::Handle;
 use tracing::{debug, info};
+
+pub(crate) use dump::{connected_networks, list_main};
+pub use owner::Owner;
+pub use spec::RouteSpec;
 
 use crate::batch::Batch;
 use crate::error::{errno, is_gone};
@@ -49,18 +65,9 @@ use crate::nexthop::{self, Nexthop};
 use crate::{Error, ErrorList};
 use dump::LIST_ROUTES;
 use full_pass::reconcile_routes;
-use send::{delete_exact, delete_nexthops, put_all, Put};
+use put::Put;
+use send::{delete_exact, delete_nexthops, put_all};
 use spec::Hop;
-
-mod dump;
-mod full_pass;
-pub(crate) mod owner;
-mod send;
-mod spec;
-
-pub(crate) use dump::{connected_networks, list_main};
-pub use owner::Owner;
-pub use spec::RouteSpec;
 
 /// Makes the routes `owner` owns exactly `desired`, in the classic form: adds what is missing,
 /// replaces its own routes that differ, deletes its own routes no peer wants, and leaves every
@@ -207,21 +214,9 @@ impl OwnedRoutes {
         for want in upsert {
             let hop = Hop::of(want, objects);
             let held = (self.blocked.remove(&want.dst)).map(|(_, by)| by.unwrap_or_default());
-            let put = match self.installed.get(&want.dst) {
-                Some(h) if *h == hop => continue,
-                // Only the gateway changed: the route names the same nexthop.
-                Some(h) if h.nh.is_some() && h.nh == hop.nh => Put::new(want, hop)
-                    .nexthop(NLM_F_CREATE | NLM_F_REPLACE)
-                    .previous(*h),
-                Some(h) => Put::new(want, hop)
-                    .nexthop(NLM_F_CREATE | NLM_F_EXCL)
-                    .route(NLM_F_CREATE | NLM_F_REPLACE)
-                    .previous(*h),
-                None => Put::new(want, hop)
-                    .nexthop(NLM_F_CREATE | NLM_F_EXCL)
-                    .route(NLM_F_CREATE | NLM_F_EXCL),
-            };
-            puts.push((put, held));
+            if let Some(put) = Put::change(want, hop, self.installed.get(&want.dst).copied()) {
+                puts.push((put, held));
+            }
         }
         self.put(batch, puts, &mut errs).await;
         let requests = (gone.iter()).map(|(dst, hop)| Some(delete_exact(*dst, *hop)));
@@ -258,9 +253,7 @@ impl OwnedRoutes {
         // Known to be held, by whatever a full pass saw there.
         let puts: Vec<_> = (blocked.iter())
             .map(|(w, by)| {
-                let put = Put::new(w, Hop::of(w, objects))
-                    .nexthop(NLM_F_CREATE | NLM_F_EXCL)
-                    .route(NLM_F_CREATE | NLM_F_EXCL);
+                let put = Put::add(w, Hop::of(w, objects));
                 (put, Some(by.clone().unwrap_or_default()))
             })
             .collect();

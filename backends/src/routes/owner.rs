@@ -49,22 +49,10 @@ pub fn nexthop_id(dst: Ipv4Net) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
-    use rtnetlink::packet_route::route::RouteMessage;
-
     use super::*;
 
     fn route(dst: &str, protocol: u8, oif: u32) -> Installed {
-        Installed {
-            dst: dst.parse().expect("dst"),
-            gateway: None,
-            oif: Some(oif),
-            onlink: false,
-            priority: 0,
-            protocol,
-            nh: None,
-            clean: true,
-            msg: RouteMessage::default(),
-        }
+        Installed::plain(dst, None, oif, protocol)
     }
 
     #[test]

@@ -12,64 +12,12 @@ use tracing::debug;
 
 use super::dump::Installed;
 use super::owner::RTPROT_WEFT;
-use super::spec::{Hop, RouteSpec};
+use super::put::Put;
+use super::spec::Hop;
 use crate::batch::{Batch, Request};
 use crate::error::is_gone;
 use crate::nexthop::{Nexthop, NexthopMessage};
 use crate::{Error, ErrorList};
-
-/// One route to put in place, and the requests that take it there.
-pub(super) struct Put<'a> {
-    pub(super) want: &'a RouteSpec,
-    pub(super) hop: Hop,
-    /// The nexthop request's flags, when the hop names a nexthop that must be added or replaced.
-    pub(super) nh_flags: Option<u16>,
-    /// The route request's flags; none when the route already names the right nexthop.
-    pub(super) route_flags: Option<u16>,
-    /// What weft had in place for this destination.
-    pub(super) previous: Option<Hop>,
-    /// Why the route is not in place, once sent (boxed: 10,000 puts are mostly successes).
-    failed: Option<Box<rtnetlink::Error>>,
-}
-
-impl<'a> Put<'a> {
-    pub(super) fn new(want: &'a RouteSpec, hop: Hop) -> Self {
-        Self {
-            want,
-            hop,
-            nh_flags: None,
-            route_flags: None,
-            previous: None,
-            failed: None,
-        }
-    }
-
-    /// Once sent: the hop in place, or why the route is not.
-    pub(super) fn result(&mut self) -> Result<Hop, rtnetlink::Error> {
-        match self.failed.take() {
-            Some(e) => Err(*e),
-            None => Ok(self.hop),
-        }
-    }
-
-    /// Adds or replaces the hop's nexthop (if it names one) with `flags`.
-    pub(super) fn nexthop(mut self, flags: u16) -> Self {
-        if self.hop.nh.is_some() {
-            self.nh_flags = Some(flags);
-        }
-        self
-    }
-
-    pub(super) fn route(mut self, flags: u16) -> Self {
-        self.route_flags = Some(flags);
-        self
-    }
-
-    pub(super) fn previous(mut self, hop: Hop) -> Self {
-        self.previous = Some(hop);
-        self
-    }
-}
 
 /// Sends the nexthop requests, then the route requests, so a route names only a nexthop that
 /// exists. A route whose nexthop the kernel refused (the id another program's, a device without
