@@ -40,6 +40,9 @@
 //! (reading the main table), `plan` (a full pass judged: pure), `put` (a route's requests, and a
 //! targeted change's), `send` (the requests sent in batches), `full_pass` (dump, plan, send and
 //! count); here, [`OwnedRoutes`]: what is in place, for targeted changes between full passes.
+//!
+//! [`RTPROT_WEFT`]: owner::RTPROT_WEFT
+//! [`nexthop_id`]: owner::nexthop_id
 
 mod dump;
 mod full_pass;
