@@ -238,7 +238,7 @@ mod tests {
             (3, errno_error(libc::ENOENT)),
         ];
         let got: Vec<Option<i32>> = Verdicts::new(failed, 5)
-            .map(|r| r.err().and_then(|e| crate::netlink::errno(&e)))
+            .map(|r| r.err().and_then(|e| crate::error::errno(&e)))
             .collect();
         assert_eq!(
             got,

@@ -76,7 +76,7 @@ impl Error {
             libc::ENOENT,
         ];
         match self {
-            Self::Netlink { source, .. } => match crate::netlink::errno(source) {
+            Self::Netlink { source, .. } => match errno(source) {
                 Some(errno) => TRANSIENT.contains(&errno),
                 // Not a kernel answer: the socket itself failed (closed, I/O).
                 None => true,
@@ -103,6 +103,19 @@ impl Error {
             | Self::Other(_) => false,
         }
     }
+}
+
+/// The errno of a kernel rejection (positive, as in libc), if that is what `e` is.
+pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// True when the kernel said the object is already gone (deleting it again is success).
+pub fn is_gone(e: &rtnetlink::Error) -> bool {
+    matches!(errno(e), Some(libc::ESRCH | libc::ENOENT | libc::ENODEV))
 }
 
 /// Several independent failures of one reconcile pass, reported together.

@@ -6,7 +6,7 @@ use serde_json::Value;
 use std::borrow::Borrow;
 use std::sync::Arc;
 
-use crate::netlink::Conn;
+use crate::conn::Conn;
 use crate::routes::{self, OwnedRoutes, Owner, RouteSpec};
 use crate::watch::Owned;
 use crate::{

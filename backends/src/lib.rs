@@ -19,6 +19,7 @@ mod alloc;
 #[macro_use]
 mod backends;
 pub mod batch;
+mod conn;
 mod error;
 pub mod firewall;
 mod host_gw;
@@ -45,7 +46,7 @@ pub use iface::{ExternalInterface, InterfaceSelector};
 pub use lease::{BackendData, Lease};
 pub use neigh::permanent_entry as permanent_neighbour;
 pub use plane::{DataPlane, Identity, IdentityKind, Kind, Stats, StatsSource};
-pub use routes::RTPROT_WEFT;
+pub use routes::owner::RTPROT_WEFT;
 pub use vxlan::ethtool;
 
 /// The backend options of the network config (`Backend` object), keys matched case-insensitively as

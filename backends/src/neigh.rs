@@ -18,8 +18,9 @@ use rtnetlink::Handle;
 use tracing::debug;
 
 use crate::batch::Batch;
+use crate::error::is_gone;
 use crate::mac::Mac;
-use crate::{netlink, Error, ErrorList};
+use crate::{Error, ErrorList};
 
 /// One permanent entry: for ARP `ip → mac`, for the FDB `mac → ip` (the remote VTEP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -137,7 +138,7 @@ async fn send_all(
     for (e, r) in entries.iter().zip(batch.send(requests).await) {
         match r {
             Ok(()) => debug!(table = table.name(), ip = %e.ip, mac = %e.mac, "{done}"),
-            Err(err) if !add && netlink::is_gone(&err) => {}
+            Err(err) if !add && is_gone(&err) => {}
             Err(source) => errs.push(Error::Netlink {
                 context: format!("{verb} {} {} → {}", table.name(), e.ip, e.mac),
                 source,

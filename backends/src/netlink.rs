@@ -1,4 +1,5 @@
-//! One place that opens rtnetlink connections, and a backend's sockets (`Conn`).
+//! One place that opens rtnetlink connections, and the plain requests on a device a backend
+//! needs (its deletion, its address).
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -8,7 +9,7 @@ use rtnetlink::Handle;
 
 use tracing::info;
 
-use crate::batch::Batch;
+use crate::error::is_gone;
 use crate::Error;
 
 /// Opens a route-netlink socket in the current network namespace and drives it on the runtime.
@@ -17,19 +18,6 @@ pub fn connect() -> Result<Handle, Error> {
         rtnetlink::new_connection().map_err(Error::io("open netlink socket"))?;
     tokio::spawn(conn);
     Ok(handle)
-}
-
-/// The errno of a kernel rejection (positive, as in libc), if that is what `e` is.
-pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
-        _ => None,
-    }
-}
-
-/// True when the kernel said the object is already gone (deleting it again is success).
-pub fn is_gone(e: &rtnetlink::Error) -> bool {
-    matches!(errno(e), Some(libc::ESRCH | libc::ENOENT | libc::ENODEV))
 }
 
 /// Deletes the link called `name` if there is one (its addresses, routes, neighbours and FDB
@@ -50,67 +38,6 @@ pub async fn delete_link(name: &str) -> Result<bool, Error> {
         }
         Err(e) if is_gone(&e) => Ok(false),
         Err(e) => Err(Error::netlink(format!("delete {name}"))(e)),
-    }
-}
-
-/// A backend's netlink sockets, opened lazily: `Backend::new` may run outside the runtime that
-/// must drive them.
-#[derive(Default)]
-pub struct Conn {
-    handle: Option<Handle>,
-    batch: Option<Batch>,
-    watch: Option<crate::watch::DriftWatch>,
-}
-
-impl Conn {
-    /// The request socket.
-    pub fn handle(&mut self) -> Result<Handle, Error> {
-        match &self.handle {
-            Some(h) => Ok(h.clone()),
-            None => {
-                let h = connect()?;
-                self.handle = Some(h.clone());
-                Ok(h)
-            }
-        }
-    }
-
-    /// The socket for batches of requests.
-    pub fn batch(&mut self) -> Result<Batch, Error> {
-        match &self.batch {
-            Some(b) => Ok(b.clone()),
-            None => {
-                let b = Batch::open()?;
-                self.batch = Some(b.clone());
-                Ok(b)
-            }
-        }
-    }
-
-    /// Starts listening for drift, so events between now and the first `drifted` are kept.
-    pub fn subscribe(&mut self) -> Result<(), Error> {
-        if self.watch.is_none() {
-            self.watch = Some(crate::watch::DriftWatch::open()?);
-        }
-        Ok(())
-    }
-
-    /// Resolves when something `owned` was changed behind weft's back.
-    pub async fn drifted(&mut self, owned: &crate::watch::Owned) {
-        if let Err(e) = self.subscribe() {
-            tracing::warn!(error = %e, "cannot watch for drift; relying on periodic reconcile");
-        }
-        match &mut self.watch {
-            Some(w) => w.drifted(owned).await,
-            None => std::future::pending().await,
-        }
-    }
-
-    /// Forgets the changes made so far (the echoes of a reconcile's own changes).
-    pub async fn settle(&mut self) {
-        if let Some(w) = &mut self.watch {
-            w.settle().await;
-        }
     }
 }
 

@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
 use crate::nexthop::{self, NexthopMessage};
-use crate::routes::RTPROT_WEFT;
+use crate::routes::owner::RTPROT_WEFT;
 use crate::Error;
 
 /// What the running backend owns, to tell relevant events from noise.

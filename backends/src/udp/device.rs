@@ -22,7 +22,8 @@ use rtnetlink::{Handle, LinkUnspec};
 use tracing::{debug, info, warn};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
-use crate::{netlink, Error};
+use crate::error::errno;
+use crate::Error;
 
 /// flannel's device name.
 pub const NAME: &str = "flannel0";
@@ -61,7 +62,7 @@ pub async fn find(handle: &Handle) -> Result<Option<Existing>, Error> {
     let mut req = handle.link().get().match_name(NAME.to_string()).execute();
     match req.try_next().await {
         Ok(m) => Ok(m.map(|m| describe(&m))),
-        Err(e) if netlink::errno(&e) == Some(libc::ENODEV) => Ok(None),
+        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
         Err(source) => Err(Error::Netlink {
             context: format!("look up {NAME}"),
             source,

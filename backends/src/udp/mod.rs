@@ -41,7 +41,8 @@ pub use crate::plane::Stats;
 pub use codec::{Counters, DropReason};
 pub use config::UdpConfig;
 
-use crate::netlink::{self, Conn};
+use crate::conn::Conn;
+use crate::netlink;
 use crate::plane::StatsSource;
 use crate::routes::{self, RouteSpec};
 use crate::watch::Owned;

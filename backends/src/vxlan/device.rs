@@ -12,8 +12,9 @@ use tracing::{debug, info, warn};
 
 use super::config::VxlanConfig;
 use super::ethtool;
+use crate::error::errno;
 use crate::mac::Mac;
-use crate::{netlink, Error, ExternalInterface};
+use crate::{Error, ExternalInterface};
 
 /// What the kernel says about an existing device of our name.
 #[derive(Debug)]
@@ -45,7 +46,7 @@ pub async fn find(
     let mut req = handle.link().get().match_name(name).execute();
     let msg = match req.try_next().await {
         Ok(m) => m,
-        Err(e) if netlink::errno(&e) == Some(libc::ENODEV) => None,
+        Err(e) if errno(&e) == Some(libc::ENODEV) => None,
         Err(e) => {
             return Err(Error::Netlink {
                 context: format!("look up {name}"),

@@ -20,9 +20,10 @@ use tracing::debug;
 
 pub use config::VxlanConfig;
 
+use crate::conn::Conn;
 use crate::mac::{vtep_mac, Mac};
 use crate::neigh::{self, Table};
-use crate::netlink::{self, Conn};
+use crate::netlink;
 use crate::routes::{self, OwnedRoutes, Owner, RouteSpec};
 use crate::watch::Owned;
 use crate::{

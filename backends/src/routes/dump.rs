@@ -1,0 +1,225 @@
+//! Reading the kernel's main table: its routes as weft judges them ([`Installed`]), the networks
+//! connected to an interface, and a route described as `ip route` prints it.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
+};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+use crate::nexthop::Nexthop;
+use crate::Error;
+
+/// A route of the main table as the kernel reports it. A route naming a nexthop has that
+/// nexthop's gateway, device and on-link flag here.
+#[derive(Debug, Clone)]
+pub(super) struct Installed {
+    pub(super) dst: Ipv4Net,
+    pub(super) gateway: Option<Ipv4Addr>,
+    pub(super) oif: Option<u32>,
+    pub(super) onlink: bool,
+    pub(super) priority: u32,
+    pub(super) protocol: u8,
+    /// The nexthop object the route names, if any.
+    pub(super) nh: Option<u32>,
+    /// Plain unicast, universe scope, no TOS, one plain next hop: the only shape weft creates.
+    pub(super) clean: bool,
+    pub(super) msg: RouteMessage,
+}
+
+/// The context of a failed route dump, so a pass that could not read the table says so.
+pub(super) const LIST_ROUTES: &str = "list routes";
+
+/// `r` as `ip route` would print it, for a conflict message: which route holds the destination.
+pub(super) async fn describe(handle: &Handle, r: &Installed) -> String {
+    let h = &r.msg.header;
+    let mut s = String::new();
+    if h.kind != RouteType::Unicast {
+        s.push_str(&format!("{} ", lower(format!("{:?}", h.kind))));
+    }
+    s.push_str(&r.dst.to_string());
+    if let Some(g) = r.gateway {
+        s.push_str(&format!(" via {g}"));
+    }
+    if let Some(i) = r.oif {
+        s.push_str(&format!(" dev {}", link_name(handle, i).await));
+    }
+    let proto = match h.protocol {
+        RouteProtocol::Other(n) => n.to_string(),
+        p => lower(format!("{p:?}")),
+    };
+    s.push_str(&format!(" proto {proto}"));
+    if h.scope != RouteScope::Universe {
+        s.push_str(&format!(" scope {}", lower(format!("{:?}", h.scope))));
+    }
+    if r.priority != 0 {
+        s.push_str(&format!(" metric {}", r.priority));
+    }
+    s
+}
+
+fn lower(s: String) -> String {
+    s.to_ascii_lowercase()
+}
+
+/// The name of interface `index`, or `#<index>` when it cannot be looked up.
+async fn link_name(handle: &Handle, index: u32) -> String {
+    let found = handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await;
+    found
+        .ok()
+        .flatten()
+        .and_then(|m| {
+            m.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n),
+                _ => None,
+            })
+        })
+        .unwrap_or_else(|| format!("#{index}"))
+}
+
+/// All IPv4 routes of the main table.
+pub(crate) async fn list_main(handle: &Handle) -> Result<Vec<RouteMessage>, Error> {
+    let mut all = Vec::new();
+    each_main(handle, |m| all.push(m)).await?;
+    Ok(all)
+}
+
+/// Hands `f` each IPv4 route of the main table as the dump streams in, so that none of the
+/// table need be held (it may hold 10,000 peer routes).
+pub(super) async fn each_main(
+    handle: &Handle,
+    mut f: impl FnMut(RouteMessage),
+) -> Result<(), Error> {
+    let mut dump = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(m) = dump.try_next().await.map_err(Error::netlink(LIST_ROUTES))? {
+        if table(&m) == u32::from(RouteHeader::RT_TABLE_MAIN) {
+            f(m);
+        }
+    }
+    Ok(())
+}
+
+fn table(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+fn dst(m: &RouteMessage) -> Ipv4Net {
+    let addr = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(*a),
+            _ => None,
+        })
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+    Ipv4Net::new(addr, m.header.destination_prefix_length).unwrap_or_default()
+}
+
+/// Reads a route; one naming a nexthop of `nexthops` gets that nexthop's gateway, device and
+/// on-link flag (the kernel reports them with the route only in `nexthop_compat_mode`).
+pub(super) fn parse(msg: RouteMessage, nexthops: &HashMap<u32, Nexthop>) -> Installed {
+    let mut r = Installed {
+        dst: dst(&msg),
+        gateway: None,
+        oif: None,
+        onlink: msg.header.flags.contains(RouteFlags::Onlink),
+        priority: 0,
+        protocol: u8::from(msg.header.protocol),
+        nh: None,
+        clean: msg.header.kind == RouteType::Unicast
+            && msg.header.scope == RouteScope::Universe
+            && msg.header.tos == 0,
+        msg: RouteMessage::default(),
+    };
+    for a in &msg.attributes {
+        match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(*g),
+            RouteAttribute::Oif(i) => r.oif = Some(*i),
+            RouteAttribute::Priority(p) => r.priority = *p,
+            RouteAttribute::MultiPath(_) => r.clean = false,
+            RouteAttribute::NhId(id) => r.nh = Some(*id),
+            _ => {}
+        }
+    }
+    if let Some(n) = r.nh.and_then(|id| nexthops.get(&id)) {
+        r.gateway = n.gateway;
+        r.oif = n.oif;
+        r.onlink = n.onlink;
+        r.clean &= !n.other;
+    }
+    r.msg = msg;
+    r
+}
+
+/// The networks directly reachable through interface `oif`: the scope-link routes of the main
+/// table on it (the kernel's prefix routes of its addresses, plus any added by hand). A gateway
+/// outside all of them would be rejected by the kernel, so host-gw and DirectRouting check first.
+pub async fn connected_networks(handle: &Handle, oif: u32) -> Result<Vec<Ipv4Net>, Error> {
+    let connected = |m: RouteMessage| async move {
+        let h = &m.header;
+        let link = h.scope == RouteScope::Link && h.kind == RouteType::Unicast;
+        if !link || h.destination_prefix_length == 0 {
+            return Ok(None);
+        }
+        if table(&m) != u32::from(RouteHeader::RT_TABLE_MAIN) {
+            return Ok(None);
+        }
+        let mut oif_ok = false;
+        for a in &m.attributes {
+            match a {
+                RouteAttribute::Gateway(_) | RouteAttribute::MultiPath(_) => return Ok(None),
+                RouteAttribute::Oif(i) => oif_ok = *i == oif,
+                _ => {}
+            }
+        }
+        Ok(oif_ok.then(|| dst(&m)))
+    };
+    // Filtered as the dump streams in: the table may hold 10,000 peer routes.
+    handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_filter_map(connected)
+        .try_collect()
+        .await
+        .map_err(Error::netlink(LIST_ROUTES))
+}
+
+#[cfg(test)]
+impl Installed {
+    /// `dst [via gateway] dev <oif> proto <protocol>`, plain unicast, as a dump reads it.
+    pub(super) fn plain(dst: &str, gateway: Option<&str>, oif: u32, protocol: u8) -> Self {
+        Self {
+            dst: dst.parse().expect("dst"),
+            gateway: gateway.map(|g| g.parse().expect("gateway")),
+            oif: Some(oif),
+            onlink: false,
+            priority: 0,
+            protocol,
+            nh: None,
+            clean: true,
+            msg: RouteMessage::default(),
+        }
+    }
+}
