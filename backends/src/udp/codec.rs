@@ -18,6 +18,7 @@
 //! - `egress` and `ingress` take exactly one IPv4 packet: split GSO/GRO batches first.
 
 mod counters;
+mod drop_reason;
 mod icmp;
 mod ipv4;
 mod table;
@@ -31,7 +32,8 @@ mod tests;
 
 use std::net::SocketAddrV4;
 
-pub use counters::{Counters, DropReason, SharedCounters};
+pub use counters::{Counters, SharedCounters};
+pub use drop_reason::DropReason;
 pub use icmp::{IcmpRateLimiter, REPLY_LEN};
 pub use table::PeerTable;
 

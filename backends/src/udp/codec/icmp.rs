@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+use super::drop_reason::DropReason;
 use super::ipv4::{self, Header, HEADER_LEN, PROTO_ICMP};
 
 /// The largest ICMP error sent: RFC 1812 4.3.2.3 quotes as much of the datagram as fits in 576
@@ -158,6 +159,15 @@ impl IcmpRateLimiter {
 impl Default for IcmpRateLimiter {
     fn default() -> Self {
         Self::new(1000, 50)
+    }
+}
+
+/// The reason behind an ICMP error `egress` wrote into `reply`.
+pub fn reason_of_reply(reply: &[u8]) -> DropReason {
+    match reply.get(20..22) {
+        Some([TIME_EXCEEDED, _]) => DropReason::TtlExceeded,
+        Some([DEST_UNREACHABLE, HOST_UNREACHABLE]) => DropReason::LocalDestination,
+        _ => DropReason::NoRoute,
     }
 }
 

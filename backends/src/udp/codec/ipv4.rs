@@ -6,7 +6,7 @@
 
 use std::net::Ipv4Addr;
 
-use super::DropReason;
+use super::drop_reason::DropReason;
 
 /// Length of an IPv4 header without options.
 pub const HEADER_LEN: usize = 20;
