@@ -163,6 +163,121 @@ fn addr_field(
         .transpose()
 }
 
+/// `Network`: an IPv4 CIDR of /8 to /28, host bits masked as Go's ParseCIDR does.
+fn parse_network(obj: &Map<String, Value>) -> Result<Ipv4Net, ConfigError> {
+    let network = string_field(obj, "Network")?
+        .ok_or_else(|| err("Network", "missing (e.g. \"10.244.0.0/16\")"))?;
+    let network: Ipv4Net = network
+        .parse()
+        .map_err(|_| err("Network", format!("{network:?} is not an IPv4 CIDR")))?;
+    // Go's ParseCIDR masks host bits; so does flannel, so we do too.
+    let network = network.trunc();
+    if network.prefix_len() < MIN_NETWORK_PREFIX {
+        return Err(err(
+            "Network",
+            format!(
+                "{network} is too large: the prefix must be /{MIN_NETWORK_PREFIX} or longer \
+                 (a wider network spans public addresses, and the forward and masquerade \
+                 rules would cover them)"
+            ),
+        ));
+    }
+    if network.prefix_len() > 28 {
+        return Err(err(
+            "Network",
+            format!("{network} is too small: the prefix must be /28 or shorter"),
+        ));
+    }
+    Ok(network)
+}
+
+/// `SubnetLen`: flannel's default (/24, or 2 more than a network of /23 or longer), leaving
+/// room for at least four subnets.
+fn parse_subnet_len(obj: &Map<String, Value>, network: Ipv4Net) -> Result<u8, ConfigError> {
+    let subnet_len = match field(obj, "SubnetLen") {
+        None => {
+            if network.prefix_len() <= 22 {
+                24
+            } else {
+                network.prefix_len() + 2
+            }
+        }
+        Some(v) => {
+            let n = v
+                .as_u64()
+                .ok_or_else(|| err("SubnetLen", format!("expected a number, found {v}")))?;
+            if n > 30 {
+                return Err(err("SubnetLen", format!("{n} is more than 30")));
+            }
+            n as u8
+        }
+    };
+    if subnet_len < network.prefix_len() + 2 {
+        return Err(err(
+            "SubnetLen",
+            format!(
+                "{subnet_len} leaves room for fewer than 4 subnets in {network} \
+                 (it must be at least {})",
+                network.prefix_len() + 2
+            ),
+        ));
+    }
+    Ok(subnet_len)
+}
+
+/// `SubnetMin` and `SubnetMax`: inside the network, on a subnet boundary, in order; by default
+/// every subnet but the first.
+fn parse_range(
+    obj: &Map<String, Value>,
+    network: Ipv4Net,
+    subnet_len: u8,
+) -> Result<(Ipv4Addr, Ipv4Addr), ConfigError> {
+    let step = 1u32 << (32 - subnet_len);
+    let first = u32::from(network.network());
+    let last = u32::from(network.broadcast()) - (step - 1);
+    let subnet_min = addr_field(obj, "SubnetMin")?.unwrap_or(Ipv4Addr::from(first + step));
+    let subnet_max = addr_field(obj, "SubnetMax")?.unwrap_or(Ipv4Addr::from(last));
+    for (key, addr) in [("SubnetMin", subnet_min), ("SubnetMax", subnet_max)] {
+        if !network.contains(&addr) {
+            return Err(err(key, format!("{addr} is not inside Network {network}")));
+        }
+        if u32::from(addr) % step != 0 {
+            return Err(err(
+                key,
+                format!("{addr} is not on a /{subnet_len} boundary (SubnetLen)"),
+            ));
+        }
+    }
+    if subnet_min > subnet_max {
+        return Err(err(
+            "SubnetMin",
+            format!("{subnet_min} is above SubnetMax {subnet_max}"),
+        ));
+    }
+    Ok((subnet_min, subnet_max))
+}
+
+/// `Backend`: an object whose `Type` (if any) is a string, with options the backend accepts.
+fn parse_backend(obj: &Map<String, Value>) -> Result<BackendConfig, ConfigError> {
+    let backend = match field(obj, "Backend") {
+        None => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(v) => return Err(err("Backend", format!("expected an object, found {v}"))),
+    };
+    if let Some(t) = field(&backend, "Type") {
+        if !t.is_string() {
+            return Err(err(
+                "Backend",
+                format!("Type: expected a string, found {t}"),
+            ));
+        }
+    }
+
+    let backend = BackendConfig::new(backend);
+    weft_backends::validate(&backend, None).map_err(|e| err("Backend", e.to_string()))?;
+    Ok(backend)
+}
+
 impl NetworkConfig {
     /// Parses and validates the JSON text of `<prefix>/config`.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
@@ -182,98 +297,10 @@ impl NetworkConfig {
             ));
         }
 
-        let network = string_field(&obj, "Network")?
-            .ok_or_else(|| err("Network", "missing (e.g. \"10.244.0.0/16\")"))?;
-        let network: Ipv4Net = network
-            .parse()
-            .map_err(|_| err("Network", format!("{network:?} is not an IPv4 CIDR")))?;
-        // Go's ParseCIDR masks host bits; so does flannel, so we do too.
-        let network = network.trunc();
-        if network.prefix_len() < MIN_NETWORK_PREFIX {
-            return Err(err(
-                "Network",
-                format!(
-                    "{network} is too large: the prefix must be /{MIN_NETWORK_PREFIX} or longer \
-                     (a wider network spans public addresses, and the forward and masquerade \
-                     rules would cover them)"
-                ),
-            ));
-        }
-        if network.prefix_len() > 28 {
-            return Err(err(
-                "Network",
-                format!("{network} is too small: the prefix must be /28 or shorter"),
-            ));
-        }
-
-        let subnet_len = match field(&obj, "SubnetLen") {
-            None => {
-                if network.prefix_len() <= 22 {
-                    24
-                } else {
-                    network.prefix_len() + 2
-                }
-            }
-            Some(v) => {
-                let n = v
-                    .as_u64()
-                    .ok_or_else(|| err("SubnetLen", format!("expected a number, found {v}")))?;
-                if n > 30 {
-                    return Err(err("SubnetLen", format!("{n} is more than 30")));
-                }
-                n as u8
-            }
-        };
-        if subnet_len < network.prefix_len() + 2 {
-            return Err(err(
-                "SubnetLen",
-                format!(
-                    "{subnet_len} leaves room for fewer than 4 subnets in {network} \
-                     (it must be at least {})",
-                    network.prefix_len() + 2
-                ),
-            ));
-        }
-
-        let step = 1u32 << (32 - subnet_len);
-        let first = u32::from(network.network());
-        let last = u32::from(network.broadcast()) - (step - 1);
-        let subnet_min = addr_field(&obj, "SubnetMin")?.unwrap_or(Ipv4Addr::from(first + step));
-        let subnet_max = addr_field(&obj, "SubnetMax")?.unwrap_or(Ipv4Addr::from(last));
-        for (key, addr) in [("SubnetMin", subnet_min), ("SubnetMax", subnet_max)] {
-            if !network.contains(&addr) {
-                return Err(err(key, format!("{addr} is not inside Network {network}")));
-            }
-            if u32::from(addr) % step != 0 {
-                return Err(err(
-                    key,
-                    format!("{addr} is not on a /{subnet_len} boundary (SubnetLen)"),
-                ));
-            }
-        }
-        if subnet_min > subnet_max {
-            return Err(err(
-                "SubnetMin",
-                format!("{subnet_min} is above SubnetMax {subnet_max}"),
-            ));
-        }
-
-        let backend = match field(&obj, "Backend") {
-            None => Map::new(),
-            Some(Value::Object(m)) => m.clone(),
-            Some(v) => return Err(err("Backend", format!("expected an object, found {v}"))),
-        };
-        if let Some(t) = field(&backend, "Type") {
-            if !t.is_string() {
-                return Err(err(
-                    "Backend",
-                    format!("Type: expected a string, found {t}"),
-                ));
-            }
-        }
-
-        let backend = BackendConfig::new(backend);
-        weft_backends::validate(&backend, None).map_err(|e| err("Backend", e.to_string()))?;
+        let network = parse_network(&obj)?;
+        let subnet_len = parse_subnet_len(&obj, network)?;
+        let (subnet_min, subnet_max) = parse_range(&obj, network, subnet_len)?;
+        let backend = parse_backend(&obj)?;
 
         Ok(Self {
             network,

@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -141,123 +141,139 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             key,
             no_ip_masq,
         } => {
-            let text = fsutil::read_optional(&env_file)?.unwrap_or_default();
             let opts = DockerOpts {
                 individual,
                 combined,
-                combined_key: key.clone(),
+                combined_key: key,
                 no_ip_masq,
             };
-            let rendered = opts.render(
-                &subnet_env::parse_vars(&text),
-                std::env::var(&key).ok().as_deref(),
-            )?;
-            if out.as_os_str() == "-" {
-                print!("{rendered}");
-            } else {
-                fsutil::write_atomic(&out, rendered.as_bytes(), 0o644)?;
-            }
-            Ok(())
+            docker_opts(&env_file, &out, &opts)
         }
         Command::Config(ConfigCommand::Set { file, if_absent }) => {
-            let text = if file == "-" {
-                let mut s = String::new();
-                std::io::stdin()
-                    .read_to_string(&mut s)
-                    .context("read standard input")?;
-                s
-            } else {
-                std::fs::read_to_string(&file).with_context(|| format!("read {file}"))?
-            };
-            // The same check and wording as weftd's, before anything is written: a config weftd
-            // would refuse never reaches etcd. (Only what depends on a host's underlay, udp's MTU
-            // against its interface, is left to each weftd.)
-            let key = Names::of(&args.etcd).config();
-            let config = NetworkConfig::parse_at(&text, &key)?;
-            let store = Registry::connect(&args.etcd).await?;
-            let text = text.trim();
-            if if_absent {
-                if let Some(existing) = store.put_config_if_absent(text).await? {
-                    println!(
-                        "network config at {} exists: kept it, nothing written (--if-absent)",
-                        store.names().config()
-                    );
-                    if let Some(note) = compare_configs(&existing, text, &key) {
-                        eprintln!("weftctl: warning: {note}");
-                    }
-                    return Ok(());
-                }
-            } else {
-                store.put_config(text).await?;
-            }
-            println!(
-                "network {} (/{} subnets {}..{}, backend {}) stored at {}",
-                config.network,
-                config.subnet_len,
-                config.subnet_min,
-                config.subnet_max,
-                config.backend.type_name(),
-                store.names().config()
-            );
-            Ok(())
+            config_set(&args.etcd, &file, if_absent).await
         }
         Command::InstallFile { src, dst, mode } => crate::install::install_file(&src, &dst, mode),
-        Command::Config(ConfigCommand::Get) => {
-            let store = Registry::connect(&args.etcd).await?;
-            match store.get_config().await?.0 {
-                // Printed as stored, for `weftctl config get > net.json`: its newlines are the
-                // JSON's own; only what a terminal would obey is escaped.
-                Some(text) => {
-                    println!("{}", escape::escape_terminal(&text));
-                    Ok(())
-                }
-                None => bail!("no network config at {}", store.names().config()),
+        Command::Config(ConfigCommand::Get) => config_get(&args.etcd).await,
+        Command::Leases => leases(&args.etcd).await,
+    }
+}
+
+/// `docker-opts`: subnet.env as Docker's options, on standard output or into a file.
+fn docker_opts(env_file: &Path, out: &Path, opts: &DockerOpts) -> Result<()> {
+    let text = fsutil::read_optional(env_file)?.unwrap_or_default();
+    let rendered = opts.render(
+        &subnet_env::parse_vars(&text),
+        std::env::var(&opts.combined_key).ok().as_deref(),
+    )?;
+    if out.as_os_str() == "-" {
+        print!("{rendered}");
+    } else {
+        fsutil::write_atomic(out, rendered.as_bytes(), 0o644)?;
+    }
+    Ok(())
+}
+
+/// `config set`: checked as weftd checks it, then stored (or kept, with `--if-absent`).
+async fn config_set(etcd: &EtcdArgs, file: &str, if_absent: bool) -> Result<()> {
+    let text = if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("read standard input")?;
+        s
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("read {file}"))?
+    };
+    // The same check and wording as weftd's, before anything is written: a config weftd
+    // would refuse never reaches etcd. (Only what depends on a host's underlay, udp's MTU
+    // against its interface, is left to each weftd.)
+    let key = Names::of(etcd).config();
+    let config = NetworkConfig::parse_at(&text, &key)?;
+    let store = Registry::connect(etcd).await?;
+    let text = text.trim();
+    if if_absent {
+        if let Some(existing) = store.put_config_if_absent(text).await? {
+            println!(
+                "network config at {} exists: kept it, nothing written (--if-absent)",
+                store.names().config()
+            );
+            if let Some(note) = compare_configs(&existing, text, &key) {
+                eprintln!("weftctl: warning: {note}");
             }
+            return Ok(());
         }
-        Command::Leases => {
-            let store = Registry::connect(&args.etcd).await?;
-            let mut listing = store.list().await?;
-            // etcd orders keys as text (10.244.157.0 before 10.244.80.0); people read addresses.
-            listing.leases.sort_by_key(|l| l.subnet);
-            let mut rows = vec![[
-                "SUBNET".to_string(),
-                "PUBLIC-IP".into(),
-                "BACKEND".into(),
-                "EXPIRES-IN".into(),
-            ]];
-            for l in &listing.leases {
-                let expires = if l.is_reservation() {
-                    "reserved".to_string()
-                } else {
-                    match store.time_left(l).await? {
-                        Some(secs) => format_secs(secs),
-                        None => "expired".to_string(),
-                    }
-                };
-                // Whatever another host wrote: escaped, so it is one cell of one row.
-                let backend = if l.attrs.backend_type.is_empty() {
-                    "-".into()
-                } else {
-                    escape::clip(&l.attrs.backend_type, 64).into_owned()
-                };
-                rows.push([
-                    l.subnet.to_string(),
-                    l.attrs.public_ip.to_string(),
-                    backend,
-                    expires,
-                ]);
-            }
-            print!("{}", table(&rows));
-            for b in &listing.bad {
-                eprintln!(
-                    "unreadable lease {}: {}",
-                    escape::clip(&b.key, 256),
-                    escape::clip(&b.reason, 256)
-                );
-            }
+    } else {
+        store.put_config(text).await?;
+    }
+    println!(
+        "network {} (/{} subnets {}..{}, backend {}) stored at {}",
+        config.network,
+        config.subnet_len,
+        config.subnet_min,
+        config.subnet_max,
+        config.backend.type_name(),
+        store.names().config()
+    );
+    Ok(())
+}
+
+/// `config get`: the stored config, as stored.
+async fn config_get(etcd: &EtcdArgs) -> Result<()> {
+    let store = Registry::connect(etcd).await?;
+    match store.get_config().await?.0 {
+        // Printed as stored, for `weftctl config get > net.json`: its newlines are the
+        // JSON's own; only what a terminal would obey is escaped.
+        Some(text) => {
+            println!("{}", escape::escape_terminal(&text));
             Ok(())
         }
+        None => bail!("no network config at {}", store.names().config()),
     }
+}
+
+/// `leases`: every lease, by subnet, with its time left; unreadable ones on standard error.
+async fn leases(etcd: &EtcdArgs) -> Result<()> {
+    let store = Registry::connect(etcd).await?;
+    let mut listing = store.list().await?;
+    // etcd orders keys as text (10.244.157.0 before 10.244.80.0); people read addresses.
+    listing.leases.sort_by_key(|l| l.subnet);
+    let mut rows = vec![[
+        "SUBNET".to_string(),
+        "PUBLIC-IP".into(),
+        "BACKEND".into(),
+        "EXPIRES-IN".into(),
+    ]];
+    for l in &listing.leases {
+        let expires = if l.is_reservation() {
+            "reserved".to_string()
+        } else {
+            match store.time_left(l).await? {
+                Some(secs) => format_secs(secs),
+                None => "expired".to_string(),
+            }
+        };
+        // Whatever another host wrote: escaped, so it is one cell of one row.
+        let backend = if l.attrs.backend_type.is_empty() {
+            "-".into()
+        } else {
+            escape::clip(&l.attrs.backend_type, 64).into_owned()
+        };
+        rows.push([
+            l.subnet.to_string(),
+            l.attrs.public_ip.to_string(),
+            backend,
+            expires,
+        ]);
+    }
+    print!("{}", table(&rows));
+    for b in &listing.bad {
+        eprintln!(
+            "unreadable lease {}: {}",
+            escape::clip(&b.key, 256),
+            escape::clip(&b.reason, 256)
+        );
+    }
+    Ok(())
 }
 
 /// What an operator should know when `--if-absent` kept `existing` instead of `given`: that they

@@ -132,6 +132,9 @@ impl Metrics {
         m.register()
     }
 
+    /// Every metric with its name and help, in one list so the exposition reads as written here
+    /// (longer than most functions: each entry is one metric, and splitting them up would only
+    /// scatter the list).
     fn register(mut self) -> Self {
         let r = &mut self.registry;
         r.register(

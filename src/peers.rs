@@ -1,5 +1,5 @@
-//! From the lease records of the store (`<prefix>/subnets/` in etcd) to the peers the data plane is given: a pure function of
-//! everything stored there (no I/O), kept up to date incrementally. The watch (a batch of events)
+//! From the lease records of the store (`<prefix>/subnets/` in etcd) to the peers the data plane
+//! is given: a pure function of everything stored there (no I/O), kept up to date incrementally. The watch (a batch of events)
 //! and a fresh listing (start, compaction) go through the same code and end in the same set,
 //! whatever order the events came in: a lease's fate depends only on what is stored now.
 //!
@@ -11,11 +11,11 @@
 //!   (vxlan: a unicast, non-zero VtepMAC; see `weft_backends::DataPlane::identity`);
 //!
 //! and it wins each contention it is in: among the leases that pass the checks above, the oldest
-//! (lowest rank, etcd's create revision, then key) holds a subnet and an identity. A loser stays stored and
-//! becomes a peer as soon as the winner goes.
+//! (lowest rank, etcd's create revision, then key) holds a subnet and an identity. A loser stays
+//! stored and becomes a peer as soon as the winner goes.
 //!
 //! Every operation returns a [`Diff`] of the accepted set plus the leases newly rejected, and costs
-//! O(log n) per changed key: contention is looked up in indexes by subnet and by MAC, and only the
+//! O(log n) per changed key: contention is looked up in indexes by subnet and by identity, and only the
 //! leases whose win or loss can change (old and new winners) are judged again. Changing this
 //! host's own lease or addresses judges everything again (rare).
 //!
@@ -24,16 +24,22 @@
 //! text), and a diff names peers rather than copying their leases: about 0.5 KB a lease.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::hash::Hash;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use weft_backends::iface::is_unicast_host;
-use weft_backends::{BackendData, Identity, IdentityKind, KINDS};
+use weft_backends::{Identity, IdentityKind};
+
+mod batch;
+mod contention;
+mod stored;
 
 pub use crate::lease::Change;
-use crate::lease::{Hold, Lease, LeaseAttrs, Record, Unreadable};
+use crate::lease::{Lease, Record, Unreadable};
+pub use batch::Batch;
+use batch::Before;
+use contention::{contend, wins, Contenders, Key, Rank};
+use stored::{Stored, KNOWN_TYPES};
 
 /// This host's own lease, as far as judging peers needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,69 +151,6 @@ pub struct PeerSet {
     by_type: [usize; KNOWN_TYPES.len() + 1],
 }
 
-/// An etcd key, stored once and shared by every index that names it.
-type Key = Arc<str>;
-
-/// Order in a contention: the oldest lease (lowest create revision), then the lowest key, wins.
-type Rank = (i64, Key);
-
-/// The contenders for one subnet or MAC, in rank order: nearly always exactly one, kept inline
-/// (a B-tree would allocate a whole node for it, a vector a block).
-#[derive(Debug, Clone)]
-enum Contenders {
-    One(Rank),
-    Many(Vec<Rank>),
-}
-
-impl Contenders {
-    fn ranks(&self) -> &[Rank] {
-        match self {
-            Self::One(r) => std::slice::from_ref(r),
-            Self::Many(v) => v,
-        }
-    }
-
-    fn first(&self) -> Option<&Rank> {
-        self.ranks().first()
-    }
-
-    fn insert(&mut self, r: Rank) {
-        match self {
-            Self::One(o) if *o == r => {}
-            Self::One(o) => {
-                let mut v = vec![o.clone(), r];
-                v.sort();
-                *self = Self::Many(v);
-            }
-            Self::Many(v) => {
-                if let Err(i) = v.binary_search(&r) {
-                    v.insert(i, r);
-                }
-            }
-        }
-    }
-
-    /// Withdraws `r`; whether none is left.
-    fn remove(&mut self, r: &Rank) -> bool {
-        match self {
-            Self::One(o) => o == r,
-            Self::Many(v) => {
-                if let Ok(i) = v.binary_search(r) {
-                    v.remove(i);
-                }
-                match v.as_slice() {
-                    [] => true,
-                    [one] => {
-                        *self = Self::One(one.clone());
-                        false
-                    }
-                    _ => false,
-                }
-            }
-        }
-    }
-}
-
 /// A stored key. Its verdict is not kept: it follows from its standing and the contention
 /// indexes (`verdict_of`), and an accepted key is also in `accepted`.
 #[derive(Debug, Clone)]
@@ -215,127 +158,6 @@ struct Entry {
     rank: i64,
     value: Result<Stored, Unreadable>,
     standing: Standing,
-}
-
-/// A lease as the set keeps it: the facts of [`Lease`] in a fifth of the bytes. BackendData is
-/// kept as its JSON text (a parsed JSON map costs ~400 bytes) and parsed again when the lease is
-/// asked for, which is when a peer changes or the kernel is compared in full.
-#[derive(Debug, Clone, PartialEq)]
-struct Stored {
-    subnet: Ipv4Net,
-    public_ip: Ipv4Addr,
-    /// The BackendType as an index into [`KNOWN_TYPES`], or [`OTHER_TYPE`] (the name is then in
-    /// `extra`).
-    kind: u8,
-    backend_data: Option<Box<str>>,
-    /// What leases rarely have, out of line.
-    extra: Option<Box<Extra>>,
-    hold: Hold,
-    version: i64,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct Extra {
-    public_ipv6: Option<String>,
-    /// A BackendType not in [`KNOWN_TYPES`].
-    backend_type: Option<String>,
-}
-
-/// The BackendTypes stored without an allocation.
-/// "" (flannel's udp writes none) and every type weft knows.
-const KNOWN_TYPES: [&str; KINDS.len() + 1] = known_types();
-const OTHER_TYPE: u8 = KNOWN_TYPES.len() as u8;
-
-const fn known_types() -> [&'static str; KINDS.len() + 1] {
-    let mut names = [""; KINDS.len() + 1];
-    let mut i = 0;
-    while i < KINDS.len() {
-        names[i + 1] = KINDS[i].name;
-        i += 1;
-    }
-    names
-}
-
-impl Stored {
-    fn new(l: Lease) -> Self {
-        let a = l.attrs;
-        let known = KNOWN_TYPES.iter().position(|k| *k == a.backend_type);
-        let other = known.is_none().then_some(a.backend_type);
-        let extra = (a.public_ipv6.is_some() || other.is_some()).then(|| {
-            Box::new(Extra {
-                public_ipv6: a.public_ipv6,
-                backend_type: other,
-            })
-        });
-        Self {
-            subnet: l.subnet,
-            public_ip: a.public_ip,
-            kind: known.map_or(OTHER_TYPE, |i| i as u8),
-            // Serializing a JSON value cannot fail.
-            backend_data: a.backend_data.map(|v| {
-                serde_json::to_string(&v)
-                    .unwrap_or_default()
-                    .into_boxed_str()
-            }),
-            extra,
-            hold: l.hold,
-            version: l.version,
-        }
-    }
-
-    fn backend_type(&self) -> &str {
-        let other = self.extra.as_ref().and_then(|e| e.backend_type.as_deref());
-        KNOWN_TYPES
-            .get(usize::from(self.kind))
-            .copied()
-            .or(other)
-            .unwrap_or_default()
-    }
-
-    fn lease(&self) -> Lease {
-        Lease {
-            subnet: self.subnet,
-            attrs: LeaseAttrs {
-                public_ip: self.public_ip,
-                public_ipv6: self.extra.as_ref().and_then(|e| e.public_ipv6.clone()),
-                backend_type: self.backend_type().to_owned(),
-                // Text this set wrote from a JSON value: it parses.
-                backend_data: (self.backend_data.as_deref())
-                    .and_then(|t| serde_json::from_str(t).ok()),
-            },
-            hold: self.hold,
-            version: self.version,
-        }
-    }
-
-    /// What [`Lease::to_backend`] makes of [`Stored::lease`].
-    fn backend_lease(&self) -> weft_backends::Lease {
-        weft_backends::Lease {
-            subnet: self.subnet,
-            public_ip: self.public_ip,
-            backend_type: self.backend_type().to_owned(),
-            backend_data: (self.backend_data.as_deref()).map(BackendData::from_json),
-        }
-    }
-
-    /// Whether another lease has the same attributes (what a data plane is given).
-    fn same_attrs(&self, other: &Self) -> bool {
-        (self.public_ip, self.kind, &self.backend_data, &self.extra)
-            == (
-                other.public_ip,
-                other.kind,
-                &other.backend_data,
-                &other.extra,
-            )
-    }
-
-    fn peer(&self, key: &str) -> Peer {
-        Peer {
-            key: key.to_string(),
-            subnet: self.subnet,
-            public_ip: self.public_ip,
-        }
-    }
 }
 
 /// What a lease amounts to on its own, before contention.
@@ -667,210 +489,6 @@ impl PeerSet {
             _ => None,
         }
     }
-}
-
-/// Verdict and accepted lease of each key before a batch touched it. The keys that had no entry
-/// (at a start, every one of 10,000) are kept apart, as a set of the very keys the entries then
-/// share: a map holding "nothing" for each would be most of the start's peak memory.
-#[derive(Default)]
-struct Before {
-    stored: HashMap<Key, (Verdict, Option<Stored>)>,
-    new: HashSet<Key>,
-}
-
-impl Before {
-    fn contains(&self, key: &str) -> bool {
-        self.stored.contains_key(key) || self.new.contains(key)
-    }
-
-    /// `key` as this batch keeps it, to be shared rather than copied.
-    fn key(&self, key: &str) -> Option<Key> {
-        (self.new.get(key))
-            .or_else(|| self.stored.get_key_value(key).map(|(k, _)| k))
-            .cloned()
-    }
-
-    /// Each key, with its verdict and accepted lease (`None` for a new key).
-    fn into_iter(self) -> impl Iterator<Item = (Key, Option<Verdict>, Option<Stored>)> {
-        let stored = (self.stored.into_iter()).map(|(k, (v, l))| (k, Some(v), l));
-        stored.chain(self.new.into_iter().map(|k| (k, None, None)))
-    }
-}
-
-/// Operations on a [`PeerSet`] whose net effect is reported as one [`Diff`] by [`Batch::finish`].
-#[must_use = "the diff comes from finish()"]
-pub struct Batch<'a> {
-    set: &'a mut PeerSet,
-    before: Before,
-    /// The keys of a listing under way ([`Batch::begin_listing`]).
-    listed: Option<HashSet<Key>>,
-}
-
-impl Batch<'_> {
-    pub fn apply(&mut self, change: Change) {
-        match change {
-            Change::Put(r) => {
-                let key = r.key.clone();
-                self.set.update(&key, Some(r), &mut self.before);
-            }
-            Change::Delete(key) => self.set.update(&key, None, &mut self.before),
-        }
-    }
-
-    /// Makes the stored leases exactly `records`: keys not among them are deleted.
-    pub fn replace_all(&mut self, records: impl IntoIterator<Item = Record>) {
-        self.begin_listing();
-        for r in records {
-            self.listed(r);
-        }
-        self.end_listing();
-    }
-
-    /// Begins a listing given record by record as it is read ([`Batch::listed`]); at
-    /// [`Batch::end_listing`] the stored leases are exactly the listed ones. Beginning again
-    /// forgets what was listed so far (a listing that failed midway and starts over).
-    pub fn begin_listing(&mut self) {
-        self.listed = Some(HashSet::new());
-    }
-
-    /// One record of the listing begun.
-    pub fn listed(&mut self, r: Record) {
-        let key = r.key.clone();
-        self.apply(Change::Put(r));
-        let stored = self.set.entries.get_key_value(key.as_str());
-        if let (Some(listed), Some((k, _))) = (&mut self.listed, stored) {
-            listed.insert(k.clone());
-        }
-    }
-
-    /// Ends the listing: every key it did not name is deleted.
-    pub fn end_listing(&mut self) {
-        let Some(listed) = self.listed.take() else {
-            return;
-        };
-        let gone: Vec<Key> = (self.set.entries.keys())
-            .filter(|k| !listed.contains(*k))
-            .cloned()
-            .collect();
-        drop(listed);
-        for key in gone {
-            self.set.update(&key, None, &mut self.before);
-        }
-    }
-
-    /// This host's lease changed (re-leased, or its VTEP MAC): everything is judged again.
-    pub fn set_own(&mut self, own: Own) {
-        if own != self.set.own {
-            self.set.own = own;
-            self.judge_all();
-        }
-    }
-
-    /// This host's addresses changed: everything is judged again.
-    pub fn set_local_addrs(&mut self, local: HashSet<Ipv4Addr>) {
-        if local != self.set.local {
-            tracing::debug!(
-                before = ?self.set.local,
-                now = ?local,
-                "this host's addresses changed: every lease is judged again"
-            );
-            self.set.local = local;
-            self.judge_all();
-        }
-    }
-
-    fn judge_all(&mut self) {
-        let set = &mut *self.set;
-        for key in set.entries.keys() {
-            set.remember(key, &mut self.before);
-        }
-        let entries = std::mem::take(&mut set.entries);
-        set.subnets.clear();
-        set.identities.clear();
-        set.accepted.clear();
-        set.by_type = Default::default();
-        for (key, e) in entries {
-            let record = Record {
-                key: key.to_string(),
-                rank: e.rank,
-                value: e.value.map(|v| v.lease()),
-            };
-            set.update(&key, Some(record), &mut self.before);
-        }
-    }
-
-    /// The net change since the batch began.
-    pub fn finish(self) -> Diff {
-        let set = &*self.set;
-        let mut d = Diff::default();
-        for (key, was, old) in self.before.into_iter() {
-            let e = set.entries.get(&key);
-            let now = e.map(|e| set.verdict_of(&key, e));
-            let new = e
-                .filter(|_| now == Some(Verdict::Accepted))
-                .and_then(|e| e.value.as_ref().ok());
-            match (old, new) {
-                (Some(old), Some(new)) if !old.same_attrs(new) => d.changed.push(new.peer(&key)),
-                (Some(old), None) => d.removed.push(old.peer(&key)),
-                (None, Some(new)) => d.added.push(new.peer(&key)),
-                _ => {}
-            }
-            if let Some(Verdict::Rejected(reason)) = &now {
-                if was != now {
-                    d.rejected.push(Rejection {
-                        holder: set.holder(reason),
-                        reason: reason.clone(),
-                        key: key.to_string(),
-                    });
-                }
-            }
-        }
-        d.added.sort_by(|a, b| a.key.cmp(&b.key));
-        d.changed.sort_by(|a, b| a.key.cmp(&b.key));
-        d.removed.sort_by(|a, b| a.key.cmp(&b.key));
-        d.rejected.sort_by(|a, b| a.key.cmp(&b.key));
-        d
-    }
-}
-
-/// Enters `rank` into (or withdraws it from) the contention for `what`, noting the winner before
-/// and after: only their verdicts can change.
-fn contend<K: Hash + Eq + Copy>(
-    index: &mut HashMap<K, Contenders>,
-    what: K,
-    rank: &Rank,
-    enter: bool,
-    recheck: &mut Vec<Key>,
-) {
-    recheck.extend(
-        index
-            .get(&what)
-            .and_then(Contenders::first)
-            .map(|w| w.1.clone()),
-    );
-    if enter {
-        match index.get_mut(&what) {
-            Some(c) => c.insert(rank.clone()),
-            None => {
-                index.insert(what, Contenders::One(rank.clone()));
-            }
-        }
-    } else if index.get_mut(&what).is_some_and(|c| c.remove(rank)) {
-        index.remove(&what);
-    }
-    recheck.extend(
-        index
-            .get(&what)
-            .and_then(Contenders::first)
-            .map(|w| w.1.clone()),
-    );
-}
-
-fn wins<K: Hash + Eq>(index: &HashMap<K, Contenders>, what: &K, key: &str) -> bool {
-    index
-        .get(what)
-        .and_then(Contenders::first)
-        .is_some_and(|w| &*w.1 == key)
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use crate::conn::Conn;
 use crate::routes::{self, OwnedRoutes, Owner, RouteSpec};
 use crate::watch::Owned;
 use crate::{
-    peer, BackendConfig, DataPlane, Error, ErrorList, Event, Lease, Network, OwnedCounts,
-    PeerChanges,
+    peer, BackendConfig, DataPlane, Desired, Error, ErrorList, Event, Host, Lease, Network,
+    OwnedCounts, PeerChanges,
 };
 
 pub struct HostGw {
@@ -35,6 +35,23 @@ impl DataPlane for HostGw {
 
     fn new(_config: &BackendConfig, net: Network) -> Result<Self, Error> {
         Ok(Self::build(net))
+    }
+
+    /// Per peer on a connected network, a route via its PublicIP.
+    fn desired(
+        _config: &BackendConfig,
+        host: &Host<'_>,
+        peers: &[Lease],
+    ) -> Result<Option<Desired>, Error> {
+        let dev: Arc<str> = host.net.external.name.as_str().into();
+        let mut want = Desired::default();
+        for p in peers.iter().filter(|p| peer::same_type(p, Self::TYPE)) {
+            match route(host.net, Some(host.own), host.connected, &dev, p) {
+                Ok(r) => want.routes.push((Some(p.subnet), r)),
+                Err(e) => want.refused.push((p.subnet, e)),
+            }
+        }
+        Ok(Some(want))
     }
 
     async fn event(&mut self) -> Event {
@@ -144,25 +161,7 @@ impl HostGw {
 
     /// The route to `p`, if it can have one.
     fn route(&self, p: &Lease) -> Result<RouteSpec, Error> {
-        peer::check(&self.net, self.own.as_ref(), p)?;
-        let ext = &self.net.external;
-        if !self.connected.iter().any(|n| n.contains(&p.public_ip)) {
-            return Err(Error::BadPeer {
-                subnet: p.subnet.to_string(),
-                reason: format!(
-                    "public IP {} is not on a network directly connected to {}; host-gw \
-                     needs the peers on the same L2 network (use vxlan)",
-                    p.public_ip, ext.name
-                ),
-            });
-        }
-        Ok(RouteSpec {
-            dst: p.subnet,
-            gateway: Some(p.public_ip),
-            oif: ext.index,
-            dev: self.dev.clone(),
-            onlink: false,
-        })
+        route(&self.net, self.own.as_ref(), &self.connected, &self.dev, p)
     }
 
     /// The underlay is shared: host-gw owns its routes by network only.
@@ -177,4 +176,34 @@ impl HostGw {
         self.conn.drifted(&Owned::default()).await;
         self.synced = false;
     }
+}
+
+/// The route to `p` via its PublicIP on the underlay (named `dev`), if it can have one: only a
+/// peer on a directly connected network can. Pure: `weftctl doctor` asks the same.
+fn route(
+    net: &Network,
+    own: Option<&Lease>,
+    connected: &[Ipv4Net],
+    dev: &Arc<str>,
+    p: &Lease,
+) -> Result<RouteSpec, Error> {
+    peer::check(net, own, p)?;
+    let ext = &net.external;
+    if !connected.iter().any(|n| n.contains(&p.public_ip)) {
+        return Err(Error::BadPeer {
+            subnet: p.subnet.to_string(),
+            reason: format!(
+                "public IP {} is not on a network directly connected to {}; host-gw \
+                 needs the peers on the same L2 network (use vxlan)",
+                p.public_ip, ext.name
+            ),
+        });
+    }
+    Ok(RouteSpec {
+        dst: p.subnet,
+        gateway: Some(p.public_ip),
+        oif: ext.index,
+        dev: dev.clone(),
+        onlink: false,
+    })
 }

@@ -45,8 +45,9 @@ pub use error::{Error, ErrorList};
 pub use iface::{ExternalInterface, InterfaceSelector};
 pub use lease::{BackendData, Lease};
 pub use neigh::permanent_entry as permanent_neighbour;
-pub use plane::{DataPlane, Identity, IdentityKind, Kind, Stats, StatsSource};
+pub use plane::{DataPlane, Desired, Host, Identity, IdentityKind, Kind, Stats, StatsSource};
 pub use routes::owner::RTPROT_WEFT;
+pub use routes::RouteSpec;
 pub use vxlan::ethtool;
 
 /// The backend options of the network config (`Backend` object), keys matched case-insensitively as

@@ -7,16 +7,20 @@
 //! in `backends!`. What it gets for free: config validation in weftctl and weftd, the agent's
 //! full and targeted reconcile passes, drift and failure handling, the peer set's checks (a
 //! peer's [`Identity`] unique among peers, the older lease winning), metrics by type, and
-//! `weftctl doctor`'s device check.
+//! `weftctl doctor`'s checks of its device and of the kernel state it wants
+//! ([`DataPlane::desired`], the same description its reconcile works from).
 
 use std::borrow::Borrow;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-
-use serde_json::Value;
-
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use ipnet::Ipv4Net;
+use serde_json::Value;
+
+use crate::mac::Mac;
+use crate::routes::RouteSpec;
 use crate::udp::codec::Counters;
 use crate::{BackendConfig, Error, ErrorList, Event, Lease, Network, OwnedCounts, PeerChanges};
 
@@ -60,6 +64,18 @@ pub trait DataPlane: Sized + Send {
     /// `None` when the backend has no identity ([`DataPlane::IDENTITY`]).
     fn identity(backend_data: Option<&Value>) -> Result<Option<Identity>, String> {
         let _ = backend_data;
+        Ok(None)
+    }
+
+    /// What it wants in the kernel for `peers` on `host` under `config` (validated): the pure
+    /// description its reconcile works from, which `weftctl doctor` compares the kernel with.
+    /// `None`: it programs nothing for peers (alloc).
+    fn desired(
+        config: &BackendConfig,
+        host: &Host<'_>,
+        peers: &[Lease],
+    ) -> Result<Option<Desired>, Error> {
+        let _ = (config, host, peers);
         Ok(None)
     }
 
@@ -133,6 +149,9 @@ pub trait DataPlane: Sized + Send {
     }
 }
 
+/// [`DataPlane::desired`] of one backend type.
+pub type DesiredFn = fn(&BackendConfig, &Host<'_>, &[Lease]) -> Result<Option<Desired>, Error>;
+
 /// What the control plane knows of a backend type without building one.
 #[derive(Debug, Clone, Copy)]
 pub struct Kind {
@@ -144,6 +163,7 @@ pub struct Kind {
     pub check: fn(&BackendConfig, u32) -> Result<(), Error>,
     pub device: fn(&BackendConfig) -> Option<String>,
     pub identity: fn(Option<&Value>) -> Result<Option<Identity>, String>,
+    pub desired: DesiredFn,
 }
 
 impl Kind {
@@ -157,8 +177,34 @@ impl Kind {
             check: T::check,
             device: T::device,
             identity: T::identity,
+            desired: T::desired,
         }
     }
+}
+
+/// Where this host stands, for a backend's [`DataPlane::desired`].
+#[derive(Debug, Clone, Copy)]
+pub struct Host<'a> {
+    pub net: &'a Network,
+    pub own: &'a Lease,
+    /// The index of the backend's device, when it exists.
+    pub device: Option<u32>,
+    /// The underlay's directly connected networks (host-gw; vxlan with DirectRouting).
+    pub connected: &'a [Ipv4Net],
+}
+
+/// The kernel state a backend wants for a lease and its peers.
+#[derive(Debug, Default)]
+pub struct Desired {
+    /// Routes, each with the peer subnet it is for (`None`: the network's own, udp's).
+    pub routes: Vec<(Option<Ipv4Net>, RouteSpec)>,
+    /// Permanent neighbours on the device (vxlan: a peer's network address → its VTEP MAC), by
+    /// peer subnet.
+    pub neighbours: Vec<(Ipv4Net, Ipv4Addr, Mac)>,
+    /// FDB entries on the device (vxlan: a VTEP MAC → the peer's PublicIP), by peer subnet.
+    pub fdb: Vec<(Ipv4Net, Mac, Ipv4Addr)>,
+    /// Peers it programs nothing for, and why.
+    pub refused: Vec<(Ipv4Net, Error)>,
 }
 
 /// A kind of value in peers' BackendData that must be unique among peers: vxlan's VtepMAC (two

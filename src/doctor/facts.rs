@@ -191,15 +191,6 @@ pub fn device_name(config: &NetworkConfig) -> Option<String> {
     (kind.device)(&config.backend)
 }
 
-/// The config's VNI (validated with the config: weftd would have refused anything else).
-pub fn vxlan_vni(config: &NetworkConfig) -> u64 {
-    config
-        .backend
-        .get("VNI")
-        .and_then(serde_json::Value::as_u64)
-        .unwrap_or(1)
-}
-
 /// A boolean backend option (validated with the config).
 pub fn backend_flag(config: &NetworkConfig, key: &str) -> Option<bool> {
     config.backend.get(key).and_then(serde_json::Value::as_bool)

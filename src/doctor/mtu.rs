@@ -2,10 +2,11 @@
 //! docker0/cni0 and the containers' veths use FLANNEL_MTU, no more. Too large an MTU anywhere on
 //! the way shows up as connections that hang on the first full-size packet.
 
-use weft_backends::{Backend, Network};
+use weft_backends::{Backend, ExternalInterface, Network};
 
-use super::facts::{device_name, Etcd, Facts, Link};
+use super::facts::{device_name, Etcd, Facts, Kernel, Link};
 use super::{Finding, Outcome};
+use crate::config::NetworkConfig;
 
 /// The bridges containers hang off: Docker's and the CNI bridge plugin's.
 pub const BRIDGES: [&str; 2] = ["docker0", "cni0"];
@@ -35,44 +36,7 @@ pub fn check(f: &Facts) -> Outcome {
     };
     let mut out = Vec::new();
     if let (Some(config), Ok(ext)) = (config, &f.external) {
-        let backend = config.backend.type_name();
-        let over = overhead(&backend);
-        let net = Network {
-            network: config.network,
-            external: ext.clone(),
-        };
-        let want = Backend::new(&config.backend, net).map(|b| b.mtu());
-        let restart = |want: &str| {
-            format!(
-                "restart weftd so FLANNEL_MTU becomes {want}, then restart Docker and the pods \
-                 (they keep the MTU they started with)"
-            )
-        };
-        match want {
-            _ if u64::from(mtu) + u64::from(over) > u64::from(ext.mtu) => {
-                out.push(Finding::new(
-                    format!(
-                        "FLANNEL_MTU {mtu} plus {backend}'s {over} bytes exceeds the underlay \
-                         {}'s MTU {}: full-size packets between hosts are dropped",
-                        ext.name, ext.mtu
-                    ),
-                    restart(&format!("{}", ext.mtu.saturating_sub(over))),
-                ));
-            }
-            Ok(w) if w != mtu => out.push(Finding::new(
-                format!(
-                    "FLANNEL_MTU is {mtu} but weftd would now set {w} (underlay {} MTU {}, \
-                     {backend}): the underlay or the config changed since it was written",
-                    ext.name, ext.mtu
-                ),
-                restart(&w.to_string()),
-            )),
-            Ok(_) => {}
-            Err(e) => out.push(Finding::new(
-                format!("the backend config does not fit this host: {e}"),
-                "fix the network config (`weftctl config set`)",
-            )),
-        }
+        underlay(mtu, config, ext, &mut out);
     }
     if let Some(dev) = config.and_then(device_name) {
         match k.link(&dev) {
@@ -85,6 +49,54 @@ pub fn check(f: &Facts) -> Outcome {
             Some(_) => {}
         }
     }
+    bridges(k, mtu, &mut out);
+    out.into()
+}
+
+/// FLANNEL_MTU against the underlay and what weftd would set now.
+fn underlay(mtu: u32, config: &NetworkConfig, ext: &ExternalInterface, out: &mut Vec<Finding>) {
+    let backend = config.backend.type_name();
+    let over = overhead(&backend);
+    let net = Network {
+        network: config.network,
+        external: ext.clone(),
+    };
+    let want = Backend::new(&config.backend, net).map(|b| b.mtu());
+    let restart = |want: &str| {
+        format!(
+            "restart weftd so FLANNEL_MTU becomes {want}, then restart Docker and the pods \
+             (they keep the MTU they started with)"
+        )
+    };
+    match want {
+        _ if u64::from(mtu) + u64::from(over) > u64::from(ext.mtu) => {
+            out.push(Finding::new(
+                format!(
+                    "FLANNEL_MTU {mtu} plus {backend}'s {over} bytes exceeds the underlay \
+                     {}'s MTU {}: full-size packets between hosts are dropped",
+                    ext.name, ext.mtu
+                ),
+                restart(&format!("{}", ext.mtu.saturating_sub(over))),
+            ));
+        }
+        Ok(w) if w != mtu => out.push(Finding::new(
+            format!(
+                "FLANNEL_MTU is {mtu} but weftd would now set {w} (underlay {} MTU {}, \
+                 {backend}): the underlay or the config changed since it was written",
+                ext.name, ext.mtu
+            ),
+            restart(&w.to_string()),
+        )),
+        Ok(_) => {}
+        Err(e) => out.push(Finding::new(
+            format!("the backend config does not fit this host: {e}"),
+            "fix the network config (`weftctl config set`)",
+        )),
+    }
+}
+
+/// The bridges' ports (containers) and the bridges themselves, against FLANNEL_MTU.
+fn bridges(k: &Kernel, mtu: u32, out: &mut Vec<Finding>) {
     for name in BRIDGES {
         let Some(bridge) = k.link(name) else { continue };
         let ports: Vec<&Link> = k.ports(bridge.index).collect();
@@ -109,7 +121,6 @@ pub fn check(f: &Facts) -> Outcome {
             ));
         }
     }
-    out.into()
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //!
 //! Elsewhere the offload is harmless and faster, so it is only a problem where one of those holds.
 
-use super::facts::{backend_flag, device_name, Etcd, Facts};
+use super::facts::{backend_flag, device_name, Etcd, Facts, Kernel};
 use super::lease::held;
 use super::{Finding, Outcome};
 
@@ -69,6 +69,23 @@ pub fn check(f: &Facts) -> Outcome {
         )]
         .into();
     }
+    let why = risks(f, k);
+    if why.is_empty() {
+        return Outcome::ok();
+    }
+    vec![Finding::new(
+        format!(
+            "{dev} has tx-checksum-ip-generic on and {}: peers drop its VXLAN packets as bad \
+             checksums (flannel #1279)",
+            why.join(", and ")
+        ),
+        turn_off,
+    )]
+    .into()
+}
+
+/// What makes checksum offload on the vxlan device break packets on this host.
+fn risks(f: &Facts, k: &Kernel) -> Vec<String> {
     let mut why = Vec::new();
     if kernel_version(&f.kernel_release).is_some_and(|v| v < FIXED_IN) {
         why.push(format!(
@@ -98,18 +115,7 @@ pub fn check(f: &Facts) -> Outcome {
             "the PublicIP {ip} is not an address of this host (NAT rewrites the checksum)"
         ));
     }
-    if why.is_empty() {
-        return Outcome::ok();
-    }
-    vec![Finding::new(
-        format!(
-            "{dev} has tx-checksum-ip-generic on and {}: peers drop its VXLAN packets as bad \
-             checksums (flannel #1279)",
-            why.join(", and ")
-        ),
-        turn_off,
-    )]
-    .into()
+    why
 }
 
 #[cfg(test)]

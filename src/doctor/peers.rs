@@ -8,12 +8,10 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use weft_backends::mac::{vtep_mac, Mac};
-use weft_backends::{ExternalInterface, RTPROT_WEFT};
+use weft_backends::mac::Mac;
+use weft_backends::{ExternalInterface, Host, Network, RouteSpec, RTPROT_WEFT};
 
-use super::facts::{
-    backend_flag, device_name, network, vxlan_vni, Cluster, Etcd, Facts, Kernel, Route,
-};
+use super::facts::{device_name, network, Cluster, Etcd, Facts, Kernel, Route};
 use super::lease::{held, own_subnet};
 use super::{Finding, Outcome};
 use crate::config::NetworkConfig;
@@ -121,6 +119,18 @@ struct Want {
     onlink: bool,
 }
 
+impl From<&RouteSpec> for Want {
+    fn from(r: &RouteSpec) -> Self {
+        Self {
+            dst: r.dst,
+            gateway: r.gateway,
+            oif: r.oif,
+            dev: r.dev.to_string(),
+            onlink: r.onlink,
+        }
+    }
+}
+
 impl Want {
     fn matches(&self, r: &Route) -> bool {
         r.dst == self.dst
@@ -192,7 +202,8 @@ fn desired_peers(f: &Facts, c: &Ctx<'_>, own: &Lease) -> Vec<Lease> {
 }
 
 /// `peers`: every peer's route (and, for vxlan, neighbour and FDB entry) as weft programs it,
-/// and nothing of weft's left for a peer that is gone.
+/// and nothing of weft's left for a peer that is gone. What the backend wants comes from the
+/// backend itself ([`weft_backends::DataPlane::desired`]), as its reconcile computes it.
 pub fn peers(f: &Facts) -> Outcome {
     let c = match ctx(f) {
         Ok(c) => c,
@@ -201,125 +212,93 @@ pub fn peers(f: &Facts) -> Outcome {
     let Some(own) = held(f) else {
         return Outcome::skip("needs this host's lease (see `lease`)");
     };
-    let peers = desired_peers(f, &c, own);
-    let k = c.k;
-    let ext = c.ext;
-    let mut out = Vec::new();
-    let mut routes: Vec<(String, Want)> = Vec::new();
-    let mut neigh: Vec<(String, Ipv4Addr, Mac)> = Vec::new();
-    let mut fdb: Vec<(String, Mac, Ipv4Addr)> = Vec::new();
-    let via_underlay = |p: &Lease| Want {
-        dst: p.subnet,
-        gateway: Some(p.attrs.public_ip),
-        oif: ext.index,
-        dev: ext.name.clone(),
-        onlink: false,
+    let Some(kind) = weft_backends::kind(&c.backend) else {
+        return Outcome::skip(format!("the backend {} is unknown", c.backend));
     };
+    let peers = desired_peers(f, &c, own);
+    let mut out = other_types(&c, &peers);
+    let k = c.k;
+    let dev = (kind.device)(&c.config.backend);
+    let dev_index = dev.as_ref().and_then(|d| k.link(d)).map(|l| l.index);
+    if let (Some(d), None) = (&dev, dev_index) {
+        return Outcome::skip(format!("no {d} (see `device`)"));
+    }
+    let net = Network {
+        network: c.config.network,
+        external: c.ext.clone(),
+    };
+    let connected = k.connected(c.ext.index);
+    let own = own.to_backend();
+    let host = Host {
+        net: &net,
+        own: &own,
+        device: dev_index,
+        connected: &connected,
+    };
+    let peers: Vec<_> = peers.iter().map(Lease::to_backend).collect();
+    let want = match (kind.desired)(&c.config.backend, &host, &peers) {
+        Ok(Some(want)) => want,
+        Ok(None) => return Outcome::skip(format!("the backend {} programs no peers", c.backend)),
+        Err(e) => return Outcome::skip(format!("what the backend wants: {e}")),
+    };
+    let label = |subnet: Option<Ipv4Net>| match subnet {
+        None => "the network".to_string(),
+        Some(s) => {
+            let ip = peers.iter().find(|p| p.subnet == s).map(|p| p.public_ip);
+            ip.map_or_else(|| format!("peer {s}"), |ip| format!("peer {s} ({ip})"))
+        }
+    };
+    for (subnet, e) in &want.refused {
+        let why = match e {
+            weft_backends::Error::BadPeer { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        };
+        out.push(Finding::new(
+            format!(
+                "{}: weft programs nothing for it: {why}",
+                label(Some(*subnet))
+            ),
+            "every host of a network must run its backend with the same options: restart the \
+             agent on that host (the network config changed while it ran?)",
+        ));
+    }
+    let routes: Vec<(String, Want)> = (want.routes.iter())
+        .map(|(s, r)| (label(*s), Want::from(r)))
+        .collect();
+    let neigh: Vec<_> = (want.neighbours.iter())
+        .map(|(s, ip, mac)| (label(Some(*s)), *ip, *mac))
+        .collect();
+    let fdb: Vec<_> = (want.fdb.iter())
+        .map(|(s, mac, ip)| (label(Some(*s)), *mac, *ip))
+        .collect();
+    if let (Some(index), Some(dev)) = (dev_index, &dev) {
+        compare_neighbours(k, index, dev, &neigh, &fdb, &mut out);
+    }
+    compare_routes(k, &c, dev_index, &routes, &mut out);
+    out.into()
+}
+
+/// Peers of another backend type than this network's: weft (like flannel) sends them nothing.
+fn other_types(c: &Ctx<'_>, peers: &[Lease]) -> Vec<Finding> {
     let label = |p: &Lease| format!("peer {} ({})", p.subnet, p.attrs.public_ip);
     let same_type = |p: &Lease| {
         let t = &p.attrs.backend_type;
         *t == c.backend || (c.backend == "udp" && t.is_empty())
     };
-    for p in peers.iter().filter(|p| !same_type(p)) {
-        out.push(Finding::new(
-            format!(
-                "{} runs backend {}, this network {}: weft (like flannel) sends it nothing",
-                label(p),
-                or_dash(&p.attrs.backend_type),
-                c.backend
-            ),
-            "every host of a network must run its backend: restart the agent on that host \
-             (the network config changed while it ran?)",
-        ));
-    }
-    let peers: Vec<&Lease> = peers.iter().filter(|p| same_type(p)).collect();
-    let dev_index = device_name(c.config)
-        .and_then(|d| k.link(&d))
-        .map(|l| l.index);
-    match c.backend.as_str() {
-        "vxlan" => {
-            let Some(index) = dev_index else {
-                return Outcome::skip("no vxlan device (see `device`)");
-            };
-            let dev = device_name(c.config).unwrap_or_default();
-            let vni = vxlan_vni(c.config);
-            let connected = if backend_flag(c.config, "DirectRouting") == Some(true) {
-                k.connected(ext.index)
-            } else {
-                Vec::new()
-            };
-            for p in peers {
-                if connected.iter().any(|n| n.contains(&p.attrs.public_ip)) {
-                    routes.push((label(p), via_underlay(p)));
-                    continue;
-                }
-                let data = p.attrs.backend_data.as_ref();
-                let their_vni = data.and_then(|d| d.get("VNI")).and_then(|v| v.as_u64());
-                let Ok(mac) = vtep_mac(data) else { continue };
-                if their_vni != Some(vni) {
-                    out.push(Finding::new(
-                        format!(
-                            "{} publishes VNI {}, this network uses {vni}: weft skips it",
-                            label(p),
-                            their_vni.map_or_else(|| "none".to_string(), |v| v.to_string())
-                        ),
-                        "every host of a network must use its VNI: restart the agent on that host",
-                    ));
-                    continue;
-                }
-                let gw = p.subnet.network();
-                neigh.push((label(p), gw, mac));
-                fdb.push((label(p), mac, p.attrs.public_ip));
-                routes.push((
+    (peers.iter().filter(|p| !same_type(p)))
+        .map(|p| {
+            Finding::new(
+                format!(
+                    "{} runs backend {}, this network {}: weft (like flannel) sends it nothing",
                     label(p),
-                    Want {
-                        dst: p.subnet,
-                        gateway: Some(gw),
-                        oif: index,
-                        dev: dev.clone(),
-                        onlink: true,
-                    },
-                ));
-            }
-            compare_neighbours(k, index, &dev, &neigh, &fdb, &mut out);
-        }
-        "host-gw" => {
-            let connected = k.connected(ext.index);
-            for p in peers {
-                if connected.iter().any(|n| n.contains(&p.attrs.public_ip)) {
-                    routes.push((label(p), via_underlay(p)));
-                } else {
-                    out.push(Finding::new(
-                        format!(
-                            "{} is not on a network directly connected to {}: host-gw cannot \
-                             route to it",
-                            label(p),
-                            ext.name
-                        ),
-                        "host-gw needs every host on one L2 network: use vxlan",
-                    ));
-                }
-            }
-        }
-        "udp" => {
-            let Some(index) = dev_index else {
-                return Outcome::skip("no flannel0 (see `device`)");
-            };
-            routes.push((
-                "the network".into(),
-                Want {
-                    dst: c.config.network,
-                    gateway: None,
-                    oif: index,
-                    dev: "flannel0".into(),
-                    onlink: false,
-                },
-            ));
-        }
-        other => return Outcome::skip(format!("the backend {other} programs no peers")),
-    }
-    compare_routes(k, &c, dev_index, &routes, &mut out);
-    out.into()
+                    or_dash(&p.attrs.backend_type),
+                    c.backend
+                ),
+                "every host of a network must run its backend: restart the agent on that host \
+                 (the network config changed while it ran?)",
+            )
+        })
+        .collect()
 }
 
 fn compare_routes(

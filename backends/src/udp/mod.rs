@@ -47,8 +47,8 @@ use crate::plane::StatsSource;
 use crate::routes::{self, RouteSpec};
 use crate::watch::Owned;
 use crate::{
-    peer, BackendConfig, DataPlane, Error, ErrorList, Event, Lease, Network, OwnedCounts,
-    PeerChanges,
+    peer, BackendConfig, DataPlane, Desired, Error, ErrorList, Event, Host, Lease, Network,
+    OwnedCounts, PeerChanges,
 };
 use codec::{PeerTable, SharedCounters};
 use worker::{Shared, Worker};
@@ -174,6 +174,22 @@ impl DataPlane for Udp {
 
     fn device_name(&self) -> Option<String> {
         Some(DEVICE.to_string())
+    }
+
+    /// One route, the whole network into flannel0; the peers live in the workers' table.
+    fn desired(
+        _config: &BackendConfig,
+        host: &Host<'_>,
+        _peers: &[Lease],
+    ) -> Result<Option<Desired>, Error> {
+        let index = host
+            .device
+            .ok_or_else(|| Error::NoInterface(DEVICE.to_string()))?;
+        let route = network_route(host.net.network, index);
+        Ok(Some(Desired {
+            routes: vec![(None, route)],
+            ..Desired::default()
+        }))
     }
 
     /// What the workers have counted, over this backend's life, readable from elsewhere for as
@@ -512,13 +528,18 @@ impl Udp {
             (Ok(h), Ok(b)) => (h, b),
             (Err(e), _) | (_, Err(e)) => return e.into(),
         };
-        let want = [RouteSpec::device(self.net.network, index, device::NAME)];
+        let want = [network_route(self.net.network, index)];
         let owner = routes::Owner {
             network: self.net.network,
             device: Some(index),
         };
         routes::reconcile_owned(&handle, &batch, &owner, &want).await
     }
+}
+
+/// `<network> dev flannel0`: everything for the cluster network into the TUN device.
+fn network_route(network: Ipv4Net, index: u32) -> RouteSpec {
+    RouteSpec::device(network, index, device::NAME)
 }
 
 impl Drop for Udp {

@@ -11,6 +11,7 @@ mod config;
 mod device;
 pub mod ethtool;
 mod plan;
+mod want;
 
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
@@ -24,11 +25,12 @@ use crate::conn::Conn;
 use crate::mac::{vtep_mac, Mac};
 use crate::neigh::{self, Table};
 use crate::netlink;
+use crate::peer;
 use crate::routes::{self, OwnedRoutes, Owner, RouteSpec};
 use crate::watch::Owned;
 use crate::{
-    peer, BackendConfig, DataPlane, Error, ErrorList, Event, Identity, IdentityKind, Lease,
-    Network, OwnedCounts, PeerChanges,
+    BackendConfig, DataPlane, Desired, Error, ErrorList, Event, Host, Identity, IdentityKind,
+    Lease, Network, OwnedCounts, PeerChanges,
 };
 use plan::{Moves, Plan, Plans};
 
@@ -88,6 +90,14 @@ impl DataPlane for Vxlan {
     }
 
     /// `flannel.<VNI>`.
+    fn desired(
+        config: &BackendConfig,
+        host: &Host<'_>,
+        peers: &[Lease],
+    ) -> Result<Option<Desired>, Error> {
+        want::desired(&VxlanConfig::parse(config)?, host, peers).map(Some)
+    }
+
     fn device_name(&self) -> Option<String> {
         Some(self.name.to_string())
     }
@@ -172,7 +182,7 @@ impl DataPlane for Vxlan {
                 continue;
             }
             if plans.get(&p.subnet).is_some() {
-                errs.push(bad_peer(p, "another peer has this subnet".into()));
+                errs.push(want::bad(p, "another peer has this subnet".into()));
                 continue;
             }
             match self.plan(p, |m| plans.mac_holder(m).is_some()) {
@@ -296,45 +306,25 @@ impl DataPlane for Vxlan {
 impl Vxlan {
     /// What to program for `p`; `mac_taken` says whether another peer already uses a VTEP MAC.
     fn plan(&self, p: &Lease, mac_taken: impl Fn(Mac) -> bool) -> Result<Plan, Error> {
-        peer::check(&self.net, self.own.as_ref(), p)?;
-        if self.connected.iter().any(|n| n.contains(&p.public_ip)) {
-            debug!(subnet = %p.subnet, "direct route (DirectRouting)");
-            return Ok(Plan::Direct {
-                public_ip: p.public_ip,
-            });
+        let plan = want::judge(&self.cfg, &self.net, self.own.as_ref(), &self.connected, p)?;
+        match plan {
+            Plan::Direct { .. } => debug!(subnet = %p.subnet, "direct route (DirectRouting)"),
+            // Two peers behind one MAC would send one peer's traffic to both.
+            Plan::Overlay { mac, .. } if self.mac == Some(mac) || mac_taken(mac) => {
+                return Err(want::bad(
+                    p,
+                    format!("VtepMAC {mac} is already used by another host"),
+                ));
+            }
+            Plan::Overlay { .. } => {}
         }
-        let mac = self.peer_mac(p)?;
-        // Two peers behind one MAC would send one peer's traffic to both.
-        if self.mac == Some(mac) || mac_taken(mac) {
-            return Err(bad_peer(
-                p,
-                format!("VtepMAC {mac} is already used by another host"),
-            ));
-        }
-        Ok(Plan::Overlay {
-            mac,
-            public_ip: p.public_ip,
-        })
+        Ok(plan)
     }
 
     /// The route of a peer: into the device `index` through the overlay, or on the underlay.
     fn route(&self, subnet: Ipv4Net, plan: Plan, index: u32) -> RouteSpec {
-        match plan {
-            Plan::Overlay { .. } => RouteSpec {
-                dst: subnet,
-                gateway: Some(subnet.network()),
-                oif: index,
-                dev: self.name.clone(),
-                onlink: true,
-            },
-            Plan::Direct { public_ip } => RouteSpec {
-                dst: subnet,
-                gateway: Some(public_ip),
-                oif: self.net.external.index,
-                dev: self.underlay.clone(),
-                onlink: false,
-            },
-        }
+        let underlay = (self.net.external.index, &self.underlay);
+        want::route(subnet, plan, (index, &self.name), underlay)
     }
 
     pub async fn drifted(&mut self) {
@@ -356,7 +346,7 @@ impl Vxlan {
                 return Ok(m);
             }
         }
-        if let Some(m) = previous.and_then(|l| self.peer_mac(l).ok()) {
+        if let Some(m) = previous.and_then(|l| want::mac(&self.cfg, l).ok()) {
             debug!(mac = %m, "reusing the previous lease's VTEP MAC");
             return Ok(m);
         }
@@ -384,38 +374,6 @@ impl Vxlan {
         self.index = Some(index);
         Ok(index)
     }
-
-    /// The VTEP MAC a vxlan lease publishes, if its BackendData is sound for our VNI.
-    fn peer_mac(&self, p: &Lease) -> Result<Mac, Error> {
-        let data = p
-            .backend_data
-            .as_ref()
-            .ok_or_else(|| bad_peer(p, "no BackendData".into()))?
-            .value()
-            .ok_or_else(|| bad_peer(p, "BackendData is not JSON".into()))?;
-        let vni = data.get("VNI").and_then(Value::as_u64);
-        if vni != Some(u64::from(self.cfg.vni)) {
-            return Err(bad_peer(
-                p,
-                format!(
-                    "BackendData VNI {vni:?}, this network uses {}",
-                    self.cfg.vni
-                ),
-            ));
-        }
-        let mac = data
-            .get("VtepMAC")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad_peer(p, "BackendData has no VtepMAC".into()))?;
-        let mac: Mac = mac.parse().map_err(|e| bad_peer(p, format!("{e}")))?;
-        if !mac.is_unicast() {
-            return Err(bad_peer(
-                p,
-                format!("VtepMAC {mac} is not a unicast address"),
-            ));
-        }
-        Ok(mac)
-    }
 }
 
 /// Whether an error of a full reconcile leaves the kernel's state unknown (a failed request or
@@ -425,11 +383,4 @@ fn kernel_unknown(e: &Error) -> bool {
         e,
         Error::Netlink { .. } | Error::Io { .. } | Error::Other(_)
     )
-}
-
-fn bad_peer(p: &Lease, reason: String) -> Error {
-    Error::BadPeer {
-        subnet: p.subnet.to_string(),
-        reason,
-    }
 }
