@@ -1,6 +1,11 @@
 //! Leases as weft works with them, whatever store holds them (see `registry`): a subnet, the
 //! attributes its host published (flannel's lease JSON,
 //! `{"PublicIP":"…","PublicIPv6":null,"BackendType":"…","BackendData":{…}}`), and how it is held.
+//!
+//! One lease, in the shapes it takes along the data flow: a [`Record`] as the store holds it
+//! (key, rank, and a [`Lease`] or why there is none); the [`Lease`] (subnet, [`LeaseAttrs`],
+//! [`Hold`]); in the peer set, a compact copy of it (`peers::compact`); and what the data plane
+//! is given, `weft_backends::Lease` (subnet, PublicIP, backend type and data).
 
 use std::net::Ipv4Addr;
 use std::time::Duration;

@@ -24,7 +24,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use weft_backends::udp::DropReason;
-use weft_backends::{Backend, OwnedCounts, Stats, StatsSource, KINDS};
+use weft_backends::{Backend, Programmed, Stats, StatsSource, KINDS};
 
 use crate::lease::Lease;
 use crate::peers::Reason;
@@ -128,7 +128,7 @@ impl Metrics {
         for r in rejection_reasons() {
             m.rejections.get_or_create(&[("reason", r)]).inc_by(0);
         }
-        m.set_owned(OwnedCounts::default());
+        m.set_programmed(Programmed::default());
         m.register()
     }
 
@@ -276,13 +276,13 @@ impl Metrics {
 
     /// A pass bringing the kernel in line (the full compare or a targeted change) took `took`
     /// and worked or not; `owned` is what the backend then holds.
-    pub fn reconciled(&self, took: Duration, ok: bool, owned: OwnedCounts) {
+    pub fn reconciled(&self, took: Duration, ok: bool, owned: Programmed) {
         self.reconciles.inc();
         if !ok {
             self.reconcile_failures.inc();
         }
         self.reconcile_seconds.observe(took.as_secs_f64());
-        self.set_owned(owned);
+        self.set_programmed(owned);
     }
 
     /// The peers accepted, by BackendType ("" is flannel's udp).
@@ -296,7 +296,7 @@ impl Metrics {
         }
     }
 
-    fn set_owned(&self, owned: OwnedCounts) {
+    fn set_programmed(&self, owned: Programmed) {
         let kinds = [
             ("route", owned.routes),
             ("neighbour", owned.neighbours),
@@ -630,7 +630,7 @@ mod tests {
     #[test]
     fn reconciles_count_passes_and_what_the_kernel_holds_and_peers_are_counted_by_backend() {
         let m = Metrics::new();
-        let owned = OwnedCounts {
+        let owned = Programmed {
             routes: 2,
             neighbours: 2,
             fdb: 2,

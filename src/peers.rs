@@ -1,7 +1,11 @@
 //! From the lease records of the store (`<prefix>/subnets/` in etcd) to the peers the data plane
-//! is given: a pure function of everything stored there (no I/O), kept up to date incrementally. The watch (a batch of events)
-//! and a fresh listing (start, compaction) go through the same code and end in the same set,
-//! whatever order the events came in: a lease's fate depends only on what is stored now.
+//! is given: a pure function of everything stored there (no I/O), kept up to date incrementally.
+//! The watch (a batch of events) and a fresh listing (start, compaction) go through the same code
+//! ([`Edit`]) and end in the same set, whatever order the events came in: a lease's fate depends
+//! only on what is stored now.
+//!
+//! Files: `compact.rs` (a lease as the set keeps it), `contention.rs` (who holds a subnet or an
+//! identity), `edit.rs` (operations reported as one [`Diff`]).
 //!
 //! Peers are keyed by record key. A stored lease is a peer when, on its own, it
 //! - has a key in flannel's one spelling (`10.244.52.0-24`) and a readable value;
@@ -30,16 +34,16 @@ use ipnet::Ipv4Net;
 use weft_backends::iface::is_unicast_host;
 use weft_backends::{Identity, IdentityKind};
 
-mod batch;
+mod compact;
 mod contention;
-mod stored;
+mod edit;
 
 pub use crate::lease::Change;
 use crate::lease::{Lease, Record, Unreadable};
-pub use batch::Batch;
-use batch::Before;
+use compact::{Compact, KNOWN_TYPES};
 use contention::{contend, wins, Contenders, Key, Rank};
-use stored::{Stored, KNOWN_TYPES};
+use edit::Before;
+pub use edit::Edit;
 
 /// This host's own lease, as far as judging peers needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,7 +160,7 @@ pub struct PeerSet {
 #[derive(Debug, Clone)]
 struct Entry {
     rank: i64,
-    value: Result<Stored, Unreadable>,
+    value: Result<Compact, Unreadable>,
     standing: Standing,
 }
 
@@ -210,8 +214,8 @@ impl PeerSet {
     }
 
     /// Starts several operations whose net effect is one [`Diff`] (a watch response, a relisting).
-    pub fn batch(&mut self) -> Batch<'_> {
-        Batch {
+    pub fn edit(&mut self) -> Edit<'_> {
+        Edit {
             set: self,
             before: Before::default(),
             listed: None,
@@ -220,14 +224,14 @@ impl PeerSet {
 
     /// One watch event.
     pub fn apply(&mut self, change: Change) -> Diff {
-        let mut b = self.batch();
+        let mut b = self.edit();
         b.apply(change);
         b.finish()
     }
 
     /// Makes the stored leases exactly `records` (a fresh listing).
     pub fn replace_all(&mut self, records: impl IntoIterator<Item = Record>) -> Diff {
-        let mut b = self.batch();
+        let mut b = self.edit();
         b.replace_all(records);
         b.finish()
     }
@@ -254,13 +258,13 @@ impl PeerSet {
     }
 
     /// What is stored for the accepted peer at `key`.
-    fn accepted_lease(&self, key: &str) -> Option<&Stored> {
+    fn accepted_lease(&self, key: &str) -> Option<&Compact> {
         self.accepted.contains(key).then_some(())?;
         self.readable(key)
     }
 
     /// The readable lease stored at `key`, whatever its verdict.
-    fn readable(&self, key: &str) -> Option<&Stored> {
+    fn readable(&self, key: &str) -> Option<&Compact> {
         self.entries.get(key)?.value.as_ref().ok()
     }
 
@@ -279,7 +283,7 @@ impl PeerSet {
         Some(Record {
             key: key.to_string(),
             rank: e.rank,
-            value: e.value.as_ref().map(Stored::lease).map_err(Clone::clone),
+            value: e.value.as_ref().map(Compact::lease).map_err(Clone::clone),
         })
     }
 
@@ -301,7 +305,7 @@ impl PeerSet {
     fn update(&mut self, key: &str, new: Option<Record>, before: &mut Before) {
         let new = new.map(|r| {
             let standing = self.stand(&r);
-            (r.rank, r.value.map(Stored::new), standing)
+            (r.rank, r.value.map(Compact::new), standing)
         });
         match (&new, self.entries.get(key)) {
             (Some((rev, value, _)), Some(e)) if e.rank == *rev && e.value == *value => return,
@@ -350,7 +354,7 @@ impl PeerSet {
         }
     }
 
-    /// Records the verdict of `key` before this batch first touches it.
+    /// Records the verdict of `key` before this edit first touches it.
     fn remember(&self, key: &str, before: &mut Before) {
         if before.contains(key) {
             return;

@@ -114,9 +114,9 @@ macro_rules! backends {
             }
 
             /// What the last reconcile put or kept in the kernel.
-            pub fn owned(&self) -> OwnedCounts {
+            pub fn programmed(&self) -> Programmed {
                 match self {
-                    $(Self::$variant(b) => $crate::DataPlane::owned(b)),+
+                    $(Self::$variant(b) => $crate::DataPlane::programmed(b)),+
                 }
             }
 

@@ -4,7 +4,7 @@ use rtnetlink::Handle;
 
 use crate::batch::Batch;
 use crate::netlink::connect;
-use crate::watch::{DriftWatch, Owned};
+use crate::watch::{DriftWatch, Watched};
 use crate::Error;
 
 /// A backend's netlink sockets, opened lazily: `Backend::new` may run outside the runtime that
@@ -50,7 +50,7 @@ impl Conn {
     }
 
     /// Resolves when something `owned` was changed behind weft's back.
-    pub async fn drifted(&mut self, owned: &Owned) {
+    pub async fn drifted(&mut self, owned: &Watched) {
         if let Err(e) = self.subscribe() {
             tracing::warn!(error = %e, "cannot watch for drift; relying on periodic reconcile");
         }

@@ -7,11 +7,11 @@ use std::borrow::Borrow;
 use std::sync::Arc;
 
 use crate::conn::Conn;
-use crate::routes::{self, OwnedRoutes, Owner, RouteSpec};
-use crate::watch::Owned;
+use crate::routes::{self, Owner, RouteSpec, RouteTable};
+use crate::watch::Watched;
 use crate::{
     peer, BackendConfig, DataPlane, Desired, Error, ErrorList, Event, Host, Lease, Network,
-    OwnedCounts, PeerChanges,
+    PeerChanges, Programmed,
 };
 
 pub struct HostGw {
@@ -21,7 +21,7 @@ pub struct HostGw {
     own: Option<Lease>,
     conn: Conn,
     /// The peer routes in place, for targeted changes (`apply`).
-    routes: OwnedRoutes,
+    routes: RouteTable,
     /// The underlay's directly connected networks as of the last full reconcile.
     connected: Vec<Ipv4Net>,
     /// A full reconcile ran since the backend was built, its lease changed or drift was seen.
@@ -138,10 +138,10 @@ impl DataPlane for HostGw {
         !self.synced || self.routes.stale()
     }
 
-    fn owned(&self) -> OwnedCounts {
-        OwnedCounts {
+    fn programmed(&self) -> Programmed {
+        Programmed {
             routes: self.routes.wanted(),
-            ..OwnedCounts::default()
+            ..Programmed::default()
         }
     }
 }
@@ -153,7 +153,7 @@ impl HostGw {
             net,
             own: None,
             conn: Conn::default(),
-            routes: OwnedRoutes::default(),
+            routes: RouteTable::default(),
             connected: Vec::new(),
             synced: false,
         }
@@ -173,7 +173,7 @@ impl HostGw {
     }
 
     pub async fn drifted(&mut self) {
-        self.conn.drifted(&Owned::default()).await;
+        self.conn.drifted(&Watched::default()).await;
         self.synced = false;
     }
 }

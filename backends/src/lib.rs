@@ -94,7 +94,7 @@ pub struct Network {
 /// What a running backend reports to the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// Owned kernel state may have drifted (a device, address or route removed behind weftd's
+    /// Watched kernel state may have drifted (a device, address or route removed behind weftd's
     /// back): reconcile now.
     Drift,
     /// The data plane cannot go on (a udp worker died, with why): log it, report unhealthy, and
@@ -106,7 +106,7 @@ pub enum Event {
 /// wanted, which is exactly what the kernel holds when that reconcile succeeded (a failed one
 /// reports its errors, and these numbers count what it aimed for).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct OwnedCounts {
+pub struct Programmed {
     pub routes: usize,
     /// vxlan's permanent neighbours (peer network address → VTEP MAC).
     pub neighbours: usize,
@@ -166,11 +166,6 @@ impl Backend {
             }
         }
         errs.into_result()
-    }
-
-    /// The udp data plane's counters (packets, bytes, drops by reason); None for the others.
-    pub fn udp_stats(&self) -> Option<udp::Stats> {
-        self.stats().map(|s| s.read())
     }
 }
 

@@ -22,7 +22,7 @@ use serde_json::Value;
 use crate::mac::Mac;
 use crate::routes::RouteSpec;
 use crate::udp::codec::Counters;
-use crate::{BackendConfig, Error, ErrorList, Event, Lease, Network, OwnedCounts, PeerChanges};
+use crate::{BackendConfig, Error, ErrorList, Event, Lease, Network, PeerChanges, Programmed};
 
 /// One data plane: told "this is my lease, these are my peers", it makes the kernel (or its
 /// own userspace forwarding) agree. The defaults fit a backend with nothing of its own to do
@@ -139,8 +139,8 @@ pub trait DataPlane: Sized + Send {
     }
 
     /// What the last reconcile put or kept in the kernel.
-    fn owned(&self) -> OwnedCounts {
-        OwnedCounts::default()
+    fn programmed(&self) -> Programmed {
+        Programmed::default()
     }
 
     /// Counters of a userspace data path, readable from another thread.

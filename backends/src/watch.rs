@@ -38,14 +38,14 @@ use crate::Error;
 
 /// What the running backend owns, to tell relevant events from noise.
 #[derive(Debug, Clone, Default)]
-pub struct Owned {
+pub struct Watched {
     /// The backend's device (vxlan), by name since its index changes when it is recreated.
     pub device: Option<String>,
     /// Its current index, if it exists.
     pub index: Option<u32>,
 }
 
-impl Owned {
+impl Watched {
     /// Whether `msg` says something weft owns was removed or disabled.
     fn touched_by(&self, msg: &RouteNetlinkMessage) -> bool {
         let ours = |i: u32| self.index == Some(i);
@@ -84,7 +84,7 @@ type Events<T> = UnboundedReceiver<(NetlinkMessage<T>, SocketAddr)>;
 struct Shared {
     /// What to judge against: the last `drifted` caller's (None before the first call: events
     /// that may concern any device count, so none is lost before the backend says what it owns).
-    owned: Mutex<Option<Owned>>,
+    owned: Mutex<Option<Watched>>,
     /// Something owned changed since the last `drifted` returned (or `settle`).
     drifted: AtomicBool,
     wake: Notify,
@@ -100,7 +100,7 @@ impl Shared {
     fn judge(&self, msg: &RouteNetlinkMessage) {
         let hit = match &*self.owned.lock().unwrap_or_else(PoisonError::into_inner) {
             Some(owned) => owned.touched_by(msg),
-            None => Owned::may_be_touched_by(msg),
+            None => Watched::may_be_touched_by(msg),
         };
         if hit {
             debug!(event = ?msg.message_type(), "owned kernel state changed");
@@ -195,7 +195,7 @@ impl DriftWatch {
 
     /// Resolves once something in `owned` changed (at once if it already has). Pends forever if
     /// the socket closed. Cancel-safe: a change is kept until a call returns for it.
-    pub async fn drifted(&mut self, owned: &Owned) {
+    pub async fn drifted(&mut self, owned: &Watched) {
         *self
             .shared
             .owned
@@ -281,7 +281,7 @@ async fn judge_all<T>(mut events: Events<T>, shared: Arc<Shared>, judge: fn(&Sha
     }
 }
 
-/// What the route socket lets through: the messages `Owned::touched_by` can act on (a link set
+/// What the route socket lets through: the messages `Watched::touched_by` can act on (a link set
 /// down comes as RTM_NEWLINK), and netlink's own control messages (`settle`'s markers are
 /// NLMSG_NOOP).
 const ROUTE_EVENTS: [u16; 9] = [
@@ -415,7 +415,7 @@ mod tests {
 
     /// Whether `drifted` for the vxlan device at index 7 resolves soon.
     async fn wakes(w: &mut DriftWatch) -> bool {
-        let owned = Owned {
+        let owned = Watched {
             device: Some("flannel.1".into()),
             index: Some(7),
         };

@@ -60,9 +60,9 @@ impl Agent {
         if state.addrs_read.elapsed() >= RESYNC / 2 {
             state.addrs_read = Instant::now();
             if let Some(addrs) = self.local_addrs().await {
-                let mut batch = state.peers.batch();
-                batch.set_local_addrs(addrs);
-                let diff = batch.finish();
+                let mut edit = state.peers.edit();
+                edit.set_local_addrs(addrs);
+                let diff = edit.finish();
                 self.log_diff(state.peers.len(), &diff);
                 state.stage(&diff);
             }
@@ -156,6 +156,6 @@ impl Agent {
 /// A pass bringing the kernel in line, in the metrics, with the peers and kernel objects after it.
 fn count_pass(state: &State, took: Duration, ok: bool) {
     let metrics = crate::metrics::get();
-    metrics.reconciled(took, ok, state.backend.owned());
+    metrics.reconciled(took, ok, state.backend.programmed());
     metrics.peers_known(state.peers.count_by_type());
 }

@@ -57,11 +57,11 @@ impl Agent {
         let own_key = self.registry.names().lease(state.own.subnet);
         let own_touched = changes.iter().any(|c| c.key() == own_key);
         let large = changes.len() >= LARGE_BATCH;
-        let mut batch = state.peers.batch();
+        let mut edit = state.peers.edit();
         for c in changes {
-            batch.apply(c);
+            edit.apply(c);
         }
-        let diff = batch.finish();
+        let diff = edit.finish();
         self.log_diff(state.peers.len(), &diff);
         state.stage(&diff);
         if own_touched {
@@ -88,24 +88,24 @@ impl Agent {
         let addrs = self.local_addrs().await;
         state.addrs_read = Instant::now();
         let own = self.own_view(&state.own);
-        let mut batch = state.peers.batch();
-        batch.set_own(own);
+        let mut edit = state.peers.edit();
+        edit.set_own(own);
         if let Some(a) = addrs {
-            batch.set_local_addrs(a);
+            edit.set_local_addrs(a);
         }
         // Each page of the listing goes into the peer set as it arrives: 10,000 leases are never
         // held twice (parsed and stored), which would leave the process that much larger.
         let mut backoff = Backoff::new("list leases");
         let at = loop {
-            batch.begin_listing();
-            match self.registry.list_records(|r| batch.listed(r)).await {
+            edit.begin_listing();
+            match self.registry.list_records(|r| edit.listed(r)).await {
                 Ok(at) => break at,
                 Err(e) => backoff.failed(&format!("{e:#}")).await,
             }
         };
-        batch.end_listing();
+        edit.end_listing();
         state.watch.listed(at);
-        let diff = batch.finish();
+        let diff = edit.finish();
         self.log_diff(state.peers.len(), &diff);
         // At 10,000 peers a diff names 10,000: not kept through the pass below.
         drop(diff);
@@ -130,9 +130,9 @@ impl Agent {
         }
         let own = self.own_view(&state.own);
         if own != *state.peers.own() {
-            let mut batch = state.peers.batch();
-            batch.set_own(own);
-            let diff = batch.finish();
+            let mut edit = state.peers.edit();
+            edit.set_own(own);
+            let diff = edit.finish();
             self.log_diff(state.peers.len(), &diff);
         }
         true

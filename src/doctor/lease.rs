@@ -14,7 +14,7 @@ use crate::status::{self, BridgeView, EnvView, LeaseView, View};
 
 /// This host's lease as etcd has it, judged against subnet.env.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Own<'a> {
+pub enum Holding<'a> {
     /// subnet.env's subnet, leased to this host.
     Held(&'a Lease),
     /// subnet.env's subnet is leased to another host.
@@ -37,7 +37,7 @@ pub fn is_mine(f: &Facts, ip: Ipv4Addr) -> bool {
 }
 
 /// subnet.env, the cluster, and this host's lease in it; `None` when either is missing.
-pub fn own<'a>(f: &'a Facts) -> Option<(&'a EnvView, &'a Cluster, Own<'a>)> {
+pub fn own<'a>(f: &'a Facts) -> Option<(&'a EnvView, &'a Cluster, Holding<'a>)> {
     let (Ok(env), Etcd::Read(c)) = (&f.env, &f.etcd) else {
         return None;
     };
@@ -48,11 +48,11 @@ pub fn own<'a>(f: &'a Facts) -> Option<(&'a EnvView, &'a Cluster, Own<'a>)> {
         .find(|r| r.key == key)
         .and_then(|r| r.value.as_ref().ok());
     let own = match at_key {
-        Some(l) if is_mine(f, l.attrs.public_ip) => Own::Held(l),
-        Some(l) => Own::OtherHost(l),
+        Some(l) if is_mine(f, l.attrs.public_ip) => Holding::Held(l),
+        Some(l) => Holding::OtherHost(l),
         None => match c.leases().find(|l| is_mine(f, l.attrs.public_ip)) {
-            Some(l) => Own::Elsewhere(l),
-            None => Own::Missing,
+            Some(l) => Holding::Elsewhere(l),
+            None => Holding::Missing,
         },
     };
     Some((env, c, own))
@@ -61,7 +61,7 @@ pub fn own<'a>(f: &'a Facts) -> Option<(&'a EnvView, &'a Cluster, Own<'a>)> {
 /// This host's lease, when subnet.env names it.
 pub fn held(f: &Facts) -> Option<&Lease> {
     match own(f)?.2 {
-        Own::Held(l) => Some(l),
+        Holding::Held(l) => Some(l),
         _ => None,
     }
 }
@@ -69,7 +69,7 @@ pub fn held(f: &Facts) -> Option<&Lease> {
 /// This host's subnet: its lease's in etcd (also when subnet.env is stale), else subnet.env's.
 pub fn own_subnet(f: &Facts) -> Option<Ipv4Net> {
     match (own(f), &f.etcd) {
-        (Some((_, _, Own::Held(l) | Own::Elsewhere(l))), _) => Some(l.subnet),
+        (Some((_, _, Holding::Held(l) | Holding::Elsewhere(l))), _) => Some(l.subnet),
         (None, Etcd::Read(c)) if f.env.is_err() => c
             .leases()
             .find(|l| is_mine(f, l.attrs.public_ip))
@@ -174,7 +174,7 @@ pub fn subnet_env(f: &Facts) -> Outcome {
             }
         }
     }
-    if let Some((_, _, Own::Elsewhere(l))) = own(f) {
+    if let Some((_, _, Holding::Elsewhere(l))) = own(f) {
         out.push(Finding::new(
             format!(
                 "{} says FLANNEL_SUBNET={} but this host's lease in etcd is {}",
@@ -194,10 +194,10 @@ pub fn own_lease(f: &Facts) -> Outcome {
     };
     let subnet = env.subnet.trunc();
     let lease = match own {
-        Own::Held(l) => l,
+        Holding::Held(l) => l,
         // subnet-env says what to do.
-        Own::Elsewhere(_) => return Outcome::ok(),
-        Own::Missing => {
+        Holding::Elsewhere(_) => return Outcome::ok(),
+        Holding::Missing => {
             return vec![Finding::new(
                 format!(
                     "etcd has no lease for {subnet} (this host's, by subnet.env) nor any other \
@@ -208,7 +208,7 @@ pub fn own_lease(f: &Facts) -> Outcome {
             )]
             .into()
         }
-        Own::OtherHost(l) => {
+        Holding::OtherHost(l) => {
             return vec![Finding::new(
                 format!(
                     "{subnet} (this host's, by subnet.env) is leased to {} in etcd, not to this \

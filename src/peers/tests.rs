@@ -417,7 +417,7 @@ fn a_rejection_is_reported_once_until_its_reason_changes() {
 fn a_batch_reports_only_its_net_effect() {
     let mut s = set();
     s.apply(put("10.60.7.0-24", 5, &udp("10.199.0.12")));
-    let mut b = s.batch();
+    let mut b = s.edit();
     b.apply(del("10.60.7.0-24"));
     b.apply(put("10.60.7.0-24", 8, &udp("10.199.0.12")));
     b.apply(put("10.60.8.0-24", 9, &udp("10.199.0.13")));
@@ -456,7 +456,7 @@ fn a_new_local_address_refuses_the_peer_using_it_until_it_goes() {
     s.apply(put("10.60.7.0-24", 5, &udp("10.199.0.12")));
     let mut more = local();
     more.insert(ip("10.199.0.12"));
-    let mut b = s.batch();
+    let mut b = s.edit();
     b.set_local_addrs(more);
     let d = b.finish();
     assert_eq!(names(&d.removed), ["10.60.7.0-24"]);
@@ -464,7 +464,7 @@ fn a_new_local_address_refuses_the_peer_using_it_until_it_goes() {
         d.rejected[0].reason,
         Reason::PublicIpLocal(ip("10.199.0.12"))
     );
-    let mut b = s.batch();
+    let mut b = s.edit();
     b.set_local_addrs(local());
     assert_eq!(names(&b.finish().added), ["10.60.7.0-24"]);
 }
@@ -476,7 +476,7 @@ fn a_new_own_lease_judges_every_lease_again() {
     s.apply(put("10.60.7.0-24", 5, &udp("10.199.0.12")));
     // This host moved to 10.60.7.0/24 (say the other lease was its own old one, re-published);
     // its old key is now an ordinary lease again, judged like any other.
-    let mut b = s.batch();
+    let mut b = s.edit();
     b.set_own(own_at("10.60.7.0/24"));
     let d = b.finish();
     assert_eq!(names(&d.removed), ["10.60.7.0-24"]);
@@ -500,7 +500,7 @@ fn a_lease_is_given_back_exactly_as_it_was_read() {
     for v in values {
         let r = crate::registry::etcd::decode(key("10.60.7.0-24"), P, v.as_bytes(), 5, 6, 7);
         let lease = r.value.clone().expect("readable");
-        let stored = Stored::new(lease.clone());
+        let stored = Compact::new(lease.clone());
         assert_eq!(stored.lease(), lease, "{v}");
         assert_eq!(stored.backend_lease(), lease.to_backend(), "{v}");
     }
@@ -728,40 +728,40 @@ mod property {
             let mut extra = false;
             let mut s = set_with(own.clone());
             let mut mirror = BTreeMap::new();
-            let mut batch = s.batch();
+            let mut edit = s.edit();
             for op in ops {
                 match op {
-                    Op::Put(n, v) => batch.apply(Change::Put(etcd.put(&n, v))),
+                    Op::Put(n, v) => edit.apply(Change::Put(etcd.put(&n, v))),
                     Op::Delete(n) => {
                         etcd.revision += 1;
                         etcd.keys.remove(&n);
-                        batch.apply(Change::Delete(key(&n)));
+                        edit.apply(Change::Delete(key(&n)));
                     }
                     Op::Own(i) => {
                         own = own_at(OWNS[i]);
-                        batch.set_own(own.clone());
+                        edit.set_own(own.clone());
                     }
                     Op::Local(x) => {
                         extra = x;
-                        batch.set_local_addrs(locals(x));
+                        edit.set_local_addrs(locals(x));
                     }
                     Op::Flush => {
-                        let d = batch.finish();
+                        let d = edit.finish();
                         replay(&mut mirror, &d, &s);
                         prop_assert_eq!(&mirror, &view_of(&s));
                         for r in &d.rejected {
                             prop_assert_eq!(s.verdict(&r.key), Some(Verdict::Rejected(r.reason.clone())));
                         }
-                        batch = s.batch();
+                        edit = s.edit();
                     }
                 }
             }
-            let d = batch.finish();
+            let d = edit.finish();
             replay(&mut mirror, &d, &s);
             prop_assert_eq!(&mirror, &view_of(&s));
 
             let mut fresh = set_with(own.clone());
-            let mut b = fresh.batch();
+            let mut b = fresh.edit();
             b.set_local_addrs(locals(extra));
             b.replace_all(etcd.listing());
             let d = b.finish();

@@ -27,7 +27,7 @@ pub(super) struct FullPass {
     pub(super) held: HashMap<Ipv4Net, String>,
 }
 
-/// The full pass of [`super::reconcile_owned`] and [`super::OwnedRoutes::reconcile`];
+/// The full pass of [`super::reconcile_owned`] and [`super::RouteTable::reconcile`];
 /// `objects` is every nexthop of the kernel, when routes are to name them.
 pub(super) async fn reconcile_routes(
     handle: &Handle,

@@ -1,4 +1,4 @@
-//! Owned routes: the one route reconciler used by host-gw, vxlan (and its DirectRouting) and udp.
+//! Watched routes: the one route reconciler used by host-gw, vxlan (and its DirectRouting) and udp.
 //!
 //! Which routes an instance owns. Every route weft adds carries protocol [`RTPROT_WEFT`], but
 //! several weftd instances may share a host (two flannel networks, each with its own etcd prefix),
@@ -39,7 +39,7 @@
 //! Files: `owner` (what is weft's, and which instance's), `spec` (the routes wanted), `dump`
 //! (reading the main table), `plan` (a full pass judged: pure), `put` (a route's requests, and a
 //! targeted change's), `send` (the requests sent in batches), `full_pass` (dump, plan, send and
-//! count); here, [`OwnedRoutes`]: what is in place, for targeted changes between full passes.
+//! count); here, [`RouteTable`]: what is in place, for targeted changes between full passes.
 //!
 //! [`RTPROT_WEFT`]: owner::RTPROT_WEFT
 //! [`nexthop_id`]: owner::nexthop_id
@@ -76,7 +76,7 @@ use spec::Hop;
 /// replaces its own routes that differ, deletes its own routes no peer wants, and leaves every
 /// other route alone (a desired route whose destination another route holds is a
 /// [`Error::RouteConflict`]). Every failure is collected, none stops the pass. For a few device
-/// routes (udp's); peers' routes go through [`OwnedRoutes`].
+/// routes (udp's); peers' routes go through [`RouteTable`].
 pub async fn reconcile_owned(
     handle: &Handle,
     batch: &Batch,
@@ -98,15 +98,15 @@ enum Nexthops {
 }
 
 /// The routes one backend instance has in the kernel, as its last full reconcile found and left
-/// them and as the targeted changes since left them: what [`OwnedRoutes::apply`] works from
+/// them and as the targeted changes since left them: what [`RouteTable::apply`] works from
 /// instead of dumping the routing table (10,000 peers are 10,000 routes).
 #[derive(Default)]
-pub struct OwnedRoutes {
+pub struct RouteTable {
     /// weft's routes, by destination.
     installed: HashMap<Ipv4Net, Hop>,
     /// Wanted but not in place: another route holds the destination (described as the last
     /// full reconcile saw it, if it did), or adding failed. Tried again by
-    /// [`OwnedRoutes::retry`].
+    /// [`RouteTable::retry`].
     blocked: HashMap<Ipv4Net, (RouteSpec, Option<String>)>,
     /// A targeted change met a state only a full reconcile can judge (a route nobody knew of at
     /// a destination: flanneld's to adopt, or another's to yield to), or failed halfway.
@@ -114,7 +114,7 @@ pub struct OwnedRoutes {
     nexthops: Nexthops,
 }
 
-impl OwnedRoutes {
+impl RouteTable {
     /// [`reconcile_owned`], with routes through gateways naming nexthops where the kernel has
     /// them, remembering what it left in place.
     pub async fn reconcile(
@@ -196,7 +196,7 @@ impl OwnedRoutes {
     /// route (or nexthop) and no dump: weft's own route to a destination is replaced (when only
     /// its gateway changed, its nexthop is), a new one added exclusively (so a route someone
     /// else holds is never overwritten: the destination is then blocked, and
-    /// [`OwnedRoutes::stale`] asks for a full reconcile to judge it), and only weft's own
+    /// [`RouteTable::stale`] asks for a full reconcile to judge it), and only weft's own
     /// route, matched exactly, is ever deleted.
     pub async fn apply(
         &mut self,

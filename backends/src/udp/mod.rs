@@ -45,10 +45,10 @@ use crate::conn::Conn;
 use crate::netlink;
 use crate::plane::StatsSource;
 use crate::routes::{self, RouteSpec};
-use crate::watch::Owned;
+use crate::watch::Watched;
 use crate::{
     peer, BackendConfig, DataPlane, Desired, Error, ErrorList, Event, Host, Lease, Network,
-    OwnedCounts, PeerChanges,
+    PeerChanges, Programmed,
 };
 use codec::{PeerTable, SharedCounters};
 use worker::{Shared, Worker};
@@ -338,17 +338,17 @@ impl DataPlane for Udp {
     }
 
     /// The one route `ensure_route` keeps; peers live in the workers' table, not the kernel.
-    fn owned(&self) -> OwnedCounts {
-        OwnedCounts {
+    fn programmed(&self) -> Programmed {
+        Programmed {
             routes: usize::from(self.own.is_some()),
-            ..OwnedCounts::default()
+            ..Programmed::default()
         }
     }
 
     /// A worker failed, or flannel0 (its link state, address or route) changed behind weft's back.
     /// Meanwhile, publishes a table that `apply` held back.
     async fn event(&mut self) -> Event {
-        let owned = Owned {
+        let owned = Watched {
             device: Some(device::NAME.to_string()),
             index: self.running.as_ref().map(|r| r.index),
         };

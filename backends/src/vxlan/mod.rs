@@ -26,11 +26,11 @@ use crate::mac::{vtep_mac, Mac};
 use crate::neigh::{self, Table};
 use crate::netlink;
 use crate::peer;
-use crate::routes::{self, OwnedRoutes, Owner, RouteSpec};
-use crate::watch::Owned;
+use crate::routes::{self, Owner, RouteSpec, RouteTable};
+use crate::watch::Watched;
 use crate::{
     BackendConfig, DataPlane, Desired, Error, ErrorList, Event, Host, Identity, IdentityKind,
-    Lease, Network, OwnedCounts, PeerChanges,
+    Lease, Network, PeerChanges, Programmed,
 };
 use plan::{Moves, Plan, Plans};
 
@@ -59,7 +59,7 @@ pub struct Vxlan {
     conn: Conn,
     /// What each peer has in the kernel, for targeted changes (`apply`).
     plans: Plans,
-    routes: OwnedRoutes,
+    routes: RouteTable,
     /// The underlay's directly connected networks as of the last full reconcile (DirectRouting).
     connected: Vec<Ipv4Net>,
     /// A full reconcile ran since the backend was built, its lease changed, drift was seen or a
@@ -119,7 +119,7 @@ impl DataPlane for Vxlan {
             index: None,
             conn: Conn::default(),
             plans: Plans::default(),
-            routes: OwnedRoutes::default(),
+            routes: RouteTable::default(),
             connected: Vec::new(),
             synced: false,
         })
@@ -294,8 +294,8 @@ impl DataPlane for Vxlan {
 
     /// Every peer in the plans has its route (in place or blocked); each overlay peer a
     /// neighbour and an FDB entry.
-    fn owned(&self) -> OwnedCounts {
-        OwnedCounts {
+    fn programmed(&self) -> Programmed {
+        Programmed {
             routes: self.routes.wanted(),
             neighbours: self.plans.overlay(),
             fdb: self.plans.overlay(),
@@ -328,7 +328,7 @@ impl Vxlan {
     }
 
     pub async fn drifted(&mut self) {
-        let owned = Owned {
+        let owned = Watched {
             device: Some(self.name.to_string()),
             index: self.index,
         };

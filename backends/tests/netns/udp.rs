@@ -26,7 +26,7 @@ fn udp() -> Value {
 fn stats(h: &Host) -> Stats {
     let read = || {
         h.agent
-            .with_backend(|b| Box::pin(async move { b.udp_stats().expect("a udp backend") }))
+            .with_backend(|b| Box::pin(async move { b.stats().expect("a udp backend").read() }))
     };
     let mut last = read();
     for _ in 0..20 {

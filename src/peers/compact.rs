@@ -12,7 +12,7 @@ use crate::lease::{Hold, Lease, LeaseAttrs};
 /// kept as its JSON text (a parsed JSON map costs ~400 bytes) and parsed again when the lease is
 /// asked for, which is when a peer changes or the kernel is compared in full.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct Stored {
+pub(super) struct Compact {
     pub(super) subnet: Ipv4Net,
     pub(super) public_ip: Ipv4Addr,
     /// The BackendType as an index into [`KNOWN_TYPES`], or [`OTHER_TYPE`] (the name is then in
@@ -47,7 +47,7 @@ pub(super) const fn known_types() -> [&'static str; KINDS.len() + 1] {
     names
 }
 
-impl Stored {
+impl Compact {
     pub(super) fn new(l: Lease) -> Self {
         let a = l.attrs;
         let known = KNOWN_TYPES.iter().position(|k| *k == a.backend_type);
@@ -99,7 +99,7 @@ impl Stored {
         }
     }
 
-    /// What [`Lease::to_backend`] makes of [`Stored::lease`].
+    /// What [`Lease::to_backend`] makes of [`Compact::lease`].
     pub(super) fn backend_lease(&self) -> weft_backends::Lease {
         weft_backends::Lease {
             subnet: self.subnet,

@@ -3,17 +3,17 @@
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
+use super::compact::Compact;
 use super::contention::Key;
-use super::stored::Stored;
 use super::{Change, Diff, Own, PeerSet, Rejection, Verdict};
 use crate::lease::Record;
 
-/// Verdict and accepted lease of each key before a batch touched it. The keys that had no entry
+/// Verdict and accepted lease of each key before an edit touched it. The keys that had no entry
 /// (at a start, every one of 10,000) are kept apart, as a set of the very keys the entries then
 /// share: a map holding "nothing" for each would be most of the start's peak memory.
 #[derive(Default)]
 pub(super) struct Before {
-    pub(super) stored: HashMap<Key, (Verdict, Option<Stored>)>,
+    pub(super) stored: HashMap<Key, (Verdict, Option<Compact>)>,
     pub(super) new: HashSet<Key>,
 }
 
@@ -22,7 +22,7 @@ impl Before {
         self.stored.contains_key(key) || self.new.contains(key)
     }
 
-    /// `key` as this batch keeps it, to be shared rather than copied.
+    /// `key` as this edit keeps it, to be shared rather than copied.
     pub(super) fn key(&self, key: &str) -> Option<Key> {
         (self.new.get(key))
             .or_else(|| self.stored.get_key_value(key).map(|(k, _)| k))
@@ -30,22 +30,22 @@ impl Before {
     }
 
     /// Each key, with its verdict and accepted lease (`None` for a new key).
-    pub(super) fn into_iter(self) -> impl Iterator<Item = (Key, Option<Verdict>, Option<Stored>)> {
+    pub(super) fn into_iter(self) -> impl Iterator<Item = (Key, Option<Verdict>, Option<Compact>)> {
         let stored = (self.stored.into_iter()).map(|(k, (v, l))| (k, Some(v), l));
         stored.chain(self.new.into_iter().map(|k| (k, None, None)))
     }
 }
 
-/// Operations on a [`PeerSet`] whose net effect is reported as one [`Diff`] by [`Batch::finish`].
+/// Operations on a [`PeerSet`] whose net effect is reported as one [`Diff`] by [`Edit::finish`].
 #[must_use = "the diff comes from finish()"]
-pub struct Batch<'a> {
+pub struct Edit<'a> {
     pub(super) set: &'a mut PeerSet,
     pub(super) before: Before,
-    /// The keys of a listing under way ([`Batch::begin_listing`]).
+    /// The keys of a listing under way ([`Edit::begin_listing`]).
     pub(super) listed: Option<HashSet<Key>>,
 }
 
-impl Batch<'_> {
+impl Edit<'_> {
     pub fn apply(&mut self, change: Change) {
         match change {
             Change::Put(r) => {
@@ -65,8 +65,8 @@ impl Batch<'_> {
         self.end_listing();
     }
 
-    /// Begins a listing given record by record as it is read ([`Batch::listed`]); at
-    /// [`Batch::end_listing`] the stored leases are exactly the listed ones. Beginning again
+    /// Begins a listing given record by record as it is read ([`Edit::listed`]); at
+    /// [`Edit::end_listing`] the stored leases are exactly the listed ones. Beginning again
     /// forgets what was listed so far (a listing that failed midway and starts over).
     pub fn begin_listing(&mut self) {
         self.listed = Some(HashSet::new());
@@ -138,7 +138,7 @@ impl Batch<'_> {
         }
     }
 
-    /// The net change since the batch began.
+    /// The net change since the edit began.
     pub fn finish(self) -> Diff {
         let set = &*self.set;
         let mut d = Diff::default();
