@@ -47,7 +47,7 @@ pub use lease::{BackendData, Lease};
 pub use neigh::permanent_entry as permanent_neighbour;
 pub use plane::{DataPlane, Desired, Host, Identity, IdentityKind, Kind, Stats, StatsSource};
 pub use routes::owner::RTPROT_WEFT;
-pub use routes::RouteSpec;
+pub use routes::{route_table, RouteSpec};
 pub use vxlan::ethtool;
 
 /// The backend options of the network config (`Backend` object), keys matched case-insensitively as

@@ -17,6 +17,7 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, RouteMessageBuilder};
 use weft_backends::mac::Mac;
 use weft_backends::nexthop::{self, Nexthop};
+use weft_backends::route_table;
 
 use super::facts::{Fdb, Kernel, Link, Neighbour, Route};
 
@@ -81,7 +82,7 @@ async fn read_with(handle: &Handle) -> Result<Kernel> {
         .context("list routes")?;
     k.routes = routes
         .iter()
-        .filter(|m| table(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
+        .filter(|m| route_table(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
         .map(|m| route(m, &nexthops))
         .collect();
     k.neighbours = neighbours(handle, AddressFamily::Inet)
@@ -123,16 +124,6 @@ fn link(m: &LinkMessage) -> Link {
         }
     }
     l
-}
-
-fn table(m: &RouteMessage) -> u32 {
-    m.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(m.header.table))
 }
 
 fn route(m: &RouteMessage, nexthops: &HashMap<u32, Nexthop>) -> Route {

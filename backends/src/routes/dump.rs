@@ -114,7 +114,9 @@ pub(super) async fn each_main(
     Ok(())
 }
 
-fn table(m: &RouteMessage) -> u32 {
+/// The routing table a route is in (the attribute, which holds tables above 255, else the
+/// header's).
+pub fn table(m: &RouteMessage) -> u32 {
     m.attributes
         .iter()
         .find_map(|a| match a {

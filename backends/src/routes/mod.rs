@@ -58,6 +58,7 @@ use ipnet::Ipv4Net;
 use rtnetlink::Handle;
 use tracing::{debug, info};
 
+pub use dump::table as route_table;
 pub(crate) use dump::{connected_networks, list_main};
 pub use owner::Owner;
 pub use spec::RouteSpec;
