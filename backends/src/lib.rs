@@ -269,4 +269,46 @@ mod tests {
             "{e}"
         );
     }
+
+    /// One list names the backends: the error text, the kinds, the enum all follow it.
+    #[test]
+    fn the_backends_are_listed_once_flannels_default_first() {
+        let names: Vec<&str> = super::kinds().iter().map(|k| k.name).collect();
+        assert_eq!(names, ["udp", "vxlan", "host-gw", "alloc"]);
+        let e = super::validate(&options(serde_json::json!({"Type": "geneve"})), None)
+            .expect_err("unknown type");
+        assert!(
+            e.to_string()
+                .ends_with("(known: udp, vxlan, host-gw, alloc)"),
+            "{e}"
+        );
+        let vxlan = super::kind("vxlan").expect("vxlan");
+        assert_eq!(vxlan.device_kind, Some("vxlan"));
+        assert_eq!(vxlan.mtu_overhead, 50);
+        let flannel_1 = options(serde_json::json!({"Type": "vxlan"}));
+        assert_eq!((vxlan.device)(&flannel_1).as_deref(), Some("flannel.1"));
+        let udp = super::kind("udp").expect("udp");
+        assert_eq!((udp.device)(&flannel_1).as_deref(), Some("flannel0"));
+        assert_eq!(super::kind("alloc").and_then(|k| k.identity_kind), None);
+    }
+
+    /// vxlan's identity is the VTEP MAC: written as flannel writes it, and refused as the peer
+    /// set refuses it (missing, not unicast).
+    #[test]
+    fn a_vxlan_peers_identity_is_its_vtep_mac() {
+        let vxlan = super::kind("vxlan").expect("vxlan");
+        let data = serde_json::json!({"VNI": 1, "VtepMAC": "02:00:00:00:00:09"});
+        let id = (vxlan.identity)(Some(&data))
+            .expect("a MAC")
+            .expect("vxlan has one");
+        assert_eq!(id.to_string(), "VtepMAC 02:00:00:00:00:09");
+        let same = (vxlan.identity)(Some(&data)).expect("a MAC");
+        assert_eq!(Some(id), same);
+        let none = (vxlan.identity)(Some(&serde_json::json!({"VNI": 1})));
+        assert_eq!(none.expect_err("no MAC"), "BackendData has no VtepMAC");
+        let multicast = serde_json::json!({"VtepMAC": "01:00:5e:00:00:01"});
+        assert!((vxlan.identity)(Some(&multicast)).is_err());
+        let udp = super::kind("udp").expect("udp");
+        assert_eq!((udp.identity)(None), Ok(None), "udp peers have no identity");
+    }
 }
