@@ -2,28 +2,25 @@
 //! any free one), published (backend, subnet.env, daemon.json, readiness), renewed, taken again
 //! when lost, and given back when the network changes.
 
-use std::collections::HashSet;
-use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
-use tokio::time::sleep;
 use tracing::{debug, error, info, warn};
 use weft_backends::Backend;
 
+use super::peer_sync::warn_bad;
 use super::{Agent, State};
 use crate::config::NetworkConfig;
 use crate::lease::{Lease, LeaseAttrs};
-use crate::policy::{self, Choice, Claims};
-use crate::registry::{Awaited, Position, Registry, Renewal};
-use crate::retry::{retry, Backoff};
+use crate::registry::{Claiming, LeaseRequest, Renewal};
+use crate::retry::Backoff;
 use crate::subnet_env::SubnetEnv;
 use crate::{daemon_json, notify};
 
 impl Agent {
-    /// Leases a subnet: ours if the store has one for this PublicIP, else `hint` if free, else any free
-    /// one. Losing a race to another host just means trying again with a fresh listing.
+    /// Leases a subnet for this host (see [`Registry::claim`]), with its backend prepared for
+    /// it first: the backend keeps what it can of the lease this host held before.
     pub(super) async fn acquire(
         &mut self,
         config: &NetworkConfig,
@@ -31,8 +28,8 @@ impl Agent {
         hint: Option<Ipv4Net>,
     ) -> Result<Lease> {
         let me = self.external.public_ip;
-        let claims = retry("list leases", || read_claims(&self.registry, me)).await;
-        let previous = claims.0.mine.first().map(Lease::to_backend);
+        let claim = self.registry.begin_claim(me).await;
+        let previous = claim.previous().map(Lease::to_backend);
         let backend_data = backend
             .prepare(previous.as_ref())
             .await
@@ -44,62 +41,36 @@ impl Agent {
             backend_data,
         };
         let ttl = self.args.subnet_lease_ttl;
-        let mut claims = Some(claims);
-        let mut full_logged = false;
-        let mut misfits_logged = HashSet::new();
-        loop {
-            let (claims, at) = match claims.take() {
-                Some(c) => c,
-                None => retry("list leases", || read_claims(&self.registry, me)).await,
-            };
-            self.warn_bad(&claims.bad);
-            for l in policy::misfits(config, &claims.mine, me) {
-                if misfits_logged.insert(l.subnet) {
-                    let until = if l.is_reservation() {
-                        "an operator removes it"
-                    } else {
-                        "it expires"
-                    };
-                    warn!(subnet = %l.subnet, public_ip = %me,
-                          "not reusing this host's earlier lease: the network config wants /{} subnets in {}..{}; it stays taken until {until}",
-                          config.subnet_len, config.subnet_min, config.subnet_max);
-                }
-            }
-            let choice = policy::choose(config, &claims.mine, &claims.others, me, hint, |n| {
-                fastrand::u64(0..n)
-            });
-            let taken = match choice {
-                Ok(Choice::Ours(old)) => self.registry.take_over(&old, &attrs, ttl).await,
-                Ok(Choice::Free(subnet)) => self.registry.create(subnet, &attrs, ttl).await,
-                Err(full) => {
-                    if !full_logged {
-                        error!("{full}; waiting for a lease to expire");
-                        notify::status(&full.to_string());
-                        full_logged = true;
+        let req = LeaseRequest {
+            config,
+            attrs: &attrs,
+            ttl,
+            hint,
+        };
+        let (rejections, ready) = (&mut self.rejections, &self.ready);
+        let mut said = String::new();
+        let lease = self
+            .registry
+            .claim(claim, &req, &mut |p| match p {
+                Claiming::Unreadable(bad) => warn_bad(rejections, bad),
+                Claiming::Waiting(why) => {
+                    ready.set(false);
+                    if said != why {
+                        error!("{why}");
+                        notify::status(why);
+                        said = why.to_string();
                     }
-                    self.ready.set(false);
-                    self.registry.wait_for(at, Awaited::LeaseDeleted).await;
-                    continue;
                 }
-            };
-            match taken {
-                Ok(Some(lease)) => {
-                    let kind = if lease.is_reservation() {
-                        "reservation"
-                    } else {
-                        "lease"
-                    };
-                    info!(subnet = %lease.subnet, public_ip = %me, "acquired {kind}");
-                    crate::metrics::get().leased(config.network, &lease, backend.type_name(), ttl);
-                    return Ok(lease);
-                }
-                Ok(None) => info!("lost a race for a subnet to another host; trying another"),
-                Err(e) => {
-                    warn!("{e:#}");
-                    sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
+            })
+            .await;
+        let kind = if lease.is_reservation() {
+            "reservation"
+        } else {
+            "lease"
+        };
+        info!(subnet = %lease.subnet, public_ip = %me, "acquired {kind}");
+        crate::metrics::get().leased(config.network, &lease, backend.type_name(), ttl);
+        Ok(lease)
     }
 
     /// Applies the own lease: backend configuration, subnet.env, daemon.json, readiness.
@@ -216,18 +187,4 @@ impl Agent {
             }
         })
     }
-}
-
-/// What choosing a subnet for `public_ip` needs of the leases, without holding them all, and
-/// the point they were read at.
-async fn read_claims(registry: &Registry, public_ip: Ipv4Addr) -> Result<(Claims, Position)> {
-    let names = registry.names();
-    let mut claims = Claims::new(public_ip);
-    let at = registry
-        .list_records(|r| {
-            let named = names.subnet_of(&r.key);
-            claims.add(r, named)
-        })
-        .await?;
-    Ok((claims, at))
 }

@@ -14,7 +14,7 @@ use crate::escape::Escaped;
 use crate::lease::{BadLease, Change, Lease};
 use crate::peers::{Diff, Own, Peer, PeerSet, Reason};
 use crate::registry::Event;
-use crate::rejection_log::Rejected;
+use crate::rejection_log::{Rejected, RejectionLog};
 use crate::retry::Backoff;
 
 impl Agent {
@@ -198,15 +198,16 @@ impl Agent {
             info!(added, changed, removed, rejected, peers, "peer set updated");
         }
     }
+}
 
-    pub(super) fn warn_bad(&mut self, bad: &[BadLease]) {
-        self.rejections.say(bad.iter().map(|b| Rejected {
-            key: &b.key,
-            reason: b.reason.clone(),
-            holder: None,
-            unreadable: true,
-        }));
-    }
+/// Says (once each) what records cannot be read.
+pub(super) fn warn_bad(rejections: &mut RejectionLog, bad: &[BadLease]) {
+    rejections.say(bad.iter().map(|b| Rejected {
+        key: &b.key,
+        reason: b.reason.clone(),
+        holder: None,
+        unreadable: true,
+    }));
 }
 
 /// One peer's line in the log, at info or (in a large batch) debug.

@@ -8,7 +8,10 @@
 //! - every lease record at once, in one consistent snapshot, handed over one by one so that
 //!   10,000 of them are never held twice ([`Registry::list_records`]), each with a rank that says
 //!   which of two contending leases is older;
-//! - this host's lease: claimed (`create`, `take_over`), renewed, released, and its time left;
+//! - this host's lease: claimed (`begin_claim` says what this host held before, so its backend
+//!   can keep identities; `claim` returns once one is held: etcd allocates a free subnet as
+//!   flanneld does, a store that assigns subnets itself hands over the assigned one), renewed,
+//!   released, and its time left;
 //! - a [`Watch`]: batches of changes in order, from just after a listing, and word when the watch
 //!   cannot go on from where it is and a fresh listing must be diffed in instead ([`Update`]).
 //!
@@ -25,8 +28,10 @@ use std::time::Duration;
 use anyhow::Result;
 use ipnet::Ipv4Net;
 
+use crate::config::NetworkConfig;
 use crate::flags::EtcdArgs;
 use crate::lease::{BadLease, Change, Lease, LeaseAttrs, Record};
+use crate::policy::Claims;
 
 /// A point in the store's history: what a listing was read at, where a watch goes on from.
 /// Opaque outside the store that made it.
@@ -46,6 +51,50 @@ pub enum Renewal {
     Renewed,
     /// The store no longer has it (it expired, or was revoked): its record is gone with it.
     Expired,
+}
+
+/// Claiming this host's lease, begun ([`Registry::begin_claim`]): what the store held for this
+/// host before, and what the store read to find it.
+pub struct Claim {
+    public_ip: std::net::Ipv4Addr,
+    previous: Option<Lease>,
+    /// What the store read to find it, which the claim goes on from.
+    read: ClaimRead,
+}
+
+/// What [`Registry::begin_claim`] read, by store.
+enum ClaimRead {
+    /// etcd: the listing, folded for allocation, until the claim has used it.
+    Etcd(Option<(Claims, Position)>),
+}
+
+impl Claim {
+    /// The lease this host held before, if any: its backend keeps identities from it (vxlan's
+    /// VTEP MAC).
+    pub fn previous(&self) -> Option<&Lease> {
+        self.previous.as_ref()
+    }
+}
+
+/// The lease [`Registry::claim`] is to take.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseRequest<'a> {
+    pub config: &'a NetworkConfig,
+    /// What this host publishes: PublicIP, backend type and data.
+    pub attrs: &'a LeaseAttrs,
+    /// How long it lasts unless renewed.
+    pub ttl: Duration,
+    /// The subnet of the previous run (subnet.env), preferred when it is free.
+    pub hint: Option<Ipv4Net>,
+}
+
+/// What claiming reports while it works, for the caller to log and show.
+#[derive(Debug)]
+pub enum Claiming<'a> {
+    /// Records that cannot be read (each is for the caller to say once).
+    Unreadable(&'a [BadLease]),
+    /// No lease can be had yet, and why: the claim waits for one.
+    Waiting(&'a str),
 }
 
 /// What [`Registry::wait_for`] waits for.
@@ -206,28 +255,24 @@ impl Registry {
         Ok(listing)
     }
 
-    /// Leases `subnet` to this host if nobody holds it. `Ok(None)`: someone else got there first.
-    pub async fn create(
-        &self,
-        subnet: Ipv4Net,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> Result<Option<Lease>> {
+    /// Begins claiming this host's lease (`public_ip`): reads what the store held for it before,
+    /// retrying until the store answers.
+    pub async fn begin_claim(&self, public_ip: std::net::Ipv4Addr) -> Claim {
         match self {
-            Self::Etcd(s) => s.create(subnet, attrs, ttl).await,
+            Self::Etcd(s) => s.begin_claim(public_ip).await,
         }
     }
 
-    /// Takes over `old` (this host's own earlier lease) with fresh attributes, held as it was
-    /// (a reservation stays one). `Ok(None)`: the record changed since it was read.
-    pub async fn take_over(
+    /// Claims this host's lease as `req` asks and returns it once held; while none can be had
+    /// (the network full) it waits, saying so through `progress`.
+    pub async fn claim(
         &self,
-        old: &Lease,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> Result<Option<Lease>> {
+        claim: Claim,
+        req: &LeaseRequest<'_>,
+        progress: &mut dyn FnMut(Claiming<'_>),
+    ) -> Lease {
         match self {
-            Self::Etcd(s) => s.take_over(old, attrs, ttl).await,
+            Self::Etcd(s) => s.claim(claim, req, progress).await,
         }
     }
 

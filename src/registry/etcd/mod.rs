@@ -2,6 +2,7 @@
 //! nothing else. Which subnet to take is the caller's (`policy`); this module only reads,
 //! writes and watches, every call bounded in time (`rpc`).
 
+mod claim;
 mod keys;
 mod list;
 mod rpc;
@@ -182,7 +183,7 @@ impl EtcdStore {
     }
 
     /// Creates `subnet` for us if nobody holds it. `Ok(None)`: someone else got there first.
-    pub async fn create(
+    async fn create(
         &self,
         subnet: Ipv4Net,
         attrs: &LeaseAttrs,
@@ -212,7 +213,7 @@ impl EtcdStore {
 
     /// Takes over `old` (our own earlier lease) with fresh attributes: a new etcd lease, or none for
     /// a reservation, which stays one. `Ok(None)`: the key changed under us since it was read.
-    pub async fn take_over(
+    async fn take_over(
         &self,
         old: &Lease,
         attrs: &LeaseAttrs,

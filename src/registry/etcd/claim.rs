@@ -1,0 +1,93 @@
+//! Claiming this host's lease in etcd, as flanneld does: its own earlier lease first, then the
+//! previous run's subnet, then a random free one (`policy`), created or taken over in a
+//! transaction. Losing a race to another host means trying again with a fresh listing.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::time::sleep;
+use tracing::{info, warn};
+
+use super::EtcdStore;
+use crate::lease::Lease;
+use crate::policy::{self, Choice, Claims};
+use crate::registry::{Awaited, Claim, ClaimRead, Claiming, LeaseRequest, Position};
+use crate::retry::retry;
+
+impl EtcdStore {
+    /// The leases as allocation needs them, and the point they were read at.
+    async fn claims(&self, public_ip: Ipv4Addr) -> Result<(Claims, Position)> {
+        let names = self.names();
+        let mut claims = Claims::new(public_ip);
+        let at = self
+            .list_records_paged(|r| {
+                let named = names.subnet_of(&r.key);
+                claims.add(r, named)
+            })
+            .await?;
+        Ok((claims, Position(at)))
+    }
+
+    pub async fn begin_claim(&self, public_ip: Ipv4Addr) -> Claim {
+        let listing = retry("list leases", || self.claims(public_ip)).await;
+        Claim {
+            public_ip,
+            previous: listing.0.mine.first().cloned(),
+            read: ClaimRead::Etcd(Some(listing)),
+        }
+    }
+
+    pub async fn claim(
+        &self,
+        mut claim: Claim,
+        req: &LeaseRequest<'_>,
+        progress: &mut dyn FnMut(Claiming<'_>),
+    ) -> Lease {
+        let (me, config) = (claim.public_ip, req.config);
+        let ClaimRead::Etcd(listing) = &mut claim.read;
+        let mut misfits_logged = HashSet::new();
+        loop {
+            let (claims, at) = match listing.take() {
+                Some(c) => c,
+                None => retry("list leases", || self.claims(me)).await,
+            };
+            progress(Claiming::Unreadable(&claims.bad));
+            for l in policy::misfits(config, &claims.mine, me) {
+                if misfits_logged.insert(l.subnet) {
+                    let until = if l.is_reservation() {
+                        "an operator removes it"
+                    } else {
+                        "it expires"
+                    };
+                    warn!(subnet = %l.subnet, public_ip = %me,
+                          "not reusing this host's earlier lease: the network config wants /{} subnets in {}..{}; it stays taken until {until}",
+                          config.subnet_len, config.subnet_min, config.subnet_max);
+                }
+            }
+            let choice = policy::choose(config, &claims.mine, &claims.others, me, req.hint, |n| {
+                fastrand::u64(0..n)
+            });
+            let taken = match choice {
+                Ok(Choice::Ours(old)) => self.take_over(&old, req.attrs, req.ttl).await,
+                Ok(Choice::Free(subnet)) => self.create(subnet, req.attrs, req.ttl).await,
+                Err(full) => {
+                    progress(Claiming::Waiting(&format!(
+                        "{full}; waiting for a lease to expire"
+                    )));
+                    self.wait_for(at, Awaited::LeaseDeleted).await;
+                    continue;
+                }
+            };
+            match taken {
+                Ok(Some(lease)) => return lease,
+                Ok(None) => info!("lost a race for a subnet to another host; trying another"),
+                Err(e) => {
+                    warn!("{e:#}");
+                    sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
