@@ -142,8 +142,8 @@ impl Change {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Hold {
     /// Until it expires unless renewed; the store's handle to renew or release it (an etcd
-    /// lease ID).
-    Expiring(i64),
+    /// lease ID, never 0). Non-zero, so a hold takes 8 bytes: the peer set keeps 10,000.
+    Expiring(std::num::NonZeroI64),
     /// For good: an operator's reservation, never renewed, never released by weft.
     Reserved,
 }

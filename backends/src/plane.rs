@@ -12,7 +12,7 @@
 
 use std::borrow::Borrow;
 use std::fmt;
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -213,6 +213,8 @@ pub struct Desired {
 pub struct IdentityKind {
     /// Its name in BackendData and in messages: "VtepMAC".
     pub name: &'static str,
+    /// Its length in bytes (at most 32).
+    pub len: usize,
     /// Metrics labels of the peer set's rejections: BackendData without a usable one, one that
     /// is this host's, one an older lease holds.
     pub bad_label: &'static str,
@@ -234,56 +236,53 @@ impl Eq for IdentityKind {}
 /// The longest identity value (a WireGuard key).
 const MAX_IDENTITY: usize = 32;
 
-/// One peer's identity: its kind and value. Compared and hashed by both.
-#[derive(Clone, Copy)]
+/// One peer's identity: its kind and value. 33 bytes, as the peer set keeps one per lease:
+/// the kind by its backend's place in `backends!`, the value zero-padded.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Identity {
-    kind: &'static IdentityKind,
-    len: u8,
+    kind: u8,
     bytes: [u8; MAX_IDENTITY],
 }
 
+/// The kind of an identity whose backend is not listed (never made by weft's backends).
+static UNLISTED: IdentityKind = IdentityKind {
+    name: "identity",
+    len: MAX_IDENTITY,
+    bad_label: "bad_identity",
+    own_label: "identity_own",
+    taken_label: "identity_taken",
+    show: |b, f| write!(f, "{b:02x?}"),
+};
+
 impl Identity {
-    /// `value` is cut at 32 bytes, the longest any kind has.
+    /// `value` is cut at the kind's length.
     pub fn new(kind: &'static IdentityKind, value: &[u8]) -> Self {
-        let len = value.len().min(MAX_IDENTITY);
+        let index = crate::KINDS
+            .iter()
+            .position(|k| k.identity_kind == Some(kind))
+            .map_or(u8::MAX, |i| i as u8);
+        let len = value.len().min(kind.len).min(MAX_IDENTITY);
         let mut bytes = [0; MAX_IDENTITY];
         bytes[..len].copy_from_slice(&value[..len]);
-        Self {
-            kind,
-            len: len as u8,
-            bytes,
-        }
+        Self { kind: index, bytes }
     }
 
     pub fn kind(&self) -> &'static IdentityKind {
-        self.kind
+        (crate::KINDS.get(usize::from(self.kind)))
+            .and_then(|k| k.identity_kind)
+            .unwrap_or(&UNLISTED)
     }
 
     pub fn value(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len)]
-    }
-}
-
-impl PartialEq for Identity {
-    fn eq(&self, other: &Self) -> bool {
-        self.kind == other.kind && self.value() == other.value()
-    }
-}
-
-impl Eq for Identity {}
-
-impl Hash for Identity {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.kind.name.hash(state);
-        self.value().hash(state);
+        &self.bytes[..self.kind().len.min(MAX_IDENTITY)]
     }
 }
 
 /// "VtepMAC aa:bb:cc:dd:ee:ff".
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ", self.kind.name)?;
-        (self.kind.show)(self.value(), f)
+        write!(f, "{} ", self.kind().name)?;
+        (self.kind().show)(self.value(), f)
     }
 }
 

@@ -37,6 +37,7 @@ use plan::{Moves, Plan, Plans};
 /// Two peers behind one VTEP MAC would each get the other's traffic: the older lease keeps it.
 pub static VTEP_MAC: IdentityKind = IdentityKind {
     name: "VtepMAC",
+    len: 6,
     bad_label: "bad_vtep_mac",
     own_label: "vtep_mac_own",
     taken_label: "vtep_mac_taken",

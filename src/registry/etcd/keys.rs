@@ -59,10 +59,7 @@ pub fn decode(
 
 /// How a key with this etcd lease ID is held: none (0) is a reservation.
 pub fn hold(etcd_lease: i64) -> Hold {
-    match etcd_lease {
-        0 => Hold::Reserved,
-        id => Hold::Expiring(id),
-    }
+    std::num::NonZeroI64::new(etcd_lease).map_or(Hold::Reserved, Hold::Expiring)
 }
 
 #[cfg(test)]

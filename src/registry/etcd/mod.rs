@@ -206,7 +206,7 @@ impl EtcdStore {
         Ok(Some(Lease {
             subnet,
             attrs: attrs.clone(),
-            hold: Hold::Expiring(id),
+            hold: keys::hold(id),
             version: resp.header().map_or(0, |h| h.revision()),
         }))
     }
@@ -245,7 +245,7 @@ impl EtcdStore {
         }
         if let Hold::Expiring(old_id) = old.hold {
             // The key now lives on the new etcd lease; the old one holds nothing of ours.
-            self.revoke(old_id).await;
+            self.revoke(old_id.get()).await;
         }
         Ok(Some(Lease {
             subnet: old.subnet,
@@ -258,7 +258,7 @@ impl EtcdStore {
     /// Renews a lease: see [`EtcdStore::keep_alive`].
     pub async fn renew(&self, lease: &Lease) -> Result<Renewal> {
         match lease.hold {
-            Hold::Expiring(id) => self.keep_alive(id).await,
+            Hold::Expiring(id) => self.keep_alive(id.get()).await,
             Hold::Reserved => Ok(Renewal::Renewed),
         }
     }
@@ -281,6 +281,7 @@ impl EtcdStore {
         let Hold::Expiring(id) = lease.hold else {
             return Ok(None);
         };
+        let id = id.get();
         let resp = rpc(
             || "lease time-to-live".to_string(),
             self.client.clone().lease_time_to_live(id, None),
@@ -324,7 +325,7 @@ impl EtcdStore {
     /// the operator's: it stays.
     pub async fn release(&self, lease: &Lease) {
         if let Hold::Expiring(id) = lease.hold {
-            self.revoke(id).await
+            self.revoke(id.get()).await
         }
     }
 
