@@ -39,7 +39,7 @@ pub enum Error {
 
 /// The backend types weft knows, for messages: "udp, vxlan, host-gw, alloc".
 fn known_types() -> String {
-    let names: Vec<&str> = crate::kinds().iter().map(|k| k.name).collect();
+    let names: Vec<&str> = crate::KINDS.iter().map(|k| k.name).collect();
     names.join(", ")
 }
 

@@ -169,11 +169,6 @@ impl Backend {
     }
 }
 
-/// The backend types, in `backends!` order.
-pub fn kinds() -> &'static [Kind] {
-    KINDS
-}
-
 /// The backend type named `name` (as in a config's `Type` or a lease's `BackendType`).
 pub fn kind(name: &str) -> Option<&'static Kind> {
     KINDS.iter().find(|k| k.name == name)
@@ -273,7 +268,7 @@ mod tests {
     /// One list names the backends: the error text, the kinds, the enum all follow it.
     #[test]
     fn the_backends_are_listed_once_flannels_default_first() {
-        let names: Vec<&str> = super::kinds().iter().map(|k| k.name).collect();
+        let names: Vec<&str> = super::KINDS.iter().map(|k| k.name).collect();
         assert_eq!(names, ["udp", "vxlan", "host-gw", "alloc"]);
         let e = super::validate(&options(serde_json::json!({"Type": "geneve"})), None)
             .expect_err("unknown type");

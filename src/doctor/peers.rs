@@ -4,7 +4,6 @@
 //! computes them, so a healthy host reads exactly as weftd left it.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -109,51 +108,15 @@ fn or_dash(s: &str) -> &str {
     }
 }
 
-/// One route as weft would install it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Want {
-    dst: Ipv4Net,
-    gateway: Option<Ipv4Addr>,
-    oif: u32,
-    dev: String,
-    onlink: bool,
-}
-
-impl From<&RouteSpec> for Want {
-    fn from(r: &RouteSpec) -> Self {
-        Self {
-            dst: r.dst,
-            gateway: r.gateway,
-            oif: r.oif,
-            dev: r.dev.to_string(),
-            onlink: r.onlink,
-        }
-    }
-}
-
-impl Want {
-    fn matches(&self, r: &Route) -> bool {
-        r.dst == self.dst
-            && r.gateway == self.gateway
-            && r.oif == Some(self.oif)
-            && r.onlink == self.onlink
-            && r.unicast
-            && r.metric == 0
-    }
-}
-
-impl fmt::Display for Want {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.dst)?;
-        if let Some(g) = self.gateway {
-            write!(f, " via {g}")?;
-        }
-        write!(f, " dev {}", self.dev)?;
-        if self.onlink {
-            f.write_str(" onlink")?;
-        }
-        Ok(())
-    }
+/// Whether the kernel's route `r` is `want` as weft installs it (a `RouteSpec` prints as
+/// `ip route` writes it).
+fn matches(want: &RouteSpec, r: &Route) -> bool {
+    r.dst == want.dst
+        && r.gateway == want.gateway
+        && r.oif == Some(want.oif)
+        && r.onlink == want.onlink
+        && r.unicast
+        && r.metric == 0
 }
 
 /// `r` as `ip route` prints it.
@@ -218,7 +181,7 @@ pub fn peers(f: &Facts) -> Outcome {
     let peers = desired_peers(f, &c, own);
     let mut out = other_types(&c, &peers);
     let k = c.k;
-    let dev = (kind.device)(&c.config.backend);
+    let dev = device_name(c.config);
     let dev_index = dev.as_ref().and_then(|d| k.link(d)).map(|l| l.index);
     if let (Some(d), None) = (&dev, dev_index) {
         return Outcome::skip(format!("no {d} (see `device`)"));
@@ -262,9 +225,8 @@ pub fn peers(f: &Facts) -> Outcome {
              agent on that host (the network config changed while it ran?)",
         ));
     }
-    let routes: Vec<(String, Want)> = (want.routes.iter())
-        .map(|(s, r)| (label(*s), Want::from(r)))
-        .collect();
+    let routes: Vec<(String, &RouteSpec)> =
+        (want.routes.iter()).map(|(s, r)| (label(*s), r)).collect();
     let neigh: Vec<_> = (want.neighbours.iter())
         .map(|(s, ip, mac)| (label(Some(*s)), *ip, *mac))
         .collect();
@@ -305,12 +267,12 @@ fn compare_routes(
     k: &Kernel,
     c: &Ctx<'_>,
     dev_index: Option<u32>,
-    routes: &[(String, Want)],
+    routes: &[(String, &RouteSpec)],
     out: &mut Vec<Finding>,
 ) {
     for (label, want) in routes {
         let have: Vec<&Route> = k.routes.iter().filter(|r| r.dst == want.dst).collect();
-        if have.iter().any(|r| want.matches(r)) {
+        if have.iter().any(|r| matches(want, r)) {
             continue;
         }
         let problem = match have.first() {

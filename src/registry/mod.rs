@@ -111,7 +111,6 @@ pub enum Awaited {
 pub struct Listing {
     pub leases: Vec<Lease>,
     pub bad: Vec<BadLease>,
-    pub at: Position,
     /// Every record as stored, readable or not (`leases` and `bad` are the same, split).
     pub records: Vec<Record>,
 }
@@ -240,18 +239,17 @@ impl Registry {
     /// Every lease record, readable ones and the others apart.
     pub async fn list(&self) -> Result<Listing> {
         let mut listing = Listing::default();
-        listing.at = self
-            .list_records(|record| {
-                match &record.value {
-                    Ok(l) => listing.leases.push(l.clone()),
-                    Err(e) => listing.bad.push(BadLease {
-                        key: record.key.clone(),
-                        reason: e.to_string(),
-                    }),
-                }
-                listing.records.push(record);
-            })
-            .await?;
+        self.list_records(|record| {
+            match &record.value {
+                Ok(l) => listing.leases.push(l.clone()),
+                Err(e) => listing.bad.push(BadLease {
+                    key: record.key.clone(),
+                    reason: e.to_string(),
+                }),
+            }
+            listing.records.push(record);
+        })
+        .await?;
         Ok(listing)
     }
 
@@ -335,13 +333,6 @@ impl Watch {
     pub fn restart(&mut self) {
         match self {
             Self::Etcd(w) => w.restart(),
-        }
-    }
-
-    /// Where the watch is: what a stuck watch cannot get past.
-    pub fn position(&self) -> Position {
-        match self {
-            Self::Etcd(w) => Position(w.from()),
         }
     }
 }

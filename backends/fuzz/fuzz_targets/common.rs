@@ -42,14 +42,24 @@ pub static CLUSTER: LazyLock<PeerTable> = LazyLock::new(|| {
 });
 
 pub fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u64 = data
+    !fold(sum(data))
+}
+
+/// The ones' complement sum of `data` as big-endian words (an odd last byte padded with zero),
+/// folded, not inverted.
+pub fn sum(data: &[u8]) -> u64 {
+    let s: u64 = data
         .chunks(2)
         .map(|w| u64::from(w[0]) << 8 | u64::from(*w.get(1).unwrap_or(&0)))
         .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
+    u64::from(fold(s))
+}
+
+pub fn fold(mut s: u64) -> u16 {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
     }
-    !(sum as u16)
+    s as u16
 }
 
 fn header_len(pkt: &[u8]) -> usize {

@@ -9,6 +9,8 @@ use std::collections::VecDeque;
 
 use weft_backends::udp::{Coalescer, VNET_HDR_LEN};
 
+use crate::common::{fold, sum};
+
 const NEEDS_CSUM: u8 = 1;
 const GSO_TCPV4: u8 = 1;
 const GSO_UDP_L4: u8 = 5;
@@ -20,26 +22,6 @@ const IP_LEN: usize = 20;
 const MAX_PACKET: usize = 65535;
 /// The kernel refuses a UDP_L4 frame of more (virtio_net_hdr_to_skb: UDP_MAX_SEGMENTS).
 const MAX_UDP_SEGMENTS: usize = 64;
-
-/// The ones' complement sum of `data` as big-endian words, folded, not inverted.
-pub fn sum(data: &[u8]) -> u64 {
-    let mut words = data.chunks_exact(2);
-    let mut s: u64 = words
-        .by_ref()
-        .map(|w| u64::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    if let [last] = words.remainder() {
-        s += u64::from(*last) << 8;
-    }
-    u64::from(fold(s))
-}
-
-pub fn fold(mut s: u64) -> u16 {
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
-}
 
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])

@@ -48,7 +48,7 @@ impl EtcdStore {
     /// A failure midway (a member gone, the revision compacted meanwhile) fails the listing: the
     /// caller starts over.
     pub async fn list_records_paged(&self, mut each: impl FnMut(Record)) -> Result<i64> {
-        let prefix = self.subnets_prefix();
+        let prefix = self.names.subnets();
         let end = prefix_end(prefix.as_bytes());
         let mut from = prefix.clone().into_bytes();
         let mut revision = 0;
@@ -132,7 +132,7 @@ impl EtcdStore {
     pub fn decode(&self, kv: &etcd_client::KeyValue) -> Record {
         decode(
             String::from_utf8_lossy(kv.key()).into_owned(),
-            &self.subnets_prefix(),
+            &self.names.subnets(),
             kv.value(),
             kv.create_revision(),
             kv.mod_revision(),

@@ -85,10 +85,6 @@ impl EtcdStore {
         &self.names
     }
 
-    pub fn subnets_prefix(&self) -> String {
-        self.names.subnets()
-    }
-
     /// The config text and the revision it was read at (`None` when the key is absent).
     pub async fn get_config(&self) -> Result<(Option<String>, Position)> {
         let key = self.names.config();

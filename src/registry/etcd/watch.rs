@@ -44,10 +44,6 @@ impl EtcdWatch {
         }
     }
 
-    pub fn from(&self) -> i64 {
-        self.from
-    }
-
     pub fn listed(&mut self, revision: i64) {
         self.from = revision + 1;
         self.listed_at = revision;
