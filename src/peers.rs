@@ -170,10 +170,24 @@ enum Standing {
     Own,
     /// Boxed: most leases pass, and every entry has a standing.
     Rejected(Box<Reason>),
+    /// Its subnet is the lease's (the entry's value is then readable).
     Contender {
-        subnet: Ipv4Net,
         identity: Option<Identity>,
     },
+}
+
+// One per stored lease: as small as before identities were generic.
+const _: () = assert!(std::mem::size_of::<Standing>() == 16);
+
+/// What `value`, standing as `standing`, contends for: its subnet and its identity.
+fn contention<'a>(
+    value: &'a Result<Compact, Unreadable>,
+    standing: &'a Standing,
+) -> Option<(Ipv4Net, Option<&'a Identity>)> {
+    match (value, standing) {
+        (Ok(v), Standing::Contender { identity }) => Some((v.subnet, identity.as_ref())),
+        _ => None,
+    }
 }
 
 impl PeerSet {
@@ -315,11 +329,13 @@ impl PeerSet {
         self.remember(key, before);
         // Whoever contends with `key`, before or after, may win or lose by this change: their
         // verdicts as they stand now, before the indexes move.
-        let old_standing = self.entries.get(key).map(|e| e.standing.clone());
-        for st in [old_standing.as_ref(), new.as_ref().map(|n| &n.2)] {
-            if let Some(Standing::Contender { subnet, identity }) = st {
-                self.remember_contenders(*subnet, *identity, before);
-            }
+        let old = self
+            .entries
+            .get(key)
+            .map(|e| contention(&e.value, &e.standing));
+        let new_one = new.as_ref().map(|(_, v, st)| contention(v, st));
+        for (subnet, identity) in [old, new_one].into_iter().flatten().flatten() {
+            self.remember_contenders(subnet, identity, before);
         }
         // The key as already stored (and shared), or as `remember` kept it.
         let key: Key = match self.entries.get_key_value(key) {
@@ -330,13 +346,13 @@ impl PeerSet {
         if let Some(old) = self.entries.remove(&key) {
             let kind = old.value.as_ref().ok().map(|v| v.kind);
             self.set_accepted(&key, kind, false);
-            if let Standing::Contender { subnet, identity } = old.standing {
+            if let Some((subnet, identity)) = contention(&old.value, &old.standing) {
                 let rank = (old.rank, key.clone());
                 self.contend(subnet, identity, rank, false, &mut recheck);
             }
         }
         if let Some((rank, value, standing)) = new {
-            if let Standing::Contender { subnet, identity } = standing {
+            if let Some((subnet, identity)) = contention(&value, &standing) {
                 let rank = (rank, key.clone());
                 self.contend(subnet, identity, rank, true, &mut recheck);
             }
@@ -374,11 +390,11 @@ impl PeerSet {
     fn remember_contenders(
         &self,
         subnet: Ipv4Net,
-        identity: Option<Identity>,
+        identity: Option<&Identity>,
         before: &mut Before,
     ) {
         let subnet = self.subnets.get(&subnet).map(Contenders::ranks);
-        let id = identity.and_then(|i| self.identities.get(&i));
+        let id = identity.and_then(|i| self.identities.get(i));
         for (_, k) in subnet
             .into_iter()
             .chain(id.map(Contenders::ranks))
@@ -393,12 +409,12 @@ impl PeerSet {
     fn contend(
         &mut self,
         subnet: Ipv4Net,
-        identity: Option<Identity>,
+        identity: Option<&Identity>,
         rank: Rank,
         enter: bool,
         recheck: &mut Vec<Key>,
     ) {
-        contend(&mut self.subnets, subnet, &rank, enter, recheck);
+        contend(&mut self.subnets, &subnet, &rank, enter, recheck);
         if let Some(i) = identity {
             contend(&mut self.identities, i, &rank, enter, recheck);
         }
@@ -410,12 +426,12 @@ impl PeerSet {
             return Standing::Own;
         }
         match self.check(record) {
-            Ok((subnet, identity)) => Standing::Contender { subnet, identity },
+            Ok(identity) => Standing::Contender { identity },
             Err(reason) => Standing::Rejected(Box::new(reason)),
         }
     }
 
-    fn check(&self, record: &Record) -> Result<(Ipv4Net, Option<Identity>), Reason> {
+    fn check(&self, record: &Record) -> Result<Option<Identity>, Reason> {
         let lease = record
             .value
             .as_ref()
@@ -442,7 +458,7 @@ impl PeerSet {
             return Err(Reason::PublicIpLocal(ip));
         }
         let Some(kind) = weft_backends::kind(&lease.attrs.backend_type) else {
-            return Ok((subnet, None));
+            return Ok(None);
         };
         let identity = (kind.identity)(lease.attrs.backend_data.as_ref()).map_err(|reason| {
             Reason::BadIdentity {
@@ -450,10 +466,13 @@ impl PeerSet {
                 reason,
             }
         })?;
-        if let Some(i) = identity.filter(|i| self.own.identity == Some(*i)) {
-            return Err(Reason::IdentityOwn(i));
+        if let Some(i) = identity
+            .as_ref()
+            .filter(|i| self.own.identity.as_ref() == Some(*i))
+        {
+            return Err(Reason::IdentityOwn(i.clone()));
         }
-        Ok((subnet, identity))
+        Ok(identity)
     }
 
     /// What `e`, stored at `key`, is: from its standing and the contentions it wins.
@@ -461,11 +480,14 @@ impl PeerSet {
         match &e.standing {
             Standing::Own => Verdict::Own,
             Standing::Rejected(r) => Verdict::Rejected(Reason::clone(r)),
-            Standing::Contender { subnet, identity } => {
-                if !wins(&self.subnets, subnet, key) {
-                    Verdict::Rejected(Reason::SubnetTaken(*subnet))
-                } else if let Some(i) = identity.filter(|i| !wins(&self.identities, i, key)) {
-                    Verdict::Rejected(Reason::IdentityTaken(i))
+            Standing::Contender { .. } => {
+                let Some((subnet, identity)) = contention(&e.value, &e.standing) else {
+                    return Verdict::Accepted;
+                };
+                if !wins(&self.subnets, &subnet, key) {
+                    Verdict::Rejected(Reason::SubnetTaken(subnet))
+                } else if let Some(i) = identity.filter(|i| !wins(&self.identities, *i, key)) {
+                    Verdict::Rejected(Reason::IdentityTaken(i.clone()))
                 } else {
                     Verdict::Accepted
                 }

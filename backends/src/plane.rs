@@ -236,12 +236,28 @@ impl Eq for IdentityKind {}
 /// The longest identity value (a WireGuard key).
 const MAX_IDENTITY: usize = 32;
 
-/// One peer's identity: its kind and value. 33 bytes, as the peer set keeps one per lease:
-/// the kind by its backend's place in `backends!`, the value zero-padded.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Identity {
-    kind: u8,
-    bytes: [u8; MAX_IDENTITY],
+/// Values up to this long (a MAC) are kept inline.
+const INLINE: usize = 14;
+
+/// One peer's identity: its kind and value. 16 bytes, as the peer set keeps one per lease and
+/// indexes them all: the kind by its backend's place in `backends!`, a short value (a MAC)
+/// inline and zero-padded, a longer one (a key) in one shared allocation.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Identity(Repr);
+
+// The peer set's memory at 10,000 peers depends on it.
+const _: () = assert!(std::mem::size_of::<Option<Identity>>() == 16);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Repr {
+    Inline {
+        kind: u8,
+        bytes: [u8; INLINE],
+    },
+    Shared {
+        kind: u8,
+        bytes: Arc<[u8; MAX_IDENTITY]>,
+    },
 }
 
 /// The kind of an identity whose backend is not listed (never made by weft's backends).
@@ -262,19 +278,34 @@ impl Identity {
             .position(|k| k.identity_kind == Some(kind))
             .map_or(u8::MAX, |i| i as u8);
         let len = value.len().min(kind.len).min(MAX_IDENTITY);
-        let mut bytes = [0; MAX_IDENTITY];
-        bytes[..len].copy_from_slice(&value[..len]);
-        Self { kind: index, bytes }
+        // By the kind's length, not the value's: one kind, one representation.
+        if kind.len <= INLINE {
+            let mut bytes = [0; INLINE];
+            bytes[..len].copy_from_slice(&value[..len]);
+            Self(Repr::Inline { kind: index, bytes })
+        } else {
+            let mut bytes = [0; MAX_IDENTITY];
+            bytes[..len].copy_from_slice(&value[..len]);
+            Self(Repr::Shared {
+                kind: index,
+                bytes: Arc::new(bytes),
+            })
+        }
     }
 
     pub fn kind(&self) -> &'static IdentityKind {
-        (crate::KINDS.get(usize::from(self.kind)))
+        let (Repr::Inline { kind, .. } | Repr::Shared { kind, .. }) = &self.0;
+        (crate::KINDS.get(usize::from(*kind)))
             .and_then(|k| k.identity_kind)
             .unwrap_or(&UNLISTED)
     }
 
     pub fn value(&self) -> &[u8] {
-        &self.bytes[..self.kind().len.min(MAX_IDENTITY)]
+        let bytes: &[u8] = match &self.0 {
+            Repr::Inline { bytes, .. } => bytes,
+            Repr::Shared { bytes, .. } => &bytes[..],
+        };
+        &bytes[..self.kind().len.min(bytes.len())]
     }
 }
 
@@ -330,5 +361,48 @@ impl StatsSource {
 impl fmt::Debug for StatsSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("StatsSource")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::Hasher;
+
+    use super::*;
+
+    static KEY: IdentityKind = IdentityKind {
+        name: "PublicKey",
+        len: 32,
+        bad_label: "bad_key",
+        own_label: "key_own",
+        taken_label: "key_taken",
+        show: |b, f| write!(f, "{}", b.len()),
+    };
+
+    fn hash(i: &Identity) -> u64 {
+        let mut h = DefaultHasher::new();
+        i.hash(&mut h);
+        h.finish()
+    }
+
+    #[test]
+    fn a_long_identity_is_compared_and_hashed_by_its_value_not_its_allocation() {
+        let value: Vec<u8> = (1..=32).collect();
+        let (a, b) = (Identity::new(&KEY, &value), Identity::new(&KEY, &value));
+        assert_eq!(a.value(), &value[..]);
+        assert_eq!(a, b);
+        assert_eq!(hash(&a), hash(&b));
+        let mut other = value.clone();
+        other[31] ^= 1;
+        assert_ne!(a, Identity::new(&KEY, &other));
+    }
+
+    #[test]
+    fn a_short_identity_keeps_exactly_its_kinds_length() {
+        let mac = &crate::vxlan::VTEP_MAC;
+        let i = Identity::new(mac, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(i.value(), &[1, 2, 3, 4, 5, 6]);
+        assert_eq!(i.kind(), mac);
     }
 }

@@ -69,32 +69,32 @@ impl Contenders {
 
 /// Enters `rank` into (or withdraws it from) the contention for `what`, noting the winner before
 /// and after: only their verdicts can change.
-pub(super) fn contend<K: Hash + Eq + Copy>(
+pub(super) fn contend<K: Hash + Eq + Clone>(
     index: &mut HashMap<K, Contenders>,
-    what: K,
+    what: &K,
     rank: &Rank,
     enter: bool,
     recheck: &mut Vec<Key>,
 ) {
     recheck.extend(
         index
-            .get(&what)
+            .get(what)
             .and_then(Contenders::first)
             .map(|w| w.1.clone()),
     );
     if enter {
-        match index.get_mut(&what) {
+        match index.get_mut(what) {
             Some(c) => c.insert(rank.clone()),
             None => {
-                index.insert(what, Contenders::One(rank.clone()));
+                index.insert(what.clone(), Contenders::One(rank.clone()));
             }
         }
-    } else if index.get_mut(&what).is_some_and(|c| c.remove(rank)) {
-        index.remove(&what);
+    } else if index.get_mut(what).is_some_and(|c| c.remove(rank)) {
+        index.remove(what);
     }
     recheck.extend(
         index
-            .get(&what)
+            .get(what)
             .and_then(Contenders::first)
             .map(|w| w.1.clone()),
     );

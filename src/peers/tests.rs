@@ -707,9 +707,9 @@ mod property {
         for (k, v) in etcd.keys.keys().map(|k| (key(k), s.verdict(&key(k)))) {
             if let Some(Verdict::Rejected(Reason::IdentityTaken(m))) = v {
                 let mine = etcd.keys[k.trim_start_matches(P)].0;
-                let holder = accepted
-                    .iter()
-                    .find(|(_, l)| l.attrs.backend_type == "vxlan" && l.identity() == Some(m));
+                let holder = accepted.iter().find(|(_, l)| {
+                    l.attrs.backend_type == "vxlan" && l.identity().as_ref() == Some(&m)
+                });
                 if let Some((hk, _)) = holder {
                     let theirs = etcd.keys[hk.trim_start_matches(P)].0;
                     assert!((theirs, *hk) < (mine, k.as_str()), "{hk} is newer than {k}");
