@@ -292,6 +292,55 @@ impl EtcdArgs {
 /// flag package does: packaged units put fixed flags before `$FLANNEL_OPTIONS`, which may repeat
 /// one. (`args_override_self` covers every single-valued flag, booleans and `-v` included; the
 /// lists, -iface and -iface-regex, keep accumulating as flanneld's do.)
+/// The Kubernetes API as the lease store (flanneld's kube subnet manager).
+#[derive(Debug, Clone, Args)]
+pub struct KubeArgs {
+    /// Lease from the Kubernetes API instead of etcd: this node's spec.podCIDR, published with
+    /// flannel's annotations on its Node (named by NODE_NAME, or POD_NAME and POD_NAMESPACE).
+    #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true",
+          value_parser = BoolishValueParser::new(), help_heading = "Kubernetes")]
+    pub kube_subnet_mgr: bool,
+    /// The API server's URL (default: the kubeconfig's, or the pod's KUBERNETES_SERVICE_HOST).
+    #[arg(long, env = "FLANNELD_KUBE_API_URL", help_heading = "Kubernetes")]
+    pub kube_api_url: Option<String>,
+    /// A kubeconfig to connect with (default: the pod's service account).
+    #[arg(long, env = "FLANNELD_KUBECONFIG_FILE", help_heading = "Kubernetes")]
+    pub kubeconfig_file: Option<PathBuf>,
+    /// The prefix of the annotations weft reads and writes on Nodes.
+    #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX", help_heading = "Kubernetes",
+          default_value = crate::registry::kube::DEFAULT_PREFIX, value_parser = parse_annotation_prefix)]
+    pub kube_annotation_prefix: String,
+    /// Mark the node's network available (NetworkUnavailable=False) once its data plane is up.
+    #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", num_args = 0..=1,
+          require_equals = true, default_value = "true", default_missing_value = "true",
+          value_parser = BoolishValueParser::new(), help_heading = "Kubernetes")]
+    pub set_node_network_unavailable: bool,
+}
+
+/// kube-flannel's place for the network config.
+pub const KUBE_NET_CONFIG: &str = "/etc/kube-flannel/net-conf.json";
+
+/// An annotation prefix the API accepts: a DNS subdomain (lower-case letters, digits, '-' and
+/// '.', at most 253 characters).
+fn parse_annotation_prefix(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    ok.then(|| s.to_string()).ok_or_else(|| {
+        "not a DNS subdomain (lower-case letters, digits, '-' and '.'), as annotation prefixes must be"
+            .to_string()
+    })
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "weftd",
@@ -315,8 +364,8 @@ pub struct DaemonArgs {
     /// The address other hosts use to reach this one (default: the interface's address).
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
-    /// Read the network config from this file instead of etcd's `<prefix>/config` (read at
-    /// start; leases still live in etcd).
+    /// Read the network config from this file instead of etcd's `<prefix>/config` (with
+    /// -kube-subnet-mgr: always, by default /etc/kube-flannel/net-conf.json).
     #[arg(long, env = "FLANNELD_NET_CONFIG_PATH")]
     pub net_config_path: Option<PathBuf>,
     /// Where to write the lease's environment for CNI and Docker.
@@ -363,10 +412,8 @@ pub struct DaemonArgs {
         default_value = "/etc/docker/daemon.json"
     )]
     pub docker_daemon_json: String,
-    /// Use the Kubernetes API instead of etcd (not supported by weft).
-    #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new())]
-    pub kube_subnet_mgr: bool,
+    #[command(flatten)]
+    pub kube: KubeArgs,
     /// IPv6 public address (not supported by weft yet).
     #[arg(long, env = "FLANNELD_PUBLIC_IPV6")]
     pub public_ipv6: Option<String>,
@@ -390,8 +437,11 @@ impl DaemonArgs {
     /// other.
     pub fn try_parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Self, clap::Error> {
         let matches = Self::command().try_get_matches_from(normalize_args(args))?;
-        let parsed = Self::from_arg_matches(&matches)?;
+        let mut parsed = Self::from_arg_matches(&matches)?;
         parsed.etcd.check(&mut Self::command())?;
+        if parsed.kube.kube_subnet_mgr && parsed.net_config_path.is_none() {
+            parsed.net_config_path = Some(PathBuf::from(KUBE_NET_CONFIG));
+        }
         // weftd retries etcd forever: a password file it cannot use would only show up as
         // endless failed connections, so it stops here instead, naming the file.
         if let Err(e) = parsed.etcd.password() {

@@ -55,6 +55,8 @@ pub struct Readiness {
     problem: Arc<Mutex<Problem>>,
     /// Why weftd is not following the lease store (its watch cannot make progress).
     stalled: Arc<Mutex<Option<String>>>,
+    /// Why no lease can be had yet (a full network; a Node without a podCIDR).
+    waiting: Arc<Mutex<Option<String>>>,
 }
 
 #[derive(Default)]
@@ -123,6 +125,18 @@ impl Readiness {
         *self.stalled.lock().unwrap_or_else(PoisonError::into_inner) = why;
     }
 
+    /// Records why no lease can be had yet (`None`: one is held, or being taken).
+    pub fn set_waiting(&self, why: Option<String>) {
+        *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = why;
+    }
+
+    pub fn waiting(&self) -> Option<String> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     pub fn stalled(&self) -> Option<String> {
         self.stalled
             .lock()
@@ -145,7 +159,10 @@ fn respond(path: &str, ready: &Readiness) -> (StatusCode, String) {
     match path {
         "/healthz" if ready.healthy() => (StatusCode::OK, "ok\n".into()),
         "/healthz" => (unavailable, "data plane failed; rebuilding\n".into()),
-        "/readyz" if !ready.get() => (unavailable, "not ready\n".into()),
+        "/readyz" if !ready.get() => match ready.waiting() {
+            Some(why) => (unavailable, format!("not ready: {why}\n")),
+            None => (unavailable, "not ready\n".into()),
+        },
         "/readyz" => match ready.stalled().or_else(|| ready.problem()) {
             Some(why) => (unavailable, format!("{why}\n")),
             None => (StatusCode::OK, "ok\n".into()),

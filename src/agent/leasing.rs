@@ -55,6 +55,7 @@ impl Agent {
                 Claiming::Unreadable(bad) => warn_bad(rejections, bad),
                 Claiming::Waiting(why) => {
                     ready.set(false);
+                    ready.set_waiting(Some(why.to_string()));
                     if said != why {
                         error!("{why}");
                         notify::status(why);
@@ -63,10 +64,11 @@ impl Agent {
                 }
             })
             .await;
-        let kind = if lease.is_reservation() {
-            "reservation"
-        } else {
-            "lease"
+        self.ready.set_waiting(None);
+        let kind = match (&self.registry, lease.is_reservation()) {
+            (crate::registry::Registry::Kube(_), _) => "node's podCIDR",
+            (_, true) => "reservation",
+            (_, false) => "lease",
         };
         info!(subnet = %lease.subnet, public_ip = %me, "acquired {kind}");
         crate::metrics::get().leased(config.network, &lease, backend.type_name(), ttl);
@@ -101,6 +103,11 @@ impl Agent {
         if let Some(old) = previous.filter(|p| *p != state.own.subnet) {
             warn!(old = %old, new = %state.own.subnet,
                   "this host's subnet changed: restart Docker (and pods) to pick up the new bip");
+        }
+        // Kubernetes: the Node's NetworkUnavailable condition cleared. Not fatal: the data path
+        // works either way, and the next publish tries again.
+        if let Err(e) = self.registry.data_plane_up().await {
+            warn!("{e:#}");
         }
         self.ready.set(true);
         let status = format!("leased {} on {}", state.own.subnet, state.config.network);
@@ -147,6 +154,7 @@ impl Agent {
             state.own = self
                 .acquire(&state.config, &mut state.backend, Some(previous))
                 .await?;
+            state.published = state.own.attrs.clone();
             self.publish(state, Some(previous)).await?;
             if self.resync(state).await {
                 return Ok(());

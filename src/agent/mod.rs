@@ -27,7 +27,7 @@ use weft_backends::{Backend, Event, ExternalInterface, InterfaceSelector, Networ
 use crate::config::NetworkConfig;
 use crate::flags::DaemonArgs;
 use crate::health::{self, Readiness};
-use crate::lease::Lease;
+use crate::lease::{Lease, LeaseAttrs};
 use crate::notify;
 use crate::peers::{Diff, PeerSet};
 use crate::registry::{Position, Registry, Update, Watch};
@@ -50,9 +50,6 @@ const LOUD_BATCH: usize = 20;
 /// Runs weftd until the future is dropped (on a signal; dropping stops the data plane's workers,
 /// and the kernel state it leaves is in `health.kept()`). Returns only on fatal errors.
 pub async fn run(args: DaemonArgs, ready: Readiness) -> Result<()> {
-    if args.kube_subnet_mgr {
-        bail!("-kube-subnet-mgr is not supported: weft stores leases in etcd only");
-    }
     if args.public_ipv6.is_some() {
         bail!("-public-ipv6 is not supported yet: weft leases IPv4 subnets only");
     }
@@ -73,7 +70,12 @@ pub async fn run(args: DaemonArgs, ready: Readiness) -> Result<()> {
     if args.healthz_port != 0 {
         health::serve((args.healthz_ip, args.healthz_port).into(), ready.clone()).await?;
     }
-    let registry = retry("connect to etcd", || Registry::connect(&args.etcd)).await;
+    let store = if args.kube.kube_subnet_mgr {
+        "connect to the Kubernetes API"
+    } else {
+        "connect to etcd"
+    };
+    let registry = retry(store, || Registry::connect_daemon(&args)).await;
     // Probed once, as flanneld does: an iptables older than 1.6.2 refuses the flag.
     let random_fully = args.ip_masq
         && !args.ip_masq_fully_random_disable
@@ -125,6 +127,8 @@ struct State {
     config: NetworkConfig,
     backend: Backend,
     own: Lease,
+    /// What this host published in its lease record (the store's copy may be changed by others).
+    published: LeaseAttrs,
     /// Every lease record of the store, and the peers accepted from them.
     peers: PeerSet,
     /// Changes of the records after the last listing.
@@ -181,6 +185,7 @@ impl Agent {
             config: config.clone(),
             backend,
             peers: self.peer_set(config, &own),
+            published: own.attrs.clone(),
             own,
             watch: self.registry.watch(Position::default()),
             addrs_read: Instant::now(),

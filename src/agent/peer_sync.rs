@@ -54,7 +54,7 @@ impl Agent {
             }
             changes.push(change);
         }
-        let own_key = self.registry.names().lease(state.own.subnet);
+        let own_key = self.registry.own_key(&state.own);
         let own_touched = changes.iter().any(|c| c.key() == own_key);
         let large = changes.len() >= LARGE_BATCH;
         let mut edit = state.peers.edit();
@@ -123,9 +123,9 @@ impl Agent {
     /// Whether this host's key still holds this host's lease (not deleted, taken over or
     /// overwritten), refreshing `state.own` (and what peers are judged against) from the store's.
     pub(super) fn own_still_held(&mut self, state: &mut State) -> bool {
-        let key = self.registry.names().lease(state.own.subnet);
+        let key = self.registry.own_key(&state.own);
         match state.peers.get(&key).map(|r| r.value) {
-            Some(Ok(l)) if l.attrs.public_ip == self.external.public_ip => state.own = l,
+            Some(Ok(l)) if self.registry.still_ours(&l, &state.published) => state.own = l,
             _ => return false,
         }
         let own = self.own_view(&state.own);
@@ -141,7 +141,7 @@ impl Agent {
     /// What judging peers needs of this host's lease.
     pub(super) fn own_view(&self, own: &Lease) -> Own {
         Own {
-            key: self.registry.names().lease(own.subnet),
+            key: self.registry.own_key(own),
             subnet: own.subnet,
             identity: own.identity(),
         }

@@ -695,3 +695,47 @@ fn durations_parse_like_go() {
     assert!(parse_duration("soon").is_err());
     assert!(parse_duration("10").is_err());
 }
+
+#[test]
+fn kube_mode_takes_flanneld_s_flags_and_reads_net_conf_json_from_kube_flannel_s_place() {
+    let a = parse(&[
+        "-kube-subnet-mgr",
+        "-kube-api-url=https://10.0.0.1:6443",
+        "--kubeconfig-file=/etc/weft/kubeconfig",
+        "-set-node-network-unavailable=false",
+    ])
+    .unwrap();
+    assert!(a.kube.kube_subnet_mgr);
+    assert_eq!(
+        a.kube.kube_api_url.as_deref(),
+        Some("https://10.0.0.1:6443")
+    );
+    assert_eq!(
+        a.kube.kubeconfig_file,
+        Some(PathBuf::from("/etc/weft/kubeconfig"))
+    );
+    assert!(!a.kube.set_node_network_unavailable);
+    assert_eq!(a.kube.kube_annotation_prefix, "flannel.alpha.coreos.com");
+    assert_eq!(
+        a.net_config_path,
+        Some(PathBuf::from("/etc/kube-flannel/net-conf.json"))
+    );
+    let etcd_mode = parse(&[]).unwrap();
+    assert!(!etcd_mode.kube.kube_subnet_mgr);
+    assert!(etcd_mode.kube.set_node_network_unavailable);
+    assert_eq!(
+        etcd_mode.net_config_path, None,
+        "etcd mode reads etcd's config"
+    );
+    let own = parse(&["-kube-subnet-mgr", "-net-config-path=/tmp/n.json"]).unwrap();
+    assert_eq!(own.net_config_path, Some(PathBuf::from("/tmp/n.json")));
+}
+
+#[test]
+fn an_annotation_prefix_the_api_would_refuse_is_refused_at_start() {
+    assert!(parse(&["-kube-annotation-prefix=weft.example.com"]).is_ok());
+    for bad in ["Weft.io", "weft..io", "-weft.io", "weft.io/x", ""] {
+        let e = refused(&[&format!("-kube-annotation-prefix={bad}")]);
+        assert!(e.contains("DNS subdomain"), "{bad:?}: {e}");
+    }
+}

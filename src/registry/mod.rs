@@ -15,13 +15,15 @@
 //! - a [`Watch`]: batches of changes in order, from just after a listing, and word when the watch
 //!   cannot go on from where it is and a fresh listing must be diffed in instead ([`Update`]).
 //!
-//! etcd (`etcd/`, flannel's keys and JSON) is the one store today. Adding another (the
-//! Kubernetes API) means a module beside it implementing the same methods, a variant of
+//! Two stores: etcd (`etcd/`, flannel's keys and JSON; weft allocates subnets) and the
+//! Kubernetes API (`kube/`, `-kube-subnet-mgr`: Nodes' podCIDRs and flannel's annotations).
+//! Adding another means a module beside them implementing the same methods, a variant of
 //! [`Registry`] and [`Watch`] dispatching to it, and the flag that picks it in
-//! [`Registry::connect`]. What the agent does with the records (judging peers, the peer set,
-//! reconciling the data plane, health, metrics) comes for free.
+//! [`Registry::connect_daemon`]. What the agent does with the records (judging peers, the peer
+//! set, reconciling the data plane, health, metrics) comes for free.
 
 pub mod etcd;
+pub mod kube;
 
 use std::time::Duration;
 
@@ -29,7 +31,7 @@ use anyhow::Result;
 use ipnet::Ipv4Net;
 
 use crate::config::NetworkConfig;
-use crate::flags::EtcdArgs;
+use crate::flags::{DaemonArgs, EtcdArgs};
 use crate::lease::{BadLease, Change, Lease, LeaseAttrs, Record};
 use crate::policy::Claims;
 
@@ -66,6 +68,8 @@ pub struct Claim {
 enum ClaimRead {
     /// etcd: the listing, folded for allocation, until the claim has used it.
     Etcd(Option<(Claims, Position)>),
+    /// Kubernetes: this host's Node.
+    Kube(Box<kube::Node>),
 }
 
 impl Claim {
@@ -118,8 +122,10 @@ pub struct Listing {
 /// How the store names what it holds, for messages and to find a subnet's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
-    /// etcd: `<prefix>` (`/coreos.com/network`).
+    /// etcd: `<prefix>` (`/coreos.com/network`); Kubernetes: the annotation prefix.
     prefix: String,
+    /// Kubernetes: records are Nodes, by name; the config is a file.
+    kube: Option<String>,
 }
 
 impl Names {
@@ -132,22 +138,42 @@ impl Names {
     pub fn etcd(prefix: &str) -> Self {
         Self {
             prefix: prefix.trim_end_matches('/').to_string(),
+            kube: None,
+        }
+    }
+
+    /// The Kubernetes API's: Nodes with `annotations`, the config in `config` (a file).
+    pub fn kube(annotations: &kube::Annotations, config: Option<std::path::PathBuf>) -> Self {
+        Self {
+            prefix: annotations.prefix().to_string(),
+            kube: Some(
+                config.map_or_else(|| "-net-config-path".into(), |p| p.display().to_string()),
+            ),
         }
     }
 
     /// Where the network config is stored.
     pub fn config(&self) -> String {
-        format!("{}/config", self.prefix)
+        match &self.kube {
+            Some(file) => file.clone(),
+            None => format!("{}/config", self.prefix),
+        }
     }
 
-    /// The record under which `subnet` is leased.
+    /// The record under which `subnet` is leased (Kubernetes: a Node, named by its podCIDR).
     pub fn lease(&self, subnet: Ipv4Net) -> String {
-        format!("{}{}", self.subnets(), etcd::subnet_key(subnet))
+        match &self.kube {
+            Some(_) => format!("the node with podCIDR {subnet}"),
+            None => format!("{}{}", self.subnets(), etcd::subnet_key(subnet)),
+        }
     }
 
-    /// The subnet a record's key names, if it names one.
+    /// The subnet a record's key names, if it names one (a Node's name names none).
     pub fn subnet_of(&self, key: &str) -> Option<Ipv4Net> {
-        etcd::subnet_of(key, &self.subnets())
+        self.kube
+            .is_none()
+            .then(|| etcd::subnet_of(key, &self.subnets()))
+            .flatten()
     }
 
     pub(crate) fn subnets(&self) -> String {
@@ -184,18 +210,62 @@ pub enum Update {
 /// The store weftd keeps its lease in. See the module doc for what a store provides.
 #[derive(Clone)]
 pub enum Registry {
-    Etcd(etcd::EtcdStore),
+    /// Boxed: the etcd client is large, and a registry is made once.
+    Etcd(Box<etcd::EtcdStore>),
+    Kube(kube::KubeStore),
 }
 
 impl Registry {
-    /// Connects to the store the flags name.
+    /// Connects to the etcd the flags name.
     pub async fn connect(args: &EtcdArgs) -> Result<Self> {
-        etcd::EtcdStore::connect(args).await.map(Self::Etcd)
+        etcd::EtcdStore::connect(args)
+            .await
+            .map(|s| Self::Etcd(Box::new(s)))
+    }
+
+    /// Connects to the store weftd's flags pick: the Kubernetes API with -kube-subnet-mgr, else
+    /// etcd.
+    pub async fn connect_daemon(args: &DaemonArgs) -> Result<Self> {
+        if args.kube.kube_subnet_mgr {
+            let store = kube::KubeStore::connect(&args.kube, args.net_config_path.clone()).await?;
+            return Ok(Self::Kube(store));
+        }
+        Self::connect(&args.etcd).await
     }
 
     pub fn names(&self) -> &Names {
         match self {
             Self::Etcd(s) => s.names(),
+            Self::Kube(s) => s.names(),
+        }
+    }
+
+    /// The record that holds `own`, this host's lease: etcd its subnet's key, Kubernetes this
+    /// host's Node.
+    pub fn own_key(&self, own: &Lease) -> String {
+        match self {
+            Self::Etcd(s) => s.names().lease(own.subnet),
+            Self::Kube(s) => s.node().to_string(),
+        }
+    }
+
+    /// Whether `stored`, found in this host's record, is still what this host published there
+    /// (`published`). etcd: the same PublicIP (another host writing the key takes it over);
+    /// Kubernetes: the same attributes (the Node is this host's by name, and annotations changed
+    /// by hand are written again).
+    pub fn still_ours(&self, stored: &Lease, published: &LeaseAttrs) -> bool {
+        match self {
+            Self::Etcd(_) => stored.attrs.public_ip == published.public_ip,
+            Self::Kube(_) => stored.attrs == *published,
+        }
+    }
+
+    /// This host's lease is published and its data plane up: Kubernetes marks the Node's
+    /// network available (NetworkUnavailable=False, as flanneld does), if asked to.
+    pub async fn data_plane_up(&self) -> Result<()> {
+        match self {
+            Self::Etcd(_) => Ok(()),
+            Self::Kube(s) => s.data_plane_up().await,
         }
     }
 
@@ -203,12 +273,14 @@ impl Registry {
     pub async fn get_config(&self) -> Result<(Option<String>, Position)> {
         match self {
             Self::Etcd(s) => s.get_config().await,
+            Self::Kube(s) => s.get_config().await,
         }
     }
 
     pub async fn put_config(&self, text: &str) -> Result<()> {
         match self {
             Self::Etcd(s) => s.put_config(text).await,
+            Self::Kube(s) => s.put_config(text).await,
         }
     }
 
@@ -217,6 +289,7 @@ impl Registry {
     pub async fn put_config_if_absent(&self, text: &str) -> Result<Option<String>> {
         match self {
             Self::Etcd(s) => s.put_config_if_absent(text).await,
+            Self::Kube(s) => s.put_config_if_absent(text).await,
         }
     }
 
@@ -225,6 +298,7 @@ impl Registry {
     pub async fn wait_for(&self, after: Position, what: Awaited) {
         match self {
             Self::Etcd(s) => s.wait_for(after, what).await,
+            Self::Kube(s) => s.wait_for(after, what).await,
         }
     }
 
@@ -233,6 +307,7 @@ impl Registry {
     pub async fn list_records(&self, each: impl FnMut(Record)) -> Result<Position> {
         match self {
             Self::Etcd(s) => s.list_records_paged(each).await.map(Position),
+            Self::Kube(s) => s.list_records_paged(each).await.map(Position),
         }
     }
 
@@ -258,6 +333,7 @@ impl Registry {
     pub async fn begin_claim(&self, public_ip: std::net::Ipv4Addr) -> Claim {
         match self {
             Self::Etcd(s) => s.begin_claim(public_ip).await,
+            Self::Kube(s) => s.begin_claim(public_ip).await,
         }
     }
 
@@ -271,6 +347,7 @@ impl Registry {
     ) -> Lease {
         match self {
             Self::Etcd(s) => s.claim(claim, req, progress).await,
+            Self::Kube(s) => s.claim(claim, req, progress).await,
         }
     }
 
@@ -278,6 +355,7 @@ impl Registry {
     pub async fn renew(&self, lease: &Lease) -> Result<Renewal> {
         match self {
             Self::Etcd(s) => s.renew(lease).await,
+            Self::Kube(s) => s.renew(lease).await,
         }
     }
 
@@ -286,6 +364,7 @@ impl Registry {
     pub async fn release(&self, lease: &Lease) {
         match self {
             Self::Etcd(s) => s.release(lease).await,
+            Self::Kube(s) => s.release(lease).await,
         }
     }
 
@@ -294,6 +373,7 @@ impl Registry {
     pub async fn time_left(&self, lease: &Lease) -> Result<Option<i64>> {
         match self {
             Self::Etcd(s) => s.time_left(lease).await,
+            Self::Kube(s) => s.time_left(lease).await,
         }
     }
 
@@ -301,14 +381,17 @@ impl Registry {
     /// point): changes up to it are in that listing already.
     pub fn watch(&self, listed: Position) -> Watch {
         match self {
-            Self::Etcd(s) => Watch::Etcd(etcd::EtcdWatch::new(s.clone(), listed.0)),
+            Self::Etcd(s) => Watch::Etcd(Box::new(etcd::EtcdWatch::new((**s).clone(), listed.0))),
+            Self::Kube(s) => Watch::Kube(Box::new(kube::KubeWatch::new(s.clone(), listed.0))),
         }
     }
 }
 
 /// Changes of the config and the lease records as they happen. See [`Watch::next`].
 pub enum Watch {
-    Etcd(etcd::EtcdWatch),
+    /// Boxed, each: they hold a clone of their store.
+    Etcd(Box<etcd::EtcdWatch>),
+    Kube(Box<kube::KubeWatch>),
 }
 
 impl Watch {
@@ -317,6 +400,7 @@ impl Watch {
     pub async fn next(&mut self) -> Update {
         match self {
             Self::Etcd(w) => w.next().await,
+            Self::Kube(w) => w.next().await,
         }
     }
 
@@ -325,6 +409,7 @@ impl Watch {
     pub fn listed(&mut self, at: Position) {
         match self {
             Self::Etcd(w) => w.listed(at.0),
+            Self::Kube(w) => w.listed(at.0),
         }
     }
 
@@ -333,6 +418,7 @@ impl Watch {
     pub fn restart(&mut self) {
         match self {
             Self::Etcd(w) => w.restart(),
+            Self::Kube(w) => w.restart(),
         }
     }
 }

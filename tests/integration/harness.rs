@@ -255,6 +255,18 @@ impl Weftd {
             let _ = c.wait();
         }
     }
+
+    /// Freezes (`true`) or thaws the process, by its PID: as a long partition looks to it.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(c) = &self.child {
+            let sig = if frozen { "-STOP" } else { "-CONT" };
+            let ok = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill {sig} weftd");
+        }
+    }
 }
 
 impl Drop for Weftd {

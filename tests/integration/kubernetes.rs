@@ -1,6 +1,6 @@
-//! Kubernetes deployment (deploy/kubernetes/weft.yml, deploy/image/): the manifests validate
-//! strictly and offline against the Kubernetes schemas and carry what the DaemonSet needs
-//! (tests/k8s-validate.sh); the image, built with a real dockerd and no registry, runs each
+//! Kubernetes deployment (deploy/kubernetes/weft.yml in etcd mode, weft-kube.yml in kube mode,
+//! deploy/image/): both manifests validate strictly and offline against the Kubernetes schemas
+//! and carry what their DaemonSet needs (tests/k8s-validate.sh); the image, built with a real dockerd and no registry, runs each
 //! init step and weftd itself the way the DaemonSet does, on simulated hosts: host networking,
 //! only NET_ADMIN and NET_RAW, a read-only root, /run/flannel and /dev/net/tun from the host;
 //! pods then get addresses through the weft-cni and conflist it installed, and ping across hosts.
@@ -50,31 +50,46 @@ fn manifests_validate_strictly_offline_and_their_network_config_is_accepted() {
         return;
     }
     let out_dir = tempfile::tempdir().expect("tmp");
+    let kube_dir = tempfile::tempdir().expect("tmp");
     let out = weft_lab::cmd::output(
         Command::new("bash")
             .arg(repo().join("tests/k8s-validate.sh"))
             .arg("--extract")
-            .arg(out_dir.path()),
+            .arg(out_dir.path())
+            .arg("--extract-kube")
+            .arg(kube_dir.path()),
         Duration::from_secs(600),
     );
     assert!(out.status.success(), "k8s-validate.sh:\n{}", text(&out));
+    // Both manifests went through the schemas and their property checks.
+    for line in [
+        "weft.yml is valid (strict)",
+        "weft-kube.yml is valid (strict)",
+        "weft.yml: every property the issue lists is there",
+        "weft-kube.yml: RBAC, NODE_NAME, net-conf.json, no etcd: as required",
+    ] {
+        assert!(text(&out).contains(line), "no {line:?} in\n{}", text(&out));
+    }
 
-    // The ConfigMap's net-conf.json, stored the way the write-network-config init container does.
+    // The ConfigMaps' net-conf.json, stored the way the write-network-config init container does
+    // (weft.yml), and checked by the same parser weftd reads --net-config-path with (weft-kube.yml).
     let etcd = Etcd::start();
-    let net_conf = out_dir.path().join("net-conf.json");
-    let net_conf = net_conf.to_str().expect("utf-8 path");
-    let out = weftctl(
-        &etcd,
-        "/k8s",
-        &["config", "set", "--if-absent", net_conf],
-        None,
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("backend vxlan) stored at /k8s/config"),
-        "{}",
-        text(&out)
-    );
+    for (dir, prefix) in [(out_dir.path(), "/k8s"), (kube_dir.path(), "/k8s-kube")] {
+        let net_conf = dir.join("net-conf.json");
+        let net_conf = net_conf.to_str().expect("utf-8 path");
+        let out = weftctl(
+            &etcd,
+            prefix,
+            &["config", "set", "--if-absent", net_conf],
+            None,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            text(&out).contains(&format!("backend vxlan) stored at {prefix}/config")),
+            "{}",
+            text(&out)
+        );
+    }
 }
 
 /// One simulated host's side of the DaemonSet's hostPath volumes and ConfigMap.

@@ -17,6 +17,7 @@ mod hostile_etcd_data;
 mod hostile_leases;
 mod iface;
 mod install;
+mod kube;
 mod kubernetes;
 mod leases;
 mod metrics;

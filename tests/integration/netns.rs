@@ -54,6 +54,18 @@ impl Host {
         std::fs::read_to_string(self.dir.join("weftd.log")).unwrap_or_default()
     }
 
+    /// Waits until the log holds `needle` (weftd still running).
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        wait_for(
+            &format!("{needle:?} in {}'s log", self.ns.name),
+            timeout,
+            || {
+                self.assert_running();
+                self.log().contains(needle).then_some(())
+            },
+        );
+    }
+
     pub fn assert_running(&self) {
         if let Some(w) = &self.weftd {
             w.assert_running();
@@ -65,6 +77,13 @@ impl Host {
         if let Some(mut w) = self.weftd.take() {
             let status = w.terminate();
             assert!(status.success(), "weftd exit status {status}");
+        }
+    }
+
+    /// Freezes or thaws weftd (SIGSTOP, SIGCONT).
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(w) = &self.weftd {
+            w.freeze(frozen);
         }
     }
 
@@ -105,11 +124,20 @@ impl Topology {
 
     /// Starts weftd on host `i` with extra flags.
     pub fn start(&mut self, i: usize, extra: &[&str]) {
+        self.start_with(i, extra, &[]);
+    }
+
+    /// Starts weftd on host `i` with extra flags and environment.
+    pub fn start_with(&mut self, i: usize, extra: &[&str], env: &[(&str, &str)]) {
         let endpoint = self.etcd().endpoint.clone();
         let h = &mut self.hosts[i];
         assert!(h.weftd.is_none(), "weftd already runs on {}", h.ns.name);
         let mut spec = WeftdSpec::on_host(&endpoint, PREFIX, &h.ns.name, &h.dir);
         spec.args = extra.iter().map(|a| a.to_string()).collect();
+        spec.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         h.weftd = Some(spec.start());
     }
 

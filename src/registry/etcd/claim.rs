@@ -46,7 +46,11 @@ impl EtcdStore {
         progress: &mut dyn FnMut(Claiming<'_>),
     ) -> Lease {
         let (me, config) = (claim.public_ip, req.config);
-        let ClaimRead::Etcd(listing) = &mut claim.read;
+        // Begun by another store (never): listed afresh.
+        let mut listing = match std::mem::replace(&mut claim.read, ClaimRead::Etcd(None)) {
+            ClaimRead::Etcd(l) => l,
+            ClaimRead::Kube(_) => None,
+        };
         let mut misfits_logged = HashSet::new();
         loop {
             let (claims, at) = match listing.take() {

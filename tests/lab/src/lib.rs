@@ -8,6 +8,9 @@
 //! `Drop`, also when a test panics; processes are ended by the PID the lab started them with.
 //! Every external command runs under a time limit.
 //!
+//! A real kube-apiserver for the Kubernetes mode (`kube`): on the switch at [`SWITCH_IP`], with
+//! RBAC and one token per identity; see the module's doc.
+//!
 //! The shell side (demo, benchmarks) has its own library: `deploy/lib/topology.sh`.
 
 pub mod cmd;
@@ -15,6 +18,7 @@ pub mod dockerd;
 pub mod etcd;
 pub mod flannel;
 pub mod json;
+pub mod kube;
 pub mod netns;
 pub mod probe;
 pub mod skip;
@@ -23,6 +27,7 @@ pub mod wait;
 
 pub use cmd::{must, sh};
 pub use etcd::Etcd;
+pub use kube::{require_kube, KubeApi};
 pub use netns::Netns;
 pub use skip::{require_root, require_tools};
 pub use topology::{Host, Lab, SWITCH_IP};

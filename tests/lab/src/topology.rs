@@ -13,9 +13,11 @@ use ipnet::Ipv4Net;
 use tempfile::TempDir;
 
 use crate::etcd::Etcd;
+use crate::kube::KubeApi;
 use crate::netns::{unique_prefix, Netns};
 
-/// The switch's address: etcd listens here, and it stands for "outside the cluster network".
+/// The switch's address: etcd (and a lab's kube-apiserver) listens here, and it stands for
+/// "outside the cluster network".
 pub const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 1);
 
 /// The first host address of a lease: the bridge's (docker0, cni0) and FLANNEL_SUBNET's.
@@ -95,6 +97,8 @@ pub struct Lab {
     pub prefix: String,
     pub hosts: Vec<Host>,
     pub outsiders: Vec<Netns>,
+    /// A kube-apiserver on the switch ([`Lab::start_kube`]); dropped before the namespaces.
+    pub kube: Option<KubeApi>,
     /// Dropped before the namespaces (field order): etcd runs inside the switch.
     pub etcd: Option<Etcd>,
     pub switch: Netns,
@@ -125,6 +129,7 @@ impl Lab {
             prefix,
             hosts: Vec::new(),
             outsiders: Vec::new(),
+            kube: None,
             etcd: None,
             switch,
             dir,
@@ -214,6 +219,22 @@ impl Lab {
 
     pub fn etcd_mut(&mut self) -> &mut Etcd {
         self.etcd.as_mut().expect("the lab has no etcd")
+    }
+
+    /// A [`KubeApi`] on the switch (replacing any before), kept in the lab and dropped before
+    /// its namespaces.
+    pub fn start_kube(&mut self, users: &[&str]) -> &KubeApi {
+        self.kube = None;
+        self.kube = Some(KubeApi::start(self, users));
+        self.kube()
+    }
+
+    pub fn kube(&self) -> &KubeApi {
+        self.kube.as_ref().expect("the lab has no kube-apiserver")
+    }
+
+    pub fn kube_mut(&mut self) -> &mut KubeApi {
+        self.kube.as_mut().expect("the lab has no kube-apiserver")
     }
 
     /// The etcd members' addresses, for `-etcd-endpoints` and [`Host::cut_off`].

@@ -1,0 +1,344 @@
+//! Kubernetes mode (`-kube-subnet-mgr`) against a real kube-apiserver with RBAC on: simulated
+//! hosts whose weftd each hold a token bound only to the ClusterRole weft ships, leases from
+//! the Nodes' podCIDRs, flannel's annotations, and pods pinging across. Needs root and the
+//! apiserver (`../shared/kube`, or `KUBE_APISERVER`); skips visibly without them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use weft_lab::flannel;
+use weft_lab::kube::{require_kube, KubeApi};
+
+use crate::harness::wait_for;
+use crate::netns::Topology;
+
+const T: Duration = Duration::from_secs(40);
+const P: &str = "flannel.alpha.coreos.com";
+/// The ClusterRole the kube-mode manifest ships.
+const MANIFEST: &str = include_str!("../../deploy/kubernetes/weft-kube.yml");
+
+/// A lab whose hosts are Nodes of a real API server.
+struct Cluster {
+    t: Topology,
+    api: KubeApi,
+    config: PathBuf,
+    role: String,
+}
+
+fn node(i: usize) -> String {
+    format!("node-{i}")
+}
+
+fn pod_cidr(i: usize) -> String {
+    format!("10.244.{}.0/24", i + 1)
+}
+
+impl Cluster {
+    /// `n` hosts, each a Node with a podCIDR (10.244.<i+1>.0/24) and a user `node-i` bound to
+    /// weft's shipped ClusterRole; the network config `net_conf` as net-conf.json. No weftd yet.
+    fn new(n: usize, net_conf: &str) -> Self {
+        let t = Topology::new(n, 1500);
+        let users: Vec<String> = (0..n).map(node).collect();
+        let names: Vec<&str> = users.iter().map(String::as_str).collect();
+        let api = KubeApi::start(&t.lab, &[&names[..], &["nobody"]].concat());
+        let role = api.create(cluster_role(MANIFEST));
+        let role_name = role["metadata"]["name"]
+            .as_str()
+            .expect("role name")
+            .to_string();
+        for u in &names {
+            api.bind_cluster_role(u, &role_name);
+        }
+        for i in 0..n {
+            api.create_node(&node(i), Some(&pod_cidr(i)), &[]);
+        }
+        let config = t.lab.dir.path().join("net-conf.json");
+        std::fs::write(&config, net_conf).expect("net-conf.json");
+        Cluster {
+            t,
+            api,
+            config,
+            role: role_name,
+        }
+    }
+
+    /// weftd on host `i` in kube mode, as `user` (its own Node's name unless a test says).
+    fn start_as(&mut self, i: usize, user: &str) {
+        self.start_extra(i, user, &[]);
+    }
+
+    fn start_extra(&mut self, i: usize, user: &str, extra: &[&str]) {
+        let kubeconfig = self.t.hosts[i].dir.join("kubeconfig");
+        std::fs::create_dir_all(&self.t.hosts[i].dir).expect("dir");
+        self.api.kubeconfig_for(user, &kubeconfig);
+        let args = [
+            "-kube-subnet-mgr".to_string(),
+            format!("-kubeconfig-file={}", kubeconfig.display()),
+            format!("-net-config-path={}", self.config.display()),
+        ];
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend(extra);
+        self.t.start_with(i, &args, &[("NODE_NAME", &node(i))]);
+    }
+
+    fn start(&mut self, i: usize) {
+        self.start_as(i, &node(i));
+    }
+
+    fn annotations(&self, i: usize) -> Value {
+        let n = self.api.node(&node(i)).expect("node");
+        n["metadata"]["annotations"].clone()
+    }
+
+    /// Waits until Node `i` carries weft's annotations; returns them.
+    fn wait_published(&self, i: usize) -> Value {
+        wait_for(&format!("{}'s annotations", node(i)), T, || {
+            self.t.hosts[i].assert_running();
+            let a = self.annotations(i);
+            (a[format!("{P}/kube-subnet-manager")] == "true").then_some(a)
+        })
+    }
+}
+
+/// The ClusterRole document of a manifest, as the API server takes it (YAML).
+fn cluster_role(manifest: &str) -> &str {
+    manifest
+        .split("\n---")
+        .find(|d| d.lines().any(|l| l == "kind: ClusterRole"))
+        .expect("a ClusterRole in the manifest")
+}
+
+const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+
+fn mac_of(c: &Cluster, i: usize, dev: &str) -> String {
+    let link = c.t.hosts[i].ns.link(dev).expect("device");
+    link["address"].as_str().expect("mac").to_string()
+}
+
+#[test]
+fn three_kube_nodes_lease_their_podcidrs_publish_flannels_annotations_and_pods_ping() {
+    if require_kube(
+        "three_kube_nodes_lease_their_podcidrs_publish_flannels_annotations_and_pods_ping",
+    )
+    .is_none()
+    {
+        return;
+    }
+    let mut c = Cluster::new(3, VXLAN);
+    for i in 0..3 {
+        c.start(i);
+    }
+    for i in 0..3 {
+        assert_eq!(
+            c.t.hosts[i].wait_subnet().to_string(),
+            pod_cidr(i),
+            "the lease is the podCIDR"
+        );
+        c.t.wire_container(i);
+    }
+    c.t.assert_full_mesh(&[0, 1, 2]);
+    for i in 0..3 {
+        let a = c.wait_published(i);
+        let mac = mac_of(&c, i, "flannel.1");
+        // flanneld's exact bytes: compact JSON in Go field order, every value a string.
+        assert_eq!(
+            a[format!("{P}/backend-data")],
+            format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#)
+        );
+        assert_eq!(a[format!("{P}/backend-type")], "vxlan");
+        assert_eq!(a[format!("{P}/kube-subnet-manager")], "true");
+        assert_eq!(a[format!("{P}/public-ip")], c.t.hosts[i].addr().to_string());
+        let n = c.api.node(&node(i)).expect("node");
+        let cond = n["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "NetworkUnavailable"))
+            .cloned()
+            .expect("NetworkUnavailable condition");
+        assert_eq!(
+            (cond["status"].as_str(), cond["reason"].as_str()),
+            (Some("False"), Some("FlannelIsUp"))
+        );
+    }
+}
+
+#[test]
+fn host_gw_and_udp_in_kube_mode_carry_pods_between_two_nodes() {
+    if require_kube("host_gw_and_udp_in_kube_mode_carry_pods_between_two_nodes").is_none() {
+        return;
+    }
+    for (backend, data) in [("host-gw", "null"), ("udp", "null")] {
+        let conf = format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{backend}"}}}}"#);
+        let mut c = Cluster::new(2, &conf);
+        c.start(0);
+        c.start(1);
+        for i in 0..2 {
+            c.t.wire_container(i);
+        }
+        c.t.assert_full_mesh(&[0, 1]);
+        let a = c.wait_published(0);
+        assert_eq!(a[format!("{P}/backend-type")], backend);
+        assert_eq!(a[format!("{P}/backend-data")], data, "{backend}");
+    }
+}
+
+#[test]
+fn nodes_come_late_leave_and_are_rewritten_by_hand_and_weft_converges() {
+    if require_kube("nodes_come_late_leave_and_are_rewritten_by_hand_and_weft_converges").is_none()
+    {
+        return;
+    }
+    let mut c = Cluster::new(3, VXLAN);
+    // Node 2 has no podCIDR yet: its weftd waits, says why once, and is not ready.
+    c.api.delete_node(&node(2));
+    c.api.create_node(&node(2), None, &[]);
+    c.start(0);
+    c.start(1);
+    c.start_extra(2, &node(2), &["-healthz-port=9911"]);
+    c.t.hosts[2].wait_log("has no podCIDR yet", T);
+    assert!(c.t.hosts[2].subnet_env().is_none());
+    let readyz = || {
+        let (_, out, _) =
+            c.t.hosts[2]
+                .ns
+                .exec(&["curl", "-s", "-i", "http://127.0.0.1:9911/readyz"]);
+        out
+    };
+    let r = readyz();
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+    assert!(r.contains("has no podCIDR yet"), "/readyz says why: {r}");
+    c.api.set_pod_cidr(&node(2), &pod_cidr(2));
+    for i in 0..3 {
+        c.t.wire_container(i);
+    }
+    c.t.assert_full_mesh(&[0, 1, 2]);
+    assert!(
+        readyz().starts_with("HTTP/1.1 200"),
+        "ready once leased and up"
+    );
+    let said = c.t.hosts[2].log().matches("has no podCIDR yet").count();
+    assert!(
+        said <= 2,
+        "the wait is said once, not in a loop: {said} lines"
+    );
+
+    // Node 1's annotation rewritten by hand: its weftd publishes its own again.
+    let mac1 = mac_of(&c, 1, "flannel.1");
+    c.api.patch_node(
+        &node(1),
+        &json!({"metadata": {"annotations": {
+            format!("{P}/backend-data"): r#"{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}"#,
+        }}}),
+    );
+    wait_for("node-1's own VtepMAC back", T, || {
+        let a = c.annotations(1);
+        (a[format!("{P}/backend-data")] == format!(r#"{{"VNI":1,"VtepMAC":"{mac1}"}}"#))
+            .then_some(())
+    });
+    c.t.assert_full_mesh(&[0, 1, 2]);
+
+    // Node 2 deleted from the API: a peer leaving; the others drop its route.
+    c.t.hosts[2].kill();
+    c.api.delete_node(&node(2));
+    for i in 0..2 {
+        wait_for("node-2's route gone", T, || {
+            c.t.hosts[i].ns.route(&pod_cidr(2)).is_none().then_some(())
+        });
+    }
+    c.t.assert_full_mesh(&[0, 1]);
+}
+
+#[test]
+fn an_api_server_restarted_without_its_watch_history_is_listed_again_and_nothing_is_lost() {
+    if require_kube(
+        "an_api_server_restarted_without_its_watch_history_is_listed_again_and_nothing_is_lost",
+    )
+    .is_none()
+    {
+        return;
+    }
+    let mut c = Cluster::new(3, VXLAN);
+    c.start(0);
+    c.start(1);
+    c.t.wire_container(0);
+    c.t.wire_container(1);
+    c.t.assert_full_mesh(&[0, 1]);
+    // weftd 0 is cut off (frozen) while the server restarts, node 1 leaves, and the server
+    // restarts again with its history compacted: weftd 0 comes back to a watch position that
+    // is gone (410), and must list again to learn of node 1's leaving.
+    c.t.hosts[0].freeze(true);
+    c.api.stop();
+    c.t.hosts[1].kill();
+    c.api.start_again();
+    c.api.delete_node(&node(1));
+    c.api.restart_forgetting_history();
+    c.t.hosts[0].freeze(false);
+    c.start(2);
+    c.t.wire_container(2);
+    c.t.assert_full_mesh(&[0, 2]);
+    wait_for("node-1's route gone from host 0", T, || {
+        c.t.hosts[0].ns.route(&pod_cidr(1)).is_none().then_some(())
+    });
+    c.t.hosts[0].wait_log("history is gone (410); listing again", T);
+    c.t.hosts[0].assert_running();
+}
+
+#[test]
+fn a_flannel_kube_node_built_by_hand_and_a_weft_node_reach_each_other() {
+    if require_kube("a_flannel_kube_node_built_by_hand_and_a_weft_node_reach_each_other").is_none()
+    {
+        return;
+    }
+    let mut c = Cluster::new(2, VXLAN);
+    c.start(0);
+    c.t.wire_container(0);
+    let weft_subnet = c.t.hosts[0].wait_subnet();
+    let weft_mac = mac_of(&c, 0, "flannel.1");
+    // Node 1 is "flanneld": annotations as it writes them, its device, FDB and routes by hand.
+    let flannel_mac = "c6:2b:1e:55:0d:7a";
+    let h1 = &c.t.hosts[1];
+    let subnet: ipnet::Ipv4Net = pod_cidr(1).parse().expect("cidr");
+    c.api.patch_node_status(
+        &node(1),
+        &json!({"metadata": {"annotations": {
+            format!("{P}/backend-data"): format!(r#"{{"VNI":1,"VtepMAC":"{flannel_mac}"}}"#),
+            format!("{P}/backend-type"): "vxlan",
+            format!("{P}/kube-subnet-manager"): "true",
+            format!("{P}/public-ip"): h1.addr().to_string(),
+        }}}),
+    );
+    flannel::vxlan_device(&h1.ns, h1.addr(), flannel_mac, subnet, 1450);
+    flannel::vxlan_peer(&h1.ns, weft_subnet, &weft_mac, c.t.hosts[0].addr());
+    h1.wire_container(subnet, Some(1450));
+    let flannel_pod = weft_lab::topology::container_ip(subnet);
+    wait_for("weft pod to reach the flannel node's pod", T, || {
+        c.t.ping(0, flannel_pod).then_some(())
+    });
+    assert!(c.t.ping(1, c.t.hosts[0].container_ip()), "and back");
+}
+
+#[test]
+fn a_token_without_weft_s_role_gets_one_clear_error_naming_what_is_missing() {
+    if require_kube("a_token_without_weft_s_role_gets_one_clear_error_naming_what_is_missing")
+        .is_none()
+    {
+        return;
+    }
+    let mut c = Cluster::new(1, VXLAN);
+    c.start_as(0, "nobody");
+    c.t.hosts[0].wait_log("forbidden", T);
+    std::thread::sleep(Duration::from_secs(5));
+    c.t.hosts[0].assert_running();
+    let log = c.t.hosts[0].log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("forbidden")).collect();
+    assert_eq!(lines.len(), 1, "said once, not in a loop:\n{log}");
+    assert!(
+        lines[0].contains("cannot get resource \\\"nodes\\\"")
+            || lines[0].contains(r#"cannot get resource "nodes""#),
+        "names the verb and the resource: {}",
+        lines[0]
+    );
+    // With the role bound, the same weftd goes on by itself.
+    c.api.bind_cluster_role("nobody", &c.role);
+    c.t.hosts[0].wait_subnet();
+}
