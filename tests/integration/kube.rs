@@ -14,30 +14,30 @@ use crate::harness::wait_for;
 use crate::netns::Topology;
 
 const T: Duration = Duration::from_secs(40);
-const P: &str = "flannel.alpha.coreos.com";
+pub(crate) const P: &str = "flannel.alpha.coreos.com";
 /// The ClusterRole the kube-mode manifest ships.
 const MANIFEST: &str = include_str!("../../deploy/kubernetes/weft-kube.yml");
 
 /// A lab whose hosts are Nodes of a real API server.
-struct Cluster {
-    t: Topology,
-    api: KubeApi,
-    config: PathBuf,
-    role: String,
+pub(crate) struct Cluster {
+    pub t: Topology,
+    pub api: KubeApi,
+    pub config: PathBuf,
+    pub role: String,
 }
 
-fn node(i: usize) -> String {
+pub(crate) fn node(i: usize) -> String {
     format!("node-{i}")
 }
 
-fn pod_cidr(i: usize) -> String {
+pub(crate) fn pod_cidr(i: usize) -> String {
     format!("10.244.{}.0/24", i + 1)
 }
 
 impl Cluster {
     /// `n` hosts, each a Node with a podCIDR (10.244.<i+1>.0/24) and a user `node-i` bound to
     /// weft's shipped ClusterRole; the network config `net_conf` as net-conf.json. No weftd yet.
-    fn new(n: usize, net_conf: &str) -> Self {
+    pub fn new(n: usize, net_conf: &str) -> Self {
         let t = Topology::new(n, 1500);
         let users: Vec<String> = (0..n).map(node).collect();
         let names: Vec<&str> = users.iter().map(String::as_str).collect();
@@ -64,11 +64,11 @@ impl Cluster {
     }
 
     /// weftd on host `i` in kube mode, as `user` (its own Node's name unless a test says).
-    fn start_as(&mut self, i: usize, user: &str) {
+    pub fn start_as(&mut self, i: usize, user: &str) {
         self.start_extra(i, user, &[]);
     }
 
-    fn start_extra(&mut self, i: usize, user: &str, extra: &[&str]) {
+    pub fn start_extra(&mut self, i: usize, user: &str, extra: &[&str]) {
         let kubeconfig = self.t.hosts[i].dir.join("kubeconfig");
         std::fs::create_dir_all(&self.t.hosts[i].dir).expect("dir");
         self.api.kubeconfig_for(user, &kubeconfig);
@@ -82,17 +82,17 @@ impl Cluster {
         self.t.start_with(i, &args, &[("NODE_NAME", &node(i))]);
     }
 
-    fn start(&mut self, i: usize) {
+    pub fn start(&mut self, i: usize) {
         self.start_as(i, &node(i));
     }
 
-    fn annotations(&self, i: usize) -> Value {
+    pub fn annotations(&self, i: usize) -> Value {
         let n = self.api.node(&node(i)).expect("node");
         n["metadata"]["annotations"].clone()
     }
 
     /// Waits until Node `i` carries weft's annotations; returns them.
-    fn wait_published(&self, i: usize) -> Value {
+    pub fn wait_published(&self, i: usize) -> Value {
         wait_for(&format!("{}'s annotations", node(i)), T, || {
             self.t.hosts[i].assert_running();
             let a = self.annotations(i);
@@ -109,9 +109,9 @@ fn cluster_role(manifest: &str) -> &str {
         .expect("a ClusterRole in the manifest")
 }
 
-const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+pub(crate) const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 
-fn mac_of(c: &Cluster, i: usize, dev: &str) -> String {
+pub(crate) fn mac_of(c: &Cluster, i: usize, dev: &str) -> String {
     let link = c.t.hosts[i].ns.link(dev).expect("device");
     link["address"].as_str().expect("mac").to_string()
 }
