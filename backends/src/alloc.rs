@@ -6,10 +6,12 @@ pub struct Alloc {
     net: Network,
 }
 
-/// Everything but the MTU is [`DataPlane`]'s default: nothing to prepare, program or watch.
+/// Everything but the MTU and PEERS is [`DataPlane`]'s default: nothing to prepare, program or
+/// watch.
 impl DataPlane for Alloc {
     const TYPE: &'static str = "alloc";
     const SURVIVES_RESTART: &'static str = "nothing (alloc has no data path)";
+    const PEERS: bool = false;
 
     fn new(_config: &BackendConfig, net: Network) -> Result<Self, Error> {
         Ok(Self { net })

@@ -35,6 +35,13 @@ macro_rules! backends {
                 }
             }
 
+            /// See [`crate::DataPlane::PEERS`].
+            pub fn follows_peers(&self) -> bool {
+                match self {
+                    $(Self::$variant(_) => <$ty as $crate::DataPlane>::PEERS),+
+                }
+            }
+
             /// See [`crate::DataPlane::prepare`].
             pub async fn prepare(
                 &mut self,

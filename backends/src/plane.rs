@@ -36,6 +36,10 @@ pub trait DataPlane: Sized + Send {
     /// What stays in the kernel when weftd exits, for its exit log line.
     const SURVIVES_RESTART: &'static str;
 
+    /// Whether it programs anything for peers. One that does not (alloc) spares weftd following
+    /// them: a lease store that can (the Kubernetes API) then watches only this host's lease.
+    const PEERS: bool = true;
+
     /// The kind of link its device is (`ip -d link`: "vxlan", "tun"), if it has one.
     const DEVICE_KIND: Option<&'static str> = None;
 

@@ -178,6 +178,7 @@ impl Agent {
             }
         };
         self.ready.set_kept(backend.survives_restart());
+        self.registry.follow_peers(backend.follows_peers());
         crate::metrics::get().backend(&backend, false);
         let hint = subnet_env::previous_subnet(&self.args.subnet_file);
         let own = self.acquire(config, &mut backend, hint).await?;

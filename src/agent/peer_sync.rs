@@ -65,13 +65,17 @@ impl Agent {
         self.log_diff(state.peers.len(), &diff);
         state.stage(&diff);
         if own_touched {
+            let before = state.own.clone();
             if !self.own_still_held(state) {
                 warn!(subnet = %state.own.subnet, "this host's lease was deleted or taken over; leasing again");
                 // Relists and reconciles the whole set.
                 return self.reacquire(state).await.map(|()| None);
             }
-            // What peers are judged against may have changed with it: judged all again.
-            state.full_at = Instant::now();
+            // What peers are judged against may have changed with it: judged all again. Only
+            // then: a Node's status is written every few minutes with the lease unchanged.
+            if state.own != before {
+                state.full_at = Instant::now();
+            }
         }
         self.sync_kernel(state, false).await;
         if large {

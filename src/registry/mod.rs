@@ -240,6 +240,15 @@ impl Registry {
         }
     }
 
+    /// Whether the backend programs peers (see `DataPlane::PEERS`); when it does not, a store
+    /// that can (Kubernetes) lists and watches this host's record only. etcd lists them all
+    /// either way (its claim needs them).
+    pub fn follow_peers(&mut self, peers: bool) {
+        if let Self::Kube(s) = self {
+            s.follow_peers(peers);
+        }
+    }
+
     /// The record that holds `own`, this host's lease: etcd its subnet's key, Kubernetes this
     /// host's Node.
     pub fn own_key(&self, own: &Lease) -> String {

@@ -44,6 +44,8 @@ pub struct KubeStore {
     names: Names,
     annotations: Annotations,
     set_network_unavailable: bool,
+    /// Every Node is listed and watched; `false` (alloc): this host's only.
+    peers: bool,
 }
 
 impl KubeStore {
@@ -60,6 +62,7 @@ impl KubeStore {
             names: Names::kube(&annotations, net_config),
             annotations,
             set_network_unavailable: args.set_node_network_unavailable,
+            peers: true,
         };
         store.node = store.node_name().await?;
         Ok(store)
@@ -67,6 +70,22 @@ impl KubeStore {
 
     pub fn names(&self) -> &Names {
         &self.names
+    }
+
+    pub fn follow_peers(&mut self, peers: bool) {
+        self.peers = peers;
+    }
+
+    /// The query that picks the Nodes followed: all, or this host's only.
+    fn selector(&self) -> String {
+        if self.peers {
+            String::new()
+        } else {
+            format!(
+                "&fieldSelector={}",
+                query(&format!("metadata.name={}", self.node))
+            )
+        }
     }
 
     /// This host's Node.
@@ -209,7 +228,7 @@ impl KubeStore {
         let mut next: Option<String> = None;
         let mut at = None;
         loop {
-            let mut path = format!("/api/v1/nodes?limit={PAGE}");
+            let mut path = format!("/api/v1/nodes?limit={PAGE}{}", self.selector());
             if let Some(c) = &next {
                 path.push_str("&continue=");
                 path.push_str(&query(c));

@@ -64,9 +64,10 @@ impl KubeWatch {
 
     async fn open(&self) -> Result<Events, kube::Error> {
         let path = format!(
-            "/api/v1/nodes?watch=1&allowWatchBookmarks=true&timeoutSeconds={}&resourceVersion={}",
+            "/api/v1/nodes?watch=1&allowWatchBookmarks=true&timeoutSeconds={}&resourceVersion={}{}",
             WATCH_SECS.as_secs(),
-            super::query(&self.from)
+            super::query(&self.from),
+            self.store.selector()
         );
         let req = Request::get(path)
             .body(Vec::new())
