@@ -348,14 +348,20 @@ fn the_alloc_backend_follows_only_its_own_node() {
     if require_kube("the_alloc_backend_follows_only_its_own_node").is_none() {
         return;
     }
-    let mut c = Cluster::new(2, r#"{"Network":"10.244.0.0/16","Backend":{"Type":"alloc"}}"#);
+    let mut c = Cluster::new(
+        2,
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"alloc"}}"#,
+    );
     // Node 1 is a peer any other backend would follow.
-    c.api.patch_node_status(&node(1), &json!({"metadata": {"annotations": {
-        format!("{P}/backend-data"): "null",
-        format!("{P}/backend-type"): "host-gw",
-        format!("{P}/kube-subnet-manager"): "true",
-        format!("{P}/public-ip"): c.t.hosts[1].addr().to_string(),
-    }}}));
+    c.api.patch_node_status(
+        &node(1),
+        &json!({"metadata": {"annotations": {
+            format!("{P}/backend-data"): "null",
+            format!("{P}/backend-type"): "host-gw",
+            format!("{P}/kube-subnet-manager"): "true",
+            format!("{P}/public-ip"): c.t.hosts[1].addr().to_string(),
+        }}}),
+    );
     c.start(0);
     assert_eq!(c.t.hosts[0].wait_subnet().to_string(), pod_cidr(0));
     c.t.hosts[0].wait_log("lease listing loaded", T);
