@@ -373,3 +373,51 @@ fn the_alloc_backend_follows_only_its_own_node() {
     assert!(line.contains("peers=0"), "node 1 not even listed: {line}");
     assert_eq!(c.wait_published(0)[format!("{P}/backend-type")], "alloc");
 }
+
+#[test]
+fn a_renewed_token_file_is_read_again_without_a_restart() {
+    if require_kube("a_renewed_token_file_is_read_again_without_a_restart").is_none() {
+        return;
+    }
+    // As a pod's bound service-account token is: a file renewed in place. Here it first holds
+    // a token that may do nothing, then weft's.
+    let mut c = Cluster::new(1, VXLAN);
+    let dir = c.t.hosts[0].dir.clone();
+    std::fs::create_dir_all(&dir).expect("dir");
+    let token = dir.join("token");
+    std::fs::write(&token, c.api.token("nobody")).expect("token");
+    let kubeconfig = dir.join("kubeconfig-tokenfile");
+    let q = |s: &str| Value::String(s.into()).to_string();
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters: [{{name: lab, cluster: {{server: {}, certificate-authority: {}}}}}]\n\
+             users: [{{name: weft, user: {{tokenFile: {}}}}}]\n\
+             contexts: [{{name: lab, context: {{cluster: lab, user: weft}}}}]\n\
+             current-context: lab\n",
+            q(&c.api.url()),
+            q(&c.api.ca_path().display().to_string()),
+            q(&token.display().to_string()),
+        ),
+    )
+    .expect("kubeconfig");
+    let args = [
+        "-kube-subnet-mgr".to_string(),
+        format!("-kubeconfig-file={}", kubeconfig.display()),
+        format!("-net-config-path={}", c.config.display()),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.t.start_with(0, &args, &[("NODE_NAME", &node(0))]);
+    c.t.hosts[0].wait_log("forbidden", T);
+    std::fs::write(&token, c.api.token(&node(0))).expect("renew the token");
+    // The client reads the file again at least once a minute.
+    wait_for(
+        "the lease, with the renewed token",
+        Duration::from_secs(90),
+        || {
+            c.t.hosts[0].assert_running();
+            c.t.hosts[0].subnet_env()
+        },
+    );
+}
