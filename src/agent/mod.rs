@@ -53,20 +53,11 @@ pub async fn run(args: DaemonArgs, ready: Readiness) -> Result<()> {
     if args.public_ipv6.is_some() {
         bail!("-public-ipv6 is not supported yet: weft leases IPv4 subnets only");
     }
-    let selector = InterfaceSelector {
-        ifaces: args.iface.clone(),
-        can_reach: args.iface_can_reach,
-        regexes: args
-            .iface_regex
-            .iter()
-            .map(|r| regex::Regex::new(r).with_context(|| format!("-iface-regex {r:?}")))
-            .collect::<Result<_>>()?,
-        public_ip: args.public_ip,
-    };
-    let external = selector.select().await.context("choose the interface")?;
-    info!(iface = %external.name, addr = %external.iface_addr, public_ip = %external.public_ip,
-          mtu = external.mtu, "using interface");
-
+    let regexes = args
+        .iface_regex
+        .iter()
+        .map(|r| regex::Regex::new(r).with_context(|| format!("-iface-regex {r:?}")))
+        .collect::<Result<_>>()?;
     if args.healthz_port != 0 {
         health::serve((args.healthz_ip, args.healthz_port).into(), ready.clone()).await?;
     }
@@ -76,6 +67,21 @@ pub async fn run(args: DaemonArgs, ready: Readiness) -> Result<()> {
         "connect to etcd"
     };
     let registry = retry(store, || Registry::connect_daemon(&args)).await;
+    // flanneld in kube mode takes `<prefix>/node-public-ip` on its Node as -public-ip.
+    let public_ip = match (&registry, args.public_ip) {
+        (Registry::Kube(k), None) => k.node_public_ip().await,
+        (_, ip) => ip,
+    };
+    let selector = InterfaceSelector {
+        ifaces: args.iface.clone(),
+        can_reach: args.iface_can_reach,
+        regexes,
+        public_ip,
+    };
+    let external = selector.select().await.context("choose the interface")?;
+    info!(iface = %external.name, addr = %external.iface_addr, public_ip = %external.public_ip,
+          mtu = external.mtu, "using interface");
+
     // Probed once, as flanneld does: an iptables older than 1.6.2 refuses the flag.
     let random_fully = args.ip_masq
         && !args.ip_masq_fully_random_disable

@@ -421,3 +421,123 @@ fn a_renewed_token_file_is_read_again_without_a_restart() {
         },
     );
 }
+
+#[test]
+fn hostile_nodes_are_refused_one_line_each_and_nothing_else_is_lost() {
+    if require_kube("hostile_nodes_are_refused_one_line_each_and_nothing_else_is_lost").is_none() {
+        return;
+    }
+    let mut c = Cluster::new(2, VXLAN);
+    c.start(0);
+    c.start(1);
+    for i in 0..2 {
+        c.t.wire_container(i);
+    }
+    c.t.assert_full_mesh(&[0, 1]);
+    let mac0 = mac_of(&c, 0, "flannel.1");
+    let ann = |ip: &str, data: &str| {
+        vec![
+            (format!("{P}/kube-subnet-manager"), "true".to_string()),
+            (format!("{P}/backend-type"), "vxlan".to_string()),
+            (format!("{P}/public-ip"), ip.to_string()),
+            (format!("{P}/backend-data"), data.to_string()),
+        ]
+    };
+    let peer = |mac: &str| format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#);
+    let evil = [
+        // Garbage with a terminal escape in it, and BackendData that is no JSON.
+        (
+            "evil-garbage",
+            "10.244.9.0/24",
+            ann("10.199.0.99\u{1b}[2J", "{"),
+        ),
+        // Node 1's podCIDR, newer: the older Node keeps it.
+        (
+            "evil-same-cidr",
+            "10.244.2.0/24",
+            ann("10.199.0.98", &peer("02:00:00:00:00:98")),
+        ),
+        // Node 0's VTEP MAC: its own identity.
+        (
+            "evil-own-mac",
+            "10.244.10.0/24",
+            ann("10.199.0.97", &peer(&mac0)),
+        ),
+        // Outside the network.
+        (
+            "evil-outside",
+            "10.99.0.0/24",
+            ann("10.199.0.96", &peer("02:00:00:00:00:96")),
+        ),
+        // No annotations at all (flanneld v0.22 crashed on it) and a podCIDR: no peer at all.
+        ("bare", "10.244.11.0/24", vec![]),
+    ];
+    for (name, cidr, a) in &evil {
+        let a: Vec<(&str, &str)> = a.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        c.api.create_node(name, Some(cidr), &a);
+    }
+    for name in [
+        "evil-garbage",
+        "evil-same-cidr",
+        "evil-own-mac",
+        "evil-outside",
+    ] {
+        c.t.hosts[0].wait_log(name, T);
+    }
+    // A moment for any repeat to show, then: one line each, nothing programmed for them, and
+    // the real peer untouched.
+    std::thread::sleep(Duration::from_secs(3));
+    c.t.hosts[0].assert_running();
+    let log = c.t.hosts[0].log();
+    for name in [
+        "evil-garbage",
+        "evil-same-cidr",
+        "evil-own-mac",
+        "evil-outside",
+    ] {
+        let lines = log
+            .lines()
+            .filter(|l| l.contains(" WARN ") && l.contains(name))
+            .count();
+        assert_eq!(lines, 1, "{name}: one line:\n{log}");
+    }
+    assert!(!log.contains('\u{1b}'), "the escape is escaped");
+    for cidr in [
+        "10.244.9.0/24",
+        "10.244.10.0/24",
+        "10.99.0.0/24",
+        "10.244.11.0/24",
+    ] {
+        assert!(c.t.hosts[0].ns.route(cidr).is_none(), "{cidr} programmed");
+    }
+    c.t.assert_full_mesh(&[0, 1]);
+}
+
+#[test]
+fn an_operators_public_ip_annotations_are_what_the_node_publishes() {
+    if require_kube("an_operators_public_ip_annotations_are_what_the_node_publishes").is_none() {
+        return;
+    }
+    let mut c = Cluster::new(
+        2,
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"alloc"}}"#,
+    );
+    // node-public-ip is taken as -public-ip, as flanneld does; public-ip-overwrite (a node
+    // behind NAT) wins over whatever was detected.
+    c.api.patch_node(
+        &node(0),
+        &json!({"metadata": {"annotations": {format!("{P}/node-public-ip"): "10.199.0.77"}}}),
+    );
+    c.api.patch_node(
+        &node(1),
+        &json!({"metadata": {"annotations": {format!("{P}/public-ip-overwrite"): "203.0.113.9"}}}),
+    );
+    c.start(0);
+    c.start(1);
+    assert_eq!(c.wait_published(0)[format!("{P}/public-ip")], "10.199.0.77");
+    assert_eq!(c.wait_published(1)[format!("{P}/public-ip")], "203.0.113.9");
+    // Published once, and left alone: weftd takes its own annotation for its own.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.annotations(1)[format!("{P}/public-ip")], "203.0.113.9");
+    c.t.hosts[1].assert_running();
+}

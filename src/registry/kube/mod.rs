@@ -129,6 +129,19 @@ impl KubeStore {
             .context("the pod's spec.nodeName")
     }
 
+    /// The PublicIP an operator gave this Node (`<prefix>/node-public-ip`), which flanneld takes
+    /// as -public-ip; `None` without one (or a bad one, said once).
+    pub async fn node_public_ip(&self) -> Option<std::net::Ipv4Addr> {
+        let node = crate::retry::retry("read this host's node", || self.get_node()).await;
+        match node::annotation_ip(&node, &self.annotations, "node-public-ip") {
+            Ok(ip) => ip,
+            Err(e) => {
+                tracing::warn!("{}; using the interface's address", Escaped(&e));
+                None
+            }
+        }
+    }
+
     /// This host's Node as it is now.
     pub async fn get_node(&self) -> Result<Node> {
         let text = self.get(&format!("/api/v1/nodes/{}", self.node)).await?;

@@ -246,14 +246,23 @@ fn attrs(node: &Node, names: &Annotations) -> Result<LeaseAttrs, Unreadable> {
 /// The PublicIP an operator set for this node (`<prefix>/public-ip-overwrite`), published
 /// instead of the detected one (as flanneld does: a node behind NAT).
 pub fn public_ip_overwrite(node: &Node, names: &Annotations) -> Result<Option<Ipv4Addr>, String> {
+    annotation_ip(node, names, "public-ip-overwrite")
+}
+
+/// An optional IPv4 address in annotation `<prefix>/<name>` ("" counts as none).
+pub fn annotation_ip(
+    node: &Node,
+    names: &Annotations,
+    name: &str,
+) -> Result<Option<Ipv4Addr>, String> {
     names
-        .get(node, "public-ip-overwrite")
+        .get(node, name)
         .filter(|s| !s.is_empty())
         .map(|s| {
             s.parse().map_err(|_| {
                 format!(
                     "annotation {} {s:?} is not an IPv4 address",
-                    names.key("public-ip-overwrite")
+                    names.key(name)
                 )
             })
         })
