@@ -43,6 +43,10 @@ pub struct WeftdSpec {
     pub netns: Option<String>,
     /// Append the log here; None: a new file in `dir`.
     pub log: Option<PathBuf>,
+    /// Run as in a pod: this directory (token, ca.crt, namespace) seen at
+    /// /var/run/secrets/kubernetes.io/serviceaccount, in a mount namespace of weftd's own over
+    /// an empty /run (nothing of the machine's is changed). Needs `netns`.
+    pub service_account: Option<PathBuf>,
 }
 
 impl WeftdSpec {
@@ -64,6 +68,7 @@ impl WeftdSpec {
             via_env: false,
             netns: None,
             log: None,
+            service_account: None,
         }
     }
 
@@ -100,13 +105,33 @@ impl WeftdSpec {
             .append(true)
             .open(&log)
             .expect("log file");
-        let mut cmd = match &self.netns {
-            Some(ns) => {
+        let mut cmd = match (&self.netns, &self.service_account) {
+            (Some(ns), Some(sa)) => {
+                let sa_path = "/run/secrets/kubernetes.io/serviceaccount";
+                let script = format!(
+                    "mount -t tmpfs tmpfs /run && mkdir -p {sa_path} && \
+                     mount --bind \"$1\" {sa_path} && shift && exec \"$@\""
+                );
+                let mut c = Command::new("ip");
+                c.args([
+                    "netns",
+                    "exec",
+                    ns,
+                    "unshare",
+                    "-m",
+                    "--propagation",
+                    "private",
+                ]);
+                c.args(["sh", "-c", &script, "sh"]);
+                c.arg(sa).arg(env!("CARGO_BIN_EXE_weftd"));
+                c
+            }
+            (Some(ns), None) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_weftd")]);
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_weftd")),
+            (None, _) => Command::new(env!("CARGO_BIN_EXE_weftd")),
         };
         for (k, _) in std::env::vars() {
             if k.starts_with("FLANNELD_") || k == "NOTIFY_SOCKET" {

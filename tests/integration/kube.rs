@@ -375,42 +375,33 @@ fn the_alloc_backend_follows_only_its_own_node() {
 }
 
 #[test]
-fn a_renewed_token_file_is_read_again_without_a_restart() {
-    if require_kube("a_renewed_token_file_is_read_again_without_a_restart").is_none() {
+fn in_a_pod_it_uses_the_service_account_and_reads_its_renewed_token_again() {
+    if require_kube("in_a_pod_it_uses_the_service_account_and_reads_its_renewed_token_again")
+        .is_none()
+    {
         return;
     }
-    // As a pod's bound service-account token is: a file renewed in place. Here it first holds
-    // a token that may do nothing, then weft's.
+    // As in a pod: KUBERNETES_SERVICE_HOST/PORT and the service account's files, whose token is
+    // renewed in place (bound tokens expire). It first holds a token that may do nothing.
     let mut c = Cluster::new(1, VXLAN);
-    let dir = c.t.hosts[0].dir.clone();
-    std::fs::create_dir_all(&dir).expect("dir");
-    let token = dir.join("token");
-    std::fs::write(&token, c.api.token("nobody")).expect("token");
-    let kubeconfig = dir.join("kubeconfig-tokenfile");
-    let q = |s: &str| Value::String(s.into()).to_string();
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\n\
-             clusters: [{{name: lab, cluster: {{server: {}, certificate-authority: {}}}}}]\n\
-             users: [{{name: weft, user: {{tokenFile: {}}}}}]\n\
-             contexts: [{{name: lab, context: {{cluster: lab, user: weft}}}}]\n\
-             current-context: lab\n",
-            q(&c.api.url()),
-            q(&c.api.ca_path().display().to_string()),
-            q(&token.display().to_string()),
-        ),
-    )
-    .expect("kubeconfig");
-    let args = [
-        "-kube-subnet-mgr".to_string(),
-        format!("-kubeconfig-file={}", kubeconfig.display()),
-        format!("-net-config-path={}", c.config.display()),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    c.t.start_with(0, &args, &[("NODE_NAME", &node(0))]);
+    let sa = c.t.hosts[0].dir.join("serviceaccount");
+    std::fs::create_dir_all(&sa).expect("dir");
+    std::fs::write(sa.join("token"), c.api.token("nobody")).expect("token");
+    std::fs::copy(c.api.ca_path(), sa.join("ca.crt")).expect("ca.crt");
+    std::fs::write(sa.join("namespace"), "kube-weft").expect("namespace");
+    let (host, port) = (c.api.addr.to_string(), c.api.port.to_string());
+    let net_conf = format!("-net-config-path={}", c.config.display());
+    c.t.start_spec(0, |spec| {
+        spec.args = vec!["-kube-subnet-mgr".into(), net_conf];
+        spec.env = vec![
+            ("NODE_NAME".into(), node(0)),
+            ("KUBERNETES_SERVICE_HOST".into(), host),
+            ("KUBERNETES_SERVICE_PORT".into(), port),
+        ];
+        spec.service_account = Some(sa.clone());
+    });
     c.t.hosts[0].wait_log("forbidden", T);
-    std::fs::write(&token, c.api.token(&node(0))).expect("renew the token");
+    std::fs::write(sa.join("token"), c.api.token(&node(0))).expect("renew the token");
     // The client reads the file again at least once a minute.
     wait_for(
         "the lease, with the renewed token",
@@ -419,6 +410,10 @@ fn a_renewed_token_file_is_read_again_without_a_restart() {
             c.t.hosts[0].assert_running();
             c.t.hosts[0].subnet_env()
         },
+    );
+    assert_eq!(
+        c.wait_published(0)[format!("{P}/kube-subnet-manager")],
+        "true"
     );
 }
 

@@ -129,15 +129,22 @@ impl Topology {
 
     /// Starts weftd on host `i` with extra flags and environment.
     pub fn start_with(&mut self, i: usize, extra: &[&str], env: &[(&str, &str)]) {
+        self.start_spec(i, |spec| {
+            spec.args = extra.iter().map(|a| a.to_string()).collect();
+            spec.env = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        });
+    }
+
+    /// Starts weftd on host `i` as `adjust` makes its spec.
+    pub fn start_spec(&mut self, i: usize, adjust: impl FnOnce(&mut WeftdSpec)) {
         let endpoint = self.etcd().endpoint.clone();
         let h = &mut self.hosts[i];
         assert!(h.weftd.is_none(), "weftd already runs on {}", h.ns.name);
         let mut spec = WeftdSpec::on_host(&endpoint, PREFIX, &h.ns.name, &h.dir);
-        spec.args = extra.iter().map(|a| a.to_string()).collect();
-        spec.env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        adjust(&mut spec);
         h.weftd = Some(spec.start());
     }
 
