@@ -467,6 +467,9 @@ fn hostile_nodes_are_refused_one_line_each_and_nothing_else_is_lost() {
         // No annotations at all (flanneld v0.22 crashed on it) and a podCIDR: no peer at all.
         ("bare", "10.244.11.0/24", vec![]),
     ];
+    // A Node's age is its creationTimestamp, to the second (a tie goes to the lower name):
+    // these come a second after the real ones.
+    std::thread::sleep(Duration::from_millis(1100));
     for (name, cidr, a) in &evil {
         let a: Vec<(&str, &str)> = a.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         c.api.create_node(name, Some(cidr), &a);
@@ -535,4 +538,42 @@ fn an_operators_public_ip_annotations_are_what_the_node_publishes() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(c.annotations(1)[format!("{P}/public-ip")], "203.0.113.9");
     c.t.hosts[1].assert_running();
+}
+
+#[test]
+fn a_listing_of_more_nodes_than_one_page_is_read_whole() {
+    if require_kube("a_listing_of_more_nodes_than_one_page_is_read_whole").is_none() {
+        return;
+    }
+    // weftd lists 500 Nodes a page: 520 peers take two pages and a continue token.
+    let mut c = Cluster::new(1, r#"{"Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}"#);
+    for k in 0..520u32 {
+        let a = [
+            (format!("{P}/kube-subnet-manager"), "true".to_string()),
+            (format!("{P}/backend-type"), "vxlan".to_string()),
+            (
+                format!("{P}/public-ip"),
+                format!("172.16.{}.{}", k / 250, k % 250 + 1),
+            ),
+            (
+                format!("{P}/backend-data"),
+                format!(
+                    r#"{{"VNI":1,"VtepMAC":"02:00:00:00:{:02x}:{:02x}"}}"#,
+                    k >> 8,
+                    k & 0xff
+                ),
+            ),
+        ];
+        let a: Vec<(&str, &str)> = a.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let cidr = format!("10.{}.{}.0/24", 1 + k / 256, k % 256);
+        c.api.create_node(&format!("peer-{k}"), Some(&cidr), &a);
+    }
+    c.start(0);
+    c.t.hosts[0].wait_log("lease listing loaded", T);
+    let log = c.t.hosts[0].log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("lease listing loaded"))
+        .expect("the listing line");
+    assert!(line.contains("peers=520 "), "every page read: {line}");
 }

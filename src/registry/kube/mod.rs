@@ -11,6 +11,7 @@
 //! record, the patches; pure), `claim.rs` (this host's lease), `watch.rs` (the Node watch).
 
 mod claim;
+mod list;
 pub mod node;
 mod watch;
 
@@ -19,8 +20,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use http::Request;
+use http_body_util::BodyExt;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::Value;
 use tracing::debug;
 
@@ -35,6 +36,9 @@ pub use watch::KubeWatch;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Nodes per page of a listing: 5,000 nodes are never one response held whole.
 const PAGE: usize = 500;
+/// The largest answer read: a page of 500 Nodes of ~20 KB each (kubelets list their images)
+/// is 10 MB.
+const MAX_ANSWER: usize = 64 << 20;
 
 /// The Kubernetes API, for this host's Node.
 #[derive(Clone)]
@@ -164,10 +168,32 @@ impl KubeStore {
 
     /// One request, bounded in time; the API's refusal (RBAC, a missing node) as its message.
     async fn text(&self, req: Request<Vec<u8>>) -> Result<String> {
+        let body = self.bytes(req).await?;
+        String::from_utf8(body.into()).context("the API's answer is not UTF-8")
+    }
+
+    /// One request's answer as it came (a page of 500 Nodes is not copied), bounded in time and
+    /// in size.
+    async fn bytes(&self, req: Request<Vec<u8>>) -> Result<bytes::Bytes> {
         let what = format!("{} {}", req.method(), req.uri());
-        match tokio::time::timeout(REQUEST_TIMEOUT, self.client.request_text(req)).await {
-            Ok(Ok(text)) => Ok(text),
-            Ok(Err(e)) => Err(api_error(e)).with_context(|| what),
+        let call = async {
+            let res = self.client.send(req.map(kube::client::Body::from)).await?;
+            let status = res.status();
+            let body = http_body_util::Limited::new(res.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| anyhow!("reading the answer: {e}"))?
+                .to_bytes();
+            if status.is_success() {
+                return Ok(body);
+            }
+            Err(match serde_json::from_slice::<kube::core::Status>(&body) {
+                Ok(s) => api_error(kube::Error::Api(Box::new(s))),
+                Err(_) => anyhow!("{status}: {}", Escaped(&String::from_utf8_lossy(&body))),
+            })
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
+            Ok(r) => r.with_context(|| what),
             Err(_) => Err(anyhow!("no answer in {}s", REQUEST_TIMEOUT.as_secs())).context(what),
         }
     }
@@ -222,22 +248,9 @@ impl KubeStore {
     }
 
     /// Every Node that carries a lease, page by page from one snapshot; the resourceVersion the
-    /// listing was read at.
+    /// listing was read at. Each page's Nodes are read one at a time as the page is parsed and
+    /// only their lease kept: a page is held once, its Nodes never all at once.
     pub async fn list_records_paged(&self, mut each: impl FnMut(Record)) -> Result<i64> {
-        #[derive(Deserialize)]
-        struct List {
-            #[serde(default)]
-            metadata: ListMeta,
-            #[serde(default)]
-            items: Vec<Box<RawValue>>,
-        }
-        #[derive(Deserialize, Default)]
-        struct ListMeta {
-            #[serde(rename = "resourceVersion", default)]
-            resource_version: String,
-            #[serde(rename = "continue", default)]
-            next: Option<String>,
-        }
         let mut next: Option<String> = None;
         let mut at = None;
         loop {
@@ -246,16 +259,19 @@ impl KubeStore {
                 path.push_str("&continue=");
                 path.push_str(&query(c));
             }
-            let text = self.get(&path).await?;
-            let list: List = serde_json::from_str(&text).context("read the node list")?;
-            drop(text);
-            at.get_or_insert(list.metadata.resource_version);
-            for item in list.items {
-                if let Some(r) = self.record(item.get()) {
-                    each(r);
-                }
+            let page = self.bytes(Request::get(path).body(Vec::new())?).await?;
+            let mut de = serde_json::Deserializer::from_slice(&page);
+            let meta = list::Page {
+                each: &mut |json: &str| {
+                    if let Some(r) = self.record(json) {
+                        each(r);
+                    }
+                },
             }
-            next = list.metadata.next.filter(|c| !c.is_empty());
+            .read(&mut de)
+            .context("read the node list")?;
+            at.get_or_insert(meta.resource_version);
+            next = meta.next.filter(|c| !c.is_empty());
             if next.is_none() {
                 break;
             }
