@@ -1,5 +1,6 @@
 //! weftctl: the admin tool. Network config, lease listing, mk-docker-opts.sh's output, and the
-//! atomic file install the DaemonSet's init containers use.
+//! atomic file install the DaemonSet's init containers use. With -kube-subnet-mgr it reads the
+//! Kubernetes API (Nodes: get and list only, never a write) and the net-conf.json file.
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -10,9 +11,10 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config::NetworkConfig;
 use crate::docker_opts::DockerOpts;
-use crate::flags::{self, EtcdArgs};
+use crate::flags::{self, EtcdArgs, KubeArgs, KUBE_NET_CONFIG};
 use crate::lease::format_secs;
 use crate::registry::{Names, Registry};
+use crate::status::{Kube, Store};
 use crate::{escape, fsutil, subnet_env};
 
 #[derive(Debug, Parser)]
@@ -24,11 +26,34 @@ use crate::{escape, fsutil, subnet_env};
     args_override_self = true,
     after_help = "The etcd flags (or FLANNELD_ETCD_*) go before or after the subcommand. \
                   config, leases, status and doctor read them; docker-opts and install-file \
-                  read none. `weftctl help <subcommand>` says which flags each one reads."
+                  read none. With -kube-subnet-mgr (as weftd's) they read the Kubernetes API \
+                  instead (-kubeconfig-file, or the pod's service account; this host's Node from \
+                  --node or NODE_NAME) and the network config from -net-config-path. \
+                  `weftctl help <subcommand>` says which flags each one reads."
 )]
 pub struct CtlArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    /// With -kube-subnet-mgr: weftd's -net-config-path (default /etc/kube-flannel/net-conf.json).
+    #[arg(
+        long,
+        global = true,
+        env = "FLANNELD_NET_CONFIG_PATH",
+        value_name = "FILE",
+        help_heading = "Kubernetes"
+    )]
+    pub net_config_path: Option<PathBuf>,
+    /// With -kube-subnet-mgr: this host's Node (weftd's pod has it as NODE_NAME).
+    #[arg(
+        long,
+        global = true,
+        env = "NODE_NAME",
+        value_name = "NAME",
+        help_heading = "Kubernetes"
+    )]
+    pub node: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -39,7 +64,28 @@ impl CtlArgs {
     /// Parses from the process's arguments and environment; on a bad flag prints why and exits.
     pub fn from_env() -> Self {
         flags::drop_empty_flanneld_env();
-        Self::try_parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
+        let args = Self::try_parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
+        // The store finds this host's Node as weftd's does, from NODE_NAME: --node sets it, as
+        // drop_empty_flanneld_env edits the environment, before any thread starts.
+        if let Some(node) = args.node.as_deref().filter(|n| !n.is_empty()) {
+            std::env::set_var("NODE_NAME", node);
+        }
+        args
+    }
+
+    /// The store the flags pick.
+    pub fn store(&self) -> Store<'_> {
+        if self.kube.kube_subnet_mgr {
+            Store::Kube(Kube {
+                args: &self.kube,
+                net_config: self
+                    .net_config_path
+                    .as_deref()
+                    .unwrap_or(Path::new(KUBE_NET_CONFIG)),
+            })
+        } else {
+            Store::Etcd(&self.etcd)
+        }
     }
 
     /// Parses flanneld-style arguments (and `FLANNELD_*`), then checks the etcd flags against
@@ -56,11 +102,14 @@ pub enum Command {
     /// Read or write the network config (`<prefix>/config`).
     #[command(
         subcommand,
-        after_help = "Reads the etcd flags, before or after `config`, `set` or `get`."
+        after_help = "Reads the etcd flags, before or after `config`, `set` or `get`. With \
+                      -kube-subnet-mgr the config is -net-config-path's file: `get` prints it, \
+                      `set` refuses."
     )]
     Config(ConfigCommand),
-    /// List leases: subnet, public IP, backend, time left.
-    #[command(after_help = "Reads the etcd flags, before or after `leases`.")]
+    /// List leases: subnet, public IP, backend, time left (kube mode: the node instead).
+    #[command(after_help = "Reads the etcd flags, before or after `leases`; with \
+                            -kube-subnet-mgr the Kubernetes flags (a list of Nodes).")]
     Leases,
     /// Write Docker options from subnet.env, exactly as flannel's mk-docker-opts.sh does.
     #[command(
@@ -87,17 +136,24 @@ pub enum Command {
         no_ip_masq: bool,
     },
     /// This host's lease, subnet.env, daemon.json and docker0, and whether they agree (exit 1 if
-    /// not, e.g. when Docker must be restarted to pick up a new bip).
+    /// not, e.g. when Docker must be restarted to pick up a new bip). Kube mode: this host's Node
+    /// (podCIDR, annotations, NetworkUnavailable), net-conf.json, and the other Nodes as peers,
+    /// refused (with why) or waiting for a podCIDR.
     #[command(
-        after_help = "Reads the etcd flags (before or after `status`) and its own options above."
+        after_help = "Reads the etcd flags (before or after `status`) and its own options above; \
+                      with -kube-subnet-mgr the Kubernetes flags, --node (or NODE_NAME) and \
+                      -net-config-path instead of the etcd ones."
     )]
     Status(crate::status::StatusArgs),
     /// Looks for the problems flannel users hit most on this host (MTU, checksum offload, peers'
     /// routes/neighbours/FDB, foreign routes, FORWARD drops, a second agent, subnet.env, Docker,
-    /// etcd and the leases): one line per finding with what to do; exit 1 on any. Read-only.
+    /// etcd and the leases; kube mode: the Node's podCIDR, annotations and NetworkUnavailable
+    /// condition): one line per finding with what to do; exit 1 on any. Read-only.
     #[command(
         after_help = "Reads the etcd flags (before or after `doctor`) and the weftd flags above: \
-                      give it weftd's own command line or FLANNELD_* environment."
+                      give it weftd's own command line or FLANNELD_* environment. With \
+                      -kube-subnet-mgr it reads the Kubernetes flags, --node (or NODE_NAME) and \
+                      -net-config-path instead of the etcd ones."
     )]
     Doctor(crate::doctor::DoctorArgs),
     /// Copy SRC to DST atomically (a temporary file in DST's directory, synced, then renamed) and
@@ -124,15 +180,16 @@ pub enum ConfigCommand {
         #[arg(long)]
         if_absent: bool,
     },
-    /// Print the stored config.
+    /// Print the stored config (kube mode: the -net-config-path file).
     #[command(after_help = "Reads the etcd flags, before or after `config` or `get`.")]
     Get,
 }
 
 pub async fn run(args: CtlArgs) -> Result<()> {
-    match args.command {
-        Command::Status(status) => crate::status::run(&args.etcd, &status).await,
-        Command::Doctor(doctor) => crate::doctor::run(&args.etcd, &doctor).await,
+    let store = args.store();
+    match &args.command {
+        Command::Status(status) => crate::status::run(store, status).await,
+        Command::Doctor(doctor) => crate::doctor::run(store, doctor).await,
         Command::DockerOpts {
             env_file,
             out,
@@ -142,19 +199,30 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             no_ip_masq,
         } => {
             let opts = DockerOpts {
-                individual,
-                combined,
-                combined_key: key,
-                no_ip_masq,
+                individual: *individual,
+                combined: *combined,
+                combined_key: key.clone(),
+                no_ip_masq: *no_ip_masq,
             };
-            docker_opts(&env_file, &out, &opts)
+            docker_opts(env_file, out, &opts)
         }
-        Command::Config(ConfigCommand::Set { file, if_absent }) => {
-            config_set(&args.etcd, &file, if_absent).await
-        }
-        Command::InstallFile { src, dst, mode } => crate::install::install_file(&src, &dst, mode),
-        Command::Config(ConfigCommand::Get) => config_get(&args.etcd).await,
-        Command::Leases => leases(&args.etcd).await,
+        Command::Config(ConfigCommand::Set { file, if_absent }) => match store {
+            Store::Etcd(etcd) => config_set(etcd, file, *if_absent).await,
+            Store::Kube(k) => bail!(
+                "in kube mode the network config is the file {} (kube-flannel's ConfigMap \
+                 net-conf.json): change it there; weftctl writes nothing to the Kubernetes API",
+                k.config_path()
+            ),
+        },
+        Command::InstallFile { src, dst, mode } => crate::install::install_file(src, dst, *mode),
+        Command::Config(ConfigCommand::Get) => match store {
+            Store::Etcd(etcd) => config_get(etcd).await,
+            Store::Kube(k) => kube_config_get(&k),
+        },
+        Command::Leases => match store {
+            Store::Etcd(etcd) => leases(etcd).await,
+            Store::Kube(k) => kube_leases(&k).await,
+        },
     }
 }
 
@@ -253,11 +321,7 @@ async fn leases(etcd: &EtcdArgs) -> Result<()> {
             }
         };
         // Whatever another host wrote: escaped, so it is one cell of one row.
-        let backend = if l.attrs.backend_type.is_empty() {
-            "-".into()
-        } else {
-            escape::clip(&l.attrs.backend_type, 64).into_owned()
-        };
+        let backend = backend_cell(&l.attrs.backend_type);
         rows.push([
             l.subnet.to_string(),
             l.attrs.public_ip.to_string(),
@@ -274,6 +338,69 @@ async fn leases(etcd: &EtcdArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `config get` in kube mode: the network config file, as it is.
+fn kube_config_get(k: &Kube<'_>) -> Result<()> {
+    match k.config_text()? {
+        Some(text) => {
+            println!("{}", escape::escape_terminal(text.trim_end()));
+            Ok(())
+        }
+        None => bail!(
+            "no network config file {} (in kube mode the config is -net-config-path's file, \
+             kube-flannel's net-conf.json)",
+            k.config_path()
+        ),
+    }
+}
+
+/// `leases` in kube mode: every Node that publishes a lease (its podCIDR and flannel's
+/// annotations), by subnet; unreadable ones and nodes waiting for a podCIDR on standard error.
+async fn kube_leases(k: &Kube<'_>) -> Result<()> {
+    let store = k.connect().await?;
+    let list = store.list_nodes().await?;
+    let mut leases: Vec<(&crate::lease::Lease, &str)> = (list.records.iter())
+        .filter_map(|r| Some((r.value.as_ref().ok()?, r.key.as_str())))
+        .collect();
+    leases.sort_by_key(|(l, _)| l.subnet);
+    let mut rows = vec![[
+        "SUBNET".to_string(),
+        "PUBLIC-IP".into(),
+        "BACKEND".into(),
+        "NODE".into(),
+    ]];
+    for (l, node) in leases {
+        rows.push([
+            l.subnet.to_string(),
+            l.attrs.public_ip.to_string(),
+            backend_cell(&l.attrs.backend_type),
+            escape::clip(node, 253).into_owned(),
+        ]);
+    }
+    print!("{}", table(&rows));
+    for r in &list.records {
+        if let Err(e) = &r.value {
+            eprintln!(
+                "unreadable lease on node {}: {}",
+                escape::clip(&r.key, 256),
+                escape::clip(&e.to_string(), 256)
+            );
+        }
+    }
+    for w in &list.waiting {
+        eprintln!("node {}: no podCIDR yet", escape::clip(w, 256));
+    }
+    Ok(())
+}
+
+/// A lease's backend type as one table cell (whatever another host wrote: escaped).
+fn backend_cell(backend_type: &str) -> String {
+    if backend_type.is_empty() {
+        "-".into()
+    } else {
+        escape::clip(backend_type, 64).into_owned()
+    }
 }
 
 /// What an operator should know when `--if-absent` kept `existing` instead of `given`: that they
@@ -334,6 +461,55 @@ fn table(rows: &[[String; 4]]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(args: &[&str]) -> CtlArgs {
+        let argv = std::iter::once("weftctl").chain(args.iter().copied());
+        CtlArgs::try_parse_args(argv.map(OsString::from)).expect("parses")
+    }
+
+    #[test]
+    fn the_kube_flags_go_before_or_after_the_subcommand_and_pick_the_api() {
+        let before = parse(&["-kube-subnet-mgr", "-kubeconfig-file=/k", "status"]);
+        let after = parse(&[
+            "status",
+            "--kube-subnet-mgr",
+            "--kubeconfig-file",
+            "/k",
+            "--node",
+            "n1",
+        ]);
+        for a in [&before, &after] {
+            let Store::Kube(k) = a.store() else {
+                panic!("etcd picked: {a:?}")
+            };
+            assert_eq!(
+                k.net_config,
+                Path::new(KUBE_NET_CONFIG),
+                "kube-flannel's place"
+            );
+            assert_eq!(k.args.kubeconfig_file.as_deref(), Some(Path::new("/k")));
+            assert!(k.args.set_node_network_unavailable);
+        }
+        assert_eq!(after.node.as_deref(), Some("n1"));
+        let a = parse(&[
+            "doctor",
+            "-kube-subnet-mgr=true",
+            "-net-config-path=/etc/n.json",
+            "-kube-annotation-prefix=example.com",
+            "--set-node-network-unavailable=false",
+        ]);
+        let Store::Kube(k) = a.store() else {
+            panic!("etcd picked")
+        };
+        assert_eq!(k.net_config, Path::new("/etc/n.json"));
+        assert_eq!(k.args.kube_annotation_prefix, "example.com");
+        assert!(!k.args.set_node_network_unavailable);
+        assert!(matches!(parse(&["leases"]).store(), Store::Etcd(_)));
+        assert!(matches!(
+            parse(&["-kube-subnet-mgr=false", "leases"]).store(),
+            Store::Etcd(_)
+        ));
+    }
 
     #[test]
     fn table_aligns_columns() {

@@ -293,28 +293,39 @@ impl EtcdArgs {
 /// one. (`args_override_self` covers every single-valued flag, booleans and `-v` included; the
 /// lists, -iface and -iface-regex, keep accumulating as flanneld's do.)
 /// The Kubernetes API as the lease store (flanneld's kube subnet manager).
+/// Global, as [`EtcdArgs`] are, so weftctl takes them before or after its subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct KubeArgs {
     /// Lease from the Kubernetes API instead of etcd: this node's spec.podCIDR, published with
     /// flannel's annotations on its Node (named by NODE_NAME, or POD_NAME and POD_NAMESPACE).
     #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", num_args = 0..=1, require_equals = true,
           default_value = "false", default_missing_value = "true",
-          value_parser = BoolishValueParser::new(), help_heading = "Kubernetes")]
+          value_parser = BoolishValueParser::new(), global = true, help_heading = "Kubernetes")]
     pub kube_subnet_mgr: bool,
     /// The API server's URL (default: the kubeconfig's, or the pod's KUBERNETES_SERVICE_HOST).
-    #[arg(long, env = "FLANNELD_KUBE_API_URL", help_heading = "Kubernetes")]
+    #[arg(
+        long,
+        env = "FLANNELD_KUBE_API_URL",
+        global = true,
+        help_heading = "Kubernetes"
+    )]
     pub kube_api_url: Option<String>,
     /// A kubeconfig to connect with (default: the pod's service account).
-    #[arg(long, env = "FLANNELD_KUBECONFIG_FILE", help_heading = "Kubernetes")]
+    #[arg(
+        long,
+        env = "FLANNELD_KUBECONFIG_FILE",
+        global = true,
+        help_heading = "Kubernetes"
+    )]
     pub kubeconfig_file: Option<PathBuf>,
     /// The prefix of the annotations weft reads and writes on Nodes.
-    #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX", help_heading = "Kubernetes",
+    #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX", global = true, help_heading = "Kubernetes",
           default_value = crate::registry::kube::DEFAULT_PREFIX, value_parser = parse_annotation_prefix)]
     pub kube_annotation_prefix: String,
     /// Mark the node's network available (NetworkUnavailable=False) once its data plane is up.
     #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", num_args = 0..=1,
           require_equals = true, default_value = "true", default_missing_value = "true",
-          value_parser = BoolishValueParser::new(), help_heading = "Kubernetes")]
+          value_parser = BoolishValueParser::new(), global = true, help_heading = "Kubernetes")]
     pub set_node_network_unavailable: bool,
 }
 

@@ -2,9 +2,15 @@
 //! daemon.json and the docker0 bridge — and whether they agree. Gathering (files, etcd, netlink) is
 //! kept apart from judging (`problems`), which is pure and unit-tested.
 //!
+//! In Kubernetes mode (`-kube-subnet-mgr`) the lease is this host's Node's podCIDR with flannel's
+//! annotations, the config is the net-conf.json file, and the other Nodes are shown as weftd's
+//! peer set judges them: peers, refused (with why), waiting for a podCIDR. Reading only: a get
+//! and a list of Nodes.
+//!
 //! Exit status: 0 when everything present agrees with subnet.env; 1 when something disagrees or
 //! cannot be read (each problem is printed), e.g. "Docker must be restarted to pick up bip X".
 
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -13,11 +19,73 @@ use clap::Args;
 use ipnet::Ipv4Net;
 use serde_json::Value;
 
+use crate::config::NetworkConfig;
 use crate::escape::escape;
-use crate::flags::EtcdArgs;
-use crate::lease::format_secs;
+use crate::flags::{EtcdArgs, KubeArgs};
+use crate::lease::{format_secs, Lease};
+use crate::peers::{Own, PeerSet, Verdict};
+use crate::registry::kube::inspect::{NodeList, OwnNode};
+use crate::registry::kube::KubeStore;
 use crate::registry::Registry;
 use crate::{daemon_json, fsutil, subnet_env};
+
+/// The lease store weftctl's global flags pick: etcd, or with -kube-subnet-mgr the Kubernetes
+/// API, read only (the network config then comes from a file, as weftd's does).
+#[derive(Debug, Clone, Copy)]
+pub enum Store<'a> {
+    Etcd(&'a EtcdArgs),
+    Kube(Kube<'a>),
+}
+
+/// Kubernetes mode's flags.
+#[derive(Debug, Clone, Copy)]
+pub struct Kube<'a> {
+    pub args: &'a KubeArgs,
+    /// -net-config-path (kube-flannel's net-conf.json).
+    pub net_config: &'a Path,
+}
+
+impl Kube<'_> {
+    /// Connects to the API for this host's Node (`NODE_NAME`, or `POD_NAME` and
+    /// `POD_NAMESPACE`; weftctl's `--node` sets `NODE_NAME`).
+    pub async fn connect(&self) -> Result<KubeStore> {
+        let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+        let named = set("NODE_NAME") || (set("POD_NAME") && set("POD_NAMESPACE"));
+        if !named {
+            bail!(
+                "in kube mode weftctl needs this host's Node: give --node NAME, or set NODE_NAME \
+                 (or POD_NAME and POD_NAMESPACE) as weftd's pod has them"
+            );
+        }
+        KubeStore::connect(self.args, Some(self.net_config.to_path_buf())).await
+    }
+
+    /// Where the config is, for messages.
+    pub fn config_path(&self) -> String {
+        self.net_config.display().to_string()
+    }
+
+    /// The network config file's text: `Ok(None)` when there is none.
+    pub fn config_text(&self) -> Result<Option<String>> {
+        fsutil::read_optional(self.net_config)
+            .with_context(|| format!("read the network config file {}", self.config_path()))
+    }
+
+    /// The network config, checked as weftd checks it; `Err` worded as weftd logs it.
+    pub fn config(&self) -> Result<NetworkConfig, String> {
+        let at = self.config_path();
+        match self.config_text() {
+            Ok(Some(text)) => NetworkConfig::parse_at(&text, &at).map_err(|e| e.to_string()),
+            Ok(None) => Err(format!("no network config file {at}")),
+            Err(e) => Err(format!("{e:#}")),
+        }
+    }
+
+    /// This host's Node's name as the environment gives it, for messages before the API answers.
+    pub fn node_hint() -> String {
+        std::env::var("NODE_NAME").unwrap_or_default()
+    }
+}
 
 /// `weftctl status`'s flags.
 #[derive(Debug, Clone, Args)]
@@ -103,23 +171,70 @@ pub struct View {
     pub daemon_json: DaemonJsonView,
     pub bridge_name: String,
     pub bridge: BridgeView,
+    /// Kubernetes mode: the Node, the config file and the other Nodes (the lease is judged
+    /// from these, not from `lease`).
+    pub kube: Option<KubeView>,
+}
+
+/// Kubernetes mode: this host's Node, the network config file and the other Nodes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubeView {
+    /// This host's Node's name (empty when it is not known: `own` says why).
+    pub node: String,
+    pub config_path: String,
+    pub config: Result<NetworkConfig, String>,
+    /// This host's Node, or why it cannot be read (the API unreachable or refusing included).
+    pub own: Result<OwnNode, String>,
+    /// The other Nodes, or why they cannot be listed.
+    pub nodes: Result<NodesView, String>,
+}
+
+/// The other Nodes, as weftd's peer set judges them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodesView {
+    /// Nodes that publish a lease, by name, in name order.
+    pub leases: Vec<PeerView>,
+    /// Why the leases were not judged (no config, or this node has no lease to judge against).
+    pub unjudged: Option<String>,
+    /// Nodes run by a flannel-compatible agent that have no podCIDR yet.
+    pub waiting: Vec<String>,
+    /// Nodes without flannel's annotations.
+    pub others: usize,
+}
+
+/// Another Node's lease and its verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerView {
+    pub node: String,
+    /// `Err`: its annotations cannot be read.
+    pub lease: Result<Lease, String>,
+    /// Why weftd refuses it as a peer (`None`: a peer, or not judged).
+    pub refused: Option<String>,
 }
 
 /// Everything that disagrees with subnet.env, one sentence each. Empty: consistent.
 pub fn problems(v: &View) -> Vec<String> {
+    let mut out = match &v.kube {
+        Some(k) => kube_problems(k, v),
+        None => Vec::new(),
+    };
     let env = match &v.env {
         Ok(env) => env,
-        Err(e) => return vec![e.clone()],
+        Err(e) => {
+            out.push(e.clone());
+            return out;
+        }
     };
     let gw = env.subnet;
-    let mut out = Vec::new();
-    match &v.lease {
-        LeaseView::Found { .. } => {}
-        LeaseView::Missing => out.push(format!(
+    match (&v.lease, &v.kube) {
+        (_, Some(_)) | (LeaseView::Found { .. }, None) => {}
+        (LeaseView::Missing, None) => out.push(format!(
             "etcd has no lease for {}: weftd is not running, or lost the lease and has not leased again",
             gw.trunc()
         )),
-        LeaseView::Unknown(e) => out.push(format!("cannot read the lease from etcd: {e}")),
+        (LeaseView::Unknown(e), None) => {
+            out.push(format!("cannot read the lease from etcd: {e}"))
+        }
     }
     match &v.daemon_json {
         DaemonJsonView::Found { bip, mtu } => {
@@ -172,31 +287,11 @@ pub fn render(v: &View) -> String {
         );
         line("  ipmasq", env.ip_masq.clone());
     }
-    line(
-        "lease",
-        match (&v.lease, &v.env) {
-            (
-                LeaseView::Found {
-                    public_ip,
-                    backend,
-                    expires_in,
-                },
-                Ok(env),
-            ) => {
-                let expiry = match expires_in {
-                    Some(s) => format!("expires in {}", format_secs(*s)),
-                    None => "reserved (no expiry)".into(),
-                };
-                let backend = if backend.is_empty() { "-" } else { backend };
-                format!(
-                    "{} public-ip {public_ip} backend {backend}, {expiry}",
-                    env.subnet.trunc()
-                )
-            }
-            (LeaseView::Missing, _) => "none in etcd".into(),
-            (LeaseView::Unknown(_), _) | (_, Err(_)) => "unknown".into(),
-        },
-    );
+    if let Some(k) = &v.kube {
+        kube_lines(k, &mut line);
+    } else {
+        line("lease", lease_line(v));
+    }
     line(
         "daemon.json",
         match &v.daemon_json {
@@ -238,6 +333,324 @@ pub fn render(v: &View) -> String {
         out.push_str(&format!("problem: {}\n", escape(p)));
     }
     out
+}
+
+/// The `lease` line in etcd mode.
+fn lease_line(v: &View) -> String {
+    match (&v.lease, &v.env) {
+        (
+            LeaseView::Found {
+                public_ip,
+                backend,
+                expires_in,
+            },
+            Ok(env),
+        ) => {
+            let expiry = match expires_in {
+                Some(s) => format!("expires in {}", format_secs(*s)),
+                None => "reserved (no expiry)".into(),
+            };
+            let backend = if backend.is_empty() { "-" } else { backend };
+            format!(
+                "{} public-ip {public_ip} backend {backend}, {expiry}",
+                env.subnet.trunc()
+            )
+        }
+        (LeaseView::Missing, _) => "none in etcd".into(),
+        (LeaseView::Unknown(_), _) | (_, Err(_)) => "unknown".into(),
+    }
+}
+
+/// What disagrees in Kubernetes mode: the config file, this host's Node (its podCIDR, the lease
+/// it publishes) against subnet.env, and whether the Nodes can be read.
+fn kube_problems(k: &KubeView, v: &View) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Err(e) = &k.config {
+        out.push(format!("cannot use the network config: {e}"));
+    }
+    match &k.own {
+        Err(e) if k.node.is_empty() => out.push(format!("cannot read this host's node: {e}")),
+        Err(e) => out.push(format!("cannot read node {}: {e}", k.node)),
+        Ok(own) => out.extend(own_node_problem(own, k, v)),
+    }
+    if let Err(e) = &k.nodes {
+        // Said once when the API could not be read at all.
+        if k.own.as_ref().err() != Some(e) {
+            out.push(format!("cannot list the nodes: {e}"));
+        }
+    }
+    out
+}
+
+/// What is wrong with this host's Node, the first thing found (the others follow from it).
+fn own_node_problem(own: &OwnNode, k: &KubeView, v: &View) -> Option<String> {
+    let n = &own.name;
+    let subnet = match &own.pod_cidr {
+        Ok(Some(s)) => *s,
+        Ok(None) => {
+            return Some(format!(
+                "node {n} has no podCIDR: the controller manager has not allocated one \
+                 (kube-controller-manager --allocate-node-cidrs), and weftd waits for it"
+            ))
+        }
+        Err(e) => return Some(format!("node {n}: {e}")),
+    };
+    if let Ok(c) = &k.config {
+        if !c.network.contains(&subnet) {
+            return Some(format!(
+                "node {n}'s podCIDR {subnet} is outside the network {} of {}: weftd waits for \
+                 one inside it",
+                c.network, k.config_path
+            ));
+        }
+    }
+    let lease = match &own.lease {
+        Some(Ok(l)) => l,
+        None => {
+            return Some(format!(
+                "node {n} publishes no lease (flannel's annotations): weftd is not running, or \
+                 has not published it yet"
+            ))
+        }
+        Some(Err(e)) => return Some(format!("node {n}'s lease cannot be read: {e}")),
+    };
+    match &v.env {
+        Ok(env) if env.subnet.trunc() != lease.subnet => Some(format!(
+            "{} says FLANNEL_SUBNET={} but node {n}'s podCIDR is {}: weftd has not rewritten it \
+             (is it running with this -subnet-file?)",
+            v.subnet_file.display(),
+            env.subnet,
+            lease.subnet
+        )),
+        _ => None,
+    }
+}
+
+/// `subnet public-ip … backend …`.
+fn describe_lease(l: &Lease) -> String {
+    let backend = if l.attrs.backend_type.is_empty() {
+        "-"
+    } else {
+        &l.attrs.backend_type
+    };
+    format!(
+        "{} public-ip {} backend {backend}",
+        l.subnet, l.attrs.public_ip
+    )
+}
+
+/// The lines of Kubernetes mode: the config file, this host's Node, its lease, the other Nodes.
+fn kube_lines(k: &KubeView, line: &mut impl FnMut(&str, String)) {
+    line(
+        "config",
+        match &k.config {
+            Ok(c) => format!(
+                "{}: network {} (/{} subnets), backend {}",
+                k.config_path,
+                c.network,
+                c.subnet_len,
+                c.backend.type_name()
+            ),
+            Err(_) => format!("{} (unusable)", k.config_path),
+        },
+    );
+    line(
+        "node",
+        if k.node.is_empty() {
+            "unknown".into()
+        } else {
+            k.node.clone()
+        },
+    );
+    let own = k.own.as_ref().ok();
+    if let Some(own) = own {
+        line(
+            "  podCIDR",
+            match &own.pod_cidr {
+                Ok(Some(s)) => s.to_string(),
+                Ok(None) => "none (not allocated yet)".into(),
+                Err(e) => format!("unusable: {e}"),
+            },
+        );
+        line(
+            "  annotations",
+            if own.annotations.is_empty() {
+                "none of flannel's".into()
+            } else {
+                (own.annotations.iter())
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            },
+        );
+        line(
+            "  NetworkUnavailable",
+            match &own.network_unavailable {
+                None => "not set".into(),
+                Some(c) => match &c.reason {
+                    Some(r) => format!("{} ({r})", c.status),
+                    None => c.status.clone(),
+                },
+            },
+        );
+    }
+    line(
+        "lease",
+        match own.map(|o| &o.lease) {
+            Some(Some(Ok(l))) => format!(
+                "{}, node {}'s podCIDR (no expiry)",
+                describe_lease(l),
+                k.node
+            ),
+            Some(Some(Err(_))) => "unreadable".into(),
+            Some(None) => "none published on the node".into(),
+            None => "unknown".into(),
+        },
+    );
+    let nodes = match &k.nodes {
+        Ok(n) => n,
+        Err(_) => {
+            line("peers", "unknown".into());
+            return;
+        }
+    };
+    let peers = nodes
+        .leases
+        .iter()
+        .filter(|p| p.refused.is_none() && p.lease.is_ok());
+    line(
+        "peers",
+        match &nodes.unjudged {
+            None => format!("{}", peers.count()),
+            Some(why) => format!("not judged ({why})"),
+        },
+    );
+    // Unjudged, a lease is only listed.
+    let accepted = if nodes.unjudged.is_some() {
+        "  lease"
+    } else {
+        "  peer"
+    };
+    for p in &nodes.leases {
+        match (&p.lease, &p.refused) {
+            (Ok(l), None) => line(accepted, format!("{} {}", p.node, describe_lease(l))),
+            (Ok(l), Some(why)) => line(
+                "  refused",
+                format!("{} {}: {why}", p.node, describe_lease(l)),
+            ),
+            (Err(e), _) => line("  refused", format!("{}: {e}", p.node)),
+        }
+    }
+    for w in &nodes.waiting {
+        line("  waiting", format!("{w}: no podCIDR yet"));
+    }
+    if nodes.others > 0 {
+        line(
+            "  other nodes",
+            format!("{} without flannel's annotations", nodes.others),
+        );
+    }
+}
+
+/// The other Nodes' leases judged as weftd's peer set judges them against this host's lease
+/// (`own`, published on Node `node`) and addresses (`local`).
+pub fn judge_nodes(
+    list: NodeList,
+    node: &str,
+    own: Option<&Lease>,
+    config: Option<&NetworkConfig>,
+    local: HashSet<Ipv4Addr>,
+) -> NodesView {
+    let mut out = NodesView {
+        waiting: list.waiting,
+        others: list.others,
+        ..Default::default()
+    };
+    let mut records: Vec<_> = (list.records.into_iter())
+        .filter(|r| r.key != node)
+        .collect();
+    records.sort_by(|a, b| a.key.cmp(&b.key));
+    let set = match (own, config) {
+        (Some(own), Some(config)) => {
+            let own = Own {
+                key: node.to_string(),
+                subnet: own.subnet,
+                identity: own.identity(),
+            };
+            let mut set = PeerSet::new(config.network, config.subnet_len, own, local);
+            set.replace_all(records.iter().cloned());
+            Some(set)
+        }
+        (None, _) => {
+            out.unjudged = Some("this node publishes no lease".into());
+            None
+        }
+        (_, None) => {
+            out.unjudged = Some("no usable network config".into());
+            None
+        }
+    };
+    out.leases = records
+        .into_iter()
+        .map(|r| {
+            let refused = match set.as_ref().and_then(|s| s.verdict(&r.key)) {
+                Some(Verdict::Rejected(why)) => Some(why.to_string()),
+                _ => None,
+            };
+            PeerView {
+                node: r.key,
+                lease: r.value.map_err(|e| e.to_string()),
+                refused,
+            }
+        })
+        .collect();
+    out
+}
+
+/// Reads Kubernetes mode's view: the config file, this host's Node, and the other Nodes judged
+/// against it. Reading only (a get and a list of Nodes).
+pub async fn read_kube(k: &Kube<'_>, public_ip: Option<Ipv4Addr>) -> KubeView {
+    let config = k.config();
+    let mut view = KubeView {
+        node: Kube::node_hint(),
+        config_path: k.config_path(),
+        config: config.clone(),
+        own: Err(String::new()),
+        nodes: Err(String::new()),
+    };
+    let store = match k.connect().await {
+        Ok(s) => s,
+        Err(e) => {
+            let e = format!("{e:#}");
+            view.own = Err(e.clone());
+            view.nodes = Err(e);
+            return view;
+        }
+    };
+    view.node = store.node().to_string();
+    view.own = store.own_node().await.map_err(|e| format!("{e:#}"));
+    view.nodes = match store.list_nodes().await {
+        Ok(list) => {
+            let own = view
+                .own
+                .as_ref()
+                .ok()
+                .and_then(|o| o.lease.as_ref()?.as_ref().ok());
+            let mut local = weft_backends::iface::local_ipv4_addrs()
+                .await
+                .unwrap_or_default();
+            local.extend(public_ip);
+            Ok(judge_nodes(
+                list,
+                &view.node,
+                own,
+                config.as_ref().ok(),
+                local,
+            ))
+        }
+        Err(e) => Err(format!("{e:#}")),
+    };
+    view
 }
 
 /// Reads subnet.env: `Err` says why it cannot be used.
@@ -350,11 +763,27 @@ pub async fn read_lease(
 }
 
 /// Gathers the view, prints the report, and fails when anything disagrees.
-pub async fn run(etcd: &EtcdArgs, args: &StatusArgs) -> Result<()> {
+pub async fn run(store: Store<'_>, args: &StatusArgs) -> Result<()> {
     let env = read_env(&args.subnet_file);
-    let lease = match &env {
-        Ok(e) => read_lease(etcd, e.subnet.trunc(), args.public_ip).await,
-        Err(_) => LeaseView::Unknown("no subnet to look up".into()),
+    let (lease, kube) = match (store, &env) {
+        (Store::Kube(k), _) => {
+            let view = read_kube(&k, args.public_ip).await;
+            let lease = match view.own.as_ref().map(|o| &o.lease) {
+                Ok(Some(Ok(l))) => LeaseView::Found {
+                    public_ip: l.attrs.public_ip,
+                    backend: l.attrs.backend_type.clone(),
+                    expires_in: None,
+                },
+                Ok(_) => LeaseView::Missing,
+                Err(e) => LeaseView::Unknown(e.clone()),
+            };
+            (lease, Some(view))
+        }
+        (Store::Etcd(etcd), Ok(e)) => (
+            read_lease(etcd, e.subnet.trunc(), args.public_ip).await,
+            None,
+        ),
+        (Store::Etcd(_), Err(_)) => (LeaseView::Unknown("no subnet to look up".into()), None),
     };
     let view = View {
         subnet_file: args.subnet_file.clone(),
@@ -364,6 +793,7 @@ pub async fn run(etcd: &EtcdArgs, args: &StatusArgs) -> Result<()> {
         daemon_json: read_daemon_json(&args.docker_daemon_json),
         bridge_name: args.bridge.clone(),
         bridge: read_bridge(&args.bridge).await,
+        kube,
     };
     print!("{}", render(&view));
     let problems = problems(&view);
@@ -399,6 +829,7 @@ mod tests {
             },
             bridge_name: "docker0".into(),
             bridge: BridgeView::Addr("172.20.59.1".parse().unwrap()),
+            kube: None,
         }
     }
 
@@ -513,5 +944,192 @@ mod tests {
             DaemonJsonView::Unparseable(e) if e.contains("not valid JSON")
         ));
         assert_eq!(read_daemon_json(""), DaemonJsonView::Skipped);
+    }
+
+    const P: &str = "flannel.alpha.coreos.com";
+
+    /// A Node published by weft: `name`, podCIDR `cidr`, PublicIP `ip`, VtepMAC `mac`.
+    fn node_json(name: &str, cidr: &str, ip: &str, mac: &str) -> crate::registry::kube::Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "annotations": {
+                format!("{P}/backend-data"): format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#),
+                format!("{P}/backend-type"): "vxlan",
+                format!("{P}/kube-subnet-manager"): "true",
+                format!("{P}/public-ip"): ip,
+            }},
+            "spec": {"podCIDR": cidr},
+            "status": {"conditions": [
+                {"type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp"}]},
+        }))
+        .unwrap()
+    }
+
+    /// `consistent()` in Kubernetes mode: node-0 (this host, 172.20.59.0/24) and its peer
+    /// node-1, a node-2 refused (its PublicIP is this host's), a node-3 without flannel's
+    /// annotations.
+    fn kube_consistent() -> View {
+        use crate::registry::kube::inspect::{own_node, NodeList};
+        use crate::registry::kube::Annotations;
+        let names = Annotations::new(P);
+        let own = own_node(
+            &node_json(
+                "node-0",
+                "172.20.59.0/24",
+                "192.168.64.3",
+                "0e:00:00:00:00:01",
+            ),
+            &names,
+        );
+        let config = NetworkConfig::parse(r#"{"Network":"172.20.0.0/16"}"#).unwrap();
+        let mut list = NodeList::default();
+        for n in [
+            node_json(
+                "node-1",
+                "172.20.60.0/24",
+                "192.168.64.4",
+                "0e:00:00:00:00:02",
+            ),
+            node_json(
+                "node-0",
+                "172.20.59.0/24",
+                "192.168.64.3",
+                "0e:00:00:00:00:01",
+            ),
+            node_json(
+                "node-2",
+                "172.20.61.0/24",
+                "192.168.64.3",
+                "0e:00:00:00:00:03",
+            ),
+            serde_json::from_str(r#"{"metadata":{"name":"node-3"}}"#).unwrap(),
+        ] {
+            list.add(&n, &names);
+        }
+        let own_lease = own.lease.clone().unwrap().unwrap();
+        let local = ["192.168.64.3".parse().unwrap()].into_iter().collect();
+        let nodes = judge_nodes(list, "node-0", Some(&own_lease), Some(&config), local);
+        let mut v = consistent();
+        v.lease = LeaseView::Found {
+            public_ip: own_lease.attrs.public_ip,
+            backend: "vxlan".into(),
+            expires_in: None,
+        };
+        v.kube = Some(KubeView {
+            node: "node-0".into(),
+            config_path: "/etc/kube-flannel/net-conf.json".into(),
+            config: Ok(config),
+            own: Ok(own),
+            nodes: Ok(nodes),
+        });
+        v
+    }
+
+    fn kube(v: &mut View) -> &mut KubeView {
+        v.kube.as_mut().unwrap()
+    }
+
+    fn own(v: &mut View) -> &mut OwnNode {
+        kube(v).own.as_mut().unwrap()
+    }
+
+    #[test]
+    fn kube_mode_shows_the_node_its_lease_the_peers_and_the_refused() {
+        let v = kube_consistent();
+        assert_eq!(problems(&v), Vec::<String>::new());
+        let text = render(&v);
+        for want in [
+            "config:               /etc/kube-flannel/net-conf.json: network 172.20.0.0/16 (/24 subnets), backend udp\n",
+            "node:                 node-0\n",
+            "  podCIDR:            172.20.59.0/24\n",
+            "  annotations:        backend-data={\"VNI\":1,\"VtepMAC\":\"0e:00:00:00:00:01\"} backend-type=vxlan kube-subnet-manager=true public-ip=192.168.64.3\n",
+            "  NetworkUnavailable: False (FlannelIsUp)\n",
+            "lease:                172.20.59.0/24 public-ip 192.168.64.3 backend vxlan, node node-0's podCIDR (no expiry)\n",
+            "peers:                1\n",
+            "  peer:               node-1 172.20.60.0/24 public-ip 192.168.64.4 backend vxlan\n",
+            "  refused:            node-2 172.20.61.0/24 public-ip 192.168.64.3 backend vxlan: PublicIP 192.168.64.3 is an address of this host\n",
+            "  other nodes:        1 without flannel's annotations\n",
+        ] {
+            assert!(text.contains(want), "{want:?} in:\n{text}");
+        }
+        assert!(
+            !text.contains("node-0 172"),
+            "this host is no peer:\n{text}"
+        );
+        assert!(text.ends_with("status: consistent\n"), "{text}");
+    }
+
+    #[test]
+    fn kube_mode_names_a_node_without_podcidr_or_lease_and_a_stale_subnet_env() {
+        let mut v = kube_consistent();
+        own(&mut v).pod_cidr = Ok(None);
+        own(&mut v).lease = None;
+        assert_eq!(problems(&v), ["node node-0 has no podCIDR: the controller manager has not allocated one (kube-controller-manager --allocate-node-cidrs), and weftd waits for it"]);
+        assert!(render(&v).contains("  podCIDR:            none (not allocated yet)\n"));
+
+        let mut v = kube_consistent();
+        own(&mut v).lease = None;
+        assert!(problems(&v)[0].starts_with("node node-0 publishes no lease"));
+        assert!(render(&v).contains("lease:                none published on the node\n"));
+
+        let mut v = kube_consistent();
+        v.env.as_mut().unwrap().subnet = "172.20.9.1/24".parse().unwrap();
+        assert_eq!(problems(&v)[0], "/run/flannel/subnet.env says FLANNEL_SUBNET=172.20.9.1/24 but node node-0's podCIDR is 172.20.59.0/24: weftd has not rewritten it (is it running with this -subnet-file?)");
+
+        let mut v = kube_consistent();
+        own(&mut v).pod_cidr = Ok(Some("10.9.0.0/24".parse().unwrap()));
+        assert!(
+            problems(&v)[0].contains("podCIDR 10.9.0.0/24 is outside the network 172.20.0.0/16"),
+            "{:?}",
+            problems(&v)
+        );
+    }
+
+    #[test]
+    fn kube_mode_says_once_that_the_api_cannot_be_read() {
+        let mut v = kube_consistent();
+        let e = "GET /api/v1/nodes/node-0: connection refused".to_string();
+        kube(&mut v).own = Err(e.clone());
+        kube(&mut v).nodes = Err(e);
+        kube(&mut v).config = Err("no network config file /etc/kube-flannel/net-conf.json".into());
+        assert_eq!(
+            problems(&v),
+            [
+                "cannot use the network config: no network config file /etc/kube-flannel/net-conf.json",
+                "cannot read node node-0: GET /api/v1/nodes/node-0: connection refused",
+            ]
+        );
+        let text = render(&v);
+        assert!(text.contains("\nlease:       unknown\n"), "{text}");
+        assert!(text.contains("\npeers:       unknown\n"), "{text}");
+    }
+
+    #[test]
+    fn leases_are_listed_unjudged_without_a_lease_of_this_nodes() {
+        use crate::registry::kube::inspect::NodeList;
+        use crate::registry::kube::Annotations;
+        let mut list = NodeList::default();
+        list.add(
+            &node_json(
+                "node-1",
+                "172.20.60.0/24",
+                "192.168.64.4",
+                "0e:00:00:00:00:02",
+            ),
+            &Annotations::new(P),
+        );
+        let nodes = judge_nodes(list, "node-0", None, None, HashSet::new());
+        assert_eq!(
+            nodes.unjudged.as_deref(),
+            Some("this node publishes no lease")
+        );
+        assert_eq!(nodes.leases.len(), 1);
+        assert_eq!(nodes.leases[0].refused, None);
+        let mut v = kube_consistent();
+        kube(&mut v).nodes = Ok(nodes);
+        let text = render(&v);
+        assert!(
+            text.contains("peers:                not judged (this node publishes no lease)\n  lease:              node-1 172.20.60.0/24"),
+            "{text}"
+        );
     }
 }

@@ -11,6 +11,7 @@ use weft_backends::ExternalInterface;
 
 use crate::config::NetworkConfig;
 use crate::lease::{Lease, Record};
+use crate::registry::kube::inspect::OwnNode;
 use crate::registry::Names;
 use crate::status::{DaemonJsonView, EnvView};
 
@@ -20,12 +21,14 @@ pub struct Facts {
     pub subnet_file: String,
     /// subnet.env, or why it cannot be used.
     pub env: Result<EnvView, String>,
-    pub etcd: Etcd,
+    pub store: Store,
+    /// Kubernetes mode (`-kube-subnet-mgr`): this host's Node. `None`: etcd mode.
+    pub kube: Option<KubeNode>,
     /// The kernel's network state, or why it could not be read.
     pub kernel: Result<Kernel, String>,
     /// The underlay, chosen as weftd chooses it, or why none could be.
     pub external: Result<ExternalInterface, String>,
-    /// `-public-ip` as given to doctor.
+    /// `-public-ip` as given to doctor (kube mode: else the Node's `node-public-ip`, as weftd).
     pub public_ip_flag: Option<Ipv4Addr>,
     pub daemon_json_path: String,
     pub daemon_json: DaemonJsonView,
@@ -38,15 +41,46 @@ pub struct Facts {
     pub renew_margin_minutes: u64,
 }
 
-/// What etcd said.
+/// What the lease store (etcd, or the Kubernetes API) said.
 #[derive(Debug, Clone)]
-pub enum Etcd {
+pub enum Store {
     /// Nothing could be read: the error with its causes.
     Failed {
+        /// etcd's endpoints, or which Kubernetes API.
         endpoints: String,
         error: String,
     },
     Read(Box<Cluster>),
+}
+
+/// Kubernetes mode: this host's Node.
+#[derive(Debug, Clone)]
+pub struct KubeNode {
+    /// Its name (empty when not known: the store failed, and says why).
+    pub name: String,
+    /// The Node as flannel sees it, or why it could not be read.
+    pub own: Result<OwnNode, String>,
+    /// The annotation prefix (`flannel.alpha.coreos.com`).
+    pub prefix: String,
+    /// `--set-node-network-unavailable` as doctor was given it (weftd's own cannot be known).
+    pub set_network_unavailable: bool,
+}
+
+impl KubeNode {
+    /// The lease its annotations publish, when they publish a readable one.
+    pub fn lease(&self) -> Option<&Lease> {
+        self.own.as_ref().ok()?.lease.as_ref()?.as_ref().ok()
+    }
+}
+
+impl Facts {
+    /// The lease store, for messages: `etcd` or `the Kubernetes API`.
+    pub fn store_name(&self) -> &'static str {
+        match self.kube {
+            Some(_) => "the Kubernetes API",
+            None => "etcd",
+        }
+    }
 }
 
 /// The network config and every lease.
@@ -140,6 +174,8 @@ pub struct Link {
     /// The bridge it is a port of.
     pub master: Option<u32>,
     pub addrs: Vec<Ipv4Net>,
+    /// Its hardware address, if it has one (vxlan's is its VTEP MAC).
+    pub mac: Option<Mac>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,10 +213,10 @@ pub struct Iptables {
     pub nat: String,
 }
 
-/// The cluster network: the config's, else subnet.env's FLANNEL_NETWORK (etcd unreachable).
+/// The cluster network: the config's, else subnet.env's FLANNEL_NETWORK (the store unreachable).
 pub fn network(f: &Facts) -> Option<Ipv4Net> {
-    match &f.etcd {
-        Etcd::Read(c) if c.config.is_ok() => c.config.as_ref().ok().map(|c| c.network),
+    match &f.store {
+        Store::Read(c) if c.config.is_ok() => c.config.as_ref().ok().map(|c| c.network),
         _ => f.env.as_ref().ok().and_then(|e| e.network.parse().ok()),
     }
 }

@@ -155,8 +155,12 @@ fn tables(f: &Facts) -> Result<(Table, Table, Ipv4Net), Outcome> {
         .iptables
         .as_ref()
         .map_err(|e| Outcome::skip(format!("cannot read the rules: {e}")))?;
-    let network =
-        network(f).ok_or_else(|| Outcome::skip("needs the network (etcd or subnet.env)"))?;
+    let network = network(f).ok_or_else(|| {
+        Outcome::skip(format!(
+            "needs the network ({} or subnet.env)",
+            f.store_name()
+        ))
+    })?;
     Ok((Table::parse(&ipt.filter), Table::parse(&ipt.nat), network))
 }
 

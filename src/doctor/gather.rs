@@ -1,5 +1,5 @@
-//! Reading what doctor judges, once, changing nothing: subnet.env, daemon.json, the store,
-//! netlink, ethtool, iptables-save.
+//! Reading what doctor judges, once, changing nothing: subnet.env, daemon.json, the store (etcd,
+//! or the Kubernetes API's Nodes and the net-conf.json file), netlink, ethtool, iptables-save.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -9,38 +9,53 @@ use regex::Regex;
 use tokio::process::Command;
 use weft_backends::{ethtool, InterfaceSelector};
 
-use super::facts::{device_name, Cluster, Etcd, Facts, Iptables, Ttl};
+use super::facts::{device_name, Cluster, Facts, Iptables, KubeNode, Store, Ttl};
 use super::{kernel, DoctorArgs};
 use crate::config::NetworkConfig;
 use crate::flags::EtcdArgs;
+use crate::registry::kube::inspect;
 use crate::registry::Registry;
-use crate::status;
+use crate::status::{self, Kube};
 
 /// Reads everything. Only a bad flag fails; whatever cannot be read becomes part of the facts.
-pub async fn gather(etcd_args: &EtcdArgs, args: &DoctorArgs) -> Result<Facts> {
+pub async fn gather(store_args: status::Store<'_>, args: &DoctorArgs) -> Result<Facts> {
     let regexes = args
         .iface_regex
         .iter()
         .map(|r| Regex::new(r).with_context(|| format!("-iface-regex {r:?}")))
         .collect::<Result<Vec<_>>>()?;
+    let (read, store, kube) = match store_args {
+        status::Store::Etcd(etcd) => {
+            let (read, store) = read_etcd(etcd).await;
+            (read, store, None)
+        }
+        status::Store::Kube(k) => {
+            let (read, node) = read_kube(&k).await;
+            (read, None, Some(node))
+        }
+    };
+    // In kube mode weftd takes its Node's `<prefix>/node-public-ip` as -public-ip (as flanneld).
+    let node_public_ip = (kube.as_ref())
+        .and_then(|k| k.own.as_ref().ok())
+        .and_then(|o| o.node_public_ip());
+    let public_ip = args.public_ip.or(node_public_ip);
     let selector = InterfaceSelector {
         ifaces: args.iface.clone(),
         regexes,
         can_reach: args.iface_can_reach,
-        public_ip: args.public_ip,
+        public_ip,
     };
     let env = status::read_env(&args.subnet_file);
     let external = selector.select().await.map_err(|e| e.to_string());
     let mut kernel = kernel::read().await.map_err(|e| format!("{e:#}"));
-    let (etcd, store) = read_etcd(etcd_args).await;
-    let vxlan_device = match &etcd {
-        Etcd::Read(c) => c
+    let vxlan_device = match &read {
+        Store::Read(c) => c
             .config
             .as_ref()
             .ok()
             .filter(|c| c.backend.type_name() == "vxlan")
             .and_then(device_name),
-        Etcd::Failed { .. } => None,
+        Store::Failed { .. } => None,
     };
     if let (Ok(k), Some(dev)) = (&mut kernel, vxlan_device) {
         if k.link(&dev).is_some() {
@@ -58,10 +73,11 @@ pub async fn gather(etcd_args: &EtcdArgs, args: &DoctorArgs) -> Result<Facts> {
     let mut facts = Facts {
         subnet_file: args.subnet_file.display().to_string(),
         env,
-        etcd,
+        store: read,
+        kube,
         kernel,
         external,
-        public_ip_flag: args.public_ip,
+        public_ip_flag: public_ip,
         daemon_json_path: args.docker_daemon_json.clone(),
         daemon_json: status::read_daemon_json(&args.docker_daemon_json),
         iptables: read_iptables().await,
@@ -71,7 +87,8 @@ pub async fn gather(etcd_args: &EtcdArgs, args: &DoctorArgs) -> Result<Facts> {
         lease_ttl: args.subnet_lease_ttl,
         renew_margin_minutes: args.subnet_lease_renew_margin,
     };
-    // The lease's time left: one more call, for this host's lease only.
+    // The lease's time left: one more call, for this host's lease only (etcd's: a podCIDR has
+    // no expiry).
     if let (Some(store), Some(own)) = (store, super::lease::held(&facts).cloned()) {
         let ttl = if own.is_reservation() {
             Ok(Ttl::Reservation)
@@ -82,15 +99,15 @@ pub async fn gather(etcd_args: &EtcdArgs, args: &DoctorArgs) -> Result<Facts> {
                 Err(e) => Err(format!("{e:#}")),
             }
         };
-        if let Etcd::Read(c) = &mut facts.etcd {
+        if let Store::Read(c) = &mut facts.store {
             c.own_ttl = Some(ttl);
         }
     }
     Ok(facts)
 }
 
-async fn read_etcd(args: &EtcdArgs) -> (Etcd, Option<Registry>) {
-    let failed = |e: anyhow::Error| Etcd::Failed {
+async fn read_etcd(args: &EtcdArgs) -> (Store, Option<Registry>) {
+    let failed = |e: anyhow::Error| Store::Failed {
         endpoints: args.etcd_endpoints.join(","),
         error: format!("{e:#}"),
     };
@@ -115,7 +132,43 @@ async fn read_etcd(args: &EtcdArgs) -> (Etcd, Option<Registry>) {
         records: listing.records,
         own_ttl: None,
     };
-    (Etcd::Read(Box::new(cluster)), Some(store))
+    (Store::Read(Box::new(cluster)), Some(store))
+}
+
+/// Kubernetes mode: the network config file, this host's Node and every Node's lease. Reading
+/// only: a get and a list of Nodes.
+async fn read_kube(k: &Kube<'_>) -> (Store, KubeNode) {
+    let mut node = KubeNode {
+        name: Kube::node_hint(),
+        own: Err("not read".into()),
+        prefix: (k.args.kube_annotation_prefix.trim_end_matches('/')).to_string(),
+        set_network_unavailable: k.args.set_node_network_unavailable,
+    };
+    let failed = |e: anyhow::Error| Store::Failed {
+        endpoints: inspect::server_of(k.args),
+        error: format!("{e:#}"),
+    };
+    let store = match k.connect().await {
+        Ok(s) => s,
+        Err(e) => {
+            node.own = Err(format!("{e:#}"));
+            return (failed(e), node);
+        }
+    };
+    node.name = store.node().to_string();
+    node.own = store.own_node().await.map_err(|e| format!("{e:#}"));
+    let list = match store.list_nodes().await {
+        Ok(l) => l,
+        Err(e) => return (failed(e), node),
+    };
+    let cluster = Cluster {
+        config_key: k.config_path(),
+        config: k.config(),
+        names: store.names().clone(),
+        records: list.records,
+        own_ttl: None,
+    };
+    (Store::Read(Box::new(cluster)), node)
 }
 
 /// How long `iptables-save` may take (it may wait for the xtables lock).

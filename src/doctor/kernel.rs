@@ -107,11 +107,13 @@ fn link(m: &LinkMessage) -> Link {
         kind: String::new(),
         master: None,
         addrs: Vec::new(),
+        mac: None,
     };
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => l.name = n.clone(),
             LinkAttribute::Mtu(n) => l.mtu = *n,
+            LinkAttribute::Address(a) => l.mac = Mac::from_slice(a),
             LinkAttribute::Controller(i) => l.master = Some(*i),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {

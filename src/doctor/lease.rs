@@ -1,4 +1,5 @@
 //! etcd, subnet.env, this host's lease, the leases as a whole, and Docker's view of the lease.
+//! In Kubernetes mode this host's lease is the one its Node publishes (see `kube.rs`).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -6,7 +7,7 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 
-use super::facts::{renew_margin, Cluster, Etcd, Facts, Ttl};
+use super::facts::{renew_margin, Cluster, Facts, Store, Ttl};
 use super::{Finding, Outcome};
 use crate::lease::format_secs;
 use crate::lease::Lease;
@@ -38,9 +39,23 @@ pub fn is_mine(f: &Facts, ip: Ipv4Addr) -> bool {
 
 /// subnet.env, the cluster, and this host's lease in it; `None` when either is missing.
 pub fn own<'a>(f: &'a Facts) -> Option<(&'a EnvView, &'a Cluster, Holding<'a>)> {
-    let (Ok(env), Etcd::Read(c)) = (&f.env, &f.etcd) else {
+    let (Ok(env), Store::Read(c)) = (&f.env, &f.store) else {
         return None;
     };
+    if let Some(k) = &f.kube {
+        // The record of this host's Node (by name) is this host's, whatever it says.
+        let subnet = env.subnet.trunc();
+        let mine = (c.records.iter().find(|r| r.key == k.name)).and_then(|r| r.value.as_ref().ok());
+        let own = match mine {
+            Some(l) if l.subnet == subnet => Holding::Held(l),
+            Some(l) => Holding::Elsewhere(l),
+            None => match c.leases().find(|l| l.subnet == subnet) {
+                Some(l) => Holding::OtherHost(l),
+                None => Holding::Missing,
+            },
+        };
+        return Some((env, c, own));
+    }
     let key = c.lease_key(env.subnet.trunc());
     let at_key = c
         .records
@@ -66,11 +81,29 @@ pub fn held(f: &Facts) -> Option<&Lease> {
     }
 }
 
+/// The key of this host's record, holding `subnet`: etcd's key of the subnet, or this host's
+/// Node.
+pub fn own_key(f: &Facts, c: &Cluster, subnet: Ipv4Net) -> String {
+    match &f.kube {
+        Some(k) => k.name.clone(),
+        None => c.lease_key(subnet),
+    }
+}
+
 /// This host's subnet: its lease's in etcd (also when subnet.env is stale), else subnet.env's.
+/// In Kubernetes mode: its Node's podCIDR, else subnet.env's.
 pub fn own_subnet(f: &Facts) -> Option<Ipv4Net> {
-    match (own(f), &f.etcd) {
+    if let Some(k) = &f.kube {
+        let pod_cidr = k
+            .own
+            .as_ref()
+            .ok()
+            .and_then(|o| o.pod_cidr.clone().ok().flatten());
+        return pod_cidr.or_else(|| f.env.as_ref().ok().map(|e| e.subnet.trunc()));
+    }
+    match (own(f), &f.store) {
         (Some((_, _, Holding::Held(l) | Holding::Elsewhere(l))), _) => Some(l.subnet),
-        (None, Etcd::Read(c)) if f.env.is_err() => c
+        (None, Store::Read(c)) if f.env.is_err() => c
             .leases()
             .find(|l| is_mine(f, l.attrs.public_ip))
             .map(|l| l.subnet),
@@ -80,9 +113,9 @@ pub fn own_subnet(f: &Facts) -> Option<Ipv4Net> {
 
 /// `etcd`: reachable, and the network config usable.
 pub fn etcd(f: &Facts) -> Outcome {
-    match &f.etcd {
-        Etcd::Failed { endpoints, error } => vec![etcd_failure(endpoints, error)].into(),
-        Etcd::Read(c) => match &c.config {
+    match &f.store {
+        Store::Failed { endpoints, error } => vec![etcd_failure(endpoints, error)].into(),
+        Store::Read(c) => match &c.config {
             Ok(_) => Outcome::ok(),
             Err(e) => vec![Finding::new(
                 format!("the network config cannot be used: {e}"),
@@ -160,7 +193,7 @@ pub fn subnet_env(f: &Facts) -> Outcome {
         }
     };
     let mut out = Vec::new();
-    if let Etcd::Read(c) = &f.etcd {
+    if let Store::Read(c) = &f.store {
         if let Ok(config) = &c.config {
             if env.network != config.network.to_string() {
                 out.push(Finding::new(
@@ -175,9 +208,13 @@ pub fn subnet_env(f: &Facts) -> Outcome {
         }
     }
     if let Some((_, _, Holding::Elsewhere(l))) = own(f) {
+        let lease = match &f.kube {
+            Some(k) => format!("node {}'s podCIDR", k.name),
+            None => "this host's lease in etcd".into(),
+        };
         out.push(Finding::new(
             format!(
-                "{} says FLANNEL_SUBNET={} but this host's lease in etcd is {}",
+                "{} says FLANNEL_SUBNET={} but {lease} is {}",
                 f.subnet_file, env.subnet, l.subnet
             ),
             "weftd rewrites subnet.env as soon as it holds a lease: start it (or look at its \
@@ -268,10 +305,54 @@ pub fn expiry(lease: &Lease, ttl: Ttl, lease_ttl: Duration, margin: u64) -> Opti
 
 /// `leases`: no PublicIP and no VtepMAC in two leases.
 pub fn unique(f: &Facts) -> Outcome {
-    let Etcd::Read(c) = &f.etcd else {
-        return Outcome::skip("needs etcd");
+    let Store::Read(c) = &f.store else {
+        return Outcome::skip(format!("needs {}", f.store_name()));
     };
-    duplicates(c).into()
+    match f.kube {
+        Some(_) => kube_duplicates(c),
+        None => duplicates(c),
+    }
+    .into()
+}
+
+/// Kubernetes mode's duplicates: the nodes named, and what to do there.
+fn kube_duplicates(c: &Cluster) -> Vec<Finding> {
+    let mut by_ip: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+    let mut by_mac: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in &c.records {
+        let Ok(l) = &r.value else { continue };
+        let name = format!("{} ({})", r.key, l.subnet);
+        by_ip
+            .entry(l.attrs.public_ip)
+            .or_default()
+            .push(name.clone());
+        if let Ok(m) = weft_backends::mac::vtep_mac(l.attrs.backend_data.as_ref()) {
+            by_mac.entry(m.to_string()).or_default().push(name);
+        }
+    }
+    let mut out = Vec::new();
+    for (ip, mut nodes) in by_ip.into_iter().filter(|(_, n)| n.len() > 1) {
+        nodes.sort();
+        out.push(Finding::new(
+            format!("nodes {} all publish public-ip {ip}", nodes.join(", ")),
+            "either one's annotations are stale (weftd publishes its own at start: restart it \
+             there), or several nodes share an address behind NAT (give each its own \
+             public-ip-overwrite annotation)",
+        ));
+    }
+    for (mac, mut nodes) in by_mac.into_iter().filter(|(_, n)| n.len() > 1) {
+        nodes.sort();
+        out.push(Finding::new(
+            format!(
+                "nodes {} all publish VtepMAC {mac}: peers accept only the oldest node, so the \
+                 others are unreachable over vxlan",
+                nodes.join(", ")
+            ),
+            "on each newer node: stop weftd, delete flannel.<VNI> (`ip link del`), start weftd \
+             (it derives a MAC from its PublicIP and publishes it)",
+        ));
+    }
+    out
 }
 
 pub fn duplicates(c: &Cluster) -> Vec<Finding> {
@@ -339,6 +420,7 @@ pub fn docker(f: &Facts) -> Outcome {
         daemon_json: f.daemon_json.clone(),
         bridge_name: "docker0".into(),
         bridge,
+        kube: None,
     };
     status::problems(&view)
         .into_iter()
@@ -404,7 +486,7 @@ mod tests {
     #[test]
     fn an_unreachable_etcd_is_one_problem_and_the_lease_checks_skip() {
         let mut f = testing::healthy();
-        f.etcd = Etcd::Failed {
+        f.store = Store::Failed {
             endpoints: "http://10.199.0.1:1".into(),
             error: "connection refused".into(),
         };

@@ -1,9 +1,10 @@
 //! `weftctl doctor`: the problems flannel users hit most, looked for on this host in one read-only
 //! pass, each reported on one line with what to do.
 //!
-//! Gathering ([`gather::gather`]: subnet.env, daemon.json, etcd, netlink, ethtool, iptables-save)
-//! is kept apart from judging: every check is a pure function of the gathered [`Facts`], so each
-//! is unit-tested on facts written by hand. The checks, in the order they print:
+//! Gathering ([`gather::gather`]: subnet.env, daemon.json, etcd or the Kubernetes API, netlink,
+//! ethtool, iptables-save) is kept apart from judging: every check is a pure function of the
+//! gathered [`Facts`], so each is unit-tested on facts written by hand. The checks, in the order
+//! they print (etcd mode):
 //!
 //! | id | what |
 //! |---|---|
@@ -20,13 +21,22 @@
 //! | `forward` | FORWARD lets pod traffic through (flannel #2116, #699) |
 //! | `agents` | no second agent (flanneld) writing flannel's chains |
 //!
+//! In Kubernetes mode (`-kube-subnet-mgr`, `kube.rs`) the lease is this host's Node's podCIDR
+//! and the config a file: `kube` (the API reachable and allowing, the Node readable,
+//! net-conf.json usable) replaces `etcd`, and `node` (a podCIDR, inside the network, the lease
+//! published), `annotations` (what the Node publishes against the device, the underlay and the
+//! config) and `network-unavailable` (the Node's condition) replace `lease`; the other checks
+//! are the same.
+//!
 //! Output: `ok <id>`, `skip <id>: <why>`, or one `problem <id>: <what>; fix: <what to do>` per
-//! finding, then `no problem found` or `<n> problem(s) found`. Exit status 1 on any problem.
+//! finding (`warning <id>: …` for what may be intended), then `no problem found` or `<n>
+//! problem(s) found` (with the warnings counted, if any). Exit status 1 on any problem.
 
 pub mod facts;
 mod firewall;
 mod gather;
 mod kernel;
+mod kube;
 mod lease;
 mod mtu;
 mod offload;
@@ -43,7 +53,8 @@ use clap::Args;
 pub use facts::Facts;
 
 use crate::escape::escape;
-use crate::flags::{parse_lease_ttl, EtcdArgs, MAX_RENEW_MARGIN_MINUTES};
+use crate::flags::{parse_lease_ttl, MAX_RENEW_MARGIN_MINUTES};
+use crate::status::Store;
 
 /// `weftctl doctor`'s flags: weftd's own, so the same command line (or `FLANNELD_*`
 /// environment) describes the host doctor looks at.
@@ -89,6 +100,8 @@ pub struct DoctorArgs {
 pub struct Finding {
     pub problem: String,
     pub fix: String,
+    /// Only a warning: possibly intended (doctor cannot tell), not counted as a problem.
+    pub warning: bool,
 }
 
 impl Finding {
@@ -96,6 +109,15 @@ impl Finding {
         Self {
             problem: problem.into(),
             fix: fix.into(),
+            warning: false,
+        }
+    }
+
+    /// A finding that may be intended: printed as `warning`, exit status unchanged.
+    pub fn warning(problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            warning: true,
+            ..Self::new(problem, fix)
         }
     }
 }
@@ -143,22 +165,63 @@ const CHECKS: &[(&str, Check)] = &[
     ("agents", firewall::agents),
 ];
 
+/// Kubernetes mode's checks, by id, in the order they print.
+const KUBE_CHECKS: &[(&str, Check)] = &[
+    ("kube", kube::api),
+    ("subnet-env", lease::subnet_env),
+    ("node", kube::node),
+    ("annotations", kube::annotations),
+    ("network-unavailable", kube::network_unavailable),
+    ("leases", lease::unique),
+    ("docker", lease::docker),
+    ("mtu", mtu::check),
+    ("checksum-offload", offload::check),
+    ("device", peers::device),
+    ("peers", peers::peers),
+    ("routes", peers::foreign_routes),
+    ("forward", firewall::forward),
+    ("agents", firewall::agents),
+];
+
+/// The checks for `facts`' mode.
+fn checks(facts: &Facts) -> &'static [(&'static str, Check)] {
+    match facts.kube {
+        Some(_) => KUBE_CHECKS,
+        None => CHECKS,
+    }
+}
+
 /// Every check's outcome, by id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report(pub Vec<(&'static str, Outcome)>);
 
 impl Report {
-    /// Runs every check on `facts`.
+    /// Runs every check of its mode on `facts`.
     pub fn new(facts: &Facts) -> Self {
-        Self(CHECKS.iter().map(|(id, c)| (*id, c(facts))).collect())
+        Self(
+            checks(facts)
+                .iter()
+                .map(|(id, c)| (*id, c(facts)))
+                .collect(),
+        )
     }
 
-    /// The problems found, as `(id, finding)`.
-    pub fn problems(&self) -> impl Iterator<Item = (&'static str, &Finding)> + '_ {
+    /// Every finding, warnings too, as `(id, finding)`.
+    fn findings(&self) -> impl Iterator<Item = (&'static str, &Finding)> + '_ {
         self.0.iter().flat_map(|(id, o)| match o {
             Outcome::Ran(v) => v.iter().map(|f| (*id, f)).collect::<Vec<_>>(),
             Outcome::Skipped(_) => Vec::new(),
         })
+    }
+
+    /// The problems found, as `(id, finding)`.
+    pub fn problems(&self) -> impl Iterator<Item = (&'static str, &Finding)> + '_ {
+        self.findings().filter(|(_, f)| !f.warning)
+    }
+
+    /// The warnings, as `(id, finding)`.
+    pub fn warnings(&self) -> impl Iterator<Item = (&'static str, &Finding)> + '_ {
+        self.findings().filter(|(_, f)| f.warning)
     }
 
     pub fn render(&self) -> String {
@@ -175,24 +238,30 @@ impl Report {
                     for f in v {
                         // One line per finding, whatever the texts hold: they quote etcd,
                         // files and the kernel, so whatever a terminal would obey is escaped.
-                        let line = format!("problem {id}: {}; fix: {}", f.problem, f.fix);
+                        let kind = if f.warning { "warning" } else { "problem" };
+                        let line = format!("{kind} {id}: {}; fix: {}", f.problem, f.fix);
                         let _ = writeln!(out, "{}", escape(&line.replace('\n', " ")));
                     }
                 }
             }
         }
+        let warnings = match self.warnings().count() {
+            0 => String::new(),
+            1 => " (1 warning)".into(),
+            n => format!(" ({n} warnings)"),
+        };
         let _ = match self.problems().count() {
-            0 => writeln!(out, "no problem found"),
-            1 => writeln!(out, "1 problem found"),
-            n => writeln!(out, "{n} problems found"),
+            0 => writeln!(out, "no problem found{warnings}"),
+            1 => writeln!(out, "1 problem found{warnings}"),
+            n => writeln!(out, "{n} problems found{warnings}"),
         };
         out
     }
 }
 
 /// Gathers the facts, prints the report, and fails when anything is wrong.
-pub async fn run(etcd: &EtcdArgs, args: &DoctorArgs) -> Result<()> {
-    let facts = gather::gather(etcd, args).await?;
+pub async fn run(store: Store<'_>, args: &DoctorArgs) -> Result<()> {
+    let facts = gather::gather(store, args).await?;
     let report = Report::new(&facts);
     print!("{}", report.render());
     match report.problems().count() {

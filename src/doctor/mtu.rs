@@ -4,7 +4,7 @@
 
 use weft_backends::{Backend, ExternalInterface, Network};
 
-use super::facts::{device_name, Etcd, Facts, Kernel, Link};
+use super::facts::{device_name, Facts, Kernel, Link, Store};
 use super::{Finding, Outcome};
 use crate::config::NetworkConfig;
 
@@ -30,9 +30,9 @@ pub fn check(f: &Facts) -> Outcome {
         )]
         .into();
     };
-    let config = match &f.etcd {
-        Etcd::Read(c) => c.config.as_ref().ok(),
-        Etcd::Failed { .. } => None,
+    let config = match &f.store {
+        Store::Read(c) => c.config.as_ref().ok(),
+        Store::Failed { .. } => None,
     };
     let mut out = Vec::new();
     if let (Some(config), Ok(ext)) = (config, &f.external) {

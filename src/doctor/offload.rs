@@ -8,7 +8,7 @@
 //!
 //! Elsewhere the offload is harmless and faster, so it is only a problem where one of those holds.
 
-use super::facts::{backend_flag, device_name, Etcd, Facts, Kernel};
+use super::facts::{backend_flag, device_name, Facts, Kernel, Store};
 use super::lease::held;
 use super::{Finding, Outcome};
 
@@ -27,8 +27,8 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
 }
 
 pub fn check(f: &Facts) -> Outcome {
-    let Etcd::Read(c) = &f.etcd else {
-        return Outcome::skip("needs etcd");
+    let Store::Read(c) = &f.store else {
+        return Outcome::skip(format!("needs {}", f.store_name()));
     };
     let Ok(config) = &c.config else {
         return Outcome::skip("needs the network config");

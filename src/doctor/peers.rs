@@ -10,8 +10,8 @@ use ipnet::Ipv4Net;
 use weft_backends::mac::Mac;
 use weft_backends::{ExternalInterface, Host, Network, RouteSpec, RTPROT_WEFT};
 
-use super::facts::{device_name, network, Cluster, Etcd, Facts, Kernel, Route};
-use super::lease::{held, own_subnet};
+use super::facts::{device_name, network, Cluster, Facts, Kernel, Route, Store};
+use super::lease::{held, own_key, own_subnet};
 use super::{Finding, Outcome};
 use crate::config::NetworkConfig;
 use crate::lease::Lease;
@@ -35,8 +35,8 @@ fn ctx(f: &Facts) -> Result<Ctx<'_>, Outcome> {
     let Ok(k) = &f.kernel else {
         return Err(Outcome::skip("needs netlink"));
     };
-    let Etcd::Read(cluster) = &f.etcd else {
-        return Err(Outcome::skip("needs etcd"));
+    let Store::Read(cluster) = &f.store else {
+        return Err(Outcome::skip(format!("needs {}", f.store_name())));
     };
     let Ok(config) = &cluster.config else {
         return Err(Outcome::skip("needs the network config"));
@@ -150,7 +150,7 @@ fn describe(k: &Kernel, r: &Route) -> String {
 /// The peers weftd would program: the leases its peer set accepts.
 fn desired_peers(f: &Facts, c: &Ctx<'_>, own: &Lease) -> Vec<Lease> {
     let own = Own {
-        key: c.cluster.lease_key(own.subnet),
+        key: own_key(f, c.cluster, own.subnet),
         subnet: own.subnet,
         identity: own.identity(),
     };
@@ -369,7 +369,10 @@ pub fn foreign_routes(f: &Facts) -> Outcome {
         return Outcome::skip("needs netlink");
     };
     let Some(network) = network(f) else {
-        return Outcome::skip("needs the network (etcd or subnet.env)");
+        return Outcome::skip(format!(
+            "needs the network ({} or subnet.env)",
+            f.store_name()
+        ));
     };
     let own = own_subnet(f);
     let mut out = Vec::new();

@@ -5,10 +5,14 @@
 use std::time::Duration;
 
 use super::facts::Ttl;
-use super::facts::{Cluster, Etcd, Facts, Fdb, Iptables, Kernel, Link, Neighbour, Route};
+use super::facts::{
+    Cluster, Facts, Fdb, Iptables, Kernel, KubeNode, Link, Neighbour, Route, Store,
+};
 use super::{Finding, Outcome};
 use crate::config::NetworkConfig;
 use crate::lease::{Lease, Record};
+use crate::registry::kube::inspect::{self, OwnNode};
+use crate::registry::kube::node::{self, Annotations, Condition, Node};
 use crate::registry::Names;
 use crate::status::{DaemonJsonView, EnvView};
 use weft_backends::ExternalInterface;
@@ -62,6 +66,7 @@ pub fn link(
         kind: kind.into(),
         master,
         addrs: addrs.iter().map(|a| a.parse().expect("addr")).collect(),
+        mac: None,
     }
 }
 
@@ -149,13 +154,14 @@ pub fn healthy() -> Facts {
         .expect("config");
     Facts {
         subnet_file: "/run/flannel/subnet.env".into(),
+        kube: None,
         env: Ok(EnvView {
             network: "10.244.0.0/16".into(),
             subnet: "10.244.1.1/24".parse().expect("subnet"),
             mtu: Some(1450),
             ip_masq: "true".into(),
         }),
-        etcd: Etcd::Read(Box::new(Cluster {
+        store: Store::Read(Box::new(Cluster {
             config_key: "/coreos.com/network/config".into(),
             config: Ok(config),
             names: Names::etcd("/coreos.com/network"),
@@ -187,9 +193,9 @@ pub fn healthy() -> Facts {
 }
 
 pub fn cluster(f: &mut Facts) -> &mut Cluster {
-    match &mut f.etcd {
-        Etcd::Read(c) => c,
-        Etcd::Failed { .. } => panic!("no cluster"),
+    match &mut f.store {
+        Store::Read(c) => c,
+        Store::Failed { .. } => panic!("no cluster"),
     }
 }
 
@@ -212,4 +218,107 @@ pub fn set_public_ip(f: &mut Facts, i: usize, ip: &str) {
 /// The network config, replaced by `json`.
 pub fn set_config(f: &mut Facts, json: &str) {
     cluster(f).config = Ok(NetworkConfig::parse(json).expect("config"));
+}
+
+/// The annotation prefix of the Kubernetes-mode facts.
+pub const KUBE_PREFIX: &str = "flannel.alpha.coreos.com";
+/// Where kube-flannel's config is.
+pub const NET_CONF: &str = "/etc/kube-flannel/net-conf.json";
+
+/// A Node as the API sends it: `name` with podCIDR `cidr`, published by weft with PublicIP
+/// `ip` and VtepMAC `mac`, its NetworkUnavailable condition False.
+pub fn kube_node(name: &str, cidr: &str, ip: &str, mac: &str) -> Node {
+    let p = KUBE_PREFIX;
+    let data = format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#);
+    let json = serde_json::json!({
+        "metadata": {
+            "name": name,
+            "creationTimestamp": "2024-01-01T00:00:00Z",
+            "annotations": {
+                format!("{p}/backend-data"): data,
+                format!("{p}/backend-type"): "vxlan",
+                format!("{p}/kube-subnet-manager"): "true",
+                format!("{p}/public-ip"): ip,
+            },
+        },
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+        "status": {"conditions": [
+            {"type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp"},
+        ]},
+    });
+    serde_json::from_value(json).expect("node")
+}
+
+/// The lease record a published node makes.
+pub fn kube_record(name: &str, cidr: &str, ip: &str, mac: &str) -> Record {
+    match node::seen(
+        &kube_node(name, cidr, ip, mac),
+        &Annotations::new(KUBE_PREFIX),
+    ) {
+        node::Seen::Lease(r) => r,
+        node::Seen::NotLease(why) => panic!("not a lease: {why}"),
+    }
+}
+
+/// [`healthy`]'s host in Kubernetes mode: Node node-1 (podCIDR 10.244.1.0/24) publishing its
+/// lease, the peer node-2, the config from net-conf.json, flannel.1 with the published MAC.
+pub fn kube_healthy() -> Facts {
+    let mut f = healthy();
+    let names = Annotations::new(KUBE_PREFIX);
+    let own = kube_node("node-1", "10.244.1.0/24", "10.199.0.11", MAC1);
+    let c = cluster(&mut f);
+    c.config_key = NET_CONF.into();
+    c.names = Names::kube(&names, Some(NET_CONF.into()));
+    c.records = vec![
+        kube_record("node-1", "10.244.1.0/24", "10.199.0.11", MAC1),
+        kube_record("node-2", "10.244.2.0/24", "10.199.0.12", MAC2),
+    ];
+    c.own_ttl = None;
+    kernel(&mut f).links[2].mac = Some(MAC1.parse().expect("mac"));
+    f.kube = Some(KubeNode {
+        name: "node-1".into(),
+        own: Ok(inspect::own_node(&own, &names)),
+        prefix: KUBE_PREFIX.into(),
+        set_network_unavailable: true,
+    });
+    f
+}
+
+/// This host's Node in Kubernetes-mode facts.
+pub fn kube_own(f: &mut Facts) -> &mut OwnNode {
+    let k = f.kube.as_mut().expect("kube mode");
+    k.own.as_mut().expect("own node")
+}
+
+/// Changes the lease this host's Node publishes, in its Node and in its record alike.
+fn edit_own_lease(f: &mut Facts, edit: impl Fn(&mut Lease)) {
+    if let Some(Ok(l)) = &mut kube_own(f).lease {
+        edit(l);
+    }
+    for r in cluster(f).records.iter_mut().filter(|r| r.key == "node-1") {
+        if let Ok(l) = &mut r.value {
+            edit(l);
+        }
+    }
+}
+
+/// This host's Node publishes VtepMAC `mac` (flannel.1 keeps its own).
+pub fn set_own_vtep_mac(f: &mut Facts, mac: &str) {
+    let data = serde_json::json!({"VNI": 1, "VtepMAC": mac});
+    edit_own_lease(f, |l| l.attrs.backend_data = Some(data.clone()));
+}
+
+/// This host's Node publishes PublicIP `ip`.
+pub fn set_own_public_ip(f: &mut Facts, ip: &str) {
+    let ip = ip.parse().expect("ip");
+    edit_own_lease(f, |l| l.attrs.public_ip = ip);
+}
+
+/// This host's Node's NetworkUnavailable condition: `(status, reason)`, or none.
+pub fn set_condition(f: &mut Facts, c: Option<(&str, Option<&str>)>) {
+    kube_own(f).network_unavailable = c.map(|(status, reason)| Condition {
+        kind: "NetworkUnavailable".into(),
+        status: status.into(),
+        reason: reason.map(Into::into),
+    });
 }

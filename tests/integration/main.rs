@@ -18,6 +18,7 @@ mod hostile_leases;
 mod iface;
 mod install;
 mod kube;
+mod kube_ctl;
 mod kubernetes;
 mod leases;
 mod metrics;

@@ -11,6 +11,7 @@
 //! record, the patches; pure), `claim.rs` (this host's lease), `watch.rs` (the Node watch).
 
 mod claim;
+pub mod inspect;
 mod list;
 pub mod node;
 mod watch;
