@@ -6,12 +6,11 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
+use http::Request;
 use ipnet::Ipv4Net;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::node::{self, Annotations, Condition, Node, Seen};
-use super::{position, query, KubeStore, PAGE};
+use super::{list, position, query, KubeStore, PAGE};
 use crate::escape::Escaped;
 use crate::flags::KubeArgs;
 use crate::lease::{Lease, Record};
@@ -108,22 +107,10 @@ impl KubeStore {
         Ok(own_node(&self.get_node().await?, &self.annotations))
     }
 
-    /// Every Node, page by page from one snapshot, sorted (a list: RBAC nodes list).
+    /// Every Node, page by page from one snapshot, sorted (a list: RBAC nodes list). Each page
+    /// is read as the agent's listing reads it: its Nodes one at a time, only what weftctl
+    /// shows kept.
     pub async fn list_nodes(&self) -> Result<NodeList> {
-        #[derive(Deserialize)]
-        struct List {
-            #[serde(default)]
-            metadata: ListMeta,
-            #[serde(default)]
-            items: Vec<Box<RawValue>>,
-        }
-        #[derive(Deserialize, Default)]
-        struct ListMeta {
-            #[serde(rename = "resourceVersion", default)]
-            resource_version: String,
-            #[serde(rename = "continue", default)]
-            next: Option<String>,
-        }
         let mut out = NodeList::default();
         let mut next: Option<String> = None;
         loop {
@@ -132,18 +119,19 @@ impl KubeStore {
                 path.push_str("&continue=");
                 path.push_str(&query(c));
             }
-            let text = self.get(&path).await?;
-            let list: List = serde_json::from_str(&text).context("read the node list")?;
-            drop(text);
-            // The same check as the agent's listing: an API server weft cannot follow says so.
-            position(&list.metadata.resource_version)?;
-            for item in list.items {
-                match serde_json::from_str::<Node>(item.get()) {
+            let page = self.bytes(Request::get(path).body(Vec::new())?).await?;
+            let mut de = serde_json::Deserializer::from_slice(&page);
+            let meta = list::Page {
+                each: &mut |json: &str| match serde_json::from_str::<Node>(json) {
                     Ok(n) => out.add(&n, &self.annotations),
                     Err(_) => out.others += 1,
-                }
+                },
             }
-            next = list.metadata.next.filter(|c| !c.is_empty());
+            .read(&mut de)
+            .context("read the node list")?;
+            // The same check as the agent's listing: an API server weft cannot follow says so.
+            position(&meta.resource_version)?;
+            next = meta.next.filter(|c| !c.is_empty());
             if next.is_none() {
                 break;
             }
