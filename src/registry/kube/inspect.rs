@@ -5,12 +5,11 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use anyhow::{Context, Result};
-use http::Request;
+use anyhow::Result;
 use ipnet::Ipv4Net;
 
 use super::node::{self, Annotations, Condition, Node, Seen};
-use super::{list, position, query, KubeStore, PAGE};
+use super::KubeStore;
 use crate::escape::Escaped;
 use crate::flags::KubeArgs;
 use crate::lease::{Lease, Record};
@@ -112,30 +111,12 @@ impl KubeStore {
     /// shows kept.
     pub async fn list_nodes(&self) -> Result<NodeList> {
         let mut out = NodeList::default();
-        let mut next: Option<String> = None;
-        loop {
-            let mut path = format!("/api/v1/nodes?limit={PAGE}");
-            if let Some(c) = &next {
-                path.push_str("&continue=");
-                path.push_str(&query(c));
-            }
-            let page = self.bytes(Request::get(path).body(Vec::new())?).await?;
-            let mut de = serde_json::Deserializer::from_slice(&page);
-            let meta = list::Page {
-                each: &mut |json: &str| match serde_json::from_str::<Node>(json) {
-                    Ok(n) => out.add(&n, &self.annotations),
-                    Err(_) => out.others += 1,
-                },
-            }
-            .read(&mut de)
-            .context("read the node list")?;
-            // The same check as the agent's listing: an API server weft cannot follow says so.
-            position(&meta.resource_version)?;
-            next = meta.next.filter(|c| !c.is_empty());
-            if next.is_none() {
-                break;
-            }
-        }
+        // Checks the listing's position too: an API server weft cannot follow says so.
+        self.each_node("", &mut |json| match serde_json::from_str::<Node>(json) {
+            Ok(n) => out.add(&n, &self.annotations),
+            Err(_) => out.others += 1,
+        })
+        .await?;
         Ok(out)
     }
 }

@@ -249,28 +249,38 @@ impl KubeStore {
     }
 
     /// Every Node that carries a lease, page by page from one snapshot; the resourceVersion the
-    /// listing was read at. Each page's Nodes are read one at a time as the page is parsed and
-    /// only their lease kept: a page is held once, its Nodes never all at once.
+    /// listing was read at.
     pub async fn list_records_paged(&self, mut each: impl FnMut(Record)) -> Result<i64> {
+        let selector = self.selector();
+        self.each_node(&selector, &mut |json| {
+            if let Some(r) = self.record(json) {
+                each(r);
+            }
+        })
+        .await
+    }
+
+    /// Every Node `selector` picks ("": all), page by page from one snapshot, each handed over
+    /// as its JSON; the resourceVersion the listing was read at. Each page is read as it is
+    /// parsed: held once, its Nodes never all at once.
+    pub(super) async fn each_node(
+        &self,
+        selector: &str,
+        each: &mut dyn FnMut(&str),
+    ) -> Result<i64> {
         let mut next: Option<String> = None;
         let mut at = None;
         loop {
-            let mut path = format!("/api/v1/nodes?limit={PAGE}{}", self.selector());
+            let mut path = format!("/api/v1/nodes?limit={PAGE}{selector}");
             if let Some(c) = &next {
                 path.push_str("&continue=");
                 path.push_str(&query(c));
             }
             let page = self.bytes(Request::get(path).body(Vec::new())?).await?;
             let mut de = serde_json::Deserializer::from_slice(&page);
-            let meta = list::Page {
-                each: &mut |json: &str| {
-                    if let Some(r) = self.record(json) {
-                        each(r);
-                    }
-                },
-            }
-            .read(&mut de)
-            .context("read the node list")?;
+            let meta = list::Page { each: &mut *each }
+                .read(&mut de)
+                .context("read the node list")?;
             at.get_or_insert(meta.resource_version);
             next = meta.next.filter(|c| !c.is_empty());
             if next.is_none() {
