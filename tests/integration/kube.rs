@@ -109,6 +109,33 @@ fn cluster_role(manifest: &str) -> &str {
         .expect("a ClusterRole in the manifest")
 }
 
+/// A Node's annotations as flanneld writes them.
+pub(crate) fn flanneld_annotations(kind: &str, data: &str, ip: &str) -> Vec<(String, String)> {
+    [
+        ("backend-data", data),
+        ("backend-type", kind),
+        ("kube-subnet-manager", "true"),
+        ("public-ip", ip),
+    ]
+    .iter()
+    .map(|(k, v)| (format!("{P}/{k}"), v.to_string()))
+    .collect()
+}
+
+/// [`flanneld_annotations`] as a patch of a Node.
+fn annotation_patch(a: &[(String, String)]) -> Value {
+    let map: serde_json::Map<String, Value> = a
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    json!({"metadata": {"annotations": map}})
+}
+
+/// Pairs as `create_node` takes them.
+fn pairs(a: &[(String, String)]) -> Vec<(&str, &str)> {
+    a.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
 pub(crate) const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 
 pub(crate) fn mac_of(c: &Cluster, i: usize, dev: &str) -> String {
@@ -298,15 +325,9 @@ fn a_flannel_kube_node_built_by_hand_and_a_weft_node_reach_each_other() {
     let flannel_mac = "c6:2b:1e:55:0d:7a";
     let h1 = &c.t.hosts[1];
     let subnet: ipnet::Ipv4Net = pod_cidr(1).parse().expect("cidr");
-    c.api.patch_node_status(
-        &node(1),
-        &json!({"metadata": {"annotations": {
-            format!("{P}/backend-data"): format!(r#"{{"VNI":1,"VtepMAC":"{flannel_mac}"}}"#),
-            format!("{P}/backend-type"): "vxlan",
-            format!("{P}/kube-subnet-manager"): "true",
-            format!("{P}/public-ip"): h1.addr().to_string(),
-        }}}),
-    );
+    let data = format!(r#"{{"VNI":1,"VtepMAC":"{flannel_mac}"}}"#);
+    let a = flanneld_annotations("vxlan", &data, &h1.addr().to_string());
+    c.api.patch_node_status(&node(1), &annotation_patch(&a));
     flannel::vxlan_device(&h1.ns, h1.addr(), flannel_mac, subnet, 1450);
     flannel::vxlan_peer(&h1.ns, weft_subnet, &weft_mac, c.t.hosts[0].addr());
     h1.wire_container(subnet, Some(1450));
@@ -353,15 +374,8 @@ fn the_alloc_backend_follows_only_its_own_node() {
         r#"{"Network":"10.244.0.0/16","Backend":{"Type":"alloc"}}"#,
     );
     // Node 1 is a peer any other backend would follow.
-    c.api.patch_node_status(
-        &node(1),
-        &json!({"metadata": {"annotations": {
-            format!("{P}/backend-data"): "null",
-            format!("{P}/backend-type"): "host-gw",
-            format!("{P}/kube-subnet-manager"): "true",
-            format!("{P}/public-ip"): c.t.hosts[1].addr().to_string(),
-        }}}),
-    );
+    let a = flanneld_annotations("host-gw", "null", &c.t.hosts[1].addr().to_string());
+    c.api.patch_node_status(&node(1), &annotation_patch(&a));
     c.start(0);
     assert_eq!(c.t.hosts[0].wait_subnet().to_string(), pod_cidr(0));
     c.t.hosts[0].wait_log("lease listing loaded", T);
@@ -430,14 +444,7 @@ fn hostile_nodes_are_refused_one_line_each_and_nothing_else_is_lost() {
     }
     c.t.assert_full_mesh(&[0, 1]);
     let mac0 = mac_of(&c, 0, "flannel.1");
-    let ann = |ip: &str, data: &str| {
-        vec![
-            (format!("{P}/kube-subnet-manager"), "true".to_string()),
-            (format!("{P}/backend-type"), "vxlan".to_string()),
-            (format!("{P}/public-ip"), ip.to_string()),
-            (format!("{P}/backend-data"), data.to_string()),
-        ]
-    };
+    let ann = |ip: &str, data: &str| flanneld_annotations("vxlan", data, ip);
     let peer = |mac: &str| format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#);
     let evil = [
         // Garbage with a terminal escape in it, and BackendData that is no JSON.
@@ -471,8 +478,7 @@ fn hostile_nodes_are_refused_one_line_each_and_nothing_else_is_lost() {
     // these come a second after the real ones.
     std::thread::sleep(Duration::from_millis(1100));
     for (name, cidr, a) in &evil {
-        let a: Vec<(&str, &str)> = a.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        c.api.create_node(name, Some(cidr), &a);
+        c.api.create_node(name, Some(cidr), &pairs(a));
     }
     for name in [
         "evil-garbage",
@@ -548,25 +554,12 @@ fn a_listing_of_more_nodes_than_one_page_is_read_whole() {
     // weftd lists 500 Nodes a page: 520 peers take two pages and a continue token.
     let mut c = Cluster::new(1, r#"{"Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}"#);
     for k in 0..520u32 {
-        let a = [
-            (format!("{P}/kube-subnet-manager"), "true".to_string()),
-            (format!("{P}/backend-type"), "vxlan".to_string()),
-            (
-                format!("{P}/public-ip"),
-                format!("172.16.{}.{}", k / 250, k % 250 + 1),
-            ),
-            (
-                format!("{P}/backend-data"),
-                format!(
-                    r#"{{"VNI":1,"VtepMAC":"02:00:00:00:{:02x}:{:02x}"}}"#,
-                    k >> 8,
-                    k & 0xff
-                ),
-            ),
-        ];
-        let a: Vec<(&str, &str)> = a.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let ip = format!("172.16.{}.{}", k / 250, k % 250 + 1);
+        let mac = format!("02:00:00:00:{:02x}:{:02x}", k >> 8, k & 0xff);
+        let a = flanneld_annotations("vxlan", &format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#), &ip);
         let cidr = format!("10.{}.{}.0/24", 1 + k / 256, k % 256);
-        c.api.create_node(&format!("peer-{k}"), Some(&cidr), &a);
+        c.api
+            .create_node(&format!("peer-{k}"), Some(&cidr), &pairs(&a));
     }
     c.start(0);
     c.t.hosts[0].wait_log("lease listing loaded", T);
