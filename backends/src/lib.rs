@@ -35,6 +35,7 @@ mod routes;
 pub mod udp;
 mod vxlan;
 mod watch;
+mod wireguard;
 
 use std::net::Ipv4Addr;
 
@@ -140,6 +141,7 @@ backends! {
     Vxlan(vxlan::Vxlan),
     HostGw(host_gw::HostGw),
     Alloc(alloc::Alloc),
+    Wireguard(wireguard::Wireguard),
 }
 
 impl Backend {
@@ -234,6 +236,9 @@ mod tests {
             serde_json::json!({"type": "VXLAN", "vni": "1"}),
             serde_json::json!({"Type": "host-gw"}),
             serde_json::json!({"Type": "alloc"}),
+            serde_json::json!({"Type": "wireguard"}),
+            serde_json::json!({"Type": "wireguard", "Mode": "auto"}),
+            serde_json::json!({"Type": "wireguard", "PSK": "short"}),
             serde_json::json!({"Type": "warp-drive"}),
         ];
         for c in cases {
@@ -269,12 +274,12 @@ mod tests {
     #[test]
     fn the_backends_are_listed_once_flannels_default_first() {
         let names: Vec<&str> = super::KINDS.iter().map(|k| k.name).collect();
-        assert_eq!(names, ["udp", "vxlan", "host-gw", "alloc"]);
+        assert_eq!(names, ["udp", "vxlan", "host-gw", "alloc", "wireguard"]);
         let e = super::validate(&options(serde_json::json!({"Type": "geneve"})), None)
             .expect_err("unknown type");
         assert!(
             e.to_string()
-                .ends_with("(known: udp, vxlan, host-gw, alloc)"),
+                .ends_with("(known: udp, vxlan, host-gw, alloc, wireguard)"),
             "{e}"
         );
         let vxlan = super::kind("vxlan").expect("vxlan");

@@ -1,0 +1,299 @@
+//! The wireguard options of the network config, with flannel's names and defaults
+//! (flannel's `pkg/backend/wireguard`): `ListenPort`, `ListenPortV6`, `PSK`,
+//! `PersistentKeepaliveInterval`, `MTU`, `Mode`; keys in any case, as Go's decoder matches them.
+
+use serde_json::Value;
+
+use super::key::{self, Key};
+use crate::{BackendConfig, Error};
+
+/// flannel's WireGuard port, and its IPv6 device's.
+pub const DEFAULT_PORT: u16 = 51820;
+pub const DEFAULT_PORT_V6: u16 = 51821;
+
+/// WireGuard's overhead as flannel counts it (on IPv6, the worst case): outer IPv6 40 + UDP 8 +
+/// WireGuard header 16 + authentication tag 16. Link MTU and FLANNEL_MTU are the MTU less this.
+pub const OVERHEAD: u32 = 80;
+
+/// The smallest MTU IPv4 allows (RFC 791), for the device.
+const MIN_DEVICE_MTU: u32 = 68;
+
+/// The largest `MTU`: the largest Linux gives a link.
+const MAX_MTU: u64 = 65536;
+
+/// `Mode`: with IPv4 only, flannel's modes all make one `flannel-wg` device; they differ in
+/// what carries IPv6 traffic, which weft does not lease yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One device per address family (flannel's default).
+    Separate,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgConfig {
+    pub listen_port: u16,
+    /// `ListenPortV6`: checked, unused until weft leases IPv6.
+    pub listen_port_v6: u16,
+    /// `PSK`: one preshared key for every peer.
+    pub psk: Option<Key>,
+    /// `PersistentKeepaliveInterval` in seconds; 0 (off) is `None`.
+    pub keepalive: Option<u16>,
+    /// `MTU` as configured (the underlay's when 0 or absent); the device gets it less
+    /// [`OVERHEAD`].
+    pub mtu: Option<u32>,
+    pub mode: Mode,
+}
+
+impl WgConfig {
+    /// Parses the options; `underlay_mtu` is the MTU used when the config sets none.
+    pub fn parse(c: &BackendConfig, underlay_mtu: u32) -> Result<Self, Error> {
+        let port = |key: &str, default: u16| -> Result<u16, Error> {
+            Ok(match uint(c, key, u64::from(u16::MAX))? {
+                None | Some(0) => default,
+                Some(p) => p as u16,
+            })
+        };
+        let listen_port = port("ListenPort", DEFAULT_PORT)?;
+        let listen_port_v6 = port("ListenPortV6", DEFAULT_PORT_V6)?;
+        let psk = match c.get("PSK") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) => Some(key::parse(s).map_err(|why| {
+                invalid(
+                    "PSK",
+                    &format!("{why} (want 32 bytes in base64, as `wg genpsk` writes them)"),
+                )
+            })?),
+            Some(v) => {
+                return Err(invalid(
+                    "PSK",
+                    &format!("want a key in base64 (`wg genpsk`), got {v}"),
+                ))
+            }
+        };
+        let keepalive = uint(c, "PersistentKeepaliveInterval", u64::from(u16::MAX))?
+            .filter(|s| *s != 0)
+            .map(|s| s as u16);
+        let mtu = uint(c, "MTU", MAX_MTU)?
+            .filter(|m| *m != 0)
+            .map(|m| m as u32);
+        let base = mtu.unwrap_or(underlay_mtu);
+        if base < MIN_DEVICE_MTU + OVERHEAD {
+            let what = if mtu.is_some() {
+                "MTU"
+            } else {
+                "the underlay's MTU"
+            };
+            return Err(invalid(
+                "MTU",
+                &format!(
+                    "{what} {base} leaves no room: the device gets the MTU less {OVERHEAD}, and \
+                     needs at least {MIN_DEVICE_MTU} (so at least {})",
+                    MIN_DEVICE_MTU + OVERHEAD
+                ),
+            ));
+        }
+        let mode = match c.get("Mode") {
+            None | Some(Value::Null) => Mode::Separate,
+            Some(Value::String(s)) => match s.as_str() {
+                "separate" | "" => Mode::Separate,
+                "auto" | "ipv4" | "ipv6" => {
+                    return Err(invalid(
+                        "Mode",
+                        &format!(
+                            "\"{s}\" decides how IPv6 traffic travels, and weft leases no IPv6 \
+                             yet: use \"separate\" (the default), which is what flannel does \
+                             with IPv4 alone"
+                        ),
+                    ))
+                }
+                other => {
+                    return Err(invalid(
+                        "Mode",
+                        &format!(
+                            "unknown mode {other:?} (flannel's are separate, auto, ipv4, ipv6)"
+                        ),
+                    ))
+                }
+            },
+            Some(v) => return Err(invalid("Mode", &format!("want a string, got {v}"))),
+        };
+        Ok(Self {
+            listen_port,
+            listen_port_v6,
+            psk,
+            keepalive,
+            mtu,
+            mode,
+        })
+    }
+
+    /// The device's MTU, and FLANNEL_MTU: the configured (or underlay's) MTU less 80.
+    pub fn device_mtu(&self, underlay_mtu: u32) -> u32 {
+        self.mtu.unwrap_or(underlay_mtu).saturating_sub(OVERHEAD)
+    }
+}
+
+fn invalid(option: &str, reason: &str) -> Error {
+    Error::InvalidOption {
+        option: option.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn uint(c: &BackendConfig, key: &str, max: u64) -> Result<Option<u64>, Error> {
+    match c.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n <= max)
+            .map(Some)
+            .ok_or_else(|| invalid(key, &format!("want an integer from 0 to {max}, got {v}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn parse(v: Value, underlay: u32) -> Result<WgConfig, Error> {
+        let map = match v {
+            Value::Object(m) => m,
+            _ => Default::default(),
+        };
+        WgConfig::parse(&BackendConfig::new(map), underlay)
+    }
+
+    const PSK: &str = "GJ1t8pV1dPq0i8p9tF2P0BqX4V7q5x9jH0f8dG1s2aY=";
+
+    #[test]
+    fn defaults_match_flannel() {
+        let c = parse(json!({"Type": "wireguard"}), 1500).expect("valid");
+        assert_eq!(
+            c,
+            WgConfig {
+                listen_port: 51820,
+                listen_port_v6: 51821,
+                psk: None,
+                keepalive: None,
+                mtu: None,
+                mode: Mode::Separate,
+            }
+        );
+        assert_eq!(c.device_mtu(1500), 1420);
+        assert_eq!(c.device_mtu(9000), 8920);
+    }
+
+    #[test]
+    fn keys_are_case_insensitive() {
+        let c = parse(
+            json!({"type": "wireguard", "listenport": 51999, "psk": PSK,
+                   "persistentKeepaliveInterval": 25, "mtu": 1400, "MODE": "separate"}),
+            1500,
+        )
+        .expect("valid");
+        assert_eq!(c.listen_port, 51999);
+        assert_eq!(c.psk.map(|k| key::show(&k)), Some(PSK.to_string()));
+        assert_eq!(c.keepalive, Some(25));
+        assert_eq!(c.mtu, Some(1400));
+        assert_eq!(c.device_mtu(1500), 1320, "the configured MTU less 80");
+    }
+
+    #[test]
+    fn zero_and_empty_mean_the_default() {
+        let c = parse(
+            json!({"ListenPort": 0, "PSK": "", "PersistentKeepaliveInterval": 0, "MTU": 0}),
+            1500,
+        )
+        .expect("valid");
+        assert_eq!(
+            (c.listen_port, c.psk, c.keepalive, c.mtu),
+            (51820, None, None, None)
+        );
+    }
+
+    #[test]
+    fn modes_that_need_ipv6_are_refused_clearly() {
+        for m in ["auto", "ipv4", "ipv6"] {
+            let e = parse(json!({"Mode": m}), 1500).expect_err("refused");
+            let text = e.to_string();
+            assert!(text.contains("invalid backend option Mode"), "{text}");
+            assert!(text.contains("IPv6") && text.contains("separate"), "{text}");
+        }
+        let e = parse(json!({"Mode": "mesh"}), 1500).expect_err("unknown");
+        assert!(e.to_string().contains("unknown mode \"mesh\""), "{e}");
+    }
+
+    #[test]
+    fn a_psk_must_be_32_bytes_of_base64() {
+        for bad in [
+            json!({"PSK": "not base64!"}),
+            json!({"PSK": "AAAA"}),
+            json!({"PSK": "GJ1t8pV1dPq0i8p9tF2P0BqX4V7q5x9jH0f8dG1s2aY"}),
+            json!({"PSK": 7}),
+        ] {
+            let e = parse(bad.clone(), 1500).expect_err("invalid");
+            assert!(e.to_string().contains("option PSK"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for bad in [
+            json!({"ListenPort": 70000}),
+            json!({"ListenPort": "51820"}),
+            json!({"ListenPortV6": -1}),
+            json!({"PersistentKeepaliveInterval": 65536}),
+            json!({"PersistentKeepaliveInterval": 2.5}),
+            json!({"MTU": 147}),
+            json!({"MTU": 70000}),
+            json!({"Mode": 1}),
+        ] {
+            let e = parse(bad.clone(), 1500).expect_err("invalid");
+            assert!(
+                matches!(e, Error::InvalidOption { .. }),
+                "{bad}: {e:?} is not InvalidOption"
+            );
+        }
+        assert!(parse(json!({"MTU": 148}), 1500).is_ok());
+        let e = parse(json!({}), 140).expect_err("underlay too small");
+        assert!(e.to_string().contains("the underlay's MTU 140"), "{e}");
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            (0u64..100_000).prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|f| json!(f)),
+            "[a-zA-Z0-9+/=]{0,50}".prop_map(Value::String),
+            Just(json!(PSK)),
+            prop_oneof![Just("separate"), Just("auto"), Just("ipv6"), Just("")]
+                .prop_map(|s| json!(s)),
+        ];
+        leaf.prop_recursive(2, 8, 4, |inner| {
+            prop::collection::vec(inner, 0..4).prop_map(Value::Array)
+        })
+    }
+
+    proptest! {
+        /// Any value under any of its keys: an answer, never a panic; and what is accepted
+        /// leaves the device at least IPv4's minimum MTU.
+        #[test]
+        fn any_options_parse_or_are_refused(
+            values in prop::collection::vec(json_value(), 6),
+            underlay in 0u32..70_000,
+        ) {
+            let keys = ["ListenPort", "listenportv6", "PSK", "PersistentKeepaliveInterval",
+                        "mtu", "Mode"];
+            let map = keys.iter().map(|k| k.to_string()).zip(values).collect();
+            if let Ok(c) = WgConfig::parse(&BackendConfig::new(map), underlay) {
+                prop_assert!(c.device_mtu(underlay) >= MIN_DEVICE_MTU);
+                prop_assert!(c.listen_port != 0);
+            }
+        }
+    }
+}

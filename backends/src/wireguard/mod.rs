@@ -1,0 +1,254 @@
+//! `wireguard`: flannel's encrypted data plane, in its format (issue 22). A device `flannel-wg`
+//! holds the lease's network address /32 and one route for the whole network; each remote lease
+//! is one WireGuard peer (endpoint PublicIP:Port, AllowedIPs its subnet, the PSK and keepalive
+//! if set). A peer's identity is its public key: two leases with one key, the older wins.
+//!
+//! Files: `config.rs` (the options), `key.rs` (keys, the private key file), `data.rs` (the
+//! lease's BackendData), `want.rs` (what it wants, pure).
+//!
+//! The protocol crate, for the userspace data plane (a TUN device driven by weft's own worker
+//! threads, as udp's): boringtun (Cloudflare, BSD-3-Clause, 0.7) rather than Mullvad's fork
+//! gotatun (MPL-2.0, 0.10). Both are maintained and share the noise code, but
+//! - boringtun's `Tunn::encapsulate`/`decapsulate` work on buffers the caller owns (`&[u8]` in,
+//!   `&mut [u8]` out) and allocate nothing per packet once a session is up: exactly the shape
+//!   udp's workers have (batches of packets in their own buffers, GSO/GRO around them);
+//!   gotatun's `Tunn` takes and returns its own pooled `Packet` objects built for its tokio
+//!   device, so our buffers would be copied in and out;
+//! - with `default-features = false` boringtun is the noise protocol alone (ring, which the tree
+//!   already builds, and the RustCrypto AEADs); gotatun needs Rust 1.95 (the workspace's floor is
+//!   1.85), tokio and its device stack, and by default aws-lc-rs (a C build);
+//! - its timers are one `update_timers` call per peer that we can tick from a thread off the hot
+//!   path.
+//!
+//! Keys come from boringtun's re-export of x25519-dalek (`boringtun::x25519`).
+
+mod config;
+mod data;
+mod key;
+mod want;
+
+use serde_json::Value;
+
+use crate::{
+    BackendConfig, DataPlane, Desired, Error, Host, Identity, IdentityKind, Lease, Network,
+};
+pub use config::WgConfig;
+pub use want::DEVICE;
+
+/// Two peers with one public key would each take the other's traffic (the kernel moves a key's
+/// AllowedIPs to whoever set them last): the older lease keeps it.
+pub static PUBLIC_KEY: IdentityKind = IdentityKind {
+    name: "PublicKey",
+    len: 32,
+    bad_label: "bad_public_key",
+    own_label: "public_key_own",
+    taken_label: "public_key_taken",
+    show: |b, f| match <&key::Key>::try_from(b) {
+        Ok(k) => f.write_str(&key::show(k)),
+        Err(_) => write!(f, "{b:02x?}"),
+    },
+};
+
+pub struct Wireguard {
+    net: Network,
+    cfg: WgConfig,
+    /// Where the private key lives (`WIREGUARD_KEY_FILE`, else `/run/flannel/wgkey`).
+    key_file: std::path::PathBuf,
+    private: Option<key::PrivateKey>,
+    own: Option<Lease>,
+}
+
+impl DataPlane for Wireguard {
+    const TYPE: &'static str = "wireguard";
+    const SURVIVES_RESTART: &'static str = "flannel-wg with its address, route and WireGuard peers";
+    const DEVICE_KIND: Option<&'static str> = Some("wireguard");
+    const MTU_OVERHEAD: u32 = config::OVERHEAD;
+    const IDENTITY: Option<&'static IdentityKind> = Some(&PUBLIC_KEY);
+
+    fn check(config: &BackendConfig, underlay_mtu: u32) -> Result<(), Error> {
+        WgConfig::parse(config, underlay_mtu).map(drop)
+    }
+
+    fn device(_config: &BackendConfig) -> Option<String> {
+        Some(DEVICE.to_string())
+    }
+
+    fn device_name(&self) -> Option<String> {
+        Some(DEVICE.to_string())
+    }
+
+    fn identity(backend_data: Option<&Value>) -> Result<Option<Identity>, String> {
+        let d = data::read(backend_data)?;
+        Ok(Some(Identity::new(&PUBLIC_KEY, &d.public_key)))
+    }
+
+    /// The route of the whole network into `flannel-wg`; the WireGuard peers live in the
+    /// device (see [`want::want`]), the peers it refuses are reported.
+    fn desired(
+        config: &BackendConfig,
+        host: &Host<'_>,
+        peers: &[Lease],
+    ) -> Result<Option<Desired>, Error> {
+        let cfg = WgConfig::parse(config, host.net.external.mtu)?;
+        let index = host
+            .device
+            .ok_or_else(|| Error::NoInterface(DEVICE.to_string()))?;
+        let w = want::want(&cfg, host.net, host.own, Some(index), peers);
+        Ok(Some(Desired {
+            routes: w.route.map(|r| (None, r)).into_iter().collect(),
+            refused: w.refused,
+            ..Desired::default()
+        }))
+    }
+
+    fn new(config: &BackendConfig, net: Network) -> Result<Self, Error> {
+        let cfg = WgConfig::parse(config, net.external.mtu)?;
+        Ok(Self {
+            net,
+            cfg,
+            key_file: key::key_file(),
+            private: None,
+            own: None,
+        })
+    }
+
+    /// Reads (or makes) the private key, and publishes its public key and our port.
+    async fn prepare(&mut self, _previous: Option<&Lease>) -> Result<Option<Value>, Error> {
+        let (private, made) = key::load_or_create(&self.key_file)?;
+        let public = key::public(&private);
+        let public_shown = key::show(&public);
+        if made {
+            tracing::info!(file = %self.key_file.display(), public_key = %public_shown,
+                           "made a WireGuard private key");
+        } else {
+            tracing::info!(file = %self.key_file.display(), public_key = %public_shown,
+                           "using the WireGuard private key file");
+        }
+        self.private = Some(private);
+        Ok(Some(data::publish(&public, self.cfg.listen_port)))
+    }
+
+    fn mtu(&self) -> u32 {
+        self.cfg.device_mtu(self.net.external.mtu)
+    }
+
+    async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
+        self.own = Some(own.clone());
+        Err(not_yet())
+    }
+
+    async fn reconcile<P: std::borrow::Borrow<Lease>>(
+        &mut self,
+        peers: impl IntoIterator<Item = P>,
+    ) -> Result<(), crate::ErrorList> {
+        drop(peers.into_iter());
+        Err(not_yet().into())
+    }
+
+    fn needs_reconcile(&self) -> bool {
+        true
+    }
+}
+
+/// Until a data plane lands: the lease is held and published, nothing carries traffic.
+fn not_yet() -> Error {
+    Error::Other(
+        "wireguard: no data plane yet (issue 22); the lease is held, no traffic flows".into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_peers_identity_is_its_public_key() {
+        let kind = crate::kind("wireguard").expect("listed");
+        assert_eq!(kind.mtu_overhead, 80);
+        assert_eq!(kind.device_kind, Some("wireguard"));
+        let cfg = |v: Value| match v {
+            Value::Object(m) => BackendConfig::new(m),
+            _ => BackendConfig::default(),
+        };
+        assert_eq!(
+            (kind.device)(&cfg(json!({"Type": "wireguard"}))).as_deref(),
+            Some("flannel-wg")
+        );
+        let data = json!({"PublicKey": "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=", "Port": 1});
+        let id = (kind.identity)(Some(&data))
+            .expect("a key")
+            .expect("has one");
+        assert_eq!(
+            id.to_string(),
+            "PublicKey hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
+        );
+        // Another port, same key: the same identity.
+        let moved = json!({"PublicKey": "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="});
+        assert_eq!((kind.identity)(Some(&moved)), Ok(Some(id)));
+        assert_eq!(
+            (kind.identity)(Some(&json!({"Port": 51820}))),
+            Err("BackendData has no PublicKey".into())
+        );
+        assert_eq!((kind.identity)(None), Err("no BackendData".into()));
+    }
+
+    #[test]
+    fn flannel_mtu_is_the_underlay_or_configured_mtu_less_80() {
+        let net = |mtu| Network {
+            network: "10.244.0.0/16".parse().expect("net"),
+            external: crate::ExternalInterface {
+                name: "eth0".into(),
+                index: 2,
+                iface_addr: "192.168.1.2".parse().expect("addr"),
+                public_ip: "192.168.1.2".parse().expect("addr"),
+                mtu,
+            },
+        };
+        let b = |v: Value, mtu| {
+            let Value::Object(m) = v else {
+                panic!("object")
+            };
+            Wireguard::new(&BackendConfig::new(m), net(mtu)).expect("valid")
+        };
+        assert_eq!(b(json!({}), 1500).mtu(), 1420);
+        assert_eq!(b(json!({"MTU": 1400}), 1500).mtu(), 1320);
+        assert_eq!(b(json!({}), 9000).mtu(), 8920);
+    }
+
+    #[test]
+    fn prepare_publishes_the_key_files_public_key_and_the_listen_port() {
+        let dir = std::env::temp_dir().join(format!("weft-wg-prepare-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("wgkey");
+        std::fs::write(&file, "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=\n").expect("key");
+        let Value::Object(m) = json!({"Type": "wireguard", "ListenPort": 51999}) else {
+            panic!("object")
+        };
+        let mut b = Wireguard::new(
+            &BackendConfig::new(m),
+            Network {
+                network: "10.244.0.0/16".parse().expect("net"),
+                external: crate::ExternalInterface {
+                    name: "eth0".into(),
+                    index: 2,
+                    iface_addr: "192.168.1.2".parse().expect("addr"),
+                    public_ip: "192.168.1.2".parse().expect("addr"),
+                    mtu: 1500,
+                },
+            },
+        )
+        .expect("valid");
+        b.key_file = file;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let published = rt.block_on(b.prepare(None)).expect("prepared");
+        assert_eq!(
+            published.map(|v| v.to_string()).as_deref(),
+            Some(r#"{"PublicKey":"hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=","Port":51999}"#)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,325 @@
+//! What wireguard wants, judged from the config, this host's lease and the peers' alone (pure):
+//! the device `flannel-wg` with the lease's network address /32 on it, one route for the whole
+//! network through it, and one WireGuard peer per remote lease. The kernel path, the userspace
+//! data plane and `weftctl doctor` all work from it.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddrV4;
+
+use ipnet::Ipv4Net;
+
+use super::config::WgConfig;
+use super::data;
+use super::key::{self, Key};
+use crate::routes::RouteSpec;
+use crate::{peer, DataPlane, Error, Lease, Network};
+
+/// flannel's device name.
+pub const DEVICE: &str = "flannel-wg";
+
+/// One WireGuard peer as the device must hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgPeer {
+    /// The lease it stands for.
+    pub subnet: Ipv4Net,
+    pub public_key: Key,
+    /// The peer's PublicIP and Port (our ListenPort when it publishes none).
+    pub endpoint: SocketAddrV4,
+    /// Its subnet: what it may send from and what goes to it.
+    pub allowed_ip: Ipv4Net,
+    pub psk: Option<Key>,
+    pub keepalive: Option<u16>,
+}
+
+/// Everything the backend wants for a lease and its peers.
+#[derive(Debug, Default)]
+pub struct Want {
+    /// The lease's network address, /32, on the device (as flannel's `Configure(lease.Subnet.IP)`).
+    #[allow(dead_code)] // configured by the data paths, which come next
+    pub address: Option<Ipv4Net>,
+    /// The whole network into the device. flannel adds it with scope link.
+    pub route: Option<RouteSpec>,
+    pub peers: Vec<WgPeer>,
+    /// Peers it programs nothing for, and why.
+    pub refused: Vec<(Ipv4Net, Error)>,
+}
+
+/// What this host publishes as its own key, read back from its lease: no peer may hold it.
+pub fn own_key(own: &Lease) -> Option<Key> {
+    let v = own.backend_data.as_ref()?.value()?;
+    data::read(Some(&v)).ok().map(|d| d.public_key)
+}
+
+/// The WireGuard peer `p` makes under `cfg`, or why it makes none. `own_key` is this host's
+/// public key, when known.
+pub fn judge(
+    cfg: &WgConfig,
+    net: &Network,
+    own: Option<&Lease>,
+    own_key: Option<&Key>,
+    p: &Lease,
+) -> Result<WgPeer, Error> {
+    peer::check(net, own, p)?;
+    let bad = |reason: String| Error::BadPeer {
+        subnet: p.subnet.to_string(),
+        reason,
+    };
+    let value = match &p.backend_data {
+        Some(d) => Some(
+            d.value()
+                .ok_or_else(|| bad("BackendData is not JSON".into()))?,
+        ),
+        None => None,
+    };
+    let d = data::read(value.as_ref()).map_err(bad)?;
+    if own_key == Some(&d.public_key) {
+        return Err(bad(format!(
+            "PublicKey {} is this host's",
+            key::show(&d.public_key)
+        )));
+    }
+    Ok(WgPeer {
+        subnet: p.subnet,
+        public_key: d.public_key,
+        endpoint: SocketAddrV4::new(p.public_ip, d.port_or(cfg.listen_port)),
+        allowed_ip: p.subnet,
+        psk: cfg.psk,
+        keepalive: cfg.keepalive,
+    })
+}
+
+/// Everything wireguard wants for `peers` on this host (lease `own`; `index` its device's, when
+/// it exists). Peers of other backend types are ignored; of two peers with one subnet or one
+/// public key the first is kept (the agent's peer set hands them over oldest first, and never
+/// two at once).
+pub fn want(
+    cfg: &WgConfig,
+    net: &Network,
+    own: &Lease,
+    index: Option<u32>,
+    peers: &[Lease],
+) -> Want {
+    let own_key = own_key(own);
+    let mut w = Want {
+        address: Ipv4Net::new(own.subnet.network(), 32).ok(),
+        route: index.map(|i| RouteSpec::device(net.network, i, DEVICE)),
+        ..Want::default()
+    };
+    let mut subnets = HashSet::new();
+    let mut keys: HashMap<Key, Ipv4Net> = HashMap::new();
+    for p in peers
+        .iter()
+        .filter(|p| peer::same_type(p, super::Wireguard::TYPE))
+    {
+        let judged = judge(cfg, net, Some(own), own_key.as_ref(), p).and_then(|wp| {
+            let bad = |reason: String| Error::BadPeer {
+                subnet: p.subnet.to_string(),
+                reason,
+            };
+            if !subnets.insert(p.subnet) {
+                return Err(bad("another peer has this subnet".into()));
+            }
+            if let Some(holder) = keys.get(&wp.public_key) {
+                return Err(bad(format!(
+                    "PublicKey {} is peer {holder}'s",
+                    key::show(&wp.public_key)
+                )));
+            }
+            keys.insert(wp.public_key, p.subnet);
+            Ok(wp)
+        });
+        match judged {
+            Ok(wp) => w.peers.push(wp),
+            Err(e) => w.refused.push((p.subnet, e)),
+        }
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BackendConfig, BackendData, ExternalInterface};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const K1: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+    const K2: &str = "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=";
+    const OWN: &str = "GJ1t8pV1dPq0i8p9tF2P0BqX4V7q5x9jH0f8dG1s2aY=";
+
+    fn net() -> Network {
+        Network {
+            network: "10.244.0.0/16".parse().expect("net"),
+            external: ExternalInterface {
+                name: "eth0".into(),
+                index: 2,
+                iface_addr: "192.168.1.2".parse().expect("addr"),
+                public_ip: "192.168.1.2".parse().expect("addr"),
+                mtu: 1500,
+            },
+        }
+    }
+
+    fn lease(subnet: &str, ip: &str, data: Option<serde_json::Value>) -> Lease {
+        Lease {
+            subnet: subnet.parse().expect("subnet"),
+            public_ip: ip.parse().expect("ip"),
+            backend_type: "wireguard".into(),
+            backend_data: data.map(BackendData::from),
+        }
+    }
+
+    fn cfg(v: serde_json::Value) -> WgConfig {
+        let serde_json::Value::Object(m) = v else {
+            panic!("an object")
+        };
+        WgConfig::parse(&BackendConfig::new(m), 1500).expect("valid")
+    }
+
+    fn own() -> Lease {
+        lease(
+            "10.244.1.0/24",
+            "192.168.1.2",
+            Some(json!({"PublicKey": OWN, "Port": 51820})),
+        )
+    }
+
+    #[test]
+    fn device_address_route_and_one_peer_per_lease() {
+        let c = cfg(json!({"PSK": OWN, "PersistentKeepaliveInterval": 25, "ListenPort": 51999}));
+        let peers = [
+            lease(
+                "10.244.2.0/24",
+                "192.168.1.3",
+                Some(json!({"PublicKey": K1, "Port": 51820})),
+            ),
+            // flannel before v0.26.6: no Port.
+            lease(
+                "10.244.3.0/24",
+                "192.168.1.4",
+                Some(json!({"PublicKey": K2})),
+            ),
+        ];
+        let w = want(&c, &net(), &own(), Some(7), &peers);
+        assert_eq!(w.address, Some("10.244.1.0/32".parse().expect("addr")));
+        let r = w.route.expect("route");
+        assert_eq!(r.to_string(), "10.244.0.0/16 dev flannel-wg");
+        assert_eq!(r.oif, 7);
+        assert!(w.refused.is_empty(), "{:?}", w.refused);
+        let psk = key::parse(OWN).ok();
+        assert_eq!(
+            w.peers,
+            [
+                WgPeer {
+                    subnet: "10.244.2.0/24".parse().expect("subnet"),
+                    public_key: key::parse(K1).expect("key"),
+                    endpoint: "192.168.1.3:51820".parse().expect("endpoint"),
+                    allowed_ip: "10.244.2.0/24".parse().expect("subnet"),
+                    psk,
+                    keepalive: Some(25),
+                },
+                WgPeer {
+                    subnet: "10.244.3.0/24".parse().expect("subnet"),
+                    public_key: key::parse(K2).expect("key"),
+                    endpoint: "192.168.1.4:51999".parse().expect("endpoint"),
+                    allowed_ip: "10.244.3.0/24".parse().expect("subnet"),
+                    psk,
+                    keepalive: Some(25),
+                },
+            ]
+        );
+        let plain = want(&cfg(json!({})), &net(), &own(), None, &peers[..1]);
+        assert_eq!((plain.peers[0].psk, plain.peers[0].keepalive), (None, None));
+        assert!(plain.route.is_none(), "no device, no route");
+    }
+
+    #[test]
+    fn bad_peers_are_refused_one_by_one_with_their_reason() {
+        let mut other = lease("10.244.9.0/24", "192.168.1.9", None);
+        other.backend_type = "vxlan".into();
+        let peers = [
+            lease("10.244.2.0/24", "192.168.1.3", None),
+            lease(
+                "10.244.3.0/24",
+                "192.168.1.4",
+                Some(json!({"PublicKey": "x"})),
+            ),
+            lease(
+                "10.244.4.0/24",
+                "192.168.1.5",
+                Some(json!({"PublicKey": OWN})),
+            ),
+            lease(
+                "10.244.5.0/24",
+                "192.168.1.6",
+                Some(json!({"PublicKey": K1})),
+            ),
+            lease(
+                "10.244.6.0/24",
+                "192.168.1.7",
+                Some(json!({"PublicKey": K1})),
+            ),
+            lease(
+                "10.244.5.0/24",
+                "192.168.1.8",
+                Some(json!({"PublicKey": K2})),
+            ),
+            lease(
+                "10.245.0.0/24",
+                "192.168.1.8",
+                Some(json!({"PublicKey": K2})),
+            ),
+            other,
+        ];
+        let w = want(&cfg(json!({})), &net(), &own(), Some(7), &peers);
+        assert_eq!(w.peers.len(), 1);
+        assert_eq!(w.peers[0].subnet.to_string(), "10.244.5.0/24");
+        let reasons: Vec<String> = w.refused.iter().map(|(_, e)| e.to_string()).collect();
+        assert_eq!(reasons.len(), 6, "{reasons:#?}");
+        for (r, want) in reasons.iter().zip([
+            "peer 10.244.2.0/24: no BackendData",
+            "peer 10.244.3.0/24: BackendData PublicKey \"x\"",
+            "peer 10.244.4.0/24: PublicKey GJ1t8pV1dPq0i8p9tF2P0BqX4V7q5x9jH0f8dG1s2aY= is this host's",
+            "peer 10.244.6.0/24: PublicKey hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo= is peer 10.244.5.0/24's",
+            "peer 10.244.5.0/24: another peer has this subnet",
+            "peer 10.245.0.0/24: not inside the cluster network",
+        ]) {
+            assert!(r.starts_with(want), "{r} does not start with {want}");
+        }
+    }
+
+    proptest! {
+        /// Whatever the peers publish: every wireguard lease is either one peer or refused,
+        /// and no two peers share a subnet or a key.
+        #[test]
+        fn every_lease_is_a_peer_or_refused(
+            leases in prop::collection::vec(
+                (0u8..8, 3u8..12, prop::option::of(0u8..4), prop::option::of(0u32..70_000)),
+                0..12,
+            ),
+        ) {
+            let keys = [K1, K2, OWN, "bad"];
+            let peers: Vec<Lease> = leases.iter().map(|(s, ip, k, port)| {
+                let mut d = serde_json::Map::new();
+                if let Some(k) = k {
+                    d.insert("PublicKey".into(), json!(keys[usize::from(*k)]));
+                }
+                if let Some(p) = port {
+                    d.insert("Port".into(), json!(p));
+                }
+                lease(&format!("10.244.{s}.0/24"), &format!("192.168.1.{ip}"),
+                      Some(serde_json::Value::Object(d)))
+            }).collect();
+            let w = want(&cfg(json!({})), &net(), &own(), Some(7), &peers);
+            prop_assert_eq!(w.peers.len() + w.refused.len(), peers.len());
+            let subnets: HashSet<_> = w.peers.iter().map(|p| p.subnet).collect();
+            let keys: HashSet<_> = w.peers.iter().map(|p| p.public_key).collect();
+            prop_assert_eq!(subnets.len(), w.peers.len());
+            prop_assert_eq!(keys.len(), w.peers.len());
+            for p in &w.peers {
+                prop_assert!(p.endpoint.port() != 0);
+                prop_assert_eq!(p.allowed_ip, p.subnet);
+            }
+        }
+    }
+}
