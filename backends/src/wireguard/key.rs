@@ -56,6 +56,11 @@ pub fn public(private: &PrivateKey) -> Key {
 pub struct PrivateKey(Key);
 
 impl PrivateKey {
+    #[cfg(test)]
+    pub fn for_tests(bytes: Key) -> Self {
+        Self(bytes)
+    }
+
     pub fn bytes(&self) -> &Key {
         &self.0
     }

@@ -24,15 +24,27 @@
 
 mod config;
 mod data;
+mod genl;
+mod kernel;
 mod key;
 mod want;
 
-use serde_json::Value;
+use std::borrow::Borrow;
+use std::collections::BTreeMap;
 
+use ipnet::Ipv4Net;
+use serde_json::Value;
+use tracing::debug;
+
+use crate::conn::Conn;
+use crate::routes;
 use crate::{
-    BackendConfig, DataPlane, Desired, Error, Host, Identity, IdentityKind, Lease, Network,
+    netlink, BackendConfig, DataPlane, Desired, Error, ErrorList, Host, Identity, IdentityKind,
+    Lease, Network, PeerChanges, Programmed,
 };
 pub use config::WgConfig;
+use kernel::Found;
+use want::WgPeer;
 pub use want::DEVICE;
 
 /// Two peers with one public key would each take the other's traffic (the kernel moves a key's
@@ -56,6 +68,21 @@ pub struct Wireguard {
     key_file: std::path::PathBuf,
     private: Option<key::PrivateKey>,
     own: Option<Lease>,
+    conn: Conn,
+    /// The data path, once chosen (at the first `configure`).
+    path: Option<Path>,
+    /// The WireGuard peer of each lease, as last set.
+    peers: BTreeMap<Ipv4Net, WgPeer>,
+    /// A full reconcile ran since the backend was built or its lease changed, and succeeded.
+    synced: bool,
+}
+
+/// Which WireGuard carries the traffic.
+enum Path {
+    /// The kernel's: `flannel-wg` (its index) configured over generic netlink.
+    Kernel { index: u32, genl: genl::Genl },
+    /// weft's own, on a TUN device (not there yet).
+    Userspace,
 }
 
 impl DataPlane for Wireguard {
@@ -109,6 +136,10 @@ impl DataPlane for Wireguard {
             key_file: key::key_file(),
             private: None,
             own: None,
+            conn: Conn::default(),
+            path: None,
+            peers: BTreeMap::new(),
+            synced: false,
         })
     }
 
@@ -133,21 +164,213 @@ impl DataPlane for Wireguard {
     }
 
     async fn configure(&mut self, own: &Lease) -> Result<(), Error> {
+        // Which peers are acceptable depends on this host's lease (and its key).
+        self.synced &= self.own.as_ref() == Some(own);
         self.own = Some(own.clone());
-        Err(not_yet())
+        let index = self.ensure_device().await?;
+        let errs = self.ensure_address_and_route(index).await;
+        self.conn.settle().await;
+        match errs.0.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
-    async fn reconcile<P: std::borrow::Borrow<Lease>>(
+    async fn reconcile<P: Borrow<Lease>>(
         &mut self,
         peers: impl IntoIterator<Item = P>,
-    ) -> Result<(), crate::ErrorList> {
-        drop(peers.into_iter());
-        Err(not_yet().into())
+    ) -> Result<(), ErrorList> {
+        let Some(own) = self.own.clone() else {
+            return Err(Error::Other(
+                "wireguard: reconcile before this host's lease is configured".into(),
+            )
+            .into());
+        };
+        let index = self.ensure_device().await?;
+        let leases: Vec<Lease> = peers.into_iter().map(|p| p.borrow().clone()).collect();
+        let w = want::want(&self.cfg, &self.net, &own, Some(index), &leases);
+        let mut errs = ErrorList::default();
+        errs.0.extend(w.refused.into_iter().map(|(_, e)| e));
+        let wanted: BTreeMap<Ipv4Net, WgPeer> =
+            w.peers.into_iter().map(|p| (p.subnet, p)).collect();
+        if let Err(e) = self.set_all(&wanted) {
+            errs.push(e);
+        }
+        self.peers = wanted;
+        errs.0.extend(self.ensure_address_and_route(index).await.0);
+        self.synced = errs.0.is_empty();
+        self.conn.settle().await;
+        errs.into_result()
+    }
+
+    /// [`crate::Backend::apply`]: the peers in `changes` set or removed on the device, one
+    /// generic netlink batch; routes do not change (one route covers the network).
+    async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
+        let Some(own) = self.own.clone() else {
+            self.synced = false;
+            return Err(Error::Other("wireguard: apply before the first reconcile".into()).into());
+        };
+        let own_key = want::own_key(&own);
+        let mut errs = ErrorList::default();
+        let mut msgs = Vec::new();
+        for subnet in &changes.remove {
+            if let Some(old) = self.peers.remove(subnet) {
+                debug!(%subnet, "WireGuard peer removed");
+                msgs.push(genl::removal(&old.public_key));
+            }
+        }
+        for p in &changes.upsert {
+            let old = self.peers.remove(&p.subnet);
+            if !peer_is_ours(p) {
+                if let Some(old) = old {
+                    msgs.push(genl::removal(&old.public_key));
+                }
+                continue;
+            }
+            let judged = want::judge(&self.cfg, &self.net, Some(&own), own_key.as_ref(), p)
+                .and_then(
+                    |wp| match self.peers.values().find(|o| o.public_key == wp.public_key) {
+                        Some(o) => Err(Error::BadPeer {
+                            subnet: p.subnet.to_string(),
+                            reason: format!(
+                                "PublicKey {} is peer {}'s",
+                                key::show(&wp.public_key),
+                                o.subnet
+                            ),
+                        }),
+                        None => Ok(wp),
+                    },
+                );
+            if let Some(old) = &old {
+                if judged
+                    .as_ref()
+                    .map_or(true, |wp| wp.public_key != old.public_key)
+                {
+                    msgs.push(genl::removal(&old.public_key));
+                }
+            }
+            match judged {
+                Ok(wp) => {
+                    msgs.push(genl::peer(&wp));
+                    self.peers.insert(wp.subnet, wp);
+                }
+                Err(e) => errs.push(e),
+            }
+        }
+        if !msgs.is_empty() {
+            if let Err(e) = self.send(genl::set_peers(DEVICE, msgs)) {
+                self.synced = false;
+                errs.push(e);
+            }
+        }
+        errs.into_result()
     }
 
     fn needs_reconcile(&self) -> bool {
-        true
+        !self.synced
     }
+
+    fn programmed(&self) -> Programmed {
+        Programmed {
+            routes: usize::from(self.path.is_some()),
+            ..Programmed::default()
+        }
+    }
+}
+
+impl Wireguard {
+    /// Finds or makes `flannel-wg` (the kernel's where it can) and gives it the private key
+    /// and port; its index.
+    async fn ensure_device(&mut self) -> Result<u32, Error> {
+        let handle = self.conn.handle()?;
+        let found = kernel::ensure(&handle, self.mtu()).await?;
+        match (found, &mut self.path) {
+            (Found::Kernel(index), Some(Path::Kernel { index: known, .. })) if *known == index => {
+                Ok(index)
+            }
+            (Found::Kernel(index), _) => {
+                // A new device (or the first look): it holds no key and no peer of ours.
+                let mut genl = genl::Genl::open()?;
+                let private = self
+                    .private
+                    .as_ref()
+                    .ok_or_else(|| Error::Other("wireguard: configure before prepare".into()))?;
+                genl.send(vec![genl::set_device(
+                    DEVICE,
+                    private,
+                    self.cfg.listen_port,
+                )])
+                .map_err(Error::io(format!("set {DEVICE}'s private key and port")))?;
+                self.path = Some(Path::Kernel { index, genl });
+                self.synced = false;
+                Ok(index)
+            }
+            (Found::Userspace, _) => {
+                self.path = Some(Path::Userspace);
+                Err(not_yet())
+            }
+        }
+    }
+
+    /// Removes the peers the device holds that `wanted` does not, and sets every wanted one.
+    fn set_all(&mut self, wanted: &BTreeMap<Ipv4Net, WgPeer>) -> Result<(), Error> {
+        let Some(Path::Kernel { genl, .. }) = &mut self.path else {
+            return Err(not_yet());
+        };
+        let held = genl
+            .peers(DEVICE)
+            .map_err(Error::io(format!("read {DEVICE}'s peers")))?;
+        let keep: std::collections::HashSet<&key::Key> =
+            wanted.values().map(|p| &p.public_key).collect();
+        let mut msgs: Vec<_> = (held.iter().filter(|k| !keep.contains(k)))
+            .map(genl::removal)
+            .collect();
+        msgs.extend(wanted.values().map(genl::peer));
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        self.send(genl::set_peers(DEVICE, msgs))
+    }
+
+    fn send(&mut self, msgs: Vec<netlink_packet_wireguard::WireguardMessage>) -> Result<(), Error> {
+        let Some(Path::Kernel { genl, .. }) = &mut self.path else {
+            return Err(not_yet());
+        };
+        genl.send(msgs)
+            .map_err(Error::io(format!("set {DEVICE}'s peers")))
+    }
+
+    /// The lease's network address /32 on the device, and the network's route through it.
+    async fn ensure_address_and_route(&mut self, index: u32) -> ErrorList {
+        let (handle, batch) = match (self.conn.handle(), self.conn.batch()) {
+            (Ok(h), Ok(b)) => (h, b),
+            (Err(e), _) | (_, Err(e)) => return e.into(),
+        };
+        let mut errs = ErrorList::default();
+        if let Some(own) = &self.own {
+            if let Err(e) =
+                netlink::ensure_address(&handle, index, DEVICE, own.subnet.network()).await
+            {
+                errs.push(e);
+            }
+        }
+        let want = [routes::RouteSpec::device(self.net.network, index, DEVICE)];
+        let owner = routes::Owner {
+            network: self.net.network,
+            device: Some(index),
+        };
+        errs.0.extend(
+            routes::reconcile_owned(&handle, &batch, &owner, &want)
+                .await
+                .0,
+        );
+        errs
+    }
+}
+
+/// Whether `p` is a wireguard lease (others are ignored, as flannel does).
+fn peer_is_ours(p: &Lease) -> bool {
+    crate::peer::same_type(p, Wireguard::TYPE)
 }
 
 /// Until a data plane lands: the lease is held and published, nothing carries traffic.
