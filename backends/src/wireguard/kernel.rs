@@ -24,8 +24,9 @@ pub struct Existing {
 pub enum Found {
     /// A kernel WireGuard device, with its index.
     Kernel(u32),
-    /// The kernel has no WireGuard (or `flannel-wg` is weft's userspace TUN device).
-    Userspace,
+    /// The kernel has no WireGuard, or `flannel-wg` is weft's userspace TUN device (its index,
+    /// when it exists).
+    Userspace(Option<u32>),
 }
 
 /// Whether the kernel's answer to creating a link of kind `wireguard` means it has no WireGuard:
@@ -78,7 +79,7 @@ fn describe(m: &LinkMessage) -> Existing {
 pub fn judge(e: &Existing) -> Result<Found, Error> {
     match &e.kind {
         Some(InfoKind::Wireguard) => Ok(Found::Kernel(e.index)),
-        Some(InfoKind::Tun) => Ok(Found::Userspace),
+        Some(InfoKind::Tun) => Ok(Found::Userspace(Some(e.index))),
         other => {
             Err(Error::Other(format!(
             "{DEVICE} already exists and is a {} device, neither WireGuard nor TUN; weft leaves \
@@ -101,7 +102,7 @@ pub async fn ensure(handle: &Handle, mtu: u32) -> Result<Found, Error> {
                 Err(e) if errno(&e).is_some_and(lacks_wireguard) => {
                     info!(device = DEVICE, error = %e,
                           "the kernel has no WireGuard: using weft's userspace WireGuard");
-                    return Ok(Found::Userspace);
+                    return Ok(Found::Userspace(None));
                 }
                 Err(source) => {
                     return Err(Error::Netlink {
@@ -155,7 +156,10 @@ mod tests {
             judge(&e(Some(InfoKind::Wireguard))).ok(),
             Some(Found::Kernel(9))
         );
-        assert_eq!(judge(&e(Some(InfoKind::Tun))).ok(), Some(Found::Userspace));
+        assert_eq!(
+            judge(&e(Some(InfoKind::Tun))).ok(),
+            Some(Found::Userspace(Some(9)))
+        );
         let err = judge(&e(Some(InfoKind::Dummy))).expect_err("not ours");
         assert!(err.to_string().contains("ip link del flannel-wg"), "{err}");
         assert!(judge(&e(None)).is_err());

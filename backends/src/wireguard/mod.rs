@@ -27,6 +27,7 @@ mod data;
 mod genl;
 mod kernel;
 mod key;
+mod userspace;
 mod want;
 
 use std::borrow::Borrow;
@@ -81,8 +82,8 @@ pub struct Wireguard {
 enum Path {
     /// The kernel's: `flannel-wg` (its index) configured over generic netlink.
     Kernel { index: u32, genl: genl::Genl },
-    /// weft's own, on a TUN device (not there yet).
-    Userspace,
+    /// weft's own, on a TUN device.
+    Userspace(userspace::Userspace),
 }
 
 impl DataPlane for Wireguard {
@@ -258,7 +259,7 @@ impl DataPlane for Wireguard {
             }
         }
         if !msgs.is_empty() {
-            if let Err(e) = self.send(genl::set_peers(DEVICE, msgs)) {
+            if let Err(e) = self.send(msgs) {
                 self.synced = false;
                 errs.push(e);
             }
@@ -279,6 +280,12 @@ impl DataPlane for Wireguard {
 }
 
 impl Wireguard {
+    /// Reads the private key from `path` rather than `WIREGUARD_KEY_FILE`'s or flannel's path
+    /// (tests run several hosts in one process, each with its own key).
+    pub fn set_key_file(&mut self, path: std::path::PathBuf) {
+        self.key_file = path;
+    }
+
     /// Finds or makes `flannel-wg` (the kernel's where it can) and gives it the private key
     /// and port; its index.
     async fn ensure_device(&mut self) -> Result<u32, Error> {
@@ -305,17 +312,37 @@ impl Wireguard {
                 self.synced = false;
                 Ok(index)
             }
-            (Found::Userspace, _) => {
-                self.path = Some(Path::Userspace);
-                Err(not_yet())
+            (Found::Userspace(Some(index)), Some(Path::Userspace(u)))
+                if u.index == index && u.alive() =>
+            {
+                Ok(index)
+            }
+            (Found::Userspace(_), _) => {
+                // Stop a worker on a device that is gone before opening the new one.
+                self.path = None;
+                let handle = self.conn.handle()?;
+                let private = self
+                    .private
+                    .as_ref()
+                    .ok_or_else(|| Error::Other("wireguard: configure before prepare".into()))?;
+                let mut u =
+                    userspace::Userspace::start(&handle, private, self.cfg.listen_port, self.mtu())
+                        .await?;
+                let index = u.index;
+                u.set_peers(self.peers.values().cloned().collect())?;
+                self.path = Some(Path::Userspace(u));
+                self.synced = false;
+                Ok(index)
             }
         }
     }
 
     /// Removes the peers the device holds that `wanted` does not, and sets every wanted one.
     fn set_all(&mut self, wanted: &BTreeMap<Ipv4Net, WgPeer>) -> Result<(), Error> {
-        let Some(Path::Kernel { genl, .. }) = &mut self.path else {
-            return Err(not_yet());
+        let genl = match &mut self.path {
+            Some(Path::Kernel { genl, .. }) => genl,
+            Some(Path::Userspace(u)) => return u.set_peers(wanted.values().cloned().collect()),
+            None => return Err(Error::Other("wireguard: no device yet".into())),
         };
         let held = genl
             .peers(DEVICE)
@@ -329,15 +356,19 @@ impl Wireguard {
         if msgs.is_empty() {
             return Ok(());
         }
-        self.send(genl::set_peers(DEVICE, msgs))
+        genl.send(genl::set_peers(DEVICE, msgs))
+            .map_err(Error::io(format!("set {DEVICE}'s peers")))
     }
 
-    fn send(&mut self, msgs: Vec<netlink_packet_wireguard::WireguardMessage>) -> Result<(), Error> {
-        let Some(Path::Kernel { genl, .. }) = &mut self.path else {
-            return Err(not_yet());
-        };
-        genl.send(msgs)
-            .map_err(Error::io(format!("set {DEVICE}'s peers")))
+    /// Sets the peers `msgs` change (the kernel), or the whole list again (userspace).
+    fn send(&mut self, msgs: Vec<netlink_packet_wireguard::WireguardPeer>) -> Result<(), Error> {
+        match &mut self.path {
+            Some(Path::Kernel { genl, .. }) => genl
+                .send(genl::set_peers(DEVICE, msgs))
+                .map_err(Error::io(format!("set {DEVICE}'s peers"))),
+            Some(Path::Userspace(u)) => u.set_peers(self.peers.values().cloned().collect()),
+            None => Err(Error::Other("wireguard: no device yet".into())),
+        }
     }
 
     /// The lease's network address /32 on the device, and the network's route through it.
@@ -371,13 +402,6 @@ impl Wireguard {
 /// Whether `p` is a wireguard lease (others are ignored, as flannel does).
 fn peer_is_ours(p: &Lease) -> bool {
     crate::peer::same_type(p, Wireguard::TYPE)
-}
-
-/// Until a data plane lands: the lease is held and published, nothing carries traffic.
-fn not_yet() -> Error {
-    Error::Other(
-        "wireguard: no data plane yet (issue 22); the lease is held, no traffic flows".into(),
-    )
 }
 
 #[cfg(test)]

@@ -10,3 +10,4 @@ mod nexthops;
 mod routes_ownership;
 mod udp;
 mod vxlan;
+mod wireguard;
