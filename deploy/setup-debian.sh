@@ -26,6 +26,8 @@ PACKAGES=(
   iperf3 openvpn python3 jq ethtool
   # tests/k8s-validate.sh: a virtualenv for PyPI's kubernetes-validate.
   python3-venv
+  # The wireguard backend's tests: a WireGuard peer weft did not write (wireguard-go, wg).
+  wireguard-go wireguard-tools
 )
 
 missing=()
