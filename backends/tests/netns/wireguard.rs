@@ -88,3 +88,117 @@ fn two_hosts_reach_each_other_through_userspace_wireguard() {
     h1.reconcile(&others(&leases, 0)).expect("reconcile");
     lab.assert_full_mesh();
 }
+
+/// Whether `program` can be run (Debian's wireguard-go and wireguard-tools are optional here).
+fn installed(program: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Kills the spawned wireguard-go when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A WireGuard peer weft did not write: Debian's wireguard-go with `wg`, configured by hand as
+/// flanneld configures its device, and weft's userspace WireGuard reach each other.
+#[test]
+fn weft_and_a_hand_made_wireguard_go_peer_reach_each_other() {
+    if !root_or_skip("wireguard::weft_and_a_hand_made_wireguard_go_peer_reach_each_other") {
+        return;
+    }
+    if !installed("wireguard-go") || !installed("wg") {
+        eprintln!("skipping: wireguard-go and wg (Debian's wireguard-go, wireguard-tools) needed");
+        return;
+    }
+    let mut lab = Lab::new();
+    for i in 1..=2 {
+        lab.add_host(i, &format!("192.168.100.{i}/24"), 1500);
+    }
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    let weft = up(h1, key_file("interop", h1), wireguard());
+    let weft_data: Value =
+        serde_json::from_str(weft.backend_data.as_ref().expect("data").as_str()).expect("JSON");
+    let weft_key = weft_data["PublicKey"].as_str().expect("key").to_string();
+
+    // Host 2 as flanneld leaves it: flannel-wg, its key, port 51820, the lease's network
+    // address /32, the network's route with scope link, one peer per lease.
+    let key = key_file("interop", h2);
+    std::fs::create_dir_all(key.parent().expect("dir")).expect("dir");
+    std::fs::write(&key, "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=\n").expect("key");
+    let _go = Child(
+        h2.ns
+            .command("wireguard-go")
+            .args(["-f", DEV])
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("wireguard-go"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h2.ns.link(DEV).is_none() || !h2.ns.exec(&["wg", "show", DEV]).0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "wireguard-go made no device"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let key_path = key.display().to_string();
+    h2.ns.must(&[
+        "wg",
+        "set",
+        DEV,
+        "private-key",
+        &key_path,
+        "listen-port",
+        "51820",
+        "peer",
+        &weft_key,
+        "endpoint",
+        "192.168.100.1:51820",
+        "allowed-ips",
+        "10.244.1.0/24",
+    ]);
+    h2.ns
+        .must(&["ip", "addr", "add", "10.244.2.0/32", "dev", DEV]);
+    h2.ns.must(&["ip", "link", "set", DEV, "mtu", "1420", "up"]);
+    h2.ns.must(&[
+        "ip",
+        "route",
+        "add",
+        "10.244.0.0/16",
+        "dev",
+        DEV,
+        "scope",
+        "link",
+    ]);
+
+    // Its lease, as flanneld writes it.
+    let flannel = Lease {
+        subnet: h2.subnet,
+        public_ip: h2.ip(),
+        backend_type: "wireguard".into(),
+        backend_data: Some(
+            json!({"PublicKey": "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=", "Port": 51820})
+                .into(),
+        ),
+    };
+    h1.reconcile(&[flannel]).expect("reconcile");
+    assert!(h1.reaches(h2), "weft → wireguard-go");
+    assert!(h2.reaches(h1), "wireguard-go → weft");
+    let shakes = h2.ns.must(&["wg", "show", DEV, "latest-handshakes"]);
+    assert!(shakes.contains(&weft_key), "{shakes}");
+    assert!(
+        !shakes.trim().ends_with("\t0"),
+        "a handshake happened: {shakes}"
+    );
+}
