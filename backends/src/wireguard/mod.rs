@@ -39,9 +39,10 @@ use tracing::debug;
 
 use crate::conn::Conn;
 use crate::routes;
+use crate::watch::Watched;
 use crate::{
-    netlink, BackendConfig, DataPlane, Desired, Error, ErrorList, Host, Identity, IdentityKind,
-    Lease, Network, PeerChanges, Programmed,
+    netlink, BackendConfig, DataPlane, Desired, Error, ErrorList, Event, Host, Identity,
+    IdentityKind, Lease, Network, PeerChanges, Programmed,
 };
 pub use config::WgConfig;
 use kernel::Found;
@@ -146,6 +147,7 @@ impl DataPlane for Wireguard {
 
     /// Reads (or makes) the private key, and publishes its public key and our port.
     async fn prepare(&mut self, _previous: Option<&Lease>) -> Result<Option<Value>, Error> {
+        self.conn.subscribe()?;
         let (private, made) = key::load_or_create(&self.key_file)?;
         let public = key::public(&private);
         let public_shown = key::show(&public);
@@ -269,6 +271,34 @@ impl DataPlane for Wireguard {
 
     fn needs_reconcile(&self) -> bool {
         !self.synced
+    }
+
+    /// Drift of flannel-wg, its address or route (a full reconcile repairs it), or the
+    /// userspace worker gone (the agent rebuilds the backend).
+    async fn event(&mut self) -> Event {
+        let index = match &self.path {
+            Some(Path::Kernel { index, .. }) => Some(*index),
+            Some(Path::Userspace(u)) => Some(u.index),
+            None => None,
+        };
+        let owned = Watched {
+            device: Some(DEVICE.to_string()),
+            index,
+        };
+        let worker_gone = async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                if matches!(&self.path, Some(Path::Userspace(u)) if !u.alive()) {
+                    return;
+                }
+            }
+        };
+        let event = tokio::select! {
+            () = self.conn.drifted(&owned) => Event::Drift,
+            () = worker_gone => Event::Failed("the WireGuard worker stopped".into()),
+        };
+        self.synced = false;
+        event
     }
 
     fn programmed(&self) -> Programmed {
@@ -489,6 +519,7 @@ mod tests {
         .expect("valid");
         b.key_file = file;
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .expect("runtime");
         let published = rt.block_on(b.prepare(None)).expect("prepared");

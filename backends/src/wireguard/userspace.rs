@@ -104,12 +104,7 @@ impl Userspace {
             woken,
             rx,
             stop: stop.clone(),
-            peers: Vec::new(),
-            by_key: HashMap::new(),
-            by_index: HashMap::new(),
-            by_subnet: HashMap::new(),
-            prefixes: Vec::new(),
-            next_index: 1,
+            table: Table::default(),
         };
         let thread = std::thread::Builder::new()
             .name("weft-wg".into())
@@ -172,13 +167,20 @@ struct Worker {
     woken: UnixStream,
     rx: Receiver<Vec<WgPeer>>,
     stop: Arc<AtomicBool>,
+    table: Table,
+}
+
+/// The worker's peers, found by destination address, by session index and by key.
+#[derive(Default)]
+struct Table {
     peers: Vec<Peer>,
     by_key: HashMap<Key, usize>,
     by_index: HashMap<u32, usize>,
     by_subnet: HashMap<Ipv4Net, usize>,
     /// The prefix lengths of the peers' subnets, longest first, for lookups by address.
     prefixes: Vec<u8>,
-    next_index: u32,
+    /// The last session index given to a peer (24 bits: boringtun shifts it by 8).
+    last_index: u32,
 }
 
 impl Worker {
@@ -210,7 +212,7 @@ impl Worker {
                 let mut drain = [0u8; 64];
                 while matches!((&self.woken).read(&mut drain), Ok(n) if n > 0) {}
                 while let Ok(peers) = self.rx.try_recv() {
-                    self.set_peers(peers);
+                    self.table.set(&self.secret, peers);
                 }
             }
             if tun_ready {
@@ -248,10 +250,10 @@ impl Worker {
             return;
         }
         let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
-        let Some(i) = self.peer_for(dst) else {
+        let Some(i) = self.table.for_destination(dst) else {
             return;
         };
-        let p = &mut self.peers[i];
+        let p = &mut self.table.peers[i];
         match p.tunn.encapsulate(pkt, out) {
             TunnResult::WriteToNetwork(b) => {
                 let _ = self.sock.send_to(b, p.endpoint);
@@ -266,16 +268,16 @@ impl Worker {
         let i = match Tunn::parse_incoming_packet(dgram) {
             Ok(Packet::HandshakeInit(h)) => parse_handshake_anon(&self.secret, &self.public, &h)
                 .ok()
-                .and_then(|half| self.by_key.get(&half.peer_static_public).copied()),
-            Ok(Packet::HandshakeResponse(h)) => self.by_index.get(&(h.receiver_idx >> 8)).copied(),
-            Ok(Packet::PacketCookieReply(c)) => self.by_index.get(&(c.receiver_idx >> 8)).copied(),
-            Ok(Packet::PacketData(d)) => self.by_index.get(&(d.receiver_idx >> 8)).copied(),
+                .and_then(|half| self.table.by_key.get(&half.peer_static_public).copied()),
+            Ok(Packet::HandshakeResponse(h)) => self.table.for_receiver(h.receiver_idx),
+            Ok(Packet::PacketCookieReply(c)) => self.table.for_receiver(c.receiver_idx),
+            Ok(Packet::PacketData(d)) => self.table.for_receiver(d.receiver_idx),
             Err(_) => None,
         };
         let Some(i) = i else {
             return;
         };
-        let p = &mut self.peers[i];
+        let p = &mut self.table.peers[i];
         match p.tunn.decapsulate(Some(from.ip()), dgram, out) {
             TunnResult::WriteToNetwork(b) => {
                 let _ = self.sock.send_to(b, from);
@@ -298,23 +300,31 @@ impl Worker {
 
     /// The protocol's timers: handshakes started or retried, keepalives sent.
     fn tick(&mut self, out: &mut [u8]) {
-        for p in &mut self.peers {
+        for p in &mut self.table.peers {
             if let TunnResult::WriteToNetwork(b) = p.tunn.update_timers(out) {
                 let _ = self.sock.send_to(b, p.endpoint);
             }
         }
     }
+}
 
-    fn peer_for(&self, dst: Ipv4Addr) -> Option<usize> {
+impl Table {
+    /// The peer whose subnet holds `dst`.
+    fn for_destination(&self, dst: Ipv4Addr) -> Option<usize> {
         self.prefixes.iter().find_map(|len| {
             let net = Ipv4Net::new(dst, *len).ok()?.trunc();
             self.by_subnet.get(&net).copied()
         })
     }
 
+    /// The peer a datagram's receiver index names.
+    fn for_receiver(&self, receiver_idx: u32) -> Option<usize> {
+        self.by_index.get(&(receiver_idx >> 8)).copied()
+    }
+
     /// Takes `want` as the whole peer list: a peer whose key, PSK and keepalive are unchanged
     /// keeps its sessions; the others start afresh.
-    fn set_peers(&mut self, want: Vec<WgPeer>) {
+    fn set(&mut self, secret: &StaticSecret, want: Vec<WgPeer>) {
         let mut old: HashMap<Key, Peer> = self.peers.drain(..).map(|p| (p.key, p)).collect();
         for w in want {
             let endpoint = SocketAddr::V4(w.endpoint);
@@ -324,17 +334,15 @@ impl Worker {
             let p = match kept {
                 Some(mut p) => {
                     p.allowed = w.allowed_ip;
-                    if p.endpoint != endpoint {
-                        p.endpoint = endpoint;
-                    }
+                    p.endpoint = endpoint;
                     p
                 }
                 None => {
-                    let index = self.next_index;
-                    self.next_index = (self.next_index + 1) & 0x00ff_ffff;
+                    self.last_index = (self.last_index % 0x00ff_ffff) + 1;
+                    let index = self.last_index;
                     Peer {
                         tunn: Tunn::new(
-                            self.secret.clone(),
+                            secret.clone(),
                             PublicKey::from(w.public_key),
                             w.psk,
                             w.keepalive,
@@ -352,19 +360,76 @@ impl Worker {
             };
             self.peers.push(p);
         }
-        self.by_key = (self.peers.iter().enumerate())
-            .map(|(i, p)| (p.key, i))
-            .collect();
-        self.by_index = (self.peers.iter().enumerate())
-            .map(|(i, p)| (p.index, i))
-            .collect();
-        self.by_subnet = (self.peers.iter().enumerate())
-            .map(|(i, p)| (p.allowed, i))
-            .collect();
+        let all = || self.peers.iter().enumerate();
+        self.by_key = all().map(|(i, p)| (p.key, i)).collect();
+        self.by_index = all().map(|(i, p)| (p.index, i)).collect();
+        self.by_subnet = all().map(|(i, p)| (p.allowed, i)).collect();
         let mut prefixes: Vec<u8> = self.peers.iter().map(|p| p.allowed.prefix_len()).collect();
         prefixes.sort_unstable_by(|a, b| b.cmp(a));
         prefixes.dedup();
         self.prefixes = prefixes;
         debug!(peers = self.peers.len(), "WireGuard worker: peers set");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u8, psk: Option<Key>) -> WgPeer {
+        WgPeer {
+            subnet: format!("10.244.{n}.0/24").parse().expect("subnet"),
+            public_key: PublicKey::from(&StaticSecret::from([n; 32])).to_bytes(),
+            endpoint: format!("192.168.1.{n}:51820").parse().expect("endpoint"),
+            allowed_ip: format!("10.244.{n}.0/24").parse().expect("subnet"),
+            psk,
+            keepalive: None,
+        }
+    }
+
+    fn index_of(t: &Table, n: u8) -> Option<u32> {
+        let i = t.for_destination(format!("10.244.{n}.9").parse().expect("ip"))?;
+        Some(t.peers[i].index)
+    }
+
+    #[test]
+    fn packets_find_their_peer_by_destination_and_by_session_index() {
+        let secret = StaticSecret::from([1; 32]);
+        let mut t = Table::default();
+        t.set(&secret, vec![peer(2, None), peer(3, None)]);
+        let i2 = index_of(&t, 2).expect("peer 2");
+        let i3 = index_of(&t, 3).expect("peer 3");
+        assert_ne!(i2, i3);
+        assert_eq!(t.for_destination("10.244.4.1".parse().expect("ip")), None);
+        assert_eq!(t.for_destination("10.245.2.1".parse().expect("ip")), None);
+        // boringtun's receiver index is the peer's index shifted by 8, a session in the low byte.
+        let at = t.for_receiver((i3 << 8) | 5).expect("by index");
+        assert_eq!(t.peers[at].allowed.to_string(), "10.244.3.0/24");
+        assert_eq!(t.for_receiver(0xffff_ff00), None);
+    }
+
+    #[test]
+    fn a_new_list_keeps_unchanged_peers_sessions_and_forgets_the_rest() {
+        let secret = StaticSecret::from([1; 32]);
+        let mut t = Table::default();
+        t.set(&secret, vec![peer(2, None), peer(3, None), peer(4, None)]);
+        let (i2, i3) = (index_of(&t, 2), index_of(&t, 3));
+        let mut moved = peer(2, None);
+        moved.endpoint = "192.168.1.200:51999".parse().expect("endpoint");
+        t.set(&secret, vec![moved, peer(3, Some([7; 32]))]);
+        assert_eq!(index_of(&t, 2), i2, "same key: same sessions, new endpoint");
+        let at = t
+            .for_destination("10.244.2.1".parse().expect("ip"))
+            .expect("peer 2");
+        assert_eq!(t.peers[at].endpoint.to_string(), "192.168.1.200:51999");
+        assert_ne!(index_of(&t, 3), i3, "a new PSK: a new session");
+        assert_eq!(index_of(&t, 4), None, "gone");
+        assert_eq!(t.peers.len(), 2);
+        assert_eq!(t.by_key.len(), 2);
+        assert_eq!(
+            t.for_receiver(i3.expect("was there") << 8),
+            None,
+            "old index forgotten"
+        );
     }
 }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
-use weft_backends::{Backend, Lease};
+use weft_backends::{Backend, Lease, PeerChanges};
 
 use crate::harness::{others, root_or_skip, Host, Lab};
 
@@ -80,6 +80,20 @@ fn two_hosts_reach_each_other_through_userspace_wireguard() {
     assert!(!h1.reaches(h2), "a removed peer is no longer reached");
     h1.reconcile(&others(&leases, 0)).expect("reconcile");
     assert!(h1.reaches(h2), "and is again once back");
+
+    // The same through targeted changes (apply), as lease events bring them.
+    let gone = PeerChanges {
+        upsert: vec![],
+        remove: vec![h2.subnet],
+    };
+    h1.apply(&gone).expect("apply");
+    assert!(!h1.reaches(h2), "removed by apply");
+    let back = PeerChanges {
+        upsert: vec![leases[1].clone()],
+        remove: vec![],
+    };
+    h1.apply(&back).expect("apply");
+    assert!(h1.reaches(h2), "added by apply");
 
     // weftd restarting: the key file gives the same public key, flannel-wg is reopened.
     h1.stop();
