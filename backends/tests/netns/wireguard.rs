@@ -295,4 +295,93 @@ fn bulk_tcp_arrives_intact_through_userspace_wireguard() {
     assert_eq!(got, sent, "c1 -> c2 corrupted");
     let (sent, got) = transfer(h2, h1, 8 << 20);
     assert_eq!(got, sent, "c2 -> c1 corrupted");
+
+    // On the wire between the hosts: WireGuard datagrams to port 51820, and no inner packet in
+    // clear.
+    const MARKER: &[u8] = b"weft-wireguard-plaintext-marker";
+    let capture = capture_eth0(h2, std::time::Duration::from_millis(1500));
+    let to = std::net::SocketAddr::from((h2.container_ip(), 9));
+    h1.container.run_in(|| {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for _ in 0..5 {
+            let _ = sock.send_to(MARKER, to);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    let frames = capture.join().expect("capture");
+    let to_51820 = |f: &&Vec<u8>| {
+        f.len() > 42 && f[12..14] == [8, 0] && f[23] == 17 && f[36..38] == 51820u16.to_be_bytes()
+    };
+    assert!(
+        frames.iter().filter(to_51820).count() >= 5,
+        "{} frames, too few to port 51820",
+        frames.len()
+    );
+    assert!(
+        !frames
+            .iter()
+            .any(|f| f.windows(MARKER.len()).any(|w| w == MARKER)),
+        "an inner packet crossed the underlay in clear"
+    );
+}
+
+/// The frames `h`'s eth0 sees (both ways) for `limit`, captured with an AF_PACKET socket
+/// (capturing when this returns).
+fn capture_eth0(h: &Host, limit: std::time::Duration) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    let ns = h.ns.name.clone();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        crate::harness::enter(&ns);
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain system calls on a socket this thread owns; every pointer is to a local
+        // of the size passed.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = libc::if_nametoindex(c"eth0".as_ptr()) as i32;
+            let bound = libc::bind(
+                fd,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(
+                bound,
+                0,
+                "bind to eth0: {}",
+                std::io::Error::last_os_error()
+            );
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 100_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            let _ = ready_tx.send(());
+            let end = std::time::Instant::now() + limit;
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while std::time::Instant::now() < end {
+                let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                if n > 0 {
+                    frames.push(buf[..n as usize].to_vec());
+                }
+            }
+            libc::close(fd);
+            frames
+        }
+    });
+    ready.recv().expect("capture ready");
+    t
 }
