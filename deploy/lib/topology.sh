@@ -276,6 +276,217 @@ topo_set_config() {
   printf '{"Network": "%s", "Backend": %s}\n' "$TOPO_NETWORK" "$backend" | topo_ctl config set -
 }
 
+# A real kube-apiserver (v1.20.2 from ../shared/kube beside the repository, or $KUBE_APISERVER)
+# with its own etcd, in the switch namespace, started as tests/lab/src/kube.rs starts it: the same
+# flags, RBAC on, one static token per identity (`admin` in system:masters; the others in no
+# group, so RBAC grants them nothing until a role is bound), bound to the switch's address so
+# every host reaches https://TOPO_UNDERLAY.1:6443. It makes its own serving certificate; the CA
+# that signed it goes to $TOPO_KUBE_CA, and every client here verifies TLS against it.
+#   topo_kube_apiserver DIR "user ..." [more apiserver flags, e.g. --audit-log-path=...]
+# DIR holds tokens.csv, token.USER (each identity's token), certs/, ca.crt, the logs and etcd's
+# data. Its etcd listens on the switch's loopback (TOPO_KUBE_ETCD), apart from topo_etcd's ports.
+# The apiserver takes ~5-10 s to /readyz on 2 cores and ~300 MiB; topo_kube_stop ends both.
+TOPO_KUBE_URL=""
+TOPO_KUBE_DIR=""
+TOPO_KUBE_CA=""
+TOPO_KUBE_PID=""
+TOPO_KUBE_ETCD_PID=""
+TOPO_KUBE_PORT=6443
+TOPO_KUBE_ETCD="http://127.0.0.1:2479"
+TOPO_KUBE_ETCD_PEER="http://127.0.0.1:2480"
+TOPO_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# The apiserver binary: $KUBE_APISERVER, else the cached one, unpacked there once from
+# ../shared/kube/kube-apiserver.gz (the path tests/lab/src/kube.rs and start-apiserver.sh use).
+topo_kube_binary() {
+  local cache=/var/cache/kube-apiserver-1.20.2/kube-apiserver gz tmp
+  if [[ -n ${KUBE_APISERVER:-} ]]; then
+    [[ -x $KUBE_APISERVER ]] || topo_die "KUBE_APISERVER=$KUBE_APISERVER is not an executable file"
+    printf '%s' "$KUBE_APISERVER"
+    return
+  fi
+  if [[ ! -x $cache ]]; then
+    gz="$TOPO_LIB_DIR/../../../shared/kube/kube-apiserver.gz"
+    [[ -f $gz ]] || topo_die "needs a kube-apiserver: set KUBE_APISERVER to one (any official release binary serves) or provide $gz"
+    mkdir -p "${cache%/*}"
+    tmp="${cache%/*}/.kube-apiserver.$$.tmp"
+    if ! { topo_t 120 gunzip -c "$gz" >"$tmp" && chmod 0755 "$tmp" && mv "$tmp" "$cache"; }; then
+      rm -f "$tmp"
+      topo_die "could not unpack $gz into $cache"
+    fi
+  fi
+  printf '%s' "$cache"
+}
+
+topo_kube_apiserver() {
+  local dir=$1 users=$2; shift 2
+  local sw bin u t ip
+  sw=$(topo_ns sw)
+  ip="${TOPO_UNDERLAY}.1"
+  for t in etcd etcdctl openssl curl jq; do
+    command -v "$t" >/dev/null || topo_die "$t not installed (deploy/setup-debian.sh)"
+  done
+  bin=$(topo_kube_binary)
+  mkdir -p "$dir/certs" "$dir/etcd"
+  TOPO_KUBE_DIR=$dir
+  TOPO_KUBE_URL="https://$ip:$TOPO_KUBE_PORT"
+  TOPO_KUBE_CA="$dir/ca.crt"
+  (
+    umask 077
+    : >"$dir/tokens.csv"
+    for u in admin $users; do
+      [[ $u =~ ^[a-z0-9][a-z0-9:._-]*$ ]] || topo_die "user name $u: lower case, digits, ':._-'"
+      t=$(topo_t 10 openssl rand -hex 16)
+      printf '%s' "$t" >"$dir/token.$u"
+      if [[ $u == admin ]]; then
+        printf '%s,admin,admin,system:masters\n' "$t" >>"$dir/tokens.csv"
+      else
+        printf '%s,%s,%s\n' "$t" "$u" "$u" >>"$dir/tokens.csv"
+      fi
+    done
+  )
+  topo_t 30 openssl genrsa -out "$dir/sa.key" 2048 2>/dev/null
+  topo_t 30 openssl rsa -in "$dir/sa.key" -pubout -out "$dir/sa.pub" 2>/dev/null
+  topo_spawn "$dir/etcd.log" ip netns exec "$sw" etcd --name kube --data-dir "$dir/etcd/data" \
+    --listen-client-urls "$TOPO_KUBE_ETCD" --advertise-client-urls "$TOPO_KUBE_ETCD" \
+    --listen-peer-urls "$TOPO_KUBE_ETCD_PEER" --initial-advertise-peer-urls "$TOPO_KUBE_ETCD_PEER" \
+    --initial-cluster "kube=$TOPO_KUBE_ETCD_PEER" --log-level error
+  TOPO_KUBE_ETCD_PID=$TOPO_SPAWNED
+  if ! TOPO_POLL=0.2 topo_wait_until 20 "the apiserver's etcd" topo_kube_etcd_healthy; then
+    tail -20 "$dir/etcd.log" >&2
+    topo_die "the apiserver's etcd did not become healthy in 20 s (log: $dir/etcd.log)"
+  fi
+  topo_spawn "$dir/apiserver.log" ip netns exec "$sw" "$bin" \
+    --etcd-servers="$TOPO_KUBE_ETCD" --bind-address="$ip" --advertise-address="$ip" \
+    --secure-port="$TOPO_KUBE_PORT" --insecure-port=0 --cert-dir="$dir/certs" \
+    --service-cluster-ip-range=10.0.0.0/24 \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file="$dir/sa.pub" --service-account-signing-key-file="$dir/sa.key" \
+    --token-auth-file="$dir/tokens.csv" --authorization-mode=RBAC \
+    --disable-admission-plugins=ServiceAccount --endpoint-reconciler-type=none \
+    --profiling=false "$@"
+  TOPO_KUBE_PID=$TOPO_SPAWNED
+  if ! TOPO_POLL=0.2 topo_wait_until 90 "the kube-apiserver's /readyz" topo_kube_ready; then
+    tail -40 "$dir/apiserver.log" >&2
+    topo_die "the kube-apiserver was not ready in 90 s (log: $dir/apiserver.log)"
+  fi
+}
+
+topo_kube_etcd_healthy() {
+  topo_alive "$TOPO_KUBE_ETCD_PID" || { tail -20 "$TOPO_KUBE_DIR/etcd.log" >&2; topo_die "the apiserver's etcd exited"; }
+  ETCDCTL_API=3 topo_nsexec "$(topo_ns sw)" 5 etcdctl --endpoints "$TOPO_KUBE_ETCD" \
+    endpoint health >/dev/null 2>&1
+}
+
+# Once the apiserver has written its certificate (the cert, then the key), the CA that signed it
+# (the bundle's last certificate) is copied to $TOPO_KUBE_CA, after checking that the serving
+# certificate names the bound address; then /readyz must say ok, over verified TLS.
+topo_kube_ready() {
+  local certs=$TOPO_KUBE_DIR/certs
+  topo_alive "$TOPO_KUBE_PID" || { tail -40 "$TOPO_KUBE_DIR/apiserver.log" >&2; topo_die "the kube-apiserver exited"; }
+  if [[ ! -s $TOPO_KUBE_CA ]]; then
+    [[ -s $certs/apiserver.key ]] && grep -q -- '-----END CERTIFICATE-----' "$certs/apiserver.crt" 2>/dev/null ||
+      return 1
+    topo_t 10 openssl x509 -noout -text -in "$certs/apiserver.crt" | grep -q "IP Address:${TOPO_UNDERLAY}\.1\b" ||
+      topo_die "the apiserver's serving certificate does not name ${TOPO_UNDERLAY}.1"
+    awk '/-----BEGIN CERTIFICATE-----/ { buf = "" } { buf = buf $0 "\n" } END { printf "%s", buf }' \
+      "$certs/apiserver.crt" >"$TOPO_KUBE_CA.tmp"
+    mv "$TOPO_KUBE_CA.tmp" "$TOPO_KUBE_CA"
+  fi
+  [[ $(topo_kube admin GET /readyz 2>/dev/null) == ok ]]
+}
+
+# One request to the apiserver as USER (admin included), from the switch namespace, TLS verified:
+# prints the body; fails, saying the status and the body, unless the answer is 2xx. A body (the
+# fourth argument; "-" reads stdin) goes as a strategic-merge patch for PATCH, else as JSON when it
+# starts with { or [, else as YAML (the apiserver takes application/yaml).
+topo_kube() {
+  local user=$1 method=$2 path=$3 body=${4-} ct out code
+  local args=(-sS --connect-timeout 2 --max-time 20 --cacert "$TOPO_KUBE_CA"
+    -H "Authorization: Bearer $(<"$TOPO_KUBE_DIR/token.$user")" -H "Accept: application/json"
+    -X "$method" -w '\n%{http_code}')
+  [[ $body == - ]] && body=$(cat)
+  if [[ -n $body ]]; then
+    if [[ $method == PATCH ]]; then
+      ct=application/strategic-merge-patch+json
+    elif [[ $body =~ ^[[:space:]]*[\{\[] ]]; then
+      ct=application/json
+    else
+      ct=application/yaml
+    fi
+    args+=(-H "Content-Type: $ct" --data-binary @-)
+  fi
+  out=$(printf '%s' "$body" | topo_nsexec "$(topo_ns sw)" 30 curl "${args[@]}" "$TOPO_KUBE_URL$path") || {
+    topo_warn "$method $path as $user: no answer"
+    return 1
+  }
+  code=${out##*$'\n'}
+  out=${out%$'\n'*}
+  if [[ $code != 2[0-9][0-9] ]]; then
+    topo_warn "$method $path as $user: HTTP $code ${out:0:500}"
+    return 1
+  fi
+  printf '%s\n' "$out"
+}
+
+# The first document of a multi-document YAML file whose top-level kind is KIND.
+topo_yaml_doc() {
+  awk -v want="kind: $2" '
+    function flush() { if (hit) { printf "%s", doc; found = 1; exit } doc = ""; hit = 0 }
+    /^---[[:space:]]*$/ { flush(); next }
+    { doc = doc $0 "\n"; if ($0 == want) hit = 1 }
+    END { if (!found) flush() }' "$1"
+}
+
+# Creates the ClusterRole of a manifest (e.g. deploy/kubernetes/weft-kube.yml), POSTed as the YAML
+# it is, and binds it to USER (ClusterRoleBinding lab:ROLE:USER); prints the role's name.
+topo_kube_bind_manifest_role() {
+  local manifest=$1 user=$2 doc role
+  doc=$(topo_yaml_doc "$manifest" ClusterRole)
+  [[ -n $doc ]] || topo_die "no ClusterRole in $manifest"
+  role=$(topo_kube admin POST /apis/rbac.authorization.k8s.io/v1/clusterroles "$doc" | jq -r .metadata.name) ||
+    topo_die "could not create the ClusterRole of $manifest"
+  printf '{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"lab:%s:%s"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"%s"},"subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"User","name":"%s"}]}' \
+    "$role" "$user" "$role" "$user" |
+    topo_kube admin POST /apis/rbac.authorization.k8s.io/v1/clusterrolebindings - >/dev/null ||
+    topo_die "could not bind ClusterRole $role to $user"
+  printf '%s' "$role"
+}
+
+# A kubeconfig for USER's token at PATH: the apiserver's URL and CA.
+topo_kubeconfig() {
+  local user=$1 path=$2
+  (
+    umask 077
+    cat >"$path" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: lab
+  cluster:
+    server: "$TOPO_KUBE_URL"
+    certificate-authority: "$TOPO_KUBE_CA"
+users:
+- name: "$user"
+  user:
+    token: "$(<"$TOPO_KUBE_DIR/token.$user")"
+contexts:
+- name: lab
+  context:
+    cluster: lab
+    user: "$user"
+current-context: lab
+EOF
+  )
+}
+
+# Stops the apiserver and its etcd (by PID) and forgets them.
+topo_kube_stop() {
+  topo_stop_tracked "$TOPO_KUBE_PID" "$TOPO_KUBE_ETCD_PID"
+  TOPO_KUBE_PID=""
+  TOPO_KUBE_ETCD_PID=""
+}
+
 # Starts weftd in host N; extra flags are passed through. Files go to $TOPO_DIR/hN/.
 topo_weftd() {
   local n=$1; shift
