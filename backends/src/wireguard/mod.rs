@@ -310,6 +310,15 @@ impl DataPlane for Wireguard {
 }
 
 impl Wireguard {
+    /// What the userspace data plane has counted (packets, bytes, drops by reason) since it
+    /// started; `None` on the kernel's WireGuard (`wg show` has its counters).
+    pub fn counters(&self) -> Option<crate::udp::Counters> {
+        match &self.path {
+            Some(Path::Userspace(u)) => Some(u.counters()),
+            _ => None,
+        }
+    }
+
     /// Reads the private key from `path` rather than `WIREGUARD_KEY_FILE`'s or flannel's path
     /// (tests run several hosts in one process, each with its own key).
     pub fn set_key_file(&mut self, path: std::path::PathBuf) {

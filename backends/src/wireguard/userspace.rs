@@ -35,6 +35,7 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 use super::kernel;
 use super::key::{Key, PrivateKey};
 use super::want::{WgPeer, DEVICE};
+use crate::udp::codec::{Counters, DropReason, SharedCounters};
 use crate::Error;
 
 /// How often the protocol's timers (handshake retries, keepalives, session expiry) are looked
@@ -52,6 +53,8 @@ pub struct Userspace {
     wake: UnixStream,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// What the worker counted, published after each round.
+    counters: Arc<SharedCounters>,
 }
 
 impl Userspace {
@@ -76,6 +79,7 @@ impl Userspace {
         let existing = kernel::find(handle)
             .await?
             .ok_or_else(|| Error::Other(format!("{DEVICE} vanished right after it was opened")))?;
+        ipv6_off();
         if existing.mtu != Some(mtu) || !existing.up {
             let set = LinkUnspec::new_with_index(existing.index).mtu(mtu).up();
             handle
@@ -95,6 +99,7 @@ impl Userspace {
             .map_err(Error::io("make the wake-up socket non-blocking"))?;
         let (peers, rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(SharedCounters::default());
         let secret = StaticSecret::from(*private.bytes());
         let worker = Worker {
             public: PublicKey::from(&secret),
@@ -105,6 +110,8 @@ impl Userspace {
             rx,
             stop: stop.clone(),
             table: Table::default(),
+            counters: Counters::default(),
+            shared: counters.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("weft-wg".into())
@@ -117,6 +124,7 @@ impl Userspace {
             wake,
             stop,
             thread: Some(thread),
+            counters,
         })
     }
 
@@ -127,6 +135,12 @@ impl Userspace {
             .map_err(|_| Error::Other("the WireGuard worker is gone".into()))?;
         let _ = self.wake.write(&[1]);
         Ok(())
+    }
+
+    /// What the worker has counted so far: packets and bytes each way (inner packets), and
+    /// drops by reason.
+    pub fn counters(&self) -> Counters {
+        self.counters.load()
     }
 
     /// Whether the worker still runs.
@@ -143,6 +157,18 @@ impl Drop for Userspace {
         let _ = self.wake.write(&[1]);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// `disable_ipv6` 1 on flannel-wg (as udp on flannel0): the data plane is IPv4-only, and the
+/// kernel would otherwise send router solicitations and MLD reports into it, to be dropped. A
+/// nicety: where /proc/sys is read-only or the kernel has no IPv6 it is left as it is.
+fn ipv6_off() {
+    let path = format!("/proc/sys/net/ipv6/conf/{DEVICE}/disable_ipv6");
+    if std::fs::read_to_string(&path).is_ok_and(|now| now.trim() != "1") {
+        if let Err(e) = std::fs::write(&path, "1") {
+            debug!(path, error = %e, "cannot turn IPv6 off on {DEVICE}; leaving it");
         }
     }
 }
@@ -168,6 +194,8 @@ struct Worker {
     rx: Receiver<Vec<WgPeer>>,
     stop: Arc<AtomicBool>,
     table: Table,
+    counters: Counters,
+    shared: Arc<SharedCounters>,
 }
 
 /// The worker's peers, found by destination address, by session index and by key.
@@ -241,30 +269,47 @@ impl Worker {
                 self.tick(&mut outbuf);
                 next_tick = Instant::now() + TICK;
             }
+            self.shared.publish(&self.counters);
         }
     }
 
     /// A packet from the TUN device: to the peer whose subnet holds its destination.
     fn outgoing(&mut self, pkt: &[u8], out: &mut [u8]) {
-        if pkt.len() < 20 || pkt[0] >> 4 != 4 {
-            return;
+        let c = &mut self.counters;
+        if pkt.len() < 20 {
+            return c.count_drop(DropReason::Truncated);
+        }
+        if pkt[0] >> 4 != 4 {
+            return c.count_drop(DropReason::NotIpv4);
         }
         let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
         let Some(i) = self.table.for_destination(dst) else {
-            return;
+            return c.count_drop(DropReason::NoRoute);
         };
         let p = &mut self.table.peers[i];
         match p.tunn.encapsulate(pkt, out) {
-            TunnResult::WriteToNetwork(b) => {
-                let _ = self.sock.send_to(b, p.endpoint);
+            TunnResult::WriteToNetwork(b) => match self.sock.send_to(b, p.endpoint) {
+                Ok(_) => {
+                    c.tx_packets += 1;
+                    c.tx_bytes += pkt.len() as u64;
+                }
+                Err(_) => c.count_drop(DropReason::SendFailed),
+            },
+            TunnResult::Err(e) => {
+                debug!(error = ?e, "WireGuard: encapsulation failed");
+                c.count_drop(DropReason::SendFailed);
             }
-            TunnResult::Err(e) => debug!(error = ?e, "WireGuard: encapsulation failed"),
+            // Queued until the handshake it started completes.
             _ => {}
         }
     }
 
-    /// A datagram from the network: to its peer's session, then into the TUN device.
+    /// A datagram from the network: to its peer's session, then into the TUN device. What no
+    /// current peer's session authenticates (an unknown key or index, a bad tag, a replayed
+    /// counter) counts as from an unknown sender; a decrypted packet from outside the peer's
+    /// subnet as not in its lease.
     fn incoming(&mut self, dgram: &[u8], from: SocketAddr, out: &mut [u8]) {
+        let c = &mut self.counters;
         let i = match Tunn::parse_incoming_packet(dgram) {
             Ok(Packet::HandshakeInit(h)) => parse_handshake_anon(&self.secret, &self.public, &h)
                 .ok()
@@ -275,7 +320,7 @@ impl Worker {
             Err(_) => None,
         };
         let Some(i) = i else {
-            return;
+            return c.count_drop(DropReason::UnknownSender);
         };
         let p = &mut self.table.peers[i];
         match p.tunn.decapsulate(Some(from.ip()), dgram, out) {
@@ -284,17 +329,32 @@ impl Worker {
                 p.endpoint = from;
                 // Packets queued while the handshake ran go now.
                 while let TunnResult::WriteToNetwork(b) = p.tunn.decapsulate(None, &[], out) {
-                    let _ = self.sock.send_to(b, p.endpoint);
+                    match self.sock.send_to(b, p.endpoint) {
+                        Ok(_) => c.tx_packets += 1,
+                        Err(_) => c.count_drop(DropReason::SendFailed),
+                    }
                 }
             }
             TunnResult::WriteToTunnelV4(b, src) => {
                 p.endpoint = from;
-                if p.allowed.contains(&src) {
-                    let _ = self.tun.send(b);
+                if !p.allowed.contains(&src) {
+                    return c.count_drop(DropReason::SourceNotInSenderLease);
+                }
+                match self.tun.send(b) {
+                    Ok(_) => {
+                        c.rx_packets += 1;
+                        c.rx_bytes += b.len() as u64;
+                    }
+                    Err(_) => c.count_drop(DropReason::TunWriteFailed),
                 }
             }
-            TunnResult::Err(e) => debug!(error = ?e, %from, "WireGuard: datagram dropped"),
-            _ => p.endpoint = from,
+            TunnResult::WriteToTunnelV6(..) => c.count_drop(DropReason::NotIpv4),
+            TunnResult::Err(e) => {
+                debug!(error = ?e, %from, "WireGuard: datagram dropped");
+                c.count_drop(DropReason::UnknownSender);
+            }
+            // A keepalive.
+            TunnResult::Done => p.endpoint = from,
         }
     }
 

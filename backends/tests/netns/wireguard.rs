@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
+use weft_backends::udp::{Counters, DropReason};
 use weft_backends::{Backend, Lease, PeerChanges};
 
 use crate::harness::{others, root_or_skip, Host, Lab};
@@ -19,6 +20,18 @@ fn key_file(lab: &str, h: &Host) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("weft-wg-{lab}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(dir.join(format!("h{}", h.n)));
     dir.join(format!("h{}/wgkey", h.n))
+}
+
+/// The userspace data plane's counters on `h`.
+fn counters(h: &Host) -> Counters {
+    h.agent.with_backend(|b| {
+        Box::pin(async move {
+            match b {
+                Backend::Wireguard(w) => w.counters().expect("the userspace data plane"),
+                _ => panic!("not a wireguard backend"),
+            }
+        })
+    })
 }
 
 /// start with its own key file, prepare, configure: the host is up and holds its lease.
@@ -73,9 +86,19 @@ fn two_hosts_reach_each_other_through_userspace_wireguard() {
     assert_eq!(routes[0]["dev"], DEV);
 
     lab.assert_full_mesh();
+    let h2 = &lab.hosts[1];
+    let c = counters(h1);
+    assert!(c.tx_packets > 0 && c.rx_packets > 0, "{c:?}");
+    assert_eq!(c.total_drops(), 0, "{c:?}");
+
+    // Datagrams no peer's session authenticates are dropped and counted.
+    weft_lab::probe::udp_send(&h2.ns, "192.168.100.1:51820".parse().expect("addr"));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let c = counters(h1);
+    assert_eq!(c.drop_count(DropReason::UnknownSender), 5, "{c:?}");
+    assert!(h2.reaches(h1), "and do no harm");
 
     // A peer leaving: its traffic stops.
-    let h2 = &lab.hosts[1];
     h1.reconcile(&[]).expect("reconcile");
     assert!(!h1.reaches(h2), "a removed peer is no longer reached");
     h1.reconcile(&others(&leases, 0)).expect("reconcile");
