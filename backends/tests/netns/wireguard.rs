@@ -408,3 +408,38 @@ fn capture_eth0(h: &Host, limit: std::time::Duration) -> std::thread::JoinHandle
     ready.recv().expect("capture ready");
     t
 }
+
+/// A peer whose PublicIP changes (its lease rewritten) is dialled at the new address, its
+/// session kept (same key).
+#[test]
+fn a_peer_changing_its_public_ip_is_reached_at_the_new_one() {
+    if !root_or_skip("wireguard::a_peer_changing_its_public_ip_is_reached_at_the_new_one") {
+        return;
+    }
+    let mut lab = Lab::new();
+    for i in 1..=2 {
+        lab.add_host(i, &format!("192.168.100.{i}/24"), 1500);
+    }
+    let mut leases: Vec<Lease> = (lab.hosts.iter())
+        .map(|h| up(h, key_file("moved", h), wireguard()))
+        .collect();
+    lab.reconcile_all(&leases);
+    lab.assert_full_mesh();
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    // (Deleting a primary address takes its secondaries along: the old one goes first.)
+    h2.ns
+        .must(&["ip", "addr", "del", "192.168.100.2/24", "dev", "eth0"]);
+    h2.ns
+        .must(&["ip", "addr", "add", "192.168.100.12/24", "dev", "eth0"]);
+    leases[1].public_ip = "192.168.100.12".parse().expect("ip");
+    let moved = PeerChanges {
+        upsert: vec![leases[1].clone()],
+        remove: vec![],
+    };
+    h1.apply(&moved).expect("apply");
+    assert!(h1.reaches(h2), "c1 -> c2 at the new address");
+    assert!(h2.reaches(h1), "c2 -> c1 from the new address");
+    // A full pass agrees.
+    h1.reconcile(&others(&leases, 0)).expect("reconcile");
+    assert!(h1.reaches(h2));
+}
