@@ -443,3 +443,26 @@ fn a_peer_changing_its_public_ip_is_reached_at_the_new_one() {
     h1.reconcile(&others(&leases, 0)).expect("reconcile");
     assert!(h1.reaches(h2));
 }
+
+#[test]
+fn three_hosts_make_a_full_mesh() {
+    if !root_or_skip("wireguard::three_hosts_make_a_full_mesh") {
+        return;
+    }
+    let mut lab = Lab::new();
+    for i in 1..=3 {
+        lab.add_host(i, &format!("192.168.100.{i}/24"), 1500);
+    }
+    let leases: Vec<Lease> = (lab.hosts.iter())
+        .map(|h| up(h, key_file("three", h), wireguard()))
+        .collect();
+    lab.reconcile_all(&leases);
+    lab.assert_full_mesh();
+    // A second pass with the same peers keeps every session: still a mesh, no drop counted.
+    lab.reconcile_all(&leases);
+    lab.assert_full_mesh();
+    for h in &lab.hosts {
+        let c = counters(h);
+        assert_eq!(c.total_drops(), 0, "host {}: {c:?}", h.n);
+    }
+}
