@@ -213,53 +213,13 @@ impl DataPlane for Wireguard {
             self.synced = false;
             return Err(Error::Other("wireguard: apply before the first reconcile".into()).into());
         };
-        let own_key = want::own_key(&own);
-        let mut errs = ErrorList::default();
-        let mut msgs = Vec::new();
-        for subnet in &changes.remove {
-            if let Some(old) = self.peers.remove(subnet) {
-                debug!(%subnet, "WireGuard peer removed");
-                msgs.push(genl::removal(&old.public_key));
-            }
+        let steps = want::changes(&self.cfg, &self.net, &own, &mut self.peers, changes);
+        let mut errs = ErrorList(steps.refused);
+        for k in &steps.remove {
+            debug!(public_key = %key::show(k), "WireGuard peer removed");
         }
-        for p in &changes.upsert {
-            let old = self.peers.remove(&p.subnet);
-            if !peer_is_ours(p) {
-                if let Some(old) = old {
-                    msgs.push(genl::removal(&old.public_key));
-                }
-                continue;
-            }
-            let judged = want::judge(&self.cfg, &self.net, Some(&own), own_key.as_ref(), p)
-                .and_then(
-                    |wp| match self.peers.values().find(|o| o.public_key == wp.public_key) {
-                        Some(o) => Err(Error::BadPeer {
-                            subnet: p.subnet.to_string(),
-                            reason: format!(
-                                "PublicKey {} is peer {}'s",
-                                key::show(&wp.public_key),
-                                o.subnet
-                            ),
-                        }),
-                        None => Ok(wp),
-                    },
-                );
-            if let Some(old) = &old {
-                if judged
-                    .as_ref()
-                    .map_or(true, |wp| wp.public_key != old.public_key)
-                {
-                    msgs.push(genl::removal(&old.public_key));
-                }
-            }
-            match judged {
-                Ok(wp) => {
-                    msgs.push(genl::peer(&wp));
-                    self.peers.insert(wp.subnet, wp);
-                }
-                Err(e) => errs.push(e),
-            }
-        }
+        let mut msgs: Vec<_> = steps.remove.iter().map(genl::removal).collect();
+        msgs.extend(steps.set.iter().map(genl::peer));
         if !msgs.is_empty() {
             if let Err(e) = self.send(msgs) {
                 self.synced = false;
@@ -436,11 +396,6 @@ impl Wireguard {
         );
         errs
     }
-}
-
-/// Whether `p` is a wireguard lease (others are ignored, as flannel does).
-fn peer_is_ours(p: &Lease) -> bool {
-    crate::peer::same_type(p, Wireguard::TYPE)
 }
 
 #[cfg(test)]

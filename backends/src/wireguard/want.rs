@@ -3,7 +3,7 @@
 //! network through it, and one WireGuard peer per remote lease. The kernel path, the userspace
 //! data plane and `weftctl doctor` all work from it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddrV4;
 
 use ipnet::Ipv4Net;
@@ -12,7 +12,7 @@ use super::config::WgConfig;
 use super::data;
 use super::key::{self, Key};
 use crate::routes::RouteSpec;
-use crate::{peer, DataPlane, Error, Lease, Network};
+use crate::{peer, DataPlane, Error, Lease, Network, PeerChanges};
 
 /// flannel's device name.
 pub const DEVICE: &str = "flannel-wg";
@@ -136,6 +136,76 @@ pub fn want(
     w
 }
 
+/// What a change of the peer set does to the device: peers to remove (by key) and peers to
+/// set, in that order.
+#[derive(Debug, Default)]
+pub struct Steps {
+    pub remove: Vec<Key>,
+    pub set: Vec<WgPeer>,
+    pub refused: Vec<Error>,
+}
+
+/// Applies `changes` to `peers` (the WireGuard peer of each lease, as set): every changed or
+/// removed lease leaves first, so a key passing from one lease to another within the batch is
+/// free whatever their order; then each upsert is judged. A key no lease holds any more is
+/// removed; a key still held is only set again (its sessions kept, its AllowedIPs replaced).
+pub fn changes(
+    cfg: &WgConfig,
+    net: &Network,
+    own: &Lease,
+    peers: &mut BTreeMap<Ipv4Net, WgPeer>,
+    changes: &PeerChanges,
+) -> Steps {
+    let own_key = own_key(own);
+    let mut left: Vec<Key> = Vec::new();
+    for subnet in changes
+        .remove
+        .iter()
+        .chain(changes.upsert.iter().map(|p| &p.subnet))
+    {
+        if let Some(old) = peers.remove(subnet) {
+            left.push(old.public_key);
+        }
+    }
+    let mut keys: HashMap<Key, Ipv4Net> =
+        peers.values().map(|p| (p.public_key, p.subnet)).collect();
+    let mut steps = Steps::default();
+    for p in changes
+        .upsert
+        .iter()
+        .filter(|p| peer::same_type(p, super::Wireguard::TYPE))
+    {
+        let judged = judge(cfg, net, Some(own), own_key.as_ref(), p).and_then(|wp| {
+            if peers.contains_key(&p.subnet) {
+                return Err(Error::BadPeer {
+                    subnet: p.subnet.to_string(),
+                    reason: "another peer has this subnet".into(),
+                });
+            }
+            match keys.get(&wp.public_key) {
+                Some(holder) => Err(Error::BadPeer {
+                    subnet: p.subnet.to_string(),
+                    reason: format!("PublicKey {} is peer {holder}'s", key::show(&wp.public_key)),
+                }),
+                None => Ok(wp),
+            }
+        });
+        match judged {
+            Ok(wp) => {
+                keys.insert(wp.public_key, wp.subnet);
+                peers.insert(wp.subnet, wp.clone());
+                steps.set.push(wp);
+            }
+            Err(e) => steps.refused.push(e),
+        }
+    }
+    let mut gone: Vec<Key> = left.into_iter().filter(|k| !keys.contains_key(k)).collect();
+    gone.sort_unstable();
+    gone.dedup();
+    steps.remove = gone;
+    steps
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +216,7 @@ mod tests {
     const K1: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
     const K2: &str = "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=";
     const OWN: &str = "GJ1t8pV1dPq0i8p9tF2P0BqX4V7q5x9jH0f8dG1s2aY=";
+    const OTHER: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
 
     fn net() -> Network {
         Network {
@@ -286,6 +357,78 @@ mod tests {
         ]) {
             assert!(r.starts_with(want), "{r} does not start with {want}");
         }
+    }
+
+    #[test]
+    fn changes_remove_only_keys_no_lease_holds_and_let_a_key_move_within_a_batch() {
+        let c = cfg(json!({}));
+        let l = |subnet: &str, ip: &str, k: &str| {
+            lease(subnet, ip, Some(json!({"PublicKey": k, "Port": 51820})))
+        };
+        let a = l("10.244.2.0/24", "192.168.1.3", K1);
+        let b = l("10.244.3.0/24", "192.168.1.4", K2);
+        let mut peers = BTreeMap::new();
+        let all = PeerChanges {
+            upsert: vec![a.clone(), b.clone()],
+            remove: vec![],
+        };
+        let s = changes(&c, &net(), &own(), &mut peers, &all);
+        assert_eq!((s.remove.len(), s.set.len(), s.refused.len()), (0, 2, 0));
+        let k1 = key::parse(K1).expect("key");
+        let k2 = key::parse(K2).expect("key");
+
+        // b takes a's key and a gets a new one, b listed first: no refusal, nothing removed
+        // (both keys are still held), both set again.
+        let swapped = PeerChanges {
+            upsert: vec![
+                l("10.244.3.0/24", "192.168.1.4", K1),
+                l("10.244.2.0/24", "192.168.1.3", OTHER),
+            ],
+            remove: vec![],
+        };
+        let s = changes(&c, &net(), &own(), &mut peers, &swapped);
+        assert!(s.refused.is_empty(), "{:?}", s.refused);
+        assert_eq!(s.remove, [k2], "K2 is no lease's any more");
+        assert_eq!(s.set.len(), 2);
+        assert_eq!(peers[&b.subnet].public_key, k1);
+
+        // A lease leaving: its key goes.
+        let gone = PeerChanges {
+            upsert: vec![],
+            remove: vec![b.subnet],
+        };
+        let s = changes(&c, &net(), &own(), &mut peers, &gone);
+        assert_eq!((s.remove, s.set.len()), (vec![k1], 0));
+        assert_eq!(peers.len(), 1);
+
+        // A key another lease holds is refused, and the device keeps the holder.
+        let taken = PeerChanges {
+            upsert: vec![l("10.244.4.0/24", "192.168.1.5", OTHER)],
+            remove: vec![],
+        };
+        let s = changes(&c, &net(), &own(), &mut peers, &taken);
+        assert!(s.set.is_empty() && s.remove.is_empty());
+        assert!(
+            s.refused[0].to_string().contains("is peer 10.244.2.0/24's"),
+            "{:?}",
+            s.refused
+        );
+
+        // An upsert that is no longer a wireguard lease: its peer goes.
+        let mut other = a.clone();
+        other.backend_type = "vxlan".into();
+        let s = changes(
+            &c,
+            &net(),
+            &own(),
+            &mut peers,
+            &PeerChanges {
+                upsert: vec![other],
+                remove: vec![],
+            },
+        );
+        assert_eq!(s.remove, [key::parse(OTHER).expect("key")]);
+        assert!(peers.is_empty());
     }
 
     proptest! {
