@@ -89,7 +89,10 @@ enum Path {
 
 impl DataPlane for Wireguard {
     const TYPE: &'static str = "wireguard";
-    const SURVIVES_RESTART: &'static str = "flannel-wg with its address, route and WireGuard peers";
+    const SURVIVES_RESTART: &'static str =
+        "flannel-wg with its address and route; kernel WireGuard keeps its peers and forwards \
+         on, weft's userspace WireGuard (a persistent TUN device) drops packets until the next \
+         weftd reopens it";
     const DEVICE_KIND: Option<&'static str> = Some("wireguard");
     const MTU_OVERHEAD: u32 = config::OVERHEAD;
     const IDENTITY: Option<&'static IdentityKind> = Some(&PUBLIC_KEY);
