@@ -40,6 +40,7 @@ COMMANDS=(
   dockerd docker containerd runc tini busybox apparmor_parser   # Docker tests
   debootstrap systemctl install                     # systemd test, install.sh
   iperf3 openvpn python3 jq ethtool                 # benchmarks
+  wireguard-go wg                                   # the wireguard backend's interop test
 )
 
 ARGS=("$@")
