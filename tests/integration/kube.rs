@@ -570,3 +570,43 @@ fn a_listing_of_more_nodes_than_one_page_is_read_whole() {
         .expect("the listing line");
     assert!(line.contains("peers=520 "), "every page read: {line}");
 }
+
+#[test]
+fn without_node_name_the_node_is_found_from_the_pods_own_object() {
+    if require_kube("without_node_name_the_node_is_found_from_the_pods_own_object").is_none() {
+        return;
+    }
+    // flanneld's fallback: POD_NAME and POD_NAMESPACE name the pod, whose spec.nodeName is the
+    // node. That needs pods get besides the shipped role (which has none: its NODE_NAME comes
+    // from the downward API).
+    let mut c = Cluster::new(1, VXLAN);
+    c.api.create(
+        r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"weft-abcde","namespace":"default"},
+            "spec":{"nodeName":"node-0","containers":[{"name":"weftd","image":"weft"}]}}"#,
+    );
+    c.api.create(
+        r#"{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole",
+            "metadata":{"name":"pods-get"},
+            "rules":[{"apiGroups":[""],"resources":["pods"],"verbs":["get"]}]}"#,
+    );
+    c.api.bind_cluster_role(&node(0), "pods-get");
+    let kubeconfig = c.t.hosts[0].dir.join("kubeconfig");
+    std::fs::create_dir_all(&c.t.hosts[0].dir).expect("dir");
+    c.api.kubeconfig_for(&node(0), &kubeconfig);
+    let args = [
+        "-kube-subnet-mgr".to_string(),
+        format!("-kubeconfig-file={}", kubeconfig.display()),
+        format!("-net-config-path={}", c.config.display()),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.t.start_with(
+        0,
+        &args,
+        &[("POD_NAME", "weft-abcde"), ("POD_NAMESPACE", "default")],
+    );
+    assert_eq!(c.t.hosts[0].wait_subnet().to_string(), pod_cidr(0));
+    assert_eq!(
+        c.wait_published(0)[format!("{P}/kube-subnet-manager")],
+        "true"
+    );
+}
