@@ -51,6 +51,14 @@ pub use routes::owner::RTPROT_WEFT;
 pub use routes::{route_table, RouteSpec};
 pub use vxlan::ethtool;
 
+/// A backend option that cannot be used, and why.
+pub(crate) fn invalid_option(option: &str, reason: &str) -> Error {
+    Error::InvalidOption {
+        option: option.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
 /// The backend options of the network config (`Backend` object), keys matched case-insensitively as
 /// flannel's Go decoder does.
 #[derive(Debug, Clone, Default)]
@@ -72,6 +80,16 @@ impl BackendConfig {
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(key))
             .map(|(_, v)| v)
+    }
+
+    /// `key` as an integer from 0 to `max`, if given (`null` counts as not given).
+    pub fn uint(&self, key: &str, max: u64) -> Result<Option<u64>, Error> {
+        match self.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_u64().filter(|n| *n <= max).map(Some).ok_or_else(|| {
+                invalid_option(key, &format!("want an integer from 0 to {max}, got {v}"))
+            }),
+        }
     }
 
     /// `Type`, defaulting to `udp` like flannel when absent.

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::{BackendConfig, Error};
+use crate::{invalid_option as invalid, BackendConfig, Error};
 
 /// flannel's udp port.
 pub const DEFAULT_PORT: u16 = 8285;
@@ -26,12 +26,12 @@ pub struct UdpConfig {
 impl UdpConfig {
     /// Parses `Port`, `MTU` and `Offload` (keys in any case); `underlay_mtu` bounds the MTU.
     pub fn parse(c: &BackendConfig, underlay_mtu: u32) -> Result<Self, Error> {
-        let port = match uint(c, "Port", u64::from(u16::MAX))? {
+        let port = match c.uint("Port", u64::from(u16::MAX))? {
             None | Some(0) => DEFAULT_PORT,
             Some(p) => p as u16,
         };
         let max_mtu = underlay_mtu.saturating_sub(OVERHEAD);
-        let mtu = match uint(c, "MTU", u64::from(u32::MAX))? {
+        let mtu = match c.uint("MTU", u64::from(u32::MAX))? {
             None | Some(0) => max_mtu,
             Some(m) => {
                 let m = m as u32;
@@ -60,24 +60,6 @@ impl UdpConfig {
                 .ok_or_else(|| invalid("Offload", &format!("want true or false, got {v}")))?,
         };
         Ok(Self { port, mtu, offload })
-    }
-}
-
-fn invalid(option: &str, reason: &str) -> Error {
-    Error::InvalidOption {
-        option: option.to_string(),
-        reason: reason.to_string(),
-    }
-}
-
-fn uint(c: &BackendConfig, key: &str, max: u64) -> Result<Option<u64>, Error> {
-    match c.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .filter(|n| *n <= max)
-            .map(Some)
-            .ok_or_else(|| invalid(key, &format!("want an integer from 0 to {max}, got {v}"))),
     }
 }
 

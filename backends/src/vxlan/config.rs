@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::{BackendConfig, Error};
+use crate::{invalid_option as invalid, BackendConfig, Error};
 
 /// Linux's default vxlan UDP port, which flannel relies on by not setting one.
 pub const KERNEL_DEFAULT_PORT: u16 = 8472;
@@ -75,21 +75,8 @@ impl VxlanConfig {
     }
 }
 
-fn invalid(option: &str, reason: &str) -> Error {
-    Error::InvalidOption {
-        option: option.to_string(),
-        reason: reason.to_string(),
-    }
-}
-
 fn uint(c: &BackendConfig, key: &str, default: u64, max: u64) -> Result<u64, Error> {
-    match c.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_u64()
-            .filter(|n| *n <= max)
-            .ok_or_else(|| invalid(key, &format!("want an integer from 0 to {max}, got {v}"))),
-    }
+    Ok(c.uint(key, max)?.unwrap_or(default))
 }
 
 fn boolean(c: &BackendConfig, key: &str) -> Result<bool, Error> {

@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use super::key::{self, Key};
-use crate::{BackendConfig, Error};
+use crate::{invalid_option as invalid, BackendConfig, Error};
 
 /// flannel's WireGuard port, and its IPv6 device's.
 pub const DEFAULT_PORT: u16 = 51820;
@@ -48,7 +48,7 @@ impl WgConfig {
     /// Parses the options; `underlay_mtu` is the MTU used when the config sets none.
     pub fn parse(c: &BackendConfig, underlay_mtu: u32) -> Result<Self, Error> {
         let port = |key: &str, default: u16| -> Result<u16, Error> {
-            Ok(match uint(c, key, u64::from(u16::MAX))? {
+            Ok(match c.uint(key, u64::from(u16::MAX))? {
                 None | Some(0) => default,
                 Some(p) => p as u16,
             })
@@ -71,10 +71,12 @@ impl WgConfig {
                 ))
             }
         };
-        let keepalive = uint(c, "PersistentKeepaliveInterval", u64::from(u16::MAX))?
+        let keepalive = c
+            .uint("PersistentKeepaliveInterval", u64::from(u16::MAX))?
             .filter(|s| *s != 0)
             .map(|s| s as u16);
-        let mtu = uint(c, "MTU", MAX_MTU)?
+        let mtu = c
+            .uint("MTU", MAX_MTU)?
             .filter(|m| *m != 0)
             .map(|m| m as u32);
         let base = mtu.unwrap_or(underlay_mtu);
@@ -131,24 +133,6 @@ impl WgConfig {
     /// The device's MTU, and FLANNEL_MTU: the configured (or underlay's) MTU less 80.
     pub fn device_mtu(&self, underlay_mtu: u32) -> u32 {
         self.mtu.unwrap_or(underlay_mtu).saturating_sub(OVERHEAD)
-    }
-}
-
-fn invalid(option: &str, reason: &str) -> Error {
-    Error::InvalidOption {
-        option: option.to_string(),
-        reason: reason.to_string(),
-    }
-}
-
-fn uint(c: &BackendConfig, key: &str, max: u64) -> Result<Option<u64>, Error> {
-    match c.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .filter(|n| *n <= max)
-            .map(Some)
-            .ok_or_else(|| invalid(key, &format!("want an integer from 0 to {max}, got {v}"))),
     }
 }
 
