@@ -132,6 +132,11 @@ impl ErrorList {
         self.0.iter().all(Error::is_transient)
     }
 
+    /// The first failure alone, for a step whose caller takes one error.
+    pub fn into_first(self) -> Result<(), Error> {
+        self.0.into_iter().next().map_or(Ok(()), Err)
+    }
+
     pub fn into_result(self) -> Result<(), ErrorList> {
         if self.0.is_empty() {
             Ok(())

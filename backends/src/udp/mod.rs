@@ -236,10 +236,7 @@ impl DataPlane for Udp {
         self.publish_table();
         let errs = self.ensure_route(index).await;
         self.conn.settle().await;
-        match errs.0.into_iter().next() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        errs.into_first()
     }
 
     async fn reconcile<P: Borrow<Lease>>(

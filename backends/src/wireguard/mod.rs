@@ -176,10 +176,7 @@ impl DataPlane for Wireguard {
         let index = self.ensure_device().await?;
         let errs = self.ensure_address_and_route(index).await;
         self.conn.settle().await;
-        match errs.0.into_iter().next() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        errs.into_first()
     }
 
     async fn reconcile<P: Borrow<Lease>>(
