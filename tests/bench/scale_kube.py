@@ -9,7 +9,7 @@ when each write is in place.
         Nodes with podCIDRs 10.x.y.0/24 and flannel's annotations, from --conns connections at
         once. Prints nothing; FILE gets the time it took (not part of the result).
     scale_kube.py list --api URL --ca CA --token-file F --out FILE
-        As weft's identity: the node list in pages of 500, as weftd reads it, timed (--repeat
+        As weft's identity: the node list in weftd's pages (WEFTD_PAGE Nodes), as weftd reads it, timed (--repeat
         times); its size in bytes.
     scale_kube.py apiwatch --api URL --ca CA --token-file F (admin) --out FILE --marker FILE
         The bench's own watch on every Node, each event stamped on arrival: where a write's
@@ -49,6 +49,8 @@ PREFIX = "flannel.alpha.coreos.com"
 SMP = "application/strategic-merge-patch+json"
 # The bench's own requests as weft's identity (the timed list) are told from weftd's by this.
 BENCH_AGENT = "weft-scale-bench"
+# Nodes per page of weftd's listing (PAGE in src/registry/kube/mod.rs).
+WEFTD_PAGE = 100
 # This host's Node leases the network's last /24; peers take 1..N and churn adds after them.
 OWN_NAME = "bench-self"
 OWN_INDEX = 65535
@@ -280,8 +282,9 @@ def cmd_prefill(a):
                    "conns": a.conns, "bytes_sent_per_node": round(sum(sent) / max(1, a.n))}, f)
 
 
-def list_nodes(kube, page=500):
+def list_nodes(kube, page=None):
     """One paged listing as weftd reads it: (seconds, bytes, items, pages)."""
+    page = page or WEFTD_PAGE
     t0 = time.time()
     nbytes = items = pages = 0
     cont = None
@@ -706,12 +709,12 @@ def cmd_report(a):
 
     print("### The node list and the cold start (ms)")
     print()
-    print("The list as weftd reads it (pages of 500), timed by the bench as weft's identity before "
+    print("The list as weftd reads it (pages of %d), timed by the bench as weft's identity before "
           "weftd starts (fastest / median of its runs). weftd's own listing from the apiserver's audit "
           "log: its first page received and its last page complete, from weftd's start. "
           "\"listing loaded\": weftd's log line, once every page is parsed into the peer set. "
           "All in place: every peer's route (vxlan: and neighbour, FDB entry) seen in the kernel, "
-          "from weftd's start and after the last page went out.")
+          "from weftd's start and after the last page went out." % WEFTD_PAGE)
     print()
     print("| weftd | backend | nodes | node objects | node list: KiB (per node) | "
           "list timed by the bench | weftd's list: begin → done | listing loaded | READY=1 | "

@@ -551,7 +551,7 @@ fn a_listing_of_more_nodes_than_one_page_is_read_whole() {
     if require_kube("a_listing_of_more_nodes_than_one_page_is_read_whole").is_none() {
         return;
     }
-    // weftd lists 500 Nodes a page: 520 peers take two pages and a continue token.
+    // weftd lists 100 Nodes a page: 520 peers take six pages and five continue tokens.
     let mut c = Cluster::new(1, r#"{"Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}"#);
     for k in 0..520u32 {
         let ip = format!("172.16.{}.{}", k / 250, k % 250 + 1);

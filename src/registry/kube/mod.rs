@@ -33,12 +33,15 @@ use crate::lease::Record;
 pub use node::{Annotations, Node, DEFAULT_PREFIX};
 pub use watch::KubeWatch;
 
+/// How weft's requests name themselves to the API server.
+const USER_AGENT: &str = concat!("weft/", env!("CARGO_PKG_VERSION"));
 /// Longest wait for one API request (a watch's wait for events is bounded separately).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
-/// Nodes per page of a listing: 5,000 nodes are never one response held whole.
-const PAGE: usize = 500;
-/// The largest answer read: a page of 500 Nodes of ~20 KB each (kubelets list their images)
-/// is 10 MB.
+/// Nodes per page of a listing. A page is held whole while it is parsed, so it bounds the
+/// listing's peak memory: 100 kubelet-registered Nodes (~10 KB each, with their images) are
+/// ~1 MB; 500, client-go's page, cost weftd ~15 MiB of peak RSS at 5,000 Nodes (BENCHMARKS.md).
+const PAGE: usize = 100;
+/// The largest answer read: a page of 100 Nodes of ~20 KB each is 2 MB; a Node can be 1.5 MB.
 const MAX_ANSWER: usize = 64 << 20;
 
 /// The Kubernetes API, for this host's Node.
@@ -170,21 +173,16 @@ impl KubeStore {
     /// One request, bounded in time; the API's refusal (RBAC, a missing node) as its message.
     async fn text(&self, req: Request<Vec<u8>>) -> Result<String> {
         let body = self.bytes(req).await?;
-        String::from_utf8(body.into()).context("the API's answer is not UTF-8")
+        String::from_utf8(body).context("the API's answer is not UTF-8")
     }
 
-    /// One request's answer as it came (a page of 500 Nodes is not copied), bounded in time and
-    /// in size.
-    async fn bytes(&self, req: Request<Vec<u8>>) -> Result<bytes::Bytes> {
+    /// One request's answer, bounded in time and in size.
+    async fn bytes(&self, req: Request<Vec<u8>>) -> Result<Vec<u8>> {
         let what = format!("{} {}", req.method(), req.uri());
         let call = async {
             let res = self.client.send(req.map(kube::client::Body::from)).await?;
             let status = res.status();
-            let body = http_body_util::Limited::new(res.into_body(), MAX_ANSWER)
-                .collect()
-                .await
-                .map_err(|e| anyhow!("reading the answer: {e}"))?
-                .to_bytes();
+            let body = read_body(res.into_body()).await?;
             if status.is_success() {
                 return Ok(body);
             }
@@ -309,6 +307,22 @@ impl KubeStore {
     }
 }
 
+/// A body in one buffer, each chunk dropped as soon as it is copied: the answer is held once,
+/// not as hyper's chunks and their concatenation both (a page's size twice at the peak).
+async fn read_body(mut body: kube::client::Body) -> Result<Vec<u8>> {
+    let mut all = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| anyhow!("reading the answer: {e}"))?;
+        if let Ok(chunk) = frame.into_data() {
+            if all.len() + chunk.len() > MAX_ANSWER {
+                bail!("the answer is larger than {} MiB", MAX_ANSWER >> 20);
+            }
+            all.extend_from_slice(&chunk);
+        }
+    }
+    Ok(all)
+}
+
 /// The position of a resourceVersion. Opaque to clients by the API's contract, it is an etcd
 /// revision in every API server there is; weft only hands it back, and needs it as a number to
 /// fit the registry's positions.
@@ -355,6 +369,11 @@ async fn client_config(args: &KubeArgs) -> Result<kube::Config> {
         config.cluster_url = u;
     }
     config.connect_timeout = Some(Duration::from_secs(10));
+    // The apiserver's audit log and metrics name clients by it, as flanneld's client-go does.
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
     // Watches wait for events longer than requests: bounded by the server (timeoutSeconds) and
     // by this.
     config.read_timeout = Some(watch::WATCH_SECS + Duration::from_secs(30));
@@ -399,4 +418,33 @@ fn query(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn requests_name_weft_as_their_user_agent_and_are_bounded_in_time() {
+        let args = KubeArgs {
+            kube_subnet_mgr: true,
+            kube_api_url: Some("https://192.0.2.1:6443".into()),
+            kubeconfig_file: None,
+            kube_annotation_prefix: DEFAULT_PREFIX.into(),
+            set_node_network_unavailable: true,
+        };
+        let c = client_config(&args)
+            .await
+            .expect("a config from the URL alone");
+        assert_eq!(c.cluster_url.to_string(), "https://192.0.2.1:6443/");
+        let agent = c
+            .headers
+            .iter()
+            .find(|(k, _)| k == http::header::USER_AGENT);
+        let agent = agent
+            .and_then(|(_, v)| v.to_str().ok())
+            .expect("a User-Agent");
+        assert!(agent.starts_with("weft/"), "{agent}");
+        assert!(c.connect_timeout.is_some() && c.read_timeout.is_some());
+    }
 }
