@@ -7,9 +7,9 @@
 //! firewall task; the health server, which encodes), and weftd runs one agent per process.
 //! Unit tests build their own [`Metrics`].
 //!
-//! Everything is counted where it happens, never per packet: the udp data plane's counters are
-//! read from its workers' published totals only when scraped ([`UdpCollector`]), as is the time
-//! left on the lease.
+//! Everything is counted where it happens, never per packet: a userspace data plane's counters
+//! (udp's, wireguard's) are read from its workers' published totals only when scraped
+//! ([`DataPlaneCollector`]), as is the time left on the lease.
 
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -218,7 +218,7 @@ impl Metrics {
             self.firewall_restores.clone(),
         );
         r.register_collector(Box::new(LeaseExpiryCollector(self.scraped.clone())));
-        r.register_collector(Box::new(UdpCollector(self.scraped.clone())));
+        r.register_collector(Box::new(DataPlaneCollector(self.scraped.clone())));
         self
     }
 
@@ -335,20 +335,28 @@ impl Metrics {
         }
     }
 
-    /// The data plane now in use (built for a network, or rebuilt after it failed): udp
-    /// counters are read from it from now on, added to those of the ones before it.
+    /// The data plane now in use (built for a network, or rebuilt after it failed): a userspace
+    /// one's counters are read from it from now on, added to those of the ones of its type
+    /// before it.
     pub fn backend(&self, backend: &Backend, rebuilt: bool) {
         let mut s = self.scraped.lock();
-        if let Some(old) = s.udp.take() {
+        let new = backend.stats();
+        let kind = new.as_ref().map(|n| n.read().data_plane);
+        if let Some(old) = s.plane.take() {
             let old = old.read();
-            s.udp_before.counters += &old.counters;
-            s.udp_before.worker_restarts += old.worker_restarts;
+            if Some(old.data_plane) == kind {
+                s.before.counters += &old.counters;
+                s.before.worker_restarts += old.worker_restarts;
+            } else {
+                s.before = Stats::default();
+            }
         }
-        s.udp = backend.stats();
-        // A rebuilt udp data plane is a restart of its workers too.
-        if rebuilt && s.udp.is_some() {
-            s.udp_before.worker_restarts += 1;
+        // A rebuilt data plane is a restart of its workers too.
+        if rebuilt && s.before.data_plane == kind.unwrap_or_default() && new.is_some() {
+            s.before.worker_restarts += 1;
         }
+        s.before.data_plane = kind.unwrap_or_default();
+        s.plane = new;
     }
 }
 
@@ -385,10 +393,10 @@ struct Scraped(Mutex<ScrapeState>);
 #[derive(Default)]
 struct ScrapeState {
     lease_expires: Option<Instant>,
-    /// The udp data plane in use, if it is udp.
-    udp: Option<StatsSource>,
-    /// The totals of the udp data planes before it, so counters never go backwards.
-    udp_before: Stats,
+    /// The userspace data plane in use, if it is one.
+    plane: Option<StatsSource>,
+    /// The totals of the data planes of its type before it, so counters never go backwards.
+    before: Stats,
 }
 
 impl Scraped {
@@ -424,19 +432,21 @@ impl Collector for LeaseExpiryCollector {
     }
 }
 
-/// The udp data plane's counters, read from its workers' published totals when scraped.
+/// A userspace data plane's counters (`weft_udp_…`, `weft_wireguard_…`), read from its workers'
+/// published totals when scraped.
 #[derive(Debug)]
-struct UdpCollector(Arc<Scraped>);
+struct DataPlaneCollector(Arc<Scraped>);
 
-impl Collector for UdpCollector {
+impl Collector for DataPlaneCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let (now, mut total) = {
             let s = self.0.lock();
-            let Some(src) = &s.udp else {
+            let Some(src) = &s.plane else {
                 return Ok(());
             };
-            (src.read(), s.udp_before.clone())
+            (src.read(), s.before.clone())
         };
+        let p = now.data_plane;
         total.counters += &now.counters;
         total.worker_restarts += now.worker_restarts;
         let c = &total.counters;
@@ -446,47 +456,58 @@ impl Collector for UdpCollector {
         ];
         counter_family(
             &mut encoder,
-            "weft_udp_packets",
-            "Packets the udp data plane carried: in from peers to flannel0, out from flannel0 to peers.",
+            &format!("weft_{p}_packets"),
+            &format!(
+                "Packets the {p} data plane carried: in from peers to its TUN device, out from it \
+                 to peers."
+            ),
             by_direction.iter().map(|(d, p, _)| (("direction", *d), *p)),
         )?;
         counter_family(
             &mut encoder,
-            "weft_udp_bytes",
-            "Bytes of inner packets the udp data plane carried, by direction.",
+            &format!("weft_{p}_bytes"),
+            &format!("Bytes of inner packets the {p} data plane carried, by direction."),
             by_direction.iter().map(|(d, _, b)| (("direction", *d), *b)),
         )?;
         counter_family(
             &mut encoder,
-            "weft_udp_drops",
-            "Packets the udp data plane dropped, by reason.",
+            &format!("weft_{p}_drops"),
+            &format!("Packets the {p} data plane dropped, by reason."),
             DropReason::ALL
                 .iter()
                 .map(|r| (("reason", r.as_str()), c.drop_count(*r))),
         )?;
-        let counters = [
-            (
-                "weft_udp_icmp_sent",
-                "ICMP errors the udp data plane wrote back to flannel0.",
+        let mut counters = vec![(
+            format!("weft_{p}_worker_restarts"),
+            format!(
+                "Times the {p} workers were started again (their device recreated, a worker \
+                 failed)."
+            ),
+            total.worker_restarts,
+        )];
+        // Only udp routes, so only udp answers with ICMP errors.
+        if p == "udp" {
+            counters.push((
+                "weft_udp_icmp_sent".into(),
+                "ICMP errors the udp data plane wrote back to flannel0.".into(),
                 c.icmp_sent,
-            ),
-            (
-                "weft_udp_worker_restarts",
-                "Times the udp workers were started again (flannel0 recreated, a worker failed).",
-                total.worker_restarts,
-            ),
-        ];
+            ));
+        }
         for (name, help, v) in counters {
             let counter = ConstCounter::new(v);
-            counter.encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
+            counter.encode(encoder.encode_descriptor(
+                &name,
+                &help,
+                None,
+                MetricType::Counter,
+            )?)?;
         }
         let workers = ConstGauge::new(i64::try_from(now.workers).unwrap_or(i64::MAX));
-        let m = encoder.encode_descriptor(
-            "weft_udp_workers",
-            "udp worker threads running.",
-            None,
-            MetricType::Gauge,
-        )?;
+        let (name, help) = (
+            format!("weft_{p}_workers"),
+            format!("{p} worker threads running."),
+        );
+        let m = encoder.encode_descriptor(&name, &help, None, MetricType::Gauge)?;
         workers.encode(m)
     }
 }
@@ -771,7 +792,49 @@ mod tests {
             "Type".to_string(),
             serde_json::Value::from("alloc"),
         )]));
-        m.backend(&Backend::new(&alloc, net).expect("alloc"), false);
+        m.backend(&Backend::new(&alloc, net.clone()).expect("alloc"), false);
         assert!(!m.encode().contains("weft_udp_"));
+    }
+
+    #[test]
+    fn a_wireguard_backend_has_its_own_families_and_no_udp_ones() {
+        let net = weft_backends::Network {
+            network: "10.5.0.0/16".parse().expect("net"),
+            external: weft_backends::ExternalInterface {
+                name: "eth0".into(),
+                index: 2,
+                iface_addr: "192.168.1.2".parse().expect("addr"),
+                public_ip: "192.168.1.2".parse().expect("addr"),
+                mtu: 1500,
+            },
+        };
+        let config = |t: &str| {
+            weft_backends::BackendConfig::new(serde_json::Map::from_iter([(
+                "Type".to_string(),
+                serde_json::Value::from(t),
+            )]))
+        };
+        let m = Metrics::new();
+        m.backend(
+            &Backend::new(&config("udp"), net.clone()).expect("udp"),
+            false,
+        );
+        m.backend(&Backend::new(&config("wireguard"), net).expect("wg"), true);
+        let text = m.encode();
+        assert!(!text.contains("weft_udp_"), "{text}");
+        for reason in ["replayed", "bad_authentication", "unknown_sender"] {
+            let series = format!(r#"weft_wireguard_drops_total{{reason="{reason}"}}"#);
+            assert_eq!(sample(&text, &series), Some(0.0), "{series} in {text}");
+        }
+        assert_eq!(
+            sample(&text, r#"weft_wireguard_packets_total{direction="out"}"#),
+            Some(0.0)
+        );
+        // The udp data plane before it was another kind: not a wireguard worker restart.
+        assert_eq!(
+            sample(&text, "weft_wireguard_worker_restarts_total"),
+            Some(0.0)
+        );
+        assert!(!text.contains("icmp_sent"), "{text}");
     }
 }

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target (backends/fuzz: the udp codec's egress, ingress and peer table, the
-# receive path's GRO coalescer and batch splitting, and the nexthop message parser) for a bounded time, starting from the corpus committed in the repo:
+# receive path's GRO coalescer and batch splitting, the nexthop message parser, and the userspace
+# WireGuard worker's packet and datagram lookups) for a bounded time, starting from the corpus
+# committed in the repo:
 # `sudo bash tests/fuzz.sh [SECS]`
 # (default 20 s per target; FUZZ_SECS also sets it). New inputs go to a temporary directory, so the
 # committed corpus only changes when someone copies findings in. A crash fails the run and leaves

@@ -29,6 +29,7 @@ pub mod mac;
 mod neigh;
 mod netlink;
 pub mod nexthop;
+pub mod offload;
 mod peer;
 mod plane;
 mod routes;
@@ -36,6 +37,9 @@ pub mod udp;
 mod vxlan;
 mod watch;
 mod wireguard;
+// The wireguard data plane's lookups, for the fuzz target in backends/fuzz; not an API.
+#[doc(hidden)]
+pub use wireguard::fuzz_lookups as wireguard_fuzz_lookups;
 
 use std::net::Ipv4Addr;
 

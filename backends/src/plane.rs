@@ -327,9 +327,12 @@ impl fmt::Debug for Identity {
     }
 }
 
-/// What a userspace data path (udp) has done so far, summed over its workers.
+/// What a userspace data path (udp, wireguard's userspace one) has done so far, summed over its
+/// workers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Which: the backend type, which names its metrics (`weft_udp_…`, `weft_wireguard_…`).
+    pub data_plane: &'static str,
     /// Packets and bytes each way, drops by reason, ICMP errors sent.
     pub counters: Counters,
     /// TUN reads whose offload metadata could not be split (not packets the codec saw).

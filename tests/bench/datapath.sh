@@ -13,6 +13,15 @@
 #   udp-nooffload  as udp with `"Offload": false`: one packet per system call, as flannel's udp
 #   openvpn        container to container through OpenVPN 2.6 in peer-to-peer UDP TUN mode, no
 #                  cipher and no auth, MTU as udp's: the fair stand-in for flannel's C udp backend
+#   wireguard      (opt-in) container to container, weftd with the wireguard backend (issue 22): on
+#                  this kernel (no WireGuard module) weft's userspace WireGuard on a TUN device
+#                  flannel-wg, UDP 51820, MTU underlay − 80; each weftd keeps its key in its own
+#                  WIREGUARD_KEY_FILE under the lab's directory
+#   wireguard-go   (opt-in) the same WireGuard set-up without weftd: Debian's wireguard-go on each
+#                  host, configured with `wg` and `ip` exactly as flanneld configures flannel-wg
+#                  (key from `wg genkey`, port 51820, one peer per other host with its subnet as
+#                  allowed-ips, the lease's network address /32, MTU −80, the network's route with
+#                  scope link): what weft's wireguard must beat
 #   host-gw, host-gw-manual   (opt-in) weftd's host-gw, and the same routes written by hand
 #   vxlan-masq     (opt-in) as vxlan, but weftd also runs -ip-masq and its FORWARD rules, to show
 #                  what the firewall rules cost
@@ -35,7 +44,8 @@ source "$REPO/deploy/lib/topology.sh"
 DURATION=5
 ROUNDS=3
 MODES=(underlay vxlan vxlan-manual udp udp-nooffload openvpn)
-ALL_MODES=(underlay host-gw host-gw-manual vxlan vxlan-manual vxlan-masq udp udp-nooffload openvpn)
+ALL_MODES=(underlay host-gw host-gw-manual vxlan vxlan-manual vxlan-masq udp udp-nooffload openvpn
+  wireguard wireguard-go)
 PORT=5201
 PINGS=200
 
@@ -67,10 +77,12 @@ topo_require_root
 source "$REPO/deploy/setup-debian.sh"
 tools=(ethtool jq)
 [[ " ${MODES[*]} " == *" openvpn "* ]] && tools+=(openvpn)
+# Program and the Debian package that has it.
+[[ " ${MODES[*]} " == *" wireguard-go "* ]] && tools+=(wireguard-go wg:wireguard-tools)
 for tool in "${tools[@]}"; do
-  if ! command -v "$tool" >/dev/null; then
-    topo_log "installing $tool"
-    DEBIAN_FRONTEND=noninteractive topo_t 600 apt-get install -y -qq --no-install-recommends "$tool" >/dev/null
+  if ! command -v "${tool%%:*}" >/dev/null; then
+    topo_log "installing ${tool#*:}"
+    DEBIAN_FRONTEND=noninteractive topo_t 600 apt-get install -y -qq --no-install-recommends "${tool#*:}" >/dev/null
   fi
 done
 topo_find_bins "$REPO"
@@ -82,7 +94,7 @@ topo_etcd
 
 declare -A RES=()   # "<mode>,<metric>" -> space-separated values, one per round
 SRC="" DST="" DST_IP="" SERVER_PID=""
-TUNNEL_PIDS=()      # the userspace tunnel daemons of the current mode (weftd udp, openvpn)
+TUNNEL_PIDS=()      # the userspace tunnel daemons of the current mode (weftd udp/wireguard, openvpn, wireguard-go)
 CLK_TCK=$(getconf CLK_TCK)
 
 # --- bringing each mode up and down -------------------------------------------------------------
@@ -170,6 +182,95 @@ tun0_up() {
   [[ $(topo_t 10 ip -n "$1" -j addr show dev tun0 2>/dev/null | jq -r '.[0].addr_info | length') -gt 0 ]]
 }
 
+# weftd with the wireguard backend on hosts 1 and 2, as topo_cluster_up starts the other weftd
+# modes, except that each weftd gets a key file of its own in its host's directory: they all run
+# on this one machine, and without WIREGUARD_KEY_FILE every one would take /run/flannel/wgkey
+# (the machine's, shared, and left behind). wireguard routes the whole network into flannel-wg
+# and keeps its peers inside the device (here weft's userspace WireGuard, which the kernel does
+# not show), so wait for that route and let mode_up's ping with retries probe the rest.
+weftd_wireguard() {
+  local n hosts=(1 2)
+  for n in "${hosts[@]}"; do topo_host "$n"; done
+  topo_set_config wireguard >&2
+  for n in "${hosts[@]}"; do
+    WIREGUARD_KEY_FILE="$TOPO_DIR/h$n/wgkey" topo_weftd "$n" -iptables-forward-rules=false
+  done
+  for n in "${hosts[@]}"; do
+    topo_wait_subnet "$n" 60
+    topo_wire_container "$n"
+  done
+  topo_wait_network_route 30 flannel-wg "${hosts[@]}"
+}
+
+# Debian's wireguard-go on hosts 1 and 2, set up by hand as flanneld sets up its flannel-wg (as
+# backends/tests/netns/wireguard.rs drives it): a key from `wg genkey`, listen-port 51820, the
+# lease's network address 10.244.<n>.0/32, MTU underlay − 80, link up, the whole network routed
+# into the device with scope link, and one peer per other host (endpoint its underlay address
+# :51820, allowed-ips its lease). wireguard-go's control socket is /var/run/wireguard/<device>.sock,
+# one path for the whole machine, so two daemons both called flannel-wg would collide (and so
+# would a stray one of another run): each runs in a mount namespace of its own with a private
+# tmpfs on /run, and `wg` runs inside that namespace (nsenter -t PID). nsenter, unshare and sh
+# all exec, so the spawned PID is wireguard-go's own; WG_PROCESS_FOREGROUND keeps it from
+# daemonizing (and silences its banner).
+WG_DEV=flannel-wg
+WG_MTU=1420
+wireguard_go_p2p() {
+  local n m h pid pubs=()
+  for n in 1 2; do
+    fake_subnet_env "$n" "$WG_MTU"
+    h=$(topo_ns "h$n")
+    (umask 077 && topo_t 10 wg genkey >"$TOPO_DIR/h$n/wg.key")
+    pubs[n]=$(topo_t 10 wg pubkey <"$TOPO_DIR/h$n/wg.key")
+    # shellcheck disable=SC2016 # $0 is expanded by that sh
+    topo_spawn "$TOPO_DIR/h$n/wireguard-go.log" env WG_PROCESS_FOREGROUND=1 LOG_LEVEL=error \
+      nsenter --net="/run/netns/$h" unshare --mount --propagation private \
+      sh -c 'mount -t tmpfs -o mode=0755,size=1m weft-wg /run && mkdir /run/wireguard && exec wireguard-go -f "$0"' \
+      "$WG_DEV"
+    TUNNEL_PIDS+=("$TOPO_SPAWNED")
+  done
+  for n in 1 2; do
+    pid=${TUNNEL_PIDS[n - 1]}
+    if ! topo_wait_until 20 "wireguard-go's $WG_DEV on host $n" wg_go_ready "$pid"; then
+      tail -20 "$TOPO_DIR/h$n/wireguard-go.log" >&2
+      topo_die "wireguard-go on host $n made no $WG_DEV (log: $TOPO_DIR/h$n/wireguard-go.log)"
+    fi
+  done
+  for n in 1 2; do
+    h=$(topo_ns "h$n")
+    wg_go "$n" set "$WG_DEV" private-key "$TOPO_DIR/h$n/wg.key" listen-port 51820
+    topo_t 10 ip -n "$h" addr add "10.244.$n.0/32" dev "$WG_DEV"
+    topo_t 10 ip -n "$h" link set "$WG_DEV" mtu "$WG_MTU" up
+    topo_t 10 ip -n "$h" route add "$TOPO_NETWORK" dev "$WG_DEV" scope link
+  done
+  for n in 1 2; do
+    m=$((3 - n))
+    wg_go "$n" set "$WG_DEV" peer "${pubs[m]}" endpoint "$(topo_underlay_ip "$m"):51820" \
+      allowed-ips "10.244.$m.0/24"
+    topo_wire_container "$n"
+  done
+}
+
+# `wg ARGS…` for host N's wireguard-go: in its network and mount namespaces.
+wg_go() {
+  local n=$1; shift
+  wg_go_isolated "${TUNNEL_PIDS[n - 1]}" || topo_die "host $n's wireguard-go is not in its own mount namespace"
+  topo_t 10 nsenter -t "${TUNNEL_PIDS[n - 1]}" -m -n wg "$@"
+}
+
+# Whether `pid` has exec'd wireguard-go, i.e. is past the mount of its private /run. Until then
+# nsenter -t would land in the machine's mount namespace, where `wg` would talk to (or, finding it
+# dead, unlink) someone else's /var/run/wireguard/flannel-wg.sock.
+wg_go_isolated() {
+  [[ $(cat "/proc/$1/comm" 2>/dev/null) == wireguard-go &&
+    $(readlink "/proc/$1/ns/mnt") != "$(readlink /proc/self/ns/mnt)" ]]
+}
+
+wg_go_ready() {
+  topo_alive "$1" || return 1
+  wg_go_isolated "$1" || return 1
+  topo_t 10 nsenter -t "$1" -m -n wg show "$WG_DEV" >/dev/null 2>&1
+}
+
 mode_up() {
   local mode=$1 round=$2 n
   # A fresh etcd prefix per mode and round: no lease of an earlier mode is ever seen again.
@@ -197,8 +298,13 @@ mode_up() {
     openvpn)
       topo_host 1; topo_host 2
       openvpn_p2p ;;
+    wireguard)
+      weftd_wireguard ;;
+    wireguard-go)
+      topo_host 1; topo_host 2
+      wireguard_go_p2p ;;
   esac
-  if [[ $mode == udp* ]]; then
+  if [[ $mode == udp* || $mode == wireguard ]]; then
     for n in 1 2; do TUNNEL_PIDS+=("$(topo_weftd_pid "$n")"); done
   fi
   if [[ $mode != underlay ]]; then
@@ -227,11 +333,18 @@ mode_down() {
   for n in 1 2; do
     [[ -f $TOPO_DIR/h$n/weftd.pid ]] && pids+=("$(topo_weftd_pid "$n")")
   done
-  [[ $mode == openvpn ]] && pids+=("${TUNNEL_PIDS[@]}")
+  if [[ $mode == openvpn || $mode == wireguard-go ]]; then
+    pids+=("${TUNNEL_PIDS[@]}")
+    # Their whole process trees (wireguard-go in the foreground has none; by PID, never by name).
+    for n in "${TUNNEL_PIDS[@]}"; do
+      mapfile -t -O "${#pids[@]}" pids < <(pgrep -P "$n" || true)
+    done
+  fi
   topo_stop_tracked "${pids[@]}"
   TUNNEL_PIDS=()
-  # weftd keeps kernel state on exit (udp keeps flannel0); deleting the namespaces removes it
-  # with everything else.
+  # weftd keeps kernel state on exit (udp keeps flannel0, wireguard flannel-wg); deleting the
+  # namespaces removes it with everything else. wireguard-go's TUN device and its mount namespace
+  # went with its process.
   topo_host_del 1
   topo_host_del 2
 }
@@ -373,7 +486,7 @@ measure() {
 
 # Device settings that decide performance: MTU and offloads of every device on the path, and the
 # vxlan device's own attributes. Saved per mode (first round) for the comparison below.
-DEVICES=(eth0 cni0 veth0 flannel.1 flannel0 tun0)
+DEVICES=(eth0 cni0 veth0 flannel.1 flannel0 tun0 flannel-wg)
 snapshot() {
   local mode=$1 d="$TOPO_DIR/snap-$1" n dev ns
   [[ -d $d ]] && return 0
@@ -434,7 +547,8 @@ echo
 echo "\`sudo bash tests/bench/datapath.sh --duration $DURATION --rounds $ROUNDS --modes \"${MODES[*]}\"\`"
 echo
 echo "Machine: $(nproc) CPUs ($cpu), kernel $(uname -r), $(iperf3 --version | head -1 | cut -d' ' -f1-2)$(
-  [[ " ${present[*]} " == *" openvpn "* ]] && printf ', %s' "$(openvpn --version | head -1 | cut -d' ' -f1-2)")."
+  [[ " ${present[*]} " == *" openvpn "* ]] && printf ', %s' "$(openvpn --version | head -1 | cut -d' ' -f1-2)"
+  [[ " ${present[*]} " == *" wireguard-go "* ]] && printf ', %s' "$(wireguard-go --version | head -1)")."
 echo "Hosts are network namespaces on one machine joined by veth pairs and a Linux bridge, so every"
 echo "number is bounded by CPU, not by a wire. Median of $ROUNDS rounds (range in brackets). Load"
 echo "average at start: $LOAD_START, at the end: $load_end; CPU busy outside the benchmark, measured"
@@ -480,6 +594,7 @@ VXLAN_REF=vxlan
 has vxlan || VXLAN_REF=vxlan-manual
 ratio_table "$VXLAN_REF" "kernel VXLAN"
 ratio_table openvpn "OpenVPN"
+ratio_table wireguard-go "Debian's wireguard-go"
 ratio_table underlay "the underlay (host to host, no tunnel)"
 
 # The goals of issue 8, for weft's udp with offloads.
@@ -506,6 +621,30 @@ if has udp; then
     goal "UDP 64 B packet rate ≥ 2× OpenVPN, reaching the receiving host at unlimited rate ($(ratio "$ur" "$or"))" "$ur >= 2 * $or"
     goal "UDP 64 B packet rate ≥ 2× OpenVPN, at ≤ 1% loss ($(ratio "$uo" "$oo"))" "$uo >= 2 * $oo"
   fi
+fi
+
+# The goals of issue 22, for weft's wireguard (here its userspace data path) against the same
+# WireGuard set-up in Debian's wireguard-go.
+if has wireguard && has wireguard-go; then
+  w1=$(med wireguard tcp1) g1=$(med wireguard-go tcp1)
+  echo
+  echo "Goals for \`wireguard\` (issue 22):"
+  echo
+  goal "TCP 1 stream ≥ 5× wireguard-go ($(ratio "$w1" "$g1"))" "$w1 >= 5 * $g1"
+  if has vxlan; then
+    v1=$(med vxlan tcp1)
+    goal "TCP 1 stream ≥ 0.4× weft's kernel VXLAN (\`vxlan\`) ($(ratio "$w1" "$v1"))" "$w1 >= 0.4 * $v1"
+  fi
+  wp=$(med wireguard udp_kpps) gp=$(med wireguard-go udp_kpps)
+  goal "UDP 64 B packet rate ≥ 2× wireguard-go, delivered at unlimited rate ($(ratio "$wp" "$gp"))" "$wp >= 2 * $gp"
+  wr=$(med wireguard udp_reached_kpps) gr=$(med wireguard-go udp_reached_kpps)
+  goal "UDP 64 B packet rate ≥ 2× wireguard-go, reaching the receiving host at unlimited rate ($(ratio "$wr" "$gr"))" "$wr >= 2 * $gr"
+  wo=$(med wireguard udp_ok_kpps) go=$(med wireguard-go udp_ok_kpps)
+  goal "UDP 64 B packet rate ≥ 2× wireguard-go, at ≤ 1% loss ($(ratio "$wo" "$go"))" "$wo >= 2 * $go"
+  echo "- CPU s/GB during TCP 1 stream (reported, no goal): path $(fmt "$(med wireguard path_cpu_gb)" %.2f) against" \
+    "$(fmt "$(med wireguard-go path_cpu_gb)" %.2f) ($(ratio "$(med wireguard path_cpu_gb)" "$(med wireguard-go path_cpu_gb)")), tunnel daemons" \
+    "$(fmt "$(med wireguard tun_cpu_gb)" %.2f) against $(fmt "$(med wireguard-go tun_cpu_gb)" %.2f)" \
+    "($(ratio "$(med wireguard tun_cpu_gb)" "$(med wireguard-go tun_cpu_gb)"))"
 fi
 
 if has host-gw && has host-gw-manual; then
@@ -557,7 +696,7 @@ echo '```'
 for mode in "${present[@]}"; do
   d="$TOPO_DIR/snap-$mode"
   line=""
-  for b in h1-eth0 h1-veth0 h1-cni0 c1-eth0 h1-flannel.1 h1-flannel0 h1-tun0; do
+  for b in h1-eth0 h1-veth0 h1-cni0 c1-eth0 h1-flannel.1 h1-flannel0 h1-tun0 h1-flannel-wg; do
     [[ -f $d/$b.mtu ]] && line+=" ${b/c1-eth0/container-eth0}=$(cat "$d/$b.mtu")"
   done
   printf '%-14s%s\n' "$mode" "${line//h1-/}"
@@ -567,7 +706,7 @@ echo
 # every mode.
 keys='^(tx-checksumming|scatter-gather|tcp-segmentation-offload|generic-segmentation-offload|generic-receive-offload|tx-udp_tnl-segmentation|tx-udp_tnl-csum-segmentation|tx-udp-segmentation|rx-udp-gro-forwarding|rx-gro-list):'
 brief() { grep -E "$keys" "$1" | sed -E 's/ \[fixed\]//; s/-offload//; s/-segmentation/-seg/; s/: /=/' | tr '\n' ' '; }
-for b in h1-eth0 h1-veth0 h1-cni0 c1-eth0 h1-flannel.1 h1-flannel0 h1-tun0; do
+for b in h1-eth0 h1-veth0 h1-cni0 c1-eth0 h1-flannel.1 h1-flannel0 h1-tun0 h1-flannel-wg; do
   first="" differs=0
   for mode in "${present[@]}"; do
     f="$TOPO_DIR/snap-$mode/$b.ethtool"

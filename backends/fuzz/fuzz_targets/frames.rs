@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 
-use weft_backends::udp::{Coalescer, VNET_HDR_LEN};
+use weft_backends::offload::gro::{Coalescer, HDR_LEN as VNET_HDR_LEN};
 
 use crate::common::{fold, sum};
 

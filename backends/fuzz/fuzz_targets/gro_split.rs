@@ -14,7 +14,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use libfuzzer_sys::fuzz_target;
-use weft_backends::udp::split_gro;
+use weft_backends::offload::socket::split_gro;
 
 #[path = "common.rs"]
 mod common;

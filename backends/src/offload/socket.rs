@@ -9,6 +9,10 @@
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 
+use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{setsockopt, sockopt};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Type};
@@ -19,6 +23,9 @@ use crate::Error;
 /// Socket buffers: deep enough to absorb a burst of 64 KB GSO/GRO batches while a worker is
 /// busy with the other direction. The default (rmem_max, ~200 KB) drops under bulk transfers.
 const BUFFER_BYTES: usize = 4 << 20;
+
+/// How long a send may wait for room in a full socket buffer before its packets are dropped.
+const SEND_WAIT: Duration = Duration::from_millis(100);
 
 /// At most 64 segments per UDP GSO send (UDP_MAX_SEGMENTS in the kernel).
 const MAX_SEGMENTS: usize = 64;
@@ -104,6 +111,65 @@ impl Socket {
         self.state.try_send(UdpSockRef::from(&self.sock), &t)
     }
 
+    /// Sends a run of datagrams (`seg` bytes each but the last, one system call with GSO),
+    /// waiting a little for room when the socket buffer is full (`wake` readable ends the
+    /// wait). Where the kernel refuses GSO (quinn-udp has then turned it off), sends them one by
+    /// one.
+    pub fn send_run(
+        &self,
+        wake: BorrowedFd<'_>,
+        to: SocketAddrV4,
+        contents: &[u8],
+        seg: Option<usize>,
+    ) -> io::Result<()> {
+        let result = self.send_waiting(wake, to, contents, seg);
+        let Some(seg) = seg else {
+            return result;
+        };
+        match &result {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) => {
+                let mut result = Ok(());
+                for c in contents.chunks(seg.max(1)) {
+                    if let Err(e) = self.send_waiting(wake, to, c, None) {
+                        result = Err(e);
+                    }
+                }
+                result
+            }
+            _ => result,
+        }
+    }
+
+    fn send_waiting(
+        &self,
+        wake: BorrowedFd<'_>,
+        to: SocketAddrV4,
+        contents: &[u8],
+        seg: Option<usize>,
+    ) -> io::Result<()> {
+        let deadline = Instant::now() + SEND_WAIT;
+        loop {
+            match self.send(to, contents, seg) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(e);
+                    }
+                    let mut fds = [
+                        PollFd::new(self.as_fd(), PollFlags::POLLOUT),
+                        PollFd::new(wake, PollFlags::POLLIN),
+                    ];
+                    let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+                    let _ = poll(&mut fds, PollTimeout::from(ms));
+                    if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// recvmmsg into `bufs`; `meta[i]` describes `bufs[i]` (several datagrams of `stride` bytes
     /// when GRO merged them).
     pub fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
@@ -112,5 +178,90 @@ impl Socket {
 
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         std::os::fd::AsFd::as_fd(&self.sock)
+    }
+}
+
+/// The datagrams in one receive buffer. With UDP GRO the kernel glues datagrams of `stride`
+/// bytes (the last may be shorter) into one buffer; without it `stride` is the buffer's length.
+/// The stride is not trusted: 0 gives the buffer whole, one beyond it the same. An empty buffer
+/// is one empty datagram, still a (malformed) packet to count. No allocation: the hot path.
+pub fn split_gro(data: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
+    const ONE_EMPTY: &[&[u8]] = &[&[]];
+    let stride = if stride == 0 { data.len() } else { stride };
+    let empty = if data.is_empty() { ONE_EMPTY } else { &[] };
+    data.chunks(stride.max(1)).chain(empty.iter().copied())
+}
+
+/// Consecutive packets for one peer of `seg` bytes each but the last: one GSO send.
+#[derive(Clone, Copy)]
+pub struct Run {
+    pub to: SocketAddrV4,
+    /// Byte offset in the buffer the run lies in.
+    pub start: usize,
+    pub seg: usize,
+    pub len: usize,
+    pub count: usize,
+    /// A shorter packet ended it.
+    closed: bool,
+}
+
+impl Run {
+    pub fn new(to: SocketAddrV4, start: usize, len: usize) -> Self {
+        Self {
+            to,
+            start,
+            seg: len,
+            len,
+            count: 1,
+            closed: false,
+        }
+    }
+
+    /// Whether a packet of `len` bytes to `to` may join the run.
+    pub fn takes(&self, to: SocketAddrV4, len: usize, max_segments: usize) -> bool {
+        to == self.to
+            && !self.closed
+            && len <= self.seg
+            && self.count < max_segments
+            && self.len + len <= MAX_PAYLOAD
+    }
+
+    pub fn add(&mut self, len: usize) {
+        self.len += len;
+        self.count += 1;
+        self.closed = len < self.seg;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_gro;
+
+    fn split(data: &[u8], stride: usize) -> Vec<&[u8]> {
+        split_gro(data, stride).collect()
+    }
+
+    #[test]
+    fn a_gro_buffer_splits_into_datagrams_of_its_stride_the_last_maybe_shorter() {
+        let data: Vec<u8> = (0..10).collect();
+        assert_eq!(split(&data, 4), [&data[..4], &data[4..8], &data[8..]]);
+        assert_eq!(split(&data, 5), [&data[..5], &data[5..]]);
+        assert_eq!(split(&data, 10), [&data[..]], "one datagram: no GRO");
+    }
+
+    #[test]
+    fn a_hostile_stride_gives_the_buffer_whole() {
+        let data = [7u8; 10];
+        assert_eq!(split(&data, 0), [&data[..]]);
+        assert_eq!(split(&data, 11), [&data[..]]);
+        // quinn-udp reads the GRO size as a C int: a negative one arrives huge.
+        assert_eq!(split(&data, usize::MAX), [&data[..]]);
+    }
+
+    #[test]
+    fn an_empty_datagram_is_one_packet() {
+        for stride in [0, 1, 1472, usize::MAX] {
+            assert_eq!(split(&[], stride), [&[] as &[u8]], "stride {stride}");
+        }
     }
 }

@@ -1,9 +1,10 @@
-//! `flannel0`: a persistent, multi-queue TUN device (IFF_TUN|IFF_NO_PI, as flannel's, plus
-//! IFF_MULTI_QUEUE and, with offloads, IFF_VNET_HDR).
+//! A userspace data plane's device (udp's `flannel0`, wireguard's `flannel-wg`): a persistent,
+//! multi-queue TUN device (IFF_TUN|IFF_NO_PI, as flannel's, plus IFF_MULTI_QUEUE and, with
+//! offloads, IFF_VNET_HDR).
 //!
 //! Persistent (TUNSETPERSIST) so that the device, its address and its route outlive weftd: while
 //! no process has a queue open the kernel drops what is routed into it, and traffic resumes the
-//! moment a new weftd attaches again. An existing flannel0 is reopened only if it is a TUN with
+//! moment a new weftd attaches again. An existing device is reopened only if it is a TUN with
 //! the same framing and multi-queue flag and nobody holds it; anything else is reported, never
 //! deleted.
 //!
@@ -25,9 +26,6 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 use crate::error::errno;
 use crate::Error;
 
-/// flannel's device name.
-pub const NAME: &str = "flannel0";
-
 // IFLA_TUN_* (linux/if_link.h) and IFF_* (linux/if_tun.h): the netlink crate leaves tun
 // attributes raw.
 const IFLA_TUN_TYPE: u16 = 3;
@@ -36,7 +34,7 @@ const IFLA_TUN_MULTI_QUEUE: u16 = 7;
 const IFLA_TUN_NUM_QUEUES: u16 = 8;
 const IFF_TUN: u8 = 1;
 
-/// What the kernel says about an existing link named flannel0.
+/// What the kernel says about an existing link of the name.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Existing {
     pub index: u32,
@@ -57,14 +55,14 @@ pub struct Tun {
     pub uso: bool,
 }
 
-/// Looks flannel0 up.
-pub async fn find(handle: &Handle) -> Result<Option<Existing>, Error> {
-    let mut req = handle.link().get().match_name(NAME.to_string()).execute();
+/// Looks the device `name` up.
+pub async fn find(handle: &Handle, name: &str) -> Result<Option<Existing>, Error> {
+    let mut req = handle.link().get().match_name(name.to_string()).execute();
     match req.try_next().await {
         Ok(m) => Ok(m.map(|m| describe(&m))),
         Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
         Err(source) => Err(Error::Netlink {
-            context: format!("look up {NAME}"),
+            context: format!("look up {name}"),
             source,
         }),
     }
@@ -105,7 +103,7 @@ fn describe(m: &LinkMessage) -> Existing {
     e
 }
 
-/// Why a TUN device cannot be attached to as weft's flannel0, if it cannot.
+/// Why a TUN device cannot be attached to as weft's device, if it cannot.
 fn tun_problem(attrs: &[InfoTun]) -> Option<String> {
     let byte = |kind: u16| -> Option<u32> {
         attrs.iter().find(|a| a.kind() == kind).and_then(|a| {
@@ -142,53 +140,53 @@ fn tun_problem(attrs: &[InfoTun]) -> Option<String> {
     }
 }
 
-/// Opens flannel0 (creating it if missing) with `queues` queues, persistent. With `offload`,
+/// Opens the device `name` (creating it if missing) with `queues` queues, persistent. With `offload`,
 /// asks for TSO/USO; a kernel that refuses gets a device without them.
-pub async fn open(handle: &Handle, queues: usize, offload: bool) -> Result<Tun, Error> {
-    if let Some(e) = find(handle).await? {
+pub async fn open(handle: &Handle, name: &str, queues: usize, offload: bool) -> Result<Tun, Error> {
+    if let Some(e) = find(handle, name).await? {
         if let Some(why) = e.unusable {
             return Err(Error::Other(format!(
-                "{NAME} already exists and {why}; weft leaves it alone: remove it \
-                 (`ip link del {NAME}`) or stop what owns it"
+                "{name} already exists and {why}; weft leaves it alone: remove it \
+                 (`ip link del {name}`) or stop what owns it"
             )));
         }
         debug!(
-            device = NAME,
+            device = name,
             index = e.index,
             "reopening the existing device"
         );
     }
-    let first = match open_queue(offload) {
+    let first = match open_queue(name, offload) {
         Ok(d) => d,
         Err(e) if offload => {
-            warn!(device = NAME, error = %e, "the kernel refused TUN offloads; running without them");
-            open_queue(false)?
+            warn!(device = name, error = %e, "the kernel refused TUN offloads; running without them");
+            open_queue(name, false)?
         }
         Err(e) => return Err(e),
     };
     first
         .persist()
-        .map_err(Error::io(format!("make {NAME} persistent")))?;
+        .map_err(Error::io(format!("make {name} persistent")))?;
     let vnet_hdr = first.tcp_gso();
     let uso = first.udp_gso();
     let mut all = Vec::with_capacity(queues);
     for i in 1..queues.max(1) {
         let q = first
             .try_clone()
-            .map_err(Error::io(format!("open queue {i} of {NAME}")))?;
+            .map_err(Error::io(format!("open queue {i} of {name}")))?;
         all.push(q);
     }
     all.insert(0, first);
     for q in &all {
         q.set_nonblocking(true)
-            .map_err(Error::io(format!("make {NAME} non-blocking")))?;
+            .map_err(Error::io(format!("make {name} non-blocking")))?;
     }
-    let index = find(handle)
+    let index = find(handle, name)
         .await?
         .map(|e| e.index)
-        .ok_or_else(|| Error::Other(format!("{NAME} vanished right after it was opened")))?;
+        .ok_or_else(|| Error::Other(format!("{name} vanished right after it was opened")))?;
     info!(
-        device = NAME,
+        device = name,
         queues = all.len(),
         offload = vnet_hdr,
         uso,
@@ -202,9 +200,9 @@ pub async fn open(handle: &Handle, queues: usize, offload: bool) -> Result<Tun, 
     })
 }
 
-fn open_queue(offload: bool) -> Result<SyncDevice, Error> {
+fn open_queue(name: &str, offload: bool) -> Result<SyncDevice, Error> {
     DeviceBuilder::new()
-        .name(NAME)
+        .name(name)
         .multi_queue(true)
         .offload(offload)
         .packet_information(false)
@@ -212,18 +210,23 @@ fn open_queue(offload: bool) -> Result<SyncDevice, Error> {
         .inherit_enable_state()
         .build_sync()
         .map_err(Error::io(format!(
-            "open TUN device {NAME} (multi-queue{})",
+            "open TUN device {name} (multi-queue{})",
             if offload { ", offloads" } else { "" }
         )))
 }
 
-/// Sets flannel0's MTU and its largest super-packet (`max_segs` segments: the kernel splits
+/// Sets the device's MTU and its largest super-packet (`max_segs` segments: the kernel splits
 /// bigger ones before the TUN, so a read always fits the worker's slots), and brings it up,
 /// touching only what differs.
-pub async fn ensure_link(handle: &Handle, mtu: u32, max_segs: u32) -> Result<u32, Error> {
-    let e = find(handle)
+pub async fn ensure_link(
+    handle: &Handle,
+    name: &str,
+    mtu: u32,
+    max_segs: u32,
+) -> Result<u32, Error> {
+    let e = find(handle, name)
         .await?
-        .ok_or_else(|| Error::Other(format!("{NAME} does not exist")))?;
+        .ok_or_else(|| Error::Other(format!("{name} does not exist")))?;
     let mut set = LinkUnspec::new_with_index(e.index);
     let mut changed = false;
     let mut extra = Vec::new();
@@ -248,21 +251,21 @@ pub async fn ensure_link(handle: &Handle, mtu: u32, max_segs: u32) -> Result<u32
             .execute()
             .await
             .map_err(Error::netlink(format!(
-                "set {NAME} up with MTU {mtu}, GSO at most {max_segs} segments"
+                "set {name} up with MTU {mtu}, GSO at most {max_segs} segments"
             )))?;
-        debug!(device = NAME, mtu, "link set up");
+        debug!(device = name, mtu, "link set up");
     }
     Ok(e.index)
 }
 
-/// `accept_local` 1 on flannel0: the ICMP errors the codec writes back come from flannel0's own
+/// `accept_local` 1 on the device (udp's): the ICMP errors the codec writes back come from its own
 /// address, and Linux drops them as martians otherwise. Safe because `ingress` never lets a peer's
 /// packet in with a source in this host's lease. Set through netlink (RTM_SETLINK with
 /// IFLA_AF_SPEC / AF_INET / IFLA_INET_CONF, what `ip link set … ` cannot do but the kernel takes),
 /// not /proc/sys: it needs only CAP_NET_ADMIN, and works where /proc/sys is read-only, as in the
 /// unprivileged container the DaemonSet runs weftd in.
-pub async fn ensure_accept_local(handle: &Handle, index: u32) -> Result<(), Error> {
-    let ctx = || format!("set accept_local on {NAME}");
+pub async fn ensure_accept_local(handle: &Handle, name: &str, index: u32) -> Result<(), Error> {
+    let ctx = || format!("set accept_local on {name}");
     let mut links = handle.link().get().match_index(index).execute();
     let now = links
         .try_next()
@@ -285,7 +288,7 @@ pub async fn ensure_accept_local(handle: &Handle, index: u32) -> Result<(), Erro
         .execute()
         .await
         .map_err(Error::netlink(ctx()))?;
-    debug!(device = NAME, "accept_local set");
+    debug!(device = name, "accept_local set");
     Ok(())
 }
 
@@ -302,21 +305,29 @@ fn accept_local_of(m: &LinkMessage) -> Option<i32> {
     })
 }
 
-/// `disable_ipv6` 1 on flannel0, before it goes up: the data plane is IPv4-only; without it the
+/// `disable_ipv6` 1 on the device, before it goes up: the data plane is IPv4-only; without it the
 /// kernel sends router solicitations and MLD reports into the device, only to be dropped. Only a
 /// nicety, and netlink cannot set it: where /proc/sys is read-only (an unprivileged container)
 /// or the kernel has no IPv6, it is left as it is.
-pub fn ensure_ipv6_off() {
-    let path = format!("/proc/sys/net/ipv6/conf/{NAME}/disable_ipv6");
+pub fn ensure_ipv6_off(name: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
     let Ok(now) = std::fs::read_to_string(&path) else {
         return;
     };
     if now.trim() != "1" {
         match std::fs::write(&path, "1") {
             Ok(()) => debug!(path, "sysctl set"),
-            Err(e) => debug!(path, error = %e, "cannot turn IPv6 off on {NAME}; leaving it"),
+            Err(e) => debug!(path, error = %e, "cannot turn IPv6 off on {name}; leaving it"),
         }
     }
+}
+
+/// The TUN queue is detached: the device was deleted or its queue disabled.
+pub fn is_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADFD | libc::EBADF | libc::ENODEV | libc::ENXIO)
+    )
 }
 
 #[cfg(test)]

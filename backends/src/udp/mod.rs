@@ -8,19 +8,10 @@
 
 pub mod codec;
 mod config;
-mod device;
-
-/// The udp backend's device, `flannel0`.
-pub const DEVICE: &str = device::NAME;
-mod gro;
-mod socket;
 mod worker;
 
-// The receive path's pure parts, for the fuzz targets in backends/fuzz; not an API.
-#[doc(hidden)]
-pub use gro::{Coalescer, HDR_LEN as VNET_HDR_LEN};
-#[doc(hidden)]
-pub use worker::split_gro;
+/// The udp backend's device, flannel's `flannel0`.
+pub const DEVICE: &str = "flannel0";
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
@@ -28,7 +19,7 @@ use std::net::SocketAddrV4;
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use ipnet::Ipv4Net;
@@ -43,6 +34,9 @@ pub use config::UdpConfig;
 
 use crate::conn::Conn;
 use crate::netlink;
+use crate::offload::socket::Socket;
+use crate::offload::stats::{Live, StatsCell};
+use crate::offload::tun;
 use crate::plane::StatsSource;
 use crate::routes::{self, RouteSpec};
 use crate::watch::Watched;
@@ -50,77 +44,8 @@ use crate::{
     peer, BackendConfig, DataPlane, Desired, Error, ErrorList, Event, Host, Lease, Network,
     PeerChanges, Programmed,
 };
-use codec::{PeerTable, SharedCounters};
+use codec::PeerTable;
 use worker::{Shared, Worker};
-
-/// Reads the udp data plane's [`Stats`] from any thread (the metrics scrape) while the backend
-/// is busy elsewhere. Counters survive worker restarts: a stopped set's totals move into
-/// `retired` under the lock readers take, so a read never goes backwards. Workers never touch
-/// the lock; they publish as before.
-#[derive(Clone, Default)]
-struct StatsCell(Arc<Mutex<StatsState>>);
-
-#[derive(Default)]
-struct StatsState {
-    live: Option<LiveStats>,
-    retired: Counters,
-    retired_tun_read_errors: u64,
-    restarts: u64,
-}
-
-/// What the running workers publish, and how they were set up.
-struct LiveStats {
-    shared: Arc<Shared>,
-    workers: usize,
-    tun_offload: bool,
-    tun_uso: bool,
-    udp_gro: bool,
-}
-
-impl LiveStats {
-    fn tun_read_errors(&self) -> u64 {
-        let errors = self.shared.tun_read_errors.iter();
-        errors.map(|c| c.load(Ordering::Relaxed)).sum()
-    }
-}
-
-impl StatsCell {
-    /// The totals so far: the running workers' plus every earlier set's.
-    pub fn read(&self) -> Stats {
-        let st = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut stats = Stats {
-            counters: st.retired.clone(),
-            tun_read_errors: st.retired_tun_read_errors,
-            worker_restarts: st.restarts,
-            ..Stats::default()
-        };
-        if let Some(l) = &st.live {
-            stats.counters += &SharedCounters::sum(l.shared.counters.iter());
-            stats.tun_read_errors += l.tun_read_errors();
-            stats.workers = l.workers;
-            stats.tun_offload = l.tun_offload;
-            stats.tun_uso = l.tun_uso;
-            stats.udp_gso = l.shared.gso.iter().all(|g| g.load(Ordering::Relaxed));
-            stats.udp_gro = l.udp_gro;
-        }
-        stats
-    }
-
-    fn start(&self, live: LiveStats, restart: bool) {
-        let mut st = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        st.restarts += u64::from(restart);
-        st.live = Some(live);
-    }
-
-    /// Folds the stopped (joined) workers' final totals into `retired`.
-    fn stop(&self) {
-        let mut st = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(l) = st.live.take() {
-            st.retired += &SharedCounters::sum(l.shared.counters.iter());
-            st.retired_tun_read_errors += l.tun_read_errors();
-        }
-    }
-}
 
 pub struct Udp {
     net: Network,
@@ -195,8 +120,7 @@ impl DataPlane for Udp {
     /// What the workers have counted, over this backend's life, readable from elsewhere for as
     /// long as this backend lives.
     fn stats(&self) -> Option<StatsSource> {
-        let cell = self.stats.clone();
-        Some(StatsSource::new(move || cell.read()))
+        Some(self.stats.source())
     }
 
     fn new(config: &BackendConfig, net: Network) -> Result<Self, Error> {
@@ -209,7 +133,7 @@ impl DataPlane for Udp {
             peers: BTreeMap::new(),
             conn: Conn::default(),
             running: None,
-            stats: StatsCell::default(),
+            stats: StatsCell::new("udp"),
             failed_tx,
             failed,
             synced: false,
@@ -346,7 +270,7 @@ impl DataPlane for Udp {
     /// Meanwhile, publishes a table that `apply` held back.
     async fn event(&mut self) -> Event {
         let owned = Watched {
-            device: Some(device::NAME.to_string()),
+            device: Some(DEVICE.to_string()),
             index: self.running.as_ref().map(|r| r.index),
         };
         loop {
@@ -407,7 +331,7 @@ impl Udp {
     /// after it was deleted, or after a worker died) as needed. Returns its index.
     async fn ensure_device(&mut self) -> Result<u32, Error> {
         let handle = self.conn.handle()?;
-        let existing = device::find(&handle).await?;
+        let existing = tun::find(&handle, DEVICE).await?;
         let healthy = match (&self.running, &existing) {
             (Some(r), Some(e)) => r.index == e.index && r.threads.iter().all(|t| !t.is_finished()),
             _ => false,
@@ -416,7 +340,7 @@ impl Udp {
             let restart = self.running.is_some();
             if restart {
                 info!(
-                    device = device::NAME,
+                    device = DEVICE,
                     "device recreated or a worker stopped; restarting the workers"
                 );
             }
@@ -424,11 +348,12 @@ impl Udp {
             self.start_workers(&handle, restart).await?;
         }
         // Before the link goes up, so IPv6 never starts on it.
-        device::ensure_ipv6_off();
-        let index = device::ensure_link(&handle, self.cfg.mtu, worker::READ_SLOTS as u32).await?;
-        device::ensure_accept_local(&handle, index).await?;
+        tun::ensure_ipv6_off(DEVICE);
+        let index =
+            tun::ensure_link(&handle, DEVICE, self.cfg.mtu, worker::READ_SLOTS as u32).await?;
+        tun::ensure_accept_local(&handle, DEVICE, index).await?;
         if let Some(own) = &self.own {
-            netlink::ensure_address(&handle, index, device::NAME, own.subnet.network()).await?;
+            netlink::ensure_address(&handle, index, DEVICE, own.subnet.network()).await?;
         }
         Ok(index)
     }
@@ -442,12 +367,12 @@ impl Udp {
             return Err(Error::Other("udp: no lease configured".into()));
         };
         let n = workers();
-        let tun = device::open(handle, n, self.cfg.offload).await?;
+        let tun = tun::open(handle, DEVICE, n, self.cfg.offload).await?;
         let mut sockets = Vec::with_capacity(n);
         for _ in 0..tun.queues.len() {
-            sockets.push(socket::Socket::bind(self.cfg.port, self.cfg.offload)?);
+            sockets.push(Socket::bind(self.cfg.port, self.cfg.offload)?);
         }
-        let udp_gro = sockets.iter().all(socket::Socket::gro);
+        let udp_gro = sockets.iter().all(Socket::gro);
         let (wake, wake_rx) =
             UnixStream::pair().map_err(Error::io("create the wake-up socket pair"))?;
         let peers = self.peers.iter().map(|(n, at)| (*n, *at));
@@ -477,7 +402,7 @@ impl Udp {
             threads.push(t);
         }
         info!(
-            device = device::NAME,
+            device = DEVICE,
             workers = threads.len(),
             tun_offload = tun.vnet_hdr,
             tun_uso = tun.uso,
@@ -488,9 +413,8 @@ impl Udp {
             icmp_burst = icmp.burst,
             "udp data plane running"
         );
-        let live = LiveStats {
-            shared: shared.clone(),
-            workers: threads.len(),
+        let live = Live {
+            slots: shared.slots.clone(),
             tun_offload: tun.vnet_hdr,
             tun_uso: tun.vnet_hdr && tun.uso,
             udp_gro,
@@ -516,7 +440,7 @@ impl Udp {
             let _ = t.join();
         }
         self.stats.stop();
-        debug!(device = device::NAME, "udp workers stopped");
+        debug!(device = DEVICE, "udp workers stopped");
     }
 
     /// The one owned route: the whole cluster network into flannel0.
@@ -536,7 +460,7 @@ impl Udp {
 
 /// `<network> dev flannel0`: everything for the cluster network into the TUN device.
 fn network_route(network: Ipv4Net, index: u32) -> RouteSpec {
-    RouteSpec::device(network, index, device::NAME)
+    RouteSpec::device(network, index, DEVICE)
 }
 
 impl Drop for Udp {
@@ -603,65 +527,6 @@ fn run_worker(id: usize, mut w: Worker, failed: &UnboundedSender<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn live(workers: usize) -> (Arc<Shared>, LiveStats) {
-        let net = "10.5.0.0/16".parse().expect("net");
-        let own = "10.5.1.0/24".parse().expect("own");
-        let shared = Arc::new(Shared::new(
-            PeerTable::new(net, own, []),
-            workers,
-            worker::IcmpRate::DEFAULT,
-        ));
-        let live = LiveStats {
-            shared: shared.clone(),
-            workers,
-            tun_offload: true,
-            tun_uso: false,
-            udp_gro: true,
-        };
-        (shared, live)
-    }
-
-    fn counted(rx_packets: u64, drops: u64) -> Counters {
-        let mut c = Counters {
-            rx_packets,
-            ..Counters::default()
-        };
-        for _ in 0..drops {
-            c.count_drop(DropReason::UnknownSender);
-        }
-        c
-    }
-
-    #[test]
-    fn stats_add_up_workers_and_never_go_back_when_workers_restart() {
-        let source = StatsCell::default();
-        assert_eq!(source.read(), Stats::default(), "nothing started yet");
-        let (shared, first) = live(2);
-        source.start(first, false);
-        shared.counters[0].publish(&counted(5, 1));
-        shared.counters[1].publish(&counted(3, 0));
-        let running = source.read();
-        assert_eq!(running.counters.rx_packets, 8);
-        assert_eq!(running.counters.drop_count(DropReason::UnknownSender), 1);
-        assert_eq!((running.workers, running.worker_restarts), (2, 0));
-        assert!(running.tun_offload && running.udp_gro && !running.tun_uso);
-
-        // Stopped: the totals stay, the workers are gone.
-        source.stop();
-        let stopped = source.read();
-        assert_eq!(stopped.counters, running.counters);
-        assert_eq!(stopped.workers, 0);
-
-        // A new set starts from zero on its own; the sum goes on from where it was.
-        let (shared, second) = live(1);
-        source.start(second, true);
-        shared.counters[0].publish(&counted(2, 1));
-        let after = source.read();
-        assert_eq!(after.counters.rx_packets, 10);
-        assert_eq!(after.counters.drop_count(DropReason::UnknownSender), 2);
-        assert_eq!((after.workers, after.worker_restarts), (1, 1));
-    }
 
     #[test]
     fn a_subnet_overlapping_a_peer_is_found_whatever_the_prefix_lengths() {

@@ -19,7 +19,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,11 +29,11 @@ use quinn_udp::RecvMeta;
 use tracing::warn;
 use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
-use super::codec::{
-    self, Counters, DropReason, Egress, IcmpRateLimiter, PeerTable, SharedCounters,
-};
-use super::gro::{Coalescer, HDR_LEN};
-use super::socket::{Socket, MAX_PAYLOAD};
+use super::codec::{self, Counters, DropReason, Egress, IcmpRateLimiter, PeerTable};
+use crate::offload::gro::{Coalescer, HDR_LEN};
+use crate::offload::socket::{split_gro, Run, Socket};
+use crate::offload::stats::Slots;
+use crate::offload::tun;
 
 /// Packet slots for one TUN batch. A 64 KB super-packet of full-sized segments needs 45 at MTU
 /// 1472; more slots let several small packets (ACKs) share one batch.
@@ -45,8 +45,6 @@ pub const READ_SLOTS: usize = 128;
 const RX_MSGS: usize = 16;
 /// One receive buffer: a whole GRO run (or the largest datagram).
 const RX_BUF: usize = 1 << 16;
-/// How long a send may wait for room in a full socket buffer before its packets are dropped.
-const SEND_WAIT: Duration = Duration::from_millis(100);
 /// Linux's ICMP error rate limit (net.ipv4.icmp_msgs_per_sec and icmp_msgs_burst): weft, a
 /// router in userspace, sends its errors at the rate the kernel would, whatever it is set to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,13 +88,8 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 pub struct Shared {
     pub table: ArcSwap<PeerTable>,
     pub stop: AtomicBool,
-    /// One slot per worker.
-    pub counters: Box<[SharedCounters]>,
-    /// TUN reads that failed for a reason other than "nothing to read" (malformed offload
-    /// metadata), per worker; not packets the codec saw, so not among the drop reasons.
-    pub tun_read_errors: Box<[AtomicU64]>,
-    /// Whether each worker's socket still uses UDP GSO.
-    pub gso: Box<[AtomicBool]>,
+    /// What each worker counted, for the metrics.
+    pub slots: Arc<Slots>,
     /// The host's ICMP error rate, which the workers split between them.
     pub icmp: IcmpRate,
 }
@@ -107,9 +100,7 @@ impl Shared {
             icmp,
             table: ArcSwap::from_pointee(table),
             stop: AtomicBool::new(false),
-            counters: (0..workers).map(|_| SharedCounters::default()).collect(),
-            tun_read_errors: (0..workers).map(|_| AtomicU64::new(0)).collect(),
-            gso: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+            slots: Arc::new(Slots::new(workers)),
         }
     }
 }
@@ -152,7 +143,7 @@ impl Worker {
         shared: Arc<Shared>,
     ) -> Self {
         // The rate is the host's: shared by the workers.
-        let workers = shared.counters.len().max(1) as u32;
+        let workers = shared.slots.workers().max(1) as u32;
         let icmp = shared.icmp;
         let icmp_per_sec = icmp.per_sec / workers;
         let hdr = if vnet_hdr { VIRTIO_NET_HDR_LEN } else { 0 };
@@ -196,15 +187,8 @@ impl Worker {
     }
 
     fn publish(&self) {
-        if let Some(slot) = self.shared.counters.get(self.id) {
-            slot.publish(&self.counters);
-        }
-        if let Some(slot) = self.shared.tun_read_errors.get(self.id) {
-            slot.store(self.tun_read_errors, Ordering::Relaxed);
-        }
-        if let Some(slot) = self.shared.gso.get(self.id) {
-            slot.store(self.sock.gso(), Ordering::Relaxed);
-        }
+        let gso = self.sock.gso();
+        (self.shared.slots).publish(self.id, &self.counters, self.tun_read_errors, gso);
     }
 
     /// Sleeps until the TUN queue or the socket has something, or shutdown.
@@ -241,7 +225,7 @@ impl Worker {
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if is_gone(&e) => return Err(format!("read from the TUN: {e}")),
+                Err(e) if tun::is_gone(&e) => return Err(format!("read from the TUN: {e}")),
                 // The packet was consumed but could not be split: its offload metadata was bad.
                 Err(_) => self.tun_read_errors += 1,
             }
@@ -306,7 +290,7 @@ impl Worker {
         // The header stays all zero: no GSO, checksum complete.
         match self.tun.send(buf) {
             Ok(_) => self.counters.icmp_sent += 1,
-            Err(e) if is_gone(&e) => return Err(format!("write to the TUN: {e}")),
+            Err(e) if tun::is_gone(&e) => return Err(format!("write to the TUN: {e}")),
             Err(_) => self.counters.count_drop(DropReason::TunWriteFailed),
         }
         Ok(())
@@ -318,18 +302,7 @@ impl Worker {
             return;
         };
         let seg = (r.count > 1).then_some(r.seg);
-        let mut result = send_waiting(&self.sock, &self.wake, r.to, contents, seg);
-        if let (Err(e), Some(seg)) = (&result, seg) {
-            // quinn-udp has turned GSO off if the kernel refused it: resend one by one.
-            if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) {
-                result = Ok(());
-                for c in contents.chunks(seg) {
-                    if let Err(e) = send_waiting(&self.sock, &self.wake, r.to, c, None) {
-                        result = Err(e);
-                    }
-                }
-            }
-        }
+        let result = self.sock.send_run(self.wake.as_fd(), r.to, contents, seg);
         if let Err(e) = result {
             // The codec counted these as sent; they are drops.
             self.counters.tx_packets = self.counters.tx_packets.saturating_sub(r.count as u64);
@@ -377,7 +350,7 @@ impl Worker {
             };
             match r {
                 Ok(_) => {}
-                Err(e) if is_gone(&e) => gone = Some(format!("write to the TUN: {e}")),
+                Err(e) if tun::is_gone(&e) => gone = Some(format!("write to the TUN: {e}")),
                 Err(_) => lost += n as u64,
             }
         };
@@ -423,127 +396,9 @@ impl Worker {
     }
 }
 
-/// The datagrams in one receive buffer. With UDP GRO the kernel glues datagrams of `stride`
-/// bytes (the last may be shorter) into one buffer; without it `stride` is the buffer's length.
-/// The stride is not trusted: 0 gives the buffer whole, one beyond it the same. An empty buffer
-/// is one empty datagram, still a (malformed) packet to count. No allocation: the hot path.
-pub fn split_gro(data: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
-    const ONE_EMPTY: &[&[u8]] = &[&[]];
-    let stride = if stride == 0 { data.len() } else { stride };
-    let empty = if data.is_empty() { ONE_EMPTY } else { &[] };
-    data.chunks(stride.max(1)).chain(empty.iter().copied())
-}
-
-/// Consecutive packets for one peer of `seg` bytes each but the last: one GSO send.
-#[derive(Clone, Copy)]
-struct Run {
-    to: SocketAddrV4,
-    /// Byte offset in `tx`.
-    start: usize,
-    seg: usize,
-    len: usize,
-    count: usize,
-    /// A shorter packet ended it.
-    closed: bool,
-}
-
-impl Run {
-    fn new(to: SocketAddrV4, start: usize, len: usize) -> Self {
-        Self {
-            to,
-            start,
-            seg: len,
-            len,
-            count: 1,
-            closed: false,
-        }
-    }
-
-    fn takes(&self, to: SocketAddrV4, len: usize, max_segments: usize) -> bool {
-        to == self.to
-            && !self.closed
-            && len <= self.seg
-            && self.count < max_segments
-            && self.len + len <= MAX_PAYLOAD
-    }
-
-    fn add(&mut self, len: usize) {
-        self.len += len;
-        self.count += 1;
-        self.closed = len < self.seg;
-    }
-}
-
-/// Sends, waiting a little for room when the socket buffer is full.
-fn send_waiting(
-    sock: &Socket,
-    wake: &UnixStream,
-    to: SocketAddrV4,
-    contents: &[u8],
-    seg: Option<usize>,
-) -> io::Result<()> {
-    let deadline = Instant::now() + SEND_WAIT;
-    loop {
-        match sock.send(to, contents, seg) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(e);
-                }
-                let mut fds = [
-                    PollFd::new(sock.as_fd(), PollFlags::POLLOUT),
-                    PollFd::new(wake.as_fd(), PollFlags::POLLIN),
-                ];
-                let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
-                let _ = poll(&mut fds, PollTimeout::from(ms));
-                if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-                    return Err(e);
-                }
-            }
-            other => return other,
-        }
-    }
-}
-
-/// The TUN queue is detached: the device was deleted or its queue disabled.
-fn is_gone(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EBADFD | libc::EBADF | libc::ENODEV | libc::ENXIO)
-    )
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{split_gro, sysctl_count};
-
-    fn split(data: &[u8], stride: usize) -> Vec<&[u8]> {
-        split_gro(data, stride).collect()
-    }
-
-    #[test]
-    fn a_gro_buffer_splits_into_datagrams_of_its_stride_the_last_maybe_shorter() {
-        let data: Vec<u8> = (0..10).collect();
-        assert_eq!(split(&data, 4), [&data[..4], &data[4..8], &data[8..]]);
-        assert_eq!(split(&data, 5), [&data[..5], &data[5..]]);
-        assert_eq!(split(&data, 10), [&data[..]], "one datagram: no GRO");
-    }
-
-    #[test]
-    fn a_hostile_stride_gives_the_buffer_whole() {
-        let data = [7u8; 10];
-        assert_eq!(split(&data, 0), [&data[..]]);
-        assert_eq!(split(&data, 11), [&data[..]]);
-        // quinn-udp reads the GRO size as a C int: a negative one arrives huge.
-        assert_eq!(split(&data, usize::MAX), [&data[..]]);
-    }
-
-    #[test]
-    fn an_empty_datagram_is_one_packet() {
-        for stride in [0, 1, 1472, usize::MAX] {
-            assert_eq!(split(&[], stride), [&[] as &[u8]], "stride {stride}");
-        }
-    }
+    use super::sysctl_count;
 
     #[test]
     fn an_icmp_rate_sysctl_is_a_count() {

@@ -38,6 +38,8 @@ use serde_json::Value;
 use tracing::debug;
 
 use crate::conn::Conn;
+use crate::offload::stats::StatsCell;
+use crate::plane::StatsSource;
 use crate::routes;
 use crate::watch::Watched;
 use crate::{
@@ -48,6 +50,10 @@ pub use config::WgConfig;
 use kernel::Found;
 use want::WgPeer;
 pub use want::DEVICE;
+
+// The datagram lookups, for the fuzz target in backends/fuzz; not an API.
+#[doc(hidden)]
+pub use userspace::fuzz_lookups;
 
 /// Two peers with one public key would each take the other's traffic (the kernel moves a key's
 /// AllowedIPs to whoever set them last): the older lease keeps it.
@@ -77,6 +83,11 @@ pub struct Wireguard {
     peers: BTreeMap<Ipv4Net, WgPeer>,
     /// A full reconcile ran since the backend was built or its lease changed, and succeeded.
     synced: bool,
+    /// The userspace data plane's counters, over every worker this backend started (zero on
+    /// the kernel's WireGuard: `wg show` has its counters).
+    stats: StatsCell,
+    /// A userspace worker ran before the current one.
+    started: bool,
 }
 
 /// Which WireGuard carries the traffic.
@@ -145,6 +156,8 @@ impl DataPlane for Wireguard {
             path: None,
             peers: BTreeMap::new(),
             synced: false,
+            stats: StatsCell::new(Self::TYPE),
+            started: false,
         })
     }
 
@@ -267,6 +280,10 @@ impl DataPlane for Wireguard {
             ..Programmed::default()
         }
     }
+
+    fn stats(&self) -> Option<StatsSource> {
+        Some(self.stats.source())
+    }
 }
 
 impl Wireguard {
@@ -319,6 +336,7 @@ impl Wireguard {
             (Found::Userspace(_), _) => {
                 // Stop a worker on a device that is gone before opening the new one.
                 self.path = None;
+                self.stats.stop();
                 let handle = self.conn.handle()?;
                 let private = self
                     .private
@@ -329,6 +347,8 @@ impl Wireguard {
                         .await?;
                 let index = u.index;
                 u.set_peers(self.peers.values().cloned().collect())?;
+                self.stats.start(u.live(), self.started);
+                self.started = true;
                 self.path = Some(Path::Userspace(u));
                 self.synced = false;
                 Ok(index)

@@ -1,11 +1,20 @@
 //! weft's userspace WireGuard, for kernels without it: a persistent TUN device `flannel-wg`, a
-//! UDP socket on ListenPort, and one boringtun `Tunn` per peer, moved by one worker thread.
+//! UDP socket on ListenPort, and one boringtun `Tunn` per peer, moved by a worker thread with
+//! the udp backend's batching (`crate::offload`).
 //!
-//! A skeleton of the data plane issue 22 asks for: one packet per system call, no offloads, one
-//! worker. What it already has of the final shape: buffers owned by the worker and reused (no
-//! allocation per packet once a session is up), no lock on the packet path (the control side
-//! hands the worker a new peer list through a channel and a wake-up), and the protocol's timers
-//! ticked on their own schedule, not per packet.
+//! TUN → peers: one read returns a TCP/UDP super-packet of up to 64 KB, split by tun-rs into
+//! MTU-sized packets side by side. Each is sealed by its peer's session straight into the send
+//! buffer, one after the other: segments of one super-packet give datagrams of one size (boringtun
+//! does not pad), so consecutive ones for one peer go out in one UDP GSO sendmsg.
+//! Peers → TUN: recvmmsg with UDP GRO hands over runs of datagrams; each is opened by its
+//! peer's session into one scratch buffer, and consecutive TCP segments of one flow are merged
+//! back into one super-packet for the TUN (`offload::gro`), one write per 64 KB.
+//!
+//! No allocation per packet once a session is up (boringtun only queues packets while a
+//! handshake runs), and no lock of weft's: the control side hands the worker a new peer list
+//! through a channel and a wake-up, checked once per batch. The protocol's timers are ticked on
+//! their own schedule, not per packet. One worker for now: on a 2-core test machine a second
+//! gains nothing, and a peer's session would have to be shared between workers.
 //!
 //! A datagram is matched to its peer by the receiver index boringtun put in the session (data,
 //! handshake response, cookie) or, for a handshake initiation, by the initiator's static key;
@@ -13,8 +22,8 @@
 //! WireGuard, a peer's endpoint follows the address its authenticated packets come from.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,27 +32,46 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::Ipv4Net;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use rtnetlink::{Handle, LinkUnspec};
+use quinn_udp::RecvMeta;
+use rtnetlink::Handle;
 use tracing::{debug, info, warn};
-use tun_rs::{DeviceBuilder, SyncDevice};
+use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
-use super::kernel;
 use super::key::{Key, PrivateKey};
 use super::want::{WgPeer, DEVICE};
-use crate::udp::codec::{Counters, DropReason, SharedCounters};
+use crate::offload::gro::{Coalescer, HDR_LEN};
+use crate::offload::socket::{split_gro, Run, Socket};
+use crate::offload::stats::{Live, Slots};
+use crate::offload::tun;
+use crate::udp::codec::{Counters, DropReason};
 use crate::Error;
 
 /// How often the protocol's timers (handshake retries, keepalives, session expiry) are looked
 /// at, as boringtun's own device does.
 const TICK: Duration = Duration::from_millis(250);
 
-/// Packets moved each way per wake-up before the worker looks at the other direction.
-const BURST: usize = 64;
+/// Packet slots for one TUN batch: a 64 KB super-packet is 47 at MTU 1420.
+const TX_SLOTS: usize = 256;
+/// Slots one TUN read may fill: flannel-wg's gso_max_segs is set to this, so a read fits.
+const READ_SLOTS: usize = 128;
+/// recvmmsg batch.
+const RX_MSGS: usize = 16;
+/// One receive buffer: a whole GRO run (or the largest datagram).
+const RX_BUF: usize = 1 << 16;
+/// A data message around its packet: type, receiver index and counter (16 bytes), the tag (16).
+const OVERHEAD: usize = 32;
+/// boringtun's smallest output buffer (a handshake initiation).
+const MIN_OUT: usize = 148;
+/// The message type of a data message (the first byte; the next three are zero).
+const DATA: u8 = 4;
+/// How often a failing send is reported at most.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The running data plane.
 pub struct Userspace {
@@ -53,78 +81,72 @@ pub struct Userspace {
     wake: UnixStream,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    /// What the worker counted, published after each round.
-    counters: Arc<SharedCounters>,
+    /// What the worker counted, published after each batch.
+    slots: Arc<Slots>,
+    /// How the device and socket were set up, for the metrics.
+    tun_offload: bool,
+    tun_uso: bool,
+    udp_gro: bool,
 }
 
 impl Userspace {
-    /// Opens (or creates) `flannel-wg` as a persistent TUN device with `mtu`, up, binds
-    /// `port`, and starts the worker with no peer.
+    /// Opens (or creates) `flannel-wg` as a persistent TUN device with offloads and `mtu`, up,
+    /// binds `port`, and starts the worker with no peer.
     pub async fn start(
         handle: &Handle,
         private: &PrivateKey,
         port: u16,
         mtu: u32,
     ) -> Result<Self, Error> {
-        let tun = DeviceBuilder::new()
-            .name(DEVICE)
-            .packet_information(false)
-            .inherit_enable_state()
-            .build_sync()
-            .map_err(Error::io(format!("open TUN device {DEVICE}")))?;
-        tun.persist()
-            .map_err(Error::io(format!("make {DEVICE} persistent")))?;
-        tun.set_nonblocking(true)
-            .map_err(Error::io(format!("make {DEVICE} non-blocking")))?;
-        let existing = kernel::find(handle)
-            .await?
-            .ok_or_else(|| Error::Other(format!("{DEVICE} vanished right after it was opened")))?;
-        ipv6_off();
-        if existing.mtu != Some(mtu) || !existing.up {
-            let set = LinkUnspec::new_with_index(existing.index).mtu(mtu).up();
-            handle
-                .link()
-                .set(set.build())
-                .execute()
-                .await
-                .map_err(Error::netlink(format!("set {DEVICE} up with MTU {mtu}")))?;
-        }
-        let sock = UdpSocket::bind(("0.0.0.0", port))
-            .map_err(Error::io(format!("bind WireGuard's UDP port {port}")))?;
-        sock.set_nonblocking(true)
-            .map_err(Error::io("make the WireGuard socket non-blocking"))?;
+        let mut dev = tun::open(handle, DEVICE, 1, true).await?;
+        tun::ensure_ipv6_off(DEVICE);
+        tun::ensure_link(handle, DEVICE, mtu, READ_SLOTS as u32).await?;
+        let queue = dev
+            .queues
+            .pop()
+            .ok_or_else(|| Error::Other(format!("{DEVICE}: no queue opened")))?;
+        let sock = Socket::bind(port, true)?;
         let (wake, woken) = UnixStream::pair().map_err(Error::io("make a wake-up pair"))?;
         woken
             .set_nonblocking(true)
             .map_err(Error::io("make the wake-up socket non-blocking"))?;
         let (peers, rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let counters = Arc::new(SharedCounters::default());
+        let slots = Arc::new(Slots::new(1));
         let secret = StaticSecret::from(*private.bytes());
-        let worker = Worker {
-            public: PublicKey::from(&secret),
+        let (gso, gro) = (sock.gso(), sock.gro());
+        let worker = Worker::new(
             secret,
-            tun,
+            queue,
+            (dev.vnet_hdr, dev.uso),
+            mtu as usize,
             sock,
-            woken,
-            rx,
-            stop: stop.clone(),
-            table: Table::default(),
-            counters: Counters::default(),
-            shared: counters.clone(),
-        };
+            (woken, rx, stop.clone()),
+            slots.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name("weft-wg".into())
             .spawn(move || worker.run())
             .map_err(Error::io("start the WireGuard worker"))?;
-        info!(device = DEVICE, port, mtu, "userspace WireGuard running");
+        info!(
+            device = DEVICE,
+            port,
+            mtu,
+            tun_offload = dev.vnet_hdr,
+            udp_gso = gso,
+            udp_gro = gro,
+            "userspace WireGuard running"
+        );
         Ok(Self {
-            index: existing.index,
+            index: dev.index,
             peers,
             wake,
             stop,
             thread: Some(thread),
-            counters,
+            slots,
+            tun_offload: dev.vnet_hdr,
+            tun_uso: dev.vnet_hdr && dev.uso,
+            udp_gro: gro,
         })
     }
 
@@ -140,7 +162,17 @@ impl Userspace {
     /// What the worker has counted so far: packets and bytes each way (inner packets), and
     /// drops by reason.
     pub fn counters(&self) -> Counters {
-        self.counters.load()
+        self.slots.counters()
+    }
+
+    /// The worker for the metrics: where it publishes, how it runs.
+    pub fn live(&self) -> Live {
+        Live {
+            slots: self.slots.clone(),
+            tun_offload: self.tun_offload,
+            tun_uso: self.tun_uso,
+            udp_gro: self.udp_gro,
+        }
     }
 
     /// Whether the worker still runs.
@@ -161,25 +193,13 @@ impl Drop for Userspace {
     }
 }
 
-/// `disable_ipv6` 1 on flannel-wg (as udp on flannel0): the data plane is IPv4-only, and the
-/// kernel would otherwise send router solicitations and MLD reports into it, to be dropped. A
-/// nicety: where /proc/sys is read-only or the kernel has no IPv6 it is left as it is.
-fn ipv6_off() {
-    let path = format!("/proc/sys/net/ipv6/conf/{DEVICE}/disable_ipv6");
-    if std::fs::read_to_string(&path).is_ok_and(|now| now.trim() != "1") {
-        if let Err(e) = std::fs::write(&path, "1") {
-            debug!(path, error = %e, "cannot turn IPv6 off on {DEVICE}; leaving it");
-        }
-    }
-}
-
 struct Peer {
     tunn: Tunn,
     key: Key,
     psk: Option<Key>,
     keepalive: Option<u16>,
     /// Where its packets go: its lease's PublicIP:Port, then where it last spoke from.
-    endpoint: SocketAddr,
+    endpoint: SocketAddrV4,
     allowed: Ipv4Net,
     /// The index boringtun puts (shifted) in this peer's sessions.
     index: u32,
@@ -189,13 +209,361 @@ struct Worker {
     secret: StaticSecret,
     public: PublicKey,
     tun: SyncDevice,
-    sock: UdpSocket,
+    /// Length of the virtio-net header in front of every TUN packet (0 without offloads).
+    hdr: usize,
+    sock: Socket,
     woken: UnixStream,
-    rx: Receiver<Vec<WgPeer>>,
+    rx_peers: Receiver<Vec<WgPeer>>,
     stop: Arc<AtomicBool>,
     table: Table,
     counters: Counters,
-    shared: Arc<SharedCounters>,
+    tun_read_errors: u64,
+    slots: Arc<Slots>,
+    last_warn: Option<Instant>,
+    /// TUN reads: the raw super-packet with its virtio-net header.
+    raw: Vec<u8>,
+    /// TUN reads, split: `TX_SLOTS` slots of `stride` (= MTU) bytes.
+    tx: Vec<u8>,
+    stride: usize,
+    sizes: Vec<usize>,
+    /// Sealed datagrams, back to back, sent in GSO runs.
+    out: Vec<u8>,
+    /// Handshake messages and packets queued during a handshake.
+    scratch: Vec<u8>,
+    rx: Vec<u8>,
+    meta: Vec<RecvMeta>,
+    /// One opened packet.
+    plain: Vec<u8>,
+    /// Merges TCP segments for the TUN (with offloads).
+    gro: Coalescer,
+}
+
+impl Worker {
+    fn new(
+        secret: StaticSecret,
+        tun: SyncDevice,
+        (vnet_hdr, uso): (bool, bool),
+        mtu: usize,
+        sock: Socket,
+        (woken, rx_peers, stop): (UnixStream, Receiver<Vec<WgPeer>>, Arc<AtomicBool>),
+        slots: Arc<Slots>,
+    ) -> Self {
+        let stride = mtu.max(MIN_OUT);
+        Self {
+            public: PublicKey::from(&secret),
+            secret,
+            tun,
+            hdr: if vnet_hdr { VIRTIO_NET_HDR_LEN } else { 0 },
+            sock,
+            woken,
+            rx_peers,
+            stop,
+            table: Table::default(),
+            counters: Counters::default(),
+            tun_read_errors: 0,
+            slots,
+            last_warn: None,
+            raw: vec![0; VIRTIO_NET_HDR_LEN + 65535],
+            tx: vec![0; TX_SLOTS * stride],
+            stride,
+            sizes: vec![0; TX_SLOTS],
+            out: vec![0; TX_SLOTS * (stride + OVERHEAD) + MIN_OUT],
+            scratch: vec![0; RX_BUF + OVERHEAD],
+            rx: vec![0; RX_MSGS * RX_BUF],
+            meta: vec![RecvMeta::default(); RX_MSGS],
+            plain: vec![0; RX_BUF],
+            gro: Coalescer::new(vnet_hdr && uso),
+        }
+    }
+
+    fn run(mut self) {
+        self.publish();
+        let mut next_tick = Instant::now() + TICK;
+        while !self.stop.load(Ordering::Relaxed) {
+            while let Ok(peers) = self.rx_peers.try_recv() {
+                self.table.set(&self.secret, peers);
+            }
+            let moved = match (self.tun_to_peers(), self.peers_to_tun()) {
+                (Ok(a), Ok(b)) => a || b,
+                (Err(why), _) | (_, Err(why)) => {
+                    warn!("WireGuard worker: {why}; stopping");
+                    break;
+                }
+            };
+            if Instant::now() >= next_tick {
+                self.tick();
+                next_tick = Instant::now() + TICK;
+            }
+            if moved {
+                self.publish();
+            } else if let Err(why) = self.wait(next_tick) {
+                warn!("WireGuard worker: {why}; stopping");
+                break;
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        (self.slots).publish(0, &self.counters, self.tun_read_errors, self.sock.gso());
+    }
+
+    /// Sleeps until the TUN queue or the socket has something, a wake-up, or the next tick.
+    fn wait(&mut self, until: Instant) -> Result<(), String> {
+        let wait = until.saturating_duration_since(Instant::now());
+        let mut fds = [
+            PollFd::new(self.tun.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.sock.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.woken.as_fd(), PollFlags::POLLIN),
+        ];
+        let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        if fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLNVAL))
+        {
+            return Err("the TUN queue reports an error (device deleted?)".into());
+        }
+        if fds[2].revents().is_some_and(|r| !r.is_empty()) {
+            let mut drain = [0u8; 64];
+            while matches!((&self.woken).read(&mut drain), Ok(n) if n > 0) {}
+        }
+        Ok(())
+    }
+
+    /// One batch from the TUN to the peers. Returns whether anything was read.
+    fn tun_to_peers(&mut self) -> Result<bool, String> {
+        let stride = self.stride;
+        let mut filled = 0;
+        while TX_SLOTS - filled >= READ_SLOTS {
+            let area = self.tx.get_mut(filled * stride..).unwrap_or_default();
+            let mut chunks = area.chunks_exact_mut(stride);
+            let mut slots: [&mut [u8]; READ_SLOTS] =
+                std::array::from_fn(|_| chunks.next().unwrap_or_default());
+            let sizes = &mut self.sizes[filled..filled + READ_SLOTS];
+            match self.tun.recv_multiple(&mut self.raw, &mut slots, sizes, 0) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if tun::is_gone(&e) => return Err(format!("read from the TUN: {e}")),
+                // Consumed but not split: its offload metadata was bad.
+                Err(_) => self.tun_read_errors += 1,
+            }
+        }
+        if filled == 0 {
+            return Ok(false);
+        }
+        self.seal_and_send(filled);
+        Ok(true)
+    }
+
+    /// Seals the `n` packets in `tx` for their peers into `out`, back to back, and sends them in
+    /// GSO runs: consecutive datagrams for one peer of one size (the last may be shorter).
+    fn seal_and_send(&mut self, n: usize) {
+        let mut run: Option<Run> = None;
+        let mut pos = 0;
+        for i in 0..n {
+            let at = i * self.stride;
+            let len = self.sizes[i].min(self.stride);
+            let pkt = &self.tx[at..at + len];
+            let Some(p) = self.table.route(pkt, &mut self.counters) else {
+                continue;
+            };
+            let p = &mut self.table.peers[p];
+            let to = p.endpoint;
+            let room = self.out.get_mut(pos..).unwrap_or_default();
+            let sealed = match p.tunn.encapsulate(pkt, room) {
+                TunnResult::WriteToNetwork(b) => Some((b.len(), b.first() == Some(&DATA))),
+                TunnResult::Err(e) => {
+                    debug!(error = ?e, "WireGuard: sealing failed");
+                    self.counters.count_drop(DropReason::SendFailed);
+                    None
+                }
+                // Queued until the handshake it started completes.
+                _ => None,
+            };
+            let Some((size, data)) = sealed else {
+                continue;
+            };
+            if !data {
+                // A handshake initiation (the packet waits for the session): alone, in order.
+                if let Some(r) = run.take() {
+                    self.send_run(r);
+                }
+                self.send_run(Run::new(to, pos, size));
+                continue;
+            }
+            self.counters.tx_packets += 1;
+            self.counters.tx_bytes += len as u64;
+            if let Some(r) = &mut run {
+                if r.start + r.len == pos && r.takes(to, size, self.sock.max_segments(r.seg)) {
+                    r.add(size);
+                    pos += size;
+                    continue;
+                }
+                let done = *r;
+                self.send_run(done);
+            }
+            run = Some(Run::new(to, pos, size));
+            pos += size;
+        }
+        if let Some(r) = run {
+            self.send_run(r);
+        }
+    }
+
+    /// Sends one run of `out`; failures are counted, never fatal.
+    fn send_run(&mut self, r: Run) {
+        let Some(contents) = self.out.get(r.start..r.start + r.len) else {
+            return;
+        };
+        let seg = (r.count > 1).then_some(r.seg);
+        if let Err(e) = self.sock.send_run(self.woken.as_fd(), r.to, contents, seg) {
+            self.counters.tx_packets = self.counters.tx_packets.saturating_sub(r.count as u64);
+            for _ in 0..r.count {
+                self.counters.count_drop(DropReason::SendFailed);
+            }
+            if self.last_warn.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                self.last_warn = Some(Instant::now());
+                warn!(peer = %r.to, error = %e,
+                      dropped_so_far = self.counters.drop_count(DropReason::SendFailed),
+                      "WireGuard send failing; packets dropped (next report in a minute at the earliest)");
+            }
+        }
+    }
+
+    /// One batch from the peers to the TUN. Returns whether anything was received.
+    fn peers_to_tun(&mut self) -> Result<bool, String> {
+        let n = {
+            let mut chunks = self.rx.chunks_exact_mut(RX_BUF);
+            let mut bufs: [IoSliceMut<'_>; RX_MSGS] =
+                std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+            match self.sock.recv(&mut bufs, &mut self.meta) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                // ICMP errors about earlier sends, ENOBUFS, …: transient.
+                Err(_) => return Ok(true),
+            }
+        };
+        let vnet = self.hdr != 0;
+        let Self {
+            tun,
+            sock,
+            table,
+            counters,
+            rx,
+            meta,
+            plain,
+            scratch,
+            gro,
+            secret,
+            public,
+            ..
+        } = self;
+        let (mut lost, mut gone) = (0u64, None);
+        let mut write = |hdr: &[u8; HDR_LEN], pkt: &[u8], n: usize| {
+            let r = if vnet {
+                tun.send_vectored(&[IoSlice::new(hdr), IoSlice::new(pkt)])
+            } else {
+                tun.send(pkt)
+            };
+            match r {
+                Ok(_) => {}
+                Err(e) if tun::is_gone(&e) => gone = Some(format!("write to the TUN: {e}")),
+                Err(_) => lost += n as u64,
+            }
+        };
+        for (i, m) in meta.iter().enumerate().take(n.min(RX_MSGS)) {
+            let from = match m.addr {
+                SocketAddr::V4(a) => a,
+                SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+                    Some(ip) => SocketAddrV4::new(ip, a.port()),
+                    None => continue,
+                },
+            };
+            let start = i * RX_BUF;
+            let Some(data) = rx.get(start..start + m.len.min(RX_BUF)) else {
+                continue;
+            };
+            for dgram in split_gro(data, m.stride) {
+                let Some(p) = table.sender(dgram, secret, public) else {
+                    counters.count_drop(DropReason::UnknownSender);
+                    continue;
+                };
+                let p = &mut table.peers[p];
+                match p.tunn.decapsulate(Some((*from.ip()).into()), dgram, plain) {
+                    TunnResult::WriteToTunnelV4(pkt, src) => {
+                        p.endpoint = from;
+                        if !p.allowed.contains(&src) {
+                            counters.count_drop(DropReason::SourceNotInSenderLease);
+                            continue;
+                        }
+                        counters.rx_packets += 1;
+                        counters.rx_bytes += pkt.len() as u64;
+                        if vnet {
+                            gro.add(pkt, &mut write);
+                        } else {
+                            write(&[0; HDR_LEN], pkt, 1);
+                        }
+                    }
+                    TunnResult::WriteToNetwork(b) => {
+                        // A handshake answered (or a cookie): it goes back, and what waited
+                        // for the session follows.
+                        p.endpoint = from;
+                        let _ = sock.send(from, b, None);
+                        while let TunnResult::WriteToNetwork(b) =
+                            p.tunn.decapsulate(None, &[], scratch)
+                        {
+                            match sock.send(p.endpoint, b, None) {
+                                Ok(()) => counters.tx_packets += 1,
+                                Err(_) => counters.count_drop(DropReason::SendFailed),
+                            }
+                        }
+                    }
+                    TunnResult::WriteToTunnelV6(..) => counters.count_drop(DropReason::NotIpv4),
+                    TunnResult::Err(e) => {
+                        debug!(error = ?e, %from, "WireGuard: datagram dropped");
+                        counters.count_drop(drop_reason(&e));
+                    }
+                    // A keepalive.
+                    TunnResult::Done => p.endpoint = from,
+                }
+            }
+        }
+        gro.flush(&mut write);
+        if let Some(why) = gone {
+            return Err(why);
+        }
+        counters.rx_packets = counters.rx_packets.saturating_sub(lost);
+        for _ in 0..lost {
+            counters.count_drop(DropReason::TunWriteFailed);
+        }
+        Ok(true)
+    }
+
+    /// The protocol's timers: handshakes started or retried, keepalives sent.
+    fn tick(&mut self) {
+        for p in &mut self.table.peers {
+            if let TunnResult::WriteToNetwork(b) = p.tunn.update_timers(&mut self.scratch) {
+                let _ = self.sock.send(p.endpoint, b, None);
+            }
+        }
+    }
+}
+
+/// Why boringtun refused a datagram, as a drop reason.
+fn drop_reason(e: &WireGuardError) -> DropReason {
+    match e {
+        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => DropReason::Replayed,
+        WireGuardError::WrongIndex | WireGuardError::NoCurrentSession => DropReason::UnknownSender,
+        WireGuardError::IncorrectPacketLength
+        | WireGuardError::InvalidPacket
+        | WireGuardError::WrongPacketType => DropReason::BadLength,
+        _ => DropReason::BadAuthentication,
+    }
 }
 
 /// The worker's peers, found by destination address, by session index and by key.
@@ -211,164 +579,40 @@ struct Table {
     last_index: u32,
 }
 
-impl Worker {
-    fn run(mut self) {
-        let mut inbuf = vec![0u8; 65536];
-        let mut outbuf = vec![0u8; 65536 + 148];
-        let mut next_tick = Instant::now() + TICK;
-        while !self.stop.load(Ordering::Relaxed) {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            let (tun_ready, sock_ready, woken) = {
-                let mut fds = [
-                    PollFd::new(self.tun.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(self.sock.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(self.woken.as_fd(), PollFlags::POLLIN),
-                ];
-                let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
-                match poll(&mut fds, PollTimeout::from(ms)) {
-                    Ok(_) => {}
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(e) => {
-                        warn!(error = %e, "WireGuard worker: poll failed; stopping");
-                        return;
-                    }
-                }
-                let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-                (ready(&fds[0]), ready(&fds[1]), ready(&fds[2]))
-            };
-            if woken {
-                let mut drain = [0u8; 64];
-                while matches!((&self.woken).read(&mut drain), Ok(n) if n > 0) {}
-                while let Ok(peers) = self.rx.try_recv() {
-                    self.table.set(&self.secret, peers);
-                }
-            }
-            if tun_ready {
-                for _ in 0..BURST {
-                    match self.tun.recv(&mut inbuf) {
-                        Ok(n) => self.outgoing(&inbuf[..n], &mut outbuf),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            warn!(error = %e, "WireGuard worker: TUN read failed; stopping");
-                            return;
-                        }
-                    }
-                }
-            }
-            if sock_ready {
-                for _ in 0..BURST {
-                    match self.sock.recv_from(&mut inbuf) {
-                        Ok((n, from)) => self.incoming(&inbuf[..n], from, &mut outbuf),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        // ICMP errors for earlier sends surface here; the next datagram counts.
-                        Err(_) => break,
-                    }
-                }
-            }
-            if Instant::now() >= next_tick {
-                self.tick(&mut outbuf);
-                next_tick = Instant::now() + TICK;
-            }
-            self.shared.publish(&self.counters);
-        }
-    }
-
-    /// A packet from the TUN device: to the peer whose subnet holds its destination.
-    fn outgoing(&mut self, pkt: &[u8], out: &mut [u8]) {
-        let c = &mut self.counters;
+impl Table {
+    /// The peer an IPv4 packet from the TUN goes to; what goes nowhere is counted.
+    fn route(&self, pkt: &[u8], c: &mut Counters) -> Option<usize> {
         if pkt.len() < 20 {
-            return c.count_drop(DropReason::Truncated);
+            c.count_drop(DropReason::Truncated);
+            return None;
         }
         if pkt[0] >> 4 != 4 {
-            return c.count_drop(DropReason::NotIpv4);
+            c.count_drop(DropReason::NotIpv4);
+            return None;
         }
         let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
-        let Some(i) = self.table.for_destination(dst) else {
-            return c.count_drop(DropReason::NoRoute);
-        };
-        let p = &mut self.table.peers[i];
-        match p.tunn.encapsulate(pkt, out) {
-            TunnResult::WriteToNetwork(b) => match self.sock.send_to(b, p.endpoint) {
-                Ok(_) => {
-                    c.tx_packets += 1;
-                    c.tx_bytes += pkt.len() as u64;
-                }
-                Err(_) => c.count_drop(DropReason::SendFailed),
-            },
-            TunnResult::Err(e) => {
-                debug!(error = ?e, "WireGuard: encapsulation failed");
-                c.count_drop(DropReason::SendFailed);
-            }
-            // Queued until the handshake it started completes.
-            _ => {}
+        let found = self.for_destination(dst);
+        if found.is_none() {
+            c.count_drop(DropReason::NoRoute);
         }
+        found
     }
 
-    /// A datagram from the network: to its peer's session, then into the TUN device. What no
-    /// current peer's session authenticates (an unknown key or index, a bad tag, a replayed
-    /// counter) counts as from an unknown sender; a decrypted packet from outside the peer's
-    /// subnet as not in its lease.
-    fn incoming(&mut self, dgram: &[u8], from: SocketAddr, out: &mut [u8]) {
-        let c = &mut self.counters;
-        let i = match Tunn::parse_incoming_packet(dgram) {
-            Ok(Packet::HandshakeInit(h)) => parse_handshake_anon(&self.secret, &self.public, &h)
+    /// The peer a datagram claims to come from: by the receiver index in a session's messages,
+    /// by the static key a handshake initiation carries (which costs a Diffie-Hellman: boringtun
+    /// rate-limits initiations per peer once it has one). Whether it really does is the
+    /// session's to check.
+    fn sender(&self, dgram: &[u8], secret: &StaticSecret, public: &PublicKey) -> Option<usize> {
+        match Tunn::parse_incoming_packet(dgram).ok()? {
+            Packet::HandshakeInit(h) => parse_handshake_anon(secret, public, &h)
                 .ok()
-                .and_then(|half| self.table.by_key.get(&half.peer_static_public).copied()),
-            Ok(Packet::HandshakeResponse(h)) => self.table.for_receiver(h.receiver_idx),
-            Ok(Packet::PacketCookieReply(c)) => self.table.for_receiver(c.receiver_idx),
-            Ok(Packet::PacketData(d)) => self.table.for_receiver(d.receiver_idx),
-            Err(_) => None,
-        };
-        let Some(i) = i else {
-            return c.count_drop(DropReason::UnknownSender);
-        };
-        let p = &mut self.table.peers[i];
-        match p.tunn.decapsulate(Some(from.ip()), dgram, out) {
-            TunnResult::WriteToNetwork(b) => {
-                let _ = self.sock.send_to(b, from);
-                p.endpoint = from;
-                // Packets queued while the handshake ran go now.
-                while let TunnResult::WriteToNetwork(b) = p.tunn.decapsulate(None, &[], out) {
-                    match self.sock.send_to(b, p.endpoint) {
-                        Ok(_) => c.tx_packets += 1,
-                        Err(_) => c.count_drop(DropReason::SendFailed),
-                    }
-                }
-            }
-            TunnResult::WriteToTunnelV4(b, src) => {
-                p.endpoint = from;
-                if !p.allowed.contains(&src) {
-                    return c.count_drop(DropReason::SourceNotInSenderLease);
-                }
-                match self.tun.send(b) {
-                    Ok(_) => {
-                        c.rx_packets += 1;
-                        c.rx_bytes += b.len() as u64;
-                    }
-                    Err(_) => c.count_drop(DropReason::TunWriteFailed),
-                }
-            }
-            TunnResult::WriteToTunnelV6(..) => c.count_drop(DropReason::NotIpv4),
-            TunnResult::Err(e) => {
-                debug!(error = ?e, %from, "WireGuard: datagram dropped");
-                c.count_drop(DropReason::UnknownSender);
-            }
-            // A keepalive.
-            TunnResult::Done => p.endpoint = from,
+                .and_then(|half| self.by_key.get(&half.peer_static_public).copied()),
+            Packet::HandshakeResponse(h) => self.for_receiver(h.receiver_idx),
+            Packet::PacketCookieReply(c) => self.for_receiver(c.receiver_idx),
+            Packet::PacketData(d) => self.for_receiver(d.receiver_idx),
         }
     }
 
-    /// The protocol's timers: handshakes started or retried, keepalives sent.
-    fn tick(&mut self, out: &mut [u8]) {
-        for p in &mut self.table.peers {
-            if let TunnResult::WriteToNetwork(b) = p.tunn.update_timers(out) {
-                let _ = self.sock.send_to(b, p.endpoint);
-            }
-        }
-    }
-}
-
-impl Table {
     /// The peer whose subnet holds `dst`.
     fn for_destination(&self, dst: Ipv4Addr) -> Option<usize> {
         self.prefixes.iter().find_map(|len| {
@@ -387,7 +631,7 @@ impl Table {
     fn set(&mut self, secret: &StaticSecret, want: Vec<WgPeer>) {
         let mut old: HashMap<Key, Peer> = self.peers.drain(..).map(|p| (p.key, p)).collect();
         for w in want {
-            let endpoint = SocketAddr::V4(w.endpoint);
+            let endpoint = w.endpoint;
             let kept = old
                 .remove(&w.public_key)
                 .filter(|p| p.psk == w.psk && p.keepalive == w.keepalive);
@@ -429,6 +673,56 @@ impl Table {
         prefixes.dedup();
         self.prefixes = prefixes;
         debug!(peers = self.peers.len(), "WireGuard worker: peers set");
+    }
+}
+
+/// The fuzz target's entry (backends/fuzz/fuzz_targets/wg_datagram.rs), not an API: any bytes as
+/// a packet from the TUN and as a datagram from the network, against a table of three peers, as
+/// the worker looks them up before boringtun's own checks (and then through them).
+#[doc(hidden)]
+pub fn fuzz_lookups(data: &[u8]) {
+    let secret = StaticSecret::from([7; 32]);
+    let public = PublicKey::from(&secret);
+    let mut t = Table::default();
+    let peers = (1..=3u8).map(|n| {
+        let subnet: Ipv4Net = format!("10.244.{n}.0/24").parse().expect("subnet");
+        WgPeer {
+            subnet,
+            public_key: PublicKey::from(&StaticSecret::from([n; 32])).to_bytes(),
+            endpoint: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, n), 51820),
+            allowed_ip: subnet,
+            psk: None,
+            keepalive: None,
+        }
+    });
+    t.set(&secret, peers.collect());
+    let mut c = Counters::default();
+    match t.route(data, &mut c) {
+        Some(i) => {
+            assert!(
+                data.len() >= 20 && data[0] >> 4 == 4,
+                "routed a non-IPv4 packet"
+            );
+            let dst = Ipv4Addr::new(data[16], data[17], data[18], data[19]);
+            assert!(
+                t.peers[i].allowed.contains(&dst),
+                "routed outside the peer's subnet"
+            );
+            assert_eq!(c.total_drops(), 0);
+        }
+        None => assert_eq!(c.total_drops(), 1, "a packet going nowhere is counted once"),
+    }
+    if let Some(i) = t.sender(data, &secret, &public) {
+        let mut out = vec![0; data.len().max(MIN_OUT) + OVERHEAD];
+        match t.peers[i].tunn.decapsulate(None, data, &mut out) {
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                panic!("a packet opened without a session")
+            }
+            TunnResult::Err(e) => {
+                let _ = drop_reason(&e);
+            }
+            _ => {}
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 use weft_backends::udp::{Counters, DropReason};
-use weft_backends::{Backend, Lease, PeerChanges};
+use weft_backends::{Backend, Lease, PeerChanges, Stats};
 
 use crate::harness::{others, root_or_skip, Host, Lab};
 
@@ -22,16 +22,24 @@ fn key_file(lab: &str, h: &Host) -> PathBuf {
     dir.join(format!("h{}/wgkey", h.n))
 }
 
-/// The userspace data plane's counters on `h`.
-fn counters(h: &Host) -> Counters {
+/// What the userspace data plane on `h` reports, as the metrics read it.
+fn stats(h: &Host) -> Stats {
     h.agent.with_backend(|b| {
         Box::pin(async move {
-            match b {
-                Backend::Wireguard(w) => w.counters().expect("the userspace data plane"),
-                _ => panic!("not a wireguard backend"),
-            }
+            assert!(
+                matches!(b, Backend::Wireguard(_)),
+                "not a wireguard backend"
+            );
+            b.stats()
+                .expect("wireguard has a userspace data plane")
+                .read()
         })
     })
+}
+
+/// The userspace data plane's counters on `h`.
+fn counters(h: &Host) -> Counters {
+    stats(h).counters
 }
 
 /// start with its own key file, prepare, configure: the host is up and holds its lease.
@@ -134,6 +142,15 @@ fn installed(program: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Whether `wg ARGS` succeeds in the network and mount namespaces of process `pid`.
+fn wg_ok(pid: &str, args: &[&str]) -> bool {
+    let mut c = std::process::Command::new("nsenter");
+    c.args(["-t", pid, "-m", "-n", "wg"]).args(args);
+    weft_lab::cmd::output(&mut c, std::time::Duration::from_secs(10))
+        .status
+        .success()
+}
+
 /// Kills the spawned wireguard-go when the test ends, however it ends.
 struct Child(std::process::Child);
 
@@ -170,10 +187,22 @@ fn weft_and_a_hand_made_wireguard_go_peer_reach_each_other() {
     let key = key_file("interop", h2);
     std::fs::create_dir_all(key.parent().expect("dir")).expect("dir");
     std::fs::write(&key, "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=\n").expect("key");
-    let _go = Child(
+    // In a mount namespace of its own with a private /run: wireguard-go's control socket,
+    // /var/run/wireguard/flannel-wg.sock, is one path for the whole machine, which another test
+    // or a benchmark on it may be using.
+    let go = Child(
         h2.ns
-            .command("wireguard-go")
-            .args(["-f", DEV])
+            .command("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "mount -t tmpfs -o mode=0755,size=1m weft-wg /run && mkdir /run/wireguard \
+                 && exec wireguard-go -f \"$0\"",
+                DEV,
+            ])
             .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -181,8 +210,22 @@ fn weft_and_a_hand_made_wireguard_go_peer_reach_each_other() {
             .spawn()
             .expect("wireguard-go"),
     );
+    let pid = go.0.id().to_string();
+    // `wg` in wireguard-go's namespaces, once it runs (before, nsenter would land in the
+    // machine's mount namespace, where wg may unlink someone else's dead socket).
+    let isolated = || {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let mnt = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).ok();
+        comm.trim() == "wireguard-go" && mnt(&pid).is_some() && mnt(&pid) != mnt("self")
+    };
+    let wg = |args: &[&str]| {
+        assert!(isolated(), "wireguard-go left its mount namespace");
+        let mut all = vec!["nsenter", "-t", &pid, "-m", "-n", "wg"];
+        all.extend_from_slice(args);
+        weft_lab::cmd::must(&all)
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while h2.ns.link(DEV).is_none() || !h2.ns.exec(&["wg", "show", DEV]).0 {
+    while !isolated() || h2.ns.link(DEV).is_none() || !wg_ok(&pid, &["show", DEV]) {
         assert!(
             std::time::Instant::now() < deadline,
             "wireguard-go made no device"
@@ -190,8 +233,7 @@ fn weft_and_a_hand_made_wireguard_go_peer_reach_each_other() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let key_path = key.display().to_string();
-    h2.ns.must(&[
-        "wg",
+    wg(&[
         "set",
         DEV,
         "private-key",
@@ -232,7 +274,7 @@ fn weft_and_a_hand_made_wireguard_go_peer_reach_each_other() {
     h1.reconcile(&[flannel]).expect("reconcile");
     assert!(h1.reaches(h2), "weft → wireguard-go");
     assert!(h2.reaches(h1), "wireguard-go → weft");
-    let shakes = h2.ns.must(&["wg", "show", DEV, "latest-handshakes"]);
+    let shakes = wg(&["show", DEV, "latest-handshakes"]);
     assert!(shakes.contains(&weft_key), "{shakes}");
     assert!(
         !shakes.trim().ends_with("\t0"),
@@ -314,10 +356,22 @@ fn bulk_tcp_arrives_intact_through_userspace_wireguard() {
     lab.reconcile_all(&leases);
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
     // Full-size segments (MTU 1420) each way, so each encrypted datagram is 1420 + 32 + 28.
+    let s = stats(h1);
+    assert_eq!(s.data_plane, "wireguard");
+    assert_eq!(s.workers, 1, "{s:?}");
+    // Segmentation offloads on the TUN, GSO and GRO on the socket: batches, not packets.
+    assert!(s.tun_offload && s.udp_gso && s.udp_gro, "{s:?}");
     let (sent, got) = transfer(h1, h2, 8 << 20);
     assert_eq!(got, sent, "c1 -> c2 corrupted");
     let (sent, got) = transfer(h2, h1, 8 << 20);
     assert_eq!(got, sent, "c2 -> c1 corrupted");
+    let s = stats(h1);
+    assert!(
+        s.counters.tx_bytes > 8 << 20 && s.counters.rx_bytes > 8 << 20,
+        "{s:?}"
+    );
+    assert_eq!(s.counters.total_drops(), 0, "{s:?}");
+    assert_eq!(s.tun_read_errors, 0, "{s:?}");
 
     // On the wire between the hosts: WireGuard datagrams to port 51820, and no inner packet in
     // clear.
@@ -346,6 +400,30 @@ fn bulk_tcp_arrives_intact_through_userspace_wireguard() {
             .any(|f| f.windows(MARKER.len()).any(|w| w == MARKER)),
         "an inner packet crossed the underlay in clear"
     );
+
+    // One of those small data messages (type 4) to host 2, replayed as it was, then with a
+    // counter it has not seen (so its tag no longer fits): dropped, each for its reason.
+    let to_h2 = |f: &&Vec<u8>| to_51820(f) && f[30..34] == [192, 168, 100, 2] && f[42] == 4;
+    let msg = (frames.iter().filter(to_h2))
+        .map(|f| f[42..].to_vec())
+        .find(|m| m.len() < 200)
+        .expect("a small data message to host 2");
+    let mut forged = msg.clone();
+    let counter = u64::from_le_bytes(forged[8..16].try_into().expect("8 bytes"));
+    forged[8..16].copy_from_slice(&(counter + 1_000_000).to_le_bytes());
+    let before = counters(h2);
+    h1.ns.run_in(|| {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let h2_port = std::net::SocketAddr::from(([192, 168, 100, 2], 51820));
+        sock.send_to(&msg, h2_port).expect("replay");
+        sock.send_to(&forged, h2_port).expect("forged");
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let after = counters(h2);
+    let grew = |r: DropReason| after.drop_count(r) - before.drop_count(r);
+    assert_eq!(grew(DropReason::Replayed), 1, "{after:?}");
+    assert_eq!(grew(DropReason::BadAuthentication), 1, "{after:?}");
+    assert!(h1.reaches(h2), "and the session goes on");
 }
 
 /// The frames `h`'s eth0 sees (both ways) for `limit`, captured with an AF_PACKET socket

@@ -32,10 +32,15 @@ pub enum DropReason {
     SendFailed,
     /// Counted by the I/O layer: the write to the TUN failed.
     TunWriteFailed,
+    /// Received (wireguard): a counter this session has already seen, a replay.
+    Replayed,
+    /// Received (wireguard): for a current session but failing its authentication (a forged or
+    /// corrupted datagram, a handshake that does not verify).
+    BadAuthentication,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 16;
 
     /// Every reason, in `index` order.
     pub const ALL: [DropReason; Self::COUNT] = [
@@ -53,6 +58,8 @@ impl DropReason {
         Self::DestinationNotLocal,
         Self::SendFailed,
         Self::TunWriteFailed,
+        Self::Replayed,
+        Self::BadAuthentication,
     ];
 
     /// A dense index in `0..COUNT`, for arrays of counters.
@@ -77,6 +84,8 @@ impl DropReason {
             Self::DestinationNotLocal => "destination_not_local",
             Self::SendFailed => "send_failed",
             Self::TunWriteFailed => "tun_write_failed",
+            Self::Replayed => "replayed",
+            Self::BadAuthentication => "bad_authentication",
         }
     }
 }

@@ -1,0 +1,9 @@
+//! What a userspace data plane (udp, wireguard's userspace path) needs to move packets in batches
+//! rather than one per system call: the TUN device with its virtio-net header (TSO/USO super-
+//! packets in and out), the UDP socket with GSO and GRO, and the coalescer that builds
+//! super-packets for the TUN. No backend logic: the backends decide what each packet is.
+
+pub mod gro;
+pub mod socket;
+pub mod stats;
+pub mod tun;
