@@ -205,5 +205,6 @@ fn route(
         oif: ext.index,
         dev: dev.clone(),
         onlink: false,
+        scope_link: false,
     })
 }

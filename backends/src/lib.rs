@@ -305,7 +305,7 @@ mod tests {
             "{e}"
         );
         let vxlan = super::kind("vxlan").expect("vxlan");
-        assert_eq!(vxlan.device_kind, Some("vxlan"));
+        assert_eq!(vxlan.device_kinds, ["vxlan"]);
         assert_eq!(vxlan.mtu_overhead, 50);
         let flannel_1 = options(serde_json::json!({"Type": "vxlan"}));
         assert_eq!((vxlan.device)(&flannel_1).as_deref(), Some("flannel.1"));

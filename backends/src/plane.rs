@@ -40,8 +40,9 @@ pub trait DataPlane: Sized + Send {
     /// them: a lease store that can (the Kubernetes API) then watches only this host's lease.
     const PEERS: bool = true;
 
-    /// The kind of link its device is (`ip -d link`: "vxlan", "tun"), if it has one.
-    const DEVICE_KIND: Option<&'static str> = None;
+    /// The kinds of link its device may be (`ip -d link`: "vxlan", "tun"; wireguard's is the
+    /// kernel's "wireguard" or weft's userspace "tun"); none without a device.
+    const DEVICE_KINDS: &'static [&'static str] = &[];
 
     /// Bytes it adds to each packet on the underlay: containers get the underlay's MTU less
     /// this (unless the config sets the MTU).
@@ -161,7 +162,7 @@ pub type DesiredFn = fn(&BackendConfig, &Host<'_>, &[Lease]) -> Result<Option<De
 pub struct Kind {
     pub name: &'static str,
     pub survives_restart: &'static str,
-    pub device_kind: Option<&'static str>,
+    pub device_kinds: &'static [&'static str],
     pub mtu_overhead: u32,
     pub identity_kind: Option<&'static IdentityKind>,
     pub check: fn(&BackendConfig, u32) -> Result<(), Error>,
@@ -175,7 +176,7 @@ impl Kind {
         Self {
             name: T::TYPE,
             survives_restart: T::SURVIVES_RESTART,
-            device_kind: T::DEVICE_KIND,
+            device_kinds: T::DEVICE_KINDS,
             mtu_overhead: T::MTU_OVERHEAD,
             identity_kind: T::IDENTITY,
             check: T::check,

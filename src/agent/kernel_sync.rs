@@ -14,13 +14,19 @@ use crate::retry::Backoff;
 impl Agent {
     /// Replaces a failed data plane with a new one of the same config and makes it match the
     /// desired state, retrying with backoff (and feeding the watchdog) until it works. The old
-    /// one is stopped first: its TUN queues and sockets must be free for the new one.
-    pub(super) async fn rebuild(&mut self, state: &mut State) {
+    /// one is stopped first: its TUN queues and sockets must be free for the new one. Returns
+    /// whether the new one publishes other data than this host's lease holds (wireguard's key
+    /// file replaced meanwhile): then the lease must be published again, or peers would keep
+    /// dialling a key this host no longer has.
+    pub(super) async fn rebuild(&mut self, state: &mut State) -> bool {
         let net = self.network(&state.config);
         let fresh = match Backend::new(&state.config.backend, net) {
             Ok(b) => b,
             // It was built from this config before; nothing else can be done but keep the old.
-            Err(e) => return error!("rebuild the data plane: {e}"),
+            Err(e) => {
+                error!("rebuild the data plane: {e}");
+                return false;
+            }
         };
         std::mem::replace(&mut state.backend, fresh)
             .shutdown()
@@ -29,13 +35,13 @@ impl Agent {
         let own = state.own.to_backend();
         let previous = Some(&own);
         let mut backoff = Backoff::new("rebuild the data plane");
-        loop {
+        let data = loop {
             let r = async {
-                state.backend.prepare(previous).await?;
-                state.backend.configure(&own).await
+                let data = state.backend.prepare(previous).await?;
+                state.backend.configure(&own).await.map(|()| data)
             };
             match r.await {
-                Ok(()) => break,
+                Ok(data) => break data,
                 Err(e) => {
                     // Nothing retried soon will fix a lasting failure (a foreign flannel0, a
                     // missing capability): wait the longest pause between tries.
@@ -45,9 +51,10 @@ impl Agent {
                     backoff.failed(&e).await
                 }
             }
-        }
+        };
         state.last_outcome = None;
         self.reconcile(state).await;
+        data != state.published.backend_data
     }
 
     /// The periodic check (and the answer to drift): reads this host's addresses again now and

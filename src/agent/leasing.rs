@@ -149,6 +149,12 @@ impl Agent {
     /// Re-leases after our key vanished (expiry, an operator's delete): the same subnet if free.
     pub(super) async fn reacquire(&mut self, state: &mut State) -> Result<()> {
         crate::metrics::get().lease_lost();
+        self.republish(state).await
+    }
+
+    /// Leases again with the backend's data as it is now: the same subnet if free (as it is
+    /// when this host still holds it), its record rewritten.
+    pub(super) async fn republish(&mut self, state: &mut State) -> Result<()> {
         loop {
             let previous = state.own.subnet;
             state.own = self

@@ -256,9 +256,13 @@ impl Agent {
                     Event::Failed(why) => {
                         error!("data plane failed: {why}; rebuilding it");
                         self.ready.set_failed(true);
-                        self.rebuild(&mut state).await;
+                        let changed = self.rebuild(&mut state).await;
                         self.ready.set_failed(false);
                         info!("data plane rebuilt");
+                        if changed {
+                            info!("its BackendData changed (a new key file?): publishing it");
+                            self.republish(&mut state).await?;
+                        }
                     }
                 },
                 _ = idle.tick() => {}

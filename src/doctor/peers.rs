@@ -77,12 +77,14 @@ pub fn device(f: &Facts) -> Outcome {
         .into();
     };
     let mut out = Vec::new();
-    let kind = weft_backends::kind(&c.backend)
-        .and_then(|k| k.device_kind)
-        .unwrap_or_default();
-    if link.kind != kind {
+    let kinds = weft_backends::kind(&c.backend).map_or(&[][..], |k| k.device_kinds);
+    if !kinds.is_empty() && !kinds.contains(&link.kind.as_str()) {
         out.push(Finding::new(
-            format!("{dev} is a {} device, not {kind}", or_dash(&link.kind)),
+            format!(
+                "{dev} is a {} device, not {}",
+                or_dash(&link.kind),
+                kinds.join(" or ")
+            ),
             format!("delete it (`ip link del {dev}`) and restart weftd, which creates its own"),
         ));
     }
@@ -561,6 +563,26 @@ mod tests {
                 "flannel.1 is down",
                 "flannel.1 lacks the address 10.244.1.0/32 (its lease's network address)"
             ]
+        );
+    }
+
+    #[test]
+    fn wireguards_device_is_the_kernels_or_weft_userspace_tun_and_nothing_else() {
+        let mut f = testing::healthy();
+        testing::set_config(
+            &mut f,
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#,
+        );
+        for kind in ["tun", "wireguard"] {
+            kernel(&mut f).links[2] =
+                testing::link(3, "flannel-wg", kind, 1420, None, &["10.244.1.0/32"]);
+            assert_eq!(texts(device(&f)), Vec::<String>::new(), "{kind}");
+        }
+        kernel(&mut f).links[2] =
+            testing::link(3, "flannel-wg", "vxlan", 1420, None, &["10.244.1.0/32"]);
+        assert_eq!(
+            texts(device(&f)),
+            ["flannel-wg is a vxlan device, not wireguard or tun"]
         );
     }
 

@@ -26,3 +26,4 @@ mod netns;
 mod systemd;
 mod udp;
 mod watch;
+mod wireguard;

@@ -24,11 +24,13 @@ pub(super) struct Installed {
     pub(super) gateway: Option<Ipv4Addr>,
     pub(super) oif: Option<u32>,
     pub(super) onlink: bool,
+    pub(super) scope_link: bool,
     pub(super) priority: u32,
     pub(super) protocol: u8,
     /// The nexthop object the route names, if any.
     pub(super) nh: Option<u32>,
-    /// Plain unicast, universe scope, no TOS, one plain next hop: the only shape weft creates.
+    /// Plain unicast, universe or link scope, no TOS, one plain next hop: the only shapes weft
+    /// creates.
     pub(super) clean: bool,
     pub(super) msg: RouteMessage,
 }
@@ -146,11 +148,12 @@ pub(super) fn parse(msg: RouteMessage, nexthops: &HashMap<u32, Nexthop>) -> Inst
         gateway: None,
         oif: None,
         onlink: msg.header.flags.contains(RouteFlags::Onlink),
+        scope_link: msg.header.scope == RouteScope::Link,
         priority: 0,
         protocol: u8::from(msg.header.protocol),
         nh: None,
         clean: msg.header.kind == RouteType::Unicast
-            && msg.header.scope == RouteScope::Universe
+            && matches!(msg.header.scope, RouteScope::Universe | RouteScope::Link)
             && msg.header.tos == 0,
         msg: RouteMessage::default(),
     };
@@ -217,6 +220,7 @@ impl Installed {
             gateway: gateway.map(|g| g.parse().expect("gateway")),
             oif: Some(oif),
             onlink: false,
+            scope_link: false,
             priority: 0,
             protocol,
             nh: None,

@@ -452,6 +452,27 @@ mod tests {
     }
 
     #[test]
+    fn a_link_scope_route_is_in_place_only_in_link_scope_and_flanneds_is_adopted() {
+        let desired = [RouteSpec::link(net("10.244.0.0/16"), 7, "flannel-wg")];
+        let mut link = Installed::plain("10.244.0.0/16", None, 7, RTPROT_WEFT);
+        link.scope_link = true;
+        let p = plan(&desired, None, vec![link.clone()]);
+        assert!(puts(&p).is_empty(), "in place: {:?}", puts(&p));
+        assert!(p.remove.is_empty());
+
+        // The same route in universe scope (an older weft's) is replaced.
+        let universe = Installed::plain("10.244.0.0/16", None, 7, RTPROT_WEFT);
+        let p = plan(&desired, None, vec![universe]);
+        assert_eq!(puts(&p), [(net("10.244.0.0/16"), None, Some(REPLACE))]);
+
+        // flanneld's, as it makes it (proto boot, scope link), is adopted.
+        link.protocol = RTPROT_BOOT;
+        let p = plan(&desired, None, vec![link]);
+        assert_eq!(p.adopt.len(), 1);
+        assert!(p.blocked.is_empty());
+    }
+
+    #[test]
     fn flanneld_routes_as_wanted_are_adopted_and_its_others_are_conflicts() {
         let desired = peers();
         let p = plan(

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
-use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::RouteMessageBuilder;
 use tracing::debug;
@@ -97,8 +97,12 @@ fn route_message(dst: Ipv4Net, hop: Hop) -> RouteMessage {
         msg.attributes.push(RouteAttribute::NhId(id));
         return msg;
     }
-    // A device route keeps universe scope, as flannel's udp backend creates it.
+    // A device route keeps universe scope, as flannel's udp backend creates it, unless asked
+    // for link scope (wireguard's, as flannel's).
     let mut b = b.output_interface(hop.oif);
+    if hop.scope_link {
+        b = b.scope(RouteScope::Link);
+    }
     if let Some(g) = hop.gateway {
         b = b.gateway(g);
     }
@@ -136,4 +140,20 @@ pub(super) fn delete(r: &Installed) -> Request<RouteNetlinkMessage> {
         _ => false,
     });
     (RouteNetlinkMessage::DelRoute(msg), 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::RouteSpec;
+
+    #[test]
+    fn a_device_route_is_universe_scope_unless_asked_for_link_scope() {
+        let net: Ipv4Net = "10.244.0.0/16".parse().expect("net");
+        let device = route_message(net, Hop::classic(&RouteSpec::device(net, 7, "flannel0")));
+        assert_eq!(device.header.scope, RouteScope::Universe);
+        let link = route_message(net, Hop::classic(&RouteSpec::link(net, 7, "flannel-wg")));
+        assert_eq!(link.header.scope, RouteScope::Link);
+        assert!(link.attributes.contains(&RouteAttribute::Oif(7)));
+    }
 }

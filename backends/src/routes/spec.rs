@@ -23,6 +23,9 @@ pub struct RouteSpec {
     /// vxlan routes point at the peer's network address through the device, which no local
     /// prefix covers: the kernel must be told the gateway is on-link.
     pub onlink: bool,
+    /// `scope link`: a device route whose destinations are all on the link (wireguard's, as
+    /// flannel makes it); universe scope otherwise, as flannel's udp route is.
+    pub scope_link: bool,
 }
 
 impl RouteSpec {
@@ -34,6 +37,15 @@ impl RouteSpec {
             oif,
             dev: dev.into(),
             onlink: false,
+            scope_link: false,
+        }
+    }
+
+    /// `dst dev <oif> scope link`.
+    pub fn link(dst: Ipv4Net, oif: u32, dev: &str) -> Self {
+        Self {
+            scope_link: true,
+            ..Self::device(dst, oif, dev)
         }
     }
 
@@ -43,6 +55,7 @@ impl RouteSpec {
             && r.gateway == self.gateway
             && r.oif == Some(self.oif)
             && r.onlink == self.onlink
+            && r.scope_link == self.scope_link
             && r.priority == 0
             && r.clean
     }
@@ -57,6 +70,9 @@ impl fmt::Display for RouteSpec {
         if self.onlink {
             f.write_str(" onlink")?;
         }
+        if self.scope_link {
+            f.write_str(" scope link")?;
+        }
         Ok(())
     }
 }
@@ -68,6 +84,7 @@ pub(super) struct Hop {
     pub(super) gateway: Option<Ipv4Addr>,
     pub(super) oif: u32,
     pub(super) onlink: bool,
+    pub(super) scope_link: bool,
     pub(super) nh: Option<u32>,
 }
 
@@ -78,6 +95,7 @@ impl Hop {
             gateway: r.gateway,
             oif: r.oif,
             onlink: r.onlink,
+            scope_link: r.scope_link,
             nh: None,
         }
     }

@@ -86,7 +86,7 @@ impl DataPlane for Udp {
     const SURVIVES_RESTART: &'static str =
         "flannel0 (a persistent TUN device) with its address and route; packets are \
          dropped until the next weftd reopens it";
-    const DEVICE_KIND: Option<&'static str> = Some("tun");
+    const DEVICE_KINDS: &'static [&'static str] = &["tun"];
     const MTU_OVERHEAD: u32 = config::OVERHEAD;
 
     fn check(config: &BackendConfig, underlay_mtu: u32) -> Result<(), Error> {

@@ -73,7 +73,7 @@ impl DataPlane for Vxlan {
     const SURVIVES_RESTART: &'static str =
         "the vxlan device with its address, neighbours, FDB entries, routes and \
          nexthops; the kernel keeps forwarding";
-    const DEVICE_KIND: Option<&'static str> = Some("vxlan");
+    const DEVICE_KINDS: &'static [&'static str] = &["vxlan"];
     const MTU_OVERHEAD: u32 = config::OVERHEAD;
     const IDENTITY: Option<&'static IdentityKind> = Some(&VTEP_MAC);
 

@@ -50,6 +50,7 @@ pub fn route(
             oif: device.0,
             dev: device.1.clone(),
             onlink: true,
+            scope_link: false,
         },
         Plan::Direct { public_ip } => RouteSpec {
             dst: subnet,
@@ -57,6 +58,7 @@ pub fn route(
             oif: underlay.0,
             dev: underlay.1.clone(),
             onlink: false,
+            scope_link: false,
         },
     }
 }

@@ -104,7 +104,8 @@ impl DataPlane for Wireguard {
         "flannel-wg with its address and route; kernel WireGuard keeps its peers and forwards \
          on, weft's userspace WireGuard (a persistent TUN device) drops packets until the next \
          weftd reopens it";
-    const DEVICE_KIND: Option<&'static str> = Some("wireguard");
+    // The kernel's WireGuard, or weft's userspace one on a TUN device.
+    const DEVICE_KINDS: &'static [&'static str] = &["wireguard", "tun"];
     const MTU_OVERHEAD: u32 = config::OVERHEAD;
     const IDENTITY: Option<&'static IdentityKind> = Some(&PUBLIC_KEY);
 
@@ -404,7 +405,7 @@ impl Wireguard {
                 errs.push(e);
             }
         }
-        let want = [routes::RouteSpec::device(self.net.network, index, DEVICE)];
+        let want = [routes::RouteSpec::link(self.net.network, index, DEVICE)];
         let owner = routes::Owner {
             network: self.net.network,
             device: Some(index),
@@ -427,7 +428,7 @@ mod tests {
     fn a_peers_identity_is_its_public_key() {
         let kind = crate::kind("wireguard").expect("listed");
         assert_eq!(kind.mtu_overhead, 80);
-        assert_eq!(kind.device_kind, Some("wireguard"));
+        assert_eq!(kind.device_kinds, ["wireguard", "tun"]);
         let cfg = |v: Value| match v {
             Value::Object(m) => BackendConfig::new(m),
             _ => BackendConfig::default(),

@@ -102,7 +102,7 @@ pub fn want(
     let own_key = own_key(own);
     let mut w = Want {
         address: Ipv4Net::new(own.subnet.network(), 32).ok(),
-        route: index.map(|i| RouteSpec::device(net.network, i, DEVICE)),
+        route: index.map(|i| RouteSpec::link(net.network, i, DEVICE)),
         ..Want::default()
     };
     let mut subnets = HashSet::new();
@@ -274,7 +274,7 @@ mod tests {
         let w = want(&c, &net(), &own(), Some(7), &peers);
         assert_eq!(w.address, Some("10.244.1.0/32".parse().expect("addr")));
         let r = w.route.expect("route");
-        assert_eq!(r.to_string(), "10.244.0.0/16 dev flannel-wg");
+        assert_eq!(r.to_string(), "10.244.0.0/16 dev flannel-wg scope link");
         assert_eq!(r.oif, 7);
         assert!(w.refused.is_empty(), "{:?}", w.refused);
         let psk = key::parse(OWN).ok();

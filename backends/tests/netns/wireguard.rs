@@ -92,6 +92,7 @@ fn two_hosts_reach_each_other_through_userspace_wireguard() {
     assert_eq!(routes.len(), 1, "{routes:?}");
     assert_eq!(routes[0]["dst"], "10.244.0.0/16");
     assert_eq!(routes[0]["dev"], DEV);
+    assert_eq!(routes[0]["scope"], "link", "as flannel's: {routes:?}");
 
     lab.assert_full_mesh();
     let h2 = &lab.hosts[1];
@@ -134,33 +135,6 @@ fn two_hosts_reach_each_other_through_userspace_wireguard() {
     lab.assert_full_mesh();
 }
 
-/// Whether `program` can be run (Debian's wireguard-go and wireguard-tools are optional here).
-fn installed(program: &str) -> bool {
-    std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// Whether `wg ARGS` succeeds in the network and mount namespaces of process `pid`.
-fn wg_ok(pid: &str, args: &[&str]) -> bool {
-    let mut c = std::process::Command::new("nsenter");
-    c.args(["-t", pid, "-m", "-n", "wg"]).args(args);
-    weft_lab::cmd::output(&mut c, std::time::Duration::from_secs(10))
-        .status
-        .success()
-}
-
-/// Kills the spawned wireguard-go when the test ends, however it ends.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A WireGuard peer weft did not write: Debian's wireguard-go with `wg`, configured by hand as
 /// flanneld configures its device, and weft's userspace WireGuard reach each other.
 #[test]
@@ -168,8 +142,10 @@ fn weft_and_a_hand_made_wireguard_go_peer_reach_each_other() {
     if !root_or_skip("wireguard::weft_and_a_hand_made_wireguard_go_peer_reach_each_other") {
         return;
     }
-    if !installed("wireguard-go") || !installed("wg") {
-        eprintln!("skipping: wireguard-go and wg (Debian's wireguard-go, wireguard-tools) needed");
+    if !weft_lab::require_tools(
+        "wireguard::weft_and_a_hand_made_wireguard_go_peer_reach_each_other",
+        &weft_lab::wireguard_go::TOOLS,
+    ) {
         return;
     }
     let mut lab = Lab::new();
@@ -184,101 +160,34 @@ fn weft_and_a_hand_made_wireguard_go_peer_reach_each_other() {
 
     // Host 2 as flanneld leaves it: flannel-wg, its key, port 51820, the lease's network
     // address /32, the network's route with scope link, one peer per lease.
-    let key = key_file("interop", h2);
-    std::fs::create_dir_all(key.parent().expect("dir")).expect("dir");
-    std::fs::write(&key, "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=\n").expect("key");
-    // In a mount namespace of its own with a private /run: wireguard-go's control socket,
-    // /var/run/wireguard/flannel-wg.sock, is one path for the whole machine, which another test
-    // or a benchmark on it may be using.
-    let go = Child(
-        h2.ns
-            .command("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                "mount -t tmpfs -o mode=0755,size=1m weft-wg /run && mkdir /run/wireguard \
-                 && exec wireguard-go -f \"$0\"",
-                DEV,
-            ])
-            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("wireguard-go"),
+    let key_dir = key_file("interop", h2);
+    let go = weft_lab::WireguardGo::flannel_wg(
+        &h2.ns,
+        key_dir.parent().expect("dir"),
+        (h2.subnet.network(), 51820),
+        1420,
+        "10.244.0.0/16".parse().expect("net"),
     );
-    let pid = go.0.id().to_string();
-    // `wg` in wireguard-go's namespaces, once it runs (before, nsenter would land in the
-    // machine's mount namespace, where wg may unlink someone else's dead socket).
-    let isolated = || {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let mnt = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).ok();
-        comm.trim() == "wireguard-go" && mnt(&pid).is_some() && mnt(&pid) != mnt("self")
-    };
-    let wg = |args: &[&str]| {
-        assert!(isolated(), "wireguard-go left its mount namespace");
-        let mut all = vec!["nsenter", "-t", &pid, "-m", "-n", "wg"];
-        all.extend_from_slice(args);
-        weft_lab::cmd::must(&all)
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !isolated() || h2.ns.link(DEV).is_none() || !wg_ok(&pid, &["show", DEV]) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "wireguard-go made no device"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let key_path = key.display().to_string();
-    wg(&[
-        "set",
-        DEV,
-        "private-key",
-        &key_path,
-        "listen-port",
-        "51820",
-        "peer",
+    go.add_peer(
         &weft_key,
-        "endpoint",
-        "192.168.100.1:51820",
-        "allowed-ips",
-        "10.244.1.0/24",
-    ]);
-    h2.ns
-        .must(&["ip", "addr", "add", "10.244.2.0/32", "dev", DEV]);
-    h2.ns.must(&["ip", "link", "set", DEV, "mtu", "1420", "up"]);
-    h2.ns.must(&[
-        "ip",
-        "route",
-        "add",
-        "10.244.0.0/16",
-        "dev",
-        DEV,
-        "scope",
-        "link",
-    ]);
+        "192.168.100.1:51820".parse().expect("endpoint"),
+        h1.subnet,
+    );
 
     // Its lease, as flanneld writes it.
     let flannel = Lease {
         subnet: h2.subnet,
         public_ip: h2.ip(),
         backend_type: "wireguard".into(),
-        backend_data: Some(
-            json!({"PublicKey": "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=", "Port": 51820})
-                .into(),
-        ),
+        backend_data: Some(json!({"PublicKey": go.public_key, "Port": 51820}).into()),
     };
     h1.reconcile(&[flannel]).expect("reconcile");
     assert!(h1.reaches(h2), "weft → wireguard-go");
     assert!(h2.reaches(h1), "wireguard-go → weft");
-    let shakes = wg(&["show", DEV, "latest-handshakes"]);
-    assert!(shakes.contains(&weft_key), "{shakes}");
+    let shake = go.latest_handshake(&weft_key);
     assert!(
-        !shakes.trim().ends_with("\t0"),
-        "a handshake happened: {shakes}"
+        shake.is_some_and(|t| t > 0),
+        "a handshake with weft's key: {shake:?}"
     );
 }
 

@@ -11,6 +11,9 @@
 //! A real kube-apiserver for the Kubernetes mode (`kube`): on the switch at [`SWITCH_IP`], with
 //! RBAC and one token per identity; see the module's doc.
 //!
+//! A WireGuard node built by hand as flanneld builds one, on Debian's wireguard-go
+//! (`wireguard_go`).
+//!
 //! The shell side (demo, benchmarks) has its own library: `deploy/lib/topology.sh`.
 
 pub mod cmd;
@@ -24,6 +27,7 @@ pub mod probe;
 pub mod skip;
 pub mod topology;
 pub mod wait;
+pub mod wireguard_go;
 
 pub use cmd::{must, sh};
 pub use etcd::Etcd;
@@ -32,6 +36,7 @@ pub use netns::Netns;
 pub use skip::{require_root, require_tools};
 pub use topology::{Host, Lab, SWITCH_IP};
 pub use wait::wait_for;
+pub use wireguard_go::WireguardGo;
 
 /// Lets a suite's own host or lab type (the lab's plus the suite's state: an agent thread, a
 /// weftd process) be used as the lab's: `weft_lab::extends!(Host => lab: weft_lab::Host);`.
