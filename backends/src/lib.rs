@@ -40,6 +40,8 @@ mod wireguard;
 // The wireguard data plane's lookups, for the fuzz target in backends/fuzz; not an API.
 #[doc(hidden)]
 pub use wireguard::fuzz_lookups as wireguard_fuzz_lookups;
+/// The userspace WireGuard's control socket (`wg show`), which `weftctl doctor` reads too.
+pub use wireguard::uapi as wireguard_uapi;
 
 use std::net::Ipv4Addr;
 

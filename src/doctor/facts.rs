@@ -125,6 +125,19 @@ pub struct Kernel {
     pub tx_checksum: Option<Result<bool, String>>,
     /// The underlay's driver (`ethtool -i`), when it has one.
     pub underlay_driver: Option<String>,
+    /// weft's userspace WireGuard's peers, read from its control socket, when the backend is
+    /// wireguard and flannel-wg is its TUN device.
+    pub wireguard: Option<Result<Vec<WgPeer>, String>>,
+}
+
+/// A peer of flannel-wg as its control socket reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgPeer {
+    /// Its public key in hex, as the control socket writes it.
+    pub public_key_hex: String,
+    pub endpoint: String,
+    /// When its last handshake completed, in seconds since the epoch; 0: never.
+    pub last_handshake: u64,
 }
 
 impl Kernel {

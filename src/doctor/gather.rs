@@ -9,7 +9,7 @@ use regex::Regex;
 use tokio::process::Command;
 use weft_backends::{ethtool, InterfaceSelector};
 
-use super::facts::{device_name, Cluster, Facts, Iptables, KubeNode, Store, Ttl};
+use super::facts::{device_name, Cluster, Facts, Iptables, KubeNode, Store, Ttl, WgPeer};
 use super::{kernel, DoctorArgs};
 use crate::config::NetworkConfig;
 use crate::flags::EtcdArgs;
@@ -66,6 +66,22 @@ pub async fn gather(store_args: status::Store<'_>, args: &DoctorArgs) -> Result<
             );
         }
     }
+    let wireguard = match &read {
+        Store::Read(c) => c
+            .config
+            .as_ref()
+            .is_ok_and(|c| c.backend.type_name() == "wireguard"),
+        Store::Failed { .. } => false,
+    };
+    if let (Ok(k), true) = (&mut kernel, wireguard) {
+        // weft's userspace WireGuard (a TUN device) answers on its control socket; the kernel's
+        // has none (`wg show` reads it over netlink).
+        if k.link(weft_backends::wireguard_uapi::DEVICE)
+            .is_some_and(|l| l.kind == "tun")
+        {
+            k.wireguard = Some(read_wireguard().await);
+        }
+    }
     if let (Ok(k), Ok(ext)) = (&mut kernel, &external) {
         // Loopback and virtual devices without a driver answer EOPNOTSUPP: no driver to judge.
         k.underlay_driver = ethtool::driver(&ext.name).ok();
@@ -104,6 +120,26 @@ pub async fn gather(store_args: status::Store<'_>, args: &DoctorArgs) -> Result<
         }
     }
     Ok(facts)
+}
+
+/// flannel-wg's peers from weftd's control socket (`WIREGUARD_SOCKET_DIR`, as weftd's).
+async fn read_wireguard() -> Result<Vec<WgPeer>, String> {
+    use weft_backends::wireguard_uapi as uapi;
+    let path = uapi::socket_path();
+    let shown = path.display().to_string();
+    let text = tokio::task::spawn_blocking(move || uapi::query(&path, Duration::from_secs(2)))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let peers = uapi::parse_get(&text).map_err(|e| format!("{shown}: {e}"))?;
+    Ok(peers
+        .into_iter()
+        .map(|(public_key_hex, endpoint, last_handshake)| WgPeer {
+            public_key_hex,
+            endpoint,
+            last_handshake,
+        })
+        .collect())
 }
 
 async fn read_etcd(args: &EtcdArgs) -> (Store, Option<Registry>) {

@@ -22,16 +22,16 @@ const RTPROT_KERNEL: u8 = 2;
 const RTPROT_BOOT: u8 = 3;
 
 /// What the kernel-state checks need.
-struct Ctx<'a> {
-    k: &'a Kernel,
-    config: &'a NetworkConfig,
+pub(super) struct Ctx<'a> {
+    pub(super) k: &'a Kernel,
+    pub(super) config: &'a NetworkConfig,
     cluster: &'a Cluster,
     env: &'a EnvView,
     ext: &'a ExternalInterface,
-    backend: String,
+    pub(super) backend: String,
 }
 
-fn ctx(f: &Facts) -> Result<Ctx<'_>, Outcome> {
+pub(super) fn ctx(f: &Facts) -> Result<Ctx<'_>, Outcome> {
     let Ok(k) = &f.kernel else {
         return Err(Outcome::skip("needs netlink"));
     };
@@ -150,7 +150,7 @@ fn describe(k: &Kernel, r: &Route) -> String {
 }
 
 /// The peers weftd would program: the leases its peer set accepts.
-fn desired_peers(f: &Facts, c: &Ctx<'_>, own: &Lease) -> Vec<Lease> {
+pub(super) fn desired_peers(f: &Facts, c: &Ctx<'_>, own: &Lease) -> Vec<Lease> {
     let own = Own {
         key: own_key(f, c.cluster, own.subnet),
         subnet: own.subnet,

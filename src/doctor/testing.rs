@@ -149,6 +149,7 @@ pub fn healthy() -> Facts {
             .collect(),
         tx_checksum: Some(Ok(true)),
         underlay_driver: Some("veth".into()),
+        wireguard: None,
     };
     let config = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
         .expect("config");

@@ -27,10 +27,16 @@ fn key_file(t: &Topology, i: usize) -> PathBuf {
     t.hosts[i].dir.join("wgkey")
 }
 
-/// Starts weftd on host `i` with its own key file.
+/// Starts weftd on host `i` with its own key file and control socket (`wg show`'s), both in
+/// its host's directory.
 fn start(t: &mut Topology, i: usize) {
     let key = key_file(t, i).display().to_string();
-    t.start_with(i, &[], &[("WIREGUARD_KEY_FILE", &key)]);
+    let sockets = t.hosts[i].dir.display().to_string();
+    let env = [
+        ("WIREGUARD_KEY_FILE", &*key),
+        ("WIREGUARD_SOCKET_DIR", &*sockets),
+    ];
+    t.start_with(i, &[], &env);
 }
 
 /// `n` hosts running weftd with the wireguard config, their containers wired.
@@ -250,6 +256,73 @@ fn a_restart_keeps_the_key_and_the_device_and_costs_only_the_gap() {
     );
     t.assert_full_mesh(&[0, 1]);
     t.hosts[1].assert_running();
+}
+
+/// `wg show` (wireguard-tools, unchanged) reads weft's userspace device from its control socket
+/// as it reads the kernel's, and `weftctl doctor` finds every peer there, shaken hands with.
+#[test]
+fn wg_show_and_doctor_read_the_userspace_device() {
+    let name = "wg_show_and_doctor_read_the_userspace_device";
+    if !require_root(name) || !weft_lab::require_tools(name, &["wg", "unshare"]) {
+        return;
+    }
+    let t = hosts(2);
+    t.assert_full_mesh(&[0, 1]);
+    let h = &t.hosts[0];
+    let peer_key = public_key(&lease_json(&t, 1));
+    let peer_subnet = t.hosts[1].wait_subnet();
+    // wg looks in /var/run/wireguard: give it host 0's directory there, in a mount namespace of
+    // its own (the machine's is left alone).
+    let show = || {
+        h.ns.must(&[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=1m weft-wg /run && mkdir /run/wireguard \
+             && mount --bind \"$0\" /run/wireguard && exec wg show flannel-wg dump",
+            &h.dir.display().to_string(),
+        ])
+    };
+    let own_key = public_key(&lease_json(&t, 0));
+    // public-key preshared-key endpoint allowed-ips latest-handshake rx tx keepalive; the
+    // device's view is refreshed every second.
+    let (dump, peer) = wait_for("wg show to see the handshake with host 1", T, || {
+        let dump = show();
+        let peer: Vec<String> = (dump.lines().skip(1))
+            .find(|l| l.starts_with(&peer_key))?
+            .split('\t')
+            .map(str::to_string)
+            .collect();
+        (peer.get(4).is_some_and(|h| h != "0")).then_some((dump, peer))
+    });
+    let own = dump.lines().next().expect("the device line");
+    assert!(own.contains(&format!("\t{own_key}\t51820\t")), "{dump}");
+    assert_eq!(peer[2], format!("{}:51820", t.hosts[1].addr()), "{dump}");
+    assert_eq!(peer[3], peer_subnet.to_string(), "{dump}");
+    assert_ne!(peer[5], "0", "bytes received: {dump}");
+
+    let out = weft_lab::cmd::output(
+        h.ns.command(env!("CARGO_BIN_EXE_weftctl"))
+            .env("WIREGUARD_SOCKET_DIR", &h.dir)
+            .arg(format!("-etcd-endpoints={}", t.etcd().endpoint))
+            .arg(format!("-etcd-prefix={PREFIX}"))
+            .arg("doctor")
+            .arg(format!(
+                "-subnet-file={}",
+                h.dir.join("subnet.env").display()
+            ))
+            .arg(format!(
+                "--docker-daemon-json={}",
+                h.dir.join("daemon.json").display()
+            )),
+        Duration::from_secs(60),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ok wireguard\n"), "{text}");
+    assert!(text.contains("ok device\n"), "{text}");
 }
 
 /// The operator removes a host's key file (a key thought leaked) and restarts weftd: a new key is

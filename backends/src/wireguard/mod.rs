@@ -27,6 +27,7 @@ mod data;
 mod genl;
 mod kernel;
 mod key;
+pub mod uapi;
 mod userspace;
 mod want;
 
@@ -74,6 +75,8 @@ pub struct Wireguard {
     cfg: WgConfig,
     /// Where the private key lives (`WIREGUARD_KEY_FILE`, else `/run/flannel/wgkey`).
     key_file: std::path::PathBuf,
+    /// The userspace data plane's control socket (`WIREGUARD_SOCKET_DIR`, else wg's place).
+    socket: std::path::PathBuf,
     private: Option<key::PrivateKey>,
     own: Option<Lease>,
     conn: Conn,
@@ -151,6 +154,7 @@ impl DataPlane for Wireguard {
             net,
             cfg,
             key_file: key::key_file(),
+            socket: uapi::socket_path(),
             private: None,
             own: None,
             conn: Conn::default(),
@@ -303,6 +307,12 @@ impl Wireguard {
         self.key_file = path;
     }
 
+    /// Answers `wg` at `path` rather than `WIREGUARD_SOCKET_DIR`'s or wg's place (tests run
+    /// several hosts in one process).
+    pub fn set_socket_path(&mut self, path: std::path::PathBuf) {
+        self.socket = path;
+    }
+
     /// Finds or makes `flannel-wg` (the kernel's where it can) and gives it the private key
     /// and port; its index.
     async fn ensure_device(&mut self) -> Result<u32, Error> {
@@ -343,9 +353,13 @@ impl Wireguard {
                     .private
                     .as_ref()
                     .ok_or_else(|| Error::Other("wireguard: configure before prepare".into()))?;
-                let mut u =
-                    userspace::Userspace::start(&handle, private, self.cfg.listen_port, self.mtu())
-                        .await?;
+                let mut u = userspace::Userspace::start(
+                    &handle,
+                    private,
+                    (self.cfg.listen_port, self.mtu()),
+                    self.socket.clone(),
+                )
+                .await?;
                 let index = u.index;
                 u.set_peers(self.peers.values().cloned().collect())?;
                 self.stats.start(u.live(), self.started);

@@ -26,11 +26,12 @@ use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -44,6 +45,7 @@ use tracing::{debug, info, warn};
 use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::key::{Key, PrivateKey};
+use super::uapi;
 use super::want::{WgPeer, DEVICE};
 use crate::offload::gro::{Coalescer, HDR_LEN};
 use crate::offload::socket::{split_gro, Run, Socket};
@@ -70,6 +72,8 @@ const OVERHEAD: usize = 32;
 const MIN_OUT: usize = 148;
 /// The message type of a data message (the first byte; the next three are zero).
 const DATA: u8 = 4;
+/// `wg show`'s view is refreshed every this many ticks (1 s).
+const SHOW_EVERY: u32 = 4;
 /// How often a failing send is reported at most.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -87,6 +91,8 @@ pub struct Userspace {
     tun_offload: bool,
     tun_uso: bool,
     udp_gro: bool,
+    /// `wg show`'s socket, if it could be had.
+    _control: Option<uapi::Server>,
 }
 
 impl Userspace {
@@ -95,8 +101,8 @@ impl Userspace {
     pub async fn start(
         handle: &Handle,
         private: &PrivateKey,
-        port: u16,
-        mtu: u32,
+        (port, mtu): (u16, u32),
+        socket: PathBuf,
     ) -> Result<Self, Error> {
         let mut dev = tun::open(handle, DEVICE, 1, true).await?;
         tun::ensure_ipv6_off(DEVICE);
@@ -115,6 +121,11 @@ impl Userspace {
         let slots = Arc::new(Slots::new(1));
         let secret = StaticSecret::from(*private.bytes());
         let (gso, gro) = (sock.gso(), sock.gro());
+        let device = Arc::new(Mutex::new(uapi::Device {
+            private_key: *private.bytes(),
+            listen_port: port,
+            peers: Vec::new(),
+        }));
         let worker = Worker::new(
             secret,
             queue,
@@ -122,12 +133,13 @@ impl Userspace {
             mtu as usize,
             sock,
             (woken, rx, stop.clone()),
-            slots.clone(),
+            (slots.clone(), device.clone()),
         );
         let thread = std::thread::Builder::new()
             .name("weft-wg".into())
             .spawn(move || worker.run())
             .map_err(Error::io("start the WireGuard worker"))?;
+        let control = uapi::Server::start(socket, device);
         info!(
             device = DEVICE,
             port,
@@ -147,6 +159,7 @@ impl Userspace {
             tun_offload: dev.vnet_hdr,
             tun_uso: dev.vnet_hdr && dev.uso,
             udp_gro: gro,
+            _control: control,
         })
     }
 
@@ -203,6 +216,8 @@ struct Peer {
     allowed: Ipv4Net,
     /// The index boringtun puts (shifted) in this peer's sessions.
     index: u32,
+    /// When a handshake last completed (boringtun forgets it with the session).
+    last_handshake: Option<SystemTime>,
 }
 
 struct Worker {
@@ -219,6 +234,9 @@ struct Worker {
     counters: Counters,
     tun_read_errors: u64,
     slots: Arc<Slots>,
+    /// What `wg show` reads, refreshed every [`SHOW_EVERY`] ticks.
+    device: Arc<Mutex<uapi::Device>>,
+    ticks: u32,
     last_warn: Option<Instant>,
     /// TUN reads: the raw super-packet with its virtio-net header.
     raw: Vec<u8>,
@@ -246,7 +264,7 @@ impl Worker {
         mtu: usize,
         sock: Socket,
         (woken, rx_peers, stop): (UnixStream, Receiver<Vec<WgPeer>>, Arc<AtomicBool>),
-        slots: Arc<Slots>,
+        (slots, device): (Arc<Slots>, Arc<Mutex<uapi::Device>>),
     ) -> Self {
         let stride = mtu.max(MIN_OUT);
         Self {
@@ -262,6 +280,8 @@ impl Worker {
             counters: Counters::default(),
             tun_read_errors: 0,
             slots,
+            device,
+            ticks: 0,
             last_warn: None,
             raw: vec![0; VIRTIO_NET_HDR_LEN + 65535],
             tx: vec![0; TX_SLOTS * stride],
@@ -280,8 +300,13 @@ impl Worker {
         self.publish();
         let mut next_tick = Instant::now() + TICK;
         while !self.stop.load(Ordering::Relaxed) {
+            let mut set = false;
             while let Ok(peers) = self.rx_peers.try_recv() {
                 self.table.set(&self.secret, peers);
+                set = true;
+            }
+            if set {
+                self.show();
             }
             let moved = match (self.tun_to_peers(), self.peers_to_tun()) {
                 (Ok(a), Ok(b)) => a || b,
@@ -544,13 +569,45 @@ impl Worker {
         Ok(true)
     }
 
-    /// The protocol's timers: handshakes started or retried, keepalives sent.
+    /// The protocol's timers: handshakes started or retried, keepalives sent; now and then
+    /// what `wg show` reads.
     fn tick(&mut self) {
         for p in &mut self.table.peers {
             if let TunnResult::WriteToNetwork(b) = p.tunn.update_timers(&mut self.scratch) {
                 let _ = self.sock.send(p.endpoint, b, None);
             }
         }
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks % SHOW_EVERY == 0 {
+            self.show();
+        }
+    }
+
+    /// Refreshes what `wg show` reads (a lock per second, none per packet).
+    fn show(&mut self) {
+        let now = SystemTime::now();
+        let peers = (self.table.peers.iter_mut())
+            .map(|p| {
+                let (since, tx, rx, _, _) = p.tunn.stats();
+                if let Some(d) = since {
+                    p.last_handshake = now.checked_sub(d);
+                }
+                uapi::Peer {
+                    public_key: p.key,
+                    psk: p.psk,
+                    endpoint: p.endpoint,
+                    allowed_ip: p.allowed,
+                    keepalive: p.keepalive,
+                    last_handshake: p.last_handshake,
+                    rx_bytes: rx as u64,
+                    tx_bytes: tx as u64,
+                }
+            })
+            .collect();
+        self.device
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .peers = peers;
     }
 }
 
@@ -659,6 +716,7 @@ impl Table {
                         endpoint,
                         allowed: w.allowed_ip,
                         index,
+                        last_handshake: None,
                     }
                 }
             };

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 use weft_backends::udp::{Counters, DropReason};
+use weft_backends::wireguard_uapi as uapi;
 use weft_backends::{Backend, Lease, PeerChanges, Stats};
 
 use crate::harness::{others, root_or_skip, Host, Lab};
@@ -37,6 +38,15 @@ fn stats(h: &Host) -> Stats {
     })
 }
 
+/// A base64 key in hex, as the control socket writes keys.
+fn hex_of(b64: &str) -> String {
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("base64");
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The userspace data plane's counters on `h`.
 fn counters(h: &Host) -> Counters {
     stats(h).counters
@@ -48,7 +58,11 @@ fn up(h: &Host, key: PathBuf, config: Value) -> Lease {
     h.agent.with_backend(move |b| {
         Box::pin(async move {
             match b {
-                Backend::Wireguard(w) => w.set_key_file(key),
+                Backend::Wireguard(w) => {
+                    // Each host its own control socket: they all run in this one process.
+                    w.set_socket_path(key.with_file_name("flannel-wg.sock"));
+                    w.set_key_file(key);
+                }
                 _ => panic!("not a wireguard backend"),
             }
         })
@@ -96,6 +110,25 @@ fn two_hosts_reach_each_other_through_userspace_wireguard() {
 
     lab.assert_full_mesh();
     let h2 = &lab.hosts[1];
+    // wg show's view, from the control socket (refreshed every second): host 2, shaken hands.
+    let socket = keys[0].with_file_name("flannel-wg.sock");
+    let key2 = data[1]["PublicKey"].as_str().expect("key").to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = uapi::query(&socket, std::time::Duration::from_secs(2)).expect("get=1");
+        let peers = uapi::parse_get(&text).expect("an answer");
+        assert_eq!(peers.len(), 1, "{text}");
+        assert_eq!(peers[0].0, hex_of(&key2), "{text}");
+        assert_eq!(peers[0].1, "192.168.100.2:51820", "{text}");
+        if peers[0].2 > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no handshake shown: {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let c = counters(h1);
     assert!(c.tx_packets > 0 && c.rx_packets > 0, "{c:?}");
     assert_eq!(c.total_drops(), 0, "{c:?}");
