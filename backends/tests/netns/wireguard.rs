@@ -38,6 +38,36 @@ fn stats(h: &Host) -> Stats {
     })
 }
 
+/// One UDP datagram from `src` (any address: a raw socket writes the IP header) to `dst`:9, sent
+/// from the calling thread's namespace.
+fn send_spoofed(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr) {
+    let mut pkt = vec![0x45, 0, 0, 32, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    pkt.extend(src.octets());
+    pkt.extend(dst.octets());
+    pkt.extend([0x30, 0x39, 0, 9, 0, 12, 0, 0]);
+    pkt.extend(b"weft");
+    // SAFETY: plain system calls on a socket this function owns; the pointers are to locals of
+    // the sizes passed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let mut to: libc::sockaddr_in = std::mem::zeroed();
+        to.sin_family = libc::AF_INET as u16;
+        to.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
+        let sent = libc::sendto(
+            fd,
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&raw const to).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(sent, pkt.len() as isize, "send the spoofed packet: {err}");
+    }
+}
+
 /// A base64 key in hex, as the control socket writes keys.
 fn hex_of(b64: &str) -> String {
     use base64::Engine as _;
@@ -139,6 +169,14 @@ fn two_hosts_reach_each_other_through_userspace_wireguard() {
     let c = counters(h1);
     assert_eq!(c.drop_count(DropReason::UnknownSender), 5, "{c:?}");
     assert!(h2.reaches(h1), "and do no harm");
+
+    // A packet host 2 seals whose source lies outside host 2's lease (spoofed there): opened on
+    // host 1, and dropped for what its sender may send.
+    h2.ns
+        .run_in(|| send_spoofed("10.244.9.9".parse().expect("ip"), h1.container_ip()));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let c = counters(h1);
+    assert_eq!(c.drop_count(DropReason::SourceNotInSenderLease), 1, "{c:?}");
 
     // A peer leaving: its traffic stops.
     h1.reconcile(&[]).expect("reconcile");
