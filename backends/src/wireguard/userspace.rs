@@ -35,6 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::Ipv4Net;
@@ -72,7 +73,10 @@ const OVERHEAD: usize = 32;
 const MIN_OUT: usize = 148;
 /// The message type of a data message (the first byte; the next three are zero).
 const DATA: u8 = 4;
-/// `wg show`'s view is refreshed every this many ticks (1 s).
+/// Handshake messages a second (from anyone) before cookies are asked for: boringtun's device's
+/// figure.
+const HANDSHAKES: u64 = 100;
+/// `wg show`'s view is refreshed (and the handshake count reset) every this many ticks (1 s).
 const SHOW_EVERY: u32 = 4;
 /// How often a failing send is reported at most.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -234,6 +238,8 @@ struct Worker {
     counters: Counters,
     tun_read_errors: u64,
     slots: Arc<Slots>,
+    /// Handshakes this host answers a second before it asks for cookies (all peers).
+    limiter: RateLimiter,
     /// What `wg show` reads, refreshed every [`SHOW_EVERY`] ticks.
     device: Arc<Mutex<uapi::Device>>,
     ticks: u32,
@@ -267,8 +273,10 @@ impl Worker {
         (slots, device): (Arc<Slots>, Arc<Mutex<uapi::Device>>),
     ) -> Self {
         let stride = mtu.max(MIN_OUT);
+        let public = PublicKey::from(&secret);
         Self {
-            public: PublicKey::from(&secret),
+            limiter: RateLimiter::new(&public, HANDSHAKES),
+            public,
             secret,
             tun,
             hdr: if vnet_hdr { VIRTIO_NET_HDR_LEN } else { 0 },
@@ -486,6 +494,7 @@ impl Worker {
             gro,
             secret,
             public,
+            limiter,
             ..
         } = self;
         let (mut lost, mut gone) = (0u64, None);
@@ -514,6 +523,21 @@ impl Worker {
                 continue;
             };
             for dgram in split_gro(data, m.stride) {
+                // Handshakes' MAC1 checked, and past HANDSHAKES a second a cookie asked for,
+                // before any Diffie-Hellman is spent on them (as WireGuard does under load).
+                match limiter.verify_packet(Some((*from.ip()).into()), dgram, scratch) {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        let _ = sock.send(from, cookie, None);
+                        counters.count_drop(DropReason::UnderLoad);
+                        continue;
+                    }
+                    Err(TunnResult::Err(e)) => {
+                        counters.count_drop(drop_reason(&e));
+                        continue;
+                    }
+                    Err(_) => continue,
+                }
                 let Some(p) = table.sender(dgram, secret, public) else {
                     counters.count_drop(DropReason::UnknownSender);
                     continue;
@@ -579,6 +603,7 @@ impl Worker {
         }
         self.ticks = self.ticks.wrapping_add(1);
         if self.ticks % SHOW_EVERY == 0 {
+            self.limiter.reset_count();
             self.show();
         }
     }
@@ -615,10 +640,13 @@ impl Worker {
 fn drop_reason(e: &WireGuardError) -> DropReason {
     match e {
         WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => DropReason::Replayed,
-        WireGuardError::WrongIndex | WireGuardError::NoCurrentSession => DropReason::UnknownSender,
-        WireGuardError::IncorrectPacketLength
+        WireGuardError::UnderLoad => DropReason::UnderLoad,
+        // Not a WireGuard message, or for no session of ours: from no peer we know.
+        WireGuardError::WrongIndex
+        | WireGuardError::NoCurrentSession
+        | WireGuardError::IncorrectPacketLength
         | WireGuardError::InvalidPacket
-        | WireGuardError::WrongPacketType => DropReason::BadLength,
+        | WireGuardError::WrongPacketType => DropReason::UnknownSender,
         _ => DropReason::BadAuthentication,
     }
 }

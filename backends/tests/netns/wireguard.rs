@@ -524,3 +524,67 @@ fn three_hosts_make_a_full_mesh() {
         assert_eq!(c.total_drops(), 0, "host {}: {c:?}", h.n);
     }
 }
+
+/// A flood of handshake initiations from a key no lease names (each with a valid MAC1: anyone
+/// can make one from the public key in a lease) is answered with cookies past 100 a second, so
+/// that weft spends no Diffie-Hellman on the rest; each is counted.
+#[test]
+fn a_flood_of_handshakes_is_answered_with_cookies() {
+    use boringtun::noise::{Tunn, TunnResult};
+    use boringtun::x25519::{PublicKey, StaticSecret};
+    if !root_or_skip("wireguard::a_flood_of_handshakes_is_answered_with_cookies") {
+        return;
+    }
+    let mut lab = Lab::new();
+    for i in 1..=2 {
+        lab.add_host(i, &format!("192.168.100.{i}/24"), 1500);
+    }
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    let lease = up(h1, key_file("flood", h1), wireguard());
+    let data: Value =
+        serde_json::from_str(lease.backend_data.as_ref().expect("data").as_str()).expect("JSON");
+    let key = {
+        use base64::Engine as _;
+        let b64 = data["PublicKey"].as_str().expect("key");
+        let k = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .expect("base64");
+        <[u8; 32]>::try_from(k).expect("32 bytes")
+    };
+    const SENT: u32 = 300;
+    let cookies = h2.ns.run_in(|| {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        sock.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .expect("timeout");
+        let stranger = StaticSecret::from([9; 32]);
+        let mut buf = [0u8; 256];
+        for i in 0..SENT {
+            let mut t = Tunn::new(stranger.clone(), PublicKey::from(key), None, None, i, None);
+            if let TunnResult::WriteToNetwork(b) = t.format_handshake_initiation(&mut buf, false) {
+                sock.send_to(b, "192.168.100.1:51820").expect("send");
+            }
+        }
+        let mut cookies = 0u32;
+        while let Ok(n) = sock.recv(&mut buf) {
+            // A cookie reply: message type 3.
+            if n == 64 && buf[0] == 3 {
+                cookies += 1;
+            }
+        }
+        cookies
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let c = counters(h1);
+    let (deferred, unknown) = (
+        c.drop_count(DropReason::UnderLoad),
+        c.drop_count(DropReason::UnknownSender),
+    );
+    assert!(cookies > 0, "no cookie came back: {c:?}");
+    assert_eq!(deferred, u64::from(cookies), "each cookie counted: {c:?}");
+    assert_eq!(
+        deferred + unknown,
+        u64::from(SENT),
+        "every one counted once: {c:?}"
+    );
+    assert!(unknown <= 200, "at most 100 a second looked at: {c:?}");
+}

@@ -37,10 +37,13 @@ pub enum DropReason {
     /// Received (wireguard): for a current session but failing its authentication (a forged or
     /// corrupted datagram, a handshake that does not verify).
     BadAuthentication,
+    /// Received (wireguard): a handshake beyond the rate this host answers; a cookie went back,
+    /// with which the sender may try again.
+    UnderLoad,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 17;
 
     /// Every reason, in `index` order.
     pub const ALL: [DropReason; Self::COUNT] = [
@@ -60,6 +63,7 @@ impl DropReason {
         Self::TunWriteFailed,
         Self::Replayed,
         Self::BadAuthentication,
+        Self::UnderLoad,
     ];
 
     /// A dense index in `0..COUNT`, for arrays of counters.
@@ -86,6 +90,7 @@ impl DropReason {
             Self::TunWriteFailed => "tun_write_failed",
             Self::Replayed => "replayed",
             Self::BadAuthentication => "bad_authentication",
+            Self::UnderLoad => "under_load",
         }
     }
 }
