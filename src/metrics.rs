@@ -753,9 +753,9 @@ mod tests {
         assert_eq!(sample(&text, "weft_firewall_restores_total"), Some(1.0));
     }
 
-    #[test]
-    fn a_udp_backend_is_read_when_scraped_and_survives_being_rebuilt() {
-        let net = weft_backends::Network {
+    /// A host on 192.168.1.2 (eth0, MTU 1500) in 10.5.0.0/16.
+    fn network() -> weft_backends::Network {
+        weft_backends::Network {
             network: "10.5.0.0/16".parse().expect("net"),
             external: weft_backends::ExternalInterface {
                 name: "eth0".into(),
@@ -764,11 +764,21 @@ mod tests {
                 public_ip: "192.168.1.2".parse().expect("addr"),
                 mtu: 1500,
             },
-        };
-        let udp = weft_backends::BackendConfig::new(serde_json::Map::from_iter([(
+        }
+    }
+
+    /// `{"Type": t}`.
+    fn backend_config(t: &str) -> weft_backends::BackendConfig {
+        weft_backends::BackendConfig::new(serde_json::Map::from_iter([(
             "Type".to_string(),
-            serde_json::Value::from("udp"),
-        )]));
+            serde_json::Value::from(t),
+        )]))
+    }
+
+    #[test]
+    fn a_udp_backend_is_read_when_scraped_and_survives_being_rebuilt() {
+        let net = network();
+        let udp = backend_config("udp");
         let m = Metrics::new();
         let backend = Backend::new(&udp, net.clone()).expect("udp backend");
         m.backend(&backend, false);
@@ -788,38 +798,23 @@ mod tests {
         let text = m.encode();
         assert_eq!(sample(&text, "weft_udp_worker_restarts_total"), Some(1.0));
         // Another kind of data plane: no udp series.
-        let alloc = weft_backends::BackendConfig::new(serde_json::Map::from_iter([(
-            "Type".to_string(),
-            serde_json::Value::from("alloc"),
-        )]));
+        let alloc = backend_config("alloc");
         m.backend(&Backend::new(&alloc, net.clone()).expect("alloc"), false);
         assert!(!m.encode().contains("weft_udp_"));
     }
 
     #[test]
     fn a_wireguard_backend_has_its_own_families_and_no_udp_ones() {
-        let net = weft_backends::Network {
-            network: "10.5.0.0/16".parse().expect("net"),
-            external: weft_backends::ExternalInterface {
-                name: "eth0".into(),
-                index: 2,
-                iface_addr: "192.168.1.2".parse().expect("addr"),
-                public_ip: "192.168.1.2".parse().expect("addr"),
-                mtu: 1500,
-            },
-        };
-        let config = |t: &str| {
-            weft_backends::BackendConfig::new(serde_json::Map::from_iter([(
-                "Type".to_string(),
-                serde_json::Value::from(t),
-            )]))
-        };
+        let net = network();
         let m = Metrics::new();
         m.backend(
-            &Backend::new(&config("udp"), net.clone()).expect("udp"),
+            &Backend::new(&backend_config("udp"), net.clone()).expect("udp"),
             false,
         );
-        m.backend(&Backend::new(&config("wireguard"), net).expect("wg"), true);
+        m.backend(
+            &Backend::new(&backend_config("wireguard"), net).expect("wg"),
+            true,
+        );
         let text = m.encode();
         assert!(!text.contains("weft_udp_"), "{text}");
         for reason in ["replayed", "bad_authentication", "unknown_sender"] {

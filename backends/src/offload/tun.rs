@@ -322,6 +322,67 @@ pub fn ensure_ipv6_off(name: &str) {
     }
 }
 
+/// Packet slots for one batch of TUN reads. A 64 KB super-packet of full-sized segments needs
+/// 45 at MTU 1472; more slots let several small packets (ACKs) share one batch.
+pub const SLOTS: usize = 256;
+/// Slots one TUN read may fill: tun-rs fails a split that does not fit, so the device's
+/// gso_max_segs is set to this (a sender with a tiny MSS gets its super-packets cut smaller).
+pub const READ_SLOTS: usize = 128;
+
+/// One worker's batch of TUN reads: super-packets split by tun-rs into MTU-sized IP packets side
+/// by side in `tx`, one slot of `stride` (= MTU) bytes each, `sizes` their lengths. Full-sized
+/// segments therefore already lie back to back. Allocated once.
+pub struct Reads {
+    /// A read as it came: the super-packet with its virtio-net header.
+    raw: Vec<u8>,
+    pub tx: Vec<u8>,
+    pub stride: usize,
+    pub sizes: Vec<usize>,
+}
+
+impl Reads {
+    pub fn new(stride: usize) -> Self {
+        Self {
+            raw: vec![0; tun_rs::VIRTIO_NET_HDR_LEN + 65535],
+            tx: vec![0; SLOTS * stride],
+            stride,
+            sizes: vec![0; SLOTS],
+        }
+    }
+
+    /// Reads from `tun` while a whole read still fits: how many packets. Small packets (a
+    /// flood, TCP ACKs) then share one batch; a super-packet fills much of one by itself, but
+    /// the next may be waiting. A read whose offload metadata cannot be split is counted in
+    /// `errors`; Err: the queue is gone.
+    pub fn fill(&mut self, tun: &SyncDevice, errors: &mut u64) -> Result<usize, String> {
+        let stride = self.stride;
+        let mut filled = 0;
+        while SLOTS - filled >= READ_SLOTS {
+            let area = self.tx.get_mut(filled * stride..).unwrap_or_default();
+            let mut chunks = area.chunks_exact_mut(stride);
+            let mut slots: [&mut [u8]; READ_SLOTS] =
+                std::array::from_fn(|_| chunks.next().unwrap_or_default());
+            let sizes = &mut self.sizes[filled..filled + READ_SLOTS];
+            match tun.recv_multiple(&mut self.raw, &mut slots, sizes, 0) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if is_gone(&e) => return Err(format!("read from the TUN: {e}")),
+                // The packet was consumed but could not be split: its offload metadata was bad.
+                Err(_) => *errors += 1,
+            }
+        }
+        Ok(filled)
+    }
+
+    /// Packet `i` of the batch.
+    pub fn packet(&self, i: usize) -> &[u8] {
+        let at = i * self.stride;
+        let len = self.sizes.get(i).copied().unwrap_or(0).min(self.stride);
+        self.tx.get(at..at + len).unwrap_or_default()
+    }
+}
+
 /// The TUN queue is detached: the device was deleted or its queue disabled.
 pub fn is_gone(e: &std::io::Error) -> bool {
     matches!(

@@ -349,8 +349,7 @@ impl Udp {
         }
         // Before the link goes up, so IPv6 never starts on it.
         tun::ensure_ipv6_off(DEVICE);
-        let index =
-            tun::ensure_link(&handle, DEVICE, self.cfg.mtu, worker::READ_SLOTS as u32).await?;
+        let index = tun::ensure_link(&handle, DEVICE, self.cfg.mtu, tun::READ_SLOTS as u32).await?;
         tun::ensure_accept_local(&handle, DEVICE, index).await?;
         if let Some(own) = &self.own {
             netlink::ensure_address(&handle, index, DEVICE, own.subnet.network()).await?;

@@ -33,14 +33,8 @@ use super::codec::{self, Counters, DropReason, Egress, IcmpRateLimiter, PeerTabl
 use crate::offload::gro::{Coalescer, HDR_LEN};
 use crate::offload::socket::{split_gro, Run, Socket};
 use crate::offload::stats::Slots;
-use crate::offload::tun;
+use crate::offload::tun::{self, Reads};
 
-/// Packet slots for one TUN batch. A 64 KB super-packet of full-sized segments needs 45 at MTU
-/// 1472; more slots let several small packets (ACKs) share one batch.
-const TX_SLOTS: usize = 256;
-/// Slots one TUN read may fill: tun-rs fails a split that does not fit, so flannel0's
-/// gso_max_segs is set to this (a sender with a tiny MSS gets its super-packets cut smaller).
-pub const READ_SLOTS: usize = 128;
 /// recvmmsg batch.
 const RX_MSGS: usize = 16;
 /// One receive buffer: a whole GRO run (or the largest datagram).
@@ -118,12 +112,8 @@ pub struct Worker {
     icmp: IcmpRateLimiter,
     started: Instant,
     last_warn: Option<Instant>,
-    /// TUN reads: the raw super-packet with its virtio-net header.
-    raw: Vec<u8>,
-    /// TUN reads, split: `TX_SLOTS` slots of `stride` bytes.
-    tx: Vec<u8>,
-    stride: usize,
-    sizes: Vec<usize>,
+    /// TUN reads, split (and the sends built where they lie).
+    reads: Reads,
     /// An ICMP error for the TUN, behind a zeroed virtio-net header.
     reply: Vec<u8>,
     rx: Vec<u8>,
@@ -159,10 +149,7 @@ impl Worker {
             icmp: IcmpRateLimiter::new(icmp_per_sec, icmp.burst),
             started: Instant::now(),
             last_warn: None,
-            raw: vec![0; VIRTIO_NET_HDR_LEN + 65535],
-            tx: vec![0; TX_SLOTS * mtu],
-            stride: mtu,
-            sizes: vec![0; TX_SLOTS],
+            reads: Reads::new(mtu),
             reply: vec![0; hdr + codec::REPLY_LEN],
             rx: vec![0; RX_MSGS * RX_BUF],
             meta: vec![RecvMeta::default(); RX_MSGS],
@@ -213,25 +200,7 @@ impl Worker {
 
     /// One batch from the TUN to the peers. Returns whether anything was read.
     fn tun_to_peers(&mut self) -> Result<bool, String> {
-        let stride = self.stride;
-        let mut filled = 0;
-        while TX_SLOTS - filled >= READ_SLOTS {
-            let area = self.tx.get_mut(filled * stride..).unwrap_or_default();
-            let mut chunks = area.chunks_exact_mut(stride);
-            let mut slots: [&mut [u8]; READ_SLOTS] =
-                std::array::from_fn(|_| chunks.next().unwrap_or_default());
-            let sizes = &mut self.sizes[filled..filled + READ_SLOTS];
-            match self.tun.recv_multiple(&mut self.raw, &mut slots, sizes, 0) {
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if tun::is_gone(&e) => return Err(format!("read from the TUN: {e}")),
-                // The packet was consumed but could not be split: its offload metadata was bad.
-                Err(_) => self.tun_read_errors += 1,
-            }
-            // Read on while there is room: small packets (a flood, TCP ACKs) then share GSO
-            // sends; a super-packet fills a GSO send by itself, but the next may be waiting.
-        }
+        let filled = self.reads.fill(&self.tun, &mut self.tun_read_errors)?;
         if filled == 0 {
             return Ok(false);
         }
@@ -244,9 +213,9 @@ impl Worker {
         let table = self.shared.table.load();
         let mut run: Option<Run> = None;
         for i in 0..n {
-            let at = i * self.stride;
-            let len = self.sizes[i].min(self.stride);
-            let Some(pkt) = self.tx.get_mut(at..at + len) else {
+            let at = i * self.reads.stride;
+            let len = self.reads.sizes[i].min(self.reads.stride);
+            let Some(pkt) = self.reads.tx.get_mut(at..at + len) else {
                 continue;
             };
             let reply = self.reply.get_mut(self.hdr..).unwrap_or_default();
@@ -258,7 +227,7 @@ impl Worker {
                         if r.takes(to, len, self.sock.max_segments(r.seg)) {
                             let dst = r.start + r.len;
                             if dst != at {
-                                self.tx.copy_within(at..at + len, dst);
+                                self.reads.tx.copy_within(at..at + len, dst);
                             }
                             r.add(len);
                             continue;
@@ -298,7 +267,7 @@ impl Worker {
 
     /// Sends one run; failures are counted, never fatal.
     fn send_run(&mut self, r: Run) {
-        let Some(contents) = self.tx.get(r.start..r.start + r.len) else {
+        let Some(contents) = self.reads.tx.get(r.start..r.start + r.len) else {
             return;
         };
         let seg = (r.count > 1).then_some(r.seg);

@@ -51,7 +51,7 @@ use super::want::{WgPeer, DEVICE};
 use crate::offload::gro::{Coalescer, HDR_LEN};
 use crate::offload::socket::{split_gro, Run, Socket};
 use crate::offload::stats::{Live, Slots};
-use crate::offload::tun;
+use crate::offload::tun::{self, Reads};
 use crate::udp::codec::{Counters, DropReason};
 use crate::Error;
 
@@ -59,10 +59,6 @@ use crate::Error;
 /// at, as boringtun's own device does.
 const TICK: Duration = Duration::from_millis(250);
 
-/// Packet slots for one TUN batch: a 64 KB super-packet is 47 at MTU 1420.
-const TX_SLOTS: usize = 256;
-/// Slots one TUN read may fill: flannel-wg's gso_max_segs is set to this, so a read fits.
-const READ_SLOTS: usize = 128;
 /// recvmmsg batch.
 const RX_MSGS: usize = 16;
 /// One receive buffer: a whole GRO run (or the largest datagram).
@@ -110,7 +106,7 @@ impl Userspace {
     ) -> Result<Self, Error> {
         let mut dev = tun::open(handle, DEVICE, 1, true).await?;
         tun::ensure_ipv6_off(DEVICE);
-        tun::ensure_link(handle, DEVICE, mtu, READ_SLOTS as u32).await?;
+        tun::ensure_link(handle, DEVICE, mtu, tun::READ_SLOTS as u32).await?;
         let queue = dev
             .queues
             .pop()
@@ -244,12 +240,8 @@ struct Worker {
     device: Arc<Mutex<uapi::Device>>,
     ticks: u32,
     last_warn: Option<Instant>,
-    /// TUN reads: the raw super-packet with its virtio-net header.
-    raw: Vec<u8>,
-    /// TUN reads, split: `TX_SLOTS` slots of `stride` (= MTU) bytes.
-    tx: Vec<u8>,
-    stride: usize,
-    sizes: Vec<usize>,
+    /// TUN reads, split.
+    reads: Reads,
     /// Sealed datagrams, back to back, sent in GSO runs.
     out: Vec<u8>,
     /// Handshake messages and packets queued during a handshake.
@@ -291,11 +283,8 @@ impl Worker {
             device,
             ticks: 0,
             last_warn: None,
-            raw: vec![0; VIRTIO_NET_HDR_LEN + 65535],
-            tx: vec![0; TX_SLOTS * stride],
-            stride,
-            sizes: vec![0; TX_SLOTS],
-            out: vec![0; TX_SLOTS * (stride + OVERHEAD) + MIN_OUT],
+            reads: Reads::new(stride),
+            out: vec![0; tun::SLOTS * (stride + OVERHEAD) + MIN_OUT],
             scratch: vec![0; RX_BUF + OVERHEAD],
             rx: vec![0; RX_MSGS * RX_BUF],
             meta: vec![RecvMeta::default(); RX_MSGS],
@@ -369,23 +358,7 @@ impl Worker {
 
     /// One batch from the TUN to the peers. Returns whether anything was read.
     fn tun_to_peers(&mut self) -> Result<bool, String> {
-        let stride = self.stride;
-        let mut filled = 0;
-        while TX_SLOTS - filled >= READ_SLOTS {
-            let area = self.tx.get_mut(filled * stride..).unwrap_or_default();
-            let mut chunks = area.chunks_exact_mut(stride);
-            let mut slots: [&mut [u8]; READ_SLOTS] =
-                std::array::from_fn(|_| chunks.next().unwrap_or_default());
-            let sizes = &mut self.sizes[filled..filled + READ_SLOTS];
-            match self.tun.recv_multiple(&mut self.raw, &mut slots, sizes, 0) {
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if tun::is_gone(&e) => return Err(format!("read from the TUN: {e}")),
-                // Consumed but not split: its offload metadata was bad.
-                Err(_) => self.tun_read_errors += 1,
-            }
-        }
+        let filled = self.reads.fill(&self.tun, &mut self.tun_read_errors)?;
         if filled == 0 {
             return Ok(false);
         }
@@ -399,9 +372,8 @@ impl Worker {
         let mut run: Option<Run> = None;
         let mut pos = 0;
         for i in 0..n {
-            let at = i * self.stride;
-            let len = self.sizes[i].min(self.stride);
-            let pkt = &self.tx[at..at + len];
+            let pkt = self.reads.packet(i);
+            let len = pkt.len();
             let Some(p) = self.table.route(pkt, &mut self.counters) else {
                 continue;
             };
