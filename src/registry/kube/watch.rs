@@ -6,7 +6,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{Future, FutureExt, Stream, StreamExt};
 use http::Request;
 use kube::core::WatchEvent;
 use serde_json::value::RawValue;
@@ -27,10 +27,14 @@ pub(super) const WATCH_SECS: Duration = Duration::from_secs(60);
 const MAX_BATCH: usize = 1000;
 
 type Events = Pin<Box<dyn Stream<Item = Result<WatchEvent<Box<RawValue>>, kube::Error>> + Send>>;
+type Opening = Pin<Box<dyn Future<Output = Result<Events, kube::Error>> + Send>>;
 
 pub struct KubeWatch {
     store: KubeStore,
     stream: Option<Events>,
+    /// The watch request in flight, kept across `next` calls: a watch being set up when
+    /// another branch of the agent's loop wins is not asked for again.
+    opening: Option<Opening>,
     /// The resourceVersion to watch from: the listing's, then each event's and bookmark's.
     from: String,
     /// When the current watch was set up: one the server ends at once is backed off from.
@@ -44,6 +48,7 @@ impl KubeWatch {
         Self {
             store,
             stream: None,
+            opening: None,
             from: listed_at.to_string(),
             opened_at: Instant::now(),
             rewatch_at: Instant::now(),
@@ -53,41 +58,52 @@ impl KubeWatch {
 
     pub fn listed(&mut self, at: i64) {
         self.from = at.to_string();
-        self.stream = None;
-        self.rewatch_at = Instant::now();
+        self.restart();
     }
 
     pub fn restart(&mut self) {
         self.stream = None;
+        self.opening = None;
         self.rewatch_at = Instant::now();
     }
 
-    async fn open(&self) -> Result<Events, kube::Error> {
+    /// The watch request from `self.from`, bounded in time.
+    fn open(&self) -> Opening {
         let path = format!(
             "/api/v1/nodes?watch=1&allowWatchBookmarks=true&timeoutSeconds={}&resourceVersion={}{}",
             WATCH_SECS.as_secs(),
             super::query(&self.from),
             self.store.selector()
         );
-        let req = Request::get(path)
-            .body(Vec::new())
-            .map_err(kube::Error::HttpError)?;
-        let open = self.store.client.request_events::<Box<RawValue>>(req);
-        match tokio::time::timeout(super::REQUEST_TIMEOUT, open).await {
-            Ok(r) => r.map(|s| Box::pin(s) as Events),
-            Err(_) => Err(kube::Error::Service(
-                "no answer to the watch request".into(),
-            )),
-        }
+        let client = self.store.client.clone();
+        Box::pin(async move {
+            let req = Request::get(path)
+                .body(Vec::new())
+                .map_err(kube::Error::HttpError)?;
+            let open = client.request_events::<Box<RawValue>>(req);
+            match tokio::time::timeout(super::REQUEST_TIMEOUT, open).await {
+                Ok(r) => r.map(|s| Box::pin(s) as Events),
+                Err(_) => Err(kube::Error::Service(
+                    "no answer to the watch request".into(),
+                )),
+            }
+        })
     }
 
     /// Cancel-safe, as the agent's loop needs: a watch being set up when another branch wins is
-    /// set up again next time, and an event is taken whole or not at all.
+    /// waited for again next time (the request stays in flight), and an event is taken whole or
+    /// not at all.
     pub async fn next(&mut self) -> Update {
         loop {
             let Some(stream) = &mut self.stream else {
                 tokio::time::sleep_until(self.rewatch_at).await;
-                match self.open().await {
+                let opening = match &mut self.opening {
+                    Some(o) => o,
+                    None => self.opening.insert(self.open()),
+                };
+                let opened = opening.await;
+                self.opening = None;
+                match opened {
                     Ok(s) => {
                         if self.backoff.succeeded() {
                             info!("Kubernetes node watch re-established");
