@@ -16,7 +16,8 @@
 #   wireguard      (opt-in) container to container, weftd with the wireguard backend (issue 22): on
 #                  this kernel (no WireGuard module) weft's userspace WireGuard on a TUN device
 #                  flannel-wg, UDP 51820, MTU underlay − 80; each weftd keeps its key in its own
-#                  WIREGUARD_KEY_FILE under the lab's directory
+#                  WIREGUARD_KEY_FILE and its control socket in its own WIREGUARD_SOCKET_DIR
+#                  under the lab's directory
 #   wireguard-go   (opt-in) the same WireGuard set-up without weftd: Debian's wireguard-go on each
 #                  host, configured with `wg` and `ip` exactly as flanneld configures flannel-wg
 #                  (key from `wg genkey`, port 51820, one peer per other host with its subnet as
@@ -193,7 +194,8 @@ weftd_wireguard() {
   for n in "${hosts[@]}"; do topo_host "$n"; done
   topo_set_config wireguard >&2
   for n in "${hosts[@]}"; do
-    WIREGUARD_KEY_FILE="$TOPO_DIR/h$n/wgkey" topo_weftd "$n" -iptables-forward-rules=false
+    WIREGUARD_KEY_FILE="$TOPO_DIR/h$n/wgkey" WIREGUARD_SOCKET_DIR="$TOPO_DIR/h$n" \
+      topo_weftd "$n" -iptables-forward-rules=false
   done
   for n in "${hosts[@]}"; do
     topo_wait_subnet "$n" 60
