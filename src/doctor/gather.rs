@@ -74,13 +74,16 @@ pub async fn gather(store_args: status::Store<'_>, args: &DoctorArgs) -> Result<
         Store::Failed { .. } => false,
     };
     if let (Ok(k), true) = (&mut kernel, wireguard) {
-        // weft's userspace WireGuard (a TUN device) answers on its control socket; the kernel's
-        // has none (`wg show` reads it over netlink).
-        if k.link(weft_backends::wireguard_uapi::DEVICE)
-            .is_some_and(|l| l.kind == "tun")
-        {
-            k.wireguard = Some(read_wireguard().await);
-        }
+        // As `wg show` reads them: weft's userspace WireGuard (a TUN device) from its control
+        // socket, the kernel's over generic netlink.
+        let kind = k
+            .link(weft_backends::wireguard_uapi::DEVICE)
+            .map(|l| l.kind.clone());
+        k.wireguard = match kind.as_deref() {
+            Some("tun") => Some(read_wireguard().await),
+            Some("wireguard") => Some(read_kernel_wireguard().await),
+            _ => None,
+        };
     }
     if let (Ok(k), Ok(ext)) = (&mut kernel, &external) {
         // Loopback and virtual devices without a driver answer EOPNOTSUPP: no driver to judge.
@@ -132,14 +135,25 @@ async fn read_wireguard() -> Result<Vec<WgPeer>, String> {
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{shown}: {e}"))?;
     let peers = uapi::parse_get(&text).map_err(|e| format!("{shown}: {e}"))?;
-    Ok(peers
-        .into_iter()
-        .map(|(public_key_hex, endpoint, last_handshake)| WgPeer {
-            public_key_hex,
-            endpoint,
-            last_handshake,
-        })
-        .collect())
+    Ok(peers.into_iter().map(wg_peer).collect())
+}
+
+/// The kernel's flannel-wg's peers, over generic netlink.
+async fn read_kernel_wireguard() -> Result<Vec<WgPeer>, String> {
+    let read = tokio::task::spawn_blocking(weft_backends::wireguard_uapi::kernel_peers);
+    let peers = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| "no answer over netlink in 5 s".to_string())?
+        .map_err(|e| e.to_string())??;
+    Ok(peers.into_iter().map(wg_peer).collect())
+}
+
+fn wg_peer((public_key_hex, endpoint, last_handshake): (String, String, u64)) -> WgPeer {
+    WgPeer {
+        public_key_hex,
+        endpoint,
+        last_handshake,
+    }
 }
 
 async fn read_etcd(args: &EtcdArgs) -> (Store, Option<Registry>) {

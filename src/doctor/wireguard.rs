@@ -1,6 +1,6 @@
-//! `wireguard`: on a wireguard host running weft's userspace WireGuard, every peer weftd should
-//! have is in flannel-wg with its lease's key, and has shaken hands. Read from the control socket
-//! weftd answers `wg show` on; the kernel's WireGuard is left to `wg show`.
+//! `wireguard`: on a wireguard host, every peer weftd should have is in flannel-wg with its
+//! lease's key, and has shaken hands. Read as `wg show` reads them: from the control socket weftd
+//! answers on for its userspace WireGuard, over generic netlink for the kernel's.
 
 use std::time::{Duration, SystemTime};
 
@@ -27,14 +27,12 @@ fn handshakes_at(f: &Facts, now: SystemTime) -> Outcome {
         return Outcome::skip(format!("the backend is {}", c.backend));
     }
     let read = match &c.k.wireguard {
-        None => return Outcome::skip(
-            "flannel-wg is not weft's userspace WireGuard (the kernel's: see `wg show flannel-wg`)",
-        ),
+        None => return Outcome::skip("no usable flannel-wg (see `device`)"),
         Some(Err(e)) => {
             return vec![Finding::new(
-                format!("flannel-wg's peers cannot be read from weftd's control socket: {e}"),
-                "make sure weftd runs (it answers there), with the same WIREGUARD_SOCKET_DIR as \
-                 weftctl",
+                format!("flannel-wg's peers cannot be read: {e}"),
+                "run doctor as root; for weft's userspace WireGuard make sure weftd runs (it \
+                 answers on the control socket), with the same WIREGUARD_SOCKET_DIR as weftctl",
             )]
             .into()
         }
@@ -176,13 +174,13 @@ mod tests {
     }
 
     #[test]
-    fn an_unreadable_socket_is_a_problem_and_the_kernels_wireguard_is_left_to_wg() {
+    fn unreadable_peers_are_a_problem_and_no_device_a_skip() {
         let mut f = wireguard_host(None);
         kernel(&mut f).wireguard = Some(Err("/var/run/wireguard/flannel-wg.sock: refused".into()));
         let got = at(&f);
         assert!(!got[0].0 && got[0].1.contains("cannot be read"), "{got:?}");
         kernel(&mut f).wireguard = None;
-        assert!(at(&f)[0].1.starts_with("skipped: flannel-wg is not weft's"));
+        assert!(at(&f)[0].1.starts_with("skipped: no usable flannel-wg"));
         assert!(at(&testing::healthy())[0]
             .1
             .starts_with("skipped: the backend is vxlan"));

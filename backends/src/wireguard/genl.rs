@@ -132,6 +132,33 @@ pub fn peer_keys(answers: &[WireguardMessage]) -> Vec<Key> {
         .collect()
 }
 
+/// Each peer of a device's (dumped) answers as `wg show` prints it: its key, its endpoint (none
+/// until it is known) and when its last handshake completed (seconds since the epoch; 0: never).
+pub fn peer_states(answers: &[WireguardMessage]) -> Vec<(Key, Option<SocketAddr>, u64)> {
+    let peers = answers.iter().flat_map(|m| &m.attributes);
+    let peers = peers.filter_map(|a| match a {
+        WireguardAttribute::Peers(p) => Some(p),
+        _ => None,
+    });
+    peers
+        .flatten()
+        .filter_map(|p| {
+            let (mut key, mut endpoint, mut shake) = (None, None, 0);
+            for a in &p.0 {
+                match a {
+                    WireguardPeerAttribute::PublicKey(k) => key = Some(*k),
+                    WireguardPeerAttribute::Endpoint(e) => endpoint = Some(*e),
+                    WireguardPeerAttribute::LastHandshake(t) => {
+                        shake = u64::try_from(t.seconds).unwrap_or(0);
+                    }
+                    _ => {}
+                }
+            }
+            Some((key?, endpoint, shake))
+        })
+        .collect()
+}
+
 /// `msg` as bytes for the family `family_id`, a request asking for an answer (an ack, or a
 /// dump).
 pub fn encode(msg: WireguardMessage, family_id: u16, seq: u32) -> Vec<u8> {
@@ -208,17 +235,26 @@ impl Genl {
 
     /// The keys of the peers `device` holds.
     pub fn peers(&mut self, device: &str) -> io::Result<Vec<Key>> {
+        Ok(peer_keys(&self.dump(device)?))
+    }
+
+    /// `device`'s peers as `wg show` prints them (see [`peer_states`]).
+    pub fn peer_states(&mut self, device: &str) -> io::Result<Vec<(Key, Option<SocketAddr>, u64)>> {
+        Ok(peer_states(&self.dump(device)?))
+    }
+
+    /// `device` as the kernel dumps it.
+    fn dump(&mut self, device: &str) -> io::Result<Vec<WireguardMessage>> {
         self.seq = self.seq.wrapping_add(1);
         let answers = self.exchange(encode(get_device(device), self.family, self.seq))?;
-        let msgs: Vec<WireguardMessage> = answers
+        Ok(answers
             .iter()
             .filter_map(|b| NetlinkMessage::<GenlMessage<WireguardMessage>>::deserialize(b).ok())
             .filter_map(|m| match m.payload {
                 NetlinkPayload::InnerMessage(g) => Some(g.payload),
                 _ => None,
             })
-            .collect();
-        Ok(peer_keys(&msgs))
+            .collect())
     }
 
     /// Sends one request and collects the raw answers until its ack or the dump's end.
@@ -403,7 +439,22 @@ mod tests {
                 WireguardAttribute::Peers(vec![removal(&[1; 32]), peer(&wg_peer(2, None, None))]),
             ],
         };
-        assert_eq!(peer_keys(&[answer]), [[1; 32], [2; 32]]);
+        assert_eq!(peer_keys(std::slice::from_ref(&answer)), [[1; 32], [2; 32]]);
+        // As the kernel fills them in: peer 2 with its endpoint and a handshake.
+        let mut shown = answer;
+        if let WireguardAttribute::Peers(p) = &mut shown.attributes[1] {
+            p[1].0.push(WireguardPeerAttribute::LastHandshake(
+                netlink_packet_wireguard::WireguardTimeSpec {
+                    seconds: 1_700_000_000,
+                    nano_seconds: 5,
+                },
+            ));
+        }
+        let endpoint = "192.168.1.2:51820".parse().ok();
+        assert_eq!(
+            peer_states(&[shown]),
+            [([1; 32], None, 0), ([2; 32], endpoint, 1_700_000_000)]
+        );
     }
 
     #[test]

@@ -139,6 +139,22 @@ pub fn parse_get(text: &str) -> Result<Vec<(String, String, u64)>, String> {
     }
 }
 
+/// The kernel WireGuard device's peers as [`parse_get`] gives them, over generic netlink (what
+/// `wg show` does for a kernel device).
+pub fn kernel_peers() -> Result<Vec<(String, String, u64)>, String> {
+    let mut genl = super::genl::Genl::open().map_err(|e| e.to_string())?;
+    let peers = genl
+        .peer_states(DEVICE)
+        .map_err(|e| format!("read {DEVICE} over netlink: {e}"))?;
+    Ok(peers
+        .into_iter()
+        .map(|(key, endpoint, shake)| {
+            let endpoint = endpoint.map(|e| e.to_string()).unwrap_or_default();
+            (hex(&key), endpoint, shake)
+        })
+        .collect())
+}
+
 /// Asks the socket at `path` for the device (`wg show`'s request), within `limit`.
 pub fn query(path: &std::path::Path, limit: Duration) -> io::Result<String> {
     let mut s = UnixStream::connect(path)?;
