@@ -776,8 +776,15 @@ pub fn fuzz_lookups(data: &[u8]) {
         }
         None => assert_eq!(c.total_drops(), 1, "a packet going nowhere is counted once"),
     }
+    // The worker's first look at a datagram: MAC1 of handshakes, the handshake rate.
+    let mut out = vec![0; data.len().max(MIN_OUT) + OVERHEAD];
+    let limiter = RateLimiter::new(&public, HANDSHAKES);
+    match limiter.verify_packet(Some(Ipv4Addr::new(192, 0, 2, 9).into()), data, &mut out) {
+        Ok(_) => {}
+        Err(TunnResult::Err(e)) => return assert_ne!(drop_reason(&e), DropReason::Replayed),
+        Err(_) => return,
+    }
     if let Some(i) = t.sender(data, &secret, &public) {
-        let mut out = vec![0; data.len().max(MIN_OUT) + OVERHEAD];
         match t.peers[i].tunn.decapsulate(None, data, &mut out) {
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
                 panic!("a packet opened without a session")
