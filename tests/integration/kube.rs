@@ -79,7 +79,15 @@ impl Cluster {
         ];
         let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
         args.extend(extra);
-        self.t.start_with(i, &args, &[("NODE_NAME", &node(i))]);
+        // wireguard's key file and control socket: each host its own (one machine runs all).
+        let dir = self.t.hosts[i].dir.display().to_string();
+        let key = format!("{dir}/wgkey");
+        let env = [
+            ("NODE_NAME", &*node(i)),
+            ("WIREGUARD_KEY_FILE", &*key),
+            ("WIREGUARD_SOCKET_DIR", &*dir),
+        ];
+        self.t.start_with(i, &args, &env);
     }
 
     pub fn start(&mut self, i: usize) {
@@ -207,6 +215,38 @@ fn host_gw_and_udp_in_kube_mode_carry_pods_between_two_nodes() {
         assert_eq!(a[format!("{P}/backend-type")], backend);
         assert_eq!(a[format!("{P}/backend-data")], data, "{backend}");
     }
+}
+
+#[test]
+fn wireguard_in_kube_mode_publishes_its_key_in_flannels_format_and_carries_pods() {
+    if require_kube("wireguard_in_kube_mode_publishes_its_key_in_flannels_format_and_carries_pods")
+        .is_none()
+    {
+        return;
+    }
+    let conf = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#;
+    let mut c = Cluster::new(2, conf);
+    c.start(0);
+    c.start(1);
+    for i in 0..2 {
+        c.t.wire_container(i);
+    }
+    c.t.assert_full_mesh(&[0, 1]);
+    let keys: Vec<String> = (0..2)
+        .map(|i| {
+            let a = c.wait_published(i);
+            assert_eq!(a[format!("{P}/backend-type")], "wireguard");
+            // flanneld's bytes: {"PublicKey":"<base64>","Port":51820}.
+            let data = a[format!("{P}/backend-data")].as_str().expect("a string");
+            let key = data
+                .strip_prefix(r#"{"PublicKey":""#)
+                .and_then(|r| r.strip_suffix(r#"","Port":51820}"#))
+                .unwrap_or_else(|| panic!("not flannel's wireguard data: {data}"));
+            assert_eq!(key.len(), 44, "{data}");
+            key.to_string()
+        })
+        .collect();
+    assert_ne!(keys[0], keys[1], "a key per node");
 }
 
 #[test]
