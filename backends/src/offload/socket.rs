@@ -233,6 +233,56 @@ impl Run {
     }
 }
 
+/// recvmmsg batch.
+pub const RX_MSGS: usize = 16;
+/// One receive buffer: a whole GRO run (or the largest datagram).
+pub const RX_BUF: usize = 1 << 16;
+
+/// One worker's receive batch: [`RX_MSGS`] buffers of [`RX_BUF`] bytes, each a GRO run of
+/// datagrams from one sender. Allocated once.
+pub struct Receives {
+    buf: Vec<u8>,
+    meta: Vec<RecvMeta>,
+}
+
+impl Default for Receives {
+    fn default() -> Self {
+        Self {
+            buf: vec![0; RX_MSGS * RX_BUF],
+            meta: vec![RecvMeta::default(); RX_MSGS],
+        }
+    }
+}
+
+impl Receives {
+    /// One recvmmsg: how many buffers were filled; `None` when there was nothing to receive. A
+    /// failed receive (an ICMP error about an earlier send, ENOBUFS) is `Some(0)`: transient.
+    pub fn fill(&mut self, sock: &Socket) -> Option<usize> {
+        let mut chunks = self.buf.chunks_exact_mut(RX_BUF);
+        let mut bufs: [IoSliceMut<'_>; RX_MSGS] =
+            std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+        match sock.recv(&mut bufs, &mut self.meta) {
+            Ok(n) => Some(n.min(RX_MSGS)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(_) => Some(0),
+        }
+    }
+
+    /// Buffer `i`'s sender (an IPv4 one, also when mapped into IPv6) and its datagrams.
+    pub fn buffer(&self, i: usize) -> Option<(Option<SocketAddrV4>, impl Iterator<Item = &[u8]>)> {
+        let m = self.meta.get(i)?;
+        let from = match m.addr {
+            SocketAddr::V4(a) => Some(a),
+            SocketAddr::V6(a) => {
+                (a.ip().to_ipv4_mapped()).map(|ip| SocketAddrV4::new(ip, a.port()))
+            }
+        };
+        let start = i * RX_BUF;
+        let data = self.buf.get(start..start + m.len.min(RX_BUF))?;
+        Some((from, split_gro(data, m.stride)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::split_gro;

@@ -383,6 +383,58 @@ impl Reads {
     }
 }
 
+/// Writes a receive batch's frames to a TUN queue (a packet, or a super-packet behind its
+/// virtio-net header), noting failures rather than stopping at them; [`Writer::finish`] settles
+/// them once the batch is done.
+pub struct Writer<'a> {
+    tun: &'a SyncDevice,
+    vnet: bool,
+    /// Packets whose frames could not be written.
+    lost: u64,
+    /// The queue is gone: the data plane cannot go on.
+    gone: Option<String>,
+}
+
+impl<'a> Writer<'a> {
+    /// `vnet`: the queue takes a virtio-net header before each frame.
+    pub fn new(tun: &'a SyncDevice, vnet: bool) -> Self {
+        Self {
+            tun,
+            vnet,
+            lost: 0,
+            gone: None,
+        }
+    }
+
+    /// One frame carrying `n` packets.
+    pub fn write(&mut self, hdr: &[u8; crate::offload::gro::HDR_LEN], pkt: &[u8], n: usize) {
+        let r = if self.vnet {
+            let frame = [std::io::IoSlice::new(hdr), std::io::IoSlice::new(pkt)];
+            self.tun.send_vectored(&frame)
+        } else {
+            self.tun.send(pkt)
+        };
+        match r {
+            Ok(_) => {}
+            Err(e) if is_gone(&e) => self.gone = Some(format!("write to the TUN: {e}")),
+            Err(_) => self.lost += n as u64,
+        }
+    }
+
+    /// The batch is written: packets counted as received that were not are drops. Err: the
+    /// queue is gone.
+    pub fn finish(self, c: &mut crate::udp::codec::Counters) -> Result<(), String> {
+        if let Some(why) = self.gone {
+            return Err(why);
+        }
+        c.rx_packets = c.rx_packets.saturating_sub(self.lost);
+        for _ in 0..self.lost {
+            c.count_drop(crate::udp::codec::DropReason::TunWriteFailed);
+        }
+        Ok(())
+    }
+}
+
 /// The TUN queue is detached: the device was deleted or its queue disabled.
 pub fn is_gone(e: &std::io::Error) -> bool {
     matches!(

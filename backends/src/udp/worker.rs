@@ -15,8 +15,8 @@
 //! super-packet (`gro`), and that goes to the TUN behind its virtio-net header in one writev of
 //! up to 64 KB. Anything else is written as it lies; without offloads, one write per packet.
 
-use std::io::{self, IoSlice, IoSliceMut};
-use std::net::{SocketAddr, SocketAddrV4};
+use std::io;
+use std::net::SocketAddrV4;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,20 +25,15 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use quinn_udp::RecvMeta;
 use tracing::warn;
 use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::codec::{self, Counters, DropReason, Egress, IcmpRateLimiter, PeerTable};
 use crate::offload::gro::{Coalescer, HDR_LEN};
-use crate::offload::socket::{split_gro, Run, Socket};
+use crate::offload::socket::{Receives, Run, Socket};
 use crate::offload::stats::Slots;
 use crate::offload::tun::{self, Reads};
 
-/// recvmmsg batch.
-const RX_MSGS: usize = 16;
-/// One receive buffer: a whole GRO run (or the largest datagram).
-const RX_BUF: usize = 1 << 16;
 /// Linux's ICMP error rate limit (net.ipv4.icmp_msgs_per_sec and icmp_msgs_burst): weft, a
 /// router in userspace, sends its errors at the rate the kernel would, whatever it is set to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,8 +111,7 @@ pub struct Worker {
     reads: Reads,
     /// An ICMP error for the TUN, behind a zeroed virtio-net header.
     reply: Vec<u8>,
-    rx: Vec<u8>,
-    meta: Vec<RecvMeta>,
+    rx: Receives,
     /// Merges TCP segments for the TUN (with offloads).
     gro: Coalescer,
 }
@@ -151,8 +145,7 @@ impl Worker {
             last_warn: None,
             reads: Reads::new(mtu),
             reply: vec![0; hdr + codec::REPLY_LEN],
-            rx: vec![0; RX_MSGS * RX_BUF],
-            meta: vec![RecvMeta::default(); RX_MSGS],
+            rx: Receives::default(),
             gro: Coalescer::new(vnet_hdr && uso),
         }
     }
@@ -295,48 +288,19 @@ impl Worker {
 
     /// One batch from the peers to the TUN. Returns whether anything was received.
     fn peers_to_tun(&mut self) -> Result<bool, String> {
-        let n = {
-            let mut chunks = self.rx.chunks_exact_mut(RX_BUF);
-            let mut bufs: [IoSliceMut<'_>; RX_MSGS] =
-                std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
-            match self.sock.recv(&mut bufs, &mut self.meta) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                // ICMP errors about earlier sends, ENOBUFS, …: transient.
-                Err(_) => return Ok(true),
-            }
+        let Some(n) = self.rx.fill(&self.sock) else {
+            return Ok(false);
         };
         let table = self.shared.table.load();
         let vnet = self.hdr != 0;
-        let tun = &self.tun;
         // Write failures are counted after the batch; the writer only notes them.
-        let (mut lost, mut gone) = (0u64, None);
-        let mut write = |hdr: &[u8; HDR_LEN], pkt: &[u8], n: usize| {
-            let r = if vnet {
-                tun.send_vectored(&[IoSlice::new(hdr), IoSlice::new(pkt)])
-            } else {
-                tun.send(pkt)
-            };
-            match r {
-                Ok(_) => {}
-                Err(e) if tun::is_gone(&e) => gone = Some(format!("write to the TUN: {e}")),
-                Err(_) => lost += n as u64,
-            }
-        };
-        for i in 0..n.min(RX_MSGS) {
-            let m = self.meta[i];
-            let from = match m.addr {
-                SocketAddr::V4(a) => Some(a),
-                SocketAddr::V6(a) => a
-                    .ip()
-                    .to_ipv4_mapped()
-                    .map(|ip| SocketAddrV4::new(ip, a.port())),
-            };
-            let start = i * RX_BUF;
-            let Some(data) = self.rx.get(start..start + m.len.min(RX_BUF)) else {
+        let mut writer = tun::Writer::new(&self.tun, vnet);
+        let mut write = |hdr: &[u8; HDR_LEN], pkt: &[u8], n: usize| writer.write(hdr, pkt, n);
+        for i in 0..n {
+            let Some((from, datagrams)) = self.rx.buffer(i) else {
                 continue;
             };
-            for pkt in split_gro(data, m.stride) {
+            for pkt in datagrams {
                 let verdict = match from {
                     Some(from) => codec::ingress(&table, from, pkt),
                     None => Err(DropReason::UnknownSender),
@@ -353,14 +317,8 @@ impl Worker {
             }
         }
         self.gro.flush(&mut write);
-        if let Some(why) = gone {
-            return Err(why);
-        }
-        // The codec counted these as received; they are drops.
-        self.counters.rx_packets = self.counters.rx_packets.saturating_sub(lost);
-        for _ in 0..lost {
-            self.counters.count_drop(DropReason::TunWriteFailed);
-        }
+        // The codec counted them as received.
+        writer.finish(&mut self.counters)?;
         Ok(true)
     }
 }

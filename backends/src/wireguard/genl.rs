@@ -116,20 +116,7 @@ pub fn get_device(device: &str) -> WireguardMessage {
 
 /// The public keys of the peers in a device's (dumped) answers.
 pub fn peer_keys(answers: &[WireguardMessage]) -> Vec<Key> {
-    let peers = answers.iter().flat_map(|m| &m.attributes);
-    let peers = peers.filter_map(|a| match a {
-        WireguardAttribute::Peers(p) => Some(p),
-        _ => None,
-    });
-    peers
-        .flatten()
-        .filter_map(|p| {
-            p.0.iter().find_map(|a| match a {
-                WireguardPeerAttribute::PublicKey(k) => Some(*k),
-                _ => None,
-            })
-        })
-        .collect()
+    peer_states(answers).into_iter().map(|(k, ..)| k).collect()
 }
 
 /// Each peer of a device's (dumped) answers as `wg show` prints it: its key, its endpoint (none

@@ -22,8 +22,8 @@
 //! WireGuard, a peer's endpoint follows the address its authenticated packets come from.
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -40,7 +40,6 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::Ipv4Net;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use quinn_udp::RecvMeta;
 use rtnetlink::Handle;
 use tracing::{debug, info, warn};
 use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
@@ -49,7 +48,7 @@ use super::key::{Key, PrivateKey};
 use super::uapi;
 use super::want::{WgPeer, DEVICE};
 use crate::offload::gro::{Coalescer, HDR_LEN};
-use crate::offload::socket::{split_gro, Run, Socket};
+use crate::offload::socket::{Receives, Run, Socket, RX_BUF};
 use crate::offload::stats::{Live, Slots};
 use crate::offload::tun::{self, Reads};
 use crate::udp::codec::{Counters, DropReason};
@@ -59,10 +58,6 @@ use crate::Error;
 /// at, as boringtun's own device does.
 const TICK: Duration = Duration::from_millis(250);
 
-/// recvmmsg batch.
-const RX_MSGS: usize = 16;
-/// One receive buffer: a whole GRO run (or the largest datagram).
-const RX_BUF: usize = 1 << 16;
 /// A data message around its packet: type, receiver index and counter (16 bytes), the tag (16).
 const OVERHEAD: usize = 32;
 /// boringtun's smallest output buffer (a handshake initiation).
@@ -246,8 +241,7 @@ struct Worker {
     out: Vec<u8>,
     /// Handshake messages and packets queued during a handshake.
     scratch: Vec<u8>,
-    rx: Vec<u8>,
-    meta: Vec<RecvMeta>,
+    rx: Receives,
     /// One opened packet.
     plain: Vec<u8>,
     /// Merges TCP segments for the TUN (with offloads).
@@ -286,8 +280,7 @@ impl Worker {
             reads: Reads::new(stride),
             out: vec![0; tun::SLOTS * (stride + OVERHEAD) + MIN_OUT],
             scratch: vec![0; RX_BUF + OVERHEAD],
-            rx: vec![0; RX_MSGS * RX_BUF],
-            meta: vec![RecvMeta::default(); RX_MSGS],
+            rx: Receives::default(),
             plain: vec![0; RX_BUF],
             gro: Coalescer::new(vnet_hdr && uso),
         }
@@ -448,16 +441,8 @@ impl Worker {
 
     /// One batch from the peers to the TUN. Returns whether anything was received.
     fn peers_to_tun(&mut self) -> Result<bool, String> {
-        let n = {
-            let mut chunks = self.rx.chunks_exact_mut(RX_BUF);
-            let mut bufs: [IoSliceMut<'_>; RX_MSGS] =
-                std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
-            match self.sock.recv(&mut bufs, &mut self.meta) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                // ICMP errors about earlier sends, ENOBUFS, …: transient.
-                Err(_) => return Ok(true),
-            }
+        let Some(n) = self.rx.fill(&self.sock) else {
+            return Ok(false);
         };
         let vnet = self.hdr != 0;
         let Self {
@@ -466,7 +451,6 @@ impl Worker {
             table,
             counters,
             rx,
-            meta,
             plain,
             scratch,
             gro,
@@ -475,32 +459,13 @@ impl Worker {
             limiter,
             ..
         } = self;
-        let (mut lost, mut gone) = (0u64, None);
-        let mut write = |hdr: &[u8; HDR_LEN], pkt: &[u8], n: usize| {
-            let r = if vnet {
-                tun.send_vectored(&[IoSlice::new(hdr), IoSlice::new(pkt)])
-            } else {
-                tun.send(pkt)
-            };
-            match r {
-                Ok(_) => {}
-                Err(e) if tun::is_gone(&e) => gone = Some(format!("write to the TUN: {e}")),
-                Err(_) => lost += n as u64,
-            }
-        };
-        for (i, m) in meta.iter().enumerate().take(n.min(RX_MSGS)) {
-            let from = match m.addr {
-                SocketAddr::V4(a) => a,
-                SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
-                    Some(ip) => SocketAddrV4::new(ip, a.port()),
-                    None => continue,
-                },
-            };
-            let start = i * RX_BUF;
-            let Some(data) = rx.get(start..start + m.len.min(RX_BUF)) else {
+        let mut writer = tun::Writer::new(tun, vnet);
+        let mut write = |hdr: &[u8; HDR_LEN], pkt: &[u8], n: usize| writer.write(hdr, pkt, n);
+        for i in 0..n {
+            let Some((Some(from), datagrams)) = rx.buffer(i) else {
                 continue;
             };
-            for dgram in split_gro(data, m.stride) {
+            for dgram in datagrams {
                 // Handshakes' MAC1 checked, and past HANDSHAKES a second a cookie asked for,
                 // before any Diffie-Hellman is spent on them (as WireGuard does under load).
                 match limiter.verify_packet(Some((*from.ip()).into()), dgram, scratch) {
@@ -561,13 +526,7 @@ impl Worker {
             }
         }
         gro.flush(&mut write);
-        if let Some(why) = gone {
-            return Err(why);
-        }
-        counters.rx_packets = counters.rx_packets.saturating_sub(lost);
-        for _ in 0..lost {
-            counters.count_drop(DropReason::TunWriteFailed);
-        }
+        writer.finish(counters)?;
         Ok(true)
     }
 
