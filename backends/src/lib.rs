@@ -5,13 +5,15 @@
 //! and sends one request per object concerned, working from the backend's own record of what it
 //! put in place: a change costs the same with 10 peers or 10,000.
 //!
-//! Two kinds of data plane: vxlan and host-gw program the kernel, which forwards; udp forwards in
-//! userspace, with worker threads that own a TUN device and sockets. Both kinds report through
+//! Two kinds of data plane: vxlan and host-gw program the kernel, which forwards; udp (and
+//! wireguard where the kernel has no WireGuard) forwards in userspace, with worker threads that
+//! own a TUN device and sockets. Both kinds report through
 //! `event` (drift of owned kernel state, or a data plane that cannot go on), stop through
 //! `shutdown`, and say what they leave in the kernel for the next weftd (`survives_restart`).
 //!
-//! Layout: `vxlan/`, `host_gw` and `udp/` are the data planes; `routes` (owned routes, shared by
-//! all), `neigh` (vxlan neighbours and FDB), `batch` (many netlink requests per datagram) and
+//! Layout: `vxlan/`, `host_gw`, `udp/` and `wireguard/` are the data planes; `offload/` is what
+//! the userspace ones share (TUN device, UDP socket, batches, coalescer, counters); `routes`
+//! (owned routes, shared by all), `neigh` (vxlan neighbours and FDB), `batch` (many netlink requests per datagram) and
 //! `watch` (drift events) are what they are built from; `firewall` holds flannel's
 //! masquerade/forward rules, applied by the agent.
 
