@@ -468,8 +468,9 @@ impl Worker {
             for dgram in datagrams {
                 // Handshakes' MAC1 checked, and past HANDSHAKES a second a cookie asked for,
                 // before any Diffie-Hellman is spent on them (as WireGuard does under load).
-                match limiter.verify_packet(Some((*from.ip()).into()), dgram, scratch) {
-                    Ok(_) => {}
+                let packet = match limiter.verify_packet(Some((*from.ip()).into()), dgram, scratch)
+                {
+                    Ok(packet) => packet,
                     Err(TunnResult::WriteToNetwork(cookie)) => {
                         let _ = sock.send(from, cookie, None);
                         counters.count_drop(DropReason::UnderLoad);
@@ -480,8 +481,8 @@ impl Worker {
                         continue;
                     }
                     Err(_) => continue,
-                }
-                let Some(p) = table.sender(dgram, secret, public) else {
+                };
+                let Some(p) = table.sender(packet, secret, public) else {
                     counters.count_drop(DropReason::UnknownSender);
                     continue;
                 };
@@ -620,12 +621,13 @@ impl Table {
         found
     }
 
-    /// The peer a datagram claims to come from: by the receiver index in a session's messages,
+    /// The peer a datagram (as the rate limiter parsed it, once) claims to come from: by the
+    /// receiver index in a session's messages,
     /// by the static key a handshake initiation carries (which costs a Diffie-Hellman: boringtun
     /// rate-limits initiations per peer once it has one). Whether it really does is the
     /// session's to check.
-    fn sender(&self, dgram: &[u8], secret: &StaticSecret, public: &PublicKey) -> Option<usize> {
-        match Tunn::parse_incoming_packet(dgram).ok()? {
+    fn sender(&self, packet: Packet, secret: &StaticSecret, public: &PublicKey) -> Option<usize> {
+        match packet {
             Packet::HandshakeInit(h) => parse_handshake_anon(secret, public, &h)
                 .ok()
                 .and_then(|half| self.by_key.get(&half.peer_static_public).copied()),
@@ -738,12 +740,13 @@ pub fn fuzz_lookups(data: &[u8]) {
     // The worker's first look at a datagram: MAC1 of handshakes, the handshake rate.
     let mut out = vec![0; data.len().max(MIN_OUT) + OVERHEAD];
     let limiter = RateLimiter::new(&public, HANDSHAKES);
-    match limiter.verify_packet(Some(Ipv4Addr::new(192, 0, 2, 9).into()), data, &mut out) {
-        Ok(_) => {}
-        Err(TunnResult::Err(e)) => return assert_ne!(drop_reason(&e), DropReason::Replayed),
-        Err(_) => return,
-    }
-    if let Some(i) = t.sender(data, &secret, &public) {
+    let packet =
+        match limiter.verify_packet(Some(Ipv4Addr::new(192, 0, 2, 9).into()), data, &mut out) {
+            Ok(packet) => packet,
+            Err(TunnResult::Err(e)) => return assert_ne!(drop_reason(&e), DropReason::Replayed),
+            Err(_) => return,
+        };
+    if let Some(i) = t.sender(packet, &secret, &public) {
         match t.peers[i].tunn.decapsulate(None, data, &mut out) {
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
                 panic!("a packet opened without a session")
