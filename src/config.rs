@@ -7,9 +7,9 @@
 //! refuses the same, with the same message.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 use weft_backends::BackendConfig;
@@ -38,10 +38,11 @@ pub struct InvalidConfig {
     pub error: ConfigError,
 }
 
-/// The shortest Network prefix accepted. flannel refuses only 0.0.0.0/0 (to its decoder the same as
-/// no Network at all); weft also refuses anything wider than 10.0.0.0/8, the largest private
-/// range: such a Network necessarily spans public addresses, and the FORWARD accept and masquerade
-/// rules written for it would then cover a large part of the internet.
+/// The shortest Network (and IPv6Network) prefix accepted. flannel refuses only 0.0.0.0/0 (to its
+/// decoder the same as no Network at all); weft also refuses anything wider than 10.0.0.0/8, the
+/// largest private range (for IPv6, fd00::/8, the unique-local one): such a network necessarily
+/// spans public addresses, and the forward and masquerade rules written for it would then cover a
+/// large part of the internet.
 pub const MIN_NETWORK_PREFIX: u8 = 8;
 
 /// A validated network config.
@@ -51,7 +52,19 @@ pub struct NetworkConfig {
     pub subnet_len: u8,
     pub subnet_min: Ipv4Addr,
     pub subnet_max: Ipv4Addr,
+    /// The IPv6 side, when `EnableIPv6` is true: every host then also leases an IPv6 subnet.
+    pub ipv6: Option<Ipv6Pool>,
     pub backend: BackendConfig,
+}
+
+/// The IPv6 half of a dual-stack config: `IPv6Network`, `IPv6SubnetLen`, `IPv6SubnetMin`,
+/// `IPv6SubnetMax`, with flannel's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Pool {
+    pub network: Ipv6Net,
+    pub subnet_len: u8,
+    pub subnet_min: Ipv6Addr,
+    pub subnet_max: Ipv6Addr,
 }
 
 impl PartialEq for NetworkConfig {
@@ -60,8 +73,60 @@ impl PartialEq for NetworkConfig {
             && self.subnet_len == o.subnet_len
             && self.subnet_min == o.subnet_min
             && self.subnet_max == o.subnet_max
+            && self.ipv6 == o.ipv6
             && self.backend.as_map() == o.backend.as_map()
     }
+}
+
+/// The subnets one family's config hands out, [SubnetMin, SubnetMax] at SubnetLen, as numbers:
+/// the same arithmetic serves IPv4 and IPv6 (whose ranges need all 128 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    /// The family's address width: 32 or 128.
+    pub bits: u8,
+    pub subnet_len: u8,
+    /// The first address of SubnetMin and of SubnetMax.
+    pub min: u128,
+    pub max: u128,
+}
+
+impl Range {
+    /// Addresses per subnet, as a shift.
+    pub fn shift(&self) -> u32 {
+        u32::from(self.bits - self.subnet_len)
+    }
+
+    /// How many subnets the range holds (at least one).
+    pub fn count(&self) -> u128 {
+        ((self.max - self.min) >> self.shift()).saturating_add(1)
+    }
+
+    /// The first address of the `i`-th subnet (`i` below [`Range::count`]).
+    pub fn nth(&self, i: u128) -> u128 {
+        self.min + (i << self.shift())
+    }
+
+    /// The number of the subnet at first address `addr` inside the range.
+    pub fn index_of(&self, addr: u128) -> u128 {
+        addr.saturating_sub(self.min) >> self.shift()
+    }
+
+    /// The last address of the range (SubnetMax's last).
+    pub fn last(&self) -> u128 {
+        self.max | (low_bits(self.shift()))
+    }
+
+    /// Whether the subnet at `addr`/`len` is one the range hands out.
+    pub fn allows(&self, addr: u128, len: u8) -> bool {
+        len == self.subnet_len
+            && addr & low_bits(self.shift()) == 0
+            && (self.min..=self.max).contains(&addr)
+    }
+}
+
+/// A mask of the `n` low bits.
+fn low_bits(n: u32) -> u128 {
+    1u128.checked_shl(n).map_or(u128::MAX, |b| b - 1)
 }
 
 /// JSON decoded the way Go's encoding/json fills a struct: in every object, keys that differ only
@@ -151,30 +216,101 @@ fn string_field<'a>(
     }
 }
 
-fn addr_field(
-    obj: &Map<String, Value>,
-    key: &'static str,
-) -> Result<Option<Ipv4Addr>, ConfigError> {
-    string_field(obj, key)?
-        .map(|s| {
-            s.parse()
-                .map_err(|_| err(key, format!("{s:?} is not an IPv4 address")))
-        })
-        .transpose()
+/// What differs between the families' keys and limits; the rules are one.
+struct Family {
+    name: &'static str,
+    bits: u8,
+    network: &'static str,
+    subnet_len: &'static str,
+    subnet_min: &'static str,
+    subnet_max: &'static str,
+    /// The longest network prefix: room for four subnets of four addresses.
+    max_prefix: u8,
+    /// The default SubnetLen for networks up to `roomy` long; longer ones get prefix + 2.
+    roomy: u8,
+    default_len: u8,
 }
 
-/// `Network`: an IPv4 CIDR of /8 to /28, host bits masked as Go's ParseCIDR does.
-fn parse_network(obj: &Map<String, Value>) -> Result<Ipv4Net, ConfigError> {
-    let network = string_field(obj, "Network")?
-        .ok_or_else(|| err("Network", "missing (e.g. \"10.244.0.0/16\")"))?;
-    let network: Ipv4Net = network
-        .parse()
-        .map_err(|_| err("Network", format!("{network:?} is not an IPv4 CIDR")))?;
-    // Go's ParseCIDR masks host bits; so does flannel, so we do too.
-    let network = network.trunc();
-    if network.prefix_len() < MIN_NETWORK_PREFIX {
+const V4: Family = Family {
+    name: "IPv4",
+    bits: 32,
+    network: "Network",
+    subnet_len: "SubnetLen",
+    subnet_min: "SubnetMin",
+    subnet_max: "SubnetMax",
+    max_prefix: 28,
+    roomy: 22,
+    default_len: 24,
+};
+
+const V6: Family = Family {
+    name: "IPv6",
+    bits: 128,
+    network: "IPv6Network",
+    subnet_len: "IPv6SubnetLen",
+    subnet_min: "IPv6SubnetMin",
+    subnet_max: "IPv6SubnetMax",
+    max_prefix: 124,
+    roomy: 62,
+    default_len: 64,
+};
+
+fn to_bits(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn from_bits(fam: &Family, n: u128) -> IpAddr {
+    if fam.bits == 32 {
+        IpAddr::V4(Ipv4Addr::from(n as u32))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(n))
+    }
+}
+
+impl Family {
+    fn of(&self, a: IpAddr) -> bool {
+        a.is_ipv4() == (self.bits == 32)
+    }
+
+    /// Parses one address of this family.
+    fn addr(
+        &self,
+        obj: &Map<String, Value>,
+        key: &'static str,
+    ) -> Result<Option<IpAddr>, ConfigError> {
+        let Some(s) = string_field(obj, key)? else {
+            return Ok(None);
+        };
+        match s.parse::<IpAddr>() {
+            Ok(a) if self.of(a) => Ok(Some(a)),
+            _ => Err(err(key, format!("{s:?} is not an {} address", self.name))),
+        }
+    }
+}
+
+/// The network (masked, as Go's ParseCIDR does and so flannel), SubnetLen and range of one
+/// family, validated alike for both.
+fn parse_family(obj: &Map<String, Value>, fam: &Family) -> Result<(IpNet, Range), ConfigError> {
+    let key = fam.network;
+    let text = string_field(obj, key)?.ok_or_else(|| {
+        let e = if fam.bits == 32 {
+            "\"10.244.0.0/16\""
+        } else {
+            "\"fd00:10:244::/56\""
+        };
+        err(key, format!("missing (e.g. {e})"))
+    })?;
+    let network: IpNet = match text.parse::<IpNet>() {
+        Ok(n) if fam.of(n.addr()) => n.trunc(),
+        _ => return Err(err(key, format!("{text:?} is not an {} CIDR", fam.name))),
+    };
+    let prefix = network.prefix_len();
+    if prefix < MIN_NETWORK_PREFIX {
         return Err(err(
-            "Network",
+            key,
             format!(
                 "{network} is too large: the prefix must be /{MIN_NETWORK_PREFIX} or longer \
                  (a wider network spans public addresses, and the forward and masquerade \
@@ -182,79 +318,115 @@ fn parse_network(obj: &Map<String, Value>) -> Result<Ipv4Net, ConfigError> {
             ),
         ));
     }
-    if network.prefix_len() > 28 {
+    if prefix > fam.max_prefix {
         return Err(err(
-            "Network",
-            format!("{network} is too small: the prefix must be /28 or shorter"),
+            key,
+            format!(
+                "{network} is too small: the prefix must be /{} or shorter",
+                fam.max_prefix
+            ),
         ));
     }
-    Ok(network)
-}
+    if let IpNet::V6(n) = network {
+        check_v6_network(n)?;
+    }
 
-/// `SubnetLen`: flannel's default (/24, or 2 more than a network of /23 or longer), leaving
-/// room for at least four subnets.
-fn parse_subnet_len(obj: &Map<String, Value>, network: Ipv4Net) -> Result<u8, ConfigError> {
-    let subnet_len = match field(obj, "SubnetLen") {
-        None => {
-            if network.prefix_len() <= 22 {
-                24
-            } else {
-                network.prefix_len() + 2
-            }
-        }
+    let subnet_len = match field(obj, fam.subnet_len) {
+        None if prefix <= fam.roomy => fam.default_len,
+        None => prefix + 2,
         Some(v) => {
             let n = v
                 .as_u64()
-                .ok_or_else(|| err("SubnetLen", format!("expected a number, found {v}")))?;
-            if n > 30 {
-                return Err(err("SubnetLen", format!("{n} is more than 30")));
+                .ok_or_else(|| err(fam.subnet_len, format!("expected a number, found {v}")))?;
+            if n > u64::from(fam.max_prefix + 2) {
+                return Err(err(
+                    fam.subnet_len,
+                    format!("{n} is more than {}", fam.max_prefix + 2),
+                ));
             }
             n as u8
         }
     };
-    if subnet_len < network.prefix_len() + 2 {
+    if subnet_len < prefix + 2 {
         return Err(err(
-            "SubnetLen",
+            fam.subnet_len,
             format!(
                 "{subnet_len} leaves room for fewer than 4 subnets in {network} \
                  (it must be at least {})",
-                network.prefix_len() + 2
+                prefix + 2
             ),
         ));
     }
-    Ok(subnet_len)
-}
 
-/// `SubnetMin` and `SubnetMax`: inside the network, on a subnet boundary, in order; by default
-/// every subnet but the first.
-fn parse_range(
-    obj: &Map<String, Value>,
-    network: Ipv4Net,
-    subnet_len: u8,
-) -> Result<(Ipv4Addr, Ipv4Addr), ConfigError> {
-    let step = 1u32 << (32 - subnet_len);
-    let first = u32::from(network.network());
-    let last = u32::from(network.broadcast()) - (step - 1);
-    let subnet_min = addr_field(obj, "SubnetMin")?.unwrap_or(Ipv4Addr::from(first + step));
-    let subnet_max = addr_field(obj, "SubnetMax")?.unwrap_or(Ipv4Addr::from(last));
-    for (key, addr) in [("SubnetMin", subnet_min), ("SubnetMax", subnet_max)] {
+    let shift = u32::from(fam.bits - subnet_len);
+    let first = to_bits(network.network());
+    let last = to_bits(network.broadcast()) & !low_bits(shift);
+    let min = fam
+        .addr(obj, fam.subnet_min)?
+        .map_or(first + (1 << shift), to_bits);
+    let max = fam.addr(obj, fam.subnet_max)?.map_or(last, to_bits);
+    for (key, n) in [(fam.subnet_min, min), (fam.subnet_max, max)] {
+        let addr = from_bits(fam, n);
         if !network.contains(&addr) {
-            return Err(err(key, format!("{addr} is not inside Network {network}")));
-        }
-        if u32::from(addr) % step != 0 {
             return Err(err(
                 key,
-                format!("{addr} is not on a /{subnet_len} boundary (SubnetLen)"),
+                format!("{addr} is not inside {} {network}", fam.network),
+            ));
+        }
+        if n & low_bits(shift) != 0 {
+            return Err(err(
+                key,
+                format!(
+                    "{addr} is not on a /{subnet_len} boundary ({})",
+                    fam.subnet_len
+                ),
             ));
         }
     }
-    if subnet_min > subnet_max {
+    if min > max {
         return Err(err(
-            "SubnetMin",
-            format!("{subnet_min} is above SubnetMax {subnet_max}"),
+            fam.subnet_min,
+            format!(
+                "{} is above {} {}",
+                from_bits(fam, min),
+                fam.subnet_max,
+                from_bits(fam, max)
+            ),
         ));
     }
-    Ok((subnet_min, subnet_max))
+    let range = Range {
+        bits: fam.bits,
+        subnet_len,
+        min,
+        max,
+    };
+    Ok((network, range))
+}
+
+/// An IPv6Network must be one pods can be addressed from: not multicast, link-local, loopback,
+/// IPv4-mapped or -compatible space (whose text form would not even round-trip in flannel's keys).
+fn check_v6_network(n: Ipv6Net) -> Result<(), ConfigError> {
+    let special: [(&str, &str); 4] = [
+        ("ff00::/8", "multicast"),
+        ("fe80::/10", "link-local"),
+        ("::ffff:0:0/96", "IPv4-mapped"),
+        ("::/96", "IPv4-compatible or loopback"),
+    ];
+    for (space, what) in special {
+        let space: Ipv6Net = space.parse().unwrap_or_default();
+        if space.contains(&n.network()) || n.contains(&space.network()) {
+            return Err(err(
+                "IPv6Network",
+                format!("{n} overlaps {what} space ({space})"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An IPv4 address from its number in a [`Range`].
+fn v4(n: u128) -> Ipv4Addr {
+    Ipv4Addr::from(n as u32)
 }
 
 /// `Backend`: an object whose `Type` (if any) is a string, with options the backend accepts.
@@ -288,25 +460,51 @@ impl NetworkConfig {
         };
 
         if field(&obj, "EnableIPv4").and_then(Value::as_bool) == Some(false) {
-            return Err(err("EnableIPv4", "IPv6-only networks are not supported"));
-        }
-        if field(&obj, "EnableIPv6").and_then(Value::as_bool) == Some(true) {
             return Err(err(
-                "EnableIPv6",
-                "dual-stack networks are not supported yet",
+                "EnableIPv4",
+                "IPv6-only networks are not supported (flannel leases them only from \
+                 Kubernetes; weft not yet)",
             ));
         }
+        let enable_ipv6 = match field(&obj, "EnableIPv6") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return Err(err(
+                    "EnableIPv6",
+                    format!("expected true or false, found {v}"),
+                ))
+            }
+        };
 
-        let network = parse_network(&obj)?;
-        let subnet_len = parse_subnet_len(&obj, network)?;
-        let (subnet_min, subnet_max) = parse_range(&obj, network, subnet_len)?;
+        // parse_family gives a network of the family asked for.
+        let (IpNet::V4(network), r4) = parse_family(&obj, &V4)? else {
+            return Err(err("Network", "not an IPv4 CIDR"));
+        };
         let backend = parse_backend(&obj)?;
+        if enable_ipv6 {
+            check_dual_stack(&backend)?;
+        }
+        let ipv6 = if enable_ipv6 {
+            let (IpNet::V6(network), r6) = parse_family(&obj, &V6)? else {
+                return Err(err("IPv6Network", "not an IPv6 CIDR"));
+            };
+            Some(Ipv6Pool {
+                network,
+                subnet_len: r6.subnet_len,
+                subnet_min: Ipv6Addr::from(r6.min),
+                subnet_max: Ipv6Addr::from(r6.max),
+            })
+        } else {
+            None
+        };
 
         Ok(Self {
             network,
-            subnet_len,
-            subnet_min,
-            subnet_max,
+            subnet_len: r4.subnet_len,
+            subnet_min: v4(r4.min),
+            subnet_max: v4(r4.max),
+            ipv6,
             backend,
         })
     }
@@ -326,26 +524,86 @@ impl NetworkConfig {
             .map_err(|e| err("Backend", e.to_string()))
     }
 
+    /// The IPv4 subnets handed out, as numbers.
+    pub fn range(&self) -> Range {
+        Range {
+            bits: 32,
+            subnet_len: self.subnet_len,
+            min: u128::from(u32::from(self.subnet_min)),
+            max: u128::from(u32::from(self.subnet_max)),
+        }
+    }
+
     /// How many subnets [SubnetMin, SubnetMax] holds.
     pub fn subnet_count(&self) -> u64 {
-        let step = 1u64 << (32 - self.subnet_len);
-        (u64::from(u32::from(self.subnet_max)) - u64::from(u32::from(self.subnet_min))) / step + 1
+        self.range().count() as u64
     }
 
     /// The `i`-th subnet of [SubnetMin, SubnetMax].
     pub fn nth_subnet(&self, i: u64) -> Ipv4Net {
-        let step = 1u64 << (32 - self.subnet_len);
-        let addr = u64::from(u32::from(self.subnet_min)) + i * step;
+        let addr = v4(self.range().nth(u128::from(i)));
         // In range by construction: i < subnet_count().
-        Ipv4Net::new(Ipv4Addr::from(addr as u32), self.subnet_len).unwrap_or(self.network)
+        Ipv4Net::new(addr, self.subnet_len).unwrap_or(self.network)
     }
 
     /// Whether `subnet` is one this config hands out.
     pub fn allows(&self, subnet: Ipv4Net) -> bool {
-        subnet.prefix_len() == self.subnet_len
-            && subnet.network() == subnet.addr()
-            && subnet.addr() >= self.subnet_min
-            && subnet.addr() <= self.subnet_max
+        (self.range()).allows(u128::from(u32::from(subnet.addr())), subnet.prefix_len())
+    }
+
+    /// What a lease must hold under this config, for messages: "/24 subnets in
+    /// 10.10.1.0..10.10.255.0" and the IPv6 side's, or that it has none.
+    pub fn wanted(&self) -> String {
+        let v4 = format!(
+            "/{} subnets in {}..{}",
+            self.subnet_len, self.subnet_min, self.subnet_max
+        );
+        match self.ipv6 {
+            None => format!("{v4} and no IPv6 subnet"),
+            Some(p) => format!(
+                "{v4} with /{} IPv6 subnets in {}..{}",
+                p.subnet_len, p.subnet_min, p.subnet_max
+            ),
+        }
+    }
+
+    /// Whether `subnet` is the IPv6 half a lease must have under this config: one the IPv6 side
+    /// hands out, or none when the network is IPv4 only.
+    pub fn allows_v6(&self, subnet: Option<Ipv6Net>) -> bool {
+        match (self.ipv6, subnet) {
+            (None, None) => true,
+            (Some(p), Some(s)) => p.range().allows(u128::from(s.addr()), s.prefix_len()),
+            _ => false,
+        }
+    }
+}
+
+impl Ipv6Pool {
+    /// The IPv6 subnets handed out, as numbers.
+    pub fn range(&self) -> Range {
+        Range {
+            bits: 128,
+            subnet_len: self.subnet_len,
+            min: u128::from(self.subnet_min),
+            max: u128::from(self.subnet_max),
+        }
+    }
+
+    /// The subnet at the first address `addr` (a number of [`Ipv6Pool::range`]).
+    pub fn subnet_at(&self, addr: u128) -> Ipv6Net {
+        Ipv6Net::new(Ipv6Addr::from(addr), self.subnet_len).unwrap_or(self.network)
+    }
+}
+
+/// A dual-stack config needs a backend that carries IPv6.
+fn check_dual_stack(backend: &BackendConfig) -> Result<(), ConfigError> {
+    let name = backend.type_name();
+    match weft_backends::kind(&name) {
+        Some(k) if !k.dual_stack => Err(err(
+            "EnableIPv6",
+            format!("the {name} backend carries IPv4 only"),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -539,6 +797,140 @@ mod tests {
         assert!(!c.allows("10.10.2.0/25".parse().unwrap()));
     }
 
+    fn dual(extra: &str) -> Result<NetworkConfig, ConfigError> {
+        parse(&format!(
+            r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"Backend":{{"Type":"alloc"}}{extra}}}"#
+        ))
+    }
+
+    #[test]
+    fn the_ipv6_side_has_flannels_defaults() {
+        let c = dual(r#","IPv6Network":"fd00:10:244::/56""#).unwrap();
+        let v6 = c.ipv6.expect("dual-stack");
+        assert_eq!(v6.network.to_string(), "fd00:10:244::/56");
+        assert_eq!(v6.subnet_len, 64, "/64 for networks of /62 or wider");
+        assert_eq!(
+            v6.subnet_min.to_string(),
+            "fd00:10:244:1::",
+            "the first is skipped"
+        );
+        assert_eq!(v6.subnet_max.to_string(), "fd00:10:244:ff::");
+        assert_eq!(v6.range().count(), 255);
+        assert_eq!(c.subnet_len, 24, "the IPv4 side is unchanged");
+
+        let small = dual(r#","IPv6Network":"fd00::100/120""#)
+            .unwrap()
+            .ipv6
+            .unwrap();
+        assert_eq!(small.subnet_len, 122, "prefix + 2 past /62");
+        assert_eq!(small.subnet_min.to_string(), "fd00::140");
+        assert_eq!(small.subnet_max.to_string(), "fd00::1c0");
+
+        let keys = dual(
+            r#","ipv6network":"fd00:1::/48","IPV6SUBNETLEN":80,"ipv6SubnetMin":"fd00:1:0:5::","IPv6SubnetMax":"fd00:1:0:9::""#,
+        )
+        .unwrap()
+        .ipv6
+        .unwrap();
+        assert_eq!(keys.subnet_len, 80, "keys are case-insensitive");
+        assert_eq!(keys.range().count(), (4 << 16) + 1);
+    }
+
+    #[test]
+    fn ipv6_is_off_unless_enabled_and_then_needs_a_network() {
+        let c = parse(r#"{"Network":"10.244.0.0/16","IPv6Network":"not even an address"}"#)
+            .expect("IPv6 keys are ignored while EnableIPv6 is not true, as in flannel");
+        assert_eq!(c.ipv6, None);
+        assert!(c.allows_v6(None));
+        assert!(!c.allows_v6(Some("fd00::/64".parse().unwrap())));
+        assert_eq!(dual("").unwrap_err().key, "IPv6Network");
+    }
+
+    #[test]
+    fn ipv6_errors_name_the_key() {
+        let cases = [
+            (r#","IPv6Network":"10.1.0.0/16""#, "IPv6Network"),
+            (r#","IPv6Network":"fd00::/7""#, "IPv6Network"),
+            (r#","IPv6Network":"fd00::/125""#, "IPv6Network"),
+            (r#","IPv6Network":"ff05::/16""#, "IPv6Network"),
+            (r#","IPv6Network":"fe80::/64""#, "IPv6Network"),
+            (r#","IPv6Network":"::ffff:10.0.0.0/104""#, "IPv6Network"),
+            (r#","IPv6Network":"::/8""#, "IPv6Network"),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetLen":127"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetLen":49"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetLen":"64""#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetMin":"fd01::""#,
+                "IPv6SubnetMin",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetMin":"10.0.0.0""#,
+                "IPv6SubnetMin",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetMax":"fd00:0:0:3::1""#,
+                "IPv6SubnetMax",
+            ),
+            (
+                r#","IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:9::","IPv6SubnetMax":"fd00:0:0:3::""#,
+                "IPv6SubnetMin",
+            ),
+        ];
+        for (extra, key) in cases {
+            let e = dual(extra).expect_err(extra);
+            assert_eq!(e.key, key, "{extra}: {e}");
+        }
+        let e = parse(r#"{"Network":"10.0.0.0/16","EnableIPv6":"yes"}"#).unwrap_err();
+        assert_eq!(e.key, "EnableIPv6");
+    }
+
+    #[test]
+    fn a_backend_that_carries_only_ipv4_refuses_dual_stack() {
+        for backend in [r#""#, r#","Backend":{"Type":"udp"}"#] {
+            let text = format!(
+                r#"{{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48"{backend}}}"#
+            );
+            let e = parse(&text).expect_err(&text);
+            assert_eq!(
+                e.to_string(),
+                "EnableIPv6: the udp backend carries IPv4 only"
+            );
+        }
+        let e = parse(r#"{"Network":"10.0.0.0/16","EnableIPv4":false}"#).unwrap_err();
+        assert_eq!(e.key, "EnableIPv4");
+    }
+
+    #[test]
+    fn the_widest_ipv6_ranges_compute_without_overflow() {
+        let v6 = dual(r#","IPv6Network":"fd00::/8","IPv6SubnetLen":126"#)
+            .unwrap()
+            .ipv6
+            .unwrap();
+        let r = v6.range();
+        assert_eq!(r.count(), (1u128 << 118) - 1);
+        assert_eq!(
+            v6.subnet_at(r.nth(r.count() - 1)).to_string(),
+            "fdff:ffff:ffff:ffff:ffff:ffff:ffff:fffc/126"
+        );
+        assert_eq!(
+            r.last(),
+            u128::from(
+                "fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+                    .parse::<Ipv6Addr>()
+                    .unwrap()
+            )
+        );
+    }
+
     mod properties {
         use super::*;
         use proptest::prelude::*;
@@ -546,6 +938,11 @@ mod tests {
         fn value() -> impl Strategy<Value = String> {
             prop_oneof![
                 Just("\"10.244.0.0/16\"".to_string()),
+                Just("\"fd00:10::/48\"".to_string()),
+                Just("\"fd00:10:0:7::\"".to_string()),
+                "\"fd00:[0-9a-f:]{0,12}/[0-9]{1,3}\"",
+                Just("64".to_string()),
+                Just("{\"type\":\"alloc\"}".to_string()),
                 "\"[0-9./]{0,20}\"",
                 Just("24".to_string()),
                 "-?[0-9]{1,12}",
@@ -567,6 +964,11 @@ mod tests {
                 Just("SubnetMax".to_string()),
                 Just("Backend".to_string()),
                 Just("BACKEND".to_string()),
+                Just("EnableIPv6".to_string()),
+                Just("IPv6Network".to_string()),
+                Just("IPv6SubnetLen".to_string()),
+                Just("IPv6SubnetMin".to_string()),
+                Just("IPv6SubnetMax".to_string()),
                 "[A-Za-z]{1,10}",
             ]
         }
@@ -592,6 +994,15 @@ mod tests {
                     let first = c.nth_subnet(0);
                     prop_assert!(c.network.contains(&first));
                     prop_assert!(c.allows(first));
+                    if let Some(v6) = c.ipv6 {
+                        let r = v6.range();
+                        prop_assert!(r.count() >= 1);
+                        for i in [0, r.count() - 1] {
+                            let s = v6.subnet_at(r.nth(i));
+                            prop_assert!(v6.network.contains(&s), "{} in {}", s, v6.network);
+                            prop_assert!(c.allows_v6(Some(s)));
+                        }
+                    }
                 }
             }
         }

@@ -425,9 +425,10 @@ pub struct DaemonArgs {
     pub docker_daemon_json: String,
     #[command(flatten)]
     pub kube: KubeArgs,
-    /// IPv6 public address (not supported by weft yet).
+    /// The IPv6 address peers reach this host's IPv6 subnet at (dual-stack networks; default:
+    /// the interface's first global IPv6 address).
     #[arg(long, env = "FLANNELD_PUBLIC_IPV6")]
-    pub public_ipv6: Option<String>,
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
     /// Log verbosity as flanneld's -v: 0-3 info, 4+ debug, 6+ trace.
     #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,

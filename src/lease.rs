@@ -7,10 +7,10 @@
 //! [`Hold`]); in the peer set, a compact copy of it (`peers::compact`); and what the data plane
 //! is given, `weft_backends::Lease` (subnet, PublicIP, backend type and data).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -20,8 +20,10 @@ use serde_json::Value;
 pub struct LeaseAttrs {
     #[serde(rename = "PublicIP")]
     pub public_ip: Ipv4Addr,
+    /// Where the host's IPv6 subnet is reached (flannel writes `null` when it has none: no
+    /// omitempty).
     #[serde(rename = "PublicIPv6", default)]
-    pub public_ipv6: Option<String>,
+    pub public_ipv6: Option<Ipv6Addr>,
     #[serde(
         rename = "BackendType",
         default,
@@ -34,6 +36,13 @@ pub struct LeaseAttrs {
         skip_serializing_if = "Option::is_none"
     )]
     pub backend_data: Option<Value>,
+    /// The backend's data for the IPv6 side (vxlan: the IPv6 device's VtepMAC).
+    #[serde(
+        rename = "BackendV6Data",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backend_v6_data: Option<Value>,
 }
 
 impl LeaseAttrs {
@@ -66,11 +75,20 @@ impl LeaseAttrs {
             Some(v) => return Err(format!("BackendType: expected a string, found {v}")),
             None => String::new(),
         };
+        let public_ipv6 = match get("PublicIPv6") {
+            Some(Value::String(s)) => Some(
+                s.parse()
+                    .map_err(|_| format!("PublicIPv6 {s:?} is not an IPv6 address"))?,
+            ),
+            Some(v) => return Err(format!("PublicIPv6: expected a string, found {v}")),
+            None => None,
+        };
         Ok(Self {
             public_ip,
-            public_ipv6: get("PublicIPv6").and_then(Value::as_str).map(str::to_owned),
+            public_ipv6,
             backend_type,
             backend_data: get("BackendData").cloned(),
+            backend_v6_data: get("BackendV6Data").cloned(),
         })
     }
 }
@@ -123,6 +141,8 @@ impl Record {
 
 /// One change of a lease record, as a watch reports it.
 #[derive(Debug, Clone, PartialEq)]
+// Transient, one per event and moved along: boxing would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 pub enum Change {
     Put(Record),
     Delete(String),
@@ -152,6 +172,8 @@ pub enum Hold {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lease {
     pub subnet: Ipv4Net,
+    /// The IPv6 subnet of a dual-stack lease (etcd: the key's `&fd00:10:0:5::-64` part).
+    pub ipv6_subnet: Option<Ipv6Net>,
     pub attrs: LeaseAttrs,
     pub hold: Hold,
     /// The store's version of the record (etcd: its mod revision): a change made only if the
@@ -178,6 +200,11 @@ impl Lease {
             public_ip: self.attrs.public_ip,
             backend_type: self.attrs.backend_type.clone(),
             backend_data: self.attrs.backend_data.as_ref().map(Into::into),
+            ipv6: self.ipv6_subnet.map(|subnet| weft_backends::LeaseV6 {
+                subnet,
+                public_ip: self.attrs.public_ipv6,
+                backend_data: self.attrs.backend_v6_data.as_ref().map(Into::into),
+            }),
         }
     }
 }
@@ -246,6 +273,7 @@ mod tests {
             public_ipv6: None,
             backend_type: "vxlan".into(),
             backend_data: Some(serde_json::json!({"VNI":1,"VtepMAC":"c6:2b:1e:55:0d:7a"})),
+            backend_v6_data: None,
         };
         assert_eq!(
             a.to_json(),
@@ -258,11 +286,32 @@ mod tests {
             public_ipv6: None,
             backend_type: String::new(),
             backend_data: None,
+            backend_v6_data: None,
         };
         assert_eq!(
             bare.to_json(),
             r#"{"PublicIP":"10.0.0.1","PublicIPv6":null}"#
         );
+    }
+
+    #[test]
+    fn a_dual_stack_lease_is_byte_for_byte_flannels() {
+        let text = r#"{"PublicIP":"192.168.64.3","PublicIPv6":"fd00:64::3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:2b:1e:55:0d:7a"},"BackendV6Data":{"VNI":1,"VtepMAC":"c6:2b:1e:55:0d:7b"}}"#;
+        let a = LeaseAttrs::parse(text.as_bytes()).unwrap();
+        assert_eq!(a.public_ipv6, Some("fd00:64::3".parse().unwrap()));
+        assert_eq!(
+            a.backend_v6_data,
+            Some(serde_json::json!({"VNI":1,"VtepMAC":"c6:2b:1e:55:0d:7b"}))
+        );
+        assert_eq!(a.to_json(), text);
+        for bad in [
+            &br#"{"PublicIP":"10.0.0.1","PublicIPv6":"10.0.0.2"}"#[..],
+            br#"{"PublicIP":"10.0.0.1","PublicIPv6":"fd00::1/64"}"#,
+            br#"{"PublicIP":"10.0.0.1","PublicIPv6":6}"#,
+        ] {
+            let e = LeaseAttrs::parse(bad).expect_err("not an IPv6 address");
+            assert!(e.contains("PublicIPv6"), "{e}");
+        }
     }
 
     #[test]
@@ -304,8 +353,9 @@ mod tests {
                 ip in prop_oneof![Just("\"10.0.0.1\"".to_string()), "\"[0-9.]{0,16}\"", Just("7".to_string()), Just("null".to_string())],
                 ty in prop_oneof![Just("\"vxlan\"".to_string()), Just("1".to_string()), Just("[]".to_string())],
                 data in prop_oneof![Just("{\"VtepMAC\":\"aa:bb:cc:dd:ee:ff\"}".to_string()), Just("null".to_string()), "\"[a-z:]{0,20}\""],
+                ip6 in prop_oneof![Just("\"fd00::1\"".to_string()), "\"[0-9a-f:.]{0,16}\"", Just("null".to_string()), Just("[]".to_string())],
             ) {
-                let text = format!("{{\"PublicIP\":{ip},\"BackendType\":{ty},\"BackendData\":{data}}}");
+                let text = format!("{{\"PublicIP\":{ip},\"PublicIPv6\":{ip6},\"BackendType\":{ty},\"BackendData\":{data},\"BackendV6Data\":{data}}}");
                 if let Ok(a) = LeaseAttrs::parse(text.as_bytes()) {
                     prop_assert_eq!(LeaseAttrs::parse(a.to_json().as_bytes()), Ok(a));
                 }

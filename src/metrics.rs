@@ -540,11 +540,13 @@ mod tests {
     fn lease(subnet: &str, etcd_lease: i64) -> Lease {
         Lease {
             subnet: subnet.parse().expect("subnet"),
+            ipv6_subnet: None,
             attrs: LeaseAttrs {
                 public_ip: "192.168.1.2".parse().expect("ip"),
                 public_ipv6: None,
                 backend_type: "udp".into(),
                 backend_data: None,
+                backend_v6_data: None,
             },
             hold: crate::registry::etcd::hold(etcd_lease),
             version: 1,
@@ -703,7 +705,11 @@ mod tests {
     #[test]
     fn rejections_are_counted_by_reason() {
         let m = Metrics::new();
-        let len = Reason::WrongLength { len: 25, want: 24 };
+        let len = Reason::WrongLength {
+            len: 25,
+            want: 24,
+            v6: false,
+        };
         let taken = Reason::SubnetTaken("10.5.3.0/24".parse().expect("net"));
         m.rejected([&len, &taken, &len]);
         let text = m.encode();
@@ -757,12 +763,15 @@ mod tests {
     fn network() -> weft_backends::Network {
         weft_backends::Network {
             network: "10.5.0.0/16".parse().expect("net"),
+            network_v6: None,
             external: weft_backends::ExternalInterface {
                 name: "eth0".into(),
                 index: 2,
                 iface_addr: "192.168.1.2".parse().expect("addr"),
                 public_ip: "192.168.1.2".parse().expect("addr"),
                 mtu: 1500,
+                iface_addr6: None,
+                public_ipv6: None,
             },
         }
     }

@@ -8,14 +8,18 @@
 //! identity), `edit.rs` (operations reported as one [`Diff`]).
 //!
 //! Peers are keyed by record key. A stored lease is a peer when, on its own, it
-//! - has a key in flannel's one spelling (`10.244.52.0-24`) and a readable value;
+//! - has a key in flannel's one spelling (`10.244.52.0-24`, dual-stack `…-24&fd00:10:0:5::-64`)
+//!   and a readable value;
 //! - is a subnet of exactly the network's SubnetLen, inside Network, not overlapping this host's;
 //! - has a unicast PublicIP that is none of this host's addresses;
+//! - on a dual-stack network, if it has an IPv6 subnet: the same for it (IPv6SubnetLen, inside
+//!   IPv6Network, not overlapping this host's) and for its PublicIPv6, if any (a lease without
+//!   an IPv6 subnet is an IPv4-only peer; on an IPv4-only network its IPv6 side is ignored);
 //! - publishes what its backend needs to be reached, and an identity that is not this host's
 //!   (vxlan: a unicast, non-zero VtepMAC; see `weft_backends::DataPlane::identity`);
 //!
 //! and it wins each contention it is in: among the leases that pass the checks above, the oldest
-//! (lowest rank, etcd's create revision, then key) holds a subnet and an identity. A loser stays
+//! (lowest rank, etcd's create revision, then key) holds a subnet (IPv4 or IPv6) and an identity. A loser stays
 //! stored and becomes a peer as soon as the winner goes.
 //!
 //! Every operation returns a [`Diff`] of the accepted set plus the leases newly rejected, and costs
@@ -28,10 +32,10 @@
 //! text), and a diff names peers rather than copying their leases: about 0.5 KB a lease.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
-use weft_backends::iface::is_unicast_host;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use weft_backends::iface::{is_unicast_host, is_unicast_host6};
 use weft_backends::{Identity, IdentityKind};
 
 mod compact;
@@ -52,6 +56,7 @@ pub struct Own {
     /// question; see [`PeerSet::get`]).
     pub key: String,
     pub subnet: Ipv4Net,
+    pub ipv6_subnet: Option<Ipv6Net>,
     /// The identity it publishes (vxlan: its VTEP MAC), which no peer may use.
     pub identity: Option<Identity>,
 }
@@ -62,15 +67,15 @@ pub enum Reason {
     #[error("{0}")]
     Unreadable(Unreadable),
     #[error("not inside the network {0}")]
-    OutsideNetwork(Ipv4Net),
-    #[error("a /{len} is not a subnet of this network (SubnetLen {want})")]
-    WrongLength { len: u8, want: u8 },
+    OutsideNetwork(IpNet),
+    #[error("a /{len} is not a subnet of this network ({}SubnetLen {want})", if *.v6 { "IPv6" } else { "" })]
+    WrongLength { len: u8, want: u8, v6: bool },
     #[error("overlaps this host's subnet {0}")]
-    OverlapsOwn(Ipv4Net),
-    #[error("PublicIP {0} is not a unicast host address")]
-    PublicIpNotUnicast(Ipv4Addr),
-    #[error("PublicIP {0} is an address of this host")]
-    PublicIpLocal(Ipv4Addr),
+    OverlapsOwn(IpNet),
+    #[error("{key} {ip} is not a unicast host address", key = public_ip_key(.0), ip = .0)]
+    PublicIpNotUnicast(IpAddr),
+    #[error("{key} {ip} is an address of this host", key = public_ip_key(.0), ip = .0)]
+    PublicIpLocal(IpAddr),
     /// The BackendData lacks what its backend needs: a usable identity of `kind` (a VtepMAC
     /// for vxlan).
     #[error("{reason}")]
@@ -81,9 +86,18 @@ pub enum Reason {
     #[error("{0} is this host's")]
     IdentityOwn(Identity),
     #[error("subnet {0} is held by an older lease")]
-    SubnetTaken(Ipv4Net),
+    SubnetTaken(IpNet),
     #[error("{0} is used by an older lease")]
     IdentityTaken(Identity),
+}
+
+/// The lease JSON's name for a public address of this family.
+fn public_ip_key(a: &IpAddr) -> &'static str {
+    if a.is_ipv4() {
+        "PublicIP"
+    } else {
+        "PublicIPv6"
+    }
 }
 
 /// What a stored lease currently is.
@@ -142,17 +156,27 @@ pub struct PeerSet {
     network: Ipv4Net,
     subnet_len: u8,
     own: Own,
-    local: HashSet<Ipv4Addr>,
+    /// Every address of this host, both families.
+    local: HashSet<IpAddr>,
+    /// The IPv6 side of a dual-stack network.
+    ipv6: Option<Ipv6Scope>,
     entries: HashMap<Key, Entry>,
-    /// Contenders (leases passing every check of their own) by subnet and by VTEP MAC; the first
-    /// of each wins. Keys in one spelling of one length make a subnet's contenders one key at
-    /// most today; flannel's dual-stack keys (`…-24&fc00::-64`) would give it more.
-    subnets: HashMap<Ipv4Net, Contenders>,
+    /// Contenders (leases passing every check of their own) by subnet, IPv4 and IPv6, and by
+    /// identity; the first of each wins. A subnet has several contenders when keys differ only
+    /// in their IPv6 part (`10.5.72.0-24` and `10.5.72.0-24&fc00::-64`) or in their IPv4 part.
+    subnets: HashMap<IpNet, Contenders>,
     identities: HashMap<Identity, Contenders>,
     accepted: BTreeSet<Key>,
     /// Accepted peers by BackendType (index into [`KNOWN_TYPES`], or [`OTHER_TYPE`]), kept as
     /// `accepted` changes so that the count costs nothing per event.
     by_type: [usize; KNOWN_TYPES.len() + 1],
+}
+
+/// The IPv6 side of the network leases are judged against.
+#[derive(Debug, Clone)]
+pub struct Ipv6Scope {
+    pub network: Ipv6Net,
+    pub subnet_len: u8,
 }
 
 /// A stored key. Its verdict is not kept: it follows from its standing and the contention
@@ -179,32 +203,62 @@ enum Standing {
 // One per stored lease: as small as before identities were generic.
 const _: () = assert!(std::mem::size_of::<Standing>() == 16);
 
-/// What `value`, standing as `standing`, contends for: its subnet and its identity.
+/// What a contender contends for: its subnets (the IPv6 one on a dual-stack network) and its
+/// identity.
+#[derive(Debug, Clone, Copy)]
+struct Claimed<'a> {
+    subnet: Ipv4Net,
+    subnet6: Option<Ipv6Net>,
+    identity: Option<&'a Identity>,
+}
+
+impl Claimed<'_> {
+    fn subnets(&self) -> impl Iterator<Item = IpNet> {
+        [Some(IpNet::V4(self.subnet)), self.subnet6.map(IpNet::V6)]
+            .into_iter()
+            .flatten()
+    }
+}
+
+/// What `value`, standing as `standing`, contends for; `dual`: whether the network is
+/// dual-stack (else IPv6 subnets are not judged, and contend for nothing).
 fn contention<'a>(
     value: &'a Result<Compact, Unreadable>,
     standing: &'a Standing,
-) -> Option<(Ipv4Net, Option<&'a Identity>)> {
+    dual: bool,
+) -> Option<Claimed<'a>> {
     match (value, standing) {
-        (Ok(v), Standing::Contender { identity }) => Some((v.subnet, identity.as_ref())),
+        (Ok(v), Standing::Contender { identity }) => Some(Claimed {
+            subnet: v.subnet,
+            subnet6: v.ipv6_subnet().filter(|_| dual),
+            identity: identity.as_ref(),
+        }),
         _ => None,
     }
 }
 
 impl PeerSet {
     /// An empty set for `network` with subnets of `subnet_len`, judged against this host's lease
-    /// and addresses (`local`: every IPv4 address of this host, its PublicIP included).
-    pub fn new(network: Ipv4Net, subnet_len: u8, own: Own, local: HashSet<Ipv4Addr>) -> Self {
+    /// and addresses (`local`: every address of this host, its PublicIP included).
+    pub fn new(network: Ipv4Net, subnet_len: u8, own: Own, local: HashSet<IpAddr>) -> Self {
         Self {
             network,
             subnet_len,
             own,
             local,
+            ipv6: None,
             entries: HashMap::new(),
             subnets: HashMap::new(),
             identities: HashMap::new(),
             accepted: BTreeSet::new(),
             by_type: [0; KNOWN_TYPES.len() + 1],
         }
+    }
+
+    /// Judges IPv6 subnets too, against this IPv6 side of the network.
+    pub fn with_ipv6(mut self, scope: Option<Ipv6Scope>) -> Self {
+        self.ipv6 = scope;
+        self
     }
 
     /// How many peers are accepted, by BackendType ("" is flannel's udp; "other" stands for
@@ -329,13 +383,14 @@ impl PeerSet {
         self.remember(key, before);
         // Whoever contends with `key`, before or after, may win or lose by this change: their
         // verdicts as they stand now, before the indexes move.
+        let dual = self.ipv6.is_some();
         let old = self
             .entries
             .get(key)
-            .map(|e| contention(&e.value, &e.standing));
-        let new_one = new.as_ref().map(|(_, v, st)| contention(v, st));
-        for (subnet, identity) in [old, new_one].into_iter().flatten().flatten() {
-            self.remember_contenders(subnet, identity, before);
+            .map(|e| contention(&e.value, &e.standing, dual));
+        let new_one = new.as_ref().map(|(_, v, st)| contention(v, st, dual));
+        for c in [old, new_one].into_iter().flatten().flatten() {
+            self.remember_contenders(c, before);
         }
         // The key as already stored (and shared), or as `remember` kept it.
         let key: Key = match self.entries.get_key_value(key) {
@@ -346,15 +401,15 @@ impl PeerSet {
         if let Some(old) = self.entries.remove(&key) {
             let kind = old.value.as_ref().ok().map(|v| v.kind);
             self.set_accepted(&key, kind, false);
-            if let Some((subnet, identity)) = contention(&old.value, &old.standing) {
+            if let Some(c) = contention(&old.value, &old.standing, dual) {
                 let rank = (old.rank, key.clone());
-                self.contend(subnet, identity, rank, false, &mut recheck);
+                self.contend(c, rank, false, &mut recheck);
             }
         }
         if let Some((rank, value, standing)) = new {
-            if let Some((subnet, identity)) = contention(&value, &standing) {
+            if let Some(c) = contention(&value, &standing, dual) {
                 let rank = (rank, key.clone());
-                self.contend(subnet, identity, rank, true, &mut recheck);
+                self.contend(c, rank, true, &mut recheck);
             }
             // Judged just below: `key` is in `recheck`.
             let entry = Entry {
@@ -386,36 +441,22 @@ impl PeerSet {
         before.stored.insert(key.clone(), (verdict, accepted));
     }
 
-    /// Records the verdicts of every contender for `subnet` and `identity`.
-    fn remember_contenders(
-        &self,
-        subnet: Ipv4Net,
-        identity: Option<&Identity>,
-        before: &mut Before,
-    ) {
-        let subnet = self.subnets.get(&subnet).map(Contenders::ranks);
-        let id = identity.and_then(|i| self.identities.get(i));
-        for (_, k) in subnet
-            .into_iter()
-            .chain(id.map(Contenders::ranks))
-            .flatten()
-        {
+    /// Records the verdicts of every contender for what `c` claims.
+    fn remember_contenders(&self, c: Claimed<'_>, before: &mut Before) {
+        let subnets = c.subnets().filter_map(|s| self.subnets.get(&s));
+        let id = c.identity.and_then(|i| self.identities.get(i));
+        for (_, k) in subnets.chain(id).flat_map(Contenders::ranks) {
             self.remember(k, before);
         }
     }
 
-    /// Enters `rank` into (or withdraws it from) the contentions for `subnet` and `identity`,
-    /// noting their winners before and after.
-    fn contend(
-        &mut self,
-        subnet: Ipv4Net,
-        identity: Option<&Identity>,
-        rank: Rank,
-        enter: bool,
-        recheck: &mut Vec<Key>,
-    ) {
-        contend(&mut self.subnets, &subnet, &rank, enter, recheck);
-        if let Some(i) = identity {
+    /// Enters `rank` into (or withdraws it from) the contentions for what `c` claims, noting
+    /// their winners before and after.
+    fn contend(&mut self, c: Claimed<'_>, rank: Rank, enter: bool, recheck: &mut Vec<Key>) {
+        for s in c.subnets() {
+            contend(&mut self.subnets, &s, &rank, enter, recheck);
+        }
+        if let Some(i) = c.identity {
             contend(&mut self.identities, i, &rank, enter, recheck);
         }
     }
@@ -438,24 +479,28 @@ impl PeerSet {
             .map_err(|e| Reason::Unreadable(e.clone()))?;
         let subnet = lease.subnet;
         if !self.network.contains(&subnet) {
-            return Err(Reason::OutsideNetwork(self.network));
+            return Err(Reason::OutsideNetwork(self.network.into()));
         }
         if subnet.prefix_len() != self.subnet_len {
             return Err(Reason::WrongLength {
                 len: subnet.prefix_len(),
                 want: self.subnet_len,
+                v6: false,
             });
         }
         let own = self.own.subnet;
         if own.contains(&subnet) || subnet.contains(&own) {
-            return Err(Reason::OverlapsOwn(own));
+            return Err(Reason::OverlapsOwn(own.into()));
         }
         let ip = lease.attrs.public_ip;
         if !is_unicast_host(ip) {
-            return Err(Reason::PublicIpNotUnicast(ip));
+            return Err(Reason::PublicIpNotUnicast(ip.into()));
         }
-        if self.local.contains(&ip) {
-            return Err(Reason::PublicIpLocal(ip));
+        if self.local.contains(&ip.into()) {
+            return Err(Reason::PublicIpLocal(ip.into()));
+        }
+        if let (Some(scope), Some(subnet)) = (&self.ipv6, lease.ipv6_subnet) {
+            self.check_v6(scope, subnet, lease.attrs.public_ipv6)?;
         }
         let Some(kind) = weft_backends::kind(&lease.attrs.backend_type) else {
             return Ok(None);
@@ -475,18 +520,52 @@ impl PeerSet {
         Ok(identity)
     }
 
+    /// The IPv6 side's rules, as [`PeerSet::check`]'s for IPv4.
+    fn check_v6(
+        &self,
+        scope: &Ipv6Scope,
+        subnet: Ipv6Net,
+        public_ip: Option<Ipv6Addr>,
+    ) -> Result<(), Reason> {
+        if !scope.network.contains(&subnet) {
+            return Err(Reason::OutsideNetwork(scope.network.into()));
+        }
+        if subnet.prefix_len() != scope.subnet_len {
+            return Err(Reason::WrongLength {
+                len: subnet.prefix_len(),
+                want: scope.subnet_len,
+                v6: true,
+            });
+        }
+        if let Some(own) = self.own.ipv6_subnet {
+            if own.contains(&subnet) || subnet.contains(&own) {
+                return Err(Reason::OverlapsOwn(own.into()));
+            }
+        }
+        if let Some(ip) = public_ip {
+            if !is_unicast_host6(ip) {
+                return Err(Reason::PublicIpNotUnicast(ip.into()));
+            }
+            if self.local.contains(&ip.into()) {
+                return Err(Reason::PublicIpLocal(ip.into()));
+            }
+        }
+        Ok(())
+    }
+
     /// What `e`, stored at `key`, is: from its standing and the contentions it wins.
     fn verdict_of(&self, key: &str, e: &Entry) -> Verdict {
         match &e.standing {
             Standing::Own => Verdict::Own,
             Standing::Rejected(r) => Verdict::Rejected(Reason::clone(r)),
             Standing::Contender { .. } => {
-                let Some((subnet, identity)) = contention(&e.value, &e.standing) else {
+                let dual = self.ipv6.is_some();
+                let Some(c) = contention(&e.value, &e.standing, dual) else {
                     return Verdict::Accepted;
                 };
-                if !wins(&self.subnets, &subnet, key) {
-                    Verdict::Rejected(Reason::SubnetTaken(subnet))
-                } else if let Some(i) = identity.filter(|i| !wins(&self.identities, *i, key)) {
+                if let Some(s) = c.subnets().find(|s| !wins(&self.subnets, s, key)) {
+                    Verdict::Rejected(Reason::SubnetTaken(s))
+                } else if let Some(i) = c.identity.filter(|i| !wins(&self.identities, *i, key)) {
                     Verdict::Rejected(Reason::IdentityTaken(i.clone()))
                 } else {
                     Verdict::Accepted

@@ -1,34 +1,68 @@
-//! Which subnet this host should hold, decided from a listing alone (no I/O), as flannel does:
-//! this host's own lease first, then the subnet of the previous run, then a random free one.
+//! Which subnets this host should hold, decided from a listing alone (no I/O), as flannel does:
+//! this host's own lease first, then the subnets of the previous run, then random free ones.
 //!
 //! Own leases and reservations are adopted only when they fit the config (flannel's
-//! `isSubnetConfigCompat`): exactly SubnetLen long, inside [SubnetMin, SubnetMax]. A subnet is free
+//! `isSubnetConfigCompat`): exactly SubnetLen long, inside [SubnetMin, SubnetMax], and with an
+//! IPv6 subnet that fits the same way exactly when the network is dual-stack. A subnet is free
 //! only when nothing in etcd overlaps it, whatever its size or owner: leases that no longer fit,
 //! reservations, and keys whose value cannot be read all count, so two hosts never route the same
-//! addresses.
+//! addresses. Both families are chosen with the same arithmetic ([`Range`]).
+//!
+//! Better than flannel: when IPv6 is turned on (or off, or its range changes) under a host whose
+//! IPv4 lease still fits, flanneld deletes the lease and takes new subnets; weft keeps the IPv4
+//! subnet and moves it to a key with the new IPv6 part ([`Choice::Rekey`]), so the host's
+//! containers keep their IPv4 addresses.
 
 use std::net::Ipv4Addr;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::config::NetworkConfig;
+use crate::config::{NetworkConfig, Range};
 use crate::lease::{BadLease, Lease, Record};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Choice {
     /// A lease (or reservation) that already carries this host's PublicIP and fits the config.
     Ours(Lease),
-    /// A free subnet to create.
-    Free(Ipv4Net),
+    /// This host's lease whose IPv4 subnet fits but whose IPv6 side does not: the same IPv4
+    /// subnet under a new key with this IPv6 subnet (or none), replacing it.
+    Rekey(Lease, Option<Ipv6Net>),
+    /// Free subnets to create: IPv4, and IPv6 when the network is dual-stack.
+    Free(Ipv4Net, Option<Ipv6Net>),
 }
 
-/// Every subnet of the range is taken.
+/// Every subnet of one family's range is taken.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("no free subnet in {network}: {leased} of {total} leased")]
 pub struct NetworkFull {
-    pub network: Ipv4Net,
-    pub leased: u64,
-    pub total: u64,
+    pub network: IpNet,
+    pub leased: u128,
+    pub total: u128,
+}
+
+/// The subnets of the previous run (subnet.env), preferred when free.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hint {
+    pub subnet: Option<Ipv4Net>,
+    pub ipv6_subnet: Option<Ipv6Net>,
+}
+
+/// How one of this host's leases fits the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fit {
+    Whole,
+    /// Its IPv4 subnet fits, its IPv6 side does not, and it is not a reservation (an operator's
+    /// key, which weft never moves).
+    Rekey,
+    No,
+}
+
+fn fit(config: &NetworkConfig, l: &Lease) -> Fit {
+    match (config.allows(l.subnet), config.allows_v6(l.ipv6_subnet)) {
+        (true, true) => Fit::Whole,
+        (true, false) if !l.is_reservation() => Fit::Rekey,
+        _ => Fit::No,
+    }
 }
 
 /// This host's leases and reservations that the config no longer allows: not adopted, and still
@@ -40,132 +74,153 @@ pub fn misfits<'a>(
 ) -> Vec<&'a Lease> {
     leases
         .iter()
-        .filter(|l| l.attrs.public_ip == public_ip && !config.allows(l.subnet))
+        .filter(|l| l.attrs.public_ip == public_ip && fit(config, l) == Fit::No)
         .collect()
 }
 
-/// Picks a subnet. `leases` must include every lease of `public_ip`; `others` are the subnets of
+/// Picks subnets. `leases` must include every lease of `public_ip`; `others` are the subnets of
 /// every other key (other hosts' leases, keys whose value cannot be read), which may also be
-/// given as leases; `hint` is the subnet from the previous subnet.env; `rand` draws an index
+/// given as leases; `hint` holds the subnets of the previous subnet.env; `rand` draws a number
 /// below its argument.
 pub fn choose(
     config: &NetworkConfig,
     leases: &[Lease],
-    others: &[Ipv4Net],
+    others: &Others,
     public_ip: Ipv4Addr,
-    hint: Option<Ipv4Net>,
-    rand: impl FnOnce(u64) -> u64,
+    hint: Hint,
+    mut rand: impl FnMut(u128) -> u128,
 ) -> Result<Choice, NetworkFull> {
-    // Reservations first: they pin a subnet to this host for good.
-    let mut ours: Vec<&Lease> = leases
+    // Reservations first: they pin a subnet to this host for good; then leases that fit whole.
+    let mut ours: Vec<(&Lease, Fit)> = leases
         .iter()
-        .filter(|l| l.attrs.public_ip == public_ip && config.allows(l.subnet))
+        .filter(|l| l.attrs.public_ip == public_ip)
+        .map(|l| (l, fit(config, l)))
+        .filter(|(_, f)| *f != Fit::No)
         .collect();
-    ours.sort_by_key(|l| !l.is_reservation());
-    if let Some(l) = ours.first() {
-        return Ok(Choice::Ours((*l).clone()));
-    }
+    ours.sort_by_key(|(l, f)| (*f != Fit::Whole, !l.is_reservation()));
 
-    let slots = Slots::new(config);
-    let taken = slots.taken(
-        leases
+    let v6 = |rand: &mut dyn FnMut(u128) -> u128, beside: Ipv4Net| {
+        let Some(pool) = config.ipv6 else {
+            return Ok(None);
+        };
+        let range = pool.range();
+        let taken6 = leases
             .iter()
-            .map(|l| l.subnet)
-            .chain(others.iter().copied()),
-    );
-    if let Some(h) = hint {
-        if config.allows(h) && !taken.contains(slots.index(h)) {
-            return Ok(Choice::Free(h));
-        }
+            .filter_map(|l| l.ipv6_subnet)
+            .chain(others.ipv6.iter().copied())
+            .map(|n| (u128::from(n.network()), u128::from(n.broadcast())));
+        let slots = Slots::new(range, taken6);
+        // The previous run's; else the one at the IPv4 subnet's place in its range (so
+        // 10.244.5.0/24 goes with fd00:10:244:5::/64 where both ranges line up); else any.
+        let preferred = [
+            hint.ipv6_subnet
+                .filter(|h| config.allows_v6(Some(*h)))
+                .map(|h| slots.index(u128::from(h.addr()))),
+            Some(
+                config
+                    .range()
+                    .index_of(u128::from(u32::from(beside.addr()))),
+            ),
+        ];
+        slots
+            .pick(preferred, rand)
+            .map(|i| Some(pool.subnet_at(range.nth(i))))
+            .ok_or_else(|| slots.full(IpNet::V6(pool.network)))
+    };
+
+    if let Some((l, f)) = ours.first() {
+        return match f {
+            Fit::Whole => Ok(Choice::Ours((*l).clone())),
+            _ => Ok(Choice::Rekey((*l).clone(), v6(&mut rand, l.subnet)?)),
+        };
     }
 
-    let full = || NetworkFull {
-        network: config.network,
-        leased: taken.count(),
-        total: slots.total,
-    };
-    // Start at a random subnet and walk forward past taken runs: cheap even for huge ranges.
-    let start = rand(slots.total).min(slots.total - 1);
-    taken
-        .first_free_from(start, slots.total)
-        .map(|i| Choice::Free(config.nth_subnet(i)))
-        .ok_or_else(full)
+    let taken4 = leases
+        .iter()
+        .map(|l| l.subnet)
+        .chain(others.ipv4.iter().copied())
+        .map(|n| {
+            (
+                u128::from(u32::from(n.network())),
+                u128::from(u32::from(n.broadcast())),
+            )
+        });
+    let slots = Slots::new(config.range(), taken4);
+    let preferred = [
+        hint.subnet
+            .filter(|h| config.allows(*h))
+            .map(|h| slots.index(u128::from(u32::from(h.addr())))),
+        None,
+    ];
+    let i = slots
+        .pick(preferred, &mut rand)
+        .ok_or_else(|| slots.full(IpNet::V4(config.network)))?;
+    let subnet = config.nth_subnet(i as u64);
+    Ok(Choice::Free(subnet, v6(&mut rand, subnet)?))
 }
 
-/// The candidate subnets of a config, [SubnetMin, SubnetMax], numbered from 0.
+/// The candidate subnets of one family's range, numbered from 0, and which of them are taken.
 struct Slots {
-    /// Addresses per subnet.
-    step: u64,
-    /// The first address of the range.
-    first: u64,
-    /// The last address of the range (that of SubnetMax's broadcast).
-    last: u64,
-    total: u64,
+    range: Range,
+    /// Taken candidate numbers: sorted, disjoint, non-adjacent inclusive runs.
+    taken: Vec<(u128, u128)>,
 }
 
 impl Slots {
-    fn new(config: &NetworkConfig) -> Self {
-        let step = 1u64 << (32 - config.subnet_len);
-        let first = u64::from(u32::from(config.subnet_min));
-        let last = u64::from(u32::from(config.subnet_max)) + step - 1;
-        Self {
-            step,
-            first,
-            last,
-            total: config.subnet_count(),
-        }
-    }
-
-    /// The number of a subnet the config allows.
-    fn index(&self, subnet: Ipv4Net) -> u64 {
-        (u64::from(u32::from(subnet.network())) - self.first) / self.step
-    }
-
-    /// The candidates that any of `nets` overlaps, whatever its length or alignment.
-    fn taken(&self, nets: impl Iterator<Item = Ipv4Net>) -> Taken {
-        let mut runs: Vec<(u64, u64)> = nets
-            .filter_map(|n| {
-                let lo = u64::from(u32::from(n.network())).max(self.first);
-                let hi = u64::from(u32::from(n.broadcast())).min(self.last);
-                (lo <= hi).then(|| ((lo - self.first) / self.step, (hi - self.first) / self.step))
+    /// The candidates that any of `nets` (first and last address) overlaps, whatever its length
+    /// or alignment.
+    fn new(range: Range, nets: impl Iterator<Item = (u128, u128)>) -> Self {
+        let (first, last, shift) = (range.min, range.last(), range.shift());
+        let mut runs: Vec<(u128, u128)> = nets
+            .filter_map(|(lo, hi)| {
+                let (lo, hi) = (lo.max(first), hi.min(last));
+                (lo <= hi).then(|| ((lo - first) >> shift, (hi - first) >> shift))
             })
             .collect();
         runs.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+        let mut taken: Vec<(u128, u128)> = Vec::with_capacity(runs.len());
         for (lo, hi) in runs {
-            match merged.last_mut() {
+            match taken.last_mut() {
                 // Overlapping or adjacent: one run, so a run's end + 1 is always free.
-                Some(last) if lo <= last.1 + 1 => last.1 = last.1.max(hi),
-                _ => merged.push((lo, hi)),
+                Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+                _ => taken.push((lo, hi)),
             }
         }
-        Taken(merged)
+        Self { range, taken }
     }
-}
 
-/// Taken candidate numbers: sorted, disjoint, non-adjacent inclusive runs.
-struct Taken(Vec<(u64, u64)>);
+    fn index(&self, addr: u128) -> u128 {
+        self.range.index_of(addr)
+    }
 
-impl Taken {
-    fn run_containing(&self, i: u64) -> Option<(u64, u64)> {
-        let after = self.0.partition_point(|(lo, _)| *lo <= i);
+    fn run_containing(&self, i: u128) -> Option<(u128, u128)> {
+        let after = self.taken.partition_point(|(lo, _)| *lo <= i);
         after
             .checked_sub(1)
-            .map(|k| self.0[k])
+            .map(|k| self.taken[k])
             .filter(|(_, hi)| i <= *hi)
     }
 
-    fn contains(&self, i: u64) -> bool {
-        self.run_containing(i).is_some()
+    fn count(&self) -> u128 {
+        self.taken.iter().map(|(lo, hi)| hi - lo + 1).sum()
     }
 
-    fn count(&self) -> u64 {
-        self.0.iter().map(|(lo, hi)| hi - lo + 1).sum()
-    }
-
-    /// The first free number at or after `start`, wrapping around once at `total`.
-    fn first_free_from(&self, start: u64, total: u64) -> Option<u64> {
-        let mut i = start;
+    /// The first of `preferred` that is a free candidate; else, from a random start, walking
+    /// forward past taken runs (cheap even for huge ranges), wrapping around once.
+    fn pick(
+        &self,
+        preferred: [Option<u128>; 2],
+        rand: &mut dyn FnMut(u128) -> u128,
+    ) -> Option<u128> {
+        let total = self.range.count();
+        if let Some(i) = preferred
+            .into_iter()
+            .flatten()
+            .find(|i| *i < total && self.run_containing(*i).is_none())
+        {
+            return Some(i);
+        }
+        let mut i = rand(total).min(total - 1);
         // Runs are non-adjacent, so at most one jump before the end and one after wrapping.
         for _ in 0..3 {
             match self.run_containing(i) {
@@ -176,10 +231,25 @@ impl Taken {
         }
         None
     }
+
+    fn full(&self, network: IpNet) -> NetworkFull {
+        NetworkFull {
+            network,
+            leased: self.count(),
+            total: self.range.count(),
+        }
+    }
+}
+
+/// The subnets of every key but this host's: they are taken.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Others {
+    pub ipv4: Vec<Ipv4Net>,
+    pub ipv6: Vec<Ipv6Net>,
 }
 
 /// What choosing a subnet needs of a listing, folded from it key by key, so that a listing of
-/// 10,000 leases is never held whole: this host's leases, every other key's subnet, and the keys
+/// 10,000 leases is never held whole: this host's leases, every other key's subnets, and the keys
 /// that cannot be read.
 #[derive(Debug)]
 pub struct Claims {
@@ -189,7 +259,7 @@ pub struct Claims {
     /// The subnets of every other key whose name is a subnet: other hosts' leases, and keys whose
     /// value cannot be read (they still block creating that key, and may be routed by hosts that
     /// read them differently).
-    pub others: Vec<Ipv4Net>,
+    pub others: Others,
     pub bad: Vec<BadLease>,
 }
 
@@ -198,19 +268,25 @@ impl Claims {
         Self {
             public_ip,
             mine: Vec::new(),
-            others: Vec::new(),
+            others: Others::default(),
             bad: Vec::new(),
         }
     }
 
-    /// Takes in one record; `named` is the subnet its key names, if any (an unreadable record
+    /// Takes in one record; `named` is what its key names, if anything (an unreadable record
     /// still blocks creating that key).
-    pub fn add(&mut self, record: Record, named: Option<Ipv4Net>) {
+    pub fn add(&mut self, record: Record, named: Option<(Ipv4Net, Option<Ipv6Net>)>) {
+        let mut take = |v4, v6: Option<Ipv6Net>| {
+            self.others.ipv4.push(v4);
+            self.others.ipv6.extend(v6);
+        };
         match record.value {
             Ok(l) if l.attrs.public_ip == self.public_ip => self.mine.push(l),
-            Ok(l) => self.others.push(l.subnet),
+            Ok(l) => take(l.subnet, l.ipv6_subnet),
             Err(e) => {
-                self.others.extend(named);
+                if let Some((v4, v6)) = named {
+                    take(v4, v6);
+                }
                 self.bad.push(BadLease {
                     key: record.key,
                     reason: e.to_string(),
@@ -232,11 +308,13 @@ mod tests {
     fn lease(subnet: &str, ip: &str, etcd_lease: i64) -> Lease {
         Lease {
             subnet: subnet.parse().unwrap(),
+            ipv6_subnet: None,
             attrs: LeaseAttrs {
                 public_ip: ip.parse().unwrap(),
                 public_ipv6: None,
                 backend_type: String::new(),
                 backend_data: None,
+                backend_v6_data: None,
             },
             hold: crate::registry::etcd::hold(etcd_lease),
             version: 1,
@@ -248,6 +326,10 @@ mod tests {
     }
 
     const ME: &str = "192.168.1.5";
+
+    fn me() -> Ipv4Addr {
+        ME.parse().unwrap()
+    }
     const OTHER: &str = "192.168.1.6";
 
     fn pick(
@@ -255,7 +337,18 @@ mod tests {
         leases: &[Lease],
         hint: Option<&str>,
     ) -> Result<Choice, NetworkFull> {
-        choose(c, leases, &[], ME.parse().unwrap(), hint.map(net), |_| 0)
+        let hint = Hint {
+            subnet: hint.map(net),
+            ipv6_subnet: None,
+        };
+        choose(
+            c,
+            leases,
+            &Others::default(),
+            ME.parse().unwrap(),
+            hint,
+            |_| 0,
+        )
     }
 
     #[test]
@@ -274,12 +367,12 @@ mod tests {
         let hint = Some("10.10.42.0/24");
         assert_eq!(
             pick(&c, &[], hint).unwrap(),
-            Choice::Free(net("10.10.42.0/24"))
+            Choice::Free(net("10.10.42.0/24"), None)
         );
         let taken = [lease("10.10.42.0/24", OTHER, 9)];
         assert_eq!(
             pick(&c, &taken, hint).unwrap(),
-            Choice::Free(net("10.10.1.0/24"))
+            Choice::Free(net("10.10.1.0/24"), None)
         );
     }
 
@@ -291,8 +384,11 @@ mod tests {
             lease("10.10.6.0/24", OTHER, 9),
             lease("10.10.7.0/24", "192.168.1.7", 9),
         ];
-        let pick = choose(&c, &taken, &[], ME.parse().unwrap(), None, |n| n - 2).unwrap();
-        assert_eq!(pick, Choice::Free(net("10.10.5.0/24")));
+        let pick = choose(&c, &taken, &Others::default(), me(), Hint::default(), |n| {
+            n - 2
+        })
+        .unwrap();
+        assert_eq!(pick, Choice::Free(net("10.10.5.0/24"), None));
     }
 
     #[test]
@@ -320,7 +416,7 @@ mod tests {
         let c = cfg(r#"{"Network":"10.10.0.0/16","SubnetLen":25}"#);
         let leases = [lease("10.10.0.0/24", ME, 7)];
         assert_eq!(misfits(&c, &leases, ME.parse().unwrap()).len(), 1);
-        let Ok(Choice::Free(s)) = pick(&c, &leases, Some("10.10.0.128/25")) else {
+        let Ok(Choice::Free(s, None)) = pick(&c, &leases, Some("10.10.0.128/25")) else {
             panic!("expected a free subnet");
         };
         assert_eq!(s.prefix_len(), 25);
@@ -353,7 +449,7 @@ mod tests {
         let mine: Vec<Ipv4Net> = claims.mine.iter().map(|l| l.subnet).collect();
         assert_eq!(mine, [net("10.10.1.0/24")]);
         assert_eq!(
-            claims.others,
+            claims.others.ipv4,
             [net("10.10.2.0/24"), net("10.10.3.0/24")],
             "an unreadable value still takes its key's subnet"
         );
@@ -375,7 +471,7 @@ mod tests {
         assert_eq!(misfits(&c, &leases, ME.parse().unwrap()).len(), 2);
         assert_eq!(
             pick(&c, &leases, None).unwrap(),
-            Choice::Free(net("10.10.5.0/24"))
+            Choice::Free(net("10.10.5.0/24"), None)
         );
     }
 
@@ -411,23 +507,23 @@ mod tests {
         ];
         assert_eq!(
             pick(&c, &outside, None).unwrap(),
-            Choice::Free(net("10.10.1.0/24"))
+            Choice::Free(net("10.10.1.0/24"), None)
         );
     }
 
     #[test]
     fn keys_with_unreadable_values_count_as_taken() {
         let c = cfg(r#"{"Network":"10.10.0.0/22"}"#);
-        let unreadable = [net("10.10.1.0/24"), net("10.10.2.0/24")];
-        let pick = choose(
-            &c,
-            &[],
-            &unreadable,
-            ME.parse().unwrap(),
-            Some(net("10.10.1.0/24")),
-            |_| 0,
-        );
-        assert_eq!(pick.unwrap(), Choice::Free(net("10.10.3.0/24")));
+        let unreadable = Others {
+            ipv4: vec![net("10.10.1.0/24"), net("10.10.2.0/24")],
+            ipv6: vec![],
+        };
+        let hint = Hint {
+            subnet: Some(net("10.10.1.0/24")),
+            ipv6_subnet: None,
+        };
+        let pick = choose(&c, &[], &unreadable, me(), hint, |_| 0);
+        assert_eq!(pick.unwrap(), Choice::Free(net("10.10.3.0/24"), None));
     }
 
     #[test]
@@ -451,8 +547,111 @@ mod tests {
             lease("10.10.3.0/24", OTHER, 3),
             lease("10.10.2.0/24", OTHER, 3),
         ];
-        let pick = choose(&c, &taken, &[], ME.parse().unwrap(), None, |n| n - 1).unwrap();
-        assert_eq!(pick, Choice::Free(net("10.10.1.0/24")));
+        let pick = choose(&c, &taken, &Others::default(), me(), Hint::default(), |n| {
+            n - 1
+        })
+        .unwrap();
+        assert_eq!(pick, Choice::Free(net("10.10.1.0/24"), None));
+    }
+
+    const DUAL: &str = r#"{"Network":"10.10.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/48","Backend":{"Type":"alloc"}}"#;
+
+    fn dual_lease(subnet: &str, subnet6: &str, ip: &str, etcd_lease: i64) -> Lease {
+        Lease {
+            ipv6_subnet: Some(subnet6.parse().unwrap()),
+            ..lease(subnet, ip, etcd_lease)
+        }
+    }
+
+    fn net6(s: &str) -> Ipv6Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_dual_stack_host_takes_the_ipv6_subnet_at_its_ipv4_subnets_place() {
+        let c = cfg(DUAL);
+        assert_eq!(
+            pick(&c, &[], Some("10.10.42.0/24")).unwrap(),
+            Choice::Free(net("10.10.42.0/24"), Some(net6("fd00:10:0:2a::/64"))),
+            "10.10.42.0/24 is the 42nd of its range, fd00:10:0:2a::/64 of its own"
+        );
+        // That one taken: any free one (here the walk from 0).
+        let taken = [dual_lease("10.10.9.0/24", "fd00:10:0:2a::/64", OTHER, 3)];
+        assert_eq!(
+            pick(&c, &taken, Some("10.10.42.0/24")).unwrap(),
+            Choice::Free(net("10.10.42.0/24"), Some(net6("fd00:10:0:1::/64")))
+        );
+        // The previous run's IPv6 subnet comes first when free.
+        let hint = Hint {
+            subnet: Some(net("10.10.42.0/24")),
+            ipv6_subnet: Some(net6("fd00:10:0:77::/64")),
+        };
+        assert_eq!(
+            choose(&c, &[], &Others::default(), me(), hint, |_| 0).unwrap(),
+            Choice::Free(net("10.10.42.0/24"), Some(net6("fd00:10:0:77::/64")))
+        );
+    }
+
+    #[test]
+    fn an_own_lease_keeps_its_ipv4_subnet_when_ipv6_is_turned_on_or_off() {
+        let c = cfg(DUAL);
+        let v4_only = [lease("10.10.3.0/24", ME, 7)];
+        assert_eq!(
+            pick(&c, &v4_only, None).unwrap(),
+            Choice::Rekey(v4_only[0].clone(), Some(net6("fd00:10:0:3::/64")))
+        );
+        assert!(misfits(&c, &v4_only, me()).is_empty());
+
+        let v4 = cfg(r#"{"Network":"10.10.0.0/16"}"#);
+        let dual = [dual_lease("10.10.3.0/24", "fd00:10:0:3::/64", ME, 7)];
+        assert_eq!(
+            pick(&v4, &dual, None).unwrap(),
+            Choice::Rekey(dual[0].clone(), None)
+        );
+        assert_eq!(
+            pick(&c, &dual, None).unwrap(),
+            Choice::Ours(dual[0].clone())
+        );
+
+        // An IPv6 subnet outside the range is moved too.
+        let outside = [dual_lease("10.10.3.0/24", "fd00:99:0:3::/64", ME, 7)];
+        assert!(matches!(pick(&c, &outside, None), Ok(Choice::Rekey(..))));
+    }
+
+    #[test]
+    fn a_reservation_is_never_moved_to_another_key() {
+        let c = cfg(DUAL);
+        let reserved = [lease("10.10.3.0/24", ME, 0)];
+        assert_eq!(
+            misfits(&c, &reserved, me()).len(),
+            1,
+            "said to the operator"
+        );
+        assert_eq!(
+            pick(&c, &reserved, None).unwrap(),
+            Choice::Free(net("10.10.1.0/24"), Some(net6("fd00:10:0:1::/64")))
+        );
+    }
+
+    #[test]
+    fn a_full_ipv6_range_says_so() {
+        let c = cfg(
+            r#"{"Network":"10.10.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/62","Backend":{"Type":"alloc"}}"#,
+        );
+        let taken: Vec<Lease> = (1..=3)
+            .map(|i| {
+                dual_lease(
+                    &format!("10.10.{i}.0/24"),
+                    &format!("fd00:10:0:{i}::/64"),
+                    OTHER,
+                    3,
+                )
+            })
+            .collect();
+        assert_eq!(
+            pick(&c, &taken, None).unwrap_err().to_string(),
+            "no free subnet in fd00:10::/62: 3 of 3 leased"
+        );
     }
 
     mod properties {
@@ -500,7 +699,7 @@ mod tests {
                 Vec<Lease>,
                 Vec<Ipv4Net>,
                 Option<Ipv4Net>,
-                u64,
+                u128,
             ),
         > {
             config().prop_flat_map(|c| {
@@ -516,8 +715,46 @@ mod tests {
                     });
                 let unreadable = prop::collection::vec(near(c.network), 0..5);
                 let hint = prop::option::of(near(c.network));
-                (Just(c), leases, unreadable, hint, any::<u64>())
+                (Just(c), leases, unreadable, hint, any::<u128>())
             })
+        }
+
+        /// IPv6 subnets near fd00:10::/56 of any length, garbage included.
+        fn near6() -> impl Strategy<Value = Ipv6Net> {
+            (0u128..(1 << 74), 40u8..=128).prop_map(|(off, len)| {
+                let base = u128::from("fd00:10::".parse::<std::net::Ipv6Addr>().unwrap());
+                Ipv6Net::new((base + off - (1 << 70)).into(), len)
+                    .map_or(Ipv6Net::default(), |n| n.trunc())
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn never_hands_out_a_taken_ipv6_subnet_or_one_outside_its_range(
+                taken in prop::collection::vec((near6(), any::<bool>()), 0..30),
+                hint in prop::option::of(near6()),
+                len in 58u8..=66,
+                seed in any::<u128>(),
+            ) {
+                let c = cfg(&format!(
+                    r#"{{"Network":"10.10.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/56","IPv6SubnetLen":{len},"Backend":{{"Type":"alloc"}}}}"#
+                ));
+                let (as_leases, unreadable): (Vec<_>, Vec<_>) = taken.iter().partition(|(_, l)| *l);
+                let leases: Vec<Lease> = as_leases.iter().enumerate()
+                    .map(|(i, (n, _))| Lease { ipv6_subnet: Some(*n), ..lease(&format!("10.10.{}.0/24", 100 + i), OTHER, 3) })
+                    .collect();
+                let others = Others { ipv4: vec![], ipv6: unreadable.iter().map(|(n, _)| *n).collect() };
+                let overlaps = |s: Ipv6Net| taken.iter().any(|(t, _)| t.contains(&s.network()) || s.contains(&t.network()));
+                let hint = Hint { subnet: None, ipv6_subnet: hint };
+                match choose(&c, &leases, &others, me(), hint, |n| seed % n) {
+                    Ok(Choice::Free(_, Some(s))) => {
+                        prop_assert!(c.allows_v6(Some(s)), "{s} outside the range");
+                        prop_assert!(!overlaps(s), "{s} overlaps a lease");
+                    }
+                    Ok(other) => prop_assert!(false, "{other:?}"),
+                    Err(full) => prop_assert_eq!(full.leased, full.total),
+                }
+            }
         }
 
         proptest! {
@@ -530,8 +767,12 @@ mod tests {
                     leases.iter().map(|l| l.subnet).chain(unreadable.iter().copied())
                         .any(|t| t.contains(&s.network()) || s.contains(&t.network()))
                 };
-                match choose(&c, &leases, &unreadable, me, hint, |n| seed % n) {
-                    Ok(Choice::Free(s)) => {
+                let others = Others { ipv4: unreadable.clone(), ipv6: vec![] };
+                let hint = Hint { subnet: hint, ipv6_subnet: None };
+                match choose(&c, &leases, &others, me, hint, |n| seed % n) {
+                    Ok(Choice::Rekey(..)) => prop_assert!(false, "no IPv6 side to rekey for"),
+                    Ok(Choice::Free(s, s6)) => {
+                        prop_assert_eq!(s6, None);
                         prop_assert!(c.allows(s), "{s} outside the range");
                         prop_assert!(!overlaps(s), "{s} overlaps a lease");
                         prop_assert!(misfits(&c, &leases, me).len()
@@ -544,7 +785,7 @@ mod tests {
                         prop_assert!(c.allows(l.subnet), "{} adopted but does not fit", l.subnet);
                     }
                     Err(full) => {
-                        prop_assert_eq!(full.total, c.subnet_count());
+                        prop_assert_eq!(full.total, u128::from(c.subnet_count()));
                         let free = (0..c.subnet_count()).filter(|i| !overlaps(c.nth_subnet(*i))).count();
                         prop_assert_eq!(free, 0, "said full with free subnets");
                         prop_assert_eq!(full.leased, full.total);

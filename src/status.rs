@@ -11,7 +11,7 @@
 //! cannot be read (each problem is printed), e.g. "Docker must be restarted to pick up bip X".
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -559,7 +559,7 @@ pub fn judge_nodes(
     node: &str,
     own: Option<&Lease>,
     config: Option<&NetworkConfig>,
-    local: HashSet<Ipv4Addr>,
+    local: HashSet<IpAddr>,
 ) -> NodesView {
     let mut out = NodesView {
         waiting: list.waiting,
@@ -573,6 +573,7 @@ pub fn judge_nodes(
     let set = match (own, config) {
         (Some(own), Some(config)) => {
             let own = Own {
+                ipv6_subnet: own.ipv6_subnet,
                 key: node.to_string(),
                 subnet: own.subnet,
                 identity: own.identity(),
@@ -636,10 +637,10 @@ pub async fn read_kube(k: &Kube<'_>, public_ip: Option<Ipv4Addr>) -> KubeView {
                 .as_ref()
                 .ok()
                 .and_then(|o| o.lease.as_ref()?.as_ref().ok());
-            let mut local = weft_backends::iface::local_ipv4_addrs()
+            let mut local = weft_backends::iface::local_addrs()
                 .await
                 .unwrap_or_default();
-            local.extend(public_ip);
+            local.extend(public_ip.map(IpAddr::V4));
             Ok(judge_nodes(
                 list,
                 &view.node,
@@ -723,11 +724,10 @@ pub async fn read_lease(
     let found = async {
         let store = Registry::connect(etcd).await?;
         let listing = store.list().await?;
-        let key = store.names().lease(subnet);
-        let Some(Ok(lease)) = listing
-            .records
-            .into_iter()
-            .find(|r| r.key == key)
+        // Under its IPv4 subnet's key, with or without an IPv6 part.
+        let names = store.names();
+        let Some(Ok(lease)) = (listing.records.into_iter())
+            .find(|r| names.subnet_of(&r.key).is_some_and(|(s, _)| s == subnet))
             .map(|r| r.value)
         else {
             return Ok::<_, anyhow::Error>(LeaseView::Missing);

@@ -12,6 +12,7 @@ impl DataPlane for Alloc {
     const TYPE: &'static str = "alloc";
     const SURVIVES_RESTART: &'static str = "nothing (alloc has no data path)";
     const PEERS: bool = false;
+    const DUAL_STACK: bool = true;
 
     fn new(_config: &BackendConfig, net: Network) -> Result<Self, Error> {
         Ok(Self { net })

@@ -4,11 +4,11 @@
 //! route.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use regex::Regex;
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressScope};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::RouteAttribute;
 use rtnetlink::Handle;
@@ -24,6 +24,10 @@ pub struct ExternalInterface {
     pub iface_addr: Ipv4Addr,
     /// The address peers use to reach this host: -public-ip, else `iface_addr`.
     pub public_ip: Ipv4Addr,
+    /// The interface's first global IPv6 address, if it has one.
+    pub iface_addr6: Option<Ipv6Addr>,
+    /// Where peers reach this host's IPv6 subnet: -public-ipv6, else `iface_addr6`.
+    pub public_ipv6: Option<Ipv6Addr>,
     pub mtu: u32,
 }
 
@@ -34,6 +38,7 @@ pub struct InterfaceSelector {
     pub regexes: Vec<Regex>,
     pub can_reach: Option<Ipv4Addr>,
     pub public_ip: Option<Ipv4Addr>,
+    pub public_ipv6: Option<Ipv6Addr>,
 }
 
 struct Link {
@@ -41,6 +46,8 @@ struct Link {
     index: u32,
     mtu: u32,
     addrs: Vec<Ipv4Addr>,
+    /// Global-scope IPv6 addresses (not link-local, not failed duplicate detection).
+    addrs6: Vec<Ipv6Addr>,
 }
 
 impl InterfaceSelector {
@@ -49,11 +56,14 @@ impl InterfaceSelector {
         let handle = crate::netlink::connect()?;
         let links = list_links(&handle).await?;
         let (link, addr) = self.choose(&links, &handle).await?;
+        let addr6 = link.addrs6.first().copied();
         Ok(ExternalInterface {
             name: link.name.clone(),
             index: link.index,
             iface_addr: addr,
             public_ip: self.public_ip.unwrap_or(addr),
+            iface_addr6: addr6,
+            public_ipv6: self.public_ipv6.or(addr6),
             mtu: link.mtu,
         })
     }
@@ -67,6 +77,11 @@ impl InterfaceSelector {
             if let Ok(ip) = want.parse::<Ipv4Addr>() {
                 if let Some(l) = links.iter().find(|l| l.addrs.contains(&ip)) {
                     return Ok((l, ip));
+                }
+            } else if let Ok(ip) = want.parse::<Ipv6Addr>() {
+                // As flanneld: an IPv6 address names its interface, whose IPv4 address is used.
+                if let Some(l) = links.iter().find(|l| l.addrs6.contains(&ip)) {
+                    return Ok((l, first_addr(l)?));
                 }
             } else if let Some(l) = links.iter().find(|l| &l.name == want) {
                 return Ok((l, first_addr(l)?));
@@ -155,6 +170,7 @@ async fn list_links(handle: &Handle) -> Result<Vec<Link>, Error> {
                 })
                 .unwrap_or(1500),
             addrs: Vec::new(),
+            addrs6: Vec::new(),
         })
         .collect();
     let mut addrs = handle.address().get().execute();
@@ -166,9 +182,16 @@ async fn list_links(handle: &Handle) -> Result<Vec<Link>, Error> {
         let Some(link) = links.iter_mut().find(|l| l.index == m.header.index) else {
             continue;
         };
+        let global = m.header.scope == AddressScope::Universe
+            && !m.header.flags.contains(AddressHeaderFlags::Dadfailed);
         for a in &m.attributes {
-            if let AddressAttribute::Local(IpAddr::V4(ip)) = a {
-                link.addrs.push(*ip);
+            match a {
+                AddressAttribute::Local(IpAddr::V4(ip)) => link.addrs.push(*ip),
+                // IPv6 addresses come as IFA_ADDRESS alone.
+                AddressAttribute::Address(IpAddr::V6(ip)) if global && is_unicast_host6(*ip) => {
+                    link.addrs6.push(*ip)
+                }
+                _ => {}
             }
         }
     }
@@ -228,9 +251,32 @@ pub fn is_unicast_host(ip: Ipv4Addr) -> bool {
     first != 0 && !ip.is_loopback() && !ip.is_multicast() && first < 240
 }
 
+/// Whether `ip` can be another host's IPv6 address on the underlay: not unspecified, loopback,
+/// multicast, link-local (a route through it would need an interface too) or IPv4-mapped.
+pub fn is_unicast_host6(ip: Ipv6Addr) -> bool {
+    let first = ip.segments()[0];
+    !ip.is_unspecified()
+        && !ip.is_loopback()
+        && !ip.is_multicast()
+        && first & 0xffc0 != 0xfe80
+        && ip.to_ipv4_mapped().is_none()
+}
+
 /// Every IPv4 address of every interface in this network namespace: a peer lease whose PublicIP
 /// is one of them would route this host's traffic back to itself.
 pub async fn local_ipv4_addrs() -> Result<HashSet<Ipv4Addr>, Error> {
+    let all = local_addrs().await?;
+    Ok(all
+        .into_iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        })
+        .collect())
+}
+
+/// Every address, IPv4 and IPv6, of every interface in this network namespace.
+pub async fn local_addrs() -> Result<HashSet<IpAddr>, Error> {
     let handle = crate::netlink::connect()?;
     let mut addrs = handle.address().get().execute();
     let mut out = HashSet::new();
@@ -240,9 +286,11 @@ pub async fn local_ipv4_addrs() -> Result<HashSet<Ipv4Addr>, Error> {
         .map_err(Error::netlink("list addresses"))?
     {
         for a in &m.attributes {
-            if let AddressAttribute::Local(IpAddr::V4(ip)) = a {
-                out.insert(*ip);
-            }
+            match a {
+                AddressAttribute::Local(ip @ IpAddr::V4(_)) => out.insert(*ip),
+                AddressAttribute::Address(ip @ IpAddr::V6(_)) => out.insert(*ip),
+                _ => false,
+            };
         }
     }
     Ok(out)
@@ -274,6 +322,24 @@ mod unicast_tests {
             "255.255.255.255",
         ] {
             assert!(!is_unicast_host(bad.parse().expect("address")), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_unicast_ipv6_host_addresses_can_be_a_peers_public_ipv6() {
+        use super::is_unicast_host6;
+        for good in ["fd00:199::12", "2001:db8::1", "fec0::1"] {
+            assert!(is_unicast_host6(good.parse().expect("address")), "{good}");
+        }
+        for bad in [
+            "::",
+            "::1",
+            "ff02::1",
+            "fe80::1",
+            "febf::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_unicast_host6(bad.parse().expect("address")), "{bad}");
         }
     }
 }

@@ -1,6 +1,6 @@
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::Value;
 
 /// A host's lease as the data plane sees it: its subnet, where to reach it, and what its backend
@@ -11,6 +11,17 @@ pub struct Lease {
     pub public_ip: Ipv4Addr,
     /// `BackendType` of the lease ("" when the writer left it out, as flannel's udp does).
     pub backend_type: String,
+    pub backend_data: Option<BackendData>,
+    /// The IPv6 side of a dual-stack lease.
+    pub ipv6: Option<LeaseV6>,
+}
+
+/// A lease's IPv6 side: its subnet, where to reach it (a host may publish none: then its IPv6
+/// subnet is unreachable from here) and the backend's data for it (`BackendV6Data`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseV6 {
+    pub subnet: Ipv6Net,
+    pub public_ip: Option<Ipv6Addr>,
     pub backend_data: Option<BackendData>,
 }
 

@@ -47,12 +47,12 @@ pub use wireguard::uapi as wireguard_uapi;
 
 use std::net::Ipv4Addr;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::Value;
 
 pub use error::{Error, ErrorList};
 pub use iface::{ExternalInterface, InterfaceSelector};
-pub use lease::{BackendData, Lease};
+pub use lease::{BackendData, Lease, LeaseV6};
 pub use neigh::permanent_entry as permanent_neighbour;
 pub use plane::{DataPlane, Desired, Host, Identity, IdentityKind, Kind, Stats, StatsSource};
 pub use routes::owner::RTPROT_WEFT;
@@ -114,6 +114,8 @@ impl BackendConfig {
 pub struct Network {
     /// The whole cluster network (`Network` in the config).
     pub network: Ipv4Net,
+    /// The cluster's IPv6 network on a dual-stack network (`IPv6Network`).
+    pub network_v6: Option<Ipv6Net>,
     /// The underlay interface chosen by -iface/-iface-regex/default route.
     pub external: ExternalInterface,
 }
@@ -244,12 +246,15 @@ mod tests {
     fn validate_refuses_exactly_what_new_refuses_on_that_host() {
         let net = super::Network {
             network: "10.5.0.0/16".parse().expect("net"),
+            network_v6: None,
             external: super::ExternalInterface {
                 name: "eth0".into(),
                 index: 2,
                 iface_addr: "192.168.1.2".parse().expect("addr"),
                 public_ip: "192.168.1.2".parse().expect("addr"),
                 mtu: 1500,
+                iface_addr6: None,
+                public_ipv6: None,
             },
         };
         let cases = [

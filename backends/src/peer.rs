@@ -60,12 +60,15 @@ mod tests {
     fn net() -> Network {
         Network {
             network: "10.60.0.0/16".parse().expect("net"),
+            network_v6: None,
             external: ExternalInterface {
                 name: "eth0".into(),
                 index: 2,
                 iface_addr: "10.199.0.11".parse().expect("addr"),
                 public_ip: "10.199.0.11".parse().expect("addr"),
                 mtu: 1500,
+                iface_addr6: None,
+                public_ipv6: None,
             },
         }
     }
@@ -76,6 +79,7 @@ mod tests {
             public_ip: ip.parse().expect("ip"),
             backend_type: "vxlan".into(),
             backend_data: None,
+            ipv6: None,
         }
     }
 

@@ -40,6 +40,10 @@ pub trait DataPlane: Sized + Send {
     /// them: a lease store that can (the Kubernetes API) then watches only this host's lease.
     const PEERS: bool = true;
 
+    /// Whether it carries IPv6 beside IPv4: a config with `EnableIPv6` needs one that does (as in
+    /// flannel, udp never will).
+    const DUAL_STACK: bool = false;
+
     /// The kinds of link its device may be (`ip -d link`: "vxlan", "tun"; wireguard's is the
     /// kernel's "wireguard" or weft's userspace "tun"); none without a device.
     const DEVICE_KINDS: &'static [&'static str] = &[];
@@ -161,6 +165,7 @@ pub type DesiredFn = fn(&BackendConfig, &Host<'_>, &[Lease]) -> Result<Option<De
 #[derive(Debug, Clone, Copy)]
 pub struct Kind {
     pub name: &'static str,
+    pub dual_stack: bool,
     pub survives_restart: &'static str,
     pub device_kinds: &'static [&'static str],
     pub mtu_overhead: u32,
@@ -175,6 +180,7 @@ impl Kind {
     pub const fn of<T: DataPlane>() -> Self {
         Self {
             name: T::TYPE,
+            dual_stack: T::DUAL_STACK,
             survives_restart: T::SURVIVES_RESTART,
             device_kinds: T::DEVICE_KINDS,
             mtu_overhead: T::MTU_OVERHEAD,

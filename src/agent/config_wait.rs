@@ -6,7 +6,7 @@ use tokio::time::sleep;
 use tracing::error;
 
 use super::Agent;
-use crate::config::{InvalidConfig, NetworkConfig};
+use crate::config::{ConfigError, InvalidConfig, NetworkConfig};
 use crate::escape::Escaped;
 use crate::notify;
 use crate::registry::Awaited;
@@ -27,11 +27,10 @@ impl Agent {
             let (text, at) = retry("read the network config", || self.registry.get_config()).await;
             let checked = text.as_deref().map(|t| {
                 let c = NetworkConfig::parse_at(t, &key)?;
-                c.check_on_host(self.external.mtu)
-                    .map_err(|error| InvalidConfig {
-                        at: key.clone(),
-                        error,
-                    })?;
+                self.check_here(&c).map_err(|error| InvalidConfig {
+                    at: key.clone(),
+                    error,
+                })?;
                 Ok::<_, InvalidConfig>(c)
             });
             let problem = match checked {
@@ -48,6 +47,20 @@ impl Agent {
         }
     }
 
+    /// What only this host can judge of a valid config: its backend options against the
+    /// underlay, and (for now) that dual-stack comes from etcd, not yet from Nodes' podCIDRs.
+    fn check_here(&self, c: &NetworkConfig) -> Result<(), ConfigError> {
+        c.check_on_host(self.external.mtu)?;
+        if c.ipv6.is_some() && self.args.kube.kube_subnet_mgr {
+            return Err(ConfigError {
+                key: "EnableIPv6",
+                problem: "dual-stack with -kube-subnet-mgr (Nodes' podCIDRs) is not supported yet"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
     /// -net-config-path: the config comes from a file (as kube-flannel's net-conf.json does), read
     /// until it holds a valid one; the problem is logged once per distinct problem, and the file
     /// looked at again every few seconds (it may be a ConfigMap being mounted).
@@ -57,11 +70,10 @@ impl Agent {
         loop {
             let problem = match crate::fsutil::read_optional(path) {
                 Ok(Some(text)) => match NetworkConfig::parse_at(&text, &at).and_then(|c| {
-                    c.check_on_host(self.external.mtu)
-                        .map_err(|error| InvalidConfig {
-                            at: at.clone(),
-                            error,
-                        })?;
+                    self.check_here(&c).map_err(|error| InvalidConfig {
+                        at: at.clone(),
+                        error,
+                    })?;
                     Ok(c)
                 }) {
                     Ok(c) => return c,

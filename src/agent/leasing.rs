@@ -13,6 +13,7 @@ use super::peer_sync::warn_bad;
 use super::{Agent, State};
 use crate::config::NetworkConfig;
 use crate::lease::{Lease, LeaseAttrs};
+use crate::policy::Hint;
 use crate::registry::{Claiming, LeaseRequest, Renewal};
 use crate::retry::Backoff;
 use crate::subnet_env::SubnetEnv;
@@ -25,7 +26,7 @@ impl Agent {
         &mut self,
         config: &NetworkConfig,
         backend: &mut Backend,
-        hint: Option<Ipv4Net>,
+        hint: Hint,
     ) -> Result<Lease> {
         let me = self.external.public_ip;
         let claim = self.registry.begin_claim(me).await;
@@ -34,11 +35,18 @@ impl Agent {
             .prepare(previous.as_ref())
             .await
             .context("prepare the backend")?;
+        // PublicIPv6 only on a dual-stack network, as flanneld (it publishes null otherwise).
+        let public_ipv6 = config.ipv6.and(self.external.public_ipv6);
+        if config.ipv6.is_some() && public_ipv6.is_none() {
+            warn!(iface = %self.external.name,
+                  "the network is dual-stack but this host has no global IPv6 address on its interface and no -public-ipv6: peers cannot reach its IPv6 subnet");
+        }
         let attrs = LeaseAttrs {
             public_ip: me,
-            public_ipv6: None,
+            public_ipv6,
             backend_type: backend.type_name().to_string(),
             backend_data,
+            backend_v6_data: None,
         };
         let ttl = self.args.subnet_lease_ttl;
         let req = LeaseRequest {
@@ -90,6 +98,7 @@ impl Agent {
         let env = SubnetEnv {
             network: state.config.network,
             subnet: state.own.subnet,
+            ipv6: (state.config.ipv6.map(|p| p.network)).zip(state.own.ipv6_subnet),
             mtu: state.backend.mtu(),
             ip_masq: self.args.ip_masq,
         };
@@ -157,8 +166,12 @@ impl Agent {
     pub(super) async fn republish(&mut self, state: &mut State) -> Result<()> {
         loop {
             let previous = state.own.subnet;
+            let hint = Hint {
+                subnet: Some(previous),
+                ipv6_subnet: state.own.ipv6_subnet,
+            };
             state.own = self
-                .acquire(&state.config, &mut state.backend, Some(previous))
+                .acquire(&state.config, &mut state.backend, hint)
                 .await?;
             state.published = state.own.attrs.clone();
             self.publish(state, Some(previous)).await?;

@@ -17,7 +17,7 @@ mod peer_sync;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tracing::{error, info, warn};
@@ -50,9 +50,6 @@ const LOUD_BATCH: usize = 20;
 /// Runs weftd until the future is dropped (on a signal; dropping stops the data plane's workers,
 /// and the kernel state it leaves is in `health.kept()`). Returns only on fatal errors.
 pub async fn run(args: DaemonArgs, ready: Readiness) -> Result<()> {
-    if args.public_ipv6.is_some() {
-        bail!("-public-ipv6 is not supported yet: weft leases IPv4 subnets only");
-    }
     let regexes = args
         .iface_regex
         .iter()
@@ -77,10 +74,12 @@ pub async fn run(args: DaemonArgs, ready: Readiness) -> Result<()> {
         can_reach: args.iface_can_reach,
         regexes,
         public_ip,
+        public_ipv6: args.public_ipv6,
     };
     let external = selector.select().await.context("choose the interface")?;
     info!(iface = %external.name, addr = %external.iface_addr, public_ip = %external.public_ip,
-          mtu = external.mtu, "using interface");
+          public_ipv6 = ?external.public_ipv6.map(|a| a.to_string()), mtu = external.mtu,
+          "using interface");
 
     // Probed once, as flanneld does: an iptables older than 1.6.2 refuses the flag.
     let random_fully = args.ip_masq
@@ -168,6 +167,7 @@ impl Agent {
     fn network(&self, config: &NetworkConfig) -> Network {
         Network {
             network: config.network,
+            network_v6: config.ipv6.map(|p| p.network),
             external: self.external.clone(),
         }
     }
@@ -186,7 +186,7 @@ impl Agent {
         self.ready.set_kept(backend.survives_restart());
         self.registry.follow_peers(backend.follows_peers());
         crate::metrics::get().backend(&backend, false);
-        let hint = subnet_env::previous_subnet(&self.args.subnet_file);
+        let hint = subnet_env::previous_subnets(&self.args.subnet_file);
         let own = self.acquire(config, &mut backend, hint).await?;
         let mut state = State {
             config: config.clone(),
@@ -200,7 +200,7 @@ impl Agent {
             pending: BTreeMap::new(),
             full_at: Instant::now(),
         };
-        self.publish(&mut state, hint).await?;
+        self.publish(&mut state, hint.subnet).await?;
         if !self.resync(&mut state).await {
             self.reacquire(&mut state).await?;
         }

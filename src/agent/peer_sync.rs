@@ -2,7 +2,7 @@
 //! events, folded into the peer set; what changed is staged for the data plane and logged.
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use anyhow::Result;
 use tokio::time::Instant;
@@ -12,7 +12,7 @@ use super::{release_freed_memory, Agent, Exit, State, LARGE_BATCH, LOUD_BATCH};
 use crate::config::NetworkConfig;
 use crate::escape::Escaped;
 use crate::lease::{BadLease, Change, Lease};
-use crate::peers::{Diff, Own, Peer, PeerSet, Reason};
+use crate::peers::{Diff, Ipv6Scope, Own, Peer, PeerSet, Reason};
 use crate::registry::Event;
 use crate::rejection_log::{Rejected, RejectionLog};
 use crate::retry::Backoff;
@@ -145,6 +145,7 @@ impl Agent {
     /// What judging peers needs of this host's lease.
     pub(super) fn own_view(&self, own: &Lease) -> Own {
         Own {
+            ipv6_subnet: own.ipv6_subnet,
             key: self.registry.own_key(own),
             subnet: own.subnet,
             identity: own.identity(),
@@ -153,16 +154,35 @@ impl Agent {
 
     /// An empty peer set for `config`, judged against `own` and the addresses known so far.
     pub(super) fn peer_set(&self, config: &NetworkConfig, own: &Lease) -> PeerSet {
-        let known = [self.external.public_ip, self.external.iface_addr].into();
-        PeerSet::new(config.network, config.subnet_len, self.own_view(own), known)
+        let e = &self.external;
+        let known = [e.public_ip, e.iface_addr].map(IpAddr::V4).into_iter();
+        let known = known.chain(
+            [e.public_ipv6, e.iface_addr6]
+                .into_iter()
+                .flatten()
+                .map(IpAddr::V6),
+        );
+        let scope = config.ipv6.map(|p| Ipv6Scope {
+            network: p.network,
+            subnet_len: p.subnet_len,
+        });
+        PeerSet::new(
+            config.network,
+            config.subnet_len,
+            self.own_view(own),
+            known.collect(),
+        )
+        .with_ipv6(scope)
     }
 
-    /// Every IPv4 address of this host, the PublicIP included; `None` when netlink fails (the
+    /// Every address of this host, the PublicIPs included; `None` when netlink fails (the
     /// addresses known before stay in force).
-    pub(super) async fn local_addrs(&self) -> Option<HashSet<Ipv4Addr>> {
-        match weft_backends::iface::local_ipv4_addrs().await {
+    pub(super) async fn local_addrs(&self) -> Option<HashSet<IpAddr>> {
+        match weft_backends::iface::local_addrs().await {
             Ok(mut addrs) => {
-                addrs.extend([self.external.public_ip, self.external.iface_addr]);
+                let e = &self.external;
+                addrs.extend([e.public_ip, e.iface_addr].map(IpAddr::V4));
+                addrs.extend(e.public_ipv6.map(IpAddr::V6));
                 Some(addrs)
             }
             Err(e) => {

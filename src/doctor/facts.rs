@@ -103,8 +103,13 @@ impl Cluster {
         self.records.iter().filter_map(|r| r.value.as_ref().ok())
     }
 
+    /// The key of a lease of `subnet`: the stored lease's, if there is one, else the IPv4-only
+    /// key.
     pub fn lease_key(&self, subnet: Ipv4Net) -> String {
-        self.names.lease(subnet)
+        let ipv6 = (self.leases())
+            .find(|l| l.subnet == subnet)
+            .and_then(|l| l.ipv6_subnet);
+        self.names.lease(subnet, ipv6)
     }
 }
 

@@ -44,6 +44,7 @@ pub async fn gather(store_args: status::Store<'_>, args: &DoctorArgs) -> Result<
         regexes,
         can_reach: args.iface_can_reach,
         public_ip,
+        public_ipv6: None,
     };
     let env = status::read_env(&args.subnet_file);
     let external = selector.select().await.map_err(|e| e.to_string());

@@ -59,6 +59,7 @@ fn underlay(mtu: u32, config: &NetworkConfig, ext: &ExternalInterface, out: &mut
     let over = overhead(&backend);
     let net = Network {
         network: config.network,
+        network_v6: config.ipv6.map(|p| p.network),
         external: ext.clone(),
     };
     let want = Backend::new(&config.backend, net).map(|b| b.mtu());

@@ -4,7 +4,7 @@
 //! computes them, so a healthy host reads exactly as weftd left it.
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use weft_backends::mac::Mac;
@@ -15,7 +15,7 @@ use super::lease::{held, own_key, own_subnet};
 use super::{Finding, Outcome};
 use crate::config::NetworkConfig;
 use crate::lease::Lease;
-use crate::peers::{Own, PeerSet};
+use crate::peers::{Ipv6Scope, Own, PeerSet};
 use crate::status::EnvView;
 
 const RTPROT_KERNEL: u8 = 2;
@@ -152,6 +152,7 @@ fn describe(k: &Kernel, r: &Route) -> String {
 /// The peers weftd would program: the leases its peer set accepts.
 pub(super) fn desired_peers(f: &Facts, c: &Ctx<'_>, own: &Lease) -> Vec<Lease> {
     let own = Own {
+        ipv6_subnet: own.ipv6_subnet,
         key: own_key(f, c.cluster, own.subnet),
         subnet: own.subnet,
         identity: own.identity(),
@@ -161,7 +162,12 @@ pub(super) fn desired_peers(f: &Facts, c: &Ctx<'_>, own: &Lease) -> Vec<Lease> {
     if let Some(p) = f.public_ip_flag {
         local.insert(p);
     }
-    let mut set = PeerSet::new(c.config.network, c.config.subnet_len, own, local);
+    let local = local.into_iter().map(IpAddr::V4).collect();
+    let scope = c.config.ipv6.map(|p| Ipv6Scope {
+        network: p.network,
+        subnet_len: p.subnet_len,
+    });
+    let mut set = PeerSet::new(c.config.network, c.config.subnet_len, own, local).with_ipv6(scope);
     set.replace_all(c.cluster.records.iter().cloned());
     set.peers().map(|(_, l)| l.clone()).collect()
 }
@@ -190,6 +196,7 @@ pub fn peers(f: &Facts) -> Outcome {
     }
     let net = Network {
         network: c.config.network,
+        network_v6: c.config.ipv6.map(|p| p.network),
         external: c.ext.clone(),
     };
     let connected = k.connected(c.ext.index);

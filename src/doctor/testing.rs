@@ -179,6 +179,8 @@ pub fn healthy() -> Facts {
             iface_addr: "10.199.0.11".parse().expect("addr"),
             public_ip: "10.199.0.11".parse().expect("addr"),
             mtu: 1500,
+            iface_addr6: None,
+            public_ipv6: None,
         }),
         public_ip_flag: None,
         daemon_json_path: "/etc/docker/daemon.json".into(),

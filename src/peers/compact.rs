@@ -1,9 +1,9 @@
 //! A lease as the peer set keeps it: compact, for 10,000 of them held for weftd's life.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
-use weft_backends::{BackendData, KINDS};
+use ipnet::{Ipv4Net, Ipv6Net};
+use weft_backends::{BackendData, LeaseV6, KINDS};
 
 use super::Peer;
 use crate::lease::{Hold, Lease, LeaseAttrs};
@@ -25,9 +25,12 @@ pub(super) struct Compact {
     pub(super) version: i64,
 }
 
+/// What leases rarely have (every lease, on a dual-stack network: one allocation each there).
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Extra {
-    pub(super) public_ipv6: Option<String>,
+    pub(super) ipv6_subnet: Option<Ipv6Net>,
+    pub(super) public_ipv6: Option<Ipv6Addr>,
+    pub(super) backend_v6_data: Option<Box<str>>,
     /// A BackendType not in [`KNOWN_TYPES`].
     pub(super) backend_type: Option<String>,
 }
@@ -52,9 +55,12 @@ impl Compact {
         let a = l.attrs;
         let known = KNOWN_TYPES.iter().position(|k| *k == a.backend_type);
         let other = known.is_none().then_some(a.backend_type);
-        let extra = (a.public_ipv6.is_some() || other.is_some()).then(|| {
+        let v6 = l.ipv6_subnet.is_some() || a.public_ipv6.is_some() || a.backend_v6_data.is_some();
+        let extra = (v6 || other.is_some()).then(|| {
             Box::new(Extra {
+                ipv6_subnet: l.ipv6_subnet,
                 public_ipv6: a.public_ipv6,
+                backend_v6_data: a.backend_v6_data.as_ref().map(json_text),
                 backend_type: other,
             })
         });
@@ -62,12 +68,7 @@ impl Compact {
             subnet: l.subnet,
             public_ip: a.public_ip,
             kind: known.map_or(OTHER_TYPE, |i| i as u8),
-            // Serializing a JSON value cannot fail.
-            backend_data: a.backend_data.map(|v| {
-                serde_json::to_string(&v)
-                    .unwrap_or_default()
-                    .into_boxed_str()
-            }),
+            backend_data: a.backend_data.as_ref().map(json_text),
             extra,
             hold: l.hold,
             version: l.version,
@@ -83,16 +84,23 @@ impl Compact {
             .unwrap_or_default()
     }
 
+    pub(super) fn ipv6_subnet(&self) -> Option<Ipv6Net> {
+        self.extra.as_ref().and_then(|e| e.ipv6_subnet)
+    }
+
     pub(super) fn lease(&self) -> Lease {
+        let e = self.extra.as_deref();
+        // Text this set wrote from a JSON value: it parses.
+        let value = |t: Option<&str>| t.and_then(|t| serde_json::from_str(t).ok());
         Lease {
             subnet: self.subnet,
+            ipv6_subnet: self.ipv6_subnet(),
             attrs: LeaseAttrs {
                 public_ip: self.public_ip,
-                public_ipv6: self.extra.as_ref().and_then(|e| e.public_ipv6.clone()),
+                public_ipv6: e.and_then(|e| e.public_ipv6),
                 backend_type: self.backend_type().to_owned(),
-                // Text this set wrote from a JSON value: it parses.
-                backend_data: (self.backend_data.as_deref())
-                    .and_then(|t| serde_json::from_str(t).ok()),
+                backend_data: value(self.backend_data.as_deref()),
+                backend_v6_data: value(e.and_then(|e| e.backend_v6_data.as_deref())),
             },
             hold: self.hold,
             version: self.version,
@@ -106,6 +114,13 @@ impl Compact {
             public_ip: self.public_ip,
             backend_type: self.backend_type().to_owned(),
             backend_data: (self.backend_data.as_deref()).map(BackendData::from_json),
+            ipv6: self.extra.as_deref().and_then(|e| {
+                Some(LeaseV6 {
+                    subnet: e.ipv6_subnet?,
+                    public_ip: e.public_ipv6,
+                    backend_data: e.backend_v6_data.as_deref().map(BackendData::from_json),
+                })
+            }),
         }
     }
 
@@ -127,4 +142,11 @@ impl Compact {
             public_ip: self.public_ip,
         }
     }
+}
+
+/// A JSON value as compact text. Serializing a JSON value cannot fail.
+fn json_text(v: &serde_json::Value) -> Box<str> {
+    serde_json::to_string(v)
+        .unwrap_or_default()
+        .into_boxed_str()
 }

@@ -1,7 +1,7 @@
 //! Several operations on a [`PeerSet`] reported as one [`Diff`].
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::compact::Compact;
 use super::contention::Key;
@@ -106,7 +106,7 @@ impl Edit<'_> {
     }
 
     /// This host's addresses changed: everything is judged again.
-    pub fn set_local_addrs(&mut self, local: HashSet<Ipv4Addr>) {
+    pub fn set_local_addrs(&mut self, local: HashSet<IpAddr>) {
         if local != self.set.local {
             tracing::debug!(
                 before = ?self.set.local,

@@ -42,12 +42,15 @@ fn own_at(subnet: &str) -> Own {
     Own {
         key: key(&format!("{}-{}", n.addr(), n.prefix_len())),
         subnet: n,
+        ipv6_subnet: None,
         identity: Some(mac(OWN_MAC)),
     }
 }
 
-fn local() -> HashSet<Ipv4Addr> {
-    [ip("10.199.0.11"), ip("192.168.9.9")].into()
+fn local() -> HashSet<IpAddr> {
+    [ip("10.199.0.11"), ip("192.168.9.9")]
+        .map(IpAddr::V4)
+        .into()
 }
 
 /// Network 10.60.0.0/16 with SubnetLen 24.
@@ -104,6 +107,165 @@ fn reason(s: &PeerSet, name: &str) -> Option<Reason> {
     }
 }
 
+/// Dual-stack: also fd00:60::/48 with /64 subnets; this host also holds fd00:60:0:34::/64 and
+/// has fd00:199::11.
+fn dual_set() -> PeerSet {
+    let own = Own {
+        key: key("10.60.52.0-24&fd00:60:0:34::-64"),
+        ipv6_subnet: Some("fd00:60:0:34::/64".parse().unwrap()),
+        ..own_at("10.60.52.0/24")
+    };
+    let mut local = local();
+    local.insert("fd00:199::11".parse().unwrap());
+    PeerSet::new(net("10.60.0.0/16"), 24, own, local).with_ipv6(Some(Ipv6Scope {
+        network: "fd00:60::/48".parse().unwrap(),
+        subnet_len: 64,
+    }))
+}
+
+fn udp6(public_ip: &str, public_ipv6: &str) -> String {
+    format!(r#"{{"PublicIP":"{public_ip}","PublicIPv6":"{public_ipv6}","BackendType":"host-gw"}}"#)
+}
+
+#[test]
+fn a_dual_stack_peer_reaches_the_data_plane_with_both_subnets() {
+    let mut s = dual_set();
+    let d = s.apply(put(
+        "10.60.7.0-24&fd00:60:0:7::-64",
+        5,
+        &udp6("10.199.0.12", "fd00:199::12"),
+    ));
+    assert_eq!(names(&d.added), ["10.60.7.0-24&fd00:60:0:7::-64"]);
+    let l = s
+        .backend_peer(&key("10.60.7.0-24&fd00:60:0:7::-64"))
+        .unwrap();
+    let v6 = l.ipv6.expect("the IPv6 side");
+    assert_eq!(v6.subnet.to_string(), "fd00:60:0:7::/64");
+    assert_eq!(v6.public_ip, Some("fd00:199::12".parse().unwrap()));
+    // A host leasing IPv4 only (an older config, a flanneld without IPv6) is an IPv4 peer.
+    s.apply(put("10.60.8.0-24", 6, &udp("10.199.0.13")));
+    assert_eq!(s.backend_peer(&key("10.60.8.0-24")).unwrap().ipv6, None);
+    // And a peer may publish no PublicIPv6: its subnet is known, unreachable.
+    let d = s.apply(put("10.60.9.0-24&fd00:60:0:9::-64", 7, &udp("10.199.0.14")));
+    assert_eq!(d.added.len(), 1);
+}
+
+#[test]
+fn the_ipv6_side_is_judged_by_the_ipv4_sides_rules() {
+    let mut s = dual_set();
+    let cases = [
+        (
+            "10.60.7.0-24&fd00:61:0:7::-64",
+            "fd00:199::12",
+            Reason::OutsideNetwork("fd00:60::/48".parse::<Ipv6Net>().unwrap().into()),
+        ),
+        (
+            "10.60.7.0-24&fd00:60:0:7::-80",
+            "fd00:199::12",
+            Reason::WrongLength {
+                len: 80,
+                want: 64,
+                v6: true,
+            },
+        ),
+        (
+            "10.60.7.0-24&fd00:60:0:34::-64",
+            "fd00:199::12",
+            Reason::OverlapsOwn("fd00:60:0:34::/64".parse::<Ipv6Net>().unwrap().into()),
+        ),
+        (
+            "10.60.7.0-24&fd00:60:0:7::-64",
+            "fe80::12",
+            Reason::PublicIpNotUnicast("fe80::12".parse::<IpAddr>().unwrap()),
+        ),
+        (
+            "10.60.7.0-24&fd00:60:0:7::-64",
+            "ff02::1",
+            Reason::PublicIpNotUnicast("ff02::1".parse::<IpAddr>().unwrap()),
+        ),
+        (
+            "10.60.7.0-24&fd00:60:0:7::-64",
+            "fd00:199::11",
+            Reason::PublicIpLocal("fd00:199::11".parse::<IpAddr>().unwrap()),
+        ),
+    ];
+    for (name, v6, want) in cases {
+        let d = s.apply(put(name, 5, &udp6("10.199.0.12", v6)));
+        assert_eq!(reason(&s, name).as_ref(), Some(&want), "{name} {v6}");
+        assert!(d.added.is_empty(), "{name} {v6}");
+        s.apply(del(name));
+    }
+    assert_eq!(
+        Reason::WrongLength {
+            len: 80,
+            want: 64,
+            v6: true
+        }
+        .to_string(),
+        "a /80 is not a subnet of this network (IPv6SubnetLen 64)"
+    );
+    assert_eq!(
+        Reason::PublicIpLocal("fd00:199::11".parse::<IpAddr>().unwrap()).to_string(),
+        "PublicIPv6 fd00:199::11 is an address of this host"
+    );
+}
+
+#[test]
+fn of_two_leases_holding_one_ipv6_subnet_the_older_wins_and_the_other_follows_when_it_goes() {
+    let mut s = dual_set();
+    s.apply(put(
+        "10.60.7.0-24&fd00:60:0:7::-64",
+        5,
+        &udp6("10.199.0.12", "fd00:199::12"),
+    ));
+    let d = s.apply(put(
+        "10.60.8.0-24&fd00:60:0:7::-64",
+        9,
+        &udp6("10.199.0.13", "fd00:199::13"),
+    ));
+    assert!(d.added.is_empty());
+    assert_eq!(
+        reason(&s, "10.60.8.0-24&fd00:60:0:7::-64"),
+        Some(Reason::SubnetTaken(
+            "fd00:60:0:7::/64".parse::<Ipv6Net>().unwrap().into()
+        ))
+    );
+    let d = s.apply(del("10.60.7.0-24&fd00:60:0:7::-64"));
+    assert_eq!(names(&d.added), ["10.60.8.0-24&fd00:60:0:7::-64"]);
+}
+
+#[test]
+fn keys_differing_only_in_their_ipv6_part_contend_for_the_ipv4_subnet() {
+    let mut s = dual_set();
+    s.apply(put("10.60.7.0-24", 5, &udp("10.199.0.12")));
+    s.apply(put(
+        "10.60.7.0-24&fd00:60:0:7::-64",
+        9,
+        &udp6("10.199.0.13", "fd00:199::13"),
+    ));
+    assert_eq!(peers(&s), [("10.60.7.0-24".into(), ip("10.199.0.12"))]);
+    assert_eq!(
+        reason(&s, "10.60.7.0-24&fd00:60:0:7::-64"),
+        Some(Reason::SubnetTaken(net("10.60.7.0/24").into()))
+    );
+}
+
+#[test]
+fn on_an_ipv4_network_a_leases_ipv6_side_is_not_judged() {
+    let mut s = set();
+    s.apply(put(
+        "10.60.7.0-24&fd00:60:0:7::-64",
+        5,
+        &udp6("10.199.0.12", "fe80::1"),
+    ));
+    s.apply(put(
+        "10.60.8.0-24&fd00:60:0:7::-64",
+        6,
+        &udp6("10.199.0.13", "fd00:199::13"),
+    ));
+    assert_eq!(s.len(), 2, "no IPv6 side to judge or to contend for");
+}
+
 #[test]
 fn a_well_formed_lease_of_another_host_is_a_peer() {
     let mut s = set();
@@ -133,7 +295,11 @@ fn a_longer_prefix_inside_this_hosts_subnet_captures_nothing() {
     assert!(d.added.is_empty());
     assert_eq!(
         d.rejected[0].reason,
-        Reason::WrongLength { len: 25, want: 24 }
+        Reason::WrongLength {
+            len: 25,
+            want: 24,
+            v6: false
+        }
     );
     assert!(s.is_empty());
 }
@@ -147,13 +313,21 @@ fn a_subnet_of_another_length_or_outside_the_network_is_refused() {
     s.apply(put("0.0.0.0-0", 4, &udp("10.199.0.12")));
     assert_eq!(
         reason(&s, "10.60.0.0-16"),
-        Some(Reason::WrongLength { len: 16, want: 24 })
+        Some(Reason::WrongLength {
+            len: 16,
+            want: 24,
+            v6: false
+        })
     );
     assert_eq!(
         reason(&s, "10.60.6.0-23"),
-        Some(Reason::WrongLength { len: 23, want: 24 })
+        Some(Reason::WrongLength {
+            len: 23,
+            want: 24,
+            v6: false
+        })
     );
-    let outside = Some(Reason::OutsideNetwork(net("10.60.0.0/16")));
+    let outside = Some(Reason::OutsideNetwork(net("10.60.0.0/16").into()));
     assert_eq!(reason(&s, "10.61.7.0-24"), outside);
     assert_eq!(reason(&s, "0.0.0.0-0"), outside);
     assert!(s.is_empty());
@@ -166,7 +340,7 @@ fn a_subnet_overlapping_this_hosts_is_refused_whatever_the_lengths() {
     let d = s.apply(put("10.60.53.0-24", 5, &udp("10.199.0.12")));
     assert_eq!(
         d.rejected[0].reason,
-        Reason::OverlapsOwn(net("10.60.52.0/23"))
+        Reason::OverlapsOwn(net("10.60.52.0/23").into())
     );
     assert_eq!(
         d.rejected[0].holder.as_deref(),
@@ -194,7 +368,7 @@ fn the_public_ip_must_be_a_unicast_address_of_another_host() {
         s.apply(put(&name, 1, &vxlan(bad, "02:00:00:00:00:07")));
         assert_eq!(
             reason(&s, &name),
-            Some(Reason::PublicIpNotUnicast(ip(bad))),
+            Some(Reason::PublicIpNotUnicast(ip(bad).into())),
             "{bad}"
         );
     }
@@ -202,7 +376,7 @@ fn the_public_ip_must_be_a_unicast_address_of_another_host() {
     s.apply(put("10.60.20.0-24", 1, &udp("192.168.9.9")));
     assert_eq!(
         reason(&s, "10.60.20.0-24"),
-        Some(Reason::PublicIpLocal(ip("192.168.9.9")))
+        Some(Reason::PublicIpLocal(ip("192.168.9.9").into()))
     );
     assert!(s.is_empty());
 }
@@ -330,6 +504,7 @@ fn of_two_keys_naming_one_subnet_the_older_wins() {
     // Not possible with flannel's one key spelling; a decoder of dual-stack keys would make it so.
     let lease = |public_ip: &str| Lease {
         subnet: net("10.60.7.0/24"),
+        ipv6_subnet: None,
         attrs: crate::lease::LeaseAttrs::parse(udp(public_ip).as_bytes()).unwrap(),
         hold: crate::registry::etcd::hold(0),
         version: 1,
@@ -350,7 +525,7 @@ fn of_two_keys_naming_one_subnet_the_older_wins() {
     assert_eq!(names(&d.removed), ["10.60.7.0-24&fc00::-64"]);
     assert_eq!(
         d.rejected[0].reason,
-        Reason::SubnetTaken(net("10.60.7.0/24"))
+        Reason::SubnetTaken(net("10.60.7.0/24").into())
     );
     let d = s.apply(del("10.60.7.0-24"));
     assert_eq!(names(&d.added), ["10.60.7.0-24&fc00::-64"]);
@@ -409,7 +584,7 @@ fn a_rejection_is_reported_once_until_its_reason_changes() {
     let d = s.apply(put("10.60.7.0-24", 5, &udp("255.255.255.255")));
     assert_eq!(
         d.rejected[0].reason,
-        Reason::PublicIpNotUnicast(ip("255.255.255.255"))
+        Reason::PublicIpNotUnicast(ip("255.255.255.255").into())
     );
 }
 
@@ -455,14 +630,14 @@ fn a_new_local_address_refuses_the_peer_using_it_until_it_goes() {
     let mut s = set();
     s.apply(put("10.60.7.0-24", 5, &udp("10.199.0.12")));
     let mut more = local();
-    more.insert(ip("10.199.0.12"));
+    more.insert(ip("10.199.0.12").into());
     let mut b = s.edit();
     b.set_local_addrs(more);
     let d = b.finish();
     assert_eq!(names(&d.removed), ["10.60.7.0-24"]);
     assert_eq!(
         d.rejected[0].reason,
-        Reason::PublicIpLocal(ip("10.199.0.12"))
+        Reason::PublicIpLocal(ip("10.199.0.12").into())
     );
     let mut b = s.edit();
     b.set_local_addrs(local());
@@ -483,7 +658,7 @@ fn a_new_own_lease_judges_every_lease_again() {
     assert!(d.added.is_empty());
     assert_eq!(
         reason(&s, "10.60.52.0-24"),
-        Some(Reason::PublicIpLocal(ip("10.199.0.11")))
+        Some(Reason::PublicIpLocal(ip("10.199.0.11").into()))
     );
     assert_eq!(s.verdict(&key("10.60.7.0-24")), Some(Verdict::Own));
 }
@@ -630,10 +805,10 @@ mod property {
         }
     }
 
-    fn locals(extra: bool) -> HashSet<Ipv4Addr> {
+    fn locals(extra: bool) -> HashSet<IpAddr> {
         let mut l = local();
         if extra {
-            l.insert(ip("10.199.0.13"));
+            l.insert(ip("10.199.0.13").into());
         }
         l
     }
@@ -672,11 +847,15 @@ mod property {
     }
 
     /// Every rule, checked on the accepted set directly rather than through the module's code.
-    fn assert_rules(s: &PeerSet, own: &Own, local: &HashSet<Ipv4Addr>, etcd: &Etcd) {
+    fn assert_rules(s: &PeerSet, own: &Own, local: &HashSet<IpAddr>, etcd: &Etcd) {
         let accepted: Vec<(&str, Lease)> = s.peers().collect();
         for (k, l) in &accepted {
             let name = k.trim_start_matches(P);
-            assert_eq!(parse_subnet_key(name), Some(l.subnet), "{k}: canonical key");
+            assert_eq!(
+                parse_subnet_key(name),
+                Some((l.subnet, None)),
+                "{k}: canonical key"
+            );
             assert_eq!(l.subnet.prefix_len(), 24, "{k}: SubnetLen");
             assert!(net("10.60.0.0/16").contains(&l.subnet), "{k}: inside");
             assert!(
@@ -685,7 +864,7 @@ mod property {
             );
             let pip = l.attrs.public_ip;
             assert!(weft_backends::iface::is_unicast_host(pip), "{k}: {pip}");
-            assert!(!local.contains(&pip), "{k}: local {pip}");
+            assert!(!local.contains(&pip.into()), "{k}: local {pip}");
             if l.attrs.backend_type == "vxlan" {
                 let m = l.identity().expect("a good MAC");
                 assert_ne!(Some(m), own.identity, "{k}: own MAC");

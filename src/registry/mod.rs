@@ -28,12 +28,12 @@ pub mod kube;
 use std::time::Duration;
 
 use anyhow::Result;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::config::NetworkConfig;
 use crate::flags::{DaemonArgs, EtcdArgs};
 use crate::lease::{BadLease, Change, Lease, LeaseAttrs, Record};
-use crate::policy::Claims;
+use crate::policy::{Claims, Hint};
 
 /// A point in the store's history: what a listing was read at, where a watch goes on from.
 /// Opaque outside the store that made it.
@@ -88,8 +88,8 @@ pub struct LeaseRequest<'a> {
     pub attrs: &'a LeaseAttrs,
     /// How long it lasts unless renewed.
     pub ttl: Duration,
-    /// The subnet of the previous run (subnet.env), preferred when it is free.
-    pub hint: Option<Ipv4Net>,
+    /// The subnets of the previous run (subnet.env), preferred when free.
+    pub hint: Hint,
 }
 
 /// What claiming reports while it works, for the caller to log and show.
@@ -161,15 +161,15 @@ impl Names {
     }
 
     /// The record under which `subnet` is leased (Kubernetes: a Node, named by its podCIDR).
-    pub fn lease(&self, subnet: Ipv4Net) -> String {
+    pub fn lease(&self, subnet: Ipv4Net, ipv6: Option<Ipv6Net>) -> String {
         match &self.kube {
             Some(_) => format!("the node with podCIDR {subnet}"),
-            None => format!("{}{}", self.subnets(), etcd::subnet_key(subnet)),
+            None => format!("{}{}", self.subnets(), etcd::subnet_key(subnet, ipv6)),
         }
     }
 
-    /// The subnet a record's key names, if it names one (a Node's name names none).
-    pub fn subnet_of(&self, key: &str) -> Option<Ipv4Net> {
+    /// The subnets a record's key names, if it names any (a Node's name names none).
+    pub fn subnet_of(&self, key: &str) -> Option<etcd::KeySubnets> {
         self.kube
             .is_none()
             .then(|| etcd::subnet_of(key, &self.subnets()))
@@ -187,6 +187,8 @@ impl Names {
 
 /// One change a watch reports, in the store's order.
 #[derive(Debug, Clone, PartialEq)]
+// Transient, one per event and moved along: boxing would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
     /// A lease record put or deleted.
     Lease(Change),
@@ -253,7 +255,7 @@ impl Registry {
     /// host's Node.
     pub fn own_key(&self, own: &Lease) -> String {
         match self {
-            Self::Etcd(s) => s.names().lease(own.subnet),
+            Self::Etcd(s) => s.names().lease(own.subnet, own.ipv6_subnet),
             Self::Kube(s) => s.node().to_string(),
         }
     }

@@ -9,6 +9,7 @@ mod config;
 mod datapath;
 mod docker;
 mod doctor;
+mod dual_stack;
 mod etcd_security;
 mod faults;
 mod files;

@@ -473,11 +473,14 @@ mod tests {
     fn flannel_mtu_is_the_underlay_or_configured_mtu_less_80() {
         let net = |mtu| Network {
             network: "10.244.0.0/16".parse().expect("net"),
+            network_v6: None,
             external: crate::ExternalInterface {
                 name: "eth0".into(),
                 index: 2,
                 iface_addr: "192.168.1.2".parse().expect("addr"),
                 public_ip: "192.168.1.2".parse().expect("addr"),
+                iface_addr6: None,
+                public_ipv6: None,
                 mtu,
             },
         };
@@ -506,12 +509,15 @@ mod tests {
             &BackendConfig::new(m),
             Network {
                 network: "10.244.0.0/16".parse().expect("net"),
+                network_v6: None,
                 external: crate::ExternalInterface {
                     name: "eth0".into(),
                     index: 2,
                     iface_addr: "192.168.1.2".parse().expect("addr"),
                     public_ip: "192.168.1.2".parse().expect("addr"),
                     mtu: 1500,
+                    iface_addr6: None,
+                    public_ipv6: None,
                 },
             },
         )

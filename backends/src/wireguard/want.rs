@@ -221,12 +221,15 @@ mod tests {
     fn net() -> Network {
         Network {
             network: "10.244.0.0/16".parse().expect("net"),
+            network_v6: None,
             external: ExternalInterface {
                 name: "eth0".into(),
                 index: 2,
                 iface_addr: "192.168.1.2".parse().expect("addr"),
                 public_ip: "192.168.1.2".parse().expect("addr"),
                 mtu: 1500,
+                iface_addr6: None,
+                public_ipv6: None,
             },
         }
     }
@@ -237,6 +240,7 @@ mod tests {
             public_ip: ip.parse().expect("ip"),
             backend_type: "wireguard".into(),
             backend_data: data.map(BackendData::from),
+            ipv6: None,
         }
     }
 

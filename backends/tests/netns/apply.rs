@@ -74,6 +74,7 @@ impl World {
             public_ip,
             backend_type: self.kind.into(),
             backend_data,
+            ipv6: None,
         }
     }
 

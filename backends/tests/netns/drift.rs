@@ -239,6 +239,7 @@ fn peer(i: u8, generation: u8) -> Lease {
         backend_data: Some(
             json!({"VNI": 1, "VtepMAC": format!("0e:00:00:00:{generation:02x}:{i:02x}")}).into(),
         ),
+        ipv6: None,
     }
 }
 

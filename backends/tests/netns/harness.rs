@@ -116,8 +116,15 @@ impl Agent {
                     Value::Object(m) => m,
                     _ => Default::default(),
                 };
-                Backend::new(&BackendConfig::new(map), Network { network, external })
-                    .map_err(|e| e.to_string())
+                Backend::new(
+                    &BackendConfig::new(map),
+                    Network {
+                        network,
+                        network_v6: None,
+                        external,
+                    },
+                )
+                .map_err(|e| e.to_string())
             })?;
             *slot = Some(b);
             Ok(())
@@ -293,6 +300,7 @@ impl Host {
             public_ip: self.ip(),
             backend_type: backend_type.into(),
             backend_data: data.map(Into::into),
+            ipv6: None,
         }
     }
 

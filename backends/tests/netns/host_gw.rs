@@ -66,6 +66,7 @@ fn peer_not_on_a_connected_network_is_an_error_and_others_still_work() {
         public_ip: "192.168.200.4".parse().expect("ip"),
         backend_type: "host-gw".into(),
         backend_data: None,
+        ipv6: None,
     };
     let errs = lab.hosts[0]
         .reconcile(&[far, leases[1].clone()])

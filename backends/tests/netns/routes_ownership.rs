@@ -17,6 +17,7 @@ fn lease(subnet: &str, public_ip: &str, backend_type: &str, data: Option<Value>)
         public_ip: public_ip.parse().expect("ip"),
         backend_type: backend_type.into(),
         backend_data: data.map(Into::into),
+        ipv6: None,
     }
 }
 

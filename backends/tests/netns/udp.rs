@@ -201,6 +201,7 @@ fn peers_of_other_types_garbage_and_flannel_udp_leases() {
         public_ip: format!("192.168.100.{n}").parse().expect("ip"),
         backend_type: kind.into(),
         backend_data: None,
+        ipv6: None,
     };
     // Host 2 as flanneld writes its udp lease: no BackendType at all.
     let mut flannel = leases[1].clone();

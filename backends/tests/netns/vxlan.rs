@@ -259,6 +259,7 @@ fn peers_with_garbage_backend_data_are_skipped_with_errors() {
         public_ip: format!("192.168.100.{n}").parse().expect("ip"),
         backend_type: "vxlan".into(),
         backend_data: data.map(BackendData::from),
+        ipv6: None,
     };
     let mut peers = vec![
         bogus(7, None),

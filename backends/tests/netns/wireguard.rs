@@ -251,6 +251,7 @@ fn weft_and_a_hand_made_wireguard_go_peer_reach_each_other() {
         public_ip: h2.ip(),
         backend_type: "wireguard".into(),
         backend_data: Some(json!({"PublicKey": go.public_key, "Port": 51820}).into()),
+        ipv6: None,
     };
     h1.reconcile(&[flannel]).expect("reconcile");
     assert!(h1.reaches(h2), "weft → wireguard-go");

@@ -59,23 +59,32 @@ impl EtcdStore {
             };
             progress(Claiming::Unreadable(&claims.bad));
             for l in policy::misfits(config, &claims.mine, me) {
-                if misfits_logged.insert(l.subnet) {
+                if misfits_logged.insert((l.subnet, l.ipv6_subnet)) {
                     let until = if l.is_reservation() {
                         "an operator removes it"
                     } else {
                         "it expires"
                     };
-                    warn!(subnet = %l.subnet, public_ip = %me,
-                          "not reusing this host's earlier lease: the network config wants /{} subnets in {}..{}; it stays taken until {until}",
-                          config.subnet_len, config.subnet_min, config.subnet_max);
+                    warn!(subnet = %l.subnet, ipv6_subnet = ?l.ipv6_subnet.map(|n| n.to_string()),
+                          public_ip = %me,
+                          "not reusing this host's earlier lease: the network config wants {}; it stays taken until {until}",
+                          config.wanted());
                 }
             }
             let choice = policy::choose(config, &claims.mine, &claims.others, me, req.hint, |n| {
-                fastrand::u64(0..n)
+                fastrand::u128(0..n)
             });
             let taken = match choice {
                 Ok(Choice::Ours(old)) => self.take_over(&old, req.attrs, req.ttl).await,
-                Ok(Choice::Free(subnet)) => self.create(subnet, req.attrs, req.ttl).await,
+                Ok(Choice::Rekey(old, ipv6)) => {
+                    info!(subnet = %old.subnet, from = ?old.ipv6_subnet.map(|n| n.to_string()),
+                          to = ?ipv6.map(|n| n.to_string()),
+                          "keeping this host's subnet under a new key: the network's IPv6 side changed");
+                    self.rekey(&old, ipv6, req.attrs, req.ttl).await
+                }
+                Ok(Choice::Free(subnet, ipv6)) => {
+                    self.create(subnet, ipv6, req.attrs, req.ttl).await
+                }
                 Err(full) => {
                     progress(Claiming::Waiting(&format!(
                         "{full}; waiting for a lease to expire"

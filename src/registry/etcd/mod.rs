@@ -15,10 +15,10 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, Identity, KvClient, PutOptions,
     TlsOptions, Txn, TxnOp, WatchClient, WatchOptions, WatchStream,
 };
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::warn;
 
-pub use keys::{decode, hold, parse_subnet_key, subnet_key, subnet_of};
+pub use keys::{decode, hold, parse_subnet_key, subnet_key, subnet_of, KeySubnets};
 pub use rpc::MAX_MESSAGE;
 pub use watch::EtcdWatch;
 
@@ -178,17 +178,22 @@ impl EtcdStore {
         notify::bounded(Duration::from_secs(60), wait).await;
     }
 
-    /// Creates `subnet` for us if nobody holds it. `Ok(None)`: someone else got there first.
+    /// Creates a lease of `subnet` (and `ipv6`) for us if nobody holds it. `Ok(None)`: someone
+    /// else got there first.
     async fn create(
         &self,
         subnet: Ipv4Net,
+        ipv6: Option<Ipv6Net>,
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> Result<Option<Lease>> {
-        let key = self.names.lease(subnet);
+        let key = self.names.lease(subnet, ipv6);
         let id = self.grant(ttl).await?;
+        // No key of this IPv4 subnet at all, with or without an IPv6 part: two hosts racing for
+        // one IPv4 subnet with different IPv6 ones would otherwise both win.
+        let v4_keys = self.names.lease(subnet, None);
         let txn = Txn::new()
-            .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+            .when([Compare::version(v4_keys.as_str(), CompareOp::Equal, 0).with_prefix()])
             .and_then([TxnOp::put(
                 key.as_str(),
                 attrs.to_json(),
@@ -201,6 +206,7 @@ impl EtcdStore {
         }
         Ok(Some(Lease {
             subnet,
+            ipv6_subnet: ipv6,
             attrs: attrs.clone(),
             hold: keys::hold(id),
             version: resp.header().map_or(0, |h| h.revision()),
@@ -215,7 +221,7 @@ impl EtcdStore {
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> Result<Option<Lease>> {
-        let key = self.names.lease(old.subnet);
+        let key = self.names.lease(old.subnet, old.ipv6_subnet);
         if old.is_reservation() && old.attrs == *attrs {
             return Ok(Some(old.clone()));
         }
@@ -245,6 +251,52 @@ impl EtcdStore {
         }
         Ok(Some(Lease {
             subnet: old.subnet,
+            ipv6_subnet: old.ipv6_subnet,
+            attrs: attrs.clone(),
+            hold: keys::hold(id),
+            version: resp.header().map_or(0, |h| h.revision()),
+        }))
+    }
+
+    /// Moves `old` (our own earlier lease, not a reservation) to the key of its IPv4 subnet with
+    /// `ipv6`, in one transaction: the new key is created and the old one deleted only if the
+    /// old one is unchanged and the new one absent. `Ok(None)`: either was not.
+    async fn rekey(
+        &self,
+        old: &Lease,
+        ipv6: Option<Ipv6Net>,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>> {
+        let (from, to) = (
+            self.names.lease(old.subnet, old.ipv6_subnet),
+            self.names.lease(old.subnet, ipv6),
+        );
+        let id = self.grant(ttl).await?;
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(from.as_str(), CompareOp::Equal, old.version),
+                Compare::version(to.as_str(), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(
+                    to.as_str(),
+                    attrs.to_json(),
+                    Some(PutOptions::new().with_lease(id)),
+                ),
+                TxnOp::delete(from.as_str(), None),
+            ]);
+        let resp = rpc(|| format!("move {from} to {to}"), self.kv.clone().txn(txn)).await?;
+        if !resp.succeeded() {
+            self.revoke(id).await;
+            return Ok(None);
+        }
+        if let Hold::Expiring(old_id) = old.hold {
+            self.revoke(old_id.get()).await;
+        }
+        Ok(Some(Lease {
+            subnet: old.subnet,
+            ipv6_subnet: ipv6,
             attrs: attrs.clone(),
             hold: keys::hold(id),
             version: resp.header().map_or(0, |h| h.revision()),

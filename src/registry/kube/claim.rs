@@ -104,6 +104,7 @@ impl KubeStore {
 fn lease(subnet: ipnet::Ipv4Net, attrs: LeaseAttrs) -> Lease {
     Lease {
         subnet,
+        ipv6_subnet: None,
         attrs,
         hold: Hold::Reserved,
         version: 0,

@@ -164,6 +164,8 @@ impl Node {
 
 /// What a node amounts to for the peer set.
 #[derive(Debug, Clone, PartialEq)]
+// Transient, one per event and moved along: boxing would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 pub enum Seen {
     /// A lease record (readable or not), under the node's name.
     Lease(Record),
@@ -187,6 +189,7 @@ pub fn seen(node: &Node, names: &Annotations) -> Seen {
         node,
         attrs(node, names).map(|attrs| Lease {
             subnet,
+            ipv6_subnet: None,
             attrs,
             hold: Hold::Reserved,
             // Unused: weft changes no other node, and its own without a precondition.
@@ -234,12 +237,13 @@ fn attrs(node: &Node, names: &Annotations) -> Result<LeaseAttrs, Unreadable> {
     };
     Ok(LeaseAttrs {
         public_ip,
-        public_ipv6: names.get(node, "public-ipv6").map(str::to_owned),
+        public_ipv6: annotation_ip(node, names, "public-ipv6").map_err(bad)?,
         backend_type: names
             .get(node, "backend-type")
             .unwrap_or_default()
             .to_owned(),
         backend_data,
+        backend_v6_data: None,
     })
 }
 
@@ -249,19 +253,24 @@ pub fn public_ip_overwrite(node: &Node, names: &Annotations) -> Result<Option<Ip
     annotation_ip(node, names, "public-ip-overwrite")
 }
 
-/// An optional IPv4 address in annotation `<prefix>/<name>` ("" counts as none).
-pub fn annotation_ip(
+/// An optional address in annotation `<prefix>/<name>` ("" counts as none): IPv4, or IPv6.
+pub fn annotation_ip<A: std::str::FromStr>(
     node: &Node,
     names: &Annotations,
     name: &str,
-) -> Result<Option<Ipv4Addr>, String> {
+) -> Result<Option<A>, String> {
+    let family = if name.ends_with("ipv6") {
+        "IPv6"
+    } else {
+        "IPv4"
+    };
     names
         .get(node, name)
         .filter(|s| !s.is_empty())
         .map(|s| {
             s.parse().map_err(|_| {
                 format!(
-                    "annotation {} {s:?} is not an IPv4 address",
+                    "annotation {} {s:?} is not an {family} address",
                     names.key(name)
                 )
             })
@@ -291,7 +300,7 @@ pub fn publish_patch(names: &Annotations, attrs: &LeaseAttrs) -> Value {
     put("kube-subnet-manager", "true".into());
     put("public-ip", attrs.public_ip.to_string());
     if let Some(v6) = &attrs.public_ipv6 {
-        put("public-ipv6", v6.clone());
+        put("public-ipv6", v6.to_string());
     }
     json!({ "metadata": { "annotations": annotations } })
 }

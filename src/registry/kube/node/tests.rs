@@ -137,6 +137,7 @@ fn the_publish_patch_is_flanneld_s_byte_for_byte() {
         public_ipv6: None,
         backend_type: "vxlan".into(),
         backend_data: Some(json!({"VNI": 1, "VtepMAC": "c6:2b:1e:55:0d:7a"})),
+        backend_v6_data: None,
     };
     assert_eq!(
         publish_patch(&names, &attrs).to_string(),

@@ -1,0 +1,184 @@
+//! Dual-stack leases against a real etcd: flannel's keys (`10.60.5.0-24&fd00:60:0:5::-64`), lease
+//! JSON (`PublicIPv6`) and subnet.env lines, distinct subnets of both families, and a host's IPv4
+//! subnet kept when IPv6 is turned on or off. The alloc backend: no data plane, no privileges.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::harness::{Etcd, Weftd, WeftdSpec};
+
+const T: Duration = Duration::from_secs(30);
+
+const DUAL: &str = r#"{"Network":"10.60.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:60::/48","Backend":{"Type":"alloc"}}"#;
+const V4: &str = r#"{"Network":"10.60.0.0/16","Backend":{"Type":"alloc"}}"#;
+
+fn setup(config: &str) -> (Etcd, tempfile::TempDir) {
+    let etcd = Etcd::start();
+    etcd.put("/weft/config", config);
+    (etcd, tempfile::tempdir().expect("tmp"))
+}
+
+fn agent(etcd: &Etcd, dir: &tempfile::TempDir, n: u32) -> WeftdSpec {
+    let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 99, 0, 0)) + n);
+    WeftdSpec::new(etcd, "/weft", ip, &dir.path().join(format!("host{n}")))
+        .arg(format!("--public-ipv6=fd00:99::{n}"))
+}
+
+/// subnet.env's value of `var`, once the file has it.
+fn env_var(a: &Weftd, var: &str) -> String {
+    crate::harness::wait_for(var, T, || {
+        a.assert_running();
+        let env = a.subnet_env()?;
+        let line = env.lines().find(|l| l.starts_with(&format!("{var}=")))?;
+        Some(line[var.len() + 1..].to_string())
+    })
+}
+
+/// The lease keys under the prefix, names only.
+fn keys(etcd: &Etcd) -> Vec<String> {
+    let mut k: Vec<String> = (etcd.list("/weft/subnets/").into_iter())
+        .map(|(k, _, _)| k.trim_start_matches("/weft/subnets/").to_string())
+        .collect();
+    k.sort();
+    k
+}
+
+#[test]
+fn a_dual_stack_lease_is_flannels_key_json_and_subnet_env() {
+    let (etcd, dir) = setup(DUAL);
+    let a = agent(&etcd, &dir, 7).start();
+    let v4 = a.wait_subnet(T);
+    let v6 = env_var(&a, "FLANNEL_IPV6_SUBNET");
+    // The IPv6 subnet at the IPv4 one's place in its range: 10.60.N.0/24 with fd00:60:0:N::/64.
+    let n: u8 = v4
+        .split('.')
+        .nth(2)
+        .and_then(|x| x.parse().ok())
+        .expect("octet");
+    assert_eq!(v6, format!("fd00:60:0:{n:x}::1/64"));
+    assert_eq!(
+        keys(&etcd),
+        [format!("10.60.{n}.0-24&fd00:60:0:{n:x}::-64")]
+    );
+    let value = etcd
+        .get(&format!("/weft/subnets/{}", keys(&etcd)[0]))
+        .expect("lease");
+    assert_eq!(
+        value,
+        r#"{"PublicIP":"10.99.0.7","PublicIPv6":"fd00:99::7","BackendType":"alloc"}"#
+    );
+    let env = a.subnet_env().expect("subnet.env");
+    let names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
+    assert_eq!(
+        names,
+        [
+            "FLANNEL_NETWORK",
+            "FLANNEL_SUBNET",
+            "FLANNEL_IPV6_NETWORK",
+            "FLANNEL_IPV6_SUBNET",
+            "FLANNEL_MTU",
+            "FLANNEL_IPMASQ"
+        ],
+        "flannel's order:\n{env}"
+    );
+    assert!(env.contains("FLANNEL_IPV6_NETWORK=fd00:60::/48\n"), "{env}");
+}
+
+#[test]
+fn dual_stack_hosts_starting_at_once_get_distinct_subnets_of_both_families() {
+    // 12 IPv4 subnets, 12 IPv6 ones for 10 hosts: races are lost and retried on both sides.
+    let (etcd, dir) = setup(
+        r#"{"Network":"10.61.0.0/16","SubnetMin":"10.61.10.0","SubnetMax":"10.61.21.0","EnableIPv6":true,"IPv6Network":"fd00:61::/48","IPv6SubnetMin":"fd00:61:0:100::","IPv6SubnetMax":"fd00:61:0:10b::","Backend":{"Type":"alloc"}}"#,
+    );
+    let agents: Vec<Weftd> = (1..=10).map(|n| agent(&etcd, &dir, n).start()).collect();
+    let mut v4 = HashSet::new();
+    let mut v6 = HashSet::new();
+    for a in &agents {
+        v4.insert(a.wait_subnet(Duration::from_secs(90)));
+        let s = env_var(a, "FLANNEL_IPV6_SUBNET");
+        let net: ipnet::Ipv6Net = s.parse().expect("IPv6 subnet");
+        let first = u128::from(net.network());
+        let (min, max) = (
+            0xfd00_0061_0000_0100u128 << 64,
+            0xfd00_0061_0000_010bu128 << 64,
+        );
+        assert!(
+            (min..=max).contains(&first),
+            "{s} outside IPv6SubnetMin..Max"
+        );
+        v6.insert(s);
+    }
+    assert_eq!((v4.len(), v6.len()), (10, 10), "{v4:?} {v6:?}");
+    assert_eq!(keys(&etcd).len(), 10, "one key each: {:?}", keys(&etcd));
+}
+
+#[test]
+fn turning_ipv6_on_and_off_keeps_a_hosts_ipv4_subnet_under_a_new_key() {
+    let (etcd, dir) = setup(V4);
+    let mut a = agent(&etcd, &dir, 3).start();
+    let first = a.wait_subnet(T);
+    let n: u8 = first
+        .split('.')
+        .nth(2)
+        .and_then(|x| x.parse().ok())
+        .expect("octet");
+    assert!(a.terminate().success());
+    std::fs::remove_file(a.subnet_env_path()).expect("no hint: the lease alone decides");
+
+    // Restarted under a dual-stack config while its IPv4-only lease is still there.
+    etcd.put("/weft/config", DUAL);
+    let mut b = agent(&etcd, &dir, 3).start();
+    assert_eq!(b.wait_subnet(T), first, "the same IPv4 subnet");
+    b.wait_log("under a new key", T);
+    assert_eq!(
+        keys(&etcd),
+        [format!("10.60.{n}.0-24&fd00:60:0:{n:x}::-64")]
+    );
+    assert!(b.terminate().success());
+    std::fs::remove_file(b.subnet_env_path()).expect("remove");
+
+    // And back.
+    etcd.put("/weft/config", V4);
+    let c = agent(&etcd, &dir, 3).start();
+    assert_eq!(c.wait_subnet(T), first);
+    c.wait_log("under a new key", T);
+    assert_eq!(keys(&etcd), [format!("10.60.{n}.0-24")]);
+    let env = c.subnet_env().expect("subnet.env");
+    assert!(
+        !env.contains("IPV6"),
+        "an IPv4 network writes no IPv6 lines:\n{env}"
+    );
+}
+
+#[test]
+fn a_running_host_takes_an_ipv6_subnet_when_the_config_turns_it_on() {
+    let (etcd, dir) = setup(V4);
+    let a = agent(&etcd, &dir, 4).start();
+    let first = a.wait_subnet(T);
+    etcd.put("/weft/config", DUAL);
+    let v6 = env_var(&a, "FLANNEL_IPV6_SUBNET");
+    assert!(v6.starts_with("fd00:60:"), "{v6}");
+    assert_eq!(
+        a.wait_subnet(T),
+        first,
+        "its IPv4 subnet is kept (the previous one is free)"
+    );
+    let k = keys(&etcd);
+    assert_eq!(k.len(), 1, "the old lease is given back: {k:?}");
+    assert!(k[0].contains('&'), "{k:?}");
+}
+
+#[test]
+fn a_dual_stack_config_with_a_backend_that_carries_only_ipv4_is_refused_clearly() {
+    let (etcd, dir) = setup(
+        r#"{"Network":"10.62.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:62::/48","Backend":{"Type":"udp"}}"#,
+    );
+    let a = agent(&etcd, &dir, 5).start();
+    a.wait_log("EnableIPv6: the udp backend carries IPv4 only", T);
+    a.assert_running();
+    assert!(
+        keys(&etcd).is_empty(),
+        "no lease under a config it cannot run"
+    );
+}
