@@ -168,6 +168,7 @@ impl HostGw {
     fn owner(&self) -> Owner {
         Owner {
             network: self.net.network,
+            network_v6: None,
             device: None,
         }
     }
@@ -200,8 +201,8 @@ fn route(
         });
     }
     Ok(RouteSpec {
-        dst: p.subnet,
-        gateway: Some(p.public_ip),
+        dst: p.subnet.into(),
+        gateway: Some(p.public_ip.into()),
         oif: ext.index,
         dev: dev.clone(),
         onlink: false,

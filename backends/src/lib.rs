@@ -57,6 +57,9 @@ pub use neigh::permanent_entry as permanent_neighbour;
 pub use plane::{DataPlane, Desired, Host, Identity, IdentityKind, Kind, Stats, StatsSource};
 pub use routes::owner::RTPROT_WEFT;
 pub use routes::{route_table, RouteSpec};
+// The route reconciler itself, for the netns tests (backends/tests/netns); not an API.
+#[doc(hidden)]
+pub use routes::{Owner, RouteTable};
 pub use vxlan::ethtool;
 
 /// A backend option that cannot be used, and why.

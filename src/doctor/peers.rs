@@ -113,8 +113,8 @@ fn or_dash(s: &str) -> &str {
 /// Whether the kernel's route `r` is `want` as weft installs it (a `RouteSpec` prints as
 /// `ip route` writes it).
 fn matches(want: &RouteSpec, r: &Route) -> bool {
-    r.dst == want.dst
-        && r.gateway == want.gateway
+    ipnet::IpNet::V4(r.dst) == want.dst
+        && r.gateway.map(std::net::IpAddr::V4) == want.gateway
         && r.oif == Some(want.oif)
         && r.onlink == want.onlink
         && r.unicast
@@ -280,7 +280,11 @@ fn compare_routes(
     out: &mut Vec<Finding>,
 ) {
     for (label, want) in routes {
-        let have: Vec<&Route> = k.routes.iter().filter(|r| r.dst == want.dst).collect();
+        let have: Vec<&Route> = k
+            .routes
+            .iter()
+            .filter(|r| ipnet::IpNet::V4(r.dst) == want.dst)
+            .collect();
         if have.iter().any(|r| matches(want, r)) {
             continue;
         }
@@ -298,7 +302,7 @@ fn compare_routes(
     for r in &k.routes {
         let owned = r.protocol == RTPROT_WEFT
             && (c.config.network.contains(&r.dst) || (r.oif.is_some() && r.oif == dev_index));
-        if owned && !routes.iter().any(|(_, w)| w.dst == r.dst) {
+        if owned && !routes.iter().any(|(_, w)| w.dst == ipnet::IpNet::V4(r.dst)) {
             out.push(Finding::new(
                 format!("route `{}` is weft's but no peer wants it", describe(k, r)),
                 "weftd removes it at its next reconcile: make sure it runs",

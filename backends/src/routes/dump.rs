@@ -2,15 +2,16 @@
 //! connected to an interface, and a route described as `ip route` prints it.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
     RouteType,
 };
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use crate::nexthop::Nexthop;
@@ -20,8 +21,8 @@ use crate::Error;
 /// nexthop's gateway, device and on-link flag here.
 #[derive(Debug, Clone)]
 pub(super) struct Installed {
-    pub(super) dst: Ipv4Net,
-    pub(super) gateway: Option<Ipv4Addr>,
+    pub(super) dst: IpNet,
+    pub(super) gateway: Option<IpAddr>,
     pub(super) oif: Option<u32>,
     pub(super) onlink: bool,
     pub(super) scope_link: bool,
@@ -32,6 +33,9 @@ pub(super) struct Installed {
     /// Plain unicast, universe or link scope, no TOS, one plain next hop: the only shapes weft
     /// creates.
     pub(super) clean: bool,
+    /// Several next hops. IPv6 merges routes of one destination and metric added without
+    /// NLM_F_EXCL into one such route, whose siblings may each be another program's.
+    pub(super) multipath: bool,
     pub(super) msg: RouteMessage,
 }
 
@@ -94,23 +98,25 @@ async fn link_name(handle: &Handle, index: u32) -> String {
 /// All IPv4 routes of the main table.
 pub(crate) async fn list_main(handle: &Handle) -> Result<Vec<RouteMessage>, Error> {
     let mut all = Vec::new();
-    each_main(handle, |m| all.push(m)).await?;
+    each_main(handle, false, |m| all.push(m)).await?;
     Ok(all)
 }
 
-/// Hands `f` each IPv4 route of the main table as the dump streams in, so that none of the
-/// table need be held (it may hold 10,000 peer routes).
+/// Hands `f` each IPv4 route of the main table, then with `v6` each IPv6 one, as the dumps
+/// stream in, so that none of the table need be held (it may hold 10,000 peer routes).
 pub(super) async fn each_main(
     handle: &Handle,
+    v6: bool,
     mut f: impl FnMut(RouteMessage),
 ) -> Result<(), Error> {
-    let mut dump = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
-    while let Some(m) = dump.try_next().await.map_err(Error::netlink(LIST_ROUTES))? {
-        if table(&m) == u32::from(RouteHeader::RT_TABLE_MAIN) {
-            f(m);
+    let v4 = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    let v6 = v6.then(|| RouteMessageBuilder::<Ipv6Addr>::new().build());
+    for request in std::iter::once(v4).chain(v6) {
+        let mut dump = handle.route().get(request).execute();
+        while let Some(m) = dump.try_next().await.map_err(Error::netlink(LIST_ROUTES))? {
+            if table(&m) == u32::from(RouteHeader::RT_TABLE_MAIN) {
+                f(m);
+            }
         }
     }
     Ok(())
@@ -128,16 +134,19 @@ pub fn table(m: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(m.header.table))
 }
 
-fn dst(m: &RouteMessage) -> Ipv4Net {
-    let addr = m
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(*a),
-            _ => None,
-        })
-        .unwrap_or(Ipv4Addr::UNSPECIFIED);
-    Ipv4Net::new(addr, m.header.destination_prefix_length).unwrap_or_default()
+/// A route's destination (a default route has no attribute: the family's `/0`).
+fn dst(m: &RouteMessage) -> IpNet {
+    let addr = m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+        _ => None,
+    });
+    let addr = addr.unwrap_or(match m.header.address_family {
+        AddressFamily::Inet6 => Ipv6Addr::UNSPECIFIED.into(),
+        _ => Ipv4Addr::UNSPECIFIED.into(),
+    });
+    let len = m.header.destination_prefix_length;
+    IpNet::new(addr, len).unwrap_or_else(|_| IpNet::from(Ipv4Net::default()))
 }
 
 /// Reads a route; one naming a nexthop of `nexthops` gets that nexthop's gateway, device and
@@ -155,20 +164,27 @@ pub(super) fn parse(msg: RouteMessage, nexthops: &HashMap<u32, Nexthop>) -> Inst
         clean: msg.header.kind == RouteType::Unicast
             && matches!(msg.header.scope, RouteScope::Universe | RouteScope::Link)
             && msg.header.tos == 0,
+        multipath: false,
         msg: RouteMessage::default(),
     };
     for a in &msg.attributes {
         match a {
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(*g),
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some((*g).into()),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => r.gateway = Some((*g).into()),
+            // A gateway of the other family: a shape weft never makes.
+            RouteAttribute::Via(_) => r.clean = false,
             RouteAttribute::Oif(i) => r.oif = Some(*i),
             RouteAttribute::Priority(p) => r.priority = *p,
-            RouteAttribute::MultiPath(_) => r.clean = false,
+            RouteAttribute::MultiPath(_) => {
+                r.clean = false;
+                r.multipath = true;
+            }
             RouteAttribute::NhId(id) => r.nh = Some(*id),
             _ => {}
         }
     }
     if let Some(n) = r.nh.and_then(|id| nexthops.get(&id)) {
-        r.gateway = n.gateway;
+        r.gateway = n.gateway.map(IpAddr::V4);
         r.oif = n.oif;
         r.onlink = n.onlink;
         r.clean &= !n.other;
@@ -198,7 +214,10 @@ pub async fn connected_networks(handle: &Handle, oif: u32) -> Result<Vec<Ipv4Net
                 _ => {}
             }
         }
-        Ok(oif_ok.then(|| dst(&m)))
+        Ok(match dst(&m) {
+            IpNet::V4(d) if oif_ok => Some(d),
+            _ => None,
+        })
     };
     // Filtered as the dump streams in: the table may hold 10,000 peer routes.
     handle
@@ -213,18 +232,21 @@ pub async fn connected_networks(handle: &Handle, oif: u32) -> Result<Vec<Ipv4Net
 
 #[cfg(test)]
 impl Installed {
-    /// `dst [via gateway] dev <oif> proto <protocol>`, plain unicast, as a dump reads it.
+    /// `dst [via gateway] dev <oif> proto <protocol>`, plain unicast with the family's default
+    /// metric, as a dump reads it.
     pub(super) fn plain(dst: &str, gateway: Option<&str>, oif: u32, protocol: u8) -> Self {
+        let dst = dst.parse().expect("dst");
         Self {
-            dst: dst.parse().expect("dst"),
+            dst,
             gateway: gateway.map(|g| g.parse().expect("gateway")),
             oif: Some(oif),
             onlink: false,
             scope_link: false,
-            priority: 0,
+            priority: super::spec::default_metric(&dst),
             protocol,
             nh: None,
             clean: true,
+            multipath: false,
             msg: RouteMessage::default(),
         }
     }

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use rtnetlink::packet_core::NLM_F_REPLACE;
 use rtnetlink::Handle;
 use tracing::{debug, info};
@@ -24,7 +24,7 @@ use crate::{Error, ErrorList};
 pub(super) struct FullPass {
     pub(super) errs: ErrorList,
     pub(super) placed: Vec<Option<Hop>>,
-    pub(super) held: HashMap<Ipv4Net, String>,
+    pub(super) held: HashMap<IpNet, String>,
 }
 
 /// The full pass of [`super::reconcile_owned`] and [`super::RouteTable::reconcile`];
@@ -40,7 +40,9 @@ pub(super) async fn reconcile_routes(
     for &(dst, id) in diff.taken_ids() {
         debug!(%dst, id, "the nexthop id is another's: the route names its gateway");
     }
-    let read = each_main(handle, |msg| {
+    // The IPv6 table only where this instance has IPv6 routes: a v4-only host pays nothing.
+    let v6 = owner.network_v6.is_some() || desired.iter().any(|d| matches!(d.dst, IpNet::V6(_)));
+    let read = each_main(handle, v6, |msg| {
         let r = parse(msg, diff.nexthops());
         diff.see(r);
     });
@@ -88,7 +90,7 @@ async fn report_blocked(
     handle: &Handle,
     blocked: &[(&RouteSpec, Installed)],
     errs: &mut ErrorList,
-) -> HashMap<Ipv4Net, String> {
+) -> HashMap<IpNet, String> {
     let mut held = HashMap::new();
     for (want, theirs) in blocked {
         let existing = describe(handle, theirs).await;
@@ -108,7 +110,7 @@ async fn put_missing(
     puts: Vec<(usize, Put<'_>)>,
     placed: &mut [Option<Hop>],
     errs: &mut ErrorList,
-) -> (usize, usize, HashSet<Ipv4Net>) {
+) -> (usize, usize, HashSet<IpNet>) {
     let (missing, mut puts): (Vec<usize>, Vec<Put>) = puts.into_iter().unzip();
     put_all(batch, &mut puts, errs).await;
     let mut failed = HashSet::new();
@@ -142,15 +144,19 @@ async fn put_missing(
 async fn delete_adopted(
     batch: &Batch,
     adopt: &[Installed],
-    failed: &HashSet<Ipv4Net>,
+    failed: &HashSet<IpNet>,
     errs: &mut ErrorList,
 ) -> usize {
-    // Only once weft's copy is in: traffic for the peer never lacks a route.
-    let adopting: Vec<&Installed> = (adopt.iter())
+    // Only once weft's copy is in: traffic for the peer never lacks a route. An IPv6 one is
+    // gone already: weft's copy replaced it.
+    let (replaced, adopting): (Vec<&Installed>, Vec<&Installed>) = (adopt.iter())
         .filter(|r| !failed.contains(&r.dst))
-        .collect();
+        .partition(|r| matches!(r.dst, IpNet::V6(_)));
+    for theirs in &replaced {
+        debug!(dst = %theirs.dst, gateway = ?theirs.gateway, "flanneld's route adopted");
+    }
     let results = batch.send(adopting.iter().map(|r| Some(delete(r)))).await;
-    let mut adopted = 0;
+    let mut adopted = replaced.len();
     for (theirs, r) in adopting.iter().zip(results) {
         match r {
             Ok(()) => {

@@ -36,6 +36,13 @@
 //! nexthops where it can. A route someone else makes naming one of weft's nexthops goes when
 //! the kernel deletes that nexthop with weft's route.
 //!
+//! IPv6 routes are handled beside IPv4 ones, by the same rules, with the differences IPv6
+//! brings: its table is read only for an instance with IPv6 routes ([`Owner::network_v6`], or
+//! one wanted); its routes keep the classic form (no nexthop objects); flanneld's route is
+//! adopted by replacing it, as IPv6 refuses a second route with the same next hop; and a route
+//! the kernel shows with several next hops is not weft's (IPv6 merges another's route added
+//! beside weft's into it).
+//!
 //! Files: `owner` (what is weft's, and which instance's), `spec` (the routes wanted), `dump`
 //! (reading the main table), `plan` (a full pass judged: pure), `put` (a route's requests, and a
 //! targeted change's), `send` (the requests sent in batches), `full_pass` (dump, plan, send and
@@ -54,7 +61,7 @@ mod spec;
 
 use std::collections::HashMap;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use rtnetlink::Handle;
 use tracing::{debug, info};
 
@@ -104,11 +111,11 @@ enum Nexthops {
 #[derive(Default)]
 pub struct RouteTable {
     /// weft's routes, by destination.
-    installed: HashMap<Ipv4Net, Hop>,
+    installed: HashMap<IpNet, Hop>,
     /// Wanted but not in place: another route holds the destination (described as the last
     /// full reconcile saw it, if it did), or adding failed. Tried again by
     /// [`RouteTable::retry`].
-    blocked: HashMap<Ipv4Net, (RouteSpec, Option<String>)>,
+    blocked: HashMap<IpNet, (RouteSpec, Option<String>)>,
     /// A targeted change met a state only a full reconcile can judge (a route nobody knew of at
     /// a destination: flanneld's to adopt, or another's to yield to), or failed halfway.
     stale: bool,
@@ -202,15 +209,16 @@ impl RouteTable {
     pub async fn apply(
         &mut self,
         batch: &Batch,
-        remove: &[Ipv4Net],
+        remove: &[impl Into<IpNet> + Copy],
         upsert: &[RouteSpec],
     ) -> ErrorList {
         let mut errs = ErrorList::default();
         let mut gone = Vec::new();
-        for dst in remove {
-            self.blocked.remove(dst);
-            if let Some(hop) = self.installed.remove(dst) {
-                gone.push((*dst, hop));
+        for &dst in remove {
+            let dst = dst.into();
+            self.blocked.remove(&dst);
+            if let Some(hop) = self.installed.remove(&dst) {
+                gone.push((dst, hop));
             }
         }
         let objects = self.has_nexthops();

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 
 use super::dump::Installed;
@@ -30,11 +30,11 @@ pub(super) struct Diff<'a> {
     /// For each desired route, the hop it is to have.
     want: Vec<Hop>,
     /// Desired routes that stay classic because another's nexthop holds their id, with the id.
-    taken_ids: Vec<(Ipv4Net, u32)>,
+    taken_ids: Vec<(IpNet, u32)>,
     /// For each desired route, weft's route already in place exactly as wanted.
     placed: Vec<Option<Hop>>,
     /// The first desired route to each destination.
-    wanted_at: HashMap<Ipv4Net, usize>,
+    wanted_at: HashMap<IpNet, usize>,
     /// weft's other routes.
     owned: Vec<Installed>,
     /// Routes weft does not own.
@@ -93,7 +93,7 @@ impl<'a> Diff<'a> {
 
     /// The desired routes that name their gateway, not a nexthop, because the id of their
     /// nexthop is another's; with that id.
-    pub(super) fn taken_ids(&self) -> &[(Ipv4Net, u32)] {
+    pub(super) fn taken_ids(&self) -> &[(IpNet, u32)] {
         &self.taken_ids
     }
 
@@ -130,11 +130,11 @@ impl<'a> Diff<'a> {
         } = self;
         let named_by_others = foreign.iter().filter_map(|r| r.nh).collect();
         // Indexes by destination: a pass costs O(routes), whatever the table's size.
-        let mut foreign_at: HashMap<Ipv4Net, Vec<Installed>> = HashMap::new();
+        let mut foreign_at: HashMap<IpNet, Vec<Installed>> = HashMap::new();
         for r in foreign {
             foreign_at.entry(r.dst).or_default().push(r);
         }
-        let owned_at: HashSet<Ipv4Net> = owned.iter().map(|r| r.dst).collect();
+        let owned_at: HashSet<IpNet> = owned.iter().map(|r| r.dst).collect();
         let (mut blocked, mut withdraw, mut puts) = (Vec::new(), Vec::new(), Vec::new());
         let mut adopting = Vec::new();
         for (i, d) in desired.iter().enumerate() {
@@ -213,8 +213,11 @@ fn put_missing<'a>(
     nexthops: &HashMap<u32, Nexthop>,
 ) -> Put<'a> {
     // Replace only a route of our own. Adding next to flanneld's copy needs neither
-    // flag: the kernel puts the new route ahead of it (they differ in protocol).
+    // flag: the kernel puts the new route ahead of it (they differ in protocol). IPv6 refuses a
+    // second route with the same next hop whatever its protocol (EEXIST): there weft's copy
+    // replaces flanneld's in place, as atomically.
     let flags = match there {
+        Holder::Flanneld if matches!(want.dst, IpNet::V6(_)) => NLM_F_CREATE | NLM_F_REPLACE,
         Holder::Flanneld => NLM_F_CREATE,
         Holder::Weft => NLM_F_CREATE | NLM_F_REPLACE,
         Holder::Nobody => NLM_F_CREATE | NLM_F_EXCL,
@@ -239,7 +242,8 @@ pub(super) struct Plan<'a> {
     pub(super) blocked: Vec<(&'a RouteSpec, Installed)>,
     /// The desired routes to put in place (by their index), with the requests.
     pub(super) puts: Vec<(usize, Put<'a>)>,
-    /// flanneld's routes weft adopts, one a destination: deleted once weft's copy is in.
+    /// flanneld's routes weft adopts, one a destination: deleted once weft's copy is in (an
+    /// IPv6 one is already gone then: weft's copy replaced it).
     pub(super) adopt: Vec<Installed>,
     /// weft's routes, exactly as placed, to destinations another route holds.
     pub(super) withdraw: Vec<(&'a RouteSpec, Hop)>,
@@ -278,7 +282,7 @@ impl NexthopUse {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::IpAddr;
 
     use super::*;
     use crate::routes::owner::{nexthop_id, RTPROT_WEFT};
@@ -292,18 +296,27 @@ mod tests {
     /// FRR's zebra, which makes nexthops of its own.
     const RTPROT_ZEBRA: u8 = 11;
 
-    fn net(s: &str) -> Ipv4Net {
+    fn net(s: &str) -> IpNet {
         s.parse().expect("net")
     }
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
     }
 
     fn host_gw() -> Owner {
         Owner {
-            network: net("10.244.0.0/16"),
+            network: "10.244.0.0/16".parse().expect("net"),
+            network_v6: None,
             device: None,
+        }
+    }
+
+    /// host-gw with an IPv6 network beside its IPv4 one.
+    fn dual_stack() -> Owner {
+        Owner {
+            network_v6: Some("fd00:10::/48".parse().expect("net")),
+            ..host_gw()
         }
     }
 
@@ -341,7 +354,16 @@ mod tests {
         nexthops: Option<Vec<Nexthop>>,
         routes: Vec<Installed>,
     ) -> Plan<'_> {
-        let mut diff = Diff::new(host_gw(), desired, nexthops);
+        plan_of(host_gw(), desired, nexthops, routes)
+    }
+
+    fn plan_of(
+        owner: Owner,
+        desired: &[RouteSpec],
+        nexthops: Option<Vec<Nexthop>>,
+        routes: Vec<Installed>,
+    ) -> Plan<'_> {
+        let mut diff = Diff::new(owner, desired, nexthops);
         for r in routes {
             diff.see(r);
         }
@@ -349,13 +371,13 @@ mod tests {
     }
 
     /// Each put as (destination, nexthop request's flags, route request's flags).
-    fn puts(p: &Plan) -> Vec<(Ipv4Net, Option<u16>, Option<u16>)> {
+    fn puts(p: &Plan) -> Vec<(IpNet, Option<u16>, Option<u16>)> {
         (p.puts.iter())
             .map(|(_, put)| (put.want.dst, put.nh_flags, put.route_flags))
             .collect()
     }
 
-    fn removed(p: &Plan) -> Vec<(Ipv4Net, Option<Ipv4Addr>, Removal)> {
+    fn removed(p: &Plan) -> Vec<(IpNet, Option<IpAddr>, Removal)> {
         (p.remove.iter())
             .map(|(r, why)| (r.dst, r.gateway, *why))
             .collect()
@@ -533,7 +555,7 @@ mod tests {
     fn weft_nexthops_as_wanted_are_kept_and_ones_that_differ_replaced() {
         let desired = peers();
         let moved = Nexthop {
-            gateway: Some(ip("192.168.1.9")),
+            gateway: Some("192.168.1.9".parse().expect("ip")),
             ..nexthop_of(&desired[1])
         };
         let nexthops = vec![nexthop_of(&desired[0]), moved];
@@ -585,5 +607,159 @@ mod tests {
             vec![ours, theirs],
         );
         assert_eq!(p.nexthops.unused(&p.placed), [idle.id]);
+    }
+
+    /// Two peers' IPv6 routes, as dual-stack host-gw wants them.
+    fn peers_v6() -> [RouteSpec; 2] {
+        [
+            via("fd00:10:0:1::/64", "fd00:1::1"),
+            via("fd00:10:0:2::/64", "fd00:1::2"),
+        ]
+    }
+
+    #[test]
+    fn an_own_ipv6_route_as_wanted_stays_one_that_differs_is_replaced_and_an_unwanted_one_goes() {
+        let desired = peers_v6();
+        let p = plan_of(
+            dual_stack(),
+            &desired,
+            None,
+            vec![
+                route("fd00:10:0:1::/64", "fd00:1::1", RTPROT_WEFT),
+                route("fd00:10:0:2::/64", "fd00:1::9", RTPROT_WEFT),
+                route("fd00:10:0:7::/64", "fd00:1::7", RTPROT_WEFT),
+            ],
+        );
+        // The kernel's IPv6 metric (1024) is the plain one: in place.
+        assert_eq!(p.placed, [Some(Hop::classic(&desired[0])), None]);
+        assert_eq!(puts(&p), [(net("fd00:10:0:2::/64"), None, Some(REPLACE))]);
+        assert_eq!(
+            removed(&p),
+            [
+                (
+                    net("fd00:10:0:2::/64"),
+                    Some(ip("fd00:1::9")),
+                    Removal::Variant
+                ),
+                (
+                    net("fd00:10:0:7::/64"),
+                    Some(ip("fd00:1::7")),
+                    Removal::Unwanted
+                ),
+            ]
+        );
+        assert!(p.blocked.is_empty() && p.adopt.is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_route_at_another_metric_is_not_in_place() {
+        let desired = [via("fd00:10:0:1::/64", "fd00:1::1")];
+        let mut preferred = route("fd00:10:0:1::/64", "fd00:1::1", RTPROT_WEFT);
+        preferred.priority = 100;
+        let p = plan_of(dual_stack(), &desired, None, vec![preferred]);
+        assert_eq!(p.placed, [None]);
+        assert_eq!(puts(&p), [(desired[0].dst, None, Some(REPLACE))]);
+    }
+
+    #[test]
+    fn another_routes_ipv6_destination_is_a_conflict_and_the_kernels_own_routes_stay() {
+        let desired = peers_v6();
+        // The connected prefix of a local interface, which a peer's lease overlaps.
+        let mut connected = Installed::plain("fd00:10:0:2::/64", None, 5, RTPROT_KERNEL);
+        connected.priority = 256;
+        let mut link_local = Installed::plain("fe80::/64", None, 2, RTPROT_KERNEL);
+        link_local.priority = 256;
+        // Another weftd's, into its own IPv6 network.
+        let theirs = route("fd00:99:0:2::/64", "fd00:1::2", RTPROT_WEFT);
+        let p = plan_of(
+            dual_stack(),
+            &desired,
+            None,
+            vec![
+                link_local,
+                route("fd00:10:0:1::/64", "fd00:1::1", RTPROT_WEFT),
+                connected,
+                theirs,
+            ],
+        );
+        let blocked: Vec<_> = (p.blocked.iter())
+            .map(|(want, theirs)| (want.dst, theirs.protocol, theirs.oif))
+            .collect();
+        assert_eq!(blocked, [(net("fd00:10:0:2::/64"), RTPROT_KERNEL, Some(5))]);
+        assert!(p.puts.is_empty(), "{:?}", puts(&p));
+        assert!(p.remove.is_empty(), "{:?}", removed(&p));
+        assert!(p.adopt.is_empty() && p.withdraw.is_empty());
+        assert_eq!(p.placed, [Some(Hop::classic(&desired[0])), None]);
+    }
+
+    #[test]
+    fn weft_yields_an_ipv6_destination_another_route_took() {
+        let desired = [via("fd00:10:0:1::/64", "fd00:1::1")];
+        let mut static_route = route("fd00:10:0:1::/64", "fd00:1::5", RTPROT_STATIC);
+        static_route.priority = 512;
+        let p = plan_of(
+            dual_stack(),
+            &desired,
+            None,
+            vec![
+                route("fd00:10:0:1::/64", "fd00:1::1", RTPROT_WEFT),
+                static_route,
+            ],
+        );
+        assert_eq!(p.blocked.len(), 1);
+        let withdrawn: Vec<_> = p.withdraw.iter().map(|(w, hop)| (w.dst, *hop)).collect();
+        assert_eq!(withdrawn, [(desired[0].dst, Hop::classic(&desired[0]))]);
+        assert!(p.puts.is_empty());
+    }
+
+    #[test]
+    fn flanneld_ipv6_route_as_wanted_is_adopted_by_replacing_it() {
+        let desired = peers_v6();
+        let p = plan_of(
+            dual_stack(),
+            &desired,
+            None,
+            vec![
+                route("fd00:10:0:1::/64", "fd00:1::1", RTPROT_BOOT),
+                route("fd00:10:0:2::/64", "fd00:1::9", RTPROT_BOOT),
+            ],
+        );
+        // IPv6 would refuse a copy beside it (same next hop): weft's replaces it.
+        assert_eq!(puts(&p), [(net("fd00:10:0:1::/64"), None, Some(REPLACE))]);
+        let adopted: Vec<_> = p.adopt.iter().map(|r| (r.dst, r.gateway)).collect();
+        assert_eq!(adopted, [(net("fd00:10:0:1::/64"), Some(ip("fd00:1::1")))]);
+        assert_eq!(p.blocked.len(), 1);
+        assert_eq!(p.blocked[0].0.dst, net("fd00:10:0:2::/64"));
+    }
+
+    #[test]
+    fn ipv6_routes_stay_classic_where_ipv4_ones_name_nexthops() {
+        let desired = [
+            via("10.244.1.0/24", "192.168.1.1"),
+            via("fd00:10:0:1::/64", "fd00:1::1"),
+        ];
+        let p = plan_of(dual_stack(), &desired, Some(Vec::new()), Vec::new());
+        assert_eq!(
+            puts(&p),
+            [
+                (desired[0].dst, Some(ADD), Some(ADD)),
+                (desired[1].dst, None, Some(ADD)),
+            ]
+        );
+        assert_eq!(p.puts[1].1.hop.nh, None);
+        assert!(p.nexthops.unused(&p.placed).is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_link_route_is_in_place_in_the_universe_scope_the_kernel_reports() {
+        let desired = [RouteSpec::link(net("fd00:10::/48"), 7, "flannel-wg")];
+        let p = plan_of(
+            dual_stack(),
+            &desired,
+            None,
+            vec![Installed::plain("fd00:10::/48", None, 7, RTPROT_WEFT)],
+        );
+        assert!(puts(&p).is_empty(), "{:?}", puts(&p));
+        assert!(p.remove.is_empty());
     }
 }

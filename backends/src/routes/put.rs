@@ -92,6 +92,8 @@ impl<'a> Put<'a> {
 mod tests {
     use std::net::Ipv4Addr;
 
+    use ipnet::{IpNet, Ipv4Net};
+
     use super::*;
 
     const ADD: u16 = NLM_F_CREATE | NLM_F_EXCL;
@@ -100,13 +102,13 @@ mod tests {
     #[test]
     fn a_targeted_change_sends_only_what_differs() {
         let want = RouteSpec {
-            gateway: Some(Ipv4Addr::new(192, 168, 1, 1)),
-            ..RouteSpec::device("10.244.1.0/24".parse().expect("dst"), 2, "eth0")
+            gateway: Some(Ipv4Addr::new(192, 168, 1, 1).into()),
+            ..RouteSpec::device("10.244.1.0/24".parse::<Ipv4Net>().expect("dst"), 2, "eth0")
         };
         let classic = Hop::classic(&want);
         let named = Hop::of(&want, true);
         let moved = Hop {
-            gateway: Some(Ipv4Addr::new(192, 168, 1, 9)),
+            gateway: Some(Ipv4Addr::new(192, 168, 1, 9).into()),
             ..named
         };
         let flags = |previous: Option<Hop>, hop: Hop| {
@@ -127,5 +129,25 @@ mod tests {
             Some((None, Some(REPLACE), Some(named)))
         );
         assert_eq!(flags(None, named), Some((Some(ADD), Some(ADD), None)));
+    }
+
+    #[test]
+    fn an_ipv6_gateway_change_replaces_the_classic_route() {
+        let want = RouteSpec {
+            gateway: Some("fd00:1::1".parse().expect("gateway")),
+            ..RouteSpec::device("fd00:10::/64".parse::<IpNet>().expect("dst"), 2, "eth0")
+        };
+        // Where the kernel has nexthops too.
+        let hop = Hop::of(&want, true);
+        assert_eq!(hop, Hop::classic(&want));
+        let before = Hop {
+            gateway: Some("fd00:1::9".parse().expect("gateway")),
+            ..hop
+        };
+        let put = Put::change(&want, hop, Some(before)).expect("a change");
+        assert_eq!((put.nh_flags, put.route_flags), (None, Some(REPLACE)));
+        assert!(Put::change(&want, hop, Some(hop)).is_none());
+        let add = Put::change(&want, hop, None).expect("an add");
+        assert_eq!((add.nh_flags, add.route_flags), (None, Some(ADD)));
     }
 }

@@ -1,11 +1,13 @@
 //! The requests that put weft's routes and nexthops in place and take them away, in batches.
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
-use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
+};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::RouteMessageBuilder;
 use tracing::debug;
@@ -88,10 +90,22 @@ pub(super) async fn delete_nexthops(batch: &Batch, ids: &[u32]) -> ErrorList {
 }
 
 /// A route request for `dst` through `hop`: naming its nexthop, or its gateway and device.
-fn route_message(dst: Ipv4Net, hop: Hop) -> RouteMessage {
-    let b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(dst.network(), dst.prefix_len())
-        .protocol(RouteProtocol::Other(RTPROT_WEFT));
+fn route_message(dst: IpNet, hop: Hop) -> RouteMessage {
+    match dst {
+        IpNet::V4(d) => through(
+            RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(d.network(), d.prefix_len()),
+            hop,
+        ),
+        IpNet::V6(d) => through(
+            RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(d.network(), d.prefix_len()),
+            hop,
+        ),
+    }
+}
+
+/// The route request `b` (its family and destination set) through `hop`.
+fn through<T>(b: RouteMessageBuilder<T>, hop: Hop) -> RouteMessage {
+    let b = b.protocol(RouteProtocol::Other(RTPROT_WEFT));
     if let Some(id) = hop.nh {
         let mut msg = b.build();
         msg.attributes.push(RouteAttribute::NhId(id));
@@ -104,7 +118,8 @@ fn route_message(dst: Ipv4Net, hop: Hop) -> RouteMessage {
         b = b.scope(RouteScope::Link);
     }
     if let Some(g) = hop.gateway {
-        b = b.gateway(g);
+        // Of the destination's family (`RouteSpec`), as the typed builder's `gateway` writes it.
+        (b.get_mut().attributes).push(RouteAttribute::Gateway(RouteAddress::from(g)));
     }
     if hop.onlink {
         b = b.onlink();
@@ -113,14 +128,14 @@ fn route_message(dst: Ipv4Net, hop: Hop) -> RouteMessage {
 }
 
 /// The request adding (or, by `flags`, replacing) the route to `dst` through `hop`.
-pub(super) fn new_route(dst: Ipv4Net, hop: Hop) -> RouteNetlinkMessage {
+pub(super) fn new_route(dst: IpNet, hop: Hop) -> RouteNetlinkMessage {
     RouteNetlinkMessage::NewRoute(route_message(dst, hop))
 }
 
 /// The request deleting weft's route to `dst` exactly as it was added (protocol, and nexthop or
 /// gateway and device): the kernel matches every field given, so no other route to `dst` can go
 /// instead.
-pub(super) fn delete_exact(dst: Ipv4Net, hop: Hop) -> Request<RouteNetlinkMessage> {
+pub(super) fn delete_exact(dst: IpNet, hop: Hop) -> Request<RouteNetlinkMessage> {
     (RouteNetlinkMessage::DelRoute(route_message(dst, hop)), 0)
 }
 
@@ -149,11 +164,32 @@ mod tests {
 
     #[test]
     fn a_device_route_is_universe_scope_unless_asked_for_link_scope() {
-        let net: Ipv4Net = "10.244.0.0/16".parse().expect("net");
+        let net: IpNet = "10.244.0.0/16".parse().expect("net");
         let device = route_message(net, Hop::classic(&RouteSpec::device(net, 7, "flannel0")));
         assert_eq!(device.header.scope, RouteScope::Universe);
         let link = route_message(net, Hop::classic(&RouteSpec::link(net, 7, "flannel-wg")));
         assert_eq!(link.header.scope, RouteScope::Link);
         assert!(link.attributes.contains(&RouteAttribute::Oif(7)));
+    }
+
+    #[test]
+    fn an_ipv6_route_is_an_inet6_message_with_ipv6_addresses() {
+        use rtnetlink::packet_route::AddressFamily;
+        let want = RouteSpec {
+            gateway: Some("fd00:1::2".parse().expect("gateway")),
+            onlink: true,
+            ..RouteSpec::device("fd00:10::/64".parse::<IpNet>().expect("net"), 7, "eth0")
+        };
+        let msg = route_message(want.dst, Hop::of(&want, true));
+        assert_eq!(msg.header.address_family, AddressFamily::Inet6);
+        assert_eq!(msg.header.destination_prefix_length, 64);
+        let dst = RouteAddress::Inet6("fd00:10::".parse().expect("addr"));
+        let gw = RouteAddress::Inet6("fd00:1::2".parse().expect("addr"));
+        assert!(msg.attributes.contains(&RouteAttribute::Destination(dst)));
+        assert!(msg.attributes.contains(&RouteAttribute::Gateway(gw)));
+        assert!(msg.attributes.contains(&RouteAttribute::Oif(7)));
+        // Classic even where the kernel has nexthops.
+        assert!(!(msg.attributes.iter()).any(|a| matches!(a, RouteAttribute::NhId(_))));
+        assert_eq!(msg.header.protocol, RouteProtocol::Other(RTPROT_WEFT));
     }
 }

@@ -2,21 +2,22 @@
 //! ([`Hop`]).
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::dump::Installed;
 use super::owner::{nexthop_id, RTPROT_WEFT};
 use crate::nexthop::Nexthop;
 
 /// One desired route `dst via gateway dev <oif> [onlink]` in the main table, or `dst dev <oif>`
-/// (a device route, as udp's route into flannel0) when there is no gateway.
+/// (a device route, as udp's route into flannel0) when there is no gateway. IPv4 or IPv6: the
+/// gateway is of the destination's family.
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
-    pub dst: Ipv4Net,
-    pub gateway: Option<Ipv4Addr>,
+    pub dst: IpNet,
+    pub gateway: Option<IpAddr>,
     pub oif: u32,
     /// Interface name, for messages only (shared: a pass may hold 10,000 routes).
     pub dev: Arc<str>,
@@ -30,9 +31,9 @@ pub struct RouteSpec {
 
 impl RouteSpec {
     /// `dst dev <oif>`: everything for `dst` goes into the device, with no next hop.
-    pub fn device(dst: Ipv4Net, oif: u32, dev: &str) -> Self {
+    pub fn device(dst: impl Into<IpNet>, oif: u32, dev: &str) -> Self {
         Self {
-            dst,
+            dst: dst.into(),
             gateway: None,
             oif,
             dev: dev.into(),
@@ -42,7 +43,7 @@ impl RouteSpec {
     }
 
     /// `dst dev <oif> scope link`.
-    pub fn link(dst: Ipv4Net, oif: u32, dev: &str) -> Self {
+    pub fn link(dst: impl Into<IpNet>, oif: u32, dev: &str) -> Self {
         Self {
             scope_link: true,
             ..Self::device(dst, oif, dev)
@@ -55,9 +56,19 @@ impl RouteSpec {
             && r.gateway == self.gateway
             && r.oif == Some(self.oif)
             && r.onlink == self.onlink
-            && r.scope_link == self.scope_link
-            && r.priority == 0
+            // The kernel reports every IPv6 route in universe scope, whatever it was given.
+            && (r.scope_link == self.scope_link || matches!(self.dst, IpNet::V6(_)))
+            && r.priority == default_metric(&self.dst)
             && r.clean
+    }
+}
+
+/// The metric the kernel gives a route added without one: 0, but IPv6 makes that 1024
+/// (`IP6_RT_PRIO_USER`).
+pub(super) fn default_metric(dst: &IpNet) -> u32 {
+    match dst {
+        IpNet::V4(_) => 0,
+        IpNet::V6(_) => 1024,
     }
 }
 
@@ -81,7 +92,7 @@ impl fmt::Display for RouteSpec {
 /// objects, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Hop {
-    pub(super) gateway: Option<Ipv4Addr>,
+    pub(super) gateway: Option<IpAddr>,
     pub(super) oif: u32,
     pub(super) onlink: bool,
     pub(super) scope_link: bool,
@@ -102,7 +113,7 @@ impl Hop {
 
     /// `r` through its own nexthop where it has a gateway and `nexthops` (the kernel has them).
     pub(super) fn of(r: &RouteSpec, nexthops: bool) -> Self {
-        let nh = (nexthops && r.gateway.is_some())
+        let nh = (nexthops && matches!(r.gateway, Some(IpAddr::V4(_))))
             .then(|| nexthop_id(r.dst))
             .flatten();
         Self {
@@ -113,11 +124,16 @@ impl Hop {
 
     /// The nexthop object this hop names, as weft makes it.
     pub(super) fn nexthop(&self) -> Option<Nexthop> {
+        // Only an IPv4 route has an id (`nexthop_id`), so its gateway is IPv4.
+        let gateway = match self.gateway {
+            Some(IpAddr::V4(g)) => Some(g),
+            _ => None,
+        };
         self.nh.map(|id| Nexthop {
             id,
             protocol: RTPROT_WEFT,
             oif: Some(self.oif),
-            gateway: self.gateway,
+            gateway,
             onlink: self.onlink,
             other: false,
         })

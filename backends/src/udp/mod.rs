@@ -451,6 +451,7 @@ impl Udp {
         let want = [network_route(self.net.network, index)];
         let owner = routes::Owner {
             network: self.net.network,
+            network_v6: None,
             device: Some(index),
         };
         routes::reconcile_owned(&handle, &batch, &owner, &want).await

@@ -214,6 +214,7 @@ impl DataPlane for Vxlan {
         );
         let owner = Owner {
             network: self.net.network,
+            network_v6: None,
             device: Some(index),
         };
         errs.0.extend(

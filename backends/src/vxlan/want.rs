@@ -45,16 +45,16 @@ pub fn route(
 ) -> RouteSpec {
     match plan {
         Plan::Overlay { .. } => RouteSpec {
-            dst: subnet,
-            gateway: Some(subnet.network()),
+            dst: subnet.into(),
+            gateway: Some(subnet.network().into()),
             oif: device.0,
             dev: device.1.clone(),
             onlink: true,
             scope_link: false,
         },
         Plan::Direct { public_ip } => RouteSpec {
-            dst: subnet,
-            gateway: Some(public_ip),
+            dst: subnet.into(),
+            gateway: Some(public_ip.into()),
             oif: underlay.0,
             dev: underlay.1.clone(),
             onlink: false,

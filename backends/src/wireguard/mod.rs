@@ -422,6 +422,7 @@ impl Wireguard {
         let want = [routes::RouteSpec::link(self.net.network, index, DEVICE)];
         let owner = routes::Owner {
             network: self.net.network,
+            network_v6: None,
             device: Some(index),
         };
         errs.0.extend(

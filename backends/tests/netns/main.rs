@@ -8,6 +8,7 @@ mod harness;
 mod host_gw;
 mod nexthops;
 mod routes_ownership;
+mod routes_v6;
 mod udp;
 mod vxlan;
 mod wireguard;
