@@ -1,6 +1,10 @@
 //! Checks every data plane applies to a peer lease before programming anything for it.
 
-use crate::iface::is_unicast_host;
+use std::net::Ipv6Addr;
+
+use ipnet::Ipv6Net;
+
+use crate::iface::{is_unicast_host, is_unicast_host6};
 use crate::{Error, Lease, Network};
 
 /// Rejects a peer lease weft must not route to: outside the cluster network, overlapping this
@@ -37,6 +41,46 @@ pub fn check(net: &Network, own: Option<&Lease>, peer: &Lease) -> Result<(), Err
         return Err(bad(format!("public IP {} is this host's", peer.public_ip)));
     }
     Ok(())
+}
+
+/// The peer's IPv6 side the data plane can route to: its subnet and PublicIPv6, when the network,
+/// this host and the peer are all dual-stack and the peer publishes a PublicIPv6; `Ok(None)`
+/// otherwise (it is then an IPv4 peer). The same guard as [`check`]'s, for IPv6.
+pub fn check_v6(
+    net: &Network,
+    own: Option<&Lease>,
+    peer: &Lease,
+) -> Result<Option<(Ipv6Net, Ipv6Addr)>, Error> {
+    let (Some(network), Some(own), Some(v6)) = (
+        net.network_v6,
+        own.and_then(|o| o.ipv6.as_ref()),
+        peer.ipv6.as_ref(),
+    ) else {
+        return Ok(None);
+    };
+    let Some(ip) = v6.public_ip else {
+        return Ok(None);
+    };
+    let bad = |reason: String| Error::BadPeer {
+        subnet: v6.subnet.to_string(),
+        reason,
+    };
+    if !network.contains(&v6.subnet) {
+        return Err(bad(format!("not inside the cluster network {network}")));
+    }
+    if own.subnet.contains(&v6.subnet) || v6.subnet.contains(&own.subnet) {
+        return Err(bad(format!("overlaps this host's subnet {}", own.subnet)));
+    }
+    if !is_unicast_host6(ip) {
+        return Err(bad(format!(
+            "public IPv6 {ip} is not a unicast host address"
+        )));
+    }
+    let ext = &net.external;
+    if Some(ip) == ext.public_ipv6 || Some(ip) == ext.iface_addr6 {
+        return Err(bad(format!("public IPv6 {ip} is this host's")));
+    }
+    Ok(Some((v6.subnet, ip)))
 }
 
 /// Whether the peer runs the same backend; others are ignored, as flannel does.

@@ -16,7 +16,7 @@ use std::hash::Hash;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::Value;
 
 use crate::mac::Mac;
@@ -202,6 +202,8 @@ pub struct Host<'a> {
     pub device: Option<u32>,
     /// The underlay's directly connected networks (host-gw; vxlan with DirectRouting).
     pub connected: &'a [Ipv4Net],
+    /// Its directly connected IPv6 networks (host-gw on a dual-stack network).
+    pub connected6: &'a [Ipv6Net],
 }
 
 /// The kernel state a backend wants for a lease and its peers.

@@ -200,14 +200,21 @@ pub fn peers(f: &Facts) -> Outcome {
         external: c.ext.clone(),
     };
     let connected = k.connected(c.ext.index);
-    let own = own.to_backend();
+    // The IPv4 side only: the kernel facts hold IPv4 routes and neighbours (the IPv6 side of a
+    // dual-stack host is not checked yet).
+    let v4 = |l: &Lease| weft_backends::Lease {
+        ipv6: None,
+        ..l.to_backend()
+    };
+    let own = v4(own);
     let host = Host {
         net: &net,
         own: &own,
         device: dev_index,
         connected: &connected,
+        connected6: &[],
     };
-    let peers: Vec<_> = peers.iter().map(Lease::to_backend).collect();
+    let peers: Vec<_> = peers.iter().map(v4).collect();
     let want = match (kind.desired)(&c.config.backend, &host, &peers) {
         Ok(Some(want)) => want,
         Ok(None) => return Outcome::skip(format!("the backend {} programs no peers", c.backend)),

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
@@ -191,6 +191,43 @@ pub(super) fn parse(msg: RouteMessage, nexthops: &HashMap<u32, Nexthop>) -> Inst
     }
     r.msg = msg;
     r
+}
+
+/// The IPv6 networks directly reachable through interface `oif`: the kernel's prefix routes of
+/// its global addresses (IPv6 routes carry no link scope: the kernel's protocol, no gateway, and
+/// not link-local, which no peer's PublicIPv6 is).
+pub async fn connected_networks_v6(handle: &Handle, oif: u32) -> Result<Vec<Ipv6Net>, Error> {
+    let connected = |m: RouteMessage| async move {
+        let h = &m.header;
+        let plain = h.kind == RouteType::Unicast && h.protocol == RouteProtocol::Kernel;
+        if !plain || h.destination_prefix_length == 0 {
+            return Ok(None);
+        }
+        if table(&m) != u32::from(RouteHeader::RT_TABLE_MAIN) {
+            return Ok(None);
+        }
+        let mut oif_ok = false;
+        for a in &m.attributes {
+            match a {
+                RouteAttribute::Gateway(_) | RouteAttribute::MultiPath(_) => return Ok(None),
+                RouteAttribute::Oif(i) => oif_ok = *i == oif,
+                _ => {}
+            }
+        }
+        let link_local: Ipv6Net = "fe80::/10".parse().unwrap_or_default();
+        Ok(match dst(&m) {
+            IpNet::V6(d) if oif_ok && !link_local.contains(&d.network()) => Some(d),
+            _ => None,
+        })
+    };
+    handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+        .execute()
+        .try_filter_map(connected)
+        .try_collect()
+        .await
+        .map_err(Error::netlink(LIST_ROUTES))
 }
 
 /// The networks directly reachable through interface `oif`: the scope-link routes of the main

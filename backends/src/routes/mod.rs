@@ -66,7 +66,7 @@ use rtnetlink::Handle;
 use tracing::{debug, info};
 
 pub use dump::table as route_table;
-pub(crate) use dump::{connected_networks, list_main};
+pub(crate) use dump::{connected_networks, connected_networks_v6, list_main};
 pub use owner::Owner;
 pub use spec::RouteSpec;
 
