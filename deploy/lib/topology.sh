@@ -7,6 +7,10 @@
 #           interface selection picks eth0), bridge cni0, weftd
 #   <P>cN   container N: eth0, its peer veth0 on hN's cni0
 #
+# The underlay is dual-stack when the kernel has IPv6: a.b.c.d/24 comes with fd00:a:b:c::d/64, the
+# octets' decimal digits written as the groups (10.99.0.11 is fd00:10:99::11, the switch ::1),
+# with the same default routes. tests/lab/src/topology.rs uses the same rule (underlay_ip6).
+#
 # Every process, namespace and file it creates is recorded (arrays and $TOPO_DIR/{pids,netns}),
 # and topo_cleanup removes exactly those: nothing outside the namespaces is touched or contacted.
 # Every external command that could hang runs under a time limit and every wait is bounded; the
@@ -182,12 +186,40 @@ topo_stop_tracked() {
   mv "$TOPO_DIR/pids.new" "$TOPO_DIR/pids"
 }
 
+# Whether the kernel has IPv6 (not booted with ipv6.disable=1); without it the lab is IPv4 only.
+topo_have_ipv6() { [[ -d /proc/sys/net/ipv6 ]]; }
+
+# IPv6 on in namespace NS, for devices there now and made later; extra sysctl settings may follow
+# (a host's forwarding).
+topo_ipv6_on() {
+  local ns=$1; shift
+  topo_have_ipv6 || return 0
+  topo_nsexec "$ns" 10 sysctl -qw net.ipv6.conf.all.disable_ipv6=0 \
+    net.ipv6.conf.default.disable_ipv6=0 "$@"
+}
+
+# The IPv6 underlay's /64 as its leading groups, from TOPO_UNDERLAY when it is asked for (a caller
+# may set TOPO_UNDERLAY after sourcing this): 10.99.0 gives fd00:10:99. Trailing zero groups are
+# left off, so "$(topo_underlay6)::N" is the canonical text `ip` prints (fd00:10:99::11).
+topo_underlay6() {
+  local p="fd00:${TOPO_UNDERLAY//./:}"
+  while [[ $p == *:0 ]]; do p=${p%:0}; done
+  printf '%s' "$p"
+}
+
+topo_switch_ip6() { printf '%s::1' "$(topo_underlay6)"; }
+
 topo_switch() {
   local sw
   sw=$(topo_ns sw)
   topo_ns_add "$sw"
+  topo_ipv6_on "$sw"
   topo_t 10 ip -n "$sw" link add br0 type bridge
   topo_t 10 ip -n "$sw" addr add "${TOPO_UNDERLAY}.1/24" dev br0
+  if topo_have_ipv6; then
+    # nodad: usable at once, not tentative for a second.
+    topo_t 10 ip -n "$sw" addr add "$(topo_switch_ip6)/64" dev br0 nodad
+  fi
   topo_t 10 ip -n "$sw" link set br0 up
 }
 
@@ -198,11 +230,19 @@ topo_host() {
   h=$(topo_ns "h$n"); c=$(topo_ns "c$n"); sw=$(topo_ns sw)
   topo_ns_add "$h"
   topo_ns_add "$c"
+  topo_ipv6_on "$h" net.ipv6.conf.all.forwarding=1
+  topo_ipv6_on "$c"
   topo_t 10 ip -n "$h" link add eth0 mtu "$mtu" type veth peer name "h$n" netns "$sw"
   topo_t 10 ip -n "$sw" link set "h$n" mtu "$mtu" master br0 up
   topo_t 10 ip -n "$h" addr add "$(topo_underlay_ip "$n")/24" dev eth0
+  if topo_have_ipv6; then
+    topo_t 10 ip -n "$h" addr add "$(topo_underlay_ip6 "$n")/64" dev eth0 nodad
+  fi
   topo_t 10 ip -n "$h" link set eth0 up
   topo_t 10 ip -n "$h" route add default via "${TOPO_UNDERLAY}.1"
+  if topo_have_ipv6; then
+    topo_t 10 ip -n "$h" -6 route add default via "$(topo_switch_ip6)"
+  fi
   topo_nsexec "$h" 10 sysctl -qw net.ipv4.ip_forward=1
   topo_t 10 ip -n "$h" link add cni0 type bridge
   topo_t 10 ip -n "$h" link set cni0 up
@@ -212,6 +252,9 @@ topo_host() {
 }
 
 topo_underlay_ip() { printf '%s.%d' "$TOPO_UNDERLAY" "$((10 + $1))"; }
+
+# Host N's IPv6 underlay address: fd00:10:99::11 beside 10.99.0.11.
+topo_underlay_ip6() { printf '%s::%d' "$(topo_underlay6)" "$((10 + $1))"; }
 
 # Deletes host N and its container (their processes must be stopped first).
 topo_host_del() {

@@ -182,3 +182,148 @@ fn a_dual_stack_config_with_a_backend_that_carries_only_ipv4_is_refused_clearly(
         "no lease under a config it cannot run"
     );
 }
+
+// ---- dual-stack data planes: simulated hosts, real kernels (root) ----
+
+mod datapath {
+    use std::time::Duration;
+
+    use weft_lab::json::rows;
+
+    use crate::harness::wait_for;
+    use crate::netns::{require_root, Topology, PREFIX};
+
+    const HOST_GW: &str = r#"{"Network":"10.247.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:247::/48","Backend":{"Type":"host-gw"}}"#;
+    const T: Duration = Duration::from_secs(30);
+
+    fn hosts(n: usize, config: &str, weft: &[usize], extra: &[&str]) -> Option<Topology> {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("dual_stack")
+            .to_string();
+        if !require_root(&name) || !weft_lab::require_ipv6(&name) {
+            return None;
+        }
+        let mut t = Topology::new(n, 1500);
+        t.set_config(config);
+        for &i in weft {
+            t.start(i, extra);
+        }
+        for &i in weft {
+            t.wire_container_dual(i);
+        }
+        Some(t)
+    }
+
+    /// weft's (protocol 87) IPv6 routes on host `i`, as "dst gateway dev".
+    fn routes6(t: &Topology, i: usize) -> Vec<String> {
+        rows(
+            &t.hosts[i].ns.ip_json("-6 route show proto 87"),
+            &["dst", "gateway", "dev"],
+        )
+    }
+
+    #[test]
+    fn host_gw_dual_stack_containers_reach_each_other_over_both_families() {
+        let Some(t) = hosts(3, HOST_GW, &[0, 1, 2], &[]) else {
+            return;
+        };
+        t.assert_full_mesh(&[0, 1, 2]);
+        t.assert_full_mesh6(&[0, 1, 2]);
+        for i in 0..3 {
+            let routes = routes6(&t, i);
+            assert_eq!(routes.len(), 2, "{routes:?}");
+            for j in (0..3).filter(|j| *j != i) {
+                let want = format!("{} {} eth0", t.hosts[j].wait_subnet6(), t.hosts[j].addr6());
+                assert!(routes.contains(&want), "{want} missing from {routes:?}");
+            }
+            // The lease publishes the interface's IPv6 address, found without a flag.
+            let key = format!(
+                "{PREFIX}/subnets/{}&{}",
+                t.hosts[i].wait_subnet().to_string().replace('/', "-"),
+                t.hosts[i].wait_subnet6().to_string().replace('/', "-")
+            );
+            let value = t.etcdctl(&["get", "--print-value-only", &key]);
+            let lease: serde_json::Value = serde_json::from_str(value.trim()).expect("lease");
+            assert_eq!(lease["PublicIPv6"], t.hosts[i].addr6().to_string(), "{key}");
+        }
+    }
+
+    #[test]
+    fn a_dual_stack_peer_that_leaves_takes_both_its_routes_with_it() {
+        let Some(mut t) = hosts(3, HOST_GW, &[0, 1, 2], &["--subnet-lease-ttl=4s"]) else {
+            return;
+        };
+        t.assert_full_mesh6(&[0, 1, 2]);
+        let (gone4, gone6) = (t.hosts[2].wait_subnet(), t.hosts[2].wait_subnet6());
+        t.hosts[2].kill();
+        for i in 0..2 {
+            wait_for("the expired peer's IPv6 route to go", T, || {
+                (routes6(&t, i).len() == 1).then_some(())
+            });
+            assert!(t.hosts[i].ns.route(&gone4.to_string()).is_none());
+            assert!(!routes6(&t, i)
+                .iter()
+                .any(|r| r.starts_with(&gone6.to_string())));
+        }
+        t.assert_full_mesh6(&[0, 1]);
+    }
+
+    #[test]
+    fn a_hand_made_flannel_dual_stack_host_gw_node_and_weft_nodes_reach_each_other() {
+        // Host 2 is flanneld's, built by hand exactly as flanneld leaves it: its lease in etcd
+        // under flannel's dual-stack key and JSON, and a route per peer subnet and family.
+        let Some(t) = hosts(3, HOST_GW, &[0, 1], &[]) else {
+            return;
+        };
+        let f = &t.hosts[2];
+        let (s4, s6): (ipnet::Ipv4Net, ipnet::Ipv6Net) = (
+            "10.247.200.0/24".parse().unwrap(),
+            "fd00:247:0:c8::/64".parse().unwrap(),
+        );
+        t.etcd().put_leased(
+            &format!("{PREFIX}/subnets/10.247.200.0-24&fd00:247:0:c8::-64"),
+            &format!(
+                r#"{{"PublicIP":"{}","PublicIPv6":"{}","BackendType":"host-gw"}}"#,
+                f.addr(),
+                f.addr6()
+            ),
+            600,
+        );
+        f.wire_container_dual(s4, s6, Some(1500));
+        for i in 0..2 {
+            let h = &t.hosts[i];
+            f.ns.ip(&format!(
+                "route add {} via {} dev eth0",
+                h.wait_subnet(),
+                h.addr()
+            ));
+            f.ns.ip(&format!(
+                "-6 route add {} via {} dev eth0",
+                h.wait_subnet6(),
+                h.addr6()
+            ));
+        }
+        for i in 0..2 {
+            let h = &t.hosts[i];
+            let (to4, to6) = (
+                weft_lab::topology::container_ip(s4),
+                weft_lab::topology::container_ip6(s6),
+            );
+            wait_for("weft's container to reach flannel's over IPv4", T, || {
+                h.ping(to4).then_some(())
+            });
+            wait_for("weft's container to reach flannel's over IPv6", T, || {
+                h.ping6(to6).then_some(())
+            });
+            assert!(
+                f.ping(h.container_ip()),
+                "flannel's container to weft's over IPv4"
+            );
+            assert!(
+                f.ping6(h.container_ip6()),
+                "flannel's container to weft's over IPv6"
+            );
+        }
+    }
+}

@@ -49,6 +49,24 @@ impl Host {
         weft_lab::topology::container_ip(self.wait_subnet())
     }
 
+    /// The IPv6 lease of a dual-stack host, e.g. `fd00:247:0:5::/64`, waiting for subnet.env.
+    pub fn wait_subnet6(&self) -> ipnet::Ipv6Net {
+        wait_for(
+            &format!("FLANNEL_IPV6_SUBNET of {}", self.ns.name),
+            Duration::from_secs(30),
+            || {
+                self.assert_running();
+                let gw: ipnet::Ipv6Net = self.env_var("FLANNEL_IPV6_SUBNET")?.parse().ok()?;
+                Some(gw.trunc())
+            },
+        )
+    }
+
+    /// The container's IPv6 address: the second address of the IPv6 lease.
+    pub fn container_ip6(&self) -> std::net::Ipv6Addr {
+        weft_lab::topology::container_ip6(self.wait_subnet6())
+    }
+
     /// Every weftd log of this host (one file across restarts).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("weftd.log")).unwrap_or_default()
@@ -157,6 +175,29 @@ impl Topology {
             .and_then(|m| m.parse().ok())
             .expect("FLANNEL_MTU");
         h.wire_container(subnet, Some(mtu));
+    }
+
+    /// [`Topology::wire_container`] for both families of a dual-stack lease.
+    pub fn wire_container_dual(&self, i: usize) {
+        let h = &self.hosts[i];
+        let mtu = h.env_var("FLANNEL_MTU").and_then(|m| m.parse().ok());
+        h.wire_container_dual(h.wait_subnet(), h.wait_subnet6(), mtu);
+    }
+
+    /// Waits until every listed container reaches every other one over IPv6.
+    pub fn assert_full_mesh6(&self, hosts: &[usize]) {
+        for &a in hosts {
+            for &b in hosts {
+                if a != b {
+                    let to = self.hosts[b].container_ip6();
+                    wait_for(
+                        &format!("{}'s container to reach {to}", self.hosts[a].ns.name),
+                        Duration::from_secs(20),
+                        || self.hosts[a].ping6(to).then_some(()),
+                    );
+                }
+            }
+        }
     }
 
     /// Whether one ping from host `from`'s container reaches `to`.

@@ -4,8 +4,9 @@
 //! hosts plugged into the bridge by veth pairs, each with a "container" namespace behind a `cni0`
 //! bridge, and outsiders (machines on the switch that are not in the cluster). Names that the
 //! machine sees (namespaces, temp dirs) carry a unique per-lab prefix; interface names live inside
-//! private namespaces, so fixed names (eth0, cni0) are safe. Everything a lab made is removed in
-//! `Drop`, also when a test panics; processes are ended by the PID the lab started them with.
+//! private namespaces, so fixed names (eth0, cni0) are safe. The underlay is dual-stack: each IPv4
+//! underlay address has an IPv6 one beside it (`topology`'s doc). Everything a lab made is removed
+//! in `Drop`, also when a test panics; processes are ended by the PID the lab started them with.
 //! Every external command runs under a time limit.
 //!
 //! A real kube-apiserver for the Kubernetes mode (`kube`): on the switch at [`SWITCH_IP`], with
@@ -33,8 +34,8 @@ pub use cmd::{must, sh};
 pub use etcd::Etcd;
 pub use kube::{require_kube, KubeApi};
 pub use netns::Netns;
-pub use skip::{require_root, require_tools};
-pub use topology::{Host, Lab, SWITCH_IP};
+pub use skip::{require_ipv6, require_root, require_tools};
+pub use topology::{Host, Lab, SWITCH_IP, SWITCH_IP6};
 pub use wait::wait_for;
 pub use wireguard_go::WireguardGo;
 

@@ -132,6 +132,13 @@ impl Netns {
         v
     }
 
+    /// IPv6 routes of the main table, sorted by destination (each up device's fe80::/64 included).
+    pub fn routes6_json(&self) -> Vec<Value> {
+        let mut v = entries(self.ip_json("-6 route show table main"));
+        v.sort_by_key(|r| r["dst"].to_string());
+        v
+    }
+
     /// Routes weft owns (protocol 87), sorted by destination.
     pub fn weft_routes(&self) -> Vec<Value> {
         let mut v = self.routes_json();

@@ -31,6 +31,20 @@ pub fn require_root(test: &str) -> bool {
     skip(test, "needs root (network namespaces)")
 }
 
+/// Whether root and the kernel's IPv6 (the lab's IPv6 underlay) are there.
+pub fn require_ipv6(test: &str) -> bool {
+    if !require_root(test) {
+        return false;
+    }
+    if crate::topology::have_ipv6() {
+        return true;
+    }
+    skip(
+        test,
+        "needs IPv6 (the kernel was booted with ipv6.disable=1)",
+    )
+}
+
 /// Whether root and every tool in `tools` are there.
 pub fn require_tools(test: &str, tools: &[&str]) -> bool {
     if !require_root(test) {

@@ -4,12 +4,18 @@
 //! Default addressing (`Lab::with_hosts`): the switch is 10.199.0.1/24 and runs etcd; host `i` is
 //! 10.199.0.(11+i)/24 with a default route via the switch. Tests that need other underlays
 //! (several L2 segments, MTU 9000) call `add_host` with their own.
+//!
+//! Every underlay also has IPv6 (when the kernel has it): an IPv4 address a.b.c.d/24 comes with
+//! fd00:a:b:c::d/64 ([`underlay_ip6`]), the octets' decimal digits written as the groups, so
+//! 10.199.0.11 is fd00:10:199::11 and the switch fd00:10:199::1. Like the IPv4 plan this is
+//! fixed, and safe because every lab has its own namespaces; distinct IPv4 segments get distinct
+//! /64s.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tempfile::TempDir;
 
 use crate::etcd::Etcd;
@@ -19,6 +25,40 @@ use crate::netns::{unique_prefix, Netns};
 /// The switch's address: etcd (and a lab's kube-apiserver) listens here, and it stands for
 /// "outside the cluster network".
 pub const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 1);
+
+/// The switch's IPv6 address: [`underlay_ip6`] of [`SWITCH_IP`].
+pub const SWITCH_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x199, 0, 0, 0, 0, 0x1);
+
+/// The IPv6 underlay address that goes with IPv4 underlay address `v4`: a.b.c.d is fd00:a:b:c::d,
+/// each octet's decimal digits read as hex, so the two read alike and never collide.
+pub fn underlay_ip6(v4: Ipv4Addr) -> Ipv6Addr {
+    let g = |o: u8| u16::from_str_radix(&o.to_string(), 16).expect("decimal digits are hex");
+    let [a, b, c, d] = v4.octets();
+    Ipv6Addr::new(0xfd00, g(a), g(b), g(c), 0, 0, 0, g(d))
+}
+
+/// Whether the kernel has IPv6 (not booted with ipv6.disable=1): without it the lab is IPv4 only,
+/// so IPv4 tests still run there.
+pub fn have_ipv6() -> bool {
+    std::path::Path::new("/proc/sys/net/ipv6").exists()
+}
+
+/// IPv6 on in `ns`, for devices there now and made later; `forwarding` for a router (a host).
+fn ipv6_on(ns: &Netns, forwarding: bool) {
+    if !have_ipv6() {
+        return;
+    }
+    let mut args = vec![
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=0",
+        "net.ipv6.conf.default.disable_ipv6=0",
+    ];
+    if forwarding {
+        args.push("net.ipv6.conf.all.forwarding=1");
+    }
+    ns.must(&args);
+}
 
 /// The first host address of a lease: the bridge's (docker0, cni0) and FLANNEL_SUBNET's.
 pub fn gateway(subnet: Ipv4Net) -> Ipv4Addr {
@@ -30,12 +70,25 @@ pub fn container_ip(subnet: Ipv4Net) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(subnet.network()) + 2)
 }
 
+/// [`gateway`] for an IPv6 lease: its first address after the network's (on cni0).
+pub fn gateway6(subnet: Ipv6Net) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(subnet.network()) + 1)
+}
+
+/// [`container_ip`] for an IPv6 lease: its second address after the network's.
+pub fn container_ip6(subnet: Ipv6Net) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(subnet.network()) + 2)
+}
+
 /// One simulated host.
 pub struct Host {
     pub ns: Netns,
     pub container: Netns,
     /// The underlay address and prefix on `eth0`.
     pub underlay: Ipv4Net,
+    /// The IPv6 underlay address on `eth0` ([`underlay_ip6`] of `underlay`, /64); not there when
+    /// the kernel has no IPv6 ([`have_ipv6`]).
+    pub underlay6: Ipv6Net,
     /// A private directory (subnet.env, daemon.json, logs).
     pub dir: PathBuf,
 }
@@ -44,6 +97,11 @@ impl Host {
     /// The host's underlay address.
     pub fn addr(&self) -> Ipv4Addr {
         self.underlay.addr()
+    }
+
+    /// The host's IPv6 underlay address.
+    pub fn addr6(&self) -> Ipv6Addr {
+        self.underlay6.addr()
     }
 
     /// Puts the container behind `cni0` with the second address of `subnet`, as Docker or the
@@ -69,10 +127,32 @@ impl Host {
         self.container.ip(&format!("route add default via {gw}"));
     }
 
+    /// [`Host::wire_container`] for both families: also [`gateway6`] of `subnet6` on `cni0`, the
+    /// container at [`container_ip6`] with a default IPv6 route via it. IPv6 needs `mtu` >= 1280.
+    pub fn wire_container_dual(&self, subnet: Ipv4Net, subnet6: Ipv6Net, mtu: Option<u32>) {
+        self.wire_container(subnet, mtu);
+        let gw = gateway6(subnet6);
+        let len = subnet6.prefix_len();
+        // nodad: usable at once, not tentative for a second.
+        self.ns.ip(&format!("addr add {gw}/{len} dev cni0 nodad"));
+        self.container.ip(&format!(
+            "addr add {}/{len} dev eth0 nodad",
+            container_ip6(subnet6)
+        ));
+        self.container.ip(&format!("-6 route add default via {gw}"));
+    }
+
     /// Whether one ping from this host's container reaches `to`.
     pub fn ping(&self, to: Ipv4Addr) -> bool {
         self.container
             .exec(&["ping", "-c1", "-W1", &to.to_string()])
+            .0
+    }
+
+    /// [`Host::ping`] over IPv6.
+    pub fn ping6(&self, to: Ipv6Addr) -> bool {
+        self.container
+            .exec(&["ping", "-6", "-c1", "-W1", &to.to_string()])
             .0
     }
 
@@ -114,7 +194,8 @@ impl Default for Lab {
 }
 
 impl Lab {
-    /// A switch with bridge `br0` (address [`SWITCH_IP`]/24) and nothing on it.
+    /// A switch with bridge `br0` (addresses [`SWITCH_IP`]/24 and [`SWITCH_IP6`]/64) and nothing on
+    /// it.
     pub fn new() -> Self {
         let prefix = unique_prefix();
         let dir = tempfile::Builder::new()
@@ -122,8 +203,12 @@ impl Lab {
             .tempdir()
             .expect("lab dir");
         let switch = Netns::new(format!("{prefix}sw"));
+        ipv6_on(&switch, false);
         switch.ip("link add br0 type bridge");
         switch.ip(&format!("addr add {SWITCH_IP}/24 dev br0"));
+        if have_ipv6() {
+            switch.ip(&format!("addr add {SWITCH_IP6}/64 dev br0 nodad"));
+        }
         switch.ip("link set br0 up");
         Self {
             prefix,
@@ -137,24 +222,27 @@ impl Lab {
         }
     }
 
-    /// `n` hosts at 10.199.0.(11+i)/24 with underlay MTU `mtu`, routed via the switch, and a
-    /// one-member etcd on the switch.
+    /// `n` hosts at 10.199.0.(11+i)/24 and fd00:10:199::(11+i)/64 with underlay MTU `mtu`,
+    /// default routes of both families via the switch, and a one-member etcd on the switch.
     pub fn with_hosts(n: usize, mtu: u32) -> Self {
         let mut lab = Self::new();
         lab.switch.ip(&format!("link set br0 mtu {mtu}"));
         for i in 0..n {
             let addr = Ipv4Addr::new(10, 199, 0, 11 + i as u8);
             lab.add_host(&format!("{addr}/24"), mtu);
-            lab.hosts[i]
-                .ns
-                .ip(&format!("route add default via {SWITCH_IP}"));
+            let ns = &lab.hosts[i].ns;
+            ns.ip(&format!("route add default via {SWITCH_IP}"));
+            // As for IPv4: weftd's interface choice follows the default route.
+            if have_ipv6() {
+                ns.ip(&format!("-6 route add default via {SWITCH_IP6}"));
+            }
         }
         lab.start_etcd(1);
         lab
     }
 
-    /// Adds a host with `underlay` (CIDR) on `eth0` and forwarding on; its container is wired
-    /// later with [`Host::wire_container`].
+    /// Adds a host with `underlay` (CIDR) and its [`underlay_ip6`]/64 on `eth0` and forwarding on
+    /// (both families); its container is wired later with [`Host::wire_container`].
     pub fn add_host(&mut self, underlay: &str, mtu: u32) -> &Host {
         let h = self.new_host(underlay, mtu);
         self.hosts.push(h);
@@ -168,22 +256,28 @@ impl Lab {
         self.made.set(i + 1);
         let ns = Netns::new(format!("{}h{i}", self.prefix));
         let container = Netns::new(format!("{}c{i}", self.prefix));
+        ipv6_on(&ns, true);
+        ipv6_on(&container, false);
         self.plug(&ns, &format!("p{i}"), underlay, mtu);
         ns.must(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         let dir = self.dir.path().join(&ns.name);
         std::fs::create_dir_all(&dir).expect("host dir");
+        let underlay: Ipv4Net = underlay.parse().expect("underlay CIDR");
         Host {
             ns,
             container,
-            underlay: underlay.parse().expect("underlay CIDR"),
+            underlay,
+            underlay6: Ipv6Net::new(underlay_ip6(underlay.addr()), 64).expect("a /64"),
             dir,
         }
     }
 
-    /// A machine outside the cluster on the switch, with `addr` (CIDR) on eth0.
+    /// A machine outside the cluster on the switch, with `addr` (CIDR) and its [`underlay_ip6`]/64
+    /// on eth0.
     pub fn add_outsider(&mut self, addr: &str) -> &Netns {
         let k = self.outsiders.len();
         let ns = Netns::new(format!("{}o{k}", self.prefix));
+        ipv6_on(&ns, false);
         self.plug(&ns, &format!("o{k}"), addr, 1500);
         self.outsiders.push(ns);
         &self.outsiders[k]
@@ -197,6 +291,11 @@ impl Lab {
         self.switch
             .ip(&format!("link set {port} mtu {mtu} master br0 up"));
         ns.ip(&format!("addr add {addr} dev eth0"));
+        if have_ipv6() {
+            let v4: Ipv4Net = addr.parse().expect("underlay CIDR");
+            let v6 = underlay_ip6(v4.addr());
+            ns.ip(&format!("addr add {v6}/64 dev eth0 nodad"));
+        }
         ns.ip("link set eth0 up");
     }
 
@@ -262,4 +361,31 @@ pub fn wait_port(ns: &Netns, ip: Ipv4Addr, port: u16, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_underlay_address_reads_like_its_ipv4_one() {
+        assert_eq!(underlay_ip6(SWITCH_IP), SWITCH_IP6);
+        let h: Ipv6Addr = "fd00:10:199::11".parse().expect("v6");
+        assert_eq!(underlay_ip6(Ipv4Addr::new(10, 199, 0, 11)), h);
+        let o: Ipv6Addr = "fd00:192:168:100::255".parse().expect("v6");
+        assert_eq!(underlay_ip6(Ipv4Addr::new(192, 168, 100, 255)), o);
+    }
+
+    #[test]
+    fn an_ipv6_lease_puts_the_gateway_and_the_container_where_ipv4_does() {
+        let net: Ipv6Net = "fd42:244:0:3::/64".parse().expect("v6 net");
+        assert_eq!(
+            gateway6(net),
+            "fd42:244:0:3::1".parse::<Ipv6Addr>().expect("v6")
+        );
+        assert_eq!(
+            container_ip6(net),
+            "fd42:244:0:3::2".parse::<Ipv6Addr>().expect("v6")
+        );
+    }
 }

@@ -1,10 +1,13 @@
-//! The lab's own parts that later suites build on: a host cut off from etcd, and a multi-member
-//! etcd that survives losing one member. Needs root.
+//! The lab's own parts that later suites build on: a host cut off from etcd, a multi-member
+//! etcd that survives losing one member, and the IPv6 underlay dual-stack tests build on (every
+//! host and the switch have an IPv6 address beside the IPv4 one, and a container can be wired for
+//! both families). Needs root.
 
+use std::net::Ipv6Addr;
 use std::time::Duration;
 
-use weft_lab::topology::wait_port;
-use weft_lab::{require_root, wait_for, Lab};
+use weft_lab::topology::{container_ip6, gateway6, wait_port};
+use weft_lab::{require_ipv6, require_root, wait_for, Lab, Netns, SWITCH_IP6};
 
 #[test]
 fn a_cut_off_host_cannot_reach_etcd_but_still_reaches_the_other_hosts() {
@@ -63,4 +66,69 @@ fn a_three_member_etcd_keeps_serving_with_one_member_down() {
     lab.etcd_mut().start_member(0);
     lab.etcd().put("/k", "after");
     assert_eq!(lab.etcd().get("/k").as_deref(), Some("after"));
+}
+
+fn ping6(from: &Netns, to: Ipv6Addr) -> bool {
+    from.exec(&["ping", "-6", "-c1", "-W1", &to.to_string()]).0
+}
+
+#[test]
+fn lab_hosts_reach_each_other_and_the_switch_over_ipv6() {
+    if !require_ipv6("lab_hosts_reach_each_other_and_the_switch_over_ipv6") {
+        return;
+    }
+    let lab = Lab::with_hosts(2, 1500);
+    let (h0, h1) = (&lab.hosts[0], &lab.hosts[1]);
+    let want: Ipv6Addr = "fd00:10:199::11".parse().expect("v6");
+    assert_eq!(h0.addr6(), want, "read like 10.199.0.11");
+
+    assert!(ping6(&h0.ns, h1.addr6()), "h0 -> h1");
+    assert!(ping6(&h1.ns, h0.addr6()), "h1 -> h0");
+    for h in &lab.hosts {
+        assert!(ping6(&h.ns, SWITCH_IP6), "{} -> switch", h.ns.name);
+        let routes = h.ns.routes6_json();
+        assert!(
+            routes
+                .iter()
+                .any(|r| r["dst"] == "default" && r["gateway"] == SWITCH_IP6.to_string()),
+            "{}: no IPv6 default route via the switch: {routes:?}",
+            h.ns.name
+        );
+        let fwd = h.ns.must(&["sysctl", "-n", "net.ipv6.conf.all.forwarding"]);
+        assert_eq!(fwd.trim(), "1", "{} forwards IPv6", h.ns.name);
+    }
+    // IPv4 is as before.
+    assert!(
+        h0.ns
+            .exec(&["ping", "-c1", "-W1", &h1.addr().to_string()])
+            .0
+    );
+}
+
+#[test]
+fn lab_container_wired_dual_stack_reaches_its_host_over_both_families() {
+    if !require_ipv6("lab_container_wired_dual_stack_reaches_its_host_over_both_families") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let h = lab.add_host("10.199.0.11/24", 1500);
+    let subnet6 = "fd00:244:1::/64".parse().expect("v6 net");
+    h.wire_container_dual("10.244.1.0/24".parse().expect("net"), subnet6, Some(1450));
+
+    let addrs = h.container.ip_json("-6 addr show dev eth0 scope global");
+    let got = addrs[0]["addr_info"][0]["local"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(got, container_ip6(subnet6).to_string());
+    assert!(h.ping6(gateway6(subnet6)), "container -> cni0");
+    assert!(
+        h.ping6(h.addr6()),
+        "container -> its host's eth0, by the default route"
+    );
+    assert!(h.ping(h.addr()), "IPv4 still wired");
+
+    // Wiring again (a new lease) replaces the old addresses.
+    let subnet6 = "fd00:244:2::/64".parse().expect("v6 net");
+    h.wire_container_dual("10.244.2.0/24".parse().expect("net"), subnet6, None);
+    assert!(h.ping6(gateway6(subnet6)), "rewired container -> cni0");
 }
