@@ -52,6 +52,13 @@ macro_rules! backends {
                 }
             }
 
+            /// See [`crate::DataPlane::backend_v6_data`].
+            pub fn backend_v6_data(&self) -> Option<serde_json::Value> {
+                match self {
+                    $(Self::$variant(b) => $crate::DataPlane::backend_v6_data(b)),+
+                }
+            }
+
             /// The MTU containers must use (FLANNEL_MTU).
             pub fn mtu(&self) -> u32 {
                 match self {

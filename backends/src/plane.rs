@@ -99,6 +99,12 @@ pub trait DataPlane: Sized + Send {
         Ok(None)
     }
 
+    /// The `BackendV6Data` to publish beside [`DataPlane::prepare`]'s BackendData, on a
+    /// dual-stack network (vxlan: the IPv6 device's VTEP MAC); asked right after `prepare`.
+    fn backend_v6_data(&self) -> Option<Value> {
+        None
+    }
+
     /// The MTU containers must use (FLANNEL_MTU).
     fn mtu(&self) -> u32;
 
