@@ -1,6 +1,7 @@
 //! flannel's `-ip-masq` and forward rules, byte for byte: nat chain `FLANNEL-POSTRTG` jumped to from
 //! `POSTROUTING`, filter chain `FLANNEL-FWD` jumped to from `FORWARD`, each rule commented
-//! `flanneld masq` / `flanneld forward`.
+//! `flanneld masq` / `flanneld forward`; on a dual-stack network the same chains in ip6tables for
+//! the IPv6 network (multicast there is ff00::/8).
 //!
 //! Why iptables-restore and not nftables: a node switching from flanneld to weft (or back) must
 //! end up with one set of rules, not two. Using flannel's tables, chain names and jump rules means
@@ -26,7 +27,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tracing::{debug, info};
@@ -47,6 +48,8 @@ pub struct Firewall {
     pub network: Ipv4Net,
     /// This host's lease.
     pub subnet: Ipv4Net,
+    /// The IPv6 network and this host's IPv6 lease, on a dual-stack network: ip6tables rules too.
+    pub ipv6: Option<(Ipv6Net, Ipv6Net)>,
     /// `-ip-masq`: masquerade traffic leaving the cluster network.
     pub masquerade: bool,
     /// `-iptables-forward-rules`: accept forwarding to and from the cluster network.
@@ -57,6 +60,8 @@ pub struct Firewall {
 
 /// One flannel chain and the rule jumping to it.
 struct Chain {
+    /// ip6tables rather than iptables.
+    v6: bool,
     table: &'static str,
     name: &'static str,
     parent: &'static str,
@@ -168,11 +173,11 @@ impl Firewall {
     /// leaving the chains, their jumps and the shared kube-proxy rule to other agents: for when
     /// this instance's network is replaced by another. Returns whether anything was deleted.
     pub async fn remove(&self) -> Result<bool, Error> {
-        let removed = apply(
-            &[self.masq_chain(), self.forward_chain()],
-            Chain::plan_removal,
-        )
-        .await?;
+        let mut chains = vec![self.masq_chain(false), self.forward_chain(false)];
+        if self.ipv6.is_some() {
+            chains.extend([self.masq_chain(true), self.forward_chain(true)]);
+        }
+        let removed = apply(&chains, Chain::plan_removal).await?;
         if removed {
             info!(network = %self.network, "iptables rules of the network removed");
         }
@@ -181,17 +186,32 @@ impl Firewall {
 
     fn chains(&self) -> Vec<Chain> {
         let mut v = Vec::new();
-        if self.masquerade {
-            v.push(self.masq_chain());
-        }
-        if self.forward {
-            v.push(self.forward_chain());
+        for v6 in [false, true]
+            .into_iter()
+            .filter(|v6| !v6 || self.ipv6.is_some())
+        {
+            if self.masquerade {
+                v.push(self.masq_chain(v6));
+            }
+            if self.forward {
+                v.push(self.forward_chain(v6));
+            }
         }
         v
     }
 
-    fn masq_chain(&self) -> Chain {
-        let (net, sub) = (self.network, self.subnet);
+    /// The network and subnet of one family, as rules name them (`ip6tables-save` prints IPv6
+    /// networks as Rust does: compressed, lower case).
+    fn nets(&self, v6: bool) -> (String, String) {
+        match self.ipv6.filter(|_| v6) {
+            Some((net, sub)) => (net.to_string(), sub.to_string()),
+            None => (self.network.to_string(), self.subnet.to_string()),
+        }
+    }
+
+    fn masq_chain(&self, v6: bool) -> Chain {
+        let (net, sub) = self.nets(v6);
+        let multicast = if v6 { "ff00::/8" } else { "224.0.0.0/4" };
         let c = "-m comment --comment \"flanneld masq\"";
         let masq = if self.fully_random {
             "-j MASQUERADE --random-fully"
@@ -199,31 +219,33 @@ impl Firewall {
             "-j MASQUERADE"
         };
         Chain {
+            v6,
             table: "nat",
             name: "FLANNEL-POSTRTG",
             parent: "POSTROUTING",
             comment: "flanneld masq",
-            network: net.to_string(),
+            network: net.clone(),
             shared: vec![format!("-m mark --mark {KUBE_PROXY_MARK} {c} -j RETURN")],
             owned: vec![
                 format!("-s {sub} -d {net} {c} -j RETURN"),
                 format!("-s {net} -d {sub} {c} -j RETURN"),
                 format!("! -s {net} -d {sub} {c} -j RETURN"),
-                format!("-s {net} ! -d 224.0.0.0/4 {c} {masq}"),
+                format!("-s {net} ! -d {multicast} {c} {masq}"),
                 format!("! -s {net} -d {net} {c} {masq}"),
             ],
         }
     }
 
-    fn forward_chain(&self) -> Chain {
-        let net = self.network;
+    fn forward_chain(&self, v6: bool) -> Chain {
+        let (net, _) = self.nets(v6);
         let c = "-m comment --comment \"flanneld forward\"";
         Chain {
+            v6,
             table: "filter",
             name: "FLANNEL-FWD",
             parent: "FORWARD",
             comment: "flanneld forward",
-            network: net.to_string(),
+            network: net.clone(),
             shared: Vec::new(),
             owned: vec![
                 format!("-s {net} {c} -j ACCEPT"),
@@ -253,19 +275,26 @@ async fn probe_random_fully(prog: &str) -> bool {
 }
 
 /// Reads each chain's table, and writes what `plan` says in one batch. Whether anything was written.
+/// One batch per family (iptables, ip6tables).
 async fn apply(chains: &[Chain], plan: fn(&Chain, &str) -> Option<String>) -> Result<bool, Error> {
-    let mut batch = String::new();
-    for chain in chains {
-        let saved = run("iptables-save", &["-t", chain.table], None).await?;
-        if let Some(p) = plan(chain, &saved) {
-            batch.push_str(&p);
+    let mut written = false;
+    for (v6, save, restore) in [
+        (false, "iptables-save", "iptables-restore"),
+        (true, "ip6tables-save", "ip6tables-restore"),
+    ] {
+        let mut batch = String::new();
+        for chain in chains.iter().filter(|c| c.v6 == v6) {
+            let saved = run(save, &["-t", chain.table], None).await?;
+            if let Some(p) = plan(chain, &saved) {
+                batch.push_str(&p);
+            }
+        }
+        if !batch.is_empty() {
+            run(restore, &["--noflush", "--wait=5"], Some(&batch)).await?;
+            written = true;
         }
     }
-    if batch.is_empty() {
-        return Ok(false);
-    }
-    run("iptables-restore", &["--noflush", "--wait=5"], Some(&batch)).await?;
-    Ok(true)
+    Ok(written)
 }
 
 /// Runs `prog args`, feeding `stdin`, and returns its stdout; fails with its stderr.
@@ -341,6 +370,7 @@ mod tests {
         Firewall {
             network: "10.244.0.0/16".parse().expect("net"),
             subnet: "10.244.1.0/24".parse().expect("subnet"),
+            ipv6: None,
             masquerade: true,
             forward: true,
             fully_random: true,
@@ -350,7 +380,7 @@ mod tests {
     #[test]
     fn writes_flannels_rules_into_an_empty_table() {
         let plan = fw()
-            .masq_chain()
+            .masq_chain(false)
             .plan("*nat\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n");
         let want = "*nat\n:FLANNEL-POSTRTG - [0:0]\n\
 -A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment \"flanneld masq\" -j RETURN\n\
@@ -365,8 +395,55 @@ COMMIT\n";
     }
 
     #[test]
+    fn a_dual_stack_host_writes_the_same_rules_in_ip6tables_for_the_ipv6_network() {
+        let dual = Firewall {
+            ipv6: Some((
+                "fd00:244::/48".parse().expect("net"),
+                "fd00:244:0:1::/64".parse().expect("subnet"),
+            )),
+            ..fw()
+        };
+        let chains = dual.chains();
+        assert_eq!(
+            chains.iter().map(|c| (c.v6, c.name)).collect::<Vec<_>>(),
+            [
+                (false, "FLANNEL-POSTRTG"),
+                (false, "FLANNEL-FWD"),
+                (true, "FLANNEL-POSTRTG"),
+                (true, "FLANNEL-FWD")
+            ]
+        );
+        let plan = dual
+            .masq_chain(true)
+            .plan("*nat\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n");
+        let want = "*nat\n:FLANNEL-POSTRTG - [0:0]\n\
+-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment \"flanneld masq\" -j RETURN\n\
+-A FLANNEL-POSTRTG -s fd00:244:0:1::/64 -d fd00:244::/48 -m comment --comment \"flanneld masq\" -j RETURN\n\
+-A FLANNEL-POSTRTG -s fd00:244::/48 -d fd00:244:0:1::/64 -m comment --comment \"flanneld masq\" -j RETURN\n\
+-A FLANNEL-POSTRTG ! -s fd00:244::/48 -d fd00:244:0:1::/64 -m comment --comment \"flanneld masq\" -j RETURN\n\
+-A FLANNEL-POSTRTG -s fd00:244::/48 ! -d ff00::/8 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully\n\
+-A FLANNEL-POSTRTG ! -s fd00:244::/48 -d fd00:244::/48 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully\n\
+-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n\
+COMMIT\n";
+        assert_eq!(plan.as_deref(), Some(want));
+        let fwd = dual.forward_chain(true);
+        assert_eq!(
+            fwd.owned,
+            [
+                "-s fd00:244::/48 -m comment --comment \"flanneld forward\" -j ACCEPT",
+                "-d fd00:244::/48 -m comment --comment \"flanneld forward\" -j ACCEPT"
+            ]
+        );
+        assert_eq!(
+            fw().chains().iter().filter(|c| c.v6).count(),
+            0,
+            "IPv4 only"
+        );
+    }
+
+    #[test]
     fn nothing_to_do_when_rules_match_and_duplicate_jumps_are_removed() {
-        let chain = fw().forward_chain();
+        let chain = fw().forward_chain(false);
         let mut saved = String::from("*filter\n:FORWARD ACCEPT [0:0]\n:FLANNEL-FWD - [0:0]\n");
         saved.push_str("-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n");
         for r in &chain.owned {
@@ -386,12 +463,12 @@ COMMIT\n";
         let mut saved = String::from("*nat\n:POSTROUTING ACCEPT [0:0]\n:FLANNEL-POSTRTG - [0:0]\n");
         saved
             .push_str("-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n");
-        let shared = &fws[0].masq_chain().shared;
+        let shared = &fws[0].masq_chain(false).shared;
         for r in shared {
             saved.push_str(&format!("-A FLANNEL-POSTRTG {r}\n"));
         }
         for fw in fws {
-            for r in &fw.masq_chain().owned {
+            for r in &fw.masq_chain(false).owned {
                 saved.push_str(&format!("-A FLANNEL-POSTRTG {r}\n"));
             }
         }
@@ -410,8 +487,8 @@ COMMIT\n";
     #[test]
     fn another_networks_rules_in_the_same_chain_are_neither_ours_nor_in_the_way() {
         let saved = saved_nat(&[other_network(), fw()]);
-        assert_eq!(fw().masq_chain().plan(&saved), None);
-        assert_eq!(other_network().masq_chain().plan(&saved), None);
+        assert_eq!(fw().masq_chain(false).plan(&saved), None);
+        assert_eq!(other_network().masq_chain(false).plan(&saved), None);
     }
 
     #[test]
@@ -421,14 +498,17 @@ COMMIT\n";
             subnet: "10.244.7.0/24".parse().expect("subnet"),
             ..fw()
         };
-        let plan = moved.masq_chain().plan(&saved).expect("subnet changed");
-        for r in &fw().masq_chain().owned {
+        let plan = moved
+            .masq_chain(false)
+            .plan(&saved)
+            .expect("subnet changed");
+        for r in &fw().masq_chain(false).owned {
             assert!(
                 plan.contains(&format!("-D FLANNEL-POSTRTG {r}\n")),
                 "{plan}"
             );
         }
-        for r in &moved.masq_chain().owned {
+        for r in &moved.masq_chain(false).owned {
             assert!(
                 plan.contains(&format!("-A FLANNEL-POSTRTG {r}\n")),
                 "{plan}"
@@ -448,12 +528,15 @@ COMMIT\n";
     #[test]
     fn a_missing_shared_rule_goes_back_to_the_top_and_is_never_deleted() {
         let saved = saved_nat(&[fw()]).replace("-A FLANNEL-POSTRTG -m mark", "-A OTHER -m mark");
-        let plan = fw().masq_chain().plan(&saved).expect("mark rule missing");
+        let plan = fw()
+            .masq_chain(false)
+            .plan(&saved)
+            .expect("mark rule missing");
         assert!(plan.contains(
             "-I FLANNEL-POSTRTG 1 -m mark --mark 0x4000/0x4000 -m comment --comment \"flanneld masq\" -j RETURN\n"
         ), "{plan}");
         let removal = fw()
-            .masq_chain()
+            .masq_chain(false)
             .plan_removal(&saved_nat(&[fw(), other_network()]));
         let removal = removal.expect("rules to remove");
         assert_eq!(
@@ -467,7 +550,7 @@ COMMIT\n";
         );
         assert_eq!(
             other_network()
-                .forward_chain()
+                .forward_chain(false)
                 .plan_removal(&saved_nat(&[fw()])),
             None
         );

@@ -289,6 +289,7 @@ impl Agent {
         Firewall {
             network: state.config.network,
             subnet: state.own.subnet,
+            ipv6: (state.config.ipv6.map(|p| p.network)).zip(state.own.ipv6_subnet),
             masquerade: self.args.ip_masq,
             forward: self.args.iptables_forward_rules,
             fully_random: self.random_fully,

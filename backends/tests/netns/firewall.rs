@@ -10,6 +10,7 @@ fn firewall(subnet: &str) -> Firewall {
     Firewall {
         network: "10.244.0.0/16".parse().expect("network"),
         subnet: subnet.parse().expect("subnet"),
+        ipv6: None,
         masquerade: true,
         forward: true,
         fully_random: true,
@@ -162,4 +163,59 @@ fn debians_iptables_takes_random_fully() {
         .build()
         .expect("runtime");
     assert!(rt.block_on(weft_backends::firewall::supports_random_fully()));
+}
+
+#[test]
+fn a_dual_stack_host_keeps_flannels_rules_in_ip6tables_too_and_removes_them() {
+    if !root_or_skip(
+        "firewall::a_dual_stack_host_keeps_flannels_rules_in_ip6tables_too_and_removes_them",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.add_host(1, "192.168.100.1/24", 1500);
+    let h = &lab.hosts[0];
+    let dual = Firewall {
+        ipv6: Some((
+            "fd00:244::/48".parse().expect("network"),
+            "fd00:244:0:1::/64".parse().expect("subnet"),
+        )),
+        ..firewall("10.244.1.0/24")
+    };
+    let rules6 = || {
+        let (ok, out, err) = h.ns.exec(&["ip6tables-save"]);
+        assert!(ok, "{err}");
+        out
+    };
+    assert!(sync(h, &dual), "written");
+    let saved = rules6();
+    for want in [
+        "-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG",
+        "-A FLANNEL-POSTRTG -s fd00:244::/48 ! -d ff00::/8 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully",
+        "-A FLANNEL-POSTRTG ! -s fd00:244::/48 -d fd00:244:0:1::/64 -m comment --comment \"flanneld masq\" -j RETURN",
+        "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD",
+        "-A FLANNEL-FWD -d fd00:244::/48 -m comment --comment \"flanneld forward\" -j ACCEPT",
+    ] {
+        assert_eq!(count(&saved, want), 1, "{want} in\n{saved}");
+    }
+    assert!(
+        rules(h).contains("-s 10.244.0.0/16 ! -d 224.0.0.0/4"),
+        "IPv4 beside"
+    );
+    assert!(!sync(h, &dual), "a second sync writes nothing");
+
+    // Deleted behind weft's back: put back.
+    h.ns.must(&["ip6tables", "-t", "nat", "-F", "FLANNEL-POSTRTG"]);
+    assert!(sync(h, &dual));
+    assert!(rules6().contains("! -d ff00::/8"));
+
+    let fw = dual.clone();
+    let removed = h
+        .agent
+        .run(move || async move { fw.remove().await.map_err(|e| e.to_string()) })
+        .expect("remove");
+    assert!(removed);
+    let after = rules6();
+    assert!(!after.contains("fd00:244::/48"), "{after}");
+    assert!(!rules(h).contains("10.244.0.0/16"), "IPv4 rules gone too");
 }

@@ -73,6 +73,7 @@ fn firewall(network: &str, subnet: &str) -> Firewall {
     Firewall {
         network: network.parse().expect("network"),
         subnet: subnet.parse().expect("subnet"),
+        ipv6: None,
         masquerade: true,
         forward: true,
         fully_random: true,
