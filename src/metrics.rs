@@ -14,7 +14,7 @@
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -75,7 +75,8 @@ fn rejection_reasons() -> impl Iterator<Item = &'static str> {
 pub struct Metrics {
     registry: Registry,
     lease_held: Gauge,
-    lease_info: Family<[(&'static str, String); 3], Gauge>,
+    /// network, subnet, on a dual-stack network ipv6_network and ipv6_subnet, backend.
+    lease_info: Family<Vec<(&'static str, String)>, Gauge>,
     renewals: Counter,
     renewal_failures: Counter,
     peers: Family<Label, Gauge>,
@@ -232,14 +233,23 @@ impl Metrics {
 
     /// This host holds `lease` of `network` for `backend`; it expires after `ttl` unless it is a
     /// reservation.
-    pub fn leased(&self, network: Ipv4Net, lease: &Lease, backend: &str, ttl: Duration) {
+    pub fn leased(
+        &self,
+        (network, network6): (Ipv4Net, Option<Ipv6Net>),
+        lease: &Lease,
+        backend: &str,
+        ttl: Duration,
+    ) {
         self.lease_held.set(1);
         self.lease_info.clear();
-        let labels = [
+        let mut labels = vec![
             ("network", network.to_string()),
             ("subnet", lease.subnet.to_string()),
-            ("backend", backend.to_string()),
         ];
+        if let (Some(n), Some(s)) = (network6, lease.ipv6_subnet) {
+            labels.extend([("ipv6_network", n.to_string()), ("ipv6_subnet", s.to_string())]);
+        }
+        labels.push(("backend", backend.to_string()));
         self.lease_info.get_or_create(&labels).set(1);
         let expires = (!lease.is_reservation()).then(|| Instant::now() + ttl);
         self.scraped.lock().lease_expires = expires;
@@ -585,11 +595,32 @@ mod tests {
     }
 
     #[test]
+    fn a_dual_stack_lease_names_its_ipv6_network_and_subnet() {
+        let m = Metrics::new();
+        let l = Lease {
+            ipv6_subnet: Some("fd00:5:0:3::/64".parse().expect("net")),
+            ..lease("10.5.3.0/24", 7)
+        };
+        let nets = (
+            "10.5.0.0/16".parse().expect("net"),
+            Some("fd00:5::/48".parse().expect("net")),
+        );
+        m.leased(nets, &l, "host-gw", Duration::from_secs(60));
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"weft_lease_info{network="10.5.0.0/16",subnet="10.5.3.0/24",ipv6_network="fd00:5::/48",ipv6_subnet="fd00:5:0:3::/64",backend="host-gw"} 1"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn the_lease_shows_its_subnet_and_counts_down_to_expiry() {
         let m = Metrics::new();
         let network = "10.5.0.0/16".parse().expect("net");
         m.leased(
-            network,
+            (network, None),
             &lease("10.5.3.0/24", 7),
             "udp",
             Duration::from_secs(3600),
@@ -618,7 +649,7 @@ mod tests {
 
         // A new subnet replaces the old label set rather than adding to it.
         m.leased(
-            network,
+            (network, None),
             &lease("10.5.9.0/24", 8),
             "udp",
             Duration::from_secs(60),
@@ -639,7 +670,7 @@ mod tests {
         let m = Metrics::new();
         let network = "10.5.0.0/16".parse().expect("net");
         m.leased(
-            network,
+            (network, None),
             &lease("10.5.3.0/24", 0),
             "vxlan",
             Duration::from_secs(60),
