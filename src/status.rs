@@ -120,6 +120,8 @@ pub struct EnvView {
     pub network: String,
     /// FLANNEL_SUBNET: the gateway address with the lease's prefix length.
     pub subnet: Ipv4Net,
+    /// FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET, on a dual-stack network.
+    pub ipv6: Option<(String, String)>,
     pub mtu: Option<u32>,
     pub ip_masq: String,
 }
@@ -281,6 +283,10 @@ pub fn render(v: &View) -> String {
     if let Ok(env) = &v.env {
         line("  network", env.network.clone());
         line("  subnet", env.subnet.to_string());
+        if let Some((network, subnet)) = &env.ipv6 {
+            line("  ipv6 network", network.clone());
+            line("  ipv6 subnet", subnet.clone());
+        }
         line(
             "  mtu",
             env.mtu.map_or_else(|| "-".to_string(), |m| m.to_string()),
@@ -674,6 +680,7 @@ pub fn read_env(path: &Path) -> Result<EnvView, String> {
     Ok(EnvView {
         network: vars.get("FLANNEL_NETWORK").cloned().unwrap_or_default(),
         subnet,
+        ipv6: vars.get("FLANNEL_IPV6_NETWORK").cloned().zip(vars.get("FLANNEL_IPV6_SUBNET").cloned()),
         mtu: vars.get("FLANNEL_MTU").and_then(|m| m.parse().ok()),
         ip_masq: vars.get("FLANNEL_IPMASQ").cloned().unwrap_or_default(),
     })
@@ -814,6 +821,7 @@ mod tests {
             env: Ok(EnvView {
                 network: "172.20.0.0/16".into(),
                 subnet: "172.20.59.1/24".parse().unwrap(),
+                ipv6: None,
                 mtu: Some(1472),
                 ip_masq: "false".into(),
             }),
@@ -918,6 +926,17 @@ mod tests {
         let e = read_env(&env).unwrap();
         assert_eq!(e.subnet.to_string(), "10.5.7.1/24");
         assert_eq!(e.mtu, Some(1450));
+        assert_eq!(e.ipv6, None);
+        std::fs::write(
+            &env,
+            "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.7.1/24\nFLANNEL_IPV6_NETWORK=fd00:5::/48\nFLANNEL_IPV6_SUBNET=fd00:5:0:7::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+        )
+        .unwrap();
+        let dual = read_env(&env).unwrap();
+        assert_eq!(
+            dual.ipv6,
+            Some(("fd00:5::/48".into(), "fd00:5:0:7::1/64".into()))
+        );
         let json = dir.path().join("daemon.json");
         let json_s = json.display().to_string();
         assert_eq!(read_daemon_json(&json_s), DaemonJsonView::Missing);

@@ -159,6 +159,7 @@ pub fn healthy() -> Facts {
         env: Ok(EnvView {
             network: "10.244.0.0/16".into(),
             subnet: "10.244.1.1/24".parse().expect("subnet"),
+            ipv6: None,
             mtu: Some(1450),
             ip_masq: "true".into(),
         }),
