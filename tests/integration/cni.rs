@@ -666,3 +666,76 @@ fn a_data_dir_others_can_read_is_refused_and_stays_0755() {
     let mode = std::fs::metadata(&data).expect("stat").permissions().mode();
     assert_eq!(mode & 0o7777, 0o755, "left as the operator made it");
 }
+
+#[test]
+fn dual_stack_pods_get_an_address_of_each_family_and_reach_each_other_over_both() {
+    let name = "dual_stack_pods_get_an_address_of_each_family_and_reach_each_other_over_both";
+    if !require_plugins(name) || !weft_lab::require_ipv6(name) {
+        return;
+    }
+    let t = hosts(
+        2,
+        r#"{"Network":"10.248.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:248::/48","Backend":{"Type":"host-gw"}}"#,
+        &[],
+    );
+    let nodes: Vec<Node> = (0..2).map(|i| Node::new(&t, i)).collect();
+    let mut results = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let h = &t.hosts[i];
+        let result = n.add(&format!("pod{i}"), &h.container);
+        let ips = result["ips"].as_array().expect("ips");
+        assert_eq!(ips.len(), 2, "one address per family: {result}");
+        let v6: ipnet::Ipv6Net = ips[1]["address"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no IPv6 address in {result}"));
+        let lease6 = h.wait_subnet6();
+        assert!(
+            lease6.contains(&v6.addr()),
+            "{v6} outside the IPv6 lease {lease6}"
+        );
+        let gw6 = weft_lab::topology::gateway6(lease6).to_string();
+        assert_eq!(ips[1]["gateway"], json!(gw6));
+        let routes6: Vec<Value> = weft_lab::json::entries(h.container.ip_json("-6 route show"));
+        let network6 = h
+            .env_var("FLANNEL_IPV6_NETWORK")
+            .expect("FLANNEL_IPV6_NETWORK");
+        assert!(
+            routes6
+                .iter()
+                .any(|r| r["dst"] == json!(network6) && r["gateway"] == json!(gw6)),
+            "a route for the IPv6 cluster network via the bridge: {routes6:?}"
+        );
+        results.push((result, v6));
+    }
+    for a in 0..2 {
+        for (b, (result, v6)) in results.iter().enumerate().filter(|(b, _)| *b != a) {
+            let (to4, to6) = (pod_ip(result).addr(), v6.addr());
+            wait_for(
+                &format!("pod{a} to reach pod{b} at {to4}"),
+                Duration::from_secs(20),
+                || t.hosts[a].ping(to4).then_some(()),
+            );
+            wait_for(
+                &format!("pod{a} to reach pod{b} at {to6}"),
+                Duration::from_secs(20),
+                || t.hosts[a].ping6(to6).then_some(()),
+            );
+        }
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        let (pod, id) = (&t.hosts[i].container, format!("pod{i}"));
+        n.check(&id, pod, &results[i].0)
+            .expect("CHECK of both addresses passes");
+        n.del(&id, pod, &results[i].0);
+        assert!(
+            !n.allocated(pod_ip(&results[i].0)),
+            "DEL frees the IPv4 address"
+        );
+        let v6_file = n
+            .ipam_dir()
+            .join("cbr0")
+            .join(results[i].1.addr().to_string());
+        assert!(!v6_file.exists(), "and the IPv6 one");
+    }
+}
