@@ -247,7 +247,10 @@ impl Metrics {
             ("subnet", lease.subnet.to_string()),
         ];
         if let (Some(n), Some(s)) = (network6, lease.ipv6_subnet) {
-            labels.extend([("ipv6_network", n.to_string()), ("ipv6_subnet", s.to_string())]);
+            labels.extend([
+                ("ipv6_network", n.to_string()),
+                ("ipv6_subnet", s.to_string()),
+            ]);
         }
         labels.push(("backend", backend.to_string()));
         self.lease_info.get_or_create(&labels).set(1);

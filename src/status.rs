@@ -680,7 +680,10 @@ pub fn read_env(path: &Path) -> Result<EnvView, String> {
     Ok(EnvView {
         network: vars.get("FLANNEL_NETWORK").cloned().unwrap_or_default(),
         subnet,
-        ipv6: vars.get("FLANNEL_IPV6_NETWORK").cloned().zip(vars.get("FLANNEL_IPV6_SUBNET").cloned()),
+        ipv6: vars
+            .get("FLANNEL_IPV6_NETWORK")
+            .cloned()
+            .zip(vars.get("FLANNEL_IPV6_SUBNET").cloned()),
         mtu: vars.get("FLANNEL_MTU").and_then(|m| m.parse().ok()),
         ip_masq: vars.get("FLANNEL_IPMASQ").cloned().unwrap_or_default(),
     })

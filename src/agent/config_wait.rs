@@ -48,17 +48,9 @@ impl Agent {
     }
 
     /// What only this host can judge of a valid config: its backend options against the
-    /// underlay, and (for now) that dual-stack comes from etcd, not yet from Nodes' podCIDRs.
+    /// underlay.
     fn check_here(&self, c: &NetworkConfig) -> Result<(), ConfigError> {
-        c.check_on_host(self.external.mtu)?;
-        if c.ipv6.is_some() && self.args.kube.kube_subnet_mgr {
-            return Err(ConfigError {
-                key: "EnableIPv6",
-                problem: "dual-stack with -kube-subnet-mgr (Nodes' podCIDRs) is not supported yet"
-                    .into(),
-            });
-        }
-        Ok(())
+        c.check_on_host(self.external.mtu)
     }
 
     /// -net-config-path: the config comes from a file (as kube-flannel's net-conf.json does), read

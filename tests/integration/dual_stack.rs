@@ -225,12 +225,18 @@ mod datapath {
 
     #[test]
     fn host_gw_dual_stack_containers_reach_each_other_over_both_families() {
-        let Some(t) = hosts(3, HOST_GW, &[0, 1, 2], &[]) else {
+        let Some(t) = hosts(3, HOST_GW, &[0, 1, 2], &["--ip-masq"]) else {
             return;
         };
         t.assert_full_mesh(&[0, 1, 2]);
         t.assert_full_mesh6(&[0, 1, 2]);
         for i in 0..3 {
+            // flannel's masquerade rules for the IPv6 network, beside the IPv4 ones.
+            let masq = "-A FLANNEL-POSTRTG -s fd00:247::/48 ! -d ff00::/8";
+            wait_for("ip6tables rules", T, || {
+                let (_, saved, _) = t.hosts[i].ns.exec(&["ip6tables-save", "-t", "nat"]);
+                saved.contains(masq).then_some(())
+            });
             let routes = routes6(&t, i);
             assert_eq!(routes.len(), 2, "{routes:?}");
             for j in (0..3).filter(|j| *j != i) {
@@ -270,6 +276,35 @@ mod datapath {
     }
 
     #[test]
+    fn a_dual_stack_restart_keeps_both_subnets_and_the_ipv6_routes_in_place() {
+        let Some(mut t) = hosts(2, HOST_GW, &[0, 1], &[]) else {
+            return;
+        };
+        t.assert_full_mesh6(&[0, 1]);
+        let before = (
+            t.hosts[0].wait_subnet(),
+            t.hosts[0].wait_subnet6(),
+            routes6(&t, 1),
+        );
+        t.hosts[0].stop();
+        // Stopped: the kernel keeps forwarding (host-gw's routes stay).
+        assert_eq!(routes6(&t, 0).len(), 1, "routes kept across the stop");
+        assert!(t.hosts[1].ping6(t.hosts[0].container_ip6()));
+        t.start(0, &[]);
+        t.hosts[0].wait_log("acquired lease", T);
+        assert_eq!(
+            (
+                t.hosts[0].wait_subnet(),
+                t.hosts[0].wait_subnet6(),
+                routes6(&t, 1)
+            ),
+            before,
+            "the same subnets, and nothing for the peer to change"
+        );
+        t.assert_full_mesh6(&[0, 1]);
+    }
+
+    #[test]
     fn a_hand_made_flannel_dual_stack_host_gw_node_and_weft_nodes_reach_each_other() {
         // Host 2 is flanneld's, built by hand exactly as flanneld leaves it: its lease in etcd
         // under flannel's dual-stack key and JSON, and a route per peer subnet and family.
@@ -278,8 +313,8 @@ mod datapath {
         };
         let f = &t.hosts[2];
         let (s4, s6): (ipnet::Ipv4Net, ipnet::Ipv6Net) = (
-            "10.247.200.0/24".parse().unwrap(),
-            "fd00:247:0:c8::/64".parse().unwrap(),
+            "10.247.200.0/24".parse().expect("net"),
+            "fd00:247:0:c8::/64".parse().expect("net"),
         );
         t.etcd().put_leased(
             &format!("{PREFIX}/subnets/10.247.200.0-24&fd00:247:0:c8::-64"),

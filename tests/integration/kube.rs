@@ -38,6 +38,11 @@ impl Cluster {
     /// `n` hosts, each a Node with a podCIDR (10.244.<i+1>.0/24) and a user `node-i` bound to
     /// weft's shipped ClusterRole; the network config `net_conf` as net-conf.json. No weftd yet.
     pub fn new(n: usize, net_conf: &str) -> Self {
+        Self::with_pod_cidrs(n, net_conf, pod_cidr)
+    }
+
+    /// [`Cluster::new`] with Node `i`'s podCIDRs `cidrs(i)` ("v4" or dual-stack "v4,v6").
+    pub fn with_pod_cidrs(n: usize, net_conf: &str, cidrs: impl Fn(usize) -> String) -> Self {
         let t = Topology::new(n, 1500);
         let users: Vec<String> = (0..n).map(node).collect();
         let names: Vec<&str> = users.iter().map(String::as_str).collect();
@@ -51,7 +56,7 @@ impl Cluster {
             api.bind_cluster_role(u, &role_name);
         }
         for i in 0..n {
-            api.create_node(&node(i), Some(&pod_cidr(i)), &[]);
+            api.create_node(&node(i), Some(&cidrs(i)), &[]);
         }
         let config = t.lab.dir.path().join("net-conf.json");
         std::fs::write(&config, net_conf).expect("net-conf.json");
@@ -348,6 +353,41 @@ fn an_api_server_restarted_without_its_watch_history_is_listed_again_and_nothing
     });
     c.t.hosts[0].wait_log("history is gone (410); listing again", T);
     c.t.hosts[0].assert_running();
+}
+
+#[test]
+fn dual_stack_nodes_lease_both_podcidrs_publish_flannels_ipv6_annotations_and_pods_ping() {
+    let name =
+        "dual_stack_nodes_lease_both_podcidrs_publish_flannels_ipv6_annotations_and_pods_ping";
+    if require_kube(name).is_none() || !weft_lab::require_ipv6(name) {
+        return;
+    }
+    let conf = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:244::/48","Backend":{"Type":"host-gw"}}"#;
+    let mut c = Cluster::with_pod_cidrs(2, conf, |i| {
+        format!("{},fd00:244:0:{}::/64", pod_cidr(i), i + 1)
+    });
+    c.start(0);
+    c.start(1);
+    for i in 0..2 {
+        c.t.wire_container_dual(i);
+        assert_eq!(
+            c.t.hosts[i].wait_subnet6().to_string(),
+            format!("fd00:244:0:{}::/64", i + 1),
+            "the Node's IPv6 podCIDR"
+        );
+    }
+    c.t.assert_full_mesh(&[0, 1]);
+    c.t.assert_full_mesh6(&[0, 1]);
+    let a = c.wait_published(0);
+    assert_eq!(
+        a[format!("{P}/public-ipv6")],
+        c.t.hosts[0].addr6().to_string()
+    );
+    assert_eq!(
+        a[format!("{P}/backend-v6-data")],
+        "null",
+        "host-gw's, as flanneld writes it"
+    );
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! one inside the network, published with flannel's annotations on the Node.
 
 use std::net::Ipv4Addr;
+
+use ipnet::{Ipv4Net, Ipv6Net};
 use std::time::Duration;
 
 use tracing::info;
@@ -51,16 +53,16 @@ impl KubeStore {
                     progress(Claiming::Waiting(&why));
                     crate::notify::pause(RECHECK).await;
                 }
-                Ok((subnet, attrs)) => {
+                Ok(((subnet, ipv6), attrs)) => {
                     if node::publishes(&n, &self.annotations, &attrs) {
-                        return lease(subnet, attrs);
+                        return lease(subnet, ipv6, attrs);
                     }
                     let patch = node::publish_patch(&self.annotations, &attrs);
                     match self.patch_status(&patch).await {
                         Ok(()) => {
                             backoff.succeeded();
                             info!(node = %Escaped(&self.node), %subnet, "published this host's lease on its node");
-                            return lease(subnet, attrs);
+                            return lease(subnet, ipv6, attrs);
                         }
                         Err(e) => backoff.failed(&format!("{e:#}")).await,
                     }
@@ -74,7 +76,7 @@ impl KubeStore {
         &self,
         n: &Node,
         req: &LeaseRequest<'_>,
-    ) -> Result<(ipnet::Ipv4Net, LeaseAttrs), String> {
+    ) -> Result<((Ipv4Net, Option<Ipv6Net>), LeaseAttrs), String> {
         let name = Escaped(&self.node);
         let network = req.config.network;
         let subnet = match n.pod_cidr_v4() {
@@ -91,20 +93,46 @@ impl KubeStore {
                 "node {name}'s podCIDR {subnet} is outside the network {network} (--net-config-path); waiting for one inside it"
             ));
         }
+        // Dual-stack: the IPv6 entry of podCIDRs, inside IPv6Network.
+        let ipv6 = match req.config.ipv6 {
+            None => None,
+            Some(pool) => match n.pod_cidr_v6() {
+                Ok(Some(s)) if pool.network.contains(&s) => Some(s),
+                Ok(Some(s)) => {
+                    return Err(format!(
+                        "node {name}'s IPv6 podCIDR {s} is outside IPv6Network {} (--net-config-path); waiting for one inside it",
+                        pool.network
+                    ))
+                }
+                Ok(None) => {
+                    return Err(format!(
+                        "node {name} has no IPv6 podCIDR yet and the network is dual-stack; waiting for the controller manager to assign one (a dual-stack --cluster-cidr)"
+                    ))
+                }
+                Err(e) => {
+                    return Err(format!("node {name}: {}; waiting for a usable one", Escaped(&e)))
+                }
+            },
+        };
         let mut attrs = req.attrs.clone();
         match node::public_ip_overwrite(n, &self.annotations) {
             Ok(Some(ip)) => attrs.public_ip = ip,
             Ok(None) => {}
             Err(e) => return Err(format!("node {name}: {}", Escaped(&e))),
         }
-        Ok((subnet, attrs))
+        match node::public_ipv6_overwrite(n, &self.annotations) {
+            Ok(Some(ip)) if ipv6.is_some() => attrs.public_ipv6 = Some(ip),
+            Ok(_) => {}
+            Err(e) => return Err(format!("node {name}: {}", Escaped(&e))),
+        }
+        Ok(((subnet, ipv6), attrs))
     }
 }
 
-fn lease(subnet: ipnet::Ipv4Net, attrs: LeaseAttrs) -> Lease {
+fn lease(subnet: Ipv4Net, ipv6_subnet: Option<Ipv6Net>, attrs: LeaseAttrs) -> Lease {
     Lease {
         subnet,
-        ipv6_subnet: None,
+        ipv6_subnet,
         attrs,
         hold: Hold::Reserved,
         version: 0,

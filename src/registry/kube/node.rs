@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -132,7 +132,7 @@ impl Node {
         }
         let Some((text, net)) = found else {
             return Err(format!(
-                "no IPv4 podCIDR (has {}): weft leases IPv4 subnets only",
+                "no IPv4 podCIDR (has {}): IPv6-only nodes are not supported",
                 all.iter()
                     .map(|s| format!("{s:?}"))
                     .collect::<Vec<_>>()
@@ -146,6 +146,24 @@ impl Node {
             ));
         }
         Ok(Some(net))
+    }
+
+    /// Its IPv6 pod subnet on a dual-stack cluster: the IPv6 entry of `spec.podCIDRs`.
+    /// `Ok(None)`: none; `Err`: one that is not a network address.
+    pub fn pod_cidr_v6(&self) -> Result<Option<Ipv6Net>, String> {
+        let listed = self.spec.pod_cidrs.iter().flatten();
+        for text in listed.chain(self.spec.pod_cidr.as_ref()) {
+            if let Ok(IpNet::V6(net)) = text.parse::<IpNet>() {
+                if net.trunc() != net {
+                    return Err(format!(
+                        "podCIDR {text:?} is not a network address (it would be {})",
+                        net.trunc()
+                    ));
+                }
+                return Ok(Some(net));
+            }
+        }
+        Ok(None)
     }
 
     /// The value of condition `kind`, if the node reports it.
@@ -185,11 +203,15 @@ pub fn seen(node: &Node, names: &Annotations) -> Seen {
         Ok(None) => return Seen::NotLease("no podCIDR yet"),
         Err(e) => return Seen::Lease(record(node, Err(Unreadable::Value(e)))),
     };
+    let ipv6_subnet = match node.pod_cidr_v6() {
+        Ok(s) => s,
+        Err(e) => return Seen::Lease(record(node, Err(Unreadable::Value(e)))),
+    };
     Seen::Lease(record(
         node,
         attrs(node, names).map(|attrs| Lease {
             subnet,
-            ipv6_subnet: None,
+            ipv6_subnet,
             attrs,
             hold: Hold::Reserved,
             // Unused: weft changes no other node, and its own without a precondition.
@@ -222,17 +244,15 @@ fn attrs(node: &Node, names: &Annotations) -> Result<LeaseAttrs, Unreadable> {
             )))
         }
     };
-    let backend_data = match names.get(node, "backend-data") {
-        None => None,
+    let json = |name: &str| match names.get(node, name) {
+        None => Ok(None),
         Some(text) => match serde_json::from_str::<Value>(text) {
-            Ok(Value::Null) => None,
-            Ok(v) => Some(v),
-            Err(e) => {
-                return Err(bad(format!(
-                    "annotation {} is not JSON: {e}",
-                    names.key("backend-data")
-                )))
-            }
+            Ok(Value::Null) => Ok(None),
+            Ok(v) => Ok(Some(v)),
+            Err(e) => Err(bad(format!(
+                "annotation {} is not JSON: {e}",
+                names.key(name)
+            ))),
         },
     };
     Ok(LeaseAttrs {
@@ -242,8 +262,8 @@ fn attrs(node: &Node, names: &Annotations) -> Result<LeaseAttrs, Unreadable> {
             .get(node, "backend-type")
             .unwrap_or_default()
             .to_owned(),
-        backend_data,
-        backend_v6_data: None,
+        backend_data: json("backend-data")?,
+        backend_v6_data: json("backend-v6-data")?,
     })
 }
 
@@ -251,6 +271,14 @@ fn attrs(node: &Node, names: &Annotations) -> Result<LeaseAttrs, Unreadable> {
 /// instead of the detected one (as flanneld does: a node behind NAT).
 pub fn public_ip_overwrite(node: &Node, names: &Annotations) -> Result<Option<Ipv4Addr>, String> {
     annotation_ip(node, names, "public-ip-overwrite")
+}
+
+/// The PublicIPv6 an operator set for this node (`<prefix>/public-ipv6-overwrite`).
+pub fn public_ipv6_overwrite(
+    node: &Node,
+    names: &Annotations,
+) -> Result<Option<std::net::Ipv6Addr>, String> {
+    annotation_ip(node, names, "public-ipv6-overwrite")
 }
 
 /// An optional address in annotation `<prefix>/<name>` ("" counts as none): IPv4, or IPv6.
@@ -299,7 +327,10 @@ pub fn publish_patch(names: &Annotations, attrs: &LeaseAttrs) -> Value {
     put("backend-type", attrs.backend_type.clone());
     put("kube-subnet-manager", "true".into());
     put("public-ip", attrs.public_ip.to_string());
+    // As flanneld: the IPv6 side only with a PublicIPv6, its data as JSON text or "null".
     if let Some(v6) = &attrs.public_ipv6 {
+        let data6 = attrs.backend_v6_data.as_ref().unwrap_or(&Value::Null);
+        put("backend-v6-data", data6.to_string());
         put("public-ipv6", v6.to_string());
     }
     json!({ "metadata": { "annotations": annotations } })

@@ -246,8 +246,10 @@ impl KubeApi {
         }
         argv.push(bin.display().to_string());
         let a = addr.to_string();
-        let flags: [(&str, String); 15] = [
+        let flags: [(&str, String); 16] = [
             ("--etcd-servers", etcd.endpoint.clone()),
+            // 1.20 keeps a Node's second podCIDR (dual-stack) only with the gate on.
+            ("--feature-gates", "IPv6DualStack=true".into()),
             ("--bind-address", a.clone()),
             ("--advertise-address", a),
             ("--secure-port", port.to_string()),
@@ -601,8 +603,8 @@ impl KubeApi {
         (code, events)
     }
 
-    /// Creates Node `name` as admin; `pod_cidr` sets spec.podCIDR and spec.podCIDRs. The created
-    /// Node.
+    /// Creates Node `name` as admin; `pod_cidr` sets spec.podCIDR and spec.podCIDRs (a
+    /// dual-stack node: "v4,v6"). The created Node.
     pub fn create_node(
         &self,
         name: &str,
@@ -617,8 +619,11 @@ impl KubeApi {
                 .collect::<serde_json::Map<_, _>>()
                 .into();
         }
+        // "a,b": a dual-stack node, podCIDR the first and podCIDRs both, as the controller
+        // manager assigns them.
         if let Some(c) = pod_cidr {
-            node["spec"] = json!({"podCIDR": c, "podCIDRs": [c]});
+            let all: Vec<&str> = c.split(',').collect();
+            node["spec"] = json!({"podCIDR": all[0], "podCIDRs": all});
         }
         self.admin_ok("POST", "/api/v1/nodes", Some(&node.to_string()))
     }

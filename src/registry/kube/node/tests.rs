@@ -112,12 +112,85 @@ fn bad_annotations_or_podcidrs_make_an_unreadable_record_that_names_the_problem(
 }
 
 #[test]
-fn the_ipv4_entry_of_a_dual_stack_podcidrs_is_the_lease() {
+fn a_dual_stack_nodes_podcidrs_are_both_subnets_of_the_lease() {
     let mut v = flannel_node("n", "fd00:0:0:3::/64", "192.168.1.3");
     v["spec"]["podCIDRs"] = json!(["fd00:0:0:3::/64", "10.244.3.0/24"]);
+    let l = lease_of(&v).expect("lease");
+    assert_eq!(l.subnet.to_string(), "10.244.3.0/24");
     assert_eq!(
-        lease_of(&v).expect("lease").subnet.to_string(),
-        "10.244.3.0/24"
+        l.ipv6_subnet.map(|n| n.to_string()).as_deref(),
+        Some("fd00:0:0:3::/64")
+    );
+    // An IPv4-only node has none.
+    let v4 = flannel_node("n", "10.244.3.0/24", "192.168.1.3");
+    assert_eq!(lease_of(&v4).expect("lease").ipv6_subnet, None);
+    // A bad IPv6 entry makes the record unreadable, as a bad IPv4 one does.
+    let mut bad = v4.clone();
+    bad["spec"]["podCIDRs"] = json!(["10.244.3.0/24", "fd00:0:0:3::7/64"]);
+    let err = lease_of(&bad).expect_err("host bits").to_string();
+    assert!(err.contains("not a network address"), "{err}");
+}
+
+#[test]
+fn a_dual_stack_nodes_ipv6_annotations_are_read_as_flanneld_writes_them() {
+    let mut v = flannel_node("n", "10.244.3.0/24", "192.168.1.3");
+    v["spec"]["podCIDRs"] = json!(["10.244.3.0/24", "fd00:0:0:3::/64"]);
+    let a = &mut v["metadata"]["annotations"];
+    a[format!("{P}/public-ipv6")] = json!("fd00:199::3");
+    a[format!("{P}/backend-v6-data")] = json!("{\"VNI\":1,\"VtepMAC\":\"c6:2b:1e:55:0d:7b\"}");
+    let l = lease_of(&v).expect("lease");
+    assert_eq!(l.attrs.public_ipv6, Some("fd00:199::3".parse().unwrap()));
+    assert_eq!(
+        l.attrs.backend_v6_data,
+        Some(json!({"VNI": 1, "VtepMAC": "c6:2b:1e:55:0d:7b"}))
+    );
+    for (annotation, value, want) in [
+        ("public-ipv6", "192.168.1.3", "is not an IPv6 address"),
+        ("backend-v6-data", "{nope", "backend-v6-data is not JSON"),
+    ] {
+        let mut b = v.clone();
+        b["metadata"]["annotations"][format!("{P}/{annotation}")] = json!(value);
+        let err = lease_of(&b).expect_err(annotation).to_string();
+        assert!(err.contains(want), "{err}");
+    }
+}
+
+#[test]
+fn a_dual_stack_publish_patch_adds_flanneld_s_ipv6_annotations() {
+    let names = Annotations::new(P);
+    let attrs = LeaseAttrs {
+        public_ip: "192.168.1.3".parse().unwrap(),
+        public_ipv6: Some("fd00:199::3".parse().unwrap()),
+        backend_type: "host-gw".into(),
+        backend_data: None,
+        backend_v6_data: None,
+    };
+    let a = &publish_patch(&names, &attrs)["metadata"]["annotations"];
+    assert_eq!(a[format!("{P}/public-ipv6")], "fd00:199::3");
+    assert_eq!(
+        a[format!("{P}/backend-v6-data")],
+        "null",
+        "host-gw's, as flanneld's"
+    );
+    let vxlan = LeaseAttrs {
+        backend_type: "vxlan".into(),
+        backend_v6_data: Some(json!({"VNI": 1, "VtepMAC": "c6:2b:1e:55:0d:7b"})),
+        ..attrs.clone()
+    };
+    let a = &publish_patch(&names, &vxlan)["metadata"]["annotations"];
+    assert_eq!(
+        a[format!("{P}/backend-v6-data")],
+        "{\"VNI\":1,\"VtepMAC\":\"c6:2b:1e:55:0d:7b\"}"
+    );
+    // Without a PublicIPv6 (IPv4-only), no IPv6 annotation at all.
+    let v4 = LeaseAttrs {
+        public_ipv6: None,
+        ..attrs
+    };
+    let a = &publish_patch(&names, &v4)["metadata"]["annotations"];
+    assert!(
+        a.get(format!("{P}/public-ipv6")).is_none()
+            && a.get(format!("{P}/backend-v6-data")).is_none()
     );
 }
 
