@@ -46,7 +46,7 @@ impl Agent {
             public_ipv6,
             backend_type: backend.type_name().to_string(),
             backend_data,
-            backend_v6_data: None,
+            backend_v6_data: config.ipv6.and(backend.backend_v6_data()),
         };
         let ttl = self.args.subnet_lease_ttl;
         let req = LeaseRequest {
@@ -78,8 +78,14 @@ impl Agent {
             (_, true) => "reservation",
             (_, false) => "lease",
         };
-        info!(subnet = %lease.subnet, public_ip = %me, "acquired {kind}");
-        crate::metrics::get().leased(config.network, &lease, backend.type_name(), ttl);
+        match lease.ipv6_subnet {
+            Some(v6) => info!(subnet = %lease.subnet, ipv6_subnet = %v6, public_ip = %me,
+                              public_ipv6 = ?lease.attrs.public_ipv6.map(|a| a.to_string()),
+                              "acquired {kind}"),
+            None => info!(subnet = %lease.subnet, public_ip = %me, "acquired {kind}"),
+        }
+        let networks = (config.network, config.ipv6.map(|p| p.network));
+        crate::metrics::get().leased(networks, &lease, backend.type_name(), ttl);
         Ok(lease)
     }
 
@@ -107,7 +113,12 @@ impl Agent {
         // Never fails: a daemon.json weftd cannot merge is reported (log, /readyz) and retried,
         // and must not cost the lease or the data path.
         if let Some(path) = self.args.daemon_json() {
-            daemon_json::publish(path, &env.gateway(), env.mtu, &self.ready);
+            let net = daemon_json::DockerNet {
+                bip: env.gateway(),
+                mtu: env.mtu,
+                ipv6: env.ipv6.map(|(_, subnet)| subnet),
+            };
+            daemon_json::publish(path, &net, &self.ready);
         }
         if let Some(old) = previous.filter(|p| *p != state.own.subnet) {
             warn!(old = %old, new = %state.own.subnet,
