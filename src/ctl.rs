@@ -111,7 +111,8 @@ pub enum Command {
     #[command(after_help = "Reads the etcd flags, before or after `leases`; with \
                             -kube-subnet-mgr the Kubernetes flags (a list of Nodes).")]
     Leases,
-    /// Write Docker options from subnet.env, exactly as flannel's mk-docker-opts.sh does.
+    /// Write Docker options from subnet.env, exactly as flannel's mk-docker-opts.sh does (and, on
+    /// a dual-stack lease, --ipv6 and --fixed-cidr-v6, which the script does not write).
     #[command(
         after_help = "Reads no etcd flag (they are accepted, and ignored): only the subnet.env of -f."
     )]

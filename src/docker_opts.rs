@@ -1,8 +1,16 @@
 //! `weftctl docker-opts`: what mk-docker-opts.sh writes, byte for byte, from subnet.env.
+//!
+//! On a dual-stack lease weft adds what the script does not: flannel's mk-docker-opts.sh (its last
+//! change in 2022) reads no FLANNEL_IPV6_* variable. subnet.env's FLANNEL_IPV6_SUBNET gives
+//! `DOCKER_OPT_IPV6="--ipv6"` and `DOCKER_OPT_FIXED_CIDR_V6="--fixed-cidr-v6=<network>"`, the
+//! same two keys weftd writes into daemon.json. One option per variable, as the script's `-i`
+//! promises: a unit may pass `${DOCKER_OPT_…}` as one argument. Both join the combined variable in
+//! the script's order (sorted by name); an IPv4-only subnet.env gives exactly the script's output.
 
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
+use ipnet::Ipv6Net;
 
 /// mk-docker-opts.sh's flags.
 #[derive(Debug, Clone)]
@@ -38,6 +46,18 @@ impl DockerOpts {
         }
         if let Some(m) = vars.get("FLANNEL_MTU").filter(|s| !s.is_empty()) {
             opts.insert("DOCKER_OPT_MTU", format!("--mtu={m}"));
+        }
+        if let Some(v6) = vars.get("FLANNEL_IPV6_SUBNET").filter(|s| !s.is_empty()) {
+            // The bridge's address with its prefix (`fd00:60:0:5::1/64`); Docker wants the
+            // network. A value that is no IPv6 subnet is refused, as a bad FLANNEL_IPMASQ is.
+            let Ok(subnet) = v6.parse::<Ipv6Net>() else {
+                bail!("Invalid value of FLANNEL_IPV6_SUBNET: {v6}");
+            };
+            opts.insert("DOCKER_OPT_IPV6", "--ipv6".to_string());
+            opts.insert(
+                "DOCKER_OPT_FIXED_CIDR_V6",
+                format!("--fixed-cidr-v6={}", subnet.trunc()),
+            );
         }
         if let Some(masq) = vars.get("FLANNEL_IPMASQ").filter(|s| !s.is_empty()) {
             if !self.no_ip_masq {
@@ -110,6 +130,57 @@ mod tests {
             o.render(&vars, Some("--debug")).unwrap(),
             "DOCKER_NETWORK_OPTIONS=\"--debug  --bip=10.1.74.1/24 --mtu=1472\"\n"
         );
+    }
+
+    const DUAL: &str = "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\n\
+                        FLANNEL_IPV6_NETWORK=fd00:60::/48\nFLANNEL_IPV6_SUBNET=fd00:60:0:4a::1/64\n\
+                        FLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n";
+
+    #[test]
+    fn a_dual_stack_subnet_env_adds_ipv6_and_the_ipv6_network() {
+        let out = opts(false, false, false)
+            .render(&parse_vars(DUAL), None)
+            .unwrap();
+        assert_eq!(
+            out,
+            "DOCKER_OPT_BIP=\"--bip=10.1.74.1/24\"\n\
+             DOCKER_OPT_FIXED_CIDR_V6=\"--fixed-cidr-v6=fd00:60:0:4a::/64\"\n\
+             DOCKER_OPT_IPMASQ=\"--ip-masq=true\"\n\
+             DOCKER_OPT_IPV6=\"--ipv6\"\n\
+             DOCKER_OPT_MTU=\"--mtu=1472\"\n\
+             DOCKER_OPTS=\" --bip=10.1.74.1/24 --fixed-cidr-v6=fd00:60:0:4a::/64 --ip-masq=true \
+             --ipv6 --mtu=1472\"\n"
+        );
+        let c = opts(false, true, true)
+            .render(&parse_vars(DUAL), None)
+            .unwrap();
+        assert_eq!(
+            c,
+            "DOCKER_OPTS=\" --bip=10.1.74.1/24 --fixed-cidr-v6=fd00:60:0:4a::/64 --ipv6 \
+             --mtu=1472\"\n"
+        );
+    }
+
+    #[test]
+    fn an_ipv4_subnet_env_gives_no_ipv6_option() {
+        for env in [ENV.to_string(), format!("{ENV}FLANNEL_IPV6_SUBNET=\n")] {
+            let out = opts(false, false, false)
+                .render(&parse_vars(&env), None)
+                .unwrap();
+            assert!(!out.contains("6"), "{out}");
+        }
+    }
+
+    #[test]
+    fn rejects_a_bad_ipv6_subnet() {
+        for bad in ["10.1.74.1/24", "fd00:60:0:4a::1", "fd00::/129"] {
+            let vars = parse_vars(&format!("{ENV}FLANNEL_IPV6_SUBNET={bad}\n"));
+            let e = opts(false, false, false).render(&vars, None).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("Invalid value of FLANNEL_IPV6_SUBNET: {bad}")
+            );
+        }
     }
 
     #[test]

@@ -113,7 +113,12 @@ impl Agent {
         // Never fails: a daemon.json weftd cannot merge is reported (log, /readyz) and retried,
         // and must not cost the lease or the data path.
         if let Some(path) = self.args.daemon_json() {
-            daemon_json::publish(path, &env.gateway(), env.mtu, &self.ready);
+            let net = daemon_json::DockerNet {
+                bip: env.gateway(),
+                mtu: env.mtu,
+                ipv6: env.ipv6.map(|(_, subnet)| subnet),
+            };
+            daemon_json::publish(path, &net, &self.ready);
         }
         if let Some(old) = previous.filter(|p| *p != state.own.subnet) {
             warn!(old = %old, new = %state.own.subnet,

@@ -1,16 +1,17 @@
 //! Docker bootstrap with a real dockerd (Debian's docker.io) per simulated host: weftd writes
 //! daemon.json, dockerd starts from it, containers on different hosts reach each other; the
 //! operator's keys survive; `weftctl docker-opts` flags give the same docker0; a lease change is
-//! written and `weftctl status` says Docker must be restarted. Also `weftctl status` against etcd
-//! without Docker, and the examples in config/.
+//! written and `weftctl status` says Docker must be restarted; a dual-stack lease gives docker0
+//! and containers IPv6 from it. Also `weftctl status` against etcd without Docker, and the
+//! examples in config/.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use weft_lab::dockerd::{require_docker, Dockerd};
-use weft_lab::Netns;
+use weft_lab::{require_ipv6, Netns};
 
 use crate::harness::{wait_for, weftctl, Etcd, WeftdSpec};
 use crate::netns::{Topology, SWITCH_IP};
@@ -18,6 +19,7 @@ use crate::netns::{Topology, SWITCH_IP};
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.245.0.0/16","Backend":{"Type":"host-gw"}}"#;
 const UDP: &str = r#"{"Network":"10.247.0.0/16","Backend":{"Type":"udp"}}"#;
+const DUAL_ALLOC: &str = r#"{"Network":"10.246.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:246::/48","Backend":{"Type":"alloc"}}"#;
 const T: Duration = Duration::from_secs(30);
 
 /// An operator's daemon.json: the keys weftd must leave alone. "hosts" names the test's socket,
@@ -42,6 +44,20 @@ fn docker0(ns: &Netns) -> Option<String> {
         .iter()
         .find(|a| a["family"] == "inet")
         .map(|a| format!("{}/{}", a["local"].as_str().unwrap_or(""), a["prefixlen"]))
+}
+
+/// docker0's global IPv6 addresses with prefix lengths in `ns` (`ip -6 -j addr show docker0`).
+fn docker0_v6(ns: &Netns) -> Vec<String> {
+    let v = ns.ip_json("-6 addr show dev docker0");
+    let addrs = v
+        .as_array()
+        .and_then(|links| links.first()?["addr_info"].as_array());
+    addrs
+        .into_iter()
+        .flatten()
+        .filter(|a| a["family"] == "inet6" && a["scope"] == "global")
+        .map(|a| format!("{}/{}", a["local"].as_str().unwrap_or(""), a["prefixlen"]))
+        .collect()
 }
 
 /// daemon.json once weftd has put a bip in it.
@@ -213,21 +229,7 @@ fn docker_opts_flags_give_the_same_docker0_as_daemon_json() {
 
     // The flags route: a daemon.json without bip/mtu, and mk-docker-opts.sh's DOCKER_OPTS.
     h.ns.ip("link del docker0");
-    let out = weft_lab::cmd::output(
-        Command::new(env!("CARGO_BIN_EXE_weftctl"))
-            .args(["docker-opts", "-f"])
-            .arg(h.dir.join("subnet.env"))
-            .args(["-d", "-", "-c"])
-            .env_remove("DOCKER_OPTS"),
-        T,
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let opts = line
-        .strip_prefix("DOCKER_OPTS=\"")
-        .and_then(|l| l.strip_suffix('"'))
-        .unwrap_or_else(|| panic!("unexpected docker-opts output {line:?}"));
-    let flags: Vec<String> = opts.split_whitespace().map(str::to_string).collect();
+    let flags = docker_opts_flags(h);
     assert_eq!(
         flags,
         [
@@ -243,6 +245,141 @@ fn docker_opts_flags_give_the_same_docker0_as_daemon_json() {
     let from_flags = docker_network_of(&d2, &h.ns);
     d2.stop();
     assert_eq!(from_flags, from_json);
+}
+
+/// `weftctl docker-opts -c` for host `h`'s subnet.env, as dockerd flags.
+fn docker_opts_flags(h: &crate::netns::Host) -> Vec<String> {
+    let out = weft_lab::cmd::output(
+        Command::new(env!("CARGO_BIN_EXE_weftctl"))
+            .args(["docker-opts", "-f"])
+            .arg(h.dir.join("subnet.env"))
+            .args(["-d", "-", "-c"])
+            .env_remove("DOCKER_OPTS"),
+        T,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let opts = line
+        .strip_prefix("DOCKER_OPTS=\"")
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("unexpected docker-opts output {line:?}"));
+    opts.split_whitespace().map(str::to_string).collect()
+}
+
+/// A dual-stack lease: weftd appends `"ipv6": true` and `"fixed-cidr-v6"` (the IPv6 lease) after
+/// bip and mtu, keeping the operator's bytes; a real dockerd started from that file gives docker0
+/// the IPv6 lease's first address (FLANNEL_IPV6_SUBNET) beside the bip, and a container an IPv6
+/// address in the lease that reaches docker0. Debian's Docker 20.10 needs no other key for that
+/// (`ip6tables` is not written: on 20.10 it needs `experimental`, and dockerd refuses to start
+/// with it alone). `weftctl docker-opts`' flags give the same docker0.
+#[test]
+fn docker_dual_stack_daemon_json_gives_docker0_the_ipv6_lease() {
+    const NAME: &str = "docker_dual_stack_daemon_json_gives_docker0_the_ipv6_lease";
+    if !require_docker(NAME) || !require_ipv6(NAME) {
+        return;
+    }
+    let mut t = Topology::new(1, 1500);
+    t.set_config(DUAL_ALLOC);
+    let mut d = Dockerd::new();
+    let json = operator_daemon_json(&d);
+    let path = t.hosts[0].dir.join("daemon.json");
+    std::fs::write(&path, &json).expect("daemon.json");
+    let public6 = format!("--public-ipv6={}", t.hosts[0].addr6());
+    t.start(0, &[&public6]);
+    let h = &t.hosts[0];
+    let subnet = h.wait_subnet();
+    let subnet6 = h.wait_subnet6();
+    assert!(
+        "fd00:246::/48"
+            .parse::<ipnet::Ipv6Net>()
+            .expect("net")
+            .contains(&subnet6),
+        "{subnet6}"
+    );
+    let bip = h.env_var("FLANNEL_SUBNET").expect("FLANNEL_SUBNET");
+    let bridge6 = h
+        .env_var("FLANNEL_IPV6_SUBNET")
+        .expect("FLANNEL_IPV6_SUBNET");
+    let gateway6 = weft_lab::topology::gateway6(subnet6);
+    assert_eq!(bridge6, format!("{gateway6}/{}", subnet6.prefix_len()));
+
+    let after = wait_daemon_json(&path, &bip);
+    let expected = json.replace(
+        "5000\"]\n}",
+        &format!(
+            "5000\"],\n  \"bip\": \"{bip}\",\n  \"mtu\": 1500,\n  \"ipv6\": true,\n  \
+             \"fixed-cidr-v6\": \"{subnet6}\"\n}}"
+        ),
+    );
+    assert_eq!(after, expected);
+
+    d.start(&h.ns, &path, false, &[]);
+    assert_eq!(docker0(&h.ns).as_deref(), Some(bip.as_str()));
+    assert_eq!(
+        docker0_v6(&h.ns),
+        std::slice::from_ref(&bridge6),
+        "docker0's global IPv6 addresses; dockerd log:\n{}",
+        weft_lab::cmd::tail(&d.log(), 30)
+    );
+    d.import_busybox();
+    let ip = d.run_busybox("pod");
+    assert!(subnet.contains(&ip), "container {ip} outside {subnet}");
+    let ip6 = d.docker_ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.GlobalIPv6Address}}",
+        "pod",
+    ]);
+    let ip6: Ipv6Addr = ip6
+        .parse()
+        .unwrap_or_else(|_| panic!("container has no IPv6 address: {ip6:?}"));
+    assert!(subnet6.contains(&ip6), "container {ip6} outside {subnet6}");
+    wait_for("the container to reach docker0 over IPv6", T, || {
+        d.docker(&["exec", "pod", "ping", "-c1", "-W1", &gateway6.to_string()])
+            .status
+            .success()
+            .then_some(())
+    });
+    let st = status_in(&h.ns, &h.dir);
+    assert!(st.status.success(), "weftctl status:\n{}", text(&st));
+    d.stop();
+
+    // The flags route: mk-docker-opts.sh's DOCKER_OPTS with weft's two IPv6 options.
+    h.ns.ip("link del docker0");
+    let flags = docker_opts_flags(h);
+    assert_eq!(
+        flags,
+        [
+            format!("--bip={bip}"),
+            format!("--fixed-cidr-v6={subnet6}"),
+            "--ip-masq=true".into(),
+            "--ipv6".into(),
+            "--mtu=1500".into(),
+        ]
+    );
+    let mut d2 = Dockerd::new();
+    let empty = d2.dir().join("flags-daemon.json");
+    std::fs::write(&empty, "{}\n").expect("empty daemon.json");
+    d2.start(&h.ns, &empty, true, &flags);
+    assert_eq!(docker0(&h.ns).as_deref(), Some(bip.as_str()));
+    assert_eq!(docker0_v6(&h.ns), [bridge6]);
+    d2.stop();
+
+    // IPv6 turned off: the IPv4 lease stays, and daemon.json's IPv6 keys with it. weftd cannot
+    // tell its own from the operator's, so it leaves them and says they look stale.
+    t.set_config(r#"{"Network":"10.246.0.0/16","Backend":{"Type":"alloc"}}"#);
+    wait_for("subnet.env without IPv6", T, || {
+        h.subnet_env().filter(|e| !e.contains("IPV6"))
+    });
+    h.wait_log(
+        "the network is IPv4 only but daemon.json has fixed-cidr-v6",
+        T,
+    );
+    assert_eq!(h.wait_subnet(), subnet);
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("daemon.json"),
+        expected
+    );
 }
 
 #[test]
