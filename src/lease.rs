@@ -193,6 +193,12 @@ impl Lease {
         (kind.identity)(self.attrs.backend_data.as_ref()).ok()?
     }
 
+    /// The identity of its IPv6 side, in BackendV6Data (vxlan: the IPv6 device's VTEP MAC).
+    pub fn identity6(&self) -> Option<weft_backends::Identity> {
+        let kind = weft_backends::kind(&self.attrs.backend_type)?;
+        (kind.identity)(self.attrs.backend_v6_data.as_ref()?.into()).ok()?
+    }
+
     /// What the data plane needs of it.
     pub fn to_backend(&self) -> weft_backends::Lease {
         weft_backends::Lease {

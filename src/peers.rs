@@ -59,6 +59,8 @@ pub struct Own {
     pub ipv6_subnet: Option<Ipv6Net>,
     /// The identity it publishes (vxlan: its VTEP MAC), which no peer may use.
     pub identity: Option<Identity>,
+    /// The identity of its IPv6 side (vxlan: the IPv6 device's VTEP MAC, in BackendV6Data).
+    pub identity6: Option<Identity>,
 }
 
 /// Why a stored lease is not a peer.
@@ -166,6 +168,9 @@ pub struct PeerSet {
     /// in their IPv6 part (`10.5.72.0-24` and `10.5.72.0-24&fc00::-64`) or in their IPv4 part.
     subnets: HashMap<IpNet, Contenders>,
     identities: HashMap<Identity, Contenders>,
+    /// The same for identities of IPv6 sides (another device: the same MAC on one host's
+    /// IPv4 device and another's IPv6 device is no clash).
+    identities6: HashMap<Identity, Contenders>,
     accepted: BTreeSet<Key>,
     /// Accepted peers by BackendType (index into [`KNOWN_TYPES`], or [`OTHER_TYPE`]), kept as
     /// `accepted` changes so that the count costs nothing per event.
@@ -197,11 +202,12 @@ enum Standing {
     /// Its subnet is the lease's (the entry's value is then readable).
     Contender {
         identity: Option<Identity>,
+        identity6: Option<Identity>,
     },
 }
 
-// One per stored lease: as small as before identities were generic.
-const _: () = assert!(std::mem::size_of::<Standing>() == 16);
+// One per stored lease: its two identities, inline.
+const _: () = assert!(std::mem::size_of::<Standing>() == 32);
 
 /// What a contender contends for: its subnets (the IPv6 one on a dual-stack network) and its
 /// identity.
@@ -210,6 +216,7 @@ struct Claimed<'a> {
     subnet: Ipv4Net,
     subnet6: Option<Ipv6Net>,
     identity: Option<&'a Identity>,
+    identity6: Option<&'a Identity>,
 }
 
 impl Claimed<'_> {
@@ -228,10 +235,17 @@ fn contention<'a>(
     dual: bool,
 ) -> Option<Claimed<'a>> {
     match (value, standing) {
-        (Ok(v), Standing::Contender { identity }) => Some(Claimed {
+        (
+            Ok(v),
+            Standing::Contender {
+                identity,
+                identity6,
+            },
+        ) => Some(Claimed {
             subnet: v.subnet,
             subnet6: v.ipv6_subnet().filter(|_| dual),
             identity: identity.as_ref(),
+            identity6: identity6.as_ref().filter(|_| dual),
         }),
         _ => None,
     }
@@ -250,6 +264,7 @@ impl PeerSet {
             entries: HashMap::new(),
             subnets: HashMap::new(),
             identities: HashMap::new(),
+            identities6: HashMap::new(),
             accepted: BTreeSet::new(),
             by_type: [0; KNOWN_TYPES.len() + 1],
         }
@@ -445,7 +460,8 @@ impl PeerSet {
     fn remember_contenders(&self, c: Claimed<'_>, before: &mut Before) {
         let subnets = c.subnets().filter_map(|s| self.subnets.get(&s));
         let id = c.identity.and_then(|i| self.identities.get(i));
-        for (_, k) in subnets.chain(id).flat_map(Contenders::ranks) {
+        let id6 = c.identity6.and_then(|i| self.identities6.get(i));
+        for (_, k) in subnets.chain(id).chain(id6).flat_map(Contenders::ranks) {
             self.remember(k, before);
         }
     }
@@ -459,6 +475,9 @@ impl PeerSet {
         if let Some(i) = c.identity {
             contend(&mut self.identities, i, &rank, enter, recheck);
         }
+        if let Some(i) = c.identity6 {
+            contend(&mut self.identities6, i, &rank, enter, recheck);
+        }
     }
 
     /// The checks a lease passes or fails on its own.
@@ -467,12 +486,16 @@ impl PeerSet {
             return Standing::Own;
         }
         match self.check(record) {
-            Ok(identity) => Standing::Contender { identity },
+            Ok((identity, identity6)) => Standing::Contender {
+                identity,
+                identity6,
+            },
             Err(reason) => Standing::Rejected(Box::new(reason)),
         }
     }
 
-    fn check(&self, record: &Record) -> Result<Option<Identity>, Reason> {
+    /// The checks of [`PeerSet::stand`]; the lease's identities, of its IPv4 and IPv6 sides.
+    fn check(&self, record: &Record) -> Result<(Option<Identity>, Option<Identity>), Reason> {
         let lease = record
             .value
             .as_ref()
@@ -503,21 +526,26 @@ impl PeerSet {
             self.check_v6(scope, subnet, lease.attrs.public_ipv6)?;
         }
         let Some(kind) = weft_backends::kind(&lease.attrs.backend_type) else {
-            return Ok(None);
+            return Ok((None, None));
         };
-        let identity = (kind.identity)(lease.attrs.backend_data.as_ref()).map_err(|reason| {
-            Reason::BadIdentity {
-                kind: kind.identity_kind,
-                reason,
+        let bad = |reason| Reason::BadIdentity {
+            kind: kind.identity_kind,
+            reason,
+        };
+        let identity = (kind.identity)(lease.attrs.backend_data.as_ref()).map_err(bad)?;
+        // The IPv6 side's, where it has BackendV6Data on a dual-stack network (without, its
+        // IPv6 side is a subnet only: unreachable through a device, but no bad lease).
+        let identity6 = match (&self.ipv6, &lease.attrs.backend_v6_data) {
+            (Some(_), Some(data)) => (kind.identity)(Some(data))
+                .map_err(|e| bad(format!("BackendV6Data: {e}")))?,
+            _ => None,
+        };
+        for (i, own) in [(&identity, &self.own.identity), (&identity6, &self.own.identity6)] {
+            if let Some(i) = i.as_ref().filter(|i| own.as_ref() == Some(*i)) {
+                return Err(Reason::IdentityOwn(i.clone()));
             }
-        })?;
-        if let Some(i) = identity
-            .as_ref()
-            .filter(|i| self.own.identity.as_ref() == Some(*i))
-        {
-            return Err(Reason::IdentityOwn(i.clone()));
         }
-        Ok(identity)
+        Ok((identity, identity6))
     }
 
     /// The IPv6 side's rules, as [`PeerSet::check`]'s for IPv4.
@@ -567,6 +595,8 @@ impl PeerSet {
                     Verdict::Rejected(Reason::SubnetTaken(s))
                 } else if let Some(i) = c.identity.filter(|i| !wins(&self.identities, *i, key)) {
                     Verdict::Rejected(Reason::IdentityTaken(i.clone()))
+                } else if let Some(i) = c.identity6.filter(|i| !wins(&self.identities6, *i, key)) {
+                    Verdict::Rejected(Reason::IdentityTaken(i.clone()))
                 } else {
                     Verdict::Accepted
                 }
@@ -589,7 +619,9 @@ impl PeerSet {
         let first = |c: &Contenders| c.first().map(|r| r.1.to_string());
         match reason {
             Reason::SubnetTaken(s) => self.subnets.get(s).and_then(first),
-            Reason::IdentityTaken(i) => self.identities.get(i).and_then(first),
+            Reason::IdentityTaken(i) => (self.identities.get(i))
+                .or_else(|| self.identities6.get(i))
+                .and_then(first),
             Reason::OverlapsOwn(_) | Reason::IdentityOwn(_) => Some(self.own.key.clone()),
             _ => None,
         }

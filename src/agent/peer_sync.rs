@@ -149,6 +149,7 @@ impl Agent {
             key: self.registry.own_key(own),
             subnet: own.subnet,
             identity: own.identity(),
+            identity6: own.identity6(),
         }
     }
 

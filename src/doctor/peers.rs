@@ -156,6 +156,7 @@ pub(super) fn desired_peers(f: &Facts, c: &Ctx<'_>, own: &Lease) -> Vec<Lease> {
         key: own_key(f, c.cluster, own.subnet),
         subnet: own.subnet,
         identity: own.identity(),
+        identity6: own.identity6(),
     };
     let mut local: HashSet<Ipv4Addr> = c.k.local_addrs.clone();
     local.extend([c.ext.public_ip, c.ext.iface_addr]);

@@ -126,6 +126,7 @@ impl Edit<'_> {
         let entries = std::mem::take(&mut set.entries);
         set.subnets.clear();
         set.identities.clear();
+        set.identities6.clear();
         set.accepted.clear();
         set.by_type = Default::default();
         for (key, e) in entries {

@@ -44,6 +44,7 @@ fn own_at(subnet: &str) -> Own {
         subnet: n,
         ipv6_subnet: None,
         identity: Some(mac(OWN_MAC)),
+        identity6: None,
     }
 }
 
@@ -247,6 +248,71 @@ fn keys_differing_only_in_their_ipv6_part_contend_for_the_ipv4_subnet() {
     assert_eq!(
         reason(&s, "10.60.7.0-24&fd00:60:0:7::-64"),
         Some(Reason::SubnetTaken(net("10.60.7.0/24").into()))
+    );
+}
+
+fn vxlan6(public_ip: &str, vtep: &str, vtep6: &str) -> String {
+    format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":"fd00:199::99","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{vtep6}"}}}}"#
+    )
+}
+
+#[test]
+fn the_ipv6_devices_vtep_mac_is_held_by_the_older_lease_and_never_this_hosts() {
+    let mut s = dual_set();
+    s.apply(put(
+        "10.60.7.0-24&fd00:60:0:7::-64",
+        5,
+        &vxlan6("10.199.0.12", "02:00:00:00:00:07", "02:00:00:00:06:07"),
+    ));
+    // Another IPv6 device behind the same MAC: the older lease keeps it.
+    let d = s.apply(put(
+        "10.60.8.0-24&fd00:60:0:8::-64",
+        9,
+        &vxlan6("10.199.0.13", "02:00:00:00:00:08", "02:00:00:00:06:07"),
+    ));
+    assert!(d.added.is_empty());
+    assert_eq!(
+        reason(&s, "10.60.8.0-24&fd00:60:0:8::-64"),
+        Some(Reason::IdentityTaken(mac("02:00:00:00:06:07")))
+    );
+    assert_eq!(
+        d.rejected[0].holder.as_deref(),
+        Some(&*key("10.60.7.0-24&fd00:60:0:7::-64"))
+    );
+    // One host's IPv4 MAC on another's IPv6 device is another device: no clash.
+    let d = s.apply(put(
+        "10.60.9.0-24&fd00:60:0:9::-64",
+        10,
+        &vxlan6("10.199.0.14", "02:00:00:00:00:09", "02:00:00:00:00:07"),
+    ));
+    assert_eq!(d.added.len(), 1, "{d:?}");
+    // This host's own IPv6 MAC, and BackendV6Data without a usable one.
+    let own = Own {
+        identity6: Some(mac("02:00:00:00:06:01")),
+        ..s.own().clone()
+    };
+    let mut b = s.edit();
+    b.set_own(own);
+    b.finish();
+    s.apply(put(
+        "10.60.10.0-24&fd00:60:0:a::-64",
+        11,
+        &vxlan6("10.199.0.15", "02:00:00:00:00:0a", "02:00:00:00:06:01"),
+    ));
+    assert_eq!(
+        reason(&s, "10.60.10.0-24&fd00:60:0:a::-64"),
+        Some(Reason::IdentityOwn(mac("02:00:00:00:06:01")))
+    );
+    s.apply(put(
+        "10.60.11.0-24&fd00:60:0:b::-64",
+        12,
+        &vxlan6("10.199.0.16", "02:00:00:00:00:0b", "ff:ff:ff:ff:ff:ff"),
+    ));
+    let r = reason(&s, "10.60.11.0-24&fd00:60:0:b::-64");
+    assert!(
+        matches!(&r, Some(Reason::BadIdentity { reason, .. }) if reason.starts_with("BackendV6Data")),
+        "{r:?}"
     );
 }
 
