@@ -536,11 +536,15 @@ impl PeerSet {
         // The IPv6 side's, where it has BackendV6Data on a dual-stack network (without, its
         // IPv6 side is a subnet only: unreachable through a device, but no bad lease).
         let identity6 = match (&self.ipv6, &lease.attrs.backend_v6_data) {
-            (Some(_), Some(data)) => (kind.identity)(Some(data))
-                .map_err(|e| bad(format!("BackendV6Data: {e}")))?,
+            (Some(_), Some(data)) => {
+                (kind.identity)(Some(data)).map_err(|e| bad(format!("BackendV6Data: {e}")))?
+            }
             _ => None,
         };
-        for (i, own) in [(&identity, &self.own.identity), (&identity6, &self.own.identity6)] {
+        for (i, own) in [
+            (&identity, &self.own.identity),
+            (&identity6, &self.own.identity6),
+        ] {
             if let Some(i) = i.as_ref().filter(|i| own.as_ref() == Some(*i)) {
                 return Err(Reason::IdentityOwn(i.clone()));
             }

@@ -583,7 +583,7 @@ pub fn judge_nodes(
                 key: node.to_string(),
                 subnet: own.subnet,
                 identity: own.identity(),
-            identity6: own.identity6(),
+                identity6: own.identity6(),
             };
             let mut set = PeerSet::new(config.network, config.subnet_len, own, local);
             set.replace_all(records.iter().cloned());
