@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::facts::{renew_margin, Cluster, Facts, Store, Ttl};
 use super::{Finding, Outcome};
@@ -220,6 +220,24 @@ pub fn subnet_env(f: &Facts) -> Outcome {
             "weftd rewrites subnet.env as soon as it holds a lease: start it (or look at its \
              log), then restart Docker and the pods for the new subnet",
         ));
+    }
+    if let Some((_, _, Holding::Held(l))) = own(f) {
+        let env6 = (env.ipv6.as_ref())
+            .and_then(|(_, s)| s.parse::<Ipv6Net>().ok())
+            .map(|n| n.trunc());
+        if env6 != l.ipv6_subnet {
+            let show = |n: Option<Ipv6Net>| n.map_or("none".to_string(), |n| n.to_string());
+            out.push(Finding::new(
+                format!(
+                    "{} says FLANNEL_IPV6_SUBNET={} but this host's lease has the IPv6 subnet {}",
+                    f.subnet_file,
+                    env.ipv6.as_ref().map_or("(none)", |(_, s)| s.as_str()),
+                    show(l.ipv6_subnet)
+                ),
+                "weftd rewrites subnet.env with its lease: restart it (or look at its log), then \
+                 restart Docker and the pods",
+            ));
+        }
     }
     out.into()
 }
@@ -542,6 +560,30 @@ mod tests {
             vec![],
             "reported once, by subnet-env"
         );
+    }
+
+    #[test]
+    fn subnet_env_without_the_leases_ipv6_subnet_or_with_another_is_named() {
+        let mut f = testing::healthy();
+        // This host's lease is dual-stack: under its dual key, with an IPv6 subnet.
+        let key = format!("{}10.244.1.0-24", testing::PREFIX);
+        for r in testing::cluster(&mut f).records.iter_mut().filter(|r| r.key == key) {
+            r.key = format!("{key}&fd00:244:0:1::-64");
+            if let Ok(l) = &mut r.value {
+                l.ipv6_subnet = Some("fd00:244:0:1::/64".parse().unwrap());
+            }
+        }
+        let p = problems_of(subnet_env(&f));
+        assert!(
+            p[0].problem.contains(
+                "FLANNEL_IPV6_SUBNET=(none) but this host's lease has the IPv6 subnet fd00:244:0:1::/64"
+            ),
+            "{p:?}"
+        );
+        testing::env(&mut f).ipv6 = Some(("fd00:244::/48".into(), "fd00:244:0:1::1/64".into()));
+        assert_eq!(problems_of(subnet_env(&f)), vec![]);
+        testing::env(&mut f).ipv6 = Some(("fd00:244::/48".into(), "fd00:244:0:9::1/64".into()));
+        assert_eq!(problems_of(subnet_env(&f)).len(), 1);
     }
 
     #[test]
