@@ -1,11 +1,13 @@
-//! The vxlan device's neighbour table (peer network address → peer VTEP MAC) and forwarding
-//! database (peer VTEP MAC → peer public IP). Both are managed only on weft's own `flannel.<VNI>`
-//! device, and only their permanent entries, which are the ones weft writes; whatever the kernel
-//! learns there itself is left alone. The device is the instance's own (one VNI, one device), so a
-//! second weftd on the host, serving another network with another VNI, never sees these entries.
+//! The vxlan devices' neighbour tables (peer network address → peer VTEP MAC) and forwarding
+//! databases (peer VTEP MAC → peer public IP). Both are managed only on weft's own devices
+//! (`flannel.<VNI>`, with IPv4 neighbours and remotes; `flannel-v6.<VNI>` on a dual-stack host, with
+//! IPv6 ones), and only their permanent entries, which are the ones weft writes; whatever the
+//! kernel learns there itself is left alone. The devices are the instance's own (one VNI, one
+//! device per family), so a second weftd on the host, serving another network with another VNI,
+//! never sees these entries.
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
 use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
@@ -22,10 +24,11 @@ use crate::error::is_gone;
 use crate::mac::Mac;
 use crate::{Error, ErrorList};
 
-/// One permanent entry: for ARP `ip → mac`, for the FDB `mac → ip` (the remote VTEP).
+/// One permanent entry: for ARP and NDP `ip → mac`, for the FDB `mac → ip` (the remote VTEP).
+/// The address is of the device's family: IPv4 on `flannel.<VNI>`, IPv6 on `flannel-v6.<VNI>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Entry {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub mac: Mac,
 }
 
@@ -34,7 +37,9 @@ pub struct Entry {
 pub enum Table {
     /// `ip neigh … dev flannel.N nud permanent`
     Arp,
-    /// `bridge fdb … dev flannel.N dst <ip> self permanent`
+    /// `ip -6 neigh … dev flannel-v6.N nud permanent`
+    Ndp,
+    /// `bridge fdb … dev flannel.N dst <ip> self permanent` (either family's remotes)
     Fdb,
 }
 
@@ -42,6 +47,7 @@ impl Table {
     fn family(self) -> AddressFamily {
         match self {
             Self::Arp => AddressFamily::Inet,
+            Self::Ndp => AddressFamily::Inet6,
             Self::Fdb => AddressFamily::Bridge,
         }
     }
@@ -49,8 +55,14 @@ impl Table {
     fn name(self) -> &'static str {
         match self {
             Self::Arp => "neighbour",
+            Self::Ndp => "IPv6 neighbour",
             Self::Fdb => "fdb entry",
         }
+    }
+
+    /// Whether entries are keyed by address (a neighbour) rather than by MAC (an FDB entry).
+    fn by_address(self) -> bool {
+        self != Self::Fdb
     }
 }
 
@@ -74,9 +86,9 @@ pub async fn reconcile(
     let missing: Vec<Entry> = wanted.difference(&present).copied().collect();
     // A replace overwrites the entry of the same key (ARP: the address; FDB: the MAC): no
     // delete needed for it.
-    let key = |e: &Entry| match table {
-        Table::Arp => (Some(e.ip), None),
-        Table::Fdb => (None, Some(e.mac)),
+    let key = |e: &Entry| match table.by_address() {
+        true => (Some(e.ip), None),
+        false => (None, Some(e.mac)),
     };
     let replaced: HashSet<_> = missing.iter().map(key).collect();
     let extra: Vec<Entry> = present
@@ -168,13 +180,22 @@ fn entry(m: &NeighbourMessage, table: Table, ifindex: u32) -> Option<Entry> {
     if h.ifindex != ifindex || h.family != table.family() {
         return None;
     }
-    let (_, ip, mac) = permanent_entry(m)?;
+    let (_, ip, mac) = permanent_any(m)?;
     Some(Entry { ip, mac })
 }
 
 /// A permanent neighbour (ARP) or FDB entry of a dump, as `(ifindex, IPv4 address, MAC)`; for
 /// the FDB the address is the remote VTEP's. Anything else (learned, IPv6, incomplete): `None`.
 pub fn permanent_entry(m: &NeighbourMessage) -> Option<(u32, Ipv4Addr, Mac)> {
+    match permanent_any(m)? {
+        (index, IpAddr::V4(ip), mac) => Some((index, ip, mac)),
+        (_, IpAddr::V6(_), _) => None,
+    }
+}
+
+/// [`permanent_entry`] of either family: IPv6 neighbours and FDB entries with an IPv6 remote
+/// (`flannel-v6.<VNI>`'s) too.
+fn permanent_any(m: &NeighbourMessage) -> Option<(u32, IpAddr, Mac)> {
     if m.header.state != NeighbourState::Permanent {
         return None;
     }
@@ -182,10 +203,15 @@ pub fn permanent_entry(m: &NeighbourMessage) -> Option<(u32, Ipv4Addr, Mac)> {
     let mut mac = None;
     for a in &m.attributes {
         match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
-            // AF_BRIDGE dumps are not decoded by address family: four bytes are IPv4.
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some((*i).into()),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(i)) => ip = Some((*i).into()),
+            // AF_BRIDGE dumps are not decoded by address family: the length tells.
             NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
-                ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+                ip = match b.len() {
+                    4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+                    16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+                    _ => None,
+                }
             }
             NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_slice(l),
             _ => {}
@@ -207,8 +233,71 @@ fn message(table: Table, ifindex: u32, e: &Entry) -> NeighbourMessage {
     m.attributes
         .push(NeighbourAttribute::LinkLayerAddress(e.mac.0.to_vec()));
     m.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-            e.ip,
-        )));
+        .push(NeighbourAttribute::Destination(e.ip.into()));
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dumped(family: AddressFamily, dst: NeighbourAddress) -> NeighbourMessage {
+        let mut m = NeighbourMessage::default();
+        m.header.family = family;
+        m.header.ifindex = 7;
+        m.header.state = NeighbourState::Permanent;
+        m.attributes.push(NeighbourAttribute::Destination(dst));
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 9]));
+        m
+    }
+
+    #[test]
+    fn entries_of_both_families_are_read_and_doctors_view_stays_ipv4() {
+        let mac = Mac([2, 0, 0, 0, 0, 9]);
+        let v6: std::net::Ipv6Addr = "fd00:10:199::12".parse().expect("ip");
+        let ndp = dumped(AddressFamily::Inet6, NeighbourAddress::Inet6(v6));
+        assert_eq!(
+            entry(&ndp, Table::Ndp, 7),
+            Some(Entry { ip: v6.into(), mac })
+        );
+        assert_eq!(entry(&ndp, Table::Arp, 7), None, "another family's table");
+        // An FDB entry with an IPv6 remote: sixteen undecoded bytes.
+        let fdb = dumped(
+            AddressFamily::Bridge,
+            NeighbourAddress::Other(v6.octets().to_vec()),
+        );
+        assert_eq!(
+            entry(&fdb, Table::Fdb, 7),
+            Some(Entry { ip: v6.into(), mac })
+        );
+        assert_eq!(entry(&fdb, Table::Fdb, 8), None, "another device's");
+        assert_eq!(permanent_entry(&fdb), None);
+        let v4 = dumped(
+            AddressFamily::Bridge,
+            NeighbourAddress::Other(vec![10, 0, 0, 1]),
+        );
+        assert_eq!(
+            permanent_entry(&v4),
+            Some((7, Ipv4Addr::new(10, 0, 0, 1), mac))
+        );
+    }
+
+    #[test]
+    fn a_request_names_the_entrys_own_family() {
+        let e = Entry {
+            ip: "fd00::1".parse().expect("ip"),
+            mac: Mac([2, 0, 0, 0, 0, 1]),
+        };
+        let m = message(Table::Fdb, 3, &e);
+        assert!(m
+            .attributes
+            .contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet6(
+                "fd00::1".parse().expect("ip")
+            ))));
+        assert_eq!(
+            message(Table::Ndp, 3, &e).header.family,
+            AddressFamily::Inet6
+        );
+    }
 }

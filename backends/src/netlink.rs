@@ -1,10 +1,10 @@
 //! One place that opens rtnetlink connections, and the plain requests on a device a backend
 //! needs (its deletion, its address).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
 use rtnetlink::Handle;
 
 use tracing::info;
@@ -83,6 +83,59 @@ pub async fn ensure_address(
             .execute()
             .await
             .map_err(Error::netlink(format!("add {addr}/32 to {name}")))?;
+        info!(device = name, address = %addr, "address set");
+    }
+    Ok(())
+}
+
+/// Makes `addr`/128 the only global IPv6 address of device `index` (`name` for messages), or with
+/// `None` leaves it none: flannel gives its IPv6 vxlan device the IPv6 lease's network address.
+/// Link-local addresses are the kernel's and stay.
+pub async fn ensure_address6(
+    handle: &Handle,
+    index: u32,
+    name: &str,
+    addr: Option<Ipv6Addr>,
+) -> Result<(), Error> {
+    let msgs: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(Error::netlink(format!("list addresses of {name}")))?;
+    let mut have = false;
+    for m in msgs {
+        // IPv6 addresses come as IFA_ADDRESS alone.
+        let local = m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
+            _ => None,
+        });
+        let Some(local) = local else { continue };
+        if local.segments()[0] & 0xffc0 == 0xfe80 {
+            continue;
+        }
+        if Some(local) == addr && m.header.prefix_len == 128 {
+            have = true;
+            continue;
+        }
+        info!(device = name, address = %local, "removing stale address");
+        handle
+            .address()
+            .del(m)
+            .execute()
+            .await
+            .map_err(Error::netlink(format!("delete {local} from {name}")))?;
+    }
+    if let (false, Some(addr)) = (have, addr) {
+        let mut add = handle.address().add(index, IpAddr::V6(addr), 128);
+        // Duplicate detection has no one to ask on a device whose multicast goes nowhere (no
+        // all-zeros FDB entry): it would only keep the address tentative for a second.
+        add.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+        add.execute()
+            .await
+            .map_err(Error::netlink(format!("add {addr}/128 to {name}")))?;
         info!(device = name, address = %addr, "address set");
     }
     Ok(())

@@ -10,6 +10,7 @@ mod datapath;
 mod docker;
 mod doctor;
 mod dual_stack;
+mod dual_stack_vxlan;
 mod etcd_security;
 mod faults;
 mod files;

@@ -10,6 +10,9 @@ pub const KERNEL_DEFAULT_PORT: u16 = 8472;
 /// vxlan's overhead on IPv4: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
 pub const OVERHEAD: u32 = 50;
 
+/// vxlan's overhead on IPv6: the outer IPv6 header is 40 bytes, 20 more than IPv4's.
+pub const OVERHEAD6: u32 = 70;
+
 /// The smallest MTU the kernel gives a vxlan device (ETH_MIN_MTU, IPv4's minimum).
 const MIN_MTU: u32 = 68;
 
@@ -63,6 +66,32 @@ impl VxlanConfig {
     /// flannel's device name, `flannel.<VNI>`.
     pub fn device_name(&self) -> String {
         format!("flannel.{}", self.vni)
+    }
+
+    /// flannel's IPv6 device name, `flannel-v6.<VNI>`: longer, so VNIs above 9999 cannot have
+    /// one (Linux names are at most 15 characters).
+    pub fn device_name6(&self) -> String {
+        format!("flannel-v6.{}", self.vni)
+    }
+
+    /// The MTU of `flannel.<VNI>` on its own: the config's, else the underlay's less IPv4's
+    /// overhead.
+    pub fn mtu4(&self, underlay_mtu: u32) -> u32 {
+        if self.mtu != 0 {
+            self.mtu
+        } else {
+            underlay_mtu.saturating_sub(OVERHEAD)
+        }
+    }
+
+    /// The MTU of `flannel-v6.<VNI>`: IPv6's outer header costs 20 bytes more than IPv4's, so
+    /// 20 less than [`VxlanConfig::mtu4`], whether that comes from the config or the underlay.
+    pub fn mtu6(&self, underlay_mtu: u32) -> u32 {
+        if self.mtu != 0 {
+            self.mtu.saturating_sub(OVERHEAD6 - OVERHEAD)
+        } else {
+            underlay_mtu.saturating_sub(OVERHEAD6)
+        }
     }
 
     /// The UDP port the device really uses.
@@ -120,7 +149,17 @@ mod tests {
             }
         );
         assert_eq!(c.device_name(), "flannel.1");
+        assert_eq!(c.device_name6(), "flannel-v6.1");
         assert_eq!(c.effective_port(), 8472);
+    }
+
+    #[test]
+    fn the_ipv6_device_carries_20_bytes_less_than_the_ipv4_one() {
+        let c = VxlanConfig::parse(&cfg(serde_json::json!({}))).expect("valid");
+        assert_eq!((c.mtu4(1500), c.mtu6(1500)), (1450, 1430));
+        assert_eq!((c.mtu4(9000), c.mtu6(9000)), (8950, 8930));
+        let set = VxlanConfig::parse(&cfg(serde_json::json!({"MTU": 1400}))).expect("valid");
+        assert_eq!((set.mtu4(9000), set.mtu6(9000)), (1400, 1380));
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! The `flannel.<VNI>` device: created with exactly the attributes flanneld sets (VNI, underlay
-//! device, local address, port if configured, learning, GBP), so the kernel's defaults for
-//! checksums, offloads and GRO are the same as under flanneld. A device with other settings is
-//! replaced; one with the right settings is kept, with its MAC.
+//! The `flannel.<VNI>` device, and `flannel-v6.<VNI>` on a dual-stack host: created with exactly
+//! the attributes flanneld sets (VNI, underlay device, local address of the device's family, port
+//! if configured, learning, GBP), so the kernel's defaults for checksums, offloads and GRO are the
+//! same as under flanneld. A device with other settings is replaced; one with the right settings
+//! is kept, with its MAC.
+
+use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{
@@ -14,7 +17,15 @@ use super::config::VxlanConfig;
 use super::ethtool;
 use crate::error::errno;
 use crate::mac::Mac;
-use crate::{Error, ExternalInterface};
+use crate::Error;
+
+/// Where a device's tunnels start: the underlay's index and this host's address on it, IPv4
+/// for `flannel.<VNI>`, IPv6 for `flannel-v6.<VNI>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Underlay {
+    pub index: u32,
+    pub local: IpAddr,
+}
 
 /// What the kernel says about an existing device of our name.
 #[derive(Debug)]
@@ -31,7 +42,7 @@ pub struct Existing {
 pub struct Spec<'a> {
     pub name: String,
     pub cfg: &'a VxlanConfig,
-    pub ext: &'a ExternalInterface,
+    pub underlay: Underlay,
     pub mac: Mac,
     pub mtu: u32,
 }
@@ -41,7 +52,7 @@ pub async fn find(
     handle: &Handle,
     name: &str,
     cfg: &VxlanConfig,
-    ext: &ExternalInterface,
+    underlay: Underlay,
 ) -> Result<Option<Existing>, Error> {
     let mut req = handle.link().get().match_name(name).execute();
     let msg = match req.try_next().await {
@@ -54,10 +65,10 @@ pub async fn find(
             })
         }
     };
-    Ok(msg.map(|m| describe(&m, cfg, ext)))
+    Ok(msg.map(|m| describe(&m, cfg, underlay)))
 }
 
-fn describe(m: &LinkMessage, cfg: &VxlanConfig, ext: &ExternalInterface) -> Existing {
+fn describe(m: &LinkMessage, cfg: &VxlanConfig, underlay: Underlay) -> Existing {
     let mut e = Existing {
         index: m.header.index,
         mac: None,
@@ -85,9 +96,13 @@ fn describe(m: &LinkMessage, cfg: &VxlanConfig, ext: &ExternalInterface) -> Exis
     }
     if let Some(d) = vxlan {
         let has = |want: &InfoVxlan| d.contains(want);
+        let local = match underlay.local {
+            IpAddr::V4(a) => InfoVxlan::Local(a),
+            IpAddr::V6(a) => InfoVxlan::Local6(a),
+        };
         e.compatible = has(&InfoVxlan::Id(cfg.vni))
-            && has(&InfoVxlan::Link(ext.index))
-            && has(&InfoVxlan::Local(ext.iface_addr))
+            && has(&InfoVxlan::Link(underlay.index))
+            && has(&local)
             && has(&InfoVxlan::Port(cfg.effective_port()))
             && has(&InfoVxlan::Learning(cfg.learning))
             && d.iter().any(|i| matches!(i, InfoVxlan::Gbp)) == cfg.gbp
@@ -103,7 +118,22 @@ fn describe(m: &LinkMessage, cfg: &VxlanConfig, ext: &ExternalInterface) -> Exis
 pub async fn ensure(handle: &Handle, spec: &Spec<'_>) -> Result<u32, Error> {
     let index = ensure_link(handle, spec).await?;
     ensure_tx_checksum(spec)?;
+    if spec.underlay.local.is_ipv6() {
+        no_router_advertisements(&spec.name);
+    }
     Ok(index)
+}
+
+/// `accept_ra` 0 on the device, as flanneld sets it: nothing on the overlay advertises routes.
+/// Best effort, as flanneld's: a host without the sysctl (or a read-only /proc/sys) does without.
+fn no_router_advertisements(name: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{name}/accept_ra");
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "0") {
+        return;
+    }
+    if let Err(e) = std::fs::write(&path, "0") {
+        debug!(device = name, error = %e, "accept_ra left as it is");
+    }
 }
 
 /// `TxChecksumOffload`: sets `tx-checksum-ip-generic` when it differs from the option. Checked
@@ -125,7 +155,7 @@ fn ensure_tx_checksum(spec: &Spec<'_>) -> Result<(), Error> {
 
 async fn ensure_link(handle: &Handle, spec: &Spec<'_>) -> Result<u32, Error> {
     let ctx = |what: &str| format!("{what} {}", spec.name);
-    match find(handle, &spec.name, spec.cfg, spec.ext).await? {
+    match find(handle, &spec.name, spec.cfg, spec.underlay).await? {
         Some(e) if e.compatible => {
             let mut set = LinkUnspec::new_with_index(e.index);
             let mut changed = false;
@@ -167,10 +197,12 @@ async fn ensure_link(handle: &Handle, spec: &Spec<'_>) -> Result<u32, Error> {
 }
 
 async fn create(handle: &Handle, spec: &Spec<'_>) -> Result<u32, Error> {
-    let mut b = LinkVxlan::new(&spec.name, spec.cfg.vni)
-        .dev(spec.ext.index)
-        .local(spec.ext.iface_addr)
-        .learning(spec.cfg.learning);
+    let mut b = LinkVxlan::new(&spec.name, spec.cfg.vni).dev(spec.underlay.index);
+    b = match spec.underlay.local {
+        IpAddr::V4(a) => b.local(a),
+        IpAddr::V6(a) => b.local6(a),
+    };
+    b = b.learning(spec.cfg.learning);
     if spec.cfg.port != 0 {
         b = b.port(spec.cfg.port);
     }
@@ -185,7 +217,7 @@ async fn create(handle: &Handle, spec: &Spec<'_>) -> Result<u32, Error> {
         .await
         .map_err(Error::netlink(format!("create {}", spec.name)))?;
     info!(device = %spec.name, vni = spec.cfg.vni, mac = %spec.mac, mtu = spec.mtu, "vxlan device created");
-    find(handle, &spec.name, spec.cfg, spec.ext)
+    find(handle, &spec.name, spec.cfg, spec.underlay)
         .await?
         .map(|e| e.index)
         .ok_or_else(|| Error::Other(format!("{} vanished right after creation", spec.name)))

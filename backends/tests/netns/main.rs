@@ -11,4 +11,5 @@ mod routes_ownership;
 mod routes_v6;
 mod udp;
 mod vxlan;
+mod vxlan_v6;
 mod wireguard;

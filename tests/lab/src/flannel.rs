@@ -2,9 +2,9 @@
 //! interoperate with. Lease values are flannel's bytes; kernel state is made with `ip`/`bridge`
 //! the way flannel's backends program it (see ../shared/reference/flannel-compat.md).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::netns::Netns;
 
@@ -60,6 +60,71 @@ pub fn vxlan_peer(ns: &Netns, subnet: Ipv4Net, mac: &str, public_ip: Ipv4Addr) {
     ]);
     ns.ip(&format!(
         "route add {subnet} via {net} dev flannel.1 onlink"
+    ));
+}
+
+/// The etcd key of a dual-stack lease: `<prefix>/subnets/10.244.52.0-24&fd00:244:0:34::-64`.
+pub fn lease_key_dual(prefix: &str, subnet: Ipv4Net, subnet6: Ipv6Net) -> String {
+    format!(
+        "{}&{}-{}",
+        lease_key(prefix, subnet),
+        subnet6.network(),
+        subnet6.prefix_len()
+    )
+}
+
+/// flanneld's dual-stack vxlan lease value (VNI 1): its PublicIPv6, and the IPv6 device's VTEP
+/// MAC in BackendV6Data, in flannel's field order.
+pub fn vxlan_lease_dual(
+    public_ip: Ipv4Addr,
+    vtep_mac: &str,
+    public_ip6: Ipv6Addr,
+    vtep_mac6: &str,
+) -> String {
+    format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":"{public_ip6}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep_mac}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{vtep_mac6}"}}}}"#
+    )
+}
+
+/// flannel's `flannel-v6.1` on `eth0`: VNI 1, port 8472, no learning, the IPv6 underlay address
+/// as local, accept_ra 0, the IPv6 lease's network address/128 (added as flanneld adds it, with
+/// duplicate detection), VTEP MAC `mac`. flanneld asks for the IPv4 device's MTU (`mtu`) when it
+/// creates the device, which the kernel cuts to what IPv6 leaves room for (underlay − 70).
+pub fn vxlan_device6(ns: &Netns, local: Ipv6Addr, mac: &str, subnet: Ipv6Net, mtu: u32) {
+    ns.ip(&format!(
+        "link add flannel-v6.1 mtu {mtu} address {mac} type vxlan id 1 local {local} dev eth0 \
+         dstport 8472 nolearning"
+    ));
+    ns.must(&["sysctl", "-qw", "net/ipv6/conf/flannel-v6.1/accept_ra=0"]);
+    ns.ip("link set flannel-v6.1 up");
+    ns.ip(&format!(
+        "-6 addr add {}/128 dev flannel-v6.1",
+        subnet.network()
+    ));
+}
+
+/// What flannel's vxlan programs for one peer's IPv6 side, in its order: permanent neighbour
+/// (peer IPv6 network address → its IPv6 VTEP MAC), FDB entry (MAC → PublicIPv6), onlink route
+/// to the peer's IPv6 subnet, all on `flannel-v6.1`.
+pub fn vxlan_peer6(ns: &Netns, subnet: Ipv6Net, mac: &str, public_ip: Ipv6Addr) {
+    let net = subnet.network();
+    ns.ip(&format!(
+        "-6 neigh replace {net} lladdr {mac} dev flannel-v6.1 nud permanent"
+    ));
+    crate::cmd::must(&[
+        "bridge",
+        "-n",
+        &ns.name,
+        "fdb",
+        "append",
+        mac,
+        "dev",
+        "flannel-v6.1",
+        "dst",
+        &public_ip.to_string(),
+    ]);
+    ns.ip(&format!(
+        "-6 route replace {subnet} via {net} dev flannel-v6.1 onlink"
     ));
 }
 
