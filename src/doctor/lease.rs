@@ -567,7 +567,11 @@ mod tests {
         let mut f = testing::healthy();
         // This host's lease is dual-stack: under its dual key, with an IPv6 subnet.
         let key = format!("{}10.244.1.0-24", testing::PREFIX);
-        for r in testing::cluster(&mut f).records.iter_mut().filter(|r| r.key == key) {
+        for r in testing::cluster(&mut f)
+            .records
+            .iter_mut()
+            .filter(|r| r.key == key)
+        {
             r.key = format!("{key}&fd00:244:0:1::-64");
             if let Ok(l) = &mut r.value {
                 l.ipv6_subnet = Some("fd00:244:0:1::/64".parse().unwrap());
