@@ -142,10 +142,10 @@ macro_rules! backends {
                 }
             }
 
-            /// The device it runs on (`flannel.<VNI>`, `flannel0`), if any.
-            fn device_name(&self) -> Option<String> {
+            /// The devices it runs on (`flannel.<VNI>` and `flannel-v6.<VNI>`, `flannel0`).
+            fn device_names(&self) -> Vec<String> {
                 match self {
-                    $(Self::$variant(b) => $crate::DataPlane::device_name(b)),+
+                    $(Self::$variant(b) => $crate::DataPlane::device_names(b)),+
                 }
             }
         }

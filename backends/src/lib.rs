@@ -191,9 +191,9 @@ impl Backend {
             .await
             .err()
             .unwrap_or_default();
-        let device = self.device_name();
+        let devices = self.device_names();
         self.shutdown().await;
-        if let Some(name) = device {
+        for name in devices {
             if let Err(e) = netlink::delete_link(&name).await {
                 errs.push(e);
             }

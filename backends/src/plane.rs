@@ -148,9 +148,10 @@ pub trait DataPlane: Sized + Send {
     /// Stops what runs in weftd itself (threads) before weftd exits or the backend is rebuilt.
     async fn shutdown(self) {}
 
-    /// The device it runs on, if any: what `Backend::remove` deletes.
-    fn device_name(&self) -> Option<String> {
-        None
+    /// The devices it runs on (vxlan on a dual-stack network: two): what `Backend::remove`
+    /// deletes.
+    fn device_names(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// What the last reconcile put or kept in the kernel.

@@ -298,3 +298,35 @@ fn a_hand_made_flannel_dual_stack_vxlan_node_and_weft_nodes_reach_each_other() {
     }
     t.assert_full_mesh6(&[0, 1]);
 }
+
+#[test]
+fn a_config_change_from_dual_stack_vxlan_leaves_no_ipv6_device_or_rules_behind() {
+    let Some(t) = hosts(2, &[0, 1], &["-ip-masq"]) else {
+        return;
+    };
+    t.assert_full_mesh6(&[0, 1]);
+    let rules6 = |i: usize| t.hosts[i].ns.exec(&["ip6tables-save"]).1;
+    wait_for("ip6tables rules for fd00:250::/48", T, || {
+        rules6(0).contains("fd00:250::/48").then_some(())
+    });
+    t.set_config(r#"{"Network":"10.251.0.0/16","Backend":{"Type":"host-gw"}}"#);
+    for i in 0..2 {
+        wait_for("a lease in the new network", T, || {
+            (t.hosts[i].env_var("FLANNEL_NETWORK")? == "10.251.0.0/16").then_some(())
+        });
+        let h = &t.hosts[i];
+        assert!(h.ns.link(DEV6).is_none(), "host {i}: {DEV6} left behind");
+        assert!(
+            h.ns.link("flannel.1").is_none(),
+            "host {i}: flannel.1 left behind"
+        );
+        assert!(routes6(&t, i).is_empty(), "host {i}: {:?}", routes6(&t, i));
+        wait_for("the old IPv6 rules to go", T, || {
+            (!rules6(i).contains("fd00:250::/48")).then_some(())
+        });
+        assert!(
+            h.env_var("FLANNEL_IPV6_SUBNET").is_none(),
+            "an IPv4 network now"
+        );
+    }
+}

@@ -97,8 +97,8 @@ impl DataPlane for Udp {
         Some(DEVICE.to_string())
     }
 
-    fn device_name(&self) -> Option<String> {
-        Some(DEVICE.to_string())
+    fn device_names(&self) -> Vec<String> {
+        vec![DEVICE.to_string()]
     }
 
     /// One route, the whole network into flannel0; the peers live in the workers' table.

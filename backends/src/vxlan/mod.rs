@@ -118,8 +118,10 @@ impl DataPlane for Vxlan {
         want::desired(&VxlanConfig::parse(config)?, host, peers).map(Some)
     }
 
-    fn device_name(&self) -> Option<String> {
-        Some(self.name.to_string())
+    fn device_names(&self) -> Vec<String> {
+        // The IPv6 device's name whether or not it was made: deleting one that is absent is
+        // no error, and one left from an earlier dual-stack run goes too.
+        vec![self.name.to_string(), self.cfg.device_name6()]
     }
 
     async fn event(&mut self) -> Event {

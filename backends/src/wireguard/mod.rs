@@ -120,8 +120,8 @@ impl DataPlane for Wireguard {
         Some(DEVICE.to_string())
     }
 
-    fn device_name(&self) -> Option<String> {
-        Some(DEVICE.to_string())
+    fn device_names(&self) -> Vec<String> {
+        vec![DEVICE.to_string()]
     }
 
     fn identity(backend_data: Option<&Value>) -> Result<Option<Identity>, String> {
