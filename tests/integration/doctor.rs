@@ -365,12 +365,20 @@ fn a_route_from_something_else_inside_the_network_is_named() {
         return;
     }
     let t = healthy(1, &[]);
-    t.hosts[0].ns.ip("route add 10.244.250.0/24 via 10.199.0.1");
+    // Any subnet of the network but the host's own (whose bridge route is there).
+    let own = t.hosts[0].wait_subnet().to_string();
+    let other = ["10.244.250.0/24", "10.244.251.0/24"]
+        .into_iter()
+        .find(|s| *s != own)
+        .expect("one of two");
+    t.hosts[0]
+        .ns
+        .ip(&format!("route add {other} via 10.199.0.1"));
     let r = doctor(&t, 0, &[]);
     r.assert_problems(&["routes"]);
     r.assert_names(
         "routes",
-        "route `10.244.250.0/24 via 10.199.0.1 dev eth0 proto boot` (not weft's) lies inside the cluster network 10.244.0.0/16",
+        &format!("route `{other} via 10.199.0.1 dev eth0 proto boot` (not weft's) lies inside the cluster network 10.244.0.0/16"),
     );
 }
 

@@ -189,7 +189,8 @@ fn keys_holding_forged_lines_and_terminal_escapes_are_printed_escaped() {
     etcd.put("/w/config", CONFIG);
     let forged = "/w/subnets/x\n2026-12-07T00:00:00.000000Z  INFO weft::agent: peer added or changed subnet=10.81.66.0/24\u{1b}[2J";
     let value =
-        r#"{"PublicIP":"10.98.1.7","BackendType":"\u001b[31mvxlan\n10.81.77.0/24  6.6.6.6"}"#;
+        // A row outside the network, so that no real lease can print the same line.
+        r#"{"PublicIP":"10.98.1.7","BackendType":"\u001b[31mvxlan\n10.82.77.0/24  6.6.6.6"}"#;
     with_client(&etcd, |mut c| async move {
         c.put(forged, "x", None).await.expect("put");
         c.put("/w/subnets/10.81.7.0-24", value, None)
@@ -220,10 +221,10 @@ fn keys_holding_forged_lines_and_terminal_escapes_are_printed_escaped() {
         "a raw escape reached the terminal: {text:?}"
     );
     assert!(
-        !text.lines().any(|l| l.starts_with("10.81.77.0/24")),
+        !text.lines().any(|l| l.starts_with("10.82.77.0/24")),
         "a forged table row: {text}"
     );
-    assert!(text.contains("\\u{1b}[31mvxlan\\n10.81.77.0/24"), "{text}");
+    assert!(text.contains("\\u{1b}[31mvxlan\\n10.82.77.0/24"), "{text}");
     assert!(text.contains("/w/subnets/x\\n2026-12-07"), "{text}");
     a.assert_running();
 }
