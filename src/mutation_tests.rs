@@ -71,12 +71,20 @@ fn corrupted_configs_and_leases_never_panic() {
     let mut rng = fastrand::Rng::with_seed(7);
     let config = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"SubnetMin":"10.244.1.0","SubnetMax":"10.244.255.0","Backend":{"Type":"vxlan","VNI":1}}"#;
     let lease = r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:2b:1e:55:0d:7a"}}"#;
+    // And their dual-stack forms.
+    let config6 = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:244::/48","IPv6SubnetLen":64,"IPv6SubnetMin":"fd00:244:0:1::","IPv6SubnetMax":"fd00:244:0:ff::","Backend":{"Type":"vxlan","VNI":1}}"#;
+    let lease6 = r#"{"PublicIP":"192.168.64.3","PublicIPv6":"fd00:64::3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:2b:1e:55:0d:7a"},"BackendV6Data":{"VNI":1,"VtepMAC":"c6:2b:1e:55:0d:7b"}}"#;
     for _ in 0..20_000 {
-        let c = mutate(&mut rng, config);
-        let _ = crate::config::NetworkConfig::parse(&String::from_utf8_lossy(&c));
-        let l = mutate(&mut rng, lease);
-        let _ = crate::lease::LeaseAttrs::parse(&l);
-        let k = mutate(&mut rng, "10.244.52.0-24");
-        let _ = crate::registry::etcd::parse_subnet_key(&String::from_utf8_lossy(&k));
+        for (config, lease, key) in [
+            (config, lease, "10.244.52.0-24"),
+            (config6, lease6, "10.244.52.0-24&fd00:244:0:34::-64"),
+        ] {
+            let c = mutate(&mut rng, config);
+            let _ = crate::config::NetworkConfig::parse(&String::from_utf8_lossy(&c));
+            let l = mutate(&mut rng, lease);
+            let _ = crate::lease::LeaseAttrs::parse(&l);
+            let k = mutate(&mut rng, key);
+            let _ = crate::registry::etcd::parse_subnet_key(&String::from_utf8_lossy(&k));
+        }
     }
 }
