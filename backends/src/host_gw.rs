@@ -259,22 +259,10 @@ fn routes_to(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ExternalInterface, LeaseV6};
+    use crate::LeaseV6;
 
     fn net(dual: bool) -> Network {
-        Network {
-            network: "10.60.0.0/16".parse().expect("net"),
-            network_v6: dual.then(|| "fd00:60::/48".parse().expect("net")),
-            external: ExternalInterface {
-                name: "eth0".into(),
-                index: 2,
-                iface_addr: "10.199.0.11".parse().expect("addr"),
-                public_ip: "10.199.0.11".parse().expect("addr"),
-                iface_addr6: Some("fd00:199::11".parse().expect("addr")),
-                public_ipv6: Some("fd00:199::11".parse().expect("addr")),
-                mtu: 1500,
-            },
-        }
+        crate::testing::network(dual, true, 1500)
     }
 
     fn lease(n: u8, v6: Option<&str>) -> Lease {

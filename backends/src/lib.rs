@@ -35,6 +35,8 @@ pub mod offload;
 mod peer;
 mod plane;
 mod routes;
+#[cfg(test)]
+mod testing;
 pub mod udp;
 mod vxlan;
 mod watch;

@@ -188,44 +188,15 @@ fn a_dual_stack_config_with_a_backend_that_carries_only_ipv4_is_refused_clearly(
 mod datapath {
     use std::time::Duration;
 
-    use weft_lab::json::rows;
-
     use crate::harness::wait_for;
-    use crate::netns::{require_root, Topology, PREFIX};
+    use crate::netns::{Topology, PREFIX};
 
     const HOST_GW: &str = r#"{"Network":"10.247.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:247::/48","Backend":{"Type":"host-gw"}}"#;
     const T: Duration = Duration::from_secs(30);
 
-    fn hosts(n: usize, config: &str, weft: &[usize], extra: &[&str]) -> Option<Topology> {
-        let name = std::thread::current()
-            .name()
-            .unwrap_or("dual_stack")
-            .to_string();
-        if !require_root(&name) || !weft_lab::require_ipv6(&name) {
-            return None;
-        }
-        let mut t = Topology::new(n, 1500);
-        t.set_config(config);
-        for &i in weft {
-            t.start(i, extra);
-        }
-        for &i in weft {
-            t.wire_container_dual(i);
-        }
-        Some(t)
-    }
-
-    /// weft's (protocol 87) IPv6 routes on host `i`, as "dst gateway dev".
-    fn routes6(t: &Topology, i: usize) -> Vec<String> {
-        rows(
-            &t.hosts[i].ns.ip_json("-6 route show proto 87"),
-            &["dst", "gateway", "dev"],
-        )
-    }
-
     #[test]
     fn host_gw_dual_stack_containers_reach_each_other_over_both_families() {
-        let Some(t) = hosts(3, HOST_GW, &[0, 1, 2], &["--ip-masq"]) else {
+        let Some(t) = Topology::dual_stack(3, HOST_GW, &[0, 1, 2], &["--ip-masq"]) else {
             return;
         };
         t.assert_full_mesh(&[0, 1, 2]);
@@ -237,7 +208,7 @@ mod datapath {
                 let (_, saved, _) = t.hosts[i].ns.exec(&["ip6tables-save", "-t", "nat"]);
                 saved.contains(masq).then_some(())
             });
-            let routes = routes6(&t, i);
+            let routes = t.routes6(i);
             assert_eq!(routes.len(), 2, "{routes:?}");
             for j in (0..3).filter(|j| *j != i) {
                 let want = format!("{} {} eth0", t.hosts[j].wait_subnet6(), t.hosts[j].addr6());
@@ -257,7 +228,8 @@ mod datapath {
 
     #[test]
     fn a_dual_stack_peer_that_leaves_takes_both_its_routes_with_it() {
-        let Some(mut t) = hosts(3, HOST_GW, &[0, 1, 2], &["--subnet-lease-ttl=4s"]) else {
+        let Some(mut t) = Topology::dual_stack(3, HOST_GW, &[0, 1, 2], &["--subnet-lease-ttl=4s"])
+        else {
             return;
         };
         t.assert_full_mesh6(&[0, 1, 2]);
@@ -265,10 +237,11 @@ mod datapath {
         t.hosts[2].kill();
         for i in 0..2 {
             wait_for("the expired peer's IPv6 route to go", T, || {
-                (routes6(&t, i).len() == 1).then_some(())
+                (t.routes6(i).len() == 1).then_some(())
             });
             assert!(t.hosts[i].ns.route(&gone4.to_string()).is_none());
-            assert!(!routes6(&t, i)
+            assert!(!t
+                .routes6(i)
                 .iter()
                 .any(|r| r.starts_with(&gone6.to_string())));
         }
@@ -277,18 +250,18 @@ mod datapath {
 
     #[test]
     fn a_dual_stack_restart_keeps_both_subnets_and_the_ipv6_routes_in_place() {
-        let Some(mut t) = hosts(2, HOST_GW, &[0, 1], &[]) else {
+        let Some(mut t) = Topology::dual_stack(2, HOST_GW, &[0, 1], &[]) else {
             return;
         };
         t.assert_full_mesh6(&[0, 1]);
         let before = (
             t.hosts[0].wait_subnet(),
             t.hosts[0].wait_subnet6(),
-            routes6(&t, 1),
+            t.routes6(1),
         );
         t.hosts[0].stop();
         // Stopped: the kernel keeps forwarding (host-gw's routes stay).
-        assert_eq!(routes6(&t, 0).len(), 1, "routes kept across the stop");
+        assert_eq!(t.routes6(0).len(), 1, "routes kept across the stop");
         assert!(t.hosts[1].ping6(t.hosts[0].container_ip6()));
         t.start(0, &[]);
         t.hosts[0].wait_log("acquired lease", T);
@@ -296,7 +269,7 @@ mod datapath {
             (
                 t.hosts[0].wait_subnet(),
                 t.hosts[0].wait_subnet6(),
-                routes6(&t, 1)
+                t.routes6(1)
             ),
             before,
             "the same subnets, and nothing for the peer to change"
@@ -308,7 +281,7 @@ mod datapath {
     fn a_hand_made_flannel_dual_stack_host_gw_node_and_weft_nodes_reach_each_other() {
         // Host 2 is flanneld's, built by hand exactly as flanneld leaves it: its lease in etcd
         // under flannel's dual-stack key and JSON, and a route per peer subnet and family.
-        let Some(t) = hosts(3, HOST_GW, &[0, 1], &[]) else {
+        let Some(t) = Topology::dual_stack(3, HOST_GW, &[0, 1], &[]) else {
             return;
         };
         let f = &t.hosts[2];

@@ -8,40 +8,11 @@ use weft_lab::flannel;
 use weft_lab::json::rows;
 
 use crate::harness::wait_for;
-use crate::netns::{require_root, Topology, PREFIX};
+use crate::netns::{Topology, PREFIX};
 
 const VXLAN: &str = r#"{"Network":"10.250.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:250::/48","Backend":{"Type":"vxlan"}}"#;
 const T: Duration = Duration::from_secs(30);
 const DEV6: &str = "flannel-v6.1";
-
-/// `n` hosts with weftd on those in `weft`, their containers wired for both families; `None`
-/// (a visible skip, a failure under CI=true) without root or IPv6.
-fn hosts(n: usize, weft: &[usize], extra: &[&str]) -> Option<Topology> {
-    let name = std::thread::current()
-        .name()
-        .unwrap_or("dual_stack_vxlan")
-        .to_string();
-    if !require_root(&name) || !weft_lab::require_ipv6(&name) {
-        return None;
-    }
-    let mut t = Topology::new(n, 1500);
-    t.set_config(VXLAN);
-    for &i in weft {
-        t.start(i, extra);
-    }
-    for &i in weft {
-        t.wire_container_dual(i);
-    }
-    Some(t)
-}
-
-/// weft's (protocol 87) IPv6 routes on host `i`, as "dst gateway dev".
-fn routes6(t: &Topology, i: usize) -> Vec<String> {
-    rows(
-        &t.hosts[i].ns.ip_json("-6 route show proto 87"),
-        &["dst", "gateway", "dev"],
-    )
-}
 
 /// weft's IPv4 routes on host `i`, as "dst gateway dev".
 fn routes(t: &Topology, i: usize) -> Vec<String> {
@@ -69,7 +40,7 @@ fn fdb6(t: &Topology, i: usize) -> Vec<String> {
 
 /// Everything of host `i`'s IPv6 side weft keeps.
 fn v6_state(t: &Topology, i: usize) -> (Vec<String>, Vec<String>, Vec<String>) {
-    (routes6(t, i), neighbours6(t, i), fdb6(t, i))
+    (t.routes6(i), neighbours6(t, i), fdb6(t, i))
 }
 
 /// Host `i`'s lease as etcd holds it, under flannel's dual-stack key.
@@ -90,7 +61,7 @@ fn vtep6(t: &Topology, i: usize) -> String {
 
 #[test]
 fn vxlan_dual_stack_containers_reach_each_other_over_both_families() {
-    let Some(t) = hosts(3, &[0, 1, 2], &[]) else {
+    let Some(t) = Topology::dual_stack(3, VXLAN, &[0, 1, 2], &[]) else {
         return;
     };
     t.assert_full_mesh(&[0, 1, 2]);
@@ -149,7 +120,7 @@ fn vxlan_dual_stack_containers_reach_each_other_over_both_families() {
 
 #[test]
 fn a_dual_stack_vxlan_peer_that_leaves_takes_its_ipv6_entries_with_it() {
-    let Some(mut t) = hosts(3, &[0, 1, 2], &["--subnet-lease-ttl=4s"]) else {
+    let Some(mut t) = Topology::dual_stack(3, VXLAN, &[0, 1, 2], &["--subnet-lease-ttl=4s"]) else {
         return;
     };
     t.assert_full_mesh6(&[0, 1, 2]);
@@ -158,7 +129,7 @@ fn a_dual_stack_vxlan_peer_that_leaves_takes_its_ipv6_entries_with_it() {
     t.hosts[2].kill();
     for i in 0..2 {
         wait_for("the expired peer's IPv6 route to go", T, || {
-            (routes6(&t, i).len() == 1).then_some(())
+            (t.routes6(i).len() == 1).then_some(())
         });
         let (r6, n6, f6) = v6_state(&t, i);
         assert!(
@@ -178,7 +149,7 @@ fn a_dual_stack_vxlan_peer_that_leaves_takes_its_ipv6_entries_with_it() {
 
 #[test]
 fn restart_keeps_the_ipv6_vtep_mac_and_the_others_ipv6_traffic_flows() {
-    let Some(mut t) = hosts(3, &[0, 1, 2], &[]) else {
+    let Some(mut t) = Topology::dual_stack(3, VXLAN, &[0, 1, 2], &[]) else {
         return;
     };
     t.assert_full_mesh6(&[0, 1, 2]);
@@ -236,7 +207,7 @@ fn a_hand_made_flannel_dual_stack_vxlan_node_and_weft_nodes_reach_each_other() {
     // Host 2 is flanneld's, built by hand exactly as flanneld leaves it: its dual-stack lease in
     // etcd under flannel's key and JSON (with BackendV6Data), both devices, and per peer a
     // neighbour, an FDB entry and a route on each.
-    let Some(t) = hosts(3, &[0, 1], &[]) else {
+    let Some(t) = Topology::dual_stack(3, VXLAN, &[0, 1], &[]) else {
         return;
     };
     let f = &t.hosts[2];
@@ -301,7 +272,7 @@ fn a_hand_made_flannel_dual_stack_vxlan_node_and_weft_nodes_reach_each_other() {
 
 #[test]
 fn a_config_change_from_dual_stack_vxlan_leaves_no_ipv6_device_or_rules_behind() {
-    let Some(t) = hosts(2, &[0, 1], &["-ip-masq"]) else {
+    let Some(t) = Topology::dual_stack(2, VXLAN, &[0, 1], &["-ip-masq"]) else {
         return;
     };
     t.assert_full_mesh6(&[0, 1]);
@@ -320,7 +291,7 @@ fn a_config_change_from_dual_stack_vxlan_leaves_no_ipv6_device_or_rules_behind()
             h.ns.link("flannel.1").is_none(),
             "host {i}: flannel.1 left behind"
         );
-        assert!(routes6(&t, i).is_empty(), "host {i}: {:?}", routes6(&t, i));
+        assert!(t.routes6(i).is_empty(), "host {i}: {:?}", t.routes6(i));
         wait_for("the old IPv6 rules to go", T, || {
             (!rules6(i).contains("fd00:250::/48")).then_some(())
         });

@@ -177,6 +177,36 @@ impl Topology {
         h.wire_container(subnet, Some(mtu));
     }
 
+    /// `n` hosts of a dual-stack network `config` with weftd (`extra` flags) on those in `weft`,
+    /// their containers wired for both families; `None` (a visible skip, a failure under
+    /// CI=true) without root or IPv6. Named after the running test.
+    pub fn dual_stack(n: usize, config: &str, weft: &[usize], extra: &[&str]) -> Option<Self> {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("dual_stack")
+            .to_string();
+        if !require_root(&name) || !weft_lab::require_ipv6(&name) {
+            return None;
+        }
+        let mut t = Topology::new(n, 1500);
+        t.set_config(config);
+        for &i in weft {
+            t.start(i, extra);
+        }
+        for &i in weft {
+            t.wire_container_dual(i);
+        }
+        Some(t)
+    }
+
+    /// weft's (protocol 87) IPv6 routes on host `i`, as "dst gateway dev".
+    pub fn routes6(&self, i: usize) -> Vec<String> {
+        weft_lab::json::rows(
+            &self.hosts[i].ns.ip_json("-6 route show proto 87"),
+            &["dst", "gateway", "dev"],
+        )
+    }
+
     /// [`Topology::wire_container`] for both families of a dual-stack lease.
     pub fn wire_container_dual(&self, i: usize) {
         let h = &self.hosts[i];

@@ -193,51 +193,47 @@ pub(super) fn parse(msg: RouteMessage, nexthops: &HashMap<u32, Nexthop>) -> Inst
     r
 }
 
-/// The IPv6 networks directly reachable through interface `oif`: the kernel's prefix routes of
-/// its global addresses (IPv6 routes carry no link scope: the kernel's protocol, no gateway, and
-/// not link-local, which no peer's PublicIPv6 is).
-pub async fn connected_networks_v6(handle: &Handle, oif: u32) -> Result<Vec<Ipv6Net>, Error> {
-    let connected = |m: RouteMessage| async move {
-        let h = &m.header;
-        let plain = h.kind == RouteType::Unicast && h.protocol == RouteProtocol::Kernel;
-        if !plain || h.destination_prefix_length == 0 {
-            return Ok(None);
-        }
-        if table(&m) != u32::from(RouteHeader::RT_TABLE_MAIN) {
-            return Ok(None);
-        }
-        let mut oif_ok = false;
-        for a in &m.attributes {
-            match a {
-                RouteAttribute::Gateway(_) | RouteAttribute::MultiPath(_) => return Ok(None),
-                RouteAttribute::Oif(i) => oif_ok = *i == oif,
-                _ => {}
-            }
-        }
-        let link_local: Ipv6Net = "fe80::/10".parse().unwrap_or_default();
-        Ok(match dst(&m) {
-            IpNet::V6(d) if oif_ok && !link_local.contains(&d.network()) => Some(d),
-            _ => None,
-        })
-    };
-    handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
-        .execute()
-        .try_filter_map(connected)
-        .try_collect()
-        .await
-        .map_err(Error::netlink(LIST_ROUTES))
-}
-
 /// The networks directly reachable through interface `oif`: the scope-link routes of the main
 /// table on it (the kernel's prefix routes of its addresses, plus any added by hand). A gateway
 /// outside all of them would be rejected by the kernel, so host-gw and DirectRouting check first.
 pub async fn connected_networks(handle: &Handle, oif: u32) -> Result<Vec<Ipv4Net>, Error> {
+    let request = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    let nets = connected(handle, oif, request).await?;
+    Ok(nets
+        .into_iter()
+        .filter_map(|n| match n {
+            IpNet::V4(n) => Some(n),
+            IpNet::V6(_) => None,
+        })
+        .collect())
+}
+
+/// [`connected_networks`] for IPv6: the kernel's prefix routes of the interface's global
+/// addresses. IPv6 routes carry no link scope: they are told by the kernel's protocol instead,
+/// and link-local (which no peer's PublicIPv6 is) is left out.
+pub async fn connected_networks_v6(handle: &Handle, oif: u32) -> Result<Vec<Ipv6Net>, Error> {
+    let request = RouteMessageBuilder::<Ipv6Addr>::new().build();
+    let link_local: Ipv6Net = "fe80::/10".parse().unwrap_or_default();
+    let nets = connected(handle, oif, request).await?;
+    Ok(nets
+        .into_iter()
+        .filter_map(|n| match n {
+            IpNet::V6(n) if !link_local.contains(&n.network()) => Some(n),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The main table's plain unicast routes without a gateway through `oif` of the family
+/// `request` dumps, filtered as the dump streams in: the table may hold 10,000 peer routes.
+async fn connected(handle: &Handle, oif: u32, request: RouteMessage) -> Result<Vec<IpNet>, Error> {
     let connected = |m: RouteMessage| async move {
         let h = &m.header;
-        let link = h.scope == RouteScope::Link && h.kind == RouteType::Unicast;
-        if !link || h.destination_prefix_length == 0 {
+        let on_link = match dst(&m) {
+            IpNet::V4(_) => h.scope == RouteScope::Link,
+            IpNet::V6(_) => h.protocol == RouteProtocol::Kernel,
+        };
+        if !on_link || h.kind != RouteType::Unicast || h.destination_prefix_length == 0 {
             return Ok(None);
         }
         if table(&m) != u32::from(RouteHeader::RT_TABLE_MAIN) {
@@ -251,15 +247,11 @@ pub async fn connected_networks(handle: &Handle, oif: u32) -> Result<Vec<Ipv4Net
                 _ => {}
             }
         }
-        Ok(match dst(&m) {
-            IpNet::V4(d) if oif_ok => Some(d),
-            _ => None,
-        })
+        Ok(oif_ok.then(|| dst(&m)))
     };
-    // Filtered as the dump streams in: the table may hold 10,000 peer routes.
     handle
         .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .get(request)
         .execute()
         .try_filter_map(connected)
         .try_collect()

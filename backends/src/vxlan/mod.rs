@@ -743,27 +743,14 @@ fn kernel_unknown(e: &Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ExternalInterface, LeaseV6};
+    use crate::LeaseV6;
 
     fn vxlan(options: Value, dual: bool, addr6: bool) -> Vxlan {
         let map = match options {
             Value::Object(m) => m,
             _ => Default::default(),
         };
-        let addr6 = addr6.then(|| "fd00:199::11".parse().expect("addr"));
-        let net = Network {
-            network: "10.60.0.0/16".parse().expect("net"),
-            network_v6: dual.then(|| "fd00:60::/48".parse().expect("net")),
-            external: ExternalInterface {
-                name: "eth0".into(),
-                index: 2,
-                iface_addr: "10.199.0.11".parse().expect("addr"),
-                public_ip: "10.199.0.11".parse().expect("addr"),
-                iface_addr6: addr6,
-                public_ipv6: addr6,
-                mtu: 1500,
-            },
-        };
+        let net = crate::testing::network(dual, addr6, 1500);
         let mut v = Vxlan::new(&BackendConfig::new(map), net).expect("valid");
         v.own = Some(lease(11, 11));
         v.mac = Some(Mac([2, 0, 0, 0, 0, 11]));

@@ -110,7 +110,7 @@ pub fn stable_mac(ip: Ipv6Addr, vni: u32) -> Mac {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BackendConfig, ExternalInterface};
+    use crate::BackendConfig;
     use serde_json::json;
 
     fn cfg(v: serde_json::Value) -> VxlanConfig {
@@ -122,19 +122,10 @@ mod tests {
     }
 
     fn net(dual: bool, addr6: Option<&str>, mtu: u32) -> Network {
-        Network {
-            network: "10.60.0.0/16".parse().expect("net"),
-            network_v6: dual.then(|| "fd00:60::/48".parse().expect("net")),
-            external: ExternalInterface {
-                name: "eth0".into(),
-                index: 2,
-                iface_addr: "10.199.0.11".parse().expect("addr"),
-                public_ip: "10.199.0.11".parse().expect("addr"),
-                iface_addr6: addr6.map(|a| a.parse().expect("addr")),
-                public_ipv6: addr6.map(|a| a.parse().expect("addr")),
-                mtu,
-            },
-        }
+        let mut net = crate::testing::network(dual, false, mtu);
+        let addr6 = addr6.map(|a| a.parse().expect("addr"));
+        (net.external.iface_addr6, net.external.public_ipv6) = (addr6, addr6);
+        net
     }
 
     #[test]

@@ -234,7 +234,7 @@ pub fn bad_subnet(subnet: Ipv4Net, reason: String) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BackendConfig, ExternalInterface, LeaseV6};
+    use crate::{BackendConfig, LeaseV6};
     use serde_json::json;
 
     fn cfg(v: Value) -> VxlanConfig {
@@ -246,19 +246,7 @@ mod tests {
     }
 
     fn net() -> Network {
-        Network {
-            network: "10.60.0.0/16".parse().expect("net"),
-            network_v6: Some("fd00:60::/48".parse().expect("net")),
-            external: ExternalInterface {
-                name: "eth0".into(),
-                index: 2,
-                iface_addr: "10.199.0.11".parse().expect("addr"),
-                public_ip: "10.199.0.11".parse().expect("addr"),
-                iface_addr6: Some("fd00:199::11".parse().expect("addr")),
-                public_ipv6: Some("fd00:199::11".parse().expect("addr")),
-                mtu: 1500,
-            },
-        }
+        crate::testing::network(true, true, 1500)
     }
 
     /// Host `n`'s dual-stack vxlan lease: VTEP MACs 02::n (IPv4) and 06::n (IPv6).
