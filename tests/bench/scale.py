@@ -8,9 +8,10 @@ would, and watches one host's kernel to time when each write is in place.
         with its arrival time, until SIGTERM. The watcher only receives and stamps: the driver
         parses. 10,000 peers are 30,000 messages in well under a second, and parsing them as they
         come (~30 us each in Python) made the queue, and so the stamps, lag the kernel by 0.4 s.
-    scale.py prefill --etcd URL --prefix P --backend B --n N
-        Writes N peer leases (transactions of 1,000 puts).
-    scale.py drive --etcd URL --prefix P --backend B --n N --events FILE --t0 T --pid PID ...
+    scale.py prefill --etcd URL --prefix P --backend B --n N [--underlay6 NET]
+        Writes N peer leases (transactions of 1,000 puts); dual-stack ones with --underlay6, the
+        /64 their PublicIPv6 come from.
+    scale.py drive --etcd URL --prefix P --backend B --n N [--underlay6 NET] --events FILE ...
         Waits for the N prefilled peers (cold start), then idles and churns, and prints one JSON
         object of results.
 
@@ -40,14 +41,18 @@ RTPROT_WEFT = 87
 NUD_PERMANENT = 0x80
 AF_BRIDGE = 7
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 24, 25, 28, 29
-RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE = 0x4, 0x40
+RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x4, 0x40, 0x400
+RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
+NDA_DST, NDA_LLADDR = 1, 2
 SO_RCVBUFFORCE = 33
 UDP_PORT = 8285
 VNI = 1
 
-# Peer i (1-based) leases subnet index i of 10.0.0.0/8 in /24s; its PublicIP and MAC come from
-# counters, so a change can give a peer a fresh one.
+# Peer i (1-based) leases subnet index i of 10.0.0.0/8 in /24s, and dual-stack also index i of
+# NETWORK6 in /64s (both 16 bits of index: weftd's own lease lines up the same way). Its PublicIP
+# and MAC come from counters, so a change can give a peer a fresh one.
 NETWORK = ipaddress.ip_network("10.0.0.0/8")
+NETWORK6 = ipaddress.ip_network("fd00::/48")
 IP_BASE = int(ipaddress.ip_address("172.16.0.0"))
 
 
@@ -55,9 +60,19 @@ def subnet(i):
     return ipaddress.ip_network((int(NETWORK.network_address) + (i << 8), 24))
 
 
+def subnet6(i):
+    return ipaddress.ip_network((int(NETWORK6.network_address) + (i << 64), 64))
+
+
 def public_ip(k):
     # 172.16.0.0/12 minus .0 and .255 of each /24.
     return str(ipaddress.ip_address(IP_BASE + (k // 254 << 8) + k % 254 + 1))
+
+
+def public_ip6(k, base6):
+    # The IPv4 PublicIP in the low 32 bits of the lab's underlay /64 (base6): on eth0's connected
+    # network, as host-gw wants, and never a lab host's ::1N.
+    return str(ipaddress.ip_address(base6 + int(ipaddress.ip_address(public_ip(k)))))
 
 
 def mac(k):
@@ -65,15 +80,30 @@ def mac(k):
         (k >> 32) & 255, (k >> 24) & 255, (k >> 16) & 255, (k >> 8) & 255, k & 255)
 
 
-def key_of(prefix, net):
-    return "%s/subnets/%s-%d" % (prefix, net.network_address, net.prefixlen)
+def mac6(k):
+    # The VTEP of flannel-v6.<VNI>, another device than flannel.<VNI>: another MAC.
+    return "06" + mac(k)[2:]
 
 
-def value_of(backend, ip, m):
-    v = {"PublicIP": ip, "PublicIPv6": None, "BackendType": backend}
+def key_of(prefix, net, net6=None):
+    k = "%s/subnets/%s-%d" % (prefix, net.network_address, net.prefixlen)
+    if net6 is not None:
+        k += "&%s-%d" % (net6.network_address, net6.prefixlen)
+    return k
+
+
+def value_of(backend, p):
+    v = {"PublicIP": p.ip, "PublicIPv6": p.ip6, "BackendType": backend}
     if backend == "vxlan":
-        v["BackendData"] = {"VNI": VNI, "VtepMAC": m}
+        v["BackendData"] = {"VNI": VNI, "VtepMAC": p.mac}
+        if p.dual:
+            v["BackendV6Data"] = {"VNI": VNI, "VtepMAC": p.mac6}
     return json.dumps(v, separators=(",", ":"))
+
+
+def underlay6(text):
+    """--underlay6's /64 as a number, or None (IPv4 only)."""
+    return int(ipaddress.ip_network(text).network_address) if text else None
 
 
 def b64(s):
@@ -99,12 +129,22 @@ def ip4(b):
     return str(ipaddress.ip_address(b)) if len(b) == 4 else None
 
 
+def ipaddr(b):
+    """An IPv4 or IPv6 address attribute as text, else None."""
+    return str(ipaddress.ip_address(b)) if len(b) in (4, 16) else None
+
+
+def oif(a):
+    return struct.unpack("=i", a[RTA_OIF])[0] if len(a.get(RTA_OIF, b"")) == 4 else 0
+
+
 def machex(b):
     return ":".join("%02x" % x for x in b)
 
 
 def parse(buf):
-    """The lines one netlink datagram gives: route, neighbour and FDB changes weft makes."""
+    """The lines one netlink datagram gives: route, neighbour and FDB changes weft makes, of
+    either family, each with the device's ifindex last."""
     off = 0
     out = []
     while off + 16 <= len(buf):
@@ -114,24 +154,29 @@ def parse(buf):
         body, end = off + 16, off + ln
         if ty in (RTM_NEWROUTE, RTM_DELROUTE):
             fam, dlen, _s, _t, _tb, proto, _sc, _k, _f = struct.unpack_from("=BBBBBBBBI", buf, body)
-            if fam == socket.AF_INET and proto == RTPROT_WEFT:
+            if proto == RTPROT_WEFT and fam in (socket.AF_INET, socket.AF_INET6):
                 a = attrs(buf, body + 12, end)
-                dst = ip4(a.get(1, b"\0\0\0\0"))
-                gw = ip4(a.get(5, b"")) or "-"
+                zero = bytes(4 if fam == socket.AF_INET else 16)
+                dst = ipaddr(a.get(RTA_DST, zero))
+                gw = ipaddr(a.get(RTA_GATEWAY, b"")) or "-"
                 op = "R+" if ty == RTM_NEWROUTE else "R-"
-                out.append("%s %s/%d %s" % (op, dst, dlen, gw))
+                out.append("%s %s/%d %s %d" % (op, dst, dlen, gw, oif(a)))
         elif ty in (RTM_NEWNEIGH, RTM_DELNEIGH):
             fam, _p1, _p2, ifi, state, _fl2, _k = struct.unpack_from("=BBHiHBB", buf, body)
             a = attrs(buf, body + 12, end)
-            dst, ll = a.get(1), a.get(2)
+            dst, ll = a.get(NDA_DST), a.get(NDA_LLADDR)
+            dst = ipaddr(dst) if dst is not None else None
             # A deleted permanent neighbour is reported as a new one in state FAILED, with no
             # link-layer address.
             plus = ty == RTM_NEWNEIGH and state & NUD_PERMANENT
             lladdr = machex(ll) if ll is not None and len(ll) == 6 else "-"
-            if dst is not None and fam == socket.AF_INET and ip4(dst):
-                out.append("%s %s %s" % ("N+" if plus else "N-", ip4(dst), lladdr))
-            elif dst is not None and fam == AF_BRIDGE and ip4(dst) and lladdr != "-":
-                out.append("%s %s %s" % ("F+" if plus else "F-", lladdr, ip4(dst)))
+            if dst is None:
+                pass
+            elif fam in (socket.AF_INET, socket.AF_INET6):
+                out.append("%s %s %s %d" % ("N+" if plus else "N-", dst, lladdr, ifi))
+            elif fam == AF_BRIDGE and lladdr != "-":
+                # An FDB entry; its remote (NDA_DST) is IPv6 on flannel-v6.<VNI>.
+                out.append("%s %s %s %d" % ("F+" if plus else "F-", lladdr, dst, ifi))
         off += (ln + 3) & ~3
     return out
 
@@ -144,7 +189,7 @@ NETLINK, NOTIFY, OVERRUN = 0, 1, 2
 def cmd_watch(a):
     nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
     nl.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 256 << 20)
-    nl.bind((0, RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE))
+    nl.bind((0, RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
     nl.setblocking(False)
     socks = {nl: NETLINK}
     if a.notify:
@@ -231,8 +276,9 @@ class Etcd:
 
 def cmd_prefill(a):
     etcd = Etcd(a.etcd)
-    ops = [(key_of(a.prefix, subnet(i)), value_of(a.backend, public_ip(i), mac(i)))
-           for i in range(1, a.n + 1)]
+    base6 = underlay6(a.underlay6)
+    ops = [(p.key(a.prefix), value_of(a.backend, p))
+           for p in (Peer(i, i, i, base6) for i in range(1, a.n + 1))]
     for s in range(0, len(ops), 1000):
         etcd.txn(ops[s:s + 1000])
 
@@ -247,9 +293,9 @@ class Kernel:
     def __init__(self, path):
         self.f = open(path, "rb")
         self.buf = b""
-        self.routes = {}      # dst -> gateway
-        self.neigh = {}       # ip -> mac
-        self.fdb = {}         # mac -> set(ip)
+        self.routes = {}      # dst -> (gateway, ifindex)
+        self.neigh = {}       # ip -> (mac, ifindex)
+        self.fdb = {}         # mac -> {ip: ifindex}
         self.ready = None
         self.overruns = 0
         self.lines = 0
@@ -284,29 +330,37 @@ class Kernel:
             for line in parse(data):
                 self.lines += 1
                 p = line.split()
-                op = p[0]
+                op, ifi = p[0], int(p[3])
                 if op == "R+":
-                    self.routes[p[1]] = p[2]
+                    self.routes[p[1]] = (p[2], ifi)
                 elif op == "R-":
-                    if self.routes.get(p[1]) == p[2]:
+                    if self.routes.get(p[1], ("",))[0] == p[2]:
                         del self.routes[p[1]]
                 elif op == "N+":
-                    self.neigh[p[1]] = p[2]
+                    self.neigh[p[1]] = (p[2], ifi)
                 elif op == "N-":
-                    if p[2] in ("-", self.neigh.get(p[1])):
+                    if p[2] in ("-", self.neigh.get(p[1], ("",))[0]):
                         self.neigh.pop(p[1], None)
                 elif op == "F+":
-                    self.fdb.setdefault(p[1], set()).add(p[2])
+                    self.fdb.setdefault(p[1], {})[p[2]] = ifi
                 elif op == "F-":
-                    self.fdb.get(p[1], set()).discard(p[2])
+                    self.fdb.get(p[1], {}).pop(p[2], None)
                 touched.append((t, p[1]))
         return touched
 
 
 class Peer:
-    def __init__(self, idx, ipk, mack):
-        self.idx, self.ipk, self.mack = idx, ipk, mack
+    """base6: the underlay /64 (a number) for a dual-stack peer, None for an IPv4-only one. One
+    counter gives both families' PublicIP, one both MACs: a change changes both."""
+
+    def __init__(self, idx, ipk, mack, base6=None):
+        self.idx, self.ipk, self.mack, self.base6 = idx, ipk, mack, base6
+        self.dual = base6 is not None
         self.net = subnet(idx)
+        self.net6 = subnet6(idx) if self.dual else None
+
+    def key(self, prefix):
+        return key_of(prefix, self.net, self.net6)
 
     @property
     def ip(self):
@@ -315,6 +369,14 @@ class Peer:
     @property
     def mac(self):
         return mac(self.mack)
+
+    @property
+    def ip6(self):
+        return public_ip6(self.ipk, self.base6) if self.dual else None
+
+    @property
+    def mac6(self):
+        return mac6(self.mack) if self.dual else None
 
 
 class Expect:
@@ -333,37 +395,64 @@ class Driver:
         self.kernel = Kernel(a.events)
         self.pending = {}     # watched object -> [Expect]
         self.open = 0
-        self.peers = {i: Peer(i, i, i) for i in range(1, a.n + 1)}
+        self.base6 = underlay6(a.underlay6)
+        self.peers = {i: Peer(i, i, i, self.base6) for i in range(1, a.n + 1)}
         self.busy = set()     # peers with a write still pending
         self.next_idx = a.n + 1
         self.next_ip = 1_000_000
         self.next_mac = 1_000_000
         self.own = None
+        self.own6 = None
+        self.devs = {}        # device name -> ifindex, looked up again on a mismatch
         self.rng = random.Random(11)
         self.probe = Probe(self) if self.backend == "udp" else None
 
-    # What a peer's state is made of, per backend: the objects to watch.
+    # What a peer's state is made of, per backend and family: (subnet, its network address,
+    # VTEP MAC, PublicIP, device) for each family the peer has.
+    def sides(self, p):
+        vx = self.backend == "vxlan"
+        out = [(p.net, p.mac, p.ip, "flannel.%d" % VNI if vx else "eth0")]
+        if p.dual:
+            out.append((p.net6, p.mac6, p.ip6, "flannel-v6.%d" % VNI if vx else "eth0"))
+        return out
+
+    # The objects to watch.
     def objects(self, p):
-        dst = str(p.net)
-        if self.backend == "vxlan":
-            return [dst, str(p.net.network_address), p.mac]
-        if self.backend == "host-gw":
-            return [dst]
-        return []
+        out = []
+        for net, m, _ip, _dev in self.sides(p):
+            if self.backend == "vxlan":
+                out += [str(net), str(net.network_address), m]
+            elif self.backend == "host-gw":
+                out.append(str(net))
+        return out
+
+    def on(self, ifindex, dev):
+        """Whether ifindex is dev's."""
+        if self.devs.get(dev) != ifindex:
+            try:
+                self.devs[dev] = socket.if_nametoindex(dev)
+            except OSError:
+                self.devs[dev] = None
+        return self.devs[dev] == ifindex
 
     def satisfied(self, e):
-        k, p = self.kernel, e.peer
-        dst, gw = str(p.net), str(p.net.network_address)
-        if self.backend == "vxlan":
-            present = (k.routes.get(dst) == gw and k.neigh.get(gw) == p.mac
-                       and p.ip in k.fdb.get(p.mac, ()))
-            absent = (dst not in k.routes and gw not in k.neigh
-                      and p.ip not in k.fdb.get(p.mac, ()))
-        elif self.backend == "host-gw":
-            present = k.routes.get(dst) == p.ip
-            absent = dst not in k.routes
-        else:
+        if self.backend not in ("vxlan", "host-gw"):
             return False  # udp: the probes decide
+        k = self.kernel
+        present = absent = True
+        for net, m, ip, dev in self.sides(e.peer):
+            dst, gw = str(net), str(net.network_address)
+            if self.backend == "vxlan":
+                r, n = k.routes.get(dst), k.neigh.get(gw)
+                f = k.fdb.get(m, {})
+                present = (present and r is not None and r[0] == gw and self.on(r[1], dev)
+                           and n is not None and n[0] == m and self.on(n[1], dev)
+                           and ip in f and self.on(f[ip], dev))
+                absent = absent and dst not in k.routes and gw not in k.neigh and ip not in f
+            else:
+                r = k.routes.get(dst)
+                present = present and r is not None and r[0] == ip and self.on(r[1], dev)
+                absent = absent and dst not in k.routes
         return absent if e.kind == "del" else present
 
     def expect(self, kind, p, t_write):
@@ -412,21 +501,25 @@ class Driver:
 
     # --- writes ---
 
-    def own_subnet(self):
+    def own_subnets(self):
+        """This host's (IPv4, IPv6) subnets from subnet.env, None for those not there yet."""
+        v4 = v6 = None
         if not os.path.exists(self.a.subnet_file):
-            return None
+            return v4, v6
         with open(self.a.subnet_file) as f:
             for line in f:
-                if line.startswith("FLANNEL_SUBNET="):
-                    net = ipaddress.ip_network(line.split("=", 1)[1].strip(), strict=False)
-                    return net
-        return None
+                name, _, val = line.strip().partition("=")
+                if name == "FLANNEL_SUBNET":
+                    v4 = ipaddress.ip_network(val, strict=False)
+                elif name == "FLANNEL_IPV6_SUBNET":
+                    v6 = ipaddress.ip_network(val, strict=False)
+        return v4, v6
 
     def new_index(self):
         while True:
             i = self.next_idx
             self.next_idx += 1
-            if self.own is None or subnet(i) != self.own:
+            if subnet(i) != self.own and (self.base6 is None or subnet6(i) != self.own6):
                 return i
 
     def pick(self):
@@ -441,7 +534,7 @@ class Driver:
         """The etcd op for `kind` (add, change, del) and the peer it leaves."""
         if kind == "add":
             i = self.new_index()
-            p = Peer(i, self.next_ip, self.next_mac)
+            p = Peer(i, self.next_ip, self.next_mac, self.base6)
             self.next_ip += 1
             self.next_mac += 1
         else:
@@ -449,17 +542,18 @@ class Driver:
             if old is None:
                 return None
             if kind == "change":
-                # vxlan: a restarted flanneld's new VTEP MAC; others: a new PublicIP.
+                # vxlan: a restarted flanneld's new VTEP MAC (dual-stack: both devices', both
+                # new); others: a new PublicIP (dual-stack: a new PublicIPv6 too).
                 if self.backend == "vxlan":
-                    p = Peer(old.idx, old.ipk, self.next_mac)
+                    p = Peer(old.idx, old.ipk, self.next_mac, self.base6)
                     self.next_mac += 1
                 else:
-                    p = Peer(old.idx, self.next_ip, old.mack)
+                    p = Peer(old.idx, self.next_ip, old.mack, self.base6)
                     self.next_ip += 1
             else:
                 p = old
-        k = key_of(self.a.prefix, p.net)
-        v = None if kind == "del" else value_of(self.backend, p.ip, p.mac)
+        k = p.key(self.a.prefix)
+        v = None if kind == "del" else value_of(self.backend, p)
         return (k, v, p)
 
     def record(self, kind, p):
@@ -522,8 +616,11 @@ class Driver:
         last = max((e.t_write for e in exps), default=time.time())
         ok = self.settle(exps, 180)
         u1 = self.usage()
+        # The changes alone: what one changed lease costs, the figure dual-stack is compared by.
+        changes = [e for e in exps if e.kind == "change"]
         return summary(exps, last, ok) | {"usage": span(u0, u1), "ops": len(exps),
-                                           "rate": len(exps) / max(1e-9, last - start)}
+                                           "rate": len(exps) / max(1e-9, last - start),
+                                           "change": summary(changes, last, ok)}
 
     def burst(self, kind, size, how):
         ws = []
@@ -699,10 +796,12 @@ def cmd_drive(a):
         t0, pid = f.read().split()
     a.t0, a.pid = float(t0), int(pid)
     d = Driver(a)
-    res = {"backend": a.backend, "n": a.n}
+    res = {"backend": a.backend, "n": a.n, "family": "dual" if a.underlay6 else "4"}
     res["cold"] = d.cold(a.t0)
-    while d.own is None and time.time() < deadline + 60:
-        d.own = d.own_subnet()
+    while time.time() < deadline + 60:
+        d.own, d.own6 = d.own_subnets()
+        if d.own is not None and (d.own6 is not None or not a.underlay6):
+            break
         time.sleep(0.01)
     res["idle"] = d.idle(a.idle)
     res["steady"] = d.steady(a.rate, a.churn_secs)
@@ -741,21 +840,33 @@ def cmd_report(a):
         u = (r or {}).get("usage") if k is None else (r or {}).get(k)
         return u or {}
 
+    def fam(r):
+        return "IPv4" if r.get("family", "4") == "4" else "dual"
+
+    # A case not run (udp dual-stack; a config the weftctl under test refuses): one row saying so.
+    def skipped(r, cols):
+        print("| %s | %s | %s | %d | skipped: %s |%s" % (
+            r["label"], r["backend"], fam(r), r["n"], r["skipped"], " – |" * (cols - 5)))
+
     print("### Convergence (ms)")
     print()
     print("Latency from each etcd write to the kernel state: p50 / p99 / max. Bursts: the last "
-          "peer in place after the last write, add / change / delete.")
+          "peer in place after the last write, add / change / delete. dual: a peer is in place "
+          "once the objects of both families are.")
     print()
-    print("| weftd | backend | peers | READY=1 | cold start: all in place | 100/s churn | "
+    print("| weftd | backend | family | peers | READY=1 | cold start: all in place | 100/s churn | "
           "burst txn | burst puts | burst puts p99 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if r.get("skipped"):
+            skipped(r, 10)
+            continue
         c = r["cold"]
         txn = " / ".join(last(r.get("txn_" + k)) for k in ("add", "change", "del"))
         puts = " / ".join(last(r.get("puts_" + k)) for k in ("add", "change", "del"))
         p99 = " / ".join(f((r.get("puts_" + k) or {}).get("p99_ms")) for k in ("add", "change", "del"))
-        print("| %s | %s | %d | %s | %s | %s | %s | %s | %s |" % (
-            r["label"], r["backend"], r["n"], f(c["ready_ms"]),
+        print("| %s | %s | %s | %d | %s | %s | %s | %s | %s | %s |" % (
+            r["label"], r["backend"], fam(r), r["n"], f(c["ready_ms"]),
             f(c["all_ms"]) if c["ok"] else "not all in %ds" % 180,
             lat(r["steady"]), txn, puts, p99))
     print()
@@ -764,25 +875,57 @@ def cmd_report(a):
     print("RSS at the end of each phase; CPU as a share of one core over the phase (idle: "
           "--idle seconds after cold start, and again after the churn).")
     print()
-    print("| weftd | backend | peers | RSS idle (MiB) | RSS after churn (MiB) | peak RSS (MiB) | "
-          "threads | CPU idle | CPU idle after churn | CPU 100/s churn | CPU per burst of puts "
-          "(s) | log lines | full passes |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| weftd | backend | family | peers | RSS idle (MiB) | RSS after churn (MiB) | "
+          "peak RSS (MiB) | threads | CPU idle | CPU idle after churn | CPU 100/s churn | "
+          "CPU per burst of puts (s) | log lines | full passes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if r.get("skipped"):
+            skipped(r, 14)
+            continue
         idle, after = r.get("idle") or {}, r.get("idle_after") or {}
         steady = use(r.get("steady"), None)
         burst = sum(use(r.get("puts_" + k), None).get("cpu_s", 0) for k in ("add", "change", "del"))
         full = r.get("full_passes")
-        print("| %s | %s | %d | %s | %s | %s | %s | %s%% | %s%% | %s%% | %.2f | %d | %s |" % (
-            r["label"], r["backend"], r["n"], mib(idle.get("rss_kib")),
+        print("| %s | %s | %s | %d | %s | %s | %s | %s | %s%% | %s%% | %s%% | %.2f | %d | %s |" % (
+            r["label"], r["backend"], fam(r), r["n"], mib(idle.get("rss_kib")),
             mib(after.get("rss_kib")), mib(after.get("hwm_kib")), f(idle.get("threads")),
             f(idle.get("cpu_pct")), f(after.get("cpu_pct")), f(steady.get("cpu_pct")),
             burst / 3, r["log_lines"], full if full else "–"))
+    # The same case in both families, measured in this run: the cost of dual-stack.
+    pairs = {}
+    for r in rows:
+        if not r.get("skipped"):
+            pairs.setdefault((r["label"], r["backend"], r["n"]), {})[fam(r)] = r
+    pairs = [(k, v) for k, v in pairs.items() if len(v) == 2]
+    if pairs:
+        print()
+        print("### Dual-stack against IPv4 only")
+        print()
+        print("Each cell: IPv4 → dual. One change: a lease changed during the 100/s churn "
+              "(p50 / p99, ms).")
+        print()
+        print("| weftd | backend | peers | cold start: all in place (ms) | one change p50 | "
+              "one change p99 | RSS idle (MiB) | peak RSS (MiB) |")
+        print("|---|---|---|---|---|---|---|---|")
+
+        def both(v, get):
+            return "%s → %s" % (get(v["IPv4"]), get(v["dual"]))
+
+        for (label, backend, n), v in pairs:
+            print("| %s | %s | %d | %s | %s | %s | %s | %s |" % (
+                label, backend, n,
+                both(v, lambda r: f(r["cold"]["all_ms"]) if r["cold"]["ok"] else "not all"),
+                both(v, lambda r: f(((r["steady"] or {}).get("change") or {}).get("p50_ms"))),
+                both(v, lambda r: f(((r["steady"] or {}).get("change") or {}).get("p99_ms"))),
+                both(v, lambda r: mib((r.get("idle") or {}).get("rss_kib"))),
+                both(v, lambda r: mib((r.get("idle_after") or {}).get("hwm_kib")))))
     odd = [r for r in rows if r.get("overruns") or r.get("log_warnings")]
     for r in odd:
         print()
-        print("Note: %s %s %d: %d watcher overruns, %d warning lines in weftd's log." % (
-            r["label"], r["backend"], r["n"], r.get("overruns", 0), r.get("log_warnings", 0)))
+        print("Note: %s %s %s %d: %d watcher overruns, %d warning lines in weftd's log." % (
+            r["label"], r["backend"], fam(r), r["n"], r.get("overruns", 0),
+            r.get("log_warnings", 0)))
 
 
 def main():
@@ -798,6 +941,7 @@ def main():
         p.add_argument("--prefix", required=True)
         p.add_argument("--backend", required=True, choices=["vxlan", "host-gw", "udp"])
         p.add_argument("--n", type=int, required=True)
+        p.add_argument("--underlay6", help="dual-stack peers, PublicIPv6 from this /64")
     d = sub.choices["drive"]
     d.add_argument("--events", required=True)
     d.add_argument("--start-file", required=True, help="weftd's start time and PID, when known")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Control plane at scale: one real weftd in a simulated host (the lab of deploy/lib/topology.sh),
 # with N other nodes' leases in etcd, written by a driver as those nodes would (flannel's keys and
-# JSON, network 10.0.0.0/8 in /24s). For each backend, weftd binary and N:
+# JSON, network 10.0.0.0/8 in /24s). For each backend, N, family and weftd binary:
 #
 #   cold start     N leases stored, weftd started: time to READY=1 (a notify socket) and until
 #                  every peer is in place
@@ -11,14 +11,24 @@
 #                  once as separate puts from 8 connections at once
 #
 # "In place" is read from the kernel through rtnetlink in the host's namespace, timestamped on
-# arrival by a watcher process of its own: vxlan a peer's route, neighbour and FDB entry; host-gw
-# its route; udp (peers in userspace) a probe datagram into the peer's subnet leaving eth0 for the
-# peer's PublicIP, or ICMP unreachable once it is gone (cold start: 200 peers sampled). Latency is
-# from each etcd write (the moment before it is sent) to the kernel state: p50, p99, max, and for a
-# burst the last peer after the last write. A change is a new VTEP MAC (vxlan) or PublicIP.
+# arrival by a watcher process of its own: vxlan a peer's route, neighbour and FDB entry on
+# flannel.1; host-gw its route on eth0; udp (peers in userspace) a probe datagram into the peer's
+# subnet leaving eth0 for the peer's PublicIP, or ICMP unreachable once it is gone (cold start: 200
+# peers sampled). Latency is from each etcd write (the moment before it is sent) to the kernel
+# state: p50, p99, max, and for a burst the last peer after the last write. A change is a new VTEP
+# MAC (vxlan) or PublicIP.
+#
+# --families "4 dual" (default 4) runs each case also dual-stack: EnableIPv6 with IPv6Network
+# fd00::/48 in /64s (peer i holds 10.0.i.0/24 and fd00:0:0:i::/64), each peer a PublicIPv6 in the
+# lab's IPv6 underlay /64 and, for vxlan, BackendV6Data with a MAC of its own. A dual peer is in
+# place once both families' objects are: host-gw also its IPv6 route on eth0; vxlan also the IPv6
+# route, neighbour and FDB entry (IPv6 remote) on flannel-v6.1. A change changes both PublicIPs or
+# both MACs. udp carries IPv4 only: its dual case is skipped, as is any whose config weftctl
+# refuses. The tables name each row's family, and a last one sets dual beside IPv4 for each case
+# run both ways: cold start, one change (from the churn), RSS.
 #
 #   sudo bash tests/bench/scale.sh [--backends "vxlan host-gw udp"] [--sizes "0 1000 10000"]
-#        [--rate 100] [--churn-secs 10] [--burst 500] [--idle 35]
+#        [--families "4 dual"] [--rate 100] [--churn-secs 10] [--burst 500] [--idle 35]
 #        [--bins "before=/path/to/release after=/path/to/release"] [--logs DIR]
 #
 # --bins runs each case with each binary directory (weftd, weftctl), one after the other, so a
@@ -34,6 +44,7 @@ SCALE_PY="$REPO/tests/bench/scale.py"
 
 BACKENDS=(vxlan host-gw udp)
 SIZES=(0 1000 10000)
+FAMILIES=(4)
 RATE=100
 CHURN=10
 BURST=500
@@ -50,6 +61,7 @@ while (($#)); do
   case $1 in
     --backends) read -r -a BACKENDS <<<"${2:?}"; shift 2 ;;
     --sizes) read -r -a SIZES <<<"${2:?}"; shift 2 ;;
+    --families) read -r -a FAMILIES <<<"${2:?}"; shift 2 ;;
     --rate) RATE=${2:?}; shift 2 ;;
     --churn-secs) CHURN=${2:?}; shift 2 ;;
     --burst) BURST=${2:?}; shift 2 ;;
@@ -66,6 +78,10 @@ done
 for n in "${SIZES[@]}"; do
   # Subnet indexes 1..N plus churn must stay inside 10.0.0.0/8's 65,535 /24s.
   [[ $n =~ ^[0-9]+$ && $n -le 50000 ]] || topo_die "--sizes wants numbers from 0 to 50000"
+done
+for f in "${FAMILIES[@]}"; do
+  [[ $f == 4 || $f == dual ]] || topo_die "unknown family $f (4, dual)"
+  [[ $f == 4 ]] || topo_have_ipv6 || topo_die "--families dual needs a kernel with IPv6"
 done
 for v in "$RATE" "$CHURN" "$BURST" "$IDLE"; do
   [[ $v =~ ^[0-9]+$ && $v -ge 1 ]] || topo_die "--rate, --churn-secs, --burst and --idle want whole numbers"
@@ -95,14 +111,44 @@ RESULTS="$TOPO_DIR/results.jsonl"
 
 marker_up() { [[ -s $1 ]]; }
 
-# One case: binaries of `label` in `dir`, `backend`, `n` peers. Appends a JSON line to $RESULTS.
+# A case not run, with the reason, as a row of the tables.
+skip_case() {
+  local label=$1 backend=$2 n=$3 family=$4 why=$5
+  topo_log "$label: $backend $family with $n peers skipped: $why"
+  jq -nc --arg lbl "$label" --arg backend "$backend" --argjson n "$n" --arg family "$family" \
+    --arg why "$why" \
+    '{"label": $lbl, "backend": $backend, "n": $n, "family": $family, "skipped": $why}' \
+    >>"$RESULTS"
+}
+
+# One case: binaries of `label` in `dir`, `backend`, `n` peers, `family` (4 or dual). Appends a
+# JSON line to $RESULTS.
 run_case() {
-  local label=$1 dir=$2 backend=$3 n=$4 run=$5
-  local d="$TOPO_DIR/run$run" h1 t0 weftd watcher driver
+  local label=$1 dir=$2 backend=$3 n=$4 family=$5 run=$6
+  local d="$TOPO_DIR/run$run" h1 t0 weftd watcher driver config out dual="" v6=()
   mkdir -p "$d"
-  topo_log "$label: $backend with $n peers"
   TOPO_ETCD_PREFIX="/bench/$run"
   TOPO_BIN_DIR=$dir
+  if [[ $family == dual ]]; then
+    if [[ $backend == udp ]]; then
+      skip_case "$label" "$backend" "$n" "$family" "udp carries IPv4 only"
+      return
+    fi
+    # IPv6 index i lines up with IPv4 index i (16 bits each), as weftd's own lease does.
+    dual='"EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetLen":64,'
+    # The peers' PublicIPv6 lie in the underlay's /64: connected, as host-gw needs.
+    v6=(--underlay6 "$(topo_underlay6)::/64")
+  fi
+  config=$(printf '{"Network":"10.0.0.0/8","SubnetLen":24,%s"Backend":{"Type":"%s"}}' "$dual" \
+    "$backend")
+  # weftctl refuses what weftd would (a backend not yet dual-stack): skipped, not waited for.
+  if ! out=$(topo_ctl config set - <<<"$config" 2>&1); then
+    [[ $family == dual ]] || topo_die "weftctl config set: $out"
+    out=${out##*$'\n'}
+    skip_case "$label" "$backend" "$n" "$family" "weftctl refused the config: ${out#*/config: }"
+    return
+  fi
+  topo_log "$label: $backend $family with $n peers"
   topo_host 1
   h1=$(topo_ns h1)
   if [[ $backend == host-gw ]]; then
@@ -117,10 +163,8 @@ run_case() {
     topo_t 10 ip netns exec "$h1" sysctl -qw net.ipv4.icmp_msgs_per_sec=1000000 \
       net.ipv4.icmp_msgs_burst=100000
   fi
-  printf '{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"%s"}}\n' "$backend" |
-    topo_ctl config set - >/dev/null
   topo_nsexec "$h1" 300 python3 "$SCALE_PY" prefill --etcd "$TOPO_ETCD" \
-    --prefix "$TOPO_ETCD_PREFIX" --backend "$backend" --n "$n"
+    --prefix "$TOPO_ETCD_PREFIX" --backend "$backend" --n "$n" "${v6[@]}"
 
   topo_spawn "$d/watch.log" ip netns exec "$h1" python3 "$SCALE_PY" watch \
     --out "$d/events" --notify "$d/notify.sock" --marker "$d/marker"
@@ -129,7 +173,7 @@ run_case() {
 
   # The driver first (it waits for weftd's start file), so it watches from weftd's first moment.
   topo_spawn "$d/driver.log" ip netns exec "$h1" python3 "$SCALE_PY" drive --etcd "$TOPO_ETCD" \
-    --prefix "$TOPO_ETCD_PREFIX" --backend "$backend" --n "$n" --events "$d/events" \
+    --prefix "$TOPO_ETCD_PREFIX" --backend "$backend" --n "$n" "${v6[@]}" --events "$d/events" \
     --out "$d/result.json" \
     --start-file "$d/start" --subnet-file "$d/subnet.env" --idle "$IDLE" --rate "$RATE" \
     --churn-secs "$CHURN" --burst "$BURST"
@@ -158,23 +202,26 @@ run_case() {
     '. + {"label": $lbl, "log_lines": $lines, "log_warnings": $warns, "full_passes": $full}' \
     "$d/result.json" >>"$RESULTS"
   topo_stop_tracked "$weftd" "$watcher" "$driver"
-  [[ -z $LOGS ]] || cp "$d/weftd.log" "$LOGS/$run-$label-$backend-$n.log"
+  [[ -z $LOGS ]] || cp "$d/weftd.log" "$LOGS/$run-$label-$backend-$family-$n.log"
   topo_host_del 1
 }
 
 run=0
 for backend in "${BACKENDS[@]}"; do
   for n in "${SIZES[@]}"; do
-    for spec in "${BINS[@]}"; do
-      run=$((run + 1))
-      run_case "${spec%%=*}" "${spec#*=}" "$backend" "$n" "$run"
+    # Families inside: v4 and dual of one backend and size end up side by side.
+    for family in "${FAMILIES[@]}"; do
+      for spec in "${BINS[@]}"; do
+        run=$((run + 1))
+        run_case "${spec%%=*}" "${spec#*=}" "$backend" "$n" "$family" "$run"
+      done
     done
   done
 done
 
 echo "## Control plane at scale"
 echo
-echo "\`sudo bash tests/bench/scale.sh --backends \"${BACKENDS[*]}\" --sizes \"${SIZES[*]}\" --rate $RATE --churn-secs $CHURN --burst $BURST --idle $IDLE\`"
+echo "\`sudo bash tests/bench/scale.sh --backends \"${BACKENDS[*]}\" --sizes \"${SIZES[*]}\" --families \"${FAMILIES[*]}\" --rate $RATE --churn-secs $CHURN --burst $BURST --idle $IDLE\`"
 echo
 echo "Machine: $(nproc) CPUs, $(uname -r), $(etcd --version | head -1)."
 echo

@@ -342,6 +342,9 @@ class KubeDriver(scale.Driver):
         self.next_ip = 1_000_000
         self.next_mac = 1_000_000
         self.own = scale.subnet(OWN_INDEX)
+        # IPv4 only: Driver's dual-stack state, unused.
+        self.base6 = self.own6 = None
+        self.devs = {}
         self.rng = random.Random(11)
         self.probe = scale.Probe(self) if self.backend == "udp" else None
         self.kube = Kube(a)
