@@ -1,7 +1,7 @@
 //! Ethernet addresses as flannel writes them in leases (`"VtepMAC":"aa:bb:cc:dd:ee:ff"`).
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 /// A 48-bit Ethernet address.
@@ -11,14 +11,21 @@ pub struct Mac(pub [u8; 6]);
 impl Mac {
     /// A locally administered unicast MAC derived only from `public_ip` and `vni`, so a host that
     /// lost both its device and its lease still comes back with the VTEP MAC its peers know.
-    /// FNV-1a is spelled out here because std's hasher may change between Rust releases.
     pub fn stable(public_ip: Ipv4Addr, vni: u32) -> Self {
+        Self::derived(b"weft-vtep", &public_ip.octets(), vni)
+    }
+
+    /// [`Mac::stable`] for an IPv6 device: from its address and `vni`, with another seed, so
+    /// that a host's two devices' MACs differ.
+    pub fn stable6(ip: Ipv6Addr, vni: u32) -> Self {
+        Self::derived(b"weft-vtep6", &ip.octets(), vni)
+    }
+
+    /// FNV-1a of `seed`, `addr` and `vni`, spelled out here because std's hasher may change
+    /// between Rust releases.
+    fn derived(seed: &[u8], addr: &[u8], vni: u32) -> Self {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in b"weft-vtep"
-            .iter()
-            .chain(public_ip.octets().iter())
-            .chain(vni.to_be_bytes().iter())
-        {
+        for b in seed.iter().chain(addr).chain(vni.to_be_bytes().iter()) {
             h ^= u64::from(*b);
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }

@@ -90,21 +90,9 @@ impl State {
 
 /// A locally administered unicast MAC for `flannel-v6.<VNI>`, derived only from this host's
 /// IPv6 address and the VNI, as the IPv4 device's is from its PublicIP (so a host that lost its
-/// device and its lease comes back with the MAC its peers know), and from another seed, so the
-/// two devices' MACs differ. FNV-1a, spelled out: std's hasher may change between releases.
+/// device and its lease comes back with the MAC its peers know); not the IPv4 device's.
 pub fn stable_mac(ip: Ipv6Addr, vni: u32) -> Mac {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in b"weft-vtep6"
-        .iter()
-        .chain(ip.octets().iter())
-        .chain(vni.to_be_bytes().iter())
-    {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    let b = h.to_be_bytes();
-    // Clear the multicast bit, set the locally-administered bit.
-    Mac([(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]])
+    Mac::stable6(ip, vni)
 }
 
 #[cfg(test)]
