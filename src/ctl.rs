@@ -323,12 +323,7 @@ async fn leases(etcd: &EtcdArgs) -> Result<()> {
         };
         // Whatever another host wrote: escaped, so it is one cell of one row.
         let backend = backend_cell(&l.attrs.backend_type);
-        rows.push([
-            l.subnet.to_string(),
-            l.attrs.public_ip.to_string(),
-            backend,
-            expires,
-        ]);
+        rows.push([subnet_cell(l), public_ip_cell(l), backend, expires]);
     }
     print!("{}", table(&rows));
     for b in &listing.bad {
@@ -373,8 +368,8 @@ async fn kube_leases(k: &Kube<'_>) -> Result<()> {
     ]];
     for (l, node) in leases {
         rows.push([
-            l.subnet.to_string(),
-            l.attrs.public_ip.to_string(),
+            subnet_cell(l),
+            public_ip_cell(l),
             backend_cell(&l.attrs.backend_type),
             escape::clip(node, 253).into_owned(),
         ]);
@@ -393,6 +388,23 @@ async fn kube_leases(k: &Kube<'_>) -> Result<()> {
         eprintln!("node {}: no podCIDR yet", escape::clip(w, 256));
     }
     Ok(())
+}
+
+/// A lease's subnets as one table cell: `10.244.5.0/24`, dual-stack
+/// `10.244.5.0/24,fd00:10:244:5::/64` (as Kubernetes writes podCIDRs).
+fn subnet_cell(l: &crate::lease::Lease) -> String {
+    match l.ipv6_subnet {
+        Some(v6) => format!("{},{v6}", l.subnet),
+        None => l.subnet.to_string(),
+    }
+}
+
+/// A lease's public addresses as one table cell: PublicIP, and PublicIPv6 if it has one.
+fn public_ip_cell(l: &crate::lease::Lease) -> String {
+    match l.attrs.public_ipv6 {
+        Some(v6) => format!("{},{v6}", l.attrs.public_ip),
+        None => l.attrs.public_ip.to_string(),
+    }
 }
 
 /// A lease's backend type as one table cell (whatever another host wrote: escaped).

@@ -83,6 +83,11 @@ fn a_dual_stack_lease_is_flannels_key_json_and_subnet_env() {
         "flannel's order:\n{env}"
     );
     assert!(env.contains("FLANNEL_IPV6_NETWORK=fd00:60::/48\n"), "{env}");
+    // weftctl lists both subnets and both addresses, as Kubernetes writes podCIDRs.
+    let out = crate::harness::weftctl(&etcd, "/weft", &["leases"], None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = format!("10.60.{n}.0/24,fd00:60:0:{n:x}::/64  10.99.0.7,fd00:99::7  alloc");
+    assert!(text.contains(&row), "{row} in\n{text}");
 }
 
 #[test]
