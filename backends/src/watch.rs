@@ -131,7 +131,8 @@ impl Shared {
     }
 }
 
-/// A multicast rtnetlink subscription (links, IPv4 routes and addresses, neighbours, nexthops).
+/// A multicast rtnetlink subscription (links, routes and addresses of both families, neighbours,
+/// nexthops).
 pub struct DriftWatch {
     shared: Arc<Shared>,
     judge: JoinHandle<()>,
@@ -146,10 +147,14 @@ pub struct DriftWatch {
 impl DriftWatch {
     /// Subscribes in the current network namespace; the socket is driven on the current runtime.
     pub fn open() -> Result<Self, Error> {
+        // IPv6 routes and addresses too: a dual-stack backend's (deletions only pass the filter,
+        // and the kernel's own IPv6 route churn is judged no drift: not protocol 87).
         let groups = [
             MulticastGroup::Link,
             MulticastGroup::Ipv4Route,
             MulticastGroup::Ipv4Ifaddr,
+            MulticastGroup::Ipv6Route,
+            MulticastGroup::Ipv6Ifaddr,
             MulticastGroup::Neigh,
         ];
         let (mut conn, _handle, events) = rtnetlink::new_multicast_connection(&groups)

@@ -254,6 +254,24 @@ mod datapath {
     }
 
     #[test]
+    fn an_ipv6_route_deleted_behind_wefts_back_is_put_back_at_once() {
+        let Some(t) = Topology::dual_stack(2, HOST_GW, &[0, 1], &[]) else {
+            return;
+        };
+        t.assert_full_mesh6(&[0, 1]);
+        let peer6 = t.hosts[1].wait_subnet6().to_string();
+        t.hosts[0].ns.ip(&format!("-6 route del {peer6}"));
+        // Seen as drift by the watch, not left to the next full pass (10 minutes).
+        wait_for("the IPv6 route back", Duration::from_secs(5), || {
+            t.routes6(0)
+                .iter()
+                .any(|r| r.starts_with(&peer6))
+                .then_some(())
+        });
+        t.assert_full_mesh6(&[0, 1]);
+    }
+
+    #[test]
     fn a_dual_stack_restart_keeps_both_subnets_and_the_ipv6_routes_in_place() {
         let Some(mut t) = Topology::dual_stack(2, HOST_GW, &[0, 1], &[]) else {
             return;

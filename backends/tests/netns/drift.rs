@@ -23,9 +23,9 @@ const N: u32 = 1_000;
 
 const DEVICE: &str = "flannel.1";
 
-/// The route socket's groups as /proc/net/netlink shows them: link, neighbour, IPv4 address
-/// and IPv4 route (groups 1, 3, 5 and 7, one bit each).
-const ROUTE_GROUPS: u32 = 0x55;
+/// The route socket's groups as /proc/net/netlink shows them: link, neighbour, IPv4 address,
+/// IPv4 route, IPv6 address and IPv6 route (groups 1, 3, 5, 7, 9 and 11, one bit each).
+const ROUTE_GROUPS: u32 = 0x555;
 /// The nexthop socket's: group 32.
 const NEXTHOP_GROUPS: u32 = 0x8000_0000;
 
@@ -224,6 +224,20 @@ fn additions_never_reach_weftd_and_deletions_still_wake_the_backend() {
     );
     h.ns.ip("nexthop del id 7");
     assert!(woken(h, Duration::from_secs(5)), "weft nexthop deleted");
+    // IPv6 too (a dual-stack backend's routes): the addition is no drift, the deletion is.
+    h.ns.ip("-6 route add fd00:201::7/128 dev eth0 proto 87");
+    assert!(
+        !woken(h, Duration::from_millis(500)),
+        "an IPv6 addition is no drift"
+    );
+    h.ns.ip("-6 route del fd00:201::7/128 dev eth0 proto 87");
+    assert!(woken(h, Duration::from_secs(5)), "weft IPv6 route deleted");
+    h.ns.ip("-6 route add fd00:201::8/128 dev eth0");
+    h.ns.ip("-6 route del fd00:201::8/128 dev eth0");
+    assert!(
+        !woken(h, Duration::from_millis(500)),
+        "another's IPv6 route is none of weft's"
+    );
     h.ns.ip(&format!("link set {DEVICE} down"));
     assert!(woken(h, Duration::from_secs(5)), "weft's device set down");
 }
