@@ -133,6 +133,10 @@ pub struct Kernel {
     /// weft's userspace WireGuard's peers, read from its control socket, when the backend is
     /// wireguard and flannel-wg is its TUN device.
     pub wireguard: Option<Result<Vec<WgPeer>, String>>,
+    /// `net.ipv4.ip_forward` and `net.ipv6.conf.all.forwarding` (`None`: unreadable, or no
+    /// IPv6 in this kernel).
+    pub ipv4_forwarding: Option<bool>,
+    pub ipv6_forwarding: Option<bool>,
 }
 
 /// A peer of flannel-wg as its control socket reports it.

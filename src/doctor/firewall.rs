@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use ipnet::Ipv4Net;
 
-use super::facts::{network, Facts};
+use super::facts::{network, Facts, Store};
 use super::lease::own_subnet;
 use super::{Finding, Outcome};
 
@@ -166,6 +166,52 @@ fn tables(f: &Facts) -> Result<(Table, Table, Ipv4Net), Outcome> {
 
 /// `forward`: pod traffic between hosts gets through FORWARD.
 pub fn forward(f: &Facts) -> Outcome {
+    let mut out = forwarding(f);
+    match forward_rules(f) {
+        Outcome::Ran(found) => out.extend(found),
+        Outcome::Skipped(why) if out.is_empty() => return Outcome::Skipped(why),
+        Outcome::Skipped(_) => {}
+    }
+    out.into()
+}
+
+/// The kernel forwards pod traffic at all: IPv4, and IPv6 on a dual-stack network (weft sets
+/// neither; Docker sets IPv4's, nothing sets IPv6's).
+fn forwarding(f: &Facts) -> Vec<Finding> {
+    let Ok(k) = &f.kernel else {
+        return Vec::new();
+    };
+    let dual = match &f.store {
+        Store::Read(c) => c.config.as_ref().is_ok_and(|c| c.ipv6.is_some()),
+        _ => false,
+    };
+    let mut out = Vec::new();
+    for (off, family, key) in [
+        (
+            k.ipv4_forwarding == Some(false),
+            "IPv4",
+            "net.ipv4.ip_forward",
+        ),
+        (
+            dual && k.ipv6_forwarding == Some(false),
+            "IPv6",
+            "net.ipv6.conf.all.forwarding",
+        ),
+    ] {
+        if off {
+            out.push(Finding::new(
+                format!(
+                    "{key} is 0: this host forwards no {family} pod traffic to or from other hosts"
+                ),
+                format!("`sysctl -w {key}=1`, and set it in /etc/sysctl.d/ so that it stays"),
+            ));
+        }
+    }
+    out
+}
+
+/// FORWARD's rules and policy let the cluster network through.
+fn forward_rules(f: &Facts) -> Outcome {
     let (filter, _, network) = match tables(f) {
         Ok(t) => t,
         Err(o) => return o,
@@ -304,6 +350,38 @@ mod tests {
     fn docker_policy_drop_with_weft_rules_is_fine() {
         assert_eq!(texts(forward(&testing::healthy())), Vec::<String>::new());
         assert_eq!(texts(agents(&testing::healthy())), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_kernel_that_does_not_forward_is_named_and_ipv6_only_on_a_dual_stack_network() {
+        let mut f = testing::healthy();
+        if let Ok(k) = &mut f.kernel {
+            k.ipv4_forwarding = Some(false);
+            k.ipv6_forwarding = Some(false);
+        }
+        let p = texts(forward(&f));
+        assert_eq!(
+            p.len(),
+            1,
+            "IPv6 is none of an IPv4 network's business: {p:?}"
+        );
+        assert!(p[0].starts_with("net.ipv4.ip_forward is 0"), "{p:?}");
+        testing::cluster(&mut f).config = crate::config::NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:244::/48","Backend":{"Type":"vxlan"}}"#,
+        )
+        .map_err(|e| e.to_string());
+        let p = texts(forward(&f));
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[1].starts_with("net.ipv6.conf.all.forwarding is 0"),
+            "{p:?}"
+        );
+        // Unknown (no IPv6 in the kernel, an unreadable file): nothing said.
+        if let Ok(k) = &mut f.kernel {
+            k.ipv4_forwarding = None;
+            k.ipv6_forwarding = None;
+        }
+        assert_eq!(texts(forward(&f)), Vec::<String>::new());
     }
 
     #[test]

@@ -40,6 +40,10 @@ async fn read_with(handle: &Handle) -> Result<Kernel> {
         .context("list links")?;
     let mut links: Vec<Link> = msgs.iter().map(link).collect();
     let mut k = Kernel::default();
+    // This namespace's (/proc/sys/net follows the reader's network namespace).
+    let sysctl = |path: &str| std::fs::read_to_string(path).ok().map(|v| v.trim() != "0");
+    k.ipv4_forwarding = sysctl("/proc/sys/net/ipv4/ip_forward");
+    k.ipv6_forwarding = sysctl("/proc/sys/net/ipv6/conf/all/forwarding");
     let addrs: Vec<_> = handle
         .address()
         .get()

@@ -150,6 +150,8 @@ pub fn healthy() -> Facts {
         tx_checksum: Some(Ok(true)),
         underlay_driver: Some("veth".into()),
         wireguard: None,
+        ipv4_forwarding: Some(true),
+        ipv6_forwarding: Some(true),
     };
     let config = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
         .expect("config");
