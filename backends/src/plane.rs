@@ -63,6 +63,13 @@ pub trait DataPlane: Sized + Send {
         Ok(())
     }
 
+    /// Its IPv6 device under `config` on a dual-stack network (vxlan's `flannel-v6.<VNI>`), if
+    /// it has one of its own.
+    fn device6(config: &BackendConfig) -> Option<String> {
+        let _ = config;
+        None
+    }
+
     /// The device it runs on under `config` (`flannel.<VNI>`, `flannel0`), if any.
     fn device(config: &BackendConfig) -> Option<String> {
         let _ = config;
@@ -179,6 +186,7 @@ pub struct Kind {
     pub identity_kind: Option<&'static IdentityKind>,
     pub check: fn(&BackendConfig, u32) -> Result<(), Error>,
     pub device: fn(&BackendConfig) -> Option<String>,
+    pub device6: fn(&BackendConfig) -> Option<String>,
     pub identity: fn(Option<&Value>) -> Result<Option<Identity>, String>,
     pub desired: DesiredFn,
 }
@@ -194,6 +202,7 @@ impl Kind {
             identity_kind: T::IDENTITY,
             check: T::check,
             device: T::device,
+            device6: T::device6,
             identity: T::identity,
             desired: T::desired,
         }
@@ -207,6 +216,8 @@ pub struct Host<'a> {
     pub own: &'a Lease,
     /// The index of the backend's device, when it exists.
     pub device: Option<u32>,
+    /// The index of its IPv6 device (vxlan's `flannel-v6.<VNI>`), when it exists.
+    pub device6: Option<u32>,
     /// The underlay's directly connected networks (host-gw; vxlan with DirectRouting).
     pub connected: &'a [Ipv4Net],
     /// Its directly connected IPv6 networks (host-gw on a dual-stack network).

@@ -2,10 +2,10 @@
 //! and written by hand in the checks' unit tests.
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use weft_backends::mac::Mac;
 use weft_backends::ExternalInterface;
 
@@ -117,7 +117,7 @@ impl Cluster {
 #[derive(Debug, Clone, Default)]
 pub struct Kernel {
     pub links: Vec<Link>,
-    /// The main table's IPv4 routes.
+    /// The main table's routes, IPv4 and IPv6.
     pub routes: Vec<Route>,
     /// Permanent IPv4 neighbours.
     pub neighbours: Vec<Neighbour>,
@@ -179,8 +179,24 @@ impl Kernel {
         self.routes
             .iter()
             .filter(|r| r.oif == Some(oif) && r.scope_link && r.gateway.is_none())
-            .filter(|r| r.dst.prefix_len() > 0)
-            .map(|r| r.dst)
+            .filter_map(|r| match r.dst {
+                IpNet::V4(d) if d.prefix_len() > 0 => Some(d),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The IPv6 networks directly reachable through `oif`: its global addresses' prefix routes
+    /// (IPv6 routes have no link scope; the kernel's protocol tells them).
+    pub fn connected6(&self, oif: u32) -> Vec<Ipv6Net> {
+        let link_local: Ipv6Net = "fe80::/10".parse().unwrap_or_default();
+        self.routes
+            .iter()
+            .filter(|r| r.oif == Some(oif) && r.protocol == 2 && r.gateway.is_none())
+            .filter_map(|r| match r.dst {
+                IpNet::V6(d) if d.prefix_len() > 0 && !link_local.contains(&d.network()) => Some(d),
+                _ => None,
+            })
             .collect()
     }
 }
@@ -202,8 +218,8 @@ pub struct Link {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    pub dst: Ipv4Net,
-    pub gateway: Option<Ipv4Addr>,
+    pub dst: IpNet,
+    pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
     pub onlink: bool,
     /// `rtm_protocol`: 2 kernel, 3 boot (flanneld, `ip route add`), 87 weft.

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::neighbour::NeighbourMessage;
@@ -76,14 +76,20 @@ async fn read_with(handle: &Handle) -> Result<Kernel> {
     .into_iter()
     .map(|n| (n.id, n))
     .collect();
-    let req = RouteMessageBuilder::<Ipv4Addr>::new().build();
-    let routes: Vec<RouteMessage> = handle
-        .route()
-        .get(req)
-        .execute()
-        .try_collect()
-        .await
-        .context("list routes")?;
+    let mut routes: Vec<RouteMessage> = Vec::new();
+    for req in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+    ] {
+        let family: Vec<RouteMessage> = handle
+            .route()
+            .get(req)
+            .execute()
+            .try_collect()
+            .await
+            .context("list routes")?;
+        routes.extend(family);
+    }
     k.routes = routes
         .iter()
         .filter(|m| route_table(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
@@ -134,7 +140,7 @@ fn link(m: &LinkMessage) -> Link {
 
 fn route(m: &RouteMessage, nexthops: &HashMap<u32, Nexthop>) -> Route {
     let mut r = Route {
-        dst: Ipv4Net::default(),
+        dst: IpNet::default(),
         gateway: None,
         oif: None,
         onlink: m.header.flags.contains(RouteFlags::Onlink),
@@ -143,16 +149,23 @@ fn route(m: &RouteMessage, nexthops: &HashMap<u32, Nexthop>) -> Route {
         unicast: m.header.kind == RouteType::Unicast,
         metric: 0,
     };
-    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let v6 = m.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6;
+    let mut dst = if v6 {
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
     for a in &m.attributes {
         match a {
-            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(*g),
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = IpAddr::V4(*d),
+            RouteAttribute::Destination(RouteAddress::Inet6(d)) => dst = IpAddr::V6(*d),
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(IpAddr::V4(*g)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => r.gateway = Some(IpAddr::V6(*g)),
             RouteAttribute::Oif(i) => r.oif = Some(*i),
             RouteAttribute::Priority(p) => r.metric = *p,
             RouteAttribute::NhId(id) => {
                 if let Some(n) = nexthops.get(id) {
-                    r.gateway = n.gateway;
+                    r.gateway = n.gateway.map(IpAddr::V4);
                     r.oif = n.oif;
                     r.onlink = n.onlink;
                 }
@@ -160,7 +173,7 @@ fn route(m: &RouteMessage, nexthops: &HashMap<u32, Nexthop>) -> Route {
             _ => {}
         }
     }
-    r.dst = Ipv4Net::new(dst, m.header.destination_prefix_length).unwrap_or_default();
+    r.dst = IpNet::new(dst, m.header.destination_prefix_length).unwrap_or_default();
     r
 }
 

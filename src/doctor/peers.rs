@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use weft_backends::mac::Mac;
 use weft_backends::{ExternalInterface, Host, Network, RouteSpec, RTPROT_WEFT};
 
@@ -113,12 +113,22 @@ fn or_dash(s: &str) -> &str {
 /// Whether the kernel's route `r` is `want` as weft installs it (a `RouteSpec` prints as
 /// `ip route` writes it).
 fn matches(want: &RouteSpec, r: &Route) -> bool {
-    ipnet::IpNet::V4(r.dst) == want.dst
-        && r.gateway.map(std::net::IpAddr::V4) == want.gateway
+    // The kernel gives an IPv6 route without a metric 1024.
+    let metric = if r.dst.addr().is_ipv6() { 1024 } else { 0 };
+    r.dst == want.dst
+        && r.gateway == want.gateway
         && r.oif == Some(want.oif)
         && r.onlink == want.onlink
         && r.unicast
-        && r.metric == 0
+        && r.metric == metric
+}
+
+/// Whether `dst` lies inside the network `c` configures, of its family.
+fn inside(c: &crate::config::NetworkConfig, dst: IpNet) -> bool {
+    match dst {
+        IpNet::V4(d) => c.network.contains(&d),
+        IpNet::V6(d) => c.ipv6.is_some_and(|p| p.network.contains(&d)),
+    }
 }
 
 /// `r` as `ip route` prints it.
@@ -200,22 +210,22 @@ pub fn peers(f: &Facts) -> Outcome {
         network_v6: c.config.ipv6.map(|p| p.network),
         external: c.ext.clone(),
     };
-    let connected = k.connected(c.ext.index);
-    // The IPv4 side only: the kernel facts hold IPv4 routes and neighbours (the IPv6 side of a
-    // dual-stack host is not checked yet).
-    let v4 = |l: &Lease| weft_backends::Lease {
-        ipv6: None,
-        ..l.to_backend()
-    };
-    let own = v4(own);
+    let (connected, connected6) = (k.connected(c.ext.index), k.connected6(c.ext.index));
+    let own = own.to_backend();
+    // A dual-stack backend's IPv6 device (vxlan's flannel-v6.<VNI>).
+    let dev6_index = (c.config.ipv6)
+        .and((kind.device6)(&c.config.backend))
+        .and_then(|d| k.link(&d))
+        .map(|l| l.index);
     let host = Host {
         net: &net,
         own: &own,
         device: dev_index,
+        device6: dev6_index,
         connected: &connected,
-        connected6: &[],
+        connected6: &connected6,
     };
-    let peers: Vec<_> = peers.iter().map(v4).collect();
+    let peers: Vec<_> = peers.iter().map(Lease::to_backend).collect();
     let want = match (kind.desired)(&c.config.backend, &host, &peers) {
         Ok(Some(want)) => want,
         Ok(None) => return Outcome::skip(format!("the backend {} programs no peers", c.backend)),
@@ -288,11 +298,7 @@ fn compare_routes(
     out: &mut Vec<Finding>,
 ) {
     for (label, want) in routes {
-        let have: Vec<&Route> = k
-            .routes
-            .iter()
-            .filter(|r| ipnet::IpNet::V4(r.dst) == want.dst)
-            .collect();
+        let have: Vec<&Route> = k.routes.iter().filter(|r| r.dst == want.dst).collect();
         if have.iter().any(|r| matches(want, r)) {
             continue;
         }
@@ -309,8 +315,8 @@ fn compare_routes(
     // weft's own routes (protocol 87 into its network or its device) that no peer wants.
     for r in &k.routes {
         let owned = r.protocol == RTPROT_WEFT
-            && (c.config.network.contains(&r.dst) || (r.oif.is_some() && r.oif == dev_index));
-        if owned && !routes.iter().any(|(_, w)| w.dst == ipnet::IpNet::V4(r.dst)) {
+            && (inside(c.config, r.dst) || (r.oif.is_some() && r.oif == dev_index));
+        if owned && !routes.iter().any(|(_, w)| w.dst == r.dst) {
             out.push(Finding::new(
                 format!("route `{}` is weft's but no peer wants it", describe(k, r)),
                 "weftd removes it at its next reconcile: make sure it runs",
@@ -395,11 +401,26 @@ pub fn foreign_routes(f: &Facts) -> Outcome {
             f.store_name()
         ));
     };
-    let own = own_subnet(f);
+    let own = own_subnet(f).map(IpNet::V4);
+    // The IPv6 side of a dual-stack network: its network, and this host's IPv6 subnet
+    // (subnet.env's, whose bridge holds its first address).
+    let network6 = match &f.store {
+        Store::Read(c) => (c.config.as_ref().ok()).and_then(|c| c.ipv6.map(|p| p.network)),
+        _ => None,
+    };
+    let own6 = (f.env.as_ref().ok())
+        .and_then(|e| e.ipv6.as_ref())
+        .and_then(|(_, s)| s.parse::<ipnet::Ipv6Net>().ok())
+        .map(|n| IpNet::V6(n.trunc()));
     let mut out = Vec::new();
     for r in &k.routes {
-        let inside = network.contains(&r.dst);
-        let bridge_of_lease = Some(r.dst) == own && r.protocol == RTPROT_KERNEL;
+        let inside = match r.dst {
+            IpNet::V4(d) => network.contains(&d),
+            IpNet::V6(d) => network6.is_some_and(|n| n.contains(&d)),
+        };
+        // This host's bridge's prefix route; on IPv6 also the vxlan device's /128 in its lease.
+        let own_bridge = Some(r.dst) == own || own6.is_some_and(|o| o.contains(&r.dst));
+        let bridge_of_lease = own_bridge && r.protocol == RTPROT_KERNEL;
         if !inside || r.protocol == RTPROT_WEFT || bridge_of_lease {
             continue;
         }
@@ -425,7 +446,10 @@ pub fn foreign_routes(f: &Facts) -> Outcome {
                 "route `{}` (not weft's) lies inside the cluster network {}: it takes traffic \
                  meant for the overlay",
                 describe(k, r),
-                network
+                match r.dst {
+                    IpNet::V4(_) => network.to_string(),
+                    IpNet::V6(_) => network6.map(|n| n.to_string()).unwrap_or_default(),
+                }
             ),
             fix,
         ));

@@ -715,3 +715,39 @@ fn a_tls_problem_with_etcd_is_named_as_such() {
     r.assert_names("etcd", &format!("TLS to etcd at {url} fails"));
     r.assert_names("etcd", "-etcd-cafile");
 }
+
+#[test]
+fn a_dual_stack_host_is_checked_on_both_sides() {
+    for config in [
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:244::/48","Backend":{"Type":"host-gw"}}"#,
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:244::/48","Backend":{"Type":"vxlan"}}"#,
+    ] {
+        let Some(t) = Topology::dual_stack(2, config, &[0, 1], &[]) else {
+            return;
+        };
+        t.assert_full_mesh6(&[0, 1]);
+        settle(&t, &[0, 1], &[]);
+        let r = doctor(&t, 0, &[]);
+        for id in ["subnet-env", "peers", "routes", "forward"] {
+            assert!(
+                r.out.contains(&format!("ok {id}\n")),
+                "{config}: {id}: {}",
+                r.out
+            );
+        }
+        // A peer's IPv6 route gone: named (before weftd puts it back).
+        let peer6 = t.hosts[1].wait_subnet6().to_string();
+        t.hosts[0].freeze(true);
+        t.hosts[0].ns.ip(&format!("-6 route del {peer6}"));
+        let r = doctor(&t, 0, &[]);
+        t.hosts[0].freeze(false);
+        r.assert_problems(&["peers"]);
+        r.assert_names("peers", &format!("no route to {peer6}"));
+        // And IPv6 forwarding off.
+        t.hosts[0]
+            .ns
+            .must(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=0"]);
+        let r = doctor(&t, 0, &[]);
+        r.assert_names("forward", "net.ipv6.conf.all.forwarding is 0");
+    }
+}

@@ -210,8 +210,9 @@ impl Topology {
     /// [`Topology::wire_container`] for both families of a dual-stack lease.
     pub fn wire_container_dual(&self, i: usize) {
         let h = &self.hosts[i];
+        let (subnet, subnet6) = (h.wait_subnet(), h.wait_subnet6());
         let mtu = h.env_var("FLANNEL_MTU").and_then(|m| m.parse().ok());
-        h.wire_container_dual(h.wait_subnet(), h.wait_subnet6(), mtu);
+        h.wire_container_dual(subnet, subnet6, mtu);
     }
 
     /// Waits until every listed container reaches every other one over IPv6.

@@ -110,6 +110,10 @@ impl DataPlane for Vxlan {
     }
 
     /// `flannel.<VNI>`.
+    fn device6(config: &BackendConfig) -> Option<String> {
+        VxlanConfig::parse(config).ok().map(|c| c.device_name6())
+    }
+
     fn desired(
         config: &BackendConfig,
         host: &Host<'_>,

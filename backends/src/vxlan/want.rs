@@ -136,6 +136,7 @@ pub fn route6(plan: Plan6, device: (u32, &Arc<str>), underlay: (u32, &Arc<str>))
 /// not listed: [`Desired`] holds IPv4 neighbours and [`Host`] names one device.
 pub fn desired(cfg: &VxlanConfig, host: &Host<'_>, peers: &[Lease]) -> Result<Desired, Error> {
     let name: Arc<str> = cfg.device_name().into();
+    let name6: Arc<str> = cfg.device_name6().into();
     let index = host
         .device
         .ok_or_else(|| Error::NoInterface(name.to_string()))?;
@@ -159,19 +160,35 @@ pub fn desired(cfg: &VxlanConfig, host: &Host<'_>, peers: &[Lease]) -> Result<De
         .iter()
         .filter(|p| peer::same_type(p, super::Vxlan::TYPE))
     {
-        let plan = match judge(cfg, host.net, Some(host.own), &local, p) {
-            Ok(plan) => plan.v4,
+        let plans = match judge(cfg, host.net, Some(host.own), &local, p) {
+            Ok(plans) => plans,
             Err(e) => {
                 want.refused.push((p.subnet, e));
                 continue;
             }
         };
-        if let Plan::Overlay { mac, public_ip } = plan {
+        if let Plan::Overlay { mac, public_ip } = plans.v4 {
             want.neighbours.push((p.subnet, p.subnet.network(), mac));
             want.fdb.push((p.subnet, mac, public_ip));
         }
-        let r = route(p.subnet, plan, (index, &name), (ext.index, &underlay));
+        let r = route(p.subnet, plans.v4, (index, &name), (ext.index, &underlay));
         want.routes.push((Some(p.subnet), r));
+        // The IPv6 side's route (its neighbour and FDB entry are not listed: `Desired` holds
+        // IPv4 ones), through flannel-v6.<VNI> when it exists, or on the underlay.
+        let dev6 = (host.device6, &name6);
+        match plans.v6 {
+            Some(plan6 @ Plan6::Direct { .. }) => {
+                let r = route6(plan6, (0, &name6), (ext.index, &underlay));
+                want.routes.push((Some(p.subnet), r));
+            }
+            Some(plan6) => {
+                if let (Some(i6), n6) = dev6 {
+                    let r = route6(plan6, (i6, n6), (ext.index, &underlay));
+                    want.routes.push((Some(p.subnet), r));
+                }
+            }
+            None => {}
+        }
     }
     Ok(want)
 }
