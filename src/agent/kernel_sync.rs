@@ -54,7 +54,9 @@ impl Agent {
         };
         state.last_outcome = None;
         self.reconcile(state).await;
-        data != state.published.backend_data
+        // Either side's data (vxlan: a new device, a new VTEP MAC) changed: the lease tells.
+        let data6 = state.config.ipv6.and(state.backend.backend_v6_data());
+        data != state.published.backend_data || data6 != state.published.backend_v6_data
     }
 
     /// The periodic check (and the answer to drift): reads this host's addresses again now and

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ipnet::Ipv4Net;
 use tracing::{debug, error, info, warn};
 use weft_backends::Backend;
 
@@ -90,11 +89,8 @@ impl Agent {
     }
 
     /// Applies the own lease: backend configuration, subnet.env, daemon.json, readiness.
-    pub(super) async fn publish(
-        &mut self,
-        state: &mut State,
-        previous: Option<Ipv4Net>,
-    ) -> Result<()> {
+    pub(super) async fn publish(&mut self, state: &mut State, previous: Hint) -> Result<()> {
+        let (previous, previous6) = (previous.subnet, previous.ipv6_subnet);
         let own = state.own.to_backend();
         state
             .backend
@@ -123,6 +119,16 @@ impl Agent {
         if let Some(old) = previous.filter(|p| *p != state.own.subnet) {
             warn!(old = %old, new = %state.own.subnet,
                   "this host's subnet changed: restart Docker (and pods) to pick up the new bip");
+        }
+        match (previous6, state.own.ipv6_subnet) {
+            (Some(old), Some(new)) if old != new => {
+                warn!(old = %old, new = %new,
+                      "this host's IPv6 subnet changed: restart Docker (and pods) to pick up the new fixed-cidr-v6");
+            }
+            (Some(old), None) => {
+                info!(old = %old, "this host leases no IPv6 subnet any more: the network is IPv4 only");
+            }
+            _ => {}
         }
         // Kubernetes: the Node's NetworkUnavailable condition cleared. Not fatal: the data path
         // works either way, and the next publish tries again.
@@ -185,7 +191,7 @@ impl Agent {
                 .acquire(&state.config, &mut state.backend, hint)
                 .await?;
             state.published = state.own.attrs.clone();
-            self.publish(state, Some(previous)).await?;
+            self.publish(state, hint).await?;
             if self.resync(state).await {
                 return Ok(());
             }

@@ -200,7 +200,7 @@ impl Agent {
             pending: BTreeMap::new(),
             full_at: Instant::now(),
         };
-        self.publish(&mut state, hint.subnet).await?;
+        self.publish(&mut state, hint).await?;
         if !self.resync(&mut state).await {
             self.reacquire(&mut state).await?;
         }
