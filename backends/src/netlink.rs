@@ -49,43 +49,7 @@ pub async fn ensure_address(
     name: &str,
     addr: Ipv4Addr,
 ) -> Result<(), Error> {
-    let msgs: Vec<AddressMessage> = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(Error::netlink(format!("list addresses of {name}")))?;
-    let mut have = false;
-    for m in msgs {
-        let local = m.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
-            _ => None,
-        });
-        let Some(local) = local else { continue };
-        if local == addr && m.header.prefix_len == 32 {
-            have = true;
-            continue;
-        }
-        info!(device = name, address = %local, "removing stale address");
-        handle
-            .address()
-            .del(m)
-            .execute()
-            .await
-            .map_err(Error::netlink(format!("delete {local} from {name}")))?;
-    }
-    if !have {
-        handle
-            .address()
-            .add(index, IpAddr::V4(addr), 32)
-            .execute()
-            .await
-            .map_err(Error::netlink(format!("add {addr}/32 to {name}")))?;
-        info!(device = name, address = %addr, "address set");
-    }
-    Ok(())
+    ensure_only(handle, index, name, Family::V4, Some(IpAddr::V4(addr))).await
 }
 
 /// Makes `addr`/128 the only global IPv6 address of device `index` (`name` for messages), or with
@@ -97,6 +61,24 @@ pub async fn ensure_address6(
     name: &str,
     addr: Option<Ipv6Addr>,
 ) -> Result<(), Error> {
+    ensure_only(handle, index, name, Family::V6, addr.map(IpAddr::V6)).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+/// Makes `want` (a host address: /32, /128) the only address of `family` on device `index`,
+/// IPv6's link-local ones aside.
+async fn ensure_only(
+    handle: &Handle,
+    index: u32,
+    name: &str,
+    family: Family,
+    want: Option<IpAddr>,
+) -> Result<(), Error> {
     let msgs: Vec<AddressMessage> = handle
         .address()
         .get()
@@ -105,18 +87,21 @@ pub async fn ensure_address6(
         .try_collect()
         .await
         .map_err(Error::netlink(format!("list addresses of {name}")))?;
+    let full = if family == Family::V4 { 32 } else { 128 };
     let mut have = false;
     for m in msgs {
-        // IPv6 addresses come as IFA_ADDRESS alone.
-        let local = m.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
+        // IPv4 addresses are read from IFA_LOCAL; IPv6 ones come as IFA_ADDRESS alone.
+        let local = m.attributes.iter().find_map(|a| match (family, a) {
+            (Family::V4, AddressAttribute::Local(ip @ IpAddr::V4(_))) => Some(*ip),
+            (Family::V6, AddressAttribute::Address(ip @ IpAddr::V6(v6)))
+                if v6.segments()[0] & 0xffc0 != 0xfe80 =>
+            {
+                Some(*ip)
+            }
             _ => None,
         });
         let Some(local) = local else { continue };
-        if local.segments()[0] & 0xffc0 == 0xfe80 {
-            continue;
-        }
-        if Some(local) == addr && m.header.prefix_len == 128 {
+        if Some(local) == want && m.header.prefix_len == full {
             have = true;
             continue;
         }
@@ -128,14 +113,16 @@ pub async fn ensure_address6(
             .await
             .map_err(Error::netlink(format!("delete {local} from {name}")))?;
     }
-    if let (false, Some(addr)) = (have, addr) {
-        let mut add = handle.address().add(index, IpAddr::V6(addr), 128);
-        // Duplicate detection has no one to ask on a device whose multicast goes nowhere (no
-        // all-zeros FDB entry): it would only keep the address tentative for a second.
-        add.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+    if let (false, Some(addr)) = (have, want) {
+        let mut add = handle.address().add(index, addr, full);
+        if family == Family::V6 {
+            // Duplicate detection has no one to ask on a device whose multicast goes nowhere
+            // (no all-zeros FDB entry): it would only keep the address tentative for a second.
+            add.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+        }
         add.execute()
             .await
-            .map_err(Error::netlink(format!("add {addr}/128 to {name}")))?;
+            .map_err(Error::netlink(format!("add {addr}/{full} to {name}")))?;
         info!(device = name, address = %addr, "address set");
     }
     Ok(())
