@@ -43,6 +43,7 @@ fn the_interface_is_chosen_like_flanneld_chooses_it() {
         ns.name
     ));
     ns.ip("addr add 172.31.9.5/24 dev eth1");
+    ns.ip("addr add fd00:31:9::5/64 dev eth1 nodad");
     ns.ip("link set eth1 up");
 
     assert_eq!(
@@ -55,6 +56,11 @@ fn the_interface_is_chosen_like_flanneld_chooses_it() {
         run_with(&mut t, &["-iface", "172.31.9.5"]),
         "172.31.9.5",
         "by address"
+    );
+    assert_eq!(
+        run_with(&mut t, &["-iface=fd00:31:9::5"]),
+        "172.31.9.5",
+        "by IPv6 address: its interface, as flanneld"
     );
     assert_eq!(
         run_with(&mut t, &["-iface=nope", "-iface=eth1"]),
