@@ -6,7 +6,7 @@ use tokio::time::sleep;
 use tracing::error;
 
 use super::Agent;
-use crate::config::{ConfigError, InvalidConfig, NetworkConfig};
+use crate::config::{InvalidConfig, NetworkConfig};
 use crate::escape::Escaped;
 use crate::notify;
 use crate::registry::Awaited;
@@ -27,10 +27,11 @@ impl Agent {
             let (text, at) = retry("read the network config", || self.registry.get_config()).await;
             let checked = text.as_deref().map(|t| {
                 let c = NetworkConfig::parse_at(t, &key)?;
-                self.check_here(&c).map_err(|error| InvalidConfig {
-                    at: key.clone(),
-                    error,
-                })?;
+                c.check_on_host(self.external.mtu)
+                    .map_err(|error| InvalidConfig {
+                        at: key.clone(),
+                        error,
+                    })?;
                 Ok::<_, InvalidConfig>(c)
             });
             let problem = match checked {
@@ -47,12 +48,6 @@ impl Agent {
         }
     }
 
-    /// What only this host can judge of a valid config: its backend options against the
-    /// underlay.
-    fn check_here(&self, c: &NetworkConfig) -> Result<(), ConfigError> {
-        c.check_on_host(self.external.mtu)
-    }
-
     /// -net-config-path: the config comes from a file (as kube-flannel's net-conf.json does), read
     /// until it holds a valid one; the problem is logged once per distinct problem, and the file
     /// looked at again every few seconds (it may be a ConfigMap being mounted).
@@ -62,10 +57,11 @@ impl Agent {
         loop {
             let problem = match crate::fsutil::read_optional(path) {
                 Ok(Some(text)) => match NetworkConfig::parse_at(&text, &at).and_then(|c| {
-                    self.check_here(&c).map_err(|error| InvalidConfig {
-                        at: at.clone(),
-                        error,
-                    })?;
+                    c.check_on_host(self.external.mtu)
+                        .map_err(|error| InvalidConfig {
+                            at: at.clone(),
+                            error,
+                        })?;
                     Ok(c)
                 }) {
                     Ok(c) => return c,

@@ -278,16 +278,7 @@ impl DataPlane for Vxlan {
         }
         let routes = self.routes_of(&all, index, index6);
         // flannel's order per peer: neighbour, FDB, route.
-        let mut tables = vec![
-            (Table::Arp, index, &all.arp_add),
-            (Table::Fdb, index, &all.fdb_add),
-        ];
-        if let Some(i6) = index6 {
-            tables.extend([
-                (Table::Ndp, i6, &all.nd_add),
-                (Table::Fdb, i6, &all.fdb6_add),
-            ]);
-        }
+        let (tables, _) = table_moves(&all, index, index6);
         for (table, ifindex, entries) in tables {
             let more = neigh::reconcile(&handle, &batch, table, ifindex, entries).await;
             errs.0.extend(more.0);

@@ -42,9 +42,33 @@ pub fn vxlan_device(ns: &Netns, local: Ipv4Addr, mac: &str, subnet: Ipv4Net, mtu
 /// What flannel's vxlan programs for one peer, in its order: permanent neighbour (peer network
 /// address → VTEP MAC), FDB entry (MAC → PublicIP), onlink route to the peer subnet.
 pub fn vxlan_peer(ns: &Netns, subnet: Ipv4Net, mac: &str, public_ip: Ipv4Addr) {
-    let net = subnet.network();
+    let route = format!(
+        "route add {subnet} via {} dev flannel.1 onlink",
+        subnet.network()
+    );
+    vxlan_entries(
+        ns,
+        "",
+        "flannel.1",
+        subnet.network().into(),
+        mac,
+        public_ip.into(),
+        &route,
+    );
+}
+
+/// [`vxlan_peer`]'s neighbour and FDB entry on `dev` (`family`: "" or "-6 "), then `route`.
+fn vxlan_entries(
+    ns: &Netns,
+    family: &str,
+    dev: &str,
+    net: std::net::IpAddr,
+    mac: &str,
+    public_ip: std::net::IpAddr,
+    route: &str,
+) {
     ns.ip(&format!(
-        "neigh replace {net} lladdr {mac} dev flannel.1 nud permanent"
+        "{family}neigh replace {net} lladdr {mac} dev {dev} nud permanent"
     ));
     crate::cmd::must(&[
         "bridge",
@@ -54,13 +78,11 @@ pub fn vxlan_peer(ns: &Netns, subnet: Ipv4Net, mac: &str, public_ip: Ipv4Addr) {
         "append",
         mac,
         "dev",
-        "flannel.1",
+        dev,
         "dst",
         &public_ip.to_string(),
     ]);
-    ns.ip(&format!(
-        "route add {subnet} via {net} dev flannel.1 onlink"
-    ));
+    ns.ip(route);
 }
 
 /// The etcd key of a dual-stack lease: `<prefix>/subnets/10.244.52.0-24&fd00:244:0:34::-64`.
@@ -108,24 +130,16 @@ pub fn vxlan_device6(ns: &Netns, local: Ipv6Addr, mac: &str, subnet: Ipv6Net, mt
 /// to the peer's IPv6 subnet, all on `flannel-v6.1`.
 pub fn vxlan_peer6(ns: &Netns, subnet: Ipv6Net, mac: &str, public_ip: Ipv6Addr) {
     let net = subnet.network();
-    ns.ip(&format!(
-        "-6 neigh replace {net} lladdr {mac} dev flannel-v6.1 nud permanent"
-    ));
-    crate::cmd::must(&[
-        "bridge",
-        "-n",
-        &ns.name,
-        "fdb",
-        "append",
-        mac,
-        "dev",
+    let route = format!("-6 route replace {subnet} via {net} dev flannel-v6.1 onlink");
+    vxlan_entries(
+        ns,
+        "-6 ",
         "flannel-v6.1",
-        "dst",
-        &public_ip.to_string(),
-    ]);
-    ns.ip(&format!(
-        "-6 route replace {subnet} via {net} dev flannel-v6.1 onlink"
-    ));
+        net.into(),
+        mac,
+        public_ip.into(),
+        &route,
+    );
 }
 
 /// One IPv4/UDP packet with correct checksums: what flannel's udp backend puts, alone and with no
