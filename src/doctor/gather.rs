@@ -129,7 +129,7 @@ pub async fn gather(store_args: status::Store<'_>, args: &DoctorArgs) -> Result<
 /// flannel-wg's peers from weftd's control socket (`WIREGUARD_SOCKET_DIR`, as weftd's).
 async fn read_wireguard() -> Result<Vec<WgPeer>, String> {
     use weft_backends::wireguard_uapi as uapi;
-    let path = uapi::socket_path();
+    let path = uapi::socket_path(uapi::DEVICE);
     let shown = path.display().to_string();
     let text = tokio::task::spawn_blocking(move || uapi::query(&path, Duration::from_secs(2)))
         .await

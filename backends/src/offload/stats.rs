@@ -120,6 +120,39 @@ impl StatsCell {
         StatsSource::new(move || cell.read())
     }
 
+    /// The cells of several devices of one data plane (wireguard's `flannel-wg` and
+    /// `flannel-wg-v6`) read as one: counters and workers summed, an offload in use where every
+    /// running device uses it.
+    pub fn combined(cells: Vec<StatsCell>) -> StatsSource {
+        StatsSource::new(move || {
+            let mut all = cells.iter().map(StatsCell::read);
+            let mut total = all.next().unwrap_or_default();
+            for s in all {
+                // A device with no worker running tells nothing of offloads.
+                let flags = |s: &Stats| [s.tun_offload, s.tun_uso, s.udp_gso, s.udp_gro];
+                let [a, b, c, d] = match (total.workers, s.workers) {
+                    (0, _) => flags(&s),
+                    (_, 0) => flags(&total),
+                    _ => {
+                        let (t, o) = (flags(&total), flags(&s));
+                        [t[0] && o[0], t[1] && o[1], t[2] && o[2], t[3] && o[3]]
+                    }
+                };
+                (
+                    total.tun_offload,
+                    total.tun_uso,
+                    total.udp_gso,
+                    total.udp_gro,
+                ) = (a, b, c, d);
+                total.counters += &s.counters;
+                total.tun_read_errors += s.tun_read_errors;
+                total.workers += s.workers;
+                total.worker_restarts += s.worker_restarts;
+            }
+            total
+        })
+    }
+
     /// A set of workers runs; `restart`: one ran before it.
     pub fn start(&self, live: Live, restart: bool) {
         let mut st = self.lock();

@@ -11,7 +11,9 @@
 //! drop every session (a handshake per peer at every pass).
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
@@ -51,18 +53,24 @@ pub fn set_device(device: &str, private: &PrivateKey, listen_port: u16) -> Wireg
 /// One peer, declaratively: endpoint, AllowedIPs replaced, PSK (zeros: none) and keepalive (0:
 /// off) always set.
 pub fn peer(p: &WgPeer) -> WireguardPeer {
-    let allowed = WireguardAllowedIp(vec![
-        WireguardAllowedIpAttr::Family(WireguardAddressFamily::Ipv4),
-        WireguardAllowedIpAttr::IpAddr(IpAddr::V4(p.allowed_ip.network())),
-        WireguardAllowedIpAttr::Cidr(p.allowed_ip.prefix_len()),
-    ]);
+    let allowed = p.allowed_ips().map(|net| {
+        let family = match net {
+            IpNet::V4(_) => WireguardAddressFamily::Ipv4,
+            IpNet::V6(_) => WireguardAddressFamily::Ipv6,
+        };
+        WireguardAllowedIp(vec![
+            WireguardAllowedIpAttr::Family(family),
+            WireguardAllowedIpAttr::IpAddr(net.network()),
+            WireguardAllowedIpAttr::Cidr(net.prefix_len()),
+        ])
+    });
     WireguardPeer(vec![
         WireguardPeerAttribute::PublicKey(p.public_key),
         WireguardPeerAttribute::Flags(WireguardPeerFlags::ReplaceAllowedIps),
-        WireguardPeerAttribute::Endpoint(SocketAddr::V4(p.endpoint)),
+        WireguardPeerAttribute::Endpoint(p.endpoint),
         WireguardPeerAttribute::PresharedKey(p.psk.unwrap_or([0; 32])),
         WireguardPeerAttribute::PersistentKeepalive(p.keepalive.unwrap_or(0)),
-        WireguardPeerAttribute::AllowedIps(vec![allowed]),
+        WireguardPeerAttribute::AllowedIps(allowed.collect()),
     ])
 }
 
@@ -302,7 +310,8 @@ mod tests {
             subnet: format!("10.244.{n}.0/24").parse().expect("subnet"),
             public_key: [n; 32],
             endpoint: format!("192.168.1.{n}:51820").parse().expect("endpoint"),
-            allowed_ip: format!("10.244.{n}.0/24").parse().expect("subnet"),
+            allowed_ip: format!("10.244.{n}.0/24").parse().ok(),
+            allowed_ip6: None,
             psk,
             keepalive,
         }
@@ -363,6 +372,43 @@ mod tests {
                 ])]),
             ]
         );
+    }
+
+    #[test]
+    fn a_peer_carrying_both_families_has_an_ipv6_endpoint_and_two_allowed_ips() {
+        let p = WgPeer {
+            endpoint: "[fd00:192:168:1::3]:51820".parse().expect("endpoint"),
+            allowed_ip6: "fd00:10:244:3::/64".parse().ok(),
+            ..wg_peer(3, None, None)
+        };
+        let attrs = peer(&p).0;
+        assert!(attrs.contains(&WireguardPeerAttribute::Endpoint(p.endpoint)));
+        let ip = |family, ip: &str, cidr| {
+            WireguardAllowedIp(vec![
+                WireguardAllowedIpAttr::Family(family),
+                WireguardAllowedIpAttr::IpAddr(ip.parse().expect("ip")),
+                WireguardAllowedIpAttr::Cidr(cidr),
+            ])
+        };
+        assert!(
+            attrs.contains(&WireguardPeerAttribute::AllowedIps(vec![
+                ip(WireguardAddressFamily::Ipv4, "10.244.3.0", 24),
+                ip(WireguardAddressFamily::Ipv6, "fd00:10:244:3::", 64),
+            ])),
+            "{attrs:?}"
+        );
+        // flannel-wg-v6's peer: IPv6 alone.
+        let only6 = WgPeer {
+            allowed_ip: None,
+            ..p
+        };
+        assert!(peer(&only6)
+            .0
+            .contains(&WireguardPeerAttribute::AllowedIps(vec![ip(
+                WireguardAddressFamily::Ipv6,
+                "fd00:10:244:3::",
+                64
+            )])));
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! Which WireGuard runs `flannel-wg`: the kernel's, when `ip link add type wireguard` works;
-//! weft's userspace one (a TUN device) when the kernel has no WireGuard.
+//! Which WireGuard runs a device (`flannel-wg`, `flannel-wg-v6`): the kernel's, when `ip link
+//! add type wireguard` works; weft's userspace one (a TUN device) when the kernel has no
+//! WireGuard.
 
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkUnspec, LinkWireguard};
 use tracing::info;
 
-use super::want::DEVICE;
 use crate::error::errno;
 use crate::Error;
 
@@ -39,14 +39,14 @@ pub fn lacks_wireguard(errno: i32) -> bool {
     )
 }
 
-/// Looks `flannel-wg` up.
-pub async fn find(handle: &Handle) -> Result<Option<Existing>, Error> {
-    let mut req = handle.link().get().match_name(DEVICE.to_string()).execute();
+/// Looks the device `name` up.
+pub async fn find(handle: &Handle, name: &str) -> Result<Option<Existing>, Error> {
+    let mut req = handle.link().get().match_name(name.to_string()).execute();
     match req.try_next().await {
         Ok(m) => Ok(m.map(|m| describe(&m))),
         Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
         Err(source) => Err(Error::Netlink {
-            context: format!("look up {DEVICE}"),
+            context: format!("look up {name}"),
             source,
         }),
     }
@@ -75,48 +75,48 @@ fn describe(m: &LinkMessage) -> Existing {
     e
 }
 
-/// Which path an existing `flannel-wg` stands for, or why weft cannot use it.
-pub fn judge(e: &Existing) -> Result<Found, Error> {
+/// Which path an existing device `name` stands for, or why weft cannot use it.
+pub fn judge(name: &str, e: &Existing) -> Result<Found, Error> {
     match &e.kind {
         Some(InfoKind::Wireguard) => Ok(Found::Kernel(e.index)),
         Some(InfoKind::Tun) => Ok(Found::Userspace(Some(e.index))),
-        other => {
-            Err(Error::Other(format!(
-            "{DEVICE} already exists and is a {} device, neither WireGuard nor TUN; weft leaves \
-             it alone: remove it (`ip link del {DEVICE}`) or stop what owns it",
-            other.as_ref().map_or("plain".to_string(), |k| k.to_string())
-        )))
-        }
+        other => Err(Error::Other(format!(
+            "{name} already exists and is a {} device, neither WireGuard nor TUN; weft leaves \
+             it alone: remove it (`ip link del {name}`) or stop what owns it",
+            other
+                .as_ref()
+                .map_or("plain".to_string(), |k| k.to_string())
+        ))),
     }
 }
 
-/// Finds or makes the kernel's `flannel-wg` with `mtu`, up; [`Found::Userspace`] when the
+/// Finds or makes the kernel's device `name` with `mtu`, up; [`Found::Userspace`] when the
 /// kernel cannot make one.
-pub async fn ensure(handle: &Handle, mtu: u32) -> Result<Found, Error> {
-    let existing = match find(handle).await? {
+pub async fn ensure(handle: &Handle, name: &str, mtu: u32) -> Result<Found, Error> {
+    let existing = match find(handle, name).await? {
         Some(e) => e,
         None => {
-            let msg = LinkWireguard::new(DEVICE).mtu(mtu).up().build();
+            let msg = LinkWireguard::new(name).mtu(mtu).up().build();
             match handle.link().add(msg).execute().await {
-                Ok(()) => info!(device = DEVICE, mtu, "kernel WireGuard device created"),
+                Ok(()) => info!(device = name, mtu, "kernel WireGuard device created"),
                 Err(e) if errno(&e).is_some_and(lacks_wireguard) => {
-                    info!(device = DEVICE, error = %e,
+                    info!(device = name, error = %e,
                           "the kernel has no WireGuard: using weft's userspace WireGuard");
                     return Ok(Found::Userspace(None));
                 }
                 Err(source) => {
                     return Err(Error::Netlink {
-                        context: format!("create {DEVICE} (type wireguard)"),
+                        context: format!("create {name} (type wireguard)"),
                         source,
                     })
                 }
             }
-            find(handle)
+            find(handle, name)
                 .await?
-                .ok_or_else(|| Error::Other(format!("{DEVICE} vanished right after creation")))?
+                .ok_or_else(|| Error::Other(format!("{name} vanished right after creation")))?
         }
     };
-    let found = judge(&existing)?;
+    let found = judge(name, &existing)?;
     if found == Found::Kernel(existing.index) && (existing.mtu != Some(mtu) || !existing.up) {
         let set = LinkUnspec::new_with_index(existing.index).mtu(mtu).up();
         handle
@@ -124,7 +124,7 @@ pub async fn ensure(handle: &Handle, mtu: u32) -> Result<Found, Error> {
             .set(set.build())
             .execute()
             .await
-            .map_err(Error::netlink(format!("set {DEVICE} up with MTU {mtu}")))?;
+            .map_err(Error::netlink(format!("set {name} up with MTU {mtu}")))?;
     }
     Ok(found)
 }
@@ -153,15 +153,15 @@ mod tests {
             up: true,
         };
         assert_eq!(
-            judge(&e(Some(InfoKind::Wireguard))).ok(),
+            judge("flannel-wg", &e(Some(InfoKind::Wireguard))).ok(),
             Some(Found::Kernel(9))
         );
         assert_eq!(
-            judge(&e(Some(InfoKind::Tun))).ok(),
+            judge("flannel-wg", &e(Some(InfoKind::Tun))).ok(),
             Some(Found::Userspace(Some(9)))
         );
-        let err = judge(&e(Some(InfoKind::Dummy))).expect_err("not ours");
+        let err = judge("flannel-wg", &e(Some(InfoKind::Dummy))).expect_err("not ours");
         assert!(err.to_string().contains("ip link del flannel-wg"), "{err}");
-        assert!(judge(&e(None)).is_err());
+        assert!(judge("flannel-wg", &e(None)).is_err());
     }
 }

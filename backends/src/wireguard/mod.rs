@@ -3,8 +3,13 @@
 //! is one WireGuard peer (endpoint PublicIP:Port, AllowedIPs its subnet, the PSK and keepalive
 //! if set). A peer's identity is its public key: two leases with one key, the older wins.
 //!
-//! Files: `config.rs` (the options), `key.rs` (keys, the private key file), `data.rs` (the
-//! lease's BackendData), `want.rs` (what it wants, pure).
+//! On a dual-stack network (issue 23), flannel's `Mode`: `separate` adds `flannel-wg-v6` on
+//! ListenPortV6 for the IPv6 subnets, between PublicIPv6s, with the same key; `auto`, `ipv4` and
+//! `ipv6` carry both families on `flannel-wg`. Each device is run by the kernel's WireGuard or
+//! by its own userspace worker.
+//!
+//! Files: `config.rs` (the options, the devices), `key.rs` (keys, the private key file),
+//! `data.rs` (the lease's BackendData), `want.rs` (what it wants, pure).
 //!
 //! The protocol crate, for the userspace data plane (a TUN device driven by weft's own worker
 //! threads, as udp's): boringtun (Cloudflare, BSD-3-Clause, 0.7) rather than Mullvad's fork
@@ -33,6 +38,7 @@ mod want;
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
 use serde_json::Value;
@@ -48,9 +54,10 @@ use crate::{
     IdentityKind, Lease, Network, PeerChanges, Programmed,
 };
 pub use config::WgConfig;
+use config::{DeviceSpec, Mode};
 use kernel::Found;
-use want::WgPeer;
-pub use want::DEVICE;
+use want::{Slots, WgPeer, WG};
+pub use want::{DEVICE, DEVICE_V6};
 
 // The datagram lookups, for the fuzz target in backends/fuzz; not an API.
 #[doc(hidden)]
@@ -74,39 +81,59 @@ pub struct Wireguard {
     net: Network,
     cfg: WgConfig,
     /// Where the private key lives (`WIREGUARD_KEY_FILE`, else `/run/flannel/wgkey`).
-    key_file: std::path::PathBuf,
-    /// The userspace data plane's control socket (`WIREGUARD_SOCKET_DIR`, else wg's place).
-    socket: std::path::PathBuf,
+    key_file: PathBuf,
+    /// Where the userspace devices' control sockets live (`WIREGUARD_SOCKET_DIR`, else wg's
+    /// place), `<device>.sock` each.
+    socket_dir: PathBuf,
     private: Option<key::PrivateKey>,
     own: Option<Lease>,
     conn: Conn,
-    /// The data path, once chosen (at the first `configure`).
-    path: Option<Path>,
-    /// The WireGuard peer of each lease, as last set.
-    peers: BTreeMap<Ipv4Net, WgPeer>,
+    /// The devices, by slot ([`WG`], and [`WG6`] in separate mode on a dual-stack network).
+    devices: Vec<Device>,
+    /// Each device's WireGuard peer of each lease, as last set.
+    peers: Slots<BTreeMap<Ipv4Net, WgPeer>>,
     /// A full reconcile ran since the backend was built or its lease changed, and succeeded.
     synced: bool,
-    /// The userspace data plane's counters, over every worker this backend started (zero on
+}
+
+/// One device and what runs it.
+struct Device {
+    spec: DeviceSpec,
+    /// The data path, once chosen (at the first `configure`).
+    path: Option<Path>,
+    /// The userspace data plane's counters, over every worker this device started (zero on
     /// the kernel's WireGuard: `wg show` has its counters).
     stats: StatsCell,
     /// A userspace worker ran before the current one.
     started: bool,
+    /// Its drift watch (one watch follows one device).
+    watch: Conn,
 }
 
-/// Which WireGuard carries the traffic.
+/// Which WireGuard carries a device's traffic.
 enum Path {
-    /// The kernel's: `flannel-wg` (its index) configured over generic netlink.
+    /// The kernel's: the device (its index) configured over generic netlink.
     Kernel { index: u32, genl: genl::Genl },
     /// weft's own, on a TUN device.
     Userspace(userspace::Userspace),
 }
 
+impl Path {
+    fn index(&self) -> u32 {
+        match self {
+            Path::Kernel { index, .. } => *index,
+            Path::Userspace(u) => u.index,
+        }
+    }
+}
+
 impl DataPlane for Wireguard {
     const TYPE: &'static str = "wireguard";
     const SURVIVES_RESTART: &'static str =
-        "flannel-wg with its address and route; kernel WireGuard keeps its peers and forwards \
-         on, weft's userspace WireGuard (a persistent TUN device) drops packets until the next \
-         weftd reopens it";
+        "flannel-wg (and flannel-wg-v6) with its addresses and routes; kernel WireGuard keeps \
+         its peers and forwards on, weft's userspace WireGuard (a persistent TUN device) drops \
+         packets until the next weftd reopens it";
+    const DUAL_STACK: bool = true;
     // The kernel's WireGuard, or weft's userspace one on a TUN device.
     const DEVICE_KINDS: &'static [&'static str] = &["wireguard", "tun"];
     const MTU_OVERHEAD: u32 = config::OVERHEAD;
@@ -120,8 +147,16 @@ impl DataPlane for Wireguard {
         Some(DEVICE.to_string())
     }
 
+    /// `flannel-wg-v6`, in separate mode.
+    fn device6(config: &BackendConfig) -> Option<String> {
+        let cfg = WgConfig::parse(config, u32::MAX).ok()?;
+        (cfg.mode == Mode::Separate).then(|| DEVICE_V6.to_string())
+    }
+
     fn device_names(&self) -> Vec<String> {
-        vec![DEVICE.to_string()]
+        let dual = self.net.network_v6.is_some();
+        let specs = self.cfg.devices(dual);
+        specs.iter().map(|d| d.name.to_string()).collect()
     }
 
     fn identity(backend_data: Option<&Value>) -> Result<Option<Identity>, String> {
@@ -129,8 +164,8 @@ impl DataPlane for Wireguard {
         Ok(Some(Identity::new(&PUBLIC_KEY, &d.public_key)))
     }
 
-    /// The route of the whole network into `flannel-wg`; the WireGuard peers live in the
-    /// device (see [`want::want`]), the peers it refuses are reported.
+    /// The routes of the networks into the devices; the WireGuard peers live in the devices
+    /// (see [`want::want`]), the peers it refuses are reported.
     fn desired(
         config: &BackendConfig,
         host: &Host<'_>,
@@ -140,9 +175,9 @@ impl DataPlane for Wireguard {
         let index = host
             .device
             .ok_or_else(|| Error::NoInterface(DEVICE.to_string()))?;
-        let w = want::want(&cfg, host.net, host.own, Some(index), peers);
+        let w = want::want(&cfg, host.net, host.own, [Some(index), host.device6], peers);
         Ok(Some(Desired {
-            routes: w.route.map(|r| (None, r)).into_iter().collect(),
+            routes: w.routes.into_iter().map(|r| (None, r)).collect(),
             refused: w.refused,
             ..Desired::default()
         }))
@@ -150,25 +185,34 @@ impl DataPlane for Wireguard {
 
     fn new(config: &BackendConfig, net: Network) -> Result<Self, Error> {
         let cfg = WgConfig::parse(config, net.external.mtu)?;
+        let devices = (cfg.devices(net.network_v6.is_some()).into_iter())
+            .map(|spec| Device {
+                spec,
+                path: None,
+                stats: StatsCell::new(Self::TYPE),
+                started: false,
+                watch: Conn::default(),
+            })
+            .collect();
         Ok(Self {
             net,
             cfg,
             key_file: key::key_file(),
-            socket: uapi::socket_path(),
+            socket_dir: uapi::socket_dir(),
             private: None,
             own: None,
             conn: Conn::default(),
-            path: None,
-            peers: BTreeMap::new(),
+            devices,
+            peers: Default::default(),
             synced: false,
-            stats: StatsCell::new(Self::TYPE),
-            started: false,
         })
     }
 
     /// Reads (or makes) the private key, and publishes its public key and our port.
     async fn prepare(&mut self, _previous: Option<&Lease>) -> Result<Option<Value>, Error> {
-        self.conn.subscribe()?;
+        for d in &mut self.devices {
+            d.watch.subscribe()?;
+        }
         let (private, made) = key::load_or_create(&self.key_file)?;
         let public = key::public(&private);
         let public_shown = key::show(&public);
@@ -183,6 +227,12 @@ impl DataPlane for Wireguard {
         Ok(Some(data::publish(&public, self.cfg.listen_port)))
     }
 
+    /// The same key, and the port of the device carrying IPv6.
+    fn backend_v6_data(&self) -> Option<Value> {
+        let public = key::public(self.private.as_ref()?);
+        Some(data::publish(&public, self.cfg.port_v6()))
+    }
+
     fn mtu(&self) -> u32 {
         self.cfg.device_mtu(self.net.external.mtu)
     }
@@ -191,9 +241,9 @@ impl DataPlane for Wireguard {
         // Which peers are acceptable depends on this host's lease (and its key).
         self.synced &= self.own.as_ref() == Some(own);
         self.own = Some(own.clone());
-        let index = self.ensure_device().await?;
-        let errs = self.ensure_address_and_route(index).await;
-        self.conn.settle().await;
+        let index = self.ensure_devices().await?;
+        let errs = self.ensure_addresses_and_routes(index).await;
+        self.settle().await;
         errs.into_first()
     }
 
@@ -207,41 +257,50 @@ impl DataPlane for Wireguard {
             )
             .into());
         };
-        let index = self.ensure_device().await?;
+        let index = self.ensure_devices().await?;
         let leases: Vec<Lease> = peers.into_iter().map(|p| p.borrow().clone()).collect();
-        let w = want::want(&self.cfg, &self.net, &own, Some(index), &leases);
+        let w = want::want(&self.cfg, &self.net, &own, index, &leases);
         let mut errs = ErrorList::default();
         errs.0.extend(w.refused.into_iter().map(|(_, e)| e));
-        let wanted: BTreeMap<Ipv4Net, WgPeer> =
-            w.peers.into_iter().map(|p| (p.subnet, p)).collect();
-        if let Err(e) = self.set_all(&wanted) {
-            errs.push(e);
+        let wanted: Slots<BTreeMap<Ipv4Net, WgPeer>> = w
+            .peers
+            .map(|peers| peers.into_iter().map(|p| (p.subnet, p)).collect());
+        for (slot, wanted) in wanted.iter().enumerate() {
+            if let Err(e) = self.set_all(slot, wanted) {
+                errs.push(e);
+            }
         }
         self.peers = wanted;
-        errs.0.extend(self.ensure_address_and_route(index).await.0);
+        errs.0
+            .extend(self.ensure_addresses_and_routes(index).await.0);
         self.synced = errs.0.is_empty();
-        self.conn.settle().await;
+        self.settle().await;
         errs.into_result()
     }
 
-    /// [`crate::Backend::apply`]: the peers in `changes` set or removed on the device, one
-    /// generic netlink batch; routes do not change (one route covers the network).
+    /// [`crate::Backend::apply`]: the peers in `changes` set or removed on the devices, one
+    /// generic netlink batch each; routes do not change (one route covers each network).
     async fn apply(&mut self, changes: &PeerChanges) -> Result<(), ErrorList> {
         let Some(own) = self.own.clone() else {
             self.synced = false;
             return Err(Error::Other("wireguard: apply before the first reconcile".into()).into());
         };
-        let steps = want::changes(&self.cfg, &self.net, &own, &mut self.peers, changes);
-        let mut errs = ErrorList(steps.refused);
-        for k in &steps.remove {
-            debug!(public_key = %key::show(k), "WireGuard peer removed");
-        }
-        let mut msgs: Vec<_> = steps.remove.iter().map(genl::removal).collect();
-        msgs.extend(steps.set.iter().map(genl::peer));
-        if !msgs.is_empty() {
-            if let Err(e) = self.send(msgs) {
-                self.synced = false;
-                errs.push(e);
+        let (steps, refused) = want::changes(&self.cfg, &self.net, &own, &mut self.peers, changes);
+        let mut errs = ErrorList(refused);
+        for (slot, steps) in steps.iter().enumerate() {
+            let Some(dev) = self.devices.get(slot) else {
+                continue;
+            };
+            for k in &steps.remove {
+                debug!(device = dev.spec.name, public_key = %key::show(k), "WireGuard peer removed");
+            }
+            let mut msgs: Vec<_> = steps.remove.iter().map(genl::removal).collect();
+            msgs.extend(steps.set.iter().map(genl::peer));
+            if !msgs.is_empty() {
+                if let Err(e) = self.send(slot, msgs) {
+                    self.synced = false;
+                    errs.push(e);
+                }
             }
         }
         errs.into_result()
@@ -251,91 +310,112 @@ impl DataPlane for Wireguard {
         !self.synced
     }
 
-    /// Drift of flannel-wg, its address or route (a full reconcile repairs it), or the
-    /// userspace worker gone (the agent rebuilds the backend).
+    /// Drift of a device, its address or route (a full reconcile repairs it), or a userspace
+    /// worker gone (the agent rebuilds the backend).
     async fn event(&mut self) -> Event {
-        let index = match &self.path {
-            Some(Path::Kernel { index, .. }) => Some(*index),
-            Some(Path::Userspace(u)) => Some(u.index),
-            None => None,
-        };
-        let owned = Watched {
-            device: Some(DEVICE.to_string()),
-            index,
-        };
-        let worker_gone = async {
-            loop {
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                if matches!(&self.path, Some(Path::Userspace(u)) if !u.alive()) {
-                    return;
-                }
-            }
-        };
-        let event = tokio::select! {
-            () = self.conn.drifted(&owned) => Event::Drift,
-            () = worker_gone => Event::Failed("the WireGuard worker stopped".into()),
-        };
         self.synced = false;
-        event
+        loop {
+            let owned: Vec<Watched> = (self.devices.iter())
+                .map(|d| Watched {
+                    device: Some(d.spec.name.to_string()),
+                    index: d.path.as_ref().map(Path::index),
+                })
+                .collect();
+            let drifted =
+                (self.devices.iter_mut().zip(&owned)).map(|(d, w)| Box::pin(d.watch.drifted(w)));
+            let drifted = futures::future::select_all(drifted);
+            tokio::select! {
+                _ = drifted => return Event::Drift,
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+            let gone = |d: &&Device| matches!(&d.path, Some(Path::Userspace(u)) if !u.alive());
+            if let Some(d) = self.devices.iter().find(gone) {
+                return Event::Failed(format!("the WireGuard worker of {} stopped", d.spec.name));
+            }
+        }
     }
 
     fn programmed(&self) -> Programmed {
+        let dual = self.net.network_v6.is_some();
+        let routes = usize::from(self.devices.first().is_some_and(|d| d.path.is_some()));
         Programmed {
-            routes: usize::from(self.path.is_some()),
+            routes: routes * (1 + usize::from(dual)),
             ..Programmed::default()
         }
     }
 
     fn stats(&self) -> Option<StatsSource> {
-        Some(self.stats.source())
+        Some(StatsCell::combined(
+            self.devices.iter().map(|d| d.stats.clone()).collect(),
+        ))
     }
 }
 
 impl Wireguard {
     /// What the userspace data plane has counted (packets, bytes, drops by reason) since it
-    /// started; `None` on the kernel's WireGuard (`wg show` has its counters).
+    /// started, over its devices; `None` on the kernel's WireGuard (`wg show` has its counters).
     pub fn counters(&self) -> Option<crate::udp::Counters> {
-        match &self.path {
+        let mut all = self.devices.iter().filter_map(|d| match &d.path {
             Some(Path::Userspace(u)) => Some(u.counters()),
             _ => None,
+        });
+        let mut total = all.next()?;
+        for c in all {
+            total += &c;
         }
+        Some(total)
     }
 
     /// Reads the private key from `path` rather than `WIREGUARD_KEY_FILE`'s or flannel's path
     /// (tests run several hosts in one process, each with its own key).
-    pub fn set_key_file(&mut self, path: std::path::PathBuf) {
+    pub fn set_key_file(&mut self, path: PathBuf) {
         self.key_file = path;
     }
 
-    /// Answers `wg` at `path` rather than `WIREGUARD_SOCKET_DIR`'s or wg's place (tests run
+    /// Answers `wg` in `dir` rather than `WIREGUARD_SOCKET_DIR` or wg's place (tests run
     /// several hosts in one process).
-    pub fn set_socket_path(&mut self, path: std::path::PathBuf) {
-        self.socket = path;
+    pub fn set_socket_dir(&mut self, dir: PathBuf) {
+        self.socket_dir = dir;
     }
 
-    /// Finds or makes `flannel-wg` (the kernel's where it can) and gives it the private key
-    /// and port; its index.
-    async fn ensure_device(&mut self) -> Result<u32, Error> {
+    /// Forgets the echoes of this backend's own changes, on every device's watch.
+    async fn settle(&mut self) {
+        for d in &mut self.devices {
+            d.watch.settle().await;
+        }
+    }
+
+    /// Finds or makes every device (the kernel's where it can) and gives it the private key
+    /// and port; their indexes, by slot.
+    async fn ensure_devices(&mut self) -> Result<Slots<Option<u32>>, Error> {
+        let mut index: Slots<Option<u32>> = [None; 2];
+        for (slot, found) in index.iter_mut().enumerate().take(self.devices.len()) {
+            *found = Some(self.ensure_device(slot).await?);
+        }
+        Ok(index)
+    }
+
+    /// Finds or makes the device of `slot`; its index.
+    async fn ensure_device(&mut self, slot: usize) -> Result<u32, Error> {
         let handle = self.conn.handle()?;
-        let found = kernel::ensure(&handle, self.mtu()).await?;
-        match (found, &mut self.path) {
+        let mtu = self.mtu();
+        let private = (self.private.as_ref())
+            .ok_or_else(|| Error::Other("wireguard: configure before prepare".into()))?;
+        let Some(dev) = self.devices.get_mut(slot) else {
+            return Err(Error::Other(format!("wireguard: no device in slot {slot}")));
+        };
+        let name = dev.spec.name;
+        let found = kernel::ensure(&handle, name, mtu).await?;
+        match (found, &mut dev.path) {
             (Found::Kernel(index), Some(Path::Kernel { index: known, .. })) if *known == index => {
                 Ok(index)
             }
             (Found::Kernel(index), _) => {
                 // A new device (or the first look): it holds no key and no peer of ours.
                 let mut genl = genl::Genl::open()?;
-                let private = self
-                    .private
-                    .as_ref()
-                    .ok_or_else(|| Error::Other("wireguard: configure before prepare".into()))?;
-                genl.send(vec![genl::set_device(
-                    DEVICE,
-                    private,
-                    self.cfg.listen_port,
-                )])
-                .map_err(Error::io(format!("set {DEVICE}'s private key and port")))?;
-                self.path = Some(Path::Kernel { index, genl });
+                genl.send(vec![genl::set_device(name, private, dev.spec.port)])
+                    .map_err(Error::io(format!("set {name}'s private key and port")))?;
+                dev.path = Some(Path::Kernel { index, genl });
                 self.synced = false;
                 Ok(index)
             }
@@ -346,41 +426,37 @@ impl Wireguard {
             }
             (Found::Userspace(_), _) => {
                 // Stop a worker on a device that is gone before opening the new one.
-                self.path = None;
-                self.stats.stop();
-                let handle = self.conn.handle()?;
-                let private = self
-                    .private
-                    .as_ref()
-                    .ok_or_else(|| Error::Other("wireguard: configure before prepare".into()))?;
-                let mut u = userspace::Userspace::start(
-                    &handle,
-                    private,
-                    (self.cfg.listen_port, self.mtu()),
-                    self.socket.clone(),
-                )
-                .await?;
+                dev.path = None;
+                dev.stats.stop();
+                let socket = self.socket_dir.join(format!("{name}.sock"));
+                let mut u =
+                    userspace::Userspace::start(&handle, dev.spec, private, mtu, socket).await?;
                 let index = u.index;
-                u.set_peers(self.peers.values().cloned().collect())?;
-                self.stats.start(u.live(), self.started);
-                self.started = true;
-                self.path = Some(Path::Userspace(u));
+                u.set_peers(self.peers[slot].values().cloned().collect())?;
+                dev.stats.start(u.live(), dev.started);
+                dev.started = true;
+                dev.path = Some(Path::Userspace(u));
                 self.synced = false;
                 Ok(index)
             }
         }
     }
 
-    /// Removes the peers the device holds that `wanted` does not, and sets every wanted one.
-    fn set_all(&mut self, wanted: &BTreeMap<Ipv4Net, WgPeer>) -> Result<(), Error> {
-        let genl = match &mut self.path {
+    /// Removes the peers the device of `slot` holds that `wanted` does not, and sets every
+    /// wanted one.
+    fn set_all(&mut self, slot: usize, wanted: &BTreeMap<Ipv4Net, WgPeer>) -> Result<(), Error> {
+        let Some(dev) = self.devices.get_mut(slot) else {
+            return Ok(());
+        };
+        let name = dev.spec.name;
+        let genl = match &mut dev.path {
             Some(Path::Kernel { genl, .. }) => genl,
             Some(Path::Userspace(u)) => return u.set_peers(wanted.values().cloned().collect()),
-            None => return Err(Error::Other("wireguard: no device yet".into())),
+            None => return Err(Error::Other(format!("wireguard: no {name} yet"))),
         };
         let held = genl
-            .peers(DEVICE)
-            .map_err(Error::io(format!("read {DEVICE}'s peers")))?;
+            .peers(name)
+            .map_err(Error::io(format!("read {name}'s peers")))?;
         let keep: std::collections::HashSet<&key::Key> =
             wanted.values().map(|p| &p.public_key).collect();
         let mut msgs: Vec<_> = (held.iter().filter(|k| !keep.contains(k)))
@@ -390,40 +466,62 @@ impl Wireguard {
         if msgs.is_empty() {
             return Ok(());
         }
-        genl.send(genl::set_peers(DEVICE, msgs))
-            .map_err(Error::io(format!("set {DEVICE}'s peers")))
+        genl.send(genl::set_peers(name, msgs))
+            .map_err(Error::io(format!("set {name}'s peers")))
     }
 
-    /// Sets the peers `msgs` change (the kernel), or the whole list again (userspace).
-    fn send(&mut self, msgs: Vec<netlink_packet_wireguard::WireguardPeer>) -> Result<(), Error> {
-        match &mut self.path {
+    /// Sets the peers `msgs` change on the device of `slot` (the kernel), or its whole list
+    /// again (userspace).
+    fn send(
+        &mut self,
+        slot: usize,
+        msgs: Vec<netlink_packet_wireguard::WireguardPeer>,
+    ) -> Result<(), Error> {
+        let Some(dev) = self.devices.get_mut(slot) else {
+            return Ok(());
+        };
+        let name = dev.spec.name;
+        match &mut dev.path {
             Some(Path::Kernel { genl, .. }) => genl
-                .send(genl::set_peers(DEVICE, msgs))
-                .map_err(Error::io(format!("set {DEVICE}'s peers"))),
-            Some(Path::Userspace(u)) => u.set_peers(self.peers.values().cloned().collect()),
-            None => Err(Error::Other("wireguard: no device yet".into())),
+                .send(genl::set_peers(name, msgs))
+                .map_err(Error::io(format!("set {name}'s peers"))),
+            Some(Path::Userspace(u)) => u.set_peers(self.peers[slot].values().cloned().collect()),
+            None => Err(Error::Other(format!("wireguard: no {name} yet"))),
         }
     }
 
-    /// The lease's network address /32 on the device, and the network's route through it.
-    async fn ensure_address_and_route(&mut self, index: u32) -> ErrorList {
+    /// The lease's addresses on the devices (IPv4's network address /32 on `flannel-wg`, IPv6's
+    /// /128 on the device carrying IPv6, as flannel's `Configure`/`ConfigureV6`), and the
+    /// networks' routes through them.
+    async fn ensure_addresses_and_routes(&mut self, index: Slots<Option<u32>>) -> ErrorList {
         let (handle, batch) = match (self.conn.handle(), self.conn.batch()) {
             (Ok(h), Ok(b)) => (h, b),
             (Err(e), _) | (_, Err(e)) => return e.into(),
         };
         let mut errs = ErrorList::default();
         if let Some(own) = &self.own {
-            if let Err(e) =
-                netlink::ensure_address(&handle, index, DEVICE, own.subnet.network()).await
-            {
-                errs.push(e);
+            for (dev, index) in self.devices.iter().zip(index) {
+                let Some(index) = index else { continue };
+                let name = dev.spec.name;
+                if dev.spec.v4 {
+                    let addr = own.subnet.network();
+                    if let Err(e) = netlink::ensure_address(&handle, index, name, addr).await {
+                        errs.push(e);
+                    }
+                }
+                if let (true, Some(v6)) = (dev.spec.v6, &own.ipv6) {
+                    let addr = Some(v6.subnet.network());
+                    if let Err(e) = netlink::ensure_address6(&handle, index, name, addr).await {
+                        errs.push(e);
+                    }
+                }
             }
         }
-        let want = [routes::RouteSpec::link(self.net.network, index, DEVICE)];
+        let want = want::routes(&self.cfg, &self.net, index);
         let owner = routes::Owner {
             network: self.net.network,
-            network_v6: None,
-            device: Some(index),
+            network_v6: self.net.network_v6,
+            device: index[WG],
         };
         errs.0.extend(
             routes::reconcile_owned(&handle, &batch, &owner, &want)

@@ -64,12 +64,16 @@ pub struct Peer {
     pub tx_bytes: u64,
 }
 
-/// The socket's path: `WIREGUARD_SOCKET_DIR` (else [`DEFAULT_DIR`]) / `flannel-wg.sock`.
-pub fn socket_path() -> PathBuf {
-    let dir = std::env::var_os("WIREGUARD_SOCKET_DIR")
+/// Where the sockets live: `WIREGUARD_SOCKET_DIR`, else [`DEFAULT_DIR`].
+pub fn socket_dir() -> PathBuf {
+    std::env::var_os("WIREGUARD_SOCKET_DIR")
         .filter(|d| !d.is_empty())
-        .map_or_else(|| PathBuf::from(DEFAULT_DIR), PathBuf::from);
-    dir.join(format!("{DEVICE}.sock"))
+        .map_or_else(|| PathBuf::from(DEFAULT_DIR), PathBuf::from)
+}
+
+/// A device's socket: [`socket_dir`] / `<device>.sock`.
+pub fn socket_path(device: &str) -> PathBuf {
+    socket_dir().join(format!("{device}.sock"))
 }
 
 fn hex(key: &Key) -> String {

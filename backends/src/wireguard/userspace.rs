@@ -95,10 +95,12 @@ impl Userspace {
     /// binds `port`, and starts the worker with no peer.
     pub async fn start(
         handle: &Handle,
+        spec: super::config::DeviceSpec,
         private: &PrivateKey,
-        (port, mtu): (u16, u32),
+        mtu: u32,
         socket: PathBuf,
     ) -> Result<Self, Error> {
+        let port = spec.port;
         let mut dev = tun::open(handle, DEVICE, 1, true).await?;
         tun::ensure_ipv6_off(DEVICE);
         tun::ensure_link(handle, DEVICE, mtu, tun::READ_SLOTS as u32).await?;
@@ -655,13 +657,16 @@ impl Table {
     fn set(&mut self, secret: &StaticSecret, want: Vec<WgPeer>) {
         let mut old: HashMap<Key, Peer> = self.peers.drain(..).map(|p| (p.key, p)).collect();
         for w in want {
-            let endpoint = w.endpoint;
+            let (std::net::SocketAddr::V4(endpoint), Some(allowed_ip)) = (w.endpoint, w.allowed_ip)
+            else {
+                continue;
+            };
             let kept = old
                 .remove(&w.public_key)
                 .filter(|p| p.psk == w.psk && p.keepalive == w.keepalive);
             let p = match kept {
                 Some(mut p) => {
-                    p.allowed = w.allowed_ip;
+                    p.allowed = allowed_ip;
                     p.endpoint = endpoint;
                     p
                 }
@@ -681,7 +686,7 @@ impl Table {
                         psk: w.psk,
                         keepalive: w.keepalive,
                         endpoint,
-                        allowed: w.allowed_ip,
+                        allowed: allowed_ip,
                         index,
                         last_handshake: None,
                     }
@@ -714,8 +719,9 @@ pub fn fuzz_lookups(data: &[u8]) {
         WgPeer {
             subnet,
             public_key: PublicKey::from(&StaticSecret::from([n; 32])).to_bytes(),
-            endpoint: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, n), 51820),
-            allowed_ip: subnet,
+            endpoint: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, n), 51820).into(),
+            allowed_ip: Some(subnet),
+            allowed_ip6: None,
             psk: None,
             keepalive: None,
         }
@@ -768,7 +774,8 @@ mod tests {
             subnet: format!("10.244.{n}.0/24").parse().expect("subnet"),
             public_key: PublicKey::from(&StaticSecret::from([n; 32])).to_bytes(),
             endpoint: format!("192.168.1.{n}:51820").parse().expect("endpoint"),
-            allowed_ip: format!("10.244.{n}.0/24").parse().expect("subnet"),
+            allowed_ip: format!("10.244.{n}.0/24").parse().ok(),
+            allowed_ip6: None,
             psk,
             keepalive: None,
         }

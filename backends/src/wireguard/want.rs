@@ -1,45 +1,62 @@
 //! What wireguard wants, judged from the config, this host's lease and the peers' alone (pure):
 //! the device `flannel-wg` with the lease's network address /32 on it, one route for the whole
-//! network through it, and one WireGuard peer per remote lease. The kernel path, the userspace
-//! data plane and `weftctl doctor` all work from it.
+//! network through it, and one WireGuard peer per remote lease; on a dual-stack network the
+//! same for IPv6, on `flannel-wg-v6` (separate mode) or on `flannel-wg` itself (a one-device
+//! mode). The kernel path, the userspace data plane and `weftctl doctor` all work from it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::config::WgConfig;
+use super::config::{Mode, WgConfig};
+pub use super::config::{DEVICE, DEVICE_V6};
 use super::data;
 use super::key::{self, Key};
 use crate::routes::RouteSpec;
 use crate::{peer, DataPlane, Error, Lease, Network, PeerChanges};
 
-/// flannel's device name.
-pub const DEVICE: &str = "flannel-wg";
+/// The devices' places in [`Slots`]: `flannel-wg`, and `flannel-wg-v6` (separate mode with IPv6).
+pub const WG: usize = 0;
+pub const WG6: usize = 1;
 
-/// One WireGuard peer as the device must hold it.
+/// One value per device slot ([`WG`], [`WG6`]).
+pub type Slots<T> = [T; 2];
+
+/// One WireGuard peer as a device must hold it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WgPeer {
     /// The lease it stands for.
     pub subnet: Ipv4Net,
     pub public_key: Key,
-    /// The peer's PublicIP and Port (our ListenPort when it publishes none).
-    pub endpoint: SocketAddrV4,
-    /// Its subnet: what it may send from and what goes to it.
-    pub allowed_ip: Ipv4Net,
+    /// Where it is dialled: its PublicIP (or PublicIPv6) and Port (ours when it publishes none).
+    pub endpoint: SocketAddr,
+    /// Its IPv4 subnet, when this device carries IPv4: what it may send from and what goes to it.
+    pub allowed_ip: Option<Ipv4Net>,
+    /// Its IPv6 subnet, when this device carries IPv6 and the peer has one.
+    pub allowed_ip6: Option<Ipv6Net>,
     pub psk: Option<Key>,
     pub keepalive: Option<u16>,
+}
+
+impl WgPeer {
+    /// Its AllowedIPs, IPv4 first.
+    pub fn allowed_ips(&self) -> impl Iterator<Item = IpNet> + '_ {
+        (self.allowed_ip.map(IpNet::V4).into_iter()).chain(self.allowed_ip6.map(IpNet::V6))
+    }
 }
 
 /// Everything the backend wants for a lease and its peers.
 #[derive(Debug, Default)]
 pub struct Want {
-    /// The lease's network address, /32, on the device (as flannel's `Configure(lease.Subnet.IP)`).
-    #[allow(dead_code)] // configured by the data paths, which come next
+    /// The lease's network address, /32, on `flannel-wg` (as flannel's `Configure(lease.Subnet.IP)`).
+    #[allow(dead_code)] // the data paths configure it from the lease
     pub address: Option<Ipv4Net>,
-    /// The whole network into the device. flannel adds it with scope link.
-    pub route: Option<RouteSpec>,
-    pub peers: Vec<WgPeer>,
+    /// The whole network into `flannel-wg`, and the IPv6 network into the device carrying IPv6.
+    /// flannel adds them with scope link.
+    pub routes: Vec<RouteSpec>,
+    /// Each device's peers.
+    pub peers: Slots<Vec<WgPeer>>,
     /// Peers it programs nothing for, and why.
     pub refused: Vec<(Ipv4Net, Error)>,
 }
@@ -50,160 +67,284 @@ pub fn own_key(own: &Lease) -> Option<Key> {
     data::read(Some(&v)).ok().map(|d| d.public_key)
 }
 
-/// The WireGuard peer `p` makes under `cfg`, or why it makes none. `own_key` is this host's
-/// public key, when known.
+/// Whether an address is private in flannel's sense (`ip.IsPrivate`: RFC 1918, and fc00::/7).
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_private(),
+        IpAddr::V6(a) => (a.segments()[0] & 0xfe00) == 0xfc00,
+    }
+}
+
+/// Auto mode's choice, flannel's rule: the peer's PublicIP unless it is private and both the
+/// peer's and this host's IPv6 addresses are public.
+fn auto_picks_ipv6(net: &Network, ip4: Ipv4Addr, ip6: Ipv6Addr) -> bool {
+    let ours6 = net.external.public_ipv6.or(net.external.iface_addr6);
+    if !is_private(IpAddr::V4(ip4)) {
+        return false;
+    }
+    !is_private(IpAddr::V6(ip6)) && ours6.is_some_and(|o| !is_private(IpAddr::V6(o)))
+}
+
+/// The WireGuard peers `p` makes under `cfg`, one per device slot, or why it makes none.
+/// `own_key` is this host's public key, when known. A peer without an IPv6 side (or without
+/// BackendV6Data) is an IPv4 peer; a bad IPv6 side refuses it whole, as vxlan does.
 pub fn judge(
     cfg: &WgConfig,
     net: &Network,
     own: Option<&Lease>,
     own_key: Option<&Key>,
     p: &Lease,
-) -> Result<WgPeer, Error> {
+) -> Result<Slots<Option<WgPeer>>, Error> {
     peer::check(net, own, p)?;
     let bad = |reason: String| Error::BadPeer {
         subnet: p.subnet.to_string(),
         reason,
     };
-    let value = match &p.backend_data {
-        Some(d) => Some(
-            d.value()
-                .ok_or_else(|| bad("BackendData is not JSON".into()))?,
-        ),
-        None => None,
+    let read = |d: Option<&crate::BackendData>, what: &str| {
+        let value = match d {
+            Some(d) => Some(
+                d.value()
+                    .ok_or_else(|| bad(format!("{what} is not JSON")))?,
+            ),
+            None => None,
+        };
+        let d =
+            data::read(value.as_ref()).map_err(|why| bad(why.replacen("BackendData", what, 1)))?;
+        if own_key == Some(&d.public_key) {
+            return Err(bad(format!(
+                "PublicKey {} is this host's",
+                key::show(&d.public_key)
+            )));
+        }
+        Ok(d)
     };
-    let d = data::read(value.as_ref()).map_err(bad)?;
-    if own_key == Some(&d.public_key) {
-        return Err(bad(format!(
-            "PublicKey {} is this host's",
-            key::show(&d.public_key)
-        )));
-    }
-    Ok(WgPeer {
+    let d4 = read(p.backend_data.as_ref(), "BackendData")?;
+    let v4 = WgPeer {
         subnet: p.subnet,
-        public_key: d.public_key,
-        endpoint: SocketAddrV4::new(p.public_ip, d.port_or(cfg.listen_port)),
-        allowed_ip: p.subnet,
+        public_key: d4.public_key,
+        endpoint: SocketAddr::new(p.public_ip.into(), d4.port_or(cfg.listen_port)),
+        allowed_ip: Some(p.subnet),
+        allowed_ip6: None,
         psk: cfg.psk,
         keepalive: cfg.keepalive,
-    })
+    };
+    let six = match peer::check_v6(net, own, p)? {
+        Some(side) => match p.ipv6.as_ref().and_then(|v6| v6.backend_data.as_ref()) {
+            Some(d) => Some((side, read(Some(d), "BackendV6Data")?)),
+            None => {
+                tracing::debug!(subnet = %p.subnet, "no BackendV6Data: reached over IPv4 only");
+                None
+            }
+        },
+        None => None,
+    };
+    let Some(((subnet6, ip6), d6)) = six else {
+        return Ok([Some(v4), None]);
+    };
+    if cfg.mode == Mode::Separate {
+        let v6 = WgPeer {
+            public_key: d6.public_key,
+            endpoint: SocketAddr::new(ip6.into(), d6.port_or(cfg.listen_port_v6)),
+            allowed_ip: None,
+            allowed_ip6: Some(subnet6),
+            ..v4.clone()
+        };
+        return Ok([Some(v4), Some(v6)]);
+    }
+    // One device carries both: one key for both families.
+    if d6.public_key != d4.public_key {
+        return Err(bad(format!(
+            "BackendV6Data PublicKey {} is not BackendData's {} (one device, one key)",
+            key::show(&d6.public_key),
+            key::show(&d4.public_key)
+        )));
+    }
+    let over6 = match cfg.mode {
+        Mode::Ipv6 => true,
+        Mode::Auto => auto_picks_ipv6(net, p.public_ip, ip6),
+        Mode::Ipv4 | Mode::Separate => false,
+    };
+    // The peer's one device listens on its ListenPort, BackendData's Port, whichever family
+    // reaches it (flannel dials BackendV6Data's Port, which flanneld sets to ListenPortV6).
+    let endpoint = if over6 {
+        SocketAddr::new(ip6.into(), v4.endpoint.port())
+    } else {
+        v4.endpoint
+    };
+    Ok([
+        Some(WgPeer {
+            endpoint,
+            allowed_ip6: Some(subnet6),
+            ..v4
+        }),
+        None,
+    ])
 }
 
-/// Everything wireguard wants for `peers` on this host (lease `own`; `index` its device's, when
-/// it exists). Peers of other backend types are ignored; of two peers with one subnet or one
-/// public key the first is kept (the agent's peer set hands them over oldest first, and never
-/// two at once).
+/// The routes of the whole networks: IPv4's into `flannel-wg` (`index[WG]`), IPv6's into the
+/// device carrying it, when the devices exist.
+pub fn routes(cfg: &WgConfig, net: &Network, index: Slots<Option<u32>>) -> Vec<RouteSpec> {
+    let mut routes: Vec<RouteSpec> = index[WG]
+        .map(|i| RouteSpec::link(net.network, i, DEVICE))
+        .into_iter()
+        .collect();
+    if let Some(network6) = net.network_v6 {
+        let (slot, name) = match cfg.mode {
+            Mode::Separate => (WG6, DEVICE_V6),
+            Mode::Auto | Mode::Ipv4 | Mode::Ipv6 => (WG, DEVICE),
+        };
+        if let Some(i) = index[slot] {
+            routes.push(RouteSpec::link(network6, i, name));
+        }
+    }
+    routes
+}
+
+/// Everything wireguard wants for `peers` on this host (lease `own`; `index` its devices', when
+/// they exist). Peers of other backend types are ignored; of two peers with one subnet or one
+/// public key (on one device) the first is kept (the agent's peer set hands them over oldest
+/// first, and never two at once).
 pub fn want(
     cfg: &WgConfig,
     net: &Network,
     own: &Lease,
-    index: Option<u32>,
+    index: Slots<Option<u32>>,
     peers: &[Lease],
 ) -> Want {
     let own_key = own_key(own);
     let mut w = Want {
         address: Ipv4Net::new(own.subnet.network(), 32).ok(),
-        route: index.map(|i| RouteSpec::link(net.network, i, DEVICE)),
+        routes: routes(cfg, net, index),
         ..Want::default()
     };
     let mut subnets = HashSet::new();
-    let mut keys: HashMap<Key, Ipv4Net> = HashMap::new();
+    let mut keys: Slots<HashMap<Key, Ipv4Net>> = Default::default();
     for p in peers
         .iter()
         .filter(|p| peer::same_type(p, super::Wireguard::TYPE))
     {
         let judged = judge(cfg, net, Some(own), own_key.as_ref(), p).and_then(|wp| {
-            let bad = |reason: String| Error::BadPeer {
-                subnet: p.subnet.to_string(),
-                reason,
-            };
             if !subnets.insert(p.subnet) {
-                return Err(bad("another peer has this subnet".into()));
+                return Err(another_has_the_subnet(p.subnet));
             }
-            if let Some(holder) = keys.get(&wp.public_key) {
-                return Err(bad(format!(
-                    "PublicKey {} is peer {holder}'s",
-                    key::show(&wp.public_key)
-                )));
-            }
-            keys.insert(wp.public_key, p.subnet);
+            take_keys(&mut keys, &wp)?;
             Ok(wp)
         });
         match judged {
-            Ok(wp) => w.peers.push(wp),
+            Ok(wp) => {
+                for (slot, peer) in wp.into_iter().enumerate() {
+                    w.peers[slot].extend(peer);
+                }
+            }
             Err(e) => w.refused.push((p.subnet, e)),
         }
     }
     w
 }
 
-/// What a change of the peer set does to the device: peers to remove (by key) and peers to
+fn another_has_the_subnet(subnet: Ipv4Net) -> Error {
+    Error::BadPeer {
+        subnet: subnet.to_string(),
+        reason: "another peer has this subnet".into(),
+    }
+}
+
+/// Records the keys of a lease's peers, one per device; refuses a key another lease holds on
+/// the same device (then none is recorded).
+fn take_keys(
+    keys: &mut Slots<HashMap<Key, Ipv4Net>>,
+    wp: &Slots<Option<WgPeer>>,
+) -> Result<(), Error> {
+    for (held, peer) in keys.iter().zip(wp) {
+        if let Some(peer) = peer {
+            if let Some(holder) = held.get(&peer.public_key) {
+                return Err(Error::BadPeer {
+                    subnet: peer.subnet.to_string(),
+                    reason: format!(
+                        "PublicKey {} is peer {holder}'s",
+                        key::show(&peer.public_key)
+                    ),
+                });
+            }
+        }
+    }
+    for (held, peer) in keys.iter_mut().zip(wp) {
+        if let Some(peer) = peer {
+            held.insert(peer.public_key, peer.subnet);
+        }
+    }
+    Ok(())
+}
+
+/// What a change of the peer set does to one device: peers to remove (by key) and peers to
 /// set, in that order.
 #[derive(Debug, Default)]
 pub struct Steps {
     pub remove: Vec<Key>,
     pub set: Vec<WgPeer>,
-    pub refused: Vec<Error>,
 }
 
-/// Applies `changes` to `peers` (the WireGuard peer of each lease, as set): every changed or
-/// removed lease leaves first, so a key passing from one lease to another within the batch is
-/// free whatever their order; then each upsert is judged. A key no lease holds any more is
-/// removed; a key still held is only set again (its sessions kept, its AllowedIPs replaced).
+/// Applies `changes` to `peers` (each device's WireGuard peer of each lease, as set): every
+/// changed or removed lease leaves first, so a key passing from one lease to another within the
+/// batch is free whatever their order; then each upsert is judged. A key no lease holds any more
+/// is removed; a key still held is only set again (its sessions kept, its AllowedIPs replaced).
+/// Returns each device's steps and the peers refused.
 pub fn changes(
     cfg: &WgConfig,
     net: &Network,
     own: &Lease,
-    peers: &mut BTreeMap<Ipv4Net, WgPeer>,
+    peers: &mut Slots<BTreeMap<Ipv4Net, WgPeer>>,
     changes: &PeerChanges,
-) -> Steps {
+) -> (Slots<Steps>, Vec<Error>) {
     let own_key = own_key(own);
-    let mut left: Vec<Key> = Vec::new();
+    let mut left: Slots<Vec<Key>> = Default::default();
     for subnet in changes
         .remove
         .iter()
         .chain(changes.upsert.iter().map(|p| &p.subnet))
     {
-        if let Some(old) = peers.remove(subnet) {
-            left.push(old.public_key);
+        for (table, left) in peers.iter_mut().zip(&mut left) {
+            if let Some(old) = table.remove(subnet) {
+                left.push(old.public_key);
+            }
         }
     }
-    let mut keys: HashMap<Key, Ipv4Net> =
-        peers.values().map(|p| (p.public_key, p.subnet)).collect();
-    let mut steps = Steps::default();
+    let mut keys: Slots<HashMap<Key, Ipv4Net>> = peers
+        .each_ref()
+        .map(|t| t.values().map(|p| (p.public_key, p.subnet)).collect());
+    let mut steps: Slots<Steps> = Default::default();
+    let mut refused = Vec::new();
     for p in changes
         .upsert
         .iter()
         .filter(|p| peer::same_type(p, super::Wireguard::TYPE))
     {
         let judged = judge(cfg, net, Some(own), own_key.as_ref(), p).and_then(|wp| {
-            if peers.contains_key(&p.subnet) {
-                return Err(Error::BadPeer {
-                    subnet: p.subnet.to_string(),
-                    reason: "another peer has this subnet".into(),
-                });
+            if peers[WG].contains_key(&p.subnet) {
+                return Err(another_has_the_subnet(p.subnet));
             }
-            match keys.get(&wp.public_key) {
-                Some(holder) => Err(Error::BadPeer {
-                    subnet: p.subnet.to_string(),
-                    reason: format!("PublicKey {} is peer {holder}'s", key::show(&wp.public_key)),
-                }),
-                None => Ok(wp),
-            }
+            take_keys(&mut keys, &wp)?;
+            Ok(wp)
         });
         match judged {
             Ok(wp) => {
-                keys.insert(wp.public_key, wp.subnet);
-                peers.insert(wp.subnet, wp.clone());
-                steps.set.push(wp);
+                for (slot, peer) in wp.into_iter().enumerate() {
+                    if let Some(peer) = peer {
+                        peers[slot].insert(peer.subnet, peer.clone());
+                        steps[slot].set.push(peer);
+                    }
+                }
             }
-            Err(e) => steps.refused.push(e),
+            Err(e) => refused.push(e),
         }
     }
-    let mut gone: Vec<Key> = left.into_iter().filter(|k| !keys.contains_key(k)).collect();
-    gone.sort_unstable();
-    gone.dedup();
-    steps.remove = gone;
-    steps
+    for ((steps, left), keys) in steps.iter_mut().zip(left).zip(&keys) {
+        let mut gone: Vec<Key> = left.into_iter().filter(|k| !keys.contains_key(k)).collect();
+        gone.sort_unstable();
+        gone.dedup();
+        steps.remove = gone;
+    }
+    (steps, refused)
 }
 
 #[cfg(test)]
@@ -275,21 +416,24 @@ mod tests {
                 Some(json!({"PublicKey": K2})),
             ),
         ];
-        let w = want(&c, &net(), &own(), Some(7), &peers);
+        let w = want(&c, &net(), &own(), [Some(7), None], &peers);
         assert_eq!(w.address, Some("10.244.1.0/32".parse().expect("addr")));
-        let r = w.route.expect("route");
+        let [r] = &w.routes[..] else {
+            panic!("one route: {:?}", w.routes)
+        };
         assert_eq!(r.to_string(), "10.244.0.0/16 dev flannel-wg scope link");
         assert_eq!(r.oif, 7);
         assert!(w.refused.is_empty(), "{:?}", w.refused);
         let psk = key::parse(OWN).ok();
         assert_eq!(
-            w.peers,
+            w.peers[WG],
             [
                 WgPeer {
                     subnet: "10.244.2.0/24".parse().expect("subnet"),
                     public_key: key::parse(K1).expect("key"),
                     endpoint: "192.168.1.3:51820".parse().expect("endpoint"),
-                    allowed_ip: "10.244.2.0/24".parse().expect("subnet"),
+                    allowed_ip: "10.244.2.0/24".parse().ok(),
+                    allowed_ip6: None,
                     psk,
                     keepalive: Some(25),
                 },
@@ -297,15 +441,18 @@ mod tests {
                     subnet: "10.244.3.0/24".parse().expect("subnet"),
                     public_key: key::parse(K2).expect("key"),
                     endpoint: "192.168.1.4:51999".parse().expect("endpoint"),
-                    allowed_ip: "10.244.3.0/24".parse().expect("subnet"),
+                    allowed_ip: "10.244.3.0/24".parse().ok(),
+                    allowed_ip6: None,
                     psk,
                     keepalive: Some(25),
                 },
             ]
         );
-        let plain = want(&cfg(json!({})), &net(), &own(), None, &peers[..1]);
-        assert_eq!((plain.peers[0].psk, plain.peers[0].keepalive), (None, None));
-        assert!(plain.route.is_none(), "no device, no route");
+        assert!(w.peers[WG6].is_empty(), "no IPv6: no flannel-wg-v6 peer");
+        let plain = want(&cfg(json!({})), &net(), &own(), [None, None], &peers[..1]);
+        let p = &plain.peers[WG][0];
+        assert_eq!((p.psk, p.keepalive), (None, None));
+        assert!(plain.routes.is_empty(), "no device, no route");
     }
 
     #[test]
@@ -346,9 +493,9 @@ mod tests {
             ),
             other,
         ];
-        let w = want(&cfg(json!({})), &net(), &own(), Some(7), &peers);
-        assert_eq!(w.peers.len(), 1);
-        assert_eq!(w.peers[0].subnet.to_string(), "10.244.5.0/24");
+        let w = want(&cfg(json!({})), &net(), &own(), [Some(7), None], &peers);
+        assert_eq!(w.peers[WG].len(), 1);
+        assert_eq!(w.peers[WG][0].subnet.to_string(), "10.244.5.0/24");
         let reasons: Vec<String> = w.refused.iter().map(|(_, e)| e.to_string()).collect();
         assert_eq!(reasons.len(), 6, "{reasons:#?}");
         for (r, want) in reasons.iter().zip([
@@ -371,13 +518,14 @@ mod tests {
         };
         let a = l("10.244.2.0/24", "192.168.1.3", K1);
         let b = l("10.244.3.0/24", "192.168.1.4", K2);
-        let mut peers = BTreeMap::new();
+        let mut tables: Slots<BTreeMap<Ipv4Net, WgPeer>> = Default::default();
         let all = PeerChanges {
             upsert: vec![a.clone(), b.clone()],
             remove: vec![],
         };
-        let s = changes(&c, &net(), &own(), &mut peers, &all);
-        assert_eq!((s.remove.len(), s.set.len(), s.refused.len()), (0, 2, 0));
+        let ([s, s6], refused) = changes(&c, &net(), &own(), &mut tables, &all);
+        assert_eq!((s.remove.len(), s.set.len(), refused.len()), (0, 2, 0));
+        assert!(s6.set.is_empty() && s6.remove.is_empty(), "IPv4 only");
         let k1 = key::parse(K1).expect("key");
         let k2 = key::parse(K2).expect("key");
 
@@ -390,49 +538,255 @@ mod tests {
             ],
             remove: vec![],
         };
-        let s = changes(&c, &net(), &own(), &mut peers, &swapped);
-        assert!(s.refused.is_empty(), "{:?}", s.refused);
+        let ([s, _], refused) = changes(&c, &net(), &own(), &mut tables, &swapped);
+        assert!(refused.is_empty(), "{refused:?}");
         assert_eq!(s.remove, [k2], "K2 is no lease's any more");
         assert_eq!(s.set.len(), 2);
-        assert_eq!(peers[&b.subnet].public_key, k1);
+        assert_eq!(tables[WG][&b.subnet].public_key, k1);
 
         // A lease leaving: its key goes.
         let gone = PeerChanges {
             upsert: vec![],
             remove: vec![b.subnet],
         };
-        let s = changes(&c, &net(), &own(), &mut peers, &gone);
+        let ([s, _], _) = changes(&c, &net(), &own(), &mut tables, &gone);
         assert_eq!((s.remove, s.set.len()), (vec![k1], 0));
-        assert_eq!(peers.len(), 1);
+        assert_eq!(tables[WG].len(), 1);
 
         // A key another lease holds is refused, and the device keeps the holder.
         let taken = PeerChanges {
             upsert: vec![l("10.244.4.0/24", "192.168.1.5", OTHER)],
             remove: vec![],
         };
-        let s = changes(&c, &net(), &own(), &mut peers, &taken);
+        let ([s, _], refused) = changes(&c, &net(), &own(), &mut tables, &taken);
         assert!(s.set.is_empty() && s.remove.is_empty());
         assert!(
-            s.refused[0].to_string().contains("is peer 10.244.2.0/24's"),
-            "{:?}",
-            s.refused
+            refused[0].to_string().contains("is peer 10.244.2.0/24's"),
+            "{refused:?}"
         );
 
         // An upsert that is no longer a wireguard lease: its peer goes.
         let mut other = a.clone();
         other.backend_type = "vxlan".into();
-        let s = changes(
+        let ([s, _], _) = changes(
             &c,
             &net(),
             &own(),
-            &mut peers,
+            &mut tables,
             &PeerChanges {
                 upsert: vec![other],
                 remove: vec![],
             },
         );
         assert_eq!(s.remove, [key::parse(OTHER).expect("key")]);
-        assert!(peers.is_empty());
+        assert!(tables[WG].is_empty());
+    }
+
+    fn net6() -> Network {
+        let mut n = net();
+        n.network_v6 = "fd00:10:244::/56".parse().ok();
+        n.external.iface_addr6 = "fd00:192:168:1::2".parse().ok();
+        n
+    }
+
+    /// A dual-stack lease: subnet 10.244.`n`.0/24 and fd00:10:244:`n`::/64, addresses
+    /// 192.168.1.`n` and fd00:192:168:1::`n`, BackendV6Data `data6`.
+    fn lease6(n: u8, key: &str, data6: Option<serde_json::Value>) -> Lease {
+        let mut l = lease(
+            &format!("10.244.{n}.0/24"),
+            &format!("192.168.1.{n}"),
+            Some(json!({"PublicKey": key, "Port": 51820})),
+        );
+        l.ipv6 = Some(crate::LeaseV6 {
+            subnet: format!("fd00:10:244:{n}::/64").parse().expect("subnet"),
+            public_ip: format!("fd00:192:168:1::{n}").parse().ok(),
+            backend_data: data6.map(BackendData::from),
+        });
+        l
+    }
+
+    fn own6() -> Lease {
+        lease6(2, OWN, Some(json!({"PublicKey": OWN, "Port": 51821})))
+    }
+
+    #[test]
+    fn separate_mode_puts_each_peers_ipv6_side_on_flannel_wg_v6() {
+        let peers = [
+            lease6(3, K1, Some(json!({"PublicKey": K1, "Port": 51821}))),
+            // flannel before v0.26.6: no Port; dialled on our ListenPortV6.
+            lease6(4, K2, Some(json!({"PublicKey": K2}))),
+            // No BackendV6Data: an IPv4 peer.
+            lease6(5, OTHER, None),
+        ];
+        let c = cfg(json!({"ListenPortV6": 51999}));
+        let w = want(&c, &net6(), &own6(), [Some(7), Some(8)], &peers);
+        assert!(w.refused.is_empty(), "{:?}", w.refused);
+        let routes: Vec<String> = w.routes.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            routes,
+            [
+                "10.244.0.0/16 dev flannel-wg scope link",
+                "fd00:10:244::/56 dev flannel-wg-v6 scope link"
+            ]
+        );
+        assert_eq!(w.routes[1].oif, 8);
+        assert_eq!(w.peers[WG].len(), 3, "every lease on flannel-wg");
+        assert!(w.peers[WG].iter().all(|p| p.allowed_ip6.is_none()));
+        let six: Vec<(String, String)> = (w.peers[WG6].iter())
+            .map(|p| {
+                let allowed: Vec<String> = p.allowed_ips().map(|n| n.to_string()).collect();
+                (p.endpoint.to_string(), allowed.join(","))
+            })
+            .collect();
+        assert_eq!(
+            six,
+            [
+                (
+                    "[fd00:192:168:1::3]:51821".into(),
+                    "fd00:10:244:3::/64".into()
+                ),
+                (
+                    "[fd00:192:168:1::4]:51999".into(),
+                    "fd00:10:244:4::/64".into()
+                ),
+            ]
+        );
+        assert_eq!(w.peers[WG6][0].public_key, key::parse(K1).expect("key"));
+    }
+
+    #[test]
+    fn one_device_modes_carry_both_subnets_and_dial_the_mode_s_address() {
+        let peers = [lease6(3, K1, Some(json!({"PublicKey": K1, "Port": 51821})))];
+        for (mode, endpoint) in [
+            ("ipv4", "192.168.1.3:51820"),
+            // The peer's one device listens on BackendData's Port, not on BackendV6Data's.
+            ("ipv6", "[fd00:192:168:1::3]:51820"),
+            // Auto: private IPv4 (and private IPv6): IPv4, as flannel picks.
+            ("auto", "192.168.1.3:51820"),
+        ] {
+            let c = cfg(json!({"Mode": mode}));
+            let w = want(&c, &net6(), &own6(), [Some(7), None], &peers);
+            assert!(w.refused.is_empty(), "{mode}: {:?}", w.refused);
+            assert!(w.peers[WG6].is_empty(), "{mode}: no flannel-wg-v6");
+            let p = &w.peers[WG][0];
+            assert_eq!(p.endpoint.to_string(), endpoint, "{mode}");
+            let allowed: Vec<String> = p.allowed_ips().map(|n| n.to_string()).collect();
+            assert_eq!(allowed, ["10.244.3.0/24", "fd00:10:244:3::/64"], "{mode}");
+            let routes: Vec<String> = w.routes.iter().map(|r| r.to_string()).collect();
+            assert_eq!(
+                routes,
+                [
+                    "10.244.0.0/16 dev flannel-wg scope link",
+                    "fd00:10:244::/56 dev flannel-wg scope link"
+                ],
+                "{mode}"
+            );
+        }
+    }
+
+    #[test]
+    fn auto_mode_dials_ipv6_only_when_both_ends_have_public_ipv6_and_the_ipv4_is_private() {
+        let mut n = net6();
+        n.network_v6 = "2001:db8:244::/56".parse().ok();
+        n.external.iface_addr6 = "2001:db8:1::2".parse().ok();
+        let mut own = own6();
+        let mut peer = lease6(3, K1, Some(json!({"PublicKey": K1, "Port": 51821})));
+        for (l, n) in [(&mut own, 2), (&mut peer, 3)] {
+            if let Some(v6) = l.ipv6.as_mut() {
+                v6.subnet = format!("2001:db8:244:{n}::/64").parse().expect("subnet");
+                v6.public_ip = format!("2001:db8:1::{n}").parse().ok();
+            }
+        }
+        let c = cfg(json!({"Mode": "auto"}));
+        let w = want(&c, &n, &own, [Some(7), None], std::slice::from_ref(&peer));
+        assert_eq!(w.peers[WG][0].endpoint.to_string(), "[2001:db8:1::3]:51820");
+        // A public IPv4 wins.
+        peer.public_ip = "198.51.100.3".parse().expect("ip");
+        let w = want(&c, &n, &own, [Some(7), None], std::slice::from_ref(&peer));
+        assert_eq!(w.peers[WG][0].endpoint.to_string(), "198.51.100.3:51820");
+    }
+
+    #[test]
+    fn a_bad_ipv6_side_refuses_the_peer_with_its_reason() {
+        let cases = [
+            (
+                lease6(3, K1, Some(json!({"PublicKey": OWN}))),
+                "separate",
+                "PublicKey GJ1t8pV1dPq0i8p9tF2P0BqX4V7q5x9jH0f8dG1s2aY= is this host's",
+            ),
+            (
+                lease6(3, K1, Some(json!({"PublicKey": "x"}))),
+                "separate",
+                "BackendV6Data PublicKey \"x\"",
+            ),
+            (
+                lease6(3, K1, Some(json!({"PublicKey": K2}))),
+                "auto",
+                "is not BackendData's",
+            ),
+        ];
+        for (peer, mode, why) in cases {
+            let w = want(
+                &cfg(json!({"Mode": mode})),
+                &net6(),
+                &own6(),
+                [Some(7), Some(8)],
+                &[peer],
+            );
+            assert!(w.peers[WG].is_empty() && w.peers[WG6].is_empty(), "{why}");
+            let text = w.refused[0].1.to_string();
+            assert!(text.contains(why), "{text} does not say {why}");
+        }
+        // Separate mode: two leases whose IPv6 sides share a key; the second is refused whole.
+        let peers = [
+            lease6(3, K1, Some(json!({"PublicKey": OTHER}))),
+            lease6(4, K2, Some(json!({"PublicKey": OTHER}))),
+        ];
+        let w = want(
+            &cfg(json!({})),
+            &net6(),
+            &own6(),
+            [Some(7), Some(8)],
+            &peers,
+        );
+        assert_eq!((w.peers[WG].len(), w.peers[WG6].len()), (1, 1));
+        assert!(w.refused[0]
+            .1
+            .to_string()
+            .contains("is peer 10.244.3.0/24's"));
+    }
+
+    #[test]
+    fn a_lease_leaving_takes_its_peers_off_both_devices() {
+        let c = cfg(json!({}));
+        let a = lease6(3, K1, Some(json!({"PublicKey": K1, "Port": 51821})));
+        let b = lease6(4, K2, Some(json!({"PublicKey": K2, "Port": 51821})));
+        let mut tables: Slots<BTreeMap<Ipv4Net, WgPeer>> = Default::default();
+        let all = PeerChanges {
+            upsert: vec![a.clone(), b],
+            remove: vec![],
+        };
+        let ([s, s6], refused) = changes(&c, &net6(), &own6(), &mut tables, &all);
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!((s.set.len(), s6.set.len()), (2, 2));
+        let gone = PeerChanges {
+            upsert: vec![],
+            remove: vec![a.subnet],
+        };
+        let ([s, s6], _) = changes(&c, &net6(), &own6(), &mut tables, &gone);
+        let k1 = key::parse(K1).expect("key");
+        assert_eq!((s.remove, s6.remove), (vec![k1], vec![k1]));
+        assert_eq!((tables[WG].len(), tables[WG6].len()), (1, 1));
+        // Its IPv6 side gone (no BackendV6Data any more): off flannel-wg-v6 only.
+        let v4_only = PeerChanges {
+            upsert: vec![lease6(4, K2, None)],
+            remove: vec![],
+        };
+        let ([s, s6], _) = changes(&c, &net6(), &own6(), &mut tables, &v4_only);
+        let k2 = key::parse(K2).expect("key");
+        assert!(s.remove.is_empty(), "still flannel-wg's peer");
+        assert_eq!(s6.remove, [k2]);
+        assert!(tables[WG6].is_empty());
     }
 
     proptest! {
@@ -457,15 +811,16 @@ mod tests {
                 lease(&format!("10.244.{s}.0/24"), &format!("192.168.1.{ip}"),
                       Some(serde_json::Value::Object(d)))
             }).collect();
-            let w = want(&cfg(json!({})), &net(), &own(), Some(7), &peers);
-            prop_assert_eq!(w.peers.len() + w.refused.len(), peers.len());
-            let subnets: HashSet<_> = w.peers.iter().map(|p| p.subnet).collect();
-            let keys: HashSet<_> = w.peers.iter().map(|p| p.public_key).collect();
-            prop_assert_eq!(subnets.len(), w.peers.len());
-            prop_assert_eq!(keys.len(), w.peers.len());
-            for p in &w.peers {
+            let w = want(&cfg(json!({})), &net(), &own(), [Some(7), None], &peers);
+            let made = &w.peers[WG];
+            prop_assert_eq!(made.len() + w.refused.len(), peers.len());
+            let subnets: HashSet<_> = made.iter().map(|p| p.subnet).collect();
+            let keys: HashSet<_> = made.iter().map(|p| p.public_key).collect();
+            prop_assert_eq!(subnets.len(), made.len());
+            prop_assert_eq!(keys.len(), made.len());
+            for p in made {
                 prop_assert!(p.endpoint.port() != 0);
-                prop_assert_eq!(p.allowed_ip, p.subnet);
+                prop_assert_eq!(p.allowed_ip, Some(p.subnet));
             }
         }
     }

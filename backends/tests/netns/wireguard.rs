@@ -90,7 +90,9 @@ fn up(h: &Host, key: PathBuf, config: Value) -> Lease {
             match b {
                 Backend::Wireguard(w) => {
                     // Each host its own control socket: they all run in this one process.
-                    w.set_socket_path(key.with_file_name("flannel-wg.sock"));
+                    if let Some(dir) = key.parent() {
+                        w.set_socket_dir(dir.to_path_buf());
+                    }
                     w.set_key_file(key);
                 }
                 _ => panic!("not a wireguard backend"),
