@@ -43,17 +43,9 @@ fn v6_state(t: &Topology, i: usize) -> (Vec<String>, Vec<String>, Vec<String>) {
     (t.routes6(i), neighbours6(t, i), fdb6(t, i))
 }
 
-/// Host `i`'s lease as etcd holds it, under flannel's dual-stack key.
-fn lease_json(t: &Topology, i: usize) -> serde_json::Value {
-    let h = &t.hosts[i];
-    let key = flannel::lease_key_dual(PREFIX, h.wait_subnet(), h.wait_subnet6());
-    let text = t.etcdctl(&["get", "--print-value-only", &key]);
-    serde_json::from_str(text.trim()).unwrap_or_default()
-}
-
 /// The IPv6 VTEP MAC host `i` publishes.
 fn vtep6(t: &Topology, i: usize) -> String {
-    lease_json(t, i)["BackendV6Data"]["VtepMAC"]
+    t.lease_dual(i)["BackendV6Data"]["VtepMAC"]
         .as_str()
         .unwrap_or_else(|| panic!("host {i} publishes no BackendV6Data VtepMAC"))
         .to_string()
@@ -89,7 +81,7 @@ fn vxlan_dual_stack_containers_reach_each_other_over_both_families() {
             ),
             "{link}"
         );
-        let lease = lease_json(&t, i);
+        let lease = t.lease_dual(i);
         assert_eq!(lease["PublicIPv6"], h.addr6().to_string());
         assert_eq!(lease["BackendV6Data"]["VNI"], 1);
         assert_eq!(lease["BackendV6Data"]["VtepMAC"], link["address"]);
@@ -226,7 +218,7 @@ fn a_hand_made_flannel_dual_stack_vxlan_node_and_weft_nodes_reach_each_other() {
     flannel::vxlan_device6(&f.ns, f.addr6(), mac6, s6, 1450);
     for i in 0..2 {
         let h = &t.hosts[i];
-        let lease = lease_json(&t, i);
+        let lease = t.lease_dual(i);
         let weft_mac = lease["BackendData"]["VtepMAC"].as_str().expect("mac");
         flannel::vxlan_peer(&f.ns, h.wait_subnet(), weft_mac, h.addr());
         flannel::vxlan_peer6(&f.ns, h.wait_subnet6(), &vtep6(&t, i), h.addr6());

@@ -11,6 +11,7 @@ mod docker;
 mod doctor;
 mod dual_stack;
 mod dual_stack_vxlan;
+mod dual_stack_wireguard;
 mod etcd_security;
 mod faults;
 mod files;

@@ -181,6 +181,17 @@ impl Topology {
     /// their containers wired for both families; `None` (a visible skip, a failure under
     /// CI=true) without root or IPv6. Named after the running test.
     pub fn dual_stack(n: usize, config: &str, weft: &[usize], extra: &[&str]) -> Option<Self> {
+        Self::dual_stack_with(n, config, weft, |t, i| t.start(i, extra))
+    }
+
+    /// [`Topology::dual_stack`] with weftd started on host `i` by `start(topology, i)` (a
+    /// backend's own flags and environment).
+    pub fn dual_stack_with(
+        n: usize,
+        config: &str,
+        weft: &[usize],
+        start: impl Fn(&mut Topology, usize),
+    ) -> Option<Self> {
         let name = std::thread::current()
             .name()
             .unwrap_or("dual_stack")
@@ -191,7 +202,7 @@ impl Topology {
         let mut t = Topology::new(n, 1500);
         t.set_config(config);
         for &i in weft {
-            t.start(i, extra);
+            start(&mut t, i);
         }
         for &i in weft {
             t.wire_container_dual(i);
@@ -205,6 +216,15 @@ impl Topology {
             &self.hosts[i].ns.ip_json("-6 route show proto 87"),
             &["dst", "gateway", "dev"],
         )
+    }
+
+    /// Host `i`'s dual-stack lease as etcd holds it, under flannel's dual-stack key (JSON null
+    /// when there is none).
+    pub fn lease_dual(&self, i: usize) -> serde_json::Value {
+        let h = &self.hosts[i];
+        let key = weft_lab::flannel::lease_key_dual(PREFIX, h.wait_subnet(), h.wait_subnet6());
+        let text = self.etcdctl(&["get", "--print-value-only", &key]);
+        serde_json::from_str(text.trim()).unwrap_or_default()
     }
 
     /// [`Topology::wire_container`] for both families of a dual-stack lease.

@@ -6,7 +6,7 @@
 //! weftd on one machine would otherwise share `/run/flannel/wgkey`, and with it one key.
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Output, Stdio};
@@ -16,27 +16,27 @@ use weft_lab::flannel;
 use weft_lab::json::rows;
 
 use crate::harness::wait_for;
-use crate::netns::{require_root, Topology, PREFIX};
+use crate::netns::{require_root, Host, Topology, PREFIX};
 
 const WIREGUARD: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#;
-const DEV: &str = "flannel-wg";
+pub(crate) const DEV: &str = "flannel-wg";
 const T: Duration = Duration::from_secs(30);
 
 /// Host `i`'s private key file, in its own directory.
-fn key_file(t: &Topology, i: usize) -> PathBuf {
+pub(crate) fn key_file(t: &Topology, i: usize) -> PathBuf {
     t.hosts[i].dir.join("wgkey")
 }
 
-/// Starts weftd on host `i` with its own key file and control socket (`wg show`'s), both in
-/// its host's directory.
-fn start(t: &mut Topology, i: usize) {
+/// Starts weftd on host `i` with its own key file and control sockets (`wg show`'s), both in
+/// its host's directory, and `extra` flags.
+pub(crate) fn start(t: &mut Topology, i: usize, extra: &[&str]) {
     let key = key_file(t, i).display().to_string();
     let sockets = t.hosts[i].dir.display().to_string();
     let env = [
         ("WIREGUARD_KEY_FILE", &*key),
         ("WIREGUARD_SOCKET_DIR", &*sockets),
     ];
-    t.start_with(i, &[], &env);
+    t.start_with(i, extra, &env);
 }
 
 /// `n` hosts running weftd with the wireguard config, their containers wired.
@@ -44,7 +44,7 @@ fn hosts(n: usize) -> Topology {
     let mut t = Topology::new(n, 1500);
     t.set_config(WIREGUARD);
     for i in 0..n {
-        start(&mut t, i);
+        start(&mut t, i, &[]);
     }
     for i in 0..n {
         t.wire_container(i);
@@ -62,10 +62,15 @@ fn lease_json(t: &Topology, i: usize) -> serde_json::Value {
 }
 
 /// The lease's PublicKey, checked to be a WireGuard key in base64 (44 characters, 32 bytes).
-fn public_key(lease: &serde_json::Value) -> String {
-    let key = lease["BackendData"]["PublicKey"]
+pub(crate) fn public_key(lease: &serde_json::Value) -> String {
+    key_in(lease, "BackendData")
+}
+
+/// The PublicKey in the lease's `field` (BackendData, BackendV6Data), checked as [`public_key`].
+pub(crate) fn key_in(lease: &serde_json::Value, field: &str) -> String {
+    let key = lease[field]["PublicKey"]
         .as_str()
-        .unwrap_or_else(|| panic!("no PublicKey: {lease}"))
+        .unwrap_or_else(|| panic!("no {field} PublicKey: {lease}"))
         .to_string();
     let b64 = |c: char| c.is_ascii_alphanumeric() || c == '+' || c == '/';
     assert!(
@@ -77,26 +82,66 @@ fn public_key(lease: &serde_json::Value) -> String {
 
 /// flannel-wg on host `i` as (mtu, addresses, owned routes "dst dev").
 fn flannel_wg(t: &Topology, i: usize) -> (u64, Vec<String>, Vec<String>) {
+    let (mtu, addrs) = wg_device(t, i, DEV);
+    (mtu, addrs, wg_routes(t, i))
+}
+
+/// WireGuard device `dev` on host `i` as (mtu, its global addresses of both families, sorted).
+pub(crate) fn wg_device(t: &Topology, i: usize, dev: &str) -> (u64, Vec<String>) {
     let ns = &t.hosts[i].ns;
-    let link = ns.link(DEV).expect("flannel-wg exists");
+    let link = ns.link(dev).unwrap_or_else(|| panic!("{dev} exists"));
     let kind = link["linkinfo"]["info_kind"].as_str().unwrap_or("");
     assert!(
         kind == "tun" || kind == "wireguard",
-        "flannel-wg is userspace WireGuard's TUN device or the kernel's: {link}"
+        "{dev} is userspace WireGuard's TUN device or the kernel's: {link}"
     );
-    let addrs = ns.ip_json(&format!("-4 addr show dev {DEV}"));
-    let addrs = addrs[0]["addr_info"]
+    let addrs = ns.ip_json(&format!("addr show dev {dev} scope global"));
+    let mut addrs: Vec<String> = addrs[0]["addr_info"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|a| format!("{}/{}", a["local"].as_str().unwrap_or(""), a["prefixlen"]))
         .collect();
-    let routes = rows(&ns.ip_json("route show proto 87"), &["dst", "dev"]);
-    (link["mtu"].as_u64().unwrap_or(0), addrs, routes)
+    addrs.sort();
+    (link["mtu"].as_u64().unwrap_or(0), addrs)
+}
+
+/// weft's routes (protocol 87) on host `i`, IPv4's then IPv6's, as "dst dev".
+pub(crate) fn wg_routes(t: &Topology, i: usize) -> Vec<String> {
+    let ns = &t.hosts[i].ns;
+    let mut routes = rows(&ns.ip_json("route show proto 87"), &["dst", "dev"]);
+    routes.extend(rows(&ns.ip_json("-6 route show proto 87"), &["dst", "dev"]));
+    routes
+}
+
+/// `wg show DEV dump` of weftd on host `h`, read from its control socket in the host's directory:
+/// wg looks in /var/run/wireguard, so it gets the directory there in a mount namespace of its own
+/// (the machine's is left alone). The device's line (private-key public-key listen-port fwmark),
+/// then one per peer: public-key preshared-key endpoint allowed-ips latest-handshake rx tx
+/// keepalive, tab-separated.
+pub(crate) fn wg_show(h: &Host, dev: &str) -> String {
+    h.ns.must(&[
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount -t tmpfs -o size=1m weft-wg /run && mkdir /run/wireguard \
+         && mount --bind \"$0\" /run/wireguard && exec wg show \"$1\" dump",
+        &h.dir.display().to_string(),
+        dev,
+    ])
+}
+
+/// The fields of the peer `key`'s line in a [`wg_show`] dump, if it has that peer.
+pub(crate) fn dump_peer(dump: &str, key: &str) -> Option<Vec<String>> {
+    let line = dump.lines().skip(1).find(|l| l.starts_with(key))?;
+    Some(line.split('\t').map(str::to_string).collect())
 }
 
 /// Kills a spawned process (a pinger) when the test ends, however it ends.
-struct Reaped(Option<Child>);
+pub(crate) struct Reaped(Option<Child>);
 
 impl Reaped {
     /// Waits for the process to end by itself; its output.
@@ -107,6 +152,30 @@ impl Reaped {
             .wait_with_output()
             .expect("wait")
     }
+
+    /// Waits for a [`ping_series`] to end: its output, and each reply's (icmp_seq, timestamp).
+    pub(crate) fn replies(self) -> (String, Vec<(u32, f64)>) {
+        let out = self.finish();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let replies = text.lines().filter_map(reply).collect();
+        (text, replies)
+    }
+}
+
+/// `count` pings 20 ms apart, timestamped, from host `h`'s container to `to`, running on.
+pub(crate) fn ping_series(h: &Host, to: IpAddr, count: u32) -> Reaped {
+    let family = if to.is_ipv6() { "-6" } else { "-4" };
+    let (count, to) = (count.to_string(), to.to_string());
+    Reaped(Some(
+        h.container
+            .command("ping")
+            .args([family, "-D", "-c", &count, "-i", "0.02", "-W", "1", &to])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ping"),
+    ))
 }
 
 impl Drop for Reaped {
@@ -186,24 +255,13 @@ fn a_restart_keeps_the_key_and_the_device_and_costs_only_the_gap() {
     // 600 pings 20 ms apart (12 s), timestamped, from host 0's container while weftd on host 0
     // restarts.
     const COUNT: u32 = 600;
-    let to = t.hosts[1].container_ip().to_string();
-    let pinger = Reaped(Some(
-        t.hosts[0]
-            .container
-            .command("ping")
-            .args(["-D", "-c", &COUNT.to_string(), "-i", "0.02", "-W", "1", &to])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("ping"),
-    ));
+    let pinger = ping_series(&t.hosts[0], t.hosts[1].container_ip().into(), COUNT);
     std::thread::sleep(Duration::from_millis(500));
     let stopped = Instant::now();
     t.hosts[0].stop();
     assert_eq!(index(&t), before, "flannel-wg stays while no weftd runs");
     let logged = t.hosts[0].log().len();
-    start(&mut t, 0);
+    start(&mut t, 0, &[]);
     wait_for("weftd to take flannel-wg again", T, || {
         t.hosts[0].assert_running();
         let log = t.hosts[0].log();
@@ -212,9 +270,7 @@ fn a_restart_keeps_the_key_and_the_device_and_costs_only_the_gap() {
             .then_some(())
     });
     let restart = stopped.elapsed();
-    let out = pinger.finish();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let replies: Vec<(u32, f64)> = text.lines().filter_map(reply).collect();
+    let (text, replies) = pinger.replies();
     let received = u32::try_from(replies.len()).expect("count");
     let lost = COUNT - received;
     // The longest silence between two answers: the outage as the container saw it.
@@ -271,31 +327,11 @@ fn wg_show_and_doctor_read_the_userspace_device() {
     let h = &t.hosts[0];
     let peer_key = public_key(&lease_json(&t, 1));
     let peer_subnet = t.hosts[1].wait_subnet();
-    // wg looks in /var/run/wireguard: give it host 0's directory there, in a mount namespace of
-    // its own (the machine's is left alone).
-    let show = || {
-        h.ns.must(&[
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            "mount -t tmpfs -o size=1m weft-wg /run && mkdir /run/wireguard \
-             && mount --bind \"$0\" /run/wireguard && exec wg show flannel-wg dump",
-            &h.dir.display().to_string(),
-        ])
-    };
     let own_key = public_key(&lease_json(&t, 0));
-    // public-key preshared-key endpoint allowed-ips latest-handshake rx tx keepalive; the
-    // device's view is refreshed every second.
+    // The device's view (a peer's latest handshake, at [4]) is refreshed every second.
     let (dump, peer) = wait_for("wg show to see the handshake with host 1", T, || {
-        let dump = show();
-        let peer: Vec<String> = (dump.lines().skip(1))
-            .find(|l| l.starts_with(&peer_key))?
-            .split('\t')
-            .map(str::to_string)
-            .collect();
+        let dump = wg_show(h, DEV);
+        let peer = dump_peer(&dump, &peer_key)?;
         (peer.get(4).is_some_and(|h| h != "0")).then_some((dump, peer))
     });
     let own = dump.lines().next().expect("the device line");
@@ -339,7 +375,7 @@ fn a_new_key_is_published_at_once_and_peers_follow_it() {
 
     t.hosts[0].stop();
     std::fs::remove_file(key_file(&t, 0)).expect("remove the key file");
-    start(&mut t, 0);
+    start(&mut t, 0, &[]);
     let new = wait_for("the new key in host 0's lease", T, || {
         t.hosts[0].assert_running();
         let key = public_key(&lease_json(&t, 0));
@@ -386,17 +422,14 @@ fn a_hand_made_wireguard_go_peer_with_a_flannel_lease_in_etcd() {
         "10.244.0.0/16".parse().expect("net"),
     );
     let go_ip = h1.addr();
-    let go_key = &go.public_key;
-    let value = format!(
-        r#"{{"PublicIP":"{go_ip}","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{go_key}","Port":51820}}}}"#
-    );
+    let value = flannel::wireguard_lease(go_ip, &go.public_key);
     t.etcd()
         .put_leased(&flannel::lease_key(PREFIX, go_subnet), &value, 24 * 3600);
     let h1 = &t.hosts[1];
     h1.wire_container(go_subnet, Some(1420));
 
     // weftd on host 0, then flanneld's peer for its lease on host 1.
-    start(&mut t, 0);
+    start(&mut t, 0, &[]);
     t.wire_container(0);
     let weft_subnet = t.hosts[0].wait_subnet();
     assert_ne!(weft_subnet, go_subnet, "weft leases around flannel's lease");

@@ -142,6 +142,24 @@ pub fn vxlan_peer6(ns: &Netns, subnet: Ipv6Net, mac: &str, public_ip: Ipv6Addr) 
     );
 }
 
+/// flanneld's wireguard lease value: its public key and ListenPort (flannel's default, 51820).
+pub fn wireguard_lease(public_ip: Ipv4Addr, public_key: &str) -> String {
+    let port = crate::wireguard_go::PORT;
+    format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{public_key}","Port":{port}}}}}"#
+    )
+}
+
+/// flanneld's dual-stack wireguard lease value in Mode `separate`: its PublicIPv6, and in
+/// BackendV6Data the same public key (both devices have one private key) with ListenPortV6
+/// (flannel's default, 51821).
+pub fn wireguard_lease_dual(public_ip: Ipv4Addr, public_ip6: Ipv6Addr, public_key: &str) -> String {
+    let (port, port6) = (crate::wireguard_go::PORT, crate::wireguard_go::PORT6);
+    format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":"{public_ip6}","BackendType":"wireguard","BackendData":{{"PublicKey":"{public_key}","Port":{port}}},"BackendV6Data":{{"PublicKey":"{public_key}","Port":{port6}}}}}"#
+    )
+}
+
 /// One IPv4/UDP packet with correct checksums: what flannel's udp backend puts, alone and with no
 /// header of its own, into each datagram to port 8285.
 pub fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
@@ -225,6 +243,16 @@ mod tests {
             r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:2b:1e:55:0d:7a"}}"#
         );
         assert_eq!(udp_lease(ip), r#"{"PublicIP":"192.168.64.3"}"#);
+        let key = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+        assert_eq!(
+            wireguard_lease(ip, key),
+            r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"wireguard","BackendData":{"PublicKey":"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=","Port":51820}}"#
+        );
+        let ip6 = "fd00:192:168:64::3".parse().expect("v6");
+        assert_eq!(
+            wireguard_lease_dual(ip, ip6, key),
+            r#"{"PublicIP":"192.168.64.3","PublicIPv6":"fd00:192:168:64::3","BackendType":"wireguard","BackendData":{"PublicKey":"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=","Port":51820},"BackendV6Data":{"PublicKey":"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=","Port":51821}}"#
+        );
         let subnet = "10.244.52.0/24".parse().expect("net");
         assert_eq!(
             lease_key("/coreos.com/network", subnet),

@@ -1,13 +1,15 @@
 //! The lab's own parts that later suites build on: a host cut off from etcd, a multi-member
 //! etcd that survives losing one member, and the IPv6 underlay dual-stack tests build on (every
 //! host and the switch have an IPv6 address beside the IPv4 one, and a container can be wired for
-//! both families). Needs root.
+//! both families), and the hand-made flanneld wireguard node. Needs root.
 
 use std::net::Ipv6Addr;
 use std::time::Duration;
 
-use weft_lab::topology::{container_ip6, gateway6, wait_port};
-use weft_lab::{require_ipv6, require_root, wait_for, Lab, Netns, SWITCH_IP6};
+use ipnet::{Ipv4Net, Ipv6Net};
+use weft_lab::topology::{container_ip, container_ip6, gateway6, wait_port};
+use weft_lab::wireguard_go::{self, DualStack, DEV6};
+use weft_lab::{require_ipv6, require_root, require_tools, wait_for, Lab, Netns, SWITCH_IP6};
 
 #[test]
 fn a_cut_off_host_cannot_reach_etcd_but_still_reaches_the_other_hosts() {
@@ -131,4 +133,60 @@ fn lab_container_wired_dual_stack_reaches_its_host_over_both_families() {
     let subnet6 = "fd00:244:2::/64".parse().expect("v6 net");
     h.wire_container_dual("10.244.2.0/24".parse().expect("net"), subnet6, None);
     assert!(h.ping6(gateway6(subnet6)), "rewired container -> cni0");
+}
+
+/// The hand-made flanneld wireguard node of a dual-stack network (Mode `separate`: wireguard-go's
+/// `flannel-wg` and `flannel-wg-v6`, one key) works on its own, so a failing interop test points
+/// at weft: two of them carry both families between their containers, each over its own device
+/// and underlay family.
+#[test]
+fn two_hand_made_flannel_dual_stack_wireguard_nodes_reach_each_other() {
+    let name = "two_hand_made_flannel_dual_stack_wireguard_nodes_reach_each_other";
+    if !require_ipv6(name) || !require_tools(name, &wireguard_go::TOOLS) {
+        return;
+    }
+    let mut lab = Lab::new();
+    for i in 0..2 {
+        lab.add_host(&format!("10.199.0.{}/24", 11 + i), 1500);
+    }
+    let networks = (
+        "10.252.0.0/16".parse().expect("net"),
+        "fd00:252::/56".parse().expect("net"),
+    );
+    let leases: Vec<(Ipv4Net, Ipv6Net)> = (1..=2)
+        .map(|n| {
+            let s4 = format!("10.252.{n}.0/24").parse().expect("subnet");
+            (s4, format!("fd00:252:0:{n}::/64").parse().expect("subnet"))
+        })
+        .collect();
+    let nodes: Vec<DualStack> = (lab.hosts.iter().zip(&leases))
+        .map(|(h, &lease)| {
+            h.wire_container_dual(lease.0, lease.1, Some(1420));
+            DualStack::new(&h.ns, &h.dir, lease, networks, 1420)
+        })
+        .collect();
+    for (a, b) in [(0, 1), (1, 0)] {
+        let h = &lab.hosts[b];
+        nodes[a].add_peer(nodes[b].public_key(), (h.addr(), h.addr6()), leases[b]);
+    }
+    for (a, b) in [(0, 1), (1, 0)] {
+        let from = &lab.hosts[a];
+        let (to4, to6) = (container_ip(leases[b].0), container_ip6(leases[b].1));
+        let t = Duration::from_secs(20);
+        wait_for("IPv4 through flannel-wg", t, || {
+            from.ping(to4).then_some(())
+        });
+        wait_for("IPv6 through flannel-wg-v6", t, || {
+            from.ping6(to6).then_some(())
+        });
+        // Each family on its device, the IPv6 one dialled over the IPv6 underlay.
+        let key = nodes[b].public_key();
+        for go in [&nodes[a].v4, &nodes[a].v6] {
+            let shake = go.latest_handshake(key);
+            assert!(shake.is_some_and(|s| s > 0), "{}: {shake:?}", go.dev);
+        }
+        let endpoints = nodes[a].v6.must(&["show", DEV6, "endpoints"]);
+        let want = format!("{key}\t[{}]:51821", lab.hosts[b].addr6());
+        assert_eq!(endpoints.trim(), want);
+    }
 }
