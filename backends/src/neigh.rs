@@ -7,7 +7,7 @@
 //! never sees these entries.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
@@ -180,22 +180,14 @@ fn entry(m: &NeighbourMessage, table: Table, ifindex: u32) -> Option<Entry> {
     if h.ifindex != ifindex || h.family != table.family() {
         return None;
     }
-    let (_, ip, mac) = permanent_any(m)?;
+    let (_, ip, mac) = permanent_entry(m)?;
     Some(Entry { ip, mac })
 }
 
-/// A permanent neighbour (ARP) or FDB entry of a dump, as `(ifindex, IPv4 address, MAC)`; for
-/// the FDB the address is the remote VTEP's. Anything else (learned, IPv6, incomplete): `None`.
-pub fn permanent_entry(m: &NeighbourMessage) -> Option<(u32, Ipv4Addr, Mac)> {
-    match permanent_any(m)? {
-        (index, IpAddr::V4(ip), mac) => Some((index, ip, mac)),
-        (_, IpAddr::V6(_), _) => None,
-    }
-}
-
-/// [`permanent_entry`] of either family: IPv6 neighbours and FDB entries with an IPv6 remote
-/// (`flannel-v6.<VNI>`'s) too.
-fn permanent_any(m: &NeighbourMessage) -> Option<(u32, IpAddr, Mac)> {
+/// A permanent neighbour (ARP or NDP) or FDB entry of a dump, as `(ifindex, address, MAC)`; for
+/// the FDB the address is the remote VTEP's (IPv4 on `flannel.<VNI>`, IPv6 on
+/// `flannel-v6.<VNI>`). Anything else (learned, incomplete): `None`.
+pub fn permanent_entry(m: &NeighbourMessage) -> Option<(u32, IpAddr, Mac)> {
     if m.header.state != NeighbourState::Permanent {
         return None;
     }
@@ -253,7 +245,7 @@ mod tests {
     }
 
     #[test]
-    fn entries_of_both_families_are_read_and_doctors_view_stays_ipv4() {
+    fn entries_of_both_families_are_read_for_the_backend_and_for_doctor() {
         let mac = Mac([2, 0, 0, 0, 0, 9]);
         let v6: std::net::Ipv6Addr = "fd00:10:199::12".parse().expect("ip");
         let ndp = dumped(AddressFamily::Inet6, NeighbourAddress::Inet6(v6));
@@ -272,14 +264,15 @@ mod tests {
             Some(Entry { ip: v6.into(), mac })
         );
         assert_eq!(entry(&fdb, Table::Fdb, 8), None, "another device's");
-        assert_eq!(permanent_entry(&fdb), None);
+        assert_eq!(permanent_entry(&fdb), Some((7, v6.into(), mac)));
+        assert_eq!(permanent_entry(&ndp), Some((7, v6.into(), mac)));
         let v4 = dumped(
             AddressFamily::Bridge,
             NeighbourAddress::Other(vec![10, 0, 0, 1]),
         );
         assert_eq!(
             permanent_entry(&v4),
-            Some((7, Ipv4Addr::new(10, 0, 0, 1), mac))
+            Some((7, std::net::Ipv4Addr::new(10, 0, 0, 1).into(), mac))
         );
     }
 

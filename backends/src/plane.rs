@@ -13,7 +13,7 @@
 use std::borrow::Borrow;
 use std::fmt;
 use std::hash::Hash;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -229,11 +229,13 @@ pub struct Host<'a> {
 pub struct Desired {
     /// Routes, each with the peer subnet it is for (`None`: the network's own, udp's).
     pub routes: Vec<(Option<Ipv4Net>, RouteSpec)>,
-    /// Permanent neighbours on the device (vxlan: a peer's network address → its VTEP MAC), by
-    /// peer subnet.
-    pub neighbours: Vec<(Ipv4Net, Ipv4Addr, Mac)>,
-    /// FDB entries on the device (vxlan: a VTEP MAC → the peer's PublicIP), by peer subnet.
-    pub fdb: Vec<(Ipv4Net, Mac, Ipv4Addr)>,
+    /// Permanent neighbours (vxlan: a peer's network address → its VTEP MAC), by peer subnet,
+    /// each on the device of its address's family: an IPv4 one on the device, an IPv6 one on
+    /// the IPv6 device ([`DataPlane::device6`]).
+    pub neighbours: Vec<(Ipv4Net, IpAddr, Mac)>,
+    /// FDB entries (vxlan: a VTEP MAC → the peer's PublicIP or PublicIPv6), by peer subnet, on
+    /// the device of the remote's family as for `neighbours`.
+    pub fdb: Vec<(Ipv4Net, Mac, IpAddr)>,
     /// Peers it programs nothing for, and why.
     pub refused: Vec<(Ipv4Net, Error)>,
 }

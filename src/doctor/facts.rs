@@ -34,6 +34,9 @@ pub struct Facts {
     pub daemon_json: DaemonJsonView,
     /// `iptables-save` of the filter and nat tables, or why it failed.
     pub iptables: Result<Iptables, String>,
+    /// `ip6tables-save`'s, read on a dual-stack network only (weftd writes flannel's chains in
+    /// ip6tables for its IPv6 network).
+    pub ip6tables: Option<Result<Iptables, String>>,
     /// `uname -r`.
     pub kernel_release: String,
     /// weftd's --subnet-lease-ttl and -subnet-lease-renew-margin.
@@ -119,9 +122,9 @@ pub struct Kernel {
     pub links: Vec<Link>,
     /// The main table's routes, IPv4 and IPv6.
     pub routes: Vec<Route>,
-    /// Permanent IPv4 neighbours.
+    /// Permanent neighbours, IPv4 and IPv6.
     pub neighbours: Vec<Neighbour>,
-    /// Permanent FDB entries with a remote (`dst`).
+    /// Permanent FDB entries with a remote (`dst`) of either family.
     pub fdb: Vec<Fdb>,
     /// Every IPv4 address of this host.
     pub local_addrs: HashSet<Ipv4Addr>,
@@ -130,16 +133,24 @@ pub struct Kernel {
     pub tx_checksum: Option<Result<bool, String>>,
     /// The underlay's driver (`ethtool -i`), when it has one.
     pub underlay_driver: Option<String>,
-    /// weft's userspace WireGuard's peers, read from its control socket, when the backend is
-    /// wireguard and flannel-wg is its TUN device.
-    pub wireguard: Option<Result<Vec<WgPeer>, String>>,
+    /// When the backend is wireguard, the peers of each of its devices that exists as a
+    /// WireGuard device (weft's userspace TUN, or the kernel's): flannel-wg, and flannel-wg-v6
+    /// in separate mode on a dual-stack network.
+    pub wireguard: Vec<WgDevice>,
     /// `net.ipv4.ip_forward` and `net.ipv6.conf.all.forwarding` (`None`: unreadable, or no
     /// IPv6 in this kernel).
     pub ipv4_forwarding: Option<bool>,
     pub ipv6_forwarding: Option<bool>,
 }
 
-/// A peer of flannel-wg as its control socket reports it.
+/// One WireGuard device's peers as `wg show` reads them, or why they could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgDevice {
+    pub name: String,
+    pub peers: Result<Vec<WgPeer>, String>,
+}
+
+/// A peer of a WireGuard device as its control socket (or generic netlink) reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WgPeer {
     /// Its public key in hex, as the control socket writes it.
@@ -233,7 +244,7 @@ pub struct Route {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Neighbour {
     pub ifindex: u32,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub mac: Mac,
 }
 
@@ -241,7 +252,7 @@ pub struct Neighbour {
 pub struct Fdb {
     pub ifindex: u32,
     pub mac: Mac,
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
 }
 
 /// `iptables-save -t filter` and `-t nat`.
@@ -259,10 +270,27 @@ pub fn network(f: &Facts) -> Option<Ipv4Net> {
     }
 }
 
+/// The IPv6 side of a dual-stack cluster network: the config's, else subnet.env's
+/// FLANNEL_IPV6_NETWORK (the store unreachable).
+pub fn network6(f: &Facts) -> Option<Ipv6Net> {
+    match &f.store {
+        Store::Read(c) if c.config.is_ok() => c.config.as_ref().ok()?.ipv6.map(|p| p.network),
+        _ => f.env.as_ref().ok()?.ipv6.as_ref()?.0.parse().ok(),
+    }
+}
+
 /// The backend's device name (`flannel.<VNI>`, `flannel0`), if it has one.
 pub fn device_name(config: &NetworkConfig) -> Option<String> {
     let kind = weft_backends::kind(&config.backend.type_name())?;
     (kind.device)(&config.backend)
+}
+
+/// The backend's own IPv6 device on a dual-stack network (vxlan's `flannel-v6.<VNI>`,
+/// wireguard's `flannel-wg-v6` in separate mode), if it has one.
+pub fn device6_name(config: &NetworkConfig) -> Option<String> {
+    config.ipv6?;
+    let kind = weft_backends::kind(&config.backend.type_name())?;
+    (kind.device6)(&config.backend)
 }
 
 /// A boolean backend option (validated with the config).

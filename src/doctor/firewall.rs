@@ -1,8 +1,10 @@
-//! `forward` and `agents`: judged on `iptables-save` output.
+//! `forward` and `agents`: judged on `iptables-save` output (and on a dual-stack network
+//! `ip6tables-save`'s too, for `forward`).
 //!
 //! `forward` (flannel #2116, #699): Docker sets FORWARD's policy to DROP, and RHEL's default
 //! rules end FORWARD with a REJECT; either drops pod traffic between hosts unless something
-//! accepts the cluster network first (weft's FLANNEL-FWD, with -iptables-forward-rules on).
+//! accepts the cluster network first (weft's FLANNEL-FWD, with -iptables-forward-rules on). The
+//! IPv6 network's traffic takes ip6tables' FORWARD, judged the same way.
 //!
 //! `agents`: weft and flanneld write the same chains (`FLANNEL-POSTRTG`, `FLANNEL-FWD`) with the
 //! same rules, so a second agent shows as rules for another subnet of the same network, or as
@@ -10,9 +12,11 @@
 
 use std::collections::BTreeMap;
 
-use ipnet::Ipv4Net;
+use std::net::IpAddr;
 
-use super::facts::{network, Facts, Store};
+use ipnet::IpNet;
+
+use super::facts::{network, network6, Facts};
 use super::lease::own_subnet;
 use super::{Finding, Outcome};
 
@@ -99,10 +103,9 @@ fn simple_matches(w: &[String]) -> Option<Vec<(&str, &str)>> {
     Some(out)
 }
 
-fn net_of(s: &str) -> Option<Ipv4Net> {
-    s.parse::<Ipv4Net>()
-        .ok()
-        .or_else(|| s.parse().ok().and_then(|a| Ipv4Net::new(a, 32).ok()))
+/// A rule's `-s`/`-d` value, of either family (a single address: its /32 or /128).
+fn net_of(s: &str) -> Option<IpNet> {
+    (s.parse().ok()).or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 /// An interface pattern that names (or may name) a pod or overlay device.
@@ -115,7 +118,7 @@ fn pod_device(d: &str) -> bool {
 
 /// Whether `rule` accepts traffic of `network`: an ACCEPT on `-s`/`-d` inside it, or a bare
 /// jump to a chain with such an ACCEPT (weft's FLANNEL-FWD).
-fn accepts(t: &Table, rule: &str, network: Ipv4Net) -> bool {
+fn accepts(t: &Table, rule: &str, network: IpNet) -> bool {
     let w = words(rule);
     let Some(m) = simple_matches(&w) else {
         return false;
@@ -137,7 +140,7 @@ fn accepts(t: &Table, rule: &str, network: Ipv4Net) -> bool {
 }
 
 /// Whether `rule` drops or rejects everything, or everything of pods and the overlay.
-fn drops_pod_traffic(rule: &str, network: Ipv4Net) -> bool {
+fn drops_pod_traffic(rule: &str, network: IpNet) -> bool {
     let w = words(rule);
     if !matches!(target(&w), Some("DROP" | "REJECT")) || w.iter().any(|x| x == "!") {
         return false;
@@ -150,7 +153,7 @@ fn drops_pod_traffic(rule: &str, network: Ipv4Net) -> bool {
     })
 }
 
-fn tables(f: &Facts) -> Result<(Table, Table, Ipv4Net), Outcome> {
+fn tables(f: &Facts) -> Result<(Table, Table, IpNet), Outcome> {
     let ipt = f
         .iptables
         .as_ref()
@@ -161,7 +164,11 @@ fn tables(f: &Facts) -> Result<(Table, Table, Ipv4Net), Outcome> {
             f.store_name()
         ))
     })?;
-    Ok((Table::parse(&ipt.filter), Table::parse(&ipt.nat), network))
+    Ok((
+        Table::parse(&ipt.filter),
+        Table::parse(&ipt.nat),
+        network.into(),
+    ))
 }
 
 /// `forward`: pod traffic between hosts gets through FORWARD.
@@ -181,10 +188,7 @@ fn forwarding(f: &Facts) -> Vec<Finding> {
     let Ok(k) = &f.kernel else {
         return Vec::new();
     };
-    let dual = match &f.store {
-        Store::Read(c) => c.config.as_ref().is_ok_and(|c| c.ipv6.is_some()),
-        _ => false,
-    };
+    let dual = network6(f).is_some();
     let mut out = Vec::new();
     for (off, family, key) in [
         (
@@ -210,43 +214,80 @@ fn forwarding(f: &Facts) -> Vec<Finding> {
     out
 }
 
-/// FORWARD's rules and policy let the cluster network through.
+/// One family's rules, for messages: the tool that writes them, and where they are said to be.
+struct Family {
+    tool: &'static str,
+    place: &'static str,
+}
+
+const IPV4: Family = Family {
+    tool: "iptables",
+    place: "",
+};
+
+const IPV6: Family = Family {
+    tool: "ip6tables",
+    place: " in ip6tables",
+};
+
+/// FORWARD's rules and policy let the cluster network through: iptables' for IPv4, and
+/// ip6tables' for the IPv6 network of a dual-stack one.
 fn forward_rules(f: &Facts) -> Outcome {
     let (filter, _, network) = match tables(f) {
         Ok(t) => t,
         Err(o) => return o,
     };
+    let mut out = forward_path(&IPV4, &filter, network);
+    match (network6(f), &f.ip6tables) {
+        (Some(network6), Some(Ok(t))) => {
+            out.extend(forward_path(&IPV6, &Table::parse(&t.filter), network6.into()));
+        }
+        // IPv4's were readable: say what is missing rather than skip what was judged.
+        (Some(network6), Some(Err(e))) => out.push(Finding::warning(
+            format!("the IPv6 rules cannot be read ({e}): whether FORWARD lets {network6} through is not checked"),
+            "install ip6tables (weftd needs it too, for its rules on a dual-stack network) and run \
+             doctor as root",
+        )),
+        _ => {}
+    }
+    out.into()
+}
+
+/// Whether one family's FORWARD (its `filter` table) lets `network` through: accepted before
+/// any rule that drops it, or a policy that does not.
+fn forward_path(family: &Family, filter: &Table, network: IpNet) -> Vec<Finding> {
+    let Family { tool, place } = family;
     for (i, rule) in filter.chain("FORWARD").enumerate() {
-        if accepts(&filter, rule, network) {
-            return Outcome::ok();
+        if accepts(filter, rule, network) {
+            return Vec::new();
         }
         if drops_pod_traffic(rule, network) {
             return vec![Finding::new(
                 format!(
-                    "FORWARD rule {} `-A FORWARD {rule}` drops pod traffic before anything \
+                    "FORWARD rule {}{place} `-A FORWARD {rule}` drops pod traffic before anything \
                      accepts the cluster network {network} (flannel #2116)",
                     i + 1
                 ),
                 format!(
-                    "accept the network above it (`iptables -I FORWARD {} -s {network} -j \
+                    "accept the network above it (`{tool} -I FORWARD {} -s {network} -j \
                      ACCEPT` and the same with -d), or remove it",
                     i + 1
                 ),
-            )]
-            .into();
+            )];
         }
     }
     match filter.policies.get("FORWARD").map(String::as_str) {
         Some(p @ ("DROP" | "REJECT")) => vec![Finding::new(
             format!(
-                "FORWARD's policy is {p} (Docker sets it) and no rule accepts the cluster network \
-                 {network}: pods on other hosts are unreachable (flannel #699)"
+                "FORWARD's policy{place} is {p} (Docker sets it) and no rule accepts the cluster \
+                 network {network}: pods on other hosts are unreachable (flannel #699)"
             ),
-            "run weftd with -iptables-forward-rules=true (the default), or `iptables -P FORWARD \
-             ACCEPT`",
-        )]
-        .into(),
-        _ => Outcome::ok(),
+            format!(
+                "run weftd with -iptables-forward-rules=true (the default), or `{tool} -P \
+                 FORWARD ACCEPT`"
+            ),
+        )],
+        _ => Vec::new(),
     }
 }
 
@@ -284,8 +325,8 @@ pub fn agents(f: &Facts) -> Outcome {
             ));
         }
     }
-    if let Some(own) = own_subnet(f) {
-        let mut others: Vec<Ipv4Net> = Vec::new();
+    if let Some(own) = own_subnet(f).map(IpNet::V4) {
+        let mut others: Vec<IpNet> = Vec::new();
         for r in nat.chain("FLANNEL-POSTRTG") {
             let w = words(r);
             for p in w.windows(2).filter(|p| p[0] == "-s" || p[0] == "-d") {
@@ -413,6 +454,87 @@ mod tests {
         assert_eq!(texts(forward(&with(&port, NAT))), Vec::<String>::new());
         let cni = filter.replace("-A FORWARD -j REJECT", "-A FORWARD -o cni0 -j DROP");
         assert_eq!(texts(forward(&with(&cni, NAT))).len(), 1);
+    }
+
+    /// [`testing::dual_stack`]'s host with ip6tables' filter table edited by `edit`.
+    fn dual_with(edit: impl Fn(&str) -> String) -> Facts {
+        let mut f = testing::dual_stack();
+        if let Some(Ok(t)) = &mut f.ip6tables {
+            t.filter = edit(&t.filter);
+        }
+        f
+    }
+
+    #[test]
+    fn a_dual_stack_networks_ipv6_forward_path_is_judged_in_ip6tables() {
+        assert_eq!(texts(forward(&testing::dual_stack())), Vec::<String>::new());
+        let no_jump = dual_with(|t| {
+            t.replace(
+                "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n",
+                "",
+            )
+        });
+        let p = problems_of(forward(&no_jump));
+        assert_eq!(
+            p.iter().map(|f| f.problem.as_str()).collect::<Vec<_>>(),
+            ["FORWARD's policy in ip6tables is DROP (Docker sets it) and no rule accepts the cluster network fd00:244::/48: pods on other hosts are unreachable (flannel #699)"]
+        );
+        assert!(p[0].fix.contains("`ip6tables -P FORWARD ACCEPT`"), "{p:?}");
+    }
+
+    #[test]
+    fn a_reject_before_the_weft_jump_in_ip6tables_drops_ipv6_pod_traffic() {
+        let f = dual_with(|t| {
+            t.replace(
+                "-A FORWARD -m comment --comment \"flanneld forward\"",
+                "-A FORWARD -j REJECT --reject-with icmp6-adm-prohibited\n-A FORWARD -m comment --comment \"flanneld forward\"",
+            )
+        });
+        let p = problems_of(forward(&f));
+        assert_eq!(
+            p.iter().map(|f| f.problem.as_str()).collect::<Vec<_>>(),
+            ["FORWARD rule 3 in ip6tables `-A FORWARD -j REJECT --reject-with icmp6-adm-prohibited` drops pod traffic before anything accepts the cluster network fd00:244::/48 (flannel #2116)"]
+        );
+        assert!(
+            p[0].fix.contains(
+                "`ip6tables -I FORWARD 3 -s fd00:244::/48 -j ACCEPT` and the same with -d"
+            ),
+            "{p:?}"
+        );
+        // An ACCEPT of the IPv6 network (or of a part of it, by address) before it lets it through.
+        let accepted = dual_with(|t| {
+            t.replace(
+                "-A FORWARD -j DOCKER-USER",
+                "-A FORWARD -s fd00:244::/48 -j ACCEPT\n-A FORWARD -d fd00:244:0:1::5 -j ACCEPT\n-A FORWARD -j REJECT",
+            )
+        });
+        assert_eq!(texts(forward(&accepted)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn ipv4_rules_do_not_let_the_ipv6_network_through() {
+        // ip6tables as iptables is: weft's rules for 10.244.0.0/16, none for fd00:244::/48.
+        let f = dual_with(|_| FILTER.to_string());
+        let p = texts(forward(&f));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("FORWARD's policy in ip6tables is DROP"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn unreadable_ip6tables_is_a_warning_beside_judged_ipv4_rules() {
+        let mut f = testing::dual_stack();
+        f.ip6tables = Some(Err("ip6tables-save -t filter: not found".into()));
+        let found = problems_of(forward(&f));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].warning, "{found:?}");
+        assert_eq!(found[0].problem, "the IPv6 rules cannot be read (ip6tables-save -t filter: not found): whether FORWARD lets fd00:244::/48 through is not checked");
+        // On an IPv4 network ip6tables is not read, and nothing is said of it.
+        let mut f = testing::healthy();
+        f.ip6tables = Some(Err("not read".into()));
+        assert_eq!(problems_of(forward(&f)), vec![]);
     }
 
     #[test]

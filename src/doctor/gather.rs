@@ -1,5 +1,6 @@
 //! Reading what doctor judges, once, changing nothing: subnet.env, daemon.json, the store (etcd,
-//! or the Kubernetes API's Nodes and the net-conf.json file), netlink, ethtool, iptables-save.
+//! or the Kubernetes API's Nodes and the net-conf.json file), netlink, ethtool, iptables-save
+//! (and ip6tables-save on a dual-stack network), WireGuard's devices.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -9,7 +10,10 @@ use regex::Regex;
 use tokio::process::Command;
 use weft_backends::{ethtool, InterfaceSelector};
 
-use super::facts::{device_name, Cluster, Facts, Iptables, KubeNode, Store, Ttl, WgPeer};
+use super::facts::{
+    device6_name, device_name, network6, Cluster, Facts, Iptables, KubeNode, Store, Ttl, WgDevice,
+    WgPeer,
+};
 use super::{kernel, DoctorArgs};
 use crate::config::NetworkConfig;
 use crate::flags::EtcdArgs;
@@ -68,23 +72,22 @@ pub async fn gather(store_args: status::Store<'_>, args: &DoctorArgs) -> Result<
         }
     }
     let wireguard = match &read {
-        Store::Read(c) => c
-            .config
-            .as_ref()
-            .is_ok_and(|c| c.backend.type_name() == "wireguard"),
-        Store::Failed { .. } => false,
+        Store::Read(c) => (c.config.as_ref().ok()).filter(|c| c.backend.type_name() == "wireguard"),
+        Store::Failed { .. } => None,
     };
-    if let (Ok(k), true) = (&mut kernel, wireguard) {
-        // As `wg show` reads them: weft's userspace WireGuard (a TUN device) from its control
-        // socket, the kernel's over generic netlink.
-        let kind = k
-            .link(weft_backends::wireguard_uapi::DEVICE)
-            .map(|l| l.kind.clone());
-        k.wireguard = match kind.as_deref() {
-            Some("tun") => Some(read_wireguard().await),
-            Some("wireguard") => Some(read_kernel_wireguard().await),
-            _ => None,
-        };
+    if let (Ok(k), Some(config)) = (&mut kernel, wireguard) {
+        // flannel-wg, and flannel-wg-v6 beside it in separate mode on a dual-stack network.
+        let devices = device_name(config).into_iter().chain(device6_name(config));
+        for name in devices {
+            // As `wg show` reads them: weft's userspace WireGuard (a TUN device) from its
+            // control socket, the kernel's over generic netlink.
+            let peers = match k.link(&name).map(|l| l.kind.as_str()) {
+                Some("tun") => read_wireguard(&name).await,
+                Some("wireguard") => read_kernel_wireguard(&name).await,
+                _ => continue,
+            };
+            k.wireguard.push(WgDevice { name, peers });
+        }
     }
     if let (Ok(k), Ok(ext)) = (&mut kernel, &external) {
         // Loopback and virtual devices without a driver answer EOPNOTSUPP: no driver to judge.
@@ -100,13 +103,18 @@ pub async fn gather(store_args: status::Store<'_>, args: &DoctorArgs) -> Result<
         public_ip_flag: public_ip,
         daemon_json_path: args.docker_daemon_json.clone(),
         daemon_json: status::read_daemon_json(&args.docker_daemon_json),
-        iptables: read_iptables().await,
+        iptables: read_iptables(IPTABLES).await,
+        ip6tables: None,
         kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default(),
         lease_ttl: args.subnet_lease_ttl,
         renew_margin_minutes: args.subnet_lease_renew_margin,
     };
+    // weftd writes flannel's chains in ip6tables only for a dual-stack network's IPv6 side.
+    if network6(&facts).is_some() {
+        facts.ip6tables = Some(read_iptables(IP6TABLES).await);
+    }
     // The lease's time left: one more call, for this host's lease only (etcd's: a podCIDR has
     // no expiry).
     if let (Some(store), Some(own)) = (store, super::lease::held(&facts).cloned()) {
@@ -126,10 +134,11 @@ pub async fn gather(store_args: status::Store<'_>, args: &DoctorArgs) -> Result<
     Ok(facts)
 }
 
-/// flannel-wg's peers from weftd's control socket (`WIREGUARD_SOCKET_DIR`, as weftd's).
-async fn read_wireguard() -> Result<Vec<WgPeer>, String> {
+/// A userspace WireGuard device's peers from weftd's control socket for it
+/// (`WIREGUARD_SOCKET_DIR`, as weftd's).
+async fn read_wireguard(device: &str) -> Result<Vec<WgPeer>, String> {
     use weft_backends::wireguard_uapi as uapi;
-    let path = uapi::socket_path(uapi::DEVICE);
+    let path = uapi::socket_path(device);
     let shown = path.display().to_string();
     let text = tokio::task::spawn_blocking(move || uapi::query(&path, Duration::from_secs(2)))
         .await
@@ -139,9 +148,11 @@ async fn read_wireguard() -> Result<Vec<WgPeer>, String> {
     Ok(peers.into_iter().map(wg_peer).collect())
 }
 
-/// The kernel's flannel-wg's peers, over generic netlink.
-async fn read_kernel_wireguard() -> Result<Vec<WgPeer>, String> {
-    let read = tokio::task::spawn_blocking(weft_backends::wireguard_uapi::kernel_peers);
+/// A kernel WireGuard device's peers, over generic netlink.
+async fn read_kernel_wireguard(device: &str) -> Result<Vec<WgPeer>, String> {
+    let device = device.to_string();
+    let read =
+        tokio::task::spawn_blocking(move || weft_backends::wireguard_uapi::kernel_peers(&device));
     let peers = tokio::time::timeout(Duration::from_secs(5), read)
         .await
         .map_err(|_| "no answer over netlink in 5 s".to_string())?
@@ -225,16 +236,20 @@ async fn read_kube(k: &Kube<'_>) -> (Store, KubeNode) {
 /// How long `iptables-save` may take (it may wait for the xtables lock).
 const IPTABLES_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn read_iptables() -> Result<Iptables, String> {
+const IPTABLES: &str = "iptables-save";
+const IP6TABLES: &str = "ip6tables-save";
+
+/// One family's filter and nat tables, by `save` (`iptables-save`, `ip6tables-save`).
+async fn read_iptables(save: &str) -> Result<Iptables, String> {
     Ok(Iptables {
-        filter: iptables_save("filter").await?,
-        nat: iptables_save("nat").await?,
+        filter: iptables_save(save, "filter").await?,
+        nat: iptables_save(save, "nat").await?,
     })
 }
 
-async fn iptables_save(table: &str) -> Result<String, String> {
-    let what = format!("iptables-save -t {table}");
-    let run = Command::new("iptables-save")
+async fn iptables_save(save: &str, table: &str) -> Result<String, String> {
+    let what = format!("{save} -t {table}");
+    let run = Command::new(save)
         .args(["-t", table])
         .stdin(Stdio::null())
         .kill_on_drop(true)

@@ -1,5 +1,5 @@
-//! Reads links, addresses, main-table routes, permanent neighbours and FDB entries through
-//! rtnetlink, as the backends do (never by running `ip`).
+//! Reads links, addresses, main-table routes, permanent neighbours (IPv4 and IPv6) and FDB
+//! entries through rtnetlink, as the backends do (never by running `ip`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -95,11 +95,12 @@ async fn read_with(handle: &Handle) -> Result<Kernel> {
         .filter(|m| route_table(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
         .map(|m| route(m, &nexthops))
         .collect();
-    k.neighbours = neighbours(handle, AddressFamily::Inet)
-        .await?
-        .into_iter()
-        .map(|(ifindex, ip, mac)| Neighbour { ifindex, ip, mac })
-        .collect();
+    // IPv6 ones for vxlan's flannel-v6.<VNI> on a dual-stack network.
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let found = neighbours(handle, family).await?.into_iter();
+        k.neighbours
+            .extend(found.map(|(ifindex, ip, mac)| Neighbour { ifindex, ip, mac }));
+    }
     k.fdb = neighbours(handle, AddressFamily::Bridge)
         .await?
         .into_iter()
@@ -177,8 +178,9 @@ fn route(m: &RouteMessage, nexthops: &HashMap<u32, Nexthop>) -> Route {
     r
 }
 
-/// Permanent entries of one family: `(ifindex, IPv4 address, MAC)`.
-async fn neighbours(handle: &Handle, family: AddressFamily) -> Result<Vec<(u32, Ipv4Addr, Mac)>> {
+/// Permanent entries of one family (for the FDB: of either remote's): `(ifindex, address,
+/// MAC)`.
+async fn neighbours(handle: &Handle, family: AddressFamily) -> Result<Vec<(u32, IpAddr, Mac)>> {
     let msgs: Vec<NeighbourMessage> = handle
         .neighbours()
         .get()

@@ -2,9 +2,9 @@
 //! pass, each reported on one line with what to do.
 //!
 //! Gathering ([`gather::gather`]: subnet.env, daemon.json, etcd or the Kubernetes API, netlink,
-//! ethtool, iptables-save) is kept apart from judging: every check is a pure function of the
-//! gathered [`Facts`], so each is unit-tested on facts written by hand. The checks, in the order
-//! they print (etcd mode):
+//! ethtool, iptables-save and on a dual-stack network ip6tables-save, WireGuard's devices) is
+//! kept apart from judging: every check is a pure function of the gathered [`Facts`], so each is
+//! unit-tested on facts written by hand. The checks, in the order they print (etcd mode):
 //!
 //! | id | what |
 //! |---|---|
@@ -16,10 +16,10 @@
 //! | `mtu` | underlay vs FLANNEL_MTU vs the flannel device vs docker0/cni0 vs containers' veths |
 //! | `checksum-offload` | flannel #1279: `tx-checksum-ip-generic` on where it breaks VXLAN |
 //! | `device` | the flannel device present, up, with the lease's address |
-//! | `peers` | each peer's route, neighbour and FDB entry as weft programs them; none stale |
-//! | `wireguard` | weft's userspace WireGuard: each peer in flannel-wg with its lease's key, and its handshakes |
+//! | `peers` | each peer's route, neighbour and FDB entry as weft programs them, IPv6's too (vxlan: on flannel-v6.<VNI>); none stale |
+//! | `wireguard` | weft's WireGuard: each peer in flannel-wg with its lease's key, and its handshakes; on a dual-stack network in separate mode each peer's IPv6 side in flannel-wg-v6 with its BackendV6Data key |
 //! | `routes` | no route from anything else inside the cluster network |
-//! | `forward` | FORWARD lets pod traffic through (flannel #2116, #699) |
+//! | `forward` | the kernel forwards, and FORWARD lets pod traffic through (flannel #2116, #699): iptables', and ip6tables' for a dual-stack network's IPv6 side |
 //! | `agents` | no second agent (flanneld) writing flannel's chains |
 //!
 //! In Kubernetes mode (`-kube-subnet-mgr`, `kube.rs`) the lease is this host's Node's podCIDR
@@ -296,6 +296,16 @@ mod tests {
             assert!(text.contains(&ok), "{id}: {text}");
         }
         assert!(text.ends_with("\nno problem found\n"), "{text}");
+    }
+
+    #[test]
+    fn a_healthy_dual_stack_host_reports_no_problem() {
+        let report = Report::new(&testing::dual_stack());
+        let text = report.render();
+        assert!(text.ends_with("\nno problem found\n"), "{text}");
+        for id in ["subnet-env", "peers", "routes", "forward"] {
+            assert!(text.contains(&format!("ok {id}\n")), "{id}: {text}");
+        }
     }
 
     #[test]

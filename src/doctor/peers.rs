@@ -10,7 +10,9 @@ use ipnet::{IpNet, Ipv4Net};
 use weft_backends::mac::Mac;
 use weft_backends::{ExternalInterface, Host, Network, RouteSpec, RTPROT_WEFT};
 
-use super::facts::{device_name, network, Cluster, Facts, Kernel, Route, Store};
+use super::facts::{
+    device6_name, device_name, network, network6, Cluster, Facts, Kernel, Route, Store,
+};
 use super::lease::{held, own_key, own_subnet};
 use super::{Finding, Outcome};
 use crate::config::NetworkConfig;
@@ -183,8 +185,8 @@ pub(super) fn desired_peers(f: &Facts, c: &Ctx<'_>, own: &Lease) -> Vec<Lease> {
     set.peers().map(|(_, l)| l.clone()).collect()
 }
 
-/// `peers`: every peer's route (and, for vxlan, neighbour and FDB entry) as weft programs it,
-/// and nothing of weft's left for a peer that is gone. What the backend wants comes from the
+/// `peers`: every peer's route (and, for vxlan, neighbour and FDB entry; its IPv6 side's on
+/// flannel-v6.<VNI>) as weft programs it, and nothing of weft's left for a peer that is gone. What the backend wants comes from the
 /// backend itself ([`weft_backends::DataPlane::desired`]), as its reconcile computes it.
 pub fn peers(f: &Facts) -> Outcome {
     let c = match ctx(f) {
@@ -213,10 +215,8 @@ pub fn peers(f: &Facts) -> Outcome {
     let (connected, connected6) = (k.connected(c.ext.index), k.connected6(c.ext.index));
     let own = own.to_backend();
     // A dual-stack backend's IPv6 device (vxlan's flannel-v6.<VNI>).
-    let dev6_index = (c.config.ipv6)
-        .and((kind.device6)(&c.config.backend))
-        .and_then(|d| k.link(&d))
-        .map(|l| l.index);
+    let dev6 = device6_name(c.config);
+    let dev6_index = dev6.as_ref().and_then(|d| k.link(d)).map(|l| l.index);
     let host = Host {
         net: &net,
         own: &own,
@@ -254,14 +254,32 @@ pub fn peers(f: &Facts) -> Outcome {
     }
     let routes: Vec<(String, &RouteSpec)> =
         (want.routes.iter()).map(|(s, r)| (label(*s), r)).collect();
-    let neigh: Vec<_> = (want.neighbours.iter())
-        .map(|(s, ip, mac)| (label(Some(*s)), *ip, *mac))
-        .collect();
-    let fdb: Vec<_> = (want.fdb.iter())
-        .map(|(s, mac, ip)| (label(Some(*s)), *mac, *ip))
-        .collect();
-    if let (Some(index), Some(dev)) = (dev_index, &dev) {
-        compare_neighbours(k, index, dev, &neigh, &fdb, &mut out);
+    // Each device holds the entries of its family: flannel.<VNI> IPv4 ones, flannel-v6.<VNI>
+    // IPv6 ones.
+    for (v6, dev, index) in [(false, &dev, dev_index), (true, &dev6, dev6_index)] {
+        let neigh: Vec<_> = (want.neighbours.iter())
+            .filter(|(_, ip, _)| ip.is_ipv6() == v6)
+            .map(|(s, ip, mac)| (label(Some(*s)), *ip, *mac))
+            .collect();
+        let fdb: Vec<_> = (want.fdb.iter())
+            .filter(|(_, _, ip)| ip.is_ipv6() == v6)
+            .map(|(s, mac, ip)| (label(Some(*s)), *mac, *ip))
+            .collect();
+        match (index, dev) {
+            (Some(index), Some(dev)) => {
+                compare_neighbours(k, (index, dev, v6), &neigh, &fdb, &mut out);
+            }
+            // Only the IPv6 device can be missing here: without the IPv4 one the check skipped.
+            (None, Some(dev)) if !neigh.is_empty() => out.push(Finding::new(
+                format!(
+                    "{dev} does not exist: the peers' IPv6 subnets are unreachable through the \
+                     overlay"
+                ),
+                "start weftd (it creates the device when the underlay has a global IPv6 \
+                 address), and look at its log if it runs",
+            )),
+            _ => {}
+        }
     }
     compare_routes(k, &c, dev_index, &routes, &mut out);
     out.into()
@@ -325,15 +343,20 @@ fn compare_routes(
     }
 }
 
+/// The permanent neighbours of family `v6` and the FDB entries on one vxlan device (its index
+/// and name) against what is wanted there.
 fn compare_neighbours(
     k: &Kernel,
-    index: u32,
-    dev: &str,
-    neigh: &[(String, Ipv4Addr, Mac)],
-    fdb: &[(String, Mac, Ipv4Addr)],
+    (index, dev, v6): (u32, &str, bool),
+    neigh: &[(String, IpAddr, Mac)],
+    fdb: &[(String, Mac, IpAddr)],
     out: &mut Vec<Finding>,
 ) {
-    let have_neigh: Vec<_> = k.neighbours.iter().filter(|n| n.ifindex == index).collect();
+    // weftd keeps only its device's family's table (ARP on flannel.<VNI>, NDP on
+    // flannel-v6.<VNI>): a permanent entry of the other family there is not its own.
+    let have_neigh: Vec<_> = (k.neighbours.iter())
+        .filter(|n| n.ifindex == index && n.ip.is_ipv6() == v6)
+        .collect();
     for (label, ip, mac) in neigh {
         match have_neigh.iter().find(|n| n.ip == *ip) {
             Some(n) if n.mac == *mac => {}
@@ -404,10 +427,7 @@ pub fn foreign_routes(f: &Facts) -> Outcome {
     let own = own_subnet(f).map(IpNet::V4);
     // The IPv6 side of a dual-stack network: its network, and this host's IPv6 subnet
     // (subnet.env's, whose bridge holds its first address).
-    let network6 = match &f.store {
-        Store::Read(c) => (c.config.as_ref().ok()).and_then(|c| c.ipv6.map(|p| p.network)),
-        _ => None,
-    };
+    let network6 = network6(f);
     let own6 = (f.env.as_ref().ok())
         .and_then(|e| e.ipv6.as_ref())
         .and_then(|(_, s)| s.parse::<ipnet::Ipv6Net>().ok())
@@ -459,6 +479,7 @@ pub fn foreign_routes(f: &Facts) -> Outcome {
 
 #[cfg(test)]
 mod tests {
+    use super::super::facts::Neighbour;
     use super::super::testing::{self, kernel, problems_of, route, MAC2};
     use super::*;
 
@@ -507,6 +528,90 @@ mod tests {
                 "peer 10.244.2.0/24 (10.199.0.12): the route to 10.244.2.0/24 is `10.244.2.0/24 via 10.244.2.7 dev flannel.1 onlink proto 87`, not `10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink`",
             ]
         );
+    }
+
+    #[test]
+    fn a_healthy_dual_stack_host_has_each_peers_ipv6_route_neighbour_and_fdb_entry() {
+        let f = testing::dual_stack();
+        assert_eq!(texts(device(&f)), Vec::<String>::new());
+        assert_eq!(texts(peers(&f)), Vec::<String>::new());
+        assert_eq!(texts(foreign_routes(&f)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_missing_ipv6_neighbour_and_fdb_entry_are_named_on_flannel_v6() {
+        let mut f = testing::dual_stack();
+        let k = kernel(&mut f);
+        k.neighbours.retain(|n| n.ifindex != 6);
+        k.fdb.retain(|e| e.ifindex != 6);
+        assert_eq!(
+            texts(peers(&f)),
+            [
+                "peer 10.244.2.0/24 (10.199.0.12): no neighbour fd00:244:0:2:: → 0e:00:00:00:06:02 on flannel-v6.1",
+                "peer 10.244.2.0/24 (10.199.0.12): no FDB entry 0e:00:00:00:06:02 → fd00:199::12 on flannel-v6.1",
+            ]
+        );
+    }
+
+    #[test]
+    fn ipv6_entries_that_differ_are_named_with_what_they_are() {
+        let mut f = testing::dual_stack();
+        let k = kernel(&mut f);
+        k.neighbours[1].mac = "0e:00:00:00:06:99".parse().unwrap();
+        k.fdb[1].dst = "fd00:199::99".parse().unwrap();
+        assert_eq!(
+            texts(peers(&f)),
+            [
+                "peer 10.244.2.0/24 (10.199.0.12): the neighbour fd00:244:0:2:: on flannel-v6.1 is 0e:00:00:00:06:99, not its VtepMAC 0e:00:00:00:06:02",
+                "peer 10.244.2.0/24 (10.199.0.12): the FDB entry of 0e:00:00:00:06:02 on flannel-v6.1 sends to fd00:199::99, not fd00:199::12",
+            ]
+        );
+    }
+
+    #[test]
+    fn ipv6_leftovers_of_a_peer_that_lost_its_ipv6_side_are_stale() {
+        let mut f = testing::dual_stack();
+        if let Ok(l) = &mut testing::cluster(&mut f).records[1].value {
+            l.attrs.backend_v6_data = None;
+        }
+        let p = texts(peers(&f));
+        assert_eq!(
+            p,
+            [
+                "neighbour fd00:244:0:2:: → 0e:00:00:00:06:02 on flannel-v6.1 is weft's but no peer wants it",
+                "FDB entry 0e:00:00:00:06:02 → fd00:199::12 on flannel-v6.1 is weft's but no peer wants it",
+                "route `fd00:244:0:2::/64 via fd00:244:0:2:: dev flannel-v6.1 onlink proto 87 metric 1024` is weft's but no peer wants it",
+            ]
+        );
+    }
+
+    #[test]
+    fn each_device_is_judged_on_its_own_familys_neighbours() {
+        let mut f = testing::dual_stack();
+        // An IPv4 neighbour on flannel-v6.1 and an IPv6 one on flannel.1 are not weft's to keep
+        // (weftd keeps ARP on one, NDP on the other), so not its leftovers either.
+        let k = kernel(&mut f);
+        let (v4, v6) = (k.neighbours[0], k.neighbours[1]);
+        k.neighbours.push(Neighbour { ifindex: 6, ..v4 });
+        k.neighbours.push(Neighbour { ifindex: 3, ..v6 });
+        assert_eq!(texts(peers(&f)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_missing_ipv6_device_is_named_when_peers_need_it() {
+        let mut f = testing::dual_stack();
+        let k = kernel(&mut f);
+        k.links.retain(|l| l.name != "flannel-v6.1");
+        k.routes.retain(|r| r.oif != Some(6));
+        assert_eq!(
+            texts(peers(&f)),
+            ["flannel-v6.1 does not exist: the peers' IPv6 subnets are unreachable through the overlay"]
+        );
+        // A host without a global IPv6 underlay address carries IPv4 alone: nothing is missing.
+        if let Ok(ext) = &mut f.external {
+            ext.iface_addr6 = None;
+        }
+        assert_eq!(texts(peers(&f)), Vec::<String>::new());
     }
 
     #[test]

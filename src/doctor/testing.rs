@@ -149,7 +149,7 @@ pub fn healthy() -> Facts {
             .collect(),
         tx_checksum: Some(Ok(true)),
         underlay_driver: Some("veth".into()),
-        wireguard: None,
+        wireguard: Vec::new(),
         ipv4_forwarding: Some(true),
         ipv6_forwarding: Some(true),
     };
@@ -192,9 +192,78 @@ pub fn healthy() -> Facts {
             filter: FILTER.into(),
             nat: NAT.into(),
         }),
+        ip6tables: None,
         kernel_release: "6.1.0-18-amd64".into(),
         lease_ttl: Duration::from_secs(86400),
         renew_margin_minutes: 60,
+    }
+}
+
+/// The dual-stack network of [`dual_stack`].
+pub const DUAL_CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:244::/48","Backend":{"Type":"vxlan"}}"#;
+/// The VTEP MACs of flannel-v6.1 on this host and on the peer.
+pub const MAC6_1: &str = "0e:00:00:00:06:01";
+pub const MAC6_2: &str = "0e:00:00:00:06:02";
+
+/// [`healthy`]'s host on a dual-stack vxlan network (fd00:244::/48), see [`with_ipv6`]:
+/// flannel-v6.1 (index 6) holds the peer's IPv6 route, neighbour and FDB entry, FLANNEL_MTU and
+/// the devices are at IPv6's 1430, and ip6tables has weft's rules for fd00:244::/48 under
+/// Docker's policy DROP.
+pub fn dual_stack() -> Facts {
+    let mut f = healthy();
+    set_config(&mut f, DUAL_CONFIG);
+    with_ipv6(&mut f);
+    env(&mut f).mtu = Some(1430);
+    let k = kernel(&mut f);
+    for l in k.links.iter_mut().filter(|l| l.mtu == 1450) {
+        l.mtu = 1430;
+    }
+    k.links
+        .push(link(6, "flannel-v6.1", "vxlan", 1430, None, &[]));
+    let mut route6 = route("fd00:244:0:2::/64", Some("fd00:244:0:2::"), 6, 87);
+    (route6.onlink, route6.metric) = (true, 1024);
+    k.routes.push(route6);
+    let mac6 = MAC6_2.parse().expect("mac");
+    k.neighbours.push(Neighbour {
+        ifindex: 6,
+        ip: "fd00:244:0:2::".parse().expect("ip"),
+        mac: mac6,
+    });
+    k.fdb.push(Fdb {
+        ifindex: 6,
+        mac: mac6,
+        dst: "fd00:199::12".parse().expect("ip"),
+    });
+    // weftd's rules in ip6tables are IPv4's for the IPv6 network.
+    let six = |t: &str| {
+        (t.replace("10.244.0.0/16", "fd00:244::/48"))
+            .replace("10.244.1.0/24", "fd00:244:0:1::/64")
+            .replace("224.0.0.0/4", "ff00::/8")
+    };
+    f.ip6tables = Some(Ok(Iptables {
+        filter: six(FILTER),
+        nat: six(NAT),
+    }));
+    f
+}
+
+/// Gives the leases, subnet.env and the underlay an IPv6 side (the config is the caller's):
+/// this host fd00:199::11 with fd00:244:0:1::/64, the peer fd00:199::12 with
+/// fd00:244:0:2::/64, each publishing its flannel-v6.1's VTEP MAC in BackendV6Data.
+pub fn with_ipv6(f: &mut Facts) {
+    let records = cluster(f).records.iter_mut();
+    for (r, (n, mac6)) in records.zip((1..).zip([MAC6_1, MAC6_2])) {
+        r.key = format!("{}&fd00:244:0:{n}::-64", r.key);
+        if let Ok(l) = &mut r.value {
+            l.ipv6_subnet = Some(format!("fd00:244:0:{n}::/64").parse().expect("subnet"));
+            l.attrs.public_ipv6 = Some(format!("fd00:199::1{n}").parse().expect("ip"));
+            l.attrs.backend_v6_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": mac6}));
+        }
+    }
+    env(f).ipv6 = Some(("fd00:244::/48".into(), "fd00:244:0:1::1/64".into()));
+    if let Ok(ext) = &mut f.external {
+        let ip = Some("fd00:199::11".parse().expect("ip"));
+        (ext.iface_addr6, ext.public_ipv6) = (ip, ip);
     }
 }
 

@@ -743,6 +743,19 @@ fn a_dual_stack_host_is_checked_on_both_sides() {
         t.hosts[0].freeze(false);
         r.assert_problems(&["peers"]);
         r.assert_names("peers", &format!("no route to {peer6}"));
+        // vxlan: the peer's IPv6 neighbour on flannel-v6.1 gone, named the same way.
+        if config.contains("vxlan") {
+            let addr = t.hosts[1].wait_subnet6().network();
+            t.hosts[0].freeze(true);
+            t.hosts[0]
+                .ns
+                .ip(&format!("-6 neigh del {addr} dev flannel-v6.1"));
+            let r = doctor(&t, 0, &[]);
+            t.hosts[0].freeze(false);
+            r.assert_problems(&["peers"]);
+            r.assert_names("peers", &format!("no neighbour {addr} → "));
+            r.assert_names("peers", "on flannel-v6.1");
+        }
         // And IPv6 forwarding off.
         t.hosts[0]
             .ns

@@ -131,9 +131,10 @@ pub fn route6(plan: Plan6, device: (u32, &Arc<str>), underlay: (u32, &Arc<str>))
 }
 
 /// Everything vxlan wants for `peers` on `host`: per overlay peer a neighbour, an FDB entry
-/// and a route through the device; per direct peer a route on the underlay. Peers are judged on
-/// both sides, so one refused for its IPv6 side is refused here too; the IPv6 side's entries are
-/// not listed: [`Desired`] holds IPv4 neighbours and [`Host`] names one device.
+/// and a route through the device; per direct peer a route on the underlay; the same for a
+/// peer's IPv6 side, through `flannel-v6.<VNI>` (its entries are told apart by their IPv6
+/// addresses). Peers are judged on both sides, so one refused for its IPv6 side is refused here
+/// too.
 pub fn desired(cfg: &VxlanConfig, host: &Host<'_>, peers: &[Lease]) -> Result<Desired, Error> {
     let name: Arc<str> = cfg.device_name().into();
     let name6: Arc<str> = cfg.device_name6().into();
@@ -168,20 +169,31 @@ pub fn desired(cfg: &VxlanConfig, host: &Host<'_>, peers: &[Lease]) -> Result<De
             }
         };
         if let Plan::Overlay { mac, public_ip } = plans.v4 {
-            want.neighbours.push((p.subnet, p.subnet.network(), mac));
-            want.fdb.push((p.subnet, mac, public_ip));
+            want.neighbours
+                .push((p.subnet, p.subnet.network().into(), mac));
+            want.fdb.push((p.subnet, mac, public_ip.into()));
         }
         let r = route(p.subnet, plans.v4, (index, &name), (ext.index, &underlay));
         want.routes.push((Some(p.subnet), r));
-        // The IPv6 side's route (its neighbour and FDB entry are not listed: `Desired` holds
-        // IPv4 ones), through flannel-v6.<VNI> when it exists, or on the underlay.
+        // The IPv6 side: its route through flannel-v6.<VNI> when it exists, or on the
+        // underlay; its neighbour and FDB entry whether the device exists or not (they are
+        // what the device must hold, and a missing device is worth naming).
         let dev6 = (host.device6, &name6);
         match plans.v6 {
             Some(plan6 @ Plan6::Direct { .. }) => {
                 let r = route6(plan6, (0, &name6), (ext.index, &underlay));
                 want.routes.push((Some(p.subnet), r));
             }
-            Some(plan6) => {
+            Some(
+                plan6 @ Plan6::Overlay {
+                    subnet,
+                    mac,
+                    public_ip,
+                },
+            ) => {
+                want.neighbours
+                    .push((p.subnet, subnet.network().into(), mac));
+                want.fdb.push((p.subnet, mac, public_ip.into()));
                 if let (Some(i6), n6) = dev6 {
                     let r = route6(plan6, (i6, n6), (ext.index, &underlay));
                     want.routes.push((Some(p.subnet), r));
@@ -326,6 +338,45 @@ mod tests {
             ]
         );
         assert_eq!((r6.oif, r6.dst.to_string()), (8, "fd00:60:0:c::/64".into()));
+    }
+
+    #[test]
+    fn a_dual_stack_peers_ipv6_neighbour_and_fdb_entry_are_wanted_beside_its_ipv4_ones() {
+        let (net, own, peers) = (net(), lease(11), [lease(12)]);
+        let subnet = peers[0].subnet;
+        let host = Host {
+            net: &net,
+            own: &own,
+            device: Some(7),
+            device6: Some(8),
+            connected: &[],
+            connected6: &[],
+        };
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        let want = desired(&cfg(json!({})), &host, &peers).expect("desired");
+        assert_eq!(
+            want.neighbours,
+            [
+                (subnet, ip("10.60.12.0"), mac(2, 12)),
+                (subnet, ip("fd00:60:0:c::"), mac(6, 12)),
+            ]
+        );
+        assert_eq!(
+            want.fdb,
+            [
+                (subnet, mac(2, 12), ip("10.199.0.12")),
+                (subnet, mac(6, 12), ip("fd00:199::c")),
+            ]
+        );
+        assert_eq!(want.routes.len(), 2);
+        // Without flannel-v6.1 there is no IPv6 route into it, but what it must hold is the same.
+        let host = Host {
+            device6: None,
+            ..host
+        };
+        let want = desired(&cfg(json!({})), &host, &peers).expect("desired");
+        assert_eq!((want.neighbours.len(), want.fdb.len()), (2, 2));
+        assert_eq!(want.routes.len(), 1);
     }
 
     #[test]

@@ -143,13 +143,13 @@ pub fn parse_get(text: &str) -> Result<Vec<(String, String, u64)>, String> {
     }
 }
 
-/// The kernel WireGuard device's peers as [`parse_get`] gives them, over generic netlink (what
-/// `wg show` does for a kernel device).
-pub fn kernel_peers() -> Result<Vec<(String, String, u64)>, String> {
+/// The kernel WireGuard device `device`'s peers (`flannel-wg`, or `flannel-wg-v6`) as
+/// [`parse_get`] gives them, over generic netlink (what `wg show` does for a kernel device).
+pub fn kernel_peers(device: &str) -> Result<Vec<(String, String, u64)>, String> {
     let mut genl = super::genl::Genl::open().map_err(|e| e.to_string())?;
     let peers = genl
-        .peer_states(DEVICE)
-        .map_err(|e| format!("read {DEVICE} over netlink: {e}"))?;
+        .peer_states(device)
+        .map_err(|e| format!("read {device} over netlink: {e}"))?;
     Ok(peers
         .into_iter()
         .map(|(key, endpoint, shake)| {
