@@ -21,18 +21,42 @@ const MIN_DEVICE_MTU: u32 = 68;
 /// The largest `MTU`: the largest Linux gives a link.
 const MAX_MTU: u64 = 65536;
 
-/// `Mode`: with IPv4 only, flannel's modes all make one `flannel-wg` device; they differ in
-/// what carries IPv6 traffic, which weft does not lease yet.
+/// `Mode`: how IPv6 travels on a dual-stack network. With IPv4 only, every mode makes the one
+/// device `flannel-wg`, as in flannel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// One device per address family (flannel's default).
+    /// One device per address family (flannel's default): `flannel-wg` on ListenPort between
+    /// PublicIPs, `flannel-wg-v6` on ListenPortV6 between PublicIPv6s, one key for both.
     Separate,
+    /// One device `flannel-wg` carrying both families, each peer reached at the address
+    /// flannel's rule picks (its PublicIP unless both ends have public IPv6 and its IPv4 is
+    /// private).
+    Auto,
+    /// One device, peers reached at their PublicIP.
+    Ipv4,
+    /// One device, peers reached at their PublicIPv6.
+    Ipv6,
+}
+
+/// flannel's device names.
+pub const DEVICE: &str = "flannel-wg";
+pub const DEVICE_V6: &str = "flannel-wg-v6";
+
+/// One WireGuard device the backend runs: its name, port and the families it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub name: &'static str,
+    pub port: u16,
+    /// It carries the IPv4 subnets (its peers' AllowedIPs, the network's route).
+    pub v4: bool,
+    /// It carries the IPv6 subnets.
+    pub v6: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WgConfig {
     pub listen_port: u16,
-    /// `ListenPortV6`: checked, unused until weft leases IPv6.
+    /// `ListenPortV6`: `flannel-wg-v6`'s port (separate mode on a dual-stack network).
     pub listen_port_v6: u16,
     /// `PSK`: one preshared key for every peer.
     pub psk: Option<Key>,
@@ -99,16 +123,9 @@ impl WgConfig {
             None | Some(Value::Null) => Mode::Separate,
             Some(Value::String(s)) => match s.as_str() {
                 "separate" | "" => Mode::Separate,
-                "auto" | "ipv4" | "ipv6" => {
-                    return Err(invalid(
-                        "Mode",
-                        &format!(
-                            "\"{s}\" decides how IPv6 traffic travels, and weft leases no IPv6 \
-                             yet: use \"separate\" (the default), which is what flannel does \
-                             with IPv4 alone"
-                        ),
-                    ))
-                }
+                "auto" => Mode::Auto,
+                "ipv4" => Mode::Ipv4,
+                "ipv6" => Mode::Ipv6,
                 other => {
                     return Err(invalid(
                         "Mode",
@@ -133,6 +150,38 @@ impl WgConfig {
     /// The device's MTU, and FLANNEL_MTU: the configured (or underlay's) MTU less 80.
     pub fn device_mtu(&self, underlay_mtu: u32) -> u32 {
         self.mtu.unwrap_or(underlay_mtu).saturating_sub(OVERHEAD)
+    }
+
+    /// The devices it runs, `dual` on a dual-stack network: `flannel-wg` alone for IPv4, or
+    /// carrying both families in a one-device mode; in separate mode with IPv6, `flannel-wg-v6`
+    /// beside it.
+    pub fn devices(&self, dual: bool) -> Vec<DeviceSpec> {
+        let v4 = DeviceSpec {
+            name: DEVICE,
+            port: self.listen_port,
+            v4: true,
+            v6: dual && self.mode != Mode::Separate,
+        };
+        let mut all = vec![v4];
+        if dual && self.mode == Mode::Separate {
+            all.push(DeviceSpec {
+                name: DEVICE_V6,
+                port: self.listen_port_v6,
+                v4: false,
+                v6: true,
+            });
+        }
+        all
+    }
+
+    /// The port published in `BackendV6Data`: the one the device carrying IPv6 listens on.
+    /// flannel writes ListenPortV6 in every mode, though in a one-device mode nothing listens
+    /// there (its peers then dial a closed port over IPv6); weft writes the true one.
+    pub fn port_v6(&self) -> u16 {
+        match self.mode {
+            Mode::Separate => self.listen_port_v6,
+            Mode::Auto | Mode::Ipv4 | Mode::Ipv6 => self.listen_port,
+        }
     }
 }
 
@@ -199,12 +248,30 @@ mod tests {
     }
 
     #[test]
-    fn modes_that_need_ipv6_are_refused_clearly() {
+    fn every_mode_is_one_device_for_ipv4_and_separate_adds_flannel_wg_v6() {
+        let spec = |name, port, v4, v6| DeviceSpec { name, port, v4, v6 };
+        for (m, mode) in [
+            ("separate", Mode::Separate),
+            ("auto", Mode::Auto),
+            ("ipv4", Mode::Ipv4),
+            ("ipv6", Mode::Ipv6),
+        ] {
+            let c = parse(json!({"Mode": m, "ListenPort": 5, "ListenPortV6": 6}), 1500)
+                .expect("valid");
+            assert_eq!(c.mode, mode);
+            assert_eq!(c.devices(false), [spec(DEVICE, 5, true, false)], "{m}");
+        }
+        let c = parse(json!({"ListenPort": 5, "ListenPortV6": 6}), 1500).expect("valid");
+        assert_eq!(
+            c.devices(true),
+            [spec(DEVICE, 5, true, false), spec(DEVICE_V6, 6, false, true)]
+        );
+        assert_eq!(c.port_v6(), 6);
         for m in ["auto", "ipv4", "ipv6"] {
-            let e = parse(json!({"Mode": m}), 1500).expect_err("refused");
-            let text = e.to_string();
-            assert!(text.contains("invalid backend option Mode"), "{text}");
-            assert!(text.contains("IPv6") && text.contains("separate"), "{text}");
+            let c = parse(json!({"Mode": m, "ListenPort": 5, "ListenPortV6": 6}), 1500)
+                .expect("valid");
+            assert_eq!(c.devices(true), [spec(DEVICE, 5, true, true)], "{m}");
+            assert_eq!(c.port_v6(), 5, "{m}: the port the one device listens on");
         }
         let e = parse(json!({"Mode": "mesh"}), 1500).expect_err("unknown");
         assert!(e.to_string().contains("unknown mode \"mesh\""), "{e}");

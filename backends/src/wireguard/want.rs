@@ -1,45 +1,62 @@
 //! What wireguard wants, judged from the config, this host's lease and the peers' alone (pure):
 //! the device `flannel-wg` with the lease's network address /32 on it, one route for the whole
-//! network through it, and one WireGuard peer per remote lease. The kernel path, the userspace
-//! data plane and `weftctl doctor` all work from it.
+//! network through it, and one WireGuard peer per remote lease; on a dual-stack network the
+//! same for IPv6, on `flannel-wg-v6` (separate mode) or on `flannel-wg` itself (a one-device
+//! mode). The kernel path, the userspace data plane and `weftctl doctor` all work from it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::config::WgConfig;
+use super::config::{Mode, WgConfig};
+pub use super::config::{DEVICE, DEVICE_V6};
 use super::data;
 use super::key::{self, Key};
 use crate::routes::RouteSpec;
 use crate::{peer, DataPlane, Error, Lease, Network, PeerChanges};
 
-/// flannel's device name.
-pub const DEVICE: &str = "flannel-wg";
+/// The devices' places in [`Slots`]: `flannel-wg`, and `flannel-wg-v6` (separate mode with IPv6).
+pub const WG: usize = 0;
+pub const WG6: usize = 1;
 
-/// One WireGuard peer as the device must hold it.
+/// One value per device slot ([`WG`], [`WG6`]).
+pub type Slots<T> = [T; 2];
+
+/// One WireGuard peer as a device must hold it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WgPeer {
     /// The lease it stands for.
     pub subnet: Ipv4Net,
     pub public_key: Key,
-    /// The peer's PublicIP and Port (our ListenPort when it publishes none).
-    pub endpoint: SocketAddrV4,
-    /// Its subnet: what it may send from and what goes to it.
-    pub allowed_ip: Ipv4Net,
+    /// Where it is dialled: its PublicIP (or PublicIPv6) and Port (ours when it publishes none).
+    pub endpoint: SocketAddr,
+    /// Its IPv4 subnet, when this device carries IPv4: what it may send from and what goes to it.
+    pub allowed_ip: Option<Ipv4Net>,
+    /// Its IPv6 subnet, when this device carries IPv6 and the peer has one.
+    pub allowed_ip6: Option<Ipv6Net>,
     pub psk: Option<Key>,
     pub keepalive: Option<u16>,
+}
+
+impl WgPeer {
+    /// Its AllowedIPs, IPv4 first.
+    pub fn allowed_ips(&self) -> impl Iterator<Item = IpNet> + '_ {
+        (self.allowed_ip.map(IpNet::V4).into_iter()).chain(self.allowed_ip6.map(IpNet::V6))
+    }
 }
 
 /// Everything the backend wants for a lease and its peers.
 #[derive(Debug, Default)]
 pub struct Want {
-    /// The lease's network address, /32, on the device (as flannel's `Configure(lease.Subnet.IP)`).
-    #[allow(dead_code)] // configured by the data paths, which come next
+    /// The lease's network address, /32, on `flannel-wg` (as flannel's `Configure(lease.Subnet.IP)`).
+    #[allow(dead_code)] // the data paths configure it from the lease
     pub address: Option<Ipv4Net>,
-    /// The whole network into the device. flannel adds it with scope link.
-    pub route: Option<RouteSpec>,
-    pub peers: Vec<WgPeer>,
+    /// The whole network into `flannel-wg`, and the IPv6 network into the device carrying IPv6.
+    /// flannel adds them with scope link.
+    pub routes: Vec<RouteSpec>,
+    /// Each device's peers.
+    pub peers: Slots<Vec<WgPeer>>,
     /// Peers it programs nothing for, and why.
     pub refused: Vec<(Ipv4Net, Error)>,
 }
@@ -50,160 +67,277 @@ pub fn own_key(own: &Lease) -> Option<Key> {
     data::read(Some(&v)).ok().map(|d| d.public_key)
 }
 
-/// The WireGuard peer `p` makes under `cfg`, or why it makes none. `own_key` is this host's
-/// public key, when known.
+/// Whether an address is private in flannel's sense (`ip.IsPrivate`: RFC 1918, and fc00::/7).
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_private(),
+        IpAddr::V6(a) => (a.segments()[0] & 0xfe00) == 0xfc00,
+    }
+}
+
+/// Auto mode's choice, flannel's rule: the peer's PublicIP unless it is private and both the
+/// peer's and this host's IPv6 addresses are public.
+fn auto_picks_ipv6(net: &Network, ip4: Ipv4Addr, ip6: Ipv6Addr) -> bool {
+    let ours6 = net.external.public_ipv6.or(net.external.iface_addr6);
+    if !is_private(IpAddr::V4(ip4)) {
+        return false;
+    }
+    !is_private(IpAddr::V6(ip6)) && ours6.is_some_and(|o| !is_private(IpAddr::V6(o)))
+}
+
+/// The WireGuard peers `p` makes under `cfg`, one per device slot, or why it makes none.
+/// `own_key` is this host's public key, when known. A peer without an IPv6 side (or without
+/// BackendV6Data) is an IPv4 peer; a bad IPv6 side refuses it whole, as vxlan does.
 pub fn judge(
     cfg: &WgConfig,
     net: &Network,
     own: Option<&Lease>,
     own_key: Option<&Key>,
     p: &Lease,
-) -> Result<WgPeer, Error> {
+) -> Result<Slots<Option<WgPeer>>, Error> {
     peer::check(net, own, p)?;
     let bad = |reason: String| Error::BadPeer {
         subnet: p.subnet.to_string(),
         reason,
     };
-    let value = match &p.backend_data {
-        Some(d) => Some(
-            d.value()
-                .ok_or_else(|| bad("BackendData is not JSON".into()))?,
-        ),
-        None => None,
+    let read = |d: Option<&crate::BackendData>, what: &str| {
+        let value = match d {
+            Some(d) => Some(
+                d.value()
+                    .ok_or_else(|| bad(format!("{what} is not JSON")))?,
+            ),
+            None => None,
+        };
+        let d = data::read(value.as_ref())
+            .map_err(|why| bad(why.replacen("BackendData", what, 1)))?;
+        if own_key == Some(&d.public_key) {
+            return Err(bad(format!(
+                "PublicKey {} is this host's",
+                key::show(&d.public_key)
+            )));
+        }
+        Ok(d)
     };
-    let d = data::read(value.as_ref()).map_err(bad)?;
-    if own_key == Some(&d.public_key) {
-        return Err(bad(format!(
-            "PublicKey {} is this host's",
-            key::show(&d.public_key)
-        )));
-    }
-    Ok(WgPeer {
+    let d4 = read(p.backend_data.as_ref(), "BackendData")?;
+    let v4 = WgPeer {
         subnet: p.subnet,
-        public_key: d.public_key,
-        endpoint: SocketAddrV4::new(p.public_ip, d.port_or(cfg.listen_port)),
-        allowed_ip: p.subnet,
+        public_key: d4.public_key,
+        endpoint: SocketAddr::new(p.public_ip.into(), d4.port_or(cfg.listen_port)),
+        allowed_ip: Some(p.subnet),
+        allowed_ip6: None,
         psk: cfg.psk,
         keepalive: cfg.keepalive,
-    })
+    };
+    let six = match peer::check_v6(net, own, p)? {
+        Some(side) => match p.ipv6.as_ref().and_then(|v6| v6.backend_data.as_ref()) {
+            Some(d) => Some((side, read(Some(d), "BackendV6Data")?)),
+            None => {
+                tracing::debug!(subnet = %p.subnet, "no BackendV6Data: reached over IPv4 only");
+                None
+            }
+        },
+        None => None,
+    };
+    let Some(((subnet6, ip6), d6)) = six else {
+        return Ok([Some(v4), None]);
+    };
+    if cfg.mode == Mode::Separate {
+        let v6 = WgPeer {
+            public_key: d6.public_key,
+            endpoint: SocketAddr::new(ip6.into(), d6.port_or(cfg.listen_port_v6)),
+            allowed_ip: None,
+            allowed_ip6: Some(subnet6),
+            ..v4.clone()
+        };
+        return Ok([Some(v4), Some(v6)]);
+    }
+    // One device carries both: one key for both families.
+    if d6.public_key != d4.public_key {
+        return Err(bad(format!(
+            "BackendV6Data PublicKey {} is not BackendData's {} (one device, one key)",
+            key::show(&d6.public_key),
+            key::show(&d4.public_key)
+        )));
+    }
+    let over6 = match cfg.mode {
+        Mode::Ipv6 => true,
+        Mode::Auto => auto_picks_ipv6(net, p.public_ip, ip6),
+        Mode::Ipv4 | Mode::Separate => false,
+    };
+    // The peer's one device listens on its ListenPort, BackendData's Port, whichever family
+    // reaches it (flannel dials BackendV6Data's Port, which flanneld sets to ListenPortV6).
+    let endpoint = if over6 {
+        SocketAddr::new(ip6.into(), v4.endpoint.port())
+    } else {
+        v4.endpoint
+    };
+    Ok([
+        Some(WgPeer {
+            endpoint,
+            allowed_ip6: Some(subnet6),
+            ..v4
+        }),
+        None,
+    ])
 }
 
-/// Everything wireguard wants for `peers` on this host (lease `own`; `index` its device's, when
-/// it exists). Peers of other backend types are ignored; of two peers with one subnet or one
-/// public key the first is kept (the agent's peer set hands them over oldest first, and never
-/// two at once).
+/// The routes of the whole networks: IPv4's into `flannel-wg` (`index[WG]`), IPv6's into the
+/// device carrying it, when the devices exist.
+pub fn routes(cfg: &WgConfig, net: &Network, index: Slots<Option<u32>>) -> Vec<RouteSpec> {
+    let mut routes: Vec<RouteSpec> = index[WG]
+        .map(|i| RouteSpec::link(net.network, i, DEVICE))
+        .into_iter()
+        .collect();
+    if let Some(network6) = net.network_v6 {
+        let (slot, name) = match cfg.mode {
+            Mode::Separate => (WG6, DEVICE_V6),
+            Mode::Auto | Mode::Ipv4 | Mode::Ipv6 => (WG, DEVICE),
+        };
+        if let Some(i) = index[slot] {
+            routes.push(RouteSpec::link(network6, i, name));
+        }
+    }
+    routes
+}
+
+/// Everything wireguard wants for `peers` on this host (lease `own`; `index` its devices', when
+/// they exist). Peers of other backend types are ignored; of two peers with one subnet or one
+/// public key (on one device) the first is kept (the agent's peer set hands them over oldest
+/// first, and never two at once).
 pub fn want(
     cfg: &WgConfig,
     net: &Network,
     own: &Lease,
-    index: Option<u32>,
+    index: Slots<Option<u32>>,
     peers: &[Lease],
 ) -> Want {
     let own_key = own_key(own);
     let mut w = Want {
         address: Ipv4Net::new(own.subnet.network(), 32).ok(),
-        route: index.map(|i| RouteSpec::link(net.network, i, DEVICE)),
+        routes: routes(cfg, net, index),
         ..Want::default()
     };
     let mut subnets = HashSet::new();
-    let mut keys: HashMap<Key, Ipv4Net> = HashMap::new();
+    let mut keys: Slots<HashMap<Key, Ipv4Net>> = Default::default();
     for p in peers
         .iter()
         .filter(|p| peer::same_type(p, super::Wireguard::TYPE))
     {
         let judged = judge(cfg, net, Some(own), own_key.as_ref(), p).and_then(|wp| {
-            let bad = |reason: String| Error::BadPeer {
-                subnet: p.subnet.to_string(),
-                reason,
-            };
             if !subnets.insert(p.subnet) {
-                return Err(bad("another peer has this subnet".into()));
+                return Err(another_has_the_subnet(p.subnet));
             }
-            if let Some(holder) = keys.get(&wp.public_key) {
-                return Err(bad(format!(
-                    "PublicKey {} is peer {holder}'s",
-                    key::show(&wp.public_key)
-                )));
-            }
-            keys.insert(wp.public_key, p.subnet);
+            take_keys(&mut keys, &wp)?;
             Ok(wp)
         });
         match judged {
-            Ok(wp) => w.peers.push(wp),
+            Ok(wp) => {
+                for (slot, peer) in wp.into_iter().enumerate() {
+                    w.peers[slot].extend(peer);
+                }
+            }
             Err(e) => w.refused.push((p.subnet, e)),
         }
     }
     w
 }
 
-/// What a change of the peer set does to the device: peers to remove (by key) and peers to
+fn another_has_the_subnet(subnet: Ipv4Net) -> Error {
+    Error::BadPeer {
+        subnet: subnet.to_string(),
+        reason: "another peer has this subnet".into(),
+    }
+}
+
+/// Records the keys of a lease's peers, one per device; refuses a key another lease holds on
+/// the same device (then none is recorded).
+fn take_keys(keys: &mut Slots<HashMap<Key, Ipv4Net>>, wp: &Slots<Option<WgPeer>>) -> Result<(), Error> {
+    for (held, peer) in keys.iter().zip(wp) {
+        if let Some(peer) = peer {
+            if let Some(holder) = held.get(&peer.public_key) {
+                return Err(Error::BadPeer {
+                    subnet: peer.subnet.to_string(),
+                    reason: format!("PublicKey {} is peer {holder}'s", key::show(&peer.public_key)),
+                });
+            }
+        }
+    }
+    for (held, peer) in keys.iter_mut().zip(wp) {
+        if let Some(peer) = peer {
+            held.insert(peer.public_key, peer.subnet);
+        }
+    }
+    Ok(())
+}
+
+/// What a change of the peer set does to one device: peers to remove (by key) and peers to
 /// set, in that order.
 #[derive(Debug, Default)]
 pub struct Steps {
     pub remove: Vec<Key>,
     pub set: Vec<WgPeer>,
-    pub refused: Vec<Error>,
 }
 
-/// Applies `changes` to `peers` (the WireGuard peer of each lease, as set): every changed or
-/// removed lease leaves first, so a key passing from one lease to another within the batch is
-/// free whatever their order; then each upsert is judged. A key no lease holds any more is
-/// removed; a key still held is only set again (its sessions kept, its AllowedIPs replaced).
+/// Applies `changes` to `peers` (each device's WireGuard peer of each lease, as set): every
+/// changed or removed lease leaves first, so a key passing from one lease to another within the
+/// batch is free whatever their order; then each upsert is judged. A key no lease holds any more
+/// is removed; a key still held is only set again (its sessions kept, its AllowedIPs replaced).
+/// Returns each device's steps and the peers refused.
 pub fn changes(
     cfg: &WgConfig,
     net: &Network,
     own: &Lease,
-    peers: &mut BTreeMap<Ipv4Net, WgPeer>,
+    peers: &mut Slots<BTreeMap<Ipv4Net, WgPeer>>,
     changes: &PeerChanges,
-) -> Steps {
+) -> (Slots<Steps>, Vec<Error>) {
     let own_key = own_key(own);
-    let mut left: Vec<Key> = Vec::new();
+    let mut left: Slots<Vec<Key>> = Default::default();
     for subnet in changes
         .remove
         .iter()
         .chain(changes.upsert.iter().map(|p| &p.subnet))
     {
-        if let Some(old) = peers.remove(subnet) {
-            left.push(old.public_key);
+        for (table, left) in peers.iter_mut().zip(&mut left) {
+            if let Some(old) = table.remove(subnet) {
+                left.push(old.public_key);
+            }
         }
     }
-    let mut keys: HashMap<Key, Ipv4Net> =
-        peers.values().map(|p| (p.public_key, p.subnet)).collect();
-    let mut steps = Steps::default();
+    let mut keys: Slots<HashMap<Key, Ipv4Net>> =
+        peers.each_ref().map(|t| t.values().map(|p| (p.public_key, p.subnet)).collect());
+    let mut steps: Slots<Steps> = Default::default();
+    let mut refused = Vec::new();
     for p in changes
         .upsert
         .iter()
         .filter(|p| peer::same_type(p, super::Wireguard::TYPE))
     {
         let judged = judge(cfg, net, Some(own), own_key.as_ref(), p).and_then(|wp| {
-            if peers.contains_key(&p.subnet) {
-                return Err(Error::BadPeer {
-                    subnet: p.subnet.to_string(),
-                    reason: "another peer has this subnet".into(),
-                });
+            if peers[WG].contains_key(&p.subnet) {
+                return Err(another_has_the_subnet(p.subnet));
             }
-            match keys.get(&wp.public_key) {
-                Some(holder) => Err(Error::BadPeer {
-                    subnet: p.subnet.to_string(),
-                    reason: format!("PublicKey {} is peer {holder}'s", key::show(&wp.public_key)),
-                }),
-                None => Ok(wp),
-            }
+            take_keys(&mut keys, &wp)?;
+            Ok(wp)
         });
         match judged {
             Ok(wp) => {
-                keys.insert(wp.public_key, wp.subnet);
-                peers.insert(wp.subnet, wp.clone());
-                steps.set.push(wp);
+                for (slot, peer) in wp.into_iter().enumerate() {
+                    if let Some(peer) = peer {
+                        peers[slot].insert(peer.subnet, peer.clone());
+                        steps[slot].set.push(peer);
+                    }
+                }
             }
-            Err(e) => steps.refused.push(e),
+            Err(e) => refused.push(e),
         }
     }
-    let mut gone: Vec<Key> = left.into_iter().filter(|k| !keys.contains_key(k)).collect();
-    gone.sort_unstable();
-    gone.dedup();
-    steps.remove = gone;
-    steps
+    for ((steps, left), keys) in steps.iter_mut().zip(left).zip(&keys) {
+        let mut gone: Vec<Key> = left.into_iter().filter(|k| !keys.contains_key(k)).collect();
+        gone.sort_unstable();
+        gone.dedup();
+        steps.remove = gone;
+    }
+    (steps, refused)
 }
 
 #[cfg(test)]
