@@ -129,7 +129,7 @@ pub async fn gather(store_args: status::Store<'_>, args: &DoctorArgs) -> Result<
 /// flannel-wg's peers from weftd's control socket (`WIREGUARD_SOCKET_DIR`, as weftd's).
 async fn read_wireguard() -> Result<Vec<WgPeer>, String> {
     use weft_backends::wireguard_uapi as uapi;
-    let path = uapi::socket_path();
+    let path = uapi::socket_path(uapi::DEVICE);
     let shown = path.display().to_string();
     let text = tokio::task::spawn_blocking(move || uapi::query(&path, Duration::from_secs(2)))
         .await
@@ -141,7 +141,8 @@ async fn read_wireguard() -> Result<Vec<WgPeer>, String> {
 
 /// The kernel's flannel-wg's peers, over generic netlink.
 async fn read_kernel_wireguard() -> Result<Vec<WgPeer>, String> {
-    let read = tokio::task::spawn_blocking(weft_backends::wireguard_uapi::kernel_peers);
+    use weft_backends::wireguard_uapi as uapi;
+    let read = tokio::task::spawn_blocking(|| uapi::kernel_peers(uapi::DEVICE));
     let peers = tokio::time::timeout(Duration::from_secs(5), read)
         .await
         .map_err(|_| "no answer over netlink in 5 s".to_string())?

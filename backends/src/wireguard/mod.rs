@@ -55,6 +55,9 @@ pub use want::DEVICE;
 // The datagram lookups, for the fuzz target in backends/fuzz; not an API.
 #[doc(hidden)]
 pub use userspace::fuzz_lookups;
+// The userspace data plane, for the netns tests; not an API.
+#[doc(hidden)]
+pub use userspace::for_tests as userspace_for_tests;
 
 /// Two peers with one public key would each take the other's traffic (the kernel moves a key's
 /// AllowedIPs to whoever set them last): the older lease keeps it.
@@ -154,7 +157,7 @@ impl DataPlane for Wireguard {
             net,
             cfg,
             key_file: key::key_file(),
-            socket: uapi::socket_path(),
+            socket: uapi::socket_path(DEVICE),
             private: None,
             own: None,
             conn: Conn::default(),
@@ -353,10 +356,18 @@ impl Wireguard {
                     .private
                     .as_ref()
                     .ok_or_else(|| Error::Other("wireguard: configure before prepare".into()))?;
+                // flannel-wg for IPv4 alone until the device slots come (the lead's rewrite).
+                let spec = config::DeviceSpec {
+                    name: DEVICE,
+                    port: self.cfg.listen_port,
+                    v4: true,
+                    v6: false,
+                };
                 let mut u = userspace::Userspace::start(
                     &handle,
+                    spec,
                     private,
-                    (self.cfg.listen_port, self.mtu()),
+                    self.mtu(),
                     self.socket.clone(),
                 )
                 .await?;
