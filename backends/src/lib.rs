@@ -44,8 +44,11 @@ mod wireguard;
 // The wireguard data plane's lookups, for the fuzz target in backends/fuzz; not an API.
 #[doc(hidden)]
 pub use wireguard::fuzz_lookups as wireguard_fuzz_lookups;
+// The userspace WireGuard data plane, for the netns tests; not an API.
 /// The userspace WireGuard's control socket (`wg show`), which `weftctl doctor` reads too.
 pub use wireguard::uapi as wireguard_uapi;
+#[doc(hidden)]
+pub use wireguard::userspace_for_tests as wireguard_userspace;
 
 use std::net::Ipv4Addr;
 

@@ -609,4 +609,57 @@ mod tests {
             assert_eq!(out, vec![([0; HDR_LEN], p, 1)]);
         }
     }
+
+    /// An IPv6 TCP segment (ACK, `seq`) or UDP datagram of one flow, as a peer's IPv6 traffic
+    /// arrives: consecutive ones would be merged were they IPv4.
+    fn ipv6(proto: u8, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let l4 = if proto == PROTO_TCP { 20 } else { UDP_LEN };
+        let mut p = vec![0u8; 40 + l4];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&((l4 + payload.len()) as u16).to_be_bytes());
+        p[6] = proto;
+        p[7] = 64;
+        p[8..10].copy_from_slice(&[0xfd, 0]);
+        p[23] = 1;
+        p[24..26].copy_from_slice(&[0xfd, 0]);
+        p[39] = 2;
+        if proto == PROTO_TCP {
+            p[44..48].copy_from_slice(&seq.to_be_bytes());
+            p[52] = 5 << 4;
+            p[53] = ACK;
+        } else {
+            p[44..46].copy_from_slice(&((UDP_LEN + payload.len()) as u16).to_be_bytes());
+        }
+        p.extend_from_slice(payload);
+        p
+    }
+
+    #[test]
+    fn ipv6_packets_pass_through_whole_unmerged_and_in_order() {
+        let (a, b) = (segment(100, &[1; 1000]), segment(1100, &[2; 1000]));
+        let t1 = ipv6(PROTO_TCP, 100, &[3; 1000]);
+        let t2 = ipv6(PROTO_TCP, 1100, &[4; 1000]);
+        let (u1, u2) = (ipv6(PROTO_UDP, 0, &[5; 500]), ipv6(PROTO_UDP, 0, &[6; 500]));
+        let c = segment(2100, &[7; 1000]);
+        let out = run(&[
+            a,
+            b,
+            t1.clone(),
+            t2.clone(),
+            u1.clone(),
+            u2.clone(),
+            c.clone(),
+        ]);
+        let frames: Vec<(&[u8; HDR_LEN], &[u8], usize)> =
+            out.iter().map(|(h, p, n)| (h, &p[..], *n)).collect();
+        assert_eq!(
+            frames.len(),
+            6,
+            "IPv4 merged before, each IPv6 alone, IPv4 after"
+        );
+        assert_eq!((frames[0].0[1], frames[0].2), (GSO_TCPV4, 2));
+        for (i, want) in [(1, &t1), (2, &t2), (3, &u1), (4, &u2), (5, &c)] {
+            assert_eq!(frames[i], (&[0; HDR_LEN], &want[..], 1), "frame {i}");
+        }
+    }
 }

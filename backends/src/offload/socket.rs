@@ -1,5 +1,7 @@
 //! The outer UDP socket, one per worker on the same port (SO_REUSEPORT: the kernel spreads
-//! peers over the workers by their address hash).
+//! peers over the workers by their address hash). IPv4 (udp, flannel-wg), IPv6 only
+//! (flannel-wg-v6), or one IPv6 socket taking both families (a flannel-wg carrying both): there
+//! IPv4 peers are v4-mapped addresses on the wire of the API, and plain IPv4 ones everywhere else.
 //!
 //! quinn-udp does the system calls: UDP GSO (UDP_SEGMENT) on send, UDP GRO on receive, batched
 //! recvmmsg, and GSO turned off for good when the kernel or driver refuses it with EIO/EINVAL (as
@@ -7,7 +9,7 @@
 //! run is up to 64 packets, so batching across runs would save little.
 
 use std::io::{self, IoSliceMut};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
@@ -30,25 +32,61 @@ const SEND_WAIT: Duration = Duration::from_millis(100);
 /// At most 64 segments per UDP GSO send (UDP_MAX_SEGMENTS in the kernel).
 const MAX_SEGMENTS: usize = 64;
 
-/// The largest UDP payload over IPv4 (65535 − IP 20 − UDP 8): the bound on a GSO send's total.
+/// The largest UDP payload over IPv4 (65535 − IP 20 − UDP 8): the bound on a GSO send's total
+/// (IPv6 allows 20 bytes more; one bound for both keeps runs alike).
 pub const MAX_PAYLOAD: usize = 65507;
+
+/// The addresses a socket is bound for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// AF_INET, 0.0.0.0.
+    V4,
+    /// AF_INET6, [::] with IPV6_V6ONLY.
+    V6Only,
+    /// AF_INET6, [::] without IPV6_V6ONLY: IPv4 peers too. Where the kernel has no IPv6, AF_INET.
+    Dual,
+}
 
 pub struct Socket {
     sock: UdpSocket,
     state: UdpSocketState,
     /// Whether GSO may be used (the Offload option); quinn-udp may still turn it off.
     gso: bool,
+    /// AF_INET6: IPv4 destinations go as v4-mapped addresses.
+    v6: bool,
 }
 
 impl Socket {
     /// Binds 0.0.0.0:`port` with SO_REUSEPORT, non-blocking. `offload` false turns UDP GRO off
     /// and never asks for GSO.
     pub fn bind(port: u16, offload: bool) -> Result<Self, Error> {
+        Self::bind_family(port, Family::V4, offload)
+    }
+
+    /// [`Socket::bind`] for `family`.
+    pub fn bind_family(port: u16, family: Family, offload: bool) -> Result<Self, Error> {
         let ctx = || format!("UDP socket on port {port}");
-        let s = socket2::Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
-            .map_err(Error::io(ctx()))?;
+        let domain = match family {
+            Family::V4 => Domain::IPV4,
+            Family::V6Only | Family::Dual => Domain::IPV6,
+        };
+        let s = match socket2::Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)) {
+            Err(e) if family == Family::Dual && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                debug!(port, "no IPv6 in this kernel: an IPv4 socket");
+                return Self::bind_family(port, Family::V4, offload);
+            }
+            s => s.map_err(Error::io(ctx()))?,
+        };
         s.set_reuse_port(true).map_err(Error::io(ctx()))?;
-        s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
+        let any = match family {
+            Family::V4 => SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            Family::V6Only | Family::Dual => {
+                s.set_only_v6(family == Family::V6Only)
+                    .map_err(Error::io(ctx()))?;
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
+            }
+        };
+        s.bind(&any.into())
             .map_err(Error::io(format!("bind {}", ctx())))?;
         let sock: UdpSocket = s.into();
         // *BUFFORCE needs CAP_NET_ADMIN, which weftd has; without it, take what rmem_max allows.
@@ -65,6 +103,7 @@ impl Socket {
         }
         debug!(
             port,
+            ?family,
             gso = offload && state.max_gso_segments() > 1,
             gro = offload && state.gro_segments() > 1,
             "UDP socket bound"
@@ -73,7 +112,31 @@ impl Socket {
             sock,
             state,
             gso: offload,
+            v6: domain == Domain::IPV6,
         })
+    }
+
+    /// Whether it is an AF_INET6 socket (IPv6 peers; IPv4 ones too unless V6ONLY).
+    pub fn is_v6(&self) -> bool {
+        self.v6
+    }
+
+    /// `to` as this socket's family writes it: an IPv4 address v4-mapped on an AF_INET6 socket,
+    /// a v4-mapped one plain on an AF_INET socket; an IPv6 one there cannot be reached.
+    fn destination(&self, to: SocketAddr) -> io::Result<SocketAddr> {
+        match (to, self.v6) {
+            (SocketAddr::V4(a), true) => Ok(SocketAddr::V6(SocketAddrV6::new(
+                a.ip().to_ipv6_mapped(),
+                a.port(),
+                0,
+                0,
+            ))),
+            (SocketAddr::V6(a), false) => match a.ip().to_ipv4_mapped() {
+                Some(ip) => Ok(SocketAddr::V4(SocketAddrV4::new(ip, a.port()))),
+                None => Err(io::Error::from_raw_os_error(libc::EAFNOSUPPORT)),
+            },
+            _ => Ok(to),
+        }
     }
 
     /// How many segments of `seg` bytes one send may carry now (1 = no GSO).
@@ -100,9 +163,9 @@ impl Socket {
 
     /// Sends `contents` to `to`: one datagram, or with `seg` set, datagrams of `seg` bytes (the
     /// last may be shorter) in one system call.
-    pub fn send(&self, to: SocketAddrV4, contents: &[u8], seg: Option<usize>) -> io::Result<()> {
+    pub fn send(&self, to: SocketAddr, contents: &[u8], seg: Option<usize>) -> io::Result<()> {
         let t = Transmit {
-            destination: SocketAddr::V4(to),
+            destination: self.destination(to)?,
             ecn: None,
             contents,
             segment_size: seg,
@@ -118,7 +181,7 @@ impl Socket {
     pub fn send_run(
         &self,
         wake: BorrowedFd<'_>,
-        to: SocketAddrV4,
+        to: SocketAddr,
         contents: &[u8],
         seg: Option<usize>,
     ) -> io::Result<()> {
@@ -143,7 +206,7 @@ impl Socket {
     fn send_waiting(
         &self,
         wake: BorrowedFd<'_>,
-        to: SocketAddrV4,
+        to: SocketAddr,
         contents: &[u8],
         seg: Option<usize>,
     ) -> io::Result<()> {
@@ -195,7 +258,7 @@ pub fn split_gro(data: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
 /// Consecutive packets for one peer of `seg` bytes each but the last: one GSO send.
 #[derive(Clone, Copy)]
 pub struct Run {
-    pub to: SocketAddrV4,
+    pub to: SocketAddr,
     /// Byte offset in the buffer the run lies in.
     pub start: usize,
     pub seg: usize,
@@ -206,7 +269,7 @@ pub struct Run {
 }
 
 impl Run {
-    pub fn new(to: SocketAddrV4, start: usize, len: usize) -> Self {
+    pub fn new(to: SocketAddr, start: usize, len: usize) -> Self {
         Self {
             to,
             start,
@@ -218,7 +281,7 @@ impl Run {
     }
 
     /// Whether a packet of `len` bytes to `to` may join the run.
-    pub fn takes(&self, to: SocketAddrV4, len: usize, max_segments: usize) -> bool {
+    pub fn takes(&self, to: SocketAddr, len: usize, max_segments: usize) -> bool {
         to == self.to
             && !self.closed
             && len <= self.seg
@@ -268,24 +331,31 @@ impl Receives {
         }
     }
 
-    /// Buffer `i`'s sender (an IPv4 one, also when mapped into IPv6) and its datagrams.
-    pub fn buffer(&self, i: usize) -> Option<(Option<SocketAddrV4>, impl Iterator<Item = &[u8]>)> {
+    /// Buffer `i`'s sender (an IPv4 one plain, also when it came v4-mapped) and its datagrams.
+    pub fn buffer(&self, i: usize) -> Option<(SocketAddr, impl Iterator<Item = &[u8]>)> {
         let m = self.meta.get(i)?;
-        let from = match m.addr {
-            SocketAddr::V4(a) => Some(a),
-            SocketAddr::V6(a) => {
-                (a.ip().to_ipv4_mapped()).map(|ip| SocketAddrV4::new(ip, a.port()))
-            }
-        };
+        let from = unmapped(m.addr);
         let start = i * RX_BUF;
         let data = self.buf.get(start..start + m.len.min(RX_BUF))?;
         Some((from, split_gro(data, m.stride)))
     }
 }
 
+/// `a` with a v4-mapped address as the IPv4 address it stands for: one peer, one address,
+/// whichever socket it came through.
+pub fn unmapped(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(ip) => SocketAddr::V4(SocketAddrV4::new(ip, v6.port())),
+            None => a,
+        },
+        SocketAddr::V4(_) => a,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::split_gro;
+    use super::*;
 
     fn split(data: &[u8], stride: usize) -> Vec<&[u8]> {
         split_gro(data, stride).collect()
@@ -313,5 +383,34 @@ mod tests {
         for stride in [0, 1, 1472, usize::MAX] {
             assert_eq!(split(&[], stride), [&[] as &[u8]], "stride {stride}");
         }
+    }
+
+    #[test]
+    fn a_v4_mapped_sender_is_its_ipv4_address_and_ipv6_ones_stay() {
+        let mapped: SocketAddr = "[::ffff:192.168.1.2]:51820".parse().expect("addr");
+        assert_eq!(unmapped(mapped), "192.168.1.2:51820".parse().expect("addr"));
+        let v6: SocketAddr = "[fd00:192:168:100::2]:51821".parse().expect("addr");
+        assert_eq!(unmapped(v6), v6);
+        let v4: SocketAddr = "10.0.0.1:1".parse().expect("addr");
+        assert_eq!(unmapped(v4), v4);
+    }
+
+    #[test]
+    fn each_socket_family_writes_destinations_its_own_way() {
+        let v4: SocketAddr = "192.168.1.2:51820".parse().expect("addr");
+        let mapped: SocketAddr = "[::ffff:192.168.1.2]:51820".parse().expect("addr");
+        let v6: SocketAddr = "[fd00::2]:51821".parse().expect("addr");
+        let dual = Socket::bind_family(0, Family::Dual, false).expect("bind [::]:0");
+        if dual.is_v6() {
+            assert_eq!(dual.destination(v4).expect("mapped"), mapped);
+            assert_eq!(dual.destination(v6).expect("as is"), v6);
+        }
+        let plain = Socket::bind(0, false).expect("bind 0.0.0.0:0");
+        assert_eq!(plain.destination(v4).expect("as is"), v4);
+        assert_eq!(plain.destination(mapped).expect("unmapped"), v4);
+        let e = plain
+            .destination(v6)
+            .expect_err("no IPv6 on an IPv4 socket");
+        assert_eq!(e.raw_os_error(), Some(libc::EAFNOSUPPORT));
     }
 }

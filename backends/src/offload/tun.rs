@@ -8,7 +8,10 @@
 //! the same framing and multi-queue flag and nobody holds it; anything else is reported, never
 //! deleted.
 //!
-//! tun-rs does the ioctls, the virtio-net header and the TSO/USO split and GRO coalescing. It
+//! tun-rs does the ioctls, the virtio-net header and the TSO/USO split and GRO coalescing. With
+//! offloads the kernel hands over TCP super-packets of both families (TUN_F_TSO4|TSO6, and
+//! USO4|USO6 where it has USO); tun-rs's split reads the IP version and fixes each segment's
+//! IPv4 or IPv6 header and checksum. It
 //! opens in the calling thread's network namespace (the queues are opened here, before the
 //! workers start) and reopens an existing device by name; a mismatch comes back from TUNSETIFF as
 //! a bare EINVAL, which is why the device is described through netlink first.
@@ -305,19 +308,31 @@ fn accept_local_of(m: &LinkMessage) -> Option<i32> {
     })
 }
 
-/// `disable_ipv6` 1 on the device, before it goes up: the data plane is IPv4-only; without it the
+/// `disable_ipv6` 1 on the device, before it goes up: its data plane is IPv4-only; without it the
 /// kernel sends router solicitations and MLD reports into the device, only to be dropped. Only a
 /// nicety, and netlink cannot set it: where /proc/sys is read-only (an unprivileged container)
 /// or the kernel has no IPv6, it is left as it is.
 pub fn ensure_ipv6_off(name: &str) {
+    set_disable_ipv6(name, true);
+}
+
+/// `disable_ipv6` 0 on a device carrying IPv6: a persistent device an IPv4-only run left with
+/// IPv6 off takes no IPv6 route. New devices have it from `default`, normally 0; where /proc/sys
+/// is read-only it is left as it is (and the route's failure says why).
+pub fn ensure_ipv6_on(name: &str) {
+    set_disable_ipv6(name, false);
+}
+
+fn set_disable_ipv6(name: &str, off: bool) {
     let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
     let Ok(now) = std::fs::read_to_string(&path) else {
         return;
     };
-    if now.trim() != "1" {
-        match std::fs::write(&path, "1") {
-            Ok(()) => debug!(path, "sysctl set"),
-            Err(e) => debug!(path, error = %e, "cannot turn IPv6 off on {name}; leaving it"),
+    let want = if off { "1" } else { "0" };
+    if now.trim() != want {
+        match std::fs::write(&path, want) {
+            Ok(()) => debug!(path, want, "sysctl set"),
+            Err(e) => debug!(path, error = %e, "cannot set disable_ipv6 on {name}; leaving it"),
         }
     }
 }

@@ -16,7 +16,7 @@
 //! up to 64 KB. Anything else is written as it lies; without offloads, one write per packet.
 
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -216,6 +216,7 @@ impl Worker {
             self.counters.record_egress(&verdict, len, reply);
             match verdict {
                 Egress::Send(to) => {
+                    let to = SocketAddr::V4(to);
                     if let Some(r) = &mut run {
                         if r.takes(to, len, self.sock.max_segments(r.seg)) {
                             let dst = r.start + r.len;
@@ -276,7 +277,7 @@ impl Worker {
         }
     }
 
-    fn warn_send(&mut self, e: &io::Error, to: SocketAddrV4) {
+    fn warn_send(&mut self, e: &io::Error, to: SocketAddr) {
         if self.last_warn.is_some_and(|t| t.elapsed() < WARN_EVERY) {
             return;
         }
@@ -302,8 +303,9 @@ impl Worker {
             };
             for pkt in datagrams {
                 let verdict = match from {
-                    Some(from) => codec::ingress(&table, from, pkt),
-                    None => Err(DropReason::UnknownSender),
+                    SocketAddr::V4(from) => codec::ingress(&table, from, pkt),
+                    // flannel's udp is IPv4 only: no peer has an IPv6 PublicIP.
+                    SocketAddr::V6(_) => Err(DropReason::UnknownSender),
                 };
                 self.counters.record_ingress(verdict, pkt.len());
                 if verdict.is_err() {

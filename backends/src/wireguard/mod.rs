@@ -62,6 +62,9 @@ pub use want::{DEVICE, DEVICE_V6};
 // The datagram lookups, for the fuzz target in backends/fuzz; not an API.
 #[doc(hidden)]
 pub use userspace::fuzz_lookups;
+// The userspace data plane, for the netns tests; not an API.
+#[doc(hidden)]
+pub use userspace::for_tests as userspace_for_tests;
 
 /// Two peers with one public key would each take the other's traffic (the kernel moves a key's
 /// AllowedIPs to whoever set them last): the older lease keeps it.

@@ -1,9 +1,9 @@
-//! WireGuard's control socket for weft's userspace data plane, so that `wg show flannel-wg` works
-//! as it does with the kernel's WireGuard or wireguard-go, and `weftctl doctor` reads the peers'
-//! handshakes from it. Read-only: weft owns flannel-wg's configuration (it comes from the
-//! leases), so `set` is refused with EPERM.
+//! WireGuard's control socket for weft's userspace data plane, so that `wg show flannel-wg` (and
+//! `flannel-wg-v6`) works as it does with the kernel's WireGuard or wireguard-go, and `weftctl
+//! doctor` reads the peers' handshakes from it. Read-only: weft owns the devices' configuration
+//! (it comes from the leases), so `set` is refused with EPERM.
 //!
-//! The socket is `/var/run/wireguard/flannel-wg.sock` (wireguard-tools looks there), 0600.
+//! The socket is `/var/run/wireguard/<device>.sock` (wireguard-tools looks there), 0600.
 //! That path is one for the whole machine, whatever the network namespace: where several weftd
 //! run on one machine (tests), `WIREGUARD_SOCKET_DIR` gives each a directory of its own. A socket
 //! file someone still answers on (wireguard-go, another weftd) is left alone and weft goes
@@ -14,7 +14,7 @@
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -24,13 +24,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{debug, info, warn};
 
 use super::key::Key;
-/// The device the socket is for.
-pub use super::want::DEVICE;
+/// The devices a socket may be for.
+pub use super::want::{DEVICE, DEVICE_V6};
 use crate::Error;
 
 /// Where the socket lives unless `WIREGUARD_SOCKET_DIR` says otherwise: wireguard-tools' place.
@@ -55,8 +55,9 @@ pub struct Device {
 pub struct Peer {
     pub public_key: Key,
     pub psk: Option<Key>,
-    pub endpoint: SocketAddrV4,
-    pub allowed_ip: Ipv4Net,
+    pub endpoint: SocketAddr,
+    /// Its AllowedIPs: an IPv4 subnet, an IPv6 one, or both.
+    pub allowed_ips: Vec<IpNet>,
     pub keepalive: Option<u16>,
     /// When a handshake last completed; `None`: never.
     pub last_handshake: Option<SystemTime>,
@@ -71,7 +72,7 @@ pub fn socket_dir() -> PathBuf {
         .map_or_else(|| PathBuf::from(DEFAULT_DIR), PathBuf::from)
 }
 
-/// A device's socket: [`socket_dir`] / `<device>.sock`.
+/// `device`'s socket: [`socket_dir`] / `<device>.sock`.
 pub fn socket_path(device: &str) -> PathBuf {
     socket_dir().join(format!("{device}.sock"))
 }
@@ -108,7 +109,10 @@ pub fn get_answer(d: &Device) -> String {
             "persistent_keepalive_interval={}",
             p.keepalive.unwrap_or(0)
         );
-        let _ = writeln!(s, "allowed_ip={}", p.allowed_ip);
+        // An IPv6 endpoint prints as `[addr]:port`, which wg reads.
+        for net in &p.allowed_ips {
+            let _ = writeln!(s, "allowed_ip={net}");
+        }
     }
     s.push_str("errno=0\n\n");
     s
@@ -143,8 +147,8 @@ pub fn parse_get(text: &str) -> Result<Vec<(String, String, u64)>, String> {
     }
 }
 
-/// The kernel WireGuard device `device`'s peers (`flannel-wg`, or `flannel-wg-v6`) as
-/// [`parse_get`] gives them, over generic netlink (what `wg show` does for a kernel device).
+/// The kernel WireGuard device `device`'s peers as [`parse_get`] gives them, over generic
+/// netlink (what `wg show` does for a kernel device).
 pub fn kernel_peers(device: &str) -> Result<Vec<(String, String, u64)>, String> {
     let mut genl = super::genl::Genl::open().map_err(|e| e.to_string())?;
     let peers = genl
@@ -179,15 +183,15 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens at `path` ([`socket_path`]), answering from `device`. `None` (said once) where
-    /// another process answers there, or the socket cannot be made: the data plane works
-    /// without it.
-    pub fn start(path: PathBuf, device: Arc<Mutex<Device>>) -> Option<Self> {
+    /// Listens at `path` ([`socket_path`]) for the device `name`, answering from `device`.
+    /// `None` (said once) where another process answers there, or the socket cannot be made:
+    /// the data plane works without it.
+    pub fn start(path: PathBuf, name: &str, device: Arc<Mutex<Device>>) -> Option<Self> {
         let shown = path.display().to_string();
-        let served = Self::bind(&path).and_then(|l| Self::serve(path, l, device));
+        let served = Self::bind(&path).and_then(|l| Self::serve(path, name, l, device));
         served
             .map_err(|e| {
-                warn!(path = %shown, "no WireGuard control socket (`wg show` will not see {DEVICE}): {e}");
+                warn!(path = %shown, "no WireGuard control socket (`wg show` will not see {name}): {e}");
             })
             .ok()
     }
@@ -233,6 +237,7 @@ impl Server {
 
     fn serve(
         path: PathBuf,
+        name: &str,
         listener: UnixListener,
         device: Arc<Mutex<Device>>,
     ) -> Result<Self, Error> {
@@ -243,7 +248,7 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
-            .name("weft-wg-uapi".into())
+            .name(thread_name(name, "-uapi"))
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     let mut fds = [
@@ -261,7 +266,7 @@ impl Server {
                 }
             })
             .map_err(Error::io("start the control socket's thread"))?;
-        info!(path = %path.display(), "WireGuard control socket (`wg show {DEVICE}`)");
+        info!(path = %path.display(), "WireGuard control socket (`wg show {name}`)");
         Ok(Self {
             path,
             stop,
@@ -280,6 +285,13 @@ impl Drop for Server {
         }
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// A thread's name for device `name`: `weft-wg`, `weft-wg-v6` and `suffix` (Linux keeps 15
+/// bytes of it).
+pub(super) fn thread_name(name: &str, suffix: &str) -> String {
+    let short = name.strip_prefix("flannel-").unwrap_or(name);
+    format!("weft-{short}{suffix}")
 }
 
 /// One client: its request, then the answer.
@@ -319,7 +331,7 @@ mod tests {
                 public_key: [0xab; 32],
                 psk: None,
                 endpoint: "192.168.1.2:51820".parse().expect("endpoint"),
-                allowed_ip: "10.244.2.0/24".parse().expect("net"),
+                allowed_ips: vec!["10.244.2.0/24".parse().expect("net")],
                 keepalive: Some(25),
                 last_handshake: Some(SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5)),
                 rx_bytes: 10,
@@ -356,6 +368,101 @@ mod tests {
         );
     }
 
+    /// A peer of a device carrying both families, reached over IPv6: `wg` takes the endpoint
+    /// in brackets and one `allowed_ip` line per subnet.
+    fn device_v6() -> Device {
+        let mut d = device();
+        d.listen_port = 51821;
+        let p = &mut d.peers[0];
+        p.endpoint = "[fd00:192:168:100::2]:51821".parse().expect("endpoint");
+        p.allowed_ips = vec![
+            "10.244.2.0/24".parse().expect("net"),
+            "fd00:244:0:2::/64".parse().expect("net"),
+        ];
+        d
+    }
+
+    #[test]
+    fn an_ipv6_endpoint_is_bracketed_and_each_allowed_ip_has_its_line() {
+        let text = get_answer(&device_v6());
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines.contains(&"endpoint=[fd00:192:168:100::2]:51821"),
+            "{text}"
+        );
+        let allowed: Vec<&str> = (lines.iter().copied())
+            .filter(|l| l.starts_with("allowed_ip="))
+            .collect();
+        assert_eq!(
+            allowed,
+            ["allowed_ip=10.244.2.0/24", "allowed_ip=fd00:244:0:2::/64"],
+            "{text}"
+        );
+        assert_eq!(
+            parse_get(&text),
+            Ok(vec![(
+                "ab".repeat(32),
+                "[fd00:192:168:100::2]:51821".into(),
+                1_700_000_000
+            )])
+        );
+    }
+
+    /// wireguard-tools itself reads the answer: `wg show` over the socket, as an operator would.
+    /// wg looks only at /var/run/wireguard, which is the machine's: it runs in a mount namespace
+    /// of its own where a bind mount puts the test's directory there.
+    #[test]
+    fn wg_show_reads_an_ipv6_endpoint_and_both_allowed_ips() {
+        const TEST: &str = "uapi::wg_show_reads_an_ipv6_endpoint_and_both_allowed_ips";
+        if !weft_lab::require_tools(TEST, &["wg", "unshare"]) {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("weft-uapi6-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("weft-test6.sock");
+        let listener = Server::bind(&path).expect("bind");
+        let device = Arc::new(Mutex::new(device_v6()));
+        let server = Server::serve(path, "weft-test6", listener, device).expect("serve");
+        let out = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(
+                "mount -t tmpfs -o size=1m weft-uapi /run && mkdir /run/wireguard \
+                 && mount --bind \"$0\" /run/wireguard && exec wg show weft-test6 dump",
+            )
+            .arg(&dir)
+            .env("WG_HIDE_KEYS", "never")
+            .output()
+            .expect("run wg");
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text} {err}");
+        // dump: the device's line, then per peer: key, psk, endpoint, allowed ips, handshake, …
+        let line = text.lines().nth(1).expect("a peer line");
+        let peer: Vec<&str> = line.split('\t').collect();
+        assert_eq!(peer[0], BASE64_AB, "{text}");
+        assert_eq!(peer[2], "[fd00:192:168:100::2]:51821", "{text}");
+        assert_eq!(peer[3], "10.244.2.0/24,fd00:244:0:2::/64", "{text}");
+        assert_eq!(peer[4], "1700000000", "{text}");
+    }
+
+    /// [0xab; 32] in base64, as wg prints keys.
+    const BASE64_AB: &str = "q6urq6urq6urq6urq6urq6urq6urq6urq6urq6urq6s=";
+
+    #[test]
+    fn the_socket_lives_in_its_directory_under_the_device_name() {
+        let dir = socket_dir();
+        assert_eq!(socket_path(DEVICE), dir.join("flannel-wg.sock"));
+        assert_eq!(socket_path(DEVICE_V6), dir.join("flannel-wg-v6.sock"));
+        assert_eq!(thread_name(DEVICE, ""), "weft-wg");
+        assert_eq!(thread_name(DEVICE_V6, "-uapi"), "weft-wg-v6-uapi");
+        assert!(
+            thread_name(DEVICE_V6, "-uapi").len() <= 15,
+            "Linux keeps 15 bytes"
+        );
+    }
+
     #[test]
     fn a_failed_or_cut_answer_is_an_error() {
         assert!(parse_get("errno=1\n\n").is_err());
@@ -371,8 +478,13 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         drop(UnixListener::bind(&path).expect("a dead socket"));
         let listener = Server::bind(&path).expect("bind over the dead one");
-        let server =
-            Server::serve(path.clone(), listener, Arc::new(Mutex::new(device()))).expect("serve");
+        let server = Server::serve(
+            path.clone(),
+            DEVICE,
+            listener,
+            Arc::new(Mutex::new(device())),
+        )
+        .expect("serve");
         let got = query(&path, Duration::from_secs(5)).expect("get");
         assert_eq!(got, get_answer(&device()));
         let mut s = UnixStream::connect(&path).expect("connect");

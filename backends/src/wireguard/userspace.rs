@@ -1,14 +1,19 @@
-//! weft's userspace WireGuard, for kernels without it: a persistent TUN device `flannel-wg`, a
-//! UDP socket on ListenPort, and one boringtun `Tunn` per peer, moved by a worker thread with
-//! the udp backend's batching (`crate::offload`).
+//! weft's userspace WireGuard, for kernels without it: a persistent TUN device (`flannel-wg`,
+//! `flannel-wg-v6`), a UDP socket on its port, and one boringtun `Tunn` per peer, moved by a
+//! worker thread with the udp backend's batching (`crate::offload`).
 //!
-//! TUN → peers: one read returns a TCP/UDP super-packet of up to 64 KB, split by tun-rs into
-//! MTU-sized packets side by side. Each is sealed by its peer's session straight into the send
+//! A device carries IPv4, IPv6 or both ([`DeviceSpec`]): a packet goes to the peer whose subnet
+//! of its family holds its destination; its socket is AF_INET, AF_INET6 V6ONLY, or one AF_INET6
+//! socket for peers of both families (IPv4 ones v4-mapped).
+//!
+//! TUN → peers: one read returns a TCP/UDP super-packet of up to 64 KB (IPv4 or IPv6: the TUN
+//! takes TSO4/TSO6/USO4/USO6), split by tun-rs into MTU-sized packets side by side. Each is sealed by its peer's session straight into the send
 //! buffer, one after the other: segments of one super-packet give datagrams of one size (boringtun
 //! does not pad), so consecutive ones for one peer go out in one UDP GSO sendmsg.
 //! Peers → TUN: recvmmsg with UDP GRO hands over runs of datagrams; each is opened by its
 //! peer's session into one scratch buffer, and consecutive TCP segments of one flow are merged
-//! back into one super-packet for the TUN (`offload::gro`), one write per 64 KB.
+//! back into one super-packet for the TUN (`offload::gro`), one write per 64 KB; IPv6 packets
+//! are written one by one (that merging is IPv4's only).
 //!
 //! No allocation per packet once a session is up (boringtun only queues packets while a
 //! handshake runs), and no lock of weft's: the control side hands the worker a new peer list
@@ -18,12 +23,12 @@
 //!
 //! A datagram is matched to its peer by the receiver index boringtun put in the session (data,
 //! handshake response, cookie) or, for a handshake initiation, by the initiator's static key;
-//! a decrypted packet whose source lies outside that peer's subnet is dropped. Like the kernel's
+//! a decrypted packet whose source lies outside that peer's subnet of its family is dropped. Like the kernel's
 //! WireGuard, a peer's endpoint follows the address its authenticated packets come from.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -38,17 +43,18 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rtnetlink::Handle;
 use tracing::{debug, info, warn};
 use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
+use super::config::DeviceSpec;
 use super::key::{Key, PrivateKey};
 use super::uapi;
-use super::want::{WgPeer, DEVICE};
+use super::want::WgPeer;
 use crate::offload::gro::{Coalescer, HDR_LEN};
-use crate::offload::socket::{Receives, Run, Socket, RX_BUF};
+use crate::offload::socket::{Family, Receives, Run, Socket, RX_BUF};
 use crate::offload::stats::{Live, Slots};
 use crate::offload::tun::{self, Reads};
 use crate::udp::codec::{Counters, DropReason};
@@ -72,9 +78,9 @@ const SHOW_EVERY: u32 = 4;
 /// How often a failing send is reported at most.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// The running data plane.
+/// The running data plane of one device.
 pub struct Userspace {
-    /// flannel-wg's index when it was opened: another index means it was recreated.
+    /// The device's index when it was opened: another index means it was recreated.
     pub index: u32,
     peers: Sender<Vec<WgPeer>>,
     wake: UnixStream,
@@ -91,24 +97,35 @@ pub struct Userspace {
 }
 
 impl Userspace {
-    /// Opens (or creates) `flannel-wg` as a persistent TUN device with offloads and `mtu`, up,
-    /// binds `port`, and starts the worker with no peer.
+    /// Opens (or creates) `spec.name` as a persistent TUN device with offloads and `mtu`, up,
+    /// binds `spec.port` for the families it carries, and starts the worker with no peer;
+    /// `socket`: where `wg show` asks.
     pub async fn start(
         handle: &Handle,
-        spec: super::config::DeviceSpec,
+        spec: DeviceSpec,
         private: &PrivateKey,
         mtu: u32,
         socket: PathBuf,
     ) -> Result<Self, Error> {
-        let port = spec.port;
-        let mut dev = tun::open(handle, DEVICE, 1, true).await?;
-        tun::ensure_ipv6_off(DEVICE);
-        tun::ensure_link(handle, DEVICE, mtu, tun::READ_SLOTS as u32).await?;
+        let (name, port) = (spec.name, spec.port);
+        let mut dev = tun::open(handle, name, 1, true).await?;
+        // Before it goes up; and a device reopened for IPv6 may have had it off.
+        if spec.v6 {
+            tun::ensure_ipv6_on(name);
+        } else {
+            tun::ensure_ipv6_off(name);
+        }
+        tun::ensure_link(handle, name, mtu, tun::READ_SLOTS as u32).await?;
         let queue = dev
             .queues
             .pop()
-            .ok_or_else(|| Error::Other(format!("{DEVICE}: no queue opened")))?;
-        let sock = Socket::bind(port, true)?;
+            .ok_or_else(|| Error::Other(format!("{name}: no queue opened")))?;
+        let family = match (spec.v4, spec.v6) {
+            (_, false) => Family::V4,
+            (false, true) => Family::V6Only,
+            (true, true) => Family::Dual,
+        };
+        let sock = Socket::bind_family(port, family, true)?;
         let (wake, woken) = UnixStream::pair().map_err(Error::io("make a wake-up pair"))?;
         woken
             .set_nonblocking(true)
@@ -117,14 +134,14 @@ impl Userspace {
         let stop = Arc::new(AtomicBool::new(false));
         let slots = Arc::new(Slots::new(1));
         let secret = StaticSecret::from(*private.bytes());
-        let (gso, gro) = (sock.gso(), sock.gro());
+        let (gso, gro, sock_v6) = (sock.gso(), sock.gro(), sock.is_v6());
         let device = Arc::new(Mutex::new(uapi::Device {
             private_key: *private.bytes(),
             listen_port: port,
             peers: Vec::new(),
         }));
         let worker = Worker::new(
-            secret,
+            (secret, spec),
             queue,
             (dev.vnet_hdr, dev.uso),
             mtu as usize,
@@ -133,13 +150,16 @@ impl Userspace {
             (slots.clone(), device.clone()),
         );
         let thread = std::thread::Builder::new()
-            .name("weft-wg".into())
+            .name(uapi::thread_name(name, ""))
             .spawn(move || worker.run())
             .map_err(Error::io("start the WireGuard worker"))?;
-        let control = uapi::Server::start(socket, device);
+        let control = uapi::Server::start(socket, name, device);
         info!(
-            device = DEVICE,
+            device = name,
             port,
+            ipv4 = spec.v4,
+            ipv6 = spec.v6,
+            socket_ipv6 = sock_v6,
             mtu,
             tun_offload = dev.vnet_hdr,
             udp_gso = gso,
@@ -192,7 +212,7 @@ impl Userspace {
 }
 
 impl Drop for Userspace {
-    /// The worker stops and closes its TUN queue; flannel-wg (persistent) keeps its address
+    /// The worker stops and closes its TUN queue; the device (persistent) keeps its address
     /// and route for the next weftd.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -208,13 +228,26 @@ struct Peer {
     key: Key,
     psk: Option<Key>,
     keepalive: Option<u16>,
-    /// Where its packets go: its lease's PublicIP:Port, then where it last spoke from.
-    endpoint: SocketAddrV4,
-    allowed: Ipv4Net,
+    /// Where its packets go: its lease's PublicIP(v6):Port, then where it last spoke from.
+    endpoint: SocketAddr,
+    /// Its subnets of the families the device carries: what it may send from, what goes to it.
+    allowed: Option<Ipv4Net>,
+    allowed6: Option<Ipv6Net>,
     /// The index boringtun puts (shifted) in this peer's sessions.
     index: u32,
     /// When a handshake last completed (boringtun forgets it with the session).
     last_handshake: Option<SystemTime>,
+}
+
+impl Peer {
+    /// Whether an opened packet from `src` may come from this peer: inside its subnet of that
+    /// family (none where the device does not carry the family or the peer has no such lease).
+    fn admits(&self, src: IpAddr) -> bool {
+        match src {
+            IpAddr::V4(a) => self.allowed.is_some_and(|n| n.contains(&a)),
+            IpAddr::V6(a) => self.allowed6.is_some_and(|n| n.contains(&a)),
+        }
+    }
 }
 
 struct Worker {
@@ -252,7 +285,7 @@ struct Worker {
 
 impl Worker {
     fn new(
-        secret: StaticSecret,
+        (secret, spec): (StaticSecret, DeviceSpec),
         tun: SyncDevice,
         (vnet_hdr, uso): (bool, bool),
         mtu: usize,
@@ -272,7 +305,7 @@ impl Worker {
             woken,
             rx_peers,
             stop,
-            table: Table::default(),
+            table: Table::new(spec),
             counters: Counters::default(),
             tun_read_errors: 0,
             slots,
@@ -464,14 +497,13 @@ impl Worker {
         let mut writer = tun::Writer::new(tun, vnet);
         let mut write = |hdr: &[u8; HDR_LEN], pkt: &[u8], n: usize| writer.write(hdr, pkt, n);
         for i in 0..n {
-            let Some((Some(from), datagrams)) = rx.buffer(i) else {
+            let Some((from, datagrams)) = rx.buffer(i) else {
                 continue;
             };
             for dgram in datagrams {
                 // Handshakes' MAC1 checked, and past HANDSHAKES a second a cookie asked for,
                 // before any Diffie-Hellman is spent on them (as WireGuard does under load).
-                let packet = match limiter.verify_packet(Some((*from.ip()).into()), dgram, scratch)
-                {
+                let packet = match limiter.verify_packet(Some(from.ip()), dgram, scratch) {
                     Ok(packet) => packet,
                     Err(TunnResult::WriteToNetwork(cookie)) => {
                         let _ = sock.send(from, cookie, None);
@@ -489,21 +521,9 @@ impl Worker {
                     continue;
                 };
                 let p = &mut table.peers[p];
-                match p.tunn.decapsulate(Some((*from.ip()).into()), dgram, plain) {
-                    TunnResult::WriteToTunnelV4(pkt, src) => {
-                        p.endpoint = from;
-                        if !p.allowed.contains(&src) {
-                            counters.count_drop(DropReason::SourceNotInSenderLease);
-                            continue;
-                        }
-                        counters.rx_packets += 1;
-                        counters.rx_bytes += pkt.len() as u64;
-                        if vnet {
-                            gro.add(pkt, &mut write);
-                        } else {
-                            write(&[0; HDR_LEN], pkt, 1);
-                        }
-                    }
+                let (pkt, src) = match p.tunn.decapsulate(Some(from.ip()), dgram, plain) {
+                    TunnResult::WriteToTunnelV4(pkt, src) => (pkt, IpAddr::V4(src)),
+                    TunnResult::WriteToTunnelV6(pkt, src) => (pkt, IpAddr::V6(src)),
                     TunnResult::WriteToNetwork(b) => {
                         // A handshake answered (or a cookie): it goes back, and what waited
                         // for the session follows.
@@ -517,14 +537,32 @@ impl Worker {
                                 Err(_) => counters.count_drop(DropReason::SendFailed),
                             }
                         }
+                        continue;
                     }
-                    TunnResult::WriteToTunnelV6(..) => counters.count_drop(DropReason::NotIpv4),
                     TunnResult::Err(e) => {
                         debug!(error = ?e, %from, "WireGuard: datagram dropped");
                         counters.count_drop(drop_reason(&e));
+                        continue;
                     }
                     // A keepalive.
-                    TunnResult::Done => p.endpoint = from,
+                    TunnResult::Done => {
+                        p.endpoint = from;
+                        continue;
+                    }
+                };
+                // Authenticated: the peer is where it came from, whatever it carries.
+                p.endpoint = from;
+                if !p.admits(src) {
+                    counters.count_drop(DropReason::SourceNotInSenderLease);
+                    continue;
+                }
+                counters.rx_packets += 1;
+                counters.rx_bytes += pkt.len() as u64;
+                if vnet {
+                    // IPv6 packets pass through it whole (it merges IPv4 only).
+                    gro.add(pkt, &mut write);
+                } else {
+                    write(&[0; HDR_LEN], pkt, 1);
                 }
             }
         }
@@ -557,11 +595,12 @@ impl Worker {
                 if let Some(d) = since {
                     p.last_handshake = now.checked_sub(d);
                 }
+                let v4 = p.allowed.map(IpNet::V4);
                 uapi::Peer {
                     public_key: p.key,
                     psk: p.psk,
                     endpoint: p.endpoint,
-                    allowed_ip: p.allowed,
+                    allowed_ips: v4.into_iter().chain(p.allowed6.map(IpNet::V6)).collect(),
                     keepalive: p.keepalive,
                     last_handshake: p.last_handshake,
                     rx_bytes: rx as u64,
@@ -592,31 +631,69 @@ fn drop_reason(e: &WireGuardError) -> DropReason {
 }
 
 /// The worker's peers, found by destination address, by session index and by key.
-#[derive(Default)]
 struct Table {
+    /// The families the device carries: a peer's subnet of another is not looked at.
+    v4: bool,
+    v6: bool,
     peers: Vec<Peer>,
     by_key: HashMap<Key, usize>,
     by_index: HashMap<u32, usize>,
     by_subnet: HashMap<Ipv4Net, usize>,
-    /// The prefix lengths of the peers' subnets, longest first, for lookups by address.
+    by_subnet6: HashMap<Ipv6Net, usize>,
+    /// The prefix lengths of the peers' subnets of each family, longest first, for lookups by
+    /// address (with one lease size, one each).
     prefixes: Vec<u8>,
+    prefixes6: Vec<u8>,
     /// The last session index given to a peer (24 bits: boringtun shifts it by 8).
     last_index: u32,
 }
 
+/// An IPv4 header's length, where its destination ends (16..20).
+const IPV4_HDR: usize = 20;
+/// An IPv6 header's length; its destination is bytes 24..40.
+const IPV6_HDR: usize = 40;
+
 impl Table {
-    /// The peer an IPv4 packet from the TUN goes to; what goes nowhere is counted.
+    /// An empty table for a device carrying `spec`'s families.
+    fn new(spec: DeviceSpec) -> Self {
+        Self {
+            v4: spec.v4,
+            v6: spec.v6,
+            peers: Vec::new(),
+            by_key: HashMap::new(),
+            by_index: HashMap::new(),
+            by_subnet: HashMap::new(),
+            by_subnet6: HashMap::new(),
+            prefixes: Vec::new(),
+            prefixes6: Vec::new(),
+            last_index: 0,
+        }
+    }
+
+    /// The peer a packet from the TUN goes to; what goes nowhere is counted, once: an IPv6
+    /// packet on a device without IPv6 (IPv6 is off there; not an IPv4 packet), one no peer's
+    /// subnet holds, or one of a family this device does not carry (no route here).
     fn route(&self, pkt: &[u8], c: &mut Counters) -> Option<usize> {
-        if pkt.len() < 20 {
+        if pkt.len() < IPV4_HDR {
             c.count_drop(DropReason::Truncated);
             return None;
         }
-        if pkt[0] >> 4 != 4 {
-            c.count_drop(DropReason::NotIpv4);
-            return None;
-        }
-        let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
-        let found = self.for_destination(dst);
+        let found = match pkt[0] >> 4 {
+            4 => self.for_destination(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19])),
+            6 if self.v6 => {
+                let Some(dst) = pkt.get(24..IPV6_HDR) else {
+                    c.count_drop(DropReason::Truncated);
+                    return None;
+                };
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(dst);
+                self.for_destination6(Ipv6Addr::from(octets))
+            }
+            _ => {
+                c.count_drop(DropReason::NotIpv4);
+                return None;
+            }
+        };
         if found.is_none() {
             c.count_drop(DropReason::NoRoute);
         }
@@ -639,11 +716,19 @@ impl Table {
         }
     }
 
-    /// The peer whose subnet holds `dst`.
+    /// The peer whose IPv4 subnet holds `dst`.
     fn for_destination(&self, dst: Ipv4Addr) -> Option<usize> {
         self.prefixes.iter().find_map(|len| {
             let net = Ipv4Net::new(dst, *len).ok()?.trunc();
             self.by_subnet.get(&net).copied()
+        })
+    }
+
+    /// The peer whose IPv6 subnet holds `dst`.
+    fn for_destination6(&self, dst: Ipv6Addr) -> Option<usize> {
+        self.prefixes6.iter().find_map(|len| {
+            let net = Ipv6Net::new(dst, *len).ok()?.trunc();
+            self.by_subnet6.get(&net).copied()
         })
     }
 
@@ -657,17 +742,16 @@ impl Table {
     fn set(&mut self, secret: &StaticSecret, want: Vec<WgPeer>) {
         let mut old: HashMap<Key, Peer> = self.peers.drain(..).map(|p| (p.key, p)).collect();
         for w in want {
-            let (std::net::SocketAddr::V4(endpoint), Some(allowed_ip)) = (w.endpoint, w.allowed_ip)
-            else {
-                continue;
-            };
+            let allowed = w.allowed_ip.filter(|_| self.v4);
+            let allowed6 = w.allowed_ip6.filter(|_| self.v6);
             let kept = old
                 .remove(&w.public_key)
                 .filter(|p| p.psk == w.psk && p.keepalive == w.keepalive);
             let p = match kept {
                 Some(mut p) => {
-                    p.allowed = allowed_ip;
-                    p.endpoint = endpoint;
+                    p.allowed = allowed;
+                    p.allowed6 = allowed6;
+                    p.endpoint = w.endpoint;
                     p
                 }
                 None => {
@@ -685,8 +769,9 @@ impl Table {
                         key: w.public_key,
                         psk: w.psk,
                         keepalive: w.keepalive,
-                        endpoint,
-                        allowed: allowed_ip,
+                        endpoint: w.endpoint,
+                        allowed,
+                        allowed6,
                         index,
                         last_handshake: None,
                     }
@@ -697,63 +782,125 @@ impl Table {
         let all = || self.peers.iter().enumerate();
         self.by_key = all().map(|(i, p)| (p.key, i)).collect();
         self.by_index = all().map(|(i, p)| (p.index, i)).collect();
-        self.by_subnet = all().map(|(i, p)| (p.allowed, i)).collect();
-        let mut prefixes: Vec<u8> = self.peers.iter().map(|p| p.allowed.prefix_len()).collect();
-        prefixes.sort_unstable_by(|a, b| b.cmp(a));
-        prefixes.dedup();
-        self.prefixes = prefixes;
+        self.by_subnet = all().filter_map(|(i, p)| Some((p.allowed?, i))).collect();
+        self.by_subnet6 = all().filter_map(|(i, p)| Some((p.allowed6?, i))).collect();
+        self.prefixes = longest_first(self.by_subnet.keys().map(Ipv4Net::prefix_len));
+        self.prefixes6 = longest_first(self.by_subnet6.keys().map(Ipv6Net::prefix_len));
         debug!(peers = self.peers.len(), "WireGuard worker: peers set");
     }
 }
 
+/// The distinct prefix lengths, longest first.
+fn longest_first(lens: impl Iterator<Item = u8>) -> Vec<u8> {
+    let mut v: Vec<u8> = lens.collect();
+    v.sort_unstable_by(|a, b| b.cmp(a));
+    v.dedup();
+    v
+}
+
+/// What the netns tests (backends/tests/netns/wireguard_v6.rs) drive the data plane with, not
+/// an API.
+#[doc(hidden)]
+pub mod for_tests {
+    pub use super::Userspace;
+    pub use crate::wireguard::config::{DeviceSpec, DEVICE, DEVICE_V6};
+    pub use crate::wireguard::key::{public, PrivateKey};
+    pub use crate::wireguard::want::WgPeer;
+}
+
 /// The fuzz target's entry (backends/fuzz/fuzz_targets/wg_datagram.rs), not an API: any bytes as
-/// a packet from the TUN and as a datagram from the network, against a table of three peers, as
-/// the worker looks them up before boringtun's own checks (and then through them).
+/// a packet from the TUN and as a datagram from the network, against tables of three peers (a
+/// device carrying both families, and an IPv6-only one), as the worker looks them up before
+/// boringtun's own checks (and then through them); and any bytes as the source of an opened
+/// packet, admitted only inside the sender's subnet of its family.
 #[doc(hidden)]
 pub fn fuzz_lookups(data: &[u8]) {
     let secret = StaticSecret::from([7; 32]);
     let public = PublicKey::from(&secret);
-    let mut t = Table::default();
-    let peers = (1..=3u8).map(|n| {
-        let subnet: Ipv4Net = format!("10.244.{n}.0/24").parse().expect("subnet");
-        WgPeer {
-            subnet,
-            public_key: PublicKey::from(&StaticSecret::from([n; 32])).to_bytes(),
-            endpoint: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, n), 51820).into(),
-            allowed_ip: Some(subnet),
-            allowed_ip6: None,
-            psk: None,
-            keepalive: None,
+    let spec = |v4, v6| DeviceSpec {
+        name: "fuzz",
+        port: 51820,
+        v4,
+        v6,
+    };
+    let peers = || {
+        (1..=3u8).map(|n| {
+            let subnet: Ipv4Net = format!("10.244.{n}.0/24").parse().expect("subnet");
+            let endpoint: SocketAddr = if n % 2 == 0 {
+                format!("[fd00::{n}]:51820").parse().expect("endpoint")
+            } else {
+                format!("192.0.2.{n}:51820").parse().expect("endpoint")
+            };
+            WgPeer {
+                subnet,
+                public_key: PublicKey::from(&StaticSecret::from([n; 32])).to_bytes(),
+                endpoint,
+                allowed_ip: Some(subnet),
+                // Peer 3 has no IPv6 side.
+                allowed_ip6: (n != 3).then(|| format!("fd00:244:0:{n}::/64").parse().expect("net")),
+                psk: None,
+                keepalive: None,
+            }
+        })
+    };
+    let mut t = Table::new(spec(true, true));
+    t.set(&secret, peers().collect());
+    let mut t6 = Table::new(spec(false, true));
+    t6.set(&secret, peers().collect());
+    for t in [&t, &t6] {
+        let mut c = Counters::default();
+        match t.route(data, &mut c) {
+            Some(i) => {
+                let p = &t.peers[i];
+                match data.first().map(|b| b >> 4) {
+                    Some(4) => {
+                        assert!(t.v4 && data.len() >= IPV4_HDR, "routed a short IPv4 packet");
+                        let dst = Ipv4Addr::new(data[16], data[17], data[18], data[19]);
+                        assert!(p.admits(dst.into()), "routed outside the peer's subnet");
+                    }
+                    Some(6) => {
+                        assert!(t.v6, "routed IPv6 on a device without it");
+                        let mut dst = [0u8; 16];
+                        dst.copy_from_slice(&data[24..IPV6_HDR]);
+                        assert!(
+                            p.admits(Ipv6Addr::from(dst).into()),
+                            "routed outside the peer's IPv6 subnet"
+                        );
+                    }
+                    _ => panic!("routed a packet of neither family"),
+                }
+                assert_eq!(c.total_drops(), 0);
+            }
+            None => assert_eq!(c.total_drops(), 1, "a packet going nowhere is counted once"),
         }
-    });
-    t.set(&secret, peers.collect());
-    let mut c = Counters::default();
-    match t.route(data, &mut c) {
-        Some(i) => {
-            assert!(
-                data.len() >= 20 && data[0] >> 4 == 4,
-                "routed a non-IPv4 packet"
-            );
-            let dst = Ipv4Addr::new(data[16], data[17], data[18], data[19]);
-            assert!(
-                t.peers[i].allowed.contains(&dst),
-                "routed outside the peer's subnet"
-            );
-            assert_eq!(c.total_drops(), 0);
+    }
+    // An opened packet's source: admitted only inside its sender's subnet of its family.
+    if let Some(src) = (data.get(..16)).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
+        let (v6, v4) = (
+            Ipv6Addr::from(src),
+            Ipv4Addr::new(src[0], src[1], src[2], src[3]),
+        );
+        for p in t.peers.iter().chain(&t6.peers) {
+            let inside6 = p.allowed6.is_some_and(|n| n.contains(&v6));
+            assert_eq!(p.admits(v6.into()), inside6);
+            let inside4 = p.allowed.is_some_and(|n| n.contains(&v4));
+            assert_eq!(p.admits(v4.into()), inside4);
         }
-        None => assert_eq!(c.total_drops(), 1, "a packet going nowhere is counted once"),
     }
     // The worker's first look at a datagram: MAC1 of handshakes, the handshake rate.
     let mut out = vec![0; data.len().max(MIN_OUT) + OVERHEAD];
     let limiter = RateLimiter::new(&public, HANDSHAKES);
-    let packet =
-        match limiter.verify_packet(Some(Ipv4Addr::new(192, 0, 2, 9).into()), data, &mut out) {
-            Ok(packet) => packet,
-            Err(TunnResult::Err(e)) => return assert_ne!(drop_reason(&e), DropReason::Replayed),
-            Err(_) => return,
-        };
+    let from = match data.first() {
+        Some(b) if b & 1 == 1 => IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 9]),
+        _ => IpAddr::from([192, 0, 2, 9]),
+    };
+    let packet = match limiter.verify_packet(Some(from), data, &mut out) {
+        Ok(packet) => packet,
+        Err(TunnResult::Err(e)) => return assert_ne!(drop_reason(&e), DropReason::Replayed),
+        Err(_) => return,
+    };
     if let Some(i) = t.sender(packet, &secret, &public) {
-        match t.peers[i].tunn.decapsulate(None, data, &mut out) {
+        match t.peers[i].tunn.decapsulate(Some(from), data, &mut out) {
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
                 panic!("a packet opened without a session")
             }
@@ -769,15 +916,52 @@ pub fn fuzz_lookups(data: &[u8]) {
 mod tests {
     use super::*;
 
+    const BOTH: DeviceSpec = DeviceSpec {
+        name: "flannel-wg",
+        port: 51820,
+        v4: true,
+        v6: true,
+    };
+    const V4: DeviceSpec = DeviceSpec {
+        name: "flannel-wg",
+        port: 51820,
+        v4: true,
+        v6: false,
+    };
+    const V6: DeviceSpec = DeviceSpec {
+        name: "flannel-wg-v6",
+        port: 51821,
+        v4: false,
+        v6: true,
+    };
+
+    /// Peer `n`: 10.244.n.0/24 at 192.168.1.n (an IPv4 device's peer).
     fn peer(n: u8, psk: Option<Key>) -> WgPeer {
         WgPeer {
             subnet: format!("10.244.{n}.0/24").parse().expect("subnet"),
             public_key: PublicKey::from(&StaticSecret::from([n; 32])).to_bytes(),
             endpoint: format!("192.168.1.{n}:51820").parse().expect("endpoint"),
-            allowed_ip: format!("10.244.{n}.0/24").parse().ok(),
+            allowed_ip: Some(format!("10.244.{n}.0/24").parse().expect("subnet")),
             allowed_ip6: None,
             psk,
             keepalive: None,
+        }
+    }
+
+    /// Peer `n` with its IPv6 subnet fd00:244:0:n::/64 too, at `endpoint`.
+    fn dual_peer(n: u8, endpoint: &str) -> WgPeer {
+        WgPeer {
+            endpoint: endpoint.parse().expect("endpoint"),
+            allowed_ip6: Some(format!("fd00:244:0:{n}::/64").parse().expect("subnet")),
+            ..peer(n, None)
+        }
+    }
+
+    /// Peer `n` of an IPv6-only device (flannel-wg-v6): its IPv6 subnet alone.
+    fn v6_peer(n: u8) -> WgPeer {
+        WgPeer {
+            allowed_ip: None,
+            ..dual_peer(n, &format!("[fd00:192:168:1::{n}]:51821"))
         }
     }
 
@@ -786,10 +970,57 @@ mod tests {
         Some(t.peers[i].index)
     }
 
+    /// A minimal packet of `len` bytes to `dst` (IPv4 or IPv6 by its family), from `src`.
+    fn packet(src: IpAddr, dst: IpAddr, len: usize) -> Vec<u8> {
+        let mut p = vec![0u8; len];
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                p[0] = 0x45;
+                p[12..16].copy_from_slice(&s.octets());
+                p[16..20].copy_from_slice(&d.octets());
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                p[0] = 0x60;
+                p[8..24].copy_from_slice(&s.octets());
+                p[24..40].copy_from_slice(&d.octets());
+            }
+            _ => panic!("one family"),
+        }
+        p
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    /// Where the table sends a packet to `dst`: the peer's endpoint, or the one drop it counted.
+    fn route(t: &Table, dst: &str) -> Result<String, DropReason> {
+        let src = if dst.contains(':') {
+            "fd00:244:0:1::2"
+        } else {
+            "10.244.1.2"
+        };
+        let mut c = Counters::default();
+        let found = t.route(&packet(ip(src), ip(dst), 60), &mut c);
+        match found {
+            Some(i) => {
+                assert_eq!(c.total_drops(), 0);
+                Ok(t.peers[i].endpoint.to_string())
+            }
+            None => {
+                assert_eq!(c.total_drops(), 1, "{c:?}");
+                Err(*DropReason::ALL
+                    .iter()
+                    .find(|r| c.drop_count(**r) == 1)
+                    .expect("a reason"))
+            }
+        }
+    }
+
     #[test]
     fn packets_find_their_peer_by_destination_and_by_session_index() {
         let secret = StaticSecret::from([1; 32]);
-        let mut t = Table::default();
+        let mut t = Table::new(V4);
         t.set(&secret, vec![peer(2, None), peer(3, None)]);
         let i2 = index_of(&t, 2).expect("peer 2");
         let i3 = index_of(&t, 3).expect("peer 3");
@@ -798,14 +1029,128 @@ mod tests {
         assert_eq!(t.for_destination("10.245.2.1".parse().expect("ip")), None);
         // boringtun's receiver index is the peer's index shifted by 8, a session in the low byte.
         let at = t.for_receiver((i3 << 8) | 5).expect("by index");
-        assert_eq!(t.peers[at].allowed.to_string(), "10.244.3.0/24");
+        assert_eq!(
+            t.peers[at].allowed.expect("v4").to_string(),
+            "10.244.3.0/24"
+        );
         assert_eq!(t.for_receiver(0xffff_ff00), None);
+    }
+
+    #[test]
+    fn a_device_carrying_both_families_routes_each_by_its_subnet_of_that_family() {
+        let secret = StaticSecret::from([1; 32]);
+        let mut t = Table::new(BOTH);
+        // Peer 2 dialled over IPv4, peer 3 over IPv6, peer 4 without an IPv6 lease.
+        t.set(
+            &secret,
+            vec![
+                dual_peer(2, "192.168.1.2:51820"),
+                dual_peer(3, "[fd00:192:168:1::3]:51820"),
+                peer(4, None),
+            ],
+        );
+        assert_eq!(route(&t, "10.244.2.9"), Ok("192.168.1.2:51820".into()));
+        assert_eq!(route(&t, "fd00:244:0:2::9"), Ok("192.168.1.2:51820".into()));
+        assert_eq!(
+            route(&t, "10.244.3.9"),
+            Ok("[fd00:192:168:1::3]:51820".into())
+        );
+        assert_eq!(
+            route(&t, "fd00:244:0:3:ffff::1"),
+            Ok("[fd00:192:168:1::3]:51820".into())
+        );
+        assert_eq!(route(&t, "10.244.4.9"), Ok("192.168.1.4:51820".into()));
+        assert_eq!(route(&t, "fd00:244:0:4::9"), Err(DropReason::NoRoute));
+        assert_eq!(route(&t, "fd00:244:1:2::9"), Err(DropReason::NoRoute));
+        assert_eq!(route(&t, "10.244.9.9"), Err(DropReason::NoRoute));
+    }
+
+    #[test]
+    fn an_ipv6_only_device_routes_ipv6_and_no_ipv4() {
+        let secret = StaticSecret::from([1; 32]);
+        let mut t = Table::new(V6);
+        // A peer's IPv4 subnet given to it anyway is not this device's to route.
+        let mut stray = v6_peer(3);
+        stray.allowed_ip = Some("10.244.3.0/24".parse().expect("net"));
+        t.set(&secret, vec![v6_peer(2), stray]);
+        assert_eq!(
+            route(&t, "fd00:244:0:2::9"),
+            Ok("[fd00:192:168:1::2]:51821".into())
+        );
+        assert_eq!(
+            route(&t, "fd00:244:0:3::9"),
+            Ok("[fd00:192:168:1::3]:51821".into())
+        );
+        assert_eq!(
+            route(&t, "10.244.3.9"),
+            Err(DropReason::NoRoute),
+            "IPv4 is not carried"
+        );
+        let p = &t.peers[t
+            .for_destination6("fd00:244:0:3::1".parse().expect("ip"))
+            .expect("3")];
+        assert_eq!(p.allowed, None);
+        assert!(!p.admits(ip("10.244.3.9")), "nor accepted from it");
+    }
+
+    #[test]
+    fn an_ipv4_device_drops_ipv6_as_not_ipv4_and_short_packets_as_truncated() {
+        let secret = StaticSecret::from([1; 32]);
+        let mut t = Table::new(V4);
+        // Even with an IPv6 subnet given, an IPv4-only device has IPv6 off: not its to route.
+        t.set(&secret, vec![dual_peer(2, "192.168.1.2:51820")]);
+        assert_eq!(route(&t, "fd00:244:0:2::9"), Err(DropReason::NotIpv4));
+        assert_eq!(route(&t, "10.244.2.9"), Ok("192.168.1.2:51820".into()));
+        let mut t6 = Table::new(V6);
+        t6.set(&secret, vec![v6_peer(2)]);
+        for (table, pkt) in [
+            (&t, vec![0x45; 19]),
+            (&t6, {
+                // An IPv6 header cut inside its destination address.
+                let mut p = packet(ip("fd00::1"), ip("fd00:244:0:2::9"), 40);
+                p.truncate(39);
+                p
+            }),
+        ] {
+            let mut c = Counters::default();
+            assert_eq!(table.route(&pkt, &mut c), None);
+            assert_eq!(c.drop_count(DropReason::Truncated), 1, "{c:?}");
+            assert_eq!(c.total_drops(), 1, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn an_opened_packet_is_admitted_only_from_its_senders_subnet_of_its_family() {
+        let secret = StaticSecret::from([1; 32]);
+        let mut t = Table::new(BOTH);
+        t.set(
+            &secret,
+            vec![dual_peer(2, "[fd00::2]:51820"), peer(4, None)],
+        );
+        let p2 = &t.peers[0];
+        assert!(p2.admits(ip("10.244.2.7")));
+        assert!(p2.admits(ip("fd00:244:0:2::7")));
+        assert!(
+            !p2.admits(ip("fd00:244:0:3::7")),
+            "another lease's IPv6 subnet"
+        );
+        assert!(!p2.admits(ip("10.244.3.7")), "another lease's IPv4 subnet");
+        assert!(
+            !p2.admits(ip("::ffff:10.244.2.7")),
+            "v4-mapped is IPv6, outside its /64"
+        );
+        let p4 = &t.peers[1];
+        assert!(p4.admits(ip("10.244.4.7")));
+        assert!(
+            !p4.admits(ip("fd00:244:0:4::7")),
+            "no IPv6 lease: no IPv6 source"
+        );
     }
 
     #[test]
     fn a_new_list_keeps_unchanged_peers_sessions_and_forgets_the_rest() {
         let secret = StaticSecret::from([1; 32]);
-        let mut t = Table::default();
+        let mut t = Table::new(V4);
         t.set(&secret, vec![peer(2, None), peer(3, None), peer(4, None)]);
         let (i2, i3) = (index_of(&t, 2), index_of(&t, 3));
         let mut moved = peer(2, None);
@@ -825,5 +1170,33 @@ mod tests {
             None,
             "old index forgotten"
         );
+    }
+
+    #[test]
+    fn a_kept_peer_gaining_an_ipv6_subnet_is_routed_there_with_its_session() {
+        let secret = StaticSecret::from([1; 32]);
+        let mut t = Table::new(BOTH);
+        t.set(&secret, vec![peer(2, None)]);
+        let i2 = index_of(&t, 2);
+        assert_eq!(route(&t, "fd00:244:0:2::9"), Err(DropReason::NoRoute));
+        t.set(&secret, vec![dual_peer(2, "[fd00::2]:51820")]);
+        assert_eq!(index_of(&t, 2), i2, "same key: same sessions");
+        assert_eq!(route(&t, "fd00:244:0:2::9"), Ok("[fd00::2]:51820".into()));
+    }
+
+    #[test]
+    fn the_fuzz_entry_holds_for_packets_of_both_families() {
+        let v4 = packet(ip("10.244.9.1"), ip("10.244.2.9"), 40);
+        let v6 = packet(ip("fd00:244:0:9::1"), ip("fd00:244:0:2::9"), 60);
+        for data in [
+            &v4[..],
+            &v6[..],
+            &v6[..39],
+            &[0x60; 20][..],
+            &[],
+            &[4, 0, 0, 0],
+        ] {
+            fuzz_lookups(data);
+        }
     }
 }

@@ -13,3 +13,4 @@ mod udp;
 mod vxlan;
 mod vxlan_v6;
 mod wireguard;
+mod wireguard_v6;

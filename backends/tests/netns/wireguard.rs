@@ -265,11 +265,16 @@ fn weft_and_a_hand_made_wireguard_go_peer_reach_each_other() {
     );
 }
 
-/// `bytes` pseudo-random bytes over TCP from `from`'s container to `to`'s: (sent, received),
-/// each as (length, FNV-1a hash).
-fn transfer(from: &Host, to: &Host, bytes: u64) -> ((u64, u64), (u64, u64)) {
+/// `bytes` pseudo-random bytes over TCP from `from`'s container to `to`'s at `ip` (its IPv4 or
+/// IPv6 address): (sent, received), each as (length, FNV-1a hash).
+pub(crate) fn transfer(
+    from: &Host,
+    to: &Host,
+    ip: std::net::IpAddr,
+    bytes: u64,
+) -> ((u64, u64), (u64, u64)) {
     use std::io::{Read, Write};
-    use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
     use std::time::Duration;
     fn fnv(state: &mut (u64, u64), data: &[u8]) {
         for b in data {
@@ -282,7 +287,8 @@ fn transfer(from: &Host, to: &Host, bytes: u64) -> ((u64, u64), (u64, u64)) {
     let to_ns = to.container.name.clone();
     let receiver = std::thread::spawn(move || {
         crate::harness::enter(&to_ns);
-        let l = TcpListener::bind("0.0.0.0:0").expect("listen");
+        let any = if ip.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let l = TcpListener::bind(any).expect("listen");
         let _ = port_tx.send(l.local_addr().expect("addr").port());
         let (mut s, _) = l.accept().expect("accept");
         s.set_read_timeout(Some(Duration::from_secs(30)))
@@ -297,11 +303,10 @@ fn transfer(from: &Host, to: &Host, bytes: u64) -> ((u64, u64), (u64, u64)) {
         }
     });
     let port = port_rx.recv().expect("receiver port");
-    let ip = to.container_ip();
     let from_ns = from.container.name.clone();
     let sender = std::thread::spawn(move || {
         crate::harness::enter(&from_ns);
-        let at = SocketAddr::V4(SocketAddrV4::new(ip, port));
+        let at = SocketAddr::new(ip, port);
         let mut s = TcpStream::connect_timeout(&at, Duration::from_secs(5)).expect("connect");
         s.set_write_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
@@ -344,9 +349,9 @@ fn bulk_tcp_arrives_intact_through_userspace_wireguard() {
     assert_eq!(s.workers, 1, "{s:?}");
     // Segmentation offloads on the TUN, GSO and GRO on the socket: batches, not packets.
     assert!(s.tun_offload && s.udp_gso && s.udp_gro, "{s:?}");
-    let (sent, got) = transfer(h1, h2, 8 << 20);
+    let (sent, got) = transfer(h1, h2, h2.container_ip().into(), 8 << 20);
     assert_eq!(got, sent, "c1 -> c2 corrupted");
-    let (sent, got) = transfer(h2, h1, 8 << 20);
+    let (sent, got) = transfer(h2, h1, h1.container_ip().into(), 8 << 20);
     assert_eq!(got, sent, "c2 -> c1 corrupted");
     let s = stats(h1);
     assert!(
