@@ -96,11 +96,13 @@ pub(crate) fn wg_device(t: &Topology, i: usize, dev: &str) -> (u64, Vec<String>)
         "{dev} is userspace WireGuard's TUN device or the kernel's: {link}"
     );
     let addrs = ns.ip_json(&format!("addr show dev {dev} scope global"));
+    // `ip -j` leaves an entry without "local" for each address the scope filter drops (the
+    // kernel's IPv6 link-local one).
     let mut addrs: Vec<String> = addrs[0]["addr_info"]
         .as_array()
         .into_iter()
         .flatten()
-        .map(|a| format!("{}/{}", a["local"].as_str().unwrap_or(""), a["prefixlen"]))
+        .filter_map(|a| Some(format!("{}/{}", a["local"].as_str()?, a["prefixlen"])))
         .collect();
     addrs.sort();
     (link["mtu"].as_u64().unwrap_or(0), addrs)
