@@ -108,8 +108,12 @@ fn pings(from: &Host, ip: IpAddr) -> bool {
 }
 
 /// Two hosts on 192.168.100.0/24 and fd00:192:168:100::/64, containers wired for both families
-/// with MTU 1420; a directory for the control sockets.
-fn dual_lab(test: &str) -> (Lab, PathBuf) {
+/// with MTU 1420, each running `spec`'s device (its control socket in the returned directory);
+/// `None` (a visible skip) without IPv6.
+fn dual_lab(test: &str, tag: &str, spec: DeviceSpec) -> Option<(Lab, PathBuf, Vec<Node>)> {
+    if !ipv6_or_skip(test) {
+        return None;
+    }
     let mut lab = Lab::new();
     for i in 1..=2 {
         lab.add_host(i, &format!("192.168.100.{i}/24"), 1500);
@@ -117,9 +121,10 @@ fn dual_lab(test: &str) -> (Lab, PathBuf) {
     for h in &lab.hosts {
         h.wire_container_dual(h.subnet, subnet6(h.n), Some(MTU));
     }
-    let dir = std::env::temp_dir().join(format!("weft-wg6-{test}-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("weft-wg6-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    (lab, dir)
+    let nodes = lab.hosts.iter().map(|h| Node::start(h, spec, &dir)).collect();
+    Some((lab, dir, nodes))
 }
 
 fn ip6(h: &Host) -> IpAddr {
@@ -150,22 +155,16 @@ fn lines<'a>(text: &'a str, key: &str) -> Vec<&'a str> {
 #[test]
 fn flannel_wg_v6_carries_the_ipv6_subnets_between_the_hosts_ipv6_addresses() {
     const TEST: &str = "flannel_wg_v6_carries_the_ipv6_subnets_between_the_hosts_ipv6_addresses";
-    if !ipv6_or_skip(TEST) {
-        return;
-    }
-    let (lab, dir) = dual_lab("sep");
-    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
     let spec = DeviceSpec {
         name: DEVICE_V6,
         port: 51821,
         v4: false,
         v6: true,
     };
-    let mut nodes: Vec<Node> = lab
-        .hosts
-        .iter()
-        .map(|h| Node::start(h, spec, &dir))
-        .collect();
+    let Some((lab, dir, mut nodes)) = dual_lab(TEST, "sep", spec) else {
+        return;
+    };
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
     for (i, h) in lab.hosts.iter().enumerate() {
         let link = h.ns.link(DEVICE_V6).expect("flannel-wg-v6 exists");
         assert_eq!(link["linkinfo"]["info_kind"], "tun", "{link}");
@@ -228,22 +227,16 @@ fn flannel_wg_v6_carries_the_ipv6_subnets_between_the_hosts_ipv6_addresses() {
 #[test]
 fn one_flannel_wg_carries_both_families_over_an_ipv4_or_an_ipv6_underlay() {
     const TEST: &str = "one_flannel_wg_carries_both_families_over_an_ipv4_or_an_ipv6_underlay";
-    if !ipv6_or_skip(TEST) {
-        return;
-    }
-    let (lab, dir) = dual_lab("one");
-    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
     let spec = DeviceSpec {
         name: DEVICE,
         port: 51820,
         v4: true,
         v6: true,
     };
-    let mut nodes: Vec<Node> = lab
-        .hosts
-        .iter()
-        .map(|h| Node::start(h, spec, &dir))
-        .collect();
+    let Some((lab, dir, mut nodes)) = dual_lab(TEST, "one", spec) else {
+        return;
+    };
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
     for h in &lab.hosts {
         h.ns.ip(&format!("route add {NETWORK} dev {DEVICE}"));
         h.ns.ip(&format!("-6 route add {NETWORK6} dev {DEVICE}"));
