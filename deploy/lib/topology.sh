@@ -10,6 +10,8 @@
 # The underlay is dual-stack when the kernel has IPv6: a.b.c.d/24 comes with fd00:a:b:c::d/64, the
 # octets' decimal digits written as the groups (10.99.0.11 is fd00:10:99::11, the switch ::1),
 # with the same default routes. tests/lab/src/topology.rs uses the same rule (underlay_ip6).
+# A dual-stack network (topo_set_config with TOPO_NETWORK6) gives each container an IPv6 address
+# too: topo_wire_container6, as the Rust lab's wire_container_dual.
 #
 # Every process, namespace and file it creates is recorded (arrays and $TOPO_DIR/{pids,netns}),
 # and topo_cleanup removes exactly those: nothing outside the namespaces is touched or contacted.
@@ -22,6 +24,7 @@ TOPO_DIR=""             # temp dir: logs, per-host subnet.env/daemon.json, etcd 
 TOPO_BIN_DIR=""         # where weftd and weftctl are
 TOPO_UNDERLAY="${TOPO_UNDERLAY:-10.99.0}"       # underlay /24, first three octets
 TOPO_NETWORK="${TOPO_NETWORK:-10.244.0.0/16}"   # the flannel Network
+TOPO_NETWORK6="${TOPO_NETWORK6:-fd00:244::/56}" # the IPv6Network of a dual-stack config (/64 leases)
 TOPO_ETCD_PREFIX="${TOPO_ETCD_PREFIX:-/coreos.com/network}"
 TOPO_ETCD=""            # etcd client URL, valid inside the namespaces
 TOPO_PIDS=()            # processes we started, in start order
@@ -312,11 +315,15 @@ topo_ctl() {
 }
 
 # Stores a network config for `backend`: a type name (vxlan, host-gw, udp, …) or a whole Backend
-# object in JSON (`{"Type": "udp", …}`) for backend options.
+# object in JSON (`{"Type": "udp", …}`) for backend options. An IPv6 network as the second
+# argument (e.g. "$TOPO_NETWORK6") makes the network dual-stack: EnableIPv6 and IPv6Network.
 topo_set_config() {
-  local backend=$1
+  local backend=$1 net6=${2:-} v6=""
   [[ $backend == "{"* ]] || backend=$(printf '{"Type": "%s"}' "$backend")
-  printf '{"Network": "%s", "Backend": %s}\n' "$TOPO_NETWORK" "$backend" | topo_ctl config set -
+  if [[ -n $net6 ]]; then
+    v6=$(printf '"EnableIPv6": true, "IPv6Network": "%s", ' "$net6")
+  fi
+  printf '{"Network": "%s", %s"Backend": %s}\n' "$TOPO_NETWORK" "$v6" "$backend" | topo_ctl config set -
 }
 
 # A real kube-apiserver (v1.20.2 from ../shared/kube beside the repository, or $KUBE_APISERVER)
@@ -606,6 +613,57 @@ topo_wire_container() {
   topo_t 10 ip -n "$c" addr replace "$cip/$len" dev eth0
   topo_t 10 ip -n "$c" route replace default via "$gw"
   printf '%s\n' "$cip" >"$TOPO_DIR/h$n/container_ip"
+}
+
+topo_container_ip6() { cat "$TOPO_DIR/h$1/container_ip6"; }
+
+# The IPv6 address after ADDR, whose last group must be below ffff (true of a lease's gateway,
+# its network address + 1): fd00:244:0:5::1 gives fd00:244:0:5::2.
+topo_ip6_next() {
+  local a=$1 last
+  last=${a##*:}
+  if ! [[ $last =~ ^[0-9a-fA-F]{1,4}$ ]] || ((16#$last == 0xffff)); then
+    topo_die "no address after $a here"
+  fi
+  printf '%s:%x' "${a%:*}" "$((16#$last + 1))"
+}
+
+# The IPv6 half of the bridge delegate's work on a dual-stack lease, as tests/lab/src/topology.rs's
+# wire_container_dual: cni0 gets FLANNEL_IPV6_SUBNET (the lease's ::1), the container the next
+# address (::2), both without DAD (usable at once), and a default route via cni0's address. Call
+# it after topo_wire_container, which sets the MTU of both veth ends.
+topo_wire_container6() {
+  local n=$1 h c gw len cip
+  h=$(topo_ns "h$n"); c=$(topo_ns "c$n")
+  topo_have_ipv6 || topo_die "the kernel has no IPv6 (booted with ipv6.disable=1?)"
+  gw=$(topo_env "$n" FLANNEL_IPV6_SUBNET)
+  len=${gw#*/}; gw=${gw%/*}
+  cip=$(topo_ip6_next "$gw")
+  topo_t 10 ip -n "$h" addr replace "$gw/$len" dev cni0 nodad
+  topo_t 10 ip -n "$c" addr replace "$cip/$len" dev eth0 nodad
+  topo_t 10 ip -n "$c" -6 route replace default via "$gw"
+  printf '%s\n' "$cip" >"$TOPO_DIR/h$n/container_ip6"
+}
+
+# Waits until every listed host sends to every other listed host's container IPv6 address (see
+# topo_wire_container6) through `dev` (flannel-v6.1's per-peer route, or flannel-wg-v6's route for
+# the whole IPv6 network): until then the default route would take it to the switch.
+topo_wait_routes6() {
+  local secs=$1 dev=$2; shift 2
+  local n m to
+  for n in "$@"; do
+    for m in "$@"; do
+      [[ $n == "$m" ]] && continue
+      to=$(topo_container_ip6 "$m")
+      topo_wait_until "$secs" "host $n's route to $to through $dev" topo_routes_via "$n" "$to" "$dev" ||
+        topo_die "host $n: no route to $to through $dev (log: $TOPO_DIR/h$n/weftd.log)"
+    done
+  done
+}
+
+# Whether host N routes address TO through device DEV.
+topo_routes_via() {
+  [[ " $(topo_t 10 ip -n "$(topo_ns "h$1")" -o route get "$2" 2>/dev/null) " == *" dev $3 "* ]]
 }
 
 # Waits until every listed host has a route to every other listed host's subnet (the hosts have

@@ -27,6 +27,19 @@
 #   vxlan-masq     (opt-in) as vxlan, but weftd also runs -ip-masq and its FORWARD rules, to show
 #                  what the firewall rules cost
 #
+# IPv6 (opt-in): the same tests with IPv6 inside and outside. The hosts' IPv6 underlay addresses
+# are fd00:a:b:c::d beside a.b.c.d (deploy/lib/topology.sh); the weftd modes run a dual-stack
+# network (IPv6Network TOPO_NETWORK6, fd00:244::/56, /64 leases) and each container gets its
+# IPv6 lease's ::2, routed via cni0's ::1 (FLANNEL_IPV6_SUBNET); ping -6, iperf3 -6.
+#
+#   underlay6      host to host over the IPv6 underlay addresses, no tunnel
+#   vxlan6         container to container over IPv6, weftd vxlan on the dual-stack network: the
+#                  kernel's VXLAN over IPv6, flannel-v6.1 (VNI 1, port 8472); as flannel on a
+#                  dual-stack network, MTU underlay − 70 (1430) on both devices and the containers
+#   wireguard6     container to container over IPv6, weftd wireguard on the dual-stack network in
+#                  Mode separate (the default): its second userspace device flannel-wg-v6, UDP
+#                  51821 between the hosts' IPv6 underlay addresses
+#
 #   sudo bash tests/bench/datapath.sh [--duration SECS] [--rounds N] [--modes "m1 m2 …"]
 #
 # Per mode: iperf3 TCP with 1 and 4 streams; UDP with 64-byte datagrams at unlimited rate, and the
@@ -46,7 +59,7 @@ DURATION=5
 ROUNDS=3
 MODES=(underlay vxlan vxlan-manual udp udp-nooffload openvpn)
 ALL_MODES=(underlay host-gw host-gw-manual vxlan vxlan-manual vxlan-masq udp udp-nooffload openvpn
-  wireguard wireguard-go)
+  wireguard wireguard-go underlay6 vxlan6 wireguard6)
 PORT=5201
 PINGS=200
 
@@ -69,6 +82,7 @@ done
 [[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -ge 1 ]] || topo_die "--rounds wants a positive number"
 for m in "${MODES[@]}"; do
   [[ " ${ALL_MODES[*]} " == *" $m "* ]] || topo_die "unknown mode $m (modes: ${ALL_MODES[*]})"
+  [[ $m != *6 ]] || topo_have_ipv6 || topo_die "mode $m needs IPv6, which this kernel does not have"
 done
 
 topo_require_root
@@ -95,6 +109,8 @@ topo_etcd
 
 declare -A RES=()   # "<mode>,<metric>" -> space-separated values, one per round
 SRC="" DST="" DST_IP="" SERVER_PID=""
+FAMILY=4            # of the current mode's traffic: 4, or 6 for the modes whose names end in 6
+FAM=()              # ping's and iperf3's option for it: none for IPv4 (as before), -6 for IPv6
 TUNNEL_PIDS=()      # the userspace tunnel daemons of the current mode (weftd udp/wireguard, openvpn, wireguard-go)
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -188,11 +204,13 @@ tun0_up() {
 # on this one machine, and without WIREGUARD_KEY_FILE every one would take /run/flannel/wgkey
 # (the machine's, shared, and left behind). wireguard routes the whole network into flannel-wg
 # and keeps its peers inside the device (here weft's userspace WireGuard, which the kernel does
-# not show), so wait for that route and let mode_up's ping with retries probe the rest.
+# not show), so wait for that route and let mode_up's ping with retries probe the rest. With an
+# IPv6 network as argument the network is dual-stack: in Mode separate weftd also makes
+# flannel-wg-v6 and routes the IPv6 network into it; the containers get IPv6 addresses too.
 weftd_wireguard() {
-  local n hosts=(1 2)
+  local net6=${1:-} n hosts=(1 2)
   for n in "${hosts[@]}"; do topo_host "$n"; done
-  topo_set_config wireguard >&2
+  topo_set_config wireguard "$net6" >&2
   for n in "${hosts[@]}"; do
     WIREGUARD_KEY_FILE="$TOPO_DIR/h$n/wgkey" WIREGUARD_SOCKET_DIR="$TOPO_DIR/h$n" \
       topo_weftd "$n" -iptables-forward-rules=false
@@ -200,8 +218,26 @@ weftd_wireguard() {
   for n in "${hosts[@]}"; do
     topo_wait_subnet "$n" 60
     topo_wire_container "$n"
+    [[ -z $net6 ]] || topo_wire_container6 "$n"
   done
   topo_wait_network_route 30 flannel-wg "${hosts[@]}"
+  [[ -z $net6 ]] || topo_wait_routes6 30 flannel-wg-v6 "${hosts[@]}"
+}
+
+# weftd vxlan on hosts 1 and 2 on a dual-stack network (as topo_cluster_up, with IPv6): flannel.1
+# and flannel-v6.1 on each, both families' containers wired, both families' routes waited for.
+weftd_vxlan6() {
+  local n hosts=(1 2)
+  for n in "${hosts[@]}"; do topo_host "$n"; done
+  topo_set_config vxlan "$TOPO_NETWORK6" >&2
+  for n in "${hosts[@]}"; do topo_weftd "$n" -iptables-forward-rules=false; done
+  for n in "${hosts[@]}"; do
+    topo_wait_subnet "$n" 60
+    topo_wire_container "$n"
+    topo_wire_container6 "$n"
+  done
+  topo_wait_routes 30 "${hosts[@]}"
+  topo_wait_routes6 30 flannel-v6.1 "${hosts[@]}"
 }
 
 # Debian's wireguard-go on hosts 1 and 2, set up by hand as flanneld sets up its flannel-wg (as
@@ -278,10 +314,15 @@ mode_up() {
   # A fresh etcd prefix per mode and round: no lease of an earlier mode is ever seen again.
   TOPO_ETCD_PREFIX="/weft-bench/$mode/$round"
   TUNNEL_PIDS=()
+  FAMILY=4 FAM=()
+  if [[ $mode == *6 ]]; then FAMILY=6 FAM=(-6); fi
   case $mode in
     underlay)
       topo_host 1; topo_host 2
       SRC=$(topo_ns h1); DST=$(topo_ns h2); DST_IP=$(topo_underlay_ip 2) ;;
+    underlay6)
+      topo_host 1; topo_host 2
+      SRC=$(topo_ns h1); DST=$(topo_ns h2); DST_IP=$(topo_underlay_ip6 2) ;;
     host-gw | vxlan)
       # Only the data path under test: no firewall rules (vxlan-masq measures those).
       topo_cluster_up 2 "$mode" -iptables-forward-rules=false ;;
@@ -302,15 +343,20 @@ mode_up() {
       openvpn_p2p ;;
     wireguard)
       weftd_wireguard ;;
+    vxlan6)
+      weftd_vxlan6 ;;
+    wireguard6)
+      weftd_wireguard "$TOPO_NETWORK6" ;;
     wireguard-go)
       topo_host 1; topo_host 2
       wireguard_go_p2p ;;
   esac
-  if [[ $mode == udp* || $mode == wireguard ]]; then
+  if [[ $mode == udp* || $mode == wireguard || $mode == wireguard6 ]]; then
     for n in 1 2; do TUNNEL_PIDS+=("$(topo_weftd_pid "$n")"); done
   fi
-  if [[ $mode != underlay ]]; then
+  if [[ $mode != underlay* ]]; then
     SRC=$(topo_ns c1); DST=$(topo_ns c2); DST_IP=$(topo_container_ip 2)
+    ((FAMILY == 4)) || DST_IP=$(topo_container_ip6 2)
   fi
   topo_spawn "$TOPO_DIR/iperf3-$mode.log" ip netns exec "$DST" iperf3 -s -B "$DST_IP" -p "$PORT"
   SERVER_PID=$TOPO_SPAWNED
@@ -320,7 +366,7 @@ mode_up() {
   # Resolve neighbours and warm caches before anything is timed; a userspace tunnel may need a
   # moment after its device is up, so allow a few tries.
   if ! topo_wait_until 20 "$SRC to reach $DST_IP" \
-    topo_run 5 ip netns exec "$SRC" ping -c 3 -i 0.1 -W 1 -q "$DST_IP" >/dev/null; then
+    topo_run 5 ip netns exec "$SRC" ping "${FAM[@]}" -c 3 -i 0.1 -W 1 -q "$DST_IP" >/dev/null; then
     topo_die "$mode: $SRC cannot reach $DST_IP"
   fi
 }
@@ -384,15 +430,21 @@ children_cpu() {
 
 IPERF_OUT=""
 iperf() {
-  IPERF_OUT=$(topo_run $((DURATION + 30)) ip netns exec "$SRC" iperf3 -c "$DST_IP" -p "$PORT" \
+  IPERF_OUT=$(topo_run $((DURATION + 30)) ip netns exec "$SRC" iperf3 "${FAM[@]}" -c "$DST_IP" -p "$PORT" \
     -t "$DURATION" -J "$@") || return 1
 }
 
 # UDP datagrams that reached the destination namespace's UDP layer so far: delivered to a socket
-# (InDatagrams) or dropped there because its receive buffer was full (RcvbufErrors).
+# (InDatagrams) or dropped there because its receive buffer was full (RcvbufErrors). IPv6 has
+# its own counters, in /proc/net/snmp6.
 udp_reached() {
-  topo_t 10 ip netns exec "$DST" cat /proc/net/snmp |
-    awk '$1 == "Udp:" && $2 ~ /^[0-9]+$/ { print $2 + $6 }'
+  if ((FAMILY == 6)); then
+    topo_t 10 ip netns exec "$DST" cat /proc/net/snmp6 |
+      awk '$1 == "Udp6InDatagrams" { a = $2 } $1 == "Udp6RcvbufErrors" { b = $2 } END { print a + b }'
+  else
+    topo_t 10 ip netns exec "$DST" cat /proc/net/snmp |
+      awk '$1 == "Udp:" && $2 ~ /^[0-9]+$/ { print $2 + $6 }'
+  fi
 }
 
 # Whether 64-byte datagrams offered at `kpps` thousand per second for 2 s arrive with ≤ 1% loss,
@@ -476,7 +528,7 @@ measure() {
 
   topo_log "$mode: ping latency ($PINGS pings, 10 ms apart)"
   local out rtts n
-  out=$(topo_run 60 ip netns exec "$SRC" ping -c "$PINGS" -i 0.01 -W 1 "$DST_IP") || true
+  out=$(topo_run 60 ip netns exec "$SRC" ping "${FAM[@]}" -c "$PINGS" -i 0.01 -W 1 "$DST_IP") || true
   rtts=$(sed -n 's/.* time=\([0-9.]*\) ms.*/\1/p' <<<"$out" | sort -g)
   n=$(grep -c . <<<"$rtts") || true
   ((n >= PINGS / 2)) || topo_die "$mode: only $n of $PINGS pings answered"
@@ -488,7 +540,7 @@ measure() {
 
 # Device settings that decide performance: MTU and offloads of every device on the path, and the
 # vxlan device's own attributes. Saved per mode (first round) for the comparison below.
-DEVICES=(eth0 cni0 veth0 flannel.1 flannel0 tun0 flannel-wg)
+DEVICES=(eth0 cni0 veth0 flannel.1 flannel0 tun0 flannel-wg flannel-v6.1 flannel-wg-v6)
 snapshot() {
   local mode=$1 d="$TOPO_DIR/snap-$1" n dev ns
   [[ -d $d ]] && return 0
@@ -499,7 +551,7 @@ snapshot() {
       topo_t 10 ip -n "$ns" link show "$dev" >/dev/null 2>&1 || continue
       topo_t 10 ip -n "$ns" -o link show "$dev" | sed -n 's/.* mtu \([0-9]*\).*/\1/p' >"$d/h$n-$dev.mtu"
       topo_nsexec "$ns" 10 ethtool -k "$dev" >"$d/h$n-$dev.ethtool" 2>&1 || true
-      if [[ $dev == flannel.1 ]]; then
+      if [[ $dev == flannel.1 || $dev == flannel-v6.1 ]]; then
         # Only configuration: drop the index, MAC and counters, which differ by construction.
         topo_t 10 ip -n "$ns" -d link show "$dev" |
           sed -E 's/^[0-9]+: //; s|link/ether [0-9a-f:]+ brd [0-9a-f:]+ ||; s/ +$//' >"$d/h$n-$dev.link"
@@ -556,6 +608,10 @@ echo "number is bounded by CPU, not by a wire. Median of $ROUNDS rounds (range i
 echo "average at start: $LOAD_START, at the end: $load_end; CPU busy outside the benchmark, measured"
 echo "for 1 s before each mode's tests: median $(fmt "$bg" %.2f) cores. net.core.rmem_max/wmem_max:"
 echo "$(cat /proc/sys/net/core/rmem_max)/$(cat /proc/sys/net/core/wmem_max) (they cap OpenVPN's socket buffers; weftd forces its own)."
+if [[ " ${present[*]} " == *"6 "* ]]; then
+  echo "IPv6 modes (…6): underlay $(topo_underlay6)::/64 (hosts $(topo_underlay_ip6 1) and $(topo_underlay_ip6 2)),"
+  echo "dual-stack network $TOPO_NETWORK + $TOPO_NETWORK6, each container at its IPv6 lease's ::2."
+fi
 echo
 echo "| mode | TCP 1 stream Mbit/s | TCP 4 streams Mbit/s | UDP 64 B kpps delivered | UDP loss % | UDP 64 B kpps reaching the host | UDP 64 B kpps at ≤ 1% loss | ping avg µs | ping p99 µs | CPU s/GB (path) | CPU s/GB (machine) | CPU s/GB (tunnel daemons) |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
@@ -598,6 +654,32 @@ ratio_table "$VXLAN_REF" "kernel VXLAN"
 ratio_table openvpn "OpenVPN"
 ratio_table wireguard-go "Debian's wireguard-go"
 ratio_table underlay "the underlay (host to host, no tunnel)"
+ratio_table underlay6 "the IPv6 underlay (host to host, no tunnel)"
+
+# Each IPv6 mode against its IPv4 twin, same run.
+pairs=()
+for mode in underlay6 vxlan6 wireguard6; do
+  has "$mode" && has "${mode%6}" && pairs+=("$mode")
+done
+if ((${#pairs[@]})); then
+  echo
+  echo "IPv6 against IPv4 (each \`…6\` mode against the same mode over IPv4), same run:"
+  echo
+  echo "| mode | TCP 1 stream | TCP 4 streams | UDP 64 B pps | UDP 64 B pps reaching the host | UDP 64 B pps at ≤ 1% loss | ping avg | ping p99 | CPU s/GB (path) |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  for mode in "${pairs[@]}"; do
+    ref=${mode%6}
+    printf '| %s / %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$mode" "$ref" \
+      "$(ratio "$(med "$mode" tcp1)" "$(med "$ref" tcp1)")" \
+      "$(ratio "$(med "$mode" tcp4)" "$(med "$ref" tcp4)")" \
+      "$(ratio "$(med "$mode" udp_kpps)" "$(med "$ref" udp_kpps)")" \
+      "$(ratio "$(med "$mode" udp_reached_kpps)" "$(med "$ref" udp_reached_kpps)")" \
+      "$(ratio "$(med "$mode" udp_ok_kpps)" "$(med "$ref" udp_ok_kpps)")" \
+      "$(ratio "$(med "$mode" lat_us)" "$(med "$ref" lat_us)")" \
+      "$(ratio "$(med "$mode" lat99_us)" "$(med "$ref" lat99_us)")" \
+      "$(ratio "$(med "$mode" path_cpu_gb)" "$(med "$ref" path_cpu_gb)")"
+  done
+fi
 
 # The goals of issue 8, for weft's udp with offloads.
 goal() {
@@ -698,7 +780,7 @@ echo '```'
 for mode in "${present[@]}"; do
   d="$TOPO_DIR/snap-$mode"
   line=""
-  for b in h1-eth0 h1-veth0 h1-cni0 c1-eth0 h1-flannel.1 h1-flannel0 h1-tun0 h1-flannel-wg; do
+  for b in h1-eth0 h1-veth0 h1-cni0 c1-eth0 h1-flannel.1 h1-flannel0 h1-tun0 h1-flannel-wg h1-flannel-v6.1 h1-flannel-wg-v6; do
     [[ -f $d/$b.mtu ]] && line+=" ${b/c1-eth0/container-eth0}=$(cat "$d/$b.mtu")"
   done
   printf '%-14s%s\n' "$mode" "${line//h1-/}"
@@ -708,7 +790,7 @@ echo
 # every mode.
 keys='^(tx-checksumming|scatter-gather|tcp-segmentation-offload|generic-segmentation-offload|generic-receive-offload|tx-udp_tnl-segmentation|tx-udp_tnl-csum-segmentation|tx-udp-segmentation|rx-udp-gro-forwarding|rx-gro-list):'
 brief() { grep -E "$keys" "$1" | sed -E 's/ \[fixed\]//; s/-offload//; s/-segmentation/-seg/; s/: /=/' | tr '\n' ' '; }
-for b in h1-eth0 h1-veth0 h1-cni0 c1-eth0 h1-flannel.1 h1-flannel0 h1-tun0 h1-flannel-wg; do
+for b in h1-eth0 h1-veth0 h1-cni0 c1-eth0 h1-flannel.1 h1-flannel0 h1-tun0 h1-flannel-wg h1-flannel-v6.1 h1-flannel-wg-v6; do
   first="" differs=0
   for mode in "${present[@]}"; do
     f="$TOPO_DIR/snap-$mode/$b.ethtool"
