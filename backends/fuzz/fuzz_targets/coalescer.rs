@@ -7,7 +7,8 @@
 //! the flow's last packet left off. Input: a mode byte (bit 0: the TUN takes UDP GSO), then
 //! records until the input ends:
 //! - `0kkkkkkk flow size_hi size_lo var`: a built packet. `k`: 0x01 UDP (else TCP), 0x02 PSH,
-//!   0x04 DF clear, 0x08 a corrupt checksum, 0x10 TCP FIN or UDP without checksum. `flow`: bits
+//!   0x04 DF clear, 0x08 a corrupt checksum, 0x10 TCP FIN or UDP without checksum, 0x20 IPv6
+//!   (fd00::2 → fd00::34; TTL, TOS and DF become hop limit, traffic class and nothing). `flow`: bits
 //!   0-1 the source port, then a different TTL (0x04), TOS (0x08), window or destination port
 //!   (0x10), TCP without options (0x20), ACK number (0x40), IP's reserved flag (0x80). `size`: the
 //!   payload (capped at what fits). `var`: 0 continues the flow, else its sequence number and IP
@@ -35,29 +36,46 @@ struct Flow {
     id: u16,
 }
 
-/// One built packet: 10.244.2.2 → 10.244.52.2, port 5000 + flow → 80 (TCP) or 5201 (UDP).
+/// One built packet: 10.244.2.2 → 10.244.52.2 (or fd00::2 → fd00::34), port 5000 + flow → 80
+/// (TCP) or 5201 (UDP).
 fn build(kind: u8, flow: u8, size: usize, at: &mut Flow, index: usize) -> Vec<u8> {
     let udp = kind & 0x01 != 0;
+    let v6 = kind & 0x20 != 0;
     let opts: &[u8] = if udp || flow & 0x20 != 0 {
         &[]
     } else {
         &[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]
     };
-    let hl = 20 + if udp { 8 } else { 20 + opts.len() };
+    let il = if v6 { 40 } else { 20 };
+    let hl = il + if udp { 8 } else { 20 + opts.len() };
     let size = size.min(65535 - hl);
     let mut p = vec![0u8; hl + size];
-    p[0] = 0x45;
-    p[1] = if flow & 0x08 != 0 { 2 } else { 0 };
-    p[2..4].copy_from_slice(&((hl + size) as u16).to_be_bytes());
-    p[4..6].copy_from_slice(&at.id.to_be_bytes());
-    p[6] = if kind & 0x04 != 0 { 0 } else { 0x40 } | if flow & 0x80 != 0 { 0x80 } else { 0 };
-    p[8] = if flow & 0x04 != 0 { 63 } else { 64 };
-    p[9] = if udp { UDP } else { TCP };
-    p[12..16].copy_from_slice(&[10, 244, 2, 2]);
-    p[16..20].copy_from_slice(&[10, 244, 52, 2]);
-    let c = common::checksum(&p[..20]);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    let t = &mut p[20..];
+    if v6 {
+        p[0] = 0x60;
+        p[1] = if flow & 0x08 != 0 { 0x20 } else { 0 };
+        // A flow label instead of IPv4's reserved flag.
+        p[3] = u8::from(flow & 0x80 != 0);
+        p[4..6].copy_from_slice(&((hl - il + size) as u16).to_be_bytes());
+        p[6] = if udp { UDP } else { TCP };
+        p[7] = if flow & 0x04 != 0 { 63 } else { 64 };
+        p[8] = 0xfd;
+        p[23] = 2;
+        p[24] = 0xfd;
+        p[39] = 0x34;
+    } else {
+        p[0] = 0x45;
+        p[1] = if flow & 0x08 != 0 { 2 } else { 0 };
+        p[2..4].copy_from_slice(&((hl + size) as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&at.id.to_be_bytes());
+        p[6] = if kind & 0x04 != 0 { 0 } else { 0x40 } | if flow & 0x80 != 0 { 0x80 } else { 0 };
+        p[8] = if flow & 0x04 != 0 { 63 } else { 64 };
+        p[9] = if udp { UDP } else { TCP };
+        p[12..16].copy_from_slice(&[10, 244, 2, 2]);
+        p[16..20].copy_from_slice(&[10, 244, 52, 2]);
+        let c = common::checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    let t = &mut p[il..];
     t[0..2].copy_from_slice(&(5000 + u16::from(flow & 3)).to_be_bytes());
     if udp {
         let port: u16 = if flow & 0x10 != 0 { 5202 } else { 5201 };

@@ -13,12 +13,14 @@ use crate::common::{fold, sum};
 
 const NEEDS_CSUM: u8 = 1;
 const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
 const GSO_UDP_L4: u8 = 5;
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
 const FIN: u8 = 0x01;
 const PSH: u8 = 0x08;
 const IP_LEN: usize = 20;
+const IP6_LEN: usize = 40;
 const MAX_PACKET: usize = 65535;
 /// The kernel refuses a UDP_L4 frame of more (virtio_net_hdr_to_skb: UDP_MAX_SEGMENTS).
 const MAX_UDP_SEGMENTS: usize = 64;
@@ -40,24 +42,46 @@ fn checksum_offset(proto: u8) -> Option<usize> {
     }
 }
 
-/// The pseudo-header sum of `pkt` (addresses, protocol, transport length).
-fn pseudo(pkt: &[u8], hl: usize) -> u64 {
-    sum(&pkt[12..20]) + u64::from(pkt[9]) + (pkt.len() - hl) as u64
+/// Whether `pkt` is IPv6 (else IPv4).
+fn is_v6(pkt: &[u8]) -> bool {
+    pkt.first().is_some_and(|b| b >> 4 == 6)
 }
 
-/// Whether the TCP or UDP checksum of `pkt` is right (UDP's 0 meaning "none" counts as right).
+/// The IP header's length (IPv6: without extension headers) and the transport protocol.
+fn ip_header(pkt: &[u8]) -> (usize, Option<u8>) {
+    if is_v6(pkt) {
+        (IP6_LEN, pkt.get(6).copied())
+    } else {
+        let hl = usize::from(pkt.first().map_or(0, |b| b & 0x0f)) * 4;
+        (hl, pkt.get(9).copied())
+    }
+}
+
+/// The pseudo-header sum of `pkt` (addresses, protocol, transport length).
+fn pseudo(pkt: &[u8], hl: usize) -> u64 {
+    let (addresses, proto) = if is_v6(pkt) {
+        (&pkt[8..40], pkt[6])
+    } else {
+        (&pkt[12..20], pkt[9])
+    };
+    sum(addresses) + u64::from(proto) + (pkt.len() - hl) as u64
+}
+
+/// Whether the TCP or UDP checksum of `pkt` is right (IPv4 UDP's 0 meaning "none" counts as
+/// right).
 pub fn transport_ok(pkt: &[u8]) -> bool {
-    let hl = usize::from(pkt[0] & 0x0f) * 4;
-    if pkt[9] == UDP && pkt[hl + 6..hl + 8] == [0, 0] {
+    let (hl, proto) = ip_header(pkt);
+    if proto == Some(UDP) && !is_v6(pkt) && pkt[hl + 6..hl + 8] == [0, 0] {
         return true;
     }
     fold(pseudo(pkt, hl) + sum(&pkt[hl..])) == 0xffff
 }
 
-/// Writes the right TCP or UDP checksum into `pkt` if it is a whole IPv4 packet of either.
+/// Writes the right TCP or UDP checksum into `pkt` if it is a whole IPv4 or IPv6 packet of
+/// either.
 pub fn fix_transport(pkt: &mut [u8]) {
-    let hl = usize::from(pkt.first().map_or(0, |b| b & 0x0f)) * 4;
-    let Some(off) = pkt.get(9).and_then(|&p| checksum_offset(p)) else {
+    let (hl, proto) = ip_header(pkt);
+    let Some(off) = proto.and_then(checksum_offset) else {
         return;
     };
     if hl < IP_LEN || hl + off + 2 > pkt.len() || pkt.len() > MAX_PACKET {
@@ -65,7 +89,7 @@ pub fn fix_transport(pkt: &mut [u8]) {
     }
     pkt[hl + off..hl + off + 2].fill(0);
     let mut c = !fold(pseudo(pkt, hl) + sum(&pkt[hl..]));
-    if pkt[9] == UDP && c == 0 {
+    if proto == Some(UDP) && c == 0 {
         c = 0xffff;
     }
     pkt[hl + off..hl + off + 2].copy_from_slice(&c.to_be_bytes());
@@ -135,28 +159,40 @@ fn check_merged(hdr: &[u8; VNET_HDR_LEN], frame: &[u8], originals: &[Vec<u8>], u
     let n = originals.len();
     assert!(n >= 2, "a GSO frame of one packet");
     assert_eq!(hdr[0], NEEDS_CSUM);
+    let v6 = is_v6(frame);
+    let ip_len = if v6 { IP6_LEN } else { IP_LEN };
     let (proto, csum_offset) = match hdr[1] {
-        GSO_TCPV4 => (TCP, 16),
+        GSO_TCPV4 if !v6 => (TCP, 16),
+        GSO_TCPV6 if v6 => (TCP, 16),
         GSO_UDP_L4 => {
             assert!(uso, "a UDP GSO frame to a TUN without USO");
             (UDP, 6)
         }
-        t => panic!("gso_type {t}"),
+        t => panic!("gso_type {t} for an IPv{} frame", if v6 { 6 } else { 4 }),
     };
     let (hdr_len, gso_size) = (ne16(hdr, 2), ne16(hdr, 4));
-    assert_eq!((ne16(hdr, 6), ne16(hdr, 8)), (IP_LEN, csum_offset));
+    assert_eq!((ne16(hdr, 6), ne16(hdr, 8)), (ip_len, csum_offset));
 
     assert!(frame.len() <= MAX_PACKET && frame.len() > hdr_len);
-    assert_eq!(frame[0], 0x45);
-    assert_eq!(usize::from(be16(frame, 2)), frame.len());
-    assert_eq!(fold(sum(&frame[..IP_LEN])), 0xffff, "IP header checksum");
-    assert_eq!(frame[9], proto);
-    assert!(frame[6] & 0x3f == 0 && frame[7] == 0, "a fragment merged");
-    if proto == TCP {
-        assert_eq!(hdr_len, IP_LEN + usize::from(frame[IP_LEN + 12] >> 4) * 4);
+    if v6 {
+        assert_eq!(
+            usize::from(be16(frame, 4)),
+            frame.len() - IP6_LEN,
+            "payload length"
+        );
+        assert_eq!(frame[6], proto, "an extension header merged");
     } else {
-        assert_eq!(hdr_len, IP_LEN + 8);
-        assert_eq!(usize::from(be16(frame, IP_LEN + 4)), frame.len() - IP_LEN);
+        assert_eq!(frame[0], 0x45);
+        assert_eq!(usize::from(be16(frame, 2)), frame.len());
+        assert_eq!(fold(sum(&frame[..IP_LEN])), 0xffff, "IP header checksum");
+        assert_eq!(frame[9], proto);
+        assert!(frame[6] & 0x3f == 0 && frame[7] == 0, "a fragment merged");
+    }
+    if proto == TCP {
+        assert_eq!(hdr_len, ip_len + usize::from(frame[ip_len + 12] >> 4) * 4);
+    } else {
+        assert_eq!(hdr_len, ip_len + 8);
+        assert_eq!(usize::from(be16(frame, ip_len + 4)), frame.len() - ip_len);
         assert!(n <= MAX_UDP_SEGMENTS);
     }
     let payload = &frame[hdr_len..];
@@ -164,10 +200,10 @@ fn check_merged(hdr: &[u8; VNET_HDR_LEN], frame: &[u8], originals: &[Vec<u8>], u
     assert!(gso_size >= 1 && payload.len() > gso_size);
     assert_eq!(payload.len().div_ceil(gso_size), n, "packets counted");
     // NEEDS_CSUM: the field holds the pseudo-header sum, which the kernel completes.
-    let at = IP_LEN + csum_offset;
+    let at = ip_len + csum_offset;
     assert_eq!(
         be16(frame, at),
-        fold(pseudo(frame, IP_LEN)),
+        fold(pseudo(frame, ip_len)),
         "partial checksum"
     );
 
@@ -177,10 +213,12 @@ fn check_merged(hdr: &[u8; VNET_HDR_LEN], frame: &[u8], originals: &[Vec<u8>], u
         // Checksums compared as valid, not as bytes; the ID of a packet with DF not at all.
         let masked = |h: &[u8]| {
             let mut h = h.to_vec();
-            h[10..12].fill(0);
             h[at..at + 2].fill(0);
-            if orig[6] & 0x40 != 0 {
-                h[4..6].fill(0);
+            if !v6 {
+                h[10..12].fill(0);
+                if orig[6] & 0x40 != 0 {
+                    h[4..6].fill(0);
+                }
             }
             h
         };
@@ -199,8 +237,8 @@ fn check_merged(hdr: &[u8; VNET_HDR_LEN], frame: &[u8], originals: &[Vec<u8>], u
 }
 
 /// The headers of segment `k` of `n` as Linux cuts it from a GSO frame: the frame's, with this
-/// length, the IP ID counted up from the frame's, TCP's sequence number advanced and PSH and FIN
-/// only on the last, UDP's length its own. Checksums left out.
+/// length, the IPv4 ID counted up from the frame's, TCP's sequence number advanced and PSH and
+/// FIN only on the last, UDP's length its own. Checksums left out.
 fn segment_header(
     frame: &[u8],
     hdr_len: usize,
@@ -210,20 +248,27 @@ fn segment_header(
     payload: usize,
 ) -> Vec<u8> {
     let mut p = frame[..hdr_len].to_vec();
-    let len = (hdr_len + payload) as u16;
-    p[2..4].copy_from_slice(&len.to_be_bytes());
-    let id = be16(frame, 4).wrapping_add(k as u16);
-    p[4..6].copy_from_slice(&id.to_be_bytes());
-    if p[9] == TCP {
-        let seq = u32::from_be_bytes([p[24], p[25], p[26], p[27]]);
+    let len = hdr_len + payload;
+    let (ip_len, proto) = if is_v6(frame) {
+        p[4..6].copy_from_slice(&((len - IP6_LEN) as u16).to_be_bytes());
+        (IP6_LEN, p[6])
+    } else {
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        let id = be16(frame, 4).wrapping_add(k as u16);
+        p[4..6].copy_from_slice(&id.to_be_bytes());
+        (IP_LEN, p[9])
+    };
+    let t = ip_len;
+    if proto == TCP {
+        let seq = u32::from_be_bytes([p[t + 4], p[t + 5], p[t + 6], p[t + 7]]);
         let seq = seq.wrapping_add((k * gso_size) as u32);
-        p[24..28].copy_from_slice(&seq.to_be_bytes());
+        p[t + 4..t + 8].copy_from_slice(&seq.to_be_bytes());
         if k + 1 < n {
-            p[IP_LEN + 13] &= !(PSH | FIN);
+            p[t + 13] &= !(PSH | FIN);
         }
     } else {
-        let udp_len = (len as usize - IP_LEN) as u16;
-        p[IP_LEN + 4..IP_LEN + 6].copy_from_slice(&udp_len.to_be_bytes());
+        let udp_len = (len - ip_len) as u16;
+        p[t + 4..t + 6].copy_from_slice(&udp_len.to_be_bytes());
     }
     p
 }

@@ -1,7 +1,7 @@
 //! Receive coalescing for TUN writes: consecutive packets of one flow become one super-packet
 //! behind a virtio-net header, so the kernel takes up to 64 KB per write, as it does from a NIC
-//! with GRO. TCP segments become a GSO TCPV4 packet; UDP datagrams, where the TUN has USO (Linux
-//! 6.2+), a GSO UDP_L4 packet that the kernel cuts back into the same datagrams where they are
+//! with GRO. TCP segments become a GSO TCPV4 (TCPV6) packet; UDP datagrams, where the TUN has USO
+//! (Linux 6.2+), a GSO UDP_L4 packet that the kernel cuts back into the same datagrams where they are
 //! delivered (or hands whole to a socket with UDP_GRO). One write per 64 datagrams instead of one
 //! each is what makes a small-packet flood cheap.
 //!
@@ -10,10 +10,12 @@
 //! wants each packet in a buffer of its own, which costs another copy out of a UDP GRO run. Here
 //! packets are read where recvmmsg put them and copied once, into the super-packet; a packet that
 //! cannot be merged goes out as it lies, with writev. The rules are Linux's `tcp_gro_receive` and
-//! `udp_gro_receive_segment` (and wireguard-go's): same addresses, ports, TOS, TTL and DF (and for
-//! TCP ACK, window, header and options); for TCP the next sequence number and only ACK (and PSH,
-//! which ends a super-packet); without DF, consecutive IP IDs (segmentation numbers them from the
-//! first); a valid checksum; all packets of one size but the last. No allocation after `new`.
+//! `udp_gro_receive_segment` (and wireguard-go's): same addresses, ports, TOS, TTL and DF (IPv6:
+//! traffic class, flow label, hop limit) (and for TCP ACK, window, header and options); for TCP
+//! the next sequence number and only ACK (and PSH, which ends a super-packet); without DF,
+//! consecutive IP IDs (segmentation numbers them from the first); a valid checksum; all packets
+//! of one size but the last. IPv4 without options, IPv6 without extension headers. No allocation
+//! after `new`.
 
 /// The virtio-net header (struct virtio_net_hdr): flags, gso_type, hdr_len, gso_size,
 /// csum_start, csum_offset, in the host's byte order (TUN's default for virtio 1.0 headers).
@@ -21,6 +23,7 @@ pub const HDR_LEN: usize = 10;
 
 const F_NEEDS_CSUM: u8 = 1;
 const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
 const GSO_UDP_L4: u8 = 5;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
@@ -28,6 +31,8 @@ const ACK: u8 = 0x10;
 const PSH: u8 = 0x08;
 /// IPv4 header without options: the only kind merged.
 const IP_LEN: usize = 20;
+/// IPv6 header; with an extension header a packet is not merged.
+const IP6_LEN: usize = 40;
 const UDP_LEN: usize = 8;
 const MAX_PACKET: usize = 65535;
 /// Datagrams per UDP super-packet: Linux's UDP_GRO_CNT_MAX, what its own GRO builds.
@@ -46,6 +51,8 @@ enum Proto {
 #[derive(Clone, Copy)]
 struct Flow {
     proto: Proto,
+    /// IP header length: [`IP_LEN`], or [`IP6_LEN`] for IPv6.
+    ip_len: usize,
     /// IP + transport header length.
     hdr_len: usize,
     /// Payload bytes of each packet (all but the last).
@@ -75,7 +82,7 @@ impl Coalescer {
         }
     }
 
-    /// Takes one IPv4 packet that the codec accepted. `write` gets each finished TUN frame as
+    /// Takes one IP packet that the codec accepted. `write` gets each finished TUN frame as
     /// (virtio-net header, packet, how many packets it carries), in order.
     pub fn add(&mut self, pkt: &[u8], write: &mut impl FnMut(&[u8; HDR_LEN], &[u8], usize)) {
         let Some(seg) = Segment::parse(pkt, self.udp) else {
@@ -98,7 +105,7 @@ impl Coalescer {
                     || (f.proto == Proto::Udp && f.segments == MAX_UDP_SEGMENTS);
                 if seg.push {
                     // PSH belongs on the super-packet's header: the receiver acts on it.
-                    self.buf[IP_LEN + 13] |= PSH;
+                    self.buf[f.ip_len + 13] |= PSH;
                 }
                 return;
             }
@@ -118,6 +125,7 @@ impl Coalescer {
         };
         self.flow = Some(Flow {
             proto,
+            ip_len: seg.ip_len,
             hdr_len: seg.hdr_len,
             gso_size: seg.payload.len(),
             next_id: seg.id.wrapping_add(1),
@@ -135,39 +143,58 @@ impl Coalescer {
             return write(&[0; HDR_LEN], &self.buf, 1);
         }
         let total = self.buf.len();
-        let ip = &mut self.buf[..IP_LEN];
-        ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        ip[10..12].copy_from_slice(&[0, 0]);
-        let c = !fold(sum(ip));
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        let (proto, gso_type, csum_offset) = match f.proto {
-            Proto::Tcp { .. } => (PROTO_TCP, GSO_TCPV4, 16),
-            Proto::Udp => (PROTO_UDP, GSO_UDP_L4, 6),
+        let ip_len = f.ip_len;
+        let v6 = ip_len == IP6_LEN;
+        if v6 {
+            self.buf[4..6].copy_from_slice(&((total - IP6_LEN) as u16).to_be_bytes());
+        } else {
+            let ip = &mut self.buf[..IP_LEN];
+            ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let c = !fold(sum(ip));
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        let (proto, gso_type, csum_offset) = match (f.proto, v6) {
+            (Proto::Tcp { .. }, false) => (PROTO_TCP, GSO_TCPV4, 16),
+            (Proto::Tcp { .. }, true) => (PROTO_TCP, GSO_TCPV6, 16),
+            (Proto::Udp, _) => (PROTO_UDP, GSO_UDP_L4, 6),
         };
-        let l4_len = (total - IP_LEN) as u16;
+        let l4_len = (total - ip_len) as u16;
         if f.proto == Proto::Udp {
             // The length of the whole; segmentation gives each datagram its own again.
-            self.buf[IP_LEN + 4..IP_LEN + 6].copy_from_slice(&l4_len.to_be_bytes());
+            self.buf[ip_len + 4..ip_len + 6].copy_from_slice(&l4_len.to_be_bytes());
         }
         // NEEDS_CSUM: the checksum field holds the pseudo-header sum, the kernel adds the rest.
-        let pseudo = fold(sum(&self.buf[12..20]) + u64::from(proto) + u64::from(l4_len));
-        let at = IP_LEN + csum_offset;
+        let pseudo = fold(sum(addresses(&self.buf, ip_len)) + u64::from(proto) + u64::from(l4_len));
+        let at = ip_len + csum_offset;
         self.buf[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
         let mut hdr = [0u8; HDR_LEN];
         hdr[0] = F_NEEDS_CSUM;
         hdr[1] = gso_type;
         hdr[2..4].copy_from_slice(&(f.hdr_len as u16).to_ne_bytes());
         hdr[4..6].copy_from_slice(&(f.gso_size as u16).to_ne_bytes());
-        hdr[6..8].copy_from_slice(&(IP_LEN as u16).to_ne_bytes());
+        hdr[6..8].copy_from_slice(&(ip_len as u16).to_ne_bytes());
         hdr[8..10].copy_from_slice(&(csum_offset as u16).to_ne_bytes());
         write(&hdr, &self.buf, f.segments)
     }
 }
 
-/// A mergeable TCP segment or UDP datagram over IPv4.
+/// The source and destination addresses of a packet whose IP header is `ip_len` long: what the
+/// transport checksum's pseudo-header sums.
+fn addresses(pkt: &[u8], ip_len: usize) -> &[u8] {
+    if ip_len == IP6_LEN {
+        &pkt[8..40]
+    } else {
+        &pkt[12..20]
+    }
+}
+
+/// A mergeable TCP segment or UDP datagram over IPv4 or IPv6.
 struct Segment<'a> {
     pkt: &'a [u8],
     proto: Proto,
+    /// [`IP_LEN`] or [`IP6_LEN`].
+    ip_len: usize,
     hdr_len: usize,
     id: u16,
     /// TCP PSH: ends the super-packet.
@@ -176,22 +203,35 @@ struct Segment<'a> {
 }
 
 impl<'a> Segment<'a> {
-    /// A packet that may be merged: IPv4 without options, not a fragment, a payload; TCP with
-    /// flags ACK or ACK|PSH, or (with `udp`) UDP whose length field matches. The codec has
-    /// checked version and lengths; this checks again.
+    /// A packet that may be merged: IPv4 without options, not a fragment, or IPv6 without
+    /// extension headers; a payload; TCP with flags ACK or ACK|PSH, or (with `udp`) UDP whose
+    /// length field matches. The codec has checked version and lengths; this checks again.
     fn parse(pkt: &'a [u8], udp: bool) -> Option<Self> {
-        let ip = pkt.get(..IP_LEN)?;
-        if ip[0] != 0x45 || usize::from(u16::from_be_bytes([ip[2], ip[3]])) != pkt.len() {
-            return None;
-        }
-        // MF set or an offset: a fragment.
-        if ip[6] & 0x3f != 0 || ip[7] != 0 {
-            return None;
-        }
-        let id = u16::from_be_bytes([ip[4], ip[5]]);
-        let (proto, hdr_len, push) = match ip[9] {
+        let (ip_len, id, next) = match pkt.first()? >> 4 {
+            4 => {
+                let ip = pkt.get(..IP_LEN)?;
+                if ip[0] != 0x45 || usize::from(u16::from_be_bytes([ip[2], ip[3]])) != pkt.len() {
+                    return None;
+                }
+                // MF set or an offset: a fragment.
+                if ip[6] & 0x3f != 0 || ip[7] != 0 {
+                    return None;
+                }
+                (IP_LEN, u16::from_be_bytes([ip[4], ip[5]]), ip[9])
+            }
+            6 => {
+                let ip = pkt.get(..IP6_LEN)?;
+                if usize::from(u16::from_be_bytes([ip[4], ip[5]])) != pkt.len() - IP6_LEN {
+                    return None;
+                }
+                // IPv6 has no ID: segments are told apart by what follows.
+                (IP6_LEN, 0, ip[6])
+            }
+            _ => return None,
+        };
+        let (proto, hdr_len, push) = match next {
             PROTO_TCP => {
-                let tcp = pkt.get(IP_LEN..IP_LEN + 20)?;
+                let tcp = pkt.get(ip_len..ip_len + 20)?;
                 let tcp_len = usize::from(tcp[12] >> 4) * 4;
                 let flags = tcp[13];
                 if tcp_len < 20 || (flags != ACK && flags != ACK | PSH) {
@@ -200,16 +240,16 @@ impl<'a> Segment<'a> {
                 let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
                 (
                     Proto::Tcp { next_seq: seq },
-                    IP_LEN + tcp_len,
+                    ip_len + tcp_len,
                     flags & PSH != 0,
                 )
             }
             PROTO_UDP if udp => {
-                let h = pkt.get(IP_LEN..IP_LEN + UDP_LEN)?;
-                if usize::from(u16::from_be_bytes([h[4], h[5]])) != pkt.len() - IP_LEN {
+                let h = pkt.get(ip_len..ip_len + UDP_LEN)?;
+                if usize::from(u16::from_be_bytes([h[4], h[5]])) != pkt.len() - ip_len {
                     return None;
                 }
-                (Proto::Udp, IP_LEN + UDP_LEN, false)
+                (Proto::Udp, ip_len + UDP_LEN, false)
             }
             _ => return None,
         };
@@ -217,6 +257,7 @@ impl<'a> Segment<'a> {
         Some(Self {
             pkt,
             proto,
+            ip_len,
             hdr_len,
             id,
             push,
@@ -229,44 +270,55 @@ impl<'a> Segment<'a> {
         let (Some(head), Some(pkt)) = (buf.get(..f.hdr_len), self.pkt.get(..f.hdr_len)) else {
             return false;
         };
+        if self.ip_len != f.ip_len {
+            return false;
+        }
+        let l4 = f.ip_len;
         let same_l4 = match (self.proto, f.proto) {
             // The segment's own sequence number is in `self.proto`.
             (Proto::Tcp { next_seq: seq }, Proto::Tcp { next_seq }) => {
                 seq == next_seq
                     // Ports, ACK, data offset, window, urgent pointer, options; not sequence
                     // number, flags (parse allowed ACK, ACK|PSH) or checksum.
-                    && pkt[20..24] == head[20..24]
-                    && pkt[28..33] == head[28..33]
-                    && pkt[34..36] == head[34..36]
-                    && pkt[38..] == head[38..]
+                    && pkt[l4..l4 + 4] == head[l4..l4 + 4]
+                    && pkt[l4 + 8..l4 + 13] == head[l4 + 8..l4 + 13]
+                    && pkt[l4 + 14..l4 + 16] == head[l4 + 14..l4 + 16]
+                    && pkt[l4 + 18..] == head[l4 + 18..]
             }
             // Ports; not length or checksum.
-            (Proto::Udp, Proto::Udp) => pkt[20..24] == head[20..24],
+            (Proto::Udp, Proto::Udp) => pkt[l4..l4 + 4] == head[l4..l4 + 4],
             _ => false,
         };
-        let dont_fragment = pkt[6] & 0x40 != 0;
+        let same_ip = if l4 == IP6_LEN {
+            // Version, traffic class, flow label; next header, hop limit; addresses.
+            pkt[0..4] == head[0..4] && pkt[6..40] == head[6..40]
+        } else {
+            let dont_fragment = pkt[6] & 0x40 != 0;
+            (dont_fragment || self.id == f.next_id)
+                // TOS, DF, TTL, protocol, addresses.
+                && pkt[1] == head[1]
+                && pkt[6] == head[6]
+                && pkt[8..10] == head[8..10]
+                && pkt[12..20] == head[12..20]
+        };
         self.hdr_len == f.hdr_len
             && same_l4
+            && same_ip
             && self.payload.len() <= f.gso_size
-            && (dont_fragment || self.id == f.next_id)
-            // TOS, DF, TTL, protocol, addresses.
-            && pkt[1] == head[1]
-            && pkt[6] == head[6]
-            && pkt[8..10] == head[8..10]
-            && pkt[12..20] == head[12..20]
             && self.checksum_ok()
     }
 
     /// Whether the transport checksum (over the pseudo-header and the packet) is right. A UDP
-    /// datagram sent without one (0) is fine: merged, it gets one.
+    /// datagram over IPv4 sent without one (0) is fine: merged, it gets one.
     fn checksum_ok(&self) -> bool {
-        let l4 = &self.pkt[IP_LEN..];
+        let l4 = &self.pkt[self.ip_len..];
         let proto = match self.proto {
             Proto::Tcp { .. } => PROTO_TCP,
-            Proto::Udp if l4[6..8] == [0, 0] => return true,
+            Proto::Udp if l4[6..8] == [0, 0] && self.ip_len == IP_LEN => return true,
             Proto::Udp => PROTO_UDP,
         };
-        let s = sum(&self.pkt[12..20]) + u64::from(proto) + l4.len() as u64 + sum(l4);
+        let s =
+            sum(addresses(self.pkt, self.ip_len)) + u64::from(proto) + l4.len() as u64 + sum(l4);
         fold(s) == 0xffff
     }
 }
@@ -610,56 +662,114 @@ mod tests {
         }
     }
 
-    /// An IPv6 TCP segment (ACK, `seq`) or UDP datagram of one flow, as a peer's IPv6 traffic
-    /// arrives: consecutive ones would be merged were they IPv4.
-    fn ipv6(proto: u8, seq: u32, payload: &[u8]) -> Vec<u8> {
+    /// An IPv6 TCP segment (ACK, `seq`) or UDP datagram of one flow, fd00::1 → fd00::2, hop
+    /// limit `hops`, with a correct checksum.
+    fn ipv6_with(proto: u8, seq: u32, hops: u8, payload: &[u8]) -> Vec<u8> {
         let l4 = if proto == PROTO_TCP { 20 } else { UDP_LEN };
-        let mut p = vec![0u8; 40 + l4];
+        let mut p = vec![0u8; IP6_LEN + l4];
         p[0] = 0x60;
         p[4..6].copy_from_slice(&((l4 + payload.len()) as u16).to_be_bytes());
         p[6] = proto;
-        p[7] = 64;
+        p[7] = hops;
         p[8..10].copy_from_slice(&[0xfd, 0]);
         p[23] = 1;
         p[24..26].copy_from_slice(&[0xfd, 0]);
         p[39] = 2;
-        if proto == PROTO_TCP {
+        p[40..42].copy_from_slice(&5000u16.to_be_bytes());
+        p[42..44].copy_from_slice(&80u16.to_be_bytes());
+        let csum_at = if proto == PROTO_TCP {
             p[44..48].copy_from_slice(&seq.to_be_bytes());
             p[52] = 5 << 4;
             p[53] = ACK;
+            IP6_LEN + 16
         } else {
             p[44..46].copy_from_slice(&((UDP_LEN + payload.len()) as u16).to_be_bytes());
-        }
+            IP6_LEN + 6
+        };
         p.extend_from_slice(payload);
+        let l4 = &p[IP6_LEN..];
+        let c = !fold(sum(&p[8..40]) + u64::from(proto) + l4.len() as u64 + sum(l4));
+        p[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
         p
     }
 
+    fn ipv6(proto: u8, seq: u32, payload: &[u8]) -> Vec<u8> {
+        ipv6_with(proto, seq, 64, payload)
+    }
+
     #[test]
-    fn ipv6_packets_pass_through_whole_unmerged_and_in_order() {
-        let (a, b) = (segment(100, &[1; 1000]), segment(1100, &[2; 1000]));
-        let t1 = ipv6(PROTO_TCP, 100, &[3; 1000]);
-        let t2 = ipv6(PROTO_TCP, 1100, &[4; 1000]);
-        let (u1, u2) = (ipv6(PROTO_UDP, 0, &[5; 500]), ipv6(PROTO_UDP, 0, &[6; 500]));
-        let c = segment(2100, &[7; 1000]);
+    fn consecutive_ipv6_segments_become_one_tcpv6_super_packet() {
+        let (a, b, c) = ([1u8; 1000], [2u8; 1000], [3u8; 300]);
         let out = run(&[
-            a,
-            b,
-            t1.clone(),
-            t2.clone(),
-            u1.clone(),
-            u2.clone(),
-            c.clone(),
+            ipv6(PROTO_TCP, 100, &a),
+            ipv6(PROTO_TCP, 1100, &b),
+            ipv6(PROTO_TCP, 2100, &c),
         ]);
-        let frames: Vec<(&[u8; HDR_LEN], &[u8], usize)> =
-            out.iter().map(|(h, p, n)| (h, &p[..], *n)).collect();
+        assert_eq!(out.len(), 1, "one frame");
+        let (h, p, n) = &out[0];
+        assert_eq!(*n, 3);
+        assert_eq!((h[0], h[1]), (F_NEEDS_CSUM, GSO_TCPV6));
+        assert_eq!(u16_at(h, 2), 60, "hdr_len: IPv6 40 + TCP 20");
+        assert_eq!(u16_at(h, 4), 1000, "gso_size");
         assert_eq!(
-            frames.len(),
-            6,
-            "IPv4 merged before, each IPv6 alone, IPv4 after"
+            (u16_at(h, 6), u16_at(h, 8)),
+            (40, 16),
+            "csum_start, csum_offset"
         );
-        assert_eq!((frames[0].0[1], frames[0].2), (GSO_TCPV4, 2));
-        for (i, want) in [(1, &t1), (2, &t2), (3, &u1), (4, &u2), (5, &c)] {
-            assert_eq!(frames[i], (&[0; HDR_LEN], &want[..], 1), "frame {i}");
+        assert_eq!(p.len(), 60 + 2300);
+        assert_eq!(
+            usize::from(u16::from_be_bytes([p[4], p[5]])),
+            p.len() - IP6_LEN,
+            "payload length"
+        );
+        assert_eq!(&p[60..1060], &a);
+        assert_eq!(&p[2060..], &c);
+        let pseudo = fold(sum(&p[8..40]) + u64::from(PROTO_TCP) + (p.len() - IP6_LEN) as u64);
+        assert_eq!(&p[IP6_LEN + 16..IP6_LEN + 18], &pseudo.to_be_bytes());
+    }
+
+    #[test]
+    fn ipv6_datagrams_of_one_flow_become_one_udp_super_packet() {
+        let pkts: Vec<Vec<u8>> = (0..3).map(|_| ipv6(PROTO_UDP, 0, &[5; 500])).collect();
+        let out = run_with(true, &pkts);
+        assert_eq!(out.len(), 1);
+        let (h, p, n) = &out[0];
+        assert_eq!((h[1], *n), (GSO_UDP_L4, 3));
+        assert_eq!((u16_at(h, 2), u16_at(h, 6)), (48, 40));
+        assert_eq!(usize::from(u16::from_be_bytes([p[44], p[45]])), 8 + 1500);
+        assert_eq!(run_with(false, &pkts).len(), 3, "without USO: one by one");
+    }
+
+    #[test]
+    fn ipv6_segments_that_differ_or_follow_ipv4_go_out_alone_and_in_order() {
+        let first = ipv6(PROTO_TCP, 100, &[1; 1000]);
+        let mut label = ipv6(PROTO_TCP, 1100, &[2; 1000]);
+        label[3] = 7; // another flow label (not part of the checksum)
+        let mut bad_sum = ipv6(PROTO_TCP, 1100, &[2; 1000]);
+        bad_sum[100] ^= 1;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("a gap in the sequence", ipv6(PROTO_TCP, 1200, &[2; 1000])),
+            (
+                "another hop limit",
+                ipv6_with(PROTO_TCP, 1100, 63, &[2; 1000]),
+            ),
+            ("another flow label", label),
+            ("a bad checksum", bad_sum),
+            ("an IPv4 segment", segment(1100, &[2; 1000])),
+        ];
+        for (what, second) in cases {
+            let out = run(&[first.clone(), second.clone()]);
+            assert_eq!(out.len(), 2, "{what}");
+            assert_eq!(
+                (out[0].0, &out[0].1, out[0].2),
+                ([0; HDR_LEN], &first, 1),
+                "{what}"
+            );
+            assert_eq!(
+                (out[1].0, &out[1].1, out[1].2),
+                ([0; HDR_LEN], &second, 1),
+                "{what}"
+            );
         }
     }
 }

@@ -123,7 +123,11 @@ fn dual_lab(test: &str, tag: &str, spec: DeviceSpec) -> Option<(Lab, PathBuf, Ve
     }
     let dir = std::env::temp_dir().join(format!("weft-wg6-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let nodes = lab.hosts.iter().map(|h| Node::start(h, spec, &dir)).collect();
+    let nodes = lab
+        .hosts
+        .iter()
+        .map(|h| Node::start(h, spec, &dir))
+        .collect();
     Some((lab, dir, nodes))
 }
 
