@@ -64,17 +64,21 @@ pub async fn run(args: DaemonArgs, ready: Readiness) -> Result<()> {
         "connect to etcd"
     };
     let registry = retry(store, || Registry::connect_daemon(&args)).await;
-    // flanneld in kube mode takes `<prefix>/node-public-ip` on its Node as -public-ip.
-    let public_ip = match (&registry, args.public_ip) {
-        (Registry::Kube(k), None) => k.node_public_ip().await,
-        (_, ip) => ip,
+    // flanneld in kube mode takes `<prefix>/node-public-ip` and `node-public-ipv6` on its Node
+    // as -public-ip and -public-ipv6 (here the flags, when given, win).
+    let (public_ip, public_ipv6) = match &registry {
+        Registry::Kube(k) if args.public_ip.is_none() || args.public_ipv6.is_none() => {
+            let (v4, v6) = k.node_public_ips().await;
+            (args.public_ip.or(v4), args.public_ipv6.or(v6))
+        }
+        _ => (args.public_ip, args.public_ipv6),
     };
     let selector = InterfaceSelector {
         ifaces: args.iface.clone(),
         can_reach: args.iface_can_reach,
         regexes,
         public_ip,
-        public_ipv6: args.public_ipv6,
+        public_ipv6,
     };
     let external = selector.select().await.context("choose the interface")?;
     info!(iface = %external.name, addr = %external.iface_addr, public_ip = %external.public_ip,

@@ -38,17 +38,17 @@ pub async fn gather(store_args: status::Store<'_>, args: &DoctorArgs) -> Result<
             (read, None, Some(node))
         }
     };
-    // In kube mode weftd takes its Node's `<prefix>/node-public-ip` as -public-ip (as flanneld).
-    let node_public_ip = (kube.as_ref())
-        .and_then(|k| k.own.as_ref().ok())
-        .and_then(|o| o.node_public_ip());
-    let public_ip = args.public_ip.or(node_public_ip);
+    // In kube mode weftd takes its Node's `<prefix>/node-public-ip` and `node-public-ipv6` as
+    // -public-ip and -public-ipv6 (as flanneld).
+    let own_node = (kube.as_ref()).and_then(|k| k.own.as_ref().ok());
+    let public_ip = args.public_ip.or(own_node.and_then(|o| o.node_public_ip()));
+    let public_ipv6 = own_node.and_then(|o| o.node_public_ipv6());
     let selector = InterfaceSelector {
         ifaces: args.iface.clone(),
         regexes,
         can_reach: args.iface_can_reach,
         public_ip,
-        public_ipv6: None,
+        public_ipv6,
     };
     let env = status::read_env(&args.subnet_file);
     let external = selector.select().await.map_err(|e| e.to_string());

@@ -366,6 +366,16 @@ fn dual_stack_nodes_lease_both_podcidrs_publish_flannels_ipv6_annotations_and_po
     let mut c = Cluster::with_pod_cidrs(2, conf, |i| {
         format!("{},fd00:244:0:{}::/64", pod_cidr(i), i + 1)
     });
+    // node-public-ipv6 is taken as -public-ipv6, as flanneld does: node 1 publishes (and is
+    // reached at) a second address of its underlay.
+    let node1_v6 = "fd00:10:199::77";
+    c.t.hosts[1]
+        .ns
+        .ip(&format!("-6 addr add {node1_v6}/64 dev eth0 nodad"));
+    c.api.patch_node(
+        &node(1),
+        &json!({"metadata": {"annotations": {format!("{P}/node-public-ipv6"): node1_v6}}}),
+    );
     c.start(0);
     c.start(1);
     for i in 0..2 {
@@ -388,6 +398,11 @@ fn dual_stack_nodes_lease_both_podcidrs_publish_flannels_ipv6_annotations_and_po
         "null",
         "host-gw's, as flanneld writes it"
     );
+    assert_eq!(c.wait_published(1)[format!("{P}/public-ipv6")], node1_v6);
+    let route = c.t.hosts[0]
+        .ns
+        .must(&["ip", "-6", "route", "show", "fd00:244:0:2::/64"]);
+    assert!(route.contains(&format!("via {node1_v6}")), "{route}");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! Read-only: gets and lists of Nodes (RBAC: nodes get/list), never a write.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 use ipnet::Ipv4Net;
@@ -39,6 +39,11 @@ impl OwnNode {
     /// none; `None` when absent or not an IPv4 address.
     pub fn node_public_ip(&self) -> Option<Ipv4Addr> {
         self.annotations.get("node-public-ip")?.parse().ok()
+    }
+
+    /// `<prefix>/node-public-ipv6`, taken as -public-ipv6 the same way.
+    pub fn node_public_ipv6(&self) -> Option<Ipv6Addr> {
+        self.annotations.get("node-public-ipv6")?.parse().ok()
     }
 }
 

@@ -16,6 +16,7 @@ mod list;
 pub mod node;
 mod watch;
 
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -137,17 +138,25 @@ impl KubeStore {
             .context("the pod's spec.nodeName")
     }
 
-    /// The PublicIP an operator gave this Node (`<prefix>/node-public-ip`), which flanneld takes
-    /// as -public-ip; `None` without one (or a bad one, said once).
-    pub async fn node_public_ip(&self) -> Option<std::net::Ipv4Addr> {
+    /// The PublicIP and PublicIPv6 an operator gave this Node (`<prefix>/node-public-ip`,
+    /// `<prefix>/node-public-ipv6`), which flanneld takes as -public-ip and -public-ipv6; one
+    /// that is not an address of its family is said once and ignored.
+    pub async fn node_public_ips(&self) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
         let node = crate::retry::retry("read this host's node", || self.get_node()).await;
-        match node::annotation_ip(&node, &self.annotations, "node-public-ip") {
-            Ok(ip) => ip,
-            Err(e) => {
-                tracing::warn!("{}; using the interface's address", Escaped(&e));
+        let warn = |e: String| {
+            tracing::warn!("{}; using the interface's address", Escaped(&e));
+        };
+        let v4 =
+            node::annotation_ip(&node, &self.annotations, "node-public-ip").unwrap_or_else(|e| {
+                warn(e);
                 None
-            }
-        }
+            });
+        let v6 =
+            node::annotation_ip(&node, &self.annotations, "node-public-ipv6").unwrap_or_else(|e| {
+                warn(e);
+                None
+            });
+        (v4, v6)
     }
 
     /// This host's Node as it is now.
