@@ -274,8 +274,14 @@ async fn config_set(etcd: &EtcdArgs, file: &str, if_absent: bool) -> Result<()> 
     } else {
         store.put_config(text).await?;
     }
+    let ipv6 = config.ipv6.map_or_else(String::new, |p| {
+        format!(
+            " and IPv6 network {} (/{} subnets {}..{})",
+            p.network, p.subnet_len, p.subnet_min, p.subnet_max
+        )
+    });
     println!(
-        "network {} (/{} subnets {}..{}, backend {}) stored at {}",
+        "network {} (/{} subnets {}..{}){ipv6}, backend {}, stored at {}",
         config.network,
         config.subnet_len,
         config.subnet_min,

@@ -132,6 +132,15 @@ fn weftctl_config_set_validates_and_get_prints() {
     );
     let out = weftctl(&etcd, "/c", &["config", "get"], None);
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{good}\n"));
+
+    // A dual-stack config is said to be one.
+    let dual = r#"{"Network":"10.62.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:62::/56","Backend":{"Type":"vxlan"}}"#;
+    let out = weftctl(&etcd, "/c", &["config", "set", "-"], Some(dual));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("network 10.62.0.0/16 (/24 subnets 10.62.1.0..10.62.255.0) and IPv6 network fd00:62::/56 (/64 subnets fd00:62:0:1::..fd00:62:0:ff::), backend vxlan, stored at /c/config"),
+        "{said}"
+    );
 }
 
 #[test]

@@ -85,7 +85,7 @@ fn manifests_validate_strictly_offline_and_their_network_config_is_accepted() {
         );
         assert!(out.status.success(), "{}", text(&out));
         assert!(
-            text(&out).contains(&format!("backend vxlan) stored at {prefix}/config")),
+            text(&out).contains(&format!("backend vxlan, stored at {prefix}/config")),
             "{}",
             text(&out)
         );
