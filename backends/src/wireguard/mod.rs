@@ -316,26 +316,9 @@ impl DataPlane for Wireguard {
     /// Drift of a device, its address or route (a full reconcile repairs it), or a userspace
     /// worker gone (the agent rebuilds the backend).
     async fn event(&mut self) -> Event {
+        let event = self.drift_or_failure().await;
         self.synced = false;
-        loop {
-            let owned: Vec<Watched> = (self.devices.iter())
-                .map(|d| Watched {
-                    device: Some(d.spec.name.to_string()),
-                    index: d.path.as_ref().map(Path::index),
-                })
-                .collect();
-            let drifted =
-                (self.devices.iter_mut().zip(&owned)).map(|(d, w)| Box::pin(d.watch.drifted(w)));
-            let drifted = futures::future::select_all(drifted);
-            tokio::select! {
-                _ = drifted => return Event::Drift,
-                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-            }
-            let gone = |d: &&Device| matches!(&d.path, Some(Path::Userspace(u)) if !u.alive());
-            if let Some(d) = self.devices.iter().find(gone) {
-                return Event::Failed(format!("the WireGuard worker of {} stopped", d.spec.name));
-            }
-        }
+        event
     }
 
     fn programmed(&self) -> Programmed {
@@ -379,6 +362,30 @@ impl Wireguard {
     /// several hosts in one process).
     pub fn set_socket_dir(&mut self, dir: PathBuf) {
         self.socket_dir = dir;
+    }
+
+    /// Resolves on drift of a device, its address or route, or a userspace worker gone. Cancel
+    /// safe: the agent drops it whenever something else comes first.
+    async fn drift_or_failure(&mut self) -> Event {
+        loop {
+            let owned: Vec<Watched> = (self.devices.iter())
+                .map(|d| Watched {
+                    device: Some(d.spec.name.to_string()),
+                    index: d.path.as_ref().map(Path::index),
+                })
+                .collect();
+            let drifted =
+                (self.devices.iter_mut().zip(&owned)).map(|(d, w)| Box::pin(d.watch.drifted(w)));
+            let drifted = futures::future::select_all(drifted);
+            tokio::select! {
+                _ = drifted => return Event::Drift,
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+            let gone = |d: &&Device| matches!(&d.path, Some(Path::Userspace(u)) if !u.alive());
+            if let Some(d) = self.devices.iter().find(gone) {
+                return Event::Failed(format!("the WireGuard worker of {} stopped", d.spec.name));
+            }
+        }
     }
 
     /// Forgets the echoes of this backend's own changes, on every device's watch.
@@ -595,6 +602,28 @@ mod tests {
         assert_eq!(b(json!({}), 1500).mtu(), 1420);
         assert_eq!(b(json!({"MTU": 1400}), 1500).mtu(), 1320);
         assert_eq!(b(json!({}), 9000).mtu(), 8920);
+    }
+
+    #[test]
+    fn an_event_wait_cut_short_leaves_the_backend_synced() {
+        // The agent waits for events beside the lease watch and drops the wait whenever a lease
+        // changes first: that alone must not cost a full reconcile.
+        let Value::Object(m) = json!({"Type": "wireguard"}) else {
+            panic!("object")
+        };
+        let net = crate::testing::network(true, true, 1500);
+        let mut b = Wireguard::new(&BackendConfig::new(m), net).expect("valid");
+        assert_eq!(b.device_names(), ["flannel-wg", "flannel-wg-v6"]);
+        b.synced = true;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let waited = tokio::time::timeout(std::time::Duration::from_millis(50), b.event());
+            assert!(waited.await.is_err(), "no event in 50 ms");
+        });
+        assert!(!b.needs_reconcile());
     }
 
     #[test]
