@@ -625,27 +625,34 @@ for mode in "${present[@]}"; do
     "$(cell "$mode" path_cpu_gb %.2f)" "$(cell "$mode" cpu_gb %.2f)" "$tun"
 done
 
-# One table of ratios of medians against a reference mode measured in the same run. Throughput:
-# higher is better; latency and CPU per GB: lower is better.
+# Ratios of medians against a reference mode measured in the same run. Throughput: higher is
+# better; latency and CPU per GB: lower is better. One row: `mode` against `ref`, as `label`.
+ratio_row() {
+  local label=$1 mode=$2 ref=$3
+  printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" \
+    "$(ratio "$(med "$mode" tcp1)" "$(med "$ref" tcp1)")" \
+    "$(ratio "$(med "$mode" tcp4)" "$(med "$ref" tcp4)")" \
+    "$(ratio "$(med "$mode" udp_kpps)" "$(med "$ref" udp_kpps)")" \
+    "$(ratio "$(med "$mode" udp_reached_kpps)" "$(med "$ref" udp_reached_kpps)")" \
+    "$(ratio "$(med "$mode" udp_ok_kpps)" "$(med "$ref" udp_ok_kpps)")" \
+    "$(ratio "$(med "$mode" lat_us)" "$(med "$ref" lat_us)")" \
+    "$(ratio "$(med "$mode" lat99_us)" "$(med "$ref" lat99_us)")" \
+    "$(ratio "$(med "$mode" path_cpu_gb)" "$(med "$ref" path_cpu_gb)")"
+}
+RATIO_HEAD="| mode | TCP 1 stream | TCP 4 streams | UDP 64 B pps | UDP 64 B pps reaching the host | UDP 64 B pps at ≤ 1% loss | ping avg | ping p99 | CPU s/GB (path) |
+|---|---|---|---|---|---|---|---|---|"
+
+# One table: every mode against `ref`.
 ratio_table() {
   local ref=$1 what=$2 mode
   has "$ref" || return 0
   echo
   echo "Against $what (\`$ref\`), same run:"
   echo
-  echo "| mode | TCP 1 stream | TCP 4 streams | UDP 64 B pps | UDP 64 B pps reaching the host | UDP 64 B pps at ≤ 1% loss | ping avg | ping p99 | CPU s/GB (path) |"
-  echo "|---|---|---|---|---|---|---|---|---|"
+  echo "$RATIO_HEAD"
   for mode in "${present[@]}"; do
     [[ $mode == "$ref" ]] && continue
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$mode" \
-      "$(ratio "$(med "$mode" tcp1)" "$(med "$ref" tcp1)")" \
-      "$(ratio "$(med "$mode" tcp4)" "$(med "$ref" tcp4)")" \
-      "$(ratio "$(med "$mode" udp_kpps)" "$(med "$ref" udp_kpps)")" \
-      "$(ratio "$(med "$mode" udp_reached_kpps)" "$(med "$ref" udp_reached_kpps)")" \
-      "$(ratio "$(med "$mode" udp_ok_kpps)" "$(med "$ref" udp_ok_kpps)")" \
-      "$(ratio "$(med "$mode" lat_us)" "$(med "$ref" lat_us)")" \
-      "$(ratio "$(med "$mode" lat99_us)" "$(med "$ref" lat99_us)")" \
-      "$(ratio "$(med "$mode" path_cpu_gb)" "$(med "$ref" path_cpu_gb)")"
+    ratio_row "$mode" "$mode" "$ref"
   done
 }
 VXLAN_REF=vxlan
@@ -665,19 +672,9 @@ if ((${#pairs[@]})); then
   echo
   echo "IPv6 against IPv4 (each \`…6\` mode against the same mode over IPv4), same run:"
   echo
-  echo "| mode | TCP 1 stream | TCP 4 streams | UDP 64 B pps | UDP 64 B pps reaching the host | UDP 64 B pps at ≤ 1% loss | ping avg | ping p99 | CPU s/GB (path) |"
-  echo "|---|---|---|---|---|---|---|---|---|"
+  echo "$RATIO_HEAD"
   for mode in "${pairs[@]}"; do
-    ref=${mode%6}
-    printf '| %s / %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$mode" "$ref" \
-      "$(ratio "$(med "$mode" tcp1)" "$(med "$ref" tcp1)")" \
-      "$(ratio "$(med "$mode" tcp4)" "$(med "$ref" tcp4)")" \
-      "$(ratio "$(med "$mode" udp_kpps)" "$(med "$ref" udp_kpps)")" \
-      "$(ratio "$(med "$mode" udp_reached_kpps)" "$(med "$ref" udp_reached_kpps)")" \
-      "$(ratio "$(med "$mode" udp_ok_kpps)" "$(med "$ref" udp_ok_kpps)")" \
-      "$(ratio "$(med "$mode" lat_us)" "$(med "$ref" lat_us)")" \
-      "$(ratio "$(med "$mode" lat99_us)" "$(med "$ref" lat99_us)")" \
-      "$(ratio "$(med "$mode" path_cpu_gb)" "$(med "$ref" path_cpu_gb)")"
+    ratio_row "$mode / ${mode%6}" "$mode" "${mode%6}"
   done
 fi
 
