@@ -359,22 +359,64 @@ fn an_api_server_restarted_without_its_watch_history_is_listed_again_and_nothing
 fn dual_stack_nodes_lease_both_podcidrs_publish_flannels_ipv6_annotations_and_pods_ping() {
     let name =
         "dual_stack_nodes_lease_both_podcidrs_publish_flannels_ipv6_annotations_and_pods_ping";
-    if require_kube(name).is_none() || !weft_lab::require_ipv6(name) {
+    let Some(c) = dual_stack_cluster(name, "host-gw") else {
         return;
+    };
+    let a = c.wait_published(0);
+    assert_eq!(
+        a[format!("{P}/backend-v6-data")],
+        "null",
+        "host-gw's, as flanneld writes it"
+    );
+    let route = c.t.hosts[0]
+        .ns
+        .must(&["ip", "-6", "route", "show", "fd00:244:0:2::/64"]);
+    assert!(route.contains(&format!("via {NODE1_V6}")), "{route}");
+}
+
+#[test]
+fn wireguard_dual_stack_nodes_publish_their_ipv6_key_and_port_and_pods_ping() {
+    let name = "wireguard_dual_stack_nodes_publish_their_ipv6_key_and_port_and_pods_ping";
+    let Some(c) = dual_stack_cluster(name, "wireguard") else {
+        return;
+    };
+    for i in 0..2 {
+        let a = c.wait_published(i);
+        let data: serde_json::Value =
+            serde_json::from_str(a[format!("{P}/backend-data")].as_str().expect("a string"))
+                .expect("JSON");
+        let key = data["PublicKey"].as_str().expect("a key");
+        // flanneld's separate mode: one key, flannel-wg-v6's port.
+        assert_eq!(
+            a[format!("{P}/backend-v6-data")],
+            format!(r#"{{"PublicKey":"{key}","Port":51821}}"#)
+        );
     }
-    let conf = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:244::/48","Backend":{"Type":"host-gw"}}"#;
-    let mut c = Cluster::with_pod_cidrs(2, conf, |i| {
+}
+
+/// node 1's PublicIPv6: a second address on its underlay, given as `node-public-ipv6`.
+const NODE1_V6: &str = "fd00:10:199::77";
+
+/// Two dual-stack Nodes of `backend` (podCIDRs 10.244.x.0/24 and fd00:244:0:x::/64), node 1
+/// annotated with `node-public-ipv6` [`NODE1_V6`], which weftd takes as -public-ipv6 (as
+/// flanneld does): both lease both podCIDRs, publish their PublicIPv6s, and their pods ping each
+/// other over both families. `None` (a visible skip) without the apiserver or IPv6.
+fn dual_stack_cluster(name: &str, backend: &str) -> Option<Cluster> {
+    if require_kube(name).is_none() || !weft_lab::require_ipv6(name) {
+        return None;
+    }
+    let conf = format!(
+        r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:244::/48","Backend":{{"Type":"{backend}"}}}}"#
+    );
+    let mut c = Cluster::with_pod_cidrs(2, &conf, |i| {
         format!("{},fd00:244:0:{}::/64", pod_cidr(i), i + 1)
     });
-    // node-public-ipv6 is taken as -public-ipv6, as flanneld does: node 1 publishes (and is
-    // reached at) a second address of its underlay.
-    let node1_v6 = "fd00:10:199::77";
     c.t.hosts[1]
         .ns
-        .ip(&format!("-6 addr add {node1_v6}/64 dev eth0 nodad"));
+        .ip(&format!("-6 addr add {NODE1_V6}/64 dev eth0 nodad"));
     c.api.patch_node(
         &node(1),
-        &json!({"metadata": {"annotations": {format!("{P}/node-public-ipv6"): node1_v6}}}),
+        &json!({"metadata": {"annotations": {format!("{P}/node-public-ipv6"): NODE1_V6}}}),
     );
     c.start(0);
     c.start(1);
@@ -388,21 +430,12 @@ fn dual_stack_nodes_lease_both_podcidrs_publish_flannels_ipv6_annotations_and_po
     }
     c.t.assert_full_mesh(&[0, 1]);
     c.t.assert_full_mesh6(&[0, 1]);
-    let a = c.wait_published(0);
     assert_eq!(
-        a[format!("{P}/public-ipv6")],
+        c.wait_published(0)[format!("{P}/public-ipv6")],
         c.t.hosts[0].addr6().to_string()
     );
-    assert_eq!(
-        a[format!("{P}/backend-v6-data")],
-        "null",
-        "host-gw's, as flanneld writes it"
-    );
-    assert_eq!(c.wait_published(1)[format!("{P}/public-ipv6")], node1_v6);
-    let route = c.t.hosts[0]
-        .ns
-        .must(&["ip", "-6", "route", "show", "fd00:244:0:2::/64"]);
-    assert!(route.contains(&format!("via {node1_v6}")), "{route}");
+    assert_eq!(c.wait_published(1)[format!("{P}/public-ipv6")], NODE1_V6);
+    Some(c)
 }
 
 #[test]
