@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::facts::{network, network6, Facts};
-use super::lease::own_subnet;
+use super::lease::{own_subnet, own_subnet6};
 use super::{Finding, Outcome};
 
 /// One `iptables-save` table: chain policies and rules in order.
@@ -291,18 +291,38 @@ fn forward_path(family: &Family, filter: &Table, network: IpNet) -> Vec<Finding>
     }
 }
 
-/// `agents`: nothing but this weftd writes this network's rules into flannel's chains.
+/// `agents`: nothing but this weftd writes this network's rules into flannel's chains, in
+/// iptables and, on a dual-stack network, in ip6tables.
 pub fn agents(f: &Facts) -> Outcome {
     let (filter, nat, network) = match tables(f) {
         Ok(t) => t,
         Err(o) => return o,
     };
+    let own = own_subnet(f).map(IpNet::V4);
+    let mut out = agents_in(&IPV4, (&filter, &nat), network, own);
+    if let (Some(network6), Some(Ok(t))) = (network6(f), &f.ip6tables) {
+        let (filter, nat) = (Table::parse(&t.filter), Table::parse(&t.nat));
+        let own6 = own_subnet6(f).map(IpNet::V6);
+        out.extend(agents_in(&IPV6, (&filter, &nat), network6.into(), own6));
+    }
+    out.into()
+}
+
+/// One family's flannel chains: no rule twice, one jump each, no rules of another lease of
+/// `network` than this host's `own`.
+fn agents_in(
+    family: &Family,
+    (filter, nat): (&Table, &Table),
+    network: IpNet,
+    own: Option<IpNet>,
+) -> Vec<Finding> {
+    let place = family.place;
     let stop_other = "stop the other agent (`systemctl disable --now flanneld`, or the second \
                       weftd); weftd then keeps one set of rules";
     let mut out = Vec::new();
     for (table, chain, parent) in [
-        (&nat, "FLANNEL-POSTRTG", "POSTROUTING"),
-        (&filter, "FLANNEL-FWD", "FORWARD"),
+        (nat, "FLANNEL-POSTRTG", "POSTROUTING"),
+        (filter, "FLANNEL-FWD", "FORWARD"),
     ] {
         let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
         for r in table.chain(chain) {
@@ -310,7 +330,9 @@ pub fn agents(f: &Facts) -> Outcome {
         }
         for (rule, n) in seen.iter().filter(|(_, n)| **n > 1) {
             out.push(Finding::new(
-                format!("`-A {chain} {rule}` is in {chain} {n} times: two agents append to it"),
+                format!(
+                    "`-A {chain} {rule}` is in {chain}{place} {n} times: two agents append to it"
+                ),
                 stop_other,
             ));
         }
@@ -320,12 +342,12 @@ pub fn agents(f: &Facts) -> Outcome {
             .count();
         if jumps > 1 {
             out.push(Finding::new(
-                format!("{parent} jumps to {chain} {jumps} times: two agents add the jump"),
+                format!("{parent}{place} jumps to {chain} {jumps} times: two agents add the jump"),
                 stop_other,
             ));
         }
     }
-    if let Some(own) = own_subnet(f).map(IpNet::V4) {
+    if let Some(own) = own {
         let mut others: Vec<IpNet> = Vec::new();
         for r in nat.chain("FLANNEL-POSTRTG") {
             let w = words(r);
@@ -340,15 +362,15 @@ pub fn agents(f: &Facts) -> Outcome {
         for n in others {
             out.push(Finding::new(
                 format!(
-                    "FLANNEL-POSTRTG has rules for {n} of {network}, but this host's lease is \
-                     {own}: another agent with another lease (flanneld?) writes the same \
-                     chains, and the two rewrite each other's rules"
+                    "FLANNEL-POSTRTG{place} has rules for {n} of {network}, but this host's \
+                     lease is {own}: another agent with another lease (flanneld?) writes the \
+                     same chains, and the two rewrite each other's rules"
                 ),
                 stop_other,
             ));
         }
     }
-    out.into()
+    out
 }
 
 #[cfg(test)]
@@ -555,6 +577,27 @@ mod tests {
                 "POSTROUTING jumps to FLANNEL-POSTRTG 2 times: two agents add the jump",
                 "`-A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT` is in FLANNEL-FWD 2 times: two agents append to it",
                 "FLANNEL-POSTRTG has rules for 10.244.9.0/24 of 10.244.0.0/16, but this host's lease is 10.244.1.0/24: another agent with another lease (flanneld?) writes the same chains, and the two rewrite each other's rules",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_second_agent_in_ip6tables_is_named_there() {
+        let healthy = testing::dual_stack();
+        assert_eq!(texts(agents(&healthy)), Vec::<String>::new());
+        let mut f = testing::dual_stack();
+        if let Some(Ok(t)) = &mut f.ip6tables {
+            t.nat = t.nat.replace(
+                "COMMIT",
+                "-A FLANNEL-POSTRTG -s fd00:244:0:9::/64 -d fd00:244::/48 -m comment --comment \"flanneld masq\" -j RETURN\n\
+                 -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\nCOMMIT",
+            );
+        }
+        assert_eq!(
+            texts(agents(&f)),
+            [
+                "POSTROUTING in ip6tables jumps to FLANNEL-POSTRTG 2 times: two agents add the jump",
+                "FLANNEL-POSTRTG in ip6tables has rules for fd00:244:0:9::/64 of fd00:244::/48, but this host's lease is fd00:244:0:1::/64: another agent with another lease (flanneld?) writes the same chains, and the two rewrite each other's rules",
             ]
         );
     }

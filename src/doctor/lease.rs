@@ -111,6 +111,17 @@ pub fn own_subnet(f: &Facts) -> Option<Ipv4Net> {
     }
 }
 
+/// This host's IPv6 subnet on a dual-stack network: its lease's, else subnet.env's.
+pub fn own_subnet6(f: &Facts) -> Option<ipnet::Ipv6Net> {
+    if let Some((_, _, Holding::Held(l) | Holding::Elsewhere(l))) = own(f) {
+        if let Some(s) = l.ipv6_subnet {
+            return Some(s);
+        }
+    }
+    let env = f.env.as_ref().ok()?.ipv6.as_ref()?;
+    env.1.parse::<ipnet::Ipv6Net>().ok().map(|n| n.trunc())
+}
+
 /// `etcd`: reachable, and the network config usable.
 pub fn etcd(f: &Facts) -> Outcome {
     match &f.store {

@@ -20,7 +20,7 @@
 //! | `wireguard` | weft's WireGuard: each peer in flannel-wg with its lease's key, and its handshakes; on a dual-stack network in separate mode each peer's IPv6 side in flannel-wg-v6 with its BackendV6Data key |
 //! | `routes` | no route from anything else inside the cluster network |
 //! | `forward` | the kernel forwards, and FORWARD lets pod traffic through (flannel #2116, #699): iptables', and ip6tables' for a dual-stack network's IPv6 side |
-//! | `agents` | no second agent (flanneld) writing flannel's chains |
+//! | `agents` | no second agent (flanneld) writing flannel's chains (ip6tables' too on a dual-stack network) |
 //!
 //! In Kubernetes mode (`-kube-subnet-mgr`, `kube.rs`) the lease is this host's Node's podCIDR
 //! and the config a file: `kube` (the API reachable and allowing, the Node readable,
