@@ -157,12 +157,15 @@ struct State {
 impl State {
     /// Notes what a batch changed in the peer set, for the next pass to hand the backend.
     pub(super) fn stage(&mut self, diff: &Diff) {
+        // Removals first: a lease that moved to another key in one batch (its IPv6 side added
+        // or dropped, one transaction) is one key removed and one added for the same subnet,
+        // and the peer stays.
+        for p in &diff.removed {
+            self.pending.insert(p.subnet, None);
+        }
         for p in diff.added.iter().chain(&diff.changed) {
             let lease = self.peers.backend_peer(&p.key);
             self.pending.insert(p.subnet, lease);
-        }
-        for p in &diff.removed {
-            self.pending.insert(p.subnet, None);
         }
     }
 }

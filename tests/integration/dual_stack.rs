@@ -272,6 +272,47 @@ mod datapath {
     }
 
     #[test]
+    fn a_peer_whose_lease_moves_to_a_dual_stack_key_keeps_its_route() {
+        // Host 1, restarted under the dual-stack config, moves its IPv4-only lease to a
+        // dual-stack key in one transaction: host 0 sees the old key go and the new one come in
+        // one batch, and must keep (not drop) host 1's route while gaining its IPv6 one.
+        let name = "a_peer_whose_lease_moves_to_a_dual_stack_key_keeps_its_route";
+        if !crate::netns::require_root(name) || !weft_lab::require_ipv6(name) {
+            return;
+        }
+        let mut t = Topology::new(2, 1500);
+        t.set_config(&HOST_GW.replace(r#""EnableIPv6":true,"IPv6Network":"fd00:247::/48","#, ""));
+        t.start(1, &[]);
+        let subnet = t.hosts[1].wait_subnet();
+        t.hosts[1].stop();
+        t.set_config(HOST_GW);
+        t.start(0, &[]);
+        t.hosts[0].wait_subnet6();
+        wait_for("host 0's route to host 1's IPv4-only lease", T, || {
+            t.hosts[0].ns.route(&subnet.to_string()).map(drop)
+        });
+        t.start(1, &[]);
+        t.hosts[1].wait_log("under a new key", T);
+        assert_eq!(t.hosts[1].wait_subnet(), subnet, "the same IPv4 subnet");
+        let subnet6 = t.hosts[1].wait_subnet6().to_string();
+        wait_for("host 0's IPv6 route to host 1", T, || {
+            t.routes6(0)
+                .iter()
+                .any(|r| r.starts_with(&subnet6))
+                .then_some(())
+        });
+        assert!(
+            t.hosts[0].ns.route(&subnet.to_string()).is_some(),
+            "host 1's IPv4 route kept"
+        );
+        for i in 0..2 {
+            t.wire_container_dual(i);
+        }
+        t.assert_full_mesh(&[0, 1]);
+        t.assert_full_mesh6(&[0, 1]);
+    }
+
+    #[test]
     fn a_dual_stack_restart_keeps_both_subnets_and_the_ipv6_routes_in_place() {
         let Some(mut t) = Topology::dual_stack(2, HOST_GW, &[0, 1], &[]) else {
             return;
