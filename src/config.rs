@@ -67,6 +67,19 @@ pub struct Ipv6Pool {
     pub subnet_max: Ipv6Addr,
 }
 
+impl NetworkConfig {
+    /// Whether `next` differs from this config in its IPv6 side alone (turned on, off, or
+    /// another IPv6 network): the IPv4 lease and data plane can then stay.
+    pub fn differs_only_in_ipv6(&self, next: &Self) -> bool {
+        self.network == next.network
+            && self.subnet_len == next.subnet_len
+            && self.subnet_min == next.subnet_min
+            && self.subnet_max == next.subnet_max
+            && self.backend.as_map() == next.backend.as_map()
+            && self.ipv6 != next.ipv6
+    }
+}
+
 impl PartialEq for NetworkConfig {
     fn eq(&self, o: &Self) -> bool {
         self.network == o.network

@@ -184,6 +184,20 @@ impl Firewall {
         Ok(removed)
     }
 
+    /// Deletes this network's IPv6 rules alone (ip6tables'), for when its IPv6 side is turned
+    /// off or moves to another network while IPv4's stay. Returns whether anything was deleted.
+    pub async fn remove_ipv6(&self) -> Result<bool, Error> {
+        let Some((network6, _)) = self.ipv6 else {
+            return Ok(false);
+        };
+        let chains = [self.masq_chain(true), self.forward_chain(true)];
+        let removed = apply(&chains, Chain::plan_removal).await?;
+        if removed {
+            info!(network = %network6, "ip6tables rules of the IPv6 network removed");
+        }
+        Ok(removed)
+    }
+
     fn chains(&self) -> Vec<Chain> {
         let mut v = Vec::new();
         for v6 in [false, true]

@@ -205,6 +205,48 @@ impl Backend {
         }
         errs.into_result()
     }
+
+    /// Steps down for `next`, a backend of the same type and options on the same IPv4 network
+    /// whose IPv6 side differs (IPv6 turned on, off, or onto another network): what both want
+    /// stays in the kernel for `next` to adopt, as across a restart, so IPv4 traffic never
+    /// stops; what only this one has goes: its devices `next` has none of (`flannel-v6.<VNI>`,
+    /// `flannel-wg-v6`) and, when its IPv6 network goes, weft's routes inside it that lead
+    /// elsewhere (host-gw's and DirectRouting's via the underlay; a deleted device takes its
+    /// own).
+    pub async fn hand_over(self, next: &Backend, old_network6: Option<Ipv6Net>) -> ErrorList {
+        let mut errs = ErrorList::default();
+        let keep = next.device_names();
+        let gone: Vec<String> = (self.device_names().into_iter())
+            .filter(|d| !keep.contains(d))
+            .collect();
+        self.shutdown().await;
+        for name in gone {
+            if let Err(e) = netlink::delete_link(&name).await {
+                errs.push(e);
+            }
+        }
+        if let Some(network6) = old_network6 {
+            let (handle, batch) = match (netlink::connect(), batch::Batch::open()) {
+                (Ok(h), Ok(b)) => (h, b),
+                (Err(e), _) | (_, Err(e)) => {
+                    errs.push(e);
+                    return errs;
+                }
+            };
+            // Owner of IPv6's routes alone: the IPv4 broadcast address is no route's network.
+            let owner = routes::Owner {
+                network: Ipv4Net::from(Ipv4Addr::BROADCAST),
+                network_v6: Some(network6),
+                device: None,
+            };
+            errs.0.extend(
+                routes::reconcile_owned(&handle, &batch, &owner, &[])
+                    .await
+                    .0,
+            );
+        }
+        errs
+    }
 }
 
 /// The backend type named `name` (as in a config's `Type` or a lease's `BackendType`).

@@ -172,6 +172,32 @@ impl Agent {
         }
     }
 
+    /// The network config changed in its IPv6 side alone (turned on, off, or onto another IPv6
+    /// network): the lease stays, and the next acquire moves it to its new key in one
+    /// transaction, keeping the IPv4 subnet; the data plane stays too, as across a restart, but
+    /// for what only the old IPv6 side had (its device, its routes, its ip6tables rules). IPv4
+    /// traffic never stops. Should the new backend not build, the old network is left whole.
+    pub(super) async fn change_ipv6(&mut self, state: State, next: &NetworkConfig) {
+        let next_backend = match Backend::new(&next.backend, self.network(next)) {
+            Ok(b) => b,
+            Err(_) => return self.leave_network(state).await,
+        };
+        let old_rules = self.firewall(&state);
+        let old6 = state.config.ipv6.map(|p| p.network);
+        let gone6 = old6.filter(|n| next.ipv6.map(|p| p.network) != Some(*n));
+        info!(subnet = %state.own.subnet, ipv6_before = ?old6.map(|n| n.to_string()),
+              ipv6_now = ?next.ipv6.map(|p| p.network.to_string()),
+              "only the IPv6 side of the network changed: keeping the IPv4 lease and data plane");
+        for e in state.backend.hand_over(&next_backend, gone6).await.0 {
+            warn!("take down the old IPv6 side: {e}");
+        }
+        if gone6.is_some() && (self.args.ip_masq || self.args.iptables_forward_rules) {
+            if let Err(e) = old_rules.remove_ipv6().await {
+                warn!("remove the old IPv6 network's ip6tables rules: {e}");
+            }
+        }
+    }
+
     /// Re-leases after our key vanished (expiry, an operator's delete): the same subnet if free.
     pub(super) async fn reacquire(&mut self, state: &mut State) -> Result<()> {
         crate::metrics::get().lease_lost();

@@ -242,7 +242,14 @@ impl Agent {
                     Update::Events(events) => {
                         if let Some(exit) = self.apply_events(&mut state, events).await? {
                             drop(firewall);
-                            self.leave_network(state).await;
+                            match &exit {
+                                Exit::ConfigChanged(next)
+                                    if state.config.differs_only_in_ipv6(next) =>
+                                {
+                                    self.change_ipv6(state, next).await;
+                                }
+                                _ => self.leave_network(state).await,
+                            }
                             return Ok(exit);
                         }
                     }

@@ -271,6 +271,74 @@ mod datapath {
         t.assert_full_mesh6(&[0, 1]);
     }
 
+    /// [`HOST_GW`] without its IPv6 side.
+    fn host_gw_v4() -> String {
+        HOST_GW.replace(r#""EnableIPv6":true,"IPv6Network":"fd00:247::/48","#, "")
+    }
+
+    #[test]
+    fn ipv6_turned_on_and_off_under_running_hosts_keeps_ipv4_flowing() {
+        let name = "ipv6_turned_on_and_off_under_running_hosts_keeps_ipv4_flowing";
+        if !crate::netns::require_root(name) || !weft_lab::require_ipv6(name) {
+            return;
+        }
+        let mut t = Topology::new(2, 1500);
+        t.set_config(&host_gw_v4());
+        for i in 0..2 {
+            t.start(i, &["--ip-masq"]);
+            t.wire_container(i);
+        }
+        t.assert_full_mesh(&[0, 1]);
+        let subnets: Vec<_> = (0..2).map(|i| t.hosts[i].wait_subnet()).collect();
+        // 30 s of pings 20 ms apart, IPv4, from host 0's container to host 1's.
+        let series =
+            crate::wireguard::ping_series(&t.hosts[0], t.hosts[1].container_ip().into(), 1500);
+
+        t.set_config(HOST_GW);
+        for (i, h) in t.hosts.iter().enumerate() {
+            h.wait_log("only the IPv6 side of the network changed", T);
+            let subnet6 = h.wait_subnet6();
+            assert_eq!(
+                h.wait_subnet(),
+                subnets[i],
+                "host {i} keeps its IPv4 subnet"
+            );
+            // The containers get their IPv6 addresses beside the IPv4 ones, which keep pinging.
+            let gw = weft_lab::topology::gateway6(subnet6);
+            h.ns.ip(&format!("addr add {gw}/64 dev cni0 nodad"));
+            let ip = weft_lab::topology::container_ip6(subnet6);
+            h.container.ip(&format!("addr add {ip}/64 dev eth0 nodad"));
+            h.container.ip(&format!("-6 route add default via {gw}"));
+        }
+        t.assert_full_mesh6(&[0, 1]);
+        let masq6 = "-A FLANNEL-POSTRTG -s fd00:247::/48 ! -d ff00::/8";
+        let ip6tables = |i: usize| t.hosts[i].ns.exec(&["ip6tables-save", "-t", "nat"]).1;
+        wait_for("ip6tables' masquerading", T, || {
+            ip6tables(0).contains(masq6).then_some(())
+        });
+
+        // And off again: the IPv6 routes and rules go, IPv4 stays.
+        t.set_config(&host_gw_v4());
+        for i in 0..2 {
+            wait_for("the IPv6 routes and rules to go", T, || {
+                let clean = t.routes6(i).is_empty() && !ip6tables(i).contains("fd00:247::/48");
+                clean.then_some(())
+            });
+            wait_for("subnet.env without IPv6", T, || {
+                let env = t.hosts[i].env_var("FLANNEL_IPV6_SUBNET");
+                env.is_none().then_some(())
+            });
+            assert_eq!(t.hosts[i].wait_subnet(), subnets[i]);
+        }
+        let (text, replies) = series.replies();
+        assert!(
+            replies.len() >= 1495,
+            "IPv4 pings lost while IPv6 came and went: {} of 1500 answered\n{text}",
+            replies.len()
+        );
+        t.assert_full_mesh(&[0, 1]);
+    }
+
     #[test]
     fn a_peer_whose_lease_moves_to_a_dual_stack_key_keeps_its_route() {
         // Host 1, restarted under the dual-stack config, moves its IPv4-only lease to a
@@ -281,7 +349,7 @@ mod datapath {
             return;
         }
         let mut t = Topology::new(2, 1500);
-        t.set_config(&HOST_GW.replace(r#""EnableIPv6":true,"IPv6Network":"fd00:247::/48","#, ""));
+        t.set_config(&host_gw_v4());
         t.start(1, &[]);
         let subnet = t.hosts[1].wait_subnet();
         t.hosts[1].stop();

@@ -293,3 +293,34 @@ fn a_config_change_from_dual_stack_vxlan_leaves_no_ipv6_device_or_rules_behind()
         );
     }
 }
+
+#[test]
+fn ipv6_turned_off_under_running_vxlan_hosts_takes_flannel_v6_alone() {
+    let Some(t) = Topology::dual_stack(2, VXLAN, &[0, 1], &[]) else {
+        return;
+    };
+    t.assert_full_mesh6(&[0, 1]);
+    let before: Vec<_> = (0..2).map(|i| t.hosts[i].wait_subnet()).collect();
+    let index = |i: usize| {
+        t.hosts[i]
+            .ns
+            .link("flannel.1")
+            .map(|l| l["ifindex"].clone())
+    };
+    let kept: Vec<_> = (0..2).map(index).collect();
+    t.set_config(r#"{"Network":"10.250.0.0/16","Backend":{"Type":"vxlan"}}"#);
+    for (i, h) in t.hosts.iter().enumerate() {
+        wait_for("an IPv4-only subnet.env", T, || {
+            h.env_var("FLANNEL_IPV6_SUBNET").is_none().then_some(())
+        });
+        h.wait_log("only the IPv6 side of the network changed", T);
+        assert!(h.ns.link(DEV6).is_none(), "host {i}: {DEV6} left behind");
+        assert_eq!(index(i), kept[i], "host {i}: flannel.1 kept, not made anew");
+        assert_eq!(h.wait_subnet(), before[i], "host {i}: the same IPv4 subnet");
+        wait_for("flannel.1 back at the IPv4-only MTU", T, || {
+            let mtu = h.ns.link("flannel.1")?["mtu"].as_u64()?;
+            (mtu == 1450).then_some(())
+        });
+    }
+    t.assert_full_mesh(&[0, 1]);
+}

@@ -385,3 +385,27 @@ fn a_hand_made_flannel_dual_stack_wireguard_node() {
     w.assert_running();
     drop(go);
 }
+
+#[test]
+fn ipv6_turned_off_under_running_hosts_takes_flannel_wg_v6_alone() {
+    let Some(t) = hosts(2, SEPARATE, &[]) else {
+        return;
+    };
+    t.assert_full_mesh6(&[0, 1]);
+    let keys: Vec<_> = (0..2).map(|i| public_key(&t.lease_dual(i))).collect();
+    t.set_config(&format!(
+        r#"{{"Network":"{NET}","Backend":{{"Type":"wireguard"}}}}"#
+    ));
+    for (i, h) in t.hosts.iter().enumerate() {
+        wait_for("an IPv4-only subnet.env", T, || {
+            h.env_var("FLANNEL_IPV6_SUBNET").is_none().then_some(())
+        });
+        h.wait_log("only the IPv6 side of the network changed", T);
+        assert!(h.ns.link(DEV6).is_none(), "host {i}: {DEV6} left behind");
+        assert_eq!(wg_routes(&t, i), [format!("{NET} {DEV}")], "host {i}");
+        let lease = crate::wireguard::lease_json(&t, i);
+        assert_eq!(public_key(&lease), keys[i], "host {i}: the same key");
+        assert!(lease["BackendV6Data"].is_null(), "{lease}");
+    }
+    t.assert_full_mesh(&[0, 1]);
+}

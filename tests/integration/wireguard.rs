@@ -52,7 +52,7 @@ fn hosts(n: usize) -> Topology {
     t
 }
 
-fn lease_json(t: &Topology, i: usize) -> serde_json::Value {
+pub(crate) fn lease_json(t: &Topology, i: usize) -> serde_json::Value {
     let subnet = t.hosts[i].wait_subnet();
     let text = t
         .etcd()
