@@ -319,7 +319,7 @@ mod datapath {
 
         // And off again: the IPv6 routes and rules go, IPv4 stays.
         t.set_config(&host_gw_v4());
-        for i in 0..2 {
+        for (i, subnet) in subnets.iter().enumerate() {
             wait_for("the IPv6 routes and rules to go", T, || {
                 let clean = t.routes6(i).is_empty() && !ip6tables(i).contains("fd00:247::/48");
                 clean.then_some(())
@@ -328,7 +328,7 @@ mod datapath {
                 let env = t.hosts[i].env_var("FLANNEL_IPV6_SUBNET");
                 env.is_none().then_some(())
             });
-            assert_eq!(t.hosts[i].wait_subnet(), subnets[i]);
+            assert_eq!(t.hosts[i].wait_subnet(), *subnet);
         }
         let (text, replies) = series.replies();
         assert!(
