@@ -907,6 +907,29 @@ mod tests {
     }
 
     #[test]
+    fn a_change_of_the_ipv6_side_alone_is_told_apart() {
+        let c = |s: &str| parse(s).expect("valid");
+        let v4 = c(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#);
+        let dual = c(
+            r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{"Type":"vxlan"}}"#,
+        );
+        let other6 = c(
+            r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:6::/48","Backend":{"Type":"vxlan"}}"#,
+        );
+        assert!(v4.differs_only_in_ipv6(&dual) && dual.differs_only_in_ipv6(&v4));
+        assert!(dual.differs_only_in_ipv6(&other6));
+        assert!(!dual.differs_only_in_ipv6(&dual), "no change at all");
+        for not_alone in [
+            r#"{"Network":"10.6.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{"Type":"vxlan"}}"#,
+            r#"{"Network":"10.5.0.0/16","SubnetLen":25,"Backend":{"Type":"vxlan"}}"#,
+            r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{"Type":"vxlan","VNI":2}}"#,
+            r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{"Type":"host-gw"}}"#,
+        ] {
+            assert!(!v4.differs_only_in_ipv6(&c(not_alone)), "{not_alone}");
+        }
+    }
+
+    #[test]
     fn a_backend_that_carries_only_ipv4_refuses_dual_stack() {
         for backend in [r#""#, r#","Backend":{"Type":"udp"}"#] {
             let text = format!(
