@@ -12,8 +12,8 @@
 //! does not pad), so consecutive ones for one peer go out in one UDP GSO sendmsg.
 //! Peers → TUN: recvmmsg with UDP GRO hands over runs of datagrams; each is opened by its
 //! peer's session into one scratch buffer, and consecutive TCP segments of one flow are merged
-//! back into one super-packet for the TUN (`offload::gro`), one write per 64 KB; IPv6 packets
-//! are written one by one (that merging is IPv4's only).
+//! back into one super-packet for the TUN (`offload::gro`, IPv4 and IPv6 alike), one write per
+//! 64 KB.
 //!
 //! No allocation per packet once a session is up (boringtun only queues packets while a
 //! handshake runs), and no lock of weft's: the control side hands the worker a new peer list
@@ -559,7 +559,6 @@ impl Worker {
                 counters.rx_packets += 1;
                 counters.rx_bytes += pkt.len() as u64;
                 if vnet {
-                    // IPv6 packets pass through it whole (it merges IPv4 only).
                     gro.add(pkt, &mut write);
                 } else {
                     write(&[0; HDR_LEN], pkt, 1);
