@@ -71,23 +71,22 @@ impl NetworkConfig {
     /// Whether `next` differs from this config in its IPv6 side alone (turned on, off, or
     /// another IPv6 network): the IPv4 lease and data plane can then stay.
     pub fn differs_only_in_ipv6(&self, next: &Self) -> bool {
-        self.network == next.network
-            && self.subnet_len == next.subnet_len
-            && self.subnet_min == next.subnet_min
-            && self.subnet_max == next.subnet_max
-            && self.backend.as_map() == next.backend.as_map()
-            && self.ipv6 != next.ipv6
+        self.same_but_ipv6(next) && self.ipv6 != next.ipv6
+    }
+
+    /// Everything but the IPv6 side alike: the IPv4 network and its subnets, the backend.
+    fn same_but_ipv6(&self, o: &Self) -> bool {
+        self.network == o.network
+            && self.subnet_len == o.subnet_len
+            && self.subnet_min == o.subnet_min
+            && self.subnet_max == o.subnet_max
+            && self.backend.as_map() == o.backend.as_map()
     }
 }
 
 impl PartialEq for NetworkConfig {
     fn eq(&self, o: &Self) -> bool {
-        self.network == o.network
-            && self.subnet_len == o.subnet_len
-            && self.subnet_min == o.subnet_min
-            && self.subnet_max == o.subnet_max
-            && self.ipv6 == o.ipv6
-            && self.backend.as_map() == o.backend.as_map()
+        self.same_but_ipv6(o) && self.ipv6 == o.ipv6
     }
 }
 
