@@ -7,3 +7,12 @@ pub mod gro;
 pub mod socket;
 pub mod stats;
 pub mod tun;
+
+/// One worker per core (at most 16): the kernel spreads flows over the TUN queues and peers
+/// over the sockets (SO_REUSEPORT hashes each peer's address to one).
+pub fn workers() -> usize {
+    std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(1)
+        .clamp(1, 16)
+}

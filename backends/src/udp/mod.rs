@@ -365,7 +365,7 @@ impl Udp {
         let Some(own) = &self.own else {
             return Err(Error::Other("udp: no lease configured".into()));
         };
-        let n = workers();
+        let n = crate::offload::workers();
         let tun = tun::open(handle, DEVICE, n, self.cfg.offload).await?;
         let mut sockets = Vec::with_capacity(n);
         for _ in 0..tun.queues.len() {
@@ -493,14 +493,6 @@ fn overlapping(
     let hi = Ipv4Net::new(subnet.broadcast(), 32).ok()?;
     let inside = || table.range(lo..=hi).find(|(n, _)| subnet.contains(*n));
     containing.or_else(inside).map(|(n, at)| (*n, *at))
-}
-
-/// One worker per core: the kernel spreads flows over the TUN queues and peers over the sockets.
-fn workers() -> usize {
-    std::thread::available_parallelism()
-        .map(usize::from)
-        .unwrap_or(1)
-        .clamp(1, 16)
 }
 
 /// Runs a worker; its failure (an error or a panic) goes to `event()`.

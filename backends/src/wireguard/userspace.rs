@@ -1,10 +1,18 @@
-//! weft's userspace WireGuard, for kernels without it: a persistent TUN device (`flannel-wg`,
-//! `flannel-wg-v6`), a UDP socket on its port, and one boringtun `Tunn` per peer, moved by a
-//! worker thread with the udp backend's batching (`crate::offload`).
+//! weft's userspace WireGuard, for kernels without it: a persistent multi-queue TUN device
+//! (`flannel-wg`, `flannel-wg-v6`), UDP sockets on its port, and one boringtun `Tunn` per peer,
+//! moved by one worker per core with the udp backend's batching (`crate::offload`).
 //!
 //! A device carries IPv4, IPv6 or both ([`DeviceSpec`]): a packet goes to the peer whose subnet
-//! of its family holds its destination; its socket is AF_INET, AF_INET6 V6ONLY, or one AF_INET6
-//! socket for peers of both families (IPv4 ones v4-mapped).
+//! of its family holds its destination; its sockets are AF_INET, AF_INET6 V6ONLY, or AF_INET6
+//! for peers of both families (IPv4 ones v4-mapped).
+//!
+//! Workers: each owns one TUN queue and one socket bound to the port with SO_REUSEPORT, as
+//! udp's do; the kernel spreads flows over the queues and peers over the sockets. A peer's
+//! sessions are shared by all workers behind one lock, taken once per run of packets for that
+//! peer (a 64 KB super-packet's segments, a GRO buffer's datagrams), never per packet. One
+//! control thread, off the hot path, builds each new peer table (handed to the workers as an
+//! `ArcSwap` snapshot, read once per batch), ticks the protocol's timers and refreshes what
+//! `wg show` reads.
 //!
 //! TUN → peers: one read returns a TCP/UDP super-packet of up to 64 KB (IPv4 or IPv6: the TUN
 //! takes TSO4/TSO6/USO4/USO6), split by tun-rs into MTU-sized packets side by side. Each is sealed by its peer's session straight into the send
@@ -16,10 +24,7 @@
 //! 64 KB.
 //!
 //! No allocation per packet once a session is up (boringtun only queues packets while a
-//! handshake runs), and no lock of weft's: the control side hands the worker a new peer list
-//! through a channel and a wake-up, checked once per batch. The protocol's timers are ticked on
-//! their own schedule, not per packet. One worker for now: on a 2-core test machine a second
-//! gains nothing, and a peer's session would have to be shared between workers.
+//! handshake runs).
 //!
 //! A datagram is matched to its peer by the receiver index boringtun put in the session (data,
 //! handshake response, cookie) or, for a handshake initiation, by the initiator's static key;
@@ -27,17 +32,18 @@
 //! WireGuard, a peer's endpoint follows the address its authenticated packets come from.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -82,13 +88,16 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 pub struct Userspace {
     /// The device's index when it was opened: another index means it was recreated.
     pub index: u32,
+    /// To the control thread: each new whole peer list.
     peers: Sender<Vec<WgPeer>>,
+    /// Written once at shutdown, never drained: every worker's poll returns.
     wake: UnixStream,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-    /// What the worker counted, published after each batch.
+    /// The workers, then the control thread.
+    threads: Vec<JoinHandle<()>>,
+    /// What the workers counted, each in its slot, published after each batch.
     slots: Arc<Slots>,
-    /// How the device and socket were set up, for the metrics.
+    /// How the device and sockets were set up, for the metrics.
     tun_offload: bool,
     tun_uso: bool,
     udp_gro: bool,
@@ -98,8 +107,9 @@ pub struct Userspace {
 
 impl Userspace {
     /// Opens (or creates) `spec.name` as a persistent TUN device with offloads and `mtu`, up,
-    /// binds `spec.port` for the families it carries, and starts the worker with no peer;
-    /// `socket`: where `wg show` asks.
+    /// with one queue per worker, binds `spec.port` for the families it carries (a socket per
+    /// worker), and starts the workers and the control thread with no peer; `socket`: where
+    /// `wg show` asks.
     pub async fn start(
         handle: &Handle,
         spec: DeviceSpec,
@@ -108,7 +118,7 @@ impl Userspace {
         socket: PathBuf,
     ) -> Result<Self, Error> {
         let (name, port) = (spec.name, spec.port);
-        let mut dev = tun::open(handle, name, 1, true).await?;
+        let dev = tun::open(handle, name, crate::offload::workers(), true).await?;
         // Before it goes up; and a device reopened for IPv6 may have had it off.
         if spec.v6 {
             tun::ensure_ipv6_on(name);
@@ -116,44 +126,87 @@ impl Userspace {
             tun::ensure_ipv6_off(name);
         }
         tun::ensure_link(handle, name, mtu, tun::READ_SLOTS as u32).await?;
-        let queue = dev
-            .queues
-            .pop()
-            .ok_or_else(|| Error::Other(format!("{name}: no queue opened")))?;
         let family = match (spec.v4, spec.v6) {
             (_, false) => Family::V4,
             (false, true) => Family::V6Only,
             (true, true) => Family::Dual,
         };
-        let sock = Socket::bind_family(port, family, true)?;
+        let sockets = (dev.queues.iter())
+            .map(|_| Socket::bind_family(port, family, true).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(first) = sockets.first().cloned() else {
+            return Err(Error::Other(format!("{name}: no queue opened")));
+        };
+        let (gso, sock_v6) = (first.gso(), first.is_v6());
+        let gro = sockets.iter().all(|s| s.gro());
         let (wake, woken) = UnixStream::pair().map_err(Error::io("make a wake-up pair"))?;
-        woken
-            .set_nonblocking(true)
-            .map_err(Error::io("make the wake-up socket non-blocking"))?;
-        let (peers, rx) = channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let slots = Arc::new(Slots::new(1));
         let secret = StaticSecret::from(*private.bytes());
-        let (gso, gro, sock_v6) = (sock.gso(), sock.gro(), sock.is_v6());
+        let public = PublicKey::from(&secret);
+        let shared = Arc::new(Shared {
+            table: ArcSwap::from_pointee(Table::new(spec)),
+            limiter: RateLimiter::new(&public, HANDSHAKES),
+            secret,
+            public,
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let n = dev.queues.len();
+        let slots = Arc::new(Slots::new(n));
+        let mut threads = Vec::with_capacity(n + 1);
+        let stop_started = |threads: Vec<JoinHandle<()>>| {
+            stop.store(true, Ordering::Relaxed);
+            let _ = (&wake).write(&[1]);
+            threads.into_iter().for_each(|t| drop(t.join()));
+        };
+        for (id, (queue, sock)) in dev.queues.into_iter().zip(sockets).enumerate() {
+            let spawned = woken
+                .try_clone()
+                .map_err(Error::io("clone the wake-up socket"))
+                .and_then(|woken| {
+                    let w = Worker::new(
+                        id,
+                        (shared.clone(), stop.clone(), slots.clone()),
+                        (queue, dev.vnet_hdr, dev.uso),
+                        mtu as usize,
+                        (sock, woken),
+                    );
+                    std::thread::Builder::new()
+                        .name(uapi::thread_name(name, &format!("-{id}")))
+                        .spawn(move || w.run())
+                        .map_err(Error::io("start a WireGuard worker"))
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop_started(threads);
+                    return Err(e);
+                }
+            }
+        }
         let device = Arc::new(Mutex::new(uapi::Device {
             private_key: *private.bytes(),
             listen_port: port,
             peers: Vec::new(),
         }));
-        let worker = Worker::new(
-            (secret, spec),
-            queue,
-            (dev.vnet_hdr, dev.uso),
-            mtu as usize,
-            sock,
-            (woken, rx, stop.clone()),
-            (slots.clone(), device.clone()),
-        );
-        let thread = std::thread::Builder::new()
-            .name(uapi::thread_name(name, ""))
-            .spawn(move || worker.run())
-            .map_err(Error::io("start the WireGuard worker"))?;
-        let control = uapi::Server::start(socket, name, device);
+        let (peers, rx) = channel();
+        let control = Control {
+            shared,
+            sock: first,
+            rx,
+            device: device.clone(),
+            scratch: vec![0; RX_BUF + OVERHEAD],
+            ticks: 0,
+        };
+        match std::thread::Builder::new()
+            .name(uapi::thread_name(name, "-ctl"))
+            .spawn(move || control.run())
+        {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                stop_started(threads);
+                return Err(Error::io("start the WireGuard control thread")(e));
+            }
+        }
+        let uapi_server = uapi::Server::start(socket, name, device);
         info!(
             device = name,
             port,
@@ -161,6 +214,7 @@ impl Userspace {
             ipv6 = spec.v6,
             socket_ipv6 = sock_v6,
             mtu,
+            workers = n,
             tun_offload = dev.vnet_hdr,
             udp_gso = gso,
             udp_gro = gro,
@@ -171,31 +225,29 @@ impl Userspace {
             peers,
             wake,
             stop,
-            thread: Some(thread),
+            threads,
             slots,
             tun_offload: dev.vnet_hdr,
             tun_uso: dev.vnet_hdr && dev.uso,
             udp_gro: gro,
-            _control: control,
+            _control: uapi_server,
         })
     }
 
-    /// Hands the worker its whole peer list.
+    /// Hands the control thread the whole peer list; the workers have it with their next batch.
     pub fn set_peers(&mut self, peers: Vec<WgPeer>) -> Result<(), Error> {
         self.peers
             .send(peers)
-            .map_err(|_| Error::Other("the WireGuard worker is gone".into()))?;
-        let _ = self.wake.write(&[1]);
-        Ok(())
+            .map_err(|_| Error::Other("the WireGuard control thread is gone".into()))
     }
 
-    /// What the worker has counted so far: packets and bytes each way (inner packets), and
+    /// What the workers have counted so far: packets and bytes each way (inner packets), and
     /// drops by reason.
     pub fn counters(&self) -> Counters {
         self.slots.counters()
     }
 
-    /// The worker for the metrics: where it publishes, how it runs.
+    /// The workers for the metrics: where they publish, how they run.
     pub fn live(&self) -> Live {
         Live {
             slots: self.slots.clone(),
@@ -205,36 +257,56 @@ impl Userspace {
         }
     }
 
-    /// Whether the worker still runs.
+    /// Whether every worker and the control thread still run.
     pub fn alive(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+        !self.threads.is_empty() && self.threads.iter().all(|t| !t.is_finished())
     }
 }
 
 impl Drop for Userspace {
-    /// The worker stops and closes its TUN queue; the device (persistent) keeps its address
-    /// and route for the next weftd.
+    /// The threads stop and the workers close their TUN queues; the device (persistent) keeps
+    /// its address and route for the next weftd.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.wake.write(&[1]);
-        if let Some(t) = self.thread.take() {
+        // The control thread sees the channel close.
+        let (closed, _) = channel();
+        self.peers = closed;
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 }
 
+/// What the workers and the control thread share.
+struct Shared {
+    secret: StaticSecret,
+    public: PublicKey,
+    /// The current peers: replaced whole by the control thread, read once per batch.
+    table: ArcSwap<Table>,
+    /// Handshakes this host answers a second before it asks for cookies (all peers, all
+    /// workers).
+    limiter: RateLimiter,
+}
+
+/// A peer as the lease gives it, fixed for one table; its sessions live on across tables.
 struct Peer {
-    tunn: Tunn,
     key: Key,
     psk: Option<Key>,
     keepalive: Option<u16>,
-    /// Where its packets go: its lease's PublicIP(v6):Port, then where it last spoke from.
-    endpoint: SocketAddr,
     /// Its subnets of the families the device carries: what it may send from, what goes to it.
     allowed: Option<Ipv4Net>,
     allowed6: Option<Ipv6Net>,
     /// The index boringtun puts (shifted) in this peer's sessions.
     index: u32,
+    session: Arc<Mutex<Session>>,
+}
+
+/// What changes as a peer's packets move, shared by the workers: taken once per run of packets.
+struct Session {
+    tunn: Tunn,
+    /// Where its packets go: its lease's PublicIP(v6):Port, then where it last spoke from.
+    endpoint: SocketAddr,
     /// When a handshake last completed (boringtun forgets it with the session).
     last_handshake: Option<SystemTime>,
 }
@@ -248,27 +320,49 @@ impl Peer {
             IpAddr::V6(a) => self.allowed6.is_some_and(|n| n.contains(&a)),
         }
     }
+
+    /// Its sessions, for one run of packets (a worker that panicked holding them left them
+    /// whole: boringtun's calls do not unwind halfway through a state change we rely on).
+    fn lock(&self) -> MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The lock of one peer's sessions that a worker holds over a run of packets for that peer.
+struct Held<'a> {
+    at: usize,
+    session: MutexGuard<'a, Session>,
+}
+
+/// `held` as the lock of peer `at` of `table`: kept if it already is, else the other one is let
+/// go first (a worker holds one peer at a time, so workers never wait on each other in a cycle).
+fn hold<'a, 'h>(
+    held: &'h mut Option<Held<'a>>,
+    table: &'a Table,
+    at: usize,
+) -> Option<&'h mut Session> {
+    if held.as_ref().is_none_or(|h| h.at != at) {
+        *held = None;
+        *held = table.peers.get(at).map(|p| Held {
+            at,
+            session: p.lock(),
+        });
+    }
+    held.as_mut().map(|h| &mut *h.session)
 }
 
 struct Worker {
-    secret: StaticSecret,
-    public: PublicKey,
+    id: usize,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    slots: Arc<Slots>,
     tun: SyncDevice,
     /// Length of the virtio-net header in front of every TUN packet (0 without offloads).
     hdr: usize,
-    sock: Socket,
+    sock: Arc<Socket>,
     woken: UnixStream,
-    rx_peers: Receiver<Vec<WgPeer>>,
-    stop: Arc<AtomicBool>,
-    table: Table,
     counters: Counters,
     tun_read_errors: u64,
-    slots: Arc<Slots>,
-    /// Handshakes this host answers a second before it asks for cookies (all peers).
-    limiter: RateLimiter,
-    /// What `wg show` reads, refreshed every [`SHOW_EVERY`] ticks.
-    device: Arc<Mutex<uapi::Device>>,
-    ticks: u32,
     last_warn: Option<Instant>,
     /// TUN reads, split.
     reads: Reads,
@@ -285,32 +379,24 @@ struct Worker {
 
 impl Worker {
     fn new(
-        (secret, spec): (StaticSecret, DeviceSpec),
-        tun: SyncDevice,
-        (vnet_hdr, uso): (bool, bool),
+        id: usize,
+        (shared, stop, slots): (Arc<Shared>, Arc<AtomicBool>, Arc<Slots>),
+        (tun, vnet_hdr, uso): (SyncDevice, bool, bool),
         mtu: usize,
-        sock: Socket,
-        (woken, rx_peers, stop): (UnixStream, Receiver<Vec<WgPeer>>, Arc<AtomicBool>),
-        (slots, device): (Arc<Slots>, Arc<Mutex<uapi::Device>>),
+        (sock, woken): (Arc<Socket>, UnixStream),
     ) -> Self {
         let stride = mtu.max(MIN_OUT);
-        let public = PublicKey::from(&secret);
         Self {
-            limiter: RateLimiter::new(&public, HANDSHAKES),
-            public,
-            secret,
+            id,
+            shared,
+            stop,
+            slots,
             tun,
             hdr: if vnet_hdr { VIRTIO_NET_HDR_LEN } else { 0 },
             sock,
             woken,
-            rx_peers,
-            stop,
-            table: Table::new(spec),
             counters: Counters::default(),
             tun_read_errors: 0,
-            slots,
-            device,
-            ticks: 0,
             last_warn: None,
             reads: Reads::new(stride),
             out: vec![0; tun::SLOTS * (stride + OVERHEAD) + MIN_OUT],
@@ -323,31 +409,18 @@ impl Worker {
 
     fn run(mut self) {
         self.publish();
-        let mut next_tick = Instant::now() + TICK;
         while !self.stop.load(Ordering::Relaxed) {
-            let mut set = false;
-            while let Ok(peers) = self.rx_peers.try_recv() {
-                self.table.set(&self.secret, peers);
-                set = true;
-            }
-            if set {
-                self.show();
-            }
             let moved = match (self.tun_to_peers(), self.peers_to_tun()) {
                 (Ok(a), Ok(b)) => a || b,
                 (Err(why), _) | (_, Err(why)) => {
-                    warn!("WireGuard worker: {why}; stopping");
+                    warn!(worker = self.id, "WireGuard worker: {why}; stopping");
                     break;
                 }
             };
-            if Instant::now() >= next_tick {
-                self.tick();
-                next_tick = Instant::now() + TICK;
-            }
             if moved {
                 self.publish();
-            } else if let Err(why) = self.wait(next_tick) {
-                warn!("WireGuard worker: {why}; stopping");
+            } else if let Err(why) = self.wait() {
+                warn!(worker = self.id, "WireGuard worker: {why}; stopping");
                 break;
             }
         }
@@ -355,19 +428,18 @@ impl Worker {
     }
 
     fn publish(&self) {
-        (self.slots).publish(0, &self.counters, self.tun_read_errors, self.sock.gso());
+        let c = &self.counters;
+        (self.slots).publish(self.id, c, self.tun_read_errors, self.sock.gso());
     }
 
-    /// Sleeps until the TUN queue or the socket has something, a wake-up, or the next tick.
-    fn wait(&mut self, until: Instant) -> Result<(), String> {
-        let wait = until.saturating_duration_since(Instant::now());
+    /// Sleeps until the TUN queue or the socket has something, or shutdown.
+    fn wait(&self) -> Result<(), String> {
         let mut fds = [
             PollFd::new(self.tun.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.sock.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.woken.as_fd(), PollFlags::POLLIN),
         ];
-        let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
-        match poll(&mut fds, PollTimeout::from(ms)) {
+        match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(format!("poll: {e}")),
         }
@@ -376,10 +448,6 @@ impl Worker {
             .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLNVAL))
         {
             return Err("the TUN queue reports an error (device deleted?)".into());
-        }
-        if fds[2].revents().is_some_and(|r| !r.is_empty()) {
-            let mut drain = [0u8; 64];
-            while matches!((&self.woken).read(&mut drain), Ok(n) if n > 0) {}
         }
         Ok(())
     }
@@ -397,18 +465,23 @@ impl Worker {
     /// Seals the `n` packets in `tx` for their peers into `out`, back to back, and sends them in
     /// GSO runs: consecutive datagrams for one peer of one size (the last may be shorter).
     fn seal_and_send(&mut self, n: usize) {
+        let shared = self.shared.clone();
+        let table = shared.table.load();
+        let mut held = None;
         let mut run: Option<Run> = None;
         let mut pos = 0;
         for i in 0..n {
             let pkt = self.reads.packet(i);
             let len = pkt.len();
-            let Some(p) = self.table.route(pkt, &mut self.counters) else {
+            let Some(at) = table.route(pkt, &mut self.counters) else {
                 continue;
             };
-            let p = &mut self.table.peers[p];
-            let to = p.endpoint;
+            let Some(s) = hold(&mut held, &table, at) else {
+                continue;
+            };
+            let to = s.endpoint;
             let room = self.out.get_mut(pos..).unwrap_or_default();
-            let sealed = match p.tunn.encapsulate(pkt, room) {
+            let sealed = match s.tunn.encapsulate(pkt, room) {
                 TunnResult::WriteToNetwork(b) => Some((b.len(), b.first() == Some(&DATA))),
                 TunnResult::Err(e) => {
                     debug!(error = ?e, "WireGuard: sealing failed");
@@ -446,6 +519,7 @@ impl Worker {
             run = Some(Run::new(to, pos, size));
             pos += size;
         }
+        drop(held);
         if let Some(r) = run {
             self.send_run(r);
         }
@@ -481,19 +555,18 @@ impl Worker {
         };
         let vnet = self.hdr != 0;
         let Self {
+            shared,
             tun,
             sock,
-            table,
             counters,
             rx,
             plain,
             scratch,
             gro,
-            secret,
-            public,
-            limiter,
             ..
         } = self;
+        let table = shared.table.load();
+        let mut held = None;
         let mut writer = tun::Writer::new(tun, vnet);
         let mut write = |hdr: &[u8; HDR_LEN], pkt: &[u8], n: usize| writer.write(hdr, pkt, n);
         for i in 0..n {
@@ -503,7 +576,10 @@ impl Worker {
             for dgram in datagrams {
                 // Handshakes' MAC1 checked, and past HANDSHAKES a second a cookie asked for,
                 // before any Diffie-Hellman is spent on them (as WireGuard does under load).
-                let packet = match limiter.verify_packet(Some(from.ip()), dgram, scratch) {
+                let packet = match shared
+                    .limiter
+                    .verify_packet(Some(from.ip()), dgram, scratch)
+                {
                     Ok(packet) => packet,
                     Err(TunnResult::WriteToNetwork(cookie)) => {
                         let _ = sock.send(from, cookie, None);
@@ -516,23 +592,24 @@ impl Worker {
                     }
                     Err(_) => continue,
                 };
-                let Some(p) = table.sender(packet, secret, public) else {
+                let sender = table.sender(packet, &shared.secret, &shared.public);
+                let Some((at, s)) = sender.and_then(|at| Some((at, hold(&mut held, &table, at)?)))
+                else {
                     counters.count_drop(DropReason::UnknownSender);
                     continue;
                 };
-                let p = &mut table.peers[p];
-                let (pkt, src) = match p.tunn.decapsulate(Some(from.ip()), dgram, plain) {
+                let (pkt, src) = match s.tunn.decapsulate(Some(from.ip()), dgram, plain) {
                     TunnResult::WriteToTunnelV4(pkt, src) => (pkt, IpAddr::V4(src)),
                     TunnResult::WriteToTunnelV6(pkt, src) => (pkt, IpAddr::V6(src)),
                     TunnResult::WriteToNetwork(b) => {
                         // A handshake answered (or a cookie): it goes back, and what waited
                         // for the session follows.
-                        p.endpoint = from;
+                        s.endpoint = from;
                         let _ = sock.send(from, b, None);
                         while let TunnResult::WriteToNetwork(b) =
-                            p.tunn.decapsulate(None, &[], scratch)
+                            s.tunn.decapsulate(None, &[], scratch)
                         {
-                            match sock.send(p.endpoint, b, None) {
+                            match sock.send(s.endpoint, b, None) {
                                 Ok(()) => counters.tx_packets += 1,
                                 Err(_) => counters.count_drop(DropReason::SendFailed),
                             }
@@ -546,13 +623,13 @@ impl Worker {
                     }
                     // A keepalive.
                     TunnResult::Done => {
-                        p.endpoint = from;
+                        s.endpoint = from;
                         continue;
                     }
                 };
                 // Authenticated: the peer is where it came from, whatever it carries.
-                p.endpoint = from;
-                if !p.admits(src) {
+                s.endpoint = from;
+                if !table.peers.get(at).is_some_and(|p| p.admits(src)) {
                     counters.count_drop(DropReason::SourceNotInSenderLease);
                     continue;
                 }
@@ -565,43 +642,91 @@ impl Worker {
                 }
             }
         }
+        drop(held);
         gro.flush(&mut write);
         writer.finish(counters)?;
         Ok(true)
+    }
+}
+
+/// The control thread: new peer lists become the workers' table, the protocol's timers are
+/// ticked, and `wg show`'s view is refreshed; never on the hot path.
+struct Control {
+    shared: Arc<Shared>,
+    /// Worker 0's socket, for what the timers send (handshakes, keepalives): one port.
+    sock: Arc<Socket>,
+    rx: Receiver<Vec<WgPeer>>,
+    /// What `wg show` reads, refreshed every [`SHOW_EVERY`] ticks and with each new table.
+    device: Arc<Mutex<uapi::Device>>,
+    scratch: Vec<u8>,
+    ticks: u32,
+}
+
+impl Control {
+    /// Until `Userspace` is dropped (the channel closes).
+    fn run(mut self) {
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            match self
+                .rx
+                .recv_timeout(next_tick.saturating_duration_since(Instant::now()))
+            {
+                Ok(mut want) => {
+                    // Each list is whole: only the latest matters.
+                    while let Ok(newer) = self.rx.try_recv() {
+                        want = newer;
+                    }
+                    let next = self.shared.table.load().next(&self.shared.secret, want);
+                    self.shared.table.store(Arc::new(next));
+                    self.show();
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                self.tick();
+                next_tick = Instant::now() + TICK;
+            }
+        }
     }
 
     /// The protocol's timers: handshakes started or retried, keepalives sent; now and then
     /// what `wg show` reads.
     fn tick(&mut self) {
-        for p in &mut self.table.peers {
-            if let TunnResult::WriteToNetwork(b) = p.tunn.update_timers(&mut self.scratch) {
-                let _ = self.sock.send(p.endpoint, b, None);
+        let table = self.shared.table.load();
+        for p in &table.peers {
+            let mut s = p.lock();
+            let s = &mut *s;
+            if let TunnResult::WriteToNetwork(b) = s.tunn.update_timers(&mut self.scratch) {
+                let _ = self.sock.send(s.endpoint, b, None);
             }
         }
         self.ticks = self.ticks.wrapping_add(1);
         if self.ticks % SHOW_EVERY == 0 {
-            self.limiter.reset_count();
+            self.shared.limiter.reset_count();
             self.show();
         }
     }
 
-    /// Refreshes what `wg show` reads (a lock per second, none per packet).
+    /// Refreshes what `wg show` reads (a lock per peer a second, none per packet).
     fn show(&mut self) {
         let now = SystemTime::now();
-        let peers = (self.table.peers.iter_mut())
+        let table = self.shared.table.load();
+        let peers = (table.peers.iter())
             .map(|p| {
-                let (since, tx, rx, _, _) = p.tunn.stats();
+                let mut s = p.lock();
+                let (since, tx, rx, _, _) = s.tunn.stats();
                 if let Some(d) = since {
-                    p.last_handshake = now.checked_sub(d);
+                    s.last_handshake = now.checked_sub(d);
                 }
                 let v4 = p.allowed.map(IpNet::V4);
                 uapi::Peer {
                     public_key: p.key,
                     psk: p.psk,
-                    endpoint: p.endpoint,
+                    endpoint: s.endpoint,
                     allowed_ips: v4.into_iter().chain(p.allowed6.map(IpNet::V6)).collect(),
                     keepalive: p.keepalive,
-                    last_handshake: p.last_handshake,
+                    last_handshake: s.last_handshake,
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
                 }
@@ -629,7 +754,8 @@ fn drop_reason(e: &WireGuardError) -> DropReason {
     }
 }
 
-/// The worker's peers, found by destination address, by session index and by key.
+/// The peers, found by destination address, by session index and by key: built whole by the
+/// control thread, read by the workers.
 struct Table {
     /// The families the device carries: a peer's subnet of another is not looked at.
     v4: bool,
@@ -736,56 +862,66 @@ impl Table {
         self.by_index.get(&(receiver_idx >> 8)).copied()
     }
 
-    /// Takes `want` as the whole peer list: a peer whose key, PSK and keepalive are unchanged
-    /// keeps its sessions; the others start afresh.
-    fn set(&mut self, secret: &StaticSecret, want: Vec<WgPeer>) {
-        let mut old: HashMap<Key, Peer> = self.peers.drain(..).map(|p| (p.key, p)).collect();
+    /// The table with `want` as the whole peer list: a peer whose key, PSK and keepalive are
+    /// unchanged keeps its sessions (shared with this table, its endpoint reset to the lease's);
+    /// the others start afresh.
+    fn next(&self, secret: &StaticSecret, want: Vec<WgPeer>) -> Self {
+        let mut old: HashMap<Key, &Peer> = self.peers.iter().map(|p| (p.key, p)).collect();
+        let mut last_index = self.last_index;
+        let mut peers = Vec::with_capacity(want.len());
         for w in want {
-            let allowed = w.allowed_ip.filter(|_| self.v4);
-            let allowed6 = w.allowed_ip6.filter(|_| self.v6);
             let kept = old
                 .remove(&w.public_key)
                 .filter(|p| p.psk == w.psk && p.keepalive == w.keepalive);
-            let p = match kept {
-                Some(mut p) => {
-                    p.allowed = allowed;
-                    p.allowed6 = allowed6;
-                    p.endpoint = w.endpoint;
-                    p
+            let (index, session) = match kept {
+                Some(p) => {
+                    p.lock().endpoint = w.endpoint;
+                    (p.index, p.session.clone())
                 }
                 None => {
-                    self.last_index = (self.last_index % 0x00ff_ffff) + 1;
-                    let index = self.last_index;
-                    Peer {
-                        tunn: Tunn::new(
-                            secret.clone(),
-                            PublicKey::from(w.public_key),
-                            w.psk,
-                            w.keepalive,
-                            index,
-                            None,
-                        ),
-                        key: w.public_key,
-                        psk: w.psk,
-                        keepalive: w.keepalive,
+                    last_index = (last_index % 0x00ff_ffff) + 1;
+                    let tunn = Tunn::new(
+                        secret.clone(),
+                        PublicKey::from(w.public_key),
+                        w.psk,
+                        w.keepalive,
+                        last_index,
+                        None,
+                    );
+                    let session = Session {
+                        tunn,
                         endpoint: w.endpoint,
-                        allowed,
-                        allowed6,
-                        index,
                         last_handshake: None,
-                    }
+                    };
+                    (last_index, Arc::new(Mutex::new(session)))
                 }
             };
-            self.peers.push(p);
+            peers.push(Peer {
+                key: w.public_key,
+                psk: w.psk,
+                keepalive: w.keepalive,
+                allowed: w.allowed_ip.filter(|_| self.v4),
+                allowed6: w.allowed_ip6.filter(|_| self.v6),
+                index,
+                session,
+            });
         }
-        let all = || self.peers.iter().enumerate();
-        self.by_key = all().map(|(i, p)| (p.key, i)).collect();
-        self.by_index = all().map(|(i, p)| (p.index, i)).collect();
-        self.by_subnet = all().filter_map(|(i, p)| Some((p.allowed?, i))).collect();
-        self.by_subnet6 = all().filter_map(|(i, p)| Some((p.allowed6?, i))).collect();
-        self.prefixes = longest_first(self.by_subnet.keys().map(Ipv4Net::prefix_len));
-        self.prefixes6 = longest_first(self.by_subnet6.keys().map(Ipv6Net::prefix_len));
-        debug!(peers = self.peers.len(), "WireGuard worker: peers set");
+        let all = || peers.iter().enumerate();
+        let by_subnet: HashMap<_, _> = all().filter_map(|(i, p)| Some((p.allowed?, i))).collect();
+        let by_subnet6: HashMap<_, _> = all().filter_map(|(i, p)| Some((p.allowed6?, i))).collect();
+        debug!(peers = peers.len(), "WireGuard: peer table built");
+        Self {
+            v4: self.v4,
+            v6: self.v6,
+            by_key: all().map(|(i, p)| (p.key, i)).collect(),
+            by_index: all().map(|(i, p)| (p.index, i)).collect(),
+            prefixes: longest_first(by_subnet.keys().map(Ipv4Net::prefix_len)),
+            prefixes6: longest_first(by_subnet6.keys().map(Ipv6Net::prefix_len)),
+            by_subnet,
+            by_subnet6,
+            peers,
+            last_index,
+        }
     }
 }
 
@@ -843,9 +979,9 @@ pub fn fuzz_lookups(data: &[u8]) {
         })
     };
     let mut t = Table::new(spec(true, true));
-    t.set(&secret, peers().collect());
+    t = t.next(&secret, peers().collect());
     let mut t6 = Table::new(spec(false, true));
-    t6.set(&secret, peers().collect());
+    t6 = t6.next(&secret, peers().collect());
     for t in [&t, &t6] {
         let mut c = Counters::default();
         match t.route(data, &mut c) {
@@ -899,7 +1035,11 @@ pub fn fuzz_lookups(data: &[u8]) {
         Err(_) => return,
     };
     if let Some(i) = t.sender(packet, &secret, &public) {
-        match t.peers[i].tunn.decapsulate(Some(from), data, &mut out) {
+        match t.peers[i]
+            .lock()
+            .tunn
+            .decapsulate(Some(from), data, &mut out)
+        {
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
                 panic!("a packet opened without a session")
             }
@@ -1004,7 +1144,7 @@ mod tests {
         match found {
             Some(i) => {
                 assert_eq!(c.total_drops(), 0);
-                Ok(t.peers[i].endpoint.to_string())
+                Ok(t.peers[i].lock().endpoint.to_string())
             }
             None => {
                 assert_eq!(c.total_drops(), 1, "{c:?}");
@@ -1020,7 +1160,7 @@ mod tests {
     fn packets_find_their_peer_by_destination_and_by_session_index() {
         let secret = StaticSecret::from([1; 32]);
         let mut t = Table::new(V4);
-        t.set(&secret, vec![peer(2, None), peer(3, None)]);
+        t = t.next(&secret, vec![peer(2, None), peer(3, None)]);
         let i2 = index_of(&t, 2).expect("peer 2");
         let i3 = index_of(&t, 3).expect("peer 3");
         assert_ne!(i2, i3);
@@ -1040,7 +1180,7 @@ mod tests {
         let secret = StaticSecret::from([1; 32]);
         let mut t = Table::new(BOTH);
         // Peer 2 dialled over IPv4, peer 3 over IPv6, peer 4 without an IPv6 lease.
-        t.set(
+        t = t.next(
             &secret,
             vec![
                 dual_peer(2, "192.168.1.2:51820"),
@@ -1071,7 +1211,7 @@ mod tests {
         // A peer's IPv4 subnet given to it anyway is not this device's to route.
         let mut stray = v6_peer(3);
         stray.allowed_ip = Some("10.244.3.0/24".parse().expect("net"));
-        t.set(&secret, vec![v6_peer(2), stray]);
+        t = t.next(&secret, vec![v6_peer(2), stray]);
         assert_eq!(
             route(&t, "fd00:244:0:2::9"),
             Ok("[fd00:192:168:1::2]:51821".into())
@@ -1097,11 +1237,11 @@ mod tests {
         let secret = StaticSecret::from([1; 32]);
         let mut t = Table::new(V4);
         // Even with an IPv6 subnet given, an IPv4-only device has IPv6 off: not its to route.
-        t.set(&secret, vec![dual_peer(2, "192.168.1.2:51820")]);
+        t = t.next(&secret, vec![dual_peer(2, "192.168.1.2:51820")]);
         assert_eq!(route(&t, "fd00:244:0:2::9"), Err(DropReason::NotIpv4));
         assert_eq!(route(&t, "10.244.2.9"), Ok("192.168.1.2:51820".into()));
         let mut t6 = Table::new(V6);
-        t6.set(&secret, vec![v6_peer(2)]);
+        t6 = t6.next(&secret, vec![v6_peer(2)]);
         for (table, pkt) in [
             (&t, vec![0x45; 19]),
             (&t6, {
@@ -1122,7 +1262,7 @@ mod tests {
     fn an_opened_packet_is_admitted_only_from_its_senders_subnet_of_its_family() {
         let secret = StaticSecret::from([1; 32]);
         let mut t = Table::new(BOTH);
-        t.set(
+        t = t.next(
             &secret,
             vec![dual_peer(2, "[fd00::2]:51820"), peer(4, None)],
         );
@@ -1150,16 +1290,19 @@ mod tests {
     fn a_new_list_keeps_unchanged_peers_sessions_and_forgets_the_rest() {
         let secret = StaticSecret::from([1; 32]);
         let mut t = Table::new(V4);
-        t.set(&secret, vec![peer(2, None), peer(3, None), peer(4, None)]);
+        t = t.next(&secret, vec![peer(2, None), peer(3, None), peer(4, None)]);
         let (i2, i3) = (index_of(&t, 2), index_of(&t, 3));
         let mut moved = peer(2, None);
         moved.endpoint = "192.168.1.200:51999".parse().expect("endpoint");
-        t.set(&secret, vec![moved, peer(3, Some([7; 32]))]);
+        t = t.next(&secret, vec![moved, peer(3, Some([7; 32]))]);
         assert_eq!(index_of(&t, 2), i2, "same key: same sessions, new endpoint");
         let at = t
             .for_destination("10.244.2.1".parse().expect("ip"))
             .expect("peer 2");
-        assert_eq!(t.peers[at].endpoint.to_string(), "192.168.1.200:51999");
+        assert_eq!(
+            t.peers[at].lock().endpoint.to_string(),
+            "192.168.1.200:51999"
+        );
         assert_ne!(index_of(&t, 3), i3, "a new PSK: a new session");
         assert_eq!(index_of(&t, 4), None, "gone");
         assert_eq!(t.peers.len(), 2);
@@ -1175,10 +1318,10 @@ mod tests {
     fn a_kept_peer_gaining_an_ipv6_subnet_is_routed_there_with_its_session() {
         let secret = StaticSecret::from([1; 32]);
         let mut t = Table::new(BOTH);
-        t.set(&secret, vec![peer(2, None)]);
+        t = t.next(&secret, vec![peer(2, None)]);
         let i2 = index_of(&t, 2);
         assert_eq!(route(&t, "fd00:244:0:2::9"), Err(DropReason::NoRoute));
-        t.set(&secret, vec![dual_peer(2, "[fd00::2]:51820")]);
+        t = t.next(&secret, vec![dual_peer(2, "[fd00::2]:51820")]);
         assert_eq!(index_of(&t, 2), i2, "same key: same sessions");
         assert_eq!(route(&t, "fd00:244:0:2::9"), Ok("[fd00::2]:51820".into()));
     }
