@@ -3,6 +3,7 @@
 //! packets in and out), the UDP socket with GSO and GRO, and the coalescer that builds
 //! super-packets for the TUN. No backend logic: the backends decide what each packet is.
 
+pub mod flow;
 pub mod gro;
 pub mod socket;
 pub mod stats;

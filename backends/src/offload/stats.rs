@@ -46,6 +46,12 @@ impl Slots {
         }
     }
 
+    /// Worker `id`'s own totals: how the work spread.
+    pub fn worker(&self, id: usize) -> Option<Counters> {
+        let slot = self.counters.get(id)?;
+        Some(SharedCounters::sum(std::iter::once(slot)))
+    }
+
     /// The workers' totals.
     pub fn counters(&self) -> Counters {
         SharedCounters::sum(self.counters.iter())

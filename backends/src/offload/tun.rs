@@ -400,9 +400,10 @@ impl Reads {
 
 /// Writes a receive batch's frames to a TUN queue (a packet, or a super-packet behind its
 /// virtio-net header), noting failures rather than stopping at them; [`Writer::finish`] settles
-/// them once the batch is done.
+/// them once the batch is done. Given several queues, each frame goes through the one its flow
+/// hashes to ([`super::flow`]), which is then the queue its flow's replies leave by.
 pub struct Writer<'a> {
-    tun: &'a SyncDevice,
+    queues: &'a [SyncDevice],
     vnet: bool,
     /// Packets whose frames could not be written.
     lost: u64,
@@ -411,10 +412,10 @@ pub struct Writer<'a> {
 }
 
 impl<'a> Writer<'a> {
-    /// `vnet`: the queue takes a virtio-net header before each frame.
-    pub fn new(tun: &'a SyncDevice, vnet: bool) -> Self {
+    /// `vnet`: the queues take a virtio-net header before each frame.
+    pub fn new(queues: &'a [SyncDevice], vnet: bool) -> Self {
         Self {
-            tun,
+            queues,
             vnet,
             lost: 0,
             gone: None,
@@ -423,11 +424,16 @@ impl<'a> Writer<'a> {
 
     /// One frame carrying `n` packets.
     pub fn write(&mut self, hdr: &[u8; crate::offload::gro::HDR_LEN], pkt: &[u8], n: usize) {
+        let queue = super::flow::queue_of(pkt, self.queues.len());
+        let Some(tun) = self.queues.get(queue) else {
+            self.gone = Some("no TUN queue to write to".into());
+            return;
+        };
         let r = if self.vnet {
             let frame = [std::io::IoSlice::new(hdr), std::io::IoSlice::new(pkt)];
-            self.tun.send_vectored(&frame)
+            tun.send_vectored(&frame)
         } else {
-            self.tun.send(pkt)
+            tun.send(pkt)
         };
         match r {
             Ok(_) => {}

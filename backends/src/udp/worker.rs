@@ -295,7 +295,7 @@ impl Worker {
         let table = self.shared.table.load();
         let vnet = self.hdr != 0;
         // Write failures are counted after the batch; the writer only notes them.
-        let mut writer = tun::Writer::new(&self.tun, vnet);
+        let mut writer = tun::Writer::new(std::slice::from_ref(&self.tun), vnet);
         let mut write = |hdr: &[u8; HDR_LEN], pkt: &[u8], n: usize| writer.write(hdr, pkt, n);
         for i in 0..n {
             let Some((from, datagrams)) = self.rx.buffer(i) else {

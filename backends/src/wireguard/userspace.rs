@@ -9,10 +9,15 @@
 //! Workers: each owns one TUN queue and one socket bound to the port with SO_REUSEPORT, as
 //! udp's do; the kernel spreads flows over the queues and peers over the sockets. A peer's
 //! sessions are shared by all workers behind one lock, taken once per run of packets for that
-//! peer (a 64 KB super-packet's segments, a GRO buffer's datagrams), never per packet. One
-//! control thread, off the hot path, builds each new peer table (handed to the workers as an
-//! `ArcSwap` snapshot, read once per batch), ticks the protocol's timers and refreshes what
-//! `wg show` reads.
+//! peer (a 64 KB super-packet's segments, a GRO buffer's datagrams), never per packet. Each
+//! new peer list becomes a new table when it is set (so a packet sent after `set_peers`
+//! returns finds its peer), handed to the workers as an `ArcSwap` snapshot read once per batch.
+//! A control thread, off the hot path, ticks the protocol's timers and refreshes what `wg show`
+//! reads.
+//!
+//! A worker writes each packet it opens through the TUN queue its flow hashes to
+//! (`offload::flow`), and the kernel sends the flow's replies out through that queue: one
+//! peer's datagrams all arrive at one worker, but its flows are sealed by all of them.
 //!
 //! TUN → peers: one read returns a TCP/UDP super-packet of up to 64 KB (IPv4 or IPv6: the TUN
 //! takes TSO4/TSO6/USO4/USO6), split by tun-rs into MTU-sized packets side by side. Each is sealed by its peer's session straight into the send
@@ -88,8 +93,11 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 pub struct Userspace {
     /// The device's index when it was opened: another index means it was recreated.
     pub index: u32,
-    /// To the control thread: each new whole peer list.
-    peers: Sender<Vec<WgPeer>>,
+    shared: Arc<Shared>,
+    /// What `wg show` reads.
+    device: Arc<Mutex<uapi::Device>>,
+    /// Dropped at shutdown: the control thread sees it close.
+    control_open: Sender<()>,
     /// Written once at shutdown, never drained: every worker's poll returns.
     wake: UnixStream,
     stop: Arc<AtomicBool>,
@@ -149,7 +157,7 @@ impl Userspace {
             public,
         });
         let stop = Arc::new(AtomicBool::new(false));
-        let n = dev.queues.len();
+        let n = sockets.len();
         let slots = Arc::new(Slots::new(n));
         let mut threads = Vec::with_capacity(n + 1);
         let stop_started = |threads: Vec<JoinHandle<()>>| {
@@ -157,7 +165,8 @@ impl Userspace {
             let _ = (&wake).write(&[1]);
             threads.into_iter().for_each(|t| drop(t.join()));
         };
-        for (id, (queue, sock)) in dev.queues.into_iter().zip(sockets).enumerate() {
+        let queues: Arc<[SyncDevice]> = dev.queues.into();
+        for (id, sock) in sockets.into_iter().enumerate() {
             let spawned = woken
                 .try_clone()
                 .map_err(Error::io("clone the wake-up socket"))
@@ -165,7 +174,7 @@ impl Userspace {
                     let w = Worker::new(
                         id,
                         (shared.clone(), stop.clone(), slots.clone()),
-                        (queue, dev.vnet_hdr, dev.uso),
+                        (queues.clone(), dev.vnet_hdr, dev.uso),
                         mtu as usize,
                         (sock, woken),
                     );
@@ -187,11 +196,11 @@ impl Userspace {
             listen_port: port,
             peers: Vec::new(),
         }));
-        let (peers, rx) = channel();
+        let (control_open, closed) = channel();
         let control = Control {
-            shared,
+            shared: shared.clone(),
             sock: first,
-            rx,
+            closed,
             device: device.clone(),
             scratch: vec![0; RX_BUF + OVERHEAD],
             ticks: 0,
@@ -206,7 +215,7 @@ impl Userspace {
                 return Err(Error::io("start the WireGuard control thread")(e));
             }
         }
-        let uapi_server = uapi::Server::start(socket, name, device);
+        let uapi_server = uapi::Server::start(socket, name, device.clone());
         info!(
             device = name,
             port,
@@ -222,7 +231,9 @@ impl Userspace {
         );
         Ok(Self {
             index: dev.index,
-            peers,
+            shared,
+            device,
+            control_open,
             wake,
             stop,
             threads,
@@ -234,11 +245,14 @@ impl Userspace {
         })
     }
 
-    /// Hands the control thread the whole peer list; the workers have it with their next batch.
+    /// Takes `peers` as the whole peer list: the workers route by it from their next batch on
+    /// (a peer whose key, PSK and keepalive are unchanged keeps its sessions). Built here, not
+    /// on a worker: a new peer's first Diffie-Hellman (tens of µs) is no packet's wait.
     pub fn set_peers(&mut self, peers: Vec<WgPeer>) -> Result<(), Error> {
-        self.peers
-            .send(peers)
-            .map_err(|_| Error::Other("the WireGuard control thread is gone".into()))
+        let next = self.shared.table.load().next(&self.shared.secret, peers);
+        self.shared.table.store(Arc::new(next));
+        show(&self.shared, &self.device);
+        Ok(())
     }
 
     /// What the workers have counted so far: packets and bytes each way (inner packets), and
@@ -270,8 +284,7 @@ impl Drop for Userspace {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.wake.write(&[1]);
         // The control thread sees the channel close.
-        let (closed, _) = channel();
-        self.peers = closed;
+        (self.control_open, _) = channel();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -282,7 +295,7 @@ impl Drop for Userspace {
 struct Shared {
     secret: StaticSecret,
     public: PublicKey,
-    /// The current peers: replaced whole by the control thread, read once per batch.
+    /// The current peers: replaced whole by `set_peers`, read once per batch.
     table: ArcSwap<Table>,
     /// Handshakes this host answers a second before it asks for cookies (all peers, all
     /// workers).
@@ -356,7 +369,9 @@ struct Worker {
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     slots: Arc<Slots>,
-    tun: SyncDevice,
+    /// Every worker's TUN queue: this one reads `queues[id]` and writes each flow through the
+    /// queue it hashes to, which is where the flow's replies are then read.
+    queues: Arc<[SyncDevice]>,
     /// Length of the virtio-net header in front of every TUN packet (0 without offloads).
     hdr: usize,
     sock: Arc<Socket>,
@@ -381,7 +396,7 @@ impl Worker {
     fn new(
         id: usize,
         (shared, stop, slots): (Arc<Shared>, Arc<AtomicBool>, Arc<Slots>),
-        (tun, vnet_hdr, uso): (SyncDevice, bool, bool),
+        (queues, vnet_hdr, uso): (Arc<[SyncDevice]>, bool, bool),
         mtu: usize,
         (sock, woken): (Arc<Socket>, UnixStream),
     ) -> Self {
@@ -391,7 +406,7 @@ impl Worker {
             shared,
             stop,
             slots,
-            tun,
+            queues,
             hdr: if vnet_hdr { VIRTIO_NET_HDR_LEN } else { 0 },
             sock,
             woken,
@@ -434,8 +449,11 @@ impl Worker {
 
     /// Sleeps until the TUN queue or the socket has something, or shutdown.
     fn wait(&self) -> Result<(), String> {
+        let Some(tun) = self.queues.get(self.id) else {
+            return Err("no TUN queue of its own".into());
+        };
         let mut fds = [
-            PollFd::new(self.tun.as_fd(), PollFlags::POLLIN),
+            PollFd::new(tun.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.sock.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.woken.as_fd(), PollFlags::POLLIN),
         ];
@@ -454,7 +472,10 @@ impl Worker {
 
     /// One batch from the TUN to the peers. Returns whether anything was read.
     fn tun_to_peers(&mut self) -> Result<bool, String> {
-        let filled = self.reads.fill(&self.tun, &mut self.tun_read_errors)?;
+        let Some(tun) = self.queues.get(self.id) else {
+            return Err("no TUN queue of its own".into());
+        };
+        let filled = self.reads.fill(tun, &mut self.tun_read_errors)?;
         if filled == 0 {
             return Ok(false);
         }
@@ -556,7 +577,7 @@ impl Worker {
         let vnet = self.hdr != 0;
         let Self {
             shared,
-            tun,
+            queues,
             sock,
             counters,
             rx,
@@ -567,7 +588,7 @@ impl Worker {
         } = self;
         let table = shared.table.load();
         let mut held = None;
-        let mut writer = tun::Writer::new(tun, vnet);
+        let mut writer = tun::Writer::new(queues, vnet);
         let mut write = |hdr: &[u8; HDR_LEN], pkt: &[u8], n: usize| writer.write(hdr, pkt, n);
         for i in 0..n {
             let Some((from, datagrams)) = rx.buffer(i) else {
@@ -649,13 +670,14 @@ impl Worker {
     }
 }
 
-/// The control thread: new peer lists become the workers' table, the protocol's timers are
-/// ticked, and `wg show`'s view is refreshed; never on the hot path.
+/// The control thread, off the hot path: the protocol's timers are ticked, and `wg show`'s view
+/// refreshed.
 struct Control {
     shared: Arc<Shared>,
     /// Worker 0's socket, for what the timers send (handshakes, keepalives): one port.
     sock: Arc<Socket>,
-    rx: Receiver<Vec<WgPeer>>,
+    /// Closes when `Userspace` goes.
+    closed: Receiver<()>,
     /// What `wg show` reads, refreshed every [`SHOW_EVERY`] ticks and with each new table.
     device: Arc<Mutex<uapi::Device>>,
     scratch: Vec<u8>,
@@ -665,28 +687,8 @@ struct Control {
 impl Control {
     /// Until `Userspace` is dropped (the channel closes).
     fn run(mut self) {
-        let mut next_tick = Instant::now() + TICK;
-        loop {
-            match self
-                .rx
-                .recv_timeout(next_tick.saturating_duration_since(Instant::now()))
-            {
-                Ok(mut want) => {
-                    // Each list is whole: only the latest matters.
-                    while let Ok(newer) = self.rx.try_recv() {
-                        want = newer;
-                    }
-                    let next = self.shared.table.load().next(&self.shared.secret, want);
-                    self.shared.table.store(Arc::new(next));
-                    self.show();
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-            if Instant::now() >= next_tick {
-                self.tick();
-                next_tick = Instant::now() + TICK;
-            }
+        while let Err(RecvTimeoutError::Timeout) = self.closed.recv_timeout(TICK) {
+            self.tick();
         }
     }
 
@@ -704,39 +706,37 @@ impl Control {
         self.ticks = self.ticks.wrapping_add(1);
         if self.ticks % SHOW_EVERY == 0 {
             self.shared.limiter.reset_count();
-            self.show();
+            show(&self.shared, &self.device);
         }
     }
+}
 
-    /// Refreshes what `wg show` reads (a lock per peer a second, none per packet).
-    fn show(&mut self) {
-        let now = SystemTime::now();
-        let table = self.shared.table.load();
-        let peers = (table.peers.iter())
-            .map(|p| {
-                let mut s = p.lock();
-                let (since, tx, rx, _, _) = s.tunn.stats();
-                if let Some(d) = since {
-                    s.last_handshake = now.checked_sub(d);
-                }
-                let v4 = p.allowed.map(IpNet::V4);
-                uapi::Peer {
-                    public_key: p.key,
-                    psk: p.psk,
-                    endpoint: s.endpoint,
-                    allowed_ips: v4.into_iter().chain(p.allowed6.map(IpNet::V6)).collect(),
-                    keepalive: p.keepalive,
-                    last_handshake: s.last_handshake,
-                    rx_bytes: rx as u64,
-                    tx_bytes: tx as u64,
-                }
-            })
-            .collect();
-        self.device
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .peers = peers;
-    }
+/// Refreshes what `wg show` reads from the current table (a lock per peer, each second and with
+/// each new table; none per packet).
+fn show(shared: &Shared, device: &Mutex<uapi::Device>) {
+    let now = SystemTime::now();
+    let table = shared.table.load();
+    let peers = (table.peers.iter())
+        .map(|p| {
+            let mut s = p.lock();
+            let (since, tx, rx, _, _) = s.tunn.stats();
+            if let Some(d) = since {
+                s.last_handshake = now.checked_sub(d);
+            }
+            let v4 = p.allowed.map(IpNet::V4);
+            uapi::Peer {
+                public_key: p.key,
+                psk: p.psk,
+                endpoint: s.endpoint,
+                allowed_ips: v4.into_iter().chain(p.allowed6.map(IpNet::V6)).collect(),
+                keepalive: p.keepalive,
+                last_handshake: s.last_handshake,
+                rx_bytes: rx as u64,
+                tx_bytes: tx as u64,
+            }
+        })
+        .collect();
+    device.lock().unwrap_or_else(PoisonError::into_inner).peers = peers;
 }
 
 /// Why boringtun refused a datagram, as a drop reason.
