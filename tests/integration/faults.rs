@@ -22,7 +22,10 @@ use crate::harness::{wait_for, Etcd, WeftdSpec};
 use crate::netns::{require_root, Topology, PREFIX};
 
 const T: Duration = Duration::from_secs(60);
-const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+/// Hosts lease below 10.244.200.0: the peers that exist only in etcd ([`peer_arrives`]) are
+/// written above it, where they can never land on (and overwrite) a host's own lease.
+const VXLAN: &str =
+    r#"{"Network":"10.244.0.0/16","SubnetMax":"10.244.199.0","Backend":{"Type":"vxlan"}}"#;
 
 /// A ping from a container for as long as it runs, 5 a second.
 struct Pinger {
@@ -140,6 +143,8 @@ fn peer_arrives(t: &Topology, hosts: &[usize], n: u8) -> Duration {
     let written = Instant::now();
     for &i in hosts {
         wait_for(&format!("host {i} to route to {subnet}"), T, || {
+            // A weftd that exited routes nothing: said at once, not after the minute.
+            t.hosts[i].assert_running();
             has_route(t, i, &subnet).then_some(())
         });
     }
