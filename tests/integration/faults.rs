@@ -1,9 +1,9 @@
 //! Faults: etcd down for a while, one member of three lost and every member restarted in turn, a
 //! member without a leader, a host cut off from etcd past its TTL, weftd killed in the middle of
-//! programming hundreds of peers, a stalled etcd against systemd's watchdog, and `weftctl status`
-//! once this host's subnet went to another. Traffic keeps flowing where nothing requires it to
-//! stop, no lease is lost that need not be, and the kernel ends exactly as etcd says. The
-//! namespace tests need root; the last three do not.
+//! programming hundreds of peers, a stalled etcd against systemd's watchdog, an endpoint nobody
+//! listens on, and `weftctl status` once this host's subnet went to another. Traffic keeps flowing
+//! where nothing requires it to stop, no lease is lost that need not be, and the kernel ends
+//! exactly as etcd says. The namespace tests need root; the last four do not.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
@@ -18,11 +18,14 @@ use weft_lab::json::rows;
 use weft_lab::probe::{udp_send, UdpProbe};
 use weft_lab::Netns;
 
-use crate::harness::{wait_for, Etcd, WeftdSpec};
+use crate::harness::{free_port, wait_for, Etcd, WeftdSpec};
 use crate::netns::{require_root, Topology, PREFIX};
 
 const T: Duration = Duration::from_secs(60);
-const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+/// Hosts lease below 10.244.200.0: the peers that exist only in etcd ([`peer_arrives`]) are
+/// written above it, where they can never land on (and overwrite) a host's own lease.
+const VXLAN: &str =
+    r#"{"Network":"10.244.0.0/16","SubnetMax":"10.244.199.0","Backend":{"Type":"vxlan"}}"#;
 
 /// A ping from a container for as long as it runs, 5 a second.
 struct Pinger {
@@ -140,6 +143,8 @@ fn peer_arrives(t: &Topology, hosts: &[usize], n: u8) -> Duration {
     let written = Instant::now();
     for &i in hosts {
         wait_for(&format!("host {i} to route to {subnet}"), T, || {
+            // A weftd that exited routes nothing: said at once, not after the minute.
+            t.hosts[i].assert_running();
             has_route(t, i, &subnet).then_some(())
         });
     }
@@ -596,6 +601,35 @@ fn a_stalled_etcd_does_not_starve_the_watchdog() {
             .any(|(_, v, id)| v.contains("10.99.0.1") && *id != 0)
             .then_some(())
     });
+    a.assert_running();
+}
+
+/// flanneld's default -etcd-endpoints name two URLs, and etcd mostly listens on one: the client
+/// sends calls to the other one too (at random), where they are refused. Each must be made again
+/// through the endpoint that answers, not fail: a renewal, a listing, the watch's setup.
+#[test]
+fn an_endpoint_nobody_listens_on_fails_no_call() {
+    let etcd = Etcd::start();
+    etcd.put(
+        "/w/config",
+        r#"{"Network":"10.82.0.0/16","Backend":{"Type":"alloc"}}"#,
+    );
+    let endpoints = format!("http://127.0.0.1:{},{}", free_port(), etcd.endpoint);
+    let dir = tempfile::tempdir().expect("tmp");
+    // A renewal a second, each as likely to be sent where nobody listens as not.
+    let a = WeftdSpec::new_raw(&endpoints, "/w", Ipv4Addr::new(10, 99, 0, 2), dir.path())
+        .arg("--subnet-lease-ttl=3s")
+        .start();
+    a.wait_subnet(T);
+    for n in 1..=8u8 {
+        let lease =
+            format!(r#"{{"PublicIP":"10.98.1.{n}","PublicIPv6":null,"BackendType":"alloc"}}"#);
+        etcd.put(&format!("/w/subnets/10.82.{n}.0-24"), &lease);
+        a.wait_log(&format!("subnet=10.82.{n}.0/24"), T);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(a.log().contains("lease renewed"), "{}", a.log());
+    assert!(!a.log().contains("Connection refused"), "{}", a.log());
     a.assert_running();
 }
 

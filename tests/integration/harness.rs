@@ -21,6 +21,9 @@ pub struct Weftd {
     child: Option<Child>,
     pub dir: PathBuf,
     log: PathBuf,
+    /// Whether it runs on a lab host, whose lab prints the logs in its directory when a test
+    /// fails (`weft_lab::logs`); one on this machine prints its own.
+    on_lab_host: bool,
 }
 
 /// How to start a weftd.
@@ -201,6 +204,7 @@ impl WeftdSpec {
             child: Some(child),
             dir: self.dir,
             log,
+            on_lab_host: self.netns.is_some(),
         }
     }
 }
@@ -297,6 +301,9 @@ impl Weftd {
 impl Drop for Weftd {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() && !self.on_lab_host {
+            weft_lab::logs::print_tail(&self.dir, &self.log);
+        }
     }
 }
 

@@ -4,17 +4,15 @@
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
-use std::time::Duration;
 
 use anyhow::Result;
-use tokio::time::sleep;
 use tracing::{info, warn};
 
 use super::EtcdStore;
 use crate::lease::Lease;
 use crate::policy::{self, Choice, Claims};
 use crate::registry::{Awaited, Claim, ClaimRead, Claiming, LeaseRequest, Position};
-use crate::retry::retry;
+use crate::retry::{retry, Backoff};
 
 impl EtcdStore {
     /// The leases as allocation needs them, and the point they were read at.
@@ -52,6 +50,7 @@ impl EtcdStore {
             ClaimRead::Kube(_) => None,
         };
         let mut misfits_logged = HashSet::new();
+        let mut backoff = Backoff::new("lease a subnet");
         loop {
             let (claims, at) = match listing.take() {
                 Some(c) => c,
@@ -96,10 +95,7 @@ impl EtcdStore {
             match taken {
                 Ok(Some(lease)) => return lease,
                 Ok(None) => info!("lost a race for a subnet to another host; trying another"),
-                Err(e) => {
-                    warn!("{e:#}");
-                    sleep(Duration::from_secs(1)).await;
-                }
+                Err(e) => backoff.failed(&format!("{e:#}")).await,
             }
         }
     }

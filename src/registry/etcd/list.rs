@@ -60,7 +60,10 @@ impl EtcdStore {
             }
             let page = rpc(
                 || format!("list {prefix}"),
-                self.kv.clone().get(from.clone(), Some(opts)),
+                || {
+                    let (mut kv, key, opts) = (self.kv.clone(), from.clone(), opts.clone());
+                    async move { kv.get(key, Some(opts)).await }
+                },
             )
             .await;
             let mut resp = match page {
@@ -117,7 +120,10 @@ impl EtcdStore {
         }
         let mut resp = rpc(
             || "list a key too large to read".to_string(),
-            self.kv.clone().get(from.to_vec(), Some(opts)),
+            || {
+                let (mut kv, opts) = (self.kv.clone(), opts.clone());
+                async move { kv.get(from, Some(opts)).await }
+            },
         )
         .await?;
         Ok(resp

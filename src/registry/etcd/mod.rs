@@ -70,7 +70,7 @@ impl EtcdStore {
         let endpoints = &args.etcd_endpoints;
         let client = rpc(
             || format!("connect to etcd at {}", endpoints.join(",")),
-            Client::connect(endpoints, Some(opts)),
+            || Client::connect(endpoints, Some(opts.clone())),
         )
         .await?;
         Ok(Self {
@@ -90,7 +90,10 @@ impl EtcdStore {
         let key = self.names.config();
         let resp = rpc(
             || format!("get {key}"),
-            self.kv.clone().get(key.as_str(), None),
+            || {
+                let (mut kv, key) = (self.kv.clone(), key.as_str());
+                async move { kv.get(key, None).await }
+            },
         )
         .await?;
         let rev = resp.header().map_or(0, |h| h.revision());
@@ -105,7 +108,10 @@ impl EtcdStore {
         let key = self.names.config();
         rpc(
             || format!("put {key}"),
-            self.kv.clone().put(key.as_str(), text, None),
+            || {
+                let (mut kv, key) = (self.kv.clone(), key.as_str());
+                async move { kv.put(key, text, None).await }
+            },
         )
         .await?;
         Ok(())
@@ -120,11 +126,7 @@ impl EtcdStore {
             .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.as_str(), text, None)])
             .or_else([TxnOp::get(key.as_str(), None)]);
-        let resp = rpc(
-            || format!("create {key} if absent"),
-            self.kv.clone().txn(txn),
-        )
-        .await?;
+        let resp = rpc(|| format!("create {key} if absent"), || self.txn(&txn)).await?;
         if resp.succeeded() {
             return Ok(None);
         }
@@ -199,7 +201,7 @@ impl EtcdStore {
                 attrs.to_json(),
                 Some(PutOptions::new().with_lease(id)),
             )]);
-        let resp = rpc(|| format!("create {key}"), self.kv.clone().txn(txn)).await?;
+        let resp = rpc(|| format!("create {key}"), || self.txn(&txn)).await?;
         if !resp.succeeded() {
             self.revoke(id).await;
             return Ok(None);
@@ -238,7 +240,7 @@ impl EtcdStore {
                 old.version,
             )])
             .and_then([TxnOp::put(key.as_str(), attrs.to_json(), put_opts)]);
-        let resp = rpc(|| format!("update {key}"), self.kv.clone().txn(txn)).await?;
+        let resp = rpc(|| format!("update {key}"), || self.txn(&txn)).await?;
         if !resp.succeeded() {
             if id != 0 {
                 self.revoke(id).await;
@@ -286,7 +288,7 @@ impl EtcdStore {
                 ),
                 TxnOp::delete(from.as_str(), None),
             ]);
-        let resp = rpc(|| format!("move {from} to {to}"), self.kv.clone().txn(txn)).await?;
+        let resp = rpc(|| format!("move {from} to {to}"), || self.txn(&txn)).await?;
         if !resp.succeeded() {
             self.revoke(id).await;
             return Ok(None);
@@ -314,7 +316,14 @@ impl EtcdStore {
     /// Refreshes an etcd lease to its full TTL. Opening the keep-alive stream sends the first
     /// keep-alive and reads its answer, which is all one renewal needs.
     pub async fn keep_alive(&self, id: i64) -> Result<Renewal> {
-        let open = notify::bounded(RPC_TIMEOUT, self.client.clone().lease_keep_alive(id)).await;
+        let open = notify::bounded(
+            RPC_TIMEOUT,
+            rpc::sent(|| {
+                let mut client = self.client.clone();
+                async move { client.lease_keep_alive(id).await }
+            }),
+        )
+        .await;
         crate::metrics::get().etcd_op("lease_keep_alive", matches!(open, Some(Ok(_))));
         match open {
             Some(Ok(_)) => Ok(Renewal::Renewed),
@@ -332,7 +341,10 @@ impl EtcdStore {
         let id = id.get();
         let resp = rpc(
             || "lease time-to-live".to_string(),
-            self.client.clone().lease_time_to_live(id, None),
+            || {
+                let mut client = self.client.clone();
+                async move { client.lease_time_to_live(id, None).await }
+            },
         )
         .await?;
         Ok((resp.ttl() > 0).then_some(resp.ttl()))
@@ -346,24 +358,31 @@ impl EtcdStore {
         let key = self.names.watched();
         rpc(
             || format!("watch {key}"),
-            self.watcher.clone().watch(
-                key.as_str(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(revision)
-                        .with_fragment(),
-                ),
-            ),
+            || {
+                let (mut watcher, key) = (self.watcher.clone(), key.as_str());
+                let opts = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision)
+                    .with_fragment();
+                async move { watcher.watch(key, Some(opts)).await }
+            },
         )
         .await
+    }
+
+    /// One try of a transaction (a [`rpc`] call).
+    async fn txn(&self, txn: &Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+        self.kv.clone().txn(txn.clone()).await
     }
 
     async fn grant(&self, ttl: Duration) -> Result<i64> {
         let secs = ttl.as_secs().max(1) as i64;
         let resp = rpc(
             || "grant etcd lease".to_string(),
-            self.client.clone().lease_grant(secs, None),
+            || {
+                let mut client = self.client.clone();
+                async move { client.lease_grant(secs, None).await }
+            },
         )
         .await?;
         Ok(resp.id())
@@ -379,10 +398,12 @@ impl EtcdStore {
 
     /// Best effort: an unrevoked lease expires on its own.
     async fn revoke(&self, id: i64) {
-        let mut client = self.client.clone();
         let revoke = rpc(
             || format!("revoke etcd lease {id}"),
-            client.lease_revoke(id),
+            || {
+                let mut client = self.client.clone();
+                async move { client.lease_revoke(id).await }
+            },
         );
         if let Err(e) = revoke.await {
             warn!("{e:#}; it will expire on its own");

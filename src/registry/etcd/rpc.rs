@@ -19,21 +19,65 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 /// broken connection to come back, and a hung call must not stall the agent loop.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Tries of a call refused at its connection ([`never_sent`]) before the refusal counts as its
+/// failure. The client spreads calls over every endpoint at random, a stopped member's included
+/// (tonic keeps reconnecting to it, and a member back up answers its first call with the
+/// refusal it got while down): another try most likely goes to a member that answers, where
+/// the caller's backoff would wait up to ten seconds for each unlucky pick. A refusal costs
+/// microseconds; with one endpoint of two refusing, one call in 400 needed 7 tries.
+pub const CONNECT_TRIES: usize = 16;
+
 /// Bounds an etcd call in time and names it in the error. The bound is declared to the watchdog
 /// (`notify::bounded`): a call waiting on a stopped or unreachable etcd is slow, not hung.
-pub async fn rpc<T, E>(
-    what: impl FnOnce() -> String,
-    fut: impl Future<Output = Result<T, E>>,
-) -> Result<T>
+/// `call` makes the call; it is made again at once when a member refused it ([`sent`]).
+pub async fn rpc<T, Fut>(what: impl FnOnce() -> String, call: impl FnMut() -> Fut) -> Result<T>
 where
-    E: std::error::Error + Send + Sync + 'static,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
 {
-    let r = notify::bounded(RPC_TIMEOUT, fut).await;
+    let r = notify::bounded(RPC_TIMEOUT, sent(call)).await;
     crate::metrics::get().etcd_op(op_of(std::any::type_name::<T>()), matches!(r, Some(Ok(_))));
     match r {
         Some(r) => r.with_context(what),
         None => Err(anyhow!("no answer within {RPC_TIMEOUT:?}")).with_context(what),
     }
+}
+
+/// What `call` answers once a member took it: made again at once, [`CONNECT_TRIES`] times in
+/// all, while it is refused at its connection. Unbounded in time: the caller bounds it.
+pub async fn sent<T, Fut>(mut call: impl FnMut() -> Fut) -> Result<T, etcd_client::Error>
+where
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut tries = 1;
+    loop {
+        match call().await {
+            Err(e) if tries < CONNECT_TRIES && never_sent(&e) => tries += 1,
+            r => return r,
+        }
+    }
+}
+
+/// Whether a call failed because its member refused the connection: etcd never saw it, so it may
+/// be made again whatever it does (a transaction too). tonic reports UNAVAILABLE over the
+/// connector's error, whose source is the refused connect(2); a connection that broke once made
+/// fails otherwise (the call may have reached etcd).
+pub fn never_sent(e: &etcd_client::Error) -> bool {
+    /// gRPC's status code UNAVAILABLE (tonic is not a direct dependency to name it by).
+    const UNAVAILABLE: i32 = 14;
+    let etcd_client::Error::GRpcStatus(s) = e else {
+        return false;
+    };
+    if i32::from(s.code()) != UNAVAILABLE {
+        return false;
+    }
+    let mut source = std::error::Error::source(s);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionRefused;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// etcd calls by the response type [`rpc`] gets back (its label), matched on the type's
@@ -134,6 +178,92 @@ mod tests {
         assert!(!too_large(&etcd_client::Error::InvalidArgs(
             "too large".into()
         )));
+    }
+
+    /// A call refused at its connection, as etcd-client reports it: tonic's UNAVAILABLE over
+    /// the connector's error over connect(2)'s.
+    fn refused() -> etcd_client::Error {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let connect = tonic::ConnectError(Box::new(io));
+        etcd_client::Error::GRpcStatus(tonic::Status::from_error(Box::new(connect)))
+    }
+
+    #[test]
+    fn only_a_refused_connection_counts_as_never_sent() {
+        assert!(never_sent(&refused()), "{}", refused());
+        // The connection was made, then broke: the call may have reached etcd.
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let broken = etcd_client::Error::GRpcStatus(tonic::Status::from_error(Box::new(io)));
+        assert!(!never_sent(&broken), "{broken}");
+        let no_leader = etcd_client::Error::GRpcStatus(tonic_status(14, "etcdserver: no leader"));
+        assert!(!never_sent(&no_leader));
+        assert!(!never_sent(&etcd_client::Error::InvalidArgs("x".into())));
+    }
+
+    #[tokio::test]
+    async fn a_call_to_a_port_nobody_listens_on_counts_as_never_sent() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let mut client = etcd_client::Client::connect([endpoint], None)
+            .await
+            .expect("the client connects lazily");
+        let e = client.get("k", None).await.expect_err("nobody listens");
+        assert!(never_sent(&e), "{e}: {e:?}");
+    }
+
+    /// `sent` of a call refused at its connection the first `refusals` times, then answered
+    /// (or refused for good); how many tries were made.
+    async fn tries_until_sent(refusals: usize) -> (Result<u32, etcd_client::Error>, usize) {
+        let mut tries = 0;
+        let r = sent(|| {
+            tries += 1;
+            let refused_now = tries <= refusals;
+            async move {
+                if refused_now {
+                    Err(refused())
+                } else {
+                    Ok(7)
+                }
+            }
+        })
+        .await;
+        (r, tries)
+    }
+
+    #[tokio::test]
+    async fn a_call_a_member_refused_is_made_again_at_once() {
+        let (r, tries) = tries_until_sent(2).await;
+        assert_eq!(r.ok(), Some(7), "another try reached a member that answers");
+        assert_eq!(tries, 3);
+        let (r, tries) = tries_until_sent(0).await;
+        assert_eq!((r.ok(), tries), (Some(7), 1));
+    }
+
+    #[tokio::test]
+    async fn a_call_refused_every_time_fails_after_a_few_tries() {
+        let (r, tries) = tries_until_sent(usize::MAX).await;
+        assert!(r.is_err_and(|e| never_sent(&e)));
+        assert_eq!(tries, CONNECT_TRIES, "then the caller's backoff");
+    }
+
+    #[tokio::test]
+    async fn a_call_that_failed_in_etcd_is_not_made_again() {
+        let mut tries = 0;
+        let r: Result<u32, _> = sent(|| {
+            tries += 1;
+            async {
+                Err(etcd_client::Error::GRpcStatus(tonic_status(
+                    14,
+                    "etcdserver: no leader",
+                )))
+            }
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(tries, 1);
     }
 
     /// A gRPC status as etcd-client reports it.

@@ -347,6 +347,7 @@ impl Drop for Etcd {
         for i in 0..self.members.len() {
             self.kill_member(i);
         }
+        crate::logs::print_if_panicking(self.dir.path(), 1);
     }
 }
 

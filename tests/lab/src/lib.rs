@@ -7,7 +7,8 @@
 //! private namespaces, so fixed names (eth0, cni0) are safe. The underlay is dual-stack: each IPv4
 //! underlay address has an IPv6 one beside it (`topology`'s doc). Everything a lab made is removed
 //! in `Drop`, also when a test panics; processes are ended by the PID the lab started them with.
-//! Every external command runs under a time limit.
+//! Every external command runs under a time limit. A test that fails prints the end of every log
+//! its lab's hosts and etcd wrote as it unwinds (`logs`), so CI's output alone tells what happened.
 //!
 //! A real kube-apiserver for the Kubernetes mode (`kube`): on the switch at [`SWITCH_IP`], with
 //! RBAC and one token per identity; see the module's doc.
@@ -23,6 +24,7 @@ pub mod etcd;
 pub mod flannel;
 pub mod json;
 pub mod kube;
+pub mod logs;
 pub mod netns;
 pub mod probe;
 pub mod skip;

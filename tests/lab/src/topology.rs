@@ -347,6 +347,16 @@ impl Lab {
     }
 }
 
+impl Drop for Lab {
+    /// A failing test prints the end of its hosts' logs (weftd's, flanneld's: every `*.log` in a
+    /// host's directory), which go with the lab's directory; etcd prints its own as it goes.
+    /// Before the fields are dropped, but after a suite's own hosts (their processes killed, their
+    /// logs still here).
+    fn drop(&mut self) {
+        crate::logs::print_if_panicking(self.dir.path(), 2);
+    }
+}
+
 /// Whether a TCP server at `ip:port` answers from inside `ns` within `limit`.
 pub fn wait_port(ns: &Netns, ip: Ipv4Addr, port: u16, limit: Duration) -> bool {
     let deadline = std::time::Instant::now() + limit;
