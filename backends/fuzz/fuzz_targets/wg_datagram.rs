@@ -4,7 +4,8 @@
 //! as the source of an opened packet (admitted only inside the sender's subnet of its family);
 //! and as a datagram from an IPv4 or IPv6 address (matched to a peer by its receiver index or,
 //! for a handshake initiation, its static key; then opened by that peer's session, which has
-//! none here, so nothing may come out for the TUN).
+//! none here, so nothing may come out for the TUN); and as a packet written to the TUN, through
+//! the queue its flow hashes to (in range, and the same for its flow's other direction).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -1022,6 +1022,8 @@ pub fn fuzz_lookups(data: &[u8]) {
             assert_eq!(p.admits(v4.into()), inside4);
         }
     }
+    // The TUN queue an opened packet is written through, and its flow's replies read from.
+    crate::offload::flow::fuzz_queue(data);
     // The worker's first look at a datagram: MAC1 of handshakes, the handshake rate.
     let mut out = vec![0; data.len().max(MIN_OUT) + OVERHEAD];
     let limiter = RateLimiter::new(&public, HANDSHAKES);
