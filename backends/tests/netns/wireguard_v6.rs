@@ -131,6 +131,23 @@ fn dual_lab(test: &str, tag: &str, spec: DeviceSpec) -> Option<(Lab, PathBuf, Ve
     Some((lab, dir, nodes))
 }
 
+/// [`dual_lab`] with one `flannel-wg` carrying both families (port 51820), and both networks
+/// routed into it on each host.
+fn one_device_lab(test: &str, tag: &str) -> Option<(Lab, PathBuf, Vec<Node>)> {
+    let spec = DeviceSpec {
+        name: DEVICE,
+        port: 51820,
+        v4: true,
+        v6: true,
+    };
+    let (lab, dir, nodes) = dual_lab(test, tag, spec)?;
+    for h in &lab.hosts {
+        h.ns.ip(&format!("route add {NETWORK} dev {DEVICE}"));
+        h.ns.ip(&format!("-6 route add {NETWORK6} dev {DEVICE}"));
+    }
+    Some((lab, dir, nodes))
+}
+
 fn ip6(h: &Host) -> IpAddr {
     weft_lab::topology::container_ip6(subnet6(h.n)).into()
 }
@@ -231,20 +248,12 @@ fn flannel_wg_v6_carries_the_ipv6_subnets_between_the_hosts_ipv6_addresses() {
 #[test]
 fn one_flannel_wg_carries_both_families_over_an_ipv4_or_an_ipv6_underlay() {
     const TEST: &str = "one_flannel_wg_carries_both_families_over_an_ipv4_or_an_ipv6_underlay";
-    let spec = DeviceSpec {
-        name: DEVICE,
-        port: 51820,
-        v4: true,
-        v6: true,
-    };
-    let Some((lab, dir, mut nodes)) = dual_lab(TEST, "one", spec) else {
+    let Some((lab, dir, mut nodes)) = one_device_lab(TEST, "one") else {
         return;
     };
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
     for h in &lab.hosts {
-        h.ns.ip(&format!("route add {NETWORK} dev {DEVICE}"));
-        h.ns.ip(&format!("-6 route add {NETWORK6} dev {DEVICE}"));
-        // One AF_INET6 socket on 51820 takes both families.
+        // AF_INET6 sockets on 51820 take both families.
         let udp6 = h.ns.must(&["cat", "/proc/net/udp6"]);
         assert!(udp6.contains(&format!(":{:04X} ", 51820)), "{udp6}");
     }
@@ -311,19 +320,11 @@ fn one_flannel_wg_carries_both_families_over_an_ipv4_or_an_ipv6_underlay() {
 #[test]
 fn flows_to_one_peer_spread_over_the_workers_which_share_its_session() {
     const TEST: &str = "flows_to_one_peer_spread_over_the_workers_which_share_its_session";
-    let spec = DeviceSpec {
-        name: DEVICE,
-        port: 51820,
-        v4: true,
-        v6: true,
-    };
-    let Some((lab, dir, mut nodes)) = dual_lab(TEST, "flows", spec) else {
+    let Some((lab, dir, mut nodes)) = one_device_lab(TEST, "flows") else {
         return;
     };
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
-    for (i, h) in lab.hosts.iter().enumerate() {
-        h.ns.ip(&format!("route add {NETWORK} dev {DEVICE}"));
-        h.ns.ip(&format!("-6 route add {NETWORK6} dev {DEVICE}"));
+    for i in 0..2 {
         let other = &lab.hosts[1 - i];
         let at = SocketAddr::new(other.ip().into(), 51820);
         let p = wg_peer(other, &nodes[1 - i], at, true, true);
