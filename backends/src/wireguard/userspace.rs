@@ -334,8 +334,8 @@ impl Peer {
         }
     }
 
-    /// Its sessions, for one run of packets (a worker that panicked holding them left them
-    /// whole: boringtun's calls do not unwind halfway through a state change we rely on).
+    /// Its sessions, for one run of packets. Poisoned by a worker's panic, they are taken
+    /// anyway: the backend sees the worker gone (`alive`) and starts the data plane afresh.
     fn lock(&self) -> MutexGuard<'_, Session> {
         self.session.lock().unwrap_or_else(PoisonError::into_inner)
     }
