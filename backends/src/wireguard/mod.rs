@@ -383,7 +383,7 @@ impl Wireguard {
             }
             let gone = |d: &&Device| matches!(&d.path, Some(Path::Userspace(u)) if !u.alive());
             if let Some(d) = self.devices.iter().find(gone) {
-                return Event::Failed(format!("the WireGuard worker of {} stopped", d.spec.name));
+                return Event::Failed(format!("a WireGuard worker of {} stopped", d.spec.name));
             }
         }
     }
