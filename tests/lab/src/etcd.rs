@@ -35,8 +35,10 @@ pub fn member_args(
         peer_url,
         "--initial-cluster",
         cluster,
+        // Info, not less: leader elections and members lost are what a failed test's printed
+        // log (crate::logs) has to show.
         "--log-level",
-        "error",
+        "info",
     ]
     .iter()
     .map(|a| a.to_string())
