@@ -248,7 +248,7 @@ impl Userspace {
     /// Takes `peers` as the whole peer list: the workers route by it from their next batch on
     /// (a peer whose key, PSK and keepalive are unchanged keeps its sessions). Built here, not
     /// on a worker, so no packet waits for a new peer's static Diffie-Hellman (boringtun does
-    /// one per peer it is given: tens of µs, about half a second for 10,000 new peers).
+    /// one per peer it is given, tens of µs each).
     pub fn set_peers(&mut self, peers: Vec<WgPeer>) -> Result<(), Error> {
         let next = self.shared.table.load().next(&self.shared.secret, peers);
         self.shared.table.store(Arc::new(next));
