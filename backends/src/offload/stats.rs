@@ -12,7 +12,9 @@ use crate::udp::codec::{Counters, SharedCounters};
 
 /// What the running workers publish: one slot each.
 pub struct Slots {
+    /// The workers' slots, then any helper thread's (counting, but not moving packets).
     counters: Box<[SharedCounters]>,
+    workers: usize,
     /// TUN reads that failed for a reason other than "nothing to read" (malformed offload
     /// metadata); not packets, so not among the drop reasons.
     tun_read_errors: Box<[AtomicU64]>,
@@ -22,15 +24,23 @@ pub struct Slots {
 
 impl Slots {
     pub fn new(workers: usize) -> Self {
+        Self::with_helpers(workers, 0)
+    }
+
+    /// Slots for `workers`, then for `helpers` threads that count drops and packets of their
+    /// own (wireguard's handshakes) at ids `workers..`.
+    pub fn with_helpers(workers: usize, helpers: usize) -> Self {
+        let n = workers + helpers;
         Self {
-            counters: (0..workers).map(|_| SharedCounters::default()).collect(),
-            tun_read_errors: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            counters: (0..n).map(|_| SharedCounters::default()).collect(),
+            workers,
+            tun_read_errors: (0..n).map(|_| AtomicU64::new(0)).collect(),
             gso: (0..workers).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
     pub fn workers(&self) -> usize {
-        self.counters.len()
+        self.workers
     }
 
     /// Worker `id`'s totals so far.

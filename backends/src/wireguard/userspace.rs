@@ -12,8 +12,9 @@
 //! peer (a 64 KB super-packet's segments, a GRO buffer's datagrams), never per packet. Each
 //! new peer list becomes a new table when it is set (so a packet sent after `set_peers`
 //! returns finds its peer), handed to the workers as an `ArcSwap` snapshot read once per batch.
-//! A control thread, off the hot path, ticks the protocol's timers and refreshes what `wg show`
-//! reads.
+//! A control thread, off the hot path, answers handshakes (their Diffie-Hellman; the workers
+//! hand it every handshake message once the rate limiter has passed it), ticks the protocol's
+//! timers and refreshes what `wg show` reads.
 //!
 //! A worker writes each packet it opens through the TUN queue its flow hashes to
 //! (`offload::flow`), and the kernel sends the flow's replies out through that queue: one
@@ -43,7 +44,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -88,6 +89,11 @@ const HANDSHAKES: u64 = 100;
 const SHOW_EVERY: u32 = 4;
 /// How often a failing send is reported at most.
 const WARN_EVERY: Duration = Duration::from_secs(60);
+/// The largest handshake message (an initiation); a response is 92 bytes, a cookie reply 64.
+const HANDSHAKE_MAX: usize = 148;
+/// Handshake messages waiting for the control thread; beyond, they are dropped as under load
+/// (the peer retries): far more than the rate limiter lets through in a second.
+const HANDSHAKE_QUEUE: usize = 1024;
 
 /// The running data plane of one device.
 pub struct Userspace {
@@ -96,8 +102,8 @@ pub struct Userspace {
     shared: Arc<Shared>,
     /// What `wg show` reads.
     device: Arc<Mutex<uapi::Device>>,
-    /// Dropped at shutdown: the control thread sees it close.
-    control_open: Sender<()>,
+    /// Dropped at shutdown, after the workers' clones: the control thread sees it close.
+    control_open: Option<SyncSender<Handshake>>,
     /// Written once at shutdown, never drained: every worker's poll returns.
     wake: UnixStream,
     stop: Arc<AtomicBool>,
@@ -158,7 +164,9 @@ impl Userspace {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let n = sockets.len();
-        let slots = Arc::new(Slots::new(n));
+        // The control thread counts what it does with handshakes in the slot after the workers'.
+        let slots = Arc::new(Slots::with_helpers(n, 1));
+        let (to_control, handshakes) = sync_channel(HANDSHAKE_QUEUE);
         let mut threads = Vec::with_capacity(n + 1);
         let stop_started = |threads: Vec<JoinHandle<()>>| {
             stop.store(true, Ordering::Relaxed);
@@ -176,7 +184,7 @@ impl Userspace {
                         (shared.clone(), stop.clone(), slots.clone()),
                         (queues.clone(), dev.vnet_hdr, dev.uso),
                         mtu as usize,
-                        (sock, woken),
+                        (sock, woken, to_control.clone()),
                     );
                     std::thread::Builder::new()
                         .name(uapi::thread_name(name, &format!("-{id}")))
@@ -196,14 +204,16 @@ impl Userspace {
             listen_port: port,
             peers: Vec::new(),
         }));
-        let (control_open, closed) = channel();
         let control = Control {
             shared: shared.clone(),
             sock: first,
-            closed,
+            handshakes,
             device: device.clone(),
             scratch: vec![0; RX_BUF + OVERHEAD],
             ticks: 0,
+            counters: Counters::default(),
+            slots: slots.clone(),
+            id: n,
         };
         match std::thread::Builder::new()
             .name(uapi::thread_name(name, "-ctl"))
@@ -233,7 +243,7 @@ impl Userspace {
             index: dev.index,
             shared,
             device,
-            control_open,
+            control_open: Some(to_control),
             wake,
             stop,
             threads,
@@ -284,8 +294,9 @@ impl Drop for Userspace {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.wake.write(&[1]);
-        // The control thread sees the channel close.
-        (self.control_open, _) = channel();
+        // With the workers' ends (they go as the workers are joined), the control thread sees
+        // its channel close.
+        self.control_open = None;
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -377,6 +388,8 @@ struct Worker {
     hdr: usize,
     sock: Arc<Socket>,
     woken: UnixStream,
+    /// Handshake messages go to the control thread.
+    to_control: SyncSender<Handshake>,
     counters: Counters,
     tun_read_errors: u64,
     last_warn: Option<Instant>,
@@ -399,7 +412,7 @@ impl Worker {
         (shared, stop, slots): (Arc<Shared>, Arc<AtomicBool>, Arc<Slots>),
         (queues, vnet_hdr, uso): (Arc<[SyncDevice]>, bool, bool),
         mtu: usize,
-        (sock, woken): (Arc<Socket>, UnixStream),
+        (sock, woken, to_control): (Arc<Socket>, UnixStream, SyncSender<Handshake>),
     ) -> Self {
         let stride = mtu.max(MIN_OUT);
         Self {
@@ -411,6 +424,7 @@ impl Worker {
             hdr: if vnet_hdr { VIRTIO_NET_HDR_LEN } else { 0 },
             sock,
             woken,
+            to_control,
             counters: Counters::default(),
             tun_read_errors: 0,
             last_warn: None,
@@ -580,6 +594,7 @@ impl Worker {
             shared,
             queues,
             sock,
+            to_control,
             counters,
             rx,
             plain,
@@ -614,6 +629,14 @@ impl Worker {
                     }
                     Err(_) => continue,
                 };
+                if !matches!(packet, Packet::PacketData(_)) {
+                    // A handshake or a cookie: a Diffie-Hellman or two, not the workers'.
+                    match to_control.try_send(Handshake::new(from, dgram)) {
+                        Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+                        Err(TrySendError::Full(_)) => counters.count_drop(DropReason::UnderLoad),
+                    }
+                    continue;
+                }
                 let sender = table.sender(packet, &shared.secret, &shared.public);
                 let Some((at, s)) = sender.and_then(|at| Some((at, hold(&mut held, &table, at)?)))
                 else {
@@ -671,25 +694,103 @@ impl Worker {
     }
 }
 
-/// The control thread, off the hot path: the protocol's timers are ticked, and `wg show`'s view
-/// refreshed.
+/// A handshake message (initiation, response, cookie reply) a worker took in, for the control
+/// thread; no allocation (verified as one of those, so at most [`HANDSHAKE_MAX`] bytes).
+struct Handshake {
+    from: SocketAddr,
+    len: usize,
+    buf: [u8; HANDSHAKE_MAX],
+}
+
+impl Handshake {
+    fn new(from: SocketAddr, dgram: &[u8]) -> Self {
+        let mut buf = [0u8; HANDSHAKE_MAX];
+        let len = dgram.len().min(HANDSHAKE_MAX);
+        buf[..len].copy_from_slice(&dgram[..len]);
+        Self { from, len, buf }
+    }
+}
+
+/// The control thread, off the hot path: handshakes answered (the Diffie-Hellman of each), the
+/// protocol's timers ticked, and `wg show`'s view refreshed.
 struct Control {
     shared: Arc<Shared>,
-    /// Worker 0's socket, for what the timers send (handshakes, keepalives): one port.
+    /// Worker 0's socket, for what it sends (handshakes, keepalives, packets that waited for a
+    /// session): one port.
     sock: Arc<Socket>,
-    /// Closes when `Userspace` goes.
-    closed: Receiver<()>,
+    /// From the workers; closes when `Userspace` and the workers are gone.
+    handshakes: Receiver<Handshake>,
     /// What `wg show` reads, refreshed every [`SHOW_EVERY`] ticks and with each new table.
     device: Arc<Mutex<uapi::Device>>,
     scratch: Vec<u8>,
     ticks: u32,
+    /// What it counted (handshakes from no peer, refused, packets sent once a session came),
+    /// published in slot `id`, after the workers'.
+    counters: Counters,
+    slots: Arc<Slots>,
+    id: usize,
 }
 
 impl Control {
     /// Until `Userspace` is dropped (the channel closes).
     fn run(mut self) {
-        while let Err(RecvTimeoutError::Timeout) = self.closed.recv_timeout(TICK) {
-            self.tick();
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.handshakes.recv_timeout(wait) {
+                Ok(h) => self.answer(&h),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                self.tick();
+                next_tick = Instant::now() + TICK;
+            }
+            self.slots.publish(self.id, &self.counters, 0, false);
+        }
+    }
+
+    /// A handshake message, through its peer's session: an answer goes back, and the packets
+    /// that waited for the session follow.
+    fn answer(&mut self, h: &Handshake) {
+        let Some(dgram) = h.buf.get(..h.len) else {
+            return;
+        };
+        let table = self.shared.table.load();
+        let shared = &self.shared;
+        let peer = Tunn::parse_incoming_packet(dgram)
+            .ok()
+            .and_then(|packet| table.sender(packet, &shared.secret, &shared.public))
+            .and_then(|at| table.peers.get(at));
+        let Some(peer) = peer else {
+            self.counters.count_drop(DropReason::UnknownSender);
+            return;
+        };
+        let mut s = peer.lock();
+        let s = &mut *s;
+        match s
+            .tunn
+            .decapsulate(Some(h.from.ip()), dgram, &mut self.scratch)
+        {
+            TunnResult::WriteToNetwork(b) => {
+                s.endpoint = h.from;
+                let _ = self.sock.send(h.from, b, None);
+                while let TunnResult::WriteToNetwork(b) =
+                    s.tunn.decapsulate(None, &[], &mut self.scratch)
+                {
+                    match self.sock.send(s.endpoint, b, None) {
+                        Ok(()) => self.counters.tx_packets += 1,
+                        Err(_) => self.counters.count_drop(DropReason::SendFailed),
+                    }
+                }
+            }
+            TunnResult::Err(e) => {
+                debug!(error = ?e, from = %h.from, "WireGuard: handshake message dropped");
+                self.counters.count_drop(drop_reason(&e));
+            }
+            // A cookie taken.
+            TunnResult::Done => s.endpoint = h.from,
+            _ => {}
         }
     }
 

@@ -331,6 +331,14 @@ fn flows_to_one_peer_spread_over_the_workers_which_share_its_session() {
         nodes[i].u.set_peers(vec![p]).expect("peers");
     }
     assert!(pings(h1, ip4(h2)), "c1 -> c2");
+    // Host 1 started the handshake; the control thread, not a worker, took the answer and sent
+    // what waited for the session (it counts in the slot after the workers').
+    let live = nodes[0].u.live();
+    let control = live
+        .slots
+        .worker(live.slots.workers())
+        .expect("the control slot");
+    assert!(control.tx_packets >= 1, "{control:?}");
 
     // 16 TCP flows at once, half of each family, all to one peer: its datagrams arrive at one
     // worker (one socket per peer address), which writes each flow through the TUN queue the
@@ -349,7 +357,6 @@ fn flows_to_one_peer_spread_over_the_workers_which_share_its_session() {
         }
     });
 
-    let live = nodes[0].u.live();
     let workers = live.slots.workers();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     assert_eq!(workers, cores.min(16), "one worker per core");
