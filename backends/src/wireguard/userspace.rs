@@ -209,6 +209,7 @@ impl Userspace {
             sock: first,
             handshakes,
             device: device.clone(),
+            out: vec![0; RX_BUF + OVERHEAD],
             scratch: vec![0; RX_BUF + OVERHEAD],
             ticks: 0,
             counters: Counters::default(),
@@ -646,19 +647,9 @@ impl Worker {
                 let (pkt, src) = match s.tunn.decapsulate(Some(from.ip()), dgram, plain) {
                     TunnResult::WriteToTunnelV4(pkt, src) => (pkt, IpAddr::V4(src)),
                     TunnResult::WriteToTunnelV6(pkt, src) => (pkt, IpAddr::V6(src)),
+                    // Not for a data message, but should boringtun ever answer one.
                     TunnResult::WriteToNetwork(b) => {
-                        // A handshake answered (or a cookie): it goes back, and what waited
-                        // for the session follows.
-                        s.endpoint = from;
-                        let _ = sock.send(from, b, None);
-                        while let TunnResult::WriteToNetwork(b) =
-                            s.tunn.decapsulate(None, &[], scratch)
-                        {
-                            match sock.send(s.endpoint, b, None) {
-                                Ok(()) => counters.tx_packets += 1,
-                                Err(_) => counters.count_drop(DropReason::SendFailed),
-                            }
-                        }
+                        send_answer(s, (from, b), sock, scratch, counters);
                         continue;
                     }
                     TunnResult::Err(e) => {
@@ -694,6 +685,25 @@ impl Worker {
     }
 }
 
+/// What a session answered to a datagram from `from`: it goes back there, and the packets that
+/// waited for the session follow (sealed in `scratch`, counted as sent).
+fn send_answer(
+    s: &mut Session,
+    (from, answer): (SocketAddr, &[u8]),
+    sock: &Socket,
+    scratch: &mut [u8],
+    c: &mut Counters,
+) {
+    s.endpoint = from;
+    let _ = sock.send(from, answer, None);
+    while let TunnResult::WriteToNetwork(b) = s.tunn.decapsulate(None, &[], scratch) {
+        match sock.send(s.endpoint, b, None) {
+            Ok(()) => c.tx_packets += 1,
+            Err(_) => c.count_drop(DropReason::SendFailed),
+        }
+    }
+}
+
 /// A handshake message (initiation, response, cookie reply) a worker took in, for the control
 /// thread; no allocation (verified as one of those, so at most [`HANDSHAKE_MAX`] bytes).
 struct Handshake {
@@ -722,6 +732,9 @@ struct Control {
     handshakes: Receiver<Handshake>,
     /// What `wg show` reads, refreshed every [`SHOW_EVERY`] ticks and with each new table.
     device: Arc<Mutex<uapi::Device>>,
+    /// A session's answer to a handshake message.
+    out: Vec<u8>,
+    /// The packets that waited for a session; the timers' messages.
     scratch: Vec<u8>,
     ticks: u32,
     /// What it counted (handshakes from no peer, refused, packets sent once a session came),
@@ -768,21 +781,15 @@ impl Control {
         };
         let mut s = peer.lock();
         let s = &mut *s;
-        match s
-            .tunn
-            .decapsulate(Some(h.from.ip()), dgram, &mut self.scratch)
-        {
+        match s.tunn.decapsulate(Some(h.from.ip()), dgram, &mut self.out) {
             TunnResult::WriteToNetwork(b) => {
-                s.endpoint = h.from;
-                let _ = self.sock.send(h.from, b, None);
-                while let TunnResult::WriteToNetwork(b) =
-                    s.tunn.decapsulate(None, &[], &mut self.scratch)
-                {
-                    match self.sock.send(s.endpoint, b, None) {
-                        Ok(()) => self.counters.tx_packets += 1,
-                        Err(_) => self.counters.count_drop(DropReason::SendFailed),
-                    }
-                }
+                send_answer(
+                    s,
+                    (h.from, b),
+                    &self.sock,
+                    &mut self.scratch,
+                    &mut self.counters,
+                );
             }
             TunnResult::Err(e) => {
                 debug!(error = ?e, from = %h.from, "WireGuard: handshake message dropped");
