@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use crate::plane::{Stats, StatsSource};
 use crate::udp::codec::{Counters, SharedCounters};
 
-/// What the running workers publish: one slot each.
+/// What the running workers publish: one slot each (and one for each helper thread after them).
 pub struct Slots {
     /// The workers' slots, then any helper thread's (counting, but not moving packets).
     counters: Box<[SharedCounters]>,
@@ -56,7 +56,7 @@ impl Slots {
         }
     }
 
-    /// Worker `id`'s own totals: how the work spread.
+    /// Slot `id`'s own totals (a worker's, or past the workers a helper's): how the work spread.
     pub fn worker(&self, id: usize) -> Option<Counters> {
         let slot = self.counters.get(id)?;
         Some(SharedCounters::sum(std::iter::once(slot)))
