@@ -162,71 +162,64 @@ impl Userspace {
             secret,
             public,
         });
-        let stop = Arc::new(AtomicBool::new(false));
         let n = sockets.len();
         // The control thread counts what it does with handshakes in the slot after the workers'.
         let slots = Arc::new(Slots::with_helpers(n, 1));
         let (to_control, handshakes) = sync_channel(HANDSHAKE_QUEUE);
-        let mut threads = Vec::with_capacity(n + 1);
-        let stop_started = |threads: Vec<JoinHandle<()>>| {
-            stop.store(true, Ordering::Relaxed);
-            let _ = (&wake).write(&[1]);
-            threads.into_iter().for_each(|t| drop(t.join()));
-        };
-        let queues: Arc<[SyncDevice]> = dev.queues.into();
-        for (id, sock) in sockets.into_iter().enumerate() {
-            let spawned = woken
-                .try_clone()
-                .map_err(Error::io("clone the wake-up socket"))
-                .and_then(|woken| {
-                    let w = Worker::new(
-                        id,
-                        (shared.clone(), stop.clone(), slots.clone()),
-                        (queues.clone(), dev.vnet_hdr, dev.uso),
-                        mtu as usize,
-                        (sock, woken, to_control.clone()),
-                    );
-                    std::thread::Builder::new()
-                        .name(uapi::thread_name(name, &format!("-{id}")))
-                        .spawn(move || w.run())
-                        .map_err(Error::io("start a WireGuard worker"))
-                });
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    stop_started(threads);
-                    return Err(e);
-                }
-            }
-        }
         let device = Arc::new(Mutex::new(uapi::Device {
             private_key: *private.bytes(),
             listen_port: port,
             peers: Vec::new(),
         }));
+        // Whole before any thread starts: a failure below drops it, and its Drop stops what did.
+        let mut u = Self {
+            index: dev.index,
+            shared,
+            device,
+            control_open: Some(to_control.clone()),
+            wake,
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::with_capacity(n + 1),
+            slots,
+            tun_offload: dev.vnet_hdr,
+            tun_uso: dev.vnet_hdr && dev.uso,
+            udp_gro: gro,
+            _control: None,
+        };
+        let queues: Arc<[SyncDevice]> = dev.queues.into();
+        for (id, sock) in sockets.into_iter().enumerate() {
+            let woken = (woken.try_clone()).map_err(Error::io("clone the wake-up socket"))?;
+            let w = Worker::new(
+                id,
+                (u.shared.clone(), u.stop.clone(), u.slots.clone()),
+                (queues.clone(), u.tun_offload, dev.uso),
+                mtu as usize,
+                (sock, woken, to_control.clone()),
+            );
+            let t = std::thread::Builder::new()
+                .name(uapi::thread_name(name, &format!("-{id}")))
+                .spawn(move || w.run())
+                .map_err(Error::io("start a WireGuard worker"))?;
+            u.threads.push(t);
+        }
         let control = Control {
-            shared: shared.clone(),
+            shared: u.shared.clone(),
             sock: first,
             handshakes,
-            device: device.clone(),
+            device: u.device.clone(),
             out: vec![0; RX_BUF + OVERHEAD],
             scratch: vec![0; RX_BUF + OVERHEAD],
             ticks: 0,
             counters: Counters::default(),
-            slots: slots.clone(),
+            slots: u.slots.clone(),
             id: n,
         };
-        match std::thread::Builder::new()
+        let t = std::thread::Builder::new()
             .name(uapi::thread_name(name, "-ctl"))
             .spawn(move || control.run())
-        {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                stop_started(threads);
-                return Err(Error::io("start the WireGuard control thread")(e));
-            }
-        }
-        let uapi_server = uapi::Server::start(socket, name, device.clone());
+            .map_err(Error::io("start the WireGuard control thread"))?;
+        u.threads.push(t);
+        u._control = uapi::Server::start(socket, name, u.device.clone());
         info!(
             device = name,
             port,
@@ -235,25 +228,12 @@ impl Userspace {
             socket_ipv6 = sock_v6,
             mtu,
             workers = n,
-            tun_offload = dev.vnet_hdr,
+            tun_offload = u.tun_offload,
             udp_gso = gso,
             udp_gro = gro,
             "userspace WireGuard running"
         );
-        Ok(Self {
-            index: dev.index,
-            shared,
-            device,
-            control_open: Some(to_control),
-            wake,
-            stop,
-            threads,
-            slots,
-            tun_offload: dev.vnet_hdr,
-            tun_uso: dev.vnet_hdr && dev.uso,
-            udp_gro: gro,
-            _control: uapi_server,
-        })
+        Ok(u)
     }
 
     /// Takes `peers` as the whole peer list: the workers route by it from their next batch on
@@ -630,15 +610,15 @@ impl Worker {
                     }
                     Err(_) => continue,
                 };
-                if !matches!(packet, Packet::PacketData(_)) {
+                let Packet::PacketData(data) = packet else {
                     // A handshake or a cookie: a Diffie-Hellman or two, not the workers'.
                     match to_control.try_send(Handshake::new(from, dgram)) {
                         Ok(()) | Err(TrySendError::Disconnected(_)) => {}
                         Err(TrySendError::Full(_)) => counters.count_drop(DropReason::UnderLoad),
                     }
                     continue;
-                }
-                let sender = table.sender(packet, &shared.secret, &shared.public);
+                };
+                let sender = table.for_receiver(data.receiver_idx);
                 let Some((at, s)) = sender.and_then(|at| Some((at, hold(&mut held, &table, at)?)))
                 else {
                     counters.count_drop(DropReason::UnknownSender);
@@ -647,18 +627,13 @@ impl Worker {
                 let (pkt, src) = match s.tunn.decapsulate(Some(from.ip()), dgram, plain) {
                     TunnResult::WriteToTunnelV4(pkt, src) => (pkt, IpAddr::V4(src)),
                     TunnResult::WriteToTunnelV6(pkt, src) => (pkt, IpAddr::V6(src)),
-                    // Not for a data message, but should boringtun ever answer one.
-                    TunnResult::WriteToNetwork(b) => {
-                        send_answer(s, (from, b), sock, scratch, counters);
-                        continue;
-                    }
                     TunnResult::Err(e) => {
                         debug!(error = ?e, %from, "WireGuard: datagram dropped");
                         counters.count_drop(drop_reason(&e));
                         continue;
                     }
-                    // A keepalive.
-                    TunnResult::Done => {
+                    // A keepalive (a data message is never answered).
+                    TunnResult::Done | TunnResult::WriteToNetwork(_) => {
                         s.endpoint = from;
                         continue;
                     }
@@ -682,25 +657,6 @@ impl Worker {
         gro.flush(&mut write);
         writer.finish(counters)?;
         Ok(true)
-    }
-}
-
-/// What a session answered to a datagram from `from`: it goes back there, and the packets that
-/// waited for the session follow (sealed in `scratch`, counted as sent).
-fn send_answer(
-    s: &mut Session,
-    (from, answer): (SocketAddr, &[u8]),
-    sock: &Socket,
-    scratch: &mut [u8],
-    c: &mut Counters,
-) {
-    s.endpoint = from;
-    let _ = sock.send(from, answer, None);
-    while let TunnResult::WriteToNetwork(b) = s.tunn.decapsulate(None, &[], scratch) {
-        match sock.send(s.endpoint, b, None) {
-            Ok(()) => c.tx_packets += 1,
-            Err(_) => c.count_drop(DropReason::SendFailed),
-        }
     }
 }
 
@@ -782,14 +738,18 @@ impl Control {
         let mut s = peer.lock();
         let s = &mut *s;
         match s.tunn.decapsulate(Some(h.from.ip()), dgram, &mut self.out) {
+            // Its answer goes back, and the packets that waited for the session follow.
             TunnResult::WriteToNetwork(b) => {
-                send_answer(
-                    s,
-                    (h.from, b),
-                    &self.sock,
-                    &mut self.scratch,
-                    &mut self.counters,
-                );
+                s.endpoint = h.from;
+                let _ = self.sock.send(h.from, b, None);
+                while let TunnResult::WriteToNetwork(b) =
+                    s.tunn.decapsulate(None, &[], &mut self.scratch)
+                {
+                    match self.sock.send(s.endpoint, b, None) {
+                        Ok(()) => self.counters.tx_packets += 1,
+                        Err(_) => self.counters.count_drop(DropReason::SendFailed),
+                    }
+                }
             }
             TunnResult::Err(e) => {
                 debug!(error = ?e, from = %h.from, "WireGuard: handshake message dropped");

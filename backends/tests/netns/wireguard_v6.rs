@@ -148,6 +148,38 @@ fn one_device_lab(test: &str, tag: &str) -> Option<(Lab, PathBuf, Vec<Node>)> {
     Some((lab, dir, nodes))
 }
 
+/// Each of [`one_device_lab`]'s two devices given the other as its one peer, with both its
+/// subnets, dialled at `ats[i]`:51820 (host `i`'s address).
+fn point_at_each_other(lab: &Lab, nodes: &mut [Node], ats: [IpAddr; 2]) {
+    let peers: Vec<WgPeer> = (0..2)
+        .map(|i| {
+            let at = SocketAddr::new(ats[1 - i], 51820);
+            wg_peer(&lab.hosts[1 - i], &nodes[1 - i], at, true, true)
+        })
+        .collect();
+    for (node, p) in nodes.iter_mut().zip(peers) {
+        node.u.set_peers(vec![p]).expect("peers");
+    }
+}
+
+/// Waits (5 s at most) until no packet has moved through `nodes` for half a second.
+fn quiet(nodes: &[Node]) {
+    let moved = || -> u64 {
+        let c = nodes.iter().map(|n| n.stats().counters);
+        c.map(|c| c.tx_packets + c.rx_packets).sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = moved();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = moved();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
 fn ip6(h: &Host) -> IpAddr {
     weft_lab::topology::container_ip6(subnet6(h.n)).into()
 }
@@ -257,17 +289,6 @@ fn one_flannel_wg_carries_both_families_over_an_ipv4_or_an_ipv6_underlay() {
         let udp6 = h.ns.must(&["cat", "/proc/net/udp6"]);
         assert!(udp6.contains(&format!(":{:04X} ", 51820)), "{udp6}");
     }
-    let set = |nodes: &mut [Node], ats: [IpAddr; 2]| {
-        let peers: Vec<WgPeer> = (0..2)
-            .map(|i| {
-                let at = SocketAddr::new(ats[1 - i], 51820);
-                wg_peer(&lab.hosts[1 - i], &nodes[1 - i], at, true, true)
-            })
-            .collect();
-        for (node, p) in nodes.iter_mut().zip(peers) {
-            node.u.set_peers(vec![p]).expect("peers");
-        }
-    };
     let mesh = |what: &str| {
         for (a, b) in [(h1, h2), (h2, h1)] {
             assert!(pings(a, ip4(b)), "c{} -> c{} IPv4, {what}", a.n, b.n);
@@ -276,7 +297,7 @@ fn one_flannel_wg_carries_both_families_over_an_ipv4_or_an_ipv6_underlay() {
     };
 
     // Peers at their IPv4 addresses (v4-mapped on the socket, plain everywhere else).
-    set(&mut nodes, [h1.ip().into(), h2.ip().into()]);
+    point_at_each_other(&lab, &mut nodes, [h1.ip().into(), h2.ip().into()]);
     mesh("over IPv4");
     let text = nodes[0].shown_after_handshake();
     assert_eq!(lines(&text, "endpoint"), ["192.168.100.2:51820"], "{text}");
@@ -286,13 +307,14 @@ fn one_flannel_wg_carries_both_families_over_an_ipv4_or_an_ipv6_underlay() {
     assert_eq!(got, sent, "IPv4 bulk over the IPv4 underlay corrupted");
 
     // Then at their IPv6 addresses, the IPv4 underlay gone: both families over IPv6 alone.
-    // The underlay goes first: a datagram still on its way from an old address when the new
-    // one is set would move the endpoint back (a peer follows where it speaks from).
+    // Once the bulk's last segments have crossed (nothing then is sent into the underlay as it
+    // goes), the underlay goes first: a datagram still on its way from an old address when the
+    // new one is set would move the endpoint back (a peer follows where it speaks from).
+    quiet(&nodes);
     for h in &lab.hosts {
         h.ns.ip(&format!("addr del {} dev eth0", h.underlay));
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    set(&mut nodes, [h1.addr6().into(), h2.addr6().into()]);
+    point_at_each_other(&lab, &mut nodes, [h1.addr6().into(), h2.addr6().into()]);
     mesh("over IPv6");
     let text = nodes[0].shown_after_handshake();
     assert_eq!(
@@ -324,12 +346,7 @@ fn flows_to_one_peer_spread_over_the_workers_which_share_its_session() {
         return;
     };
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
-    for i in 0..2 {
-        let other = &lab.hosts[1 - i];
-        let at = SocketAddr::new(other.ip().into(), 51820);
-        let p = wg_peer(other, &nodes[1 - i], at, true, true);
-        nodes[i].u.set_peers(vec![p]).expect("peers");
-    }
+    point_at_each_other(&lab, &mut nodes, [h1.ip().into(), h2.ip().into()]);
     assert!(pings(h1, ip4(h2)), "c1 -> c2");
     // Host 1 started the handshake; the control thread, not a worker, took the answer and sent
     // what waited for the session (it counts in the slot after the workers').
